@@ -1,0 +1,306 @@
+//! Map names, sizes and `#[repr(C)]` layouts shared by the XDP program and the agent.
+//!
+//! Rules for every type here: explicit padding fields (no implicit holes, so the kernel's
+//! byte-wise key hashing sees no garbage), integers in the byte order noted in the field name
+//! (`_be` = network order, as read from the packet), and `u32`/`u8` flags instead of `bool`.
+
+/// Map names as they appear in the object file and on bpffs (at most 15 bytes each).
+pub mod map_names {
+    pub const VIPS: &str = "XLB_VIPS";
+    pub const MAGLEV: &str = "XLB_MAGLEV";
+    pub const BACKENDS: &str = "XLB_BACKENDS";
+    pub const CONNTRACK: &str = "XLB_CONNTRACK";
+    pub const REVERSE_NAT: &str = "XLB_REVNAT";
+    pub const EGRESS_PORTS: &str = "XLB_EGRESS";
+    pub const GLOBAL_STATS: &str = "XLB_GSTATS";
+    pub const VIP_STATS: &str = "XLB_VIPSTATS";
+    pub const BACKEND_STATS: &str = "XLB_BESTATS";
+    /// All maps the agent pins, in a stable order.
+    pub const ALL: [&str; 9] = [
+        VIPS,
+        MAGLEV,
+        BACKENDS,
+        CONNTRACK,
+        REVERSE_NAT,
+        EGRESS_PORTS,
+        GLOBAL_STATS,
+        VIP_STATS,
+        BACKEND_STATS,
+    ];
+}
+
+/// Program names in the object file.
+pub mod program_names {
+    /// The load balancer itself.
+    pub const XLB: &str = "xlb";
+    /// Benchmark floor: returns `XDP_PASS` and nothing else.
+    pub const FLOOR_PASS: &str = "xlb_floor_pass";
+    /// Benchmark floor: parses Ethernet/IP/L4 like xlb does, then passes.
+    pub const FLOOR_PARSE: &str = "xlb_floor_parse";
+}
+
+/// Name of the global read-only variable holding the flow-hash seed. Every node of a cluster
+/// must use the same seed so that they all pick the same backend for the same flow.
+pub const HASH_SEED_SYMBOL: &str = "XLB_HASH_SEED";
+/// The seed used when the operator does not choose one.
+pub const DEFAULT_HASH_SEED: u32 = 0x786c_6221; // "xlb!"
+
+/// Maglev ring size per VIP unless configured otherwise (prime, as in Katran).
+pub const DEFAULT_RING_SIZE: u32 = 65_537;
+/// VIP slots; each owns two rings (double buffer) in the Maglev array.
+pub const DEFAULT_MAX_VIPS: u32 = 64;
+/// Backend slots across all VIPs (ids are per VIP/backend pair).
+pub const MAX_BACKENDS: u32 = 16_384;
+/// Connection-table entries (LRU), shared by all VIPs.
+pub const CONNTRACK_ENTRIES: u32 = 1 << 20;
+/// Egress interfaces the program may redirect to.
+pub const MAX_EGRESS_PORTS: u32 = 256;
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Key of `XLB_VIPS`: a service address. IPv4 addresses are stored IPv4-mapped
+/// (`::ffff:a.b.c.d`) so one map serves both families.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VipKey {
+    pub addr: [u8; 16],
+    pub port_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of `XLB_VIPS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipInfo {
+    /// Index into the per-VIP stats array; also checked against `Backend::vip_id`.
+    pub vip_id: u32,
+    /// First slot of the VIP's live ring in `XLB_MAGLEV`. The agent writes a new ring into the
+    /// other half of the VIP's double buffer and then replaces this value in one map update,
+    /// so a packet sees either the old ring or the new one, never a mix.
+    pub ring_base: u32,
+    /// Slots in the live ring; 0 when the VIP has no usable backend.
+    pub ring_size: u32,
+    pub flags: u32,
+}
+
+/// `Backend::flags`: the backend takes new flows (it is in the Maglev ring).
+pub const BACKEND_ACTIVE: u8 = 1;
+/// `Backend::flags`: established flows continue, no new ones (not in the ring).
+pub const BACKEND_DRAINING: u8 = 2;
+
+/// Value of `XLB_BACKENDS`, indexed by backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    pub addr: [u8; 16],
+    pub port_be: u16,
+    /// 4 or 6.
+    pub family: u8,
+    /// `BACKEND_ACTIVE` | `BACKEND_DRAINING`; 0 = slot unused.
+    pub flags: u8,
+    /// The VIP this backend serves; a connection-table entry whose VIP differs from it is
+    /// stale (the id was reused) and is treated as a miss.
+    pub vip_id: u32,
+}
+
+impl Backend {
+    #[must_use]
+    pub const fn carries_flows(&self) -> bool {
+        self.flags & (BACKEND_ACTIVE | BACKEND_DRAINING) != 0
+    }
+}
+
+/// Key of `XLB_CONNTRACK` (client → VIP, as the packet arrived) and of `XLB_REVNAT`
+/// (backend → client, as the reply arrives).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// A resolved layer-2 next hop, cached in connection-table entries so that only the first
+/// packet of a flow pays for `bpf_fib_lookup`. `ifindex == 0` means not resolved yet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHop {
+    pub ifindex: u32,
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+}
+
+/// Value of `XLB_CONNTRACK`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowState {
+    pub backend_id: u32,
+    pub next_hop: NextHop,
+}
+
+/// Value of `XLB_REVNAT`: what a reply's source must be rewritten to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReverseNat {
+    pub vip_addr: [u8; 16],
+    pub vip_port_be: u16,
+    pub _pad: u16,
+    pub vip_id: u32,
+    pub next_hop: NextHop,
+}
+
+/// Per-VIP and per-backend counters (`XLB_VIPSTATS`, `XLB_BESTATS`, per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrafficCounters {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+impl TrafficCounters {
+    #[must_use]
+    pub const fn merged(self, other: Self) -> Self {
+        Self {
+            packets: self.packets + other.packets,
+            bytes: self.bytes + other.bytes,
+            new_flows: self.new_flows + other.new_flows,
+        }
+    }
+}
+
+/// Indices of `XLB_GSTATS` (per-CPU `u64` array).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    ActionAborted = 0,
+    ActionDrop = 1,
+    ActionPass = 2,
+    ActionTx = 3,
+    ActionRedirect = 4,
+    /// Truncated or inconsistent headers.
+    Malformed = 5,
+    /// IPv4 fragments (first or not) and IPv6 fragment headers: passed to the stack.
+    Fragment = 6,
+    /// IPv6 with extension headers: passed to the stack.
+    Ipv6ExtHeader = 7,
+    /// Not IP, or IP but neither TCP nor UDP.
+    NotTcpUdp = 8,
+    /// TCP/UDP that matched no VIP and no reverse-NAT entry.
+    NotForUs = 9,
+    ConntrackHit = 10,
+    ConntrackMiss = 11,
+    /// VIP matched but no backend could be chosen: dropped.
+    NoBackend = 12,
+    /// `bpf_fib_lookup` gave no usable next hop: the rewritten packet went to the stack.
+    NextHopFailure = 13,
+    /// Replies rewritten back to the VIP.
+    ReverseNat = 14,
+    /// TTL/hop limit would expire here: passed to the stack, which answers with ICMP.
+    TtlExpired = 15,
+    /// Connection-table insertion failed (should not happen with an LRU map).
+    ConntrackInsertFailed = 16,
+}
+
+impl Counter {
+    pub const COUNT: u32 = 17;
+    pub const ALL: [Self; Self::COUNT as usize] = [
+        Self::ActionAborted,
+        Self::ActionDrop,
+        Self::ActionPass,
+        Self::ActionTx,
+        Self::ActionRedirect,
+        Self::Malformed,
+        Self::Fragment,
+        Self::Ipv6ExtHeader,
+        Self::NotTcpUdp,
+        Self::NotForUs,
+        Self::ConntrackHit,
+        Self::ConntrackMiss,
+        Self::NoBackend,
+        Self::NextHopFailure,
+        Self::ReverseNat,
+        Self::TtlExpired,
+        Self::ConntrackInsertFailed,
+    ];
+
+    /// Stable snake_case name, used in `xlb stats`, JSON output and metrics.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::ActionAborted => "xdp_aborted",
+            Self::ActionDrop => "xdp_drop",
+            Self::ActionPass => "xdp_pass",
+            Self::ActionTx => "xdp_tx",
+            Self::ActionRedirect => "xdp_redirect",
+            Self::Malformed => "malformed",
+            Self::Fragment => "fragment",
+            Self::Ipv6ExtHeader => "ipv6_ext_header",
+            Self::NotTcpUdp => "not_tcp_udp",
+            Self::NotForUs => "not_for_vip",
+            Self::ConntrackHit => "conntrack_hit",
+            Self::ConntrackMiss => "conntrack_miss",
+            Self::NoBackend => "no_backend",
+            Self::NextHopFailure => "next_hop_failure",
+            Self::ReverseNat => "reverse_nat",
+            Self::TtlExpired => "ttl_expired",
+            Self::ConntrackInsertFailed => "conntrack_insert_failed",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)], Copy, contain only integers and byte arrays, and
+    // have every padding byte spelled out as a field.
+    unsafe impl aya::Pod for super::VipKey {}
+    unsafe impl aya::Pod for super::VipInfo {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::NextHop {}
+    unsafe impl aya::Pod for super::FlowState {}
+    unsafe impl aya::Pod for super::ReverseNat {}
+    unsafe impl aya::Pod for super::TrafficCounters {}
+}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::size_of;
+
+    use super::*;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<VipKey>(), 16 + 2 + 1 + 1);
+        assert_eq!(size_of::<VipInfo>(), 16);
+        assert_eq!(size_of::<Backend>(), 16 + 2 + 1 + 1 + 4);
+        assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 3);
+        assert_eq!(size_of::<NextHop>(), 4 + 6 + 6);
+        assert_eq!(size_of::<FlowState>(), 4 + 16);
+        assert_eq!(size_of::<ReverseNat>(), 16 + 2 + 2 + 4 + 16);
+        assert_eq!(size_of::<TrafficCounters>(), 24);
+    }
+
+    #[test]
+    fn counter_table_is_dense_and_named_uniquely() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+        }
+        let mut names: Vec<_> = Counter::ALL.iter().map(|c| c.name()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), Counter::COUNT as usize);
+    }
+
+    #[test]
+    fn map_names_fit_the_kernel_limit() {
+        for name in map_names::ALL {
+            assert!(name.len() <= 15, "{name} is longer than BPF_OBJ_NAME_LEN - 1");
+        }
+    }
+}

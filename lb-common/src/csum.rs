@@ -1,0 +1,231 @@
+//! Internet checksum arithmetic (RFC 1071) and incremental updates (RFC 1624, eqn. 3).
+//!
+//! Words are 16-bit big-endian, as they sit in the packet; a checksum is handled as the `u16`
+//! read big-endian from its field. All loops run over compile-time lengths, so the eBPF build
+//! unrolls them into straight-line code without a verifier-visible loop.
+
+/// Folds a 32-bit one's complement accumulator to 16 bits (end-around carry).
+#[inline(always)]
+#[must_use]
+pub const fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
+}
+
+/// Adds the big-endian 16-bit words of `bytes` to `acc`. `N` must be even.
+#[inline(always)]
+#[must_use]
+pub fn add_words<const N: usize>(mut acc: u32, bytes: &[u8; N]) -> u32 {
+    let mut i = 0;
+    while i + 1 < N {
+        acc += u32::from(u16::from_be_bytes([bytes[i], bytes[i + 1]]));
+        i += 2;
+    }
+    acc
+}
+
+/// The accumulated change of a set of replaced 16-bit words: `Σ(~old + new)`.
+///
+/// Build one per checksum (the IPv4 header's, the L4 one), then `apply` it. Sixteen-byte
+/// address replacements add at most 16 terms of 0xffff, far from overflowing the `u32`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CsumDelta(u32);
+
+impl CsumDelta {
+    #[inline(always)]
+    #[must_use]
+    pub const fn new() -> Self {
+        Self(0)
+    }
+
+    #[inline(always)]
+    #[must_use]
+    pub const fn replace_u16(self, old: u16, new: u16) -> Self {
+        Self(self.0 + (!old) as u32 + new as u32)
+    }
+
+    #[inline(always)]
+    #[must_use]
+    pub fn replace<const N: usize>(self, old: &[u8; N], new: &[u8; N]) -> Self {
+        let mut acc = self.0;
+        let mut i = 0;
+        while i + 1 < N {
+            let o = u16::from_be_bytes([old[i], old[i + 1]]);
+            let n = u16::from_be_bytes([new[i], new[i + 1]]);
+            acc += u32::from(!o) + u32::from(n);
+            i += 2;
+        }
+        Self(acc)
+    }
+
+    /// Merges two deltas (e.g. an address change shared by the IPv4 and the L4 checksum).
+    #[inline(always)]
+    #[must_use]
+    pub const fn merge(self, other: Self) -> Self {
+        Self(fold(self.0) as u32 + fold(other.0) as u32)
+    }
+
+    /// The new checksum: `HC' = ~(~HC + Σ(~m + m'))`.
+    #[inline(always)]
+    #[must_use]
+    pub const fn apply(self, check: u16) -> u16 {
+        !fold((!check) as u32 + fold(self.0) as u32)
+    }
+
+    /// As `apply`, for a UDP checksum: 0 means "no checksum" (IPv4 only) and stays 0, and a
+    /// computed 0 is sent as 0xffff (RFC 768).
+    #[inline(always)]
+    #[must_use]
+    pub const fn apply_udp(self, check: u16) -> u16 {
+        if check == 0 {
+            return 0;
+        }
+        match self.apply(check) {
+            0 => 0xffff,
+            c => c,
+        }
+    }
+}
+
+/// The full checksum of `data` (odd lengths padded with a zero byte), seeded with `initial`
+/// (a pseudo-header sum, or 0). Userspace and tests only: the data plane never recomputes.
+#[must_use]
+pub fn checksum(initial: u32, data: &[u8]) -> u16 {
+    let mut sum = u64::from(initial);
+    let mut chunks = data.chunks_exact(2);
+    for pair in &mut chunks {
+        sum += u64::from(u16::from_be_bytes([pair[0], pair[1]]));
+    }
+    if let [last] = chunks.remainder() {
+        sum += u64::from(u16::from_be_bytes([*last, 0]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// The pseudo-header sum of a TCP/UDP segment (RFC 793 / RFC 8200 §8.1), for `checksum`.
+#[must_use]
+pub fn pseudo_header_sum(src: &[u8], dst: &[u8], proto: u8, l4_len: u32) -> u32 {
+    let mut sum = 0u32;
+    for pair in src.chunks_exact(2).chain(dst.chunks_exact(2)) {
+        sum += u32::from(u16::from_be_bytes([pair[0], pair[1]]));
+    }
+    sum + u32::from(proto) + (l4_len >> 16) + (l4_len & 0xffff)
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// A random IPv4 header with a valid checksum.
+    fn ipv4_header(bytes: [u8; 20]) -> [u8; 20] {
+        let mut h = bytes;
+        h[0] = 0x45;
+        h[10] = 0;
+        h[11] = 0;
+        let c = checksum(0, &h);
+        h[10..12].copy_from_slice(&c.to_be_bytes());
+        h
+    }
+
+    fn l4_checksum(src: &[u8], dst: &[u8], proto: u8, seg: &[u8]) -> u16 {
+        checksum(pseudo_header_sum(src, dst, proto, seg.len() as u32), seg)
+    }
+
+    proptest! {
+        #[test]
+        fn ipv4_header_update_matches_recomputation(
+            raw in any::<[u8; 20]>(), new_dst in any::<[u8; 4]>(), ttl in 2u8..=255
+        ) {
+            let mut h = ipv4_header(raw);
+            h[8] = ttl;
+            h[10] = 0;
+            h[11] = 0;
+            let c = checksum(0, &h);
+            h[10..12].copy_from_slice(&c.to_be_bytes());
+
+            let old_dst: [u8; 4] = h[16..20].try_into().unwrap();
+            let old_ttl_word = u16::from_be_bytes([h[8], h[9]]);
+            let delta = CsumDelta::new()
+                .replace(&old_dst, &new_dst)
+                .replace_u16(old_ttl_word, old_ttl_word - 0x100);
+            let incremental = delta.apply(c);
+
+            h[16..20].copy_from_slice(&new_dst);
+            h[8] -= 1;
+            h[10] = 0;
+            h[11] = 0;
+            prop_assert_eq!(incremental, checksum(0, &h));
+        }
+
+        #[test]
+        fn l4_update_matches_recomputation_v4_and_v6(
+            v6 in any::<bool>(),
+            src in any::<[u8; 16]>(), dst in any::<[u8; 16]>(), new_dst in any::<[u8; 16]>(),
+            payload in proptest::collection::vec(any::<u8>(), 8..200),
+            new_port in any::<u16>(), tcp in any::<bool>(),
+        ) {
+            let alen = if v6 { 16 } else { 4 };
+            let proto = if tcp { 6 } else { 17 };
+            let mut seg = payload.clone();
+            seg[6] = 0; // checksum field at offset 6 in this synthetic segment
+            seg[7] = 0;
+            let c = l4_checksum(&src[..alen], &dst[..alen], proto, &seg);
+            seg[6..8].copy_from_slice(&c.to_be_bytes());
+
+            let old_port = u16::from_be_bytes([seg[2], seg[3]]);
+            let mut delta = CsumDelta::new().replace_u16(old_port, new_port);
+            delta = if v6 {
+                delta.replace(&dst, &new_dst)
+            } else {
+                let o: [u8; 4] = dst[..4].try_into().unwrap();
+                let n: [u8; 4] = new_dst[..4].try_into().unwrap();
+                delta.replace(&o, &n)
+            };
+            let incremental = delta.apply(c);
+
+            seg[2..4].copy_from_slice(&new_port.to_be_bytes());
+            seg[6] = 0;
+            seg[7] = 0;
+            prop_assert_eq!(incremental, l4_checksum(&src[..alen], &new_dst[..alen], proto, &seg));
+        }
+
+        #[test]
+        fn merged_deltas_equal_one_delta(old in any::<[u8; 8]>(), new in any::<[u8; 8]>(), check in any::<u16>()) {
+            let a: [u8; 4] = old[..4].try_into().unwrap();
+            let b: [u8; 4] = new[..4].try_into().unwrap();
+            let c: [u8; 4] = old[4..].try_into().unwrap();
+            let d: [u8; 4] = new[4..].try_into().unwrap();
+            let split = CsumDelta::new().replace(&a, &b).merge(CsumDelta::new().replace(&c, &d));
+            let whole = CsumDelta::new().replace(&old, &new);
+            prop_assert_eq!(fold(u32::from(split.apply(check))), fold(u32::from(whole.apply(check))));
+        }
+    }
+
+    #[test]
+    fn zero_udp_checksum_stays_zero() {
+        let delta = CsumDelta::new().replace(&[10, 0, 0, 1], &[10, 0, 0, 2]);
+        assert_eq!(delta.apply_udp(0), 0);
+    }
+
+    #[test]
+    fn udp_checksum_never_becomes_zero() {
+        // ~check + ~0x0000 + check folds to 0xffff, so the one's complement result is 0x0000.
+        let check = 0x1234u16;
+        let (old, new) = (0x0000u16, check);
+        let delta = CsumDelta::new().replace_u16(old, new);
+        assert_eq!(delta.apply(check), 0);
+        assert_eq!(delta.apply_udp(check), 0xffff);
+    }
+
+    #[test]
+    fn rfc1071_example() {
+        // RFC 1071 §3 example: 00 01 f2 03 f4 f5 f6 f7 sums to 0xddf2.
+        assert_eq!(checksum(0, &[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]), !0xddf2);
+    }
+}

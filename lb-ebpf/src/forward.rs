@@ -1,0 +1,336 @@
+//! The per-packet decision: VIP → backend (forward NAT), backend → client (reverse NAT), or
+//! leave the packet alone.
+
+use core::{ffi::c_void, mem};
+
+use aya_ebpf::{
+    bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, xdp_action},
+    helpers::generated::bpf_fib_lookup as fib_lookup,
+    programs::XdpContext,
+};
+use lb_common::{
+    BACKEND_ACTIVE, Backend, Counter, FlowKey, FlowState, NextHop, ReverseNat, VipInfo, VipKey,
+    hash::flow_hash,
+    parse::{PacketBytes, Parsed, Skip, parse},
+};
+
+use crate::{
+    maps::{BACKENDS, CONNTRACK, EGRESS_PORTS, MAGLEV, REVERSE_NAT, VIPS, XLB_HASH_SEED},
+    nat::{Endpoint, rewrite},
+    packet::XdpPacket,
+    stats::{count, count_forwarded},
+};
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+/// A cached next hop that says "this destination is only reachable through the stack" (its
+/// egress cannot take redirected frames, e.g. a bridge).
+const VIA_STACK: u32 = u32::MAX;
+
+#[inline(always)]
+pub fn process(ctx: &XdpContext) -> u32 {
+    let mut p = Parsed::EMPTY;
+    if let Err(skip) = parse_into(ctx, &mut p) {
+        count(skip.counter());
+        return xdp_action::XDP_PASS;
+    }
+    let vip_key = VipKey {
+        addr: p.dst,
+        port_be: p.dport_be,
+        proto: p.proto,
+        _pad: 0,
+    };
+    let mut t = Translation::NONE;
+    // Choosing the translation and applying it are separate calls made from here, so their
+    // stack frames are never stacked on each other (the verifier sums a call chain's frames).
+    // SAFETY: the agent replaces VIP entries whole and never writes into them in place.
+    let cache = if let Some(vip) = unsafe { VIPS.get(&vip_key) } {
+        let cache = to_backend(ctx, &p, vip, &mut t);
+        if t.refused != 0 {
+            return t.refused;
+        }
+        cache
+    } else if let Some(reverse) = REVERSE_NAT.get_ptr_mut(&flow_key(&p)) {
+        to_client(reverse, &mut t)
+    } else {
+        count(Counter::NotForUs);
+        return xdp_action::XDP_PASS;
+    };
+    emit(ctx, &p, &t, cache)
+}
+
+/// Not inlined: the parser's temporaries live in this frame and are gone before the
+/// forwarding functions' frames are pushed (the verifier sums the frames of a call chain).
+#[inline(never)]
+fn parse_into(ctx: &XdpContext, out: &mut Parsed) -> Result<(), Skip> {
+    *out = parse(&XdpPacket::new(ctx))?;
+    Ok(())
+}
+
+#[inline(always)]
+fn flow_key(p: &Parsed) -> FlowKey {
+    FlowKey {
+        src: p.src,
+        dst: p.dst,
+        sport_be: p.sport_be,
+        dport_be: p.dport_be,
+        proto: p.proto,
+        _pad: [0; 3],
+    }
+}
+
+/// The backend behind `id` if it still serves `vip_id` (ids are reused after removal) and
+/// matches the packet's family.
+#[inline(always)]
+fn usable_backend(id: u32, vip_id: u32, ipv6: bool, required_flags: u8) -> Option<&'static Backend> {
+    // A reference into the map, not a copy: copies of these 16-byte addresses onto the stack
+    // can land 4-aligned, and LLVM then emits 8-byte stack loads the verifier refuses.
+    let b = BACKENDS.get(id)?;
+    let family = if ipv6 { 6 } else { 4 };
+    (b.flags & required_flags != 0 && b.vip_id == vip_id && b.family == family).then_some(b)
+}
+
+/// Finds or picks the flow's backend and fills `t`; returns where the flow caches its next
+/// hop (null: nowhere). A packet that cannot be forwarded gets its action in `t.refused`.
+///
+/// The cache pointer travels as the return value, not inside `t`: the verifier forgets a
+/// pointer's type when it is copied through memory in pieces.
+#[inline(never)]
+fn to_backend(ctx: &XdpContext, p: &Parsed, vip: &VipInfo, t: &mut Translation) -> *mut NextHop {
+    let pkt = &XdpPacket::new(ctx);
+    let key = flow_key(p);
+    let known = CONNTRACK.get_ptr_mut(&key).and_then(|state| {
+        // SAFETY: LRU values stay valid for the duration of the program run (RCU).
+        let id = unsafe { (*state).backend_id };
+        // Established flows follow their backend while it is active or draining.
+        usable_backend(id, vip.vip_id, p.ipv6, lb_common::BACKEND_ACTIVE | lb_common::BACKEND_DRAINING)
+            .map(|b| (id, b, state))
+    });
+    let (backend_id, backend, state, new_flow) = match known {
+        Some((id, b, state)) => {
+            count(Counter::ConntrackHit);
+            (id, b, Some(state), false)
+        }
+        None => {
+            count(Counter::ConntrackMiss);
+            let Some((id, b)) = pick_backend(&key, vip, p.ipv6) else {
+                count(Counter::NoBackend);
+                t.refused = xdp_action::XDP_DROP;
+                return core::ptr::null_mut();
+            };
+            let state = FlowState {
+                backend_id: id,
+                next_hop: NextHop::default(),
+            };
+            if CONNTRACK.insert(&key, &state, 0).is_err() {
+                count(Counter::ConntrackInsertFailed);
+            }
+            let reply = FlowKey {
+                src: b.addr,
+                dst: p.src,
+                sport_be: b.port_be,
+                dport_be: p.sport_be,
+                proto: p.proto,
+                _pad: [0; 3],
+            };
+            let reverse = ReverseNat {
+                vip_addr: p.dst,
+                vip_port_be: p.dport_be,
+                _pad: 0,
+                vip_id: vip.vip_id,
+                next_hop: NextHop::default(),
+            };
+            if REVERSE_NAT.insert(&reply, &reverse, 0).is_err() {
+                count(Counter::ConntrackInsertFailed);
+            }
+            (id, b, CONNTRACK.get_ptr_mut(&key), true)
+        }
+    };
+    count_forwarded(vip.vip_id, backend_id, pkt.len() as u64, new_flow);
+
+    t.endpoint = Endpoint::Destination;
+    t.addr = backend.addr;
+    t.port_be = backend.port_be;
+    // SAFETY: as above.
+    state.map_or(core::ptr::null_mut(), |s| unsafe { &raw mut (*s).next_hop })
+}
+
+/// Picks a backend for a new flow from the VIP's live Maglev ring.
+#[inline(always)]
+fn pick_backend(key: &FlowKey, vip: &VipInfo, ipv6: bool) -> Option<(u32, &'static Backend)> {
+    if vip.ring_size == 0 {
+        return None;
+    }
+    let slot = vip.ring_base + flow_hash(key, XLB_HASH_SEED.load()) % vip.ring_size;
+    let id = *MAGLEV.get(slot)?;
+    usable_backend(id, vip.vip_id, ipv6, BACKEND_ACTIVE).map(|b| (id, b))
+}
+
+/// A reply from a backend: its source becomes the VIP again.
+#[inline(always)]
+fn to_client(reverse: *mut ReverseNat, t: &mut Translation) -> *mut NextHop {
+    count(Counter::ReverseNat);
+    // SAFETY: LRU values stay valid for the duration of the program run (RCU).
+    unsafe {
+        t.endpoint = Endpoint::Source;
+        t.addr = (*reverse).vip_addr;
+        t.port_be = (*reverse).vip_port_be;
+        &raw mut (*reverse).next_hop
+    }
+}
+
+/// How a packet is to be rewritten.
+pub struct Translation {
+    pub endpoint: Endpoint,
+    pub addr: [u8; 16],
+    pub port_be: u16,
+    /// Non-zero: do not forward, return this XDP action.
+    pub refused: u32,
+}
+
+impl Translation {
+    const NONE: Self = Self {
+        endpoint: Endpoint::Destination,
+        addr: [0; 16],
+        port_be: 0,
+        refused: 0,
+    };
+}
+
+/// Rewrites the packet and hands it on: straight out of an interface when the next hop is
+/// resolved, otherwise to the stack (which routes the already-translated packet itself).
+// Not inlined: shared by both directions, in its own stack frame.
+#[inline(never)]
+fn emit(ctx: &XdpContext, p: &Parsed, t: &Translation, cache: *mut NextHop) -> u32 {
+    let pkt = &XdpPacket::new(ctx);
+    // SAFETY: null or a pointer into a live LRU value (see `to_backend`).
+    let cache = unsafe { cache.as_mut() };
+    let next_hop = next_hop(ctx, pkt, p, t, cache);
+    let (endpoint, addr, port_be) = (t.endpoint, &t.addr, t.port_be);
+    let Some(nh) = next_hop.filter(|_| p.l3_offset == lb_common::parse::ETH_HLEN) else {
+        // VLAN-tagged frames also go through the stack: the tag belongs to the ingress
+        // device and only the stack knows how the egress wants it.
+        count(Counter::NextHopFailure);
+        return match rewrite(pkt, p, endpoint, addr, port_be, false) {
+            Some(()) => xdp_action::XDP_PASS,
+            None => dropped_malformed(),
+        };
+    };
+    if p.ttl <= 1 {
+        // Untouched: the stack sends the ICMP time-exceeded.
+        count(Counter::TtlExpired);
+        return xdp_action::XDP_PASS;
+    }
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(&nh.dst_mac);
+    macs[6..].copy_from_slice(&nh.src_mac);
+    if rewrite(pkt, p, endpoint, addr, port_be, true).is_none() || pkt.write(0, macs).is_none() {
+        return dropped_malformed();
+    }
+    if nh.ifindex == ingress_ifindex(ctx) {
+        xdp_action::XDP_TX
+    } else {
+        // The port left the devmap since the next hop was cached: the frame already carries
+        // the next hop's MAC, so the stack would discard it anyway.
+        EGRESS_PORTS
+            .redirect(nh.ifindex, 0)
+            .unwrap_or(xdp_action::XDP_DROP)
+    }
+}
+
+#[inline(always)]
+fn dropped_malformed() -> u32 {
+    count(Counter::Malformed);
+    xdp_action::XDP_DROP
+}
+
+#[inline(always)]
+fn ingress_ifindex(ctx: &XdpContext) -> u32 {
+    // SAFETY: ctx points at the kernel's xdp_md for this run.
+    unsafe { (*ctx.ctx).ingress_ifindex }
+}
+
+/// The layer-2 next hop towards `dst`, from the flow's cache or `bpf_fib_lookup` (which then
+/// fills the cache). `None`: let the stack forward it.
+#[inline(always)]
+fn next_hop(
+    ctx: &XdpContext,
+    pkt: &XdpPacket,
+    p: &Parsed,
+    t: &Translation,
+    cache: Option<&mut NextHop>,
+) -> Option<NextHop> {
+    if let Some(c) = &cache {
+        match c.ifindex {
+            0 => {}
+            VIA_STACK => return None,
+            _ => return Some(**c),
+        }
+    }
+    // The rewritten packet's addresses: that is what is routed.
+    let (src, sport_be, dst, dport_be) = match t.endpoint {
+        Endpoint::Destination => (&p.src, p.sport_be, &t.addr, t.port_be),
+        Endpoint::Source => (&t.addr, t.port_be, &p.dst, p.dport_be),
+    };
+    // SAFETY: bpf_fib_lookup is plain data; all-zero is its documented "no input" state.
+    let mut params: bpf_fib_lookup = unsafe { mem::zeroed() };
+    params.family = if p.ipv6 { AF_INET6 } else { AF_INET };
+    params.l4_protocol = p.proto;
+    params.sport = sport_be;
+    params.dport = dport_be;
+    params.__bindgen_anon_1.tot_len = (pkt.len() - p.l3_offset) as u16;
+    params.ifindex = ingress_ifindex(ctx);
+    if p.ipv6 {
+        params.__bindgen_anon_3.ipv6_src = words(src);
+        params.__bindgen_anon_4.ipv6_dst = words(dst);
+    } else {
+        params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes([src[12], src[13], src[14], src[15]]);
+        params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes([dst[12], dst[13], dst[14], dst[15]]);
+    }
+    // SAFETY: params is a properly sized, initialised struct on our stack.
+    let rc = unsafe {
+        fib_lookup(
+            ctx.ctx.cast::<c_void>(),
+            &raw mut params,
+            mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
+        // No neighbour yet: the stack resolves it, and a later packet of the flow retries.
+        if rc != i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
+            if let Some(c) = cache {
+                c.ifindex = VIA_STACK;
+            }
+        }
+        return None;
+    }
+    let egress = params.ifindex;
+    if egress != ingress_ifindex(ctx) && EGRESS_PORTS.get(egress).is_none() {
+        if let Some(c) = cache {
+            c.ifindex = VIA_STACK;
+        }
+        return None;
+    }
+    // SAFETY: on success the kernel filled the smac/dmac arm of the union.
+    let macs = unsafe { params.__bindgen_anon_6.__bindgen_anon_2 };
+    let nh = NextHop {
+        ifindex: egress,
+        src_mac: macs.smac,
+        dst_mac: macs.dmac,
+    };
+    if let Some(c) = cache {
+        *c = nh;
+    }
+    Some(nh)
+}
+
+#[inline(always)]
+fn words(a: &[u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+    ]
+}

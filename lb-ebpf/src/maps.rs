@@ -1,0 +1,52 @@
+//! The maps, declared once; their names, sizes and layouts come from `lb_common`.
+
+use aya_ebpf::{
+    Global,
+    bindings::BPF_F_NO_COMMON_LRU,
+    macros::map,
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    Backend, CONNTRACK_ENTRIES, Counter, DEFAULT_HASH_SEED, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE,
+    FlowKey, FlowState, MAX_BACKENDS, MAX_EGRESS_PORTS, ReverseNat, TrafficCounters, VipInfo,
+    VipKey,
+};
+
+/// Flow-hash seed; the agent sets it at load time (`EbpfLoader::override_global`).
+#[unsafe(no_mangle)]
+pub static XLB_HASH_SEED: Global<u32> = Global::new(DEFAULT_HASH_SEED);
+
+#[map(name = "XLB_VIPS")]
+pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(DEFAULT_MAX_VIPS, 0);
+
+/// All VIPs' rings, each VIP owning two `ring_size` halves (double buffer).
+#[map(name = "XLB_MAGLEV")]
+pub static MAGLEV: Array<u32> = Array::with_max_entries(DEFAULT_MAX_VIPS * 2 * DEFAULT_RING_SIZE, 0);
+
+#[map(name = "XLB_BACKENDS")]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// Per-CPU LRU lists: no cross-CPU lock on the LRU for the common case.
+#[map(name = "XLB_CONNTRACK")]
+pub static CONNTRACK: LruHashMap<FlowKey, FlowState> =
+    LruHashMap::with_max_entries(CONNTRACK_ENTRIES, BPF_F_NO_COMMON_LRU);
+
+#[map(name = "XLB_REVNAT")]
+pub static REVERSE_NAT: LruHashMap<FlowKey, ReverseNat> =
+    LruHashMap::with_max_entries(CONNTRACK_ENTRIES, BPF_F_NO_COMMON_LRU);
+
+/// Interfaces that accept redirected frames; the agent leaves bridges out (they do not
+/// transmit XDP frames), so a next hop behind a bridge goes through the stack instead.
+#[map(name = "XLB_EGRESS")]
+pub static EGRESS_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_EGRESS_PORTS, 0);
+
+#[map(name = "XLB_GSTATS")]
+pub static GLOBAL_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+
+#[map(name = "XLB_VIPSTATS")]
+pub static VIP_STATS: PerCpuArray<TrafficCounters> =
+    PerCpuArray::with_max_entries(DEFAULT_MAX_VIPS, 0);
+
+#[map(name = "XLB_BESTATS")]
+pub static BACKEND_STATS: PerCpuArray<TrafficCounters> =
+    PerCpuArray::with_max_entries(MAX_BACKENDS, 0);

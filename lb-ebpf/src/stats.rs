@@ -1,0 +1,44 @@
+//! Per-CPU counters: each CPU writes its own slot, so there is no contention to count.
+
+use aya_ebpf::bindings::xdp_action;
+use lb_common::{Counter, TrafficCounters};
+
+use crate::maps::{BACKEND_STATS, GLOBAL_STATS, VIP_STATS};
+
+#[inline(always)]
+pub fn count(counter: Counter) {
+    if let Some(slot) = GLOBAL_STATS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot, written only by this CPU with preemption disabled.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn count_action(action: u32) {
+    count(match action {
+        xdp_action::XDP_DROP => Counter::ActionDrop,
+        xdp_action::XDP_PASS => Counter::ActionPass,
+        xdp_action::XDP_TX => Counter::ActionTx,
+        xdp_action::XDP_REDIRECT => Counter::ActionRedirect,
+        _ => Counter::ActionAborted,
+    });
+}
+
+#[inline(always)]
+fn add(slot: Option<*mut TrafficCounters>, bytes: u64, new_flow: bool) {
+    if let Some(c) = slot {
+        // SAFETY: as in `count`.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
+            (*c).new_flows += u64::from(new_flow);
+        }
+    }
+}
+
+/// A packet forwarded from a client to `backend_id` of `vip_id`.
+#[inline(always)]
+pub fn count_forwarded(vip_id: u32, backend_id: u32, bytes: u64, new_flow: bool) {
+    add(VIP_STATS.get_ptr_mut(vip_id), bytes, new_flow);
+    add(BACKEND_STATS.get_ptr_mut(backend_id), bytes, new_flow);
+}

@@ -1,0 +1,745 @@
+//! The balancer's desired state (VIPs, their backends and weights) and how it is programmed
+//! into the data plane's maps: id allocation, Maglev rings written aside and switched in one
+//! map update, backend entries, counters.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    fmt,
+    net::SocketAddr,
+    str::FromStr,
+};
+
+use lb_common::{
+    BACKEND_ACTIVE, BACKEND_DRAINING, Backend, FlowKey, IPPROTO_TCP, IPPROTO_UDP, MAX_BACKENDS,
+    TrafficCounters, VipInfo, VipKey,
+    addr::to_bytes,
+    hash::flow_hash,
+    maglev::{MaglevBackend, MaglevError, build_ring},
+};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::datapath::{Datapath, DatapathError};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    #[must_use]
+    pub const fn number(self) -> u8 {
+        match self {
+            Self::Tcp => IPPROTO_TCP,
+            Self::Udp => IPPROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        })
+    }
+}
+
+/// A service address: `192.0.2.10:80/tcp`, `[2001:db8::1]:443/udp` (protocol defaults to tcp).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct VipSpec {
+    pub addr: SocketAddr,
+    pub proto: Protocol,
+}
+
+impl fmt::Display for VipSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.proto)
+    }
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ParseVipError {
+    #[error("'{0}' is not ADDR:PORT[/tcp|/udp] (IPv6 as [2001:db8::1]:443/tcp)")]
+    Syntax(String),
+    #[error("unknown protocol '{0}' (use tcp or udp)")]
+    Protocol(String),
+    #[error("port 0 is not a service port")]
+    PortZero,
+}
+
+impl FromStr for VipSpec {
+    type Err = ParseVipError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (addr, proto) = match s.rsplit_once('/') {
+            Some((addr, proto)) => (addr, proto),
+            None => (s, "tcp"),
+        };
+        let proto = match proto.to_ascii_lowercase().as_str() {
+            "tcp" => Protocol::Tcp,
+            "udp" => Protocol::Udp,
+            _ => return Err(ParseVipError::Protocol(proto.to_owned())),
+        };
+        let addr: SocketAddr = addr
+            .parse()
+            .map_err(|_| ParseVipError::Syntax(s.to_owned()))?;
+        if addr.port() == 0 {
+            return Err(ParseVipError::PortZero);
+        }
+        Ok(Self { addr, proto })
+    }
+}
+
+impl Serialize for VipSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for VipSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum BalancerError {
+    #[error("VIP {0} already exists")]
+    DuplicateVip(VipSpec),
+    #[error("no VIP {0} (see `xlb vip list`)")]
+    UnknownVip(VipSpec),
+    #[error("backend {backend} is already behind {vip}")]
+    DuplicateBackend { vip: VipSpec, backend: SocketAddr },
+    #[error("backend {backend} is not behind {vip} (see `xlb backend list {vip}`)")]
+    UnknownBackend { vip: VipSpec, backend: SocketAddr },
+    #[error("backend {backend} and VIP {vip} are of different address families (xlb does not translate between IPv4 and IPv6)")]
+    FamilyMismatch { vip: VipSpec, backend: SocketAddr },
+    #[error("backend port 0 is not valid")]
+    BackendPortZero,
+    #[error("weight must be between 1 and {max}, got {weight}")]
+    InvalidWeight { weight: u32, max: u32 },
+    #[error("all {0} VIP slots are in use (start the agent with a larger --max-vips)")]
+    VipSlotsExhausted(u32),
+    #[error("all {0} backend slots are in use")]
+    BackendSlotsExhausted(u32),
+    #[error(transparent)]
+    Maglev(#[from] MaglevError),
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+}
+
+type Result<T, E = BalancerError> = std::result::Result<T, E>;
+
+/// Largest weight accepted: a backend claims this many ring slots per Maglev turn.
+pub const MAX_WEIGHT: u32 = 1000;
+
+/// Ids handed out fresh first, then the longest-freed first, so a just-removed id (which
+/// stale connection-table entries may still name) is reused as late as possible.
+#[derive(Debug)]
+struct IdPool {
+    next_fresh: u32,
+    limit: u32,
+    freed: VecDeque<u32>,
+}
+
+impl IdPool {
+    const fn new(limit: u32) -> Self {
+        Self {
+            next_fresh: 0,
+            limit,
+            freed: VecDeque::new(),
+        }
+    }
+
+    fn take(&mut self) -> Option<u32> {
+        if self.next_fresh < self.limit {
+            self.next_fresh += 1;
+            return Some(self.next_fresh - 1);
+        }
+        self.freed.pop_front()
+    }
+
+    fn give_back(&mut self, id: u32) {
+        self.freed.push_back(id);
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendState {
+    /// In the ring: takes new flows.
+    Active,
+    /// Out of the ring; established flows continue.
+    Draining,
+}
+
+#[derive(Debug)]
+struct BackendEntry {
+    id: u32,
+    weight: u32,
+    state: BackendState,
+}
+
+#[derive(Debug)]
+struct VipEntry {
+    id: u32,
+    /// Which half of the VIP's double buffer is live.
+    live_half: usize,
+    /// What each half holds, so a rebuild only writes the slots that change.
+    halves: [Vec<u32>; 2],
+    backends: BTreeMap<SocketAddr, BackendEntry>,
+}
+
+/// A backend as configured: what `xlb backend add` sets and the state file keeps.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendConfig {
+    pub addr: SocketAddr,
+    pub weight: u32,
+    #[serde(default = "default_state")]
+    pub state: BackendState,
+}
+
+const fn default_state() -> BackendState {
+    BackendState::Active
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VipConfig {
+    pub vip: VipSpec,
+    pub backends: Vec<BackendConfig>,
+}
+
+/// The whole desired state, as persisted.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredState {
+    pub vips: Vec<VipConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendStatus {
+    pub addr: SocketAddr,
+    pub id: u32,
+    pub weight: u32,
+    pub state: BackendState,
+    /// Ring slots this backend owns (0 while draining).
+    pub slots: u32,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VipStatus {
+    pub vip: VipSpec,
+    pub id: u32,
+    pub ring_size: u32,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    pub backends: Vec<BackendStatus>,
+}
+
+/// Where a flow goes, computed the way the kernel does it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Explanation {
+    pub client: SocketAddr,
+    pub vip: VipSpec,
+    pub flow_hash: u32,
+    pub ring_slot: u32,
+    /// The backend a new flow with this 5-tuple gets from the live ring.
+    pub new_flow_backend: Option<SocketAddr>,
+    /// The backend the connection table holds for this 5-tuple, if any.
+    pub tracked_backend: Option<SocketAddr>,
+}
+
+pub struct Balancer {
+    datapath: Datapath,
+    vips: BTreeMap<VipSpec, VipEntry>,
+    vip_ids: IdPool,
+    backend_ids: IdPool,
+}
+
+fn family(addr: &SocketAddr) -> u8 {
+    if addr.is_ipv4() { 4 } else { 6 }
+}
+
+impl Balancer {
+    #[must_use]
+    pub fn new(datapath: Datapath) -> Self {
+        let max_vips = datapath.config().max_vips;
+        Self {
+            datapath,
+            vips: BTreeMap::new(),
+            vip_ids: IdPool::new(max_vips),
+            backend_ids: IdPool::new(MAX_BACKENDS),
+        }
+    }
+
+    #[must_use]
+    pub const fn datapath(&self) -> &Datapath {
+        &self.datapath
+    }
+
+    pub const fn datapath_mut(&mut self) -> &mut Datapath {
+        &mut self.datapath
+    }
+
+    fn ring_size(&self) -> u32 {
+        self.datapath.config().ring_size
+    }
+
+    /// # Errors
+    /// The VIP exists already, or no slot is free.
+    pub fn add_vip(&mut self, vip: VipSpec) -> Result<()> {
+        if self.vips.contains_key(&vip) {
+            return Err(BalancerError::DuplicateVip(vip));
+        }
+        let max = self.datapath.config().max_vips;
+        let id = self
+            .vip_ids
+            .take()
+            .ok_or(BalancerError::VipSlotsExhausted(max))?;
+        let entry = VipEntry {
+            id,
+            live_half: 0,
+            halves: [Vec::new(), Vec::new()],
+            backends: BTreeMap::new(),
+        };
+        let written = self
+            .datapath
+            .reset_vip_traffic(id)
+            .and_then(|()| self.write_vip_info(&vip, &entry));
+        if let Err(e) = written {
+            self.vip_ids.give_back(id);
+            return Err(e.into());
+        }
+        self.vips.insert(vip, entry);
+        Ok(())
+    }
+
+    fn write_vip_info(&mut self, vip: &VipSpec, entry: &VipEntry) -> Result<(), DatapathError> {
+        let ring_size = self.ring_size();
+        let live = &entry.halves[entry.live_half];
+        let info = VipInfo {
+            vip_id: entry.id,
+            ring_base: ring_base(entry.id, entry.live_half, ring_size),
+            ring_size: if live.is_empty() { 0 } else { ring_size },
+            flags: 0,
+        };
+        self.datapath
+            .vips()?
+            .insert(&VipKey::new(vip.addr, vip.proto.number()), &info, 0)
+            .map_err(|source| DatapathError::Map {
+                name: lb_common::map_names::VIPS,
+                source,
+            })
+    }
+
+    /// Removes a VIP and all its backends. Packets to it pass to the stack from then on.
+    ///
+    /// # Errors
+    /// Unknown VIP, or a map update failing.
+    pub fn remove_vip(&mut self, vip: &VipSpec) -> Result<()> {
+        let entry = self
+            .vips
+            .remove(vip)
+            .ok_or(BalancerError::UnknownVip(*vip))?;
+        let key = VipKey::new(vip.addr, vip.proto.number());
+        self.datapath
+            .vips()?
+            .remove(&key)
+            .map_err(|source| DatapathError::Map {
+                name: lb_common::map_names::VIPS,
+                source,
+            })?;
+        let mut backends = self.datapath.backends()?;
+        for backend in entry.backends.values() {
+            backends
+                .set(backend.id, &Backend::default(), 0)
+                .map_err(|source| DatapathError::Map {
+                    name: lb_common::map_names::BACKENDS,
+                    source,
+                })?;
+            self.backend_ids.give_back(backend.id);
+        }
+        self.vip_ids.give_back(entry.id);
+        Ok(())
+    }
+
+    fn validate_weight(weight: u32) -> Result<()> {
+        if weight == 0 || weight > MAX_WEIGHT {
+            return Err(BalancerError::InvalidWeight {
+                weight,
+                max: MAX_WEIGHT,
+            });
+        }
+        Ok(())
+    }
+
+    /// Adds a backend to a VIP and rebuilds its ring.
+    ///
+    /// # Errors
+    /// Unknown VIP, duplicate backend, family mismatch, bad weight, no free id.
+    pub fn add_backend(&mut self, vip: &VipSpec, backend: SocketAddr, weight: u32) -> Result<()> {
+        Self::validate_weight(weight)?;
+        if backend.port() == 0 {
+            return Err(BalancerError::BackendPortZero);
+        }
+        let entry = self.vips.get(vip).ok_or(BalancerError::UnknownVip(*vip))?;
+        if entry.backends.contains_key(&backend) {
+            return Err(BalancerError::DuplicateBackend { vip: *vip, backend });
+        }
+        if family(&backend) != family(&vip.addr) {
+            return Err(BalancerError::FamilyMismatch { vip: *vip, backend });
+        }
+        let vip_id = entry.id;
+        let id = self
+            .backend_ids
+            .take()
+            .ok_or(BalancerError::BackendSlotsExhausted(MAX_BACKENDS))?;
+        if let Err(e) = self.write_backend(id, vip_id, backend, BACKEND_ACTIVE) {
+            self.backend_ids.give_back(id);
+            return Err(e);
+        }
+        self.vips.get_mut(vip).expect("checked above").backends.insert(
+            backend,
+            BackendEntry {
+                id,
+                weight,
+                state: BackendState::Active,
+            },
+        );
+        self.rebuild_ring(vip)
+    }
+
+    fn write_backend(&mut self, id: u32, vip_id: u32, addr: SocketAddr, flags: u8) -> Result<()> {
+        self.datapath.reset_backend_traffic(id)?;
+        let value = Backend {
+            addr: to_bytes(addr.ip()),
+            port_be: addr.port().to_be(),
+            family: family(&addr),
+            flags,
+            vip_id,
+        };
+        self.datapath
+            .backends()?
+            .set(id, &value, 0)
+            .map_err(|source| DatapathError::Map {
+                name: lb_common::map_names::BACKENDS,
+                source,
+            })?;
+        Ok(())
+    }
+
+    /// Removes a backend: its ring slots move to the others, and its established flows are
+    /// re-balanced on their next packet (use `drain` to let them finish instead).
+    ///
+    /// # Errors
+    /// Unknown VIP or backend, or a map update failing.
+    pub fn remove_backend(&mut self, vip: &VipSpec, backend: SocketAddr) -> Result<()> {
+        let entry = self.vips.get_mut(vip).ok_or(BalancerError::UnknownVip(*vip))?;
+        let removed = entry
+            .backends
+            .remove(&backend)
+            .ok_or(BalancerError::UnknownBackend { vip: *vip, backend })?;
+        // Ring first, so no packet can pick the backend after its entry is cleared.
+        self.rebuild_ring(vip)?;
+        self.datapath
+            .backends()?
+            .set(removed.id, &Backend::default(), 0)
+            .map_err(|source| DatapathError::Map {
+                name: lb_common::map_names::BACKENDS,
+                source,
+            })?;
+        self.backend_ids.give_back(removed.id);
+        Ok(())
+    }
+
+    /// Changes a backend's weight or state and rebuilds the ring.
+    ///
+    /// # Errors
+    /// Unknown VIP or backend, bad weight, or a map update failing.
+    pub fn update_backend(
+        &mut self,
+        vip: &VipSpec,
+        backend: SocketAddr,
+        weight: Option<u32>,
+        state: Option<BackendState>,
+    ) -> Result<()> {
+        if let Some(w) = weight {
+            Self::validate_weight(w)?;
+        }
+        let entry = self.vips.get_mut(vip).ok_or(BalancerError::UnknownVip(*vip))?;
+        let vip_id = entry.id;
+        let b = entry
+            .backends
+            .get_mut(&backend)
+            .ok_or(BalancerError::UnknownBackend { vip: *vip, backend })?;
+        if let Some(w) = weight {
+            b.weight = w;
+        }
+        let id = b.id;
+        if let Some(s) = state {
+            b.state = s;
+            let flags = match s {
+                BackendState::Active => BACKEND_ACTIVE,
+                BackendState::Draining => BACKEND_DRAINING,
+            };
+            // Draining: out of the ring first, then the flag (established flows still match).
+            if s == BackendState::Draining {
+                self.rebuild_ring(vip)?;
+            }
+            let value = Backend {
+                addr: to_bytes(backend.ip()),
+                port_be: backend.port().to_be(),
+                family: family(&backend),
+                flags,
+                vip_id,
+            };
+            self.datapath
+                .backends()?
+                .set(id, &value, 0)
+                .map_err(|source| DatapathError::Map {
+                    name: lb_common::map_names::BACKENDS,
+                    source,
+                })?;
+        }
+        self.rebuild_ring(vip)
+    }
+
+    /// Builds the VIP's ring from its active backends, writes it into the idle half of its
+    /// double buffer (only the slots that differ from what that half held) and then switches
+    /// the VIP to it with one map update.
+    fn rebuild_ring(&mut self, vip: &VipSpec) -> Result<()> {
+        let ring_size = self.ring_size();
+        let entry = self.vips.get(vip).ok_or(BalancerError::UnknownVip(*vip))?;
+        let members: Vec<MaglevBackend> = entry
+            .backends
+            .iter()
+            .filter(|(_, b)| b.state == BackendState::Active)
+            .map(|(addr, b)| MaglevBackend::new(b.id, to_bytes(addr.ip()), addr.port(), b.weight))
+            .collect();
+        let ring = build_ring(&members, ring_size)?;
+        let idle = 1 - entry.live_half;
+        let base = ring_base(entry.id, idle, ring_size);
+        let previous = &entry.halves[idle];
+        {
+            let mut rings = self.datapath.rings()?;
+            for (slot, id) in ring.iter().enumerate() {
+                if previous.get(slot) != Some(id) {
+                    rings
+                        .set(base + slot as u32, id, 0)
+                        .map_err(|source| DatapathError::Map {
+                            name: lb_common::map_names::MAGLEV,
+                            source,
+                        })?;
+                }
+            }
+        }
+        let entry = self.vips.get_mut(vip).expect("checked above");
+        entry.halves[idle] = ring;
+        entry.live_half = idle;
+        let entry = self.vips.remove(vip).expect("checked above");
+        let written = self.write_vip_info(vip, &entry);
+        self.vips.insert(*vip, entry);
+        written.map_err(Into::into)
+    }
+
+    /// Adds the interface to the set the data plane may redirect to.
+    ///
+    /// # Errors
+    /// The devmap refusing the interface (e.g. it does not support XDP redirect).
+    pub fn allow_egress(&mut self, ifindex: u32) -> Result<()> {
+        self.datapath
+            .egress_ports()?
+            .insert(ifindex, ifindex, None, 0)
+            .map_err(|source| DatapathError::Egress { ifindex, source }.into())
+    }
+
+    #[must_use]
+    pub fn vip_specs(&self) -> Vec<VipSpec> {
+        self.vips.keys().copied().collect()
+    }
+
+    /// # Errors
+    /// Unknown VIP or a failing map read.
+    pub fn vip_status(&self, vip: &VipSpec) -> Result<VipStatus> {
+        let entry = self.vips.get(vip).ok_or(BalancerError::UnknownVip(*vip))?;
+        let live = &entry.halves[entry.live_half];
+        let mut slots: BTreeMap<u32, u32> = BTreeMap::new();
+        for id in live {
+            *slots.entry(*id).or_default() += 1;
+        }
+        let traffic = self.datapath.vip_traffic(entry.id)?;
+        let backends = entry
+            .backends
+            .iter()
+            .map(|(addr, b)| {
+                let t: TrafficCounters = self.datapath.backend_traffic(b.id)?;
+                Ok(BackendStatus {
+                    addr: *addr,
+                    id: b.id,
+                    weight: b.weight,
+                    state: b.state,
+                    slots: slots.get(&b.id).copied().unwrap_or(0),
+                    packets: t.packets,
+                    bytes: t.bytes,
+                    new_flows: t.new_flows,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(VipStatus {
+            vip: *vip,
+            id: entry.id,
+            ring_size: if live.is_empty() { 0 } else { self.ring_size() },
+            packets: traffic.packets,
+            bytes: traffic.bytes,
+            new_flows: traffic.new_flows,
+            backends,
+        })
+    }
+
+    /// # Errors
+    /// A failing map read.
+    pub fn status(&self) -> Result<Vec<VipStatus>> {
+        self.vips.keys().map(|v| self.vip_status(v)).collect()
+    }
+
+    /// Which backend a flow from `client` to `vip` gets, by the kernel's hash and ring.
+    ///
+    /// # Errors
+    /// Unknown VIP, family mismatch, or a failing map read.
+    pub fn explain(&self, client: SocketAddr, vip: &VipSpec) -> Result<Explanation> {
+        let entry = self.vips.get(vip).ok_or(BalancerError::UnknownVip(*vip))?;
+        if family(&client) != family(&vip.addr) {
+            return Err(BalancerError::FamilyMismatch {
+                vip: *vip,
+                backend: client,
+            });
+        }
+        let key = FlowKey::new(client, vip.addr, vip.proto.number());
+        let hash = flow_hash(&key, self.datapath.config().hash_seed);
+        let ring = &entry.halves[entry.live_half];
+        let slot = hash % self.ring_size();
+        let by_id = |id: u32| {
+            entry
+                .backends
+                .iter()
+                .find(|(_, b)| b.id == id)
+                .map(|(addr, _)| *addr)
+        };
+        let new_flow_backend = ring.get(slot as usize).and_then(|id| by_id(*id));
+        let tracked_backend = match self.datapath.conntrack()?.get(&key, 0) {
+            Ok(state) => by_id(state.backend_id),
+            Err(aya::maps::MapError::KeyNotFound) => None,
+            Err(source) => {
+                return Err(DatapathError::Map {
+                    name: lb_common::map_names::CONNTRACK,
+                    source,
+                }
+                .into());
+            }
+        };
+        Ok(Explanation {
+            client,
+            vip: *vip,
+            flow_hash: hash,
+            ring_slot: slot,
+            new_flow_backend,
+            tracked_backend,
+        })
+    }
+
+    /// The configuration as it stands, for persisting.
+    #[must_use]
+    pub fn desired_state(&self) -> DesiredState {
+        DesiredState {
+            vips: self
+                .vips
+                .iter()
+                .map(|(vip, entry)| VipConfig {
+                    vip: *vip,
+                    backends: entry
+                        .backends
+                        .iter()
+                        .map(|(addr, b)| BackendConfig {
+                            addr: *addr,
+                            weight: b.weight,
+                            state: b.state,
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Programs a whole desired state into an empty balancer (agent start-up).
+    ///
+    /// # Errors
+    /// The first entry that cannot be applied.
+    pub fn apply(&mut self, state: &DesiredState) -> Result<()> {
+        for vip in &state.vips {
+            self.add_vip(vip.vip)?;
+            for b in &vip.backends {
+                self.add_backend(&vip.vip, b.addr, b.weight)?;
+                if b.state != BackendState::Active {
+                    self.update_backend(&vip.vip, b.addr, None, Some(b.state))?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+const fn ring_base(vip_id: u32, half: usize, ring_size: u32) -> u32 {
+    (vip_id * 2 + half as u32) * ring_size
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_vips() {
+        let v: VipSpec = "192.0.2.10:80".parse().unwrap();
+        assert_eq!(v.proto, Protocol::Tcp);
+        assert_eq!(v.to_string(), "192.0.2.10:80/tcp");
+        let v: VipSpec = "[2001:db8::1]:443/UDP".parse().unwrap();
+        assert_eq!(v.to_string(), "[2001:db8::1]:443/udp");
+        assert!(matches!("10.0.0.1/tcp".parse::<VipSpec>(), Err(ParseVipError::Syntax(_))));
+        assert!(matches!("10.0.0.1:80/sctp".parse::<VipSpec>(), Err(ParseVipError::Protocol(_))));
+        assert_eq!("10.0.0.1:0".parse::<VipSpec>(), Err(ParseVipError::PortZero));
+        assert!("2001:db8::1:443".parse::<VipSpec>().is_err());
+    }
+
+    #[test]
+    fn id_pool_reuses_longest_freed_last() {
+        let mut pool = IdPool::new(3);
+        assert_eq!((pool.take(), pool.take(), pool.take()), (Some(0), Some(1), Some(2)));
+        assert_eq!(pool.take(), None);
+        pool.give_back(1);
+        pool.give_back(0);
+        assert_eq!(pool.take(), Some(1));
+        assert_eq!(pool.take(), Some(0));
+    }
+
+    #[test]
+    fn desired_state_round_trips_through_json() {
+        let state = DesiredState {
+            vips: vec![VipConfig {
+                vip: "[2001:db8::1]:443/udp".parse().unwrap(),
+                backends: vec![BackendConfig {
+                    addr: "[fd00::2]:8443".parse().unwrap(),
+                    weight: 3,
+                    state: BackendState::Draining,
+                }],
+            }],
+        };
+        let json = serde_json::to_string(&state).unwrap();
+        assert_eq!(serde_json::from_str::<DesiredState>(&json).unwrap(), state);
+    }
+}

@@ -1,0 +1,357 @@
+//! The loaded XDP object: loading, attaching, pinning, test runs, and typed access to its maps.
+//! Everything that touches the kernel's BPF objects goes through here.
+
+use std::{path::Path, time::Duration};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues, xdp::DevMapHash},
+    programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
+};
+use lb_common::{
+    Backend, Counter, DEFAULT_HASH_SEED, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, FlowKey, FlowState,
+    HASH_SEED_SYMBOL, MAX_BACKENDS, ReverseNat, TrafficCounters, VipInfo, VipKey,
+    maglev::is_prime, map_names, program_names,
+};
+use thiserror::Error;
+
+/// The compiled XDP object, built by build.rs from `lb-ebpf`.
+pub static XLB_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DatapathConfig {
+    /// Slots per Maglev ring (prime).
+    pub ring_size: u32,
+    /// How many VIPs the maps have room for.
+    pub max_vips: u32,
+    /// Flow-hash seed: the same on every node that must agree on backends.
+    pub hash_seed: u32,
+}
+
+impl Default for DatapathConfig {
+    fn default() -> Self {
+        Self {
+            ring_size: DEFAULT_RING_SIZE,
+            max_vips: DEFAULT_MAX_VIPS,
+            hash_seed: DEFAULT_HASH_SEED,
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum DatapathError {
+    #[error("ring size {0} is not prime (Maglev needs a prime, e.g. 65537 or 16381)")]
+    RingSizeNotPrime(u32),
+    #[error("max VIPs × 2 × ring size ({0}) does not fit a BPF array")]
+    TooLarge(u64),
+    #[error("loading the XDP object into the kernel failed (are you root, on a kernel with BPF?)")]
+    Load(#[source] aya::EbpfError),
+    #[error("the XDP object has no {kind} named {name}")]
+    Missing { kind: &'static str, name: &'static str },
+    #[error("map {name}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("program {name}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("detaching from the interface")]
+    Detach(#[source] ProgramError),
+    #[error("pinning map {name} at {path}")]
+    Pin {
+        name: &'static str,
+        path: String,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("adding interface {ifindex} to the redirect map")]
+    Egress {
+        ifindex: u32,
+        #[source]
+        source: aya::maps::xdp::XdpMapError,
+    },
+    #[error("counting possible CPUs")]
+    Cpus(#[source] std::io::Error),
+}
+
+type Result<T, E = DatapathError> = std::result::Result<T, E>;
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
+    move |source| DatapathError::Map { name, source }
+}
+
+/// Outcome of one `BPF_PROG_TEST_RUN` call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TestRunOutcome {
+    pub action: u32,
+    /// Bytes of the (possibly rewritten) packet in the output buffer.
+    pub len: usize,
+    /// Kernel-measured duration, averaged over `repeat`.
+    pub duration: Duration,
+}
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    config: DatapathConfig,
+}
+
+impl Datapath {
+    /// Loads the object and the balancer program (not attached anywhere yet).
+    ///
+    /// # Errors
+    /// Bad sizes, or the kernel refusing the maps or the program.
+    pub fn load(config: DatapathConfig) -> Result<Self> {
+        if !is_prime(config.ring_size) {
+            return Err(DatapathError::RingSizeNotPrime(config.ring_size));
+        }
+        let ring_slots = u64::from(config.max_vips) * 2 * u64::from(config.ring_size);
+        let ring_slots_u32 =
+            u32::try_from(ring_slots).map_err(|_| DatapathError::TooLarge(ring_slots))?;
+        let ebpf = EbpfLoader::new()
+            .override_global(HASH_SEED_SYMBOL, &config.hash_seed, true)
+            .map_max_entries(map_names::VIPS, config.max_vips)
+            .map_max_entries(map_names::VIP_STATS, config.max_vips)
+            .map_max_entries(map_names::MAGLEV, ring_slots_u32)
+            .load(XLB_OBJECT)
+            .map_err(DatapathError::Load)?;
+        let mut datapath = Self { ebpf, config };
+        datapath.load_program(program_names::XLB)?;
+        Ok(datapath)
+    }
+
+    #[must_use]
+    pub const fn config(&self) -> DatapathConfig {
+        self.config
+    }
+
+    fn xdp_mut(&mut self, name: &'static str) -> Result<&mut Xdp> {
+        let program = self.ebpf.program_mut(name).ok_or(DatapathError::Missing {
+            kind: "program",
+            name,
+        })?;
+        program.try_into().map_err(|source| DatapathError::Program { name, source })
+    }
+
+    fn xdp(&self, name: &'static str) -> Result<&Xdp> {
+        let program = self.ebpf.program(name).ok_or(DatapathError::Missing {
+            kind: "program",
+            name,
+        })?;
+        program.try_into().map_err(|source| DatapathError::Program { name, source })
+    }
+
+    /// Loads one of the object's programs into the kernel (the benchmark floors are only
+    /// loaded when a benchmark asks for them).
+    ///
+    /// # Errors
+    /// The verifier rejecting the program.
+    pub fn load_program(&mut self, name: &'static str) -> Result<()> {
+        let xdp = self.xdp_mut(name)?;
+        if xdp.fd().is_err() {
+            xdp.load().map_err(|source| DatapathError::Program { name, source })?;
+        }
+        Ok(())
+    }
+
+    /// Attaches the balancer to an interface.
+    ///
+    /// # Errors
+    /// The kernel or driver refusing XDP in that mode.
+    pub fn attach(&mut self, ifindex: u32, mode: XdpMode) -> Result<XdpLinkId> {
+        self.xdp_mut(program_names::XLB)?
+            .attach(ifindex, mode)
+            .map_err(|source| DatapathError::Program {
+                name: program_names::XLB,
+                source,
+            })
+    }
+
+    /// Detaches one attachment made by `attach`.
+    ///
+    /// # Errors
+    /// The link being gone already.
+    pub fn detach(&mut self, link: XdpLinkId) -> Result<()> {
+        self.xdp_mut(program_names::XLB)?
+            .detach(link)
+            .map_err(DatapathError::Detach)
+    }
+
+    /// Runs `program` once on `packet` with `BPF_PROG_TEST_RUN`; the output lands in `out`.
+    ///
+    /// # Errors
+    /// The kernel refusing the test run (e.g. a packet shorter than an Ethernet header).
+    pub fn test_run(
+        &self,
+        program: &'static str,
+        packet: &[u8],
+        out: &mut [u8],
+        repeat: u32,
+    ) -> Result<TestRunOutcome> {
+        let xdp = self.xdp(program)?;
+        let result = xdp
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(out),
+                repeat,
+                ..TestRunOptions::new()
+            })
+            .map_err(|source| DatapathError::Program {
+                name: program,
+                source,
+            })?;
+        Ok(TestRunOutcome {
+            action: result.return_value,
+            len: result.data_size_out as usize,
+            duration: result.duration,
+        })
+    }
+
+    /// The loaded program itself, for test runs with options `test_run` does not cover
+    /// (live frames, a context).
+    ///
+    /// # Errors
+    /// `program` not loaded.
+    pub fn program(&self, program: &'static str) -> Result<&Xdp> {
+        self.xdp(program)
+    }
+
+    /// Pins every map under `dir` (which must be on bpffs), so tools and a restarted agent
+    /// can find them.
+    ///
+    /// # Errors
+    /// `dir` not on bpffs, or a pin already there.
+    pub fn pin_maps(&self, dir: &Path) -> Result<()> {
+        for name in map_names::ALL {
+            let map = self.ebpf.map(name).ok_or(DatapathError::Missing { kind: "map", name })?;
+            let path = dir.join(name);
+            let _ = std::fs::remove_file(&path);
+            map.pin(&path).map_err(|source| DatapathError::Pin {
+                name,
+                path: path.display().to_string(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    fn map_data(&mut self, name: &'static str) -> Result<&mut aya::maps::Map> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or(DatapathError::Missing { kind: "map", name })
+    }
+
+    fn map_ref(&self, name: &'static str) -> Result<&aya::maps::Map> {
+        self.ebpf
+            .map(name)
+            .ok_or(DatapathError::Missing { kind: "map", name })
+    }
+
+    pub fn vips(&mut self) -> Result<HashMap<&mut MapData, VipKey, VipInfo>> {
+        let name = map_names::VIPS;
+        HashMap::try_from(self.map_data(name)?).map_err(map_err(name))
+    }
+
+    pub fn rings(&mut self) -> Result<Array<&mut MapData, u32>> {
+        let name = map_names::MAGLEV;
+        Array::try_from(self.map_data(name)?).map_err(map_err(name))
+    }
+
+    pub fn backends(&mut self) -> Result<Array<&mut MapData, Backend>> {
+        let name = map_names::BACKENDS;
+        Array::try_from(self.map_data(name)?).map_err(map_err(name))
+    }
+
+    pub fn conntrack(&self) -> Result<HashMap<&MapData, FlowKey, FlowState>> {
+        let name = map_names::CONNTRACK;
+        HashMap::try_from(self.map_ref(name)?).map_err(map_err(name))
+    }
+
+    pub fn conntrack_mut(&mut self) -> Result<HashMap<&mut MapData, FlowKey, FlowState>> {
+        let name = map_names::CONNTRACK;
+        HashMap::try_from(self.map_data(name)?).map_err(map_err(name))
+    }
+
+    pub fn reverse_nat(&self) -> Result<HashMap<&MapData, FlowKey, ReverseNat>> {
+        let name = map_names::REVERSE_NAT;
+        HashMap::try_from(self.map_ref(name)?).map_err(map_err(name))
+    }
+
+    pub fn egress_ports(&mut self) -> Result<DevMapHash<&mut MapData>> {
+        let name = map_names::EGRESS_PORTS;
+        DevMapHash::try_from(self.map_data(name)?).map_err(map_err(name))
+    }
+
+    /// Global counters summed over CPUs, in `Counter::ALL` order.
+    ///
+    /// # Errors
+    /// Map access failing.
+    pub fn global_counters(&self) -> Result<Vec<(Counter, u64)>> {
+        let name = map_names::GLOBAL_STATS;
+        let map: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.map_ref(name)?).map_err(map_err(name))?;
+        Counter::ALL
+            .iter()
+            .map(|c| {
+                let per_cpu = map.get(&(*c as u32), 0).map_err(map_err(name))?;
+                Ok((*c, per_cpu.iter().sum()))
+            })
+            .collect()
+    }
+
+    fn traffic(&self, name: &'static str, index: u32) -> Result<TrafficCounters> {
+        let map: PerCpuArray<&MapData, TrafficCounters> =
+            PerCpuArray::try_from(self.map_ref(name)?).map_err(map_err(name))?;
+        let per_cpu = map.get(&index, 0).map_err(map_err(name))?;
+        Ok(per_cpu
+            .iter()
+            .fold(TrafficCounters::default(), |acc, c| acc.merged(*c)))
+    }
+
+    fn reset_traffic(&mut self, name: &'static str, index: u32) -> Result<()> {
+        let mut map: PerCpuArray<&mut MapData, TrafficCounters> =
+            PerCpuArray::try_from(self.map_data(name)?).map_err(map_err(name))?;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DatapathError::Cpus(e))?;
+        let zeros = PerCpuValues::try_from(vec![TrafficCounters::default(); cpus.get() as usize])
+            .map_err(DatapathError::Cpus)?;
+        map.set(index, zeros, 0).map_err(map_err(name))
+    }
+
+    pub fn vip_traffic(&self, vip_id: u32) -> Result<TrafficCounters> {
+        self.traffic(map_names::VIP_STATS, vip_id)
+    }
+
+    pub fn backend_traffic(&self, backend_id: u32) -> Result<TrafficCounters> {
+        self.traffic(map_names::BACKEND_STATS, backend_id)
+    }
+
+    /// Zeroes a VIP's counters (its slot may have served a removed VIP).
+    pub fn reset_vip_traffic(&mut self, vip_id: u32) -> Result<()> {
+        self.reset_traffic(map_names::VIP_STATS, vip_id)
+    }
+
+    /// Zeroes a backend's counters (its id may have served a removed backend).
+    pub fn reset_backend_traffic(&mut self, backend_id: u32) -> Result<()> {
+        self.reset_traffic(map_names::BACKEND_STATS, backend_id)
+    }
+
+    #[must_use]
+    pub const fn max_backends() -> u32 {
+        MAX_BACKENDS
+    }
+}
+
+/// `XdpMode` by the names the CLI uses.
+#[must_use]
+pub const fn xdp_mode_name(mode: XdpMode) -> &'static str {
+    match mode {
+        XdpMode::Driver => "native",
+        XdpMode::Skb => "skb",
+        XdpMode::Hardware => "offload",
+        XdpMode::Default => "default",
+    }
+}

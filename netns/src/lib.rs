@@ -1,0 +1,33 @@
+//! Network-namespace topologies for xlb's integration tests, demo and benchmarks.
+//!
+//! XDP behaviour depends on real kernel plumbing (veth NAPI, redirect, neighbour
+//! resolution), so tests need real interfaces; namespaces give each test its own
+//! private copy of that plumbing, so tests can run in parallel and leave nothing
+//! behind on the host.
+//!
+//! Everything is done through netlink ([`rtnetlink`]), `setns(2)` and `/proc/sys`
+//! rather than by running `ip`: a missing or different `iproute2` cannot change
+//! what a test sets up, and failures come back as typed errors instead of
+//! parsed stderr.
+//!
+//! The public API is synchronous. Each netlink call runs on a short-lived thread
+//! that has entered the target namespace, with its own current-thread tokio
+//! runtime, because `setns(2)` only moves the calling thread and a netlink socket
+//! talks to the namespace it was opened in.
+//!
+//! Everything here needs root (`CAP_SYS_ADMIN` and `CAP_NET_ADMIN`).
+
+mod error;
+mod ethtool;
+mod link;
+mod ns;
+mod topology;
+
+pub use ipnet;
+
+pub use crate::{
+    error::Error,
+    link::LinkInfo,
+    ns::{Netns, cleanup_stale},
+    topology::{Endpoint, Network, NsId, Topology, Veth},
+};
