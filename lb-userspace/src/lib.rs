@@ -1,5 +1,9 @@
 //! The userspace side of xlb: the loaded data plane (`datapath`), the balancer state that is
-//! programmed into it (`balancer`), and the agent and CLI built on them.
+//! programmed into it (`balancer`), the agent (`agent`) with its control API (`api`), and
+//! where it keeps things (`paths`).
 
+pub mod agent;
+pub mod api;
 pub mod balancer;
 pub mod datapath;
+pub mod paths;

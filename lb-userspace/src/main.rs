@@ -1,1 +1,358 @@
-fn main() {}
+//! `xlb`: the agent (`xlb run`) and the commands that talk to it.
+
+use std::{io::Write as _, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+use lb_common::{DEFAULT_HASH_SEED, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE};
+use lb_userspace::{
+    agent::{self, AgentOptions, ModeChoice},
+    api::{self, Reply, Request},
+    balancer::{VipSpec, VipStatus},
+    datapath::DatapathConfig,
+    paths,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "xlb",
+    version,
+    about = "An XDP layer-4 load balancer: VIPs in front of your containers",
+    after_help = "Examples:\n  sudo xlb run --iface eth0\n  xlb vip add 192.0.2.10:80/tcp\n  xlb backend add 192.0.2.10:80/tcp 10.88.0.14:8080\n  xlb stats --watch"
+)]
+struct Cli {
+    /// The agent's control socket [default: /run/xlb/xlb.sock in the host's network namespace]
+    #[arg(long, global = true, env = "XLB_SOCKET")]
+    socket: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent: attach the data plane and serve the control API until SIGINT/SIGTERM.
+    #[command(after_help = "Examples:\n  sudo xlb run --iface eth0\n  sudo xlb run --iface eth0 --iface eth1 --xdp-mode skb")]
+    Run {
+        /// Interface to attach to (repeatable): the client-facing one and the backend-facing ones.
+        #[arg(long = "iface", required = true)]
+        ifaces: Vec<String>,
+        /// XDP mode: auto tries native and falls back to skb (and says so).
+        #[arg(long, value_enum, default_value = "auto")]
+        xdp_mode: ModeChoice,
+        /// Where maps are pinned [default: /sys/fs/bpf/xlb; mounted if needed]
+        #[arg(long)]
+        bpffs: Option<PathBuf>,
+        /// Desired-state file, restored on start [default: /var/lib/xlb/state.json]
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// Slots per Maglev ring (prime).
+        #[arg(long, default_value_t = DEFAULT_RING_SIZE)]
+        ring_size: u32,
+        /// Room for this many VIPs.
+        #[arg(long, default_value_t = DEFAULT_MAX_VIPS)]
+        max_vips: u32,
+        /// Flow-hash seed; give every node behind the same ECMP group the same seed.
+        #[arg(long, default_value_t = DEFAULT_HASH_SEED)]
+        hash_seed: u32,
+    },
+    /// Add, remove or list VIPs.
+    #[command(subcommand)]
+    Vip(VipCommand),
+    /// Add, remove or list a VIP's backends.
+    #[command(subcommand)]
+    Backend(BackendCommand),
+    /// Packets, bytes and new flows per VIP and backend, and the global counters.
+    #[command(after_help = "Examples:\n  xlb stats\n  xlb stats --watch\n  xlb stats --json")]
+    Stats {
+        #[arg(long)]
+        json: bool,
+        /// Refresh every second in place.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Which backend a new flow from CLIENT gets, and whether the connection table holds it.
+    #[command(after_help = "Example:\n  xlb explain 198.51.100.7:40000 192.0.2.10:80/tcp")]
+    Explain {
+        client: SocketAddr,
+        vip: VipSpec,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum VipCommand {
+    /// Add a VIP: ADDR:PORT[/tcp|/udp] (IPv6 as [2001:db8::1]:443/tcp).
+    #[command(after_help = "Examples:\n  xlb vip add 192.0.2.10:80/tcp\n  xlb vip add [2001:db8::10]:53/udp")]
+    Add { vip: VipSpec },
+    /// Remove a VIP and its backends.
+    #[command(after_help = "Example:\n  xlb vip del 192.0.2.10:80/tcp")]
+    Del { vip: VipSpec },
+    /// List VIPs.
+    #[command(after_help = "Examples:\n  xlb vip list\n  xlb vip list --json")]
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum BackendCommand {
+    /// Add a backend to a VIP, by address or by container name.
+    #[command(after_help = "Examples:\n  xlb backend add 192.0.2.10:80/tcp 10.88.0.14:8080\n  xlb backend add 192.0.2.10:80/tcp 10.88.0.15:8080 --weight 2\n  xlb backend add 192.0.2.10:80/tcp --container web-1:8080")]
+    Add {
+        vip: VipSpec,
+        /// BACKEND_ADDR:PORT
+        #[arg(required_unless_present = "container", conflicts_with = "container")]
+        backend: Option<SocketAddr>,
+        /// A podman or docker container NAME[:PORT] (port defaults to the VIP's).
+        #[arg(long)]
+        container: Option<String>,
+        /// Share of new flows relative to the other backends (1-1000).
+        #[arg(long, default_value_t = 1)]
+        weight: u32,
+    },
+    /// Remove a backend; its established flows move to the others.
+    #[command(after_help = "Example:\n  xlb backend del 192.0.2.10:80/tcp 10.88.0.14:8080")]
+    Del { vip: VipSpec, backend: SocketAddr },
+    /// List a VIP's backends with their weights, ring slots and traffic.
+    #[command(after_help = "Examples:\n  xlb backend list 192.0.2.10:80/tcp\n  xlb backend list 192.0.2.10:80/tcp --json")]
+    List {
+        vip: VipSpec,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn print_json<T: serde::Serialize>(value: &T) {
+    println!("{}", serde_json::to_string_pretty(value).expect("serialisable"));
+}
+
+fn print_vips(vips: &[VipStatus]) {
+    if vips.is_empty() {
+        println!("no VIPs (add one with `xlb vip add ADDR:PORT/tcp`)");
+        return;
+    }
+    println!("{:<32} {:>8} {:>12} {:>14} {:>10}", "VIP", "BACKENDS", "PACKETS", "BYTES", "NEW FLOWS");
+    for v in vips {
+        println!(
+            "{:<32} {:>8} {:>12} {:>14} {:>10}",
+            v.vip.to_string(),
+            v.backends.len(),
+            v.packets,
+            v.bytes,
+            v.new_flows
+        );
+    }
+}
+
+fn print_backends(v: &VipStatus) {
+    println!("{}  ({} slots in the ring)", v.vip, v.ring_size);
+    if v.backends.is_empty() {
+        println!("  no backends (add one with `xlb backend add {} ADDR:PORT`)", v.vip);
+        return;
+    }
+    println!(
+        "  {:<40} {:>6} {:>9} {:>7} {:>12} {:>14} {:>10}",
+        "BACKEND", "WEIGHT", "STATE", "SLOTS", "PACKETS", "BYTES", "NEW FLOWS"
+    );
+    for b in &v.backends {
+        println!(
+            "  {:<40} {:>6} {:>9} {:>7} {:>12} {:>14} {:>10}",
+            b.addr.to_string(),
+            b.weight,
+            format!("{:?}", b.state).to_lowercase(),
+            b.slots,
+            b.packets,
+            b.bytes,
+            b.new_flows
+        );
+    }
+}
+
+fn print_stats(stats: &api::Stats) {
+    for v in &stats.vips {
+        println!(
+            "{}  packets {}  bytes {}  new flows {}",
+            v.vip, v.packets, v.bytes, v.new_flows
+        );
+        for b in &v.backends {
+            println!(
+                "  -> {:<40} packets {:>10}  bytes {:>12}  new flows {:>8}",
+                b.addr.to_string(),
+                b.packets,
+                b.bytes,
+                b.new_flows
+            );
+        }
+    }
+    if stats.vips.is_empty() {
+        println!("no VIPs");
+    }
+    println!("global:");
+    for c in &stats.global {
+        println!("  {:<26} {:>14}", c.name, c.value);
+    }
+}
+
+/// Resolves a container's address through podman or docker (whichever knows it).
+fn container_backend(spec: &str, vip: &VipSpec) -> Result<SocketAddr> {
+    let (name, port) = match spec.rsplit_once(':') {
+        Some((name, port)) => (
+            name,
+            port.parse::<u16>()
+                .with_context(|| format!("'{port}' in --container {spec} is not a port"))?,
+        ),
+        None => (spec, vip.addr.port()),
+    };
+    let format = if vip.addr.is_ipv4() {
+        "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}"
+    } else {
+        "{{range .NetworkSettings.Networks}}{{.GlobalIPv6Address}} {{end}}"
+    };
+    let mut tried = Vec::new();
+    for runtime in ["podman", "docker"] {
+        let output = match std::process::Command::new(runtime)
+            .args(["inspect", "--format", format, name])
+            .output()
+        {
+            Ok(o) => o,
+            Err(_) => {
+                tried.push(format!("{runtime}: not installed"));
+                continue;
+            }
+        };
+        if !output.status.success() {
+            tried.push(format!("{runtime}: no container '{name}'"));
+            continue;
+        }
+        let text = String::from_utf8_lossy(&output.stdout);
+        if let Some(ip) = text.split_whitespace().find_map(|w| w.parse().ok()) {
+            return Ok(SocketAddr::new(ip, port));
+        }
+        tried.push(format!("{runtime}: container '{name}' has no address of the VIP's family"));
+    }
+    bail!("cannot resolve container '{name}' ({})", tried.join("; "))
+}
+
+fn client(socket: &std::path::Path, command: Command) -> Result<()> {
+    let call = |request: &Request| api::call(socket, request).map_err(anyhow::Error::new);
+    match command {
+        Command::Run { .. } => unreachable!("handled in main"),
+        Command::Vip(VipCommand::Add { vip }) => {
+            call(&Request::VipAdd { vip })?;
+            println!("added VIP {vip}");
+        }
+        Command::Vip(VipCommand::Del { vip }) => {
+            call(&Request::VipDel { vip })?;
+            println!("removed VIP {vip}");
+        }
+        Command::Vip(VipCommand::List { json }) => {
+            if let Reply::Vips(vips) = call(&Request::VipList)? {
+                if json { print_json(&vips) } else { print_vips(&vips) }
+            }
+        }
+        Command::Backend(BackendCommand::Add {
+            vip,
+            backend,
+            container,
+            weight,
+        }) => {
+            let backend = match (backend, container) {
+                (Some(b), _) => b,
+                (None, Some(c)) => container_backend(&c, &vip)?,
+                (None, None) => bail!("give BACKEND_ADDR:PORT or --container NAME"),
+            };
+            call(&Request::BackendAdd {
+                vip,
+                backend,
+                weight,
+            })?;
+            println!("added backend {backend} to {vip} (weight {weight})");
+        }
+        Command::Backend(BackendCommand::Del { vip, backend }) => {
+            call(&Request::BackendDel { vip, backend })?;
+            println!("removed backend {backend} from {vip}");
+        }
+        Command::Backend(BackendCommand::List { vip, json }) => {
+            if let Reply::Vip(status) = call(&Request::BackendList { vip })? {
+                if json { print_json(&status) } else { print_backends(&status) }
+            }
+        }
+        Command::Stats { json, watch } => loop {
+            if let Reply::Stats(stats) = call(&Request::Stats)? {
+                if watch && !json {
+                    print!("\x1b[H\x1b[2J");
+                }
+                if json { print_json(&stats) } else { print_stats(&stats) }
+                std::io::stdout().flush().ok();
+            }
+            if !watch {
+                break;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        },
+        Command::Explain { client, vip, json } => {
+            if let Reply::Explanation(e) = call(&Request::Explain { client, vip })? {
+                if json {
+                    print_json(&e);
+                } else {
+                    let show = |b: Option<SocketAddr>| b.map_or("none".to_owned(), |b| b.to_string());
+                    println!("flow {client} -> {vip}: hash {:#010x}, ring slot {}", e.flow_hash, e.ring_slot);
+                    println!("  a new flow goes to:        {}", show(e.new_flow_backend));
+                    println!("  connection table holds:    {}", show(e.tracked_backend));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run {
+            ifaces,
+            xdp_mode,
+            bpffs,
+            state,
+            ring_size,
+            max_vips,
+            hash_seed,
+        } => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "info".into()),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            let options = AgentOptions {
+                ifaces,
+                mode: xdp_mode,
+                bpffs: bpffs.unwrap_or_else(paths::default_bpffs),
+                socket: cli.socket.unwrap_or_else(paths::default_socket),
+                state: state.unwrap_or_else(paths::default_state),
+                datapath: DatapathConfig {
+                    ring_size,
+                    max_vips,
+                    hash_seed,
+                },
+            };
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("starting the async runtime")
+                .and_then(|rt| rt.block_on(agent::run(options)))
+        }
+        command => client(&cli.socket.unwrap_or_else(paths::default_socket), command),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xlb: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -5,9 +5,7 @@ use std::{io, path::PathBuf};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    #[error(
-        "invalid name {name:?}: use 1-{max} ASCII letters, digits, '-' or '_' ({why})"
-    )]
+    #[error("invalid name {name:?}: use 1-{max} ASCII letters, digits, '-' or '_' ({why})")]
     InvalidName {
         name: String,
         max: usize,
@@ -80,6 +78,10 @@ pub enum Error {
     #[error("subnet {subnet} is too small for two hosts")]
     SubnetTooSmall { subnet: ipnet::IpNet },
 
-    #[error("unknown namespace id {0}")]
-    UnknownNamespace(usize),
+    #[error("{n} {what} requested, at most {max} supported")]
+    TooMany {
+        what: &'static str,
+        n: usize,
+        max: usize,
+    },
 }

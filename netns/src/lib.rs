@@ -16,6 +16,24 @@
 //! talks to the namespace it was opened in.
 //!
 //! Everything here needs root (`CAP_SYS_ADMIN` and `CAP_NET_ADMIN`).
+//!
+//! Code that must act on a namespace's interfaces (attaching XDP by name,
+//! binding sockets, `if_nametoindex`) has to run inside it, via
+//! [`Netns::run`] or [`Netns::spawn`]:
+//!
+//! ```no_run
+//! use std::net::{SocketAddr, TcpStream};
+//! use std::time::Duration;
+//!
+//! let topo = xlb_netns::Topology::new(2)?;
+//! let lb_if = &topo.client_link.a; // attach XDP here, inside topo.lb().run(..)
+//! println!("LB faces the client on {} (ifindex {})", lb_if.ifname, lb_if.ifindex);
+//! let backend = SocketAddr::new(topo.backend_links[0].b.ip4().into(), 80);
+//! let _conn = topo
+//!     .client()
+//!     .run(|| TcpStream::connect_timeout(&backend, Duration::from_secs(3)))?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 mod error;
 mod ethtool;

@@ -1,7 +1,7 @@
 use std::{
     future::Future,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    os::fd::AsRawFd,
+    os::fd::{AsFd, AsRawFd},
     time::Duration,
 };
 
@@ -30,13 +30,21 @@ pub struct LinkInfo {
     /// which is reported as such; tunnels have none).
     pub mac: Option<[u8; 6]>,
     pub mtu: Option<u32>,
+    /// Index of the bridge (or bond) this link is enslaved to.
+    pub master: Option<u32>,
 }
 
 /// Failures inside a netlink session, before the namespace name is known.
 enum Fail {
-    Netlink { op: String, source: rtnetlink::Error },
+    Netlink {
+        op: String,
+        source: rtnetlink::Error,
+    },
     NotFound(String),
-    Io { op: &'static str, source: std::io::Error },
+    Io {
+        op: &'static str,
+        source: std::io::Error,
+    },
     Timeout(String),
 }
 
@@ -88,7 +96,7 @@ impl Netns {
         })
     }
 
-    /// Index, MAC and MTU of `ifname` in one round trip.
+    /// Index, MAC, MTU and master of `ifname` in one round trip.
     ///
     /// # Errors
     /// No such link, or netlink failed.
@@ -99,11 +107,13 @@ impl Netns {
                 ifindex: msg.header.index,
                 mac: None,
                 mtu: None,
+                master: None,
             };
             for attr in msg.attributes {
                 match attr {
                     LinkAttribute::Address(a) => info.mac = a.try_into().ok(),
                     LinkAttribute::Mtu(m) => info.mtu = Some(m),
+                    LinkAttribute::Controller(m) => info.master = Some(m),
                     _ => {}
                 }
             }
@@ -136,7 +146,7 @@ impl Netns {
     /// # Errors
     /// A name is taken or invalid, or netlink failed.
     pub fn add_veth(&self, ifname: &str, peer: &Netns, peer_ifname: &str) -> Result<(), Error> {
-        let peer_fd = peer.as_raw_fd();
+        let peer_fd = peer.as_fd().as_raw_fd();
         self.netlink("add veth", |h| async move {
             let peer_msg = LinkMessageBuilder::<LinkUnspec>::new()
                 .name(peer_ifname)
@@ -300,7 +310,7 @@ impl Netns {
     pub fn add_neighbour(&self, ifname: &str, ip: IpAddr, mac: [u8; 6]) -> Result<(), Error> {
         self.netlink("add neighbour", |h| async move {
             let idx = get_link(&h, ifname).await?.header.index;
-            h.neighbour()
+            h.neighbours()
                 .add(idx, ip)
                 .link_layer_address(&mac)
                 .replace()

@@ -89,7 +89,7 @@ impl Netns {
             match OpenOptions::new()
                 .write(true)
                 .create_new(true)
-                .mode(0)
+                .mode(0o000)
                 .open(&path)
             {
                 Ok(_) => {}

@@ -1,0 +1,373 @@
+//! `xlb run`: loads and attaches the data plane, restores and persists the desired state, and
+//! serves the control API until SIGINT/SIGTERM, when it detaches and cleans up.
+
+use std::{
+    fs,
+    io::Write as _,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use anyhow::{Context as _, Result, bail};
+use aya::programs::XdpMode;
+use futures_util::TryStreamExt as _;
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+    signal::unix::{SignalKind, signal},
+};
+use tracing::{info, warn};
+
+use crate::{
+    api::{CounterValue, Reply, Request, Stats},
+    balancer::{Balancer, DesiredState},
+    datapath::{Datapath, DatapathConfig, xdp_mode_name},
+    paths,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModeChoice {
+    /// Native (driver) mode, falling back to generic (skb) mode where the driver refuses.
+    Auto,
+    Native,
+    Skb,
+}
+
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    pub ifaces: Vec<String>,
+    pub mode: ModeChoice,
+    pub bpffs: PathBuf,
+    pub socket: PathBuf,
+    pub state: PathBuf,
+    pub datapath: DatapathConfig,
+}
+
+pub fn require_root(what: &str) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("{what} needs root (it loads XDP programs): run it with sudo");
+    }
+    Ok(())
+}
+
+fn ifindex(name: &str) -> Result<u32> {
+    nix::net::if_::if_nametoindex(name).map_err(|_| {
+        anyhow::anyhow!(
+            "no interface named '{name}' in this network namespace (see `ip link`)"
+        )
+    })
+}
+
+/// Writes `state` so that a crash at any point leaves either the old or the new file:
+/// temporary file, fsync, rename, fsync of the directory.
+///
+/// # Errors
+/// Any step failing (a full disk, say); the previous file is then untouched.
+pub fn save_state(path: &Path, state: &DesiredState) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = path.with_extension("json.tmp");
+    let write = || -> std::io::Result<()> {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec_pretty(state).expect("state always serialises"))?;
+        f.write_all(b"\n")?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        fs::File::open(dir)?.sync_all()
+    };
+    write().map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        anyhow::Error::new(e).context(format!("saving state to {}", path.display()))
+    })
+}
+
+fn load_state(path: &Path) -> Result<Option<DesiredState>> {
+    match fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .with_context(|| format!("{} is not a valid xlb state file", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// xlb forwards packets, so the host must: `bpf_fib_lookup` refuses to resolve next hops on
+/// an interface with forwarding off, and the stack fallback needs it too.
+fn enable_forwarding() {
+    for (key, file) in [
+        ("net.ipv4.ip_forward", "/proc/sys/net/ipv4/ip_forward"),
+        ("net.ipv6.conf.all.forwarding", "/proc/sys/net/ipv6/conf/all/forwarding"),
+    ] {
+        if fs::read_to_string(file).is_ok_and(|v| v.trim() == "1") {
+            continue;
+        }
+        match fs::write(file, "1") {
+            Ok(()) => info!("enabled {key}: xlb forwards packets"),
+            Err(e) => warn!("could not enable {key} ({e}): forwarding to backends may fail"),
+        }
+    }
+}
+
+/// Interfaces redirected frames may leave through: every link but loopback and bridges
+/// (a bridge does not transmit XDP frames; traffic behind it goes through the stack).
+async fn redirect_targets() -> Result<Vec<(String, u32)>> {
+    use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo};
+    let (connection, handle, _) = rtnetlink::new_connection().context("opening netlink")?;
+    let task = tokio::spawn(connection);
+    let mut links = handle.link().get().execute();
+    let mut targets = Vec::new();
+    while let Some(link) = links.try_next().await.context("listing interfaces")? {
+        let mut name = String::new();
+        let mut bridge = false;
+        for attr in &link.attributes {
+            match attr {
+                LinkAttribute::IfName(n) => name.clone_from(n),
+                LinkAttribute::LinkInfo(infos) => {
+                    bridge |= infos
+                        .iter()
+                        .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Bridge)));
+                }
+                _ => {}
+            }
+        }
+        if name != "lo" && !bridge {
+            targets.push((name, link.header.index));
+        }
+    }
+    task.abort();
+    Ok(targets)
+}
+
+struct Agent {
+    balancer: Balancer,
+    state_path: PathBuf,
+}
+
+impl Agent {
+    fn handle(&mut self, request: Request) -> Reply {
+        let mutates = request.mutates();
+        let result = match request {
+            Request::VipAdd { vip } => self.balancer.add_vip(vip).map(|()| Reply::Done),
+            Request::VipDel { vip } => self.balancer.remove_vip(&vip).map(|()| Reply::Done),
+            Request::VipList => self.balancer.status().map(Reply::Vips),
+            Request::BackendAdd {
+                vip,
+                backend,
+                weight,
+            } => self
+                .balancer
+                .add_backend(&vip, backend, weight)
+                .map(|()| Reply::Done),
+            Request::BackendDel { vip, backend } => self
+                .balancer
+                .remove_backend(&vip, backend)
+                .map(|()| Reply::Done),
+            Request::BackendList { vip } => self.balancer.vip_status(&vip).map(Reply::Vip),
+            Request::Stats => self.stats(),
+            Request::Explain { client, vip } => {
+                self.balancer.explain(client, &vip).map(Reply::Explanation)
+            }
+        };
+        match result {
+            Ok(reply) => {
+                if mutates {
+                    if let Err(e) = save_state(&self.state_path, &self.balancer.desired_state()) {
+                        warn!("{e:#}");
+                        return Reply::Error(format!(
+                            "applied, but not persisted (the previous state file is intact): {e:#}"
+                        ));
+                    }
+                }
+                reply
+            }
+            Err(e) => Reply::Error(error_chain(&e)),
+        }
+    }
+
+    fn stats(&self) -> Result<Reply, crate::balancer::BalancerError> {
+        let global = self
+            .balancer
+            .datapath()
+            .global_counters()?
+            .into_iter()
+            .map(|(c, v)| CounterValue::new(c, v))
+            .collect();
+        Ok(Reply::Stats(Stats {
+            vips: self.balancer.status()?,
+            global,
+        }))
+    }
+}
+
+/// An error and its causes on one line.
+#[must_use]
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+async fn serve_connection(stream: UnixStream, agent: Arc<Mutex<Agent>>) {
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read).lines();
+    loop {
+        let line = match lines.next_line().await {
+            Ok(Some(line)) => line,
+            Ok(None) => return,
+            Err(e) => {
+                warn!("control connection: {e}");
+                return;
+            }
+        };
+        let reply = match serde_json::from_str::<Request>(&line) {
+            Ok(request) => {
+                let agent = Arc::clone(&agent);
+                tokio::task::spawn_blocking(move || {
+                    agent.lock().expect("agent lock poisoned").handle(request)
+                })
+                .await
+                .unwrap_or_else(|e| Reply::Error(format!("internal error: {e}")))
+            }
+            Err(e) => Reply::Error(format!("malformed request: {e}")),
+        };
+        let mut out = serde_json::to_string(&reply).expect("replies always serialise");
+        out.push('\n');
+        if write.write_all(out.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Runs the agent until SIGINT or SIGTERM.
+///
+/// # Errors
+/// Anything that prevents the data plane from being attached or the API from being served;
+/// each with what to do about it.
+pub async fn run(options: AgentOptions) -> Result<()> {
+    require_root("xlb run")?;
+    if options.ifaces.is_empty() {
+        bail!("no interface given: use --iface IF (repeatable)");
+    }
+    let ifaces = options
+        .ifaces
+        .iter()
+        .map(|name| ifindex(name).map(|index| (name.clone(), index)))
+        .collect::<Result<Vec<_>>>()?;
+    if std::os::unix::net::UnixStream::connect(&options.socket).is_ok() {
+        bail!(
+            "another xlb agent is already running on {} (stop it, or use a different --socket)",
+            options.socket.display()
+        );
+    }
+    let restored = load_state(&options.state)?;
+
+    paths::ensure_bpffs_dir(&options.bpffs)?;
+    let datapath = Datapath::load(options.datapath).context("loading the XDP program")?;
+    let mut balancer = Balancer::new(datapath);
+    if let Some(state) = &restored {
+        balancer
+            .apply(state)
+            .with_context(|| format!("restoring {}", options.state.display()))?;
+        info!(vips = state.vips.len(), path = %options.state.display(), "restored state");
+    }
+    enable_forwarding();
+    for (name, index) in redirect_targets().await? {
+        if let Err(e) = balancer.allow_egress(index) {
+            warn!(iface = %name, "not usable for XDP redirect: {}", error_chain(&e));
+        }
+    }
+
+    let mut links = Vec::new();
+    for (name, index) in &ifaces {
+        let link = attach(&mut balancer, name, *index, options.mode)?;
+        links.push(link);
+    }
+    balancer
+        .datapath()
+        .pin_maps(&options.bpffs)
+        .with_context(|| format!("pinning maps under {}", options.bpffs.display()))?;
+
+    if let Some(dir) = options.socket.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let _ = fs::remove_file(&options.socket);
+    let listener = UnixListener::bind(&options.socket)
+        .with_context(|| format!("listening on {}", options.socket.display()))?;
+    fs::set_permissions(&options.socket, fs::Permissions::from_mode(0o600))
+        .context("restricting the control socket to root")?;
+    info!(socket = %options.socket.display(), "xlb agent ready");
+
+    let agent = Arc::new(Mutex::new(Agent {
+        balancer,
+        state_path: options.state.clone(),
+    }));
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => { tokio::spawn(serve_connection(stream, Arc::clone(&agent))); }
+                Err(e) => warn!("accepting a control connection: {e}"),
+            },
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+        }
+    }
+
+    info!("stopping: detaching from {} interface(s)", links.len());
+    let _ = fs::remove_file(&options.socket);
+    let mut agent = agent.lock().expect("agent lock poisoned");
+    for link in links {
+        if let Err(e) = agent.balancer.datapath_mut().detach(link) {
+            warn!("{}", error_chain(&e));
+        }
+    }
+    let _ = fs::remove_dir_all(&options.bpffs);
+    Ok(())
+}
+
+fn attach(
+    balancer: &mut Balancer,
+    name: &str,
+    index: u32,
+    choice: ModeChoice,
+) -> Result<aya::programs::xdp::XdpLinkId> {
+    let first = match choice {
+        ModeChoice::Auto | ModeChoice::Native => XdpMode::Driver,
+        ModeChoice::Skb => XdpMode::Skb,
+    };
+    match balancer.datapath_mut().attach(index, first) {
+        Ok(link) => {
+            info!(iface = name, mode = xdp_mode_name(first), "attached");
+            Ok(link)
+        }
+        Err(e) if choice == ModeChoice::Auto => {
+            warn!(
+                iface = name,
+                "native XDP refused ({}): falling back to generic (skb) mode, which is slower",
+                error_chain(&e)
+            );
+            let link = balancer
+                .datapath_mut()
+                .attach(index, XdpMode::Skb)
+                .with_context(|| format!("attaching XDP to {name} in skb mode"))?;
+            info!(iface = name, mode = "skb", "attached");
+            Ok(link)
+        }
+        Err(e) => Err(anyhow::Error::new(e).context(format!(
+            "attaching XDP to {name} in {} mode{}",
+            xdp_mode_name(first),
+            if choice == ModeChoice::Native {
+                " (try --xdp-mode skb or auto)"
+            } else {
+                ""
+            }
+        ))),
+    }
+}

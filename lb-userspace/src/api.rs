@@ -1,0 +1,143 @@
+//! The agent's control API: newline-delimited JSON requests and replies over a Unix socket.
+//! The CLI is one client of it; anything that speaks JSON can be another.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::SocketAddr,
+    os::unix::net::UnixStream,
+    path::Path,
+    time::Duration,
+};
+
+use lb_common::Counter;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::balancer::{Explanation, VipSpec, VipStatus};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    VipAdd { vip: VipSpec },
+    VipDel { vip: VipSpec },
+    VipList,
+    BackendAdd { vip: VipSpec, backend: SocketAddr, weight: u32 },
+    BackendDel { vip: VipSpec, backend: SocketAddr },
+    BackendList { vip: VipSpec },
+    Stats,
+    Explain { client: SocketAddr, vip: VipSpec },
+}
+
+impl Request {
+    /// Whether the request changes the desired state (and so is persisted).
+    #[must_use]
+    pub const fn mutates(&self) -> bool {
+        matches!(
+            self,
+            Self::VipAdd { .. }
+                | Self::VipDel { .. }
+                | Self::BackendAdd { .. }
+                | Self::BackendDel { .. }
+        )
+    }
+}
+
+/// One global counter, by its stable name.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CounterValue {
+    pub name: String,
+    pub value: u64,
+}
+
+impl CounterValue {
+    #[must_use]
+    pub fn new(counter: Counter, value: u64) -> Self {
+        Self {
+            name: counter.name().to_owned(),
+            value,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    pub vips: Vec<VipStatus>,
+    pub global: Vec<CounterValue>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "data", rename_all = "snake_case")]
+pub enum Reply {
+    Done,
+    Vips(Vec<VipStatus>),
+    Vip(VipStatus),
+    Stats(Stats),
+    Explanation(Explanation),
+    Error(String),
+}
+
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("no xlb agent is listening on {path}: start one with `xlb run --iface IF` (or point --socket / XLB_SOCKET at it)")]
+    NoAgent {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("talking to the agent on {path}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the agent sent a reply this CLI does not understand")]
+    BadReply(#[source] serde_json::Error),
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Sends one request and waits for its reply. An error reply becomes `ClientError::Refused`.
+///
+/// # Errors
+/// No agent, I/O failure, an unreadable reply, or the agent refusing the request.
+pub fn call(socket: &Path, request: &Request) -> Result<Reply, ClientError> {
+    let path = socket.display().to_string();
+    let io = |source| ClientError::Io {
+        path: path.clone(),
+        source,
+    };
+    let mut stream = UnixStream::connect(socket).map_err(|source| ClientError::NoAgent {
+        path: path.clone(),
+        source,
+    })?;
+    stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(io)?;
+    let mut line = serde_json::to_string(request).expect("requests always serialise");
+    line.push('\n');
+    stream.write_all(line.as_bytes()).map_err(io)?;
+    let mut reply = String::new();
+    BufReader::new(&stream).read_line(&mut reply).map_err(io)?;
+    match serde_json::from_str(&reply).map_err(ClientError::BadReply)? {
+        Reply::Error(message) => Err(ClientError::Refused(message)),
+        reply => Ok(reply),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_have_a_stable_wire_form() {
+        let r = Request::BackendAdd {
+            vip: "10.0.0.1:80/tcp".parse().unwrap(),
+            backend: "10.1.0.2:8080".parse().unwrap(),
+            weight: 2,
+        };
+        let json = serde_json::to_string(&r).unwrap();
+        assert_eq!(
+            json,
+            r#"{"op":"backend_add","vip":"10.0.0.1:80/tcp","backend":"10.1.0.2:8080","weight":2}"#
+        );
+        assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), r);
+    }
+}
