@@ -93,11 +93,11 @@ impl CsumDelta {
 #[must_use]
 pub fn checksum(initial: u32, data: &[u8]) -> u16 {
     let mut sum = u64::from(initial);
-    let mut chunks = data.chunks_exact(2);
-    for pair in &mut chunks {
-        sum += u64::from(u16::from_be_bytes([pair[0], pair[1]]));
+    let (pairs, rest) = data.as_chunks::<2>();
+    for pair in pairs {
+        sum += u64::from(u16::from_be_bytes(*pair));
     }
-    if let [last] = chunks.remainder() {
+    if let [last] = rest {
         sum += u64::from(u16::from_be_bytes([*last, 0]));
     }
     while sum > 0xffff {
@@ -110,8 +110,8 @@ pub fn checksum(initial: u32, data: &[u8]) -> u16 {
 #[must_use]
 pub fn pseudo_header_sum(src: &[u8], dst: &[u8], proto: u8, l4_len: u32) -> u32 {
     let mut sum = 0u32;
-    for pair in src.chunks_exact(2).chain(dst.chunks_exact(2)) {
-        sum += u32::from(u16::from_be_bytes([pair[0], pair[1]]));
+    for pair in src.as_chunks::<2>().0.iter().chain(dst.as_chunks::<2>().0) {
+        sum += u32::from(u16::from_be_bytes(*pair));
     }
     sum + u32::from(proto) + (l4_len >> 16) + (l4_len & 0xffff)
 }
@@ -226,6 +226,9 @@ mod tests {
     #[test]
     fn rfc1071_example() {
         // RFC 1071 §3 example: 00 01 f2 03 f4 f5 f6 f7 sums to 0xddf2.
-        assert_eq!(checksum(0, &[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]), !0xddf2);
+        assert_eq!(
+            checksum(0, &[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]),
+            !0xddf2
+        );
     }
 }

@@ -235,7 +235,10 @@ mod tests {
 
     #[test]
     fn rejects_bad_sizes() {
-        assert_eq!(build_ring(&backends(3, |_| 1), 65_536), Err(MaglevError::NotPrime(65_536)));
+        assert_eq!(
+            build_ring(&backends(3, |_| 1), 65_536),
+            Err(MaglevError::NotPrime(65_536))
+        );
         assert_eq!(
             build_ring(&backends(10, |_| 1), 7),
             Err(MaglevError::TooSmall {

@@ -191,8 +191,12 @@ fn parse_ipv4<P: PacketBytes + ?Sized>(pkt: &P, l3_offset: usize) -> Result<Pars
 fn parse_ipv6<P: PacketBytes + ?Sized>(pkt: &P, l3_offset: usize) -> Result<Parsed, Skip> {
     // Read in pieces: a 40-byte copy would cost the eBPF build that much stack.
     let fixed: [u8; 8] = pkt.read(l3_offset).ok_or(Skip::Malformed)?;
-    let src: [u8; 16] = pkt.read(l3_offset + IPV6_SRC_OFFSET).ok_or(Skip::Malformed)?;
-    let dst: [u8; 16] = pkt.read(l3_offset + IPV6_DST_OFFSET).ok_or(Skip::Malformed)?;
+    let src: [u8; 16] = pkt
+        .read(l3_offset + IPV6_SRC_OFFSET)
+        .ok_or(Skip::Malformed)?;
+    let dst: [u8; 16] = pkt
+        .read(l3_offset + IPV6_DST_OFFSET)
+        .ok_or(Skip::Malformed)?;
     if fixed[0] >> 4 != 6 {
         return Err(Skip::Malformed);
     }
@@ -290,8 +294,18 @@ mod tests {
         ip[4..6].copy_from_slice(&(l4.len() as u16).to_be_bytes());
         ip[6] = next;
         ip[7] = 64;
-        ip[8..24].copy_from_slice(&"2001:db8::1".parse::<core::net::Ipv6Addr>().unwrap().octets());
-        ip[24..40].copy_from_slice(&"2001:db8::10".parse::<core::net::Ipv6Addr>().unwrap().octets());
+        ip[8..24].copy_from_slice(
+            &"2001:db8::1"
+                .parse::<core::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
+        );
+        ip[24..40].copy_from_slice(
+            &"2001:db8::10"
+                .parse::<core::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
+        );
         ip.extend_from_slice(l4);
         ip
     }
@@ -322,7 +336,10 @@ mod tests {
     fn ipv4_tcp() {
         let f = frame(ETH_P_IP, &ipv4(IPPROTO_TCP, 0, &tcp(40000, 80)));
         let p = parse(f.as_slice()).unwrap();
-        assert_eq!((p.l3_offset, p.l4_offset, p.ipv6, p.proto), (14, 34, false, 6));
+        assert_eq!(
+            (p.l3_offset, p.l4_offset, p.ipv6, p.proto),
+            (14, 34, false, 6)
+        );
         assert_eq!(u16::from_be(p.sport_be), 40000);
         assert_eq!(u16::from_be(p.dport_be), 80);
         assert_eq!(p.dst, v4_mapped([192, 0, 2, 10]));
@@ -352,21 +369,41 @@ mod tests {
     fn skips_with_reasons() {
         let cases: Vec<(&str, Vec<u8>, Skip)> = vec![
             ("arp", frame(0x0806, &[0; 28]), Skip::NotIp),
-            ("icmp", frame(ETH_P_IP, &ipv4(1, 0, &[8, 0, 0, 0, 0, 0, 0, 0])), Skip::NotTcpUdp),
-            ("v6 hop-by-hop", frame(ETH_P_IPV6, &ipv6(0, &[0; 16])), Skip::Ipv6ExtHeader),
-            ("v6 fragment", frame(ETH_P_IPV6, &ipv6(44, &[0; 16])), Skip::Fragment),
-            ("qinq", {
-                let mut f = eth(ETH_P_8021AD);
-                f.extend_from_slice(&[0, 1, 0x81, 0x00, 0, 2, 0x08, 0x00]);
-                f.extend_from_slice(&ipv4(6, 0, &tcp(1, 2)));
-                f
-            }, Skip::NotIp),
+            (
+                "icmp",
+                frame(ETH_P_IP, &ipv4(1, 0, &[8, 0, 0, 0, 0, 0, 0, 0])),
+                Skip::NotTcpUdp,
+            ),
+            (
+                "v6 hop-by-hop",
+                frame(ETH_P_IPV6, &ipv6(0, &[0; 16])),
+                Skip::Ipv6ExtHeader,
+            ),
+            (
+                "v6 fragment",
+                frame(ETH_P_IPV6, &ipv6(44, &[0; 16])),
+                Skip::Fragment,
+            ),
+            (
+                "qinq",
+                {
+                    let mut f = eth(ETH_P_8021AD);
+                    f.extend_from_slice(&[0, 1, 0x81, 0x00, 0, 2, 0x08, 0x00]);
+                    f.extend_from_slice(&ipv4(6, 0, &tcp(1, 2)));
+                    f
+                },
+                Skip::NotIp,
+            ),
             ("short ethernet", vec![0; 13], Skip::Malformed),
-            ("truncated tcp", {
-                let mut f = frame(ETH_P_IP, &ipv4(6, 0, &tcp(1, 2)));
-                f.truncate(f.len() - 1);
-                f
-            }, Skip::Malformed),
+            (
+                "truncated tcp",
+                {
+                    let mut f = frame(ETH_P_IP, &ipv4(6, 0, &tcp(1, 2)));
+                    f.truncate(f.len() - 1);
+                    f
+                },
+                Skip::Malformed,
+            ),
         ];
         for (name, f, want) in cases {
             assert_eq!(parse(f.as_slice()), Err(want), "{name}");
@@ -415,7 +452,11 @@ mod tests {
             ("udp length < 8", udp_len_small),
             ("ihl past end", ihl_past_end),
         ] {
-            assert_eq!(parse(frame(ETH_P_IP, &ip).as_slice()), Err(Skip::Malformed), "{name}");
+            assert_eq!(
+                parse(frame(ETH_P_IP, &ip).as_slice()),
+                Err(Skip::Malformed),
+                "{name}"
+            );
         }
         let mut v6_payload_too_long = ipv6(IPPROTO_TCP, &tcp(1, 2));
         v6_payload_too_long[4..6].copy_from_slice(&200u16.to_be_bytes());

@@ -82,7 +82,12 @@ fn flow_key(p: &Parsed) -> FlowKey {
 /// The backend behind `id` if it still serves `vip_id` (ids are reused after removal) and
 /// matches the packet's family.
 #[inline(always)]
-fn usable_backend(id: u32, vip_id: u32, ipv6: bool, required_flags: u8) -> Option<&'static Backend> {
+fn usable_backend(
+    id: u32,
+    vip_id: u32,
+    ipv6: bool,
+    required_flags: u8,
+) -> Option<&'static Backend> {
     // A reference into the map, not a copy: copies of these 16-byte addresses onto the stack
     // can land 4-aligned, and LLVM then emits 8-byte stack loads the verifier refuses.
     let b = BACKENDS.get(id)?;
@@ -103,8 +108,13 @@ fn to_backend(ctx: &XdpContext, p: &Parsed, vip: &VipInfo, t: &mut Translation) 
         // SAFETY: LRU values stay valid for the duration of the program run (RCU).
         let id = unsafe { (*state).backend_id };
         // Established flows follow their backend while it is active or draining.
-        usable_backend(id, vip.vip_id, p.ipv6, lb_common::BACKEND_ACTIVE | lb_common::BACKEND_DRAINING)
-            .map(|b| (id, b, state))
+        usable_backend(
+            id,
+            vip.vip_id,
+            p.ipv6,
+            lb_common::BACKEND_ACTIVE | lb_common::BACKEND_DRAINING,
+        )
+        .map(|b| (id, b, state))
     });
     let (backend_id, backend, state, new_flow) = match known {
         Some((id, b, state)) => {
@@ -298,10 +308,10 @@ fn next_hop(
     };
     if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
         // No neighbour yet: the stack resolves it, and a later packet of the flow retries.
-        if rc != i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
-            if let Some(c) = cache {
-                c.ifindex = VIA_STACK;
-            }
+        if rc != i64::from(BPF_FIB_LKUP_RET_NO_NEIGH)
+            && let Some(c) = cache
+        {
+            c.ifindex = VIA_STACK;
         }
         return None;
     }

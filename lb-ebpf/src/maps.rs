@@ -21,7 +21,8 @@ pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(DEFAULT_MA
 
 /// All VIPs' rings, each VIP owning two `ring_size` halves (double buffer).
 #[map(name = "XLB_MAGLEV")]
-pub static MAGLEV: Array<u32> = Array::with_max_entries(DEFAULT_MAX_VIPS * 2 * DEFAULT_RING_SIZE, 0);
+pub static MAGLEV: Array<u32> =
+    Array::with_max_entries(DEFAULT_MAX_VIPS * 2 * DEFAULT_RING_SIZE, 0);
 
 #[map(name = "XLB_BACKENDS")]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);

@@ -53,9 +53,7 @@ pub fn require_root(what: &str) -> Result<()> {
 
 fn ifindex(name: &str) -> Result<u32> {
     nix::net::if_::if_nametoindex(name).map_err(|_| {
-        anyhow::anyhow!(
-            "no interface named '{name}' in this network namespace (see `ip link`)"
-        )
+        anyhow::anyhow!("no interface named '{name}' in this network namespace (see `ip link`)")
     })
 }
 
@@ -97,7 +95,10 @@ fn load_state(path: &Path) -> Result<Option<DesiredState>> {
 fn enable_forwarding() {
     for (key, file) in [
         ("net.ipv4.ip_forward", "/proc/sys/net/ipv4/ip_forward"),
-        ("net.ipv6.conf.all.forwarding", "/proc/sys/net/ipv6/conf/all/forwarding"),
+        (
+            "net.ipv6.conf.all.forwarding",
+            "/proc/sys/net/ipv6/conf/all/forwarding",
+        ),
     ] {
         if fs::read_to_string(file).is_ok_and(|v| v.trim() == "1") {
             continue;
@@ -171,13 +172,13 @@ impl Agent {
         };
         match result {
             Ok(reply) => {
-                if mutates {
-                    if let Err(e) = save_state(&self.state_path, &self.balancer.desired_state()) {
-                        warn!("{e:#}");
-                        return Reply::Error(format!(
-                            "applied, but not persisted (the previous state file is intact): {e:#}"
-                        ));
-                    }
+                if mutates
+                    && let Err(e) = save_state(&self.state_path, &self.balancer.desired_state())
+                {
+                    warn!("{e:#}");
+                    return Reply::Error(format!(
+                        "applied, but not persisted (the previous state file is intact): {e:#}"
+                    ));
                 }
                 reply
             }

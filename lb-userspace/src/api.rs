@@ -18,14 +18,30 @@ use crate::balancer::{Explanation, VipSpec, VipStatus};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
-    VipAdd { vip: VipSpec },
-    VipDel { vip: VipSpec },
+    VipAdd {
+        vip: VipSpec,
+    },
+    VipDel {
+        vip: VipSpec,
+    },
     VipList,
-    BackendAdd { vip: VipSpec, backend: SocketAddr, weight: u32 },
-    BackendDel { vip: VipSpec, backend: SocketAddr },
-    BackendList { vip: VipSpec },
+    BackendAdd {
+        vip: VipSpec,
+        backend: SocketAddr,
+        weight: u32,
+    },
+    BackendDel {
+        vip: VipSpec,
+        backend: SocketAddr,
+    },
+    BackendList {
+        vip: VipSpec,
+    },
     Stats,
-    Explain { client: SocketAddr, vip: VipSpec },
+    Explain {
+        client: SocketAddr,
+        vip: VipSpec,
+    },
 }
 
 impl Request {
@@ -78,7 +94,9 @@ pub enum Reply {
 
 #[derive(Debug, Error)]
 pub enum ClientError {
-    #[error("no xlb agent is listening on {path}: start one with `xlb run --iface IF` (or point --socket / XLB_SOCKET at it)")]
+    #[error(
+        "no xlb agent is listening on {path}: start one with `xlb run --iface IF` (or point --socket / XLB_SOCKET at it)"
+    )]
     NoAgent {
         path: String,
         #[source]
@@ -110,7 +128,9 @@ pub fn call(socket: &Path, request: &Request) -> Result<Reply, ClientError> {
         path: path.clone(),
         source,
     })?;
-    stream.set_read_timeout(Some(Duration::from_secs(30))).map_err(io)?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(io)?;
     let mut line = serde_json::to_string(request).expect("requests always serialise");
     line.push('\n');
     stream.write_all(line.as_bytes()).map_err(io)?;

@@ -116,7 +116,9 @@ pub enum BalancerError {
     DuplicateBackend { vip: VipSpec, backend: SocketAddr },
     #[error("backend {backend} is not behind {vip} (see `xlb backend list {vip}`)")]
     UnknownBackend { vip: VipSpec, backend: SocketAddr },
-    #[error("backend {backend} and VIP {vip} are of different address families (xlb does not translate between IPv4 and IPv6)")]
+    #[error(
+        "backend {backend} and VIP {vip} are of different address families (xlb does not translate between IPv4 and IPv6)"
+    )]
     FamilyMismatch { vip: VipSpec, backend: SocketAddr },
     #[error("backend port 0 is not valid")]
     BackendPortZero,
@@ -405,14 +407,18 @@ impl Balancer {
             self.backend_ids.give_back(id);
             return Err(e);
         }
-        self.vips.get_mut(vip).expect("checked above").backends.insert(
-            backend,
-            BackendEntry {
-                id,
-                weight,
-                state: BackendState::Active,
-            },
-        );
+        self.vips
+            .get_mut(vip)
+            .expect("checked above")
+            .backends
+            .insert(
+                backend,
+                BackendEntry {
+                    id,
+                    weight,
+                    state: BackendState::Active,
+                },
+            );
         self.rebuild_ring(vip)
     }
 
@@ -441,7 +447,10 @@ impl Balancer {
     /// # Errors
     /// Unknown VIP or backend, or a map update failing.
     pub fn remove_backend(&mut self, vip: &VipSpec, backend: SocketAddr) -> Result<()> {
-        let entry = self.vips.get_mut(vip).ok_or(BalancerError::UnknownVip(*vip))?;
+        let entry = self
+            .vips
+            .get_mut(vip)
+            .ok_or(BalancerError::UnknownVip(*vip))?;
         let removed = entry
             .backends
             .remove(&backend)
@@ -473,7 +482,10 @@ impl Balancer {
         if let Some(w) = weight {
             Self::validate_weight(w)?;
         }
-        let entry = self.vips.get_mut(vip).ok_or(BalancerError::UnknownVip(*vip))?;
+        let entry = self
+            .vips
+            .get_mut(vip)
+            .ok_or(BalancerError::UnknownVip(*vip))?;
         let vip_id = entry.id;
         let b = entry
             .backends
@@ -710,16 +722,28 @@ mod tests {
         assert_eq!(v.to_string(), "192.0.2.10:80/tcp");
         let v: VipSpec = "[2001:db8::1]:443/UDP".parse().unwrap();
         assert_eq!(v.to_string(), "[2001:db8::1]:443/udp");
-        assert!(matches!("10.0.0.1/tcp".parse::<VipSpec>(), Err(ParseVipError::Syntax(_))));
-        assert!(matches!("10.0.0.1:80/sctp".parse::<VipSpec>(), Err(ParseVipError::Protocol(_))));
-        assert_eq!("10.0.0.1:0".parse::<VipSpec>(), Err(ParseVipError::PortZero));
+        assert!(matches!(
+            "10.0.0.1/tcp".parse::<VipSpec>(),
+            Err(ParseVipError::Syntax(_))
+        ));
+        assert!(matches!(
+            "10.0.0.1:80/sctp".parse::<VipSpec>(),
+            Err(ParseVipError::Protocol(_))
+        ));
+        assert_eq!(
+            "10.0.0.1:0".parse::<VipSpec>(),
+            Err(ParseVipError::PortZero)
+        );
         assert!("2001:db8::1:443".parse::<VipSpec>().is_err());
     }
 
     #[test]
     fn id_pool_reuses_longest_freed_last() {
         let mut pool = IdPool::new(3);
-        assert_eq!((pool.take(), pool.take(), pool.take()), (Some(0), Some(1), Some(2)));
+        assert_eq!(
+            (pool.take(), pool.take(), pool.take()),
+            (Some(0), Some(1), Some(2))
+        );
         assert_eq!(pool.take(), None);
         pool.give_back(1);
         pool.give_back(0);

@@ -10,8 +10,8 @@ use aya::{
 };
 use lb_common::{
     Backend, Counter, DEFAULT_HASH_SEED, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, FlowKey, FlowState,
-    HASH_SEED_SYMBOL, MAX_BACKENDS, ReverseNat, TrafficCounters, VipInfo, VipKey,
-    maglev::is_prime, map_names, program_names,
+    HASH_SEED_SYMBOL, MAX_BACKENDS, ReverseNat, TrafficCounters, VipInfo, VipKey, maglev::is_prime,
+    map_names, program_names,
 };
 use thiserror::Error;
 
@@ -47,7 +47,10 @@ pub enum DatapathError {
     #[error("loading the XDP object into the kernel failed (are you root, on a kernel with BPF?)")]
     Load(#[source] aya::EbpfError),
     #[error("the XDP object has no {kind} named {name}")]
-    Missing { kind: &'static str, name: &'static str },
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
     #[error("map {name}")]
     Map {
         name: &'static str,
@@ -134,7 +137,9 @@ impl Datapath {
             kind: "program",
             name,
         })?;
-        program.try_into().map_err(|source| DatapathError::Program { name, source })
+        program
+            .try_into()
+            .map_err(|source| DatapathError::Program { name, source })
     }
 
     fn xdp(&self, name: &'static str) -> Result<&Xdp> {
@@ -142,7 +147,9 @@ impl Datapath {
             kind: "program",
             name,
         })?;
-        program.try_into().map_err(|source| DatapathError::Program { name, source })
+        program
+            .try_into()
+            .map_err(|source| DatapathError::Program { name, source })
     }
 
     /// Loads one of the object's programs into the kernel (the benchmark floors are only
@@ -153,7 +160,8 @@ impl Datapath {
     pub fn load_program(&mut self, name: &'static str) -> Result<()> {
         let xdp = self.xdp_mut(name)?;
         if xdp.fd().is_err() {
-            xdp.load().map_err(|source| DatapathError::Program { name, source })?;
+            xdp.load()
+                .map_err(|source| DatapathError::Program { name, source })?;
         }
         Ok(())
     }
@@ -227,7 +235,10 @@ impl Datapath {
     /// `dir` not on bpffs, or a pin already there.
     pub fn pin_maps(&self, dir: &Path) -> Result<()> {
         for name in map_names::ALL {
-            let map = self.ebpf.map(name).ok_or(DatapathError::Missing { kind: "map", name })?;
+            let map = self
+                .ebpf
+                .map(name)
+                .ok_or(DatapathError::Missing { kind: "map", name })?;
             let path = dir.join(name);
             let _ = std::fs::remove_file(&path);
             map.pin(&path).map_err(|source| DatapathError::Pin {

@@ -31,7 +31,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent: attach the data plane and serve the control API until SIGINT/SIGTERM.
-    #[command(after_help = "Examples:\n  sudo xlb run --iface eth0\n  sudo xlb run --iface eth0 --iface eth1 --xdp-mode skb")]
+    #[command(
+        after_help = "Examples:\n  sudo xlb run --iface eth0\n  sudo xlb run --iface eth0 --iface eth1 --xdp-mode skb"
+    )]
     Run {
         /// Interface to attach to (repeatable): the client-facing one and the backend-facing ones.
         #[arg(long = "iface", required = true)]
@@ -83,7 +85,9 @@ enum Command {
 #[derive(Subcommand)]
 enum VipCommand {
     /// Add a VIP: ADDR:PORT[/tcp|/udp] (IPv6 as [2001:db8::1]:443/tcp).
-    #[command(after_help = "Examples:\n  xlb vip add 192.0.2.10:80/tcp\n  xlb vip add [2001:db8::10]:53/udp")]
+    #[command(
+        after_help = "Examples:\n  xlb vip add 192.0.2.10:80/tcp\n  xlb vip add [2001:db8::10]:53/udp"
+    )]
     Add { vip: VipSpec },
     /// Remove a VIP and its backends.
     #[command(after_help = "Example:\n  xlb vip del 192.0.2.10:80/tcp")]
@@ -99,7 +103,9 @@ enum VipCommand {
 #[derive(Subcommand)]
 enum BackendCommand {
     /// Add a backend to a VIP, by address or by container name.
-    #[command(after_help = "Examples:\n  xlb backend add 192.0.2.10:80/tcp 10.88.0.14:8080\n  xlb backend add 192.0.2.10:80/tcp 10.88.0.15:8080 --weight 2\n  xlb backend add 192.0.2.10:80/tcp --container web-1:8080")]
+    #[command(
+        after_help = "Examples:\n  xlb backend add 192.0.2.10:80/tcp 10.88.0.14:8080\n  xlb backend add 192.0.2.10:80/tcp 10.88.0.15:8080 --weight 2\n  xlb backend add 192.0.2.10:80/tcp --container web-1:8080"
+    )]
     Add {
         vip: VipSpec,
         /// BACKEND_ADDR:PORT
@@ -116,7 +122,9 @@ enum BackendCommand {
     #[command(after_help = "Example:\n  xlb backend del 192.0.2.10:80/tcp 10.88.0.14:8080")]
     Del { vip: VipSpec, backend: SocketAddr },
     /// List a VIP's backends with their weights, ring slots and traffic.
-    #[command(after_help = "Examples:\n  xlb backend list 192.0.2.10:80/tcp\n  xlb backend list 192.0.2.10:80/tcp --json")]
+    #[command(
+        after_help = "Examples:\n  xlb backend list 192.0.2.10:80/tcp\n  xlb backend list 192.0.2.10:80/tcp --json"
+    )]
     List {
         vip: VipSpec,
         #[arg(long)]
@@ -125,7 +133,10 @@ enum BackendCommand {
 }
 
 fn print_json<T: serde::Serialize>(value: &T) {
-    println!("{}", serde_json::to_string_pretty(value).expect("serialisable"));
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("serialisable")
+    );
 }
 
 fn print_vips(vips: &[VipStatus]) {
@@ -133,7 +144,10 @@ fn print_vips(vips: &[VipStatus]) {
         println!("no VIPs (add one with `xlb vip add ADDR:PORT/tcp`)");
         return;
     }
-    println!("{:<32} {:>8} {:>12} {:>14} {:>10}", "VIP", "BACKENDS", "PACKETS", "BYTES", "NEW FLOWS");
+    println!(
+        "{:<32} {:>8} {:>12} {:>14} {:>10}",
+        "VIP", "BACKENDS", "PACKETS", "BYTES", "NEW FLOWS"
+    );
     for v in vips {
         println!(
             "{:<32} {:>8} {:>12} {:>14} {:>10}",
@@ -149,7 +163,10 @@ fn print_vips(vips: &[VipStatus]) {
 fn print_backends(v: &VipStatus) {
     println!("{}  ({} slots in the ring)", v.vip, v.ring_size);
     if v.backends.is_empty() {
-        println!("  no backends (add one with `xlb backend add {} ADDR:PORT`)", v.vip);
+        println!(
+            "  no backends (add one with `xlb backend add {} ADDR:PORT`)",
+            v.vip
+        );
         return;
     }
     println!(
@@ -230,7 +247,9 @@ fn container_backend(spec: &str, vip: &VipSpec) -> Result<SocketAddr> {
         if let Some(ip) = text.split_whitespace().find_map(|w| w.parse().ok()) {
             return Ok(SocketAddr::new(ip, port));
         }
-        tried.push(format!("{runtime}: container '{name}' has no address of the VIP's family"));
+        tried.push(format!(
+            "{runtime}: container '{name}' has no address of the VIP's family"
+        ));
     }
     bail!("cannot resolve container '{name}' ({})", tried.join("; "))
 }
@@ -249,7 +268,11 @@ fn client(socket: &std::path::Path, command: Command) -> Result<()> {
         }
         Command::Vip(VipCommand::List { json }) => {
             if let Reply::Vips(vips) = call(&Request::VipList)? {
-                if json { print_json(&vips) } else { print_vips(&vips) }
+                if json {
+                    print_json(&vips)
+                } else {
+                    print_vips(&vips)
+                }
             }
         }
         Command::Backend(BackendCommand::Add {
@@ -276,7 +299,11 @@ fn client(socket: &std::path::Path, command: Command) -> Result<()> {
         }
         Command::Backend(BackendCommand::List { vip, json }) => {
             if let Reply::Vip(status) = call(&Request::BackendList { vip })? {
-                if json { print_json(&status) } else { print_backends(&status) }
+                if json {
+                    print_json(&status)
+                } else {
+                    print_backends(&status)
+                }
             }
         }
         Command::Stats { json, watch } => loop {
@@ -284,7 +311,11 @@ fn client(socket: &std::path::Path, command: Command) -> Result<()> {
                 if watch && !json {
                     print!("\x1b[H\x1b[2J");
                 }
-                if json { print_json(&stats) } else { print_stats(&stats) }
+                if json {
+                    print_json(&stats)
+                } else {
+                    print_stats(&stats)
+                }
                 std::io::stdout().flush().ok();
             }
             if !watch {
@@ -297,8 +328,12 @@ fn client(socket: &std::path::Path, command: Command) -> Result<()> {
                 if json {
                     print_json(&e);
                 } else {
-                    let show = |b: Option<SocketAddr>| b.map_or("none".to_owned(), |b| b.to_string());
-                    println!("flow {client} -> {vip}: hash {:#010x}, ring slot {}", e.flow_hash, e.ring_slot);
+                    let show =
+                        |b: Option<SocketAddr>| b.map_or("none".to_owned(), |b| b.to_string());
+                    println!(
+                        "flow {client} -> {vip}: hash {:#010x}, ring slot {}",
+                        e.flow_hash, e.ring_slot
+                    );
                     println!("  a new flow goes to:        {}", show(e.new_flow_backend));
                     println!("  connection table holds:    {}", show(e.tracked_backend));
                 }

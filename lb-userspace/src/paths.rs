@@ -16,7 +16,9 @@ use anyhow::{Context as _, Result};
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 fn netns_inode(pid: &str) -> Option<u64> {
-    fs::metadata(format!("/proc/{pid}/ns/net")).ok().map(|m| m.ino())
+    fs::metadata(format!("/proc/{pid}/ns/net"))
+        .ok()
+        .map(|m| m.ino())
 }
 
 /// `None` in the host's (PID 1's) network namespace, else this namespace's inode.
@@ -66,8 +68,7 @@ fn is_bpffs(path: &Path) -> bool {
 pub fn ensure_bpffs_dir(dir: &Path) -> Result<()> {
     let parent = dir.parent().unwrap_or(Path::new("/sys/fs/bpf"));
     if !is_bpffs(parent) {
-        fs::create_dir_all(parent)
-            .with_context(|| format!("creating {}", parent.display()))?;
+        fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
         tracing::info!(path = %parent.display(), "bpffs not mounted: mounting it");
         nix::mount::mount(
             Some("bpf"),

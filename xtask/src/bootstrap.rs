@@ -76,7 +76,9 @@ fn ensure_toolchain() -> Result<()> {
     if has_src {
         return Ok(());
     }
-    step(&format!("installing Rust {TOOLCHAIN} with rust-src (rustup)"));
+    step(&format!(
+        "installing Rust {TOOLCHAIN} with rust-src (rustup)"
+    ));
     run(Command::new("rustup").args([
         "toolchain",
         "install",
@@ -96,7 +98,10 @@ fn ensure_bpf_linker() -> Result<()> {
     step(&format!(
         "building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 4 minutes on 2 cores)"
     ));
-    let path = format!("{LLVM_PREFIX}/bin:{}", std::env::var("PATH").unwrap_or_default());
+    let path = format!(
+        "{LLVM_PREFIX}/bin:{}",
+        std::env::var("PATH").unwrap_or_default()
+    );
     run(Command::new("cargo")
         .args([
             &format!("+{TOOLCHAIN}"),

@@ -34,9 +34,7 @@ enum Task {
 }
 
 pub fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("starting {cmd:?}"))?;
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed with {status}");
     }
@@ -66,7 +64,9 @@ fn main() -> Result<()> {
         Task::Test { args } => {
             bootstrap::ensure_all()?;
             bootstrap::require_root("the tests load XDP programs and create network namespaces")?;
-            step("running the test suite (unit, golden packets through the real program, namespaces)");
+            step(
+                "running the test suite (unit, golden packets through the real program, namespaces)",
+            );
             run(cargo()
                 .args(["test", "--workspace", "--release", "--no-fail-fast"])
                 .args(&args))
