@@ -8,6 +8,7 @@ use aya_ebpf::{
     helpers::generated::bpf_fib_lookup as fib_lookup,
     programs::XdpContext,
 };
+use aya_log_ebpf::warn;
 use lb_common::{
     BACKEND_ACTIVE, Backend, Counter, FlowKey, FlowState, NextHop, ReverseNat, VipInfo, VipKey,
     hash::flow_hash,
@@ -132,8 +133,10 @@ fn to_backend(ctx: &XdpContext, p: &Parsed, vip: &VipInfo, t: &mut Translation) 
                 backend_id: id,
                 next_hop: NextHop::default(),
             };
-            if CONNTRACK.insert(&key, &state, 0).is_err() {
+            if let Err(errno) = CONNTRACK.insert(&key, &state, 0) {
+                // Rare by construction (LRU maps evict instead of failing): worth a log line.
                 count(Counter::ConntrackInsertFailed);
+                warn!(ctx, "connection-table insert failed: errno {}", errno);
             }
             let reply = FlowKey {
                 src: b.addr,
@@ -150,8 +153,9 @@ fn to_backend(ctx: &XdpContext, p: &Parsed, vip: &VipInfo, t: &mut Translation) 
                 vip_id: vip.vip_id,
                 next_hop: NextHop::default(),
             };
-            if REVERSE_NAT.insert(&reply, &reverse, 0).is_err() {
+            if let Err(errno) = REVERSE_NAT.insert(&reply, &reverse, 0) {
                 count(Counter::ConntrackInsertFailed);
+                warn!(ctx, "reverse-NAT insert failed: errno {}", errno);
             }
             (id, b, CONNTRACK.get_ptr_mut(&key), true)
         }

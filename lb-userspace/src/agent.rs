@@ -270,6 +270,13 @@ pub async fn run(options: AgentOptions) -> Result<()> {
 
     paths::ensure_bpffs_dir(&options.bpffs)?;
     let datapath = Datapath::load(options.datapath).context("loading the XDP program")?;
+    let mut datapath = datapath;
+    match datapath.logger() {
+        Ok(logger) => {
+            tokio::spawn(forward_data_plane_logs(logger));
+        }
+        Err(e) => warn!("data-plane logs unavailable: {}", error_chain(&e)),
+    }
     let mut balancer = Balancer::new(datapath);
     if let Some(state) = &restored {
         balancer
@@ -331,6 +338,25 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     }
     let _ = fs::remove_dir_all(&options.bpffs);
     Ok(())
+}
+
+/// Relays the XDP program's aya-log records (rare events only) into the agent's log.
+async fn forward_data_plane_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    // SAFETY: the logger owns the ring buffer's fd and keeps it open while registered.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    };
+    let Ok(mut fd) = registered else {
+        warn!("data-plane logs unavailable: cannot poll the log ring buffer");
+        return;
+    };
+    loop {
+        let Ok(mut ready) = fd.readable_mut().await else {
+            return;
+        };
+        ready.get_inner_mut().flush();
+        ready.clear_ready();
+    }
 }
 
 fn attach(

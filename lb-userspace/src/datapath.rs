@@ -127,6 +127,15 @@ impl Datapath {
         Ok(datapath)
     }
 
+    /// Starts forwarding the program's aya-log records (rare events only; nothing is logged
+    /// per packet) to the `log` facade, which `tracing` picks up.
+    ///
+    /// # Errors
+    /// The object carrying no log ring buffer.
+    pub fn logger(&mut self) -> Result<aya_log::EbpfLogger<&'static dyn log::Log>, aya_log::Error> {
+        aya_log::EbpfLogger::init(&mut self.ebpf)
+    }
+
     #[must_use]
     pub const fn config(&self) -> DatapathConfig {
         self.config
