@@ -52,7 +52,7 @@ impl Xlb {
     }
 
     /// Runs `xlb ARGS` without printing anything.
-    fn output(&self, args: &[&str]) -> Result<String> {
+    pub fn output(&self, args: &[&str]) -> Result<String> {
         let out = self
             .command(args)
             .stdin(Stdio::null())
@@ -111,11 +111,12 @@ impl Agent {
             OsStr::new("--bpffs"),
             paths.bpffs.as_os_str(),
         ]);
-        let log = File::create(paths.log)
-            .with_context(|| format!("creating {}", paths.log.display()))?;
+        let log =
+            File::create(paths.log).with_context(|| format!("creating {}", paths.log.display()))?;
         let mut cmd = lb.command(&xlb.bin);
         cmd.args(&args)
             .env("XLB_SOCKET", &xlb.socket)
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

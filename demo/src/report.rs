@@ -76,20 +76,17 @@ fn col_width(header: &str, cells: impl Iterator<Item = usize>) -> usize {
     cells.fold(header.len(), usize::max)
 }
 
+/// `n / total` scaled to `scale`, rounded; 0 when nothing was sent.
+fn scaled(n: usize, total: usize, scale: usize) -> usize {
+    (n * scale + total / 2).checked_div(total).unwrap_or(0)
+}
+
 fn percent(n: usize, total: usize) -> usize {
-    if total == 0 {
-        0
-    } else {
-        (n * 100 + total / 2) / total
-    }
+    scaled(n, total, 100)
 }
 
 fn bar_len(n: usize, total: usize) -> usize {
-    if total == 0 {
-        0
-    } else {
-        (n * BAR_WIDTH + total / 2) / total
-    }
+    scaled(n, total, BAR_WIDTH)
 }
 
 /// How the flows of a fixed set of source ports changed backends between two rounds.
@@ -152,7 +149,10 @@ mod tests {
 
     #[test]
     fn tally_keeps_idle_replicas_and_unknown_names() {
-        let t = tally(&names(&["web-2", "web-2", "zzz", "web-1"]), &["web-1", "web-2", "web-3"]);
+        let t = tally(
+            &names(&["web-2", "web-2", "zzz", "web-1"]),
+            &["web-1", "web-2", "web-3"],
+        );
         assert_eq!(
             t,
             vec![
@@ -173,15 +173,25 @@ mod tests {
             served,
             total: 100,
         };
-        let t = render_table(&[row("web", "web-1", 34), row("web", "web-2", 66), row("db", "db-1", 100)]);
+        let t = render_table(&[
+            row("web", "web-1", 34),
+            row("web", "web-2", 66),
+            row("db", "db-1", 100),
+        ]);
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines.len(), 6, "{t}");
         assert!(lines[0].contains("service") && lines[0].contains("share"));
         assert!(lines[2].starts_with("    web      web-vip  web-1"), "{t}");
-        assert!(lines[3].starts_with("                       web-2"), "{t}");
+        assert!(
+            lines[3].starts_with(&format!("{}web-2", " ".repeat(22))),
+            "{t}"
+        );
         assert!(lines[2].contains(" 34%  ##########"), "{t}");
         assert!(lines[4].is_empty());
-        assert!(lines[5].contains("100%  ##############################"), "{t}");
+        assert!(
+            lines[5].contains("100%  ##############################"),
+            "{t}"
+        );
         // Columns line up: "served" values end where the header ends.
         let end = lines[0].find("served").unwrap() + "served".len();
         assert_eq!(&lines[2][end - 2..end], "34");
@@ -201,7 +211,10 @@ mod tests {
         let before = names(&["web-1", "web-2", "web-3", "web-1", "web-2"]);
         let after = names(&["web-4", "web-2", "web-4", "web-3", "web-2"]);
         let m = compare(&before, &after, "web-1", "web-4");
-        assert_eq!((m.flows, m.moved, m.explained, m.on_removed_after), (5, 3, 3, 0));
+        assert_eq!(
+            (m.flows, m.moved, m.explained, m.on_removed_after),
+            (5, 3, 3, 0)
+        );
         assert!(m.minimal());
         assert_eq!(m.pairs[&("web-1".to_owned(), "web-4".to_owned())], 1);
         assert_eq!(m.pairs[&("web-1".to_owned(), "web-3".to_owned())], 1);
@@ -210,7 +223,12 @@ mod tests {
 
     #[test]
     fn compare_flags_disruption() {
-        let m = compare(&names(&["web-2", "web-1"]), &names(&["web-3", "web-1"]), "web-1", "web-4");
+        let m = compare(
+            &names(&["web-2", "web-1"]),
+            &names(&["web-3", "web-1"]),
+            "web-1",
+            "web-4",
+        );
         assert_eq!((m.moved, m.explained, m.on_removed_after), (1, 0, 1));
         assert!(!m.minimal());
     }

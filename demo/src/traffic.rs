@@ -130,13 +130,19 @@ pub fn request(vip: SocketAddrV4, local_port: u16) -> Result<String> {
 /// Sends `n` requests to `vip` from source ports `first_port..first_port + n`, one
 /// connection each, in order; returns the answers in port order. Stops at the first failure
 /// (with the request it was) or on Ctrl-C.
-pub fn requests(vip: SocketAddrV4, first_port: u16, n: u16, interrupt: &Interrupt) -> Result<Vec<String>> {
+pub fn requests(
+    vip: SocketAddrV4,
+    first_port: u16,
+    n: u16,
+    interrupt: &Interrupt,
+) -> Result<Vec<String>> {
     let mut answers = Vec::with_capacity(n.into());
     for i in 0..n {
         interrupt.check()?;
         let port = first_port + i;
-        let name = request(vip, port)
-            .with_context(|| format!("request {} of {n} to {vip} from source port {port}", i + 1))?;
+        let name = request(vip, port).with_context(|| {
+            format!("request {} of {n} to {vip} from source port {port}", i + 1)
+        })?;
         answers.push(name);
     }
     Ok(answers)

@@ -37,6 +37,39 @@ pub mod program_names {
     pub const FLOOR_PASS: &str = "xlb_floor_pass";
     /// Benchmark floor: parses Ethernet/IP/L4 like xlb does, then passes.
     pub const FLOOR_PARSE: &str = "xlb_floor_parse";
+    /// Forwarding benchmark: in-kernel traffic generator for `BPF_F_TEST_XDP_LIVE_FRAMES`.
+    pub const BENCH_GENERATE: &str = "xlb_bench_gen";
+    /// Forwarding benchmark: the ceiling of the path (rewrite MACs, redirect, nothing else).
+    pub const BENCH_REDIRECT: &str = "xlb_bench_redirect";
+    /// Forwarding benchmark: counts and drops whatever reaches a backend.
+    pub const BENCH_SINK: &str = "xlb_bench_sink";
+}
+
+/// Maps used only by the benchmark programs.
+pub mod bench_maps {
+    /// `Array<BenchFrame>`, index 0: the generator's frame template and flow count.
+    pub const FRAME: &str = "XLB_BENCH_FRAME";
+    /// `Array<NextHop>`, index 0: where the redirect ceiling sends everything.
+    pub const REDIRECT_TO: &str = "XLB_BENCH_NH";
+    /// `PerCpuArray<u64>`, index 0: packets counted by the sink (and by the generator).
+    pub const COUNT: &str = "XLB_BENCH_CNT";
+}
+
+/// Size of every frame the benchmark generator writes (minimum Ethernet frame, no FCS): a
+/// fixed size keeps the template copy a constant-length, verifier-friendly write.
+pub const BENCH_FRAME_LEN: usize = 64;
+
+/// The benchmark generator's template: every generated frame is `bytes` with the 16-bit
+/// (network order) source port at `sport_offset` replaced by `sport_base + (n mod flows)`.
+/// The template's L4 checksum must be 0 (UDP over IPv4), so varying the port keeps it valid.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BenchFrame {
+    pub bytes: [u8; BENCH_FRAME_LEN],
+    pub flows: u32,
+    pub sport_offset: u32,
+    pub sport_base: u32,
+    pub _pad: u32,
 }
 
 /// Name of the global read-only variable holding the flow-hash seed. Every node of a cluster
@@ -266,6 +299,7 @@ mod pod {
     unsafe impl aya::Pod for super::FlowState {}
     unsafe impl aya::Pod for super::ReverseNat {}
     unsafe impl aya::Pod for super::TrafficCounters {}
+    unsafe impl aya::Pod for super::BenchFrame {}
 }
 
 #[cfg(test)]

@@ -63,7 +63,7 @@ pub fn process(ctx: &XdpContext) -> u32 {
 /// Not inlined: the parser's temporaries live in this frame and are gone before the
 /// forwarding functions' frames are pushed (the verifier sums the frames of a call chain).
 #[inline(never)]
-fn parse_into(ctx: &XdpContext, out: &mut Parsed) -> Result<(), Skip> {
+pub fn parse_into(ctx: &XdpContext, out: &mut Parsed) -> Result<(), Skip> {
     *out = parse(&XdpPacket::new(ctx))?;
     Ok(())
 }
@@ -151,7 +151,7 @@ fn to_backend(ctx: &XdpContext, p: &Parsed, vip: &VipInfo, t: &mut Translation) 
                 vip_port_be: p.dport_be,
                 _pad: 0,
                 vip_id: vip.vip_id,
-                next_hop: NextHop::default(),
+                next_hop: reply_next_hop(ctx, pkt, p),
             };
             if let Err(errno) = REVERSE_NAT.insert(&reply, &reverse, 0) {
                 count(Counter::ConntrackInsertFailed);
@@ -167,6 +167,22 @@ fn to_backend(ctx: &XdpContext, p: &Parsed, vip: &VipInfo, t: &mut Translation) 
     t.port_be = backend.port_be;
     // SAFETY: as above.
     state.map_or(core::ptr::null_mut(), |s| unsafe { &raw mut (*s).next_hop })
+}
+
+/// Replies go back the way the client's packet came: out of the interface it arrived on, to
+/// the MAC it came from (the client, or the router in front of it). The LB's own neighbour
+/// table may never learn that MAC, since XDP answered in its place, so a lookup could fail
+/// where this cannot. VLAN-tagged flows keep an empty entry: the stack handles those.
+#[inline(always)]
+fn reply_next_hop(ctx: &XdpContext, pkt: &XdpPacket, p: &Parsed) -> NextHop {
+    match pkt.read::<12>(0) {
+        Some(eth) if p.l3_offset == lb_common::parse::ETH_HLEN => NextHop {
+            ifindex: ingress_ifindex(ctx),
+            src_mac: [eth[0], eth[1], eth[2], eth[3], eth[4], eth[5]],
+            dst_mac: [eth[6], eth[7], eth[8], eth[9], eth[10], eth[11]],
+        },
+        _ => NextHop::default(),
+    }
 }
 
 /// Picks a backend for a new flow from the VIP's live Maglev ring.

@@ -5,5 +5,6 @@
 pub mod agent;
 pub mod api;
 pub mod balancer;
+pub mod bench;
 pub mod datapath;
 pub mod paths;

@@ -72,6 +72,9 @@ enum Command {
         #[arg(long)]
         watch: bool,
     },
+    /// Measure xlb: per-packet program cost and its scaling (see docs/benchmarks.md).
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Which backend a new flow from CLIENT gets, and whether the connection table holds it.
     #[command(after_help = "Example:\n  xlb explain 198.51.100.7:40000 192.0.2.10:80/tcp")]
     Explain {
@@ -79,6 +82,45 @@ enum Command {
         vip: VipSpec,
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Program cost per packet type through BPF_PROG_TEST_RUN, next to an empty program and
+    /// a parse-only program measured in the same run.
+    #[command(after_help = "Examples:\n  sudo xlb bench cost\n  sudo xlb bench cost --calls 2000 --runs 3 --json")]
+    Cost {
+        /// Test-run calls per run.
+        #[arg(long, default_value_t = 20_000)]
+        calls: u32,
+        /// Runs per packet type and program (min/median/max are over runs).
+        #[arg(long, default_value_t = 5)]
+        runs: u32,
+        #[arg(long, default_value_t = 2_000)]
+        warmup: u32,
+        /// Backends behind the VIP.
+        #[arg(long, default_value_t = 100)]
+        backends: u32,
+        #[arg(long)]
+        json: bool,
+        /// Where the JSON report is written.
+        #[arg(long, default_value = "results")]
+        out: PathBuf,
+    },
+    /// Cost per packet as flows (1..1M), backends per VIP (2..1000) and VIPs (1..1000) grow;
+    /// writes SVG plots.
+    #[command(after_help = "Examples:\n  sudo xlb bench scaling\n  sudo xlb bench scaling --quick")]
+    Scaling {
+        /// Small sizes only (a smoke run).
+        #[arg(long)]
+        quick: bool,
+        #[arg(long, default_value_t = 20_000)]
+        calls: u32,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = "results")]
+        out: PathBuf,
     },
 }
 
@@ -254,10 +296,88 @@ fn container_backend(spec: &str, vip: &VipSpec) -> Result<SocketAddr> {
     bail!("cannot resolve container '{name}' ({})", tried.join("; "))
 }
 
+fn bench(command: BenchCommand) -> Result<()> {
+    use lb_userspace::bench::{
+        Machine,
+        cost::{self, CostOptions, ScalingOptions},
+        report,
+    };
+    agent::require_root("xlb bench")?;
+    match command {
+        BenchCommand::Cost {
+            calls,
+            runs,
+            warmup,
+            backends,
+            json,
+            out,
+        } => {
+            let rows = cost::run_cost(
+                CostOptions {
+                    calls,
+                    runs,
+                    warmup,
+                    backends,
+                    ring_size: DEFAULT_RING_SIZE,
+                },
+                json,
+            )?;
+            let report = report::CostReport {
+                machine: Machine::current(),
+                method: report::COST_METHOD,
+                rows: &rows,
+            };
+            report::write_json(&out, "cost.json", &report)?;
+            if json {
+                print_json(&report);
+            } else {
+                report::print_cost(&rows);
+                println!("report: {}", out.join("cost.json").display());
+            }
+        }
+        BenchCommand::Scaling {
+            quick,
+            calls,
+            json,
+            out,
+        } => {
+            let options = if quick {
+                ScalingOptions {
+                    flows: &[1, 1_000],
+                    backends: &[2, 10],
+                    vips: &[1, 10],
+                    calls,
+                    ring_size: 251,
+                    vip_ring_size: 251,
+                }
+            } else {
+                ScalingOptions {
+                    flows: &[1, 1_000, 100_000, 1_000_000],
+                    backends: &[2, 10, 100, 1_000],
+                    vips: &[1, 100, 1_000],
+                    calls,
+                    ring_size: DEFAULT_RING_SIZE,
+                    vip_ring_size: 1_021,
+                }
+            };
+            let scaling = cost::run_scaling(&options, json)?;
+            report::write_json(&out, "scaling.json", &scaling)?;
+            report::write_scaling_plots(&out, &scaling)?;
+            if json {
+                print_json(&scaling);
+            } else {
+                report::print_scaling(&scaling);
+                println!("report and plots: {}/scaling.json, scaling-*.svg", out.display());
+            }
+        }
+    }
+    Ok(())
+}
+
 fn client(socket: &std::path::Path, command: Command) -> Result<()> {
     let call = |request: &Request| api::call(socket, request).map_err(anyhow::Error::new);
     match command {
-        Command::Run { .. } => unreachable!("handled in main"),
+        Command::Run { .. } | Command::Bench(_) => unreachable!("handled in main"),
         Command::Vip(VipCommand::Add { vip }) => {
             call(&Request::VipAdd { vip })?;
             println!("added VIP {vip}");
@@ -344,7 +464,29 @@ fn client(socket: &std::path::Path, command: Command) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            match e.kind() {
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+                    let _ = e.print();
+                    return ExitCode::SUCCESS;
+                }
+                // `xlb vip` alone: the verb's help is the useful answer, but it is not success.
+                ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                    let _ = e.print();
+                    return ExitCode::from(2);
+                }
+                _ => {}
+            }
+            // One line, like every other xlb error: the first line of clap's message.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("xlb: {} (see --help)", first.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+    };
     let result = match cli.command {
         Command::Run {
             ifaces,
@@ -381,6 +523,7 @@ fn main() -> ExitCode {
                 .context("starting the async runtime")
                 .and_then(|rt| rt.block_on(agent::run(options)))
         }
+        Command::Bench(command) => bench(command),
         command => client(&cli.socket.unwrap_or_else(paths::default_socket), command),
     };
     match result {

@@ -124,8 +124,9 @@ impl Network {
     }
 
     /// Joins `a` and `b` with a veth pair, addresses it (`a` gets the first
-    /// host of each subnet, `b` the second), brings both ends up with GRO on,
-    /// and returns both ends' details.
+    /// host of each subnet, `b` the second), brings both ends up with GRO on
+    /// and TX checksum offload off (see [`Netns::set_tx_checksum`]), and
+    /// returns both ends' details.
     ///
     /// GRO goes on at both ends because whichever end XDP redirects into
     /// drops frames without it (see [`Netns::set_gro`]), and which direction a
@@ -148,7 +149,7 @@ impl Network {
         let end = |ns: &Netns, id, ifname: String, v4, v6| -> Result<Endpoint, Error> {
             ns.add_address(&ifname, v4)?;
             ns.add_address(&ifname, v6)?;
-            ns.set_gro(&ifname, true)?;
+            ns.set_tx_checksum(&ifname, false)?;
             ns.set_link_up(&ifname)?;
             let info = ns.link(&ifname)?;
             Ok(Endpoint {
@@ -167,6 +168,11 @@ impl Network {
             a: end(na, a, a_if, a4, a6)?,
             b: end(nb, b, b_if, b4, b6)?,
         };
+        // GRO only after both ends are up: a veth decides whether it accepts
+        // redirected frames when it comes up, from its peer's GRO setting at
+        // that moment, so GRO turned on before the peer is up does not count.
+        na.set_gro(&veth.a.ifname, true)?;
+        nb.set_gro(&veth.b.ifname, true)?;
         self.links.push(veth.clone());
         Ok(veth)
     }

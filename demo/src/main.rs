@@ -1,0 +1,589 @@
+//! xlb's demo: a web server, a database and a processing service, each as replicated
+//! containers behind its own VIP; real TCP traffic through the XDP load balancer; a live
+//! replica swap that moves only the flows of the changed replicas; and a teardown that leaves
+//! nothing behind, also on Ctrl-C.
+//!
+//! Containers are network namespaces with a TCP server thread each (podman mode is not
+//! implemented yet). Everything runs in namespaces named `xlbdemo-*`; the host's own network
+//! is never touched.
+
+mod agent;
+mod lab;
+mod offload;
+mod report;
+mod traffic;
+
+use std::{
+    fmt, fs, io,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Instant,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use nix::{
+    mount::{MntFlags, MsFlags, mount, umount2},
+    sys::{
+        signal::kill,
+        statfs::{BPF_FS_MAGIC, statfs},
+    },
+    unistd::{Pid, geteuid},
+};
+
+use crate::{
+    agent::{Agent, AgentPaths, Xlb},
+    lab::{LIVE_ADD, LIVE_REMOVE, LIVE_SERVICE, Lab, SERVICES},
+    report::{Row, compare, render_table, tally},
+    traffic::{Server, listen, requests},
+};
+
+/// Run xlb's containers demo (needs root: it creates network namespaces and attaches XDP).
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// The `xlb` binary (built by `cargo build --release -p lb-userspace`).
+    #[arg(long, default_value = "target/release/xlb")]
+    xlb: PathBuf,
+
+    /// Requests per VIP (at most 1000).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    requests: u16,
+
+    /// Passed on to `xlb run --xdp-mode` (auto, native or skb); the agent's default if unset.
+    #[arg(long)]
+    xdp_mode: Option<String>,
+}
+
+/// Set by SIGINT or SIGTERM; every step checks it, and teardown runs either way.
+pub struct Interrupt(Arc<AtomicBool>);
+
+#[derive(Debug)]
+struct Interrupted;
+
+impl fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("interrupted")
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+impl Interrupt {
+    fn install() -> Result<Self> {
+        let flag = Arc::new(AtomicBool::new(false));
+        for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            signal_hook::flag::register(signal, Arc::clone(&flag))
+                .context("installing the Ctrl-C handler")?;
+        }
+        Ok(Self(flag))
+    }
+
+    /// # Errors
+    /// [`Interrupted`] once Ctrl-C was pressed.
+    pub fn check(&self) -> Result<()> {
+        if self.0.load(Ordering::Relaxed) {
+            Err(Interrupted.into())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+fn step(msg: impl fmt::Display) {
+    println!("==> {msg}");
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.chain().any(|c| c.is::<Interrupted>()) => {
+            eprintln!("xlb-demo: interrupted; everything was torn down");
+            ExitCode::from(130)
+        }
+        Err(e) => {
+            eprintln!("xlb-demo: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> Result<()> {
+    if !geteuid().is_root() {
+        bail!(
+            "the demo needs root (it creates network namespaces and attaches XDP): run it with sudo"
+        );
+    }
+    let bin = fs::canonicalize(&args.xlb).with_context(|| {
+        format!(
+            "the xlb binary is not at {}: build it with `cargo build --release -p lb-userspace`, \
+             or pass --xlb PATH",
+            args.xlb.display()
+        )
+    })?;
+    let interrupt = Interrupt::install()?;
+    if find_in_path("podman").is_some() {
+        println!(
+            "podman found, but podman containers are not implemented yet: using network-namespace containers"
+        );
+    } else {
+        println!("podman not found: using network-namespace containers");
+    }
+    let start = Instant::now();
+    let mut demo = Demo::default();
+    let result = demo.run(args, bin, &interrupt);
+    if let Err(e) = &result
+        && !e.chain().any(|c| c.is::<Interrupted>())
+        && let Some(agent) = &demo.agent
+    {
+        if let Ok(stats) = xlb_stats(&demo) {
+            eprintln!("xlb-demo: `xlb stats` at the failure:");
+            for line in stats.lines() {
+                eprintln!("    {line}");
+            }
+        }
+        let tail = agent.log_tail(20);
+        if !tail.is_empty() {
+            eprintln!("xlb-demo: the agent's last log lines:");
+            for line in tail.lines() {
+                eprintln!("    {line}");
+            }
+        }
+    }
+    if result
+        .as_ref()
+        .is_err_and(|e| e.chain().any(|c| c.is::<Interrupted>()))
+    {
+        println!();
+        println!("interrupted (Ctrl-C)");
+    }
+    let teardown = demo.teardown();
+    if result.is_ok() && teardown.is_ok() {
+        println!("done in {:.1} s", start.elapsed().as_secs_f64());
+    }
+    match (result, teardown) {
+        (Err(e), Err(t)) => Err(e.context(format!("teardown also failed: {t:#}"))),
+        (Err(e), Ok(())) | (Ok(()), Err(e)) => Err(e),
+        (Ok(()), Ok(())) => Ok(()),
+    }
+}
+
+/// Everything the demo creates, so teardown can undo exactly what exists, in order.
+#[derive(Default)]
+struct Demo {
+    bin: Option<PathBuf>,
+    work: Option<Workdir>,
+    lab: Option<Lab>,
+    servers: Vec<Server>,
+    agent: Option<Agent>,
+}
+
+impl Demo {
+    fn run(&mut self, args: &Args, bin: PathBuf, interrupt: &Interrupt) -> Result<()> {
+        let pid = std::process::id();
+        let work = self.work.insert(Workdir::create(pid)?);
+        self.bin = Some(bin.clone());
+        let xlb = Xlb {
+            bin,
+            socket: work.dir.join("xlb.sock"),
+        };
+        let plan = lab::container_plan();
+
+        step(format!(
+            "creating {} network namespaces: client, lb, and one per container ({})",
+            plan.len() + 2,
+            plan.iter()
+                .map(|(n, _, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        let lab = self.lab.insert(Lab::build(interrupt)?);
+        println!(
+            "    client {} --veth-- lb (routes, forwards; XDP on every interface) --veth-- containers",
+            lab.client_addr
+        );
+        for c in &lab.containers {
+            println!(
+                "    {:<7} {:<15} serves {}",
+                c.name, c.addr, SERVICES[c.service].label
+            );
+        }
+
+        step(format!(
+            "starting {} containers: a TCP server in each that answers with its name",
+            lab.containers.len()
+        ));
+        for c in &lab.containers {
+            let port = SERVICES[c.service].backend_port;
+            let listener = lab
+                .ns(c.ns)
+                .run(|| listen(port))?
+                .with_context(|| format!("{}: listening on port {port}", c.name))?;
+            self.servers.push(Server::start(listener, c.name.clone())?);
+        }
+        interrupt.check()?;
+
+        step("starting the xlb agent in the lb namespace");
+        let paths = AgentPaths {
+            state: &work.dir.join("state.json"),
+            bpffs: &work.pins,
+            log: &work.dir.join("xlb.log"),
+        };
+        println!(
+            "    $ xlb run --iface {}{} --socket {} --state {} --bpffs {}",
+            lab.lb_ifaces.join(" --iface "),
+            args.xdp_mode
+                .as_deref()
+                .map(|m| format!(" --xdp-mode {m}"))
+                .unwrap_or_default(),
+            xlb.socket.display(),
+            paths.state.display(),
+            paths.bpffs.display()
+        );
+        let agent = self.agent.insert(Agent::start(
+            &xlb,
+            lab.ns(lab.lb),
+            &lab.lb_ifaces,
+            &paths,
+            args.xdp_mode.as_deref(),
+        )?);
+        let waited = agent.wait_ready(&xlb, interrupt)?;
+        println!(
+            "    ready after {:.1} s (log: {})",
+            waited.as_secs_f64(),
+            paths.log.display()
+        );
+
+        step(format!(
+            "configuring {} VIPs and their backends (export XLB_SOCKET={})",
+            SERVICES.len(),
+            xlb.socket.display()
+        ));
+        for (s, svc) in SERVICES.iter().enumerate() {
+            interrupt.check()?;
+            xlb.run(&["vip", "add", &svc.vip_arg()])?;
+            for c in lab
+                .containers
+                .iter()
+                .filter(|c| c.service == s && c.initial)
+            {
+                xlb.run(&["backend", "add", &svc.vip_arg(), &c.backend_arg()])?;
+            }
+        }
+
+        step(format!(
+            "sending {} requests to each VIP from the client namespace, one TCP connection each",
+            args.requests
+        ));
+        let client = lab.ns(lab.client);
+        let mut first_round = Vec::new();
+        let mut rows = Vec::new();
+        for (s, svc) in SERVICES.iter().enumerate() {
+            let t = Instant::now();
+            let answers =
+                client.run(|| requests(svc.vip, svc.first_port, args.requests, interrupt))??;
+            println!(
+                "    {} {}: {} answers in {:.2} s",
+                svc.label,
+                svc.vip,
+                answers.len(),
+                t.elapsed().as_secs_f64()
+            );
+            let names: Vec<&str> = lab
+                .containers
+                .iter()
+                .filter(|c| c.service == s && c.initial)
+                .map(|c| c.name.as_str())
+                .collect();
+            rows.extend(table_rows(svc, &answers, &names));
+            first_round.push(answers);
+        }
+        println!();
+        print!("{}", render_table(&rows));
+        println!();
+
+        let svc = &SERVICES[LIVE_SERVICE];
+        let removed = lab.container(LIVE_SERVICE, LIVE_REMOVE);
+        let added = lab.container(LIVE_SERVICE, LIVE_ADD);
+        let last_port = svc.first_port + args.requests - 1;
+        step(format!(
+            "live change: {} leaves, {} joins, while the same source ports {}-{last_port} connect again",
+            removed.name, added.name, svc.first_port
+        ));
+        xlb.run(&["backend", "del", &svc.vip_arg(), &removed.backend_arg()])?;
+        xlb.run(&["backend", "add", &svc.vip_arg(), &added.backend_arg()])?;
+        interrupt.check()?;
+        let after =
+            client.run(|| requests(svc.vip, svc.first_port, args.requests, interrupt))??;
+        let before = &first_round[LIVE_SERVICE];
+        let names: Vec<&str> = lab
+            .containers
+            .iter()
+            .filter(|c| c.service == LIVE_SERVICE && c.name != removed.name)
+            .map(|c| c.name.as_str())
+            .collect();
+        println!();
+        print!("{}", render_table(&table_rows(svc, &after, &names)));
+        println!();
+        let moves = compare(before, &after, &removed.name, &added.name);
+        println!(
+            "    flows that moved: {} of {} (the other {} kept their container)",
+            moves.moved,
+            moves.flows,
+            moves.flows - moves.moved
+        );
+        for ((from, to), n) in &moves.pairs {
+            println!("      {from} -> {to}: {n}");
+        }
+        let mark = if moves.minimal() { "ok" } else { "FAILED" };
+        println!(
+            "    check [{mark}]: {} of {} moved flows were on {} before or are on {} after; \
+             {} flows still reach {}",
+            moves.explained,
+            moves.moved,
+            removed.name,
+            added.name,
+            moves.on_removed_after,
+            removed.name
+        );
+
+        step("xlb stats");
+        xlb.run(&["stats"])?;
+
+        if !moves.minimal() {
+            bail!(
+                "{} flows moved between unchanged replicas or still reach {}: that is not Maglev's \
+                 minimal disruption",
+                moves.moved - moves.explained,
+                removed.name
+            );
+        }
+        Ok(())
+    }
+
+    /// Undoes what exists, in reverse order of creation: agent, servers, namespaces, files.
+    /// Every step is bounded; failures are collected so one does not skip the rest.
+    fn teardown(&mut self) -> Result<()> {
+        if self.work.is_none() {
+            return Ok(());
+        }
+        step("tearing down");
+        let mut failures = Vec::new();
+        if let Some(mut agent) = self.agent.take() {
+            match agent.stop() {
+                Ok(how) => println!("    agent {how}"),
+                Err(e) => failures.push(format!("stopping the agent: {e:#}")),
+            }
+        }
+        let n = self.servers.len();
+        for s in &mut self.servers {
+            s.stop();
+        }
+        self.servers.clear();
+        if n > 0 {
+            println!("    {n} container servers stopped");
+        }
+        if let Some(lab) = self.lab.take() {
+            let names: Vec<String> = lab.containers.iter().map(|c| c.name.clone()).collect();
+            drop(lab);
+            println!("    {} network namespaces deleted", names.len() + 2);
+        }
+        if let Some(work) = self.work.take() {
+            if let Err(e) = work.remove() {
+                failures.push(format!("{e:#}"));
+            } else {
+                println!("    pins, socket, state and log removed");
+            }
+        }
+        let left = leftovers(std::process::id());
+        if left.is_empty() && failures.is_empty() {
+            println!("    left behind: nothing");
+        }
+        failures.extend(left.into_iter().map(|l| format!("left behind: {l}")));
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            bail!("teardown: {}", failures.join("; "))
+        }
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        // Only does something if `teardown` was skipped (a panic).
+        let _ = self.teardown();
+    }
+}
+
+/// `xlb stats`, quietly, for error reports.
+fn xlb_stats(demo: &Demo) -> Result<String> {
+    let work = demo.work.as_ref().context("no work directory")?;
+    let xlb = Xlb {
+        bin: demo.bin.clone().context("no xlb binary")?,
+        socket: work.dir.join("xlb.sock"),
+    };
+    xlb.output(&["stats"])
+}
+
+fn table_rows(svc: &lab::Service, answers: &[String], containers: &[&str]) -> Vec<Row> {
+    tally(answers, containers)
+        .into_iter()
+        .map(|(container, served)| Row {
+            service: svc.label.to_owned(),
+            vip: svc.vip.to_string(),
+            container,
+            served,
+            total: answers.len(),
+        })
+        .collect()
+}
+
+const BPFFS_ROOT: &str = "/sys/fs/bpf";
+const WORK_ROOT: &str = "/tmp";
+
+/// The demo's files: `/tmp/xlbdemo-PID` (socket, state, log) and the agent's pin directory,
+/// `/sys/fs/bpf/xlbdemo-PID` when bpffs is mounted there, otherwise a bpffs the demo mounts
+/// at `/tmp/xlbdemo-PID/bpffs` (so nothing is mounted on the host's `/sys/fs/bpf`).
+struct Workdir {
+    dir: PathBuf,
+    pins: PathBuf,
+    private_bpffs: Option<PathBuf>,
+}
+
+impl Workdir {
+    fn create(pid: u32) -> Result<Self> {
+        cleanup_stale_runs();
+        let dir = Path::new(WORK_ROOT).join(format!("{}{pid}", lab::PREFIX));
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", dir.display())),
+        }
+        fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut work = Self {
+            pins: PathBuf::new(),
+            private_bpffs: None,
+            dir,
+        };
+        if is_bpffs(Path::new(BPFFS_ROOT)) {
+            work.pins = Path::new(BPFFS_ROOT).join(format!("{}{pid}", lab::PREFIX));
+        } else {
+            let mnt = work.dir.join("bpffs");
+            fs::create_dir(&mnt).with_context(|| format!("creating {}", mnt.display()))?;
+            mount(
+                Some("bpf"),
+                &mnt,
+                Some("bpf"),
+                MsFlags::empty(),
+                None::<&str>,
+            )
+            .with_context(|| format!("mounting bpffs at {}", mnt.display()))?;
+            work.pins = mnt.join("xlb");
+            work.private_bpffs = Some(mnt);
+        }
+        Ok(work)
+    }
+
+    fn remove(self) -> Result<()> {
+        remove_dir_if_present(&self.pins)?;
+        if let Some(mnt) = &self.private_bpffs {
+            umount2(mnt, MntFlags::MNT_DETACH)
+                .with_context(|| format!("unmounting {}", mnt.display()))?;
+        }
+        remove_dir_if_present(&self.dir)
+    }
+}
+
+fn remove_dir_if_present(dir: &Path) -> Result<()> {
+    match fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing {}", dir.display())),
+    }
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    statfs(path).is_ok_and(|s| s.filesystem_type() == BPF_FS_MAGIC)
+}
+
+/// The pid in `xlbdemo-PID`, if `name` is one of ours.
+fn run_pid(name: &str) -> Option<i32> {
+    name.strip_prefix(lab::PREFIX)?.parse().ok()
+}
+
+/// Removes the files and pins of demo runs whose process is gone (killed with SIGKILL);
+/// their namespaces are removed by `Network::new`. Best effort: a leftover that cannot be
+/// removed is reported by the final check of this run only if it is this run's.
+fn cleanup_stale_runs() {
+    for root in [WORK_ROOT, BPFFS_ROOT] {
+        let Ok(entries) = fs::read_dir(root) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name.to_str().and_then(run_pid) else {
+                continue;
+            };
+            if kill(Pid::from_raw(pid), None).is_ok() {
+                continue;
+            }
+            let path = entry.path();
+            let _ = umount2(&path.join("bpffs"), MntFlags::MNT_DETACH);
+            let _ = fs::remove_dir_all(&path);
+        }
+    }
+}
+
+/// What this run would have left behind: namespaces, files, pins.
+fn leftovers(pid: u32) -> Vec<String> {
+    let mut left = Vec::new();
+    let tag = format!("-{pid}-");
+    if let Ok(entries) = fs::read_dir("/run/netns") {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(lab::PREFIX) && name.contains(&tag) {
+                left.push(format!("namespace {name}"));
+            }
+        }
+    }
+    for root in [WORK_ROOT, BPFFS_ROOT] {
+        let p = Path::new(root).join(format!("{}{pid}", lab::PREFIX));
+        if p.exists() {
+            left.push(p.display().to_string());
+        }
+    }
+    left
+}
+
+fn find_in_path(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(program))
+        .find(|p| p.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_pid_parses_only_our_names() {
+        assert_eq!(run_pid("xlbdemo-1234"), Some(1234));
+        assert_eq!(run_pid("xlbdemo-web-1-1234-3"), None);
+        assert_eq!(run_pid("other-1234"), None);
+    }
+
+    #[test]
+    fn args_default_to_the_release_binary() {
+        let a = Args::try_parse_from(["xlb-demo"]).unwrap();
+        assert_eq!(a.xlb, PathBuf::from("target/release/xlb"));
+        assert_eq!(a.requests, 100);
+        assert!(Args::try_parse_from(["xlb-demo", "--requests", "0"]).is_err());
+    }
+}

@@ -1,0 +1,81 @@
+//! Programs for `xlb bench forward`: a traffic generator for live-frame test runs, the
+//! plain-redirect ceiling, and a sink that counts and drops.
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{map, xdp},
+    maps::{Array, DevMapHash, PerCpuArray},
+    programs::XdpContext,
+};
+use lb_common::{BENCH_FRAME_LEN, BenchFrame, NextHop};
+
+use crate::packet::XdpPacket;
+
+#[map(name = "XLB_BENCH_FRAME")]
+static FRAME: Array<BenchFrame> = Array::with_max_entries(1, 0);
+
+#[map(name = "XLB_BENCH_NH")]
+static REDIRECT_TO: Array<NextHop> = Array::with_max_entries(1, 0);
+
+#[map(name = "XLB_BENCH_PORTS")]
+static PORTS: DevMapHash = DevMapHash::with_max_entries(8, 0);
+
+#[map(name = "XLB_BENCH_CNT")]
+static COUNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+fn bump() -> u64 {
+    match COUNT.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot.
+        Some(c) => unsafe {
+            *c += 1;
+            *c
+        },
+        None => 0,
+    }
+}
+
+/// Live-frame pages are recycled with whatever the path wrote into them (a load balancer
+/// rewrites addresses and MACs), so every run writes the whole template again, then varies
+/// the source port to make `flows` distinct flows.
+#[xdp]
+pub fn xlb_bench_gen(ctx: XdpContext) -> u32 {
+    let Some(frame) = FRAME.get(0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let pkt = XdpPacket::new(&ctx);
+    if pkt.write::<BENCH_FRAME_LEN>(0, frame.bytes).is_none() {
+        return xdp_action::XDP_ABORTED;
+    }
+    let n = bump();
+    let flows = u64::from(frame.flows.max(1));
+    let sport = (u64::from(frame.sport_base) + n % flows) as u16;
+    if pkt
+        .write_u16(frame.sport_offset as usize & 0x3f, sport)
+        .is_none()
+    {
+        return xdp_action::XDP_ABORTED;
+    }
+    xdp_action::XDP_TX
+}
+
+/// The ceiling: what forwarding costs with no balancing work at all.
+#[xdp]
+pub fn xlb_bench_redirect(ctx: XdpContext) -> u32 {
+    let Some(nh) = REDIRECT_TO.get(0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(&nh.dst_mac);
+    macs[6..].copy_from_slice(&nh.src_mac);
+    if XdpPacket::new(&ctx).write(0, macs).is_none() {
+        return xdp_action::XDP_PASS;
+    }
+    PORTS.redirect(nh.ifindex, 0).unwrap_or(xdp_action::XDP_ABORTED)
+}
+
+#[xdp]
+pub fn xlb_bench_sink(_ctx: XdpContext) -> u32 {
+    bump();
+    xdp_action::XDP_DROP
+}

@@ -1,0 +1,390 @@
+//! `xlb bench cost`: the loaded program's cost per packet through `BPF_PROG_TEST_RUN`, next
+//! to two floors measured in the same run, and its scaling with flows, backends and VIPs.
+//!
+//! Method (as Katran's published figures): one test run per call (`repeat = 1`, because the
+//! program rewrites in place and later iterations of one call would see rewritten packets),
+//! the kernel-reported duration of each call, the calling thread pinned to one CPU. Every
+//! measured call's action and output are checked.
+
+use std::net::SocketAddrV4;
+
+use anyhow::{Context as _, Result, bail, ensure};
+use indicatif::{ProgressBar, ProgressStyle};
+use lb_common::{Counter, program_names};
+use serde::Serialize;
+
+use super::{
+    env::{BACKEND_PORT, BenchEnv, backend_addr, client, vip},
+    frames::{self, TCP_ACK, TCP_SYN},
+};
+use crate::datapath::DatapathConfig;
+
+const XDP_PASS: u32 = 2;
+const XDP_REDIRECT: u32 = 4;
+
+/// Katran's balancer measured on this project's machine kind with this method (medians,
+/// kernel-reported ns per call; ../shared/design.md). Not re-measured here: Katran is not
+/// built by this project.
+pub const KATRAN_REFERENCE: [(&str, f64); 4] = [
+    ("tcp_syn_new_flow", 531.0),
+    ("tcp_ack_established", 281.0),
+    ("udp_not_for_vip", 160.0),
+    ("junk_64_bytes", 110.0),
+];
+
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Spread {
+    pub min_ns: f64,
+    pub median_ns: f64,
+    pub max_ns: f64,
+}
+
+impl Spread {
+    /// Min, median and max of the per-run medians.
+    fn of_runs(run_medians: &mut [f64]) -> Self {
+        run_medians.sort_by(f64::total_cmp);
+        Self {
+            min_ns: run_medians[0],
+            median_ns: run_medians[run_medians.len() / 2],
+            max_ns: run_medians[run_medians.len() - 1],
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct CostRow {
+    pub packet: &'static str,
+    pub description: &'static str,
+    pub xlb: Spread,
+    pub floor_pass: Spread,
+    pub floor_parse: Spread,
+    /// 1000 / median ns: what one core would sustain at this cost.
+    pub mpps_per_core: f64,
+    pub ratio_to_pass_floor: f64,
+    pub ratio_to_parse_floor: f64,
+    pub katran_reference_ns: Option<f64>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct CostOptions {
+    /// Test-run calls per run.
+    pub calls: u32,
+    /// Runs per packet type and program.
+    pub runs: u32,
+    pub warmup: u32,
+    pub backends: u32,
+    pub ring_size: u32,
+}
+
+fn median(samples: &mut [f64]) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
+
+fn pin_to_one_cpu() {
+    let mut set = nix::sched::CpuSet::new();
+    let cpu = std::thread::available_parallelism().map_or(0, |n| n.get() - 1);
+    if set.set(cpu).is_ok() {
+        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+    }
+}
+
+/// A packet type: how to build the n-th frame, and what the program must do with it.
+struct Case {
+    name: &'static str,
+    description: &'static str,
+    frame: Box<dyn Fn(u64) -> Vec<u8> + Sync>,
+    /// Checks the xlb program's action and output for frame n.
+    check: Box<dyn Fn(u32, &[u8], &[u8]) -> Result<(), String> + Sync>,
+}
+
+fn vip4() -> SocketAddrV4 {
+    match vip(0).addr {
+        std::net::SocketAddr::V4(v) => v,
+        std::net::SocketAddr::V6(_) => unreachable!("bench VIPs are IPv4"),
+    }
+}
+
+fn forwarded_to_backend(backends: u32) -> impl Fn(u32, &[u8], &[u8]) -> Result<(), String> {
+    move |action, _input, out| {
+        if action != XDP_REDIRECT {
+            return Err(format!("action {action}, expected XDP_REDIRECT"));
+        }
+        let dst = frames::destination(out).ok_or("short output")?;
+        let known = (0..backends).any(|b| backend_addr(b) == *dst.ip());
+        if !known || dst.port() != BACKEND_PORT {
+            return Err(format!("forwarded to {dst}, not a backend"));
+        }
+        if !frames::checksums_valid(out) {
+            return Err("invalid checksums after rewrite".into());
+        }
+        Ok(())
+    }
+}
+
+fn passed_unchanged(action: u32, input: &[u8], out: &[u8]) -> Result<(), String> {
+    if action != XDP_PASS {
+        return Err(format!("action {action}, expected XDP_PASS"));
+    }
+    if input != out {
+        return Err("pass-through packet was modified".into());
+    }
+    Ok(())
+}
+
+fn cases(backends: u32) -> Vec<Case> {
+    let vip = vip4();
+    let established = client(u64::from(u32::MAX));
+    let udp_vip = SocketAddrV4::new(*vip.ip(), 80);
+    let other = SocketAddrV4::new(std::net::Ipv4Addr::new(10, 203, 0, 1), 53);
+    vec![
+        Case {
+            name: "tcp_syn_new_flow",
+            description: "TCP SYN to the VIP, a new 5-tuple every call (connection-table miss)",
+            frame: Box::new(move |n| frames::tcp(client(n), vip, TCP_SYN)),
+            check: Box::new(forwarded_to_backend(backends)),
+        },
+        Case {
+            name: "tcp_ack_established",
+            description: "TCP ACK of one established flow (connection-table hit)",
+            frame: Box::new(move |_| frames::tcp(established, vip, TCP_ACK)),
+            check: Box::new(forwarded_to_backend(backends)),
+        },
+        Case {
+            name: "udp_established",
+            description: "64-byte UDP datagram of one flow, checksum on",
+            frame: Box::new(move |_| frames::udp(established, udp_vip, 18, true)),
+            check: Box::new(|action, _, _| {
+                // No UDP VIP on port 80: this is the non-VIP path with a real UDP checksum.
+                if action == XDP_PASS { Ok(()) } else { Err(format!("action {action}")) }
+            }),
+        },
+        Case {
+            name: "udp_not_for_vip",
+            description: "UDP to an address that is no VIP (pass-through)",
+            frame: Box::new(move |_| frames::udp(established, other, 18, true)),
+            check: Box::new(passed_unchanged),
+        },
+        Case {
+            name: "junk_64_bytes",
+            description: "64 bytes that are not IP (pass-through)",
+            frame: Box::new(|_| {
+                let mut f = vec![0u8; 64];
+                f[12] = 0x88;
+                f[13] = 0xb5; // local experimental ethertype
+                f
+            }),
+            check: Box::new(passed_unchanged),
+        },
+    ]
+}
+
+/// Per-call kernel durations (ns) of `calls` calls, starting at frame index `first`.
+fn measure(
+    env: &BenchEnv,
+    program: &'static str,
+    case: &Case,
+    first: u64,
+    calls: u32,
+    check: bool,
+) -> Result<Vec<f64>> {
+    let mut samples = Vec::with_capacity(calls as usize);
+    for i in 0..u64::from(calls) {
+        let frame = (case.frame)(first + i);
+        let (outcome, out) = env.run_once(program, &frame)?;
+        if check {
+            (case.check)(outcome.action, &frame, &out).map_err(|e| {
+                anyhow::anyhow!("{} through {program}, call {i}: {e}", case.name)
+            })?;
+        }
+        samples.push(outcome.duration.as_nanos() as f64);
+    }
+    Ok(samples)
+}
+
+fn counter(env: &BenchEnv, which: Counter) -> Result<u64> {
+    Ok(env
+        .balancer
+        .datapath()
+        .global_counters()?
+        .into_iter()
+        .find(|(c, _)| *c == which)
+        .map_or(0, |(_, v)| v))
+}
+
+fn progress(total: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>28} [{bar:40}] {pos}/{len} ({eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_owned());
+    bar
+}
+
+pub fn run_cost(options: CostOptions, quiet: bool) -> Result<Vec<CostRow>> {
+    ensure!(options.calls > 0 && options.runs > 0, "--calls and --runs must be positive");
+    let config = DatapathConfig {
+        ring_size: options.ring_size,
+        max_vips: 4,
+        ..DatapathConfig::default()
+    };
+    let env = BenchEnv::new(config, 1, options.backends)?;
+    let cases = cases(options.backends);
+    let per_case = u64::from(options.runs) * 3;
+    let bar = if quiet {
+        ProgressBar::hidden()
+    } else {
+        progress(per_case * cases.len() as u64, "program cost")
+    };
+    let rows = env.ns.run(|| -> Result<Vec<CostRow>> {
+        pin_to_one_cpu();
+        let mut rows = Vec::new();
+        // New flows never repeat a 5-tuple, across warm-up and every run.
+        let mut next_new_flow = 0u64;
+        for case in &cases {
+            let mut spreads = Vec::new();
+            for program in [program_names::XLB, program_names::FLOOR_PASS, program_names::FLOOR_PARSE] {
+                let check = program == program_names::XLB;
+                measure(&env, program, case, next_new_flow, options.warmup, check)?;
+                next_new_flow += u64::from(options.warmup);
+                let mut medians = Vec::new();
+                for _ in 0..options.runs {
+                    let mut s = measure(&env, program, case, next_new_flow, options.calls, check)?;
+                    next_new_flow += u64::from(options.calls);
+                    medians.push(median(&mut s));
+                    bar.inc(1);
+                }
+                spreads.push(Spread::of_runs(&mut medians));
+            }
+            let (xlb, pass, parse) = (spreads[0], spreads[1], spreads[2]);
+            rows.push(CostRow {
+                packet: case.name,
+                description: case.description,
+                xlb,
+                floor_pass: pass,
+                floor_parse: parse,
+                mpps_per_core: 1000.0 / xlb.median_ns,
+                ratio_to_pass_floor: xlb.median_ns / pass.median_ns,
+                ratio_to_parse_floor: xlb.median_ns / parse.median_ns,
+                katran_reference_ns: KATRAN_REFERENCE
+                    .iter()
+                    .find(|(n, _)| *n == case.name)
+                    .map(|(_, v)| *v),
+            });
+        }
+        Ok(rows)
+    })??;
+    bar.finish_and_clear();
+    let misses = counter(&env, Counter::ConntrackMiss)?;
+    let expected_misses = u64::from(options.warmup + options.calls * options.runs) + 1;
+    if misses < expected_misses {
+        bail!("only {misses} connection-table misses for {expected_misses} new flows: the SYN case did not measure new flows");
+    }
+    Ok(rows)
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ScalingPoint {
+    pub x: u64,
+    pub established_ns: f64,
+    pub new_flow_ns: f64,
+    /// Share of the "established" samples that hit the connection table. Below 1 when the
+    /// flows outgrow one CPU's share of the LRU (max entries / CPUs with per-CPU LRU lists).
+    pub established_hit_ratio: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Scaling {
+    pub flows: Vec<ScalingPoint>,
+    pub backends: Vec<ScalingPoint>,
+    pub vips: Vec<ScalingPoint>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct ScalingOptions {
+    pub flows: &'static [u64],
+    pub backends: &'static [u32],
+    pub vips: &'static [u32],
+    pub calls: u32,
+    pub ring_size: u32,
+    /// Ring size for the VIP sweep: 1000 VIPs × two 65537-slot rings would be 0.5 GB.
+    pub vip_ring_size: u32,
+}
+
+/// Median cost of established packets sampled over `flows` live flows, and of new flows.
+fn point(env: &BenchEnv, x: u64, flows: u64, vip_count: u32, calls: u32, new_base: u64) -> Result<ScalingPoint> {
+    env.ns.run(|| -> Result<ScalingPoint> {
+        pin_to_one_cpu();
+        let vip_of = |n: u64| match vip((n % u64::from(vip_count)) as u32).addr {
+            std::net::SocketAddr::V4(v) => v,
+            std::net::SocketAddr::V6(_) => unreachable!(),
+        };
+        // Establish the flows (not timed).
+        for n in 0..flows {
+            let (o, _) = env.run_once(program_names::XLB, &frames::tcp(client(n), vip_of(n), TCP_SYN))?;
+            ensure!(o.action == XDP_REDIRECT, "establishing flow {n}: action {}", o.action);
+        }
+        let hits_before = counter(env, Counter::ConntrackHit)?;
+        let mut established = Vec::with_capacity(calls as usize);
+        for i in 0..u64::from(calls) {
+            // Spread samples over the live flows (a multiplicative walk, not a cache-friendly sweep).
+            let n = (i.wrapping_mul(2_654_435_761)) % flows;
+            let (o, _) = env.run_once(program_names::XLB, &frames::tcp(client(n), vip_of(n), TCP_ACK))?;
+            ensure!(o.action == XDP_REDIRECT, "established flow {n}: action {}", o.action);
+            established.push(o.duration.as_nanos() as f64);
+        }
+        let hits = counter(env, Counter::ConntrackHit)? - hits_before;
+        let mut new = Vec::with_capacity(calls as usize);
+        for i in 0..u64::from(calls) {
+            let n = new_base + i;
+            let (o, _) = env.run_once(program_names::XLB, &frames::tcp(client(n), vip_of(n), TCP_SYN))?;
+            ensure!(o.action == XDP_REDIRECT, "new flow {n}: action {}", o.action);
+            new.push(o.duration.as_nanos() as f64);
+        }
+        Ok(ScalingPoint {
+            x,
+            established_ns: median(&mut established),
+            new_flow_ns: median(&mut new),
+            established_hit_ratio: hits as f64 / f64::from(calls),
+        })
+    })?
+}
+
+pub fn run_scaling(options: &ScalingOptions, quiet: bool) -> Result<Scaling> {
+    let steps = options.flows.len() + options.backends.len() + options.vips.len();
+    let bar = if quiet { ProgressBar::hidden() } else { progress(steps as u64, "scaling") };
+    let new_base = 1u64 << 26;
+    let config = |ring_size, max_vips| DatapathConfig {
+        ring_size,
+        max_vips,
+        ..DatapathConfig::default()
+    };
+    let mut flows = Vec::new();
+    for &f in options.flows {
+        let env = BenchEnv::new(config(options.ring_size, 4), 1, 100)
+            .context("flow sweep")?;
+        flows.push(point(&env, f, f.max(1), 1, options.calls, new_base)?);
+        bar.inc(1);
+    }
+    let mut backends = Vec::new();
+    for &b in options.backends {
+        let env = BenchEnv::new(config(options.ring_size, 4), 1, b).context("backend sweep")?;
+        backends.push(point(&env, u64::from(b), 1000, 1, options.calls, new_base)?);
+        bar.inc(1);
+    }
+    let mut vips = Vec::new();
+    for &v in options.vips {
+        let max_vips = v.next_power_of_two().max(4);
+        let env = BenchEnv::new(config(options.vip_ring_size, max_vips), v, 2).context("VIP sweep")?;
+        vips.push(point(&env, u64::from(v), 1000.max(u64::from(v)), v, options.calls, new_base)?);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok(Scaling {
+        flows,
+        backends,
+        vips,
+    })
+}

@@ -1,0 +1,45 @@
+//! `xlb bench`: what xlb costs per packet and how that scales, reported as a table, as JSON
+//! and as SVG plots. Benchmarks report figures; they never pass or fail on them.
+
+pub mod cost;
+pub mod env;
+pub mod frames;
+pub mod plot;
+pub mod report;
+
+use serde::Serialize;
+
+/// Where and when figures were taken: they only compare within one run on one machine.
+#[derive(Clone, Debug, Serialize)]
+pub struct Machine {
+    pub kernel: String,
+    pub cpus: usize,
+    pub cpu_model: String,
+    pub date_unix: u64,
+}
+
+impl Machine {
+    #[must_use]
+    pub fn current() -> Self {
+        let kernel = nix::sys::utsname::uname()
+            .map(|u| format!("{} {}", u.sysname().to_string_lossy(), u.release().to_string_lossy()))
+            .unwrap_or_default();
+        let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .and_then(|l| l.split_once(':'))
+                    .map(|(_, v)| v.trim().to_owned())
+            })
+            .unwrap_or_default();
+        Self {
+            kernel,
+            cpus: std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+            cpu_model,
+            date_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        }
+    }
+}

@@ -1,0 +1,1229 @@
+//! Every `xlb` verb end to end against a running agent in a network-namespace topology:
+//! what the CLI prints, what the counters say about real traffic, whether `explain` names
+//! the backend a connection really reached, whether the state survives a restart, and how
+//! bad input is refused.
+//!
+//! Needs root (namespaces, XDP). Each test builds its own topology, temp dir and bpffs
+//! directory, so the tests run in parallel with each other and with other test binaries.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::unix::{net::UnixStream, process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use xlb_netns::{Netns, Topology};
+
+const XLB: &str = env!("CARGO_BIN_EXE_xlb");
+/// A small prime ring keeps map setup quick; the tests check it is what the agent reports.
+const RING: u64 = 1009;
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 2);
+
+static SEQ: AtomicUsize = AtomicUsize::new(0);
+
+fn unique(tag: &str) -> String {
+    format!(
+        "xlb-cli-{tag}-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// `Topology::new(backends)` with TX checksum offload off on the client's and the backends'
+/// ends: a veth leaves only the pseudo-header sum in the L4 checksum (`CHECKSUM_PARTIAL`),
+/// XDP on the LB updates that incrementally and redirects raw bytes, losing the mark, so the
+/// receiver would drop every rewritten segment. Real NICs fill the checksum in before the wire.
+fn topology(backends: usize) -> Topology {
+    let topo = Topology::new(backends).expect("topology");
+    let ends = std::iter::once((topo.client(), &topo.client_link.b.ifname))
+        .chain((0..backends).map(|i| (topo.backend(i), &topo.backend_links[i].b.ifname)));
+    for (ns, ifname) in ends {
+        ns.run(|| disable_tx_checksum(ifname))
+            .expect("entering namespace")
+            .unwrap_or_else(|e| panic!("ethtool -K {ifname} tx off in {}: {e}", ns.name()));
+    }
+    topo
+}
+
+/// `ethtool -K IFNAME tx off`; must run on a thread inside the interface's namespace.
+fn disable_tx_checksum(ifname: &str) -> std::io::Result<()> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    /// `struct ethtool_value` (include/uapi/linux/ethtool.h).
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    const ETHTOOL_STXCSUM: u32 = 0x17;
+    // SAFETY: a plain C struct of integers, arrays and a pointer; all-zero is valid.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    let name = ifname.as_bytes();
+    assert!(
+        !name.is_empty() && name.len() < ifr.ifr_name.len(),
+        "bad ifname {ifname}"
+    );
+    for (dst, &src) in ifr.ifr_name.iter_mut().zip(name) {
+        *dst = src.cast_signed();
+    }
+    let mut value = EthtoolValue {
+        cmd: ETHTOOL_STXCSUM,
+        data: 0,
+    };
+    ifr.ifr_ifru.ifru_data = (&raw mut value).cast();
+    // SAFETY: socket(2) has no memory-safety preconditions.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor nothing else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: `ifr` is a valid ifreq whose data pointer refers to `value`, which outlives the
+    // call; SIOCETHTOOL reads and writes only those.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL, &raw mut ifr) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A per-test directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let path = std::env::temp_dir().join(unique(tag));
+        fs::create_dir_all(&path).expect("creating temp dir");
+        Self(path)
+    }
+
+    fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn v4(ip: Ipv4Addr, port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(ip), port)
+}
+
+fn backend_v4(i: usize, port: u16) -> SocketAddr {
+    v4(
+        Ipv4Addr::new(10, 11, u8::try_from(i).expect("< 256 backends"), 2),
+        port,
+    )
+}
+
+/// `cmd` with its output captured, killed if it runs longer than `limit`.
+fn output_within(mut cmd: Command, limit: Duration) -> Output {
+    let what = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {what}: {e}"));
+    // Drain both pipes on their own threads so a chatty child can never block on a full pipe.
+    let mut out = child.stdout.take().expect("piped");
+    let mut err = child.stderr.take().expect("piped");
+    let out_reader = thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let err_reader = thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for child") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not finish within {limit:?}");
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    Output {
+        status,
+        stdout: out_reader.join().expect("stdout reader"),
+        stderr: err_reader.join().expect("stderr reader"),
+    }
+}
+
+/// Runs `xlb ARGS --socket SOCKET` in `ns`.
+fn xlb(ns: &Netns, socket: &Path, args: &[&str]) -> Output {
+    let mut cmd = ns.command(XLB);
+    cmd.args(args)
+        .arg("--socket")
+        .arg(socket)
+        .env_remove("XLB_SOCKET");
+    output_within(cmd, Duration::from_secs(40))
+}
+
+fn describe(args: &[&str], out: &Output) -> String {
+    format!(
+        "xlb {}: {}\nstdout:\n{}\nstderr:\n{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Runs a command that must succeed; returns its stdout.
+fn ok(ns: &Netns, socket: &Path, args: &[&str]) -> String {
+    let out = xlb(ns, socket, args);
+    assert!(
+        out.status.success(),
+        "expected success: {}",
+        describe(args, &out)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 stdout")
+}
+
+fn json(ns: &Netns, socket: &Path, args: &[&str]) -> Value {
+    let text = ok(ns, socket, args);
+    serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("xlb {}: not JSON ({e}):\n{text}", args.join(" ")))
+}
+
+/// A running `xlb run`, stopped with SIGTERM when dropped.
+struct Agent<'a> {
+    ns: &'a Netns,
+    child: Option<Child>,
+    socket: PathBuf,
+    bpffs: PathBuf,
+    log: PathBuf,
+}
+
+impl<'a> Agent<'a> {
+    /// Starts an agent attached to every LB interface of `topo` and waits until it answers.
+    fn start(topo: &'a Topology, dir: &TempDir, state: &Path) -> Self {
+        let mut ifaces = vec![topo.client_link.a.ifname.clone()];
+        ifaces.extend(topo.backend_links.iter().map(|l| l.a.ifname.clone()));
+        Self::start_in(topo.lb(), &ifaces, dir, state)
+    }
+
+    fn start_in(ns: &'a Netns, ifaces: &[String], dir: &TempDir, state: &Path) -> Self {
+        let socket = dir.join("xlb.sock");
+        let bpffs = Path::new("/sys/fs/bpf").join(unique("pins"));
+        let log = dir.join(&format!(
+            "agent-{}.log",
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let log_file = fs::File::create(&log).expect("creating agent log");
+        let mut cmd = ns.command(XLB);
+        cmd.arg("run");
+        for iface in ifaces {
+            cmd.arg("--iface").arg(iface);
+        }
+        cmd.arg("--socket")
+            .arg(&socket)
+            .arg("--state")
+            .arg(state)
+            .arg("--bpffs")
+            .arg(&bpffs)
+            .args(["--ring-size", &RING.to_string()])
+            .env_remove("XLB_SOCKET")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("dup log"))
+            .stderr(log_file);
+        let child = cmd.spawn().expect("spawning xlb run");
+        let mut agent = Self {
+            ns,
+            child: Some(child),
+            socket,
+            bpffs,
+            log,
+        };
+        agent.wait_ready();
+        agent
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .expect("running")
+                .try_wait()
+                .expect("try_wait")
+            {
+                self.child = None;
+                panic!("xlb run exited early ({status}):\n{}", self.log());
+            }
+            if self.socket.exists()
+                && xlb(self.ns, &self.socket, &["vip", "list"])
+                    .status
+                    .success()
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "xlb run did not answer within 10 s:\n{}",
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then waits (bounded) for the exit.
+    fn stop(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("agent already stopped");
+        let pid = libc::pid_t::try_from(child.id()).expect("pid fits");
+        // SAFETY: plain kill(2) on our own child, which has not been reaped yet.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                let _ = fs::remove_dir_all(&self.bpffs);
+                panic!("xlb run ignored SIGTERM for 10 s:\n{}", self.log());
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        ok(self.ns, &self.socket, args)
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        json(self.ns, &self.socket, args)
+    }
+}
+
+impl Drop for Agent<'_> {
+    fn drop(&mut self) {
+        if thread::panicking() && self.child.is_some() {
+            // What the agent saw, for the failure report.
+            let stats = xlb(self.ns, &self.socket, &["stats", "--json"]);
+            eprintln!(
+                "--- agent log ---\n{}\n--- xlb stats --json ---\n{}",
+                self.log(),
+                String::from_utf8_lossy(&stats.stdout)
+            );
+        }
+        if let Some(mut child) = self.child.take() {
+            if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+                // SAFETY: as in `stop`.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().ok().flatten().is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let _ = fs::remove_dir_all(&self.bpffs);
+    }
+}
+
+/// Servers on every backend that answer with the backend's name (`b0`, `b1`, ...); stopped
+/// and joined on drop.
+struct Servers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Servers {
+    fn new() -> Self {
+        Self {
+            stop: Arc::new(AtomicBool::new(false)),
+            threads: Vec::new(),
+        }
+    }
+
+    /// A TCP server on `addr` in backend `i`'s namespace: writes the name and closes.
+    fn tcp(&mut self, topo: &Topology, i: usize, addr: SocketAddr) {
+        let listener = topo
+            .backend(i)
+            .run(move || TcpListener::bind(addr))
+            .expect("entering backend namespace")
+            .unwrap_or_else(|e| panic!("binding {addr}: {e}"));
+        listener
+            .set_nonblocking(true)
+            .expect("nonblocking listener");
+        let stop = Arc::clone(&self.stop);
+        let name = format!("b{i}");
+        self.threads.push(thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut conn, _)) => {
+                        let _ = conn.set_nonblocking(false);
+                        let _ = conn.set_write_timeout(Some(Duration::from_secs(3)));
+                        let _ = conn.write_all(name.as_bytes());
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        thread::sleep(Duration::from_millis(2));
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        }));
+    }
+
+    /// A UDP server on `addr` in backend `i`'s namespace: answers every datagram with the name.
+    fn udp(&mut self, topo: &Topology, i: usize, addr: SocketAddr) {
+        let socket = topo
+            .backend(i)
+            .run(move || UdpSocket::bind(addr))
+            .expect("entering backend namespace")
+            .unwrap_or_else(|e| panic!("binding {addr}: {e}"));
+        socket
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("read timeout");
+        let stop = Arc::clone(&self.stop);
+        let name = format!("b{i}");
+        self.threads.push(thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((_, from)) = socket.recv_from(&mut buf) {
+                    let _ = socket.send_to(name.as_bytes(), from);
+                }
+            }
+        }));
+    }
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Connects from `from` (bound explicitly) to `to` and returns what the server wrote.
+/// Must run inside the client's namespace.
+fn tcp_ask(from: SocketAddr, to: SocketAddr) -> String {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket =
+        Socket::new(Domain::for_address(to), Type::STREAM, Some(Protocol::TCP)).expect("socket");
+    socket.set_reuse_address(true).expect("SO_REUSEADDR");
+    socket
+        .bind(&from.into())
+        .unwrap_or_else(|e| panic!("binding {from}: {e}"));
+    socket
+        .connect_timeout(&to.into(), Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("connecting {from} -> {to}: {e}"));
+    let mut stream: TcpStream = socket.into();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("read timeout");
+    let mut answer = String::new();
+    stream
+        .read_to_string(&mut answer)
+        .unwrap_or_else(|e| panic!("reading {from} -> {to}: {e}"));
+    answer
+}
+
+/// Sends one datagram from `socket` (connected to the VIP) and waits for the answer.
+fn udp_ask(socket: &UdpSocket) -> String {
+    socket.send(b"ping").expect("send");
+    let mut buf = [0u8; 64];
+    let n = socket.recv(&mut buf).unwrap_or_else(|e| {
+        panic!(
+            "no reply from {:?} to {:?}: {e}\nclient /proc/net/snmp:\n{}",
+            socket.peer_addr().ok(),
+            socket.local_addr().ok(),
+            fs::read_to_string("/proc/thread-self/net/snmp").unwrap_or_default()
+        )
+    });
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+fn as_u64(v: &Value, what: &str) -> u64 {
+    v.as_u64()
+        .unwrap_or_else(|| panic!("{what} is not a number: {v}"))
+}
+
+fn find_vip<'v>(list: &'v Value, vip: &str) -> &'v Value {
+    list.as_array()
+        .unwrap_or_else(|| panic!("not a list: {list}"))
+        .iter()
+        .find(|v| v["vip"] == vip)
+        .unwrap_or_else(|| panic!("VIP {vip} missing from {list:#}"))
+}
+
+fn backends_of(status: &Value) -> &Vec<Value> {
+    status["backends"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no backends array in {status:#}"))
+}
+
+/// What a VIP is configured as (no counters): (vip, ring_size, [(addr, weight, state, slots)]).
+fn config_of(list: &Value) -> Vec<(String, u64, Vec<(String, u64, String, u64)>)> {
+    let mut out: Vec<_> = list
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|v| {
+            let mut bs: Vec<_> = backends_of(v)
+                .iter()
+                .map(|b| {
+                    (
+                        b["addr"].as_str().expect("addr").to_owned(),
+                        as_u64(&b["weight"], "weight"),
+                        b["state"].as_str().expect("state").to_owned(),
+                        as_u64(&b["slots"], "slots"),
+                    )
+                })
+                .collect();
+            bs.sort();
+            (
+                v["vip"].as_str().expect("vip").to_owned(),
+                as_u64(&v["ring_size"], "ring_size"),
+                bs,
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Whether any XDP program is attached to `ifname` in `ns`, asked over netlink.
+fn xdp_attached(ns: &Netns, ifname: &str) -> bool {
+    use futures_util::TryStreamExt as _;
+    use rtnetlink::packet_route::link::{LinkAttribute, LinkXdp, XdpAttached};
+    let ifname = ifname.to_owned();
+    ns.run(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let (connection, handle, _) = rtnetlink::new_connection().expect("netlink");
+            let task = tokio::spawn(connection);
+            let msg = handle
+                .link()
+                .get()
+                .match_name(ifname.clone())
+                .execute()
+                .try_next()
+                .await
+                .unwrap_or_else(|e| panic!("getting link {ifname}: {e}"))
+                .unwrap_or_else(|| panic!("no link {ifname}"));
+            task.abort();
+            msg.attributes.iter().any(|a| {
+                matches!(a, LinkAttribute::Xdp(xdp) if xdp.iter().any(|x| match x {
+                    LinkXdp::Attached(how) => !matches!(how, XdpAttached::None),
+                    LinkXdp::ProgId(id) | LinkXdp::DrvProgId(id) | LinkXdp::SkbProgId(id) => *id != 0,
+                    _ => false,
+                }))
+            })
+        })
+    })
+    .expect("entering namespace")
+}
+
+#[test]
+fn verbs_end_to_end() {
+    let topo = topology(2);
+    let dir = TempDir::new("verbs");
+    let agent = Agent::start(&topo, &dir, &dir.join("state.json"));
+
+    let empty = agent.ok(&["vip", "list"]);
+    assert!(empty.contains("no VIPs"), "empty list says so: {empty}");
+    assert_eq!(
+        agent.json(&["vip", "list", "--json"]),
+        serde_json::json!([])
+    );
+
+    let tcp = "10.100.0.1:80/tcp";
+    let udp6 = "[fd00:100::1]:53/udp";
+    let out = agent.ok(&["vip", "add", tcp]);
+    assert!(out.contains(tcp), "{out}");
+    agent.ok(&["vip", "add", udp6]);
+    // No protocol means tcp.
+    let out = agent.ok(&["vip", "add", "10.100.0.1:8443"]);
+    assert!(out.contains("10.100.0.1:8443/tcp"), "{out}");
+
+    let b0 = backend_v4(0, 8080).to_string();
+    let b1 = backend_v4(1, 8080).to_string();
+    let out = agent.ok(&["backend", "add", tcp, &b0, "--weight", "3"]);
+    assert!(out.contains(&b0) && out.contains("weight 3"), "{out}");
+    let out = agent.ok(&["backend", "add", tcp, &b1]);
+    assert!(out.contains(&b1) && out.contains("weight 1"), "{out}");
+    let b6 = "[fd00:11:1::2]:5353";
+    agent.ok(&["backend", "add", udp6, b6, "--weight", "7"]);
+
+    // backend list --json: weights, states, slots adding up to the ring.
+    let status = agent.json(&["backend", "list", tcp, "--json"]);
+    assert_eq!(status["vip"], tcp);
+    assert_eq!(as_u64(&status["ring_size"], "ring_size"), RING);
+    let bs = backends_of(&status);
+    assert_eq!(bs.len(), 2, "{status:#}");
+    let by_addr: BTreeMap<&str, &Value> = bs
+        .iter()
+        .map(|b| (b["addr"].as_str().expect("addr"), b))
+        .collect();
+    assert_eq!(by_addr[b0.as_str()]["weight"], 3);
+    assert_eq!(by_addr[b1.as_str()]["weight"], 1);
+    for b in bs {
+        assert_eq!(b["state"], "active", "{b}");
+        assert_eq!(b["packets"], 0, "{b}");
+    }
+    let slots0 = as_u64(&by_addr[b0.as_str()]["slots"], "slots");
+    let slots1 = as_u64(&by_addr[b1.as_str()]["slots"], "slots");
+    assert_eq!(slots0 + slots1, RING, "slots sum to the ring: {status:#}");
+    assert!(
+        slots0 > 2 * slots1 && slots1 > 0,
+        "weight 3:1 gives about 3:1 slots: {slots0} vs {slots1}"
+    );
+
+    let s6 = agent.json(&["backend", "list", udp6, "--json"]);
+    assert_eq!(backends_of(&s6).len(), 1);
+    assert_eq!(s6["backends"][0]["addr"], b6);
+    assert_eq!(s6["backends"][0]["weight"], 7);
+    assert_eq!(as_u64(&s6["backends"][0]["slots"], "slots"), RING);
+
+    // backend list, plain.
+    let plain = agent.ok(&["backend", "list", tcp]);
+    for needle in [
+        tcp,
+        &b0,
+        &b1,
+        "active",
+        &format!("{RING} slots"),
+        &slots0.to_string(),
+    ] {
+        assert!(
+            plain.contains(needle),
+            "plain backend list lacks {needle}:\n{plain}"
+        );
+    }
+
+    // vip list, both forms.
+    let list = agent.json(&["vip", "list", "--json"]);
+    assert_eq!(list.as_array().expect("list").len(), 3, "{list:#}");
+    assert_eq!(backends_of(find_vip(&list, tcp)).len(), 2);
+    assert_eq!(backends_of(find_vip(&list, udp6)).len(), 1);
+    let empty_vip = find_vip(&list, "10.100.0.1:8443/tcp");
+    assert!(backends_of(empty_vip).is_empty());
+    assert_eq!(
+        empty_vip["ring_size"], 0,
+        "a VIP without backends has no live ring"
+    );
+    let plain = agent.ok(&["vip", "list"]);
+    for needle in [tcp, udp6, "10.100.0.1:8443/tcp"] {
+        assert!(
+            plain.contains(needle),
+            "plain vip list lacks {needle}:\n{plain}"
+        );
+    }
+
+    // stats, both forms, and --watch (XLB_SOCKET instead of --socket on this one).
+    let stats = agent.json(&["stats", "--json"]);
+    assert_eq!(
+        stats["vips"].as_array().expect("vips").len(),
+        3,
+        "{stats:#}"
+    );
+    let global = stats["global"].as_array().expect("global");
+    assert!(!global.is_empty(), "{stats:#}");
+    assert!(
+        global
+            .iter()
+            .all(|c| c["name"].is_string() && c["value"].is_u64()),
+        "{stats:#}"
+    );
+    let plain = agent.ok(&["stats"]);
+    assert!(
+        plain.contains(tcp) && plain.contains(&b0) && plain.contains("global:"),
+        "{plain}"
+    );
+    let watch_out = dir.join("watch.out");
+    let mut watch = topo
+        .lb()
+        .command(XLB)
+        .args(["stats", "--watch"])
+        .env("XLB_SOCKET", &agent.socket)
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(&watch_out).expect("watch output"))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawning stats --watch");
+    thread::sleep(Duration::from_millis(2500));
+    let still_running = watch.try_wait().expect("try_wait").is_none();
+    let _ = watch.kill();
+    let _ = watch.wait();
+    let watched = fs::read_to_string(&watch_out).expect("watch output");
+    assert!(still_running, "stats --watch exited by itself:\n{watched}");
+    assert!(
+        watched.matches("global:").count() >= 2 && watched.contains(tcp),
+        "stats --watch refreshes:\n{watched}"
+    );
+
+    // explain, both forms.
+    let client = v4(CLIENT, 40000).to_string();
+    let e = agent.json(&["explain", &client, tcp, "--json"]);
+    assert_eq!(e["client"], client.as_str());
+    assert_eq!(e["vip"], tcp);
+    assert!(as_u64(&e["ring_slot"], "ring_slot") < RING);
+    assert!(e["flow_hash"].is_u64());
+    let chosen = e["new_flow_backend"]
+        .as_str()
+        .expect("a backend for a new flow");
+    assert!(chosen == b0 || chosen == b1, "{e:#}");
+    assert!(e["tracked_backend"].is_null(), "no traffic yet: {e:#}");
+    let plain = agent.ok(&["explain", &client, tcp]);
+    assert!(plain.contains(chosen) && plain.contains("none"), "{plain}");
+
+    // backend del: the other backend takes the whole ring; the last one leaves none.
+    let out = agent.ok(&["backend", "del", tcp, &b1]);
+    assert!(out.contains(&b1), "{out}");
+    let status = agent.json(&["backend", "list", tcp, "--json"]);
+    assert_eq!(backends_of(&status).len(), 1);
+    assert_eq!(status["backends"][0]["addr"], b0.as_str());
+    assert_eq!(as_u64(&status["backends"][0]["slots"], "slots"), RING);
+    agent.ok(&["backend", "del", tcp, &b0]);
+    let status = agent.json(&["backend", "list", tcp, "--json"]);
+    assert!(backends_of(&status).is_empty(), "{status:#}");
+    assert_eq!(status["ring_size"], 0);
+    let e = agent.json(&["explain", &client, tcp, "--json"]);
+    assert!(
+        e["new_flow_backend"].is_null(),
+        "no backends, no choice: {e:#}"
+    );
+
+    // vip del.
+    let out = agent.ok(&["vip", "del", tcp]);
+    assert!(out.contains(tcp), "{out}");
+    agent.ok(&["vip", "del", "10.100.0.1:8443/tcp"]);
+    let list = agent.json(&["vip", "list", "--json"]);
+    assert_eq!(list.as_array().expect("list").len(), 1, "{list:#}");
+    assert_eq!(list[0]["vip"], udp6);
+    assert!(!agent.ok(&["vip", "list"]).contains(tcp));
+}
+
+#[test]
+fn stats_match_traffic() {
+    const PORTS: u16 = 8; // K distinct clients
+    const PER_PORT: u16 = 5; // datagrams from each, so N = 40
+    const TCP_CONNS: u16 = 12; // M
+    let topo = topology(2);
+    let dir = TempDir::new("stats");
+    let agent = Agent::start(&topo, &dir, &dir.join("state.json"));
+    let mut servers = Servers::new();
+    for i in 0..2 {
+        servers.udp(&topo, i, backend_v4(i, 5300));
+        servers.tcp(&topo, i, backend_v4(i, 8080));
+    }
+
+    let udp_vip = "10.100.0.1:53/udp";
+    agent.ok(&["vip", "add", udp_vip]);
+    for i in 0..2 {
+        agent.ok(&["backend", "add", udp_vip, &backend_v4(i, 5300).to_string()]);
+    }
+    let vip_addr = v4(Topology::VIP_V4, 53);
+    let answers: Vec<String> = topo
+        .client()
+        .run(move || {
+            let mut answers = Vec::new();
+            for p in 0..PORTS {
+                let socket = UdpSocket::bind(v4(CLIENT, 41000 + p)).expect("bind");
+                socket.connect(vip_addr).expect("connect");
+                socket
+                    .set_read_timeout(Some(Duration::from_secs(3)))
+                    .expect("timeout");
+                for _ in 0..PER_PORT {
+                    answers.push(udp_ask(&socket));
+                }
+            }
+            answers
+        })
+        .expect("client namespace");
+    let n = u64::from(PORTS * PER_PORT);
+    assert_eq!(answers.len() as u64, n);
+    assert!(
+        answers.iter().all(|a| a == "b0" || a == "b1"),
+        "{answers:?}"
+    );
+
+    let stats = agent.json(&["stats", "--json"]);
+    let v = find_vip(&stats["vips"], udp_vip);
+    assert_eq!(
+        as_u64(&v["packets"], "packets"),
+        n,
+        "VIP packets == datagrams sent: {v:#}"
+    );
+    assert_eq!(
+        as_u64(&v["new_flows"], "new_flows"),
+        u64::from(PORTS),
+        "one flow per source port: {v:#}"
+    );
+    assert!(
+        as_u64(&v["bytes"], "bytes") >= n * 46,
+        "bytes count frames: {v:#}"
+    );
+    let bs = backends_of(v);
+    let sum = |field: &str| bs.iter().map(|b| as_u64(&b[field], field)).sum::<u64>();
+    assert_eq!(sum("packets"), n, "{v:#}");
+    assert_eq!(sum("new_flows"), u64::from(PORTS), "{v:#}");
+    // Each backend's packet count is the number of answers it gave.
+    for b in bs {
+        let i = usize::from(b["addr"] != backend_v4(0, 5300).to_string().as_str());
+        let answered = answers.iter().filter(|a| **a == format!("b{i}")).count() as u64;
+        assert_eq!(as_u64(&b["packets"], "packets"), answered, "{b}");
+    }
+
+    // TCP: M connections to a fresh TCP VIP, each from its own port, are M new flows.
+    let tcp_vip = "10.100.0.1:80/tcp";
+    agent.ok(&["vip", "add", tcp_vip]);
+    for i in 0..2 {
+        agent.ok(&["backend", "add", tcp_vip, &backend_v4(i, 8080).to_string()]);
+    }
+    let tcp_addr = v4(Topology::VIP_V4, 80);
+    topo.client()
+        .run(move || {
+            for p in 0..TCP_CONNS {
+                let answer = tcp_ask(v4(CLIENT, 43000 + p), tcp_addr);
+                assert!(answer == "b0" || answer == "b1", "answer {answer:?}");
+            }
+        })
+        .expect("client namespace");
+    let m = u64::from(TCP_CONNS);
+    let stats = agent.json(&["stats", "--json"]);
+    let v = find_vip(&stats["vips"], tcp_vip);
+    assert_eq!(as_u64(&v["new_flows"], "new_flows"), m, "{v:#}");
+    let bs = backends_of(v);
+    assert_eq!(
+        bs.iter()
+            .map(|b| as_u64(&b["new_flows"], "new_flows"))
+            .sum::<u64>(),
+        m,
+        "{v:#}"
+    );
+    // Every connection sends at least SYN, ACK and FIN-ACK ... through the LB.
+    assert!(as_u64(&v["packets"], "packets") >= 3 * m, "{v:#}");
+    assert_eq!(
+        bs.iter()
+            .map(|b| as_u64(&b["packets"], "packets"))
+            .sum::<u64>(),
+        as_u64(&v["packets"], "packets"),
+        "{v:#}"
+    );
+    // The UDP VIP did not move.
+    let u = find_vip(&stats["vips"], udp_vip);
+    assert_eq!(as_u64(&u["packets"], "packets"), n, "{u:#}");
+}
+
+#[test]
+fn explain_matches_reality() {
+    const CLIENTS: u16 = 100;
+    let topo = topology(3);
+    let dir = TempDir::new("explain");
+    let agent = Agent::start(&topo, &dir, &dir.join("state.json"));
+    let mut servers = Servers::new();
+    let mut name_of = BTreeMap::new();
+    for i in 0..3 {
+        servers.tcp(&topo, i, backend_v4(i, 8080));
+        name_of.insert(backend_v4(i, 8080).to_string(), format!("b{i}"));
+    }
+    let vip = "10.100.0.1:80/tcp";
+    agent.ok(&["vip", "add", vip]);
+    for i in 0..3 {
+        agent.ok(&["backend", "add", vip, &backend_v4(i, 8080).to_string()]);
+    }
+    let vip_addr = v4(Topology::VIP_V4, 80);
+
+    let mut expected = Vec::new();
+    for p in 0..CLIENTS {
+        let from = v4(CLIENT, 42000 + p);
+        let e = agent.json(&["explain", &from.to_string(), vip, "--json"]);
+        let predicted = e["new_flow_backend"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no backend predicted: {e:#}"))
+            .to_owned();
+        assert!(
+            e["tracked_backend"].is_null(),
+            "{from} has not connected yet: {e:#}"
+        );
+        let answer = topo
+            .client()
+            .run(move || tcp_ask(from, vip_addr))
+            .expect("client namespace");
+        assert_eq!(
+            name_of[&predicted], answer,
+            "explain said {predicted} for {from}, but {answer} answered"
+        );
+        expected.push((from, predicted));
+    }
+    let reached: BTreeSet<&String> = expected.iter().map(|(_, b)| b).collect();
+    assert_eq!(
+        reached.len(),
+        3,
+        "100 clients reach all 3 backends: {reached:?}"
+    );
+
+    // The connection table now holds each flow, on the backend it reached.
+    for (from, predicted) in &expected {
+        let e = agent.json(&["explain", &from.to_string(), vip, "--json"]);
+        assert_eq!(e["tracked_backend"], predicted.as_str(), "{e:#}");
+        assert_eq!(e["new_flow_backend"], predicted.as_str(), "{e:#}");
+    }
+}
+
+#[test]
+fn state_survives_restart() {
+    let topo = topology(2);
+    let dir = TempDir::new("restart");
+    let state = dir.join("state").join("state.json");
+    let lb_ifaces: Vec<String> = std::iter::once(&topo.client_link)
+        .chain(&topo.backend_links)
+        .map(|l| l.a.ifname.clone())
+        .collect();
+    let mut servers = Servers::new();
+    for i in 0..2 {
+        servers.tcp(&topo, i, backend_v4(i, 8080));
+        servers.udp(
+            &topo,
+            i,
+            SocketAddr::new(topo.backend_links[i].b.ip6().into(), 5353),
+        );
+    }
+    let tcp = "10.100.0.1:80/tcp";
+    let udp6 = "[fd00:100::1]:53/udp";
+    let b6 = |i: usize| SocketAddr::new(topo.backend_links[i].b.ip6().into(), 5353).to_string();
+    let vip_tcp = v4(Topology::VIP_V4, 80);
+    let vip_udp6 = SocketAddr::new(Topology::VIP_V6.into(), 53);
+    let client6 = topo.client_link.b.ip6();
+    let traffic = |round: u16| {
+        topo.client()
+            .run(move || {
+                let a = tcp_ask(v4(CLIENT, 44000 + round), vip_tcp);
+                let u =
+                    UdpSocket::bind(SocketAddr::new(client6.into(), 44000 + round)).expect("bind");
+                u.connect(vip_udp6).expect("connect");
+                u.set_read_timeout(Some(Duration::from_secs(3)))
+                    .expect("timeout");
+                (a, udp_ask(&u))
+            })
+            .expect("client namespace")
+    };
+
+    let before = {
+        let mut agent = Agent::start(&topo, &dir, &state);
+        agent.ok(&["vip", "add", tcp]);
+        agent.ok(&["vip", "add", udp6]);
+        agent.ok(&["vip", "add", "10.100.0.1:9000/udp"]);
+        agent.ok(&[
+            "backend",
+            "add",
+            tcp,
+            &backend_v4(0, 8080).to_string(),
+            "--weight",
+            "2",
+        ]);
+        agent.ok(&[
+            "backend",
+            "add",
+            tcp,
+            &backend_v4(1, 8080).to_string(),
+            "--weight",
+            "5",
+        ]);
+        agent.ok(&["backend", "add", udp6, &b6(0)]);
+        agent.ok(&["backend", "add", udp6, &b6(1), "--weight", "3"]);
+        let (a, u) = traffic(0);
+        assert!(
+            ["b0", "b1"].contains(&a.as_str()) && ["b0", "b1"].contains(&u.as_str()),
+            "{a} {u}"
+        );
+        for ifname in &lb_ifaces {
+            assert!(
+                xdp_attached(topo.lb(), ifname),
+                "XDP attached to {ifname} while the agent runs"
+            );
+        }
+        let list = agent.json(&["vip", "list", "--json"]);
+        let status = agent.stop();
+        assert!(
+            status.success(),
+            "SIGTERM is a clean stop: {status}\n{}",
+            agent.log()
+        );
+        assert!(!agent.bpffs.exists(), "pins removed on stop");
+        assert!(!agent.socket.exists(), "socket removed on stop");
+        list
+    };
+
+    let saved: Value =
+        serde_json::from_slice(&fs::read(&state).expect("state file exists after stop"))
+            .expect("state file is JSON");
+    assert_eq!(
+        saved["vips"].as_array().expect("vips").len(),
+        3,
+        "{saved:#}"
+    );
+    for ifname in &lb_ifaces {
+        assert!(
+            !xdp_attached(topo.lb(), ifname),
+            "XDP detached from {ifname} after SIGTERM"
+        );
+    }
+
+    let agent = Agent::start(&topo, &dir, &state);
+    let after = agent.json(&["vip", "list", "--json"]);
+    assert_eq!(
+        config_of(&after),
+        config_of(&before),
+        "same config after restart:\n{before:#}\n{after:#}"
+    );
+    for vip in [tcp, udp6, "10.100.0.1:9000/udp"] {
+        let b = agent.json(&["backend", "list", vip, "--json"]);
+        let expect = find_vip(&before, vip);
+        assert_eq!(
+            config_of(&Value::Array(vec![b])),
+            config_of(&Value::Array(vec![expect.clone()]))
+        );
+    }
+    let (a, u) = traffic(1);
+    assert!(
+        ["b0", "b1"].contains(&a.as_str()) && ["b0", "b1"].contains(&u.as_str()),
+        "{a} {u}"
+    );
+    let stats = agent.json(&["stats", "--json"]);
+    assert_eq!(
+        as_u64(&find_vip(&stats["vips"], udp6)["packets"], "packets"),
+        1,
+        "{stats:#}"
+    );
+}
+
+#[test]
+fn bad_input_matrix() {
+    let topo = topology(2);
+    let dir = TempDir::new("bad");
+    let agent = Agent::start(&topo, &dir, &dir.join("state.json"));
+    let vip = "10.100.0.1:80/tcp";
+    let b0 = backend_v4(0, 8080).to_string();
+    agent.ok(&["vip", "add", vip]);
+    agent.ok(&["backend", "add", vip, &b0, "--weight", "2"]);
+    let snapshot = agent.json(&["vip", "list", "--json"]);
+
+    let mut failures = Vec::new();
+    let mut check = |what: &str, args: &[&str], out: &Output, needle: &str| {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = stderr.lines().collect();
+        let fine = !out.status.success()
+            && lines.len() == 1
+            && lines[0].starts_with("xlb: ")
+            && lines[0].contains(needle);
+        if !fine {
+            failures.push(format!(
+                "{what}: expected a failure with one stderr line \"xlb: ...{needle}...\"; {}",
+                describe(args, out)
+            ));
+        }
+    };
+    let lb = topo.lb();
+    let s = agent.socket.as_path();
+    let cases: &[(&str, &[&str], &str)] = &[
+        (
+            "octet out of range",
+            &["vip", "add", "10.0.0.300:80"],
+            "10.0.0.300:80",
+        ),
+        ("not an address", &["vip", "add", "nonsense"], "nonsense"),
+        (
+            "port out of range",
+            &["vip", "add", "[::1]:99999"],
+            "[::1]:99999",
+        ),
+        (
+            "bad backend address",
+            &["backend", "add", vip, "10.11.0.300:80"],
+            "10.11.0.300:80",
+        ),
+        (
+            "bad client for explain",
+            &["explain", "nonsense", vip],
+            "nonsense",
+        ),
+        (
+            "unknown protocol",
+            &["vip", "add", "10.100.0.1:80/sctp"],
+            "sctp",
+        ),
+        ("port 0", &["vip", "add", "10.100.0.1:0/tcp"], "port 0"),
+        (
+            "unknown VIP",
+            &["backend", "add", "10.100.0.9:80/tcp", &b0],
+            "no VIP 10.100.0.9:80/tcp",
+        ),
+        (
+            "duplicate backend",
+            &["backend", "add", vip, &b0],
+            "already behind",
+        ),
+        ("duplicate VIP", &["vip", "add", vip], "already exists"),
+        (
+            "family mismatch",
+            &["backend", "add", vip, "[fd00:11::2]:8080"],
+            "address families",
+        ),
+        (
+            "weight 0",
+            &["backend", "add", vip, "10.11.1.2:8080", "--weight", "0"],
+            "weight",
+        ),
+        (
+            "weight too big",
+            &["backend", "add", vip, "10.11.1.2:8080", "--weight", "1001"],
+            "weight",
+        ),
+        (
+            "unknown backend",
+            &["backend", "del", vip, "10.11.1.2:8080"],
+            "not behind",
+        ),
+        (
+            "unknown VIP del",
+            &["vip", "del", "10.100.0.9:80/tcp"],
+            "no VIP",
+        ),
+        (
+            "unknown container",
+            &[
+                "backend",
+                "add",
+                vip,
+                "--container",
+                "xlb-no-such-container",
+            ],
+            "xlb-no-such-container",
+        ),
+    ];
+    for (what, args, needle) in cases {
+        let out = xlb(lb, s, args);
+        check(what, args, &out, needle);
+    }
+
+    // No agent behind the socket.
+    let nowhere = dir.join("nobody-here.sock");
+    let args = ["vip", "list"];
+    let out = xlb(lb, &nowhere, &args);
+    check("no agent", &args, &out, "no xlb agent is listening");
+
+    // `xlb run` on an interface that does not exist.
+    let run_args = |tag: &str| -> Vec<String> {
+        vec![
+            "run".into(),
+            "--iface".into(),
+            "does-not-exist".into(),
+            "--state".into(),
+            dir.join(&format!("{tag}.json")).display().to_string(),
+            "--bpffs".into(),
+            Path::new("/sys/fs/bpf")
+                .join(unique(tag))
+                .display()
+                .to_string(),
+        ]
+    };
+    let args = run_args("noiface");
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = xlb(lb, &dir.join("noiface.sock"), &argv);
+    check("no such interface", &argv, &out, "does-not-exist");
+
+    // `xlb run` without root: setuid(nobody) after joining the namespace.
+    let mut args = run_args("noroot");
+    args[2] = topo.client_link.a.ifname.clone();
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut cmd = lb.command(XLB);
+    cmd.args(&argv)
+        .arg("--socket")
+        .arg(dir.join("noroot.sock"))
+        .env_remove("XLB_SOCKET");
+    // SAFETY: only async-signal-safe syscalls between fork and exec. Runs after
+    // `Netns::command`'s own pre_exec (setns), which needs root.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(65534) != 0
+                || libc::setuid(65534) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = output_within(cmd, Duration::from_secs(20));
+    check("not root", &argv, &out, "root");
+
+    // A malformed line on the control socket gets an error reply; the connection and the
+    // agent keep working.
+    {
+        let mut conn =
+            UnixStream::connect(&agent.socket).expect("connecting to the control socket");
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+        let mut ask = |line: &str| -> Value {
+            conn.write_all(line.as_bytes()).expect("write");
+            let mut reply = String::new();
+            reader.read_line(&mut reply).expect("reply");
+            serde_json::from_str(&reply)
+                .unwrap_or_else(|e| panic!("reply to {line:?} is not JSON ({e}): {reply:?}"))
+        };
+        for bad in ["{this is not json\n", "{\"op\":\"explode\"}\n", "[]\n"] {
+            let reply = ask(bad);
+            if reply["kind"] != "error" || !reply["data"].is_string() {
+                failures.push(format!(
+                    "malformed request {bad:?}: expected {{\"kind\":\"error\",...}}, got {reply}"
+                ));
+            }
+        }
+        let reply = ask("{\"op\":\"vip_list\"}\n");
+        assert_eq!(
+            reply["kind"], "vips",
+            "same connection still served: {reply}"
+        );
+        assert_eq!(reply["data"], snapshot, "{reply}");
+    }
+
+    let after = agent.json(&["vip", "list", "--json"]);
+    assert_eq!(after, snapshot, "refused requests change nothing");
+    assert!(
+        failures.is_empty(),
+        "{} bad-input case(s) not handled as specified:\n\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
+}
