@@ -53,6 +53,8 @@ pub mod bench_maps {
     pub const REDIRECT_TO: &str = "XLB_BENCH_NH";
     /// `PerCpuArray<u64>`, index 0: packets counted by the sink (and by the generator).
     pub const COUNT: &str = "XLB_BENCH_CNT";
+    /// `DevMapHash`: the interfaces the redirect ceiling may send to.
+    pub const PORTS: &str = "XLB_BENCH_PORTS";
 }
 
 /// Size of every frame the benchmark generator writes (minimum Ethernet frame, no FCS): a

@@ -188,6 +188,45 @@ impl Datapath {
             })
     }
 
+    /// Attaches any of the object's XDP programs (benchmark programs on benchmark
+    /// interfaces), loading it first if needed.
+    ///
+    /// # Errors
+    /// The verifier or the interface refusing the program.
+    pub fn attach_program(
+        &mut self,
+        name: &'static str,
+        ifindex: u32,
+        mode: XdpMode,
+    ) -> Result<XdpLinkId> {
+        self.load_program(name)?;
+        self.xdp_mut(name)?
+            .attach(ifindex, mode)
+            .map_err(|source| DatapathError::Program { name, source })
+    }
+
+    /// Typed access to any map of the object by name (the benchmark maps, say).
+    ///
+    /// # Errors
+    /// No such map, or a different map type than `M`.
+    pub fn map_mut<'a, M>(&'a mut self, name: &'static str) -> Result<M>
+    where
+        M: TryFrom<&'a mut aya::maps::Map, Error = MapError>,
+    {
+        M::try_from(self.map_data(name)?).map_err(map_err(name))
+    }
+
+    /// Read-only variant of [`Self::map_mut`].
+    ///
+    /// # Errors
+    /// No such map, or a different map type than `M`.
+    pub fn map<'a, M>(&'a self, name: &'static str) -> Result<M>
+    where
+        M: TryFrom<&'a aya::maps::Map, Error = MapError>,
+    {
+        M::try_from(self.map_ref(name)?).map_err(map_err(name))
+    }
+
     /// Detaches one attachment made by `attach`.
     ///
     /// # Errors

@@ -50,12 +50,28 @@ fn cargo() -> Command {
 }
 
 fn build() -> Result<()> {
-    step("building the XDP object and the xlb binary (release)");
-    run(cargo().args(["build", "--release", "-p", "lb-userspace", "--bin", "xlb"]))
+    step("building the XDP object, the xlb binary and the demo (release)");
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "lb-userspace",
+        "--bin",
+        "xlb",
+        "-p",
+        "xlb-demo",
+    ]))
 }
 
 fn main() -> Result<()> {
-    match Cli::parse().task {
+    let cli = Cli::parse();
+    // Paths below (target/release/...) are relative to the workspace root, wherever
+    // `cargo xtask` was started from.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("xtask has no parent directory")?;
+    std::env::set_current_dir(root).with_context(|| format!("entering {}", root.display()))?;
+    match cli.task {
         Task::Bootstrap => bootstrap::ensure_all(),
         Task::Build => {
             bootstrap::ensure_all()?;
@@ -76,7 +92,7 @@ fn main() -> Result<()> {
             bootstrap::require_root("the demo attaches XDP and creates network namespaces")?;
             build()?;
             step("running the demo");
-            run(Command::new("target/release/xlb").arg("demo"))
+            run(Command::new("target/release/xlb-demo").args(["--xlb", "target/release/xlb"]))
         }
     }
 }
