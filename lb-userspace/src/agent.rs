@@ -22,7 +22,7 @@ use tracing::{info, warn};
 use crate::{
     api::{CounterValue, Reply, Request, Stats},
     balancer::{Balancer, DesiredState},
-    datapath::{Datapath, DatapathConfig, xdp_mode_name},
+    datapath::{Datapath, DatapathConfig, PinnedAttachment, xdp_mode_name},
     paths,
 };
 
@@ -42,6 +42,8 @@ pub struct AgentOptions {
     pub socket: PathBuf,
     pub state: PathBuf,
     pub datapath: DatapathConfig,
+    /// On exit, leave the program attached and the maps pinned, for the next agent to adopt.
+    pub keep_attached: bool,
 }
 
 pub fn require_root(what: &str) -> Result<()> {
@@ -269,7 +271,13 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     let restored = load_state(&options.state)?;
 
     paths::ensure_bpffs_dir(&options.bpffs)?;
-    let datapath = Datapath::load(options.datapath).context("loading the XDP program")?;
+    let datapath = Datapath::load_pinned(options.datapath, &options.bpffs).with_context(|| {
+        format!(
+            "loading the XDP program with its maps pinned under {} (if a previous agent ran \
+             with other --ring-size/--max-vips, remove its data path with `xlb detach`)",
+            options.bpffs.display()
+        )
+    })?;
     let mut datapath = datapath;
     match datapath.logger() {
         Ok(logger) => {
@@ -293,13 +301,18 @@ pub async fn run(options: AgentOptions) -> Result<()> {
 
     let mut links = Vec::new();
     for (name, index) in &ifaces {
-        let link = attach(&mut balancer, name, *index, options.mode)?;
-        links.push(link);
+        let pin = options.bpffs.join(format!("link_{name}"));
+        match attach(&mut balancer, name, *index, options.mode, &pin) {
+            Ok(link) => links.push(link),
+            Err(e) => {
+                // Leave nothing half-attached behind a failed start.
+                for link in links {
+                    let _ = link.detach();
+                }
+                return Err(e);
+            }
+        }
     }
-    balancer
-        .datapath()
-        .pin_maps(&options.bpffs)
-        .with_context(|| format!("pinning maps under {}", options.bpffs.display()))?;
 
     if let Some(dir) = options.socket.parent() {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -328,15 +341,64 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         }
     }
 
-    info!("stopping: detaching from {} interface(s)", links.len());
     let _ = fs::remove_file(&options.socket);
-    let mut agent = agent.lock().expect("agent lock poisoned");
+    if options.keep_attached {
+        info!(
+            pins = %options.bpffs.display(),
+            "stopping, leaving the data path attached: the next `xlb run` adopts it, `xlb detach` removes it"
+        );
+        for link in links {
+            link.keep();
+        }
+        return Ok(());
+    }
+    info!("stopping: detaching from {} interface(s)", links.len());
     for link in links {
-        if let Err(e) = agent.balancer.datapath_mut().detach(link) {
-            warn!("{}", error_chain(&e));
+        if let Err(e) = link.detach() {
+            warn!("detaching: {e}");
         }
     }
+    drop(agent);
     let _ = fs::remove_dir_all(&options.bpffs);
+    Ok(())
+}
+
+/// `xlb detach`: removes a data path an agent left attached (`--keep-attached`): the pinned
+/// links (which detaches the program) and the pinned maps.
+///
+/// # Errors
+/// An agent still running on `socket`, or a pin that cannot be removed.
+pub fn detach(bpffs: &Path, socket: &Path) -> Result<()> {
+    require_root("xlb detach")?;
+    if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+        bail!(
+            "an xlb agent is running on {}: stop it instead (it detaches on exit unless started with --keep-attached)",
+            socket.display()
+        );
+    }
+    let entries = match fs::read_dir(bpffs) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            println!("nothing to detach: {} does not exist", bpffs.display());
+            return Ok(());
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", bpffs.display())),
+    };
+    let mut detached = 0;
+    for entry in entries {
+        let entry = entry.with_context(|| format!("reading {}", bpffs.display()))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(iface) = name.strip_prefix("link_") {
+            crate::datapath::detach_pinned(&entry.path())?;
+            println!("detached from {iface}");
+            detached += 1;
+        }
+    }
+    fs::remove_dir_all(bpffs).with_context(|| format!("removing {}", bpffs.display()))?;
+    println!(
+        "removed {} ({detached} attachment(s), pinned maps with the connection table)",
+        bpffs.display()
+    );
     Ok(())
 }
 
@@ -364,12 +426,17 @@ fn attach(
     name: &str,
     index: u32,
     choice: ModeChoice,
-) -> Result<aya::programs::xdp::XdpLinkId> {
+    pin: &Path,
+) -> Result<PinnedAttachment> {
     let first = match choice {
         ModeChoice::Auto | ModeChoice::Native => XdpMode::Driver,
         ModeChoice::Skb => XdpMode::Skb,
     };
-    match balancer.datapath_mut().attach(index, first) {
+    match balancer.datapath_mut().attach_pinned(index, first, pin) {
+        Ok(link) if link.adopted => {
+            info!(iface = name, "adopted the running data path (program replaced in place)");
+            Ok(link)
+        }
         Ok(link) => {
             info!(iface = name, mode = xdp_mode_name(first), "attached");
             Ok(link)
@@ -382,7 +449,7 @@ fn attach(
             );
             let link = balancer
                 .datapath_mut()
-                .attach(index, XdpMode::Skb)
+                .attach_pinned(index, XdpMode::Skb, pin)
                 .with_context(|| format!("attaching XDP to {name} in skb mode"))?;
             info!(iface = name, mode = "skb", "attached");
             Ok(link)

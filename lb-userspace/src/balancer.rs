@@ -168,6 +168,20 @@ impl IdPool {
     fn give_back(&mut self, id: u32) {
         self.freed.push_back(id);
     }
+
+    /// Takes a particular id (one recorded by a previous agent), if it is free.
+    fn take_exact(&mut self, id: u32) -> Option<u32> {
+        if id >= self.limit {
+            return None;
+        }
+        if id >= self.next_fresh {
+            self.freed.extend(self.next_fresh..id);
+            self.next_fresh = id + 1;
+            return Some(id);
+        }
+        let at = self.freed.iter().position(|f| *f == id)?;
+        self.freed.remove(at)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -203,6 +217,11 @@ pub struct BackendConfig {
     pub weight: u32,
     #[serde(default = "default_state")]
     pub state: BackendState,
+    /// The id the data plane knows the backend by. Persisted so that an agent adopting a
+    /// running data plane (pinned maps) gives every backend the same id again: connection-
+    /// table entries name backends by id. Absent in hand-written configs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u32>,
 }
 
 const fn default_state() -> BackendState {
@@ -213,6 +232,9 @@ const fn default_state() -> BackendState {
 pub struct VipConfig {
     pub vip: VipSpec,
     pub backends: Vec<BackendConfig>,
+    /// As `BackendConfig::id`, for the VIP's slot (its counters and rings).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u32>,
 }
 
 /// The whole desired state, as persisted.
@@ -297,13 +319,17 @@ impl Balancer {
     /// # Errors
     /// The VIP exists already, or no slot is free.
     pub fn add_vip(&mut self, vip: VipSpec) -> Result<()> {
+        self.add_vip_with_id(vip, None)
+    }
+
+    fn add_vip_with_id(&mut self, vip: VipSpec, wanted: Option<u32>) -> Result<()> {
         if self.vips.contains_key(&vip) {
             return Err(BalancerError::DuplicateVip(vip));
         }
         let max = self.datapath.config().max_vips;
-        let id = self
-            .vip_ids
-            .take()
+        let id = wanted
+            .and_then(|id| self.vip_ids.take_exact(id))
+            .or_else(|| self.vip_ids.take())
             .ok_or(BalancerError::VipSlotsExhausted(max))?;
         let entry = VipEntry {
             id,
@@ -311,10 +337,13 @@ impl Balancer {
             halves: [Vec::new(), Vec::new()],
             backends: BTreeMap::new(),
         };
-        let written = self
-            .datapath
-            .reset_vip_traffic(id)
-            .and_then(|()| self.write_vip_info(&vip, &entry));
+        // A recorded id carries its own counters (a restarted agent adopting pinned maps).
+        let reset = if wanted.is_some() {
+            Ok(())
+        } else {
+            self.datapath.reset_vip_traffic(id)
+        };
+        let written = reset.and_then(|()| self.write_vip_info(&vip, &entry));
         if let Err(e) = written {
             self.vip_ids.give_back(id);
             return Err(e.into());
@@ -387,6 +416,16 @@ impl Balancer {
     /// # Errors
     /// Unknown VIP, duplicate backend, family mismatch, bad weight, no free id.
     pub fn add_backend(&mut self, vip: &VipSpec, backend: SocketAddr, weight: u32) -> Result<()> {
+        self.add_backend_with_id(vip, backend, weight, None)
+    }
+
+    fn add_backend_with_id(
+        &mut self,
+        vip: &VipSpec,
+        backend: SocketAddr,
+        weight: u32,
+        wanted: Option<u32>,
+    ) -> Result<()> {
         Self::validate_weight(weight)?;
         if backend.port() == 0 {
             return Err(BalancerError::BackendPortZero);
@@ -399,11 +438,11 @@ impl Balancer {
             return Err(BalancerError::FamilyMismatch { vip: *vip, backend });
         }
         let vip_id = entry.id;
-        let id = self
-            .backend_ids
-            .take()
+        let id = wanted
+            .and_then(|id| self.backend_ids.take_exact(id))
+            .or_else(|| self.backend_ids.take())
             .ok_or(BalancerError::BackendSlotsExhausted(MAX_BACKENDS))?;
-        if let Err(e) = self.write_backend(id, vip_id, backend, BACKEND_ACTIVE) {
+        if let Err(e) = self.write_backend(id, vip_id, backend, BACKEND_ACTIVE, wanted.is_none()) {
             self.backend_ids.give_back(id);
             return Err(e);
         }
@@ -422,8 +461,17 @@ impl Balancer {
         self.rebuild_ring(vip)
     }
 
-    fn write_backend(&mut self, id: u32, vip_id: u32, addr: SocketAddr, flags: u8) -> Result<()> {
-        self.datapath.reset_backend_traffic(id)?;
+    fn write_backend(
+        &mut self,
+        id: u32,
+        vip_id: u32,
+        addr: SocketAddr,
+        flags: u8,
+        reset_counters: bool,
+    ) -> Result<()> {
+        if reset_counters {
+            self.datapath.reset_backend_traffic(id)?;
+        }
         let value = Backend {
             addr: to_bytes(addr.ip()),
             port_be: addr.port().to_be(),
@@ -675,6 +723,7 @@ impl Balancer {
                 .iter()
                 .map(|(vip, entry)| VipConfig {
                     vip: *vip,
+                    id: Some(entry.id),
                     backends: entry
                         .backends
                         .iter()
@@ -682,6 +731,7 @@ impl Balancer {
                             addr: *addr,
                             weight: b.weight,
                             state: b.state,
+                            id: Some(b.id),
                         })
                         .collect(),
                 })
@@ -689,15 +739,24 @@ impl Balancer {
         }
     }
 
-    /// Programs a whole desired state into an empty balancer (agent start-up).
+    /// Programs a whole desired state into an empty balancer (agent start-up). Recorded ids
+    /// are kept, so a data plane left running by a previous agent keeps every flow.
     ///
     /// # Errors
     /// The first entry that cannot be applied.
     pub fn apply(&mut self, state: &DesiredState) -> Result<()> {
-        for vip in &state.vips {
+        // Recorded ids first, so that a fresh id handed to an unrecorded entry cannot take one.
+        for vip in state.vips.iter().filter(|v| v.id.is_some()) {
+            self.add_vip_with_id(vip.vip, vip.id)?;
+        }
+        for vip in state.vips.iter().filter(|v| v.id.is_none()) {
             self.add_vip(vip.vip)?;
-            for b in &vip.backends {
-                self.add_backend(&vip.vip, b.addr, b.weight)?;
+        }
+        for vip in &state.vips {
+            let mut ordered: Vec<&BackendConfig> = vip.backends.iter().collect();
+            ordered.sort_by_key(|b| b.id.is_none());
+            for b in ordered {
+                self.add_backend_with_id(&vip.vip, b.addr, b.weight, b.id)?;
                 if b.state != BackendState::Active {
                     self.update_backend(&vip.vip, b.addr, None, Some(b.state))?;
                 }
@@ -738,6 +797,18 @@ mod tests {
     }
 
     #[test]
+    fn id_pool_takes_recorded_ids() {
+        let mut pool = IdPool::new(8);
+        assert_eq!(pool.take_exact(3), Some(3));
+        assert_eq!(pool.take_exact(3), None);
+        assert_eq!(pool.take(), Some(4));
+        assert_eq!(pool.take_exact(1), Some(1));
+        assert_eq!(pool.take_exact(9), None);
+        let rest: Vec<_> = std::iter::from_fn(|| pool.take()).collect();
+        assert_eq!(rest, vec![5, 6, 7, 0, 2]);
+    }
+
+    #[test]
     fn id_pool_reuses_longest_freed_last() {
         let mut pool = IdPool::new(3);
         assert_eq!(
@@ -760,7 +831,9 @@ mod tests {
                     addr: "[fd00::2]:8443".parse().unwrap(),
                     weight: 3,
                     state: BackendState::Draining,
+                    id: Some(7),
                 }],
+                id: None,
             }],
         };
         let json = serde_json::to_string(&state).unwrap();

@@ -6,7 +6,11 @@ use std::{path::Path, time::Duration};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues, xdp::DevMapHash},
-    programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
+    programs::{
+        ProgramError, TestRun, TestRunOptions, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+    },
 };
 use lb_common::{
     Backend, Counter, DEFAULT_HASH_SEED, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, FlowKey, FlowState,
@@ -78,6 +82,18 @@ pub enum DatapathError {
         #[source]
         source: aya::maps::xdp::XdpMapError,
     },
+    #[error("adopting the XDP link pinned at {path} (remove it with `xlb detach`)")]
+    AdoptLink {
+        path: String,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    #[error("removing the pin {path}")]
+    Unpin {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("counting possible CPUs")]
     Cpus(#[source] std::io::Error),
 }
@@ -109,19 +125,38 @@ impl Datapath {
     /// # Errors
     /// Bad sizes, or the kernel refusing the maps or the program.
     pub fn load(config: DatapathConfig) -> Result<Self> {
+        Self::load_with_pins(config, None)
+    }
+
+    /// As `load`, with every map pinned under `dir` by name; where a map is pinned there
+    /// already (a previous agent left the data path running), the loader reuses it, so the
+    /// connection table and counters survive an agent restart or upgrade.
+    ///
+    /// # Errors
+    /// As `load`; also a pinned map whose layout differs from this build's.
+    pub fn load_pinned(config: DatapathConfig, dir: &Path) -> Result<Self> {
+        Self::load_with_pins(config, Some(dir))
+    }
+
+    fn load_with_pins(config: DatapathConfig, pins: Option<&Path>) -> Result<Self> {
         if !is_prime(config.ring_size) {
             return Err(DatapathError::RingSizeNotPrime(config.ring_size));
         }
         let ring_slots = u64::from(config.max_vips) * 2 * u64::from(config.ring_size);
         let ring_slots_u32 =
             u32::try_from(ring_slots).map_err(|_| DatapathError::TooLarge(ring_slots))?;
-        let ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .override_global(HASH_SEED_SYMBOL, &config.hash_seed, true)
             .map_max_entries(map_names::VIPS, config.max_vips)
             .map_max_entries(map_names::VIP_STATS, config.max_vips)
-            .map_max_entries(map_names::MAGLEV, ring_slots_u32)
-            .load(XLB_OBJECT)
-            .map_err(DatapathError::Load)?;
+            .map_max_entries(map_names::MAGLEV, ring_slots_u32);
+        if let Some(dir) = pins {
+            for name in map_names::ALL {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let ebpf = loader.load(XLB_OBJECT).map_err(DatapathError::Load)?;
         let mut datapath = Self { ebpf, config };
         datapath.load_program(program_names::XLB)?;
         Ok(datapath)
@@ -225,6 +260,58 @@ impl Datapath {
         M: TryFrom<&'a aya::maps::Map, Error = MapError>,
     {
         M::try_from(self.map_ref(name)?).map_err(map_err(name))
+    }
+
+    /// Attaches the balancer to an interface through a bpf_link pinned at `pin`, so the
+    /// attachment outlives the agent. Where a link is pinned there already, its program is
+    /// replaced atomically (no packet sees no program) instead: that is an agent upgrade.
+    ///
+    /// # Errors
+    /// The kernel refusing the attachment, or the pin.
+    pub fn attach_pinned(&mut self, ifindex: u32, mode: XdpMode, pin: &Path) -> Result<PinnedAttachment> {
+        let name = program_names::XLB;
+        let program_err = |source| DatapathError::Program { name, source };
+        let pin_err = |source| DatapathError::Pin {
+            name: "xdp link",
+            path: pin.display().to_string(),
+            source,
+        };
+        let xdp = self.xdp_mut(name)?;
+        if pin.exists() {
+            let pinned = PinnedLink::from_pin(pin).map_err(|source| DatapathError::AdoptLink {
+                path: pin.display().to_string(),
+                source,
+            })?;
+            let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|source| {
+                DatapathError::AdoptLink {
+                    path: pin.display().to_string(),
+                    source,
+                }
+            })?;
+            let id = xdp.attach_to_link(link).map_err(program_err)?;
+            // Out of aya's hands: dropping the program must not detach it.
+            let link = xdp.take_link(id).map_err(program_err)?;
+            return Ok(PinnedAttachment {
+                adopted: true,
+                link: FdLink::try_from(link).map_err(|source| DatapathError::AdoptLink {
+                    path: pin.display().to_string(),
+                    source,
+                })?,
+                pin: pin.to_owned(),
+            });
+        }
+        let id = xdp.attach(ifindex, mode).map_err(program_err)?;
+        let link = xdp.take_link(id).map_err(program_err)?;
+        let link = FdLink::try_from(link).map_err(|source| DatapathError::AdoptLink {
+            path: pin.display().to_string(),
+            source,
+        })?;
+        let pinned = link.pin(pin).map_err(pin_err)?;
+        Ok(PinnedAttachment {
+            adopted: false,
+            link: FdLink::from(pinned),
+            pin: pin.to_owned(),
+        })
     }
 
     /// Detaches one attachment made by `attach`.
@@ -402,6 +489,49 @@ impl Datapath {
     pub const fn max_backends() -> u32 {
         MAX_BACKENDS
     }
+}
+
+/// An attachment that lives on bpffs, independent of the agent process.
+pub struct PinnedAttachment {
+    /// The link was pinned already: a previous agent left the data path running.
+    pub adopted: bool,
+    link: FdLink,
+    pin: std::path::PathBuf,
+}
+
+impl PinnedAttachment {
+    /// Leaves the program attached after the agent exits (the pin keeps the link).
+    pub fn keep(self) {
+        drop(self.link);
+    }
+
+    /// Detaches: removes the pin, and closing the last reference ends the link.
+    ///
+    /// # Errors
+    /// The pin cannot be removed.
+    pub fn detach(self) -> std::io::Result<()> {
+        std::fs::remove_file(&self.pin)?;
+        drop(self.link);
+        Ok(())
+    }
+}
+
+/// Removes an attachment left pinned at `pin` by an agent that kept the data path running.
+///
+/// # Errors
+/// The pin is not a link, or cannot be removed.
+pub fn detach_pinned(pin: &Path) -> Result<()> {
+    let pinned = PinnedLink::from_pin(pin).map_err(|source| DatapathError::AdoptLink {
+        path: pin.display().to_string(),
+        source,
+    })?;
+    pinned
+        .unpin()
+        .map(drop)
+        .map_err(|e| DatapathError::Unpin {
+            path: pin.display().to_string(),
+            source: e,
+        })
 }
 
 /// `XdpMode` by the names the CLI uses.

@@ -56,6 +56,17 @@ enum Command {
         /// Flow-hash seed; give every node behind the same ECMP group the same seed.
         #[arg(long, default_value_t = DEFAULT_HASH_SEED)]
         hash_seed: u32,
+        /// On SIGINT/SIGTERM leave the data path running (program attached, maps pinned);
+        /// the next `xlb run` adopts it without losing a flow. `xlb detach` removes it.
+        #[arg(long)]
+        keep_attached: bool,
+    },
+    /// Remove a data path left running by `xlb run --keep-attached`.
+    #[command(after_help = "Example:\n  sudo xlb detach")]
+    Detach {
+        /// Where the agent pinned it [default: /sys/fs/bpf/xlb]
+        #[arg(long)]
+        bpffs: Option<PathBuf>,
     },
     /// Add, remove or list VIPs.
     #[command(subcommand)]
@@ -377,7 +388,9 @@ fn bench(command: BenchCommand) -> Result<()> {
 fn client(socket: &std::path::Path, command: Command) -> Result<()> {
     let call = |request: &Request| api::call(socket, request).map_err(anyhow::Error::new);
     match command {
-        Command::Run { .. } | Command::Bench(_) => unreachable!("handled in main"),
+        Command::Run { .. } | Command::Bench(_) | Command::Detach { .. } => {
+            unreachable!("handled in main")
+        }
         Command::Vip(VipCommand::Add { vip }) => {
             call(&Request::VipAdd { vip })?;
             println!("added VIP {vip}");
@@ -496,6 +509,7 @@ fn main() -> ExitCode {
             ring_size,
             max_vips,
             hash_seed,
+            keep_attached,
         } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
@@ -515,6 +529,7 @@ fn main() -> ExitCode {
                     max_vips,
                     hash_seed,
                 },
+                keep_attached,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -524,6 +539,10 @@ fn main() -> ExitCode {
                 .and_then(|rt| rt.block_on(agent::run(options)))
         }
         Command::Bench(command) => bench(command),
+        Command::Detach { bpffs } => agent::detach(
+            &bpffs.unwrap_or_else(paths::default_bpffs),
+            &cli.socket.unwrap_or_else(paths::default_socket),
+        ),
         command => client(&cli.socket.unwrap_or_else(paths::default_socket), command),
     };
     match result {
