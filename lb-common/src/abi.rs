@@ -176,7 +176,14 @@ pub struct NextHop {
 pub struct FlowState {
     pub backend_id: u32,
     pub next_hop: NextHop,
+    pub _pad: u32,
+    /// `CLOCK_MONOTONIC` (coarse) time of the flow's last packet, refreshed at most once a
+    /// second: how the agent tells a draining backend's live flows from finished ones.
+    pub last_seen_ns: u64,
 }
+
+/// How stale `FlowState::last_seen_ns` may get before it is rewritten.
+pub const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
 
 /// Value of `XLB_REVNAT`: what a reply's source must be rewritten to.
 #[repr(C)]
@@ -317,7 +324,7 @@ mod tests {
         assert_eq!(size_of::<Backend>(), 16 + 2 + 1 + 1 + 4);
         assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 3);
         assert_eq!(size_of::<NextHop>(), 4 + 6 + 6);
-        assert_eq!(size_of::<FlowState>(), 4 + 16);
+        assert_eq!(size_of::<FlowState>(), 4 + 16 + 4 + 8);
         assert_eq!(size_of::<ReverseNat>(), 16 + 2 + 2 + 4 + 16);
         assert_eq!(size_of::<TrafficCounters>(), 24);
     }

@@ -5,12 +5,13 @@ use core::{ffi::c_void, mem};
 
 use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, xdp_action},
-    helpers::generated::bpf_fib_lookup as fib_lookup,
+    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_ktime_get_coarse_ns},
     programs::XdpContext,
 };
 use aya_log_ebpf::warn;
 use lb_common::{
-    BACKEND_ACTIVE, Backend, Counter, FlowKey, FlowState, NextHop, ReverseNat, VipInfo, VipKey,
+    BACKEND_ACTIVE, Backend, Counter, FlowKey, FlowState, LAST_SEEN_GRANULARITY_NS, NextHop,
+    ReverseNat, VipInfo, VipKey,
     hash::flow_hash,
     parse::{PacketBytes, Parsed, Skip, parse},
 };
@@ -117,9 +118,20 @@ fn to_backend(ctx: &XdpContext, p: &Parsed, vip: &VipInfo, t: &mut Translation) 
         )
         .map(|b| (id, b, state))
     });
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let (backend_id, backend, state, new_flow) = match known {
         Some((id, b, state)) => {
             count(Counter::ConntrackHit);
+            // SAFETY: as above. Written at most once a second: no cache-line churn per packet.
+            // The cached next hop is dropped at the same pace, so a changed neighbour or route
+            // reaches established flows within about a second, at one FIB lookup per second.
+            unsafe {
+                if now.wrapping_sub((*state).last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
+                    (*state).last_seen_ns = now;
+                    (*state).next_hop.ifindex = 0;
+                }
+            }
             (id, b, Some(state), false)
         }
         None => {
@@ -132,6 +144,8 @@ fn to_backend(ctx: &XdpContext, p: &Parsed, vip: &VipInfo, t: &mut Translation) 
             let state = FlowState {
                 backend_id: id,
                 next_hop: NextHop::default(),
+                _pad: 0,
+                last_seen_ns: now,
             };
             if let Err(errno) = CONNTRACK.insert(&key, &state, 0) {
                 // Rare by construction (LRU maps evict instead of failing): worth a log line.
@@ -236,35 +250,45 @@ fn emit(ctx: &XdpContext, p: &Parsed, t: &Translation, cache: *mut NextHop) -> u
     // SAFETY: null or a pointer into a live LRU value (see `to_backend`).
     let cache = unsafe { cache.as_mut() };
     let next_hop = next_hop(ctx, pkt, p, t, cache);
-    let (endpoint, addr, port_be) = (t.endpoint, &t.addr, t.port_be);
     let Some(nh) = next_hop.filter(|_| p.l3_offset == lb_common::parse::ETH_HLEN) else {
         // VLAN-tagged frames also go through the stack: the tag belongs to the ingress
         // device and only the stack knows how the egress wants it.
-        count(Counter::NextHopFailure);
-        return match rewrite(pkt, p, endpoint, addr, port_be, false) {
-            Some(()) => xdp_action::XDP_PASS,
-            None => dropped_malformed(),
-        };
+        return via_stack(pkt, p, t);
     };
     if p.ttl <= 1 {
         // Untouched: the stack sends the ICMP time-exceeded.
         count(Counter::TtlExpired);
         return xdp_action::XDP_PASS;
     }
+    // The action is settled before the frame is touched: an egress that is not in the
+    // redirect map (it left it since the next hop was cached, or a reply's client-side
+    // interface never was in it) sends the packet through the stack, MACs untouched.
+    let action = if nh.ifindex == ingress_ifindex(ctx) {
+        xdp_action::XDP_TX
+    } else {
+        match EGRESS_PORTS.redirect(nh.ifindex, 0) {
+            Ok(action) => action,
+            Err(_) => return via_stack(pkt, p, t),
+        }
+    };
     let mut macs = [0u8; 12];
     macs[..6].copy_from_slice(&nh.dst_mac);
     macs[6..].copy_from_slice(&nh.src_mac);
-    if rewrite(pkt, p, endpoint, addr, port_be, true).is_none() || pkt.write(0, macs).is_none() {
+    if rewrite(pkt, p, t.endpoint, &t.addr, t.port_be, true).is_none()
+        || pkt.write(0, macs).is_none()
+    {
         return dropped_malformed();
     }
-    if nh.ifindex == ingress_ifindex(ctx) {
-        xdp_action::XDP_TX
-    } else {
-        // The port left the devmap since the next hop was cached: the frame already carries
-        // the next hop's MAC, so the stack would discard it anyway.
-        EGRESS_PORTS
-            .redirect(nh.ifindex, 0)
-            .unwrap_or(xdp_action::XDP_DROP)
+    action
+}
+
+/// Translates the packet and lets the stack route it (TTL and MACs are the stack's job).
+#[inline(always)]
+fn via_stack(pkt: &XdpPacket, p: &Parsed, t: &Translation) -> u32 {
+    count(Counter::NextHopFailure);
+    match rewrite(pkt, p, t.endpoint, &t.addr, t.port_be, false) {
+        Some(()) => xdp_action::XDP_PASS,
+        None => dropped_malformed(),
     }
 }
 

@@ -166,7 +166,18 @@ impl Agent {
                 .balancer
                 .remove_backend(&vip, backend)
                 .map(|()| Reply::Done),
-            Request::BackendList { vip } => self.balancer.vip_status(&vip).map(Reply::Vip),
+            Request::BackendSet {
+                vip,
+                backend,
+                weight,
+                state,
+            } => self
+                .balancer
+                .update_backend(&vip, backend, weight, state)
+                .map(|()| Reply::Done),
+            Request::BackendList { vip } => {
+                self.balancer.vip_status_with_flows(&vip).map(Reply::Vip)
+            }
             Request::Stats => self.stats(),
             Request::Explain { client, vip } => {
                 self.balancer.explain(client, &vip).map(Reply::Explanation)

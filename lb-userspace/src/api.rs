@@ -13,7 +13,7 @@ use lb_common::Counter;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::balancer::{Explanation, VipSpec, VipStatus};
+use crate::balancer::{BackendState, Explanation, VipSpec, VipStatus};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -33,6 +33,13 @@ pub enum Request {
     BackendDel {
         vip: VipSpec,
         backend: SocketAddr,
+    },
+    /// Change a backend's weight and/or state (draining: no new flows, established ones go on).
+    BackendSet {
+        vip: VipSpec,
+        backend: SocketAddr,
+        weight: Option<u32>,
+        state: Option<BackendState>,
     },
     BackendList {
         vip: VipSpec,
@@ -54,6 +61,7 @@ impl Request {
                 | Self::VipDel { .. }
                 | Self::BackendAdd { .. }
                 | Self::BackendDel { .. }
+                | Self::BackendSet { .. }
         )
     }
 }

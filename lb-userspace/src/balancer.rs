@@ -254,7 +254,14 @@ pub struct BackendStatus {
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
+    /// Flows in the connection table that saw a packet within the idle timeout (only
+    /// counted by `backend list`: it walks the whole table).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live_flows: Option<u64>,
 }
+
+/// How long a flow may go without a packet and still count as live for `live_flows`.
+pub const FLOW_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VipStatus {
@@ -625,6 +632,43 @@ impl Balancer {
         self.vips.keys().copied().collect()
     }
 
+    /// Live flows per backend id: connection-table entries that saw a packet within
+    /// `idle`. An LRU keeps finished flows until it needs the room, so age is what tells a
+    /// draining backend's remaining flows from ones that ended.
+    ///
+    /// # Errors
+    /// A failing map read.
+    pub fn live_flows(&self, idle: std::time::Duration) -> Result<BTreeMap<u32, u64>> {
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+            .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+            .unwrap_or(u64::MAX);
+        let idle = idle.as_nanos() as u64;
+        let mut counts = BTreeMap::new();
+        for item in self.datapath.conntrack()?.iter() {
+            let Ok((_, state)) = item else {
+                // An entry evicted while we walk: the walk goes on from the next one.
+                continue;
+            };
+            if now.saturating_sub(state.last_seen_ns) <= idle {
+                *counts.entry(state.backend_id).or_default() += 1;
+            }
+        }
+        Ok(counts)
+    }
+
+    /// As `vip_status`, with each backend's live flows counted.
+    ///
+    /// # Errors
+    /// Unknown VIP or a failing map read.
+    pub fn vip_status_with_flows(&self, vip: &VipSpec) -> Result<VipStatus> {
+        let mut status = self.vip_status(vip)?;
+        let flows = self.live_flows(FLOW_IDLE_TIMEOUT)?;
+        for b in &mut status.backends {
+            b.live_flows = Some(flows.get(&b.id).copied().unwrap_or(0));
+        }
+        Ok(status)
+    }
+
     /// # Errors
     /// Unknown VIP or a failing map read.
     pub fn vip_status(&self, vip: &VipSpec) -> Result<VipStatus> {
@@ -649,6 +693,7 @@ impl Balancer {
                     packets: t.packets,
                     bytes: t.bytes,
                     new_flows: t.new_flows,
+                    live_flows: None,
                 })
             })
             .collect::<Result<Vec<_>>>()?;

@@ -8,7 +8,7 @@ use lb_common::{DEFAULT_HASH_SEED, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE};
 use lb_userspace::{
     agent::{self, AgentOptions, ModeChoice},
     api::{self, Reply, Request},
-    balancer::{VipSpec, VipStatus},
+    balancer::{BackendState, VipSpec, VipStatus},
     datapath::DatapathConfig,
     paths,
 };
@@ -96,6 +96,21 @@ enum Command {
     },
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum StateArg {
+    Active,
+    Draining,
+}
+
+impl From<StateArg> for BackendState {
+    fn from(s: StateArg) -> Self {
+        match s {
+            StateArg::Active => Self::Active,
+            StateArg::Draining => Self::Draining,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum BenchCommand {
     /// Program cost per packet type through BPF_PROG_TEST_RUN, next to an empty program and
@@ -174,6 +189,22 @@ enum BackendCommand {
     /// Remove a backend; its established flows move to the others.
     #[command(after_help = "Example:\n  xlb backend del 192.0.2.10:80/tcp 10.88.0.14:8080")]
     Del { vip: VipSpec, backend: SocketAddr },
+    /// Change a backend's weight (the ring is rebuilt with minimal disruption) or state.
+    #[command(after_help = "Examples:\n  xlb backend set 192.0.2.10:80/tcp 10.88.0.14:8080 --weight 3\n  xlb backend set 192.0.2.10:80/tcp 10.88.0.14:8080 --state active")]
+    Set {
+        vip: VipSpec,
+        backend: SocketAddr,
+        /// New weight (1-1000).
+        #[arg(long)]
+        weight: Option<u32>,
+        /// active: takes new flows; draining: keeps its established flows, takes no new ones.
+        #[arg(long, value_enum)]
+        state: Option<StateArg>,
+    },
+    /// Stop sending new flows to a backend; its established flows continue until they end.
+    /// `xlb backend list` shows how many remain.
+    #[command(after_help = "Example:\n  xlb backend drain 192.0.2.10:80/tcp 10.88.0.14:8080")]
+    Drain { vip: VipSpec, backend: SocketAddr },
     /// List a VIP's backends with their weights, ring slots and traffic.
     #[command(
         after_help = "Examples:\n  xlb backend list 192.0.2.10:80/tcp\n  xlb backend list 192.0.2.10:80/tcp --json"
@@ -223,19 +254,20 @@ fn print_backends(v: &VipStatus) {
         return;
     }
     println!(
-        "  {:<40} {:>6} {:>9} {:>7} {:>12} {:>14} {:>10}",
-        "BACKEND", "WEIGHT", "STATE", "SLOTS", "PACKETS", "BYTES", "NEW FLOWS"
+        "  {:<40} {:>6} {:>9} {:>7} {:>12} {:>14} {:>10} {:>10}",
+        "BACKEND", "WEIGHT", "STATE", "SLOTS", "PACKETS", "BYTES", "NEW FLOWS", "LIVE FLOWS"
     );
     for b in &v.backends {
         println!(
-            "  {:<40} {:>6} {:>9} {:>7} {:>12} {:>14} {:>10}",
+            "  {:<40} {:>6} {:>9} {:>7} {:>12} {:>14} {:>10} {:>10}",
             b.addr.to_string(),
             b.weight,
             format!("{:?}", b.state).to_lowercase(),
             b.slots,
             b.packets,
             b.bytes,
-            b.new_flows
+            b.new_flows,
+            b.live_flows.map_or("-".to_owned(), |f| f.to_string())
         );
     }
 }
@@ -429,6 +461,34 @@ fn client(socket: &std::path::Path, command: Command) -> Result<()> {
         Command::Backend(BackendCommand::Del { vip, backend }) => {
             call(&Request::BackendDel { vip, backend })?;
             println!("removed backend {backend} from {vip}");
+        }
+        Command::Backend(BackendCommand::Set {
+            vip,
+            backend,
+            weight,
+            state,
+        }) => {
+            if weight.is_none() && state.is_none() {
+                bail!("nothing to change: give --weight N and/or --state active|draining");
+            }
+            call(&Request::BackendSet {
+                vip,
+                backend,
+                weight,
+                state: state.map(Into::into),
+            })?;
+            println!("updated backend {backend} of {vip}");
+        }
+        Command::Backend(BackendCommand::Drain { vip, backend }) => {
+            call(&Request::BackendSet {
+                vip,
+                backend,
+                weight: None,
+                state: Some(BackendState::Draining),
+            })?;
+            println!(
+                "draining backend {backend} of {vip}: no new flows; `xlb backend list {vip}` shows the flows it still has"
+            );
         }
         Command::Backend(BackendCommand::List { vip, json }) => {
             if let Reply::Vip(status) = call(&Request::BackendList { vip })? {

@@ -10,7 +10,7 @@
 
 use std::{
     future::Future,
-    net::IpAddr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     panic::{AssertUnwindSafe, catch_unwind, resume_unwind},
     sync::mpsc,
     thread,
@@ -20,7 +20,7 @@ use std::{
 use futures_util::TryStreamExt as _;
 use nix::sched::{CloneFlags, unshare};
 use rtnetlink::{
-    Handle, LinkUnspec, LinkVeth,
+    Handle, LinkUnspec, LinkVeth, RouteMessageBuilder,
     packet_route::{
         address::{AddressAttribute, AddressFlags},
         link::LinkAttribute,
@@ -145,7 +145,13 @@ impl Netlink {
     pub fn link(&self, name: &str) -> (u32, [u8; 6]) {
         let handle = self.handle.clone();
         let msg = self.run(&format!("get link {name}"), async move {
-            handle.link().get().match_name(name.to_owned()).execute().try_next().await
+            handle
+                .link()
+                .get()
+                .match_name(name.to_owned())
+                .execute()
+                .try_next()
+                .await
         });
         let msg = msg.unwrap_or_else(|| panic!("no link {name}"));
         let mac = msg
@@ -171,7 +177,9 @@ impl Netlink {
         });
         let (peer_index, _) = self.link(peer);
         let handle = self.handle.clone();
-        let msg = LinkUnspec::new_with_index(peer_index).address(peer_mac.to_vec()).build();
+        let msg = LinkUnspec::new_with_index(peer_index)
+            .address(peer_mac.to_vec())
+            .build();
         self.run(&format!("set {peer} address"), async move {
             handle.link().set(msg).execute().await
         });
@@ -205,17 +213,53 @@ impl Netlink {
     }
 
     /// A permanent neighbour entry: `addr` is at `mac` behind `name`, no resolution needed.
+    /// Replaces an entry for `addr` that is there already.
     ///
     /// # Panics
     /// No such link, or netlink refusing.
-    pub fn add_permanent_neighbour(&self, name: &str, addr: IpAddr, mac: [u8; 6]) {
+    pub fn set_permanent_neighbour(&self, name: &str, addr: IpAddr, mac: [u8; 6]) {
         let (index, _) = self.link(name);
         let req = self
             .handle
             .neighbours()
             .add(index, addr)
             .link_layer_address(&mac)
-            .state(NeighbourState::Permanent);
+            .state(NeighbourState::Permanent)
+            .replace();
         self.run(&format!("add neighbour {addr} on {name}"), req.execute());
+    }
+
+    /// A route to `dst/prefix_len` out of `name`, through `via` if given (else on-link).
+    ///
+    /// # Panics
+    /// Mixed families, no such link, or netlink refusing.
+    pub fn add_route(&self, dst: IpAddr, prefix_len: u8, name: &str, via: Option<IpAddr>) {
+        let (index, _) = self.link(name);
+        let msg = match (dst, via) {
+            (IpAddr::V4(d), None) => RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(d, prefix_len)
+                .output_interface(index)
+                .build(),
+            (IpAddr::V4(d), Some(IpAddr::V4(g))) => RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(d, prefix_len)
+                .output_interface(index)
+                .gateway(g)
+                .build(),
+            (IpAddr::V6(d), None) => RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(d, prefix_len)
+                .output_interface(index)
+                .build(),
+            (IpAddr::V6(d), Some(IpAddr::V6(g))) => RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(d, prefix_len)
+                .output_interface(index)
+                .gateway(g)
+                .build(),
+            _ => panic!("route to {dst} via {via:?} mixes families"),
+        };
+        let handle = self.handle.clone();
+        self.run(
+            &format!("add route {dst}/{prefix_len} dev {name} via {via:?}"),
+            async move { handle.route().add(msg).execute().await },
+        );
     }
 }

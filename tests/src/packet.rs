@@ -9,9 +9,9 @@
 use std::net::{IpAddr, SocketAddr};
 
 use etherparse::{
-    EtherType, Ethernet2Header, IpFragOffset, IpNumber, Ipv4Header, Ipv6FragmentHeader,
-    Ipv6Header, Ipv6RawExtHeader, NetHeaders, PacketHeaders, PayloadSlice, SingleVlanHeader,
-    TcpHeader, TransportHeader, UdpHeader, VlanId,
+    EtherType, Ethernet2Header, IpFragOffset, IpNumber, Ipv4Header, Ipv6FragmentHeader, Ipv6Header,
+    Ipv6RawExtHeader, NetHeaders, PacketHeaders, PayloadSlice, SingleVlanHeader, TcpHeader,
+    TransportHeader, UdpHeader, VlanId,
 };
 
 /// The client-side router's MAC: source of every fixture frame.
@@ -166,7 +166,9 @@ impl Packet {
         let Net::V4(h) = &mut self.net else {
             panic!("IPv4 options on an IPv6 fixture")
         };
-        h.set_options(options).expect("options: multiple of 4, at most 40 bytes");
+        h.options = options
+            .try_into()
+            .expect("options: multiple of 4, at most 40 bytes");
         self
     }
 
@@ -238,7 +240,12 @@ impl Packet {
     /// Offset of the IP header in the frame.
     #[must_use]
     pub fn l3_offset(&self) -> usize {
-        Ethernet2Header::LEN + if self.vlan.is_some() { SingleVlanHeader::LEN } else { 0 }
+        Ethernet2Header::LEN
+            + if self.vlan.is_some() {
+                SingleVlanHeader::LEN
+            } else {
+                0
+            }
     }
 
     /// Serialises the frame; etherparse fills in every length and checksum.
@@ -268,7 +275,8 @@ impl Packet {
         match &self.net {
             Net::V4(h) => {
                 let mut h = h.clone();
-                h.set_payload_len(transport.len()).expect("fits an IPv4 packet");
+                h.set_payload_len(transport.len())
+                    .expect("fits an IPv4 packet");
                 // `write` computes the header checksum.
                 h.write(&mut frame).expect("Vec write");
             }
@@ -335,8 +343,12 @@ impl Packet {
                 zero_checksum,
             } => {
                 let mut u = match &self.net {
-                    Net::V4(ip) => UdpHeader::with_ipv4_checksum(*source, *destination, ip, &self.payload),
-                    Net::V6(ip, _) => UdpHeader::with_ipv6_checksum(*source, *destination, ip, &self.payload),
+                    Net::V4(ip) => {
+                        UdpHeader::with_ipv4_checksum(*source, *destination, ip, &self.payload)
+                    }
+                    Net::V6(ip, _) => {
+                        UdpHeader::with_ipv6_checksum(*source, *destination, ip, &self.payload)
+                    }
                 }
                 .expect("payload fits");
                 if *zero_checksum {
@@ -349,11 +361,15 @@ impl Packet {
         out
     }
 
-    /// The UDP checksum etherparse computes for this datagram as it stands.
+    /// The TCP/UDP checksum etherparse computes for this packet as it stands.
     #[must_use]
-    pub fn udp_checksum(&self) -> u16 {
+    pub fn transport_checksum(&self) -> u16 {
         let bytes = self.transport_bytes();
-        u16::from_be_bytes([bytes[6], bytes[7]])
+        let at = match self.transport {
+            Transport::Tcp(_) => 16,
+            Transport::Udp { .. } => 6,
+        };
+        u16::from_be_bytes([bytes[at], bytes[at + 1]])
     }
 }
 
@@ -362,54 +378,69 @@ impl Packet {
 ///
 /// A UDP checksum of 0 is accepted over IPv4 only ("no checksum", RFC 768).
 ///
-/// # Panics
+/// # Errors
 /// The frame does not parse as Ethernet/IP/TCP-or-UDP, or a checksum is wrong.
-pub fn assert_checksums(frame: &[u8]) -> u16 {
+pub fn verify_checksums(frame: &[u8]) -> Result<u16, String> {
     let h = PacketHeaders::from_ethernet_slice(frame)
-        .unwrap_or_else(|e| panic!("etherparse cannot parse {}: {e}", hex(frame)));
+        .map_err(|e| format!("etherparse cannot parse {}: {e}", hex(frame)))?;
     let payload = match h.payload {
         PayloadSlice::Tcp(p) | PayloadSlice::Udp(p) => p,
-        ref other => panic!("no TCP/UDP payload in {}: {other:?}", hex(frame)),
+        ref other => return Err(format!("no TCP/UDP payload in {}: {other:?}", hex(frame))),
+    };
+    let check = |what: &str, got: u16, want: u16| {
+        if got == want {
+            Ok(got)
+        } else {
+            Err(format!(
+                "{what} checksum is {got:#06x}, etherparse computes {want:#06x}"
+            ))
+        }
     };
     match (&h.net, &h.transport) {
         (Some(NetHeaders::Ipv4(ip, _)), Some(t)) => {
-            assert_eq!(
-                ip.header_checksum,
-                ip.calc_header_checksum(),
-                "IPv4 header checksum of {}",
-                hex(frame)
-            );
+            check("IPv4 header", ip.header_checksum, ip.calc_header_checksum())?;
             match t {
                 TransportHeader::Tcp(tcp) => {
-                    let want = tcp.calc_checksum_ipv4(ip, payload).expect("fits");
-                    assert_eq!(tcp.checksum, want, "TCP checksum of {}", hex(frame));
-                    tcp.checksum
+                    let want = tcp
+                        .calc_checksum_ipv4(ip, payload)
+                        .map_err(|e| e.to_string())?;
+                    check("TCP", tcp.checksum, want)
                 }
+                TransportHeader::Udp(udp) if udp.checksum == 0 => Ok(0),
                 TransportHeader::Udp(udp) => {
-                    if udp.checksum != 0 {
-                        let want = udp.calc_checksum_ipv4(ip, payload).expect("fits");
-                        assert_eq!(udp.checksum, want, "UDP checksum of {}", hex(frame));
-                    }
-                    udp.checksum
+                    let want = udp
+                        .calc_checksum_ipv4(ip, payload)
+                        .map_err(|e| e.to_string())?;
+                    check("UDP", udp.checksum, want)
                 }
-                other => panic!("not TCP/UDP: {other:?}"),
+                other => Err(format!("not TCP/UDP: {other:?}")),
             }
         }
         (Some(NetHeaders::Ipv6(ip, _)), Some(t)) => match t {
             TransportHeader::Tcp(tcp) => {
-                let want = tcp.calc_checksum_ipv6(ip, payload).expect("fits");
-                assert_eq!(tcp.checksum, want, "TCP checksum of {}", hex(frame));
-                tcp.checksum
+                let want = tcp
+                    .calc_checksum_ipv6(ip, payload)
+                    .map_err(|e| e.to_string())?;
+                check("TCP", tcp.checksum, want)
             }
             TransportHeader::Udp(udp) => {
-                let want = udp.calc_checksum_ipv6(ip, payload).expect("fits");
-                assert_eq!(udp.checksum, want, "UDP checksum of {}", hex(frame));
-                udp.checksum
+                let want = udp
+                    .calc_checksum_ipv6(ip, payload)
+                    .map_err(|e| e.to_string())?;
+                check("UDP", udp.checksum, want)
             }
-            other => panic!("not TCP/UDP: {other:?}"),
+            other => Err(format!("not TCP/UDP: {other:?}")),
         },
-        (net, t) => panic!("not IP with TCP/UDP: {net:?} {t:?}"),
+        (net, t) => Err(format!("not IP with TCP/UDP: {net:?} {t:?}")),
     }
+}
+
+/// As [`verify_checksums`], panicking on a problem.
+///
+/// # Panics
+/// The frame does not parse as Ethernet/IP/TCP-or-UDP, or a checksum is wrong.
+pub fn assert_checksums(frame: &[u8]) -> u16 {
+    verify_checksums(frame).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Lower-case hex, 16 bytes to a line with offsets, for failure messages.
@@ -424,4 +455,63 @@ pub fn hex(bytes: &[u8]) -> String {
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().expect("socket address")
+    }
+
+    #[test]
+    fn built_frames_have_valid_checksums_and_corruption_is_found() {
+        for p in [
+            Packet::tcp(sa("203.0.113.7:1"), sa("192.0.2.10:80")),
+            Packet::udp(sa("203.0.113.7:1"), sa("192.0.2.10:53")).vlan(5),
+            Packet::tcp(sa("[2001:db8::1]:1"), sa("[2001:db8::2]:80")).payload(vec![]),
+            Packet::udp(sa("[2001:db8::1]:1"), sa("[2001:db8::2]:53")),
+            Packet::tcp(sa("203.0.113.7:1"), sa("192.0.2.10:80")).ipv4_options(&[1, 1, 1, 0]),
+        ] {
+            let frame = p.bytes();
+            let c = assert_checksums(&frame);
+            assert_eq!(c, p.transport_checksum());
+            // Flipping a bit of the source address or of the last byte breaks a checksum.
+            for at in [p.l3_offset() + 12, frame.len() - 1] {
+                let mut bad = frame.clone();
+                bad[at] ^= 0x40;
+                assert!(verify_checksums(&bad).is_err(), "flip at {at} not caught");
+            }
+        }
+    }
+
+    #[test]
+    fn zero_udp_checksum_is_accepted_over_ipv4_only() {
+        let v4 = Packet::udp(sa("203.0.113.7:1"), sa("192.0.2.10:53")).udp_zero_checksum();
+        assert_eq!(verify_checksums(&v4.bytes()), Ok(0));
+        let v6 = Packet::udp(sa("[2001:db8::1]:1"), sa("[2001:db8::2]:53")).udp_zero_checksum();
+        assert!(verify_checksums(&v6.bytes()).is_err());
+    }
+
+    #[test]
+    fn layout_of_the_default_frames() {
+        let p = Packet::tcp(sa("203.0.113.7:40000"), sa("192.0.2.10:80"));
+        let f = p.bytes();
+        assert_eq!(f.len(), 14 + 20 + 20 + DEFAULT_PAYLOAD.len());
+        assert_eq!(f[..12], [LB_MAC, CLIENT_MAC].concat());
+        assert_eq!(f[12..14], [0x08, 0x00]);
+        assert_eq!(f[14], 0x45);
+        assert_eq!(f[22], 64, "TTL");
+        assert_eq!(f[30..34], [192, 0, 2, 10]);
+        assert_eq!(f[36..38], 80u16.to_be_bytes());
+        let f = p.clone().ipv4_options(&[0x94, 4, 0, 0]).vlan(42).bytes();
+        assert_eq!(f[12..18], [0x81, 0x00, 0x00, 42, 0x08, 0x00]);
+        assert_eq!(f[18], 0x46);
+        let f = Packet::udp(sa("[2001:db8::1]:1"), sa("[2001:db8::2]:53"))
+            .hop_by_hop()
+            .bytes();
+        assert_eq!(f[14 + 6], 0, "next header: hop-by-hop");
+        assert_eq!(f[14 + 40], 17, "hop-by-hop's next header: UDP");
+    }
 }
