@@ -34,7 +34,11 @@ pub struct Xlb {
 impl Xlb {
     fn command<S: AsRef<OsStr>>(&self, args: &[S]) -> Command {
         let mut cmd = Command::new(&self.bin);
-        cmd.args(args).env("XLB_SOCKET", &self.socket);
+        // Its own process group: Ctrl-C is the demo's to handle (between commands), not a
+        // half-done `xlb backend add` to die of.
+        cmd.args(args)
+            .env("XLB_SOCKET", &self.socket)
+            .process_group(0);
         cmd
     }
 
@@ -84,14 +88,15 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts `xlb run` inside `lb` on `ifaces`, logging to `paths.log`.
+    /// Starts `xlb run` inside `lb` (the host namespace if `None`) on `ifaces`, logging to
+    /// `paths.log`.
     ///
     /// The agent gets its own process group, so the terminal's Ctrl-C reaches only the demo,
     /// which then stops the agent itself in the right order; and it gets SIGTERM if the demo
     /// dies without doing so.
     pub fn start(
         xlb: &Xlb,
-        lb: &Netns,
+        lb: Option<&Netns>,
         ifaces: &[String],
         paths: &AgentPaths<'_>,
         xdp_mode: Option<&str>,
@@ -113,7 +118,7 @@ impl Agent {
         ]);
         let log =
             File::create(paths.log).with_context(|| format!("creating {}", paths.log.display()))?;
-        let mut cmd = lb.command(&xlb.bin);
+        let mut cmd = lb.map_or_else(|| Command::new(&xlb.bin), |ns| ns.command(&xlb.bin));
         cmd.args(&args)
             .env("XLB_SOCKET", &xlb.socket)
             .env("NO_COLOR", "1")

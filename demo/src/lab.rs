@@ -24,7 +24,11 @@ use xlb_netns::{
     ipnet::{Ipv4Net, Ipv6Net},
 };
 
-use crate::{Interrupt, offload::disable_tx_checksum};
+use crate::{
+    Interrupt,
+    offload::disable_tx_checksum,
+    podman::{self, BRIDGE, HostLink, Podman},
+};
 
 /// Namespace names start with this (`xlbdemo-web-1-PID-N`), so `ip netns list` shows what
 /// they are and a later run can remove what a killed one left behind.
@@ -86,15 +90,31 @@ pub const LIVE_ADD: u8 = 4;
 pub struct Container {
     pub name: String,
     pub service: usize,
-    pub ns: NsId,
+    /// The container's namespace (namespace mode).
+    pub ns: Option<NsId>,
+    /// podman's name for it (podman mode).
+    pub podman: Option<String>,
     pub addr: Ipv4Addr,
     /// In the VIP's backend set from the start (web-4 only joins live).
     pub initial: bool,
 }
 
 impl Container {
-    pub fn backend_arg(&self) -> String {
+    /// The backend's address as `xlb backend del` takes it.
+    pub fn addr_arg(&self) -> String {
         SocketAddrV4::new(self.addr, SERVICES[self.service].backend_port).to_string()
+    }
+
+    /// How `xlb backend add` names the backend: by podman container name when there is one
+    /// (xlb resolves it with `podman inspect`), else by address.
+    pub fn backend_args(&self) -> Vec<String> {
+        match &self.podman {
+            Some(name) => vec![
+                "--container".to_owned(),
+                format!("{name}:{}", SERVICES[self.service].backend_port),
+            ],
+            None => vec![self.addr_arg()],
+        }
     }
 }
 
@@ -102,11 +122,14 @@ pub struct Lab {
     pub net: Network,
     pub client: NsId,
     pub client_addr: Ipv4Addr,
-    pub lb: NsId,
+    /// Where the agent runs: the LB namespace, or the host's (`None`, podman mode).
+    pub lb: Option<NsId>,
     /// Every LB-side interface; the agent attaches to all of them (the reverse NAT runs on
     /// the containers' side).
     pub lb_ifaces: Vec<String>,
     pub containers: Vec<Container>,
+    /// Podman mode: the client's veth into the host namespace.
+    pub host_link: Option<HostLink>,
 }
 
 /// The containers to create, in order: every service's replicas, then the live addition.
@@ -164,7 +187,8 @@ impl Lab {
             containers.push(Container {
                 name,
                 service,
-                ns,
+                ns: Some(ns),
+                podman: None,
                 addr: link.b.ip4(),
                 initial,
             });
@@ -173,9 +197,57 @@ impl Lab {
             net,
             client,
             client_addr: client_link.b.ip4(),
-            lb,
+            lb: Some(lb),
             lb_ifaces,
             containers,
+            host_link: None,
+        })
+    }
+
+    /// Podman mode: a client namespace with a veth into the host, and every planned
+    /// container started from [`podman::IMAGE`], answering HTTP with its name. Each podman
+    /// name is pushed to `created` before the container is started, so teardown removes
+    /// it whatever happens next.
+    pub fn podman(
+        podman: &Podman,
+        created: &mut Vec<String>,
+        interrupt: &Interrupt,
+    ) -> Result<Self> {
+        let pid = std::process::id();
+        let mut net = Network::new(PREFIX).context("cleaning up namespaces of earlier runs")?;
+        if HostLink::subnet_in_use() {
+            anyhow::bail!(
+                "10.212.0.0/30 is in use on the host: is another xlb-demo running in podman mode?"
+            );
+        }
+        let client = net.add_namespace("client")?;
+        let host_link = HostLink::create(net.ns(client), pid)?;
+        let mut containers = Vec::new();
+        for (name, service, initial) in container_plan() {
+            interrupt.check()?;
+            let podman_name = podman::container_name(pid, &name);
+            created.push(podman_name.clone());
+            podman
+                .start(&podman_name, &name, SERVICES[service].backend_port)
+                .with_context(|| format!("starting container {podman_name}"))?;
+            let addr = podman.addr(&podman_name)?;
+            containers.push(Container {
+                name,
+                service,
+                ns: None,
+                podman: Some(podman_name),
+                addr,
+                initial,
+            });
+        }
+        Ok(Self {
+            net,
+            client,
+            client_addr: host_link.client_ip,
+            lb: None,
+            lb_ifaces: vec![host_link.host_if.clone(), BRIDGE.to_owned()],
+            containers,
+            host_link: Some(host_link),
         })
     }
 

@@ -3,13 +3,16 @@
 //! replica swap that moves only the flows of the changed replicas; and a teardown that leaves
 //! nothing behind, also on Ctrl-C.
 //!
-//! Containers are network namespaces with a TCP server thread each (podman mode is not
-//! implemented yet). Everything runs in namespaces named `xlbdemo-*`; the host's own network
-//! is never touched.
+//! When `podman` is installed the containers are real podman containers (`busybox httpd`
+//! from a local image, on podman's bridge), and the agent runs in the host namespace next to
+//! that bridge (see [`podman`]); otherwise, or with `--no-podman`, they are network
+//! namespaces with a TCP server thread each, and everything runs in namespaces named
+//! `xlbdemo-*`, so the host's own network is never touched.
 
 mod agent;
 mod lab;
 mod offload;
+mod podman;
 mod report;
 mod traffic;
 
@@ -38,8 +41,9 @@ use nix::{
 use crate::{
     agent::{Agent, AgentPaths, Xlb},
     lab::{LIVE_ADD, LIVE_REMOVE, LIVE_SERVICE, Lab, SERVICES},
+    podman::{HostForwarding, Podman},
     report::{Row, compare, render_table, tally},
-    traffic::{Server, listen, requests},
+    traffic::{Server, Wire, listen, requests},
 };
 
 /// Run xlb's containers demo (needs root: it creates network namespaces and attaches XDP).
@@ -57,6 +61,10 @@ struct Args {
     /// Passed on to `xlb run --xdp-mode` (auto, native or skb); the agent's default if unset.
     #[arg(long)]
     xdp_mode: Option<String>,
+
+    /// Use network-namespace containers even when podman is installed.
+    #[arg(long)]
+    no_podman: bool,
 }
 
 /// Set by SIGINT or SIGTERM; every step checks it, and teardown runs either way.
@@ -127,15 +135,19 @@ fn run(args: &Args) -> Result<()> {
         )
     })?;
     let interrupt = Interrupt::install()?;
-    if find_in_path("podman").is_some() {
-        println!(
-            "podman found, but podman containers are not implemented yet: using network-namespace containers"
-        );
+    let use_podman = if args.no_podman {
+        println!("--no-podman: using network-namespace containers");
+        false
+    } else if find_in_path("podman").is_some() {
+        println!("podman found: using podman containers");
+        true
     } else {
         println!("podman not found: using network-namespace containers");
-    }
+        false
+    };
     let start = Instant::now();
     let mut demo = Demo::default();
+    demo.use_podman = use_podman;
     let result = demo.run(args, bin, &interrupt);
     if let Err(e) = &result
         && !e.chain().any(|c| c.is::<Interrupted>())
@@ -181,6 +193,14 @@ struct Demo {
     lab: Option<Lab>,
     servers: Vec<Server>,
     agent: Option<Agent>,
+    use_podman: bool,
+    podman: Option<Podman>,
+    /// podman names of every container started (or being started), for teardown.
+    podman_containers: Vec<String>,
+    /// Podman mode: the host's forwarding sysctls as they were, for teardown.
+    forwarding: Option<HostForwarding>,
+    /// Podman mode: podman0 is ours until teardown ends.
+    podman0_lock: Option<podman::Podman0Lock>,
 }
 
 impl Demo {
@@ -188,47 +208,42 @@ impl Demo {
         let pid = std::process::id();
         let work = self.work.insert(Workdir::create(pid)?);
         self.bin = Some(bin.clone());
+        if self.use_podman {
+            self.podman0_lock = Some(podman::Podman0Lock::acquire()?);
+            let podman = self.podman.insert(Podman::new(&work.dir)?);
+            let stale = podman.ours(None);
+            if !stale.is_empty() {
+                println!("removing containers of earlier runs: {}", stale.join(", "));
+                podman.remove(&stale)?;
+            }
+        }
         let xlb = Xlb {
             bin,
             socket: work.dir.join("xlb.sock"),
         };
         let plan = lab::container_plan();
 
-        step(format!(
-            "creating {} network namespaces: client, lb, and one per container ({})",
-            plan.len() + 2,
-            plan.iter()
-                .map(|(n, _, _)| n.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
-        let lab = self.lab.insert(Lab::build(interrupt)?);
-        println!(
-            "    client {} --veth-- lb (routes, forwards; XDP on every interface) --veth-- containers",
-            lab.client_addr
-        );
-        for c in &lab.containers {
-            println!(
-                "    {:<7} {:<15} serves {}",
-                c.name, c.addr, SERVICES[c.service].label
-            );
-        }
-
-        step(format!(
-            "starting {} containers: a TCP server in each that answers with its name",
-            lab.containers.len()
-        ));
-        for c in &lab.containers {
-            let port = SERVICES[c.service].backend_port;
-            let listener = lab
-                .ns(c.ns)
-                .run(|| listen(port))?
-                .with_context(|| format!("{}: listening on port {port}", c.name))?;
-            self.servers.push(Server::start(listener, c.name.clone())?);
-        }
+        let names = plan
+            .iter()
+            .map(|(n, _, _)| n.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let protocol = if self.use_podman {
+            self.build_podman_lab(interrupt, &names)?;
+            Wire::Http
+        } else {
+            self.build_netns_lab(interrupt, &names)?;
+            Wire::Line
+        };
+        let work = self.work.as_ref().context("no work directory")?;
+        let lab = self.lab.as_ref().context("no lab")?;
         interrupt.check()?;
 
-        step("starting the xlb agent in the lb namespace");
+        step(if lab.lb.is_some() {
+            "starting the xlb agent in the lb namespace"
+        } else {
+            "starting the xlb agent in the host namespace (next to podman0)"
+        });
         let paths = AgentPaths {
             state: &work.dir.join("state.json"),
             bpffs: &work.pins,
@@ -247,7 +262,7 @@ impl Demo {
         );
         let agent = self.agent.insert(Agent::start(
             &xlb,
-            lab.ns(lab.lb),
+            lab.lb.map(|id| lab.ns(id)),
             &lab.lb_ifaces,
             &paths,
             args.xdp_mode.as_deref(),
@@ -272,7 +287,7 @@ impl Demo {
                 .iter()
                 .filter(|c| c.service == s && c.initial)
             {
-                xlb.run(&["backend", "add", &svc.vip_arg(), &c.backend_arg()])?;
+                backend_add(&xlb, &svc.vip_arg(), c)?;
             }
         }
 
@@ -285,8 +300,8 @@ impl Demo {
         let mut rows = Vec::new();
         for (s, svc) in SERVICES.iter().enumerate() {
             let t = Instant::now();
-            let answers =
-                client.run(|| requests(svc.vip, svc.first_port, args.requests, interrupt))??;
+            let answers = client
+                .run(|| requests(svc.vip, svc.first_port, args.requests, protocol, interrupt))??;
             println!(
                 "    {} {}: {} answers in {:.2} s",
                 svc.label,
@@ -315,11 +330,11 @@ impl Demo {
             "live change: {} leaves, {} joins, while the same source ports {}-{last_port} connect again",
             removed.name, added.name, svc.first_port
         ));
-        xlb.run(&["backend", "del", &svc.vip_arg(), &removed.backend_arg()])?;
-        xlb.run(&["backend", "add", &svc.vip_arg(), &added.backend_arg()])?;
+        xlb.run(&["backend", "del", &svc.vip_arg(), &removed.addr_arg()])?;
+        backend_add(&xlb, &svc.vip_arg(), added)?;
         interrupt.check()?;
-        let after =
-            client.run(|| requests(svc.vip, svc.first_port, args.requests, interrupt))??;
+        let after = client
+            .run(|| requests(svc.vip, svc.first_port, args.requests, protocol, interrupt))??;
         let before = &first_round[LIVE_SERVICE];
         let names: Vec<&str> = lab
             .containers
@@ -366,17 +381,113 @@ impl Demo {
         Ok(())
     }
 
+    /// Namespace mode: the namespaces and a TCP server thread in each container's.
+    fn build_netns_lab(&mut self, interrupt: &Interrupt, names: &str) -> Result<()> {
+        step(format!(
+            "creating {} network namespaces: client, lb, and one per container ({names})",
+            lab::container_plan().len() + 2,
+        ));
+        let lab = self.lab.insert(Lab::build(interrupt)?);
+        println!(
+            "    client {} --veth-- lb (routes, forwards; XDP on every interface) --veth-- containers",
+            lab.client_addr
+        );
+        for c in &lab.containers {
+            println!(
+                "    {:<7} {:<15} serves {}",
+                c.name, c.addr, SERVICES[c.service].label
+            );
+        }
+
+        step(format!(
+            "starting {} containers: a TCP server in each that answers with its name",
+            lab.containers.len()
+        ));
+        for c in &lab.containers {
+            let port = SERVICES[c.service].backend_port;
+            let ns = c.ns.context("a namespace container without a namespace")?;
+            let listener = lab
+                .ns(ns)
+                .run(|| listen(port))?
+                .with_context(|| format!("{}: listening on port {port}", c.name))?;
+            self.servers.push(Server::start(listener, c.name.clone())?);
+        }
+        Ok(())
+    }
+
+    /// Podman mode: the client namespace, its veth to the host, and the podman containers.
+    fn build_podman_lab(&mut self, interrupt: &Interrupt, names: &str) -> Result<()> {
+        let podman = self.podman.as_ref().context("no podman")?;
+        let work = self.work.as_ref().context("no work directory")?;
+        if podman.ensure_image(&work.dir)? {
+            println!(
+                "built the image {} from the host's static busybox",
+                podman::IMAGE
+            );
+        }
+        step(format!(
+            "starting {} podman containers from {} (runtime runc), `busybox httpd` answering \
+             with the container's name: {names}",
+            lab::container_plan().len(),
+            podman::IMAGE
+        ));
+        self.forwarding = Some(HostForwarding::save());
+        let lab = self
+            .lab
+            .insert(Lab::podman(podman, &mut self.podman_containers, interrupt)?);
+        let link = lab.host_link.as_ref().context("no host link")?;
+        println!(
+            "    client {} --veth-- host {} {} (routes; XDP here and on {}) --{}-- containers",
+            lab.client_addr,
+            link.host_if,
+            link.host_ip,
+            podman::BRIDGE,
+            podman::BRIDGE
+        );
+        for c in &lab.containers {
+            println!(
+                "    {:<7} {:<15} serves {:<11} (podman container {})",
+                c.name,
+                c.addr,
+                SERVICES[c.service].label,
+                c.podman.as_deref().unwrap_or("?")
+            );
+        }
+        let mut slowest = std::time::Duration::ZERO;
+        for c in &lab.containers {
+            let addr = std::net::SocketAddrV4::new(c.addr, SERVICES[c.service].backend_port);
+            slowest = slowest.max(podman::wait_serving(&c.name, addr, interrupt)?);
+        }
+        println!(
+            "    all {} answer HTTP (waited {:.1} s)",
+            lab.containers.len(),
+            slowest.as_secs_f64()
+        );
+        Ok(())
+    }
+
     /// Undoes what exists, in reverse order of creation: agent, servers, namespaces, files.
     /// Every step is bounded; failures are collected so one does not skip the rest.
     fn teardown(&mut self) -> Result<()> {
+        self.teardown_printing(true)
+    }
+
+    /// [`Demo::teardown`], printing what it does only if `print`: a panic that came from
+    /// printing (stdout closed) must not stop the cleanup with a second one.
+    fn teardown_printing(&mut self, print: bool) -> Result<()> {
         if self.work.is_none() {
             return Ok(());
         }
-        step("tearing down");
+        let say = |msg: &str| {
+            if print {
+                println!("{msg}");
+            }
+        };
+        say("==> tearing down");
         let mut failures = Vec::new();
         if let Some(mut agent) = self.agent.take() {
             match agent.stop() {
-                Ok(how) => println!("    agent {how}"),
+                Ok(how) => say(&format!("    agent {how}")),
                 Err(e) => failures.push(format!("stopping the agent: {e:#}")),
             }
         }
@@ -386,23 +497,61 @@ impl Demo {
         }
         self.servers.clear();
         if n > 0 {
-            println!("    {n} container servers stopped");
+            say(&format!("    {n} container servers stopped"));
         }
         if let Some(lab) = self.lab.take() {
-            let names: Vec<String> = lab.containers.iter().map(|c| c.name.clone()).collect();
+            let podman_mode = lab.host_link.is_some();
+            let namespaces = if podman_mode {
+                1
+            } else {
+                lab.containers.len() + 2
+            };
             drop(lab);
-            println!("    {} network namespaces deleted", names.len() + 2);
+            if podman_mode {
+                say("    client namespace and its veth to the host deleted");
+            } else {
+                say(&format!("    {namespaces} network namespaces deleted"));
+            }
+        }
+        if let Some(podman) = &self.podman
+            && !self.podman_containers.is_empty()
+        {
+            match podman.remove(&self.podman_containers) {
+                Ok(()) => say(&format!(
+                    "    {} podman containers removed (the image {} stays, as a cache)",
+                    self.podman_containers.len(),
+                    podman::IMAGE
+                )),
+                Err(e) => failures.push(format!("removing the podman containers: {e:#}")),
+            }
+            self.podman_containers.clear();
+        }
+        // Checked before the work directory (holding podman's config) goes.
+        let mut podman_left: Vec<String> = self
+            .podman
+            .take()
+            .map(|p| p.ours(Some(std::process::id())))
+            .unwrap_or_default()
+            .into_iter()
+            .map(|c| format!("podman container {c}"))
+            .collect();
+        if let Some(forwarding) = self.forwarding.take() {
+            for sysctl in forwarding.restore() {
+                say(&format!("    {sysctl} restored"));
+            }
         }
         if let Some(work) = self.work.take() {
             if let Err(e) = work.remove() {
                 failures.push(format!("{e:#}"));
             } else {
-                println!("    pins, socket, state and log removed");
+                say("    pins, socket, state and log removed");
             }
         }
-        let left = leftovers(std::process::id());
+        let mut left = leftovers(std::process::id());
+        left.append(&mut podman_left);
+        self.podman0_lock = None;
         if left.is_empty() && failures.is_empty() {
-            println!("    left behind: nothing");
+            say("    left behind: nothing");
         }
         failures.extend(left.into_iter().map(|l| format!("left behind: {l}")));
         if failures.is_empty() {
@@ -416,8 +565,16 @@ impl Demo {
 impl Drop for Demo {
     fn drop(&mut self) {
         // Only does something if `teardown` was skipped (a panic).
-        let _ = self.teardown();
+        let _ = self.teardown_printing(!std::thread::panicking());
     }
+}
+
+/// `xlb backend add VIP ...`, by container name in podman mode.
+fn backend_add(xlb: &Xlb, vip: &str, c: &lab::Container) -> Result<String> {
+    let mut args = vec!["backend", "add", vip];
+    let backend = c.backend_args();
+    args.extend(backend.iter().map(String::as_str));
+    xlb.run(&args)
 }
 
 /// `xlb stats`, quietly, for error reports.

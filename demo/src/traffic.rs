@@ -1,7 +1,7 @@
 //! The containers' tiny TCP servers and the client that talks to the VIPs.
 //!
 //! The protocol is one line each way: the client sends a request line, the server answers
-//! with its container name and closes. The client then resets the connection (`SO_LINGER`
+//! with its container name and closes (in podman mode, HTTP/1.0 to `busybox httpd`). The client then resets the connection (`SO_LINGER`
 //! 0), so no side keeps a `TIME_WAIT` socket and the same source port can connect again at
 //! once in the second round.
 
@@ -98,9 +98,39 @@ fn answer(stream: TcpStream, name: &str) -> io::Result<()> {
     stream.shutdown(Shutdown::Write)
 }
 
+/// What the containers speak: the namespace servers' one line each way, or HTTP/1.0 to
+/// podman containers' `busybox httpd` (whose page is the container's name).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wire {
+    Line,
+    Http,
+}
+
+/// The body of an HTTP/1.0 response, or why there is none.
+fn http_body(response: &str) -> Result<&str> {
+    let Some((head, body)) = response.split_once("\r\n\r\n") else {
+        bail!("not an HTTP response: {response:?}");
+    };
+    if !head.starts_with("HTTP/1.") || head.split_whitespace().nth(1) != Some("200") {
+        bail!("HTTP error: {:?}", head.lines().next().unwrap_or_default());
+    }
+    Ok(body)
+}
+
+/// `GET /` to `addr` from the calling thread's namespace; returns the trimmed body.
+pub fn http_get(addr: SocketAddrV4) -> Result<String> {
+    let stream = TcpStream::connect_timeout(&addr.into(), IO_TIMEOUT).context("connect")?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    (&stream).write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+    let mut response = String::new();
+    (&stream).take(64 * 1024).read_to_string(&mut response)?;
+    Ok(http_body(&response)?.trim().to_owned())
+}
+
 /// One request to `vip` from `local_port`; returns the name of the container that answered.
 /// Call it inside the client's namespace.
-pub fn request(vip: SocketAddrV4, local_port: u16) -> Result<String> {
+pub fn request(vip: SocketAddrV4, local_port: u16, protocol: Wire) -> Result<String> {
     let sock = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
     sock.set_reuse_address(true)?;
     sock.bind(&SocketAddr::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, local_port)).into())
@@ -110,17 +140,24 @@ pub fn request(vip: SocketAddrV4, local_port: u16) -> Result<String> {
     let stream: TcpStream = sock.into();
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    let request = match protocol {
+        Wire::Line => format!("GET name from port {local_port}\n"),
+        Wire::Http => "GET / HTTP/1.0\r\n\r\n".to_owned(),
+    };
     (&stream)
-        .write_all(format!("GET name from port {local_port}\n").as_bytes())
+        .write_all(request.as_bytes())
         .context("sending the request")?;
     let mut reply = String::new();
     (&stream)
-        .take(256)
+        .take(64 * 1024)
         .read_to_string(&mut reply)
         .context("reading the answer")?;
     // An abortive close: no TIME_WAIT on either side, so the port is reusable right away.
     SockRef::from(&stream).set_linger(Some(Duration::ZERO))?;
-    let name = reply.trim();
+    let name = match protocol {
+        Wire::Line => reply.trim(),
+        Wire::Http => http_body(&reply)?.trim(),
+    };
     if name.is_empty() {
         bail!("the connection closed without an answer");
     }
@@ -134,13 +171,14 @@ pub fn requests(
     vip: SocketAddrV4,
     first_port: u16,
     n: u16,
+    protocol: Wire,
     interrupt: &Interrupt,
 ) -> Result<Vec<String>> {
     let mut answers = Vec::with_capacity(n.into());
     for i in 0..n {
         interrupt.check()?;
         let port = first_port + i;
-        let name = request(vip, port).with_context(|| {
+        let name = request(vip, port, protocol).with_context(|| {
             format!("request {} of {n} to {vip} from source port {port}", i + 1)
         })?;
         answers.push(name);

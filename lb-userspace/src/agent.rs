@@ -21,7 +21,9 @@ use tracing::{info, warn};
 
 use crate::{
     api::{CounterValue, Reply, Request, Stats},
-    balancer::{Balancer, DesiredState},
+    balancer::{Balancer, BackendState, DesiredState, VipSpec, VipStatus},
+    config::Change,
+    health::HealthChecker,
     datapath::{Datapath, DatapathConfig, PinnedAttachment, xdp_mode_name},
     paths,
 };
@@ -44,6 +46,10 @@ pub struct AgentOptions {
     pub datapath: DatapathConfig,
     /// On exit, leave the program attached and the maps pinned, for the next agent to adopt.
     pub keep_attached: bool,
+    /// Serve Prometheus metrics here.
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Declarative config: the desired state at start, re-read by `xlb reload` and SIGHUP.
+    pub config: Option<PathBuf>,
 }
 
 pub fn require_root(what: &str) -> Result<()> {
@@ -145,46 +151,18 @@ async fn redirect_targets() -> Result<Vec<(String, u32)>> {
 struct Agent {
     balancer: Balancer,
     state_path: PathBuf,
+    /// The declarative config, when the agent was started with one: `xlb reload` and SIGHUP
+    /// re-read it.
+    config_path: Option<PathBuf>,
+    checker: HealthChecker,
 }
 
 impl Agent {
     fn handle(&mut self, request: Request) -> Reply {
         let mutates = request.mutates();
-        let result = match request {
-            Request::VipAdd { vip } => self.balancer.add_vip(vip).map(|()| Reply::Done),
-            Request::VipDel { vip } => self.balancer.remove_vip(&vip).map(|()| Reply::Done),
-            Request::VipList => self.balancer.status().map(Reply::Vips),
-            Request::BackendAdd {
-                vip,
-                backend,
-                weight,
-            } => self
-                .balancer
-                .add_backend(&vip, backend, weight)
-                .map(|()| Reply::Done),
-            Request::BackendDel { vip, backend } => self
-                .balancer
-                .remove_backend(&vip, backend)
-                .map(|()| Reply::Done),
-            Request::BackendSet {
-                vip,
-                backend,
-                weight,
-                state,
-            } => self
-                .balancer
-                .update_backend(&vip, backend, weight, state)
-                .map(|()| Reply::Done),
-            Request::BackendList { vip } => {
-                self.balancer.vip_status_with_flows(&vip).map(Reply::Vip)
-            }
-            Request::Stats => self.stats(),
-            Request::Explain { client, vip } => {
-                self.balancer.explain(client, &vip).map(Reply::Explanation)
-            }
-        };
-        match result {
+        match self.apply(request) {
             Ok(reply) => {
+                self.sync_health_targets();
                 if mutates
                     && let Err(e) = save_state(&self.state_path, &self.balancer.desired_state())
                 {
@@ -195,11 +173,71 @@ impl Agent {
                 }
                 reply
             }
-            Err(e) => Reply::Error(error_chain(&e)),
+            Err(e) => Reply::Error(format!("{e:#}")),
         }
     }
 
-    fn stats(&self) -> Result<Reply, crate::balancer::BalancerError> {
+    fn apply(&mut self, request: Request) -> Result<Reply> {
+        let b = &mut self.balancer;
+        Ok(match request {
+            Request::VipAdd { vip, health } => {
+                if let Some(spec) = &health {
+                    spec.validate().context("invalid health check")?;
+                }
+                b.add_vip(vip)?;
+                b.set_vip_health(&vip, health)?;
+                Reply::Done
+            }
+            Request::VipDel { vip } => {
+                b.remove_vip(&vip)?;
+                Reply::Done
+            }
+            Request::VipList => {
+                let status = b.status()?;
+                Reply::Vips(self.with_health(status))
+            }
+            Request::BackendAdd {
+                vip,
+                backend,
+                weight,
+            } => {
+                b.add_backend(&vip, backend, weight)?;
+                Reply::Done
+            }
+            Request::BackendDel { vip, backend } => {
+                b.remove_backend(&vip, backend)?;
+                Reply::Done
+            }
+            Request::BackendSet {
+                vip,
+                backend,
+                weight,
+                state,
+            } => {
+                b.update_backend(&vip, backend, weight, state)?;
+                Reply::Done
+            }
+            Request::BackendList { vip } => {
+                let status = b.vip_status_with_flows(&vip)?;
+                Reply::Vip(self.with_health(vec![status]).remove(0))
+            }
+            Request::Stats => Reply::Stats(self.stats()?),
+            Request::Explain { client, vip } => Reply::Explanation(b.explain(client, &vip)?),
+            Request::Reload => Reply::Changes(self.reload()?),
+        })
+    }
+
+    /// Adds each backend's last health check to a status listing.
+    fn with_health(&self, mut vips: Vec<VipStatus>) -> Vec<VipStatus> {
+        for v in &mut vips {
+            for b in &mut v.backends {
+                b.health = self.checker.status(&v.vip, b.addr);
+            }
+        }
+        vips
+    }
+
+    fn stats(&self) -> Result<Stats> {
         let global = self
             .balancer
             .datapath()
@@ -207,11 +245,130 @@ impl Agent {
             .into_iter()
             .map(|(c, v)| CounterValue::new(c, v))
             .collect();
-        Ok(Reply::Stats(Stats {
-            vips: self.balancer.status()?,
+        Ok(Stats {
+            vips: self.with_health(self.balancer.status()?),
             global,
-        }))
+        })
     }
+
+    fn metrics(&self) -> String {
+        match self.stats() {
+            Ok(stats) => {
+                let health: Vec<_> = stats
+                    .vips
+                    .iter()
+                    .flat_map(|v| v.backends.iter().map(|b| (v.vip, b.addr, b.healthy)))
+                    .collect();
+                crate::metrics::render(&stats, &health)
+            }
+            Err(e) => {
+                warn!("metrics: {e:#}");
+                String::new()
+            }
+        }
+    }
+
+    /// Probes exactly the backends of VIPs that have a health check.
+    fn sync_health_targets(&mut self) {
+        let targets = self.balancer.health_targets();
+        let vips: Vec<VipSpec> = targets.iter().map(|(v, _, _)| *v).collect();
+        for (vip, spec, backends) in targets {
+            if spec.is_none() {
+                // Unchecked backends count as healthy: undo verdicts of checks now gone.
+                for backend in &backends {
+                    if let Err(e) = self.balancer.set_health(&vip, *backend, true) {
+                        warn!(%vip, %backend, "{}", error_chain(&e));
+                    }
+                }
+            }
+            if let Err(e) = self.checker.set_targets(vip, spec, &backends) {
+                warn!(%vip, "health checks not started: {e}");
+            }
+        }
+        self.checker.retain_vips(&vips);
+    }
+
+    /// Re-reads the config file and applies the difference: unchanged VIPs and backends are
+    /// not touched (they keep their ring slots and flows).
+    fn reload(&mut self) -> Result<Vec<String>> {
+        let path = self.config_path.clone().context(
+            "this agent was started without --config: change it with the vip/backend commands",
+        )?;
+        let config = crate::config::load(&path)?;
+        let wanted = config.desired_state();
+        let changes = crate::config::diff(&without_ids(&self.balancer.desired_state()), &wanted);
+        let b = &mut self.balancer;
+        for change in &changes {
+            match change {
+                Change::RemoveVip(vip) => b.remove_vip(vip)?,
+                Change::AddVip(vip) => b.add_vip(*vip)?,
+                Change::AddBackend { vip, backend } => {
+                    b.add_backend(vip, backend.addr, backend.weight)?;
+                    if backend.state != BackendState::Active {
+                        b.update_backend(vip, backend.addr, None, Some(backend.state))?;
+                    }
+                }
+                Change::RemoveBackend { vip, backend } => b.remove_backend(vip, *backend)?,
+                Change::UpdateBackend { vip, backend } => {
+                    b.update_backend(vip, backend.addr, Some(backend.weight), Some(backend.state))?;
+                }
+            }
+        }
+        let mut lines: Vec<String> = changes.iter().map(ToString::to_string).collect();
+        for vip in &wanted.vips {
+            let current = b
+                .health_targets()
+                .into_iter()
+                .find(|(v, _, _)| *v == vip.vip)
+                .and_then(|(_, h, _)| h);
+            if current != vip.health {
+                b.set_vip_health(&vip.vip, vip.health.clone())?;
+                lines.push(format!("~ health checks of {}", vip.vip));
+            }
+        }
+        info!(path = %path.display(), changes = lines.len(), "reloaded");
+        Ok(lines)
+    }
+}
+
+/// The state as a config file would describe it: ids are the agent's business.
+fn without_ids(state: &DesiredState) -> DesiredState {
+    let mut state = state.clone();
+    for vip in &mut state.vips {
+        vip.id = None;
+        vip.health = None;
+        for b in &mut vip.backends {
+            b.id = None;
+        }
+    }
+    state
+}
+
+/// Ids recorded in the state file, carried over to the same VIPs and backends of a config,
+/// so a restarted agent adopting a running data path keeps every flow.
+fn with_recorded_ids(mut wanted: DesiredState, recorded: Option<&DesiredState>) -> DesiredState {
+    let Some(recorded) = recorded else {
+        return wanted;
+    };
+    for vip in &mut wanted.vips {
+        let Some(old) = recorded.vips.iter().find(|v| v.vip == vip.vip) else {
+            continue;
+        };
+        vip.id = old.id;
+        for b in &mut vip.backends {
+            b.id = old
+                .backends
+                .iter()
+                .find(|o| o.addr == b.addr)
+                .and_then(|o| o.id);
+        }
+    }
+    wanted
+}
+
+fn lock(agent: &Mutex<Agent>) -> std::sync::MutexGuard<'_, Agent> {
+    // A panic in a request handler must not take the agent down with it.
+    agent.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// An error and its causes on one line.
@@ -242,9 +399,7 @@ async fn serve_connection(stream: UnixStream, agent: Arc<Mutex<Agent>>) {
         let reply = match serde_json::from_str::<Request>(&line) {
             Ok(request) => {
                 let agent = Arc::clone(&agent);
-                tokio::task::spawn_blocking(move || {
-                    agent.lock().expect("agent lock poisoned").handle(request)
-                })
+                tokio::task::spawn_blocking(move || lock(&agent).handle(request))
                 .await
                 .unwrap_or_else(|e| Reply::Error(format!("internal error: {e}")))
             }
@@ -279,7 +434,24 @@ pub async fn run(options: AgentOptions) -> Result<()> {
             options.socket.display()
         );
     }
-    let restored = load_state(&options.state)?;
+    let recorded = load_state(&options.state)?;
+    // A config file says what is wanted; the state file still supplies the ids a running
+    // data path knows its VIPs and backends by.
+    let restored = match &options.config {
+        Some(path) => Some(with_recorded_ids(
+            crate::config::load(path)?.desired_state(),
+            recorded.as_ref(),
+        )),
+        None => recorded,
+    };
+    let metrics = match options.metrics {
+        Some(addr) => Some(
+            crate::metrics::MetricsServer::bind(addr)
+                .await
+                .with_context(|| format!("serving metrics on {addr} (use --metrics ADDR or --no-metrics)"))?,
+        ),
+        None => None,
+    };
 
     paths::ensure_bpffs_dir(&options.bpffs)?;
     let datapath = Datapath::load_pinned(options.datapath, &options.bpffs).with_context(|| {
@@ -335,18 +507,45 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         .context("restricting the control socket to root")?;
     info!(socket = %options.socket.display(), "xlb agent ready");
 
+    let (events, mut health_events) = tokio::sync::mpsc::channel(256);
     let agent = Arc::new(Mutex::new(Agent {
         balancer,
         state_path: options.state.clone(),
+        config_path: options.config.clone(),
+        checker: HealthChecker::new(events),
     }));
+    lock(&agent).sync_health_targets();
+    if let Some(server) = metrics {
+        info!(addr = %server.local_addr(), "serving Prometheus metrics on /metrics");
+        let agent = Arc::clone(&agent);
+        tokio::spawn(server.run(move || lock(&agent).metrics()));
+    }
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => { tokio::spawn(serve_connection(stream, Arc::clone(&agent))); }
                 Err(e) => warn!("accepting a control connection: {e}"),
             },
+            Some(event) = health_events.recv() => {
+                let mut agent = lock(&agent);
+                match agent.balancer.set_health(&event.vip, event.backend, event.healthy) {
+                    Ok(true) if event.healthy => info!(vip = %event.vip, backend = %event.backend, detail = %event.detail, "backend healthy again: back in the ring"),
+                    Ok(true) => warn!(vip = %event.vip, backend = %event.backend, detail = %event.detail, "backend failed its health checks: out of the ring, its flows move"),
+                    Ok(false) => {}
+                    // Removed while the event was in flight.
+                    Err(e) => info!("health event for a backend that is gone: {}", error_chain(&e)),
+                }
+            }
+            _ = sighup.recv() => {
+                let reply = lock(&agent).handle(Request::Reload);
+                match reply {
+                    Reply::Error(e) => warn!("SIGHUP: reload failed, nothing changed: {e}"),
+                    _ => info!("SIGHUP: reloaded the config"),
+                }
+            }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
         }

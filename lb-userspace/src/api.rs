@@ -13,13 +13,19 @@ use lb_common::Counter;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::balancer::{BackendState, Explanation, VipSpec, VipStatus};
+use crate::{
+    balancer::{BackendState, Explanation, VipSpec, VipStatus},
+    health::HealthSpec,
+};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     VipAdd {
         vip: VipSpec,
+        /// Health checks for the VIP's backends (none: all count as healthy).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        health: Option<HealthSpec>,
     },
     VipDel {
         vip: VipSpec,
@@ -49,6 +55,8 @@ pub enum Request {
         client: SocketAddr,
         vip: VipSpec,
     },
+    /// Re-read the agent's --config file and apply what changed.
+    Reload,
 }
 
 impl Request {
@@ -62,6 +70,7 @@ impl Request {
                 | Self::BackendAdd { .. }
                 | Self::BackendDel { .. }
                 | Self::BackendSet { .. }
+                | Self::Reload
         )
     }
 }
@@ -97,6 +106,8 @@ pub enum Reply {
     Vip(VipStatus),
     Stats(Stats),
     Explanation(Explanation),
+    /// What a reload changed, one line each (`+ vip …`, `- backend …`, `~ backend …`).
+    Changes(Vec<String>),
     Error(String),
 }
 

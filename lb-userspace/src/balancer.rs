@@ -19,7 +19,10 @@ use lb_common::{
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::datapath::{Datapath, DatapathError};
+use crate::{
+    datapath::{Datapath, DatapathError},
+    health::{HealthSpec, HealthStatus},
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -198,11 +201,31 @@ struct BackendEntry {
     id: u32,
     weight: u32,
     state: BackendState,
+    /// Failing health checks take a backend out of the ring and end its flows, whatever
+    /// its state; it returns when the checks pass again.
+    healthy: bool,
+}
+
+impl BackendEntry {
+    /// What the data plane is told about the backend.
+    const fn flags(&self) -> u8 {
+        match (self.healthy, self.state) {
+            (false, _) => 0,
+            (true, BackendState::Active) => BACKEND_ACTIVE,
+            (true, BackendState::Draining) => BACKEND_DRAINING,
+        }
+    }
+
+    /// Whether it owns ring slots (takes new flows).
+    fn in_ring(&self) -> bool {
+        self.healthy && self.state == BackendState::Active
+    }
 }
 
 #[derive(Debug)]
 struct VipEntry {
     id: u32,
+    health: Option<HealthSpec>,
     /// Which half of the VIP's double buffer is live.
     live_half: usize,
     /// What each half holds, so a rebuild only writes the slots that change.
@@ -235,6 +258,9 @@ pub struct VipConfig {
     /// As `BackendConfig::id`, for the VIP's slot (its counters and rings).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<u32>,
+    /// Health checks for the VIP's backends; none: every backend counts as healthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthSpec>,
 }
 
 /// The whole desired state, as persisted.
@@ -249,7 +275,12 @@ pub struct BackendStatus {
     pub id: u32,
     pub weight: u32,
     pub state: BackendState,
-    /// Ring slots this backend owns (0 while draining).
+    /// False while health checks fail: out of the ring, its flows moved elsewhere.
+    pub healthy: bool,
+    /// The last health check, when the VIP has checks (filled in by the agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthStatus>,
+    /// Ring slots this backend owns (0 while draining or unhealthy).
     pub slots: u32,
     pub packets: u64,
     pub bytes: u64,
@@ -340,6 +371,7 @@ impl Balancer {
             .ok_or(BalancerError::VipSlotsExhausted(max))?;
         let entry = VipEntry {
             id,
+            health: None,
             live_half: 0,
             halves: [Vec::new(), Vec::new()],
             backends: BTreeMap::new(),
@@ -463,6 +495,7 @@ impl Balancer {
                     id,
                     weight,
                     state: BackendState::Active,
+                    healthy: true,
                 },
             );
         self.rebuild_ring(vip)
@@ -549,33 +582,83 @@ impl Balancer {
         if let Some(w) = weight {
             b.weight = w;
         }
-        let id = b.id;
+        let was_in_ring = b.in_ring();
         if let Some(s) = state {
             b.state = s;
-            let flags = match s {
-                BackendState::Active => BACKEND_ACTIVE,
-                BackendState::Draining => BACKEND_DRAINING,
-            };
-            // Draining: out of the ring first, then the flag (established flows still match).
-            if s == BackendState::Draining {
-                self.rebuild_ring(vip)?;
-            }
-            let value = Backend {
-                addr: to_bytes(backend.ip()),
-                port_be: backend.port().to_be(),
-                family: family(&backend),
-                flags,
-                vip_id,
-            };
-            self.datapath
-                .backends()?
-                .set(id, &value, 0)
-                .map_err(|source| DatapathError::Map {
-                    name: lb_common::map_names::BACKENDS,
-                    source,
-                })?;
         }
+        let (id, flags, in_ring) = (b.id, b.flags(), b.in_ring());
+        // Leaving the ring: the ring first, then the flag (established flows still match
+        // until the flag says otherwise). Joining: the flag first, then the ring.
+        if was_in_ring && !in_ring {
+            self.rebuild_ring(vip)?;
+        }
+        self.write_flags(id, vip_id, backend, flags)?;
         self.rebuild_ring(vip)
+    }
+
+    /// Records a health-check verdict. Returns whether anything changed.
+    ///
+    /// # Errors
+    /// Unknown VIP or backend, or a map update failing.
+    pub fn set_health(&mut self, vip: &VipSpec, backend: SocketAddr, healthy: bool) -> Result<bool> {
+        let entry = self.vips.get_mut(vip).ok_or(BalancerError::UnknownVip(*vip))?;
+        let vip_id = entry.id;
+        let b = entry
+            .backends
+            .get_mut(&backend)
+            .ok_or(BalancerError::UnknownBackend { vip: *vip, backend })?;
+        if b.healthy == healthy {
+            return Ok(false);
+        }
+        b.healthy = healthy;
+        let (id, flags) = (b.id, b.flags());
+        if healthy {
+            self.write_flags(id, vip_id, backend, flags)?;
+            self.rebuild_ring(vip)?;
+        } else {
+            // Out of the ring, then flags 0: its connection-table entries stop matching, so
+            // its flows re-hash to live backends on their next packet.
+            self.rebuild_ring(vip)?;
+            self.write_flags(id, vip_id, backend, flags)?;
+        }
+        Ok(true)
+    }
+
+    /// Sets (or clears) the VIP's health-check spec; the agent runs the checks.
+    ///
+    /// # Errors
+    /// Unknown VIP.
+    pub fn set_vip_health(&mut self, vip: &VipSpec, health: Option<HealthSpec>) -> Result<()> {
+        let entry = self.vips.get_mut(vip).ok_or(BalancerError::UnknownVip(*vip))?;
+        entry.health = health;
+        Ok(())
+    }
+
+    /// Health specs and backends of every VIP, for the health checker.
+    #[must_use]
+    pub fn health_targets(&self) -> Vec<(VipSpec, Option<HealthSpec>, Vec<SocketAddr>)> {
+        self.vips
+            .iter()
+            .map(|(vip, e)| (*vip, e.health.clone(), e.backends.keys().copied().collect()))
+            .collect()
+    }
+
+    fn write_flags(&mut self, id: u32, vip_id: u32, backend: SocketAddr, flags: u8) -> Result<()> {
+        let value = Backend {
+            addr: to_bytes(backend.ip()),
+            port_be: backend.port().to_be(),
+            family: family(&backend),
+            flags,
+            vip_id,
+        };
+        self.datapath
+            .backends()?
+            .set(id, &value, 0)
+            .map_err(|source| DatapathError::Map {
+                name: lb_common::map_names::BACKENDS,
+                source,
+            })?;
+        Ok(())
     }
 
     /// Builds the VIP's ring from its active backends, writes it into the idle half of its
@@ -587,7 +670,7 @@ impl Balancer {
         let members: Vec<MaglevBackend> = entry
             .backends
             .iter()
-            .filter(|(_, b)| b.state == BackendState::Active)
+            .filter(|(_, b)| b.in_ring())
             .map(|(addr, b)| MaglevBackend::new(b.id, to_bytes(addr.ip()), addr.port(), b.weight))
             .collect();
         let ring = build_ring(&members, ring_size)?;
@@ -689,6 +772,8 @@ impl Balancer {
                     id: b.id,
                     weight: b.weight,
                     state: b.state,
+                    healthy: b.healthy,
+                    health: None,
                     slots: slots.get(&b.id).copied().unwrap_or(0),
                     packets: t.packets,
                     bytes: t.bytes,
@@ -769,6 +854,7 @@ impl Balancer {
                 .map(|(vip, entry)| VipConfig {
                     vip: *vip,
                     id: Some(entry.id),
+                    health: entry.health.clone(),
                     backends: entry
                         .backends
                         .iter()
@@ -798,6 +884,7 @@ impl Balancer {
             self.add_vip(vip.vip)?;
         }
         for vip in &state.vips {
+            self.set_vip_health(&vip.vip, vip.health.clone())?;
             let mut ordered: Vec<&BackendConfig> = vip.backends.iter().collect();
             ordered.sort_by_key(|b| b.id.is_none());
             for b in ordered {
@@ -879,6 +966,7 @@ mod tests {
                     id: Some(7),
                 }],
                 id: None,
+                health: None,
             }],
         };
         let json = serde_json::to_string(&state).unwrap();

@@ -6,5 +6,8 @@ pub mod agent;
 pub mod api;
 pub mod balancer;
 pub mod bench;
+pub mod config;
 pub mod datapath;
+pub mod health;
+pub mod metrics;
 pub mod paths;

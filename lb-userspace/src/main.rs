@@ -9,6 +9,7 @@ use lb_userspace::{
     agent::{self, AgentOptions, ModeChoice},
     api::{self, Reply, Request},
     balancer::{BackendState, VipSpec, VipStatus},
+    health::{HealthSpec, Probe},
     datapath::DatapathConfig,
     paths,
 };
@@ -60,7 +61,22 @@ enum Command {
         /// the next `xlb run` adopts it without losing a flow. `xlb detach` removes it.
         #[arg(long)]
         keep_attached: bool,
+        /// Serve Prometheus metrics on ADDR (/metrics).
+        #[arg(long, default_value = "127.0.0.1:9464", conflicts_with = "no_metrics")]
+        metrics: std::net::SocketAddr,
+        #[arg(long)]
+        no_metrics: bool,
+        /// Declarative config (see examples/xlb.toml): VIPs, backends, weights, health
+        /// checks. `xlb reload` or SIGHUP re-read it and apply only what changed.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
+    /// Re-read the agent's --config file and apply only what changed.
+    #[command(after_help = "Example:\n  xlb reload          # or: kill -HUP $(pidof xlb)")]
+    Reload,
+    /// Check a config file without applying it.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Remove a data path left running by `xlb run --keep-attached`.
     #[command(after_help = "Example:\n  sudo xlb detach")]
     Detach {
@@ -151,12 +167,72 @@ enum BenchCommand {
 }
 
 #[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate FILE: exit 0 if it would load, else one line naming FILE:LINE:COLUMN.
+    #[command(after_help = "Example:\n  xlb config check /etc/xlb/xlb.toml")]
+    Check { file: PathBuf },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ProbeArg {
+    Tcp,
+    Http,
+}
+
+/// Health-check options of `xlb vip add`.
+#[derive(clap::Args)]
+struct HealthArgs {
+    /// Check the VIP's backends: tcp (connect) or http (GET, expect a status).
+    #[arg(long)]
+    health: Option<ProbeArg>,
+    /// HTTP path to GET.
+    #[arg(long, default_value = "/", requires = "health")]
+    health_path: String,
+    /// HTTP status a healthy backend answers with.
+    #[arg(long, default_value_t = 200, requires = "health")]
+    health_status: u16,
+    #[arg(long, default_value_t = 2000, requires = "health")]
+    health_interval_ms: u64,
+    #[arg(long, default_value_t = 1000, requires = "health")]
+    health_timeout_ms: u64,
+    /// Consecutive successes that bring a backend back.
+    #[arg(long, default_value_t = 2, requires = "health")]
+    health_rise: u32,
+    /// Consecutive failures that take a backend out.
+    #[arg(long, default_value_t = 3, requires = "health")]
+    health_fall: u32,
+}
+
+impl HealthArgs {
+    fn spec(&self) -> Option<HealthSpec> {
+        let probe = match self.health? {
+            ProbeArg::Tcp => Probe::Tcp,
+            ProbeArg::Http => Probe::Http {
+                path: self.health_path.clone(),
+                expect_status: self.health_status,
+            },
+        };
+        Some(HealthSpec {
+            probe,
+            interval: Duration::from_millis(self.health_interval_ms),
+            timeout: Duration::from_millis(self.health_timeout_ms),
+            rise: self.health_rise,
+            fall: self.health_fall,
+        })
+    }
+}
+
+#[derive(Subcommand)]
 enum VipCommand {
     /// Add a VIP: ADDR:PORT[/tcp|/udp] (IPv6 as [2001:db8::1]:443/tcp).
     #[command(
-        after_help = "Examples:\n  xlb vip add 192.0.2.10:80/tcp\n  xlb vip add [2001:db8::10]:53/udp"
+        after_help = "Examples:\n  xlb vip add 192.0.2.10:80/tcp\n  xlb vip add [2001:db8::10]:53/udp\n  xlb vip add 192.0.2.10:80/tcp --health http --health-path /healthz --health-fall 2"
     )]
-    Add { vip: VipSpec },
+    Add {
+        vip: VipSpec,
+        #[command(flatten)]
+        health: HealthArgs,
+    },
     /// Remove a VIP and its backends.
     #[command(after_help = "Example:\n  xlb vip del 192.0.2.10:80/tcp")]
     Del { vip: VipSpec },
@@ -420,12 +496,32 @@ fn bench(command: BenchCommand) -> Result<()> {
 fn client(socket: &std::path::Path, command: Command) -> Result<()> {
     let call = |request: &Request| api::call(socket, request).map_err(anyhow::Error::new);
     match command {
-        Command::Run { .. } | Command::Bench(_) | Command::Detach { .. } => {
+        Command::Run { .. } | Command::Bench(_) | Command::Detach { .. } | Command::Config(_) => {
             unreachable!("handled in main")
         }
-        Command::Vip(VipCommand::Add { vip }) => {
-            call(&Request::VipAdd { vip })?;
-            println!("added VIP {vip}");
+        Command::Vip(VipCommand::Add { vip, health }) => {
+            let health = health.spec();
+            if let Some(spec) = &health {
+                spec.validate().context("invalid health check")?;
+            }
+            call(&Request::VipAdd {
+                vip,
+                health: health.clone(),
+            })?;
+            match health {
+                Some(spec) => println!("added VIP {vip} (health checks: {})", spec.probe),
+                None => println!("added VIP {vip}"),
+            }
+        }
+        Command::Reload => {
+            if let Reply::Changes(changes) = call(&Request::Reload)? {
+                if changes.is_empty() {
+                    println!("reloaded: nothing changed");
+                }
+                for c in changes {
+                    println!("{c}");
+                }
+            }
         }
         Command::Vip(VipCommand::Del { vip }) => {
             call(&Request::VipDel { vip })?;
@@ -570,6 +666,9 @@ fn main() -> ExitCode {
             max_vips,
             hash_seed,
             keep_attached,
+            metrics,
+            no_metrics,
+            config,
         } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
@@ -590,6 +689,8 @@ fn main() -> ExitCode {
                     hash_seed,
                 },
                 keep_attached,
+                metrics: (!no_metrics).then_some(metrics),
+                config,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -599,6 +700,16 @@ fn main() -> ExitCode {
                 .and_then(|rt| rt.block_on(agent::run(options)))
         }
         Command::Bench(command) => bench(command),
+        Command::Config(ConfigCommand::Check { file }) => lb_userspace::config::load(&file)
+            .map(|config| {
+                println!(
+                    "{}: ok ({} VIPs, {} backends)",
+                    file.display(),
+                    config.vips.len(),
+                    config.vips.iter().map(|v| v.backends.len()).sum::<usize>()
+                );
+            })
+            .map_err(Into::into),
         Command::Detach { bpffs } => agent::detach(
             &bpffs.unwrap_or_else(paths::default_bpffs),
             &cli.socket.unwrap_or_else(paths::default_socket),

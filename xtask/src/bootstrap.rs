@@ -20,6 +20,15 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
     "nftables",
+    // Real containers for the podman test and the demo's podman mode: runc because crun
+    // fails on hybrid cgroups; netavark and the iptables it calls named explicitly because
+    // without recommends apt may pick the CNI plugins instead; busybox-static is the whole
+    // image (no registry is needed).
+    "podman",
+    "runc",
+    "netavark",
+    "iptables",
+    "busybox-static",
 ];
 
 fn succeeds(cmd: &mut Command) -> bool {

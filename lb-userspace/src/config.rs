@@ -1,0 +1,1004 @@
+//! The declarative configuration file, `xlb.toml`: the whole set of VIPs, backends and health
+//! checks in one reviewable file, as an alternative to building it up with `xlb vip add` /
+//! `xlb backend add`. `xlb reload` applies only the [`diff`] between what runs and what the
+//! file says, so unchanged backends keep their ring slots and their flows.
+//!
+//! ```toml
+//! [agent]
+//! ifaces = ["eth0"]
+//! metrics = "127.0.0.1:9464"
+//!
+//! [[vip]]
+//! address = "192.0.2.10:80/tcp"
+//! [vip.health]
+//! probe = "http"
+//! path = "/healthz"
+//! [[vip.backend]]
+//! address = "10.0.0.2:8080"
+//! weight = 2
+//! ```
+//!
+//! Every mistake is reported with the file, line and column it is at, because a config file is
+//! edited by hand and a bare "invalid config" sends the operator hunting.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    net::SocketAddr,
+    ops::Range,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use toml::Spanned;
+
+use crate::{
+    agent::ModeChoice,
+    balancer::{BackendConfig, BackendState, DesiredState, MAX_WEIGHT, VipConfig, VipSpec},
+    health::{HealthSpec, HealthSpecError, Probe},
+};
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read the config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Something in the file is wrong; `line` and `column` count from 1.
+    #[error("{origin}:{line}:{column}: {message}")]
+    Invalid {
+        origin: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+}
+
+/// The `[agent]` table: start-up settings the command line would otherwise carry. Each is
+/// optional, and a command-line flag wins over it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AgentConfig {
+    pub ifaces: Vec<String>,
+    pub xdp_mode: Option<ModeChoice>,
+    /// Where to serve Prometheus metrics.
+    pub metrics: Option<SocketAddr>,
+    pub socket: Option<PathBuf>,
+    pub state: Option<PathBuf>,
+    pub bpffs: Option<PathBuf>,
+}
+
+/// One `[[vip]]` entry, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VipDecl {
+    pub vip: VipSpec,
+    /// `None`: no health checks, every backend counts as healthy.
+    pub health: Option<HealthSpec>,
+    /// In the file's order.
+    pub backends: Vec<BackendConfig>,
+}
+
+/// A parsed and validated `xlb.toml`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    pub agent: AgentConfig,
+    /// In the file's order.
+    pub vips: Vec<VipDecl>,
+}
+
+impl Config {
+    /// The balancer state the file describes, sorted the way the balancer reports its own,
+    /// so the two compare equal when nothing differs.
+    #[must_use]
+    pub fn desired_state(&self) -> DesiredState {
+        let mut vips: Vec<VipConfig> = self
+            .vips
+            .iter()
+            .map(|v| {
+                let mut backends = v.backends.clone();
+                backends.sort_by_key(|b| b.addr);
+                VipConfig {
+                    vip: v.vip,
+                    backends,
+                    id: None,
+                    health: v.health.clone(),
+                }
+            })
+            .collect();
+        vips.sort_by_key(|v| v.vip);
+        DesiredState { vips }
+    }
+
+    /// The VIPs that have health checks; the others have none.
+    #[must_use]
+    pub fn health(&self) -> Vec<(VipSpec, HealthSpec)> {
+        self.vips
+            .iter()
+            .filter_map(|v| v.health.clone().map(|h| (v.vip, h)))
+            .collect()
+    }
+}
+
+// The file as written, with spans, before validation turns it into `Config`.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    agent: Option<RawAgent>,
+    #[serde(default)]
+    vip: Vec<RawVip>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    #[serde(default)]
+    ifaces: Vec<Spanned<String>>,
+    xdp_mode: Option<Spanned<String>>,
+    metrics: Option<Spanned<String>>,
+    socket: Option<PathBuf>,
+    state: Option<PathBuf>,
+    bpffs: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVip {
+    address: Spanned<String>,
+    health: Option<Spanned<RawHealth>>,
+    #[serde(default)]
+    backend: Vec<RawBackend>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    probe: Option<Spanned<String>>,
+    path: Option<Spanned<String>>,
+    expect_status: Option<Spanned<i64>>,
+    interval_ms: Option<Spanned<i64>>,
+    timeout_ms: Option<Spanned<i64>>,
+    rise: Option<Spanned<i64>>,
+    fall: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    address: Spanned<String>,
+    weight: Option<Spanned<i64>>,
+    state: Option<Spanned<BackendState>>,
+}
+
+/// A problem at a byte range of the text, turned into line:column once at the end.
+struct Problem {
+    span: Range<usize>,
+    message: String,
+}
+
+fn problem(span: Range<usize>, message: impl Into<String>) -> Problem {
+    Problem {
+        span,
+        message: message.into(),
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    (line, column)
+}
+
+fn invalid(origin: &str, text: &str, p: &Problem) -> ConfigError {
+    let (line, column) = line_col(text, p.span.start);
+    ConfigError::Invalid {
+        origin: origin.to_owned(),
+        line,
+        column,
+        message: p.message.clone(),
+    }
+}
+
+/// Parses and validates a config given as text. Errors name the file `xlb.toml`; [`load`]
+/// names the real path.
+///
+/// # Errors
+/// The first problem in the text, with its line and column.
+pub fn parse(text: &str) -> Result<Config, ConfigError> {
+    parse_named(text, "xlb.toml")
+}
+
+/// Reads, parses and validates a config file.
+///
+/// # Errors
+/// The file cannot be read, or the first problem in it, with its line and column.
+pub fn load(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
+    let path = path.as_ref();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_named(&text, &path.display().to_string())
+}
+
+fn parse_named(text: &str, origin: &str) -> Result<Config, ConfigError> {
+    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        let span = e.span().unwrap_or(0..0);
+        invalid(origin, text, &problem(span, e.message().trim_end()))
+    })?;
+    validate(raw, text).map_err(|p| invalid(origin, text, &p))
+}
+
+fn validate(raw: RawConfig, text: &str) -> Result<Config, Problem> {
+    let agent = match raw.agent {
+        Some(a) => validate_agent(a)?,
+        None => AgentConfig::default(),
+    };
+    let mut vips = Vec::with_capacity(raw.vip.len());
+    let mut seen: HashMap<VipSpec, Range<usize>> = HashMap::new();
+    for v in raw.vip {
+        let span = v.address.span();
+        let vip: VipSpec = v
+            .address
+            .get_ref()
+            .parse()
+            .map_err(|e| problem(span.clone(), format!("bad VIP address: {e}")))?;
+        if let Some(first) = seen.insert(vip, span.clone()) {
+            return Err(problem(
+                span,
+                format!(
+                    "VIP {vip} is declared twice (first at line {})",
+                    line_col(text, first.start).0
+                ),
+            ));
+        }
+        let health = v.health.map(validate_health).transpose()?;
+        let mut backends: Vec<BackendConfig> = Vec::with_capacity(v.backend.len());
+        let mut seen_backends: HashMap<SocketAddr, Range<usize>> = HashMap::new();
+        for b in v.backend {
+            let backend = validate_backend(&vip, b, &mut seen_backends, text)?;
+            backends.push(backend);
+        }
+        vips.push(VipDecl {
+            vip,
+            health,
+            backends,
+        });
+    }
+    Ok(Config { agent, vips })
+}
+
+fn validate_agent(a: RawAgent) -> Result<AgentConfig, Problem> {
+    let mut ifaces = Vec::with_capacity(a.ifaces.len());
+    for iface in a.ifaces {
+        let span = iface.span();
+        let name = iface.into_inner();
+        if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(['/', ' ']) {
+            return Err(problem(span, format!("'{name}' is not an interface name")));
+        }
+        ifaces.push(name);
+    }
+    let xdp_mode = a
+        .xdp_mode
+        .map(|m| {
+            <ModeChoice as clap::ValueEnum>::from_str(m.get_ref(), true).map_err(|_| {
+                problem(
+                    m.span(),
+                    format!("xdp_mode '{}' is not one of auto, native, skb", m.get_ref()),
+                )
+            })
+        })
+        .transpose()?;
+    let metrics = a
+        .metrics
+        .map(|m| {
+            m.get_ref().parse::<SocketAddr>().map_err(|_| {
+                problem(
+                    m.span(),
+                    format!(
+                        "metrics address '{}' is not ADDR:PORT (e.g. 127.0.0.1:9464)",
+                        m.get_ref()
+                    ),
+                )
+            })
+        })
+        .transpose()?;
+    Ok(AgentConfig {
+        ifaces,
+        xdp_mode,
+        metrics,
+        socket: a.socket,
+        state: a.state,
+        bpffs: a.bpffs,
+    })
+}
+
+fn validate_backend(
+    vip: &VipSpec,
+    b: RawBackend,
+    seen: &mut HashMap<SocketAddr, Range<usize>>,
+    text: &str,
+) -> Result<BackendConfig, Problem> {
+    let span = b.address.span();
+    let written = b.address.get_ref();
+    let addr: SocketAddr = written.parse().map_err(|_| {
+        problem(
+            span.clone(),
+            format!("backend address '{written}' is not ADDR:PORT (IPv6 as [fd00::2]:8080)"),
+        )
+    })?;
+    if addr.port() == 0 {
+        return Err(problem(
+            span,
+            format!("backend address '{written}' has port 0"),
+        ));
+    }
+    if addr.is_ipv4() != vip.addr.is_ipv4() {
+        let family = |ipv4: bool| if ipv4 { "IPv4" } else { "IPv6" };
+        return Err(problem(
+            span,
+            format!(
+                "backend {addr} is {} but VIP {vip} is {} (xlb does not translate between address families)",
+                family(addr.is_ipv4()),
+                family(vip.addr.is_ipv4()),
+            ),
+        ));
+    }
+    if let Some(first) = seen.insert(addr, span.clone()) {
+        return Err(problem(
+            span,
+            format!(
+                "backend {addr} is listed twice under VIP {vip} (first at line {})",
+                line_col(text, first.start).0
+            ),
+        ));
+    }
+    let weight = match b.weight {
+        None => 1,
+        Some(w) => {
+            let value = *w.get_ref();
+            u32::try_from(value)
+                .ok()
+                .filter(|w| (1..=MAX_WEIGHT).contains(w))
+                .ok_or_else(|| {
+                    problem(
+                        w.span(),
+                        format!("weight must be between 1 and {MAX_WEIGHT}, got {value}"),
+                    )
+                })?
+        }
+    };
+    Ok(BackendConfig {
+        addr,
+        weight,
+        state: b.state.map_or(BackendState::Active, Spanned::into_inner),
+        id: None,
+    })
+}
+
+fn validate_health(h: Spanned<RawHealth>) -> Result<HealthSpec, Problem> {
+    let table = h.span();
+    let h = h.into_inner();
+    let defaults = HealthSpec::default();
+    let number = |field: &Option<Spanned<i64>>, name: &str, default: u64| -> Result<u64, Problem> {
+        field.as_ref().map_or(Ok(default), |v| {
+            u64::try_from(*v.get_ref())
+                .map_err(|_| problem(v.span(), format!("{name} must not be negative")))
+        })
+    };
+    let small = |field: &Option<Spanned<i64>>, name: &str, default: u32| -> Result<u32, Problem> {
+        let n = number(field, name, u64::from(default))?;
+        u32::try_from(n).map_err(|_| {
+            problem(
+                field.as_ref().map_or(table.clone(), Spanned::span),
+                format!("{name} is too large"),
+            )
+        })
+    };
+    let interval = Duration::from_millis(number(
+        &h.interval_ms,
+        "interval_ms",
+        millis(defaults.interval),
+    )?);
+    let timeout = Duration::from_millis(number(
+        &h.timeout_ms,
+        "timeout_ms",
+        millis(defaults.timeout),
+    )?);
+    let rise = small(&h.rise, "rise", defaults.rise)?;
+    let fall = small(&h.fall, "fall", defaults.fall)?;
+    let kind = h.probe.as_ref().map_or("tcp", |p| p.get_ref().as_str());
+    let probe = match kind {
+        "tcp" => {
+            let stray = h
+                .path
+                .as_ref()
+                .map(Spanned::span)
+                .or_else(|| h.expect_status.as_ref().map(Spanned::span));
+            if let Some(span) = stray {
+                return Err(problem(
+                    span,
+                    "path and expect_status only apply to probe = \"http\"",
+                ));
+            }
+            Probe::Tcp
+        }
+        "http" => {
+            let expect_status = match &h.expect_status {
+                None => 200,
+                Some(s) => u16::try_from(*s.get_ref()).map_err(|_| {
+                    problem(
+                        s.span(),
+                        format!(
+                            "the expected HTTP status must be between 100 and 599, got {}",
+                            s.get_ref()
+                        ),
+                    )
+                })?,
+            };
+            Probe::Http {
+                path: h
+                    .path
+                    .as_ref()
+                    .map_or_else(|| "/".to_owned(), |p| p.get_ref().clone()),
+                expect_status,
+            }
+        }
+        other => {
+            let span = h.probe.as_ref().map_or(table.clone(), Spanned::span);
+            return Err(problem(
+                span,
+                format!("health probe '{other}' is not one of tcp, http"),
+            ));
+        }
+    };
+    let spec = HealthSpec {
+        probe,
+        interval,
+        timeout,
+        rise,
+        fall,
+    };
+    spec.validate().map_err(|e| {
+        let at = |field: &Option<Spanned<i64>>| field.as_ref().map(Spanned::span);
+        let span = match e {
+            HealthSpecError::ZeroInterval => at(&h.interval_ms),
+            HealthSpecError::ZeroTimeout | HealthSpecError::TimeoutExceedsInterval { .. } => {
+                at(&h.timeout_ms).or_else(|| at(&h.interval_ms))
+            }
+            HealthSpecError::ZeroRise => at(&h.rise),
+            HealthSpecError::ZeroFall => at(&h.fall),
+            HealthSpecError::BadPath(_) => h.path.as_ref().map(Spanned::span),
+            HealthSpecError::BadStatus(_) => at(&h.expect_status),
+        };
+        problem(span.unwrap_or(table), e.to_string())
+    })?;
+    Ok(spec)
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// One step from a running state towards a configured one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Change {
+    AddVip(VipSpec),
+    /// Takes the VIP's backends with it.
+    RemoveVip(VipSpec),
+    /// Carries the full backend config: apply the weight on add and the state after it.
+    AddBackend {
+        vip: VipSpec,
+        backend: BackendConfig,
+    },
+    RemoveBackend {
+        vip: VipSpec,
+        backend: SocketAddr,
+    },
+    /// Weight and/or state changed; the backend keeps its id and its established flows.
+    UpdateBackend {
+        vip: VipSpec,
+        backend: BackendConfig,
+    },
+}
+
+impl fmt::Display for Change {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = |s: BackendState| match s {
+            BackendState::Active => "active",
+            BackendState::Draining => "draining",
+        };
+        match self {
+            Self::AddVip(vip) => write!(f, "+ vip {vip}"),
+            Self::RemoveVip(vip) => write!(f, "- vip {vip}"),
+            Self::AddBackend { vip, backend } => write!(
+                f,
+                "+ backend {vip} {} weight {} {}",
+                backend.addr,
+                backend.weight,
+                state(backend.state)
+            ),
+            Self::RemoveBackend { vip, backend } => write!(f, "- backend {vip} {backend}"),
+            Self::UpdateBackend { vip, backend } => write!(
+                f,
+                "~ backend {vip} {} weight {} {}",
+                backend.addr,
+                backend.weight,
+                state(backend.state)
+            ),
+        }
+    }
+}
+
+/// The fewest changes that turn `old` into `new`, so a reload leaves untouched VIPs and
+/// backends (their ring slots, ids and flows) exactly as they are.
+///
+/// Order: removed VIPs first (freeing their slots and backend ids), then new VIPs with their
+/// backends, then per kept VIP additions and updates before removals — adding before removing
+/// keeps a VIP from passing through an empty ring when its backends are swapped.
+/// Health checks are not part of it: they are set per VIP wholesale.
+#[must_use]
+pub fn diff(old: &DesiredState, new: &DesiredState) -> Vec<Change> {
+    let index = |s: &DesiredState| -> BTreeMap<VipSpec, BTreeMap<SocketAddr, BackendConfig>> {
+        s.vips
+            .iter()
+            .map(|v| {
+                (
+                    v.vip,
+                    v.backends.iter().map(|b| (b.addr, b.clone())).collect(),
+                )
+            })
+            .collect()
+    };
+    let (old, new) = (index(old), index(new));
+    let mut changes = Vec::new();
+    for vip in old.keys().filter(|v| !new.contains_key(v)) {
+        changes.push(Change::RemoveVip(*vip));
+    }
+    for (vip, backends) in new.iter().filter(|(v, _)| !old.contains_key(v)) {
+        changes.push(Change::AddVip(*vip));
+        changes.extend(backends.values().map(|b| Change::AddBackend {
+            vip: *vip,
+            backend: b.clone(),
+        }));
+    }
+    for (vip, backends) in &new {
+        let Some(before) = old.get(vip) else { continue };
+        for (addr, b) in backends {
+            match before.get(addr) {
+                None => changes.push(Change::AddBackend {
+                    vip: *vip,
+                    backend: b.clone(),
+                }),
+                // Ids are the data plane's business: a config never has them.
+                Some(was) if (was.weight, was.state) != (b.weight, b.state) => {
+                    changes.push(Change::UpdateBackend {
+                        vip: *vip,
+                        backend: b.clone(),
+                    });
+                }
+                Some(_) => {}
+            }
+        }
+        for addr in before.keys().filter(|a| !backends.contains_key(a)) {
+            changes.push(Change::RemoveBackend {
+                vip: *vip,
+                backend: *addr,
+            });
+        }
+    }
+    changes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> (usize, usize, String) {
+        match parse(text).unwrap_err() {
+            ConfigError::Invalid {
+                origin,
+                line,
+                column,
+                message,
+            } => {
+                assert_eq!(origin, "xlb.toml");
+                (line, column, message)
+            }
+            e @ ConfigError::Read { .. } => panic!("unexpected {e}"),
+        }
+    }
+
+    fn vip(s: &str) -> VipSpec {
+        s.parse().unwrap()
+    }
+
+    fn backend(addr: &str, weight: u32, state: BackendState) -> BackendConfig {
+        BackendConfig {
+            addr: addr.parse().unwrap(),
+            weight,
+            state,
+            id: None,
+        }
+    }
+
+    #[test]
+    fn the_example_config_parses() {
+        let config = parse(include_str!("../../examples/xlb.toml")).unwrap();
+        assert_eq!(config.agent.ifaces, ["eth0"]);
+        assert_eq!(config.agent.xdp_mode, Some(ModeChoice::Auto));
+        assert_eq!(
+            config.agent.metrics,
+            Some("127.0.0.1:9464".parse().unwrap())
+        );
+        assert_eq!(config.vips.len(), 2);
+        let web = &config.vips[0];
+        assert_eq!(web.vip, vip("192.0.2.10:80/tcp"));
+        assert_eq!(
+            web.backends,
+            [
+                backend("10.0.0.2:8080", 2, BackendState::Active),
+                backend("10.0.0.3:8080", 1, BackendState::Active),
+                backend("10.0.0.4:8080", 1, BackendState::Draining),
+            ]
+        );
+        assert_eq!(
+            config.health(),
+            [(
+                vip("192.0.2.10:80/tcp"),
+                HealthSpec {
+                    probe: Probe::Http {
+                        path: "/healthz".into(),
+                        expect_status: 200
+                    },
+                    interval: Duration::from_secs(2),
+                    timeout: Duration::from_secs(1),
+                    rise: 2,
+                    fall: 3,
+                }
+            )]
+        );
+        assert_eq!(config.vips[1].health, None);
+    }
+
+    #[test]
+    fn an_empty_file_is_an_empty_config() {
+        assert_eq!(parse("").unwrap(), Config::default());
+        assert_eq!(parse("").unwrap().desired_state(), DesiredState::default());
+    }
+
+    #[test]
+    fn health_fields_default_individually() {
+        let config = parse(
+            "[[vip]]\naddress = \"192.0.2.1:80\"\n[vip.health]\nprobe = \"http\"\nfall = 5\n",
+        )
+        .unwrap();
+        let spec = config.vips[0].health.clone().unwrap();
+        assert_eq!(
+            spec,
+            HealthSpec {
+                probe: Probe::Http {
+                    path: "/".into(),
+                    expect_status: 200
+                },
+                fall: 5,
+                ..HealthSpec::default()
+            }
+        );
+        let config = parse("[[vip]]\naddress = \"192.0.2.1:80\"\n[vip.health]\n").unwrap();
+        assert_eq!(config.vips[0].health, Some(HealthSpec::default()));
+    }
+
+    #[test]
+    fn errors_point_at_the_line_and_column() {
+        let (line, column, message) = err(concat!(
+            "[[vip]]\n",                         // 1
+            "address = \"192.0.2.10:80/tcp\"\n", // 2
+            "\n",                                // 3
+            "[[vip.backend]]\n",                 // 4
+            "address = \"10.0.0.2:8080\"\n",     // 5
+            "\n",                                // 6
+            "[[vip.backend]]\n",                 // 7
+            "address = \"x\"\n",                 // 8
+        ));
+        assert_eq!((line, column), (8, 11));
+        assert_eq!(
+            message,
+            "backend address 'x' is not ADDR:PORT (IPv6 as [fd00::2]:8080)"
+        );
+        let shown =
+            parse("[[vip]]\naddress = \"192.0.2.1:80\"\n[[vip.backend]]\naddress = \"x\"\n")
+                .unwrap_err()
+                .to_string();
+        assert!(
+            shown.starts_with("xlb.toml:4:11: backend address 'x'"),
+            "{shown}"
+        );
+
+        let (line, column, message) = err("[[vip]]\naddress = \"192.0.2.1:80\"\nbackends = []\n");
+        assert_eq!((line, column), (3, 1));
+        assert!(message.contains("unknown field `backends`"), "{message}");
+
+        let (line, _, message) = err("[[vip]]\naddress = \"192.0.2.1/tcp\"\n");
+        assert_eq!(line, 2);
+        assert!(
+            message.starts_with("bad VIP address: '192.0.2.1/tcp' is not ADDR:PORT"),
+            "{message}"
+        );
+
+        let (line, _, message) = err("[[vip]]\naddress = \"192.0.2.1:80/sctp\"\n");
+        assert_eq!(line, 2);
+        assert!(message.contains("unknown protocol 'sctp'"), "{message}");
+
+        let (line, _, message) =
+            err("[[vip]]\naddress = \"192.0.2.1:80\"\n[[vip]]\naddress = \"192.0.2.1:80/tcp\"\n");
+        assert_eq!(line, 4);
+        assert_eq!(
+            message,
+            "VIP 192.0.2.1:80/tcp is declared twice (first at line 2)"
+        );
+
+        let (line, _, message) = err(concat!(
+            "[[vip]]\naddress = \"192.0.2.1:80\"\n",
+            "[[vip.backend]]\naddress = \"10.0.0.2:80\"\n",
+            "[[vip.backend]]\naddress = \"10.0.0.2:80\"\nweight = 3\n",
+        ));
+        assert_eq!(line, 6);
+        assert_eq!(
+            message,
+            "backend 10.0.0.2:80 is listed twice under VIP 192.0.2.1:80/tcp (first at line 4)"
+        );
+
+        let (line, column, message) = err(
+            "[[vip]]\naddress = \"192.0.2.1:80\"\n[[vip.backend]]\naddress = \"[fd00::2]:80\"\n",
+        );
+        assert_eq!((line, column), (4, 11));
+        assert!(
+            message.contains("is IPv6 but VIP 192.0.2.1:80/tcp is IPv4"),
+            "{message}"
+        );
+
+        for bad in ["0", "1001", "-1"] {
+            let (line, column, message) = err(&format!(
+                "[[vip]]\naddress = \"192.0.2.1:80\"\n[[vip.backend]]\naddress = \"10.0.0.2:80\"\nweight = {bad}\n"
+            ));
+            assert_eq!((line, column), (5, 10));
+            assert_eq!(
+                message,
+                format!("weight must be between 1 and 1000, got {bad}")
+            );
+        }
+
+        let (line, _, message) = err(
+            "[[vip]]\naddress = \"192.0.2.1:80\"\n[[vip.backend]]\naddress = \"10.0.0.2:80\"\nstate = \"gone\"\n",
+        );
+        assert_eq!(line, 5);
+        assert!(message.contains("unknown variant `gone`"), "{message}");
+
+        let (line, column, message) = err("[agent]\nxdp_mode = \"turbo\"\n");
+        assert_eq!((line, column), (2, 12));
+        assert_eq!(message, "xdp_mode 'turbo' is not one of auto, native, skb");
+
+        let (line, _, message) = err("[agent]\nmetrics = \"9464\"\n");
+        assert_eq!(line, 2);
+        assert!(
+            message.starts_with("metrics address '9464' is not ADDR:PORT"),
+            "{message}"
+        );
+
+        let (line, _, message) = err("[[vip]]\naddress = \"192.0.2.1:80\"\n[[vip.backend]]\n");
+        assert!(line >= 3, "{line}");
+        assert!(message.contains("missing field `address`"), "{message}");
+
+        let (line, _, message) = err("[[vip]\n");
+        assert_eq!(line, 1);
+        assert!(!message.is_empty());
+    }
+
+    #[test]
+    fn bad_health_specs_point_at_the_field() {
+        let health = |body: &str| {
+            err(&format!(
+                "[[vip]]\naddress = \"192.0.2.1:80\"\n[vip.health]\n{body}"
+            ))
+        };
+        let (line, column, message) = health("interval_ms = 500\ntimeout_ms = 900\n");
+        assert_eq!((line, column), (5, 14));
+        assert_eq!(
+            message,
+            "the health check timeout (900 ms) must not exceed its interval (500 ms)"
+        );
+        let (line, _, message) = health("rise = 0\n");
+        assert_eq!(line, 4);
+        assert_eq!(message, "health check rise must be at least 1");
+        let (line, _, message) = health("fall = -2\n");
+        assert_eq!(line, 4);
+        assert_eq!(message, "fall must not be negative");
+        let (line, _, message) = health("interval_ms = 0\n");
+        assert_eq!(line, 4);
+        assert!(
+            message.contains("interval must be more than 0"),
+            "{message}"
+        );
+        let (line, _, message) = health("probe = \"icmp\"\n");
+        assert_eq!(line, 4);
+        assert_eq!(message, "health probe 'icmp' is not one of tcp, http");
+        let (line, _, message) = health("path = \"/x\"\n");
+        assert_eq!(line, 4);
+        assert!(
+            message.contains("only apply to probe = \"http\""),
+            "{message}"
+        );
+        let (line, _, message) = health("probe = \"http\"\npath = \"healthz\"\n");
+        assert_eq!(line, 5);
+        assert!(message.contains("must start with '/'"), "{message}");
+        let (line, _, message) = health("probe = \"http\"\nexpect_status = 99\n");
+        assert_eq!(line, 5);
+        assert!(message.contains("between 100 and 599"), "{message}");
+        let (line, _, message) = health("probe = \"http\"\nexpect = 200\n");
+        assert_eq!(line, 5);
+        assert!(message.contains("unknown field `expect`"), "{message}");
+    }
+
+    #[test]
+    fn load_names_the_file() {
+        let dir = std::env::temp_dir().join(format!("xlb-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("prod.toml");
+        std::fs::write(&path, "[[vip]]\naddress = \"nope\"\n").unwrap();
+        let shown = load(&path).unwrap_err().to_string();
+        assert!(
+            shown.starts_with(&format!("{}:2:11: bad VIP address", path.display())),
+            "{shown}"
+        );
+        let missing = load(dir.join("absent.toml")).unwrap_err();
+        assert!(matches!(missing, ConfigError::Read { .. }));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn desired_state_is_sorted_like_the_balancers() {
+        let config = parse(concat!(
+            "[[vip]]\naddress = \"192.0.2.20:80\"\n",
+            "[[vip.backend]]\naddress = \"10.0.0.9:80\"\n",
+            "[[vip.backend]]\naddress = \"10.0.0.1:80\"\nweight = 4\n",
+            "[[vip]]\naddress = \"192.0.2.10:80\"\n",
+        ))
+        .unwrap();
+        let state = config.desired_state();
+        assert_eq!(
+            state,
+            DesiredState {
+                vips: vec![
+                    VipConfig {
+                        vip: vip("192.0.2.10:80/tcp"),
+                        backends: vec![],
+                        id: None,
+                        health: None,
+                    },
+                    VipConfig {
+                        vip: vip("192.0.2.20:80/tcp"),
+                        backends: vec![
+                            backend("10.0.0.1:80", 4, BackendState::Active),
+                            backend("10.0.0.9:80", 1, BackendState::Active),
+                        ],
+                        id: None,
+                        health: None,
+                    },
+                ],
+            }
+        );
+        assert!(config.health().is_empty());
+    }
+
+    #[test]
+    fn diff_is_minimal() {
+        let a = vip("192.0.2.1:80/tcp");
+        let b = vip("192.0.2.2:80/tcp");
+        let c = vip("192.0.2.3:53/udp");
+        let state = |vips: Vec<(VipSpec, Vec<BackendConfig>)>| DesiredState {
+            vips: vips
+                .into_iter()
+                .map(|(vip, backends)| VipConfig {
+                    vip,
+                    backends,
+                    id: None,
+                    health: None,
+                })
+                .collect(),
+        };
+        let mut running = state(vec![
+            (
+                a,
+                vec![
+                    backend("10.0.0.1:80", 1, BackendState::Active),
+                    backend("10.0.0.2:80", 1, BackendState::Active),
+                    backend("10.0.0.3:80", 1, BackendState::Active),
+                ],
+            ),
+            (b, vec![backend("10.0.1.1:80", 1, BackendState::Active)]),
+        ]);
+        // The running state carries data-plane ids; they must not count as a change.
+        for (i, be) in running.vips[0].backends.iter_mut().enumerate() {
+            be.id = Some(u32::try_from(i).unwrap() + 7);
+        }
+        running.vips[0].id = Some(3);
+
+        assert!(diff(&running, &running).is_empty());
+        let unchanged = state(vec![
+            (b, vec![backend("10.0.1.1:80", 1, BackendState::Active)]),
+            (
+                a,
+                vec![
+                    backend("10.0.0.3:80", 1, BackendState::Active),
+                    backend("10.0.0.1:80", 1, BackendState::Active),
+                    backend("10.0.0.2:80", 1, BackendState::Active),
+                ],
+            ),
+        ]);
+        assert!(
+            diff(&running, &unchanged).is_empty(),
+            "order and ids do not matter"
+        );
+
+        let wanted = state(vec![
+            (
+                a,
+                vec![
+                    backend("10.0.0.1:80", 1, BackendState::Active),
+                    backend("10.0.0.2:80", 5, BackendState::Active),
+                    backend("10.0.0.4:80", 1, BackendState::Draining),
+                ],
+            ),
+            (c, vec![backend("10.0.2.1:53", 1, BackendState::Active)]),
+        ]);
+        assert_eq!(
+            diff(&running, &wanted),
+            [
+                Change::RemoveVip(b),
+                Change::AddVip(c),
+                Change::AddBackend {
+                    vip: c,
+                    backend: backend("10.0.2.1:53", 1, BackendState::Active)
+                },
+                Change::UpdateBackend {
+                    vip: a,
+                    backend: backend("10.0.0.2:80", 5, BackendState::Active)
+                },
+                Change::AddBackend {
+                    vip: a,
+                    backend: backend("10.0.0.4:80", 1, BackendState::Draining)
+                },
+                Change::RemoveBackend {
+                    vip: a,
+                    backend: "10.0.0.3:80".parse().unwrap()
+                },
+            ]
+        );
+        assert_eq!(
+            diff(&running, &DesiredState::default()),
+            [Change::RemoveVip(a), Change::RemoveVip(b)]
+        );
+        let shown: Vec<String> = diff(&DesiredState::default(), &wanted)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(shown[0], "+ vip 192.0.2.1:80/tcp");
+        assert_eq!(
+            shown[3],
+            "+ backend 192.0.2.1:80/tcp 10.0.0.4:80 weight 1 draining"
+        );
+        assert_eq!(
+            serde_json::to_string(&Change::RemoveVip(a)).unwrap(),
+            r#"{"remove_vip":"192.0.2.1:80/tcp"}"#
+        );
+    }
+}

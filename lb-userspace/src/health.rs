@@ -1,0 +1,801 @@
+//! Backend health checks. The agent probes each backend of a VIP that has a [`HealthSpec`]
+//! from its own network namespace (directly, not through the VIP) and takes a backend out of
+//! the ring when it stops answering, so a dead container stops getting new flows without an
+//! operator in the loop.
+//!
+//! A backend starts out healthy: adding one (or restarting the agent) then takes effect at
+//! once instead of after `rise` probes, and a backend that is really down leaves again after
+//! `fall` probes. Flapping is damped by needing `fall` consecutive failures to go down and
+//! `rise` consecutive successes to come back.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    net::SocketAddr,
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+    sync::mpsc,
+    task::JoinHandle,
+    time::{MissedTickBehavior, timeout},
+};
+
+use crate::balancer::VipSpec;
+
+/// How a backend is asked whether it is alive.
+///
+/// Serialised with a `kind` tag: `{"kind":"tcp"}`,
+/// `{"kind":"http","path":"/healthz","expect_status":200}`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Probe {
+    /// A completed TCP handshake: cheap, but only proves the socket is open.
+    Tcp,
+    /// `GET path HTTP/1.0`, healthy when the status line carries `expect_status`: proves the
+    /// application answers, and lets it report itself unhealthy (e.g. 503 while draining).
+    Http { path: String, expect_status: u16 },
+}
+
+impl fmt::Display for Probe {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Tcp => f.write_str("tcp"),
+            Self::Http {
+                path,
+                expect_status,
+            } => write!(f, "http GET {path} expecting {expect_status}"),
+        }
+    }
+}
+
+/// How often and how strictly one VIP's backends are probed.
+///
+/// Serialised with durations in whole milliseconds, which the JSON API and the TOML config
+/// both carry as plain integers: `{"probe":{"kind":"tcp"},"interval_ms":2000,"timeout_ms":1000,
+/// "rise":2,"fall":3}`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSpec {
+    pub probe: Probe,
+    #[serde(rename = "interval_ms", with = "millis")]
+    pub interval: Duration,
+    #[serde(rename = "timeout_ms", with = "millis")]
+    pub timeout: Duration,
+    /// Consecutive successes that bring an unhealthy backend back.
+    pub rise: u32,
+    /// Consecutive failures that take a healthy backend out.
+    pub fall: u32,
+}
+
+impl Default for HealthSpec {
+    /// TCP connect every 2 s with a 1 s timeout, down after 3 failures, up after 2 successes:
+    /// a dead backend is out within about 6 s, and one lost SYN does not evict it.
+    fn default() -> Self {
+        Self {
+            probe: Probe::Tcp,
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+            rise: 2,
+            fall: 3,
+        }
+    }
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum HealthSpecError {
+    #[error("the health check interval must be more than 0 ms")]
+    ZeroInterval,
+    #[error("the health check timeout must be more than 0 ms")]
+    ZeroTimeout,
+    #[error(
+        "the health check timeout ({timeout_ms} ms) must not exceed its interval ({interval_ms} ms)"
+    )]
+    TimeoutExceedsInterval { timeout_ms: u128, interval_ms: u128 },
+    #[error("health check rise must be at least 1")]
+    ZeroRise,
+    #[error("health check fall must be at least 1")]
+    ZeroFall,
+    #[error(
+        "the HTTP health check path must start with '/' and hold no spaces or line breaks, got '{0}'"
+    )]
+    BadPath(String),
+    #[error("the expected HTTP status must be between 100 and 599, got {0}")]
+    BadStatus(u16),
+}
+
+impl HealthSpec {
+    /// Rejects specs that could never settle: probes overlapping their own interval, or a
+    /// threshold of zero that would flip state without any evidence.
+    ///
+    /// # Errors
+    /// The first problem found.
+    pub fn validate(&self) -> Result<(), HealthSpecError> {
+        if self.interval.is_zero() {
+            return Err(HealthSpecError::ZeroInterval);
+        }
+        if self.timeout.is_zero() {
+            return Err(HealthSpecError::ZeroTimeout);
+        }
+        if self.timeout > self.interval {
+            return Err(HealthSpecError::TimeoutExceedsInterval {
+                timeout_ms: self.timeout.as_millis(),
+                interval_ms: self.interval.as_millis(),
+            });
+        }
+        if self.rise == 0 {
+            return Err(HealthSpecError::ZeroRise);
+        }
+        if self.fall == 0 {
+            return Err(HealthSpecError::ZeroFall);
+        }
+        if let Probe::Http {
+            path,
+            expect_status,
+        } = &self.probe
+        {
+            if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(HealthSpecError::BadPath(path.clone()));
+            }
+            if !(100..=599).contains(expect_status) {
+                return Err(HealthSpecError::BadStatus(*expect_status));
+            }
+        }
+        Ok(())
+    }
+}
+
+mod millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize as _, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_millis)
+    }
+}
+
+/// What the last probes of one backend said, for `xlb` to show and the metrics to export.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct HealthStatus {
+    pub healthy: bool,
+    pub consecutive_ok: u32,
+    pub consecutive_fail: u32,
+    /// Human-readable outcome of the last probe: `ok 1.2 ms`, `connect refused`, `http 503`.
+    pub last_result: String,
+    /// 0 until the first probe has finished.
+    pub last_checked_unix_ms: u64,
+}
+
+impl HealthStatus {
+    fn fresh(healthy: bool) -> Self {
+        Self {
+            healthy,
+            consecutive_ok: 0,
+            consecutive_fail: 0,
+            last_result: "not checked yet".to_owned(),
+            last_checked_unix_ms: 0,
+        }
+    }
+}
+
+/// A backend changed state: the agent takes it out of (or puts it back into) the ring.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthEvent {
+    pub vip: VipSpec,
+    pub backend: SocketAddr,
+    pub healthy: bool,
+    /// The probe result that tipped the balance, for the log.
+    pub detail: String,
+}
+
+type TargetKey = (VipSpec, SocketAddr);
+
+struct Slot {
+    /// Which task owns this entry; a task whose id no longer matches has been replaced or
+    /// stopped and must not write or send anything.
+    task_id: u64,
+    status: HealthStatus,
+}
+
+type Shared = Arc<Mutex<HashMap<TargetKey, Slot>>>;
+
+fn lock(shared: &Shared) -> MutexGuard<'_, HashMap<TargetKey, Slot>> {
+    // A panicking probe task cannot leave the map half-updated (each write is one insert),
+    // so a poisoned lock is still consistent.
+    shared
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+struct Target {
+    spec: HealthSpec,
+    task: JoinHandle<()>,
+}
+
+/// Runs one probing task per (VIP, backend) and reports state changes on a channel.
+///
+/// Dropping it stops every task.
+pub struct HealthChecker {
+    events: mpsc::Sender<HealthEvent>,
+    targets: HashMap<TargetKey, Target>,
+    shared: Shared,
+    next_task_id: u64,
+}
+
+impl fmt::Debug for HealthChecker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HealthChecker")
+            .field("targets", &self.targets.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for HealthChecker {
+    fn drop(&mut self) {
+        for target in self.targets.values() {
+            target.task.abort();
+        }
+    }
+}
+
+impl HealthChecker {
+    /// State changes go to `events`; a full channel holds back further transitions (not
+    /// probes) until the agent catches up, so no change is ever lost or reordered.
+    #[must_use]
+    pub fn new(events: mpsc::Sender<HealthEvent>) -> Self {
+        Self {
+            events,
+            targets: HashMap::new(),
+            shared: Arc::default(),
+            next_task_id: 0,
+        }
+    }
+
+    /// Makes the probed set for `vip` exactly `backends` under `spec`, touching only what
+    /// changed: a backend whose spec is unchanged keeps its task and its counters, so a
+    /// reload does not reset health. `None` stops checking the VIP (its backends then count
+    /// as healthy). Must be called within a tokio runtime.
+    ///
+    /// Once this returns, no event is sent for a target it stopped.
+    ///
+    /// # Errors
+    /// An invalid spec; nothing is changed then.
+    pub fn set_targets(
+        &mut self,
+        vip: VipSpec,
+        spec: Option<HealthSpec>,
+        backends: &[SocketAddr],
+    ) -> Result<(), HealthSpecError> {
+        let Some(spec) = spec else {
+            self.remove_vip(&vip);
+            return Ok(());
+        };
+        spec.validate()?;
+        let stale: Vec<TargetKey> = self
+            .targets
+            .keys()
+            .filter(|(v, b)| *v == vip && !backends.contains(b))
+            .copied()
+            .collect();
+        for key in stale {
+            self.stop(&key);
+        }
+        for backend in backends {
+            let key = (vip, *backend);
+            if self.targets.get(&key).is_some_and(|t| t.spec == spec) {
+                continue;
+            }
+            // A changed spec restarts the task but keeps the verdict, so an unhealthy
+            // backend stays out until it passes `rise` probes under the new spec.
+            let healthy = self.status(&vip, *backend).is_none_or(|s| s.healthy);
+            self.stop(&key);
+            self.start(key, spec.clone(), healthy);
+        }
+        Ok(())
+    }
+
+    /// Stops every check of `vip`.
+    pub fn remove_vip(&mut self, vip: &VipSpec) {
+        let keys: Vec<TargetKey> = self
+            .targets
+            .keys()
+            .filter(|(v, _)| v == vip)
+            .copied()
+            .collect();
+        for key in keys {
+            self.stop(&key);
+        }
+    }
+
+    /// Stops the checks of every VIP not in `vips` (VIPs that were removed).
+    pub fn retain_vips(&mut self, vips: &[VipSpec]) {
+        let gone: Vec<TargetKey> = self
+            .targets
+            .keys()
+            .filter(|(v, _)| !vips.contains(v))
+            .copied()
+            .collect();
+        for key in gone {
+            self.stop(&key);
+        }
+    }
+
+    /// `None` when the backend is not checked (no spec for its VIP, or unknown).
+    #[must_use]
+    pub fn status(&self, vip: &VipSpec, backend: SocketAddr) -> Option<HealthStatus> {
+        lock(&self.shared)
+            .get(&(*vip, backend))
+            .map(|slot| slot.status.clone())
+    }
+
+    /// Whether the backend may take new flows: unchecked backends always may.
+    #[must_use]
+    pub fn is_healthy(&self, vip: &VipSpec, backend: SocketAddr) -> bool {
+        self.status(vip, backend).is_none_or(|s| s.healthy)
+    }
+
+    /// Every checked backend, sorted, for listings and metrics.
+    #[must_use]
+    pub fn statuses(&self) -> Vec<(VipSpec, SocketAddr, HealthStatus)> {
+        let mut all: Vec<_> = lock(&self.shared)
+            .iter()
+            .map(|((vip, backend), slot)| (*vip, *backend, slot.status.clone()))
+            .collect();
+        all.sort_by_key(|(vip, backend, _)| (*vip, *backend));
+        all
+    }
+
+    fn stop(&mut self, key: &TargetKey) {
+        if let Some(target) = self.targets.remove(key) {
+            target.task.abort();
+        }
+        // Removing the slot under the lock is what fences the task off: from here on its
+        // id matches nothing, whether or not the abort has landed yet.
+        lock(&self.shared).remove(key);
+    }
+
+    fn start(&mut self, key: TargetKey, spec: HealthSpec, healthy: bool) {
+        let task_id = self.next_task_id;
+        self.next_task_id += 1;
+        lock(&self.shared).insert(
+            key,
+            Slot {
+                task_id,
+                status: HealthStatus::fresh(healthy),
+            },
+        );
+        let task = tokio::spawn(probe_loop(
+            key,
+            spec.clone(),
+            healthy,
+            task_id,
+            Arc::clone(&self.shared),
+            self.events.clone(),
+        ));
+        tracing::debug!(vip = %key.0, backend = %key.1, "health checks started");
+        self.targets.insert(key, Target { spec, task });
+    }
+}
+
+async fn probe_loop(
+    (vip, backend): TargetKey,
+    spec: HealthSpec,
+    mut healthy: bool,
+    task_id: u64,
+    shared: Shared,
+    events: mpsc::Sender<HealthEvent>,
+) {
+    let mut ticks = tokio::time::interval(spec.interval);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let (mut ok, mut fail) = (0_u32, 0_u32);
+    loop {
+        ticks.tick().await;
+        let outcome = probe(backend, &spec).await;
+        let passed = outcome.is_ok();
+        let detail = match outcome {
+            Ok(d) | Err(d) => d,
+        };
+        if passed {
+            ok = ok.saturating_add(1);
+            fail = 0;
+        } else {
+            fail = fail.saturating_add(1);
+            ok = 0;
+        }
+        let flips = if healthy {
+            fail >= spec.fall
+        } else {
+            ok >= spec.rise
+        };
+        // Reserve channel room before taking the lock, so the status change and its event
+        // are published together (or, if the target was stopped meanwhile, neither is).
+        let permit = if flips {
+            events.reserve().await.ok()
+        } else {
+            None
+        };
+        if flips {
+            healthy = !healthy;
+        }
+        let status = HealthStatus {
+            healthy,
+            consecutive_ok: ok,
+            consecutive_fail: fail,
+            last_result: detail.clone(),
+            last_checked_unix_ms: unix_ms(),
+        };
+        {
+            let mut map = lock(&shared);
+            match map.get_mut(&(vip, backend)) {
+                Some(slot) if slot.task_id == task_id => slot.status = status,
+                _ => return,
+            }
+            if flips {
+                if healthy {
+                    tracing::info!(%vip, %backend, %detail, "backend is healthy again");
+                } else {
+                    tracing::warn!(%vip, %backend, %detail, probe = %spec.probe, "backend failed its health checks");
+                }
+                match permit {
+                    Some(permit) => permit.send(HealthEvent {
+                        vip,
+                        backend,
+                        healthy,
+                        detail,
+                    }),
+                    None => {
+                        tracing::debug!(%vip, %backend, "nobody listens for health events");
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn elapsed_ms(start: Instant) -> String {
+    format!("{:.1} ms", start.elapsed().as_secs_f64() * 1000.0)
+}
+
+/// One probe: `Ok(detail)` on success, `Err(detail)` on failure.
+async fn probe(backend: SocketAddr, spec: &HealthSpec) -> Result<String, String> {
+    let start = Instant::now();
+    let attempt = async {
+        let mut stream = TcpStream::connect(backend)
+            .await
+            .map_err(|e| connect_error(&e))?;
+        match &spec.probe {
+            Probe::Tcp => Ok(format!("ok {}", elapsed_ms(start))),
+            Probe::Http {
+                path,
+                expect_status,
+            } => {
+                let status = http_status(&mut stream, backend, path).await?;
+                if status == *expect_status {
+                    Ok(format!("ok http {status} {}", elapsed_ms(start)))
+                } else {
+                    Err(format!("http {status} (expected {expect_status})"))
+                }
+            }
+        }
+    };
+    match timeout(spec.timeout, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err(format!("timed out after {} ms", spec.timeout.as_millis())),
+    }
+}
+
+fn connect_error(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::ConnectionRefused => "connect refused".to_owned(),
+        std::io::ErrorKind::HostUnreachable | std::io::ErrorKind::NetworkUnreachable => {
+            "unreachable".to_owned()
+        }
+        _ => format!("connect failed: {e}"),
+    }
+}
+
+/// Longest status line read before giving up on a peer that is not speaking HTTP.
+const MAX_STATUS_LINE: usize = 1024;
+
+async fn http_status(
+    stream: &mut TcpStream,
+    backend: SocketAddr,
+    path: &str,
+) -> Result<u16, String> {
+    let request =
+        format!("GET {path} HTTP/1.0\r\nHost: {backend}\r\nUser-Agent: xlb-health\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| format!("send failed: {e}"))?;
+    let mut buf = Vec::with_capacity(128);
+    let mut chunk = [0_u8; 256];
+    while !buf.contains(&b'\n') {
+        if buf.len() >= MAX_STATUS_LINE {
+            return Err("no HTTP status line".to_owned());
+        }
+        let n = stream
+            .read(&mut chunk)
+            .await
+            .map_err(|e| format!("read failed: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let line = buf.split(|b| *b == b'\n').next().unwrap_or_default();
+    parse_status_line(line).ok_or_else(|| {
+        if buf.is_empty() {
+            "closed without a response".to_owned()
+        } else {
+            "no HTTP status line".to_owned()
+        }
+    })
+}
+
+fn parse_status_line(line: &[u8]) -> Option<u16> {
+    let line = std::str::from_utf8(line).ok()?.trim_end();
+    let mut parts = line.split(' ');
+    if !parts.next()?.starts_with("HTTP/") {
+        return None;
+    }
+    let code = parts.next()?;
+    if code.len() != 3 {
+        return None;
+    }
+    code.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::{net::TcpListener, sync::mpsc::Receiver};
+
+    use super::*;
+
+    fn vip() -> VipSpec {
+        "192.0.2.10:80/tcp".parse().unwrap()
+    }
+
+    fn fast(probe: Probe) -> HealthSpec {
+        HealthSpec {
+            probe,
+            interval: Duration::from_millis(50),
+            timeout: Duration::from_millis(40),
+            rise: 2,
+            fall: 2,
+        }
+    }
+
+    /// A listener that accepts and closes, or answers HTTP with `status`.
+    struct Server {
+        addr: SocketAddr,
+        task: JoinHandle<()>,
+    }
+
+    impl Server {
+        async fn start(addr: SocketAddr, http_status: Option<u16>) -> Self {
+            let listener = TcpListener::bind(addr).await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let task = tokio::spawn(async move {
+                loop {
+                    let Ok((mut conn, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    if let Some(status) = http_status {
+                        tokio::spawn(async move {
+                            let mut buf = [0_u8; 1024];
+                            let _ = conn.read(&mut buf).await;
+                            let reply =
+                                format!("HTTP/1.0 {status} Whatever\r\nContent-Length: 0\r\n\r\n");
+                            let _ = conn.write_all(reply.as_bytes()).await;
+                        });
+                    }
+                }
+            });
+            Self { addr, task }
+        }
+
+        /// Closes the listening socket (and waits until it is really gone).
+        async fn stop(self) {
+            self.task.abort();
+            let _ = self.task.await;
+        }
+    }
+
+    async fn next_event(rx: &mut Receiver<HealthEvent>) -> HealthEvent {
+        timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("no health event within 5 s")
+            .expect("channel open")
+    }
+
+    #[test]
+    fn specs_validate_and_serialise_in_milliseconds() {
+        let spec = HealthSpec::default();
+        spec.validate().unwrap();
+        let json = serde_json::to_string(&spec).unwrap();
+        assert_eq!(
+            json,
+            r#"{"probe":{"kind":"tcp"},"interval_ms":2000,"timeout_ms":1000,"rise":2,"fall":3}"#
+        );
+        assert_eq!(serde_json::from_str::<HealthSpec>(&json).unwrap(), spec);
+        let http: Probe =
+            serde_json::from_str(r#"{"kind":"http","path":"/healthz","expect_status":204}"#)
+                .unwrap();
+        assert_eq!(
+            http,
+            Probe::Http {
+                path: "/healthz".into(),
+                expect_status: 204
+            }
+        );
+
+        let bad = |f: fn(&mut HealthSpec)| {
+            let mut s = HealthSpec::default();
+            f(&mut s);
+            s.validate().unwrap_err()
+        };
+        assert_eq!(
+            bad(|s| s.interval = Duration::ZERO),
+            HealthSpecError::ZeroInterval
+        );
+        assert!(matches!(
+            bad(|s| s.timeout = Duration::from_secs(3)),
+            HealthSpecError::TimeoutExceedsInterval { .. }
+        ));
+        assert_eq!(bad(|s| s.rise = 0), HealthSpecError::ZeroRise);
+        assert_eq!(bad(|s| s.fall = 0), HealthSpecError::ZeroFall);
+        assert!(matches!(
+            bad(|s| s.probe = Probe::Http {
+                path: "healthz".into(),
+                expect_status: 200
+            }),
+            HealthSpecError::BadPath(_)
+        ));
+    }
+
+    #[test]
+    fn status_lines_parse() {
+        assert_eq!(parse_status_line(b"HTTP/1.1 200 OK\r"), Some(200));
+        assert_eq!(parse_status_line(b"HTTP/1.0 503"), Some(503));
+        assert_eq!(parse_status_line(b"SSH-2.0-OpenSSH"), None);
+        assert_eq!(parse_status_line(b"HTTP/1.1 2000 OK"), None);
+    }
+
+    #[tokio::test]
+    async fn tcp_target_goes_down_and_comes_back() {
+        let server = Server::start("127.0.0.1:0".parse().unwrap(), None).await;
+        let addr = server.addr;
+        let (tx, mut rx) = mpsc::channel(16);
+        let mut checker = HealthChecker::new(tx);
+        checker
+            .set_targets(vip(), Some(fast(Probe::Tcp)), &[addr])
+            .unwrap();
+        assert!(checker.status(&vip(), addr).unwrap().healthy);
+
+        // Up: stays healthy and sends nothing.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(rx.try_recv().is_err());
+        let status = checker.status(&vip(), addr).unwrap();
+        assert!(status.healthy);
+        assert!(status.consecutive_ok >= 2, "{status:?}");
+        assert!(status.last_result.starts_with("ok "), "{status:?}");
+        assert!(status.last_checked_unix_ms > 0);
+
+        // Down after `fall` refused connects.
+        server.stop().await;
+        let event = next_event(&mut rx).await;
+        assert_eq!(
+            (event.vip, event.backend, event.healthy),
+            (vip(), addr, false)
+        );
+        assert_eq!(event.detail, "connect refused");
+        let status = checker.status(&vip(), addr).unwrap();
+        assert!(!status.healthy);
+        assert!(status.consecutive_fail >= 2);
+        assert!(!checker.is_healthy(&vip(), addr));
+
+        // Back after `rise` successes.
+        let server = Server::start(addr, None).await;
+        let event = next_event(&mut rx).await;
+        assert!(event.healthy);
+        assert!(checker.is_healthy(&vip(), addr));
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn http_targets_are_judged_by_status() {
+        let good = Server::start("127.0.0.1:0".parse().unwrap(), Some(200)).await;
+        let bad = Server::start("127.0.0.1:0".parse().unwrap(), Some(503)).await;
+        let (tx, mut rx) = mpsc::channel(16);
+        let mut checker = HealthChecker::new(tx);
+        let spec = fast(Probe::Http {
+            path: "/healthz".into(),
+            expect_status: 200,
+        });
+        checker
+            .set_targets(vip(), Some(spec), &[good.addr, bad.addr])
+            .unwrap();
+
+        let event = next_event(&mut rx).await;
+        assert_eq!((event.backend, event.healthy), (bad.addr, false));
+        assert_eq!(event.detail, "http 503 (expected 200)");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(rx.try_recv().is_err(), "the 200 backend must not flip");
+        let status = checker.status(&vip(), good.addr).unwrap();
+        assert!(status.healthy);
+        assert!(status.last_result.starts_with("ok http 200"), "{status:?}");
+        assert_eq!(
+            checker
+                .statuses()
+                .iter()
+                .filter(|(_, _, s)| s.healthy)
+                .count(),
+            1
+        );
+        good.stop().await;
+        bad.stop().await;
+    }
+
+    #[tokio::test]
+    async fn removed_targets_stop_probing() {
+        let kept = Server::start("127.0.0.1:0".parse().unwrap(), None).await;
+        let dropped = Server::start("127.0.0.1:0".parse().unwrap(), None).await;
+        let (tx, mut rx) = mpsc::channel(16);
+        let mut checker = HealthChecker::new(tx);
+        let spec = Some(fast(Probe::Tcp));
+        checker
+            .set_targets(vip(), spec.clone(), &[kept.addr, dropped.addr])
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        assert!(checker.status(&vip(), dropped.addr).unwrap().consecutive_ok >= 1);
+
+        checker.set_targets(vip(), spec, &[kept.addr]).unwrap();
+        assert_eq!(checker.status(&vip(), dropped.addr), None);
+        assert!(checker.is_healthy(&vip(), dropped.addr));
+        // Had its task survived, closing its listener would flip it within ~100 ms.
+        let dropped_addr = dropped.addr;
+        dropped.stop().await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(rx.try_recv().is_err());
+
+        // Turning checks off for the VIP stops the rest the same way.
+        checker.set_targets(vip(), None, &[kept.addr]).unwrap();
+        assert!(checker.statuses().is_empty());
+        kept.stop().await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(rx.try_recv().is_err());
+        assert!(checker.is_healthy(&vip(), dropped_addr));
+    }
+
+    #[tokio::test]
+    async fn unanswered_probes_time_out() {
+        // A listener that never accepts still completes handshakes (backlog), so use an
+        // HTTP probe against a peer that never answers.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let spec = fast(Probe::Http {
+            path: "/".into(),
+            expect_status: 200,
+        });
+        let result = probe(addr, &spec).await;
+        assert_eq!(result, Err("timed out after 40 ms".to_owned()));
+        drop(listener);
+    }
+}

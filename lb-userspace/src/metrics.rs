@@ -1,0 +1,588 @@
+//! Prometheus metrics: the agent's counters in the OpenMetrics text format, and a small HTTP
+//! endpoint to scrape them from, so xlb drops into an existing Prometheus/Grafana setup
+//! without a sidecar exporter.
+//!
+//! Counters are exported as the data plane holds them (monotonic since the VIP or backend was
+//! added); Prometheus' `rate()` takes care of resets when an entry is re-added.
+
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+use thiserror::Error;
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
+    time::timeout,
+};
+
+use crate::{
+    api::Stats,
+    balancer::{BackendState, VipSpec},
+};
+
+/// What `render` produces; scrapers negotiate on it.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VipLabels {
+    vip: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabels {
+    vip: String,
+    backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActionLabels {
+    action: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    event: String,
+}
+
+/// Registers a metric family. `help` has no final period: the encoder adds one.
+fn family<L, M>(registry: &mut Registry, name: &str, help: &str) -> Family<L, M>
+where
+    L: EncodeLabelSet + Clone + Eq + std::hash::Hash + std::fmt::Debug + Send + Sync + 'static,
+    M: Default + prometheus_client::metrics::TypedMetric,
+    Family<L, M>: prometheus_client::registry::Metric,
+{
+    let family = Family::<L, M>::default();
+    registry.register(name, help, family.clone());
+    family
+}
+
+/// Renders one scrape from a stats snapshot and the health checker's verdicts.
+///
+/// `health` lists the checked backends; a backend missing from it is reported up, because
+/// without health checks xlb sends it traffic as if it were.
+///
+/// # Panics
+/// Never: encoding into a `String` cannot fail.
+#[must_use]
+pub fn render(stats: &Stats, health: &[(VipSpec, SocketAddr, bool)]) -> String {
+    let mut registry = Registry::default();
+
+    let vip_packets: Family<VipLabels, Counter> = family(
+        &mut registry,
+        "xlb_vip_packets",
+        "Packets the data plane forwarded for a VIP",
+    );
+    let vip_bytes: Family<VipLabels, Counter> = family(
+        &mut registry,
+        "xlb_vip_bytes",
+        "Bytes the data plane forwarded for a VIP",
+    );
+    let vip_flows: Family<VipLabels, Counter> = family(
+        &mut registry,
+        "xlb_vip_new_flows",
+        "Flows a VIP assigned to a backend for the first time",
+    );
+    let vip_ring: Family<VipLabels, Gauge> = family(
+        &mut registry,
+        "xlb_vip_ring_size",
+        "Slots in the VIP's live Maglev ring (0 when no backend is active)",
+    );
+    let packets: Family<BackendLabels, Counter> = family(
+        &mut registry,
+        "xlb_packets",
+        "Packets the data plane forwarded to a backend",
+    );
+    let bytes: Family<BackendLabels, Counter> = family(
+        &mut registry,
+        "xlb_bytes",
+        "Bytes the data plane forwarded to a backend",
+    );
+    let flows: Family<BackendLabels, Counter> = family(
+        &mut registry,
+        "xlb_new_flows",
+        "New flows the data plane assigned to a backend",
+    );
+    let up: Family<BackendLabels, Gauge> = family(
+        &mut registry,
+        "xlb_backend_up",
+        "1 if the backend passes its health checks (or has none), 0 if it failed them",
+    );
+    let weight: Family<BackendLabels, Gauge> = family(
+        &mut registry,
+        "xlb_backend_weight",
+        "The backend's configured Maglev weight",
+    );
+    let draining: Family<BackendLabels, Gauge> = family(
+        &mut registry,
+        "xlb_backend_draining",
+        "1 if the backend is draining: it keeps its established flows but gets no new ones",
+    );
+    let slots: Family<BackendLabels, Gauge> = family(
+        &mut registry,
+        "xlb_backend_ring_slots",
+        "Slots the backend owns in its VIP's live Maglev ring",
+    );
+    let actions: Family<ActionLabels, Counter> = family(
+        &mut registry,
+        "xlb_xdp_actions",
+        "Packets by the XDP verdict the program returned",
+    );
+    let events: Family<EventLabels, Counter> = family(
+        &mut registry,
+        "xlb_events",
+        "Data-plane events by kind (malformed, fragment, conntrack_hit, ...)",
+    );
+
+    let verdicts: HashMap<(VipSpec, SocketAddr), bool> =
+        health.iter().map(|(v, b, ok)| ((*v, *b), *ok)).collect();
+    for vip in &stats.vips {
+        let vl = VipLabels {
+            vip: vip.vip.to_string(),
+        };
+        vip_packets.get_or_create(&vl).inc_by(vip.packets);
+        vip_bytes.get_or_create(&vl).inc_by(vip.bytes);
+        vip_flows.get_or_create(&vl).inc_by(vip.new_flows);
+        vip_ring.get_or_create(&vl).set(i64::from(vip.ring_size));
+        for b in &vip.backends {
+            let bl = BackendLabels {
+                vip: vl.vip.clone(),
+                backend: b.addr.to_string(),
+            };
+            packets.get_or_create(&bl).inc_by(b.packets);
+            bytes.get_or_create(&bl).inc_by(b.bytes);
+            flows.get_or_create(&bl).inc_by(b.new_flows);
+            let healthy = verdicts.get(&(vip.vip, b.addr)).copied().unwrap_or(true);
+            up.get_or_create(&bl).set(i64::from(healthy));
+            weight.get_or_create(&bl).set(i64::from(b.weight));
+            draining
+                .get_or_create(&bl)
+                .set(i64::from(b.state == BackendState::Draining));
+            slots.get_or_create(&bl).set(i64::from(b.slots));
+        }
+    }
+    for counter in &stats.global {
+        match counter.name.strip_prefix("xdp_") {
+            Some(action) => actions
+                .get_or_create(&ActionLabels {
+                    action: action.to_owned(),
+                })
+                .inc_by(counter.value),
+            None => events
+                .get_or_create(&EventLabels {
+                    event: counter.name.clone(),
+                })
+                .inc_by(counter.value),
+        };
+    }
+    let mut out = String::new();
+    encode(&mut out, &registry).expect("writing to a String cannot fail");
+    out
+}
+
+#[derive(Debug, Error)]
+pub enum MetricsError {
+    #[error(
+        "cannot listen for metrics on {addr} (is another exporter on that port? choose another address for the metrics endpoint)"
+    )]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Connections served at once; more wait in the kernel's accept queue.
+const MAX_CONNECTIONS: usize = 64;
+/// Largest request head accepted: a scrape is one short line and a few headers.
+const MAX_REQUEST: usize = 8 * 1024;
+/// How long a client may take to send its request and read the reply.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The metrics endpoint, bound but not yet serving: binding separately lets the agent fail
+/// at start-up (not in a background task) when the address is taken.
+#[derive(Debug)]
+pub struct MetricsServer {
+    listener: TcpListener,
+}
+
+impl MetricsServer {
+    /// Binds exactly `addr`: the endpoint is unauthenticated, so where it listens is the
+    /// operator's call (the CLI's default is loopback).
+    ///
+    /// # Errors
+    /// The address cannot be bound.
+    pub async fn bind(addr: SocketAddr) -> Result<Self, MetricsError> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| MetricsError::Bind { addr, source })?;
+        Ok(Self { listener })
+    }
+
+    /// Where it listens, for a bind to port 0.
+    ///
+    /// # Panics
+    /// Never in practice: a bound socket has a local address.
+    #[must_use]
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Answers `GET /metrics` with whatever `source` renders at that moment, forever.
+    /// `source` runs on the async runtime, so it should be quick (a stats snapshot).
+    ///
+    /// # Panics
+    /// Never: the connection semaphore is never closed.
+    pub async fn run(self, source: impl Fn() -> String + Send + Sync + 'static) {
+        let source = Arc::new(source);
+        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        tracing::info!(addr = %self.local_addr(), "serving metrics at /metrics");
+        loop {
+            let permit = Arc::clone(&slots)
+                .acquire_owned()
+                .await
+                .expect("the semaphore is never closed");
+            let (stream, peer) = match self.listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off rather than spin.
+                    tracing::warn!(error = %e, "accepting a metrics connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let source = Arc::clone(&source);
+            tokio::spawn(async move {
+                let served = timeout(CLIENT_TIMEOUT, handle(stream, &*source)).await;
+                if let Ok(Err(e)) = served {
+                    tracing::debug!(%peer, error = %e, "metrics connection failed");
+                }
+                drop(permit);
+            });
+        }
+    }
+}
+
+/// Binds `addr` and serves metrics from `source` until the task is dropped.
+///
+/// # Errors
+/// The address cannot be bound; once serving, it does not return.
+pub async fn serve(
+    addr: SocketAddr,
+    source: impl Fn() -> String + Send + Sync + 'static,
+) -> Result<(), MetricsError> {
+    MetricsServer::bind(addr).await?.run(source).await;
+    Ok(())
+}
+
+async fn handle(
+    mut stream: TcpStream,
+    source: &(dyn Fn() -> String + Sync),
+) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(512);
+    let mut chunk = [0_u8; 1024];
+    let complete = loop {
+        if find(&head, b"\r\n\r\n").is_some() || find(&head, b"\n\n").is_some() {
+            break true;
+        }
+        if head.len() > MAX_REQUEST {
+            break false;
+        }
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        head.extend_from_slice(&chunk[..n]);
+    };
+    if complete {
+        stream.write_all(&respond(&head, source)).await?;
+        return stream.shutdown().await;
+    }
+    let response = reply(
+        431,
+        "Request Header Fields Too Large",
+        "text/plain",
+        "request too large\n",
+        true,
+    );
+    stream.write_all(&response).await?;
+    stream.shutdown().await?;
+    // Closing with unread input would reset the connection and could destroy the reply
+    // before the client reads it; swallow a bounded amount of the rest first.
+    let mut drained = 0;
+    while drained < 8 * MAX_REQUEST {
+        match timeout(Duration::from_secs(1), stream.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => drained += n,
+            _ => break,
+        }
+    }
+    Ok(())
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+fn respond(head: &[u8], source: &(dyn Fn() -> String + Sync)) -> Vec<u8> {
+    let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.trim_end().split(' ');
+    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return reply(400, "Bad Request", "text/plain", "bad request\n", true);
+    };
+    if !version.starts_with("HTTP/1.") {
+        return reply(400, "Bad Request", "text/plain", "bad request\n", true);
+    }
+    let path = target.split('?').next().unwrap_or(target);
+    if path != "/metrics" {
+        return reply(
+            404,
+            "Not Found",
+            "text/plain",
+            "metrics are at /metrics\n",
+            true,
+        );
+    }
+    match method {
+        "GET" => reply(200, "OK", CONTENT_TYPE, &source(), true),
+        "HEAD" => reply(200, "OK", CONTENT_TYPE, &source(), false),
+        _ => reply(405, "Method Not Allowed", "text/plain", "use GET\n", true),
+    }
+}
+
+fn reply(code: u16, reason: &str, content_type: &str, body: &str, with_body: bool) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    if code == 405 {
+        out.push_str("Allow: GET, HEAD\r\n");
+    }
+    out.push_str("\r\n");
+    let mut out = out.into_bytes();
+    if with_body {
+        out.extend_from_slice(body.as_bytes());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use prometheus_parse::{Scrape, Value};
+
+    use super::*;
+    use crate::{
+        api::CounterValue,
+        balancer::{BackendStatus, VipStatus},
+    };
+
+    fn stats() -> Stats {
+        let backend = |addr: &str, id, state, packets| BackendStatus {
+            addr: addr.parse().unwrap(),
+            id,
+            weight: id + 1,
+            state,
+            healthy: true,
+            health: None,
+            slots: if state == BackendState::Active { 30 } else { 0 },
+            packets,
+            bytes: packets * 100,
+            new_flows: packets / 10,
+            live_flows: None,
+        };
+        Stats {
+            vips: vec![
+                VipStatus {
+                    vip: "192.0.2.10:80/tcp".parse().unwrap(),
+                    id: 0,
+                    ring_size: 61,
+                    packets: 300,
+                    bytes: 30_000,
+                    new_flows: 30,
+                    backends: vec![
+                        backend("10.0.0.2:8080", 0, BackendState::Active, 100),
+                        backend("10.0.0.3:8080", 1, BackendState::Draining, 200),
+                    ],
+                },
+                VipStatus {
+                    vip: "[2001:db8::1]:443/udp".parse().unwrap(),
+                    id: 1,
+                    ring_size: 61,
+                    packets: 7,
+                    bytes: 700,
+                    new_flows: 1,
+                    backends: vec![backend("[fd00::2]:8443", 2, BackendState::Active, 7)],
+                },
+            ],
+            global: vec![
+                CounterValue {
+                    name: "xdp_pass".into(),
+                    value: 5,
+                },
+                CounterValue {
+                    name: "xdp_tx".into(),
+                    value: 307,
+                },
+                CounterValue {
+                    name: "malformed".into(),
+                    value: 2,
+                },
+                CounterValue {
+                    name: "conntrack_hit".into(),
+                    value: 250,
+                },
+            ],
+        }
+    }
+
+    fn value(scrape: &Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
+        let sample = scrape
+            .samples
+            .iter()
+            .find(|s| {
+                s.metric == metric
+                    && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
+                    && s.labels.len() == labels.len()
+            })
+            .unwrap_or_else(|| panic!("no sample {metric}{labels:?}"));
+        match sample.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => v,
+            _ => panic!("unexpected value type for {metric}"),
+        }
+    }
+
+    #[test]
+    fn renders_parseable_exposition() {
+        let vip: VipSpec = "192.0.2.10:80/tcp".parse().unwrap();
+        let text = render(&stats(), &[(vip, "10.0.0.3:8080".parse().unwrap(), false)]);
+        if std::env::var_os("XLB_SHOW_METRICS").is_some() {
+            println!("{text}");
+        }
+        assert!(text.contains("# TYPE xlb_packets counter"), "{text}");
+        assert!(text.contains("# HELP xlb_backend_up "), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
+
+        let v4 = [("vip", "192.0.2.10:80/tcp"), ("backend", "10.0.0.2:8080")];
+        let drained = [("vip", "192.0.2.10:80/tcp"), ("backend", "10.0.0.3:8080")];
+        let v6 = [
+            ("vip", "[2001:db8::1]:443/udp"),
+            ("backend", "[fd00::2]:8443"),
+        ];
+        assert_eq!(value(&scrape, "xlb_packets_total", &v4), 100.0);
+        assert_eq!(value(&scrape, "xlb_bytes_total", &drained), 20_000.0);
+        assert_eq!(value(&scrape, "xlb_new_flows_total", &v6), 0.0);
+        assert_eq!(value(&scrape, "xlb_backend_up", &v4), 1.0);
+        assert_eq!(value(&scrape, "xlb_backend_up", &drained), 0.0);
+        assert_eq!(value(&scrape, "xlb_backend_up", &v6), 1.0);
+        assert_eq!(value(&scrape, "xlb_backend_weight", &v6), 3.0);
+        assert_eq!(value(&scrape, "xlb_backend_draining", &drained), 1.0);
+        assert_eq!(value(&scrape, "xlb_backend_ring_slots", &v4), 30.0);
+        let vip4 = [("vip", "192.0.2.10:80/tcp")];
+        assert_eq!(value(&scrape, "xlb_vip_packets_total", &vip4), 300.0);
+        assert_eq!(value(&scrape, "xlb_vip_bytes_total", &vip4), 30_000.0);
+        assert_eq!(value(&scrape, "xlb_vip_ring_size", &vip4), 61.0);
+        assert_eq!(
+            value(&scrape, "xlb_xdp_actions_total", &[("action", "tx")]),
+            307.0
+        );
+        assert_eq!(
+            value(&scrape, "xlb_xdp_actions_total", &[("action", "pass")]),
+            5.0
+        );
+        assert_eq!(
+            value(&scrape, "xlb_events_total", &[("event", "conntrack_hit")]),
+            250.0
+        );
+        assert_eq!(
+            value(&scrape, "xlb_events_total", &[("event", "malformed")]),
+            2.0
+        );
+        assert!(
+            !scrape
+                .samples
+                .iter()
+                .any(|s| s.metric == "xlb_events_total" && s.labels.get("event") == Some("xdp_tx"))
+        );
+    }
+
+    async fn get(addr: SocketAddr, request: &str) -> String {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        timeout(Duration::from_secs(5), stream.read_to_string(&mut response))
+            .await
+            .expect("the server answers and closes")
+            .unwrap();
+        response
+    }
+
+    #[tokio::test]
+    async fn serves_metrics_over_http() {
+        let server = MetricsServer::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let addr = server.local_addr();
+        let task = tokio::spawn(server.run(|| render(&stats(), &[])));
+
+        let response = get(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let (head, body) = response.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+        assert!(
+            head.contains(&format!("Content-Type: {CONTENT_TYPE}")),
+            "{head}"
+        );
+        assert!(
+            head.contains(&format!("Content-Length: {}", body.len())),
+            "{head}"
+        );
+        assert!(
+            body.contains(
+                "xlb_packets_total{vip=\"192.0.2.10:80/tcp\",backend=\"10.0.0.2:8080\"} 100"
+            ),
+            "{body}"
+        );
+
+        // Several clients at once: the first, still sending its request, blocks nobody.
+        let mut slow = TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"GET /met").await.unwrap();
+        let many: Vec<_> = (0..8)
+            .map(|_| tokio::spawn(get(addr, "GET /metrics?x=1 HTTP/1.0\r\n\r\n")))
+            .collect();
+        for r in many {
+            assert!(r.await.unwrap().starts_with("HTTP/1.1 200 OK"));
+        }
+        drop(slow);
+
+        let response = get(addr, "GET / HTTP/1.1\r\n\r\n").await;
+        assert!(response.starts_with("HTTP/1.1 404 Not Found"), "{response}");
+        let response = get(addr, "POST /metrics HTTP/1.1\r\n\r\n").await;
+        assert!(response.starts_with("HTTP/1.1 405"), "{response}");
+        let response = get(addr, "HEAD /metrics HTTP/1.1\r\n\r\n").await;
+        assert!(response.starts_with("HTTP/1.1 200 OK") && response.ends_with("\r\n\r\n"));
+        let huge = format!("GET /metrics HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(20_000));
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        // The server may close before reading everything; only the status matters.
+        let _ = stream.write_all(huge.as_bytes()).await;
+        let mut response = Vec::new();
+        let _ = timeout(Duration::from_secs(5), stream.read_to_end(&mut response)).await;
+        assert!(String::from_utf8_lossy(&response).starts_with("HTTP/1.1 431"));
+
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn bind_failures_name_the_address() {
+        let taken = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = taken.local_addr().unwrap();
+        let err = serve(addr, String::new).await.unwrap_err();
+        assert!(err.to_string().contains(&addr.to_string()), "{err}");
+    }
+}

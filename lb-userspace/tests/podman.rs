@@ -1,0 +1,777 @@
+//! Real podman containers as backends: `busybox httpd` containers on podman's
+//! default bridge (`podman0`, 10.88.0.0/16), added with `xlb backend add VIP
+//! --container NAME:8080`, answer HTTP requests that a client namespace sends
+//! to a VIP nobody owns.
+//!
+//! ```text
+//! client ns --veth-- host (xlb on the veth: native; on podman0: skb) --podman0-- containers
+//! ```
+//!
+//! The agent runs in the host namespace, because podman0 lives there. The
+//! request path: XDP on the host's veth rewrites VIP -> container and passes
+//! the packet to the host stack (the next hop is behind a bridge), which
+//! routes it into podman0. The reply path: the containers send to their
+//! gateway's MAC, so the frames come up on podman0, where generic XDP puts
+//! the VIP back as the source and redirects them to the client's veth.
+//!
+//! The containers' own TX checksum offload stays on: they send
+//! `CHECKSUM_PARTIAL` frames, and skb-mode XDP keeps the skb's partial
+//! checksum state through the rewrite and the generic redirect, so the client
+//! accepts them (checked empirically on kernel 6.18; this test is the check).
+//!
+//! Needs root and podman; skips with a message when podman is not installed.
+//! Every podman call passes `--runtime runc` (crun fails on hybrid cgroups)
+//! and a `CONTAINERS_CONF` file of its own (lowered ulimits), so the user's
+//! podman configuration is not touched. Left behind on purpose: the image
+//! [`IMAGE`] (a cache, rebuilt only when missing) and the `ip nat` / `ip
+//! filter` nft tables that netavark creates and never removes.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use lb_userspace::api::Stats;
+use xlb_netns::Netns;
+
+const XLB: &str = env!("CARGO_BIN_EXE_xlb");
+
+/// Names of everything this suite creates start with this (containers
+/// `xlbpm-PID-N`, namespaces `xlbpm-client-PID-N`, the host veth `xlbpmPID`),
+/// so a later run can remove what a killed one left behind.
+const PREFIX: &str = "xlbpm-";
+
+/// Built from the host's static busybox; shared with the demo's podman mode.
+const IMAGE: &str = "localhost/xlb-busybox:latest";
+const HTTP_PORT: u16 = 8080;
+const CONTAINERS: usize = 3;
+const REQUESTS: usize = 30;
+const VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 214, 0, 10), 80);
+
+/// Bounds every podman/ip command; a hung one fails the test instead of the CI job.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+const IO_TIMEOUT: Duration = Duration::from_secs(3);
+
+// ---------------------------------------------------------------------------
+// Bounded commands
+// ---------------------------------------------------------------------------
+
+/// Runs `cmd` to completion within `timeout`, killing it otherwise.
+fn output_within(cmd: &mut Command, timeout: Duration) -> Output {
+    let what = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {what}: {e}"));
+    let deadline = Instant::now() + timeout;
+    while child
+        .try_wait()
+        .unwrap_or_else(|e| panic!("waiting for {what}: {e}"))
+        .is_none()
+    {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not finish within {} s", timeout.as_secs());
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("collecting the output of {what}: {e}"))
+}
+
+fn must(cmd: &mut Command) -> String {
+    let what = format!("{cmd:?}");
+    let out = output_within(cmd, COMMAND_TIMEOUT);
+    assert!(
+        out.status.success(),
+        "{what} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn find_in_path(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(program))
+        .find(|p| p.is_file())
+}
+
+/// Whether an ELF64 executable names a dynamic loader (has a `PT_INTERP`
+/// program header), i.e. cannot run alone in an otherwise empty image.
+fn has_interpreter(elf: &[u8]) -> bool {
+    const PT_INTERP: u32 = 3;
+    let field = |at: usize, len: usize| -> usize {
+        elf.get(at..at + len).map_or(0, |b| {
+            b.iter()
+                .rev()
+                .fold(0, |acc, &byte| (acc << 8) | usize::from(byte))
+        })
+    };
+    assert!(
+        elf.starts_with(b"\x7fELF") && elf.get(4) == Some(&2),
+        "busybox is not an ELF64 executable"
+    );
+    let (phoff, phentsize, phnum) = (field(0x20, 8), field(0x36, 2), field(0x38, 2));
+    (0..phnum).any(|i| field(phoff + i * phentsize, 4) == PT_INTERP as usize)
+}
+
+/// Holds an exclusive `flock` on [`PODMAN0_LOCK`] while alive.
+///
+/// Only one XDP program can sit on podman0, so two runs at once (this test
+/// from two `cargo test`s, or with xlb-demo's podman mode, which takes the same
+/// lock) would fail each other's attach; the second waits instead.
+struct Podman0Lock {
+    _file: fs::File,
+}
+
+const PODMAN0_LOCK: &str = "/run/lock/xlb-podman0.lock";
+
+impl Podman0Lock {
+    fn acquire() -> Self {
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(PODMAN0_LOCK)
+            .unwrap_or_else(|e| panic!("opening {PODMAN0_LOCK}: {e}"));
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            // SAFETY: flock(2) on a descriptor we own.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                return Self { _file: file };
+            }
+            assert!(
+                Instant::now() < deadline,
+                "another xlb run has held {PODMAN0_LOCK} (podman0) for 300 s"
+            );
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+fn pid_alive(pid: i32) -> bool {
+    // SAFETY: kill(2) with signal 0 only checks that the process exists.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+// ---------------------------------------------------------------------------
+// podman
+// ---------------------------------------------------------------------------
+
+/// podman with this suite's runtime and configuration.
+struct Podman {
+    dir: PathBuf,
+    conf: PathBuf,
+}
+
+impl Podman {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!("{PREFIX}{}", std::process::id()));
+        fs::create_dir_all(&dir).expect("creating the test's temp dir");
+        let conf = dir.join("containers.conf");
+        fs::write(
+            &conf,
+            "[containers]\ndefault_ulimits = [\"nofile=1024:20000\", \"nproc=4096:4096\"]\n",
+        )
+        .expect("writing containers.conf");
+        Self { dir, conf }
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new("podman");
+        cmd.env("CONTAINERS_CONF", &self.conf)
+            .args(["--runtime", "runc"]);
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> String {
+        must(self.command().args(args))
+    }
+
+    /// Imports [`IMAGE`] from a rootfs holding only the host's static busybox,
+    /// unless it exists already.
+    fn ensure_image(&self) {
+        let exists = output_within(
+            self.command().args(["image", "exists", IMAGE]),
+            COMMAND_TIMEOUT,
+        );
+        if exists.status.success() {
+            return;
+        }
+        let busybox = find_in_path("busybox")
+            .expect("busybox not found: install busybox-static (`cargo xtask bootstrap` does)");
+        let bytes = fs::read(&busybox).expect("reading busybox");
+        assert!(
+            !has_interpreter(&bytes),
+            "{} is dynamically linked: install busybox-static (`cargo xtask bootstrap` does)",
+            busybox.display()
+        );
+        let rootfs = self.dir.join("rootfs");
+        fs::create_dir_all(rootfs.join("bin")).expect("creating the rootfs");
+        fs::create_dir_all(rootfs.join("tmp")).expect("creating the rootfs");
+        fs::copy(&busybox, rootfs.join("bin/busybox")).expect("copying busybox");
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin/sh")).expect("linking /bin/sh");
+        let tar = self.dir.join("rootfs.tar");
+        must(
+            Command::new("tar")
+                .arg("-C")
+                .arg(&rootfs)
+                .arg("-cf")
+                .arg(&tar)
+                .arg("."),
+        );
+        self.run(&["import", &tar.display().to_string(), IMAGE]);
+        let _ = fs::remove_dir_all(&rootfs);
+        let _ = fs::remove_file(&tar);
+    }
+
+    /// Removes containers of earlier runs that were killed before their guard ran.
+    fn remove_stale(&self) {
+        let names = self.run(&[
+            "ps",
+            "-a",
+            "--filter",
+            &format!("name=^{PREFIX}"),
+            "--format",
+            "{{.Names}}",
+        ]);
+        let stale: Vec<&str> = names
+            .split_whitespace()
+            .filter(|n| {
+                n.strip_prefix(PREFIX)
+                    .and_then(|rest| rest.split('-').next())
+                    .and_then(|pid| pid.parse().ok())
+                    .is_some_and(|pid| !pid_alive(pid))
+            })
+            .collect();
+        if !stale.is_empty() {
+            eprintln!("removing containers of dead runs: {stale:?}");
+            let mut args = vec!["rm", "-f", "-t", "0"];
+            args.extend(stale);
+            self.run(&args);
+        }
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The running containers; `podman rm -f -t 0` on drop (busybox httpd as PID 1
+/// ignores SIGTERM, so a plain stop would wait out the timeout).
+struct Containers<'p> {
+    podman: &'p Podman,
+    names: Vec<String>,
+}
+
+impl<'p> Containers<'p> {
+    fn start(podman: &'p Podman, n: usize) -> Self {
+        let mut containers = Self {
+            podman,
+            names: Vec::new(),
+        };
+        for i in 0..n {
+            let name = format!("{PREFIX}{}-{i}", std::process::id());
+            let script = format!(
+                "mkdir -p /www && echo {name} > /www/index.html && \
+                 exec busybox httpd -f -p {HTTP_PORT} -h /www"
+            );
+            // Recorded before `run` so a half-created container is removed too.
+            containers.names.push(name.clone());
+            podman.run(&[
+                "run", "-d", "--name", &name, IMAGE, "/bin/sh", "-c", &script,
+            ]);
+        }
+        containers
+    }
+
+    fn addr(&self, name: &str) -> Ipv4Addr {
+        let text = self.podman.run(&[
+            "inspect",
+            "--format",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}",
+            name,
+        ]);
+        text.split_whitespace()
+            .find_map(|w| w.parse().ok())
+            .unwrap_or_else(|| panic!("container {name} has no IPv4 address: {text:?}"))
+    }
+
+    /// Waits until every container's httpd answers from the host.
+    fn wait_serving(&self) {
+        for name in &self.names {
+            let addr = SocketAddr::from((self.addr(name), HTTP_PORT));
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                match http_get(addr) {
+                    Ok(body) if body == *name => break,
+                    Ok(body) => panic!("{name} at {addr} answered {body:?}"),
+                    Err(e) => assert!(
+                        Instant::now() < deadline,
+                        "{name} at {addr} does not answer 10 s after starting: {e}"
+                    ),
+                }
+                thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+impl Drop for Containers<'_> {
+    fn drop(&mut self) {
+        if self.names.is_empty() {
+            return;
+        }
+        let mut args = vec!["rm", "-f", "-t", "0"];
+        args.extend(self.names.iter().map(String::as_str));
+        let out = output_within(self.podman.command().args(&args), COMMAND_TIMEOUT);
+        if !out.status.success() {
+            eprintln!(
+                "removing containers {:?} failed: {}",
+                self.names,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The client's link to the host
+// ---------------------------------------------------------------------------
+
+/// A veth from the host namespace into the client namespace, with a /30 whose
+/// place in 10.213.0.0/16 depends on the pid; the client routes everything
+/// (the VIP included) to the host. Deleted on drop.
+struct ClientLink {
+    host_if: String,
+    host_ip: Ipv4Addr,
+    client_ip: Ipv4Addr,
+}
+
+impl ClientLink {
+    const CLIENT_IF: &'static str = "eth0";
+
+    fn create(client: &Netns) -> Self {
+        let pid = std::process::id();
+        let host_if = format!("xlbpm{pid}");
+        let slot = pid % 16_384;
+        let base = u32::from(Ipv4Addr::new(10, 213, 0, 0)) + slot * 4;
+        let (host_ip, client_ip) = (Ipv4Addr::from(base + 1), Ipv4Addr::from(base + 2));
+        // A veth of a killed earlier run with the same pid would be in the way.
+        let _ = output_within(
+            Command::new("ip").args(["link", "del", &host_if]),
+            COMMAND_TIMEOUT,
+        );
+        must(Command::new("ip").args([
+            "link",
+            "add",
+            &host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            Self::CLIENT_IF,
+            "netns",
+            client.name(),
+        ]));
+        let link = Self {
+            host_if,
+            host_ip,
+            client_ip,
+        };
+        must(Command::new("ip").args([
+            "addr",
+            "add",
+            &format!("{host_ip}/30"),
+            "dev",
+            &link.host_if,
+        ]));
+        must(Command::new("ip").args(["link", "set", &link.host_if, "up"]));
+        client
+            .add_address(
+                Self::CLIENT_IF,
+                xlb_netns::ipnet::Ipv4Net::new(client_ip, 30).expect("valid prefix"),
+            )
+            .expect("addressing the client");
+        // The client stands in for a remote host: full checksums, as from a real NIC
+        // (native XDP on the host's end cannot finish a partial one).
+        client
+            .set_tx_checksum(Self::CLIENT_IF, false)
+            .expect("turning TX checksum offload off on the client");
+        client
+            .set_link_up(Self::CLIENT_IF)
+            .expect("bringing the client's link up");
+        client
+            .add_default_route(host_ip.into())
+            .expect("routing the client via the host");
+        link
+    }
+}
+
+impl Drop for ClientLink {
+    fn drop(&mut self) {
+        let _ = output_within(
+            Command::new("ip").args(["link", "del", &self.host_if]),
+            COMMAND_TIMEOUT,
+        );
+    }
+}
+
+/// The host's `net.ipv6.conf.all.forwarding`, put back on drop: the agent turns
+/// forwarding on in the namespace it runs in, here the host's.
+struct HostForwarding(Vec<(&'static str, String)>);
+
+impl HostForwarding {
+    const FILES: [&'static str; 2] = [
+        "/proc/sys/net/ipv4/ip_forward",
+        "/proc/sys/net/ipv6/conf/all/forwarding",
+    ];
+
+    fn save() -> Self {
+        Self(
+            Self::FILES
+                .iter()
+                .filter_map(|f| Some((*f, fs::read_to_string(f).ok()?)))
+                .collect(),
+        )
+    }
+}
+
+impl Drop for HostForwarding {
+    fn drop(&mut self) {
+        for (file, value) in &self.0 {
+            if fs::read_to_string(file).ok().as_deref() != Some(value) {
+                let _ = fs::write(file, value.trim());
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The agent, in the host namespace
+// ---------------------------------------------------------------------------
+
+struct Agent {
+    child: Child,
+    dir: PathBuf,
+    socket: PathBuf,
+    bpffs: PathBuf,
+    log: PathBuf,
+}
+
+impl Agent {
+    fn start(ifaces: &[&str]) -> Self {
+        let pid = std::process::id();
+        let dir = std::env::temp_dir().join(format!("{PREFIX}agent-{pid}"));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("creating the agent's temp dir");
+        let socket = dir.join("xlb.sock");
+        let log = dir.join("agent.log");
+        let bpffs = Path::new("/sys/fs/bpf").join(format!("{PREFIX}{pid}"));
+        let mut cmd = Command::new(XLB);
+        cmd.arg("run");
+        for iface in ifaces {
+            cmd.args(["--iface", iface]);
+        }
+        cmd.args(["--xdp-mode", "auto", "--socket"])
+            .arg(&socket)
+            .arg("--state")
+            .arg(dir.join("state.json"))
+            .arg("--bpffs")
+            .arg(&bpffs);
+        let out = fs::File::create(&log).expect("creating the agent log");
+        let err = out.try_clone().expect("cloning the agent log handle");
+        cmd.env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+        unsafe {
+            cmd.pre_exec(|| {
+                // The agent attaches to host interfaces: it must not outlive the test.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        let child = cmd.spawn().expect("spawning `xlb run`");
+        let mut agent = Self {
+            child,
+            dir,
+            socket,
+            bpffs,
+            log,
+        };
+        agent.wait_ready();
+        agent
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("polling the agent") {
+                panic!("`xlb run` exited early with {status}:\n{}", self.log_text());
+            }
+            let out = self.try_cli(&["vip", "list"]);
+            if out.status.success() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "`xlb vip list` still fails 10 s after starting the agent: {}\nagent log:\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                self.log_text()
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_else(|e| format!("(no log: {e})"))
+    }
+
+    fn try_cli(&self, args: &[&str]) -> Output {
+        output_within(
+            Command::new(XLB).env("XLB_SOCKET", &self.socket).args(args),
+            COMMAND_TIMEOUT,
+        )
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        let out = self.try_cli(args);
+        assert!(
+            out.status.success(),
+            "`xlb {}` failed ({}): {}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("xlb prints UTF-8")
+    }
+
+    fn stats(&self) -> Stats {
+        let text = self.cli(&["stats", "--json"]);
+        serde_json::from_str(&text).unwrap_or_else(|e| {
+            panic!("`xlb stats --json` printed something unparsable ({e}):\n{text}")
+        })
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            // SAFETY: plain kill(2) on the child we spawned and have not reaped.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut exited = false;
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_)) | Err(_)) {
+                exited = true;
+                break;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        if !exited {
+            eprintln!("xlb agent ignored SIGTERM for 10 s; killing it");
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if thread::panicking() {
+            eprintln!("---- xlb agent log ----\n{}", self.log_text());
+        }
+        let _ = fs::remove_dir_all(&self.bpffs);
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// HTTP
+// ---------------------------------------------------------------------------
+
+/// `GET /` over HTTP/1.0; returns the trimmed body, or an error for a failed
+/// connection, a non-200 status or a missing body.
+fn http_get(addr: SocketAddr) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    stream.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+    let mut response = String::new();
+    stream.take(64 * 1024).read_to_string(&mut response)?;
+    let bad = |why: &str| std::io::Error::other(format!("{why}: {response:?}"));
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| bad("no end of headers"))?;
+    if !head.starts_with("HTTP/1.") || head.split_whitespace().nth(1) != Some("200") {
+        return Err(bad("not a 200 response"));
+    }
+    let body = body.trim();
+    if body.is_empty() {
+        return Err(bad("empty body"));
+    }
+    Ok(body.to_owned())
+}
+
+fn counter(stats: &Stats, name: &str) -> u64 {
+    stats
+        .global
+        .iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("no global counter {name} in {:?}", stats.global))
+        .value
+}
+
+// ---------------------------------------------------------------------------
+// The test
+// ---------------------------------------------------------------------------
+
+#[test]
+fn http_to_podman_containers_through_the_vip() {
+    if find_in_path("podman").is_none() {
+        eprintln!(
+            "SKIPPED: podman is not installed (`cargo xtask bootstrap` installs podman, runc and \
+             busybox-static); this test needs real podman containers"
+        );
+        return;
+    }
+    let _podman0 = Podman0Lock::acquire();
+    let started = Instant::now();
+    let podman = Podman::new();
+    podman.remove_stale();
+    xlb_netns::cleanup_stale(&format!("{PREFIX}client-")).expect("removing stale namespaces");
+    podman.ensure_image();
+
+    let containers = Containers::start(&podman, CONTAINERS);
+    containers.wait_serving();
+    eprintln!(
+        "{CONTAINERS} containers serving after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let client = Netns::create(&format!("{PREFIX}client-")).expect("creating the client namespace");
+    let link = ClientLink::create(&client);
+    let _forwarding = HostForwarding::save();
+    let agent = Agent::start(&[&link.host_if, "podman0"]);
+
+    let vip = format!("{VIP}/tcp");
+    agent.cli(&["vip", "add", &vip]);
+    let mut addrs = BTreeMap::new();
+    for name in &containers.names {
+        agent.cli(&[
+            "backend",
+            "add",
+            &vip,
+            "--container",
+            &format!("{name}:{HTTP_PORT}"),
+        ]);
+        addrs.insert(SocketAddr::from((containers.addr(name), HTTP_PORT)), name);
+    }
+    let listed: serde_json::Value =
+        serde_json::from_str(&agent.cli(&["backend", "list", &vip, "--json"]))
+            .expect("`xlb backend list --json` prints JSON");
+    for addr in addrs.keys() {
+        assert!(
+            listed.to_string().contains(&addr.to_string()),
+            "`--container` did not resolve to {addr}: {listed}"
+        );
+    }
+
+    let answers: Vec<String> = client
+        .run(|| {
+            (0..REQUESTS)
+                .map(|i| {
+                    http_get(VIP.into())
+                        .unwrap_or_else(|e| panic!("request {} of {REQUESTS}: {e}", i + 1))
+                })
+                .collect()
+        })
+        .expect("entering the client namespace");
+    let mut served: BTreeMap<&str, usize> = BTreeMap::new();
+    for a in &answers {
+        assert!(
+            containers.names.contains(a),
+            "an answer that names no container: {a:?}"
+        );
+        *served.entry(a.as_str()).or_default() += 1;
+    }
+    eprintln!(
+        "{REQUESTS} requests from {} served by {served:?}",
+        link.client_ip
+    );
+    assert!(
+        served.len() > 1,
+        "every request went to one container: {served:?}"
+    );
+
+    let stats = agent.stats();
+    let status = stats
+        .vips
+        .iter()
+        .find(|v| v.vip.to_string() == vip)
+        .unwrap_or_else(|| panic!("{vip} missing from stats"));
+    assert_eq!(
+        status.new_flows, REQUESTS as u64,
+        "one new flow per request: {status:?}"
+    );
+    for b in &status.backends {
+        let name = addrs[&b.addr];
+        assert_eq!(
+            b.new_flows,
+            served.get(name.as_str()).copied().unwrap_or(0) as u64,
+            "{name}'s new flows do not match the answers it gave"
+        );
+    }
+    let reverse_nat = counter(&stats, "reverse_nat");
+    assert!(
+        reverse_nat >= 2 * REQUESTS as u64,
+        "replies were not un-NATed on podman0 (reverse_nat = {reverse_nat})"
+    );
+    assert_eq!(counter(&stats, "xdp_aborted"), 0, "XDP_ABORTED seen");
+    eprintln!(
+        "stats: new flows {}, reverse_nat {reverse_nat}, xdp_redirect {}, xdp_pass {}; host {} ({})",
+        status.new_flows,
+        counter(&stats, "xdp_redirect"),
+        counter(&stats, "xdp_pass"),
+        link.host_if,
+        link.host_ip
+    );
+
+    drop(agent);
+    drop(link);
+    drop(client);
+    drop(containers);
+    let left = podman.run(&[
+        "ps",
+        "-a",
+        "--filter",
+        &format!("name=^{PREFIX}{}-", std::process::id()),
+        "--format",
+        "{{.Names}}",
+    ]);
+    assert!(left.trim().is_empty(), "containers left behind: {left}");
+    eprintln!(
+        "done in {:.1} s (left on purpose: image {IMAGE}, netavark's nft tables)",
+        started.elapsed().as_secs_f64()
+    );
+}
