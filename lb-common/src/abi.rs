@@ -96,13 +96,13 @@ pub const IPPROTO_UDP: u8 = 17;
 
 /// Key of `XLB_VIPS`: a service address. IPv4 addresses are stored IPv4-mapped
 /// (`::ffff:a.b.c.d`) so one map serves both families.
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct VipKey {
     pub addr: [u8; 16],
     pub port_be: u16,
     pub proto: u8,
-    pub _pad: u8,
+    pub _pad: [u8; 5],
 }
 
 /// Value of `XLB_VIPS`.
@@ -126,7 +126,7 @@ pub const BACKEND_ACTIVE: u8 = 1;
 pub const BACKEND_DRAINING: u8 = 2;
 
 /// Value of `XLB_BACKENDS`, indexed by backend id.
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Backend {
     pub addr: [u8; 16],
@@ -149,7 +149,7 @@ impl Backend {
 
 /// Key of `XLB_CONNTRACK` (client → VIP, as the packet arrived) and of `XLB_REVNAT`
 /// (backend → client, as the reply arrives).
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
     pub src: [u8; 16],
@@ -186,7 +186,7 @@ pub struct FlowState {
 pub const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
 
 /// Value of `XLB_REVNAT`: what a reply's source must be rewritten to.
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ReverseNat {
     pub vip_addr: [u8; 16],
@@ -319,7 +319,7 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<VipKey>(), 16 + 2 + 1 + 1);
+        assert_eq!(size_of::<VipKey>(), 16 + 2 + 1 + 5);
         assert_eq!(size_of::<VipInfo>(), 16);
         assert_eq!(size_of::<Backend>(), 16 + 2 + 1 + 1 + 4);
         assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 3);

@@ -47,7 +47,7 @@ impl VipKey {
             addr: to_bytes(addr.ip()),
             port_be: addr.port().to_be(),
             proto,
-            _pad: 0,
+            _pad: [0; 5],
         }
     }
 

@@ -58,16 +58,18 @@ impl PacketBytes for [u8] {
     }
 }
 
-/// A TCP or UDP packet over IPv4 or IPv6, as far as load balancing cares.
+/// A TCP or UDP packet over IPv4 or IPv6, as far as load balancing cares. 8-aligned with
+/// the addresses first, like the map keys built from it (see `abi`).
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Parsed {
+    /// Source and destination, IPv4 mapped.
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
     pub l3_offset: usize,
     pub l4_offset: usize,
     pub ipv6: bool,
     pub proto: u8,
-    /// Source and destination, IPv4 mapped.
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
     pub sport_be: u16,
     pub dport_be: u16,
     /// TTL or hop limit.
@@ -77,12 +79,12 @@ pub struct Parsed {
 impl Parsed {
     /// A placeholder to parse into.
     pub const EMPTY: Self = Self {
+        src: [0; 16],
+        dst: [0; 16],
         l3_offset: 0,
         l4_offset: 0,
         ipv6: false,
         proto: 0,
-        src: [0; 16],
-        dst: [0; 16],
         sport_be: 0,
         dport_be: 0,
         ttl: 0,
@@ -138,12 +140,12 @@ const fn be16(b: [u8; 2]) -> u16 {
 /// [`Skip`] says why the packet is not one xlb balances.
 #[inline(always)]
 pub fn parse<P: PacketBytes + ?Sized>(pkt: &P) -> Result<Parsed, Skip> {
-    let eth: [u8; ETH_HLEN] = pkt.read(0).ok_or(Skip::Malformed)?;
-    let mut ethertype = be16([eth[12], eth[13]]);
+    // Fields are read in 2/4/8/16-byte pieces: the XDP implementation turns each into one
+    // load, where a whole-header copy would be assembled byte by byte.
+    let mut ethertype = be16(pkt.read(ETH_HLEN - 2).ok_or(Skip::Malformed)?);
     let mut l3_offset = ETH_HLEN;
     if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
-        let tag: [u8; VLAN_HLEN] = pkt.read(ETH_HLEN).ok_or(Skip::Malformed)?;
-        ethertype = be16([tag[2], tag[3]]);
+        ethertype = be16(pkt.read(ETH_HLEN + 2).ok_or(Skip::Malformed)?);
         l3_offset += VLAN_HLEN;
     }
     match ethertype {
@@ -155,35 +157,46 @@ pub fn parse<P: PacketBytes + ?Sized>(pkt: &P) -> Result<Parsed, Skip> {
 
 #[inline(always)]
 fn parse_ipv4<P: PacketBytes + ?Sized>(pkt: &P, l3_offset: usize) -> Result<Parsed, Skip> {
-    let ip: [u8; IPV4_MIN_HLEN] = pkt.read(l3_offset).ok_or(Skip::Malformed)?;
-    if ip[0] >> 4 != 4 {
+    // The farthest piece first: once it is in bounds, so are the others.
+    let dst: [u8; 4] = pkt
+        .read(l3_offset + IPV4_DST_OFFSET)
+        .ok_or(Skip::Malformed)?;
+    let src: [u8; 4] = pkt
+        .read(l3_offset + IPV4_SRC_OFFSET)
+        .ok_or(Skip::Malformed)?;
+    let w0: [u8; 4] = pkt.read(l3_offset).ok_or(Skip::Malformed)?;
+    let w1: [u8; 4] = pkt.read(l3_offset + 4).ok_or(Skip::Malformed)?;
+    let w2: [u8; 4] = pkt
+        .read(l3_offset + IPV4_TTL_OFFSET)
+        .ok_or(Skip::Malformed)?;
+    if w0[0] >> 4 != 4 {
         return Err(Skip::Malformed);
     }
-    let header_len = usize::from(ip[0] & 0x0f) * 4;
-    let total_len = usize::from(be16([ip[2], ip[3]]));
+    let header_len = usize::from(w0[0] & 0x0f) * 4;
+    let total_len = usize::from(be16([w0[2], w0[3]]));
     if header_len < IPV4_MIN_HLEN
         || total_len < header_len
         || total_len > pkt.len().saturating_sub(l3_offset)
     {
         return Err(Skip::Malformed);
     }
-    let frag = be16([ip[6], ip[7]]);
+    let frag = be16([w1[2], w1[3]]);
     if frag & (IPV4_MORE_FRAGMENTS | IPV4_FRAGMENT_OFFSET_MASK) != 0 {
         return Err(Skip::Fragment);
     }
-    let proto = ip[9];
+    let proto = w2[1];
     let l4_offset = l3_offset + header_len;
     let (sport_be, dport_be) = parse_ports(pkt, proto, l4_offset, total_len - header_len)?;
     Ok(Parsed {
+        src: v4_mapped(src),
+        dst: v4_mapped(dst),
         l3_offset,
         l4_offset,
         ipv6: false,
         proto,
-        src: v4_mapped([ip[12], ip[13], ip[14], ip[15]]),
-        dst: v4_mapped([ip[16], ip[17], ip[18], ip[19]]),
         sport_be,
         dport_be,
-        ttl: ip[8],
+        ttl: w2[0],
     })
 }
 
@@ -216,12 +229,12 @@ fn parse_ipv6<P: PacketBytes + ?Sized>(pkt: &P, l3_offset: usize) -> Result<Pars
     let l4_offset = l3_offset + IPV6_HLEN;
     let (sport_be, dport_be) = parse_ports(pkt, proto, l4_offset, payload_len)?;
     Ok(Parsed {
+        src,
+        dst,
         l3_offset,
         l4_offset,
         ipv6: true,
         proto,
-        src,
-        dst,
         sport_be,
         dport_be,
         ttl: fixed[IPV6_HOP_LIMIT_OFFSET],
@@ -238,14 +251,19 @@ fn parse_ports<P: PacketBytes + ?Sized>(
 ) -> Result<(u16, u16), Skip> {
     match proto {
         IPPROTO_TCP => {
-            let tcp: [u8; TCP_MIN_HLEN] = pkt.read(l4_offset).ok_or(Skip::Malformed)?;
-            let header_len = usize::from(tcp[12] >> 4) * 4;
+            // Nearest piece first: at a variable offset the verifier only credits a bounds
+            // check to the access it guards, and the compiler drops checks implied by
+            // earlier ones. Bytes 12..20 (data offset to urgent pointer) prove the minimum
+            // header is present.
+            let ports: [u8; 4] = pkt.read(l4_offset).ok_or(Skip::Malformed)?;
+            let tail: [u8; 8] = pkt.read(l4_offset + 12).ok_or(Skip::Malformed)?;
+            let header_len = usize::from(tail[0] >> 4) * 4;
             if header_len < TCP_MIN_HLEN || header_len > l4_len {
                 return Err(Skip::Malformed);
             }
             Ok((
-                u16::from_ne_bytes([tcp[0], tcp[1]]),
-                u16::from_ne_bytes([tcp[2], tcp[3]]),
+                u16::from_ne_bytes([ports[0], ports[1]]),
+                u16::from_ne_bytes([ports[2], ports[3]]),
             ))
         }
         IPPROTO_UDP => {

@@ -71,7 +71,9 @@ pub fn xlb_bench_redirect(ctx: XdpContext) -> u32 {
     if XdpPacket::new(&ctx).write(0, macs).is_none() {
         return xdp_action::XDP_PASS;
     }
-    PORTS.redirect(nh.ifindex, 0).unwrap_or(xdp_action::XDP_ABORTED)
+    PORTS
+        .redirect(nh.ifindex, 0)
+        .unwrap_or(xdp_action::XDP_ABORTED)
 }
 
 #[xdp]

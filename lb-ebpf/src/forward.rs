@@ -40,7 +40,7 @@ pub fn process(ctx: &XdpContext) -> u32 {
         addr: p.dst,
         port_be: p.dport_be,
         proto: p.proto,
-        _pad: 0,
+        _pad: [0; 5],
     };
     let mut t = Translation::NONE;
     // Choosing the translation and applying it are separate calls made from here, so their
@@ -223,10 +223,11 @@ fn to_client(reverse: *mut ReverseNat, t: &mut Translation) -> *mut NextHop {
     }
 }
 
-/// How a packet is to be rewritten.
+/// How a packet is to be rewritten (8-aligned, address first: see `lb_common::abi`).
+#[repr(C, align(8))]
 pub struct Translation {
-    pub endpoint: Endpoint,
     pub addr: [u8; 16],
+    pub endpoint: Endpoint,
     pub port_be: u16,
     /// Non-zero: do not forward, return this XDP action.
     pub refused: u32,
@@ -234,8 +235,8 @@ pub struct Translation {
 
 impl Translation {
     const NONE: Self = Self {
-        endpoint: Endpoint::Destination,
         addr: [0; 16],
+        endpoint: Endpoint::Destination,
         port_be: 0,
         refused: 0,
     };

@@ -35,8 +35,17 @@ impl XdpPacket {
     #[inline(always)]
     pub fn write<const N: usize>(&self, offset: usize, bytes: [u8; N]) -> Option<()> {
         let at = self.checked::<N>(offset)?;
-        // SAFETY: `checked` proved [at, at + N) lies inside the frame.
-        unsafe { core::ptr::write_unaligned(at as *mut [u8; N], bytes) };
+        // SAFETY: `checked` proved [at, at + N) lies inside the frame; see `load` for the
+        // width-matched stores.
+        unsafe {
+            match N {
+                2 => core::ptr::write(at as *mut u16, core::mem::transmute_copy(&bytes)),
+                4 => core::ptr::write(at as *mut u32, core::mem::transmute_copy(&bytes)),
+                8 => core::ptr::write(at as *mut u64, core::mem::transmute_copy(&bytes)),
+                16 => core::ptr::write(at as *mut [u64; 2], core::mem::transmute_copy(&bytes)),
+                _ => core::ptr::write_unaligned(at as *mut [u8; N], bytes),
+            }
+        }
         Some(())
     }
 
@@ -60,7 +69,18 @@ impl PacketBytes for XdpPacket {
     #[inline(always)]
     fn read<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
         let at = self.checked::<N>(offset)?;
-        // SAFETY: `checked` proved [at, at + N) lies inside the frame.
-        Some(unsafe { core::ptr::read_unaligned(at as *const [u8; N]) })
+        // SAFETY: `checked` proved [at, at + N) lies inside the frame. Widths the eBPF ISA
+        // has get one load of that width: the kernel accepts unaligned packet loads where it
+        // JITs them efficiently (x86-64, arm64), while an unaligned-typed read would be
+        // assembled from byte loads. `N` is a constant, so only one arm survives.
+        Some(unsafe {
+            match N {
+                2 => core::mem::transmute_copy(&core::ptr::read(at as *const u16)),
+                4 => core::mem::transmute_copy(&core::ptr::read(at as *const u32)),
+                8 => core::mem::transmute_copy(&core::ptr::read(at as *const u64)),
+                16 => core::mem::transmute_copy(&core::ptr::read(at as *const [u64; 2])),
+                _ => core::ptr::read_unaligned(at as *const [u8; N]),
+            }
+        })
     }
 }

@@ -21,10 +21,10 @@ use tracing::{info, warn};
 
 use crate::{
     api::{CounterValue, Reply, Request, Stats},
-    balancer::{Balancer, BackendState, DesiredState, VipSpec, VipStatus},
+    balancer::{BackendState, Balancer, DesiredState, VipSpec, VipStatus},
     config::Change,
-    health::HealthChecker,
     datapath::{Datapath, DatapathConfig, PinnedAttachment, xdp_mode_name},
+    health::HealthChecker,
     paths,
 };
 
@@ -368,7 +368,9 @@ fn with_recorded_ids(mut wanted: DesiredState, recorded: Option<&DesiredState>) 
 
 fn lock(agent: &Mutex<Agent>) -> std::sync::MutexGuard<'_, Agent> {
     // A panic in a request handler must not take the agent down with it.
-    agent.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    agent
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// An error and its causes on one line.
@@ -400,8 +402,8 @@ async fn serve_connection(stream: UnixStream, agent: Arc<Mutex<Agent>>) {
             Ok(request) => {
                 let agent = Arc::clone(&agent);
                 tokio::task::spawn_blocking(move || lock(&agent).handle(request))
-                .await
-                .unwrap_or_else(|e| Reply::Error(format!("internal error: {e}")))
+                    .await
+                    .unwrap_or_else(|e| Reply::Error(format!("internal error: {e}")))
             }
             Err(e) => Reply::Error(format!("malformed request: {e}")),
         };
@@ -448,7 +450,9 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         Some(addr) => Some(
             crate::metrics::MetricsServer::bind(addr)
                 .await
-                .with_context(|| format!("serving metrics on {addr} (use --metrics ADDR or --no-metrics)"))?,
+                .with_context(|| {
+                    format!("serving metrics on {addr} (use --metrics ADDR or --no-metrics)")
+                })?,
         ),
         None => None,
     };
@@ -644,7 +648,10 @@ fn attach(
     };
     match balancer.datapath_mut().attach_pinned(index, first, pin) {
         Ok(link) if link.adopted => {
-            info!(iface = name, "adopted the running data path (program replaced in place)");
+            info!(
+                iface = name,
+                "adopted the running data path (program replaced in place)"
+            );
             Ok(link)
         }
         Ok(link) => {

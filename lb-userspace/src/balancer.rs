@@ -600,8 +600,16 @@ impl Balancer {
     ///
     /// # Errors
     /// Unknown VIP or backend, or a map update failing.
-    pub fn set_health(&mut self, vip: &VipSpec, backend: SocketAddr, healthy: bool) -> Result<bool> {
-        let entry = self.vips.get_mut(vip).ok_or(BalancerError::UnknownVip(*vip))?;
+    pub fn set_health(
+        &mut self,
+        vip: &VipSpec,
+        backend: SocketAddr,
+        healthy: bool,
+    ) -> Result<bool> {
+        let entry = self
+            .vips
+            .get_mut(vip)
+            .ok_or(BalancerError::UnknownVip(*vip))?;
         let vip_id = entry.id;
         let b = entry
             .backends
@@ -629,7 +637,10 @@ impl Balancer {
     /// # Errors
     /// Unknown VIP.
     pub fn set_vip_health(&mut self, vip: &VipSpec, health: Option<HealthSpec>) -> Result<()> {
-        let entry = self.vips.get_mut(vip).ok_or(BalancerError::UnknownVip(*vip))?;
+        let entry = self
+            .vips
+            .get_mut(vip)
+            .ok_or(BalancerError::UnknownVip(*vip))?;
         entry.health = health;
         Ok(())
     }

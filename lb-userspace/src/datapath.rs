@@ -268,7 +268,12 @@ impl Datapath {
     ///
     /// # Errors
     /// The kernel refusing the attachment, or the pin.
-    pub fn attach_pinned(&mut self, ifindex: u32, mode: XdpMode, pin: &Path) -> Result<PinnedAttachment> {
+    pub fn attach_pinned(
+        &mut self,
+        ifindex: u32,
+        mode: XdpMode,
+        pin: &Path,
+    ) -> Result<PinnedAttachment> {
         let name = program_names::XLB;
         let program_err = |source| DatapathError::Program { name, source };
         let pin_err = |source| DatapathError::Pin {
@@ -525,13 +530,10 @@ pub fn detach_pinned(pin: &Path) -> Result<()> {
         path: pin.display().to_string(),
         source,
     })?;
-    pinned
-        .unpin()
-        .map(drop)
-        .map_err(|e| DatapathError::Unpin {
-            path: pin.display().to_string(),
-            source: e,
-        })
+    pinned.unpin().map(drop).map_err(|e| DatapathError::Unpin {
+        path: pin.display().to_string(),
+        source: e,
+    })
 }
 
 /// `XdpMode` by the names the CLI uses.

@@ -9,8 +9,8 @@ use lb_userspace::{
     agent::{self, AgentOptions, ModeChoice},
     api::{self, Reply, Request},
     balancer::{BackendState, VipSpec, VipStatus},
-    health::{HealthSpec, Probe},
     datapath::DatapathConfig,
+    health::{HealthSpec, Probe},
     paths,
 };
 
@@ -99,7 +99,8 @@ enum Command {
         #[arg(long)]
         watch: bool,
     },
-    /// Measure xlb: per-packet program cost and its scaling (see docs/benchmarks.md).
+    /// Measure xlb: program cost, forwarding rate next to nftables and the redirect ceiling,
+    /// connection rates next to HAProxy, scaling (see docs/benchmarks.md).
     #[command(subcommand)]
     Bench(BenchCommand),
     /// Which backend a new flow from CLIENT gets, and whether the connection table holds it.
@@ -131,7 +132,9 @@ impl From<StateArg> for BackendState {
 enum BenchCommand {
     /// Program cost per packet type through BPF_PROG_TEST_RUN, next to an empty program and
     /// a parse-only program measured in the same run.
-    #[command(after_help = "Examples:\n  sudo xlb bench cost\n  sudo xlb bench cost --calls 2000 --runs 3 --json")]
+    #[command(
+        after_help = "Examples:\n  sudo xlb bench cost\n  sudo xlb bench cost --calls 2000 --runs 3 --json"
+    )]
     Cost {
         /// Test-run calls per run.
         #[arg(long, default_value_t = 20_000)]
@@ -147,6 +150,27 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
         /// Where the JSON report is written.
+        #[arg(long, default_value = "results")]
+        out: PathBuf,
+    },
+    /// Packets per second through generator → LB → backend namespaces: xlb next to a plain
+    /// XDP redirect (the ceiling), nftables DNAT and plain routing; then TCP connections and
+    /// requests per second through xlb, nftables and HAProxy.
+    #[command(
+        after_help = "Examples:\n  sudo xlb bench forward\n  sudo xlb bench forward --quick --json"
+    )]
+    Forward {
+        /// Small sizes only (a smoke run; its figures mean little).
+        #[arg(long)]
+        quick: bool,
+        /// Distinct flows the generator cycles through.
+        #[arg(long)]
+        flows: Option<u32>,
+        /// HAProxy binary for the connection comparison [default: haproxy on PATH].
+        #[arg(long)]
+        haproxy: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
         #[arg(long, default_value = "results")]
         out: PathBuf,
     },
@@ -266,7 +290,9 @@ enum BackendCommand {
     #[command(after_help = "Example:\n  xlb backend del 192.0.2.10:80/tcp 10.88.0.14:8080")]
     Del { vip: VipSpec, backend: SocketAddr },
     /// Change a backend's weight (the ring is rebuilt with minimal disruption) or state.
-    #[command(after_help = "Examples:\n  xlb backend set 192.0.2.10:80/tcp 10.88.0.14:8080 --weight 3\n  xlb backend set 192.0.2.10:80/tcp 10.88.0.14:8080 --state active")]
+    #[command(
+        after_help = "Examples:\n  xlb backend set 192.0.2.10:80/tcp 10.88.0.14:8080 --weight 3\n  xlb backend set 192.0.2.10:80/tcp 10.88.0.14:8080 --state active"
+    )]
     Set {
         vip: VipSpec,
         backend: SocketAddr,
@@ -454,6 +480,32 @@ fn bench(command: BenchCommand) -> Result<()> {
                 println!("report: {}", out.join("cost.json").display());
             }
         }
+        BenchCommand::Forward {
+            quick,
+            flows,
+            haproxy,
+            json,
+            out,
+        } => {
+            use lb_userspace::bench::forward::{self, ForwardOptions};
+            let mut options = if quick {
+                ForwardOptions::quick()
+            } else {
+                ForwardOptions::full()
+            };
+            if let Some(flows) = flows {
+                options.flows = flows;
+            }
+            options.haproxy = haproxy;
+            let report = forward::run(&options, json)?;
+            report::write_json(&out, "forward.json", &report)?;
+            if json {
+                print_json(&report);
+            } else {
+                forward::print(&report);
+                println!("report: {}", out.join("forward.json").display());
+            }
+        }
         BenchCommand::Scaling {
             quick,
             calls,
@@ -486,7 +538,10 @@ fn bench(command: BenchCommand) -> Result<()> {
                 print_json(&scaling);
             } else {
                 report::print_scaling(&scaling);
-                println!("report and plots: {}/scaling.json, scaling-*.svg", out.display());
+                println!(
+                    "report and plots: {}/scaling.json, scaling-*.svg",
+                    out.display()
+                );
             }
         }
     }

@@ -488,7 +488,10 @@ fn backends_of(status: &Value) -> &Vec<Value> {
 }
 
 /// What a VIP is configured as (no counters): (vip, ring_size, [(addr, weight, state, slots)]).
-fn config_of(list: &Value) -> Vec<(String, u64, Vec<(String, u64, String, u64)>)> {
+/// (address, weight, state, slots) of one backend.
+type BackendRow = (String, u64, String, u64);
+
+fn config_of(list: &Value) -> Vec<(String, u64, Vec<BackendRow>)> {
     let mut out: Vec<_> = list
         .as_array()
         .expect("list")

@@ -89,13 +89,16 @@ fn pin_to_one_cpu() {
     }
 }
 
+/// Checks one run's action and output against its input; `Err` says what is wrong.
+type Check = dyn Fn(u32, &[u8], &[u8]) -> Result<(), String> + Sync;
+
 /// A packet type: how to build the n-th frame, and what the program must do with it.
 struct Case {
     name: &'static str,
     description: &'static str,
     frame: Box<dyn Fn(u64) -> Vec<u8> + Sync>,
     /// Checks the xlb program's action and output for frame n.
-    check: Box<dyn Fn(u32, &[u8], &[u8]) -> Result<(), String> + Sync>,
+    check: Box<Check>,
 }
 
 fn vip4() -> SocketAddrV4 {
@@ -156,7 +159,11 @@ fn cases(backends: u32) -> Vec<Case> {
             frame: Box::new(move |_| frames::udp(established, udp_vip, 18, true)),
             check: Box::new(|action, _, _| {
                 // No UDP VIP on port 80: this is the non-VIP path with a real UDP checksum.
-                if action == XDP_PASS { Ok(()) } else { Err(format!("action {action}")) }
+                if action == XDP_PASS {
+                    Ok(())
+                } else {
+                    Err(format!("action {action}"))
+                }
             }),
         },
         Case {
@@ -193,9 +200,8 @@ fn measure(
         let frame = (case.frame)(first + i);
         let (outcome, out) = env.run_once(program, &frame)?;
         if check {
-            (case.check)(outcome.action, &frame, &out).map_err(|e| {
-                anyhow::anyhow!("{} through {program}, call {i}: {e}", case.name)
-            })?;
+            (case.check)(outcome.action, &frame, &out)
+                .map_err(|e| anyhow::anyhow!("{} through {program}, call {i}: {e}", case.name))?;
         }
         samples.push(outcome.duration.as_nanos() as f64);
     }
@@ -224,7 +230,10 @@ fn progress(total: u64, what: &str) -> ProgressBar {
 }
 
 pub fn run_cost(options: CostOptions, quiet: bool) -> Result<Vec<CostRow>> {
-    ensure!(options.calls > 0 && options.runs > 0, "--calls and --runs must be positive");
+    ensure!(
+        options.calls > 0 && options.runs > 0,
+        "--calls and --runs must be positive"
+    );
     let config = DatapathConfig {
         ring_size: options.ring_size,
         max_vips: 4,
@@ -245,7 +254,11 @@ pub fn run_cost(options: CostOptions, quiet: bool) -> Result<Vec<CostRow>> {
         let mut next_new_flow = 0u64;
         for case in &cases {
             let mut spreads = Vec::new();
-            for program in [program_names::XLB, program_names::FLOOR_PASS, program_names::FLOOR_PARSE] {
+            for program in [
+                program_names::XLB,
+                program_names::FLOOR_PASS,
+                program_names::FLOOR_PARSE,
+            ] {
                 let check = program == program_names::XLB;
                 measure(&env, program, case, next_new_flow, options.warmup, check)?;
                 next_new_flow += u64::from(options.warmup);
@@ -280,7 +293,9 @@ pub fn run_cost(options: CostOptions, quiet: bool) -> Result<Vec<CostRow>> {
     let misses = counter(&env, Counter::ConntrackMiss)?;
     let expected_misses = u64::from(options.warmup + options.calls * options.runs) + 1;
     if misses < expected_misses {
-        bail!("only {misses} connection-table misses for {expected_misses} new flows: the SYN case did not measure new flows");
+        bail!(
+            "only {misses} connection-table misses for {expected_misses} new flows: the SYN case did not measure new flows"
+        );
     }
     Ok(rows)
 }
@@ -314,7 +329,14 @@ pub struct ScalingOptions {
 }
 
 /// Median cost of established packets sampled over `flows` live flows, and of new flows.
-fn point(env: &BenchEnv, x: u64, flows: u64, vip_count: u32, calls: u32, new_base: u64) -> Result<ScalingPoint> {
+fn point(
+    env: &BenchEnv,
+    x: u64,
+    flows: u64,
+    vip_count: u32,
+    calls: u32,
+    new_base: u64,
+) -> Result<ScalingPoint> {
     env.ns.run(|| -> Result<ScalingPoint> {
         pin_to_one_cpu();
         let vip_of = |n: u64| match vip((n % u64::from(vip_count)) as u32).addr {
@@ -323,24 +345,45 @@ fn point(env: &BenchEnv, x: u64, flows: u64, vip_count: u32, calls: u32, new_bas
         };
         // Establish the flows (not timed).
         for n in 0..flows {
-            let (o, _) = env.run_once(program_names::XLB, &frames::tcp(client(n), vip_of(n), TCP_SYN))?;
-            ensure!(o.action == XDP_REDIRECT, "establishing flow {n}: action {}", o.action);
+            let (o, _) = env.run_once(
+                program_names::XLB,
+                &frames::tcp(client(n), vip_of(n), TCP_SYN),
+            )?;
+            ensure!(
+                o.action == XDP_REDIRECT,
+                "establishing flow {n}: action {}",
+                o.action
+            );
         }
         let hits_before = counter(env, Counter::ConntrackHit)?;
         let mut established = Vec::with_capacity(calls as usize);
         for i in 0..u64::from(calls) {
             // Spread samples over the live flows (a multiplicative walk, not a cache-friendly sweep).
             let n = (i.wrapping_mul(2_654_435_761)) % flows;
-            let (o, _) = env.run_once(program_names::XLB, &frames::tcp(client(n), vip_of(n), TCP_ACK))?;
-            ensure!(o.action == XDP_REDIRECT, "established flow {n}: action {}", o.action);
+            let (o, _) = env.run_once(
+                program_names::XLB,
+                &frames::tcp(client(n), vip_of(n), TCP_ACK),
+            )?;
+            ensure!(
+                o.action == XDP_REDIRECT,
+                "established flow {n}: action {}",
+                o.action
+            );
             established.push(o.duration.as_nanos() as f64);
         }
         let hits = counter(env, Counter::ConntrackHit)? - hits_before;
         let mut new = Vec::with_capacity(calls as usize);
         for i in 0..u64::from(calls) {
             let n = new_base + i;
-            let (o, _) = env.run_once(program_names::XLB, &frames::tcp(client(n), vip_of(n), TCP_SYN))?;
-            ensure!(o.action == XDP_REDIRECT, "new flow {n}: action {}", o.action);
+            let (o, _) = env.run_once(
+                program_names::XLB,
+                &frames::tcp(client(n), vip_of(n), TCP_SYN),
+            )?;
+            ensure!(
+                o.action == XDP_REDIRECT,
+                "new flow {n}: action {}",
+                o.action
+            );
             new.push(o.duration.as_nanos() as f64);
         }
         Ok(ScalingPoint {
@@ -354,7 +397,11 @@ fn point(env: &BenchEnv, x: u64, flows: u64, vip_count: u32, calls: u32, new_bas
 
 pub fn run_scaling(options: &ScalingOptions, quiet: bool) -> Result<Scaling> {
     let steps = options.flows.len() + options.backends.len() + options.vips.len();
-    let bar = if quiet { ProgressBar::hidden() } else { progress(steps as u64, "scaling") };
+    let bar = if quiet {
+        ProgressBar::hidden()
+    } else {
+        progress(steps as u64, "scaling")
+    };
     let new_base = 1u64 << 26;
     let config = |ring_size, max_vips| DatapathConfig {
         ring_size,
@@ -363,8 +410,7 @@ pub fn run_scaling(options: &ScalingOptions, quiet: bool) -> Result<Scaling> {
     };
     let mut flows = Vec::new();
     for &f in options.flows {
-        let env = BenchEnv::new(config(options.ring_size, 4), 1, 100)
-            .context("flow sweep")?;
+        let env = BenchEnv::new(config(options.ring_size, 4), 1, 100).context("flow sweep")?;
         flows.push(point(&env, f, f.max(1), 1, options.calls, new_base)?);
         bar.inc(1);
     }
@@ -377,8 +423,16 @@ pub fn run_scaling(options: &ScalingOptions, quiet: bool) -> Result<Scaling> {
     let mut vips = Vec::new();
     for &v in options.vips {
         let max_vips = v.next_power_of_two().max(4);
-        let env = BenchEnv::new(config(options.vip_ring_size, max_vips), v, 2).context("VIP sweep")?;
-        vips.push(point(&env, u64::from(v), 1000.max(u64::from(v)), v, options.calls, new_base)?);
+        let env =
+            BenchEnv::new(config(options.vip_ring_size, max_vips), v, 2).context("VIP sweep")?;
+        vips.push(point(
+            &env,
+            u64::from(v),
+            1000.max(u64::from(v)),
+            v,
+            options.calls,
+            new_base,
+        )?);
         bar.inc(1);
     }
     bar.finish_and_clear();

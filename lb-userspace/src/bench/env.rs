@@ -66,7 +66,10 @@ impl BenchEnv {
         ns.add_veth("bench0", &peer, "bench1")?;
         ns.set_link_up("bench0")?;
         peer.set_link_up("bench1")?;
-        ns.add_address("bench0", Ipv4Net::new(Ipv4Addr::new(10, 201, 255, 254), 16)?)?;
+        ns.add_address(
+            "bench0",
+            Ipv4Net::new(Ipv4Addr::new(10, 201, 255, 254), 16)?,
+        )?;
         ns.enable_forwarding()?;
         for n in 0..backends {
             ns.add_neighbour("bench0", backend_addr(n).into(), PEER_MAC)?;
@@ -96,7 +99,11 @@ impl BenchEnv {
     }
 
     /// Runs `program` once on `frame` inside the namespace.
-    pub fn run_once(&self, program: &'static str, frame: &[u8]) -> Result<(TestRunOutcome, Vec<u8>)> {
+    pub fn run_once(
+        &self,
+        program: &'static str,
+        frame: &[u8],
+    ) -> Result<(TestRunOutcome, Vec<u8>)> {
         let mut out = vec![0u8; frame.len() + 256];
         let outcome = self
             .balancer

@@ -3,6 +3,7 @@
 
 pub mod cost;
 pub mod env;
+pub mod forward;
 pub mod frames;
 pub mod plot;
 pub mod report;
@@ -22,7 +23,13 @@ impl Machine {
     #[must_use]
     pub fn current() -> Self {
         let kernel = nix::sys::utsname::uname()
-            .map(|u| format!("{} {}", u.sysname().to_string_lossy(), u.release().to_string_lossy()))
+            .map(|u| {
+                format!(
+                    "{} {}",
+                    u.sysname().to_string_lossy(),
+                    u.release().to_string_lossy()
+                )
+            })
             .unwrap_or_default();
         let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
             .ok()

@@ -34,8 +34,22 @@ pub fn scaling_svg(path: &Path, title: &str, x_label: &str, points: &[ScalingPoi
         .draw()
         .context("drawing")?;
     let series = [
-        ("established flow", BLUE, points.iter().map(|p| (p.x.max(1) as f64, p.established_ns)).collect::<Vec<_>>()),
-        ("new flow", RED, points.iter().map(|p| (p.x.max(1) as f64, p.new_flow_ns)).collect()),
+        (
+            "established flow",
+            BLUE,
+            points
+                .iter()
+                .map(|p| (p.x.max(1) as f64, p.established_ns))
+                .collect::<Vec<_>>(),
+        ),
+        (
+            "new flow",
+            RED,
+            points
+                .iter()
+                .map(|p| (p.x.max(1) as f64, p.new_flow_ns))
+                .collect(),
+        ),
     ];
     for (label, color, data) in series {
         chart
@@ -44,7 +58,10 @@ pub fn scaling_svg(path: &Path, title: &str, x_label: &str, points: &[ScalingPoi
             .label(label)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color));
         chart
-            .draw_series(data.into_iter().map(|(x, y)| Circle::new((x, y), 3, color.filled())))
+            .draw_series(
+                data.into_iter()
+                    .map(|(x, y)| Circle::new((x, y), 3, color.filled())),
+            )
             .context("drawing")?;
     }
     chart
@@ -53,5 +70,6 @@ pub fn scaling_svg(path: &Path, title: &str, x_label: &str, points: &[ScalingPoi
         .border_style(BLACK)
         .draw()
         .context("drawing")?;
-    root.present().with_context(|| format!("writing {}", path.display()))
+    root.present()
+        .with_context(|| format!("writing {}", path.display()))
 }

@@ -24,28 +24,48 @@ pub fn print_cost(rows: &[CostRow]) {
     println!("Program cost per packet ({COST_METHOD})");
     println!(
         "{:<22} {:>22} {:>9} {:>10} {:>11} {:>9} {:>10} {:>12}",
-        "packet", "xlb ns min/med/max", "Mpps/core", "pass floor", "parse floor", "x pass", "x parse", "Katran ns*"
+        "packet",
+        "xlb ns min/med/max",
+        "Mpps/core",
+        "pass floor",
+        "parse floor",
+        "x pass",
+        "x parse",
+        "Katran ns*"
     );
     for r in rows {
         println!(
             "{:<22} {:>22} {:>9.2} {:>10.0} {:>11.0} {:>9.2} {:>10.2} {:>12}",
             r.packet,
-            format!("{:.0}/{:.0}/{:.0}", r.xlb.min_ns, r.xlb.median_ns, r.xlb.max_ns),
+            format!(
+                "{:.0}/{:.0}/{:.0}",
+                r.xlb.min_ns, r.xlb.median_ns, r.xlb.max_ns
+            ),
             r.mpps_per_core,
             r.floor_pass.median_ns,
             r.floor_parse.median_ns,
             r.ratio_to_pass_floor,
             r.ratio_to_parse_floor,
-            r.katran_reference_ns.map_or("-".to_owned(), |k| format!("{k:.0}")),
+            r.katran_reference_ns
+                .map_or("-".to_owned(), |k| format!("{k:.0}")),
         );
     }
-    println!("* Katran's balancer, same method, same machine kind, taken from ../shared/design.md (not re-measured here).");
+    println!(
+        "* Katran's balancer, same method, same machine kind, taken from ../shared/design.md (not re-measured here)."
+    );
 }
 
 pub fn print_scaling(s: &Scaling) {
     println!("Cost per packet as the tables grow (median kernel-reported ns):");
-    for (title, points) in [("flows", &s.flows), ("backends/VIP", &s.backends), ("VIPs", &s.vips)] {
-        println!("  {title:<13} {:>10} {:>14} {:>10} {:>9}", "n", "established", "new flow", "hit ratio");
+    for (title, points) in [
+        ("flows", &s.flows),
+        ("backends/VIP", &s.backends),
+        ("VIPs", &s.vips),
+    ] {
+        println!(
+            "  {title:<13} {:>10} {:>14} {:>10} {:>9}",
+            "n", "established", "new flow", "hit ratio"
+        );
         for p in points.iter() {
             println!(
                 "  {:<13} {:>10} {:>14.0} {:>10.0} {:>9.2}",
@@ -56,7 +76,10 @@ pub fn print_scaling(s: &Scaling) {
             points.iter().map(|p| p.established_ns).reduce(f64::min),
             points.iter().map(|p| p.established_ns).reduce(f64::max),
         ) {
-            println!("  {title}: established cost spread {:.2}x (max/min)", hi / lo);
+            println!(
+                "  {title}: established cost spread {:.2}x (max/min)",
+                hi / lo
+            );
         }
     }
 }
@@ -70,7 +93,22 @@ pub fn write_json<T: Serialize>(dir: &Path, name: &str, value: &T) -> Result<()>
 
 pub fn write_scaling_plots(dir: &Path, s: &Scaling) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    scaling_svg(&dir.join("scaling-flows.svg"), "xlb cost vs concurrent flows", "concurrent flows", &s.flows)?;
-    scaling_svg(&dir.join("scaling-backends.svg"), "xlb cost vs backends per VIP", "backends per VIP", &s.backends)?;
-    scaling_svg(&dir.join("scaling-vips.svg"), "xlb cost vs VIPs", "VIPs", &s.vips)
+    scaling_svg(
+        &dir.join("scaling-flows.svg"),
+        "xlb cost vs concurrent flows",
+        "concurrent flows",
+        &s.flows,
+    )?;
+    scaling_svg(
+        &dir.join("scaling-backends.svg"),
+        "xlb cost vs backends per VIP",
+        "backends per VIP",
+        &s.backends,
+    )?;
+    scaling_svg(
+        &dir.join("scaling-vips.svg"),
+        "xlb cost vs VIPs",
+        "VIPs",
+        &s.vips,
+    )
 }

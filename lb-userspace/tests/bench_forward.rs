@@ -1,0 +1,91 @@
+//! Smoke test of `xlb bench forward` in its quick form: the mode runs end to end and its report
+//! is well-formed. Figures are never asserted (they depend on the machine).
+
+use lb_userspace::bench::forward::{self, ForwardOptions};
+
+fn non_negative(v: Option<f64>, what: &str) {
+    if let Some(v) = v {
+        assert!(v.is_finite() && v >= 0.0, "{what} = {v}");
+    }
+}
+
+#[test]
+fn quick_forward_bench_reports_every_row() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: needs root (namespaces, BPF)");
+        return;
+    }
+    let report = forward::run(&ForwardOptions::quick(), true).expect("quick forward bench");
+    forward::print(&report);
+
+    let names: Vec<_> = report.packets.iter().map(|r| r.name).collect();
+    assert_eq!(names, ["routing", "xdp_redirect", "nftables", "xlb"]);
+    for r in &report.packets {
+        match &r.skipped {
+            Some(why) => {
+                assert!(!why.is_empty(), "{} skipped without a reason", r.name);
+                assert!(
+                    r.delivered_mpps.is_none(),
+                    "{} skipped but has figures",
+                    r.name
+                );
+            }
+            None => {
+                let (g, d, l) = (r.generated.unwrap(), r.delivered.unwrap(), r.lost.unwrap());
+                assert_eq!(
+                    l,
+                    g.saturating_sub(d),
+                    "{}: lost = generated - delivered",
+                    r.name
+                );
+                for (v, what) in [
+                    (r.seconds, "seconds"),
+                    (r.generated_mpps, "generated_mpps"),
+                    (r.delivered_mpps, "delivered_mpps"),
+                    (r.loss_ratio, "loss_ratio"),
+                    (r.xlb_ratio, "xlb_ratio"),
+                ] {
+                    assert!(
+                        v.is_some() || what == "xlb_ratio",
+                        "{}: {what} missing",
+                        r.name
+                    );
+                    non_negative(v, what);
+                }
+            }
+        }
+    }
+    assert!(
+        report
+            .packets
+            .iter()
+            .any(|r| r.name == "xlb" && r.skipped.is_none()),
+        "the xlb row itself must be measured: {:?}",
+        report.packets
+    );
+
+    let names: Vec<_> = report.connections.iter().map(|r| r.name).collect();
+    assert_eq!(names, ["xlb", "nftables", "haproxy"]);
+    for r in &report.connections {
+        match &r.skipped {
+            Some(why) => assert!(!why.is_empty(), "{} skipped without a reason", r.name),
+            None => {
+                non_negative(r.connections_per_s, "connections_per_s");
+                non_negative(r.requests_per_s, "requests_per_s");
+                assert!(r.connections_per_s.is_some() && r.requests_per_s.is_some());
+            }
+        }
+    }
+
+    let a = &report.backend_add;
+    if a.skipped.is_none() {
+        for v in &a.trials_us {
+            non_negative(Some(*v), "backend add latency");
+        }
+        assert_eq!(a.min_us.is_some(), !a.trials_us.is_empty());
+    }
+    assert!(report.ipvs.contains("IPVS") || report.ipvs.contains("IP_VS"));
+
+    let json = serde_json::to_value(&report).expect("serializable");
+    assert!(json["packets"].is_array() && json["connections"].is_array());
+}
