@@ -239,7 +239,8 @@ pub enum Counter {
     ConntrackMiss = 11,
     /// VIP matched but no backend could be chosen: dropped.
     NoBackend = 12,
-    /// `bpf_fib_lookup` gave no usable next hop: the rewritten packet went to the stack.
+    /// `bpf_fib_lookup` found no usable next hop (no route, no neighbour yet, forwarding
+    /// off): the translated packet went to the stack.
     NextHopFailure = 13,
     /// Replies rewritten back to the VIP.
     ReverseNat = 14,
@@ -247,10 +248,13 @@ pub enum Counter {
     TtlExpired = 15,
     /// Connection-table insertion failed (should not happen with an LRU map).
     ConntrackInsertFailed = 16,
+    /// Translated packets handed to the stack to forward (a next hop behind a bridge, a
+    /// VLAN-tagged flow, an egress outside the redirect map, or a next-hop failure).
+    ViaStack = 17,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 18;
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::ActionAborted,
         Self::ActionDrop,
@@ -269,6 +273,7 @@ impl Counter {
         Self::ReverseNat,
         Self::TtlExpired,
         Self::ConntrackInsertFailed,
+        Self::ViaStack,
     ];
 
     /// Stable snake_case name, used in `xlb stats`, JSON output and metrics.
@@ -292,6 +297,7 @@ impl Counter {
             Self::ReverseNat => "reverse_nat",
             Self::TtlExpired => "ttl_expired",
             Self::ConntrackInsertFailed => "conntrack_insert_failed",
+            Self::ViaStack => "via_stack",
         }
     }
 }

@@ -286,7 +286,7 @@ fn emit(ctx: &XdpContext, p: &Parsed, t: &Translation, cache: *mut NextHop) -> u
 /// Translates the packet and lets the stack route it (TTL and MACs are the stack's job).
 #[inline(always)]
 fn via_stack(pkt: &XdpPacket, p: &Parsed, t: &Translation) -> u32 {
-    count(Counter::NextHopFailure);
+    count(Counter::ViaStack);
     match rewrite(pkt, p, t.endpoint, &t.addr, t.port_be, false) {
         Some(()) => xdp_action::XDP_PASS,
         None => dropped_malformed(),
@@ -352,6 +352,7 @@ fn next_hop(
         )
     };
     if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
+        count(Counter::NextHopFailure);
         // No neighbour yet: the stack resolves it, and a later packet of the flow retries.
         if rc != i64::from(BPF_FIB_LKUP_RET_NO_NEIGH)
             && let Some(c) = cache

@@ -100,7 +100,10 @@ fn load_state(path: &Path) -> Result<Option<DesiredState>> {
 
 /// xlb forwards packets, so the host must: `bpf_fib_lookup` refuses to resolve next hops on
 /// an interface with forwarding off, and the stack fallback needs it too.
-fn enable_forwarding() {
+///
+/// Returns the sysctl files it switched on, so a full stop can switch them back off.
+fn enable_forwarding() -> Vec<&'static str> {
+    let mut enabled = Vec::new();
     for (key, file) in [
         ("net.ipv4.ip_forward", "/proc/sys/net/ipv4/ip_forward"),
         (
@@ -112,10 +115,14 @@ fn enable_forwarding() {
             continue;
         }
         match fs::write(file, "1") {
-            Ok(()) => info!("enabled {key}: xlb forwards packets"),
+            Ok(()) => {
+                info!("enabled {key}: xlb forwards packets (switched back off when xlb stops)");
+                enabled.push(file);
+            }
             Err(e) => warn!("could not enable {key} ({e}): forwarding to backends may fail"),
         }
     }
+    enabled
 }
 
 /// Interfaces redirected frames may leave through: every link but loopback and bridges
@@ -479,7 +486,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
             .with_context(|| format!("restoring {}", options.state.display()))?;
         info!(vips = state.vips.len(), path = %options.state.display(), "restored state");
     }
-    enable_forwarding();
+    let forwarding_enabled = enable_forwarding();
     for (name, index) in redirect_targets().await? {
         if let Err(e) = balancer.allow_egress(index) {
             warn!(iface = %name, "not usable for XDP redirect: {}", error_chain(&e));
@@ -574,6 +581,12 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     }
     drop(agent);
     let _ = fs::remove_dir_all(&options.bpffs);
+    // Leave the host as we found it (a kept-attached data path still needs forwarding).
+    for file in forwarding_enabled {
+        if let Err(e) = fs::write(file, "0") {
+            warn!("could not restore {file}: {e}");
+        }
+    }
     Ok(())
 }
 

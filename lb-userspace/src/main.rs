@@ -36,12 +36,13 @@ enum Command {
         after_help = "Examples:\n  sudo xlb run --iface eth0\n  sudo xlb run --iface eth0 --iface eth1 --xdp-mode skb"
     )]
     Run {
-        /// Interface to attach to (repeatable): the client-facing one and the backend-facing ones.
-        #[arg(long = "iface", required = true)]
+        /// Interface to attach to (repeatable): the client-facing one and the backend-facing
+        /// ones. Required unless the --config file's [agent] ifaces lists them.
+        #[arg(long = "iface")]
         ifaces: Vec<String>,
-        /// XDP mode: auto tries native and falls back to skb (and says so).
-        #[arg(long, value_enum, default_value = "auto")]
-        xdp_mode: ModeChoice,
+        /// XDP mode: auto tries native and falls back to skb (and says so) [default: auto]
+        #[arg(long, value_enum)]
+        xdp_mode: Option<ModeChoice>,
         /// Where maps are pinned [default: /sys/fs/bpf/xlb; mounted if needed]
         #[arg(long)]
         bpffs: Option<PathBuf>,
@@ -61,9 +62,9 @@ enum Command {
         /// the next `xlb run` adopts it without losing a flow. `xlb detach` removes it.
         #[arg(long)]
         keep_attached: bool,
-        /// Serve Prometheus metrics on ADDR (/metrics).
-        #[arg(long, default_value = "127.0.0.1:9464", conflicts_with = "no_metrics")]
-        metrics: std::net::SocketAddr,
+        /// Serve Prometheus metrics on ADDR (/metrics) [default: 127.0.0.1:9464]
+        #[arg(long, conflicts_with = "no_metrics")]
+        metrics: Option<std::net::SocketAddr>,
         #[arg(long)]
         no_metrics: bool,
         /// Declarative config (see examples/xlb.toml): VIPs, backends, weights, health
@@ -732,27 +733,52 @@ fn main() -> ExitCode {
                 )
                 .with_writer(std::io::stderr)
                 .init();
-            let options = AgentOptions {
-                ifaces,
-                mode: xdp_mode,
-                bpffs: bpffs.unwrap_or_else(paths::default_bpffs),
-                socket: cli.socket.unwrap_or_else(paths::default_socket),
-                state: state.unwrap_or_else(paths::default_state),
-                datapath: DatapathConfig {
-                    ring_size,
-                    max_vips,
-                    hash_seed,
-                },
-                keep_attached,
-                metrics: (!no_metrics).then_some(metrics),
-                config,
-            };
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .context("starting the async runtime")
-                .and_then(|rt| rt.block_on(agent::run(options)))
+            (|| -> Result<()> {
+                // Command-line flags win over the config file's [agent] table, which wins over
+                // the defaults.
+                let file = match &config {
+                    Some(path) => lb_userspace::config::load(path)?.agent,
+                    None => lb_userspace::config::AgentConfig::default(),
+                };
+                let ifaces = if ifaces.is_empty() {
+                    file.ifaces
+                } else {
+                    ifaces
+                };
+                if ifaces.is_empty() {
+                    bail!(
+                        "no interface given: use --iface IF (repeatable), or ifaces in the config's [agent] table"
+                    );
+                }
+                let options = AgentOptions {
+                    ifaces,
+                    mode: xdp_mode.or(file.xdp_mode).unwrap_or(ModeChoice::Auto),
+                    bpffs: bpffs.or(file.bpffs).unwrap_or_else(paths::default_bpffs),
+                    socket: cli
+                        .socket
+                        .or(file.socket)
+                        .unwrap_or_else(paths::default_socket),
+                    state: state.or(file.state).unwrap_or_else(paths::default_state),
+                    datapath: DatapathConfig {
+                        ring_size,
+                        max_vips,
+                        hash_seed,
+                    },
+                    keep_attached,
+                    metrics: (!no_metrics).then(|| {
+                        metrics
+                            .or(file.metrics)
+                            .unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 9464)))
+                    }),
+                    config,
+                };
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .context("starting the async runtime")
+                    .and_then(|rt| rt.block_on(agent::run(options)))
+            })()
         }
         Command::Bench(command) => bench(command),
         Command::Config(ConfigCommand::Check { file }) => lb_userspace::config::load(&file)

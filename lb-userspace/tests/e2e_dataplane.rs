@@ -584,8 +584,8 @@ fn assert_xdp_forwarded(stats: &Stats, min_packets: u64) {
     assert!(
         forwarded >= min_packets,
         "only {forwarded} packets were XDP_REDIRECTed/XDP_TXed (expected >= {min_packets}); \
-         next_hop_failure = {}, xdp_pass = {}: traffic went through the stack fallback",
-        counter(stats, "next_hop_failure"),
+         via_stack = {}, xdp_pass = {}: traffic went through the stack fallback",
+        counter(stats, "via_stack"),
         counter(stats, "xdp_pass"),
     );
     assert_eq!(counter(stats, "xdp_aborted"), 0, "XDP_ABORTED seen");

@@ -20,7 +20,7 @@ use etherparse::{ArpHardwareId, ArpOperation, ArpPacket, EtherType, PacketBuilde
 use lb_common::{
     Counter::{
         self, ConntrackHit, ConntrackMiss, Fragment, Ipv6ExtHeader, Malformed, NextHopFailure,
-        NoBackend, NotForUs, NotTcpUdp, ReverseNat, TtlExpired,
+        NoBackend, NotForUs, NotTcpUdp, ReverseNat, TtlExpired, ViaStack,
     },
     program_names,
 };
@@ -304,8 +304,8 @@ fn golden_table_without_a_route_to_the_backends() {
         let fwd = |input: &Packet, vip: &VipSpec, client: SocketAddr| {
             input.clone().dst(lab.new_flow_backend(client, vip))
         };
-        let new_flow = [ConntrackMiss, NextHopFailure];
-        let known_flow = [ConntrackHit, NextHopFailure];
+        let new_flow = [ConntrackMiss, NextHopFailure, ViaStack];
+        let known_flow = [ConntrackHit, ViaStack];
         let mut cases = Vec::new();
 
         // Forward NAT, both families and protocols; a flow's second packet hits conntrack.
@@ -531,7 +531,7 @@ fn golden_table_without_a_route_to_the_backends() {
             &reply,
             Action::Pass,
             &reply.clone().src(s.v4_tcp.addr),
-            &[ReverseNat, NextHopFailure],
+            &[ReverseNat, NextHopFailure, ViaStack],
         ));
 
         // TTL / hop limit 1 with no next hop: the stack gets the rewritten packet, TTL as it was
@@ -621,7 +621,7 @@ fn conntrack_keeps_established_flows_when_the_ring_changes() {
                 &lab,
                 port,
                 a,
-                &[ConntrackMiss, NextHopFailure],
+                &[ConntrackMiss, NextHopFailure, ViaStack],
                 "new flow, only backend",
             );
         }
@@ -656,7 +656,7 @@ fn conntrack_keeps_established_flows_when_the_ring_changes() {
             &lab,
             moved,
             a,
-            &[ConntrackHit, NextHopFailure],
+            &[ConntrackHit, ViaStack],
             "established, ring says new backend: stays",
         );
         let fresh = (20_000..20_256)
@@ -666,7 +666,7 @@ fn conntrack_keeps_established_flows_when_the_ring_changes() {
             &lab,
             fresh,
             b,
-            &[ConntrackMiss, NextHopFailure],
+            &[ConntrackMiss, NextHopFailure, ViaStack],
             "new flow goes where explain says",
         );
         assert_eq!(
@@ -693,7 +693,7 @@ fn conntrack_keeps_established_flows_when_the_ring_changes() {
                 &lab,
                 port,
                 a,
-                &[ConntrackHit, NextHopFailure],
+                &[ConntrackHit, ViaStack],
                 "established after a weight change: stays",
             );
         }
@@ -708,7 +708,7 @@ fn conntrack_keeps_established_flows_when_the_ring_changes() {
             &lab,
             drained,
             a,
-            &[ConntrackHit, NextHopFailure],
+            &[ConntrackHit, ViaStack],
             "established on a draining backend: stays",
         );
         let reply = Packet::tcp(a, v4_client(drained));
@@ -728,7 +728,7 @@ fn conntrack_keeps_established_flows_when_the_ring_changes() {
                 &lab,
                 port,
                 b,
-                &[ConntrackMiss, NextHopFailure],
+                &[ConntrackMiss, NextHopFailure, ViaStack],
                 "new flow never picks a draining backend",
             );
         }
@@ -761,7 +761,7 @@ fn removed_backend_flows_move_to_the_remaining_backends() {
                 &flow(port),
                 Action::Pass,
                 &flow(port).dst(to),
-                &[ConntrackMiss, NextHopFailure],
+                &[ConntrackMiss, NextHopFailure, ViaStack],
             ));
         }
 
@@ -772,7 +772,7 @@ fn removed_backend_flows_move_to_the_remaining_backends() {
             &flow(pa),
             Action::Pass,
             &flow(pa).dst(b),
-            &[ConntrackMiss, NextHopFailure],
+            &[ConntrackMiss, NextHopFailure, ViaStack],
         ));
         assert_eq!(
             lab.explain(v6_client(pa), &vip).1,
@@ -784,14 +784,14 @@ fn removed_backend_flows_move_to_the_remaining_backends() {
             &flow(pa),
             Action::Pass,
             &flow(pa).dst(b),
-            &[ConntrackHit, NextHopFailure],
+            &[ConntrackHit, ViaStack],
         ));
         lab.assert(&Case::rewritten(
             "flow of the remaining backend: untouched by the removal",
             &flow(pb),
             Action::Pass,
             &flow(pb).dst(b),
-            &[ConntrackHit, NextHopFailure],
+            &[ConntrackHit, ViaStack],
         ));
 
         lab.remove_backend(&vip, b);
@@ -861,7 +861,7 @@ fn redirect_when_the_next_hop_resolves() {
                 &input,
                 Action::Pass,
                 &input.clone().dst(b4),
-                &[ConntrackMiss, NextHopFailure],
+                &[ConntrackMiss, ViaStack],
             )
             .arriving_on(lb_in),
         );
@@ -995,7 +995,7 @@ fn redirect_when_the_next_hop_resolves() {
                 &input,
                 Action::Pass,
                 &input.clone().dst(b4),
-                &[ConntrackMiss, NextHopFailure],
+                &[ConntrackMiss, ViaStack],
             )
             .arriving_on(lb_in),
         );
@@ -1028,7 +1028,7 @@ fn redirect_when_the_next_hop_resolves() {
                 &input,
                 Action::Pass,
                 &input.clone().dst(late),
-                &[ConntrackMiss, NextHopFailure],
+                &[ConntrackMiss, NextHopFailure, ViaStack],
             )
             .arriving_on(lb_in),
         );
@@ -1092,7 +1092,7 @@ fn reply_to_a_client_leg_outside_the_redirect_map_is_not_dropped() {
                 &reply,
                 Action::Pass,
                 &reply.clone().src(vip.addr),
-                &[ReverseNat, NextHopFailure],
+                &[ReverseNat, ViaStack],
             )
             .arriving_on(lb_out),
         );
@@ -1135,7 +1135,7 @@ fn tx_when_the_next_hop_is_behind_the_ingress_device() {
                 &input,
                 Action::Pass,
                 &out,
-                &[ConntrackMiss, NextHopFailure],
+                &[ConntrackMiss, NextHopFailure, ViaStack],
             ));
         }
         lab.assert_all(&cases);
@@ -1181,7 +1181,7 @@ fn harness_reports_every_kind_of_mismatch() {
         lab.add_backend(&vip, backend, 1);
         let input = Packet::tcp(v4_client(1), vip.addr);
         let right = input.clone().dst(backend);
-        let counters = [ConntrackMiss, NextHopFailure];
+        let counters = [ConntrackMiss, NextHopFailure, ViaStack];
 
         let wrong_ttl = Case::rewritten(
             "wrong ttl",
@@ -1214,7 +1214,7 @@ fn harness_reports_every_kind_of_mismatch() {
             &input,
             Action::Tx,
             &right,
-            &[ConntrackHit, NextHopFailure],
+            &[ConntrackHit, ViaStack],
         );
         let err = lab
             .check(&wrong_action)
@@ -1226,13 +1226,13 @@ fn harness_reports_every_kind_of_mismatch() {
             &input,
             Action::Pass,
             &right,
-            &[ConntrackMiss, NextHopFailure],
+            &[ConntrackMiss, NextHopFailure, ViaStack],
         );
         let err = lab
             .check(&wrong_counters)
             .expect_err("wrong counters are caught");
         assert!(
-            err.contains("counters: got [xdp_pass+1 conntrack_hit+1 next_hop_failure+1], want [xdp_pass+1 conntrack_miss+1 next_hop_failure+1]"),
+            err.contains("counters: got [xdp_pass+1 conntrack_hit+1 via_stack+1], want [xdp_pass+1 conntrack_miss+1 next_hop_failure+1 via_stack+1]"),
             "{err}"
         );
         lab.assert(&Case::rewritten(
@@ -1240,7 +1240,7 @@ fn harness_reports_every_kind_of_mismatch() {
             &input,
             Action::Pass,
             &right,
-            &[ConntrackHit, NextHopFailure],
+            &[ConntrackHit, ViaStack],
         ));
     });
 }

@@ -1,0 +1,1632 @@
+//! Operating xlb: health checks taking dead backends out and bringing them back, draining and
+//! re-weighting under live connections, agent restarts that drop nothing, the Prometheus
+//! endpoint, the declarative config with reload and SIGHUP, and a full disk under the state
+//! file.
+//!
+//! Needs root (namespaces, XDP, mounts). Each test builds its own topology, temp dir and
+//! bpffs directory, so the tests run in parallel with each other and with other test binaries.
+//! Every backend runs a line server: on connect it sends its name (`b0`, `b1`, ...) and a
+//! newline, then answers each line `L` with `NAME L`, so a connection that silently moved to
+//! another backend shows up as a reset or a wrong name.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    io::{ErrorKind, Read as _, Write as _},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering},
+    },
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use xlb_netns::{Netns, Topology};
+
+const XLB: &str = env!("CARGO_BIN_EXE_xlb");
+/// A small prime ring keeps map setup quick.
+const RING: u64 = 1009;
+const VIP: &str = "10.100.0.1:80/tcp";
+const METRICS_PORT: u16 = 9464;
+
+static SEQ: AtomicUsize = AtomicUsize::new(0);
+
+fn unique(tag: &str) -> String {
+    format!(
+        "xlb-ops-{tag}-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// The three-namespace topology; `Network::connect` already turns TX checksum offload off
+/// (XDP rewrites would otherwise leave `CHECKSUM_PARTIAL` frames the receiver drops) and GRO
+/// on.
+fn topology(backends: usize) -> Topology {
+    Topology::new(backends).expect("topology")
+}
+
+fn lb_ifaces(topo: &Topology) -> Vec<String> {
+    std::iter::once(&topo.client_link)
+        .chain(&topo.backend_links)
+        .map(|l| l.a.ifname.clone())
+        .collect()
+}
+
+/// A per-test directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let path = std::env::temp_dir().join(unique(tag));
+        fs::create_dir_all(&path).expect("creating temp dir");
+        Self(path)
+    }
+
+    fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn v4(ip: Ipv4Addr, port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(ip), port)
+}
+
+fn backend_addr(i: usize) -> SocketAddr {
+    v4(
+        Ipv4Addr::new(10, 11, u8::try_from(i).expect("< 256 backends"), 2),
+        8080,
+    )
+}
+
+fn vip_addr() -> SocketAddr {
+    v4(Topology::VIP_V4, 80)
+}
+
+/// The backend address a server name (`b1`) stands for.
+fn addr_of(name: &str) -> String {
+    let i: usize = name
+        .strip_prefix('b')
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("not a backend name: {name:?}"));
+    backend_addr(i).to_string()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running `xlb`
+
+/// `cmd` with its output captured, killed if it runs longer than `limit`.
+fn output_within(mut cmd: Command, limit: Duration) -> Output {
+    let what = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {what}: {e}"));
+    let mut out = child.stdout.take().expect("piped");
+    let mut err = child.stderr.take().expect("piped");
+    let out_reader = thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let err_reader = thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for child") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not finish within {limit:?}");
+        }
+        thread::sleep(Duration::from_millis(5));
+    };
+    Output {
+        status,
+        stdout: out_reader.join().expect("stdout reader"),
+        stderr: err_reader.join().expect("stderr reader"),
+    }
+}
+
+/// Runs `xlb ARGS --socket SOCKET` in `ns`.
+fn xlb(ns: &Netns, socket: &Path, args: &[&str]) -> Output {
+    let mut cmd = ns.command(XLB);
+    cmd.args(args)
+        .arg("--socket")
+        .arg(socket)
+        .env_remove("XLB_SOCKET");
+    output_within(cmd, Duration::from_secs(40))
+}
+
+fn describe(args: &[&str], out: &Output) -> String {
+    format!(
+        "xlb {}: {}\nstdout:\n{}\nstderr:\n{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn ok(ns: &Netns, socket: &Path, args: &[&str]) -> String {
+    let out = xlb(ns, socket, args);
+    assert!(
+        out.status.success(),
+        "expected success: {}",
+        describe(args, &out)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 stdout")
+}
+
+fn kill(child: &Child, signal: libc::c_int) {
+    let pid = libc::pid_t::try_from(child.id()).expect("pid fits");
+    // SAFETY: plain kill(2) on our own child, which has not been reaped yet.
+    unsafe { libc::kill(pid, signal) };
+}
+
+/// Removes a bpffs directory on drop, after `xlb detach` took down whatever a
+/// `--keep-attached` agent left attached. Declare it before the agent: locals drop in reverse
+/// order, and `detach` refuses while an agent answers on the socket.
+struct Pins<'a> {
+    ns: &'a Netns,
+    dir: PathBuf,
+    socket: PathBuf,
+}
+
+impl<'a> Pins<'a> {
+    fn new(ns: &'a Netns, dir: &TempDir) -> Self {
+        Self {
+            ns,
+            dir: Path::new("/sys/fs/bpf").join(unique("pins")),
+            socket: dir.join("xlb.sock"),
+        }
+    }
+}
+
+impl Drop for Pins<'_> {
+    fn drop(&mut self) {
+        if self.dir.exists() {
+            let mut cmd = self.ns.command(XLB);
+            cmd.arg("detach")
+                .arg("--bpffs")
+                .arg(&self.dir)
+                .arg("--socket")
+                .arg(&self.socket)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            if let Ok(mut child) = cmd.spawn() {
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                    thread::sleep(Duration::from_millis(20));
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A running `xlb run`, stopped with SIGTERM when dropped.
+struct Agent<'a> {
+    ns: &'a Netns,
+    child: Option<Child>,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl<'a> Agent<'a> {
+    /// Starts an agent attached to every LB interface of `topo`, pinning under `pins`, with
+    /// `extra` arguments, and waits until it answers.
+    fn start(
+        topo: &'a Topology,
+        dir: &TempDir,
+        pins: &Pins<'_>,
+        state: &Path,
+        extra: &[&str],
+    ) -> Self {
+        let ns = topo.lb();
+        let log = dir.join(&format!(
+            "agent-{}.log",
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let log_file = fs::File::create(&log).expect("creating agent log");
+        let mut cmd = ns.command(XLB);
+        cmd.arg("run");
+        for iface in lb_ifaces(topo) {
+            cmd.arg("--iface").arg(iface);
+        }
+        cmd.arg("--socket")
+            .arg(&pins.socket)
+            .arg("--state")
+            .arg(state)
+            .arg("--bpffs")
+            .arg(&pins.dir)
+            .args(["--ring-size", &RING.to_string()])
+            .args(extra)
+            .env_remove("XLB_SOCKET")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("dup log"))
+            .stderr(log_file);
+        let child = cmd.spawn().expect("spawning xlb run");
+        let mut agent = Self {
+            ns,
+            child: Some(child),
+            socket: pins.socket.clone(),
+            log,
+        };
+        agent.wait_ready();
+        agent
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .expect("running")
+                .try_wait()
+                .expect("try_wait")
+            {
+                self.child = None;
+                panic!("xlb run exited early ({status}):\n{}", self.log());
+            }
+            if self.socket.exists()
+                && xlb(self.ns, &self.socket, &["vip", "list"])
+                    .status
+                    .success()
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "xlb run did not answer within 15 s:\n{}",
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        kill(self.child.as_ref().expect("agent running"), signal);
+    }
+
+    /// SIGTERM, then waits (bounded) for the exit.
+    fn stop(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("agent already stopped");
+        kill(&child, libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("xlb run ignored SIGTERM for 10 s:\n{}", self.log());
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        xlb(self.ns, &self.socket, args)
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        ok(self.ns, &self.socket, args)
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let text = self.ok(args);
+        serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("xlb {}: not JSON ({e}):\n{text}", args.join(" ")))
+    }
+
+    /// `backend list VIP --json`, keyed by backend address.
+    fn backends(&self) -> BTreeMap<String, Value> {
+        let status = self.json(&["backend", "list", VIP, "--json"]);
+        status["backends"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no backends in {status:#}"))
+            .iter()
+            .map(|b| (b["addr"].as_str().expect("addr").to_owned(), b.clone()))
+            .collect()
+    }
+
+    /// Polls `backend list` until `done` holds for it; panics with the last listing after
+    /// `limit`. Returns the listing and how long it took.
+    fn wait_backends(
+        &self,
+        what: &str,
+        limit: Duration,
+        done: impl Fn(&BTreeMap<String, Value>) -> bool,
+    ) -> (BTreeMap<String, Value>, Duration) {
+        let start = Instant::now();
+        loop {
+            let list = self.backends();
+            if done(&list) {
+                return (list, start.elapsed());
+            }
+            assert!(
+                start.elapsed() < limit,
+                "{what}: not within {limit:?}; last listing:\n{list:#?}"
+            );
+            thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    fn tracked_backend(&self, client: SocketAddr) -> Value {
+        let e = self.json(&["explain", &client.to_string(), VIP, "--json"]);
+        e["tracked_backend"].clone()
+    }
+}
+
+impl Drop for Agent<'_> {
+    fn drop(&mut self) {
+        if thread::panicking() && self.child.is_some() {
+            let stats = xlb(self.ns, &self.socket, &["stats", "--json"]);
+            eprintln!(
+                "--- agent log ---\n{}\n--- xlb stats --json ---\n{}",
+                self.log(),
+                String::from_utf8_lossy(&stats.stdout)
+            );
+        }
+        if let Some(mut child) = self.child.take() {
+            kill(&child, libc::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().ok().flatten().is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+/// Adds the VIP (with `vip_args`, e.g. health options) and backends `0..n`.
+fn add_vip(agent: &Agent<'_>, n: usize, vip_args: &[&str]) {
+    let mut args = vec!["vip", "add", VIP];
+    args.extend_from_slice(vip_args);
+    agent.ok(&args);
+    for i in 0..n {
+        agent.ok(&["backend", "add", VIP, &backend_addr(i).to_string()]);
+    }
+}
+
+fn u64_of(v: &Value, what: &str) -> u64 {
+    v[what]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{what} is not a number in {v}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backend servers
+
+#[derive(Clone)]
+enum Mode {
+    /// The line protocol of the module docs.
+    Lines,
+    /// HTTP/1.0: `GET /healthz` answers with the status in the cell; anything else 200 with
+    /// the backend's name as the body.
+    Http(Arc<AtomicU16>),
+}
+
+/// One backend's server, stoppable and restartable on the same port. Stopping closes the
+/// listener and every connection it accepted.
+struct Server {
+    name: String,
+    addr: SocketAddr,
+    mode: Mode,
+    stop: Arc<AtomicBool>,
+    threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    fn start(topo: &Topology, i: usize, mode: Mode) -> Self {
+        let mut server = Self {
+            name: format!("b{i}"),
+            addr: backend_addr(i),
+            mode,
+            stop: Arc::new(AtomicBool::new(false)),
+            threads: Arc::default(),
+            accept: None,
+        };
+        server.listen(topo.backend(i));
+        server
+    }
+
+    fn listen(&mut self, ns: &Netns) {
+        let addr = self.addr;
+        // std sets SO_REUSEADDR, so the port can be bound again right after a stop.
+        let listener = ns
+            .run(move || TcpListener::bind(addr))
+            .expect("entering backend namespace")
+            .unwrap_or_else(|e| panic!("binding {addr}: {e}"));
+        listener
+            .set_nonblocking(true)
+            .expect("nonblocking listener");
+        self.stop = Arc::new(AtomicBool::new(false));
+        let stop = Arc::clone(&self.stop);
+        let threads = Arc::clone(&self.threads);
+        let name = self.name.clone();
+        let mode = self.mode.clone();
+        self.accept = Some(thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        let (stop, name, mode) = (Arc::clone(&stop), name.clone(), mode.clone());
+                        let t = thread::spawn(move || serve(conn, &name, &mode, &stop));
+                        threads.lock().expect("threads").push(t);
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        thread::sleep(Duration::from_millis(2));
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        }));
+    }
+
+    /// Closes the listener (new connections are refused) and every open connection.
+    fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+        let threads: Vec<_> = self.threads.lock().expect("threads").drain(..).collect();
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+
+    fn restart(&mut self, topo: &Topology, i: usize) {
+        assert!(self.accept.is_none(), "restart a stopped server");
+        self.listen(topo.backend(i));
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn serve(mut conn: TcpStream, name: &str, mode: &Mode, stop: &AtomicBool) {
+    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_read_timeout(Some(Duration::from_millis(100)));
+    let _ = conn.set_write_timeout(Some(Duration::from_secs(3)));
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    if matches!(mode, Mode::Lines) && conn.write_all(format!("{name}\n").as_bytes()).is_err() {
+        return;
+    }
+    while !stop.load(Ordering::Relaxed) {
+        match conn.read(&mut chunk) {
+            Ok(0) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
+            Err(_) => return,
+        }
+        match mode {
+            Mode::Lines => {
+                while let Some(end) = buf.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=end).collect();
+                    let mut reply = format!("{name} ").into_bytes();
+                    reply.extend_from_slice(&line);
+                    if conn.write_all(&reply).is_err() {
+                        return;
+                    }
+                }
+            }
+            Mode::Http(status) => {
+                if !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    continue;
+                }
+                let head = String::from_utf8_lossy(&buf);
+                let path = head.split(' ').nth(1).unwrap_or("/");
+                let code = if path == "/healthz" {
+                    status.load(Ordering::Relaxed)
+                } else {
+                    200
+                };
+                let body = format!("{name}\n");
+                let _ = conn.write_all(
+                    format!(
+                        "HTTP/1.0 {code} X\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .as_bytes(),
+                );
+                return;
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clients
+
+/// A connection to the VIP speaking the line protocol.
+struct Conn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    /// The name the backend greeted with.
+    backend: String,
+    local: SocketAddr,
+    sent: u64,
+}
+
+impl Conn {
+    /// Connects from inside the client namespace (call it there) and reads the greeting.
+    fn open(to: SocketAddr) -> Result<Self, String> {
+        let stream = TcpStream::connect_timeout(&to, Duration::from_secs(3))
+            .map_err(|e| format!("connecting to {to}: {e}"))?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .map_err(|e| e.to_string())?;
+        let local = stream.local_addr().map_err(|e| e.to_string())?;
+        let mut conn = Self {
+            stream,
+            buf: Vec::new(),
+            backend: String::new(),
+            local,
+            sent: 0,
+        };
+        conn.backend = conn
+            .read_line()
+            .map_err(|e| format!("{local}: greeting: {e}"))?;
+        Ok(conn)
+    }
+
+    fn read_line(&mut self) -> Result<String, String> {
+        let mut chunk = [0u8; 1024];
+        loop {
+            if let Some(end) = self.buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=end).collect();
+                return Ok(String::from_utf8_lossy(&line[..end]).into_owned());
+            }
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return Err("EOF".to_owned()),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+
+    /// Sends one line and checks the same backend echoes it.
+    fn echo(&mut self) -> Result<(), String> {
+        self.sent += 1;
+        let line = format!("line {}", self.sent);
+        self.stream
+            .write_all(format!("{line}\n").as_bytes())
+            .map_err(|e| format!("{}: writing {line:?}: {e}", self.local))?;
+        let reply = self
+            .read_line()
+            .map_err(|e| format!("{}: reading the echo of {line:?}: {e}", self.local))?;
+        let expected = format!("{} {line}", self.backend);
+        if reply == expected {
+            Ok(())
+        } else {
+            Err(format!(
+                "{}: expected {expected:?}, got {reply:?}",
+                self.local
+            ))
+        }
+    }
+
+    fn must_echo(&mut self) {
+        self.echo().unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+/// `n` fresh connections from the client namespace; the backend each reached.
+fn connect_many(topo: &Topology, n: usize) -> Vec<String> {
+    let to = vip_addr();
+    topo.client()
+        .run(move || {
+            (0..n)
+                .map(|_| {
+                    Conn::open(to)
+                        .unwrap_or_else(|e| panic!("new connection: {e}"))
+                        .backend
+                })
+                .collect()
+        })
+        .expect("client namespace")
+}
+
+/// Opens connections until one reaches each backend named in `wanted` (bounded).
+fn conns_to(topo: &Topology, wanted: &[&str]) -> BTreeMap<String, Conn> {
+    let to = vip_addr();
+    let wanted: Vec<String> = wanted.iter().map(|s| (*s).to_owned()).collect();
+    topo.client()
+        .run(move || {
+            let mut got = BTreeMap::new();
+            for _ in 0..200 {
+                let conn = Conn::open(to).unwrap_or_else(|e| panic!("new connection: {e}"));
+                if wanted.contains(&conn.backend) && !got.contains_key(&conn.backend) {
+                    got.insert(conn.backend.clone(), conn);
+                }
+                if got.len() == wanted.len() {
+                    return got;
+                }
+            }
+            panic!("200 connections did not reach all of {wanted:?}");
+        })
+        .expect("client namespace")
+}
+
+/// One HTTP GET through the VIP from the client namespace; the body (the backend's name).
+fn http_get_via_vip(topo: &Topology) -> String {
+    let to = vip_addr();
+    topo.client()
+        .run(move || {
+            let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3))
+                .unwrap_or_else(|e| panic!("connecting to {to}: {e}"));
+            s.set_read_timeout(Some(Duration::from_secs(3)))
+                .expect("timeout");
+            s.write_all(b"GET / HTTP/1.0\r\n\r\n").expect("request");
+            let mut text = String::new();
+            s.read_to_string(&mut text).expect("response");
+            let (head, body) = text.split_once("\r\n\r\n").expect("HTTP response");
+            assert!(head.starts_with("HTTP/1.0 200"), "{text:?}");
+            body.trim().to_owned()
+        })
+        .expect("client namespace")
+}
+
+/// A GET of `path` on `addr` from inside `ns`: (status line, body).
+fn http_get(ns: &Netns, addr: SocketAddr, path: &str) -> std::io::Result<(String, String)> {
+    let path = path.to_owned();
+    ns.run(move || {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| std::io::Error::other(format!("not HTTP: {text:?}")))?;
+        Ok((
+            head.lines().next().unwrap_or_default().to_owned(),
+            body.to_owned(),
+        ))
+    })
+    .expect("entering namespace")
+}
+
+/// Whether any XDP program is attached to `ifname` in `ns`, asked over netlink (IFLA_XDP).
+fn xdp_attached(ns: &Netns, ifname: &str) -> bool {
+    use futures_util::TryStreamExt as _;
+    use rtnetlink::packet_route::link::{LinkAttribute, LinkXdp, XdpAttached};
+    let ifname = ifname.to_owned();
+    ns.run(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let (connection, handle, _) = rtnetlink::new_connection().expect("netlink");
+            let task = tokio::spawn(connection);
+            let msg = handle
+                .link()
+                .get()
+                .match_name(ifname.clone())
+                .execute()
+                .try_next()
+                .await
+                .unwrap_or_else(|e| panic!("getting link {ifname}: {e}"))
+                .unwrap_or_else(|| panic!("no link {ifname}"));
+            task.abort();
+            msg.attributes.iter().any(|a| {
+                matches!(a, LinkAttribute::Xdp(xdp) if xdp.iter().any(|x| match x {
+                    LinkXdp::Attached(how) => !matches!(how, XdpAttached::None),
+                    LinkXdp::ProgId(id) | LinkXdp::DrvProgId(id) | LinkXdp::SkbProgId(id) => *id != 0,
+                    _ => false,
+                }))
+            })
+        })
+    })
+    .expect("entering namespace")
+}
+
+/// Scrapes the agent's metrics from inside the LB namespace and parses them with
+/// `prometheus-parse`, an implementation independent of the encoder.
+fn scrape(topo: &Topology) -> prometheus_parse::Scrape {
+    let (status, body) = http_get(topo.lb(), v4(Ipv4Addr::LOCALHOST, METRICS_PORT), "/metrics")
+        .unwrap_or_else(|e| panic!("scraping 127.0.0.1:{METRICS_PORT} in the LB namespace: {e}"));
+    assert!(status.contains(" 200"), "{status}\n{body}");
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
+        .unwrap_or_else(|e| panic!("unparsable metrics ({e}):\n{body}"))
+}
+
+/// The value of the sample `metric` whose labels include all of `labels`.
+fn sample(scrape: &prometheus_parse::Scrape, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    use prometheus_parse::Value as V;
+    scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            V::Counter(v) | V::Gauge(v) | V::Untyped(v) => v,
+            _ => panic!("{metric} is not a plain number: {:?}", s.value),
+        })
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Health checks
+
+#[test]
+fn health_checks_take_failing_backends_out_and_back() {
+    const INTERVAL_MS: u64 = 200;
+    const FALL: u64 = 2;
+    const RISE: u64 = 2;
+    let topo = topology(3);
+    let dir = TempDir::new("health");
+    let mut servers: Vec<Server> = (0..3)
+        .map(|i| Server::start(&topo, i, Mode::Lines))
+        .collect();
+    let pins = Pins::new(topo.lb(), &dir);
+    let agent = Agent::start(&topo, &dir, &pins, &dir.join("state.json"), &[]);
+    add_vip(
+        &agent,
+        3,
+        &[
+            "--health",
+            "tcp",
+            "--health-interval-ms",
+            &INTERVAL_MS.to_string(),
+            "--health-timeout-ms",
+            "100",
+            "--health-fall",
+            &FALL.to_string(),
+            "--health-rise",
+            &RISE.to_string(),
+        ],
+    );
+    let b0 = backend_addr(0).to_string();
+    // Every backend passes its probes first.
+    agent.wait_backends("all backends probed ok", Duration::from_secs(5), |l| {
+        l.len() == 3
+            && l.values().all(|b| {
+                b["healthy"] == true
+                    && b["health"]["last_result"]
+                        .as_str()
+                        .is_some_and(|r| r.starts_with("ok"))
+            })
+    });
+    // An established connection to another backend, which must survive b0's failure.
+    let mut conns = conns_to(&topo, &["b1"]);
+    let mut kept = conns.remove("b1").expect("b1");
+    kept.must_echo();
+
+    servers[0].stop();
+    let limit = Duration::from_millis(INTERVAL_MS * FALL) + Duration::from_secs(1);
+    let (list, took) = agent.wait_backends("b0 taken out", limit, |l| {
+        l[&b0]["healthy"] == false && l[&b0]["slots"] == 0
+    });
+    eprintln!("b0 out {took:?} after its server stopped (limit {limit:?})");
+    let result = list[&b0]["health"]["last_result"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        result.contains("refused"),
+        "last_result says why: {:#}",
+        list[&b0]
+    );
+    assert!(
+        u64_of(&list[&b0]["health"], "consecutive_fail") >= FALL,
+        "{:#}",
+        list[&b0]
+    );
+    assert_eq!(
+        list.values().map(|b| u64_of(b, "slots")).sum::<u64>(),
+        RING,
+        "the others share the ring: {list:#?}"
+    );
+    let m = scrape(&topo);
+    assert_eq!(
+        sample(&m, "xlb_backend_up", &[("vip", VIP), ("backend", &b0)]),
+        Some(0.0),
+        "xlb_backend_up of b0: {:?}",
+        m.samples
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "xlb_backend_up",
+            &[("vip", VIP), ("backend", &backend_addr(1).to_string())]
+        ),
+        Some(1.0)
+    );
+
+    let reached = connect_many(&topo, 50);
+    assert!(
+        reached.iter().all(|b| b != "b0"),
+        "no new connection reaches the dead backend: {reached:?}"
+    );
+    kept.must_echo();
+
+    servers[0].restart(&topo, 0);
+    let limit = Duration::from_millis(INTERVAL_MS * RISE) + Duration::from_secs(1);
+    let (list, took) = agent.wait_backends("b0 back", limit, |l| {
+        l[&b0]["healthy"] == true && u64_of(&l[&b0], "slots") > 0
+    });
+    eprintln!("b0 back {took:?} after its server restarted (limit {limit:?})");
+    assert!(
+        list[&b0]["health"]["last_result"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("ok")),
+        "{:#}",
+        list[&b0]
+    );
+    let m = scrape(&topo);
+    assert_eq!(
+        sample(&m, "xlb_backend_up", &[("vip", VIP), ("backend", &b0)]),
+        Some(1.0)
+    );
+    let reached = connect_many(&topo, 50);
+    assert!(
+        reached.iter().any(|b| b == "b0"),
+        "b0 takes new connections again: {reached:?}"
+    );
+    kept.must_echo();
+}
+
+#[test]
+fn http_health_check_takes_a_503_backend_out() {
+    let topo = topology(3);
+    let dir = TempDir::new("http-health");
+    let statuses: Vec<Arc<AtomicU16>> = (0..3).map(|_| Arc::new(AtomicU16::new(200))).collect();
+    statuses[1].store(503, Ordering::Relaxed);
+    let _servers: Vec<Server> = (0..3)
+        .map(|i| Server::start(&topo, i, Mode::Http(Arc::clone(&statuses[i]))))
+        .collect();
+    let pins = Pins::new(topo.lb(), &dir);
+    let agent = Agent::start(&topo, &dir, &pins, &dir.join("state.json"), &[]);
+    add_vip(
+        &agent,
+        3,
+        &[
+            "--health",
+            "http",
+            "--health-path",
+            "/healthz",
+            "--health-status",
+            "200",
+            "--health-interval-ms",
+            "200",
+            "--health-timeout-ms",
+            "100",
+            "--health-fall",
+            "2",
+            "--health-rise",
+            "2",
+        ],
+    );
+    let b1 = backend_addr(1).to_string();
+    let (list, took) =
+        agent.wait_backends("the 503 backend out", Duration::from_millis(1400), |l| {
+            l.len() == 3 && l[&b1]["healthy"] == false && l[&b1]["slots"] == 0
+        });
+    eprintln!("503 backend out after {took:?}");
+    assert!(
+        list[&b1]["health"]["last_result"]
+            .as_str()
+            .is_some_and(|r| r.contains("503")),
+        "{:#}",
+        list[&b1]
+    );
+    for i in [0, 2] {
+        let b = &list[&backend_addr(i).to_string()];
+        assert!(b["healthy"] == true && u64_of(b, "slots") > 0, "{b:#}");
+        assert!(
+            b["health"]["last_result"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("ok http 200")),
+            "{b:#}"
+        );
+    }
+    let answers: Vec<String> = (0..30).map(|_| http_get_via_vip(&topo)).collect();
+    assert!(
+        answers.iter().all(|a| a == "b0" || a == "b2"),
+        "no request reaches b1: {answers:?}"
+    );
+
+    statuses[1].store(200, Ordering::Relaxed);
+    agent.wait_backends("b1 back", Duration::from_millis(1400), |l| {
+        l[&b1]["healthy"] == true && u64_of(&l[&b1], "slots") > 0
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Draining and weights
+
+#[test]
+fn draining_keeps_established_connections() {
+    let topo = topology(3);
+    let dir = TempDir::new("drain");
+    let _servers: Vec<Server> = (0..3)
+        .map(|i| Server::start(&topo, i, Mode::Lines))
+        .collect();
+    let pins = Pins::new(topo.lb(), &dir);
+    let agent = Agent::start(&topo, &dir, &pins, &dir.join("state.json"), &[]);
+    add_vip(&agent, 3, &[]);
+    let (b0, b1, b2) = (
+        backend_addr(0).to_string(),
+        backend_addr(1).to_string(),
+        backend_addr(2).to_string(),
+    );
+    let mut on_b0 = conns_to(&topo, &["b0"]).remove("b0").expect("b0");
+    on_b0.must_echo();
+    // A spread of connections over b1 and b2 that a weight change must not move.
+    let to = vip_addr();
+    let mut others: Vec<Conn> = topo
+        .client()
+        .run(move || {
+            let mut v = Vec::new();
+            while v.len() < 16 {
+                let c = Conn::open(to).unwrap_or_else(|e| panic!("{e}"));
+                if c.backend != "b0" {
+                    v.push(c);
+                }
+            }
+            v
+        })
+        .expect("client namespace");
+
+    let out = agent.ok(&["backend", "drain", VIP, &b0]);
+    assert!(out.contains("draining"), "{out}");
+    let list = agent.backends();
+    assert_eq!(list[&b0]["state"], "draining", "{:#}", list[&b0]);
+    assert_eq!(list[&b0]["slots"], 0, "{:#}", list[&b0]);
+    assert!(
+        u64_of(&list[&b0], "live_flows") >= 1,
+        "the open connection counts: {:#}",
+        list[&b0]
+    );
+    for _ in 0..3 {
+        on_b0.must_echo();
+    }
+    let reached = connect_many(&topo, 40);
+    assert!(
+        reached.iter().all(|b| b != "b0"),
+        "a draining backend gets no new connection: {reached:?}"
+    );
+    on_b0.must_echo();
+    assert_eq!(
+        agent.tracked_backend(on_b0.local),
+        b0.as_str(),
+        "the drained flow is still b0's"
+    );
+
+    agent.ok(&["backend", "set", VIP, &b1, "--weight", "3"]);
+    let list = agent.backends();
+    let (s1, s2) = (u64_of(&list[&b1], "slots"), u64_of(&list[&b2], "slots"));
+    assert_eq!(s1 + s2, RING, "{list:#?}");
+    let ratio = s1 as f64 / s2 as f64;
+    assert!(
+        (2.5..=3.5).contains(&ratio),
+        "weight 3:1 gives about 3:1 slots, got {s1}:{s2}"
+    );
+    assert_eq!(list[&b1]["weight"], 3);
+    assert_eq!(list[&b0]["state"], "draining");
+    on_b0.must_echo();
+    for c in &mut others {
+        c.must_echo();
+        assert_eq!(
+            agent.tracked_backend(c.local),
+            addr_of(&c.backend).as_str(),
+            "{} keeps {}",
+            c.local,
+            c.backend
+        );
+    }
+    // Closing the drained connection empties it.
+    drop(on_b0);
+    let reached = connect_many(&topo, 20);
+    assert!(reached.iter().all(|b| b != "b0"), "{reached:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Restarts
+
+/// Traffic that runs while agents come and go: one long connection sending a line every
+/// ~20 ms, and a new connection every ~50 ms.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    failures: Arc<Mutex<Vec<String>>>,
+    echoed: Arc<AtomicU64>,
+    new_conns: Arc<AtomicU64>,
+    threads: Vec<JoinHandle<()>>,
+    stream_local: SocketAddr,
+    stream_backend: String,
+}
+
+impl Traffic {
+    fn start(topo: &Topology) -> Self {
+        let to = vip_addr();
+        let mut stream = topo
+            .client()
+            .run(move || Conn::open(to))
+            .expect("client namespace")
+            .unwrap_or_else(|e| panic!("long-lived connection: {e}"));
+        let stop = Arc::new(AtomicBool::new(false));
+        let failures: Arc<Mutex<Vec<String>>> = Arc::default();
+        let echoed = Arc::new(AtomicU64::new(0));
+        let new_conns = Arc::new(AtomicU64::new(0));
+        let (stream_local, stream_backend) = (stream.local, stream.backend.clone());
+        let mut threads = Vec::new();
+        {
+            let (stop, failures, echoed) = (
+                Arc::clone(&stop),
+                Arc::clone(&failures),
+                Arc::clone(&echoed),
+            );
+            // The socket lives in the client namespace whichever thread uses it.
+            threads.push(thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Err(e) = stream.echo() {
+                        failures
+                            .lock()
+                            .expect("failures")
+                            .push(format!("stream: {e}"));
+                        return;
+                    }
+                    echoed.fetch_add(1, Ordering::Relaxed);
+                    thread::sleep(Duration::from_millis(20));
+                }
+            }));
+        }
+        {
+            let (stop, failures, new_conns) = (
+                Arc::clone(&stop),
+                Arc::clone(&failures),
+                Arc::clone(&new_conns),
+            );
+            threads.push(
+                topo.client()
+                    .spawn(move || {
+                        while !stop.load(Ordering::Relaxed) {
+                            match Conn::open(to) {
+                                Ok(mut c) => {
+                                    if let Err(e) = c.echo() {
+                                        failures
+                                            .lock()
+                                            .expect("failures")
+                                            .push(format!("new: {e}"));
+                                    }
+                                    new_conns.fetch_add(1, Ordering::Relaxed);
+                                }
+                                Err(e) => {
+                                    failures.lock().expect("failures").push(format!("new: {e}"))
+                                }
+                            }
+                            thread::sleep(Duration::from_millis(50));
+                        }
+                    })
+                    .expect("client namespace"),
+            );
+        }
+        Self {
+            stop,
+            failures,
+            echoed,
+            new_conns,
+            threads,
+            stream_local,
+            stream_backend,
+        }
+    }
+
+    fn failures(&self) -> Vec<String> {
+        self.failures.lock().expect("failures").clone()
+    }
+
+    /// Stops both streams; (lines echoed, connections made, failures).
+    fn finish(&mut self) -> (u64, u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        (
+            self.echoed.load(Ordering::Relaxed),
+            self.new_conns.load(Ordering::Relaxed),
+            self.failures(),
+        )
+    }
+}
+
+impl Drop for Traffic {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+#[test]
+fn restart_without_dropping() {
+    const RESTARTS: usize = 3;
+    let topo = topology(2);
+    let dir = TempDir::new("restart");
+    let state = dir.join("state.json");
+    let _servers: Vec<Server> = (0..2)
+        .map(|i| Server::start(&topo, i, Mode::Lines))
+        .collect();
+    let pins = Pins::new(topo.lb(), &dir);
+    let mut agent = Agent::start(&topo, &dir, &pins, &state, &["--keep-attached"]);
+    add_vip(&agent, 2, &[]);
+    let mut traffic = Traffic::start(&topo);
+    thread::sleep(Duration::from_millis(300));
+
+    let started = Instant::now();
+    for round in 0..RESTARTS {
+        let status = agent.stop();
+        assert!(
+            status.success(),
+            "clean stop {round}: {status}\n{}",
+            agent.log()
+        );
+        assert!(pins.dir.exists(), "--keep-attached leaves the pins");
+        for ifname in lb_ifaces(&topo) {
+            assert!(
+                xdp_attached(topo.lb(), &ifname),
+                "still attached to {ifname}"
+            );
+        }
+        // The data path runs on its own for a while.
+        thread::sleep(Duration::from_millis(300));
+        let t = Instant::now();
+        agent = Agent::start(&topo, &dir, &pins, &state, &["--keep-attached"]);
+        eprintln!(
+            "restart {round}: agent answering {:?} after start",
+            t.elapsed()
+        );
+        assert!(
+            agent.log().contains("adopted"),
+            "round {round}: the new agent adopts the running data path:\n{}",
+            agent.log()
+        );
+        thread::sleep(Duration::from_millis(300));
+        let failures = traffic.failures();
+        assert!(failures.is_empty(), "round {round}: {failures:#?}");
+    }
+    let (echoed, made, failures) = traffic.finish();
+    eprintln!(
+        "{RESTARTS} restarts in {:?}: {echoed} lines echoed, {made} new connections",
+        started.elapsed()
+    );
+    assert!(
+        failures.is_empty(),
+        "nothing failed across restarts: {failures:#?}"
+    );
+    assert!(
+        echoed > 50 && made > 20,
+        "traffic ran: {echoed} lines, {made} connections"
+    );
+    let tracked = agent.tracked_backend(traffic.stream_local);
+    assert_eq!(
+        tracked,
+        addr_of(&traffic.stream_backend).as_str(),
+        "the connection table still holds the long stream's flow on the backend answering it"
+    );
+
+    // A final stop leaves the data path running; `xlb detach` takes it down.
+    let status = agent.stop();
+    assert!(status.success(), "{status}");
+    for ifname in lb_ifaces(&topo) {
+        assert!(xdp_attached(topo.lb(), &ifname), "{ifname}");
+    }
+    let args = ["detach", "--bpffs", pins.dir.to_str().expect("utf-8 path")];
+    let out = agent.run(&args);
+    assert!(out.status.success(), "{}", describe(&args, &out));
+    assert!(!pins.dir.exists(), "detach removes the pin directory");
+    for ifname in lb_ifaces(&topo) {
+        assert!(
+            !xdp_attached(topo.lb(), &ifname),
+            "no XDP program on {ifname} after detach"
+        );
+    }
+    let to = vip_addr();
+    let refused = topo
+        .client()
+        .run(move || TcpStream::connect_timeout(&to, Duration::from_secs(1)))
+        .expect("client namespace");
+    assert!(
+        refused.is_err(),
+        "nothing answers the VIP once the program is gone"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Metrics
+
+#[test]
+fn metrics_scrape() {
+    let topo = topology(2);
+    let dir = TempDir::new("metrics");
+    let _servers: Vec<Server> = (0..2)
+        .map(|i| Server::start(&topo, i, Mode::Lines))
+        .collect();
+    let pins = Pins::new(topo.lb(), &dir);
+    let agent = Agent::start(&topo, &dir, &pins, &dir.join("state.json"), &[]);
+    add_vip(&agent, 2, &[]);
+    let reached = connect_many(&topo, 20);
+    assert!(reached.iter().any(|b| b == "b0") && reached.iter().any(|b| b == "b1"));
+    // Closed connections may still have a last ACK in flight: compare only a scrape taken
+    // between two identical stats snapshots.
+    let (stats, m) = (0..20)
+        .find_map(|_| {
+            thread::sleep(Duration::from_millis(100));
+            let before = agent.json(&["stats", "--json"]);
+            let m = scrape(&topo);
+            let after = agent.json(&["stats", "--json"]);
+            (before == after).then_some((before, m))
+        })
+        .expect("counters settle");
+    let vips = stats["vips"].as_array().expect("vips");
+    assert_eq!(vips.len(), 1, "{stats:#}");
+    let backends = vips[0]["backends"].as_array().expect("backends");
+    assert_eq!(backends.len(), 2);
+    for b in backends {
+        let addr = b["addr"].as_str().expect("addr");
+        let labels = [("vip", VIP), ("backend", addr)];
+        let packets = u64_of(b, "packets");
+        assert!(packets > 0, "{b}");
+        assert_eq!(
+            sample(&m, "xlb_packets_total", &labels),
+            Some(packets as f64),
+            "xlb_packets_total for {addr} vs stats {b}"
+        );
+        assert_eq!(
+            sample(&m, "xlb_new_flows_total", &labels),
+            Some(u64_of(b, "new_flows") as f64)
+        );
+        assert_eq!(sample(&m, "xlb_backend_up", &labels), Some(1.0));
+        assert_eq!(
+            sample(&m, "xlb_backend_ring_slots", &labels),
+            Some(u64_of(b, "slots") as f64)
+        );
+    }
+    assert_eq!(
+        sample(&m, "xlb_vip_packets_total", &[("vip", VIP)]),
+        Some(u64_of(&vips[0], "packets") as f64)
+    );
+    let redirects = sample(&m, "xlb_xdp_actions_total", &[("action", "redirect")])
+        .unwrap_or_else(|| panic!("no redirect counter: {:?}", m.samples));
+    assert!(redirects > 0.0, "{redirects}");
+    let global = stats["global"].as_array().expect("global");
+    let xdp_redirect = global
+        .iter()
+        .find(|c| c["name"] == "xdp_redirect")
+        .expect("xdp_redirect counter");
+    assert_eq!(redirects, u64_of(xdp_redirect, "value") as f64);
+
+    // Bound to the LB namespace's loopback: not reachable from the client, neither at the
+    // LB's address nor at the client's own loopback.
+    let lb_addr = topo.client_link.a.ip4();
+    for addr in [
+        v4(lb_addr, METRICS_PORT),
+        v4(Ipv4Addr::LOCALHOST, METRICS_PORT),
+    ] {
+        let reached = topo
+            .client()
+            .run(move || TcpStream::connect_timeout(&addr, Duration::from_secs(1)))
+            .expect("client namespace");
+        assert!(
+            reached.is_err(),
+            "metrics must not be reachable from the client namespace at {addr}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Config file and reload
+
+fn config_text(backends: &[(usize, u32)]) -> String {
+    let mut text = format!("# xlb test config\n[[vip]]\naddress = \"{VIP}\"\n");
+    for (i, weight) in backends {
+        text.push_str(&format!(
+            "\n[[vip.backend]]\naddress = \"{}\"\nweight = {weight}\n",
+            backend_addr(*i)
+        ));
+    }
+    text
+}
+
+/// Runs `xlb config check FILE` (no agent needed).
+fn config_check(file: &Path) -> Output {
+    let mut cmd = Command::new(XLB);
+    cmd.args(["config", "check"]).arg(file);
+    output_within(cmd, Duration::from_secs(20))
+}
+
+/// A copy of `text` with backend `i`'s address made invalid; the file, its broken line (1-based)
+/// and the column (1-based) of the value's opening quote.
+fn broken(text: &str, i: usize) -> (String, usize, usize) {
+    let good = format!("address = \"{}\"", backend_addr(i));
+    let line = text
+        .lines()
+        .position(|l| l == good)
+        .expect("the backend's line")
+        + 1;
+    let bad = text.replace(&good, &good.replace(".2:8080", ".300:8080"));
+    (bad, line, good.find('"').expect("quote") + 1)
+}
+
+/// Asserts `out` failed with one stderr line naming `file:line:` and a column on that line.
+fn assert_located(out: &Output, file: &Path, line: usize, quote_col: usize) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "must fail: {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line: {stderr}");
+    let prefix = format!("{}:{line}:", file.display());
+    let at = lines[0]
+        .find(&prefix)
+        .unwrap_or_else(|| panic!("{prefix} missing from {stderr}"));
+    let col: usize = lines[0][at + prefix.len()..]
+        .split(':')
+        .next()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no column after {prefix}: {stderr}"));
+    assert!(
+        col == quote_col || col == quote_col + 1,
+        "column {col} points at the value (quote at {quote_col}): {stderr}"
+    );
+    assert!(lines[0].contains("10.11.1.300:8080"), "{stderr}");
+}
+
+#[test]
+fn config_and_reload() {
+    let topo = topology(3);
+    let dir = TempDir::new("config");
+    let mut servers: Vec<Server> = (0..3)
+        .map(|i| Server::start(&topo, i, Mode::Lines))
+        .collect();
+    let file = dir.join("xlb.toml");
+    let text = config_text(&[(0, 1), (1, 1)]);
+    fs::write(&file, &text).expect("writing config");
+    let out = config_check(&file);
+    assert!(
+        out.status.success(),
+        "{}",
+        describe(&["config", "check"], &out)
+    );
+
+    let broken_file = dir.join("broken.toml");
+    let (bad, line, col) = broken(&text, 1);
+    fs::write(&broken_file, &bad).expect("writing config");
+    assert_located(&config_check(&broken_file), &broken_file, line, col);
+
+    let pins = Pins::new(topo.lb(), &dir);
+    let file_arg = file.to_str().expect("utf-8 path").to_owned();
+    let mut agent = Agent::start(
+        &topo,
+        &dir,
+        &pins,
+        &dir.join("state.json"),
+        &["--config", &file_arg],
+    );
+    let list = agent.backends();
+    assert_eq!(
+        list.keys().cloned().collect::<Vec<_>>(),
+        vec![backend_addr(0).to_string(), backend_addr(1).to_string()]
+    );
+    let reached = connect_many(&topo, 20);
+    assert!(
+        reached.iter().all(|b| b == "b0" || b == "b1")
+            && reached.iter().any(|b| b == "b0")
+            && reached.iter().any(|b| b == "b1"),
+        "{reached:?}"
+    );
+    let mut conns = conns_to(&topo, &["b0", "b1"]);
+
+    // Add a backend and change a weight.
+    fs::write(&file, config_text(&[(0, 2), (1, 1), (2, 1)])).expect("writing config");
+    let out = agent.ok(&["reload"]);
+    let got: BTreeSet<&str> = out.lines().collect();
+    let expected: BTreeSet<String> = [
+        format!("+ backend {VIP} {} weight 1 active", backend_addr(2)),
+        format!("~ backend {VIP} {} weight 2 active", backend_addr(0)),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(
+        got,
+        expected.iter().map(String::as_str).collect(),
+        "reload lists exactly the changes:\n{out}"
+    );
+    for c in conns.values_mut() {
+        c.must_echo();
+        assert_eq!(agent.tracked_backend(c.local), addr_of(&c.backend).as_str());
+    }
+    let list = agent.backends();
+    let weights: Vec<(String, u64)> = list
+        .iter()
+        .map(|(a, b)| (a.clone(), u64_of(b, "weight")))
+        .collect();
+    assert_eq!(
+        weights,
+        vec![
+            (backend_addr(0).to_string(), 2),
+            (backend_addr(1).to_string(), 1),
+            (backend_addr(2).to_string(), 1)
+        ]
+    );
+    assert!(list.values().all(|b| u64_of(b, "slots") > 0), "{list:#?}");
+    let reached = connect_many(&topo, 30);
+    assert!(
+        reached.iter().any(|b| b == "b2"),
+        "b2 takes traffic: {reached:?}"
+    );
+
+    // SIGHUP after another edit.
+    fs::write(&file, config_text(&[(0, 2), (1, 5), (2, 1)])).expect("writing config");
+    agent.signal(libc::SIGHUP);
+    let b1 = backend_addr(1).to_string();
+    agent.wait_backends("SIGHUP applies the edit", Duration::from_secs(5), |l| {
+        l[&b1]["weight"] == 5
+    });
+    for c in conns.values_mut() {
+        c.must_echo();
+    }
+
+    // A broken file: the reload fails with the location and changes nothing.
+    let before = agent.json(&["vip", "list", "--json"]);
+    let (bad, line, col) = broken(&fs::read_to_string(&file).expect("config"), 1);
+    fs::write(&file, bad).expect("writing config");
+    let out = agent.run(&["reload"]);
+    assert_located(&out, &file, line, col);
+    // SIGHUP with the broken file: logged, nothing changes, the agent keeps running.
+    agent.signal(libc::SIGHUP);
+    thread::sleep(Duration::from_millis(300));
+    let after = agent.json(&["vip", "list", "--json"]);
+    let config = |v: &Value| -> Vec<(String, u64, String, u64)> {
+        v[0]["backends"]
+            .as_array()
+            .expect("backends")
+            .iter()
+            .map(|b| {
+                (
+                    b["addr"].as_str().expect("addr").to_owned(),
+                    u64_of(b, "weight"),
+                    b["state"].as_str().expect("state").to_owned(),
+                    u64_of(b, "slots"),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        config(&before),
+        config(&after),
+        "a failed reload changes nothing"
+    );
+    for c in conns.values_mut() {
+        c.must_echo();
+    }
+    let status = agent.stop();
+    assert!(status.success(), "{status}");
+    servers.clear();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. A full disk under the state file
+
+/// A tmpfs of `size` mounted on a fresh directory, unmounted on drop.
+struct Tmpfs(TempDir);
+
+impl Tmpfs {
+    fn mount(tag: &str, size: &str) -> Self {
+        let dir = TempDir::new(tag);
+        nix::mount::mount(
+            Some("tmpfs"),
+            &dir.0,
+            Some("tmpfs"),
+            nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+            Some(format!("size={size},mode=0700").as_str()),
+        )
+        .unwrap_or_else(|e| panic!("mounting a tmpfs on {}: {e}", dir.0.display()));
+        Self(dir)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[test]
+fn persisting_state_survives_a_full_disk() {
+    let topo = topology(1);
+    let dir = TempDir::new("fulldisk");
+    let _server = Server::start(&topo, 0, Mode::Lines);
+    let disk = Tmpfs::mount("fulldisk-fs", "16k");
+    let state = disk.0.join("state.json");
+    let pins = Pins::new(topo.lb(), &dir);
+    let agent = Agent::start(&topo, &dir, &pins, &state, &["--no-metrics"]);
+    add_vip(&agent, 1, &[]);
+    let saved = fs::read(&state).expect("state file written");
+    let parsed: Value = serde_json::from_slice(&saved).expect("state is JSON");
+    assert_eq!(
+        parsed["vips"].as_array().map(Vec::len),
+        Some(1),
+        "{parsed:#}"
+    );
+
+    // Fill the file system.
+    let filler = disk.0.join("filler");
+    {
+        let mut f = fs::File::create(&filler).expect("filler");
+        let block = [0u8; 4096];
+        let mut written = 0;
+        while f.write_all(&block).is_ok() {
+            written += 1;
+            assert!(written < 64, "a 16k tmpfs took {written} 4k blocks");
+        }
+    }
+
+    let args = ["vip", "add", "10.100.0.1:81/tcp"];
+    let out = agent.run(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{}", describe(&args, &out));
+    assert!(
+        stderr.contains(state.to_str().expect("utf-8 path")),
+        "the error names the state file: {}",
+        describe(&args, &out)
+    );
+    assert_eq!(
+        fs::read(&state).expect("state file still there"),
+        saved,
+        "the previous state file is intact"
+    );
+    assert!(
+        !disk.0.join("state.json.tmp").exists(),
+        "no temporary file left behind"
+    );
+    // The agent keeps serving.
+    let list = agent.json(&["vip", "list", "--json"]);
+    assert!(list.as_array().is_some_and(|v| !v.is_empty()), "{list:#}");
+    let reached = connect_many(&topo, 5);
+    assert!(reached.iter().all(|b| b == "b0"), "{reached:?}");
+
+    // Room again: the next change is persisted, with everything applied so far.
+    fs::remove_file(&filler).expect("removing filler");
+    agent.ok(&["vip", "del", "10.100.0.1:81/tcp"]);
+    let parsed: Value =
+        serde_json::from_slice(&fs::read(&state).expect("state file")).expect("state is JSON");
+    assert_eq!(
+        parsed["vips"].as_array().map(Vec::len),
+        Some(1),
+        "{parsed:#}"
+    );
+    assert_eq!(parsed["vips"][0]["vip"], VIP, "{parsed:#}");
+}
