@@ -15,8 +15,9 @@ pub mod map_names {
     pub const GLOBAL_STATS: &str = "XLB_GSTATS";
     pub const VIP_STATS: &str = "XLB_VIPSTATS";
     pub const BACKEND_STATS: &str = "XLB_BESTATS";
+    pub const PORTS: &str = "XLB_PORTS";
     /// All maps the agent pins, in a stable order.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 10] = [
         VIPS,
         MAGLEV,
         BACKENDS,
@@ -26,8 +27,17 @@ pub mod map_names {
         GLOBAL_STATS,
         VIP_STATS,
         BACKEND_STATS,
+        PORTS,
     ];
 }
+
+/// `XLB_PORTS` (an array indexed by port number, host order): which roles a port plays. A
+/// packet is looked up in the VIP table only if its destination port is some VIP's, and in
+/// the reverse-NAT table only if its source port is some backend's: traffic that is not the
+/// balancer's costs one array read instead of two hash lookups.
+pub const PORT_IS_VIP: u8 = 1;
+pub const PORT_IS_BACKEND: u8 = 2;
+pub const PORT_ENTRIES: u32 = 65_536;
 
 /// Program names in the object file.
 pub mod program_names {

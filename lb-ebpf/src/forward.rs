@@ -11,13 +11,13 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use lb_common::{
     BACKEND_ACTIVE, Backend, Counter, FlowKey, FlowState, LAST_SEEN_GRANULARITY_NS, NextHop,
-    ReverseNat, VipInfo, VipKey,
+    PORT_IS_BACKEND, PORT_IS_VIP, ReverseNat, VipInfo, VipKey,
     hash::flow_hash,
     parse::{PacketBytes, Parsed, Skip, parse},
 };
 
 use crate::{
-    maps::{BACKENDS, CONNTRACK, EGRESS_PORTS, MAGLEV, REVERSE_NAT, VIPS, XLB_HASH_SEED},
+    maps::{BACKENDS, CONNTRACK, EGRESS_PORTS, MAGLEV, PORTS, REVERSE_NAT, VIPS, XLB_HASH_SEED},
     nat::{Endpoint, rewrite},
     packet::XdpPacket,
     stats::{count, count_forwarded},
@@ -43,16 +43,29 @@ pub fn process(ctx: &XdpContext) -> u32 {
         _pad: [0; 5],
     };
     let mut t = Translation::NONE;
+    let role = |port_be: u16| {
+        PORTS
+            .get(u32::from(u16::from_be(port_be)))
+            .map_or(0, |r| *r)
+    };
     // Choosing the translation and applying it are separate calls made from here, so their
     // stack frames are never stacked on each other (the verifier sums a call chain's frames).
-    // SAFETY: the agent replaces VIP entries whole and never writes into them in place.
-    let cache = if let Some(vip) = unsafe { VIPS.get(&vip_key) } {
+    let vip = if role(p.dport_be) & PORT_IS_VIP != 0 {
+        // SAFETY: the agent replaces VIP entries whole and never writes into them in place.
+        unsafe { VIPS.get(&vip_key) }
+    } else {
+        None
+    };
+    let cache = if let Some(vip) = vip {
         let cache = to_backend(ctx, &p, vip, &mut t);
         if t.refused != 0 {
             return t.refused;
         }
         cache
-    } else if let Some(reverse) = REVERSE_NAT.get_ptr_mut(&flow_key(&p)) {
+    } else if let Some(reverse) = (role(p.sport_be) & PORT_IS_BACKEND != 0)
+        .then(|| REVERSE_NAT.get_ptr_mut(&flow_key(&p)))
+        .flatten()
+    {
         to_client(reverse, &mut t)
     } else {
         count(Counter::NotForUs);

@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, CONNTRACK_ENTRIES, Counter, DEFAULT_HASH_SEED, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE,
-    FlowKey, FlowState, MAX_BACKENDS, MAX_EGRESS_PORTS, ReverseNat, TrafficCounters, VipInfo,
-    VipKey,
+    FlowKey, FlowState, MAX_BACKENDS, MAX_EGRESS_PORTS, PORT_ENTRIES, ReverseNat, TrafficCounters,
+    VipInfo, VipKey,
 };
 
 /// Flow-hash seed; the agent sets it at load time (`EbpfLoader::override_global`).
@@ -40,6 +40,10 @@ pub static REVERSE_NAT: LruHashMap<FlowKey, ReverseNat> =
 /// transmit XDP frames), so a next hop behind a bridge goes through the stack instead.
 #[map(name = "XLB_EGRESS")]
 pub static EGRESS_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_EGRESS_PORTS, 0);
+
+/// Port roles (`lb_common::PORT_IS_VIP`, `PORT_IS_BACKEND`), indexed by port number.
+#[map(name = "XLB_PORTS")]
+pub static PORTS: Array<u8> = Array::with_max_entries(PORT_ENTRIES, 0);
 
 #[map(name = "XLB_GSTATS")]
 pub static GLOBAL_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);

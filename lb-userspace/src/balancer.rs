@@ -11,7 +11,7 @@ use std::{
 
 use lb_common::{
     BACKEND_ACTIVE, BACKEND_DRAINING, Backend, FlowKey, IPPROTO_TCP, IPPROTO_UDP, MAX_BACKENDS,
-    TrafficCounters, VipInfo, VipKey,
+    PORT_IS_BACKEND, PORT_IS_VIP, TrafficCounters, VipInfo, VipKey,
     addr::to_bytes,
     hash::flow_hash,
     maglev::{MaglevBackend, MaglevError, build_ring},
@@ -321,8 +321,27 @@ pub struct Explanation {
 pub struct Balancer {
     datapath: Datapath,
     vips: BTreeMap<VipSpec, VipEntry>,
+    /// How many VIPs and backends use each port: the data plane's `XLB_PORTS` filter.
+    port_users: BTreeMap<u16, PortUsers>,
     vip_ids: IdPool,
     backend_ids: IdPool,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct PortUsers {
+    vips: u32,
+    backends: u32,
+}
+
+impl PortUsers {
+    const fn roles(self) -> u8 {
+        (if self.vips > 0 { PORT_IS_VIP } else { 0 })
+            | (if self.backends > 0 {
+                PORT_IS_BACKEND
+            } else {
+                0
+            })
+    }
 }
 
 fn family(addr: &SocketAddr) -> u8 {
@@ -336,6 +355,7 @@ impl Balancer {
         Self {
             datapath,
             vips: BTreeMap::new(),
+            port_users: BTreeMap::new(),
             vip_ids: IdPool::new(max_vips),
             backend_ids: IdPool::new(MAX_BACKENDS),
         }
@@ -348,6 +368,34 @@ impl Balancer {
 
     pub const fn datapath_mut(&mut self) -> &mut Datapath {
         &mut self.datapath
+    }
+
+    /// Counts one more (or, with `delta` -1, one fewer) VIP or backend on `port` and writes
+    /// the port's roles to the data plane when they change. Called before a VIP or backend
+    /// entry is written and after one is removed, so the filter never hides a live entry.
+    fn use_port(&mut self, port: u16, vip: bool, delta: i32) -> Result<(), DatapathError> {
+        let users = self.port_users.entry(port).or_default();
+        let before = users.roles();
+        let count = if vip {
+            &mut users.vips
+        } else {
+            &mut users.backends
+        };
+        *count = count.saturating_add_signed(delta);
+        let after = users.roles();
+        if after == 0 {
+            self.port_users.remove(&port);
+        }
+        if before != after {
+            self.datapath
+                .ports()?
+                .set(u32::from(port), &after, 0)
+                .map_err(|source| DatapathError::Map {
+                    name: lb_common::map_names::PORTS,
+                    source,
+                })?;
+        }
+        Ok(())
     }
 
     fn ring_size(&self) -> u32 {
@@ -382,7 +430,9 @@ impl Balancer {
         } else {
             self.datapath.reset_vip_traffic(id)
         };
-        let written = reset.and_then(|()| self.write_vip_info(&vip, &entry));
+        let written = reset
+            .and_then(|()| self.use_port(vip.addr.port(), true, 1))
+            .and_then(|()| self.write_vip_info(&vip, &entry));
         if let Err(e) = written {
             self.vip_ids.give_back(id);
             return Err(e.into());
@@ -426,15 +476,17 @@ impl Balancer {
                 name: lb_common::map_names::VIPS,
                 source,
             })?;
-        let mut backends = self.datapath.backends()?;
-        for backend in entry.backends.values() {
-            backends
+        self.use_port(vip.addr.port(), true, -1)?;
+        for (addr, backend) in &entry.backends {
+            self.datapath
+                .backends()?
                 .set(backend.id, &Backend::default(), 0)
                 .map_err(|source| DatapathError::Map {
                     name: lb_common::map_names::BACKENDS,
                     source,
                 })?;
             self.backend_ids.give_back(backend.id);
+            self.use_port(addr.port(), false, -1)?;
         }
         self.vip_ids.give_back(entry.id);
         Ok(())
@@ -481,7 +533,13 @@ impl Balancer {
             .and_then(|id| self.backend_ids.take_exact(id))
             .or_else(|| self.backend_ids.take())
             .ok_or(BalancerError::BackendSlotsExhausted(MAX_BACKENDS))?;
-        if let Err(e) = self.write_backend(id, vip_id, backend, BACKEND_ACTIVE, wanted.is_none()) {
+        if let Err(e) = self
+            .use_port(backend.port(), false, 1)
+            .map_err(BalancerError::from)
+            .and_then(|()| {
+                self.write_backend(id, vip_id, backend, BACKEND_ACTIVE, wanted.is_none())
+            })
+        {
             self.backend_ids.give_back(id);
             return Err(e);
         }
@@ -553,6 +611,7 @@ impl Balancer {
                 source,
             })?;
         self.backend_ids.give_back(removed.id);
+        self.use_port(backend.port(), false, -1)?;
         Ok(())
     }
 

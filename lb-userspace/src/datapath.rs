@@ -412,6 +412,11 @@ impl Datapath {
         Array::try_from(self.map_data(name)?).map_err(map_err(name))
     }
 
+    pub fn ports(&mut self) -> Result<Array<&mut MapData, u8>> {
+        let name = map_names::PORTS;
+        Array::try_from(self.map_data(name)?).map_err(map_err(name))
+    }
+
     pub fn backends(&mut self) -> Result<Array<&mut MapData, Backend>> {
         let name = map_names::BACKENDS;
         Array::try_from(self.map_data(name)?).map_err(map_err(name))

@@ -11,7 +11,8 @@ use crate::{run, step};
 const TOOLCHAIN: &str = "nightly-2026-08-01";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
-/// Packages to build bpf-linker (LLVM 22) and to run the tests and the demo.
+/// Packages to build bpf-linker (LLVM 22), to run the tests and the demo, and for the
+/// benchmarks' comparisons (nftables DNAT, HAProxy).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -20,6 +21,7 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
     "nftables",
+    "haproxy",
     // Real containers for the podman test and the demo's podman mode: runc because crun
     // fails on hybrid cgroups; netavark and the iptables it calls named explicitly because
     // without recommends apt may pick the CNI plugins instead; busybox-static is the whole
