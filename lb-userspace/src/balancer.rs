@@ -570,21 +570,7 @@ impl Balancer {
         if reset_counters {
             self.datapath.reset_backend_traffic(id)?;
         }
-        let value = Backend {
-            addr: to_bytes(addr.ip()),
-            port_be: addr.port().to_be(),
-            family: family(&addr),
-            flags,
-            vip_id,
-        };
-        self.datapath
-            .backends()?
-            .set(id, &value, 0)
-            .map_err(|source| DatapathError::Map {
-                name: lb_common::map_names::BACKENDS,
-                source,
-            })?;
-        Ok(())
+        self.write_flags(id, vip_id, addr, flags)
     }
 
     /// Removes a backend: its ring slots move to the others, and its established flows are
