@@ -13,9 +13,9 @@ use aya::{
     },
 };
 use lb_common::{
-    Backend, Counter, DEFAULT_HASH_SEED, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, FlowKey, FlowState,
-    HASH_SEED_SYMBOL, MAX_BACKENDS, ReverseNat, TrafficCounters, VipInfo, VipKey, maglev::is_prime,
-    map_names, program_names,
+    Backend, CONNTRACK_ENTRIES, Counter, DEFAULT_HASH_SEED, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE,
+    FlowKey, FlowState, HASH_SEED_SYMBOL, MAX_BACKENDS, ReverseNat, TrafficCounters, VipInfo,
+    VipKey, maglev::is_prime, map_names, program_names,
 };
 use thiserror::Error;
 
@@ -30,6 +30,9 @@ pub struct DatapathConfig {
     pub max_vips: u32,
     /// Flow-hash seed: the same on every node that must agree on backends.
     pub hash_seed: u32,
+    /// Connection-table (and reverse-NAT) entries. The LRU lists are per CPU, so one CPU's
+    /// flows get `conntrack_entries / CPUs` before the oldest are evicted.
+    pub conntrack_entries: u32,
 }
 
 impl Default for DatapathConfig {
@@ -38,6 +41,7 @@ impl Default for DatapathConfig {
             ring_size: DEFAULT_RING_SIZE,
             max_vips: DEFAULT_MAX_VIPS,
             hash_seed: DEFAULT_HASH_SEED,
+            conntrack_entries: CONNTRACK_ENTRIES,
         }
     }
 }
@@ -150,7 +154,9 @@ impl Datapath {
             .override_global(HASH_SEED_SYMBOL, &config.hash_seed, true)
             .map_max_entries(map_names::VIPS, config.max_vips)
             .map_max_entries(map_names::VIP_STATS, config.max_vips)
-            .map_max_entries(map_names::MAGLEV, ring_slots_u32);
+            .map_max_entries(map_names::MAGLEV, ring_slots_u32)
+            .map_max_entries(map_names::CONNTRACK, config.conntrack_entries)
+            .map_max_entries(map_names::REVERSE_NAT, config.conntrack_entries);
         if let Some(dir) = pins {
             for name in map_names::ALL {
                 loader.map_pin_path(name, dir.join(name));

@@ -58,6 +58,9 @@ enum Command {
         /// Flow-hash seed; give every node behind the same ECMP group the same seed.
         #[arg(long, default_value_t = DEFAULT_HASH_SEED)]
         hash_seed: u32,
+        /// Connection-table entries (LRU; each CPU's list holds ENTRIES / CPUs flows).
+        #[arg(long, default_value_t = lb_common::CONNTRACK_ENTRIES)]
+        conntrack_entries: u32,
         /// On SIGINT/SIGTERM leave the data path running (program attached, maps pinned);
         /// the next `xlb run` adopts it without losing a flow. `xlb detach` removes it.
         #[arg(long)]
@@ -721,6 +724,7 @@ fn main() -> ExitCode {
             ring_size,
             max_vips,
             hash_seed,
+            conntrack_entries,
             keep_attached,
             metrics,
             no_metrics,
@@ -763,6 +767,7 @@ fn main() -> ExitCode {
                         ring_size,
                         max_vips,
                         hash_seed,
+                        conntrack_entries,
                     },
                     keep_attached,
                     metrics: (!no_metrics).then(|| {

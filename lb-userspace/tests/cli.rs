@@ -25,185 +25,22 @@ use std::{
 use serde_json::Value;
 use xlb_netns::{Netns, Topology};
 
-const XLB: &str = env!("CARGO_BIN_EXE_xlb");
+mod common;
+use common::{TempDir, XLB, backend_v4, describe, json, ok, output_within, v4, xlb};
+
 /// A small prime ring keeps map setup quick; the tests check it is what the agent reports.
 const RING: u64 = 1009;
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 2);
+/// Names of temp dirs and pins start `xlb-cli-`.
+const SUITE: &str = "cli";
 
-static SEQ: AtomicUsize = AtomicUsize::new(0);
-
-fn unique(tag: &str) -> String {
-    format!(
-        "xlb-cli-{tag}-{}-{}",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-/// `Topology::new(backends)` with TX checksum offload off on the client's and the backends'
-/// ends: a veth leaves only the pseudo-header sum in the L4 checksum (`CHECKSUM_PARTIAL`),
-/// XDP on the LB updates that incrementally and redirects raw bytes, losing the mark, so the
-/// receiver would drop every rewritten segment. Real NICs fill the checksum in before the wire.
+/// The three-namespace topology; `Network::connect` already turns TX checksum offload off on
+/// every end: a veth leaves only the pseudo-header sum in the L4 checksum
+/// (`CHECKSUM_PARTIAL`), XDP on the LB updates that incrementally and redirects raw bytes,
+/// losing the mark, so the receiver would drop every rewritten segment. Real NICs fill the
+/// checksum in before the wire.
 fn topology(backends: usize) -> Topology {
-    let topo = Topology::new(backends).expect("topology");
-    let ends = std::iter::once((topo.client(), &topo.client_link.b.ifname))
-        .chain((0..backends).map(|i| (topo.backend(i), &topo.backend_links[i].b.ifname)));
-    for (ns, ifname) in ends {
-        ns.run(|| disable_tx_checksum(ifname))
-            .expect("entering namespace")
-            .unwrap_or_else(|e| panic!("ethtool -K {ifname} tx off in {}: {e}", ns.name()));
-    }
-    topo
-}
-
-/// `ethtool -K IFNAME tx off`; must run on a thread inside the interface's namespace.
-fn disable_tx_checksum(ifname: &str) -> std::io::Result<()> {
-    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
-    /// `struct ethtool_value` (include/uapi/linux/ethtool.h).
-    #[repr(C)]
-    struct EthtoolValue {
-        cmd: u32,
-        data: u32,
-    }
-    const ETHTOOL_STXCSUM: u32 = 0x17;
-    // SAFETY: a plain C struct of integers, arrays and a pointer; all-zero is valid.
-    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-    let name = ifname.as_bytes();
-    assert!(
-        !name.is_empty() && name.len() < ifr.ifr_name.len(),
-        "bad ifname {ifname}"
-    );
-    for (dst, &src) in ifr.ifr_name.iter_mut().zip(name) {
-        *dst = src.cast_signed();
-    }
-    let mut value = EthtoolValue {
-        cmd: ETHTOOL_STXCSUM,
-        data: 0,
-    };
-    ifr.ifr_ifru.ifru_data = (&raw mut value).cast();
-    // SAFETY: socket(2) has no memory-safety preconditions.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh descriptor nothing else owns.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: `ifr` is a valid ifreq whose data pointer refers to `value`, which outlives the
-    // call; SIOCETHTOOL reads and writes only those.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL, &raw mut ifr) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// A per-test directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let path = std::env::temp_dir().join(unique(tag));
-        fs::create_dir_all(&path).expect("creating temp dir");
-        Self(path)
-    }
-
-    fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-fn v4(ip: Ipv4Addr, port: u16) -> SocketAddr {
-    SocketAddr::new(IpAddr::V4(ip), port)
-}
-
-fn backend_v4(i: usize, port: u16) -> SocketAddr {
-    v4(
-        Ipv4Addr::new(10, 11, u8::try_from(i).expect("< 256 backends"), 2),
-        port,
-    )
-}
-
-/// `cmd` with its output captured, killed if it runs longer than `limit`.
-fn output_within(mut cmd: Command, limit: Duration) -> Output {
-    let what = format!("{cmd:?}");
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawning {what}: {e}"));
-    // Drain both pipes on their own threads so a chatty child can never block on a full pipe.
-    let mut out = child.stdout.take().expect("piped");
-    let mut err = child.stderr.take().expect("piped");
-    let out_reader = thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = out.read_to_end(&mut v);
-        v
-    });
-    let err_reader = thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = err.read_to_end(&mut v);
-        v
-    });
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("waiting for child") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{what} did not finish within {limit:?}");
-        }
-        thread::sleep(Duration::from_millis(10));
-    };
-    Output {
-        status,
-        stdout: out_reader.join().expect("stdout reader"),
-        stderr: err_reader.join().expect("stderr reader"),
-    }
-}
-
-/// Runs `xlb ARGS --socket SOCKET` in `ns`.
-fn xlb(ns: &Netns, socket: &Path, args: &[&str]) -> Output {
-    let mut cmd = ns.command(XLB);
-    cmd.args(args)
-        .arg("--socket")
-        .arg(socket)
-        .env_remove("XLB_SOCKET");
-    output_within(cmd, Duration::from_secs(40))
-}
-
-fn describe(args: &[&str], out: &Output) -> String {
-    format!(
-        "xlb {}: {}\nstdout:\n{}\nstderr:\n{}",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// Runs a command that must succeed; returns its stdout.
-fn ok(ns: &Netns, socket: &Path, args: &[&str]) -> String {
-    let out = xlb(ns, socket, args);
-    assert!(
-        out.status.success(),
-        "expected success: {}",
-        describe(args, &out)
-    );
-    String::from_utf8(out.stdout).expect("utf-8 stdout")
-}
-
-fn json(ns: &Netns, socket: &Path, args: &[&str]) -> Value {
-    let text = ok(ns, socket, args);
-    serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("xlb {}: not JSON ({e}):\n{text}", args.join(" ")))
+    Topology::new(backends).expect("topology")
 }
 
 /// A running `xlb run`, stopped with SIGTERM when dropped.
@@ -225,29 +62,11 @@ impl<'a> Agent<'a> {
 
     fn start_in(ns: &'a Netns, ifaces: &[String], dir: &TempDir, state: &Path) -> Self {
         let socket = dir.join("xlb.sock");
-        let bpffs = Path::new("/sys/fs/bpf").join(unique("pins"));
-        let log = dir.join(&format!(
-            "agent-{}.log",
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        ));
-        let log_file = fs::File::create(&log).expect("creating agent log");
-        let mut cmd = ns.command(XLB);
-        cmd.arg("run");
-        for iface in ifaces {
-            cmd.arg("--iface").arg(iface);
-        }
-        cmd.arg("--socket")
-            .arg(&socket)
-            .arg("--state")
-            .arg(state)
-            .arg("--bpffs")
-            .arg(&bpffs)
-            .args(["--ring-size", &RING.to_string()])
-            .env_remove("XLB_SOCKET")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().expect("dup log"))
-            .stderr(log_file);
+        let bpffs = Path::new("/sys/fs/bpf").join(common::unique(SUITE, "pins"));
+        let log = dir.join(&format!("agent-{}.log", common::seq()));
+        let mut cmd = common::agent_command(ns.command(XLB), ifaces, &socket, state, &bpffs, &log);
+        cmd.args(["--ring-size", &RING.to_string()])
+            .env_remove("XLB_SOCKET");
         let child = cmd.spawn().expect("spawning xlb run");
         let mut agent = Self {
             ns,
@@ -261,32 +80,14 @@ impl<'a> Agent<'a> {
     }
 
     fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .expect("running")
-                .try_wait()
-                .expect("try_wait")
-            {
-                self.child = None;
-                panic!("xlb run exited early ({status}):\n{}", self.log());
-            }
-            if self.socket.exists()
-                && xlb(self.ns, &self.socket, &["vip", "list"])
-                    .status
-                    .success()
-            {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "xlb run did not answer within 10 s:\n{}",
-                self.log()
-            );
-            thread::sleep(Duration::from_millis(100));
-        }
+        let (ns, socket) = (self.ns, self.socket.clone());
+        common::wait_ready(
+            self.child.as_mut().expect("running"),
+            Duration::from_secs(10),
+            Duration::from_millis(100),
+            common::vip_list_probe(|args| xlb(ns, &socket, args)),
+            || fs::read_to_string(&self.log).unwrap_or_default(),
+        );
     }
 
     fn log(&self) -> String {
@@ -296,22 +97,12 @@ impl<'a> Agent<'a> {
     /// SIGTERM, then waits (bounded) for the exit.
     fn stop(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("agent already stopped");
-        let pid = libc::pid_t::try_from(child.id()).expect("pid fits");
-        // SAFETY: plain kill(2) on our own child, which has not been reaped yet.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                let _ = fs::remove_dir_all(&self.bpffs);
-                panic!("xlb run ignored SIGTERM for 10 s:\n{}", self.log());
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
+        common::terminate(&mut child, Duration::from_secs(10)).unwrap_or_else(|| {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = fs::remove_dir_all(&self.bpffs);
+            panic!("xlb run ignored SIGTERM for 10 s:\n{}", self.log());
+        })
     }
 
     fn ok(&self, args: &[&str]) -> String {
@@ -335,19 +126,7 @@ impl Drop for Agent<'_> {
             );
         }
         if let Some(mut child) = self.child.take() {
-            if let Ok(pid) = libc::pid_t::try_from(child.id()) {
-                // SAFETY: as in `stop`.
-                unsafe { libc::kill(pid, libc::SIGTERM) };
-            }
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while child.try_wait().ok().flatten().is_none() {
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break;
-                }
-                thread::sleep(Duration::from_millis(20));
-            }
+            common::terminate_or_kill(&mut child, Duration::from_secs(10));
         }
         let _ = fs::remove_dir_all(&self.bpffs);
     }
@@ -558,7 +337,7 @@ fn xdp_attached(ns: &Netns, ifname: &str) -> bool {
 #[test]
 fn verbs_end_to_end() {
     let topo = topology(2);
-    let dir = TempDir::new("verbs");
+    let dir = TempDir::new(SUITE, "verbs");
     let agent = Agent::start(&topo, &dir, &dir.join("state.json"));
 
     let empty = agent.ok(&["vip", "list"]);
@@ -741,7 +520,7 @@ fn stats_match_traffic() {
     const PER_PORT: u16 = 5; // datagrams from each, so N = 40
     const TCP_CONNS: u16 = 12; // M
     let topo = topology(2);
-    let dir = TempDir::new("stats");
+    let dir = TempDir::new(SUITE, "stats");
     let agent = Agent::start(&topo, &dir, &dir.join("state.json"));
     let mut servers = Servers::new();
     for i in 0..2 {
@@ -851,7 +630,7 @@ fn stats_match_traffic() {
 fn explain_matches_reality() {
     const CLIENTS: u16 = 100;
     let topo = topology(3);
-    let dir = TempDir::new("explain");
+    let dir = TempDir::new(SUITE, "explain");
     let agent = Agent::start(&topo, &dir, &dir.join("state.json"));
     let mut servers = Servers::new();
     let mut name_of = BTreeMap::new();
@@ -906,7 +685,7 @@ fn explain_matches_reality() {
 #[test]
 fn state_survives_restart() {
     let topo = topology(2);
-    let dir = TempDir::new("restart");
+    let dir = TempDir::new(SUITE, "restart");
     let state = dir.join("state").join("state.json");
     let lb_ifaces: Vec<String> = std::iter::once(&topo.client_link)
         .chain(&topo.backend_links)
@@ -1033,7 +812,7 @@ fn state_survives_restart() {
 #[test]
 fn bad_input_matrix() {
     let topo = topology(2);
-    let dir = TempDir::new("bad");
+    let dir = TempDir::new(SUITE, "bad");
     let agent = Agent::start(&topo, &dir, &dir.join("state.json"));
     let vip = "10.100.0.1:80/tcp";
     let b0 = backend_v4(0, 8080).to_string();
@@ -1155,7 +934,7 @@ fn bad_input_matrix() {
             dir.join(&format!("{tag}.json")).display().to_string(),
             "--bpffs".into(),
             Path::new("/sys/fs/bpf")
-                .join(unique(tag))
+                .join(common::unique(SUITE, tag))
                 .display()
                 .to_string(),
         ]
@@ -1187,7 +966,7 @@ fn bad_input_matrix() {
             Ok(())
         });
     }
-    let out = output_within(cmd, Duration::from_secs(20));
+    let out = output_within(&mut cmd, Duration::from_secs(20));
     check("not root", &argv, &out, "root");
 
     // A malformed line on the control socket gets an error reply; the connection and the

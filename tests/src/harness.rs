@@ -147,6 +147,7 @@ impl Lab {
             ring_size: TEST_RING_SIZE,
             max_vips: TEST_MAX_VIPS,
             hash_seed: DEFAULT_HASH_SEED,
+            ..DatapathConfig::default()
         })
         .unwrap_or_else(|e| panic!("loading the XDP program: {}", chain(&e)));
         Self {

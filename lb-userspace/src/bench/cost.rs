@@ -403,9 +403,17 @@ pub fn run_scaling(options: &ScalingOptions, quiet: bool) -> Result<Scaling> {
         progress(steps as u64, "scaling")
     };
     let new_base = 1u64 << 26;
+    // The benchmark runs on one CPU, and each CPU's LRU list holds entries / CPUs flows: size
+    // the table so the largest flow count fits on one CPU.
+    let largest = options.flows.iter().copied().max().unwrap_or(1);
+    let cpus = aya::util::nr_cpus().map_or(1, |n| n.get());
+    let conntrack_entries = u32::try_from(largest * u64::from(cpus))
+        .unwrap_or(u32::MAX)
+        .max(lb_common::CONNTRACK_ENTRIES);
     let config = |ring_size, max_vips| DatapathConfig {
         ring_size,
         max_vips,
+        conntrack_entries,
         ..DatapathConfig::default()
     };
     let mut flows = Vec::new();
