@@ -315,6 +315,44 @@ pub struct Scaling {
     pub flows: Vec<ScalingPoint>,
     pub backends: Vec<ScalingPoint>,
     pub vips: Vec<ScalingPoint>,
+    /// Control plane: building one ring of the default size (65537 slots).
+    pub maglev_build: Vec<MaglevBuild>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct MaglevBuild {
+    pub backends: u32,
+    /// Median of several builds.
+    pub median_ms: f64,
+}
+
+/// Times `lb_common::maglev::build_ring` for 65537 slots (criterion has the same in
+/// `lb-common/benches/maglev.rs`; this puts the figure in the report).
+fn maglev_build_times(sizes: &[u32]) -> Result<Vec<MaglevBuild>> {
+    use lb_common::maglev::{MaglevBackend, build_ring};
+    sizes
+        .iter()
+        .map(|&n| {
+            let set: Vec<_> = (0..n)
+                .map(|i| {
+                    let addr = lb_common::addr::v4_mapped([10, 1, (i >> 8) as u8, i as u8]);
+                    MaglevBackend::new(i, addr, 8080, 1)
+                })
+                .collect();
+            let mut samples: Vec<f64> = (0..7)
+                .map(|_| {
+                    let start = std::time::Instant::now();
+                    let ring = build_ring(&set, lb_common::DEFAULT_RING_SIZE);
+                    let ms = start.elapsed().as_secs_f64() * 1000.0;
+                    ring.map(|_| ms)
+                })
+                .collect::<Result<_, _>>()?;
+            Ok(MaglevBuild {
+                backends: n,
+                median_ms: median(&mut samples),
+            })
+        })
+        .collect()
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -448,5 +486,6 @@ pub fn run_scaling(options: &ScalingOptions, quiet: bool) -> Result<Scaling> {
         flows,
         backends,
         vips,
+        maglev_build: maglev_build_times(&[10, 100, 1000])?,
     })
 }
