@@ -82,6 +82,13 @@ pub fn print_scaling(s: &Scaling) {
             );
         }
     }
+    println!("Control plane: building one 65537-slot Maglev ring");
+    for m in &s.maglev_build {
+        println!(
+            "  {:>5} backends: {:>8.2} ms (median of 7)",
+            m.backends, m.median_ms
+        );
+    }
 }
 
 pub fn write_json<T: Serialize>(dir: &Path, name: &str, value: &T) -> Result<()> {
