@@ -10,8 +10,9 @@
 //! | client -- lb       | `10.210.0.0/24` | `.1`   | `.2`      |
 //! | lb -- container i  | `10.211.i.0/24` | `.1`   | `.2`      |
 //!
-//! The client's and the containers' ends compute TCP checksums in software (see
-//! [`crate::offload`]), as traffic from a real NIC would arrive.
+//! The client's and the containers' ends compute TCP checksums in software, as traffic from a
+//! real NIC would arrive: `Network::connect` turns TX checksum offload off on both ends of
+//! every veth (see `xlb_netns::Netns::set_tx_checksum` for why XDP needs that).
 //!
 //! (IPv6 link addresses exist too, as `xlb-netns` always adds both families, but the demo
 //! only uses IPv4.)
@@ -26,7 +27,6 @@ use xlb_netns::{
 
 use crate::{
     Interrupt,
-    offload::disable_tx_checksum,
     podman::{self, BRIDGE, HostLink, Podman},
 };
 
@@ -164,7 +164,6 @@ impl Lab {
         net.ns(lb).enable_forwarding()?;
         net.ns(client)
             .add_default_route(IpAddr::V4(client_link.a.ip4()))?;
-        disable_tx_checksum(net.ns(client), &client_link.b.ifname)?;
         refresh_gro(net.ns(client), &client_link.b.ifname)?;
         let mut lb_ifaces = vec![client_link.a.ifname.clone()];
         let mut containers = Vec::new();
@@ -181,7 +180,6 @@ impl Lab {
                 )
                 .with_context(|| format!("connecting {name} to the LB"))?;
             net.ns(ns).add_default_route(IpAddr::V4(link.a.ip4()))?;
-            disable_tx_checksum(net.ns(ns), &link.b.ifname)?;
             refresh_gro(net.ns(ns), &link.b.ifname)?;
             lb_ifaces.push(link.a.ifname.clone());
             containers.push(Container {

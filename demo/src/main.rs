@@ -11,7 +11,6 @@
 
 mod agent;
 mod lab;
-mod offload;
 mod podman;
 mod report;
 mod traffic;

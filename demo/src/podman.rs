@@ -30,7 +30,7 @@ use anyhow::{Context, Result, bail};
 use nix::{sys::signal::kill, unistd::Pid};
 use xlb_netns::{Netns, ipnet::Ipv4Net};
 
-use crate::{Interrupt, lab::PREFIX, offload::disable_tx_checksum};
+use crate::{Interrupt, lab::PREFIX};
 
 /// Shared with xlb's podman test: the same bytes either way, imported once.
 pub const IMAGE: &str = "localhost/xlb-busybox:latest";
@@ -298,7 +298,9 @@ impl HostLink {
         ]))?;
         bounded(Command::new("ip").args(["link", "set", &link.host_if, "up"]))?;
         client.add_address(Self::CLIENT_IF, Ipv4Net::new(client_ip, 30)?)?;
-        disable_tx_checksum(client, Self::CLIENT_IF)?;
+        // TX checksum offload off: XDP on the LB rewrites what the client sends (see
+        // `Netns::set_tx_checksum`); `Network::connect` does this for the lab's own veths.
+        client.set_tx_checksum(Self::CLIENT_IF, false)?;
         client.set_link_up(Self::CLIENT_IF)?;
         client.add_default_route(host_ip.into())?;
         Ok(link)

@@ -10,23 +10,26 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
     io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::unix::{net::UnixStream, process::CommandExt as _},
     path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Output, Stdio},
+    process::{ExitStatus, Output, Stdio},
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     thread::{self, JoinHandle},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use serde_json::Value;
 use xlb_netns::{Netns, Topology};
 
 mod common;
-use common::{TempDir, XLB, backend_v4, describe, json, ok, output_within, v4, xlb};
+use common::{
+    AgentProcess, TempDir, XLB, backend_v4, describe, json, ok, output_within, v4, xdp_attached,
+    xlb,
+};
 
 /// A small prime ring keeps map setup quick; the tests check it is what the agent reports.
 const RING: u64 = 1009;
@@ -46,10 +49,9 @@ fn topology(backends: usize) -> Topology {
 /// A running `xlb run`, stopped with SIGTERM when dropped.
 struct Agent<'a> {
     ns: &'a Netns,
-    child: Option<Child>,
+    process: AgentProcess,
     socket: PathBuf,
     bpffs: PathBuf,
-    log: PathBuf,
 }
 
 impl<'a> Agent<'a> {
@@ -67,42 +69,28 @@ impl<'a> Agent<'a> {
         let mut cmd = common::agent_command(ns.command(XLB), ifaces, &socket, state, &bpffs, &log);
         cmd.args(["--ring-size", &RING.to_string()])
             .env_remove("XLB_SOCKET");
-        let child = cmd.spawn().expect("spawning xlb run");
-        let mut agent = Self {
-            ns,
-            child: Some(child),
-            socket,
-            bpffs,
+        let process = AgentProcess::start(
+            cmd,
             log,
-        };
-        agent.wait_ready();
-        agent
-    }
-
-    fn wait_ready(&mut self) {
-        let (ns, socket) = (self.ns, self.socket.clone());
-        common::wait_ready(
-            self.child.as_mut().expect("running"),
             Duration::from_secs(10),
             Duration::from_millis(100),
             common::vip_list_probe(|args| xlb(ns, &socket, args)),
-            || fs::read_to_string(&self.log).unwrap_or_default(),
         );
+        Self {
+            ns,
+            process,
+            socket,
+            bpffs,
+        }
     }
 
     fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
+        self.process.log()
     }
 
     /// SIGTERM, then waits (bounded) for the exit.
     fn stop(&mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("agent already stopped");
-        common::terminate(&mut child, Duration::from_secs(10)).unwrap_or_else(|| {
-            let _ = child.kill();
-            let _ = child.wait();
-            let _ = fs::remove_dir_all(&self.bpffs);
-            panic!("xlb run ignored SIGTERM for 10 s:\n{}", self.log());
-        })
+        self.process.stop()
     }
 
     fn ok(&self, args: &[&str]) -> String {
@@ -116,20 +104,24 @@ impl<'a> Agent<'a> {
 
 impl Drop for Agent<'_> {
     fn drop(&mut self) {
-        if thread::panicking() && self.child.is_some() {
-            // What the agent saw, for the failure report.
-            let stats = xlb(self.ns, &self.socket, &["stats", "--json"]);
-            eprintln!(
-                "--- agent log ---\n{}\n--- xlb stats --json ---\n{}",
-                self.log(),
-                String::from_utf8_lossy(&stats.stdout)
-            );
-        }
-        if let Some(mut child) = self.child.take() {
-            common::terminate_or_kill(&mut child, Duration::from_secs(10));
-        }
+        self.process
+            .report_if_panicking(|| xlb(self.ns, &self.socket, &["stats", "--json"]));
+        self.process.terminate();
         let _ = fs::remove_dir_all(&self.bpffs);
     }
+}
+
+/// `bind(addr)` in backend `i`'s namespace.
+fn bind_in<S: Send>(
+    topo: &Topology,
+    i: usize,
+    addr: SocketAddr,
+    bind: impl FnOnce(SocketAddr) -> std::io::Result<S> + Send,
+) -> S {
+    topo.backend(i)
+        .run(move || bind(addr))
+        .expect("entering backend namespace")
+        .unwrap_or_else(|e| panic!("binding {addr}: {e}"))
 }
 
 /// Servers on every backend that answer with the backend's name (`b0`, `b1`, ...); stopped
@@ -149,11 +141,7 @@ impl Servers {
 
     /// A TCP server on `addr` in backend `i`'s namespace: writes the name and closes.
     fn tcp(&mut self, topo: &Topology, i: usize, addr: SocketAddr) {
-        let listener = topo
-            .backend(i)
-            .run(move || TcpListener::bind(addr))
-            .expect("entering backend namespace")
-            .unwrap_or_else(|e| panic!("binding {addr}: {e}"));
+        let listener = bind_in(topo, i, addr, TcpListener::bind);
         listener
             .set_nonblocking(true)
             .expect("nonblocking listener");
@@ -178,11 +166,7 @@ impl Servers {
 
     /// A UDP server on `addr` in backend `i`'s namespace: answers every datagram with the name.
     fn udp(&mut self, topo: &Topology, i: usize, addr: SocketAddr) {
-        let socket = topo
-            .backend(i)
-            .run(move || UdpSocket::bind(addr))
-            .expect("entering backend namespace")
-            .unwrap_or_else(|e| panic!("binding {addr}: {e}"));
+        let socket = bind_in(topo, i, addr, UdpSocket::bind);
         socket
             .set_read_timeout(Some(Duration::from_millis(50)))
             .expect("read timeout");
@@ -297,41 +281,6 @@ fn config_of(list: &Value) -> Vec<(String, u64, Vec<BackendRow>)> {
         .collect();
     out.sort();
     out
-}
-
-/// Whether any XDP program is attached to `ifname` in `ns`, asked over netlink.
-fn xdp_attached(ns: &Netns, ifname: &str) -> bool {
-    use futures_util::TryStreamExt as _;
-    use rtnetlink::packet_route::link::{LinkAttribute, LinkXdp, XdpAttached};
-    let ifname = ifname.to_owned();
-    ns.run(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
-            let (connection, handle, _) = rtnetlink::new_connection().expect("netlink");
-            let task = tokio::spawn(connection);
-            let msg = handle
-                .link()
-                .get()
-                .match_name(ifname.clone())
-                .execute()
-                .try_next()
-                .await
-                .unwrap_or_else(|e| panic!("getting link {ifname}: {e}"))
-                .unwrap_or_else(|| panic!("no link {ifname}"));
-            task.abort();
-            msg.attributes.iter().any(|a| {
-                matches!(a, LinkAttribute::Xdp(xdp) if xdp.iter().any(|x| match x {
-                    LinkXdp::Attached(how) => !matches!(how, XdpAttached::None),
-                    LinkXdp::ProgId(id) | LinkXdp::DrvProgId(id) | LinkXdp::SkbProgId(id) => *id != 0,
-                    _ => false,
-                }))
-            })
-        })
-    })
-    .expect("entering namespace")
 }
 
 #[test]

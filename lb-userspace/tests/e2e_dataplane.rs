@@ -17,10 +17,10 @@ use std::{
     io::{BufRead as _, BufReader, ErrorKind, Write as _},
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    process::{Command, Output, Stdio},
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU32, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     thread::{self, JoinHandle},
     time::{Duration, Instant},
@@ -29,7 +29,8 @@ use std::{
 use lb_userspace::api::Stats;
 use xlb_netns::{Netns, Topology};
 
-const XLB: &str = env!("CARGO_BIN_EXE_xlb");
+mod common;
+use common::{AgentProcess, XLB, counter};
 
 /// Distinct from other suites' prefixes, so their stale-namespace cleanup and
 /// ours never touch each other's namespaces.
@@ -42,18 +43,15 @@ const UDP_PORT: u16 = 5353;
 const SERVER_LIFETIME: Duration = Duration::from_secs(120);
 const IO_TIMEOUT: Duration = Duration::from_secs(3);
 
-static UNIQUE: AtomicU32 = AtomicU32::new(0);
+/// Names of temp dirs and pins start `xlb-e2e-`.
+const SUITE: &str = "e2e";
 
-fn unique(what: &str) -> String {
-    format!(
-        "xlb-e2e-{what}-{}-{}",
-        std::process::id(),
-        UNIQUE.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-/// The topology, with TX checksum offload off where traffic originates (the
-/// client's and the backends' ends), see [`disable_tx_checksum_offload`].
+/// The topology. `Network::connect` already turns TX checksum offload off on every end: a
+/// veth with it on hands its peer `CHECKSUM_PARTIAL` frames (the L4 checksum field holds only
+/// the pseudo-header sum, to be finished by "hardware"); native XDP on the peer cannot see
+/// that, rewrites addresses and ports with incremental checksum updates, and `XDP_REDIRECT`
+/// drops the partial-checksum state, so the receiver would drop the segment
+/// (`TcpInCsumErrors`). Frames from a real NIC carry complete checksums.
 fn topology(backends: usize) -> Topology {
     let topo = Topology::with_prefix(NS_PREFIX, backends).expect("building the namespace topology");
     for end in std::iter::once(&topo.client_link.b).chain(topo.backend_links.iter().map(|l| &l.b)) {
@@ -63,54 +61,8 @@ fn topology(backends: usize) -> Topology {
         // `rx_queue_0_drops` at the LB's ingress). Toggling it while up works.
         ns.set_gro(&end.ifname, false).expect("GRO off");
         ns.set_gro(&end.ifname, true).expect("GRO on");
-        ns.run(|| disable_tx_checksum_offload(&end.ifname))
-            .expect("entering a namespace")
-            .unwrap_or_else(|e| panic!("turning TX checksum offload off on {}: {e}", end.ifname));
     }
     topo
-}
-
-/// `ethtool -K IFNAME tx off`, for the calling thread's namespace.
-///
-/// A veth with TX checksum offload hands its peer `CHECKSUM_PARTIAL` frames:
-/// the L4 checksum field holds only the pseudo-header sum, to be finished
-/// by "hardware". Native XDP on the peer cannot see that (an `xdp_md` has no
-/// `ip_summed`), rewrites addresses and ports with incremental checksum
-/// updates, and `XDP_REDIRECT` turns the frame into an `xdp_frame` that drops
-/// the partial-checksum state, so the receiver sees a bad checksum and drops
-/// the segment (`TcpInCsumErrors`). Frames from a real NIC carry complete
-/// checksums; turning offload off on the sending ends gives the same here.
-fn disable_tx_checksum_offload(ifname: &str) -> std::io::Result<()> {
-    const SIOCETHTOOL: libc::c_ulong = 0x8946;
-    const ETHTOOL_STXCSUM: u32 = 0x17;
-    #[repr(C)]
-    struct EthtoolValue {
-        cmd: u32,
-        data: u32,
-    }
-    let mut value = EthtoolValue {
-        cmd: ETHTOOL_STXCSUM,
-        data: 0,
-    };
-    // SAFETY: an all-zero ifreq is valid; name and data are filled below.
-    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-    let name = ifname.as_bytes();
-    assert!(name.len() < ifr.ifr_name.len(), "interface name too long");
-    for (dst, &src) in ifr.ifr_name.iter_mut().zip(name) {
-        *dst = src as libc::c_char;
-    }
-    ifr.ifr_ifru.ifru_data = (&raw mut value).cast();
-    // SAFETY: plain socket(2).
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: ifr points at a valid ifreq whose data points at a live ethtool_value.
-    let rc = unsafe { libc::ioctl(fd, SIOCETHTOOL as _, &raw mut ifr) };
-    let err = std::io::Error::last_os_error();
-    // SAFETY: closing the socket we opened.
-    unsafe { libc::close(fd) };
-    if rc < 0 { Err(err) } else { Ok(()) }
 }
 
 // ---------------------------------------------------------------------------
@@ -121,87 +73,59 @@ fn disable_tx_checksum_offload(ifname: &str) -> std::io::Result<()> {
 /// log printed if the test is failing.
 struct Agent<'t> {
     lb: &'t Netns,
-    child: Child,
+    process: AgentProcess,
     dir: PathBuf,
     socket: PathBuf,
     bpffs: PathBuf,
-    log: PathBuf,
 }
 
 impl<'t> Agent<'t> {
     /// Attaches to the LB's client-facing interface and every backend-facing one.
     fn start(topo: &'t Topology) -> Self {
         let lb = topo.lb();
-        let dir = std::env::temp_dir().join(unique("agent"));
+        let dir = std::env::temp_dir().join(common::unique(SUITE, "agent"));
         fs::create_dir_all(&dir).expect("creating the agent's temp dir");
         let socket = dir.join("xlb.sock");
-        let state = dir.join("state.json");
         let log = dir.join("agent.log");
-        let bpffs = Path::new("/sys/fs/bpf").join(unique("pins"));
-        let mut args = vec!["run".to_owned()];
-        for ifname in std::iter::once(&topo.client_link.a.ifname)
-            .chain(topo.backend_links.iter().map(|l| &l.a.ifname))
-        {
-            args.extend(["--iface".to_owned(), ifname.clone()]);
-        }
-        args.extend([
-            "--socket".to_owned(),
-            socket.display().to_string(),
-            "--state".to_owned(),
-            state.display().to_string(),
-            "--bpffs".to_owned(),
-            bpffs.display().to_string(),
-        ]);
-        let out = fs::File::create(&log).expect("creating the agent log");
-        let err = out.try_clone().expect("cloning the agent log handle");
-        let child = lb
-            .command(XLB)
-            .args(&args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .expect("spawning `xlb run`");
-        let mut agent = Self {
+        let bpffs = Path::new("/sys/fs/bpf").join(common::unique(SUITE, "pins"));
+        let ifaces = std::iter::once(&topo.client_link.a.ifname)
+            .chain(topo.backend_links.iter().map(|l| &l.a.ifname));
+        let cmd = common::agent_command(
+            lb.command(XLB),
+            ifaces,
+            &socket,
+            &dir.join("state.json"),
+            &bpffs,
+            &log,
+        );
+        let try_cli = |args: &[&str]| {
+            Self::command_in(lb, &socket, args)
+                .output()
+                .expect("running the xlb CLI")
+        };
+        let process = AgentProcess::start(
+            cmd,
+            log,
+            Duration::from_secs(10),
+            Duration::from_millis(100),
+            common::vip_list_probe(try_cli),
+        );
+        Self {
             lb,
-            child,
+            process,
             dir,
             socket,
             bpffs,
-            log,
-        };
-        agent.wait_ready();
-        agent
-    }
-
-    fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("polling the agent") {
-                panic!("`xlb run` exited early with {status}:\n{}", self.log_text());
-            }
-            let out = self.try_cli(&["vip", "list"]);
-            if out.status.success() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "`xlb vip list` still fails 10 s after starting the agent: {}\nagent log:\n{}",
-                String::from_utf8_lossy(&out.stderr),
-                self.log_text()
-            );
-            thread::sleep(Duration::from_millis(100));
         }
     }
 
-    fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_else(|e| format!("(no log: {e})"))
+    fn command(&self, args: &[&str]) -> Command {
+        Self::command_in(self.lb, &self.socket, args)
     }
 
-    fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = self.lb.command(XLB);
-        cmd.env("XLB_SOCKET", &self.socket)
+    fn command_in(lb: &Netns, socket: &Path, args: &[&str]) -> Command {
+        let mut cmd = lb.command(XLB);
+        cmd.env("XLB_SOCKET", socket)
             .args(args)
             .stdin(Stdio::null());
         cmd
@@ -213,16 +137,7 @@ impl<'t> Agent<'t> {
 
     /// Runs an `xlb` command against this agent; panics if it fails.
     fn cli(&self, args: &[&str]) -> String {
-        let out = self.try_cli(args);
-        assert!(
-            out.status.success(),
-            "`xlb {}` failed ({}): {}{}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("xlb prints UTF-8")
+        common::success(args, self.try_cli(args))
     }
 
     fn add_vip(&self, vip: &str, backends: &[SocketAddr]) {
@@ -233,36 +148,13 @@ impl<'t> Agent<'t> {
     }
 
     fn stats(&self) -> Stats {
-        let text = self.cli(&["stats", "--json"]);
-        serde_json::from_str(&text).unwrap_or_else(|e| {
-            panic!("`xlb stats --json` printed something unparsable ({e}):\n{text}")
-        })
+        common::parse_json(&["stats", "--json"], &self.cli(&["stats", "--json"]))
     }
 }
 
 impl Drop for Agent<'_> {
     fn drop(&mut self) {
-        if let Ok(pid) = i32::try_from(self.child.id()) {
-            // SAFETY: plain kill(2) on the child we spawned and have not reaped.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut exited = false;
-        while Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_)) | Err(_)) {
-                exited = true;
-                break;
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-        if !exited {
-            eprintln!("xlb agent ignored SIGTERM for 10 s; killing it");
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        if thread::panicking() {
-            eprintln!("---- xlb agent log ----\n{}", self.log_text());
-        }
+        self.process.terminate_and_report();
         // The agent removes its pins on a clean exit; this is for the other kind.
         let _ = fs::remove_dir_all(&self.bpffs);
         let _ = fs::remove_dir_all(&self.dir);
@@ -551,15 +443,6 @@ fn backend_addrs(topo: &Topology, v6: bool, port: u16) -> Vec<SocketAddr> {
             SocketAddr::new(ip, port)
         })
         .collect()
-}
-
-fn counter(stats: &Stats, name: &str) -> u64 {
-    stats
-        .global
-        .iter()
-        .find(|c| c.name == name)
-        .unwrap_or_else(|| panic!("no global counter {name} in {:?}", stats.global))
-        .value
 }
 
 fn vip_new_flows(stats: &Stats, vip: &str) -> u64 {

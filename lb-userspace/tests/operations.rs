@@ -13,12 +13,12 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
     io::{ErrorKind, Read as _, Write as _},
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Output, Stdio},
+    process::{Command, ExitStatus, Output, Stdio},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering},
     },
     thread::{self, JoinHandle},
     time::{Duration, Instant},
@@ -27,21 +27,18 @@ use std::{
 use serde_json::Value;
 use xlb_netns::{Netns, Topology};
 
-const XLB: &str = env!("CARGO_BIN_EXE_xlb");
+mod common;
+use common::{
+    AgentProcess, TempDir, XLB, backend_v4, describe, ok, output_within, v4, xdp_attached, xlb,
+};
+
 /// A small prime ring keeps map setup quick.
 const RING: u64 = 1009;
 const VIP: &str = "10.100.0.1:80/tcp";
 const METRICS_PORT: u16 = 9464;
 
-static SEQ: AtomicUsize = AtomicUsize::new(0);
-
-fn unique(tag: &str) -> String {
-    format!(
-        "xlb-ops-{tag}-{}-{}",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    )
-}
+/// Names of temp dirs and pins start `xlb-ops-`.
+const SUITE: &str = "ops";
 
 /// The three-namespace topology; `Network::connect` already turns TX checksum offload off
 /// (XDP rewrites would otherwise leave `CHECKSUM_PARTIAL` frames the receiver drops) and GRO
@@ -57,36 +54,8 @@ fn lb_ifaces(topo: &Topology) -> Vec<String> {
         .collect()
 }
 
-/// A per-test directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let path = std::env::temp_dir().join(unique(tag));
-        fs::create_dir_all(&path).expect("creating temp dir");
-        Self(path)
-    }
-
-    fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-fn v4(ip: Ipv4Addr, port: u16) -> SocketAddr {
-    SocketAddr::new(IpAddr::V4(ip), port)
-}
-
 fn backend_addr(i: usize) -> SocketAddr {
-    v4(
-        Ipv4Addr::new(10, 11, u8::try_from(i).expect("< 256 backends"), 2),
-        8080,
-    )
+    backend_v4(i, 8080)
 }
 
 fn vip_addr() -> SocketAddr {
@@ -105,82 +74,6 @@ fn addr_of(name: &str) -> String {
 // ---------------------------------------------------------------------------------------------
 // Running `xlb`
 
-/// `cmd` with its output captured, killed if it runs longer than `limit`.
-fn output_within(mut cmd: Command, limit: Duration) -> Output {
-    let what = format!("{cmd:?}");
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawning {what}: {e}"));
-    let mut out = child.stdout.take().expect("piped");
-    let mut err = child.stderr.take().expect("piped");
-    let out_reader = thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = out.read_to_end(&mut v);
-        v
-    });
-    let err_reader = thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = err.read_to_end(&mut v);
-        v
-    });
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("waiting for child") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{what} did not finish within {limit:?}");
-        }
-        thread::sleep(Duration::from_millis(5));
-    };
-    Output {
-        status,
-        stdout: out_reader.join().expect("stdout reader"),
-        stderr: err_reader.join().expect("stderr reader"),
-    }
-}
-
-/// Runs `xlb ARGS --socket SOCKET` in `ns`.
-fn xlb(ns: &Netns, socket: &Path, args: &[&str]) -> Output {
-    let mut cmd = ns.command(XLB);
-    cmd.args(args)
-        .arg("--socket")
-        .arg(socket)
-        .env_remove("XLB_SOCKET");
-    output_within(cmd, Duration::from_secs(40))
-}
-
-fn describe(args: &[&str], out: &Output) -> String {
-    format!(
-        "xlb {}: {}\nstdout:\n{}\nstderr:\n{}",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn ok(ns: &Netns, socket: &Path, args: &[&str]) -> String {
-    let out = xlb(ns, socket, args);
-    assert!(
-        out.status.success(),
-        "expected success: {}",
-        describe(args, &out)
-    );
-    String::from_utf8(out.stdout).expect("utf-8 stdout")
-}
-
-fn kill(child: &Child, signal: libc::c_int) {
-    let pid = libc::pid_t::try_from(child.id()).expect("pid fits");
-    // SAFETY: plain kill(2) on our own child, which has not been reaped yet.
-    unsafe { libc::kill(pid, signal) };
-}
-
 /// Removes a bpffs directory on drop, after `xlb detach` took down whatever a
 /// `--keep-attached` agent left attached. Declare it before the agent: locals drop in reverse
 /// order, and `detach` refuses while an agent answers on the socket.
@@ -194,7 +87,7 @@ impl<'a> Pins<'a> {
     fn new(ns: &'a Netns, dir: &TempDir) -> Self {
         Self {
             ns,
-            dir: Path::new("/sys/fs/bpf").join(unique("pins")),
+            dir: Path::new("/sys/fs/bpf").join(common::unique(SUITE, "pins")),
             socket: dir.join("xlb.sock"),
         }
     }
@@ -228,9 +121,8 @@ impl Drop for Pins<'_> {
 /// A running `xlb run`, stopped with SIGTERM when dropped.
 struct Agent<'a> {
     ns: &'a Netns,
-    child: Option<Child>,
+    process: AgentProcess,
     socket: PathBuf,
-    log: PathBuf,
 }
 
 impl<'a> Agent<'a> {
@@ -244,93 +136,44 @@ impl<'a> Agent<'a> {
         extra: &[&str],
     ) -> Self {
         let ns = topo.lb();
-        let log = dir.join(&format!(
-            "agent-{}.log",
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        ));
-        let log_file = fs::File::create(&log).expect("creating agent log");
-        let mut cmd = ns.command(XLB);
-        cmd.arg("run");
-        for iface in lb_ifaces(topo) {
-            cmd.arg("--iface").arg(iface);
-        }
-        cmd.arg("--socket")
-            .arg(&pins.socket)
-            .arg("--state")
-            .arg(state)
-            .arg("--bpffs")
-            .arg(&pins.dir)
-            .args(["--ring-size", &RING.to_string()])
+        let log = dir.join(&format!("agent-{}.log", common::seq()));
+        let mut cmd = common::agent_command(
+            ns.command(XLB),
+            &lb_ifaces(topo),
+            &pins.socket,
+            state,
+            &pins.dir,
+            &log,
+        );
+        cmd.args(["--ring-size", &RING.to_string()])
             .args(extra)
-            .env_remove("XLB_SOCKET")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().expect("dup log"))
-            .stderr(log_file);
-        let child = cmd.spawn().expect("spawning xlb run");
-        let mut agent = Self {
-            ns,
-            child: Some(child),
-            socket: pins.socket.clone(),
+            .env_remove("XLB_SOCKET");
+        let socket = pins.socket.clone();
+        let process = AgentProcess::start(
+            cmd,
             log,
-        };
-        agent.wait_ready();
-        agent
-    }
-
-    fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .expect("running")
-                .try_wait()
-                .expect("try_wait")
-            {
-                self.child = None;
-                panic!("xlb run exited early ({status}):\n{}", self.log());
-            }
-            if self.socket.exists()
-                && xlb(self.ns, &self.socket, &["vip", "list"])
-                    .status
-                    .success()
-            {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "xlb run did not answer within 15 s:\n{}",
-                self.log()
-            );
-            thread::sleep(Duration::from_millis(20));
+            Duration::from_secs(15),
+            Duration::from_millis(20),
+            common::vip_list_probe(|args| xlb(ns, &socket, args)),
+        );
+        Self {
+            ns,
+            process,
+            socket,
         }
     }
 
     fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
+        self.process.log()
     }
 
-    fn signal(&self, signal: libc::c_int) {
-        kill(self.child.as_ref().expect("agent running"), signal);
+    fn signal(&mut self, signal: libc::c_int) {
+        self.process.signal(signal);
     }
 
     /// SIGTERM, then waits (bounded) for the exit.
     fn stop(&mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("agent already stopped");
-        kill(&child, libc::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("xlb run ignored SIGTERM for 10 s:\n{}", self.log());
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
+        self.process.stop()
     }
 
     fn run(&self, args: &[&str]) -> Output {
@@ -342,9 +185,7 @@ impl<'a> Agent<'a> {
     }
 
     fn json(&self, args: &[&str]) -> Value {
-        let text = self.ok(args);
-        serde_json::from_str(&text)
-            .unwrap_or_else(|e| panic!("xlb {}: not JSON ({e}):\n{text}", args.join(" ")))
+        common::json(self.ns, &self.socket, args)
     }
 
     /// `backend list VIP --json`, keyed by backend address.
@@ -388,26 +229,9 @@ impl<'a> Agent<'a> {
 
 impl Drop for Agent<'_> {
     fn drop(&mut self) {
-        if thread::panicking() && self.child.is_some() {
-            let stats = xlb(self.ns, &self.socket, &["stats", "--json"]);
-            eprintln!(
-                "--- agent log ---\n{}\n--- xlb stats --json ---\n{}",
-                self.log(),
-                String::from_utf8_lossy(&stats.stdout)
-            );
-        }
-        if let Some(mut child) = self.child.take() {
-            kill(&child, libc::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while child.try_wait().ok().flatten().is_none() {
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break;
-                }
-                thread::sleep(Duration::from_millis(10));
-            }
-        }
+        self.process
+            .report_if_panicking(|| xlb(self.ns, &self.socket, &["stats", "--json"]));
+        self.process.terminate();
     }
 }
 
@@ -518,6 +342,13 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Line servers on backends `0..n`.
+fn line_servers(topo: &Topology, n: usize) -> Vec<Server> {
+    (0..n)
+        .map(|i| Server::start(topo, i, Mode::Lines))
+        .collect()
 }
 
 fn serve(mut conn: TcpStream, name: &str, mode: &Mode, stop: &AtomicBool) {
@@ -724,41 +555,6 @@ fn http_get(ns: &Netns, addr: SocketAddr, path: &str) -> std::io::Result<(String
     .expect("entering namespace")
 }
 
-/// Whether any XDP program is attached to `ifname` in `ns`, asked over netlink (IFLA_XDP).
-fn xdp_attached(ns: &Netns, ifname: &str) -> bool {
-    use futures_util::TryStreamExt as _;
-    use rtnetlink::packet_route::link::{LinkAttribute, LinkXdp, XdpAttached};
-    let ifname = ifname.to_owned();
-    ns.run(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
-            let (connection, handle, _) = rtnetlink::new_connection().expect("netlink");
-            let task = tokio::spawn(connection);
-            let msg = handle
-                .link()
-                .get()
-                .match_name(ifname.clone())
-                .execute()
-                .try_next()
-                .await
-                .unwrap_or_else(|e| panic!("getting link {ifname}: {e}"))
-                .unwrap_or_else(|| panic!("no link {ifname}"));
-            task.abort();
-            msg.attributes.iter().any(|a| {
-                matches!(a, LinkAttribute::Xdp(xdp) if xdp.iter().any(|x| match x {
-                    LinkXdp::Attached(how) => !matches!(how, XdpAttached::None),
-                    LinkXdp::ProgId(id) | LinkXdp::DrvProgId(id) | LinkXdp::SkbProgId(id) => *id != 0,
-                    _ => false,
-                }))
-            })
-        })
-    })
-    .expect("entering namespace")
-}
-
 /// Scrapes the agent's metrics from inside the LB namespace and parses them with
 /// `prometheus-parse`, an implementation independent of the encoder.
 fn scrape(topo: &Topology) -> prometheus_parse::Scrape {
@@ -791,10 +587,8 @@ fn health_checks_take_failing_backends_out_and_back() {
     const FALL: u64 = 2;
     const RISE: u64 = 2;
     let topo = topology(3);
-    let dir = TempDir::new("health");
-    let mut servers: Vec<Server> = (0..3)
-        .map(|i| Server::start(&topo, i, Mode::Lines))
-        .collect();
+    let dir = TempDir::new(SUITE, "health");
+    let mut servers = line_servers(&topo, 3);
     let pins = Pins::new(topo.lb(), &dir);
     let agent = Agent::start(&topo, &dir, &pins, &dir.join("state.json"), &[]);
     add_vip(
@@ -905,7 +699,7 @@ fn health_checks_take_failing_backends_out_and_back() {
 #[test]
 fn http_health_check_takes_a_503_backend_out() {
     let topo = topology(3);
-    let dir = TempDir::new("http-health");
+    let dir = TempDir::new(SUITE, "http-health");
     let statuses: Vec<Arc<AtomicU16>> = (0..3).map(|_| Arc::new(AtomicU16::new(200))).collect();
     statuses[1].store(503, Ordering::Relaxed);
     let _servers: Vec<Server> = (0..3)
@@ -974,10 +768,8 @@ fn http_health_check_takes_a_503_backend_out() {
 #[test]
 fn draining_keeps_established_connections() {
     let topo = topology(3);
-    let dir = TempDir::new("drain");
-    let _servers: Vec<Server> = (0..3)
-        .map(|i| Server::start(&topo, i, Mode::Lines))
-        .collect();
+    let dir = TempDir::new(SUITE, "drain");
+    let _servers = line_servers(&topo, 3);
     let pins = Pins::new(topo.lb(), &dir);
     let agent = Agent::start(&topo, &dir, &pins, &dir.join("state.json"), &[]);
     add_vip(&agent, 3, &[]);
@@ -1176,11 +968,9 @@ impl Drop for Traffic {
 fn restart_without_dropping() {
     const RESTARTS: usize = 3;
     let topo = topology(2);
-    let dir = TempDir::new("restart");
+    let dir = TempDir::new(SUITE, "restart");
     let state = dir.join("state.json");
-    let _servers: Vec<Server> = (0..2)
-        .map(|i| Server::start(&topo, i, Mode::Lines))
-        .collect();
+    let _servers = line_servers(&topo, 2);
     let pins = Pins::new(topo.lb(), &dir);
     let mut agent = Agent::start(&topo, &dir, &pins, &state, &["--keep-attached"]);
     add_vip(&agent, 2, &[]);
@@ -1272,10 +1062,8 @@ fn restart_without_dropping() {
 #[test]
 fn metrics_scrape() {
     let topo = topology(2);
-    let dir = TempDir::new("metrics");
-    let _servers: Vec<Server> = (0..2)
-        .map(|i| Server::start(&topo, i, Mode::Lines))
-        .collect();
+    let dir = TempDir::new(SUITE, "metrics");
+    let _servers = line_servers(&topo, 2);
     let pins = Pins::new(topo.lb(), &dir);
     let agent = Agent::start(&topo, &dir, &pins, &dir.join("state.json"), &[]);
     add_vip(&agent, 2, &[]);
@@ -1366,7 +1154,7 @@ fn config_text(backends: &[(usize, u32)]) -> String {
 fn config_check(file: &Path) -> Output {
     let mut cmd = Command::new(XLB);
     cmd.args(["config", "check"]).arg(file);
-    output_within(cmd, Duration::from_secs(20))
+    output_within(&mut cmd, Duration::from_secs(20))
 }
 
 /// A copy of `text` with backend `i`'s address made invalid; the file, its broken line (1-based)
@@ -1407,10 +1195,8 @@ fn assert_located(out: &Output, file: &Path, line: usize, quote_col: usize) {
 #[test]
 fn config_and_reload() {
     let topo = topology(3);
-    let dir = TempDir::new("config");
-    let mut servers: Vec<Server> = (0..3)
-        .map(|i| Server::start(&topo, i, Mode::Lines))
-        .collect();
+    let dir = TempDir::new(SUITE, "config");
+    let mut servers = line_servers(&topo, 3);
     let file = dir.join("xlb.toml");
     let text = config_text(&[(0, 1), (1, 1)]);
     fs::write(&file, &text).expect("writing config");
@@ -1545,7 +1331,7 @@ struct Tmpfs(TempDir);
 
 impl Tmpfs {
     fn mount(tag: &str, size: &str) -> Self {
-        let dir = TempDir::new(tag);
+        let dir = TempDir::new(SUITE, tag);
         nix::mount::mount(
             Some("tmpfs"),
             &dir.0,
@@ -1567,7 +1353,7 @@ impl Drop for Tmpfs {
 #[test]
 fn persisting_state_survives_a_full_disk() {
     let topo = topology(1);
-    let dir = TempDir::new("fulldisk");
+    let dir = TempDir::new(SUITE, "fulldisk");
     let _server = Server::start(&topo, 0, Mode::Lines);
     let disk = Tmpfs::mount("fulldisk-fs", "16k");
     let state = disk.0.join("state.json");

@@ -33,7 +33,7 @@ use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
     os::{fd::AsRawFd as _, unix::process::CommandExt as _},
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    process::{Command, Output},
     thread,
     time::{Duration, Instant},
 };
@@ -41,7 +41,8 @@ use std::{
 use lb_userspace::api::Stats;
 use xlb_netns::Netns;
 
-const XLB: &str = env!("CARGO_BIN_EXE_xlb");
+mod common;
+use common::{AgentProcess, XLB, counter, output_within};
 
 /// Names of everything this suite creates start with this (containers
 /// `xlbpm-PID-N`, namespaces `xlbpm-client-PID-N`, the host veth `xlbpmPID`),
@@ -62,33 +63,6 @@ const IO_TIMEOUT: Duration = Duration::from_secs(3);
 // ---------------------------------------------------------------------------
 // Bounded commands
 // ---------------------------------------------------------------------------
-
-/// Runs `cmd` to completion within `timeout`, killing it otherwise.
-fn output_within(cmd: &mut Command, timeout: Duration) -> Output {
-    let what = format!("{cmd:?}");
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("starting {what}: {e}"));
-    let deadline = Instant::now() + timeout;
-    while child
-        .try_wait()
-        .unwrap_or_else(|e| panic!("waiting for {what}: {e}"))
-        .is_none()
-    {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{what} did not finish within {} s", timeout.as_secs());
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    child
-        .wait_with_output()
-        .unwrap_or_else(|e| panic!("collecting the output of {what}: {e}"))
-}
 
 fn must(cmd: &mut Command) -> String {
     let what = format!("{cmd:?}");
@@ -469,11 +443,10 @@ impl Drop for HostForwarding {
 // ---------------------------------------------------------------------------
 
 struct Agent {
-    child: Child,
+    process: AgentProcess,
     dir: PathBuf,
     socket: PathBuf,
     bpffs: PathBuf,
-    log: PathBuf,
 }
 
 impl Agent {
@@ -485,24 +458,15 @@ impl Agent {
         let socket = dir.join("xlb.sock");
         let log = dir.join("agent.log");
         let bpffs = Path::new("/sys/fs/bpf").join(format!("{PREFIX}{pid}"));
-        let mut cmd = Command::new(XLB);
-        cmd.arg("run");
-        for iface in ifaces {
-            cmd.args(["--iface", iface]);
-        }
-        cmd.args(["--xdp-mode", "auto", "--socket"])
-            .arg(&socket)
-            .arg("--state")
-            .arg(dir.join("state.json"))
-            .arg("--bpffs")
-            .arg(&bpffs);
-        let out = fs::File::create(&log).expect("creating the agent log");
-        let err = out.try_clone().expect("cloning the agent log handle");
-        cmd.env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err);
+        let mut cmd = common::agent_command(
+            Command::new(XLB),
+            ifaces,
+            &socket,
+            &dir.join("state.json"),
+            &bpffs,
+            &log,
+        );
+        cmd.args(["--xdp-mode", "auto"]).env("NO_COLOR", "1");
         // SAFETY: prctl is async-signal-safe and touches no memory of ours.
         unsafe {
             cmd.pre_exec(|| {
@@ -514,93 +478,40 @@ impl Agent {
                 }
             });
         }
-        let child = cmd.spawn().expect("spawning `xlb run`");
-        let mut agent = Self {
-            child,
+        let process = AgentProcess::start(
+            cmd,
+            log,
+            Duration::from_secs(10),
+            Duration::from_millis(100),
+            common::vip_list_probe(|args| Self::cli_at(&socket, args)),
+        );
+        Self {
+            process,
             dir,
             socket,
             bpffs,
-            log,
-        };
-        agent.wait_ready();
-        agent
-    }
-
-    fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("polling the agent") {
-                panic!("`xlb run` exited early with {status}:\n{}", self.log_text());
-            }
-            let out = self.try_cli(&["vip", "list"]);
-            if out.status.success() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "`xlb vip list` still fails 10 s after starting the agent: {}\nagent log:\n{}",
-                String::from_utf8_lossy(&out.stderr),
-                self.log_text()
-            );
-            thread::sleep(Duration::from_millis(100));
         }
     }
 
-    fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_else(|e| format!("(no log: {e})"))
-    }
-
-    fn try_cli(&self, args: &[&str]) -> Output {
+    fn cli_at(socket: &Path, args: &[&str]) -> Output {
         output_within(
-            Command::new(XLB).env("XLB_SOCKET", &self.socket).args(args),
+            Command::new(XLB).env("XLB_SOCKET", socket).args(args),
             COMMAND_TIMEOUT,
         )
     }
 
     fn cli(&self, args: &[&str]) -> String {
-        let out = self.try_cli(args);
-        assert!(
-            out.status.success(),
-            "`xlb {}` failed ({}): {}{}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("xlb prints UTF-8")
+        common::success(args, Self::cli_at(&self.socket, args))
     }
 
     fn stats(&self) -> Stats {
-        let text = self.cli(&["stats", "--json"]);
-        serde_json::from_str(&text).unwrap_or_else(|e| {
-            panic!("`xlb stats --json` printed something unparsable ({e}):\n{text}")
-        })
+        common::parse_json(&["stats", "--json"], &self.cli(&["stats", "--json"]))
     }
 }
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        if let Ok(pid) = i32::try_from(self.child.id()) {
-            // SAFETY: plain kill(2) on the child we spawned and have not reaped.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut exited = false;
-        while Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_)) | Err(_)) {
-                exited = true;
-                break;
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-        if !exited {
-            eprintln!("xlb agent ignored SIGTERM for 10 s; killing it");
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        if thread::panicking() {
-            eprintln!("---- xlb agent log ----\n{}", self.log_text());
-        }
+        self.process.terminate_and_report();
         let _ = fs::remove_dir_all(&self.bpffs);
         let _ = fs::remove_dir_all(&self.dir);
     }
@@ -631,15 +542,6 @@ fn http_get(addr: SocketAddr) -> std::io::Result<String> {
         return Err(bad("empty body"));
     }
     Ok(body.to_owned())
-}
-
-fn counter(stats: &Stats, name: &str) -> u64 {
-    stats
-        .global
-        .iter()
-        .find(|c| c.name == name)
-        .unwrap_or_else(|| panic!("no global counter {name} in {:?}", stats.global))
-        .value
 }
 
 // ---------------------------------------------------------------------------

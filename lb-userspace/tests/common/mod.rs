@@ -16,6 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use lb_userspace::api::Stats;
 use serde::de::DeserializeOwned;
 use xlb_netns::Netns;
 
@@ -37,7 +38,7 @@ pub fn unique(suite: &str, tag: &str) -> String {
 
 /// A per-test directory under the system temp dir, removed on drop.
 #[allow(dead_code)]
-pub struct TempDir(PathBuf);
+pub struct TempDir(pub PathBuf);
 
 #[allow(dead_code)]
 impl TempDir {
@@ -159,7 +160,7 @@ pub fn json(ns: &Netns, socket: &Path, args: &[&str]) -> serde_json::Value {
 }
 
 /// kill(2) on `child`, unless it has been reaped already (its pid may be reused by then).
-pub fn signal(child: &mut Child, signal: libc::c_int) {
+fn signal(child: &mut Child, signal: libc::c_int) {
     if matches!(child.try_wait(), Ok(None)) {
         let pid = libc::pid_t::try_from(child.id()).expect("pid fits");
         // SAFETY: plain kill(2) on our own child, which has not been reaped yet.
@@ -168,7 +169,7 @@ pub fn signal(child: &mut Child, signal: libc::c_int) {
 }
 
 /// SIGTERM, then waits up to `limit` for the exit; `None` if the child is still running.
-pub fn terminate(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+fn terminate(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
     signal(child, libc::SIGTERM);
     let deadline = Instant::now() + limit;
     loop {
@@ -178,14 +179,6 @@ pub fn terminate(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
             // An error means there is nothing left to wait for.
             Ok(None) | Err(_) => return None,
         }
-    }
-}
-
-/// [`terminate`], then SIGKILL if that did not end it.
-pub fn terminate_or_kill(child: &mut Child, limit: Duration) {
-    if terminate(child, limit).is_none() {
-        let _ = child.kill();
-        let _ = child.wait();
     }
 }
 
@@ -217,31 +210,127 @@ pub fn agent_command<'a>(
     cmd
 }
 
-/// Polls `probe` every `poll` until it says the agent answers; panics with `log()` if the
-/// agent exits first or `limit` passes (with the probe's last complaint).
-pub fn wait_ready(
-    child: &mut Child,
-    limit: Duration,
-    poll: Duration,
-    mut probe: impl FnMut() -> Result<(), String>,
-    log: impl Fn() -> String,
-) {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().expect("polling the agent") {
-            panic!("xlb run exited early ({status}):\n{}", log());
-        }
-        let complaint = match probe() {
-            Ok(()) => return,
-            Err(complaint) => complaint,
+/// How long an agent gets to exit after SIGTERM before it is killed (or, for
+/// [`AgentProcess::stop`], the test fails).
+const STOP_LIMIT: Duration = Duration::from_secs(10);
+
+/// A spawned `xlb run` and its log file; SIGTERM (then SIGKILL) when dropped.
+pub struct AgentProcess {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl AgentProcess {
+    /// Spawns `cmd` (see [`agent_command`]; it logs to `log`) and polls `probe` every `poll`
+    /// until it says the agent answers; panics with the log if the agent exits first or
+    /// `limit` passes.
+    pub fn start(
+        mut cmd: Command,
+        log: PathBuf,
+        limit: Duration,
+        poll: Duration,
+        mut probe: impl FnMut() -> Result<(), String>,
+    ) -> Self {
+        let child = cmd.spawn().expect("spawning `xlb run`");
+        let mut agent = Self {
+            child: Some(child),
+            log,
         };
-        assert!(
-            Instant::now() < deadline,
-            "xlb run did not answer within {} s: {complaint}\nagent log:\n{}",
-            limit.as_secs(),
-            log()
-        );
-        thread::sleep(poll);
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = agent.child_mut().try_wait().expect("polling the agent") {
+                panic!("xlb run exited early ({status}):\n{}", agent.log());
+            }
+            let complaint = match probe() {
+                Ok(()) => return agent,
+                Err(complaint) => complaint,
+            };
+            assert!(
+                Instant::now() < deadline,
+                "xlb run did not answer within {} s: {complaint}\nagent log:\n{}",
+                limit.as_secs(),
+                agent.log()
+            );
+            thread::sleep(poll);
+        }
+    }
+
+    fn child_mut(&mut self) -> &mut Child {
+        self.child.as_mut().expect("agent already stopped")
+    }
+
+    /// What the agent logged so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_else(|e| format!("(no log: {e})"))
+    }
+
+    /// Whether it has been neither stopped nor terminated yet.
+    #[allow(dead_code)]
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    #[allow(dead_code)]
+    pub fn signal(&mut self, signal: libc::c_int) {
+        self::signal(self.child_mut(), signal);
+    }
+
+    /// SIGTERM, then waits (bounded) for the exit; panics (after SIGKILL) if it does not come.
+    #[allow(dead_code)]
+    pub fn stop(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("agent already stopped");
+        terminate(&mut child, STOP_LIMIT).unwrap_or_else(|| {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "xlb run ignored SIGTERM for {} s:\n{}",
+                STOP_LIMIT.as_secs(),
+                self.log()
+            );
+        })
+    }
+
+    /// For a failing test's report, while the agent still runs: its log and `stats`'s output
+    /// (e.g. `xlb stats --json`).
+    #[allow(dead_code)]
+    pub fn report_if_panicking(&self, stats: impl FnOnce() -> Output) {
+        if thread::panicking() && self.is_running() {
+            let stats = stats();
+            eprintln!(
+                "--- agent log ---\n{}\n--- xlb stats --json ---\n{}",
+                self.log(),
+                String::from_utf8_lossy(&stats.stdout)
+            );
+        }
+    }
+
+    /// [`Self::terminate`], then the log if the test is failing.
+    #[allow(dead_code)]
+    pub fn terminate_and_report(&mut self) {
+        self.terminate();
+        if thread::panicking() {
+            eprintln!("---- xlb agent log ----\n{}", self.log());
+        }
+    }
+
+    /// SIGTERM, then SIGKILL if that did not end it in time; a no-op once stopped.
+    pub fn terminate(&mut self) {
+        if let Some(mut child) = self.child.take()
+            && terminate(&mut child, STOP_LIMIT).is_none()
+        {
+            eprintln!(
+                "xlb agent ignored SIGTERM for {} s; killing it",
+                STOP_LIMIT.as_secs()
+            );
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.terminate();
     }
 }
 
@@ -255,4 +344,51 @@ pub fn vip_list_probe(run: impl Fn(&[&str]) -> Output) -> impl FnMut() -> Result
             Err(describe(&["vip", "list"], &out))
         }
     }
+}
+
+/// Whether any XDP program is attached to `ifname` in `ns`, asked over netlink (IFLA_XDP).
+#[allow(dead_code)]
+pub fn xdp_attached(ns: &Netns, ifname: &str) -> bool {
+    use futures_util::TryStreamExt as _;
+    use rtnetlink::packet_route::link::{LinkAttribute, LinkXdp, XdpAttached};
+    let ifname = ifname.to_owned();
+    ns.run(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let (connection, handle, _) = rtnetlink::new_connection().expect("netlink");
+            let task = tokio::spawn(connection);
+            let msg = handle
+                .link()
+                .get()
+                .match_name(ifname.clone())
+                .execute()
+                .try_next()
+                .await
+                .unwrap_or_else(|e| panic!("getting link {ifname}: {e}"))
+                .unwrap_or_else(|| panic!("no link {ifname}"));
+            task.abort();
+            msg.attributes.iter().any(|a| {
+                matches!(a, LinkAttribute::Xdp(xdp) if xdp.iter().any(|x| match x {
+                    LinkXdp::Attached(how) => !matches!(how, XdpAttached::None),
+                    LinkXdp::ProgId(id) | LinkXdp::DrvProgId(id) | LinkXdp::SkbProgId(id) => *id != 0,
+                    _ => false,
+                }))
+            })
+        })
+    })
+    .expect("entering namespace")
+}
+
+/// A global counter from `xlb stats --json`.
+#[allow(dead_code)]
+pub fn counter(stats: &Stats, name: &str) -> u64 {
+    stats
+        .global
+        .iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("no global counter {name} in {:?}", stats.global))
+        .value
 }
