@@ -48,6 +48,15 @@ pub fn vip(n: u32) -> VipSpec {
     }
 }
 
+/// The UDP VIP every benchmark environment also has: `vip(0)`'s address, port 53.
+#[must_use]
+pub fn udp_vip() -> SocketAddrV4 {
+    match vip(0).addr {
+        std::net::SocketAddr::V4(v) => SocketAddrV4::new(*v.ip(), 53),
+        std::net::SocketAddr::V6(_) => unreachable!("bench VIPs are IPv4"),
+    }
+}
+
 pub struct BenchEnv {
     pub ns: Netns,
     /// Holds the veth's other end: dropping it would delete `bench0` too.
@@ -79,8 +88,11 @@ impl BenchEnv {
         let datapath = Datapath::load(config).context("loading the XDP program")?;
         let mut balancer = Balancer::new(datapath);
         balancer.allow_egress(egress)?;
-        for v in 0..vips {
-            let spec = vip(v);
+        let udp = VipSpec {
+            addr: std::net::SocketAddr::V4(udp_vip()),
+            proto: Protocol::Udp,
+        };
+        for spec in (0..vips).map(vip).chain(std::iter::once(udp)) {
             balancer.add_vip(spec)?;
             for b in 0..backends {
                 let addr = SocketAddrV4::new(backend_addr(b), BACKEND_PORT);

@@ -23,7 +23,7 @@ pub const COST_METHOD: &str = "BPF_PROG_TEST_RUN, repeat=1 per call, kernel-repo
 pub fn print_cost(rows: &[CostRow]) {
     println!("Program cost per packet ({COST_METHOD})");
     println!(
-        "{:<22} {:>22} {:>9} {:>10} {:>11} {:>9} {:>10} {:>12}",
+        "{:<28} {:>22} {:>9} {:>10} {:>11} {:>9} {:>10} {:>12}",
         "packet",
         "xlb ns min/med/max",
         "Mpps/core",
@@ -35,7 +35,7 @@ pub fn print_cost(rows: &[CostRow]) {
     );
     for r in rows {
         println!(
-            "{:<22} {:>22} {:>9.2} {:>10.0} {:>11.0} {:>9.2} {:>10.2} {:>12}",
+            "{:<28} {:>22} {:>9.2} {:>10.0} {:>11.0} {:>9.2} {:>10.2} {:>12}",
             r.packet,
             format!(
                 "{:.0}/{:.0}/{:.0}",
