@@ -51,14 +51,17 @@ fn cargo() -> Command {
 
 fn build() -> Result<()> {
     step("building the XDP object, the xlb binary and the demo (release)");
+    // `--bin` filters apply to every selected package: name both binaries.
     run(cargo().args([
         "build",
         "--release",
         "-p",
         "lb-userspace",
+        "-p",
+        "xlb-demo",
         "--bin",
         "xlb",
-        "-p",
+        "--bin",
         "xlb-demo",
     ]))
 }
