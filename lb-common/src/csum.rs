@@ -13,18 +13,6 @@ pub const fn fold(mut sum: u32) -> u16 {
     sum as u16
 }
 
-/// Adds the big-endian 16-bit words of `bytes` to `acc`. `N` must be even.
-#[inline(always)]
-#[must_use]
-pub fn add_words<const N: usize>(mut acc: u32, bytes: &[u8; N]) -> u32 {
-    let mut i = 0;
-    while i + 1 < N {
-        acc += u32::from(u16::from_be_bytes([bytes[i], bytes[i + 1]]));
-        i += 2;
-    }
-    acc
-}
-
 /// The accumulated change of a set of replaced 16-bit words: `Σ(~old + new)`.
 ///
 /// Build one per checksum (the IPv4 header's, the L4 one), then `apply` it. Sixteen-byte

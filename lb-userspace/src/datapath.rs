@@ -14,8 +14,8 @@ use aya::{
 };
 use lb_common::{
     Backend, CONNTRACK_ENTRIES, Counter, DEFAULT_HASH_SEED, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE,
-    FlowKey, FlowState, HASH_SEED_SYMBOL, MAX_BACKENDS, ReverseNat, TrafficCounters, VipInfo,
-    VipKey, maglev::is_prime, map_names, program_names,
+    FlowKey, FlowState, HASH_SEED_SYMBOL, ReverseNat, TrafficCounters, VipInfo, VipKey,
+    maglev::is_prime, map_names, program_names,
 };
 use thiserror::Error;
 
@@ -374,28 +374,6 @@ impl Datapath {
         self.xdp(program)
     }
 
-    /// Pins every map under `dir` (which must be on bpffs), so tools and a restarted agent
-    /// can find them.
-    ///
-    /// # Errors
-    /// `dir` not on bpffs, or a pin already there.
-    pub fn pin_maps(&self, dir: &Path) -> Result<()> {
-        for name in map_names::ALL {
-            let map = self
-                .ebpf
-                .map(name)
-                .ok_or(DatapathError::Missing { kind: "map", name })?;
-            let path = dir.join(name);
-            let _ = std::fs::remove_file(&path);
-            map.pin(&path).map_err(|source| DatapathError::Pin {
-                name,
-                path: path.display().to_string(),
-                source,
-            })?;
-        }
-        Ok(())
-    }
-
     fn map_data(&mut self, name: &'static str) -> Result<&mut aya::maps::Map> {
         self.ebpf
             .map_mut(name)
@@ -431,11 +409,6 @@ impl Datapath {
     pub fn conntrack(&self) -> Result<HashMap<&MapData, FlowKey, FlowState>> {
         let name = map_names::CONNTRACK;
         HashMap::try_from(self.map_ref(name)?).map_err(map_err(name))
-    }
-
-    pub fn conntrack_mut(&mut self) -> Result<HashMap<&mut MapData, FlowKey, FlowState>> {
-        let name = map_names::CONNTRACK;
-        HashMap::try_from(self.map_data(name)?).map_err(map_err(name))
     }
 
     pub fn reverse_nat(&self) -> Result<HashMap<&MapData, FlowKey, ReverseNat>> {
@@ -499,11 +472,6 @@ impl Datapath {
     /// Zeroes a backend's counters (its id may have served a removed backend).
     pub fn reset_backend_traffic(&mut self, backend_id: u32) -> Result<()> {
         self.reset_traffic(map_names::BACKEND_STATS, backend_id)
-    }
-
-    #[must_use]
-    pub const fn max_backends() -> u32 {
-        MAX_BACKENDS
     }
 }
 
