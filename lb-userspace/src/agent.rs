@@ -465,14 +465,14 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     };
 
     paths::ensure_bpffs_dir(&options.bpffs)?;
-    let datapath = Datapath::load_pinned(options.datapath, &options.bpffs).with_context(|| {
-        format!(
-            "loading the XDP program with its maps pinned under {} (if a previous agent ran \
+    let mut datapath =
+        Datapath::load_pinned(options.datapath, &options.bpffs).with_context(|| {
+            format!(
+                "loading the XDP program with its maps pinned under {} (if a previous agent ran \
              with other --ring-size/--max-vips, remove its data path with `xlb detach`)",
-            options.bpffs.display()
-        )
-    })?;
-    let mut datapath = datapath;
+                options.bpffs.display()
+            )
+        })?;
     match datapath.logger() {
         Ok(logger) => {
             tokio::spawn(forward_data_plane_logs(logger));
@@ -499,9 +499,21 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         match attach(&mut balancer, name, *index, options.mode, &pin) {
             Ok(link) => links.push(link),
             Err(e) => {
-                // Leave nothing half-attached behind a failed start.
+                // Leave nothing half-attached behind a failed start; pins and maps too,
+                // unless they belong to a data path a previous agent left running.
+                let adopted = links.iter().any(|l: &PinnedAttachment| l.adopted);
                 for link in links {
-                    let _ = link.detach();
+                    if link.adopted {
+                        link.keep();
+                    } else {
+                        let _ = link.detach();
+                    }
+                }
+                if !adopted {
+                    let _ = fs::remove_dir_all(&options.bpffs);
+                }
+                for file in forwarding_enabled {
+                    let _ = fs::write(file, "0");
                 }
                 return Err(e);
             }
