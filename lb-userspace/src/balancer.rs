@@ -478,15 +478,7 @@ impl Balancer {
             })?;
         self.use_port(vip.addr.port(), true, -1)?;
         for (addr, backend) in &entry.backends {
-            self.datapath
-                .backends()?
-                .set(backend.id, &Backend::default(), 0)
-                .map_err(|source| DatapathError::Map {
-                    name: lb_common::map_names::BACKENDS,
-                    source,
-                })?;
-            self.backend_ids.give_back(backend.id);
-            self.use_port(addr.port(), false, -1)?;
+            self.release_backend(backend.id, *addr)?;
         }
         self.vip_ids.give_back(entry.id);
         Ok(())
@@ -589,15 +581,20 @@ impl Balancer {
             .ok_or(BalancerError::UnknownBackend { vip: *vip, backend })?;
         // Ring first, so no packet can pick the backend after its entry is cleared.
         self.rebuild_ring(vip)?;
+        self.release_backend(removed.id, backend)
+    }
+
+    /// Clears a removed backend's entry (its flows stop matching), frees its id and its port.
+    fn release_backend(&mut self, id: u32, addr: SocketAddr) -> Result<()> {
         self.datapath
             .backends()?
-            .set(removed.id, &Backend::default(), 0)
+            .set(id, &Backend::default(), 0)
             .map_err(|source| DatapathError::Map {
                 name: lb_common::map_names::BACKENDS,
                 source,
             })?;
-        self.backend_ids.give_back(removed.id);
-        self.use_port(backend.port(), false, -1)?;
+        self.backend_ids.give_back(id);
+        self.use_port(addr.port(), false, -1)?;
         Ok(())
     }
 

@@ -383,49 +383,34 @@ fn point(
             std::net::SocketAddr::V4(v) => v,
             std::net::SocketAddr::V6(_) => unreachable!(),
         };
+        // Runs flow n's packet through xlb, which must forward it; returns the cost in ns.
+        let forward = |n: u64, flags: u8, what: &str| -> Result<f64> {
+            let (o, _) = env.run_once(
+                program_names::XLB,
+                &frames::tcp(client(n), vip_of(n), flags),
+            )?;
+            ensure!(o.action == XDP_REDIRECT, "{what} {n}: action {}", o.action);
+            Ok(o.duration.as_nanos() as f64)
+        };
         // Establish the flows (not timed).
         for n in 0..flows {
-            let (o, _) = env.run_once(
-                program_names::XLB,
-                &frames::tcp(client(n), vip_of(n), TCP_SYN),
-            )?;
-            ensure!(
-                o.action == XDP_REDIRECT,
-                "establishing flow {n}: action {}",
-                o.action
-            );
+            forward(n, TCP_SYN, "establishing flow")?;
         }
         let hits_before = counter(env, Counter::ConntrackHit)?;
-        let mut established = Vec::with_capacity(calls as usize);
-        for i in 0..u64::from(calls) {
-            // Spread samples over the live flows (a multiplicative walk, not a cache-friendly sweep).
-            let n = (i.wrapping_mul(2_654_435_761)) % flows;
-            let (o, _) = env.run_once(
-                program_names::XLB,
-                &frames::tcp(client(n), vip_of(n), TCP_ACK),
-            )?;
-            ensure!(
-                o.action == XDP_REDIRECT,
-                "established flow {n}: action {}",
-                o.action
-            );
-            established.push(o.duration.as_nanos() as f64);
-        }
+        // Spread samples over the live flows (a multiplicative walk, not a cache-friendly sweep).
+        let mut established = (0..u64::from(calls))
+            .map(|i| {
+                forward(
+                    i.wrapping_mul(2_654_435_761) % flows,
+                    TCP_ACK,
+                    "established flow",
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
         let hits = counter(env, Counter::ConntrackHit)? - hits_before;
-        let mut new = Vec::with_capacity(calls as usize);
-        for i in 0..u64::from(calls) {
-            let n = new_base + i;
-            let (o, _) = env.run_once(
-                program_names::XLB,
-                &frames::tcp(client(n), vip_of(n), TCP_SYN),
-            )?;
-            ensure!(
-                o.action == XDP_REDIRECT,
-                "new flow {n}: action {}",
-                o.action
-            );
-            new.push(o.duration.as_nanos() as f64);
-        }
+        let mut new = (0..u64::from(calls))
+            .map(|i| forward(new_base + i, TCP_SYN, "new flow"))
+            .collect::<Result<Vec<_>>>()?;
         Ok(ScalingPoint {
             x,
             established_ns: median(&mut established),
