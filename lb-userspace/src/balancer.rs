@@ -612,30 +612,14 @@ impl Balancer {
         if let Some(w) = weight {
             Self::validate_weight(w)?;
         }
-        let entry = self
-            .vips
-            .get_mut(vip)
-            .ok_or(BalancerError::UnknownVip(*vip))?;
-        let vip_id = entry.id;
-        let b = entry
-            .backends
-            .get_mut(&backend)
-            .ok_or(BalancerError::UnknownBackend { vip: *vip, backend })?;
-        if let Some(w) = weight {
-            b.weight = w;
-        }
-        let was_in_ring = b.in_ring();
-        if let Some(s) = state {
-            b.state = s;
-        }
-        let (id, flags, in_ring) = (b.id, b.flags(), b.in_ring());
-        // Leaving the ring: the ring first, then the flag (established flows still match
-        // until the flag says otherwise). Joining: the flag first, then the ring.
-        if was_in_ring && !in_ring {
-            self.rebuild_ring(vip)?;
-        }
-        self.write_flags(id, vip_id, backend, flags)?;
-        self.rebuild_ring(vip)
+        self.change_backend(vip, backend, |b| {
+            if let Some(w) = weight {
+                b.weight = w;
+            }
+            if let Some(s) = state {
+                b.state = s;
+            }
+        })
     }
 
     /// Records a health-check verdict. Returns whether anything changed.
@@ -648,6 +632,28 @@ impl Balancer {
         backend: SocketAddr,
         healthy: bool,
     ) -> Result<bool> {
+        let entry = self.vips.get(vip).ok_or(BalancerError::UnknownVip(*vip))?;
+        let b = entry
+            .backends
+            .get(&backend)
+            .ok_or(BalancerError::UnknownBackend { vip: *vip, backend })?;
+        if b.healthy == healthy {
+            return Ok(false);
+        }
+        self.change_backend(vip, backend, |b| b.healthy = healthy)?;
+        Ok(true)
+    }
+
+    /// Applies `change` to a backend, then tells the data plane in the order that never lets a
+    /// packet see a half-made change. Leaving the ring: the ring first, then the flags (its
+    /// established flows still match until the flags say otherwise). Joining, or staying:
+    /// the flags first, then the ring.
+    fn change_backend(
+        &mut self,
+        vip: &VipSpec,
+        backend: SocketAddr,
+        change: impl FnOnce(&mut BackendEntry),
+    ) -> Result<()> {
         let entry = self
             .vips
             .get_mut(vip)
@@ -657,21 +663,15 @@ impl Balancer {
             .backends
             .get_mut(&backend)
             .ok_or(BalancerError::UnknownBackend { vip: *vip, backend })?;
-        if b.healthy == healthy {
-            return Ok(false);
-        }
-        b.healthy = healthy;
-        let (id, flags) = (b.id, b.flags());
-        if healthy {
-            self.write_flags(id, vip_id, backend, flags)?;
+        let was_in_ring = b.in_ring();
+        change(b);
+        let (id, flags, in_ring) = (b.id, b.flags(), b.in_ring());
+        if was_in_ring && !in_ring {
             self.rebuild_ring(vip)?;
-        } else {
-            // Out of the ring, then flags 0: its connection-table entries stop matching, so
-            // its flows re-hash to live backends on their next packet.
-            self.rebuild_ring(vip)?;
-            self.write_flags(id, vip_id, backend, flags)?;
+            return self.write_flags(id, vip_id, backend, flags);
         }
-        Ok(true)
+        self.write_flags(id, vip_id, backend, flags)?;
+        self.rebuild_ring(vip)
     }
 
     /// Sets (or clears) the VIP's health-check spec; the agent runs the checks.
