@@ -16,8 +16,9 @@ pub mod map_names {
     pub const VIP_STATS: &str = "XLB_VIPSTATS";
     pub const BACKEND_STATS: &str = "XLB_BESTATS";
     pub const PORTS: &str = "XLB_PORTS";
+    pub const ENDPOINTS: &str = "XLB_ENDPOINTS";
     /// All maps the agent pins, in a stable order.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         VIPS,
         MAGLEV,
         BACKENDS,
@@ -28,6 +29,7 @@ pub mod map_names {
         VIP_STATS,
         BACKEND_STATS,
         PORTS,
+        ENDPOINTS,
     ];
 }
 
@@ -190,6 +192,25 @@ pub struct FlowState {
     /// `CLOCK_MONOTONIC` (coarse) time of the flow's last packet, refreshed at most once a
     /// second: how the agent tells a draining backend's live flows from finished ones.
     pub last_seen_ns: u64,
+    /// Where replies go: back out of the interface the client's packet came in on, to the
+    /// MAC it came from.
+    pub reply_next_hop: NextHop,
+}
+
+/// Value of `XLB_ENDPOINTS`, keyed by a backend's address, port and protocol (a `VipKey`
+/// layout). A reply from an endpoint that serves one VIP finds its flow's own entry (client →
+/// that VIP) in the connection table, so a new flow needs no reverse-NAT entry: one table
+/// insert per flow instead of two. Endpoints shared by several VIPs keep per-flow
+/// reverse-NAT entries; `vip` then stays the VIP it served first, whose flows may predate
+/// the sharing and have no reverse entry.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointVip {
+    pub vip_addr: [u8; 16],
+    pub vip_port_be: u16,
+    pub _pad: u16,
+    /// How many VIPs this endpoint is a backend of.
+    pub vips: u32,
 }
 
 /// How stale `FlowState::last_seen_ns` may get before it is rewritten.
@@ -325,6 +346,7 @@ mod pod {
     unsafe impl aya::Pod for super::ReverseNat {}
     unsafe impl aya::Pod for super::TrafficCounters {}
     unsafe impl aya::Pod for super::BenchFrame {}
+    unsafe impl aya::Pod for super::EndpointVip {}
 }
 
 #[cfg(test)]
@@ -340,7 +362,8 @@ mod tests {
         assert_eq!(size_of::<Backend>(), 16 + 2 + 1 + 1 + 4);
         assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 3);
         assert_eq!(size_of::<NextHop>(), 4 + 6 + 6);
-        assert_eq!(size_of::<FlowState>(), 4 + 16 + 4 + 8);
+        assert_eq!(size_of::<FlowState>(), 4 + 16 + 4 + 8 + 16);
+        assert_eq!(size_of::<EndpointVip>(), 16 + 2 + 2 + 4);
         assert_eq!(size_of::<ReverseNat>(), 16 + 2 + 2 + 4 + 16);
         assert_eq!(size_of::<TrafficCounters>(), 24);
     }

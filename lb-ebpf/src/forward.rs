@@ -17,7 +17,10 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{BACKENDS, CONNTRACK, EGRESS_PORTS, MAGLEV, PORTS, REVERSE_NAT, VIPS, XLB_HASH_SEED},
+    maps::{
+        BACKENDS, CONNTRACK, EGRESS_PORTS, ENDPOINTS, MAGLEV, PORTS, REVERSE_NAT, VIPS,
+        XLB_HASH_SEED,
+    },
     nat::{Endpoint, rewrite},
     packet::XdpPacket,
     stats::{count, count_forwarded},
@@ -62,11 +65,11 @@ pub fn process(ctx: &XdpContext) -> u32 {
             return t.refused;
         }
         cache
-    } else if let Some(reverse) = (role(p.sport_be) & PORT_IS_BACKEND != 0)
-        .then(|| REVERSE_NAT.get_ptr_mut(&flow_key(&p)))
-        .flatten()
+    } else if role(p.sport_be) & PORT_IS_BACKEND != 0
+        && let cache = to_client(&p, &mut t)
+        && !cache.is_null()
     {
-        to_client(reverse, &mut t)
+        cache
     } else {
         count(Counter::NotForUs);
         return xdp_action::XDP_PASS;
@@ -159,30 +162,43 @@ fn to_backend(ctx: &XdpContext, p: &Parsed, vip: &VipInfo, t: &mut Translation) 
                 next_hop: NextHop::default(),
                 _pad: 0,
                 last_seen_ns: now,
+                reply_next_hop: reply_next_hop(ctx, pkt, p),
             };
             if let Err(errno) = CONNTRACK.insert(&key, &state, 0) {
                 // Rare by construction (LRU maps evict instead of failing): worth a log line.
                 count(Counter::ConntrackInsertFailed);
                 warn!(ctx, "connection-table insert failed: errno {}", errno);
             }
-            let reply = FlowKey {
-                src: b.addr,
-                dst: p.src,
-                sport_be: b.port_be,
-                dport_be: p.sport_be,
+            // Replies find this flow's own entry through the endpoint table, unless the
+            // backend serves several VIPs: then they need a reverse entry of their own.
+            let endpoint = VipKey {
+                addr: b.addr,
+                port_be: b.port_be,
                 proto: p.proto,
-                _pad: [0; 3],
+                _pad: [0; 5],
             };
-            let reverse = ReverseNat {
-                vip_addr: p.dst,
-                vip_port_be: p.dport_be,
-                _pad: 0,
-                vip_id: vip.vip_id,
-                next_hop: reply_next_hop(ctx, pkt, p),
-            };
-            if let Err(errno) = REVERSE_NAT.insert(&reply, &reverse, 0) {
-                count(Counter::ConntrackInsertFailed);
-                warn!(ctx, "reverse-NAT insert failed: errno {}", errno);
+            // SAFETY: the agent replaces endpoint entries whole.
+            let shared = unsafe { ENDPOINTS.get(&endpoint) }.is_none_or(|e| e.vips != 1);
+            if shared {
+                let reply = FlowKey {
+                    src: b.addr,
+                    dst: p.src,
+                    sport_be: b.port_be,
+                    dport_be: p.sport_be,
+                    proto: p.proto,
+                    _pad: [0; 3],
+                };
+                let reverse = ReverseNat {
+                    vip_addr: p.dst,
+                    vip_port_be: p.dport_be,
+                    _pad: 0,
+                    vip_id: vip.vip_id,
+                    next_hop: reply_next_hop(ctx, pkt, p),
+                };
+                if let Err(errno) = REVERSE_NAT.insert(&reply, &reverse, 0) {
+                    count(Counter::ConntrackInsertFailed);
+                    warn!(ctx, "reverse-NAT insert failed: errno {}", errno);
+                }
             }
             (id, b, CONNTRACK.get_ptr_mut(&key), true)
         }
@@ -223,17 +239,57 @@ fn pick_backend(key: &FlowKey, vip: &VipInfo, ipv6: bool) -> Option<(u32, &'stat
     usable_backend(id, vip.vip_id, ipv6, BACKEND_ACTIVE).map(|b| (id, b))
 }
 
-/// A reply from a backend: its source becomes the VIP again.
-#[inline(always)]
-fn to_client(reverse: *mut ReverseNat, t: &mut Translation) -> *mut NextHop {
-    count(Counter::ReverseNat);
-    // SAFETY: LRU values stay valid for the duration of the program run (RCU).
-    unsafe {
-        t.endpoint = Endpoint::Source;
-        t.addr = (*reverse).vip_addr;
-        t.port_be = (*reverse).vip_port_be;
-        &raw mut (*reverse).next_hop
+/// A reply from a backend: its source becomes the VIP again. Returns where the flow keeps
+/// the reply's next hop, or null when the packet belongs to no flow xlb knows.
+#[inline(never)]
+fn to_client(p: &Parsed, t: &mut Translation) -> *mut NextHop {
+    let endpoint = VipKey {
+        addr: p.src,
+        port_be: p.sport_be,
+        proto: p.proto,
+        _pad: [0; 5],
+    };
+    // SAFETY: the agent replaces endpoint entries whole.
+    let Some(e) = (unsafe { ENDPOINTS.get(&endpoint) }) else {
+        return core::ptr::null_mut();
+    };
+    if e.vips != 1
+        && let Some(reverse) = REVERSE_NAT.get_ptr_mut(&flow_key(p))
+    {
+        count(Counter::ReverseNat);
+        // SAFETY: LRU values stay valid for the duration of the program run (RCU).
+        unsafe {
+            t.endpoint = Endpoint::Source;
+            t.addr = (*reverse).vip_addr;
+            t.port_be = (*reverse).vip_port_be;
+            return &raw mut (*reverse).next_hop;
+        }
     }
+    // The flow's own entry, client → VIP; it must be this backend's (the client may have
+    // other flows to the same VIP on other backends).
+    let key = FlowKey {
+        src: p.dst,
+        dst: e.vip_addr,
+        sport_be: p.dport_be,
+        dport_be: e.vip_port_be,
+        proto: p.proto,
+        _pad: [0; 3],
+    };
+    let Some(state) = CONNTRACK.get_ptr_mut(&key) else {
+        return core::ptr::null_mut();
+    };
+    // SAFETY: LRU values stay valid for the duration of the program run (RCU).
+    let backend_id = unsafe { (*state).backend_id };
+    match BACKENDS.get(backend_id) {
+        Some(b) if b.addr == p.src && b.port_be == p.sport_be => {}
+        _ => return core::ptr::null_mut(),
+    }
+    count(Counter::ReverseNat);
+    t.endpoint = Endpoint::Source;
+    t.addr = e.vip_addr;
+    t.port_be = e.vip_port_be;
+    // SAFETY: as above.
+    unsafe { &raw mut (*state).reply_next_hop }
 }
 
 /// How a packet is to be rewritten (8-aligned, address first: see `lb_common::abi`).

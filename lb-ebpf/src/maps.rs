@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, CONNTRACK_ENTRIES, Counter, DEFAULT_HASH_SEED, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE,
-    FlowKey, FlowState, MAX_BACKENDS, MAX_EGRESS_PORTS, PORT_ENTRIES, ReverseNat, TrafficCounters,
-    VipInfo, VipKey,
+    EndpointVip, FlowKey, FlowState, MAX_BACKENDS, MAX_EGRESS_PORTS, PORT_ENTRIES, ReverseNat,
+    TrafficCounters, VipInfo, VipKey,
 };
 
 /// Flow-hash seed; the agent sets it at load time (`EbpfLoader::override_global`).
@@ -31,6 +31,10 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 #[map(name = "XLB_CONNTRACK")]
 pub static CONNTRACK: LruHashMap<FlowKey, FlowState> =
     LruHashMap::with_max_entries(CONNTRACK_ENTRIES, BPF_F_NO_COMMON_LRU);
+
+/// Backend endpoint → the VIP it serves (see `lb_common::EndpointVip`).
+#[map(name = "XLB_ENDPOINTS")]
+pub static ENDPOINTS: HashMap<VipKey, EndpointVip> = HashMap::with_max_entries(MAX_BACKENDS, 0);
 
 #[map(name = "XLB_REVNAT")]
 pub static REVERSE_NAT: LruHashMap<FlowKey, ReverseNat> =

@@ -10,8 +10,8 @@ use std::{
 };
 
 use lb_common::{
-    BACKEND_ACTIVE, BACKEND_DRAINING, Backend, FlowKey, IPPROTO_TCP, IPPROTO_UDP, MAX_BACKENDS,
-    PORT_IS_BACKEND, PORT_IS_VIP, TrafficCounters, VipInfo, VipKey,
+    BACKEND_ACTIVE, BACKEND_DRAINING, Backend, EndpointVip, FlowKey, IPPROTO_TCP, IPPROTO_UDP,
+    MAX_BACKENDS, PORT_IS_BACKEND, PORT_IS_VIP, TrafficCounters, VipInfo, VipKey,
     addr::to_bytes,
     hash::flow_hash,
     maglev::{MaglevBackend, MaglevError, build_ring},
@@ -323,6 +323,9 @@ pub struct Balancer {
     vips: BTreeMap<VipSpec, VipEntry>,
     /// How many VIPs and backends use each port: the data plane's `XLB_PORTS` filter.
     port_users: BTreeMap<u16, PortUsers>,
+    /// The VIPs each backend endpoint serves, oldest first: the data plane's
+    /// `XLB_ENDPOINTS` (see `lb_common::EndpointVip`).
+    endpoint_vips: BTreeMap<(SocketAddr, Protocol), Vec<VipSpec>>,
     vip_ids: IdPool,
     backend_ids: IdPool,
 }
@@ -356,6 +359,7 @@ impl Balancer {
             datapath,
             vips: BTreeMap::new(),
             port_users: BTreeMap::new(),
+            endpoint_vips: BTreeMap::new(),
             vip_ids: IdPool::new(max_vips),
             backend_ids: IdPool::new(MAX_BACKENDS),
         }
@@ -396,6 +400,49 @@ impl Balancer {
                 })?;
         }
         Ok(())
+    }
+
+    /// Records that `backend` serves `vip` (`join`) or no longer does, and writes the
+    /// endpoint's entry: the oldest VIP it serves and how many. Called before a backend entry
+    /// is written and after one is removed.
+    fn update_endpoint(
+        &mut self,
+        backend: SocketAddr,
+        vip: VipSpec,
+        join: bool,
+    ) -> Result<(), DatapathError> {
+        let list = self.endpoint_vips.entry((backend, vip.proto)).or_default();
+        if join {
+            list.push(vip);
+        } else {
+            list.retain(|v| *v != vip);
+        }
+        let key = VipKey::new(backend, vip.proto.number());
+        let err = |source| DatapathError::Map {
+            name: lb_common::map_names::ENDPOINTS,
+            source,
+        };
+        match list.first().copied() {
+            Some(first) => {
+                let value = EndpointVip {
+                    vip_addr: to_bytes(first.addr.ip()),
+                    vip_port_be: first.addr.port().to_be(),
+                    _pad: 0,
+                    vips: list.len() as u32,
+                };
+                self.datapath
+                    .endpoints()?
+                    .insert(&key, &value, 0)
+                    .map_err(err)
+            }
+            None => {
+                self.endpoint_vips.remove(&(backend, vip.proto));
+                match self.datapath.endpoints()?.remove(&key) {
+                    Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                    Err(source) => Err(err(source)),
+                }
+            }
+        }
     }
 
     fn ring_size(&self) -> u32 {
@@ -478,7 +525,7 @@ impl Balancer {
             })?;
         self.use_port(vip.addr.port(), true, -1)?;
         for (addr, backend) in &entry.backends {
-            self.release_backend(backend.id, *addr)?;
+            self.release_backend(vip, backend.id, *addr)?;
         }
         self.vip_ids.give_back(entry.id);
         Ok(())
@@ -527,6 +574,7 @@ impl Balancer {
             .ok_or(BalancerError::BackendSlotsExhausted(MAX_BACKENDS))?;
         if let Err(e) = self
             .use_port(backend.port(), false, 1)
+            .and_then(|()| self.update_endpoint(backend, *vip, true))
             .map_err(BalancerError::from)
             .and_then(|()| {
                 self.write_backend(id, vip_id, backend, BACKEND_ACTIVE, wanted.is_none())
@@ -581,11 +629,11 @@ impl Balancer {
             .ok_or(BalancerError::UnknownBackend { vip: *vip, backend })?;
         // Ring first, so no packet can pick the backend after its entry is cleared.
         self.rebuild_ring(vip)?;
-        self.release_backend(removed.id, backend)
+        self.release_backend(vip, removed.id, backend)
     }
 
     /// Clears a removed backend's entry (its flows stop matching), frees its id and its port.
-    fn release_backend(&mut self, id: u32, addr: SocketAddr) -> Result<()> {
+    fn release_backend(&mut self, vip: &VipSpec, id: u32, addr: SocketAddr) -> Result<()> {
         self.datapath
             .backends()?
             .set(id, &Backend::default(), 0)
@@ -595,6 +643,7 @@ impl Balancer {
             })?;
         self.backend_ids.give_back(id);
         self.use_port(addr.port(), false, -1)?;
+        self.update_endpoint(addr, *vip, false)?;
         Ok(())
     }
 

@@ -14,8 +14,8 @@ use aya::{
 };
 use lb_common::{
     Backend, CONNTRACK_ENTRIES, Counter, DEFAULT_HASH_SEED, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE,
-    FlowKey, FlowState, HASH_SEED_SYMBOL, ReverseNat, TrafficCounters, VipInfo, VipKey,
-    maglev::is_prime, map_names, program_names,
+    EndpointVip, FlowKey, FlowState, HASH_SEED_SYMBOL, ReverseNat, TrafficCounters, VipInfo,
+    VipKey, maglev::is_prime, map_names, program_names,
 };
 use thiserror::Error;
 
@@ -394,6 +394,11 @@ impl Datapath {
     pub fn rings(&mut self) -> Result<Array<&mut MapData, u32>> {
         let name = map_names::MAGLEV;
         Array::try_from(self.map_data(name)?).map_err(map_err(name))
+    }
+
+    pub fn endpoints(&mut self) -> Result<HashMap<&mut MapData, VipKey, EndpointVip>> {
+        let name = map_names::ENDPOINTS;
+        HashMap::try_from(self.map_data(name)?).map_err(map_err(name))
     }
 
     pub fn ports(&mut self) -> Result<Array<&mut MapData, u8>> {
