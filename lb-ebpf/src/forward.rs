@@ -157,12 +157,13 @@ fn to_backend(ctx: &XdpContext, p: &Parsed, vip: &VipInfo, t: &mut Translation) 
                 t.refused = xdp_action::XDP_DROP;
                 return core::ptr::null_mut();
             };
+            let reply_hop = reply_next_hop(ctx, pkt, p);
             let state = FlowState {
                 backend_id: id,
                 next_hop: NextHop::default(),
                 _pad: 0,
                 last_seen_ns: now,
-                reply_next_hop: reply_next_hop(ctx, pkt, p),
+                reply_next_hop: reply_hop,
             };
             if let Err(errno) = CONNTRACK.insert(&key, &state, 0) {
                 // Rare by construction (LRU maps evict instead of failing): worth a log line.
@@ -193,7 +194,7 @@ fn to_backend(ctx: &XdpContext, p: &Parsed, vip: &VipInfo, t: &mut Translation) 
                     vip_port_be: p.dport_be,
                     _pad: 0,
                     vip_id: vip.vip_id,
-                    next_hop: reply_next_hop(ctx, pkt, p),
+                    next_hop: reply_hop,
                 };
                 if let Err(errno) = REVERSE_NAT.insert(&reply, &reverse, 0) {
                     count(Counter::ConntrackInsertFailed);
