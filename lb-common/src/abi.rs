@@ -43,8 +43,10 @@ pub const PORT_ENTRIES: u32 = 65_536;
 
 /// Program names in the object file.
 pub mod program_names {
-    /// The load balancer itself.
+    /// The load balancer itself, at XDP.
     pub const XLB: &str = "xlb";
+    /// The same load balancer at TC ingress (tcx), for veths and bridges.
+    pub const XLB_TC: &str = "xlb_tc";
     /// Benchmark floor: returns `XDP_PASS` and nothing else.
     pub const FLOOR_PASS: &str = "xlb_floor_pass";
     /// Benchmark floor: parses Ethernet/IP/L4 like xlb does, then passes.
@@ -180,6 +182,18 @@ pub struct NextHop {
     pub ifindex: u32,
     pub src_mac: [u8; 6],
     pub dst_mac: [u8; 6],
+}
+
+impl NextHop {
+    /// The first 12 bytes of an Ethernet header towards this next hop: destination, source.
+    #[inline(always)]
+    #[must_use]
+    pub fn macs(&self) -> [u8; 12] {
+        let mut macs = [0u8; 12];
+        macs[..6].copy_from_slice(&self.dst_mac);
+        macs[6..].copy_from_slice(&self.src_mac);
+        macs
+    }
 }
 
 /// Value of `XLB_CONNTRACK`.

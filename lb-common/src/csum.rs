@@ -54,6 +54,14 @@ impl CsumDelta {
         Self(fold(self.0) as u32 + fold(other.0) as u32)
     }
 
+    /// The accumulated change folded to 16 bits (big-endian word order), for checksum code
+    /// that applies deltas itself (the kernel's checksum helpers).
+    #[inline(always)]
+    #[must_use]
+    pub const fn folded(self) -> u16 {
+        fold(self.0)
+    }
+
     /// The new checksum: `HC' = ~(~HC + Σ(~m + m'))`.
     #[inline(always)]
     #[must_use]

@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use lb_common::{BENCH_FRAME_LEN, BenchFrame, NextHop};
 
-use crate::packet::XdpPacket;
+use crate::packet::Packet;
 
 #[map(name = "XLB_BENCH_FRAME")]
 static FRAME: Array<BenchFrame> = Array::with_max_entries(1, 0);
@@ -43,7 +43,7 @@ pub fn xlb_bench_gen(ctx: XdpContext) -> u32 {
     let Some(frame) = FRAME.get(0) else {
         return xdp_action::XDP_ABORTED;
     };
-    let pkt = XdpPacket::new(&ctx);
+    let pkt = Packet::of_xdp(&ctx);
     if pkt.write::<BENCH_FRAME_LEN>(0, frame.bytes).is_none() {
         return xdp_action::XDP_ABORTED;
     }
@@ -65,10 +65,7 @@ pub fn xlb_bench_redirect(ctx: XdpContext) -> u32 {
     let Some(nh) = REDIRECT_TO.get(0) else {
         return xdp_action::XDP_ABORTED;
     };
-    let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(&nh.dst_mac);
-    macs[6..].copy_from_slice(&nh.src_mac);
-    if XdpPacket::new(&ctx).write(0, macs).is_none() {
+    if Packet::of_xdp(&ctx).write(0, nh.macs()).is_none() {
         return xdp_action::XDP_PASS;
     }
     PORTS

@@ -4,9 +4,8 @@
 use core::{ffi::c_void, mem};
 
 use aya_ebpf::{
-    bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, xdp_action},
+    bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup},
     helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_ktime_get_coarse_ns},
-    programs::XdpContext,
 };
 use aya_log_ebpf::warn;
 use lb_common::{
@@ -17,12 +16,12 @@ use lb_common::{
 };
 
 use crate::{
+    hook::Hook,
     maps::{
         BACKENDS, CONNTRACK, EGRESS_PORTS, ENDPOINTS, MAGLEV, PORTS, REVERSE_NAT, VIPS,
         XLB_HASH_SEED,
     },
-    nat::{Endpoint, rewrite},
-    packet::XdpPacket,
+    nat::Endpoint,
     stats::{count, count_forwarded},
 };
 
@@ -32,12 +31,13 @@ const AF_INET6: u8 = 10;
 /// egress cannot take redirected frames, e.g. a bridge).
 const VIA_STACK: u32 = u32::MAX;
 
+/// The whole per-packet path of either hook; returns the hook's verdict.
 #[inline(always)]
-pub fn process(ctx: &XdpContext) -> u32 {
+pub fn process<H: Hook>(ctx: &H) -> u32 {
     let mut p = Parsed::EMPTY;
     if let Err(skip) = parse_into(ctx, &mut p) {
         count(skip.counter());
-        return xdp_action::XDP_PASS;
+        return H::PASS;
     }
     let vip_key = VipKey {
         addr: p.dst,
@@ -61,8 +61,8 @@ pub fn process(ctx: &XdpContext) -> u32 {
     };
     let cache = if let Some(vip) = vip {
         let cache = to_backend(ctx, &p, vip, &mut t);
-        if t.refused != 0 {
-            return t.refused;
+        if t.no_backend {
+            return H::DROP;
         }
         cache
     } else if role(p.sport_be) & PORT_IS_BACKEND != 0
@@ -72,16 +72,16 @@ pub fn process(ctx: &XdpContext) -> u32 {
         cache
     } else {
         count(Counter::NotForUs);
-        return xdp_action::XDP_PASS;
+        return H::PASS;
     };
-    emit(ctx, &p, &t, cache)
+    ctx.emit(&p, &t, cache)
 }
 
 /// Not inlined: the parser's temporaries live in this frame and are gone before the
 /// forwarding functions' frames are pushed (the verifier sums the frames of a call chain).
 #[inline(never)]
-pub fn parse_into(ctx: &XdpContext, out: &mut Parsed) -> Result<(), Skip> {
-    *out = parse(&XdpPacket::new(ctx))?;
+pub fn parse_into<H: Hook>(ctx: &H, out: &mut Parsed) -> Result<(), Skip> {
+    *out = parse(&ctx.packet())?;
     Ok(())
 }
 
@@ -114,13 +114,12 @@ fn usable_backend(
 }
 
 /// Finds or picks the flow's backend and fills `t`; returns where the flow caches its next
-/// hop (null: nowhere). A packet that cannot be forwarded gets its action in `t.refused`.
+/// hop (null: nowhere). A flow no backend can take sets `t.no_backend`.
 ///
 /// The cache pointer travels as the return value, not inside `t`: the verifier forgets a
 /// pointer's type when it is copied through memory in pieces.
 #[inline(never)]
-fn to_backend(ctx: &XdpContext, p: &Parsed, vip: &VipInfo, t: &mut Translation) -> *mut NextHop {
-    let pkt = &XdpPacket::new(ctx);
+fn to_backend<H: Hook>(ctx: &H, p: &Parsed, vip: &VipInfo, t: &mut Translation) -> *mut NextHop {
     let key = flow_key(p);
     let known = CONNTRACK.get_ptr_mut(&key).and_then(|state| {
         // SAFETY: LRU values stay valid for the duration of the program run (RCU).
@@ -154,10 +153,10 @@ fn to_backend(ctx: &XdpContext, p: &Parsed, vip: &VipInfo, t: &mut Translation) 
             count(Counter::ConntrackMiss);
             let Some((id, b)) = pick_backend(&key, vip, p.ipv6) else {
                 count(Counter::NoBackend);
-                t.refused = xdp_action::XDP_DROP;
+                t.no_backend = true;
                 return core::ptr::null_mut();
             };
-            let reply_hop = reply_next_hop(ctx, pkt, p);
+            let reply_hop = reply_next_hop(ctx, p);
             let state = FlowState {
                 backend_id: id,
                 next_hop: NextHop::default(),
@@ -204,7 +203,7 @@ fn to_backend(ctx: &XdpContext, p: &Parsed, vip: &VipInfo, t: &mut Translation) 
             (id, b, CONNTRACK.get_ptr_mut(&key), true)
         }
     };
-    count_forwarded(vip.vip_id, backend_id, pkt.len() as u64, new_flow);
+    count_forwarded(vip.vip_id, backend_id, ctx.wire_len(), new_flow);
 
     t.endpoint = Endpoint::Destination;
     t.addr = backend.addr;
@@ -218,10 +217,10 @@ fn to_backend(ctx: &XdpContext, p: &Parsed, vip: &VipInfo, t: &mut Translation) 
 /// table may never learn that MAC, since XDP answered in its place, so a lookup could fail
 /// where this cannot. VLAN-tagged flows keep an empty entry: the stack handles those.
 #[inline(always)]
-fn reply_next_hop(ctx: &XdpContext, pkt: &XdpPacket, p: &Parsed) -> NextHop {
-    match pkt.read::<12>(0) {
-        Some(eth) if p.l3_offset == lb_common::parse::ETH_HLEN => NextHop {
-            ifindex: ingress_ifindex(ctx),
+fn reply_next_hop<H: Hook>(ctx: &H, p: &Parsed) -> NextHop {
+    match ctx.packet().read::<12>(0) {
+        Some(eth) if p.l3_offset == lb_common::parse::ETH_HLEN && !ctx.vlan_tagged() => NextHop {
+            ifindex: ctx.ingress_ifindex(),
             src_mac: [eth[0], eth[1], eth[2], eth[3], eth[4], eth[5]],
             dst_mac: [eth[6], eth[7], eth[8], eth[9], eth[10], eth[11]],
         },
@@ -299,8 +298,8 @@ pub struct Translation {
     pub addr: [u8; 16],
     pub endpoint: Endpoint,
     pub port_be: u16,
-    /// Non-zero: do not forward, return this XDP action.
-    pub refused: u32,
+    /// No backend can take this new flow: drop it.
+    pub no_backend: bool,
 }
 
 impl Translation {
@@ -308,79 +307,15 @@ impl Translation {
         addr: [0; 16],
         endpoint: Endpoint::Destination,
         port_be: 0,
-        refused: 0,
+        no_backend: false,
     };
-}
-
-/// Rewrites the packet and hands it on: straight out of an interface when the next hop is
-/// resolved, otherwise to the stack (which routes the already-translated packet itself).
-// Not inlined: shared by both directions, in its own stack frame.
-#[inline(never)]
-fn emit(ctx: &XdpContext, p: &Parsed, t: &Translation, cache: *mut NextHop) -> u32 {
-    let pkt = &XdpPacket::new(ctx);
-    // SAFETY: null or a pointer into a live LRU value (see `to_backend`).
-    let cache = unsafe { cache.as_mut() };
-    let next_hop = next_hop(ctx, pkt, p, t, cache);
-    let Some(nh) = next_hop.filter(|_| p.l3_offset == lb_common::parse::ETH_HLEN) else {
-        // VLAN-tagged frames also go through the stack: the tag belongs to the ingress
-        // device and only the stack knows how the egress wants it.
-        return via_stack(pkt, p, t);
-    };
-    if p.ttl <= 1 {
-        // Untouched: the stack sends the ICMP time-exceeded.
-        count(Counter::TtlExpired);
-        return xdp_action::XDP_PASS;
-    }
-    // The action is settled before the frame is touched: an egress that is not in the
-    // redirect map (it left it since the next hop was cached, or a reply's client-side
-    // interface never was in it) sends the packet through the stack, MACs untouched.
-    let action = if nh.ifindex == ingress_ifindex(ctx) {
-        xdp_action::XDP_TX
-    } else {
-        match EGRESS_PORTS.redirect(nh.ifindex, 0) {
-            Ok(action) => action,
-            Err(_) => return via_stack(pkt, p, t),
-        }
-    };
-    let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(&nh.dst_mac);
-    macs[6..].copy_from_slice(&nh.src_mac);
-    if rewrite(pkt, p, t.endpoint, &t.addr, t.port_be, true).is_none()
-        || pkt.write(0, macs).is_none()
-    {
-        return dropped_malformed();
-    }
-    action
-}
-
-/// Translates the packet and lets the stack route it (TTL and MACs are the stack's job).
-#[inline(always)]
-fn via_stack(pkt: &XdpPacket, p: &Parsed, t: &Translation) -> u32 {
-    count(Counter::ViaStack);
-    match rewrite(pkt, p, t.endpoint, &t.addr, t.port_be, false) {
-        Some(()) => xdp_action::XDP_PASS,
-        None => dropped_malformed(),
-    }
-}
-
-#[inline(always)]
-fn dropped_malformed() -> u32 {
-    count(Counter::Malformed);
-    xdp_action::XDP_DROP
-}
-
-#[inline(always)]
-fn ingress_ifindex(ctx: &XdpContext) -> u32 {
-    // SAFETY: ctx points at the kernel's xdp_md for this run.
-    unsafe { (*ctx.ctx).ingress_ifindex }
 }
 
 /// The layer-2 next hop towards `dst`, from the flow's cache or `bpf_fib_lookup` (which then
 /// fills the cache). `None`: let the stack forward it.
 #[inline(always)]
-fn next_hop(
-    ctx: &XdpContext,
-    pkt: &XdpPacket,
+pub fn next_hop<H: Hook>(
+    ctx: &H,
     p: &Parsed,
     t: &Translation,
     cache: Option<&mut NextHop>,
@@ -403,8 +338,8 @@ fn next_hop(
     params.l4_protocol = p.proto;
     params.sport = sport_be;
     params.dport = dport_be;
-    params.__bindgen_anon_1.tot_len = (pkt.len() - p.l3_offset) as u16;
-    params.ifindex = ingress_ifindex(ctx);
+    params.__bindgen_anon_1.tot_len = ctx.fib_tot_len(p);
+    params.ifindex = ctx.ingress_ifindex();
     if p.ipv6 {
         params.__bindgen_anon_3.ipv6_src = words(src);
         params.__bindgen_anon_4.ipv6_dst = words(dst);
@@ -415,7 +350,7 @@ fn next_hop(
     // SAFETY: params is a properly sized, initialised struct on our stack.
     let rc = unsafe {
         fib_lookup(
-            ctx.ctx.cast::<c_void>(),
+            ctx.as_ptr().cast::<c_void>(),
             &raw mut params,
             mem::size_of::<bpf_fib_lookup>() as i32,
             0,
@@ -432,7 +367,10 @@ fn next_hop(
         return None;
     }
     let egress = params.ifindex;
-    if egress != ingress_ifindex(ctx) && EGRESS_PORTS.get(egress).is_none() {
+    if H::REDIRECT_NEEDS_EGRESS_PORT
+        && egress != ctx.ingress_ifindex()
+        && EGRESS_PORTS.get(egress).is_none()
+    {
         if let Some(c) = cache {
             c.ifindex = VIA_STACK;
         }

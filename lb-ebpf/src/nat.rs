@@ -1,6 +1,18 @@
 //! Address and port translation with incremental checksum updates (RFC 1624): the data plane
 //! never sums a whole packet.
+//!
+//! One plan, two ways to apply it. An XDP frame carries complete checksums, so the program
+//! updates them itself. A socket buffer at the TC hook may carry a checksum the stack has
+//! only begun (`CHECKSUM_PARTIAL`: local senders, GSO) or a receive checksum over the whole
+//! packet (`CHECKSUM_COMPLETE`); only the kernel's checksum helpers know which, so the TC
+//! path hands them the same deltas.
 
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{__sk_buff, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    helpers::generated::{bpf_csum_update, bpf_l3_csum_replace, bpf_l4_csum_replace},
+    programs::TcContext,
+};
 use lb_common::{
     IPPROTO_UDP,
     csum::CsumDelta,
@@ -10,7 +22,11 @@ use lb_common::{
     },
 };
 
-use crate::packet::XdpPacket;
+use crate::packet::Packet;
+
+/// `BPF_F_IPV6` (kernel 6.16+): the pseudo-header change is IPv6's, whose addresses no
+/// header checksum covers, so a `CHECKSUM_COMPLETE` sum needs no correction for it.
+const BPF_F_IPV6: u64 = 1 << 7;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
@@ -25,68 +41,206 @@ fn last4(a: &[u8; 16]) -> [u8; 4] {
     [a[12], a[13], a[14], a[15]]
 }
 
-/// Rewrites one endpoint of the packet to `addr`:`port_be`, and when `decrement_ttl` lowers the
-/// TTL/hop limit by one (the caller forwards the frame itself and checked TTL > 1).
+/// The translation of one endpoint, and what it does to each checksum.
+struct Plan {
+    addr_offset: usize,
+    port_offset: usize,
+    /// The change to the pseudo-header (addresses): the L4 checksum's share that the stack
+    /// has already folded in when the checksum is only begun.
+    pseudo: CsumDelta,
+    /// The change inside the L4 header (the port).
+    port: CsumDelta,
+    /// The change to the IPv4 header (address, TTL); IPv6 has no header checksum.
+    ip: CsumDelta,
+    /// The change to the word holding the IPv6 hop limit, which only a receive checksum over
+    /// the whole packet covers.
+    hop_word: CsumDelta,
+}
+
+#[inline(always)]
+fn plan(
+    p: &Parsed,
+    endpoint: Endpoint,
+    addr: &[u8; 16],
+    port_be: u16,
+    decrement_ttl: bool,
+) -> Plan {
+    let (old_addr, old_port_be, port_offset) = match endpoint {
+        Endpoint::Destination => (&p.dst, p.dport_be, p.l4_offset + 2),
+        Endpoint::Source => (&p.src, p.sport_be, p.l4_offset),
+    };
+    let port = CsumDelta::new().replace_u16(u16::from_be(old_port_be), u16::from_be(port_be));
+    if p.ipv6 {
+        Plan {
+            addr_offset: p.l3_offset
+                + match endpoint {
+                    Endpoint::Destination => IPV6_DST_OFFSET,
+                    Endpoint::Source => IPV6_SRC_OFFSET,
+                },
+            port_offset,
+            pseudo: CsumDelta::new().replace(old_addr, addr),
+            port,
+            ip: CsumDelta::new(),
+            // The hop limit is the low byte of the word it shares with the next header.
+            hop_word: if decrement_ttl {
+                CsumDelta::new().replace_u16(
+                    u16::from_be_bytes([p.proto, p.ttl]),
+                    u16::from_be_bytes([p.proto, p.ttl - 1]),
+                )
+            } else {
+                CsumDelta::new()
+            },
+        }
+    } else {
+        let (old4, new4) = (last4(old_addr), last4(addr));
+        let pseudo = CsumDelta::new().replace(&old4, &new4);
+        // The TTL is the high byte of the word it shares with the protocol.
+        let ttl = if decrement_ttl {
+            CsumDelta::new().replace_u16(
+                u16::from_be_bytes([p.ttl, p.proto]),
+                u16::from_be_bytes([p.ttl - 1, p.proto]),
+            )
+        } else {
+            CsumDelta::new()
+        };
+        Plan {
+            addr_offset: p.l3_offset
+                + match endpoint {
+                    Endpoint::Destination => IPV4_DST_OFFSET,
+                    Endpoint::Source => IPV4_SRC_OFFSET,
+                },
+            port_offset,
+            pseudo,
+            port,
+            ip: pseudo.merge(ttl),
+            hop_word: CsumDelta::new(),
+        }
+    }
+}
+
+/// Writes the new address, port and TTL; checksums are the caller's.
+#[inline(always)]
+fn write_fields(
+    pkt: &Packet,
+    p: &Parsed,
+    plan: &Plan,
+    addr: &[u8; 16],
+    port_be: u16,
+    decrement_ttl: bool,
+) -> Option<()> {
+    if p.ipv6 {
+        pkt.write(plan.addr_offset, *addr)?;
+        if decrement_ttl {
+            pkt.write(p.l3_offset + IPV6_HOP_LIMIT_OFFSET, [p.ttl - 1])?;
+        }
+    } else {
+        pkt.write(plan.addr_offset, last4(addr))?;
+        if decrement_ttl {
+            pkt.write(p.l3_offset + IPV4_TTL_OFFSET, [p.ttl - 1])?;
+        }
+    }
+    pkt.write(plan.port_offset, port_be.to_ne_bytes())
+}
+
+/// Rewrites one endpoint of an XDP frame to `addr`:`port_be`, and when `decrement_ttl` lowers
+/// the TTL/hop limit by one (the caller forwards the frame itself and checked TTL > 1).
 ///
 /// All old values are read before the first write; `None` means the frame was shorter than
 /// the parser saw, which cannot happen, and the caller drops it rather than send it half-done.
 #[inline(always)]
 pub fn rewrite(
-    pkt: &XdpPacket,
+    pkt: &Packet,
     p: &Parsed,
     endpoint: Endpoint,
     addr: &[u8; 16],
     port_be: u16,
     decrement_ttl: bool,
 ) -> Option<()> {
-    let (old_addr, old_port_be, port_offset) = match endpoint {
-        Endpoint::Destination => (&p.dst, p.dport_be, p.l4_offset + 2),
-        Endpoint::Source => (&p.src, p.sport_be, p.l4_offset),
-    };
+    let plan = plan(p, endpoint, addr, port_be, decrement_ttl);
     let l4_check_offset = p.l4_check_offset();
     let old_l4_check = pkt.read_u16(l4_check_offset)?;
-    let mut l4 = CsumDelta::new().replace_u16(u16::from_be(old_port_be), u16::from_be(port_be));
-
-    if p.ipv6 {
-        l4 = l4.replace(old_addr, addr);
-        let addr_offset = p.l3_offset
-            + match endpoint {
-                Endpoint::Destination => IPV6_DST_OFFSET,
-                Endpoint::Source => IPV6_SRC_OFFSET,
-            };
-        pkt.write(addr_offset, *addr)?;
-        if decrement_ttl {
-            pkt.write(p.l3_offset + IPV6_HOP_LIMIT_OFFSET, [p.ttl - 1])?;
-        }
+    let ip_check_offset = p.l3_offset + IPV4_CHECK_OFFSET;
+    let old_ip_check = if p.ipv6 {
+        0
     } else {
-        let (old4, new4) = (last4(old_addr), last4(addr));
-        l4 = l4.replace(&old4, &new4);
-        let mut ip = CsumDelta::new().replace(&old4, &new4);
-        if decrement_ttl {
-            ip = ip.replace_u16(
-                u16::from_be_bytes([p.ttl, p.proto]),
-                u16::from_be_bytes([p.ttl - 1, p.proto]),
-            );
-        }
-        let ip_check_offset = p.l3_offset + IPV4_CHECK_OFFSET;
-        let old_ip_check = pkt.read_u16(ip_check_offset)?;
-        let addr_offset = p.l3_offset
-            + match endpoint {
-                Endpoint::Destination => IPV4_DST_OFFSET,
-                Endpoint::Source => IPV4_SRC_OFFSET,
-            };
-        pkt.write(addr_offset, new4)?;
-        if decrement_ttl {
-            pkt.write(p.l3_offset + IPV4_TTL_OFFSET, [p.ttl - 1])?;
-        }
-        pkt.write_u16(ip_check_offset, ip.apply(old_ip_check))?;
+        pkt.read_u16(ip_check_offset)?
+    };
+    write_fields(pkt, p, &plan, addr, port_be, decrement_ttl)?;
+    if !p.ipv6 {
+        pkt.write_u16(ip_check_offset, plan.ip.apply(old_ip_check))?;
     }
-
-    pkt.write(port_offset, port_be.to_ne_bytes())?;
+    let l4 = plan.pseudo.merge(plan.port);
     let new_l4_check = if p.proto == IPPROTO_UDP {
         l4.apply_udp(old_l4_check)
     } else {
         l4.apply(old_l4_check)
     };
     pkt.write_u16(l4_check_offset, new_l4_check)
+}
+
+/// A delta as the kernel's checksum helpers take it: a sum of 16-bit words as the CPU loads
+/// them from the packet (`__wsum`), where `CsumDelta` sums them big-endian. One's complement
+/// sums commute with byte swapping, so the folded sum only changes byte order.
+#[inline(always)]
+fn wsum(delta: CsumDelta) -> u64 {
+    u64::from(u16::from_ne_bytes(delta.folded().to_be_bytes()))
+}
+
+/// As [`rewrite`], for a socket buffer at the TC hook: the same fields, with the checksums
+/// updated by the kernel's helpers, which honour the buffer's checksum state. `None`: the
+/// packet was shorter than parsed, or a helper refused; the caller drops it.
+#[inline(always)]
+pub fn rewrite_skb(
+    ctx: &TcContext,
+    p: &Parsed,
+    endpoint: Endpoint,
+    addr: &[u8; 16],
+    port_be: u16,
+    decrement_ttl: bool,
+) -> Option<()> {
+    let plan = plan(p, endpoint, addr, port_be, decrement_ttl);
+    write_fields(&Packet::of_skb(ctx), p, &plan, addr, port_be, decrement_ttl)?;
+    let skb = ctx.as_ptr().cast::<__sk_buff>();
+    let l4_check_offset = p.l4_check_offset() as u32;
+    let udp = if p.proto == IPPROTO_UDP {
+        u64::from(BPF_F_MARK_MANGLED_0)
+    } else {
+        0
+    };
+    let pseudo_flags = u64::from(BPF_F_PSEUDO_HDR) | udp;
+    // SAFETY: skb is this run's context; the helpers bounds-check the offset themselves and
+    // with size 0 take `to` as a checksum delta.
+    unsafe {
+        if p.ipv6 {
+            // Kernels before 6.16 know no BPF_F_IPV6; their update is right for every
+            // checksum state but a receive checksum over the whole packet.
+            if bpf_l4_csum_replace(
+                skb,
+                l4_check_offset,
+                0,
+                wsum(plan.pseudo),
+                pseudo_flags | BPF_F_IPV6,
+            ) < 0
+                && bpf_l4_csum_replace(skb, l4_check_offset, 0, wsum(plan.pseudo), pseudo_flags) < 0
+            {
+                return None;
+            }
+            if decrement_ttl {
+                // Fails unless the buffer is CHECKSUM_COMPLETE, and then nothing is owed.
+                let _ = bpf_csum_update(skb, wsum(plan.hop_word) as u32);
+            }
+        } else {
+            if bpf_l4_csum_replace(skb, l4_check_offset, 0, wsum(plan.pseudo), pseudo_flags) < 0 {
+                return None;
+            }
+            let ip_check_offset = (p.l3_offset + IPV4_CHECK_OFFSET) as u32;
+            if bpf_l3_csum_replace(skb, ip_check_offset, 0, wsum(plan.ip), 0) < 0 {
+                return None;
+            }
+        }
+        if bpf_l4_csum_replace(skb, l4_check_offset, 0, wsum(plan.port), udp) < 0 {
+            return None;
+        }
+    }
+    Some(())
 }

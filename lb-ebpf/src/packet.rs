@@ -1,26 +1,76 @@
 //! Bounds-checked access to the frame. Every read and write compares against `data_end`,
 //! which is what lets the verifier accept the offsets the parser computed.
+//!
+//! The same view serves both hooks: an XDP frame, and the linear head of a socket buffer at
+//! the TC hook (the TC program pulls the headers into the head before parsing).
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{
+    EbpfContext,
+    bindings::__sk_buff,
+    programs::{TcContext, XdpContext},
+};
 use lb_common::parse::PacketBytes;
 
-pub struct XdpPacket {
+/// The directly accessible bytes of a packet, `[start, end)`, and its whole length (a
+/// socket buffer's may run past `end`, in pages the parser never needs to read).
+pub struct Packet {
     start: usize,
     end: usize,
+    len: usize,
 }
 
-impl XdpPacket {
+impl Packet {
     /// Volatile reads of `data`/`data_end`: otherwise LLVM may hoist the loads into the
     /// caller of a non-inlined function and pass them truncated to 32 bits, and the verifier
     /// refuses arithmetic on a truncated `data_end`.
     #[inline(always)]
-    pub fn new(ctx: &XdpContext) -> Self {
+    pub fn of_xdp(ctx: &XdpContext) -> Self {
         // SAFETY: ctx points at the kernel's xdp_md for this run.
+        let (start, end) = unsafe {
+            (
+                core::ptr::read_volatile(&raw const (*ctx.ctx).data) as usize,
+                core::ptr::read_volatile(&raw const (*ctx.ctx).data_end) as usize,
+            )
+        };
+        Self {
+            start,
+            end,
+            len: end - start,
+        }
+    }
+
+    /// The socket buffer's linear head. Helpers that may move the data (`bpf_skb_pull_data`,
+    /// the checksum helpers) invalidate an earlier view: take a new one after calling them.
+    ///
+    /// Each field is one load instruction written out: the verifier only accepts context
+    /// loads at a constant offset from the context pointer itself, and volatile reads let
+    /// LLVM keep a field's address in a register across helper calls, while plain ones let
+    /// it hoist the loads into a caller (as `of_xdp` says).
+    #[inline(always)]
+    pub fn of_skb(ctx: &TcContext) -> Self {
+        let skb = ctx.as_ptr();
+        let (start, end, len): (u64, u64, u64);
+        // SAFETY: three 32-bit loads from the kernel's __sk_buff for this run, at the offsets
+        // of `data`, `data_end` and `len` in its UAPI layout.
         unsafe {
-            Self {
-                start: core::ptr::read_volatile(&raw const (*ctx.ctx).data) as usize,
-                end: core::ptr::read_volatile(&raw const (*ctx.ctx).data_end) as usize,
-            }
+            core::arch::asm!(
+                "{start} = *(u32 *)({skb} + {data})",
+                "{end} = *(u32 *)({skb} + {data_end})",
+                "{len} = *(u32 *)({skb} + {skb_len})",
+                skb = in(reg) skb,
+                start = out(reg) start,
+                end = out(reg) end,
+                len = out(reg) len,
+                data = const core::mem::offset_of!(__sk_buff, data),
+                data_end = const core::mem::offset_of!(__sk_buff, data_end),
+                skb_len = const core::mem::offset_of!(__sk_buff, len),
+                options(readonly, nostack, preserves_flags),
+            );
+        }
+        Self {
+            start: start as usize,
+            end: end as usize,
+            len: len as usize,
         }
     }
 
@@ -60,10 +110,10 @@ impl XdpPacket {
     }
 }
 
-impl PacketBytes for XdpPacket {
+impl PacketBytes for Packet {
     #[inline(always)]
     fn len(&self) -> usize {
-        self.end - self.start
+        self.len
     }
 
     #[inline(always)]

@@ -1,6 +1,6 @@
 //! Per-CPU counters: each CPU writes its own slot, so there is no contention to count.
 
-use aya_ebpf::bindings::xdp_action;
+use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, xdp_action};
 use lb_common::{Counter, TrafficCounters};
 
 use crate::maps::{BACKEND_STATS, GLOBAL_STATS, VIP_STATS};
@@ -14,12 +14,24 @@ pub fn count(counter: Counter) {
 }
 
 #[inline(always)]
-pub fn count_action(action: u32) {
+pub fn count_xdp_action(action: u32) {
     count(match action {
         xdp_action::XDP_DROP => Counter::ActionDrop,
         xdp_action::XDP_PASS => Counter::ActionPass,
         xdp_action::XDP_TX => Counter::ActionTx,
         xdp_action::XDP_REDIRECT => Counter::ActionRedirect,
+        _ => Counter::ActionAborted,
+    });
+}
+
+/// TC verdicts under the XDP action they stand for, so one set of counters reads the same
+/// whichever hook an interface uses.
+#[inline(always)]
+pub fn count_tc_verdict(verdict: u32) {
+    count(match verdict {
+        v if v == TC_ACT_SHOT as u32 => Counter::ActionDrop,
+        v if v == TC_ACT_OK as u32 => Counter::ActionPass,
+        v if v == TC_ACT_REDIRECT as u32 => Counter::ActionRedirect,
         _ => Counter::ActionAborted,
     });
 }

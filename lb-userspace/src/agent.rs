@@ -10,8 +10,6 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use aya::programs::XdpMode;
-use futures_util::TryStreamExt as _;
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
@@ -21,20 +19,13 @@ use tracing::{info, warn};
 
 use crate::{
     api::{CounterValue, Reply, Request, Stats},
+    attach::{self as hooks, ModeChoice},
     balancer::{BackendState, Balancer, DesiredState, VipSpec, VipStatus},
     config::Change,
-    datapath::{Datapath, DatapathConfig, PinnedAttachment, xdp_mode_name},
+    datapath::{Datapath, DatapathConfig, PinnedAttachment},
     health::HealthChecker,
     paths,
 };
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum ModeChoice {
-    /// Native (driver) mode, falling back to generic (skb) mode where the driver refuses.
-    Auto,
-    Native,
-    Skb,
-}
 
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
@@ -123,36 +114,6 @@ fn enable_forwarding() -> Vec<&'static str> {
         }
     }
     enabled
-}
-
-/// Interfaces redirected frames may leave through: every link but loopback and bridges
-/// (a bridge does not transmit XDP frames; traffic behind it goes through the stack).
-async fn redirect_targets() -> Result<Vec<(String, u32)>> {
-    use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo};
-    let (connection, handle, _) = rtnetlink::new_connection().context("opening netlink")?;
-    let task = tokio::spawn(connection);
-    let mut links = handle.link().get().execute();
-    let mut targets = Vec::new();
-    while let Some(link) = links.try_next().await.context("listing interfaces")? {
-        let mut name = String::new();
-        let mut bridge = false;
-        for attr in &link.attributes {
-            match attr {
-                LinkAttribute::IfName(n) => name.clone_from(n),
-                LinkAttribute::LinkInfo(infos) => {
-                    bridge |= infos
-                        .iter()
-                        .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Bridge)));
-                }
-                _ => {}
-            }
-        }
-        if name != "lo" && !bridge {
-            targets.push((name, link.header.index));
-        }
-    }
-    task.abort();
-    Ok(targets)
 }
 
 struct Agent {
@@ -487,16 +448,25 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         info!(vips = state.vips.len(), path = %options.state.display(), "restored state");
     }
     let forwarding_enabled = enable_forwarding();
-    for (name, index) in redirect_targets().await? {
-        if let Err(e) = balancer.allow_egress(index) {
-            warn!(iface = %name, "not usable for XDP redirect: {}", error_chain(&e));
+    let host_links = hooks::links().await?;
+    for link in hooks::redirect_targets(&host_links, options.mode) {
+        if let Err(e) = balancer.allow_egress(link.index) {
+            warn!(iface = %link.name, "not usable for XDP redirect: {}", error_chain(&e));
         }
     }
 
     let mut links = Vec::new();
     for (name, index) in &ifaces {
-        let pin = options.bpffs.join(format!("link_{name}"));
-        match attach(&mut balancer, name, *index, options.mode, &pin) {
+        let link = host_links
+            .iter()
+            .find(|l| l.index == *index)
+            .cloned()
+            .unwrap_or_else(|| hooks::Link {
+                name: name.clone(),
+                index: *index,
+                kind: hooks::LinkKind::Device,
+            });
+        match hooks::attach(balancer.datapath_mut(), &link, options.mode, &options.bpffs) {
             Ok(link) => links.push(link),
             Err(e) => {
                 // Leave nothing half-attached behind a failed start; pins and maps too,
@@ -623,20 +593,16 @@ pub fn detach(bpffs: &Path, socket: &Path) -> Result<()> {
         }
         Err(e) => return Err(e).with_context(|| format!("reading {}", bpffs.display())),
     };
-    let mut detached = 0;
-    for entry in entries {
-        let entry = entry.with_context(|| format!("reading {}", bpffs.display()))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if let Some(iface) = name.strip_prefix("link_") {
-            crate::datapath::detach_pinned(&entry.path())?;
-            println!("detached from {iface}");
-            detached += 1;
-        }
+    drop(entries);
+    let detached = hooks::detach_all(bpffs)?;
+    for iface in &detached {
+        println!("detached from {iface}");
     }
     fs::remove_dir_all(bpffs).with_context(|| format!("removing {}", bpffs.display()))?;
     println!(
-        "removed {} ({detached} attachment(s), pinned maps with the connection table)",
-        bpffs.display()
+        "removed {} ({} attachment(s), pinned maps with the connection table)",
+        bpffs.display(),
+        detached.len()
     );
     Ok(())
 }
@@ -657,53 +623,5 @@ async fn forward_data_plane_logs(logger: aya_log::EbpfLogger<&'static dyn log::L
         };
         ready.get_inner_mut().flush();
         ready.clear_ready();
-    }
-}
-
-fn attach(
-    balancer: &mut Balancer,
-    name: &str,
-    index: u32,
-    choice: ModeChoice,
-    pin: &Path,
-) -> Result<PinnedAttachment> {
-    let first = match choice {
-        ModeChoice::Auto | ModeChoice::Native => XdpMode::Driver,
-        ModeChoice::Skb => XdpMode::Skb,
-    };
-    match balancer.datapath_mut().attach_pinned(index, first, pin) {
-        Ok(link) if link.adopted => {
-            info!(
-                iface = name,
-                "adopted the running data path (program replaced in place)"
-            );
-            Ok(link)
-        }
-        Ok(link) => {
-            info!(iface = name, mode = xdp_mode_name(first), "attached");
-            Ok(link)
-        }
-        Err(e) if choice == ModeChoice::Auto => {
-            warn!(
-                iface = name,
-                "native XDP refused ({}): falling back to generic (skb) mode, which is slower",
-                error_chain(&e)
-            );
-            let link = balancer
-                .datapath_mut()
-                .attach_pinned(index, XdpMode::Skb, pin)
-                .with_context(|| format!("attaching XDP to {name} in skb mode"))?;
-            info!(iface = name, mode = "skb", "attached");
-            Ok(link)
-        }
-        Err(e) => Err(anyhow::Error::new(e).context(format!(
-            "attaching XDP to {name} in {} mode{}",
-            xdp_mode_name(first),
-            if choice == ModeChoice::Native {
-                " (try --xdp-mode skb or auto)"
-            } else {
-                ""
-            }
-        ))),
     }
 }

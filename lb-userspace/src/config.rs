@@ -35,7 +35,7 @@ use thiserror::Error;
 use toml::Spanned;
 
 use crate::{
-    agent::ModeChoice,
+    attach::ModeChoice,
     balancer::{BackendConfig, BackendState, DesiredState, MAX_WEIGHT, VipConfig, VipSpec},
     health::{HealthSpec, HealthSpecError, Probe},
 };

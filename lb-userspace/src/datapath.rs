@@ -7,8 +7,10 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues, xdp::DevMapHash},
     programs::{
-        ProgramError, TestRun, TestRunOptions, Xdp, XdpMode,
+        LinkOrder, ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp,
+        XdpMode,
         links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttach},
         xdp::{XdpLink, XdpLinkId},
     },
 };
@@ -108,6 +110,53 @@ fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
     move |source| DatapathError::Map { name, source }
 }
 
+/// Where the balancer runs on an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Hook {
+    /// XDP in the driver: the fastest, for NICs whose driver supports it.
+    XdpNative,
+    /// XDP on socket buffers (generic mode): any device, but GSO packets larger than the MTU
+    /// cannot be redirected, so bulk TCP through it stalls.
+    XdpGeneric,
+    /// TC ingress through a tcx link: socket buffers after GRO, GSO and partial checksums
+    /// handled; the right hook for veths and bridges.
+    Tc,
+}
+
+impl Hook {
+    pub const ALL: [Self; 3] = [Self::XdpNative, Self::XdpGeneric, Self::Tc];
+
+    /// The name the CLI, the logs and the pins use.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::XdpNative => "native",
+            Self::XdpGeneric => "skb",
+            Self::Tc => "tc",
+        }
+    }
+
+    /// Whether the attachment is one of the interface's XDP slot (at most one per device).
+    #[must_use]
+    pub const fn is_xdp(self) -> bool {
+        matches!(self, Self::XdpNative | Self::XdpGeneric)
+    }
+
+    fn program(self) -> &'static str {
+        if self.is_xdp() {
+            program_names::XLB
+        } else {
+            program_names::XLB_TC
+        }
+    }
+}
+
+impl std::fmt::Display for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Outcome of one `BPF_PROG_TEST_RUN` call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TestRunOutcome {
@@ -165,6 +214,7 @@ impl Datapath {
         let ebpf = loader.load(XLB_OBJECT).map_err(DatapathError::Load)?;
         let mut datapath = Self { ebpf, config };
         datapath.load_program(program_names::XLB)?;
+        datapath.load_classifier()?;
         Ok(datapath)
     }
 
@@ -200,6 +250,28 @@ impl Datapath {
         program
             .try_into()
             .map_err(|source| DatapathError::Program { name, source })
+    }
+
+    fn classifier_mut(&mut self) -> Result<&mut SchedClassifier> {
+        let name = program_names::XLB_TC;
+        let program = self.ebpf.program_mut(name).ok_or(DatapathError::Missing {
+            kind: "program",
+            name,
+        })?;
+        program
+            .try_into()
+            .map_err(|source| DatapathError::Program { name, source })
+    }
+
+    fn load_classifier(&mut self) -> Result<()> {
+        let tc = self.classifier_mut()?;
+        if tc.fd().is_err() {
+            tc.load().map_err(|source| DatapathError::Program {
+                name: program_names::XLB_TC,
+                source,
+            })?;
+        }
+        Ok(())
     }
 
     /// Loads one of the object's programs into the kernel (the benchmark floors are only
@@ -268,59 +340,80 @@ impl Datapath {
         M::try_from(self.map_ref(name)?).map_err(map_err(name))
     }
 
-    /// Attaches the balancer to an interface through a bpf_link pinned at `pin`, so the
-    /// attachment outlives the agent. Where a link is pinned there already, its program is
-    /// replaced atomically (no packet sees no program) instead: that is an agent upgrade.
+    /// Attaches the balancer to an interface at `hook` through a bpf_link pinned at `pin`, so
+    /// the attachment outlives the agent. Where a link is pinned there already, its program
+    /// is replaced atomically (no packet sees no program) instead: that is an agent upgrade.
+    /// The caller keeps one pin path per interface and hook, so an adopted link is of `hook`.
     ///
     /// # Errors
     /// The kernel refusing the attachment, or the pin.
     pub fn attach_pinned(
         &mut self,
         ifindex: u32,
-        mode: XdpMode,
+        hook: Hook,
         pin: &Path,
     ) -> Result<PinnedAttachment> {
-        let name = program_names::XLB;
+        let name = hook.program();
         let program_err = |source| DatapathError::Program { name, source };
-        let pin_err = |source| DatapathError::Pin {
-            name: "xdp link",
+        let link_err = |source| DatapathError::AdoptLink {
             path: pin.display().to_string(),
             source,
         };
-        let xdp = self.xdp_mut(name)?;
-        if pin.exists() {
-            let pinned = PinnedLink::from_pin(pin).map_err(|source| DatapathError::AdoptLink {
+        let (adopted, link) = if pin.exists() {
+            let pinned = PinnedLink::from_pin(pin).map_err(link_err)?;
+            let link = FdLink::from(pinned);
+            let link = if hook.is_xdp() {
+                let xdp = self.xdp_mut(name)?;
+                let id = xdp
+                    .attach_to_link(XdpLink::try_from(link).map_err(link_err)?)
+                    .map_err(program_err)?;
+                // Out of aya's hands: dropping the program must not detach it.
+                FdLink::try_from(xdp.take_link(id).map_err(program_err)?).map_err(link_err)?
+            } else {
+                let tc = self.classifier_mut()?;
+                let id = tc
+                    .attach_to_link(SchedClassifierLink::try_from(link).map_err(link_err)?)
+                    .map_err(program_err)?;
+                FdLink::try_from(tc.take_link(id).map_err(program_err)?).map_err(link_err)?
+            };
+            (true, link)
+        } else {
+            let link = match hook {
+                Hook::XdpNative | Hook::XdpGeneric => {
+                    let mode = if hook == Hook::XdpNative {
+                        XdpMode::Driver
+                    } else {
+                        XdpMode::Skb
+                    };
+                    let xdp = self.xdp_mut(name)?;
+                    let id = xdp.attach(ifindex, mode).map_err(program_err)?;
+                    FdLink::try_from(xdp.take_link(id).map_err(program_err)?).map_err(link_err)?
+                }
+                Hook::Tc => {
+                    let tc = self.classifier_mut()?;
+                    let id = tc
+                        .attach(
+                            ifindex,
+                            TcAttach::Tcx {
+                                attach_type: TcAttachType::Ingress,
+                                order: LinkOrder::default(),
+                            },
+                        )
+                        .map_err(program_err)?;
+                    FdLink::try_from(tc.take_link(id).map_err(program_err)?).map_err(link_err)?
+                }
+            };
+            let pinned = link.pin(pin).map_err(|source| DatapathError::Pin {
+                name: "link",
                 path: pin.display().to_string(),
                 source,
             })?;
-            let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|source| {
-                DatapathError::AdoptLink {
-                    path: pin.display().to_string(),
-                    source,
-                }
-            })?;
-            let id = xdp.attach_to_link(link).map_err(program_err)?;
-            // Out of aya's hands: dropping the program must not detach it.
-            let link = xdp.take_link(id).map_err(program_err)?;
-            return Ok(PinnedAttachment {
-                adopted: true,
-                link: FdLink::try_from(link).map_err(|source| DatapathError::AdoptLink {
-                    path: pin.display().to_string(),
-                    source,
-                })?,
-                pin: pin.to_owned(),
-            });
-        }
-        let id = xdp.attach(ifindex, mode).map_err(program_err)?;
-        let link = xdp.take_link(id).map_err(program_err)?;
-        let link = FdLink::try_from(link).map_err(|source| DatapathError::AdoptLink {
-            path: pin.display().to_string(),
-            source,
-        })?;
-        let pinned = link.pin(pin).map_err(pin_err)?;
+            (false, FdLink::from(pinned))
+        };
         Ok(PinnedAttachment {
-            adopted: false,
-            link: FdLink::from(pinned),
+            adopted,
+            hook,
+            link,
             pin: pin.to_owned(),
         })
     }
@@ -484,6 +577,7 @@ impl Datapath {
 pub struct PinnedAttachment {
     /// The link was pinned already: a previous agent left the data path running.
     pub adopted: bool,
+    pub hook: Hook,
     link: FdLink,
     pin: std::path::PathBuf,
 }

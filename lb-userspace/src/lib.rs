@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod attach;
 pub mod balancer;
 pub mod bench;
 pub mod config;

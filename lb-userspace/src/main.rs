@@ -6,8 +6,9 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 use lb_common::{DEFAULT_HASH_SEED, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE};
 use lb_userspace::{
-    agent::{self, AgentOptions, ModeChoice},
+    agent::{self, AgentOptions},
     api::{self, Reply, Request},
+    attach::ModeChoice,
     balancer::{BackendState, VipSpec, VipStatus},
     datapath::DatapathConfig,
     health::{HealthSpec, Probe},
@@ -33,14 +34,16 @@ struct Cli {
 enum Command {
     /// Run the agent: attach the data plane and serve the control API until SIGINT/SIGTERM.
     #[command(
-        after_help = "Examples:\n  sudo xlb run --iface eth0\n  sudo xlb run --iface eth0 --iface eth1 --xdp-mode skb"
+        after_help = "Examples:\n  sudo xlb run --iface eth0\n  sudo xlb run --iface eth0 --iface veth-web1   # NIC on native XDP, veth on TC\n  sudo xlb run --iface eth0 --xdp-mode tc"
     )]
     Run {
         /// Interface to attach to (repeatable): the client-facing one and the backend-facing
         /// ones. Required unless the --config file's [agent] ifaces lists them.
         #[arg(long = "iface")]
         ifaces: Vec<String>,
-        /// XDP mode: auto tries native and falls back to skb (and says so) [default: auto]
+        /// Hook per interface: auto puts NICs on native XDP (TC if the driver refuses) and veths,
+        /// bridges and other virtual devices on TC; native, skb (generic XDP) or tc force one
+        /// hook everywhere [default: auto]
         #[arg(long, value_enum)]
         xdp_mode: Option<ModeChoice>,
         /// Where maps are pinned [default: /sys/fs/bpf/xlb; mounted if needed]

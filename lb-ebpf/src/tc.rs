@@ -1,0 +1,123 @@
+//! The TC hook (tcx ingress): socket buffers, after GRO, with whatever checksum state the
+//! sender left. Where XDP cannot go without losing packets (veths from local senders, whose
+//! segments are GSO-sized with checksums the stack has only begun; bridges), this hook sees
+//! the same traffic as one large buffer per burst and hands it on with `bpf_redirect`, which
+//! leaves segmentation and checksum completion to the egress device.
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{__sk_buff, TC_ACT_OK, TC_ACT_SHOT},
+    helpers::generated::{bpf_redirect, bpf_skb_pull_data},
+    programs::TcContext,
+};
+use lb_common::{Counter, NextHop, parse::Parsed};
+
+use crate::{
+    forward::{Translation, next_hop},
+    hook::Hook,
+    nat::rewrite_skb,
+    packet::Packet,
+    stats::count,
+};
+
+// The kernel's TC verdicts are ints; the shared path speaks u32 like XDP's actions.
+const OK: u32 = TC_ACT_OK as u32;
+const SHOT: u32 = TC_ACT_SHOT as u32;
+
+/// Enough for every header the parser reads: Ethernet, one VLAN tag, IPv4 with options or
+/// IPv6, and the L4 header up to its checksum.
+const HEADERS_MAX: u32 = 14 + 4 + 60 + 20;
+
+#[inline(always)]
+fn skb(ctx: &TcContext) -> *mut __sk_buff {
+    ctx.as_ptr().cast()
+}
+
+/// Makes the headers directly readable. Buffers from a local sender or a GRO merge may keep
+/// only part of them in the linear head; pulling costs a helper call, so only those pay it.
+#[inline(always)]
+pub fn pull_headers(ctx: &TcContext) {
+    let want = ctx.len().min(HEADERS_MAX);
+    if (ctx.data_end() - ctx.data()) < want as usize {
+        // SAFETY: skb is this run's context. A failure leaves the head as it was and the
+        // parser then passes the packet as too short.
+        unsafe { bpf_skb_pull_data(skb(ctx), want) };
+    }
+}
+
+impl Hook for TcContext {
+    const PASS: u32 = OK;
+    const DROP: u32 = SHOT;
+    const REDIRECT_NEEDS_EGRESS_PORT: bool = false;
+
+    #[inline(always)]
+    fn packet(&self) -> Packet {
+        Packet::of_skb(self)
+    }
+
+    #[inline(always)]
+    fn ingress_ifindex(&self) -> u32 {
+        // SAFETY: the context points at the kernel's __sk_buff for this run.
+        unsafe { (*skb(self)).ingress_ifindex }
+    }
+
+    #[inline(always)]
+    fn wire_len(&self) -> u64 {
+        u64::from(self.len())
+    }
+
+    #[inline(always)]
+    fn vlan_tagged(&self) -> bool {
+        // SAFETY: as above.
+        unsafe { (*skb(self)).vlan_present != 0 }
+    }
+
+    #[inline(always)]
+    fn fib_tot_len(&self, _p: &Parsed) -> u16 {
+        // The kernel then checks the buffer against the egress MTU itself, and knows that
+        // a GSO buffer leaves as segments that fit.
+        0
+    }
+
+    // Not inlined: shared by both directions, in its own stack frame.
+    #[inline(never)]
+    fn emit(&self, p: &Parsed, t: &Translation, cache: *mut NextHop) -> u32 {
+        // SAFETY: null or a pointer into a live LRU value (see `forward::to_backend`).
+        let cache = unsafe { cache.as_mut() };
+        let next_hop = next_hop(self, p, t, cache);
+        let Some(nh) =
+            next_hop.filter(|_| p.l3_offset == lb_common::parse::ETH_HLEN && !self.vlan_tagged())
+        else {
+            return via_stack(self, p, t);
+        };
+        if p.ttl <= 1 {
+            // Untouched: the stack sends the ICMP time-exceeded.
+            count(Counter::TtlExpired);
+            return OK;
+        }
+        // The checksum helpers move the data: the MACs are written through a fresh view.
+        if rewrite_skb(self, p, t.endpoint, &t.addr, t.port_be, true).is_none()
+            || Packet::of_skb(self).write(0, nh.macs()).is_none()
+        {
+            return dropped_malformed();
+        }
+        // SAFETY: a helper taking plain integers; it only records the target.
+        unsafe { bpf_redirect(nh.ifindex, 0) as u32 }
+    }
+}
+
+/// Translates the packet and lets the stack route it (TTL and MACs are the stack's job).
+#[inline(always)]
+fn via_stack(ctx: &TcContext, p: &Parsed, t: &Translation) -> u32 {
+    count(Counter::ViaStack);
+    match rewrite_skb(ctx, p, t.endpoint, &t.addr, t.port_be, false) {
+        Some(()) => OK,
+        None => dropped_malformed(),
+    }
+}
+
+#[inline(always)]
+fn dropped_malformed() -> u32 {
+    count(Counter::Malformed);
+    SHOT
+}

@@ -1,0 +1,101 @@
+//! The XDP hook: frames straight from the driver, complete checksums, out with `XDP_TX` or
+//! `XDP_REDIRECT` through the redirect map.
+
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use lb_common::{Counter, NextHop, parse::Parsed};
+
+use crate::{
+    forward::{Translation, next_hop},
+    hook::Hook,
+    maps::EGRESS_PORTS,
+    nat::rewrite,
+    packet::Packet,
+    stats::count,
+};
+
+impl Hook for XdpContext {
+    const PASS: u32 = xdp_action::XDP_PASS;
+    const DROP: u32 = xdp_action::XDP_DROP;
+    const REDIRECT_NEEDS_EGRESS_PORT: bool = true;
+
+    #[inline(always)]
+    fn packet(&self) -> Packet {
+        Packet::of_xdp(self)
+    }
+
+    #[inline(always)]
+    fn ingress_ifindex(&self) -> u32 {
+        // SAFETY: ctx points at the kernel's xdp_md for this run.
+        unsafe { (*self.ctx).ingress_ifindex }
+    }
+
+    #[inline(always)]
+    fn wire_len(&self) -> u64 {
+        use lb_common::parse::PacketBytes as _;
+        self.packet().len() as u64
+    }
+
+    #[inline(always)]
+    fn vlan_tagged(&self) -> bool {
+        // A tag in an XDP frame is in its bytes, where the parser sees it.
+        false
+    }
+
+    #[inline(always)]
+    fn fib_tot_len(&self, p: &Parsed) -> u16 {
+        use lb_common::parse::PacketBytes as _;
+        (self.packet().len() - p.l3_offset) as u16
+    }
+
+    // Not inlined: shared by both directions, in its own stack frame.
+    #[inline(never)]
+    fn emit(&self, p: &Parsed, t: &Translation, cache: *mut NextHop) -> u32 {
+        let pkt = &self.packet();
+        // SAFETY: null or a pointer into a live LRU value (see `forward::to_backend`).
+        let cache = unsafe { cache.as_mut() };
+        let next_hop = next_hop(self, p, t, cache);
+        let Some(nh) = next_hop.filter(|_| p.l3_offset == lb_common::parse::ETH_HLEN) else {
+            // VLAN-tagged frames also go through the stack: the tag belongs to the ingress
+            // device and only the stack knows how the egress wants it.
+            return via_stack(pkt, p, t);
+        };
+        if p.ttl <= 1 {
+            // Untouched: the stack sends the ICMP time-exceeded.
+            count(Counter::TtlExpired);
+            return xdp_action::XDP_PASS;
+        }
+        // The action is settled before the frame is touched: an egress that is not in the
+        // redirect map (it left it since the next hop was cached, or a reply's client-side
+        // interface never was in it) sends the packet through the stack, MACs untouched.
+        let action = if nh.ifindex == Hook::ingress_ifindex(self) {
+            xdp_action::XDP_TX
+        } else {
+            match EGRESS_PORTS.redirect(nh.ifindex, 0) {
+                Ok(action) => action,
+                Err(_) => return via_stack(pkt, p, t),
+            }
+        };
+        if rewrite(pkt, p, t.endpoint, &t.addr, t.port_be, true).is_none()
+            || pkt.write(0, nh.macs()).is_none()
+        {
+            return dropped_malformed();
+        }
+        action
+    }
+}
+
+/// Translates the packet and lets the stack route it (TTL and MACs are the stack's job).
+#[inline(always)]
+fn via_stack(pkt: &Packet, p: &Parsed, t: &Translation) -> u32 {
+    count(Counter::ViaStack);
+    match rewrite(pkt, p, t.endpoint, &t.addr, t.port_be, false) {
+        Some(()) => xdp_action::XDP_PASS,
+        None => dropped_malformed(),
+    }
+}
+
+#[inline(always)]
+fn dropped_malformed() -> u32 {
+    count(Counter::Malformed);
+    xdp_action::XDP_DROP
+}
