@@ -758,6 +758,46 @@ fn state_survives_restart() {
     );
 }
 
+/// A copy of a file in a fresh directory under the system temp dir, both world-readable (and
+/// the file executable): for running the build's binary as an unprivileged user, who may not
+/// be able to enter the checkout. Removed on drop.
+struct WorldReadableCopy {
+    /// Holds the copy; removing it is all it is kept for.
+    _dir: TempDir,
+    path: PathBuf,
+}
+
+impl WorldReadableCopy {
+    fn of(file: &Path) -> Self {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = TempDir::new(SUITE, "bin");
+        let path = dir.join(
+            file.file_name()
+                .and_then(|n| n.to_str())
+                .expect("a file name"),
+        );
+        fs::copy(file, &path).unwrap_or_else(|e| panic!("copying {}: {e}", file.display()));
+        for p in [&dir.0, &path] {
+            fs::set_permissions(p, fs::Permissions::from_mode(0o755))
+                .unwrap_or_else(|e| panic!("chmod 755 {}: {e}", p.display()));
+        }
+        // Every ancestor of the temp dir must be enterable too, or the copy is as far out of
+        // reach as the original.
+        for ancestor in dir.0.ancestors().skip(1) {
+            let mode = fs::metadata(ancestor)
+                .unwrap_or_else(|e| panic!("stat {}: {e}", ancestor.display()))
+                .permissions()
+                .mode();
+            assert!(
+                mode & 0o001 != 0,
+                "{} (mode {mode:o}) is not enterable by other users: point TMPDIR elsewhere",
+                ancestor.display()
+            );
+        }
+        Self { _dir: dir, path }
+    }
+}
+
 #[test]
 fn bad_input_matrix() {
     let topo = topology(2);
@@ -893,14 +933,18 @@ fn bad_input_matrix() {
     let out = xlb(lb, &dir.join("noiface.sock"), &argv);
     check("no such interface", &argv, &out, "does-not-exist");
 
-    // `xlb run` without root: setuid(nobody) after joining the namespace.
+    // `xlb run` without root: setuid(nobody) after joining the namespace. Nobody may not be
+    // able to reach the build's binary (a checkout under /root or in a 0700 directory), so
+    // it runs a copy in a directory everyone can enter, from `/`.
     let mut args = run_args("noroot");
     args[2] = topo.client_link.a.ifname.clone();
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut cmd = lb.command(XLB);
+    let unprivileged = WorldReadableCopy::of(Path::new(XLB));
+    let mut cmd = lb.command(&unprivileged.path);
     cmd.args(&argv)
         .arg("--socket")
         .arg(dir.join("noroot.sock"))
+        .current_dir("/")
         .env_remove("XLB_SOCKET");
     // SAFETY: only async-signal-safe syscalls between fork and exec. Runs after
     // `Netns::command`'s own pre_exec (setns), which needs root.
