@@ -218,6 +218,8 @@ fn check_backend_in_namespace(
     }
     match validate::route_interface(backend.ip()) {
         Ok(Route::Local) => return Err(refuse(Reason::LocalRoute).into()),
+        // A subnet's directed broadcast: only the namespace's routes tell it from a host.
+        Ok(Route::Broadcast) => return Err(refuse(Reason::Broadcast).into()),
         Ok(route) => warnings.extend(validate::route_warning(backend, &route, attached)),
         Err(e) => warnings.push(format!(
             "could not look up the route to backend {backend}: {}",

@@ -89,7 +89,7 @@ impl fmt::Display for Reason {
             Self::PortZero => f.write_str("has port 0, which is not a service port"),
             Self::Unspecified => f.write_str("is the unspecified address, which names no host"),
             Self::Broadcast => {
-                f.write_str("is the broadcast address: xlb balances unicast flows only")
+                f.write_str("is a broadcast address: xlb balances unicast flows only")
             }
             Self::Multicast => f.write_str("is a multicast address: xlb balances unicast flows only"),
             Self::Loopback => f.write_str(
@@ -323,6 +323,8 @@ pub fn local_owner(ip: IpAddr) -> Result<Option<String>, NetlinkError> {
 pub enum Route {
     /// Delivered to the host itself.
     Local,
+    /// A directed broadcast address of one of the namespace's subnets.
+    Broadcast,
     /// Out of this interface.
     Out { ifindex: u32, ifname: String },
     /// The kernel knows no way there (or refuses one: unreachable, prohibit, blackhole).
@@ -343,8 +345,10 @@ pub fn route_interface(ip: IpAddr) -> Result<Route, NetlinkError> {
             .build();
         match handle.route().get(request).execute().try_next().await {
             Ok(Some(message)) => {
-                if message.header.kind == RouteType::Local {
-                    return Ok(Route::Local);
+                match message.header.kind {
+                    RouteType::Local => return Ok(Route::Local),
+                    RouteType::Broadcast => return Ok(Route::Broadcast),
+                    _ => {}
                 }
                 let oif = message.attributes.iter().find_map(|a| match a {
                     RouteAttribute::Oif(index) => Some(*index),
@@ -395,7 +399,7 @@ pub fn route_warning(
                 "backend {backend} is reached through {ifname}, which xlb is not attached to: its replies would not be translated back to the VIP (add --iface {ifname} to `xlb run`)"
             ))
         }
-        Route::Out { .. } | Route::Local => None,
+        Route::Out { .. } | Route::Local | Route::Broadcast => None,
         Route::None(why) => Some(format!(
             "backend {backend} has no route in the agent's network namespace ({why}): packets for it will be dropped until there is one"
         )),

@@ -1068,6 +1068,11 @@ fn bad_input_matrix() {
             "broadcast",
         ),
         (
+            "a subnet's broadcast address as a backend",
+            &["backend", "add", vip, "10.11.1.255:8080"],
+            "backend 10.11.1.255:8080 is a broadcast address",
+        ),
+        (
             "multicast backend",
             &["backend", "add", vip, "224.0.0.9:8080"],
             "multicast",
