@@ -4,6 +4,7 @@
 use std::{
     fs,
     io::Write as _,
+    net::SocketAddr,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -25,6 +26,7 @@ use crate::{
     datapath::{Datapath, DatapathConfig, PinnedAttachment},
     health::HealthChecker,
     paths,
+    validate::{self, AddressError, Reason, Role, Route},
 };
 
 #[derive(Clone, Debug)]
@@ -123,6 +125,77 @@ struct Agent {
     /// re-read it.
     config_path: Option<PathBuf>,
     checker: HealthChecker,
+    /// (name, index) of the interfaces the data plane is attached to: a backend reached
+    /// through any other interface sends replies xlb never sees.
+    attached: Vec<(String, u32)>,
+}
+
+/// Refuses a VIP that can never work, or that sits on a backend's address.
+fn check_new_vip(balancer: &Balancer, vip: &VipSpec) -> Result<()> {
+    validate::check_vip(vip)?;
+    let state = balancer.desired_state();
+    let backends = state
+        .vips
+        .iter()
+        .flat_map(|v| v.backends.iter().map(|b| (v.vip, b.addr)));
+    validate::check_vip_against_backends(vip, backends)?;
+    Ok(())
+}
+
+/// Refuses a backend that can never work (see [`validate`]), that sits on a VIP's address, or
+/// that is this host itself; returns the warnings about it (a route that bypasses xlb).
+fn check_new_backend(
+    balancer: &Balancer,
+    attached: &[(String, u32)],
+    vip: &VipSpec,
+    backend: SocketAddr,
+) -> Result<Vec<String>> {
+    validate::check_backend(vip, backend)?;
+    validate::check_backend_against_vips(backend, balancer.vip_specs())?;
+    check_backend_in_namespace(attached, backend)
+}
+
+/// The checks only the agent's own network namespace can answer: is the backend one of its
+/// addresses (refused), and does its route leave through an interface xlb is attached to
+/// (warned about). A failed netlink query is a warning, not a refusal: it says nothing about
+/// the backend.
+fn check_backend_in_namespace(
+    attached: &[(String, u32)],
+    backend: SocketAddr,
+) -> Result<Vec<String>> {
+    let refuse = |reason| AddressError {
+        role: Role::Backend,
+        addr: backend.to_string(),
+        reason,
+    };
+    let mut warnings = Vec::new();
+    match validate::local_owner(backend.ip()) {
+        Ok(Some(iface)) => return Err(refuse(Reason::Local { iface }).into()),
+        Ok(None) => {}
+        Err(e) => warnings.push(format!(
+            "could not check whether backend {backend} is this host's own address: {}",
+            error_chain(&e)
+        )),
+    }
+    match validate::route_interface(backend.ip()) {
+        Ok(Route::Local) => return Err(refuse(Reason::LocalRoute).into()),
+        // A subnet's directed broadcast: only the namespace's routes tell it from a host.
+        Ok(Route::Broadcast) => return Err(refuse(Reason::Broadcast).into()),
+        Ok(route) => warnings.extend(validate::route_warning(backend, &route, attached)),
+        Err(e) => warnings.push(format!(
+            "could not look up the route to backend {backend}: {}",
+            error_chain(&e)
+        )),
+    }
+    Ok(warnings)
+}
+
+fn done_with(warnings: Vec<String>) -> Reply {
+    if warnings.is_empty() {
+        Reply::Done
+    } else {
+        Reply::DoneWithWarnings(warnings)
+    }
 }
 
 impl Agent {
@@ -150,8 +223,9 @@ impl Agent {
         Ok(match request {
             Request::VipAdd { vip, health } => {
                 if let Some(spec) = &health {
-                    spec.validate().context("invalid health check")?;
+                    spec.validate_for(&vip).context("invalid health check")?;
                 }
+                check_new_vip(b, &vip)?;
                 b.add_vip(vip)?;
                 b.set_vip_health(&vip, health)?;
                 Reply::Done
@@ -169,8 +243,12 @@ impl Agent {
                 backend,
                 weight,
             } => {
+                let warnings = check_new_backend(b, &self.attached, &vip, backend)?;
                 b.add_backend(&vip, backend, weight)?;
-                Reply::Done
+                for warning in &warnings {
+                    warn!(%vip, %backend, "{warning}");
+                }
+                done_with(warnings)
             }
             Request::BackendDel { vip, backend } => {
                 b.remove_backend(&vip, backend)?;
@@ -256,6 +334,25 @@ impl Agent {
         self.checker.retain_vips(&vips);
     }
 
+    /// Logs a warning for every backend whose route bypasses xlb (a restored state, or a
+    /// config read at start).
+    fn warn_about_backend_routes(&self) {
+        for vip in self.balancer.desired_state().vips {
+            for b in vip.backends {
+                match validate::route_interface(b.addr.ip()) {
+                    Ok(route) => {
+                        if let Some(w) = validate::route_warning(b.addr, &route, &self.attached) {
+                            warn!(vip = %vip.vip, "{w}");
+                        }
+                    }
+                    Err(e) => {
+                        warn!(vip = %vip.vip, backend = %b.addr, "route lookup failed: {}", error_chain(&e))
+                    }
+                }
+            }
+        }
+    }
+
     /// Re-reads the config file and applies the difference: unchanged VIPs and backends are
     /// not touched (they keep their ring slots and flows).
     fn reload(&mut self) -> Result<Vec<String>> {
@@ -265,6 +362,16 @@ impl Agent {
         let config = crate::config::load(&path)?;
         let wanted = config.desired_state();
         let changes = crate::config::diff(&without_ids(&self.balancer.desired_state()), &wanted);
+        // The file passed every check it can make on its own; what only this namespace can
+        // tell is checked before anything changes, so a refused reload changes nothing.
+        let mut warnings = Vec::new();
+        for change in &changes {
+            if let Change::AddBackend { vip, backend } = change {
+                let found = check_backend_in_namespace(&self.attached, backend.addr)
+                    .with_context(|| format!("{}: VIP {vip}", path.display()))?;
+                warnings.extend(found);
+            }
+        }
         let b = &mut self.balancer;
         for change in &changes {
             match change {
@@ -295,6 +402,10 @@ impl Agent {
             }
         }
         info!(path = %path.display(), changes = lines.len(), "reloaded");
+        for warning in warnings {
+            warn!("{warning}");
+            lines.push(format!("warning: {warning}"));
+        }
         Ok(lines)
     }
 }
@@ -506,8 +617,10 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         state_path: options.state.clone(),
         config_path: options.config.clone(),
         checker: HealthChecker::new(events),
+        attached: ifaces.clone(),
     }));
     lock(&agent).sync_health_targets();
+    lock(&agent).warn_about_backend_routes();
     if let Some(server) = metrics {
         info!(addr = %server.local_addr(), "serving Prometheus metrics on /metrics");
         let agent = Arc::clone(&agent);

@@ -102,6 +102,9 @@ pub struct Stats {
 #[serde(tag = "kind", content = "data", rename_all = "snake_case")]
 pub enum Reply {
     Done,
+    /// Done, and worth a look: `{"kind":"done_with_warnings","data":["backend … is reached
+    /// through eth2, which xlb is not attached to …"]}`.
+    DoneWithWarnings(Vec<String>),
     Vips(Vec<VipStatus>),
     Vip(VipStatus),
     Stats(Stats),

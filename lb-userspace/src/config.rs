@@ -36,8 +36,11 @@ use toml::Spanned;
 
 use crate::{
     attach::ModeChoice,
-    balancer::{BackendConfig, BackendState, DesiredState, MAX_WEIGHT, VipConfig, VipSpec},
-    health::{HealthSpec, HealthSpecError, Probe},
+    balancer::{
+        BackendConfig, BackendState, DesiredState, MAX_WEIGHT, Protocol, VipConfig, VipSpec,
+    },
+    health::{HealthSpec, HealthSpecError, Probe, decode_hex},
+    validate,
 };
 
 #[derive(Debug, Error)]
@@ -159,6 +162,9 @@ struct RawHealth {
     probe: Option<Spanned<String>>,
     path: Option<Spanned<String>>,
     expect_status: Option<Spanned<i64>>,
+    payload: Option<Spanned<String>>,
+    payload_hex: Option<Spanned<String>>,
+    expect_reply: Option<Spanned<bool>>,
     interval_ms: Option<Spanned<i64>>,
     timeout_ms: Option<Spanned<i64>>,
     rise: Option<Spanned<i64>>,
@@ -243,6 +249,8 @@ fn validate(raw: RawConfig, text: &str) -> Result<Config, Problem> {
     };
     let mut vips = Vec::with_capacity(raw.vip.len());
     let mut seen: HashMap<VipSpec, Range<usize>> = HashMap::new();
+    // Each VIP's backends with where they are written, in `vips` order.
+    let mut spans: Vec<HashMap<SocketAddr, Range<usize>>> = Vec::with_capacity(raw.vip.len());
     for v in raw.vip {
         let span = v.address.span();
         let vip: VipSpec = v
@@ -250,6 +258,7 @@ fn validate(raw: RawConfig, text: &str) -> Result<Config, Problem> {
             .get_ref()
             .parse()
             .map_err(|e| problem(span.clone(), format!("bad VIP address: {e}")))?;
+        validate::check_vip(&vip).map_err(|e| problem(span.clone(), e.to_string()))?;
         if let Some(first) = seen.insert(vip, span.clone()) {
             return Err(problem(
                 span,
@@ -259,11 +268,11 @@ fn validate(raw: RawConfig, text: &str) -> Result<Config, Problem> {
                 ),
             ));
         }
-        let health = v.health.map(validate_health).transpose()?;
+        let health = v.health.map(|h| validate_health(h, &vip)).transpose()?;
         let mut backends: Vec<BackendConfig> = Vec::with_capacity(v.backend.len());
-        let mut seen_backends: HashMap<SocketAddr, Range<usize>> = HashMap::new();
+        let mut backend_spans: HashMap<SocketAddr, Range<usize>> = HashMap::new();
         for b in v.backend {
-            let backend = validate_backend(&vip, b, &mut seen_backends, text)?;
+            let backend = validate_backend(&vip, b, &mut backend_spans, text)?;
             backends.push(backend);
         }
         vips.push(VipDecl {
@@ -271,8 +280,26 @@ fn validate(raw: RawConfig, text: &str) -> Result<Config, Problem> {
             health,
             backends,
         });
+        spans.push(backend_spans);
     }
+    check_backends_are_not_vips(&vips, &spans)?;
     Ok(Config { agent, vips })
+}
+
+/// Across the whole file: no backend sits on the address of any VIP (the backends' own VIP
+/// was checked with them), which also keeps every VIP off every backend's address.
+fn check_backends_are_not_vips(
+    vips: &[VipDecl],
+    backend_spans: &[HashMap<SocketAddr, Range<usize>>],
+) -> Result<(), Problem> {
+    let all_vips: Vec<VipSpec> = vips.iter().map(|v| v.vip).collect();
+    for (decl, spans) in vips.iter().zip(backend_spans) {
+        for backend in &decl.backends {
+            validate::check_backend_against_vips(backend.addr, all_vips.iter().copied())
+                .map_err(|e| problem(spans[&backend.addr].clone(), e.to_string()))?;
+        }
+    }
+    Ok(())
 }
 
 fn validate_agent(a: RawAgent) -> Result<AgentConfig, Problem> {
@@ -340,6 +367,7 @@ fn validate_backend(
             format!("backend address '{written}' has port 0"),
         ));
     }
+    validate::check_backend(vip, addr).map_err(|e| problem(span.clone(), e.to_string()))?;
     if addr.is_ipv4() != vip.addr.is_ipv4() {
         let family = |ipv4: bool| if ipv4 { "IPv4" } else { "IPv6" };
         return Err(problem(
@@ -383,7 +411,7 @@ fn validate_backend(
     })
 }
 
-fn validate_health(h: Spanned<RawHealth>) -> Result<HealthSpec, Problem> {
+fn validate_health(h: Spanned<RawHealth>, vip: &VipSpec) -> Result<HealthSpec, Problem> {
     let table = h.span();
     let h = h.into_inner();
     let defaults = HealthSpec::default();
@@ -414,21 +442,68 @@ fn validate_health(h: Spanned<RawHealth>) -> Result<HealthSpec, Problem> {
     )?);
     let rise = small(&h.rise, "rise", defaults.rise)?;
     let fall = small(&h.fall, "fall", defaults.fall)?;
-    let kind = h.probe.as_ref().map_or("tcp", |p| p.get_ref().as_str());
+    // The probe a VIP's protocol calls for unless one is named.
+    let default_kind = match vip.proto {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
+    };
+    let kind = h
+        .probe
+        .as_ref()
+        .map_or(default_kind, |p| p.get_ref().as_str());
+    let http_field = h
+        .path
+        .as_ref()
+        .map(Spanned::span)
+        .or_else(|| h.expect_status.as_ref().map(Spanned::span));
+    let udp_field = h
+        .payload
+        .as_ref()
+        .or(h.payload_hex.as_ref())
+        .map(Spanned::span)
+        .or_else(|| h.expect_reply.as_ref().map(Spanned::span));
+    if kind != "http"
+        && let Some(span) = http_field
+    {
+        return Err(problem(
+            span,
+            "path and expect_status only apply to probe = \"http\"",
+        ));
+    }
+    if kind != "udp"
+        && let Some(span) = udp_field
+    {
+        return Err(problem(
+            span,
+            "payload, payload_hex and expect_reply only apply to probe = \"udp\"",
+        ));
+    }
     let probe = match kind {
-        "tcp" => {
-            let stray = h
-                .path
+        "tcp" => Probe::Tcp,
+        "udp" => {
+            let payload = match (&h.payload, &h.payload_hex) {
+                (Some(_), Some(hex)) => {
+                    return Err(problem(
+                        hex.span(),
+                        "give payload (text) or payload_hex (bytes), not both",
+                    ));
+                }
+                (Some(text), None) => text.get_ref().as_bytes().to_vec(),
+                (None, Some(hex)) => {
+                    decode_hex(hex.get_ref()).map_err(|e| problem(hex.span(), e))?
+                }
+                (None, None) => Vec::new(),
+            };
+            // Expect an answer to a payload the operator chose; an empty datagram is only
+            // sent to see whether the port is closed.
+            let expect_reply = h
+                .expect_reply
                 .as_ref()
-                .map(Spanned::span)
-                .or_else(|| h.expect_status.as_ref().map(Spanned::span));
-            if let Some(span) = stray {
-                return Err(problem(
-                    span,
-                    "path and expect_status only apply to probe = \"http\"",
-                ));
+                .map_or(!payload.is_empty(), |e| *e.get_ref());
+            Probe::Udp {
+                payload,
+                expect_reply,
             }
-            Probe::Tcp
         }
         "http" => {
             let expect_status = match &h.expect_status {
@@ -455,7 +530,7 @@ fn validate_health(h: Spanned<RawHealth>) -> Result<HealthSpec, Problem> {
             let span = h.probe.as_ref().map_or(table.clone(), Spanned::span);
             return Err(problem(
                 span,
-                format!("health probe '{other}' is not one of tcp, http"),
+                format!("health probe '{other}' is not one of tcp, http, udp"),
             ));
         }
     };
@@ -466,7 +541,7 @@ fn validate_health(h: Spanned<RawHealth>) -> Result<HealthSpec, Problem> {
         rise,
         fall,
     };
-    spec.validate().map_err(|e| {
+    spec.validate_for(vip).map_err(|e| {
         let at = |field: &Option<Spanned<i64>>| field.as_ref().map(Spanned::span);
         let span = match e {
             HealthSpecError::ZeroInterval => at(&h.interval_ms),
@@ -477,6 +552,15 @@ fn validate_health(h: Spanned<RawHealth>) -> Result<HealthSpec, Problem> {
             HealthSpecError::ZeroFall => at(&h.fall),
             HealthSpecError::BadPath(_) => h.path.as_ref().map(Spanned::span),
             HealthSpecError::BadStatus(_) => at(&h.expect_status),
+            HealthSpecError::WrongProtocol { .. } => h.probe.as_ref().map(Spanned::span),
+            HealthSpecError::PayloadTooLarge(_) => h
+                .payload
+                .as_ref()
+                .or(h.payload_hex.as_ref())
+                .map(Spanned::span),
+            HealthSpecError::SilentUdpTooFrequent => {
+                at(&h.interval_ms).or_else(|| h.expect_reply.as_ref().map(Spanned::span))
+            }
         };
         problem(span.unwrap_or(table), e.to_string())
     })?;
@@ -830,7 +914,7 @@ mod tests {
         );
         let (line, _, message) = health("probe = \"icmp\"\n");
         assert_eq!(line, 4);
-        assert_eq!(message, "health probe 'icmp' is not one of tcp, http");
+        assert_eq!(message, "health probe 'icmp' is not one of tcp, http, udp");
         let (line, _, message) = health("path = \"/x\"\n");
         assert_eq!(line, 4);
         assert!(
@@ -846,6 +930,147 @@ mod tests {
         let (line, _, message) = health("probe = \"http\"\nexpect = 200\n");
         assert_eq!(line, 5);
         assert!(message.contains("unknown field `expect`"), "{message}");
+    }
+
+    #[test]
+    fn udp_health_checks_parse_and_match_the_vips_protocol() {
+        let health = |vip: &str, body: &str| {
+            parse(&format!(
+                "[[vip]]\naddress = \"{vip}\"\n[vip.health]\n{body}"
+            ))
+        };
+        let probe_of = |vip: &str, body: &str| {
+            health(vip, body).unwrap().vips[0]
+                .health
+                .clone()
+                .unwrap()
+                .probe
+        };
+        // A UDP VIP's checks default to the UDP probe: an empty datagram, judged by the
+        // absence of port-unreachable; a payload of one's own expects an answer.
+        assert_eq!(
+            probe_of("192.0.2.53:53/udp", ""),
+            Probe::Udp {
+                payload: vec![],
+                expect_reply: false
+            }
+        );
+        assert_eq!(
+            probe_of("192.0.2.53:53/udp", "payload = \"ping\"\n"),
+            Probe::Udp {
+                payload: b"ping".to_vec(),
+                expect_reply: true
+            }
+        );
+        assert_eq!(
+            probe_of(
+                "192.0.2.53:53/udp",
+                "probe = \"udp\"\npayload_hex = \"00ff\"\nexpect_reply = false\n"
+            ),
+            Probe::Udp {
+                payload: vec![0, 0xff],
+                expect_reply: false
+            }
+        );
+
+        let (line, column, message) =
+            err("[[vip]]\naddress = \"192.0.2.53:53/udp\"\n[vip.health]\nprobe = \"tcp\"\n");
+        assert_eq!((line, column), (4, 9));
+        assert_eq!(
+            message,
+            "a tcp health check cannot probe UDP VIP 192.0.2.53:53/udp: every backend would fail it (use a udp health check)"
+        );
+        let (line, _, message) =
+            err("[[vip]]\naddress = \"192.0.2.53:53/udp\"\n[vip.health]\nprobe = \"http\"\n");
+        assert_eq!(line, 4);
+        assert!(
+            message.starts_with("a http health check cannot probe UDP VIP"),
+            "{message}"
+        );
+        let (line, _, message) =
+            err("[[vip]]\naddress = \"192.0.2.10:80/tcp\"\n[vip.health]\nprobe = \"udp\"\n");
+        assert_eq!(line, 4);
+        assert!(
+            message.contains("use a tcp or http health check"),
+            "{message}"
+        );
+
+        let udp_err = |body: &str| {
+            err(&format!(
+                "[[vip]]\naddress = \"192.0.2.53:53/udp\"\n[vip.health]\n{body}"
+            ))
+        };
+        let (line, _, message) = udp_err("payload = \"a\"\npayload_hex = \"61\"\n");
+        assert_eq!(line, 5);
+        assert!(message.contains("not both"), "{message}");
+        let (line, _, message) = udp_err("payload_hex = \"6\"\n");
+        assert_eq!(line, 4);
+        assert!(message.contains("odd number of hex digits"), "{message}");
+        let (line, _, message) = udp_err("interval_ms = 500\ntimeout_ms = 100\n");
+        assert_eq!(line, 4);
+        assert!(message.contains("at least 1000 ms"), "{message}");
+        let (line, _, message) = udp_err("path = \"/x\"\n");
+        assert_eq!(line, 4);
+        assert!(
+            message.contains("only apply to probe = \"http\""),
+            "{message}"
+        );
+        let (line, _, message) =
+            err("[[vip]]\naddress = \"192.0.2.10:80\"\n[vip.health]\nexpect_reply = true\n");
+        assert_eq!(line, 4);
+        assert!(
+            message.contains("only apply to probe = \"udp\""),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn addresses_that_cannot_work_are_refused_where_they_are_written() {
+        let (line, column, message) = err("[[vip]]\naddress = \"0.0.0.0:80/tcp\"\n");
+        assert_eq!((line, column), (2, 11));
+        assert_eq!(
+            message,
+            "VIP 0.0.0.0:80/tcp is the unspecified address, which names no host"
+        );
+        let (_, _, message) = err("[[vip]]\naddress = \"[::ffff:10.0.0.1]:80\"\n");
+        assert!(message.contains("write that"), "{message}");
+        let (_, _, message) = err("[[vip]]\naddress = \"[fd00::1%1]:80\"\n");
+        assert!(message.contains("scope id (%1)"), "{message}");
+
+        let with_backend = |vip: &str, backend: &str| {
+            err(&format!(
+                "[[vip]]\naddress = \"{vip}\"\n[[vip.backend]]\naddress = \"{backend}\"\n"
+            ))
+        };
+        for (backend, needle) in [
+            ("127.0.0.1:8080", "loopback"),
+            ("255.255.255.255:8080", "broadcast"),
+            ("224.0.0.5:8080", "multicast"),
+            ("169.254.0.9:8080", "link-local"),
+            ("0.0.0.0:8080", "unspecified"),
+            ("192.0.2.10:8080", "is the address of VIP 192.0.2.10:80/tcp"),
+        ] {
+            let (line, column, message) = with_backend("192.0.2.10:80", backend);
+            assert_eq!((line, column), (4, 11), "{backend}");
+            assert!(
+                message.starts_with(&format!("backend {backend} ")) && message.contains(needle),
+                "{backend}: {message}"
+            );
+        }
+        let (_, _, message) = with_backend("[2001:db8::10]:80", "[fe80::2]:80");
+        assert!(message.contains("link-local"), "{message}");
+
+        // Another VIP's address, whichever comes first in the file.
+        for text in [
+            "[[vip]]\naddress = \"192.0.2.10:80\"\n[[vip.backend]]\naddress = \"192.0.2.11:80\"\n[[vip]]\naddress = \"192.0.2.11:53/udp\"\n",
+            "[[vip]]\naddress = \"192.0.2.11:53/udp\"\n[[vip]]\naddress = \"192.0.2.10:80\"\n[[vip.backend]]\naddress = \"192.0.2.11:80\"\n",
+        ] {
+            let (_, _, message) = err(text);
+            assert_eq!(
+                message,
+                "backend 192.0.2.11:80 is the address of VIP 192.0.2.11:53/udp: translated packets would come back to the load balancer instead of reaching a server"
+            );
+        }
     }
 
     #[test]

@@ -7,11 +7,15 @@
 //! once instead of after `rise` probes, and a backend that is really down leaves again after
 //! `fall` probes. Flapping is damped by needing `fall` consecutive failures to go down and
 //! `rise` consecutive successes to come back.
+//!
+//! A probe must speak the VIP's protocol: TCP and HTTP probes for TCP VIPs, the UDP probe for
+//! UDP VIPs. A TCP connect to a UDP service is refused by every backend, so a mismatched probe
+//! would take all of them out; [`HealthSpec::check_protocol`] refuses that combination.
 
 use std::{
     collections::HashMap,
     fmt,
-    net::SocketAddr,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -20,18 +24,19 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpStream,
+    net::{TcpStream, UdpSocket},
     sync::mpsc,
     task::JoinHandle,
     time::{MissedTickBehavior, timeout},
 };
 
-use crate::balancer::VipSpec;
+use crate::balancer::{Protocol, VipSpec};
 
 /// How a backend is asked whether it is alive.
 ///
 /// Serialised with a `kind` tag: `{"kind":"tcp"}`,
-/// `{"kind":"http","path":"/healthz","expect_status":200}`.
+/// `{"kind":"http","path":"/healthz","expect_status":200}`,
+/// `{"kind":"udp","payload_hex":"70696e67","expect_reply":true}`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Probe {
@@ -40,6 +45,37 @@ pub enum Probe {
     /// `GET path HTTP/1.0`, healthy when the status line carries `expect_status`: proves the
     /// application answers, and lets it report itself unhealthy (e.g. 503 while draining).
     Http { path: String, expect_status: u16 },
+    /// One datagram carrying `payload` (empty by default, which no service should act on).
+    /// With `expect_reply`, healthy when any answer arrives within the timeout: proves the
+    /// service answers. Without, healthy unless an ICMP port-unreachable comes back (a
+    /// connected UDP socket reports it as ECONNREFUSED): proves only that the port is open,
+    /// for services that never answer the payload.
+    Udp {
+        #[serde(rename = "payload_hex", with = "hex", default)]
+        payload: Vec<u8>,
+        expect_reply: bool,
+    },
+}
+
+impl Probe {
+    /// The protocol the probe speaks, which must be its VIP's.
+    #[must_use]
+    pub const fn protocol(&self) -> Protocol {
+        match self {
+            Self::Tcp | Self::Http { .. } => Protocol::Tcp,
+            Self::Udp { .. } => Protocol::Udp,
+        }
+    }
+
+    /// `tcp`, `http` or `udp`, as `--health` and the config's `probe` take it.
+    #[must_use]
+    pub const fn kind(&self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Http { .. } => "http",
+            Self::Udp { .. } => "udp",
+        }
+    }
 }
 
 impl fmt::Display for Probe {
@@ -50,6 +86,18 @@ impl fmt::Display for Probe {
                 path,
                 expect_status,
             } => write!(f, "http GET {path} expecting {expect_status}"),
+            Self::Udp {
+                payload,
+                expect_reply: true,
+            } => write!(f, "udp ({} bytes) expecting a reply", payload.len()),
+            Self::Udp {
+                payload,
+                expect_reply: false,
+            } => write!(
+                f,
+                "udp ({} bytes) expecting no port-unreachable",
+                payload.len()
+            ),
         }
     }
 }
@@ -107,7 +155,41 @@ pub enum HealthSpecError {
     BadPath(String),
     #[error("the expected HTTP status must be between 100 and 599, got {0}")]
     BadStatus(u16),
+    #[error(
+        "a {probe} health check cannot probe {} VIP {vip}: every backend would fail it (use {})",
+        proto_name(vip.proto),
+        suggestion(vip.proto)
+    )]
+    WrongProtocol { probe: &'static str, vip: VipSpec },
+    #[error("the UDP health check payload is {0} bytes, at most {MAX_UDP_PAYLOAD}")]
+    PayloadTooLarge(usize),
+    #[error(
+        "a UDP health check that expects no reply relies on ICMP port-unreachable messages, which Linux sends at most once per second per peer: use an interval of at least {MIN_SILENT_UDP_INTERVAL_MS} ms (or expect a reply)"
+    )]
+    SilentUdpTooFrequent,
 }
+
+fn proto_name(proto: Protocol) -> &'static str {
+    match proto {
+        Protocol::Tcp => "TCP",
+        Protocol::Udp => "UDP",
+    }
+}
+
+fn suggestion(proto: Protocol) -> &'static str {
+    match proto {
+        Protocol::Tcp => "a tcp or http health check",
+        Protocol::Udp => "a udp health check",
+    }
+}
+
+/// Largest UDP probe payload: fits one unfragmented datagram on any link.
+pub const MAX_UDP_PAYLOAD: usize = 1024;
+
+/// Shortest interval of a UDP probe that judges by the absence of ICMP port-unreachable:
+/// Linux sends those at most once per `net.ipv4.icmp_ratelimit` (1000 ms) per peer after a
+/// short burst, so faster probes would see silence from a dead port and call it healthy.
+pub const MIN_SILENT_UDP_INTERVAL_MS: u64 = 1000;
 
 impl HealthSpec {
     /// Rejects specs that could never settle: probes overlapping their own interval, or a
@@ -146,9 +228,87 @@ impl HealthSpec {
                 return Err(HealthSpecError::BadStatus(*expect_status));
             }
         }
+        if let Probe::Udp {
+            payload,
+            expect_reply,
+        } = &self.probe
+        {
+            if payload.len() > MAX_UDP_PAYLOAD {
+                return Err(HealthSpecError::PayloadTooLarge(payload.len()));
+            }
+            if !expect_reply && self.interval < Duration::from_millis(MIN_SILENT_UDP_INTERVAL_MS) {
+                return Err(HealthSpecError::SilentUdpTooFrequent);
+            }
+        }
         Ok(())
     }
+
+    /// Refuses a probe that does not speak `vip`'s protocol.
+    ///
+    /// # Errors
+    /// [`HealthSpecError::WrongProtocol`].
+    pub fn check_protocol(&self, vip: &VipSpec) -> Result<(), HealthSpecError> {
+        if self.probe.protocol() == vip.proto {
+            Ok(())
+        } else {
+            Err(HealthSpecError::WrongProtocol {
+                probe: self.probe.kind(),
+                vip: *vip,
+            })
+        }
+    }
+
+    /// [`Self::validate`] and [`Self::check_protocol`].
+    ///
+    /// # Errors
+    /// The first problem found.
+    pub fn validate_for(&self, vip: &VipSpec) -> Result<(), HealthSpecError> {
+        self.validate()?;
+        self.check_protocol(vip)
+    }
 }
+
+/// Bytes as lowercase hex in JSON and the state file, so any payload (a DNS query, say)
+/// survives as text.
+mod hex {
+    use serde::{Deserialize as _, Deserializer, Serializer, de::Error as _};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        decode(&String::deserialize(d)?).map_err(D::Error::custom)
+    }
+
+    #[must_use]
+    pub fn encode(bytes: &[u8]) -> String {
+        use std::fmt::Write as _;
+        bytes.iter().fold(String::new(), |mut out, b| {
+            let _ = write!(out, "{b:02x}");
+            out
+        })
+    }
+
+    /// # Errors
+    /// An odd number of digits or a character that is not a hex digit.
+    pub fn decode(text: &str) -> Result<Vec<u8>, String> {
+        if !text.len().is_multiple_of(2) {
+            return Err(format!("'{text}' has an odd number of hex digits"));
+        }
+        text.as_bytes()
+            .chunks(2)
+            .map(|pair| {
+                std::str::from_utf8(pair)
+                    .ok()
+                    .and_then(|p| u8::from_str_radix(p, 16).ok())
+                    .ok_or_else(|| format!("'{text}' is not hex (two digits per byte, e.g. 0a1b)"))
+            })
+            .collect()
+    }
+}
+
+pub use hex::decode as decode_hex;
 
 mod millis {
     use std::time::Duration;
@@ -280,7 +440,7 @@ impl HealthChecker {
             self.remove_vip(&vip);
             return Ok(());
         };
-        spec.validate()?;
+        spec.validate_for(&vip)?;
         let stale: Vec<TargetKey> = self
             .targets
             .keys()
@@ -474,6 +634,13 @@ fn elapsed_ms(start: Instant) -> String {
 
 /// One probe: `Ok(detail)` on success, `Err(detail)` on failure.
 async fn probe(backend: SocketAddr, spec: &HealthSpec) -> Result<String, String> {
+    if let Probe::Udp {
+        payload,
+        expect_reply,
+    } = &spec.probe
+    {
+        return udp_probe(backend, payload, *expect_reply, spec.timeout).await;
+    }
     let start = Instant::now();
     let attempt = async {
         let mut stream = TcpStream::connect(backend)
@@ -481,6 +648,7 @@ async fn probe(backend: SocketAddr, spec: &HealthSpec) -> Result<String, String>
             .map_err(|e| connect_error(&e))?;
         match &spec.probe {
             Probe::Tcp => Ok(format!("ok {}", elapsed_ms(start))),
+            Probe::Udp { .. } => unreachable!("UDP probes are sent by udp_probe"),
             Probe::Http {
                 path,
                 expect_status,
@@ -497,6 +665,48 @@ async fn probe(backend: SocketAddr, spec: &HealthSpec) -> Result<String, String>
     match timeout(spec.timeout, attempt).await {
         Ok(result) => result,
         Err(_) => Err(format!("timed out after {} ms", spec.timeout.as_millis())),
+    }
+}
+
+async fn udp_probe(
+    backend: SocketAddr,
+    payload: &[u8],
+    expect_reply: bool,
+    limit: Duration,
+) -> Result<String, String> {
+    let start = Instant::now();
+    let any: SocketAddr = if backend.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = UdpSocket::bind(any)
+        .await
+        .map_err(|e| format!("cannot open a UDP socket: {e}"))?;
+    // Connected, so the kernel hands this socket the ICMP errors about the backend (as
+    // ECONNREFUSED and friends on the next call) and drops datagrams from anyone else.
+    socket.connect(backend).await.map_err(|e| udp_error(&e))?;
+    socket.send(payload).await.map_err(|e| udp_error(&e))?;
+    // Only the arrival matters; a longer answer is truncated, which is fine.
+    let mut answer = [0_u8; 1];
+    match timeout(limit, socket.recv(&mut answer)).await {
+        Ok(Ok(_)) => Ok(format!("ok udp reply {}", elapsed_ms(start))),
+        Ok(Err(e)) => Err(udp_error(&e)),
+        Err(_) if expect_reply => Err(format!("no reply within {} ms", limit.as_millis())),
+        Err(_) => Ok(format!(
+            "ok no port-unreachable within {} ms",
+            limit.as_millis()
+        )),
+    }
+}
+
+fn udp_error(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::ConnectionRefused => "port unreachable".to_owned(),
+        std::io::ErrorKind::HostUnreachable | std::io::ErrorKind::NetworkUnreachable => {
+            "unreachable".to_owned()
+        }
+        _ => format!("udp probe failed: {e}"),
     }
 }
 
@@ -668,6 +878,192 @@ mod tests {
             }),
             HealthSpecError::BadPath(_)
         ));
+    }
+
+    fn udp(payload: &[u8], expect_reply: bool) -> Probe {
+        Probe::Udp {
+            payload: payload.to_vec(),
+            expect_reply,
+        }
+    }
+
+    #[test]
+    fn udp_specs_serialise_and_validate() {
+        let probe = udp(b"ping", true);
+        let json = serde_json::to_string(&probe).unwrap();
+        assert_eq!(
+            json,
+            r#"{"kind":"udp","payload_hex":"70696e67","expect_reply":true}"#
+        );
+        assert_eq!(serde_json::from_str::<Probe>(&json).unwrap(), probe);
+        assert_eq!(
+            serde_json::from_str::<Probe>(r#"{"kind":"udp","expect_reply":false}"#).unwrap(),
+            udp(b"", false)
+        );
+        assert!(
+            serde_json::from_str::<Probe>(
+                r#"{"kind":"udp","payload_hex":"7","expect_reply":true}"#
+            )
+            .is_err()
+        );
+        assert_eq!(decode_hex("00ff1A").unwrap(), [0, 0xff, 0x1a]);
+        assert!(decode_hex("zz").unwrap_err().contains("not hex"));
+
+        let spec = |probe, interval_ms| HealthSpec {
+            probe,
+            interval: Duration::from_millis(interval_ms),
+            timeout: Duration::from_millis(100),
+            ..HealthSpec::default()
+        };
+        spec(udp(b"", false), 1000).validate().unwrap();
+        spec(udp(b"x", true), 200).validate().unwrap();
+        assert_eq!(
+            spec(udp(b"", false), 999).validate().unwrap_err(),
+            HealthSpecError::SilentUdpTooFrequent
+        );
+        assert_eq!(
+            spec(udp(&[0; MAX_UDP_PAYLOAD + 1], true), 1000)
+                .validate()
+                .unwrap_err(),
+            HealthSpecError::PayloadTooLarge(MAX_UDP_PAYLOAD + 1)
+        );
+    }
+
+    #[test]
+    fn probes_must_speak_the_vips_protocol() {
+        let dns: VipSpec = "192.0.2.53:53/udp".parse().unwrap();
+        let web = vip();
+        let tcp_spec = HealthSpec::default();
+        let e = tcp_spec.check_protocol(&dns).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "a tcp health check cannot probe UDP VIP 192.0.2.53:53/udp: every backend would fail it (use a udp health check)"
+        );
+        let http_spec = HealthSpec {
+            probe: Probe::Http {
+                path: "/".into(),
+                expect_status: 200,
+            },
+            ..HealthSpec::default()
+        };
+        assert!(http_spec.validate_for(&dns).is_err());
+        let udp_spec = HealthSpec {
+            probe: udp(b"", false),
+            ..HealthSpec::default()
+        };
+        udp_spec.validate_for(&dns).unwrap();
+        tcp_spec.validate_for(&web).unwrap();
+        assert!(
+            udp_spec
+                .check_protocol(&web)
+                .unwrap_err()
+                .to_string()
+                .contains("use a tcp or http health check")
+        );
+        // The checker refuses the mismatch too (a state file written before the check).
+        let (tx, _rx) = mpsc::channel(1);
+        let mut checker = HealthChecker::new(tx);
+        assert!(matches!(
+            checker.set_targets(dns, Some(tcp_spec), &["127.0.0.1:53".parse().unwrap()]),
+            Err(HealthSpecError::WrongProtocol { probe: "tcp", .. })
+        ));
+        assert!(checker.statuses().is_empty());
+    }
+
+    /// A UDP socket that answers every datagram with "pong" (or stays silent), until dropped.
+    struct UdpServer {
+        addr: SocketAddr,
+        task: JoinHandle<()>,
+    }
+
+    impl UdpServer {
+        async fn start(addr: SocketAddr, answer: bool) -> Self {
+            let socket = UdpSocket::bind(addr).await.unwrap();
+            let addr = socket.local_addr().unwrap();
+            let task = tokio::spawn(async move {
+                let mut buf = [0_u8; 2048];
+                while let Ok((_, from)) = socket.recv_from(&mut buf).await {
+                    if answer {
+                        let _ = socket.send_to(b"pong", from).await;
+                    }
+                }
+            });
+            Self { addr, task }
+        }
+
+        async fn stop(self) {
+            self.task.abort();
+            let _ = self.task.await;
+        }
+    }
+
+    #[tokio::test]
+    async fn udp_probes_tell_answers_silence_and_port_unreachable_apart() {
+        let limit = Duration::from_millis(200);
+        let echo = UdpServer::start("127.0.0.1:0".parse().unwrap(), true).await;
+        let silent = UdpServer::start("127.0.0.1:0".parse().unwrap(), false).await;
+        let closed = {
+            let gone = UdpServer::start("127.0.0.1:0".parse().unwrap(), true).await;
+            let addr = gone.addr;
+            gone.stop().await;
+            addr
+        };
+        let ok = |r: Result<String, String>, prefix: &str| {
+            assert!(r.as_ref().is_ok_and(|d| d.starts_with(prefix)), "{r:?}");
+        };
+        ok(
+            udp_probe(echo.addr, b"ping", true, limit).await,
+            "ok udp reply",
+        );
+        ok(
+            udp_probe(echo.addr, b"", false, limit).await,
+            "ok udp reply",
+        );
+        assert_eq!(
+            udp_probe(silent.addr, b"ping", true, limit).await,
+            Err("no reply within 200 ms".to_owned())
+        );
+        ok(
+            udp_probe(silent.addr, b"", false, limit).await,
+            "ok no port-unreachable within 200 ms",
+        );
+        for expect_reply in [true, false] {
+            assert_eq!(
+                udp_probe(closed, b"", expect_reply, limit).await,
+                Err("port unreachable".to_owned())
+            );
+        }
+        echo.stop().await;
+        silent.stop().await;
+    }
+
+    #[tokio::test]
+    async fn udp_target_goes_down_and_comes_back() {
+        let dns: VipSpec = "192.0.2.53:53/udp".parse().unwrap();
+        let server = UdpServer::start("127.0.0.1:0".parse().unwrap(), true).await;
+        let addr = server.addr;
+        let (tx, mut rx) = mpsc::channel(16);
+        let mut checker = HealthChecker::new(tx);
+        checker
+            .set_targets(dns, Some(fast(udp(b"ping", true))), &[addr])
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(rx.try_recv().is_err());
+        let status = checker.status(&dns, addr).unwrap();
+        assert!(
+            status.healthy && status.last_result.starts_with("ok udp reply"),
+            "{status:?}"
+        );
+
+        server.stop().await;
+        let event = next_event(&mut rx).await;
+        assert_eq!((event.backend, event.healthy), (addr, false));
+        assert_eq!(event.detail, "port unreachable");
+
+        let server = UdpServer::start(addr, true).await;
+        let event = next_event(&mut rx).await;
+        assert!(event.healthy);
+        server.stop().await;
     }
 
     #[test]

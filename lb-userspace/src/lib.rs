@@ -12,3 +12,4 @@ pub mod datapath;
 pub mod health;
 pub mod metrics;
 pub mod paths;
+pub mod validate;

@@ -2,7 +2,7 @@
 
 use std::{io::Write as _, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
 use lb_common::{DEFAULT_HASH_SEED, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE};
 use lb_userspace::{
@@ -11,7 +11,7 @@ use lb_userspace::{
     attach::ModeChoice,
     balancer::{BackendState, VipSpec, VipStatus},
     datapath::DatapathConfig,
-    health::{HealthSpec, Probe},
+    health::{HealthSpec, Probe, decode_hex},
     paths,
 };
 
@@ -208,12 +208,14 @@ enum ConfigCommand {
 enum ProbeArg {
     Tcp,
     Http,
+    Udp,
 }
 
 /// Health-check options of `xlb vip add`.
 #[derive(clap::Args)]
 struct HealthArgs {
-    /// Check the VIP's backends: tcp (connect) or http (GET, expect a status).
+    /// Check the VIP's backends: tcp (connect) or http (GET, expect a status) for a TCP VIP,
+    /// udp (send a datagram, see --health-payload) for a UDP VIP.
     #[arg(long)]
     health: Option<ProbeArg>,
     /// HTTP path to GET.
@@ -232,24 +234,61 @@ struct HealthArgs {
     /// Consecutive failures that take a backend out.
     #[arg(long, default_value_t = 3, requires = "health")]
     health_fall: u32,
+    /// UDP probe payload, as text [default: an empty datagram].
+    #[arg(long, requires = "health", conflicts_with = "health_payload_hex")]
+    health_payload: Option<String>,
+    /// UDP probe payload, as hex bytes (e.g. a DNS query).
+    #[arg(long, requires = "health", value_name = "HEX")]
+    health_payload_hex: Option<String>,
+    /// true: healthy only if the backend answers the UDP probe within the timeout; false:
+    /// healthy unless an ICMP port-unreachable comes back (needs an interval of at least
+    /// 1000 ms) [default: true with a payload, false without]
+    #[arg(long, requires = "health", value_name = "BOOL", action = clap::ArgAction::Set)]
+    health_expect_reply: Option<bool>,
 }
 
 impl HealthArgs {
-    fn spec(&self) -> Option<HealthSpec> {
-        let probe = match self.health? {
+    fn spec(&self) -> Result<Option<HealthSpec>> {
+        let Some(kind) = self.health else {
+            return Ok(None);
+        };
+        let udp_options = self.health_payload.is_some()
+            || self.health_payload_hex.is_some()
+            || self.health_expect_reply.is_some();
+        if kind != ProbeArg::Udp && udp_options {
+            bail!(
+                "--health-payload, --health-payload-hex and --health-expect-reply only apply to --health udp"
+            );
+        }
+        let probe = match kind {
             ProbeArg::Tcp => Probe::Tcp,
             ProbeArg::Http => Probe::Http {
                 path: self.health_path.clone(),
                 expect_status: self.health_status,
             },
+            ProbeArg::Udp => {
+                let payload = match (&self.health_payload, &self.health_payload_hex) {
+                    (Some(text), _) => text.as_bytes().to_vec(),
+                    (None, Some(hex)) => {
+                        decode_hex(hex).map_err(|e| anyhow!("--health-payload-hex: {e}"))?
+                    }
+                    (None, None) => Vec::new(),
+                };
+                // A payload of the operator's choosing is one the service answers; an empty
+                // datagram only finds out whether the port is closed.
+                Probe::Udp {
+                    expect_reply: self.health_expect_reply.unwrap_or(!payload.is_empty()),
+                    payload,
+                }
+            }
         };
-        Some(HealthSpec {
+        Ok(Some(HealthSpec {
             probe,
             interval: Duration::from_millis(self.health_interval_ms),
             timeout: Duration::from_millis(self.health_timeout_ms),
             rise: self.health_rise,
             fall: self.health_fall,
-        })
+        }))
     }
 }
 
@@ -257,7 +296,7 @@ impl HealthArgs {
 enum VipCommand {
     /// Add a VIP: ADDR:PORT[/tcp|/udp] (IPv6 as [2001:db8::1]:443/tcp).
     #[command(
-        after_help = "Examples:\n  xlb vip add 192.0.2.10:80/tcp\n  xlb vip add [2001:db8::10]:53/udp\n  xlb vip add 192.0.2.10:80/tcp --health http --health-path /healthz --health-fall 2"
+        after_help = "Examples:\n  xlb vip add 192.0.2.10:80/tcp\n  xlb vip add [2001:db8::10]:53/udp\n  xlb vip add 192.0.2.10:80/tcp --health http --health-path /healthz --health-fall 2\n  xlb vip add 192.0.2.53:53/udp --health udp\n  xlb vip add 192.0.2.53:5000/udp --health udp --health-payload ping"
     )]
     Add {
         vip: VipSpec,
@@ -562,9 +601,9 @@ fn client(socket: &std::path::Path, command: Command) -> Result<()> {
             unreachable!("handled in main")
         }
         Command::Vip(VipCommand::Add { vip, health }) => {
-            let health = health.spec();
+            let health = health.spec()?;
             if let Some(spec) = &health {
-                spec.validate().context("invalid health check")?;
+                spec.validate_for(&vip).context("invalid health check")?;
             }
             call(&Request::VipAdd {
                 vip,
@@ -581,7 +620,10 @@ fn client(socket: &std::path::Path, command: Command) -> Result<()> {
                     println!("reloaded: nothing changed");
                 }
                 for c in changes {
-                    println!("{c}");
+                    match c.strip_prefix("warning: ") {
+                        Some(warning) => eprintln!("xlb: warning: {warning}"),
+                        None => println!("{c}"),
+                    }
                 }
             }
         }
@@ -609,11 +651,16 @@ fn client(socket: &std::path::Path, command: Command) -> Result<()> {
                 (None, Some(c)) => container_backend(&c, &vip)?,
                 (None, None) => bail!("give BACKEND_ADDR:PORT or --container NAME"),
             };
-            call(&Request::BackendAdd {
+            let reply = call(&Request::BackendAdd {
                 vip,
                 backend,
                 weight,
             })?;
+            if let Reply::DoneWithWarnings(warnings) = reply {
+                for warning in warnings {
+                    eprintln!("xlb: warning: {warning}");
+                }
+            }
             println!("added backend {backend} to {vip} (weight {weight})");
         }
         Command::Backend(BackendCommand::Del { vip, backend }) => {

@@ -63,11 +63,23 @@ impl<'a> Agent<'a> {
     }
 
     fn start_in(ns: &'a Netns, ifaces: &[String], dir: &TempDir, state: &Path) -> Self {
+        Self::start_with(ns, ifaces, dir, state, &[])
+    }
+
+    /// [`Self::start_in`] with `extra` arguments to `xlb run`.
+    fn start_with(
+        ns: &'a Netns,
+        ifaces: &[String],
+        dir: &TempDir,
+        state: &Path,
+        extra: &[&str],
+    ) -> Self {
         let socket = dir.join("xlb.sock");
         let bpffs = Path::new("/sys/fs/bpf").join(common::unique(SUITE, "pins"));
         let log = dir.join(&format!("agent-{}.log", common::seq()));
         let mut cmd = common::agent_command(ns.command(XLB), ifaces, &socket, state, &bpffs, &log);
         cmd.args(["--ring-size", &RING.to_string()])
+            .args(extra)
             .env_remove("XLB_SOCKET");
         let process = AgentProcess::start(
             cmd,
@@ -758,16 +770,80 @@ fn state_survives_restart() {
     );
 }
 
+/// A copy of a file in a fresh directory under the system temp dir, both world-readable (and
+/// the file executable): for running the build's binary as an unprivileged user, who may not
+/// be able to enter the checkout. Removed on drop.
+struct WorldReadableCopy {
+    /// Holds the copy; removing it is all it is kept for.
+    _dir: TempDir,
+    path: PathBuf,
+}
+
+impl WorldReadableCopy {
+    fn of(file: &Path) -> Self {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = TempDir::new(SUITE, "bin");
+        let path = dir.join(
+            file.file_name()
+                .and_then(|n| n.to_str())
+                .expect("a file name"),
+        );
+        fs::copy(file, &path).unwrap_or_else(|e| panic!("copying {}: {e}", file.display()));
+        for p in [&dir.0, &path] {
+            fs::set_permissions(p, fs::Permissions::from_mode(0o755))
+                .unwrap_or_else(|e| panic!("chmod 755 {}: {e}", p.display()));
+        }
+        // Every ancestor of the temp dir must be enterable too, or the copy is as far out of
+        // reach as the original.
+        for ancestor in dir.0.ancestors().skip(1) {
+            let mode = fs::metadata(ancestor)
+                .unwrap_or_else(|e| panic!("stat {}: {e}", ancestor.display()))
+                .permissions()
+                .mode();
+            assert!(
+                mode & 0o001 != 0,
+                "{} (mode {mode:o}) is not enterable by other users: point TMPDIR elsewhere",
+                ancestor.display()
+            );
+        }
+        Self { _dir: dir, path }
+    }
+}
+
 #[test]
 fn bad_input_matrix() {
     let topo = topology(2);
     let dir = TempDir::new(SUITE, "bad");
     let agent = Agent::start(&topo, &dir, &dir.join("state.json"));
     let vip = "10.100.0.1:80/tcp";
+    let vip6 = "[fd00:100::1]:80/tcp";
     let b0 = backend_v4(0, 8080).to_string();
     agent.ok(&["vip", "add", vip]);
+    agent.ok(&["vip", "add", vip6]);
+    agent.ok(&["vip", "add", "10.100.0.2:53/udp"]);
     agent.ok(&["backend", "add", vip, &b0, "--weight", "2"]);
     let snapshot = agent.json(&["vip", "list", "--json"]);
+    // The LB's own addresses in its namespace (backends in other namespaces are fine).
+    let lb_backend_side = topo.backend_links[1].a.ip4().to_string();
+    let lb_client_side6 = topo.client_link.a.ip6().to_string();
+    let own_v4 = format!("{lb_backend_side}:8080");
+    let own_v6 = format!("[{lb_client_side6}]:8080");
+    let own_iface = format!("on {}", topo.backend_links[1].a.ifname);
+    // Config files `xlb config check` refuses, one line naming FILE:LINE:COLUMN.
+    let udp_tcp_probe = dir.join("udp-tcp-probe.toml");
+    fs::write(
+        &udp_tcp_probe,
+        "[[vip]]\naddress = \"10.100.0.1:53/udp\"\n[vip.health]\nprobe = \"tcp\"\n",
+    )
+    .expect("writing a config");
+    let loopback_backend = dir.join("loopback-backend.toml");
+    fs::write(
+        &loopback_backend,
+        "[[vip]]\naddress = \"10.100.0.1:80/tcp\"\n[[vip.backend]]\naddress = \"127.0.0.1:8080\"\n",
+    )
+    .expect("writing a config");
+    let udp_tcp_probe_path = udp_tcp_probe.display().to_string();
+    let loopback_backend_path = loopback_backend.display().to_string();
 
     let mut failures = Vec::new();
     let mut check = |what: &str, args: &[&str], out: &Output, needle: &str| {
@@ -861,6 +937,201 @@ fn bad_input_matrix() {
             ],
             "xlb-no-such-container",
         ),
+        // Health checks that do not speak the VIP's protocol would fail every backend.
+        (
+            "tcp health check on a UDP VIP",
+            &["vip", "add", "10.100.0.1:53/udp", "--health", "tcp"],
+            "a tcp health check cannot probe UDP VIP 10.100.0.1:53/udp",
+        ),
+        (
+            "http health check on a UDP VIP",
+            &["vip", "add", "10.100.0.1:53/udp", "--health", "http"],
+            "a http health check cannot probe UDP VIP",
+        ),
+        (
+            "udp health check on a TCP VIP",
+            &["vip", "add", "10.100.0.1:81/tcp", "--health", "udp"],
+            "a udp health check cannot probe TCP VIP",
+        ),
+        (
+            "udp payload on a tcp health check",
+            &[
+                "vip",
+                "add",
+                "10.100.0.1:81/tcp",
+                "--health",
+                "tcp",
+                "--health-payload",
+                "ping",
+            ],
+            "only apply to --health udp",
+        ),
+        (
+            "udp payload not hex",
+            &[
+                "vip",
+                "add",
+                "10.100.0.1:53/udp",
+                "--health",
+                "udp",
+                "--health-payload-hex",
+                "xyz",
+            ],
+            "--health-payload-hex",
+        ),
+        (
+            "udp check without reply probing faster than ICMP is sent",
+            &[
+                "vip",
+                "add",
+                "10.100.0.1:53/udp",
+                "--health",
+                "udp",
+                "--health-interval-ms",
+                "500",
+                "--health-timeout-ms",
+                "100",
+            ],
+            "at least 1000 ms",
+        ),
+        // VIPs that can never work, or that alias the live VIP.
+        (
+            "unspecified VIP",
+            &["vip", "add", "0.0.0.0:80"],
+            "unspecified",
+        ),
+        (
+            "unspecified VIP v6",
+            &["vip", "add", "[::]:80"],
+            "unspecified",
+        ),
+        (
+            "broadcast VIP",
+            &["vip", "add", "255.255.255.255:80/udp"],
+            "broadcast",
+        ),
+        (
+            "multicast VIP",
+            &["vip", "add", "239.1.1.1:5000/udp"],
+            "multicast",
+        ),
+        ("loopback VIP", &["vip", "add", "127.0.0.1:80"], "loopback"),
+        (
+            "link-local VIP",
+            &["vip", "add", "[fe80::1]:80"],
+            "link-local",
+        ),
+        (
+            "IPv4-mapped alias of the VIP",
+            &["vip", "add", "[::ffff:10.100.0.1]:80/tcp"],
+            "IPv4-mapped IPv6 address: the data plane stores it as 10.100.0.1:80",
+        ),
+        (
+            "scope-id alias of the VIP",
+            &["vip", "add", "[fd00:100::1%1]:80/tcp"],
+            "scope id (%1)",
+        ),
+        (
+            "VIP on a backend's address",
+            &["vip", "add", "10.11.0.2:9000/tcp"],
+            "is the address of backend 10.11.0.2:8080 of VIP 10.100.0.1:80/tcp",
+        ),
+        // Backends that can never work.
+        (
+            "the VIP as its own backend",
+            &["backend", "add", vip, "10.100.0.1:80"],
+            "is the address of VIP 10.100.0.1:80/tcp",
+        ),
+        (
+            "the VIP's address on another port",
+            &["backend", "add", vip, "10.100.0.1:8080"],
+            "is the address of VIP 10.100.0.1:80/tcp",
+        ),
+        (
+            "another VIP's address",
+            &["backend", "add", vip, "10.100.0.2:8080"],
+            "is the address of VIP 10.100.0.2:53/udp",
+        ),
+        (
+            "the IPv6 VIP as its own backend",
+            &["backend", "add", vip6, "[fd00:100::1]:8080"],
+            "is the address of VIP [fd00:100::1]:80/tcp",
+        ),
+        (
+            "unspecified backend",
+            &["backend", "add", vip, "0.0.0.0:8080"],
+            "unspecified",
+        ),
+        (
+            "broadcast backend",
+            &["backend", "add", vip, "255.255.255.255:8080"],
+            "broadcast",
+        ),
+        (
+            "a subnet's broadcast address as a backend",
+            &["backend", "add", vip, "10.11.1.255:8080"],
+            "backend 10.11.1.255:8080 is a broadcast address",
+        ),
+        (
+            "multicast backend",
+            &["backend", "add", vip, "224.0.0.9:8080"],
+            "multicast",
+        ),
+        (
+            "loopback backend",
+            &["backend", "add", vip, "127.0.0.1:8080"],
+            "loopback",
+        ),
+        (
+            "loopback backend v6",
+            &["backend", "add", vip6, "[::1]:8080"],
+            "loopback",
+        ),
+        (
+            "link-local backend",
+            &["backend", "add", vip, "169.254.7.7:8080"],
+            "link-local",
+        ),
+        (
+            "link-local backend v6",
+            &["backend", "add", vip6, "[fe80::2]:8080"],
+            "link-local",
+        ),
+        (
+            "IPv4-mapped backend",
+            &["backend", "add", vip, "[::ffff:10.11.1.2]:8080"],
+            "IPv4-mapped",
+        ),
+        (
+            "scope-id backend",
+            &["backend", "add", vip6, "[fd00:11:1::2%1]:8080"],
+            "scope id (%1)",
+        ),
+        (
+            "backend port 0",
+            &["backend", "add", vip, "10.11.1.2:0"],
+            "port 0",
+        ),
+        (
+            "the LB's own address as a backend",
+            &["backend", "add", vip, &own_v4],
+            &own_iface,
+        ),
+        (
+            "the LB's own IPv6 address as a backend",
+            &["backend", "add", vip6, &own_v6],
+            "is this host's own address",
+        ),
+        (
+            "config check: tcp probe on a UDP VIP",
+            &["config", "check", &udp_tcp_probe_path],
+            &format!("{udp_tcp_probe_path}:4:9: a tcp health check cannot probe UDP VIP"),
+        ),
+        (
+            "config check: loopback backend",
+            &["config", "check", &loopback_backend_path],
+            &format!("{loopback_backend_path}:4:11: backend 127.0.0.1:8080 is a loopback address"),
+        ),
     ];
     for (what, args, needle) in cases {
         let out = xlb(lb, s, args);
@@ -893,14 +1164,18 @@ fn bad_input_matrix() {
     let out = xlb(lb, &dir.join("noiface.sock"), &argv);
     check("no such interface", &argv, &out, "does-not-exist");
 
-    // `xlb run` without root: setuid(nobody) after joining the namespace.
+    // `xlb run` without root: setuid(nobody) after joining the namespace. Nobody may not be
+    // able to reach the build's binary (a checkout under /root or in a 0700 directory), so
+    // it runs a copy in a directory everyone can enter, from `/`.
     let mut args = run_args("noroot");
     args[2] = topo.client_link.a.ifname.clone();
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut cmd = lb.command(XLB);
+    let unprivileged = WorldReadableCopy::of(Path::new(XLB));
+    let mut cmd = lb.command(&unprivileged.path);
     cmd.args(&argv)
         .arg("--socket")
         .arg(dir.join("noroot.sock"))
+        .current_dir("/")
         .env_remove("XLB_SOCKET");
     // SAFETY: only async-signal-safe syscalls between fork and exec. Runs after
     // `Netns::command`'s own pre_exec (setns), which needs root.
@@ -941,6 +1216,30 @@ fn bad_input_matrix() {
                 ));
             }
         }
+        // The API refuses what the CLI refuses, also without the CLI's own checks.
+        for (request, needle) in [
+            (
+                r#"{"op":"vip_add","vip":"10.100.0.1:53/udp","health":{"probe":{"kind":"tcp"},"interval_ms":2000,"timeout_ms":1000,"rise":2,"fall":3}}"#,
+                "a tcp health check cannot probe UDP VIP",
+            ),
+            (
+                r#"{"op":"vip_add","vip":"[::ffff:10.100.0.1]:80/tcp"}"#,
+                "IPv4-mapped",
+            ),
+            (
+                r#"{"op":"backend_add","vip":"10.100.0.1:80/tcp","backend":"10.100.0.1:80","weight":1}"#,
+                "is the address of VIP",
+            ),
+        ] {
+            let reply = ask(&format!("{request}\n"));
+            let refused = reply["kind"] == "error"
+                && reply["data"].as_str().is_some_and(|d| d.contains(needle));
+            if !refused {
+                failures.push(format!(
+                    "API request {request}: expected an error containing {needle:?}, got {reply}"
+                ));
+            }
+        }
         let reply = ask("{\"op\":\"vip_list\"}\n");
         assert_eq!(
             reply["kind"], "vips",
@@ -956,5 +1255,126 @@ fn bad_input_matrix() {
         "{} bad-input case(s) not handled as specified:\n\n{}",
         failures.len(),
         failures.join("\n\n")
+    );
+}
+
+/// A backend reached through an interface the agent is not attached to is added, with a
+/// warning on stderr and in the agent log naming the interface and the fix; one behind an
+/// attached interface gets none. A reload that would add the LB's own address is refused and
+/// changes nothing; one adding an unattached backend applies, with the warning.
+#[test]
+fn backends_behind_unattached_interfaces_warn() {
+    let topo = topology(2);
+    let dir = TempDir::new(SUITE, "route");
+    let vip = "10.100.0.1:80/tcp";
+    let b0 = backend_v4(0, 8080).to_string();
+    let config = dir.join("xlb.toml");
+    let write_config = |backends: &[String]| {
+        let mut text = format!("[[vip]]\naddress = \"{vip}\"\n");
+        for b in backends {
+            text.push_str(&format!("[[vip.backend]]\naddress = \"{b}\"\n"));
+        }
+        fs::write(&config, text).expect("writing the config");
+    };
+    write_config(std::slice::from_ref(&b0));
+    // Attached to the client link and backend 0's link, not to backend 1's.
+    let unattached = topo.backend_links[1].a.ifname.clone();
+    let ifaces = vec![
+        topo.client_link.a.ifname.clone(),
+        topo.backend_links[0].a.ifname.clone(),
+    ];
+    let config_arg = config.display().to_string();
+    let agent = Agent::start_with(
+        topo.lb(),
+        &ifaces,
+        &dir,
+        &dir.join("state.json"),
+        &["--config", &config_arg],
+    );
+
+    let expected_warning = |backend: &str| {
+        format!(
+            "xlb: warning: backend {backend} is reached through {unattached}, which xlb is not attached to: its replies would not be translated back to the VIP (add --iface {unattached} to `xlb run`)"
+        )
+    };
+    let b1 = backend_v4(1, 8080).to_string();
+    let args = ["backend", "add", vip, &b1];
+    let out = xlb(topo.lb(), &agent.socket, &args);
+    assert!(out.status.success(), "{}", describe(&args, &out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr.lines().collect::<Vec<_>>(),
+        [expected_warning(&b1)],
+        "{}",
+        describe(&args, &out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!("added backend {b1}")),
+        "{}",
+        describe(&args, &out)
+    );
+    let listed = agent.json(&["backend", "list", vip, "--json"]);
+    assert!(
+        backends_of(&listed)
+            .iter()
+            .any(|b| b["addr"] == b1.as_str()),
+        "the backend was added despite the warning: {listed:#}"
+    );
+    let log = agent.log();
+    assert!(
+        log.lines().any(|l| l.contains("WARN")
+            && l.contains(&format!("is reached through {unattached}"))
+            && l.contains(&format!("--iface {unattached}"))),
+        "the agent logs the warning:\n{log}"
+    );
+
+    // Behind an attached interface: no warning.
+    let b0_other_port = backend_v4(0, 9090).to_string();
+    let args = ["backend", "add", vip, &b0_other_port];
+    let out = xlb(topo.lb(), &agent.socket, &args);
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "{}",
+        describe(&args, &out)
+    );
+
+    // A reload adding the LB's own address is refused and changes nothing.
+    let before = agent.json(&["vip", "list", "--json"]);
+    let own = format!("{}:8080", topo.backend_links[0].a.ip4());
+    write_config(&[b0.clone(), own.clone()]);
+    let out = xlb(topo.lb(), &agent.socket, &["reload"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.lines().count() == 1
+            && stderr.starts_with("xlb: ")
+            && stderr.contains(&format!("backend {own} is this host's own address")),
+        "{}",
+        describe(&["reload"], &out)
+    );
+    assert_eq!(
+        agent.json(&["vip", "list", "--json"]),
+        before,
+        "a refused reload changes nothing"
+    );
+
+    // A reload adding an unattached backend applies it and warns.
+    let b1_other_port = backend_v4(1, 9090).to_string();
+    write_config(&[b0.clone(), b1_other_port.clone()]);
+    let out = xlb(topo.lb(), &agent.socket, &["reload"]);
+    assert!(out.status.success(), "{}", describe(&["reload"], &out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!("+ backend {vip} {b1_other_port}")),
+        "{}",
+        describe(&["reload"], &out)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .collect::<Vec<_>>(),
+        [expected_warning(&b1_other_port)],
+        "{}",
+        describe(&["reload"], &out)
     );
 }

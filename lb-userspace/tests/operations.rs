@@ -13,7 +13,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
     io::{ErrorKind, Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     path::{Path, PathBuf},
     process::{Command, ExitStatus, Output, Stdio},
     sync::{
@@ -190,7 +190,12 @@ impl<'a> Agent<'a> {
 
     /// `backend list VIP --json`, keyed by backend address.
     fn backends(&self) -> BTreeMap<String, Value> {
-        let status = self.json(&["backend", "list", VIP, "--json"]);
+        self.backends_of(VIP)
+    }
+
+    /// `backend list VIP --json` of another VIP, keyed by backend address.
+    fn backends_of(&self, vip: &str) -> BTreeMap<String, Value> {
+        let status = self.json(&["backend", "list", vip, "--json"]);
         status["backends"]
             .as_array()
             .unwrap_or_else(|| panic!("no backends in {status:#}"))
@@ -207,9 +212,20 @@ impl<'a> Agent<'a> {
         limit: Duration,
         done: impl Fn(&BTreeMap<String, Value>) -> bool,
     ) -> (BTreeMap<String, Value>, Duration) {
+        self.wait_backends_of(VIP, what, limit, done)
+    }
+
+    /// [`Self::wait_backends`] for another VIP.
+    fn wait_backends_of(
+        &self,
+        vip: &str,
+        what: &str,
+        limit: Duration,
+        done: impl Fn(&BTreeMap<String, Value>) -> bool,
+    ) -> (BTreeMap<String, Value>, Duration) {
         let start = Instant::now();
         loop {
-            let list = self.backends();
+            let list = self.backends_of(vip);
             if done(&list) {
                 return (list, start.elapsed());
             }
@@ -760,6 +776,235 @@ fn http_health_check_takes_a_503_backend_out() {
     agent.wait_backends("b1 back", Duration::from_millis(1400), |l| {
         l[&b1]["healthy"] == true && u64_of(&l[&b1], "slots") > 0
     });
+}
+
+/// A UDP server in backend `i`'s namespace that answers every datagram with its name (`b1`),
+/// or never answers (`answer` false). Stopping closes the socket, so datagrams to the port
+/// draw ICMP port-unreachable from then on; it can be started again on the same address.
+struct UdpServer {
+    name: String,
+    addr: SocketAddr,
+    answer: bool,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl UdpServer {
+    fn start(topo: &Topology, i: usize, port: u16, answer: bool) -> Self {
+        let mut server = Self {
+            name: format!("b{i}"),
+            addr: backend_v4(i, port),
+            answer,
+            stop: Arc::new(AtomicBool::new(false)),
+            thread: None,
+        };
+        server.bind(topo.backend(i));
+        server
+    }
+
+    fn bind(&mut self, ns: &Netns) {
+        let addr = self.addr;
+        let socket = ns
+            .run(move || UdpSocket::bind(addr))
+            .expect("entering backend namespace")
+            .unwrap_or_else(|e| panic!("binding {addr}: {e}"));
+        socket
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .expect("read timeout");
+        self.stop = Arc::new(AtomicBool::new(false));
+        let (stop, name, answer) = (Arc::clone(&self.stop), self.name.clone(), self.answer);
+        self.thread = Some(thread::spawn(move || {
+            let mut buf = [0_u8; 2048];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((_, from)) = socket.recv_from(&mut buf)
+                    && answer
+                {
+                    let _ = socket.send_to(name.as_bytes(), from);
+                }
+            }
+        }));
+    }
+
+    /// Closes the socket (the thread owns it) and waits until it is gone.
+    fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    fn restart(&mut self, topo: &Topology, i: usize) {
+        assert!(self.thread.is_none(), "restart a stopped server");
+        self.bind(topo.backend(i));
+    }
+}
+
+impl Drop for UdpServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// `n` datagrams to `vip`, each from a fresh client port (a new flow): who answered each.
+fn udp_ask_many(topo: &Topology, vip: SocketAddr, n: usize) -> Vec<String> {
+    topo.client()
+        .run(move || {
+            (0..n)
+                .map(|_| {
+                    let socket = UdpSocket::bind("0.0.0.0:0").expect("binding a client socket");
+                    socket.connect(vip).expect("connect");
+                    socket
+                        .set_read_timeout(Some(Duration::from_secs(3)))
+                        .expect("read timeout");
+                    socket.send(b"ping").expect("send");
+                    let mut buf = [0_u8; 64];
+                    let len = socket
+                        .recv(&mut buf)
+                        .unwrap_or_else(|e| panic!("no answer from {vip}: {e}"));
+                    String::from_utf8_lossy(&buf[..len]).into_owned()
+                })
+                .collect()
+        })
+        .expect("client namespace")
+}
+
+/// Both kinds of UDP check against real UDP servers going down and coming back: one expecting
+/// an answer to its payload, one (no payload) only expecting no port-unreachable. The two
+/// VIPs' failing backends sit in different namespaces: Linux rate-limits ICMP errors per
+/// namespace and peer, and probes of one VIP must not use up the other's.
+#[test]
+fn udp_health_checks_follow_a_udp_server_down_and_up() {
+    const ANSWERING: &str = "10.100.0.1:53/udp";
+    const SILENT: &str = "10.100.0.1:54/udp";
+    let topo = topology(3);
+    let dir = TempDir::new(SUITE, "udp-health");
+    // ANSWERING on backends 0 and 1, SILENT on backends 1 and 2.
+    let mut answering: Vec<UdpServer> = (0..2)
+        .map(|i| UdpServer::start(&topo, i, 5353, true))
+        .collect();
+    let mut silent: Vec<UdpServer> = (1..3)
+        .map(|i| UdpServer::start(&topo, i, 5454, false))
+        .collect();
+    let pins = Pins::new(topo.lb(), &dir);
+    let agent = Agent::start(&topo, &dir, &pins, &dir.join("state.json"), &[]);
+    let out = agent.ok(&[
+        "vip",
+        "add",
+        ANSWERING,
+        "--health",
+        "udp",
+        "--health-payload",
+        "ping",
+        "--health-interval-ms",
+        "200",
+        "--health-timeout-ms",
+        "100",
+        "--health-fall",
+        "2",
+        "--health-rise",
+        "2",
+    ]);
+    assert!(out.contains("udp (4 bytes) expecting a reply"), "{out}");
+    let out = agent.ok(&[
+        "vip",
+        "add",
+        SILENT,
+        "--health",
+        "udp",
+        "--health-interval-ms",
+        "1000",
+        "--health-timeout-ms",
+        "300",
+        "--health-fall",
+        "2",
+        "--health-rise",
+        "2",
+    ]);
+    assert!(
+        out.contains("udp (0 bytes) expecting no port-unreachable"),
+        "{out}"
+    );
+    for s in &answering {
+        agent.ok(&["backend", "add", ANSWERING, &s.addr.to_string()]);
+    }
+    for s in &silent {
+        agent.ok(&["backend", "add", SILENT, &s.addr.to_string()]);
+    }
+    let all_ok = |prefix: &'static str| {
+        move |l: &BTreeMap<String, Value>| {
+            l.len() == 2
+                && l.values().all(|b| {
+                    b["healthy"] == true
+                        && b["health"]["last_result"]
+                            .as_str()
+                            .is_some_and(|r| r.starts_with(prefix))
+                })
+        }
+    };
+    agent.wait_backends_of(
+        ANSWERING,
+        "answering backends probed ok",
+        Duration::from_secs(5),
+        all_ok("ok udp reply"),
+    );
+    agent.wait_backends_of(
+        SILENT,
+        "silent backends probed ok",
+        Duration::from_secs(5),
+        all_ok("ok no port-unreachable within 300 ms"),
+    );
+
+    // Down: b0 of ANSWERING, b2 of SILENT.
+    let (b0, b2) = (answering[0].addr.to_string(), silent[1].addr.to_string());
+    answering[0].stop();
+    silent[1].stop();
+    let limit = Duration::from_millis(200 * 2) + Duration::from_secs(1);
+    let (list, took) = agent.wait_backends_of(ANSWERING, "b0 taken out", limit, |l| {
+        l[&b0]["healthy"] == false && l[&b0]["slots"] == 0
+    });
+    eprintln!("answering b0 out {took:?} after its server stopped (limit {limit:?})");
+    let why = list[&b0]["health"]["last_result"].as_str().unwrap_or("");
+    // Port-unreachable at first; once the backend's ICMP budget (a burst, then one a second)
+    // is spent, a probe that gets no answer fails by its timeout instead.
+    assert!(
+        why == "port unreachable" || why == "no reply within 100 ms",
+        "{:#}",
+        list[&b0]
+    );
+    let limit = Duration::from_millis(1000 * 2) + Duration::from_millis(1500);
+    let (list, took) = agent.wait_backends_of(SILENT, "b2 taken out", limit, |l| {
+        l[&b2]["healthy"] == false && l[&b2]["slots"] == 0
+    });
+    eprintln!("silent b2 out {took:?} after its server stopped (limit {limit:?})");
+    assert_eq!(
+        list[&b2]["health"]["last_result"], "port unreachable",
+        "{:#}",
+        list[&b2]
+    );
+    let vip_addr = v4(Topology::VIP_V4, 53);
+    let reached = udp_ask_many(&topo, vip_addr, 20);
+    assert!(
+        reached.iter().all(|b| b == "b1"),
+        "no datagram reaches the dead backend: {reached:?}"
+    );
+
+    // Up again.
+    answering[0].restart(&topo, 0);
+    silent[1].restart(&topo, 2);
+    let limit = Duration::from_millis(200 * 2) + Duration::from_secs(1);
+    agent.wait_backends_of(ANSWERING, "b0 back", limit, |l| {
+        l[&b0]["healthy"] == true && u64_of(&l[&b0], "slots") > 0
+    });
+    let limit = Duration::from_millis(1000 * 2) + Duration::from_millis(1500);
+    agent.wait_backends_of(SILENT, "b2 back", limit, |l| {
+        l[&b2]["healthy"] == true && u64_of(&l[&b2], "slots") > 0
+    });
+    // 20 new flows over two backends with equal weights: all on b1 has odds 2^-20.
+    let reached = udp_ask_many(&topo, vip_addr, 20);
+    assert!(
+        reached.iter().any(|b| b == "b0"),
+        "b0 takes new flows again: {reached:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
