@@ -11,3 +11,4 @@ pub mod datapath;
 pub mod health;
 pub mod metrics;
 pub mod paths;
+pub mod reconcile;
