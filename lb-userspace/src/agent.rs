@@ -480,12 +480,19 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         Err(e) => warn!("data-plane logs unavailable: {}", error_chain(&e)),
     }
     let mut balancer = Balancer::new(datapath);
-    if let Some(state) = &restored {
-        balancer
-            .apply(state)
-            .with_context(|| format!("restoring {}", options.state.display()))?;
-        info!(vips = state.vips.len(), path = %options.state.display(), "restored state");
-    }
+    // Even with nothing to restore: pinned maps may hold VIPs a lost state file forgot.
+    let state = restored.unwrap_or_default();
+    let adoption = balancer
+        .adopt(&state)
+        .with_context(|| format!("restoring {}", options.state.display()))?;
+    info!(
+        vips = state.vips.len(),
+        kept = adoption.kept_vips,
+        removed = adoption.removed_vips,
+        map_writes = adoption.writes,
+        path = %options.state.display(),
+        "restored state"
+    );
     let forwarding_enabled = enable_forwarding();
     for (name, index) in redirect_targets().await? {
         if let Err(e) = balancer.allow_egress(index) {
