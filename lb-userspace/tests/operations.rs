@@ -1318,6 +1318,127 @@ fn adoption_removes_vips_the_state_no_longer_has() {
     );
 }
 
+/// A bpffs mounted by the test in its own (the host's) mount namespace; unmounted on drop.
+struct HostBpffs(PathBuf);
+
+impl HostBpffs {
+    fn mount(at: PathBuf) -> Self {
+        fs::create_dir_all(&at).expect("creating the bpffs mount point");
+        nix::mount::mount(
+            Some("bpf"),
+            &at,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap_or_else(|e| panic!("mounting bpffs on {}: {e}", at.display()));
+        Self(at)
+    }
+}
+
+impl Drop for HostBpffs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// `xlb run --keep-attached` through `ip netns exec LB-NAMESPACE`, logging to a fresh file.
+fn agent_under_ip_netns_exec(
+    topo: &Topology,
+    dir: &TempDir,
+    pins: &Pins<'_>,
+    extra: &[&str],
+) -> (Command, PathBuf) {
+    let log = dir.join(&format!("agent-{}.log", common::seq()));
+    let mut ip = Command::new("ip");
+    ip.args(["netns", "exec", topo.lb().name(), XLB]);
+    let mut cmd = common::agent_command(
+        ip,
+        &lb_ifaces(topo),
+        &pins.socket,
+        &dir.join("state.json"),
+        &pins.dir,
+        &log,
+    );
+    cmd.args(["--ring-size", &RING.to_string(), "--keep-attached"])
+        .args(extra)
+        .env_remove("XLB_SOCKET");
+    (cmd, log)
+}
+
+/// `ip netns exec` runs the agent in a mount namespace of its own with `/sys` mounted
+/// afresh: a bpffs the agent mounts there, with every pin on it, goes when the agent exits.
+/// `--keep-attached` must refuse that (and say what to do) instead of promising a data path
+/// that vanishes; on a bpffs mounted in the host's namespace it must keep the data path.
+#[test]
+fn keep_attached_under_ip_netns_exec() {
+    let topo = topology(1);
+    let dir = TempDir::new(SUITE, "netns-exec");
+    let _servers = line_servers(&topo, 1);
+
+    let private = Pins::new(topo.lb(), &dir);
+    let (cmd, _) = agent_under_ip_netns_exec(&topo, &dir, &private, &[]);
+    let mut cmd = cmd;
+    let out = output_within(&mut cmd, Duration::from_secs(20));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "--keep-attached on a bpffs private to `ip netns exec` must be refused:\n{stderr}"
+    );
+    let error = stderr
+        .lines()
+        .find(|l| l.starts_with("xlb: "))
+        .unwrap_or_else(|| panic!("no error line:\n{stderr}"));
+    let wanted_nsenter = format!("nsenter --net=/run/netns/{}", topo.lb().name());
+    assert!(
+        error.contains(&wanted_nsenter) && error.contains("--bpffs"),
+        "the error says how to fix it: {error}"
+    );
+    for ifname in lb_ifaces(&topo) {
+        assert!(
+            !xdp_attached(topo.lb(), &ifname),
+            "nothing attached to {ifname} by a refused start"
+        );
+    }
+
+    // A bpffs mounted where the host sees it outlives the agent's mount namespace.
+    let host_bpffs = HostBpffs::mount(dir.join("bpf"));
+    let pins = Pins {
+        ns: topo.lb(),
+        dir: host_bpffs.0.join("pins"),
+        socket: dir.join("xlb.sock"),
+    };
+    let (cmd, log) = agent_under_ip_netns_exec(&topo, &dir, &pins, &[]);
+    let mut process = AgentProcess::start(
+        cmd,
+        log,
+        Duration::from_secs(15),
+        Duration::from_millis(20),
+        common::vip_list_probe(|args| xlb(topo.lb(), &pins.socket, args)),
+    );
+    ok(topo.lb(), &pins.socket, &["vip", "add", VIP]);
+    ok(
+        topo.lb(),
+        &pins.socket,
+        &["backend", "add", VIP, &backend_addr(0).to_string()],
+    );
+    assert_eq!(connect_many(&topo, 3), ["b0", "b0", "b0"]);
+    let status = process.stop();
+    assert!(status.success(), "{status}\n{}", process.log());
+    assert!(pins.dir.exists(), "the pins outlive the agent");
+    for ifname in lb_ifaces(&topo) {
+        assert!(
+            xdp_attached(topo.lb(), &ifname),
+            "still attached to {ifname} after the agent exited"
+        );
+    }
+    assert_eq!(
+        connect_many(&topo, 3),
+        ["b0", "b0", "b0"],
+        "the data path forwards on its own"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // 4. Metrics
 
