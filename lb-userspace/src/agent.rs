@@ -52,6 +52,36 @@ pub fn require_root(what: &str) -> Result<()> {
     Ok(())
 }
 
+/// `--keep-attached` promises a data path that outlives the agent: refuse where its pins
+/// cannot, before anything is mounted or attached.
+fn check_pins_outlive_agent(bpffs: &Path) -> Result<()> {
+    match paths::pin_lifetime(bpffs) {
+        paths::PinLifetime::OutlivesAgent => Ok(()),
+        paths::PinLifetime::DiesWithAgent => {
+            let netns = paths::netns_name().unwrap_or_else(|| "NAME".to_owned());
+            bail!(
+                "--keep-attached cannot keep the data path: this agent runs in a mount namespace \
+                 of its own (as under `ip netns exec`) where no bpffs is mounted at {}, so its pins \
+                 would vanish when it exits; start it with `nsenter --net=/run/netns/{netns} xlb run \
+                 ...` instead of `ip netns exec`, or pass --bpffs DIR on a bpffs mounted in the \
+                 host's mount namespace (e.g. `mount -t bpf bpf /run/xlb-bpf`, then --bpffs \
+                 /run/xlb-bpf/{netns})",
+                bpffs.parent().unwrap_or(bpffs).display()
+            )
+        }
+        paths::PinLifetime::OnlyInPrivateNamespace => {
+            warn!(
+                bpffs = %bpffs.display(),
+                "--keep-attached: this bpffs is mounted only in this agent's own mount namespace, \
+                 so the data path lasts only as long as that namespace (under `ip netns exec` it \
+                 ends with the agent); to be sure, use `nsenter --net=/run/netns/NAME` or a bpffs \
+                 mounted in the host's mount namespace"
+            );
+            Ok(())
+        }
+    }
+}
+
 fn ifindex(name: &str) -> Result<u32> {
     nix::net::if_::if_nametoindex(name).map_err(|_| {
         anyhow::anyhow!("no interface named '{name}' in this network namespace (see `ip link`)")
@@ -536,6 +566,9 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         None => None,
     };
 
+    if options.keep_attached {
+        check_pins_outlive_agent(&options.bpffs)?;
+    }
     paths::ensure_bpffs_dir(&options.bpffs)?;
     let mut datapath =
         Datapath::load_pinned(options.datapath, &options.bpffs).with_context(|| {
@@ -552,12 +585,19 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         Err(e) => warn!("data-plane logs unavailable: {}", error_chain(&e)),
     }
     let mut balancer = Balancer::new(datapath);
-    if let Some(state) = &restored {
-        balancer
-            .apply(state)
-            .with_context(|| format!("restoring {}", options.state.display()))?;
-        info!(vips = state.vips.len(), path = %options.state.display(), "restored state");
-    }
+    // Even with nothing to restore: pinned maps may hold VIPs a lost state file forgot.
+    let state = restored.unwrap_or_default();
+    let adoption = balancer
+        .adopt(&state)
+        .with_context(|| format!("restoring {}", options.state.display()))?;
+    info!(
+        vips = state.vips.len(),
+        kept = adoption.kept_vips,
+        removed = adoption.removed_vips,
+        map_writes = adoption.writes,
+        path = %options.state.display(),
+        "restored state"
+    );
     let forwarding_enabled = enable_forwarding();
     let host_links = hooks::links().await?;
     for link in hooks::redirect_targets(&host_links, options.mode) {

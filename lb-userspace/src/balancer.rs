@@ -3,7 +3,7 @@
 //! map update, backend entries, counters.
 
 use std::{
-    collections::{BTreeMap, VecDeque},
+    collections::{BTreeMap, BTreeSet, VecDeque},
     fmt,
     net::SocketAddr,
     str::FromStr,
@@ -22,6 +22,7 @@ use thiserror::Error;
 use crate::{
     datapath::{Datapath, DatapathError},
     health::{HealthSpec, HealthStatus},
+    reconcile::{self, MapContents, MapWrite, ServiceKey, choose_half, ring_base},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -424,12 +425,7 @@ impl Balancer {
         };
         match list.first().copied() {
             Some(first) => {
-                let value = EndpointVip {
-                    vip_addr: to_bytes(first.addr.ip()),
-                    vip_port_be: first.addr.port().to_be(),
-                    _pad: 0,
-                    vips: list.len() as u32,
-                };
+                let value = endpoint_entry(first, list.len());
                 self.datapath
                     .endpoints()?
                     .insert(&key, &value, 0)
@@ -452,17 +448,13 @@ impl Balancer {
     /// # Errors
     /// The VIP exists already, or no slot is free.
     pub fn add_vip(&mut self, vip: VipSpec) -> Result<()> {
-        self.add_vip_with_id(vip, None)
-    }
-
-    fn add_vip_with_id(&mut self, vip: VipSpec, wanted: Option<u32>) -> Result<()> {
         if self.vips.contains_key(&vip) {
             return Err(BalancerError::DuplicateVip(vip));
         }
         let max = self.datapath.config().max_vips;
-        let id = wanted
-            .and_then(|id| self.vip_ids.take_exact(id))
-            .or_else(|| self.vip_ids.take())
+        let id = self
+            .vip_ids
+            .take()
             .ok_or(BalancerError::VipSlotsExhausted(max))?;
         let entry = VipEntry {
             id,
@@ -471,13 +463,9 @@ impl Balancer {
             halves: [Vec::new(), Vec::new()],
             backends: BTreeMap::new(),
         };
-        // A recorded id carries its own counters (a restarted agent adopting pinned maps).
-        let reset = if wanted.is_some() {
-            Ok(())
-        } else {
-            self.datapath.reset_vip_traffic(id)
-        };
-        let written = reset
+        let written = self
+            .datapath
+            .reset_vip_traffic(id)
             .and_then(|()| self.use_port(vip.addr.port(), true, 1))
             .and_then(|()| self.write_vip_info(&vip, &entry));
         if let Err(e) = written {
@@ -541,44 +529,43 @@ impl Balancer {
         Ok(())
     }
 
-    /// Adds a backend to a VIP and rebuilds its ring.
-    ///
-    /// # Errors
-    /// Unknown VIP, duplicate backend, family mismatch, bad weight, no free id.
-    pub fn add_backend(&mut self, vip: &VipSpec, backend: SocketAddr, weight: u32) -> Result<()> {
-        self.add_backend_with_id(vip, backend, weight, None)
-    }
-
-    fn add_backend_with_id(
-        &mut self,
+    /// Whether `backend` (with `weight`) may join `vip`, which has `existing` backends.
+    fn validate_backend<T>(
         vip: &VipSpec,
         backend: SocketAddr,
         weight: u32,
-        wanted: Option<u32>,
+        existing: &BTreeMap<SocketAddr, T>,
     ) -> Result<()> {
         Self::validate_weight(weight)?;
         if backend.port() == 0 {
             return Err(BalancerError::BackendPortZero);
         }
-        let entry = self.vips.get(vip).ok_or(BalancerError::UnknownVip(*vip))?;
-        if entry.backends.contains_key(&backend) {
+        if existing.contains_key(&backend) {
             return Err(BalancerError::DuplicateBackend { vip: *vip, backend });
         }
         if family(&backend) != family(&vip.addr) {
             return Err(BalancerError::FamilyMismatch { vip: *vip, backend });
         }
+        Ok(())
+    }
+
+    /// Adds a backend to a VIP and rebuilds its ring.
+    ///
+    /// # Errors
+    /// Unknown VIP, duplicate backend, family mismatch, bad weight, no free id.
+    pub fn add_backend(&mut self, vip: &VipSpec, backend: SocketAddr, weight: u32) -> Result<()> {
+        let entry = self.vips.get(vip).ok_or(BalancerError::UnknownVip(*vip))?;
+        Self::validate_backend(vip, backend, weight, &entry.backends)?;
         let vip_id = entry.id;
-        let id = wanted
-            .and_then(|id| self.backend_ids.take_exact(id))
-            .or_else(|| self.backend_ids.take())
+        let id = self
+            .backend_ids
+            .take()
             .ok_or(BalancerError::BackendSlotsExhausted(MAX_BACKENDS))?;
         if let Err(e) = self
             .use_port(backend.port(), false, 1)
             .and_then(|()| self.update_endpoint(backend, *vip, true))
             .map_err(BalancerError::from)
-            .and_then(|()| {
-                self.write_backend(id, vip_id, backend, BACKEND_ACTIVE, wanted.is_none())
-            })
+            .and_then(|()| self.write_backend(id, vip_id, backend, BACKEND_ACTIVE))
         {
             self.backend_ids.give_back(id);
             return Err(e);
@@ -599,17 +586,10 @@ impl Balancer {
         self.rebuild_ring(vip)
     }
 
-    fn write_backend(
-        &mut self,
-        id: u32,
-        vip_id: u32,
-        addr: SocketAddr,
-        flags: u8,
-        reset_counters: bool,
-    ) -> Result<()> {
-        if reset_counters {
-            self.datapath.reset_backend_traffic(id)?;
-        }
+    /// A new backend's entry, its id's counters zeroed first (the id may have served a
+    /// removed backend).
+    fn write_backend(&mut self, id: u32, vip_id: u32, addr: SocketAddr, flags: u8) -> Result<()> {
+        self.datapath.reset_backend_traffic(id)?;
         self.write_flags(id, vip_id, addr, flags)
     }
 
@@ -746,13 +726,7 @@ impl Balancer {
     }
 
     fn write_flags(&mut self, id: u32, vip_id: u32, backend: SocketAddr, flags: u8) -> Result<()> {
-        let value = Backend {
-            addr: to_bytes(backend.ip()),
-            port_be: backend.port().to_be(),
-            family: family(&backend),
-            flags,
-            vip_id,
-        };
+        let value = backend_entry(backend, vip_id, flags);
         self.datapath
             .backends()?
             .set(id, &value, 0)
@@ -972,36 +946,420 @@ impl Balancer {
         }
     }
 
-    /// Programs a whole desired state into an empty balancer (agent start-up). Recorded ids
-    /// are kept, so a data plane left running by a previous agent keeps every flow.
+    /// Programs a whole desired state into an empty balancer at agent start-up, adopting
+    /// whatever the maps hold: pinned maps left by a previous agent keep forwarding while
+    /// this runs. The model is built against what the maps hold (a VIP or backend they hold
+    /// keeps its id, so its flows and counters), then only the entries that differ are
+    /// written, in the order `reconcile::plan` gives; VIPs and backends the maps hold but
+    /// the desired state lacks are removed. Maps just created get everything.
+    ///
+    /// On a validation error nothing is written.
     ///
     /// # Errors
-    /// The first entry that cannot be applied.
-    pub fn apply(&mut self, state: &DesiredState) -> Result<()> {
-        // Recorded ids first, so that a fresh id handed to an unrecorded entry cannot take one.
-        for vip in state.vips.iter().filter(|v| v.id.is_some()) {
-            self.add_vip_with_id(vip.vip, vip.id)?;
+    /// An invalid desired state (duplicates, bad weights, no free id) or a map access
+    /// failing.
+    ///
+    /// # Panics
+    /// If the balancer has VIPs already.
+    pub fn adopt(&mut self, state: &DesiredState) -> Result<Adoption> {
+        assert!(self.vips.is_empty(), "adopt starts from an empty balancer");
+        let current = self.read_maps()?;
+        let ghosts = match self.build_model(state, &current) {
+            Ok(ghosts) => ghosts,
+            Err(e) => {
+                self.clear_model();
+                return Err(e);
+            }
+        };
+        let (desired, halves) = match self.desired_contents(&current) {
+            Ok(desired) => desired,
+            Err(e) => {
+                self.clear_model();
+                return Err(e);
+            }
+        };
+        let writes = reconcile::plan(&current, &desired);
+        for write in &writes {
+            self.carry_out(write)?;
         }
-        for vip in state.vips.iter().filter(|v| v.id.is_none()) {
-            self.add_vip(vip.vip)?;
+        for (vip, (live, ring, other)) in halves {
+            let entry = self.vips.get_mut(&vip).expect("built above");
+            entry.live_half = live;
+            entry.halves[live] = ring;
+            entry.halves[1 - live] = other;
         }
-        for vip in &state.vips {
-            self.set_vip_health(&vip.vip, vip.health.clone())?;
-            let mut ordered: Vec<&BackendConfig> = vip.backends.iter().collect();
-            ordered.sort_by_key(|b| b.id.is_none());
-            for b in ordered {
-                self.add_backend_with_id(&vip.vip, b.addr, b.weight, b.id)?;
-                if b.state != BackendState::Active {
-                    self.update_backend(&vip.vip, b.addr, None, Some(b.state))?;
+        // Only now: until their entries were cleared, a packet could still reach them.
+        for id in &ghosts.vip_ids {
+            self.vip_ids.give_back(*id);
+        }
+        for id in &ghosts.backend_ids {
+            self.backend_ids.give_back(*id);
+        }
+        let adoption = Adoption {
+            kept_vips: state
+                .vips
+                .iter()
+                .filter(|v| {
+                    let id = self.vips[&v.vip].id;
+                    current
+                        .vips
+                        .get(&service_key(&v.vip))
+                        .is_some_and(|i| i.vip_id == id)
+                })
+                .count(),
+            removed_vips: ghosts.vips,
+            writes: writes.len(),
+        };
+        Ok(adoption)
+    }
+
+    fn clear_model(&mut self) {
+        self.vips.clear();
+        self.port_users.clear();
+        self.endpoint_vips.clear();
+        self.vip_ids = IdPool::new(self.datapath.config().max_vips);
+        self.backend_ids = IdPool::new(MAX_BACKENDS);
+    }
+
+    /// Reads back what the balancer's maps hold (for each VIP, only its live ring).
+    fn read_maps(&mut self) -> Result<MapContents, DatapathError> {
+        let mut held = MapContents::default();
+        let err = |name| move |source| DatapathError::Map { name, source };
+        for item in self.datapath.vips()?.iter() {
+            let (key, info) = item.map_err(err(lb_common::map_names::VIPS))?;
+            held.vips.insert((key.socket_addr(), key.proto), info);
+        }
+        {
+            let rings = self.datapath.rings()?;
+            for info in held.vips.values().filter(|i| i.ring_size > 0) {
+                let ring = (info.ring_base..info.ring_base + info.ring_size)
+                    .map(|slot| rings.get(&slot, 0))
+                    .collect::<Result<Vec<u32>, _>>()
+                    .map_err(err(lb_common::map_names::MAGLEV))?;
+                held.rings.insert(info.ring_base, ring);
+            }
+        }
+        for (id, item) in self.datapath.backends()?.iter().enumerate() {
+            let backend = item.map_err(err(lb_common::map_names::BACKENDS))?;
+            if backend.family != 0 {
+                held.backends.insert(id as u32, backend);
+            }
+        }
+        for item in self.datapath.endpoints()?.iter() {
+            let (key, value) = item.map_err(err(lb_common::map_names::ENDPOINTS))?;
+            held.endpoints.insert((key.socket_addr(), key.proto), value);
+        }
+        for (port, item) in self.datapath.ports()?.iter().enumerate() {
+            let roles = item.map_err(err(lb_common::map_names::PORTS))?;
+            if roles != 0 {
+                held.ports.insert(port as u16, roles);
+            }
+        }
+        Ok(held)
+    }
+
+    /// Fills the (empty) model with `state`. Ids: what the maps hold a VIP or backend under,
+    /// else the id recorded in the state, else a fresh one. Ids the maps use for entries
+    /// the state lacks are held back until those entries are gone, so nothing new takes
+    /// one that a live ring or connection still names.
+    fn build_model(&mut self, state: &DesiredState, held: &MapContents) -> Result<Ghosts> {
+        let mut seen = BTreeSet::new();
+        for v in &state.vips {
+            if !seen.insert(v.vip) {
+                return Err(BalancerError::DuplicateVip(v.vip));
+            }
+            let mut backends = BTreeMap::new();
+            for b in &v.backends {
+                Self::validate_backend(&v.vip, b.addr, b.weight, &backends)?;
+                backends.insert(b.addr, ());
+            }
+        }
+
+        let mut vip_ids: BTreeMap<VipSpec, u32> = BTreeMap::new();
+        for v in &state.vips {
+            if let Some(info) = held.vips.get(&service_key(&v.vip))
+                && let Some(id) = self.vip_ids.take_exact(info.vip_id)
+            {
+                vip_ids.insert(v.vip, id);
+            }
+        }
+        let mut ghosts = Ghosts::default();
+        for (key, info) in &held.vips {
+            if !state.vips.iter().any(|v| service_key(&v.vip) == *key) {
+                ghosts.vips += 1;
+            }
+            if let Some(id) = self.vip_ids.take_exact(info.vip_id) {
+                ghosts.vip_ids.push(id);
+            }
+        }
+        for v in &state.vips {
+            if !vip_ids.contains_key(&v.vip)
+                && let Some(id) = v.id.and_then(|id| self.vip_ids.take_exact(id))
+            {
+                vip_ids.insert(v.vip, id);
+            }
+        }
+        let max_vips = self.datapath.config().max_vips;
+        for v in &state.vips {
+            if let std::collections::btree_map::Entry::Vacant(slot) = vip_ids.entry(v.vip) {
+                slot.insert(
+                    self.vip_ids
+                        .take()
+                        .ok_or(BalancerError::VipSlotsExhausted(max_vips))?,
+                );
+            }
+        }
+
+        let backend_pairs = || {
+            state
+                .vips
+                .iter()
+                .flat_map(|v| v.backends.iter().map(move |b| (v, b)))
+        };
+        let mut backend_ids: BTreeMap<(VipSpec, SocketAddr), u32> = BTreeMap::new();
+        for (v, b) in backend_pairs() {
+            let wanted = backend_entry(b.addr, vip_ids[&v.vip], 0);
+            let held_id = held
+                .backends
+                .iter()
+                .find(|(_, h)| Backend { flags: 0, ..**h } == wanted)
+                .map(|(id, _)| *id);
+            if let Some(id) = held_id.and_then(|id| self.backend_ids.take_exact(id)) {
+                backend_ids.insert((v.vip, b.addr), id);
+            }
+        }
+        for id in held.backends.keys() {
+            if let Some(id) = self.backend_ids.take_exact(*id) {
+                ghosts.backend_ids.push(id);
+            }
+        }
+        for (v, b) in backend_pairs() {
+            if !backend_ids.contains_key(&(v.vip, b.addr))
+                && let Some(id) = b.id.and_then(|id| self.backend_ids.take_exact(id))
+            {
+                backend_ids.insert((v.vip, b.addr), id);
+            }
+        }
+        for (v, b) in backend_pairs() {
+            if let std::collections::btree_map::Entry::Vacant(slot) =
+                backend_ids.entry((v.vip, b.addr))
+            {
+                slot.insert(
+                    self.backend_ids
+                        .take()
+                        .ok_or(BalancerError::BackendSlotsExhausted(MAX_BACKENDS))?,
+                );
+            }
+        }
+
+        for v in &state.vips {
+            let mut entry = VipEntry {
+                id: vip_ids[&v.vip],
+                health: v.health.clone(),
+                live_half: 0,
+                halves: [Vec::new(), Vec::new()],
+                backends: BTreeMap::new(),
+            };
+            self.port_users.entry(v.vip.addr.port()).or_default().vips += 1;
+            for b in &v.backends {
+                entry.backends.insert(
+                    b.addr,
+                    BackendEntry {
+                        id: backend_ids[&(v.vip, b.addr)],
+                        weight: b.weight,
+                        state: b.state,
+                        healthy: true,
+                    },
+                );
+                self.port_users.entry(b.addr.port()).or_default().backends += 1;
+                self.endpoint_vips
+                    .entry((b.addr, v.vip.proto))
+                    .or_default()
+                    .push(v.vip);
+            }
+            self.vips.insert(v.vip, entry);
+        }
+        // An endpoint keeps naming the VIP it names now, if that one stays: flows of that
+        // VIP may have no reverse entry.
+        for ((addr, proto), list) in &mut self.endpoint_vips {
+            if let Some(named) = held.endpoints.get(&(*addr, proto.number())) {
+                let named = SocketAddr::new(
+                    lb_common::addr::from_bytes(&named.vip_addr),
+                    u16::from_be(named.vip_port_be),
+                );
+                if let Some(at) = list.iter().position(|v| v.addr == named) {
+                    let first = list.remove(at);
+                    list.insert(0, first);
                 }
             }
         }
-        Ok(())
+        Ok(ghosts)
+    }
+
+    /// What the maps should hold for the model, rings placed by `choose_half`; with, per
+    /// VIP, the live half, its ring and what the other half is known to hold (empty when
+    /// unknown).
+    #[allow(clippy::type_complexity)]
+    fn desired_contents(
+        &self,
+        held: &MapContents,
+    ) -> Result<(MapContents, BTreeMap<VipSpec, (usize, Vec<u32>, Vec<u32>)>)> {
+        let ring_size = self.ring_size();
+        let mut desired = MapContents::default();
+        let mut halves = BTreeMap::new();
+        for (vip, entry) in &self.vips {
+            let key = service_key(vip);
+            let members: Vec<MaglevBackend> = entry
+                .backends
+                .iter()
+                .filter(|(_, b)| b.in_ring())
+                .map(|(addr, b)| {
+                    MaglevBackend::new(b.id, to_bytes(addr.ip()), addr.port(), b.weight)
+                })
+                .collect();
+            let ring = build_ring(&members, ring_size)?;
+            let held_info = held.vips.get(&key);
+            let held_ring = held_info
+                .and_then(|i| held.rings.get(&i.ring_base))
+                .map(Vec::as_slice);
+            let live = choose_half(held_info, held_ring, entry.id, ring_size, &ring);
+            let base = ring_base(entry.id, live, ring_size);
+            let other_base = ring_base(entry.id, 1 - live, ring_size);
+            // The half switched away from holds the ring just read; an untouched one is
+            // unknown.
+            let other = held_info
+                .filter(|i| i.vip_id == entry.id && i.ring_base == other_base)
+                .and(held_ring)
+                .map(<[u32]>::to_vec)
+                .unwrap_or_default();
+            desired.vips.insert(
+                key,
+                VipInfo {
+                    vip_id: entry.id,
+                    ring_base: base,
+                    ring_size: if ring.is_empty() { 0 } else { ring_size },
+                    flags: 0,
+                },
+            );
+            if !ring.is_empty() {
+                desired.rings.insert(base, ring.clone());
+            }
+            for (addr, b) in &entry.backends {
+                desired
+                    .backends
+                    .insert(b.id, backend_entry(*addr, entry.id, b.flags()));
+            }
+            halves.insert(*vip, (live, ring, other));
+        }
+        for ((addr, proto), list) in &self.endpoint_vips {
+            if let Some(first) = list.first() {
+                desired
+                    .endpoints
+                    .insert((*addr, proto.number()), endpoint_entry(*first, list.len()));
+            }
+        }
+        for (port, users) in &self.port_users {
+            if users.roles() != 0 {
+                desired.ports.insert(*port, users.roles());
+            }
+        }
+        Ok((desired, halves))
+    }
+
+    /// One map update of an adoption plan.
+    fn carry_out(&mut self, write: &MapWrite) -> Result<(), DatapathError> {
+        use lb_common::map_names;
+        let err = |name| move |source| DatapathError::Map { name, source };
+        let absent_is_fine = |r: Result<(), aya::maps::MapError>| match r {
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            other => other,
+        };
+        match write {
+            MapWrite::ResetVipCounters(id) => self.datapath.reset_vip_traffic(*id),
+            MapWrite::ResetBackendCounters(id) => self.datapath.reset_backend_traffic(*id),
+            MapWrite::Port { port, roles } => self
+                .datapath
+                .ports()?
+                .set(u32::from(*port), roles, 0)
+                .map_err(err(map_names::PORTS)),
+            MapWrite::Endpoint { key, value } => self
+                .datapath
+                .endpoints()?
+                .insert(&VipKey::new(key.0, key.1), value, 0)
+                .map_err(err(map_names::ENDPOINTS)),
+            MapWrite::RemoveEndpoint(key) => absent_is_fine(
+                self.datapath
+                    .endpoints()?
+                    .remove(&VipKey::new(key.0, key.1)),
+            )
+            .map_err(err(map_names::ENDPOINTS)),
+            MapWrite::Backend { id, value } => self
+                .datapath
+                .backends()?
+                .set(*id, value, 0)
+                .map_err(err(map_names::BACKENDS)),
+            MapWrite::RingSlots { base, slots } => {
+                let mut rings = self.datapath.rings()?;
+                slots.iter().try_for_each(|(offset, id)| {
+                    rings
+                        .set(base + offset, id, 0)
+                        .map_err(err(map_names::MAGLEV))
+                })
+            }
+            MapWrite::Vip { key, info } => self
+                .datapath
+                .vips()?
+                .insert(&VipKey::new(key.0, key.1), info, 0)
+                .map_err(err(map_names::VIPS)),
+            MapWrite::RemoveVip(key) => {
+                absent_is_fine(self.datapath.vips()?.remove(&VipKey::new(key.0, key.1)))
+                    .map_err(err(map_names::VIPS))
+            }
+        }
     }
 }
 
-const fn ring_base(vip_id: u32, half: usize, ring_size: u32) -> u32 {
-    (vip_id * 2 + half as u32) * ring_size
+/// Entries the maps held that the desired state does not have.
+#[derive(Debug, Default)]
+struct Ghosts {
+    vips: usize,
+    /// Ids held back while the maps still use them.
+    vip_ids: Vec<u32>,
+    backend_ids: Vec<u32>,
+}
+
+/// What `Balancer::adopt` found and did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Adoption {
+    /// Desired VIPs the maps held already (under the same id).
+    pub kept_vips: usize,
+    /// VIPs the maps held that the desired state lacks, now removed.
+    pub removed_vips: usize,
+    /// Map updates written: 0 when the maps held exactly the desired state.
+    pub writes: usize,
+}
+
+fn service_key(vip: &VipSpec) -> ServiceKey {
+    (vip.addr, vip.proto.number())
+}
+
+fn backend_entry(addr: SocketAddr, vip_id: u32, flags: u8) -> Backend {
+    Backend {
+        addr: to_bytes(addr.ip()),
+        port_be: addr.port().to_be(),
+        family: family(&addr),
+        flags,
+        vip_id,
+    }
+}
+
+fn endpoint_entry(first: VipSpec, vips: usize) -> EndpointVip {
+    EndpointVip {
+        vip_addr: to_bytes(first.addr.ip()),
+        vip_port_be: first.addr.port().to_be(),
+        _pad: 0,
+        vips: vips as u32,
+    }
 }
 
 #[cfg(test)]

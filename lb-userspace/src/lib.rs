@@ -12,4 +12,5 @@ pub mod datapath;
 pub mod health;
 pub mod metrics;
 pub mod paths;
+pub mod reconcile;
 pub mod validate;

@@ -127,7 +127,8 @@ struct Agent<'a> {
 
 impl<'a> Agent<'a> {
     /// Starts an agent attached to every LB interface of `topo`, pinning under `pins`, with
-    /// `extra` arguments, and waits until it answers.
+    /// `extra` arguments (the small test ring unless they set `--ring-size`), and waits until
+    /// it answers.
     fn start(
         topo: &'a Topology,
         dir: &TempDir,
@@ -145,9 +146,10 @@ impl<'a> Agent<'a> {
             &pins.dir,
             &log,
         );
-        cmd.args(["--ring-size", &RING.to_string()])
-            .args(extra)
-            .env_remove("XLB_SOCKET");
+        if !extra.contains(&"--ring-size") {
+            cmd.args(["--ring-size", &RING.to_string()]);
+        }
+        cmd.args(extra).env_remove("XLB_SOCKET");
         let socket = pins.socket.clone();
         let process = AgentProcess::start(
             cmd,
@@ -435,10 +437,15 @@ struct Conn {
 impl Conn {
     /// Connects from inside the client namespace (call it there) and reads the greeting.
     fn open(to: SocketAddr) -> Result<Self, String> {
-        let stream = TcpStream::connect_timeout(&to, Duration::from_secs(3))
+        Self::open_within(to, Duration::from_secs(3))
+    }
+
+    /// As [`Self::open`], with `limit` for the connect and for each read.
+    fn open_within(to: SocketAddr, limit: Duration) -> Result<Self, String> {
+        let stream = TcpStream::connect_timeout(&to, limit)
             .map_err(|e| format!("connecting to {to}: {e}"))?;
         stream
-            .set_read_timeout(Some(Duration::from_secs(3)))
+            .set_read_timeout(Some(limit))
             .map_err(|e| e.to_string())?;
         let local = stream.local_addr().map_err(|e| e.to_string())?;
         let mut conn = Self {
@@ -1097,20 +1104,41 @@ fn draining_keeps_established_connections() {
 // ---------------------------------------------------------------------------------------------
 // 3. Restarts
 
+/// How hard [`Traffic`] pushes, and how patient it is.
+struct TrafficPlan {
+    /// A new TCP connection (connect, greeting, one echoed line) this often.
+    new_tcp_every: Duration,
+    /// A new UDP flow (a fresh socket, one datagram echoed) to this VIP this often.
+    udp: Option<(SocketAddr, Duration)>,
+    /// How long a new flow may take before it counts as failed. Under 1 s, a dropped SYN
+    /// fails instead of being hidden by the client's retransmission.
+    new_flow_limit: Duration,
+}
+
+impl TrafficPlan {
+    /// One new connection every ~50 ms, with the kernel's usual patience.
+    const GENTLE: Self = Self {
+        new_tcp_every: Duration::from_millis(50),
+        udp: None,
+        new_flow_limit: Duration::from_secs(3),
+    };
+}
+
 /// Traffic that runs while agents come and go: one long connection sending a line every
-/// ~20 ms, and a new connection every ~50 ms.
+/// ~20 ms, and new flows as the plan says.
 struct Traffic {
     stop: Arc<AtomicBool>,
     failures: Arc<Mutex<Vec<String>>>,
     echoed: Arc<AtomicU64>,
     new_conns: Arc<AtomicU64>,
+    new_udp_flows: Arc<AtomicU64>,
     threads: Vec<JoinHandle<()>>,
     stream_local: SocketAddr,
     stream_backend: String,
 }
 
 impl Traffic {
-    fn start(topo: &Topology) -> Self {
+    fn start(topo: &Topology, plan: &TrafficPlan) -> Self {
         let to = vip_addr();
         let mut stream = topo
             .client()
@@ -1121,6 +1149,7 @@ impl Traffic {
         let failures: Arc<Mutex<Vec<String>>> = Arc::default();
         let echoed = Arc::new(AtomicU64::new(0));
         let new_conns = Arc::new(AtomicU64::new(0));
+        let new_udp_flows = Arc::new(AtomicU64::new(0));
         let (stream_local, stream_backend) = (stream.local, stream.backend.clone());
         let mut threads = Vec::new();
         {
@@ -1150,11 +1179,12 @@ impl Traffic {
                 Arc::clone(&failures),
                 Arc::clone(&new_conns),
             );
+            let (every, limit) = (plan.new_tcp_every, plan.new_flow_limit);
             threads.push(
                 topo.client()
                     .spawn(move || {
                         while !stop.load(Ordering::Relaxed) {
-                            match Conn::open(to) {
+                            match Conn::open_within(to, limit) {
                                 Ok(mut c) => {
                                     if let Err(e) = c.echo() {
                                         failures
@@ -1168,7 +1198,34 @@ impl Traffic {
                                     failures.lock().expect("failures").push(format!("new: {e}"))
                                 }
                             }
-                            thread::sleep(Duration::from_millis(50));
+                            thread::sleep(every);
+                        }
+                    })
+                    .expect("client namespace"),
+            );
+        }
+        if let Some((udp_vip, every)) = plan.udp {
+            let (stop, failures, flows) = (
+                Arc::clone(&stop),
+                Arc::clone(&failures),
+                Arc::clone(&new_udp_flows),
+            );
+            let limit = plan.new_flow_limit;
+            threads.push(
+                topo.client()
+                    .spawn(move || {
+                        let mut n = 0u64;
+                        while !stop.load(Ordering::Relaxed) {
+                            n += 1;
+                            match udp_exchange(udp_vip, n, limit) {
+                                Ok(()) => {
+                                    flows.fetch_add(1, Ordering::Relaxed);
+                                }
+                                Err(e) => {
+                                    failures.lock().expect("failures").push(format!("udp: {e}"))
+                                }
+                            }
+                            thread::sleep(every);
                         }
                     })
                     .expect("client namespace"),
@@ -1179,6 +1236,7 @@ impl Traffic {
             failures,
             echoed,
             new_conns,
+            new_udp_flows,
             threads,
             stream_local,
             stream_backend,
@@ -1189,8 +1247,8 @@ impl Traffic {
         self.failures.lock().expect("failures").clone()
     }
 
-    /// Stops both streams; (lines echoed, connections made, failures).
-    fn finish(&mut self) -> (u64, u64, Vec<String>) {
+    /// Stops every stream; (lines echoed, TCP connections made, UDP flows echoed, failures).
+    fn finish(&mut self) -> (u64, u64, u64, Vec<String>) {
         self.stop.store(true, Ordering::Relaxed);
         for t in self.threads.drain(..) {
             let _ = t.join();
@@ -1198,6 +1256,7 @@ impl Traffic {
         (
             self.echoed.load(Ordering::Relaxed),
             self.new_conns.load(Ordering::Relaxed),
+            self.new_udp_flows.load(Ordering::Relaxed),
             self.failures(),
         )
     }
@@ -1206,6 +1265,79 @@ impl Traffic {
 impl Drop for Traffic {
     fn drop(&mut self) {
         self.finish();
+    }
+}
+
+/// One new UDP flow from the client namespace (call it there): a fresh socket, so a fresh
+/// source port, sends `ping N` and must get `NAME ping N` back within `limit`.
+fn udp_exchange(to: SocketAddr, n: u64, limit: Duration) -> Result<(), String> {
+    let socket = UdpSocket::bind("0.0.0.0:0").map_err(|e| format!("binding: {e}"))?;
+    socket
+        .set_read_timeout(Some(limit))
+        .map_err(|e| e.to_string())?;
+    socket
+        .connect(to)
+        .map_err(|e| format!("connecting to {to}: {e}"))?;
+    let local = socket.local_addr().map_err(|e| e.to_string())?;
+    let ping = format!("ping {n}");
+    socket
+        .send(ping.as_bytes())
+        .map_err(|e| format!("{local}: sending {ping:?}: {e}"))?;
+    let mut buf = [0u8; 256];
+    let len = socket
+        .recv(&mut buf)
+        .map_err(|e| format!("{local}: no answer to {ping:?} within {limit:?}: {e}"))?;
+    let reply = String::from_utf8_lossy(&buf[..len]);
+    match reply.split_once(' ') {
+        Some((name, rest)) if name.starts_with('b') && rest == ping => Ok(()),
+        _ => Err(format!("{local}: {ping:?} answered with {reply:?}")),
+    }
+}
+
+/// UDP echo servers on backends `0..n`, port 8080: each datagram `D` is answered with
+/// `NAME D`. Stopped (and their sockets closed) on drop.
+struct UdpEchoServers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl UdpEchoServers {
+    fn start(topo: &Topology, n: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = (0..n)
+            .map(|i| {
+                let addr = backend_addr(i);
+                let socket = topo
+                    .backend(i)
+                    .run(move || UdpSocket::bind(addr))
+                    .expect("entering backend namespace")
+                    .unwrap_or_else(|e| panic!("binding udp {addr}: {e}"));
+                socket
+                    .set_read_timeout(Some(Duration::from_millis(50)))
+                    .expect("udp timeout");
+                let stop = Arc::clone(&stop);
+                thread::spawn(move || {
+                    let mut buf = [0u8; 1500];
+                    while !stop.load(Ordering::Relaxed) {
+                        if let Ok((len, from)) = socket.recv_from(&mut buf) {
+                            let mut reply = format!("b{i} ").into_bytes();
+                            reply.extend_from_slice(&buf[..len]);
+                            let _ = socket.send_to(&reply, from);
+                        }
+                    }
+                })
+            })
+            .collect();
+        Self { stop, threads }
+    }
+}
+
+impl Drop for UdpEchoServers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
     }
 }
 
@@ -1219,7 +1351,7 @@ fn restart_without_dropping() {
     let pins = Pins::new(topo.lb(), &dir);
     let mut agent = Agent::start(&topo, &dir, &pins, &state, &["--keep-attached"]);
     add_vip(&agent, 2, &[]);
-    let mut traffic = Traffic::start(&topo);
+    let mut traffic = Traffic::start(&topo, &TrafficPlan::GENTLE);
     thread::sleep(Duration::from_millis(300));
 
     let started = Instant::now();
@@ -1254,7 +1386,7 @@ fn restart_without_dropping() {
         let failures = traffic.failures();
         assert!(failures.is_empty(), "round {round}: {failures:#?}");
     }
-    let (echoed, made, failures) = traffic.finish();
+    let (echoed, made, _, failures) = traffic.finish();
     eprintln!(
         "{RESTARTS} restarts in {:?}: {echoed} lines echoed, {made} new connections",
         started.elapsed()
@@ -1298,6 +1430,257 @@ fn restart_without_dropping() {
     assert!(
         refused.is_err(),
         "nothing answers the VIP once the program is gone"
+    );
+}
+
+const UDP_VIP: &str = "10.100.0.1:80/udp";
+
+/// A global counter from `xlb stats --json`.
+fn global_counter(agent: &Agent<'_>, name: &str) -> u64 {
+    let stats = agent.json(&["stats", "--json"]);
+    let counter = stats["global"]
+        .as_array()
+        .expect("global counters")
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no counter {name} in {stats:#}"));
+    u64_of(counter, "value")
+}
+
+/// An agent adopting a running data path must not let a single packet see a VIP without
+/// its ring: new TCP connections and UDP flows every 5 ms, each allowed less than the 1 s a
+/// lost SYN costs, all get through three restarts, and the data path never drops a packet
+/// for want of a backend. Rings of the default size, so that rewriting one takes as long
+/// as it does in production.
+#[test]
+fn keep_attached_restarts_lose_no_new_flow() {
+    const RESTARTS: usize = 3;
+    const AGENT_ARGS: &[&str] = &["--keep-attached", "--ring-size", "65537"];
+    let topo = topology(2);
+    let dir = TempDir::new(SUITE, "adopt");
+    let state = dir.join("state.json");
+    let _servers = line_servers(&topo, 2);
+    let _udp_servers = UdpEchoServers::start(&topo, 2);
+    let pins = Pins::new(topo.lb(), &dir);
+    let mut agent = Agent::start(&topo, &dir, &pins, &state, AGENT_ARGS);
+    add_vip(&agent, 2, &[]);
+    agent.ok(&["vip", "add", UDP_VIP]);
+    for i in 0..2 {
+        agent.ok(&["backend", "add", UDP_VIP, &backend_addr(i).to_string()]);
+    }
+    let udp_vip = vip_addr();
+    let mut traffic = Traffic::start(
+        &topo,
+        &TrafficPlan {
+            new_tcp_every: Duration::from_millis(5),
+            udp: Some((udp_vip, Duration::from_millis(5))),
+            new_flow_limit: Duration::from_millis(900),
+        },
+    );
+    thread::sleep(Duration::from_millis(300));
+    let warm_up = traffic.failures();
+    assert!(warm_up.is_empty(), "before any restart: {warm_up:#?}");
+    let no_backend_before = global_counter(&agent, "no_backend");
+
+    let mut failed_per_round = Vec::new();
+    for round in 0..RESTARTS {
+        let failed_before = traffic.failures().len();
+        let status = agent.stop();
+        assert!(
+            status.success(),
+            "clean stop {round}: {status}\n{}",
+            agent.log()
+        );
+        thread::sleep(Duration::from_millis(200));
+        agent = Agent::start(&topo, &dir, &pins, &state, AGENT_ARGS);
+        assert!(
+            agent.log().contains("adopted"),
+            "round {round}: the new agent adopts the running data path:\n{}",
+            agent.log()
+        );
+        // Past the 900 ms every flow started during the restart may take.
+        thread::sleep(Duration::from_millis(1200));
+        failed_per_round.push(traffic.failures().len() - failed_before);
+    }
+    let no_backend_after = global_counter(&agent, "no_backend");
+    let (echoed, tcp, udp, failures) = traffic.finish();
+    eprintln!(
+        "{RESTARTS} restarts: {echoed} lines echoed on the long stream, {tcp} new TCP \
+         connections, {udp} new UDP flows; failed flows per restart: {failed_per_round:?}; \
+         no_backend {no_backend_before} -> {no_backend_after}"
+    );
+    assert!(
+        failures.is_empty(),
+        "failed flows per restart {failed_per_round:?}: {failures:#?}"
+    );
+    assert_eq!(
+        no_backend_after, no_backend_before,
+        "packets dropped for want of a backend during the restarts"
+    );
+    assert!(
+        echoed > 100 && tcp > 300 && udp > 300,
+        "traffic ran: {echoed} lines, {tcp} connections, {udp} UDP flows"
+    );
+    assert_eq!(
+        agent.tracked_backend(traffic.stream_local),
+        addr_of(&traffic.stream_backend).as_str(),
+        "the long stream's flow is still tracked on the backend answering it"
+    );
+}
+
+/// A restarted agent programs what its state says, not what the pinned maps happen to hold:
+/// a VIP the state file no longer has (the file was lost) stops being balanced.
+#[test]
+fn adoption_removes_vips_the_state_no_longer_has() {
+    let topo = topology(1);
+    let dir = TempDir::new(SUITE, "ghost");
+    let state = dir.join("state.json");
+    let _servers = line_servers(&topo, 1);
+    let pins = Pins::new(topo.lb(), &dir);
+    let mut agent = Agent::start(&topo, &dir, &pins, &state, &["--keep-attached"]);
+    add_vip(&agent, 1, &[]);
+    assert_eq!(connect_many(&topo, 2), ["b0", "b0"]);
+    let status = agent.stop();
+    assert!(status.success(), "{status}\n{}", agent.log());
+    assert_eq!(
+        connect_many(&topo, 1),
+        ["b0"],
+        "the kept data path forwards on its own"
+    );
+
+    fs::remove_file(&state).expect("removing the state file");
+    agent = Agent::start(&topo, &dir, &pins, &state, &["--keep-attached"]);
+    let vips = agent.json(&["vip", "list", "--json"]);
+    assert_eq!(vips, serde_json::json!([]), "no VIP is configured");
+    let to = vip_addr();
+    let answered = topo
+        .client()
+        .run(move || TcpStream::connect_timeout(&to, Duration::from_secs(1)))
+        .expect("client namespace");
+    assert!(
+        answered.is_err(),
+        "the VIP the state no longer has is not balanced any more"
+    );
+}
+
+/// A bpffs mounted by the test in its own (the host's) mount namespace; unmounted on drop.
+struct HostBpffs(PathBuf);
+
+impl HostBpffs {
+    fn mount(at: PathBuf) -> Self {
+        fs::create_dir_all(&at).expect("creating the bpffs mount point");
+        nix::mount::mount(
+            Some("bpf"),
+            &at,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap_or_else(|e| panic!("mounting bpffs on {}: {e}", at.display()));
+        Self(at)
+    }
+}
+
+impl Drop for HostBpffs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// `xlb run --keep-attached` through `ip netns exec LB-NAMESPACE`, logging to a fresh file.
+fn agent_under_ip_netns_exec(
+    topo: &Topology,
+    dir: &TempDir,
+    pins: &Pins<'_>,
+    extra: &[&str],
+) -> (Command, PathBuf) {
+    let log = dir.join(&format!("agent-{}.log", common::seq()));
+    let mut ip = Command::new("ip");
+    ip.args(["netns", "exec", topo.lb().name(), XLB]);
+    let mut cmd = common::agent_command(
+        ip,
+        &lb_ifaces(topo),
+        &pins.socket,
+        &dir.join("state.json"),
+        &pins.dir,
+        &log,
+    );
+    cmd.args(["--ring-size", &RING.to_string(), "--keep-attached"])
+        .args(extra)
+        .env_remove("XLB_SOCKET");
+    (cmd, log)
+}
+
+/// `ip netns exec` runs the agent in a mount namespace of its own with `/sys` mounted
+/// afresh: a bpffs the agent mounts there, with every pin on it, goes when the agent exits.
+/// `--keep-attached` must refuse that (and say what to do) instead of promising a data path
+/// that vanishes; on a bpffs mounted in the host's namespace it must keep the data path.
+#[test]
+fn keep_attached_under_ip_netns_exec() {
+    let topo = topology(1);
+    let dir = TempDir::new(SUITE, "netns-exec");
+    let _servers = line_servers(&topo, 1);
+
+    let private = Pins::new(topo.lb(), &dir);
+    let (cmd, _) = agent_under_ip_netns_exec(&topo, &dir, &private, &[]);
+    let mut cmd = cmd;
+    let out = output_within(&mut cmd, Duration::from_secs(20));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "--keep-attached on a bpffs private to `ip netns exec` must be refused:\n{stderr}"
+    );
+    let error = stderr
+        .lines()
+        .find(|l| l.starts_with("xlb: "))
+        .unwrap_or_else(|| panic!("no error line:\n{stderr}"));
+    let wanted_nsenter = format!("nsenter --net=/run/netns/{}", topo.lb().name());
+    assert!(
+        error.contains(&wanted_nsenter) && error.contains("--bpffs"),
+        "the error says how to fix it: {error}"
+    );
+    for ifname in lb_ifaces(&topo) {
+        assert!(
+            !xdp_attached(topo.lb(), &ifname),
+            "nothing attached to {ifname} by a refused start"
+        );
+    }
+
+    // A bpffs mounted where the host sees it outlives the agent's mount namespace.
+    let host_bpffs = HostBpffs::mount(dir.join("bpf"));
+    let pins = Pins {
+        ns: topo.lb(),
+        dir: host_bpffs.0.join("pins"),
+        socket: dir.join("xlb.sock"),
+    };
+    let (cmd, log) = agent_under_ip_netns_exec(&topo, &dir, &pins, &[]);
+    let mut process = AgentProcess::start(
+        cmd,
+        log,
+        Duration::from_secs(15),
+        Duration::from_millis(20),
+        common::vip_list_probe(|args| xlb(topo.lb(), &pins.socket, args)),
+    );
+    ok(topo.lb(), &pins.socket, &["vip", "add", VIP]);
+    ok(
+        topo.lb(),
+        &pins.socket,
+        &["backend", "add", VIP, &backend_addr(0).to_string()],
+    );
+    assert_eq!(connect_many(&topo, 3), ["b0", "b0", "b0"]);
+    let status = process.stop();
+    assert!(status.success(), "{status}\n{}", process.log());
+    assert!(pins.dir.exists(), "the pins outlive the agent");
+    for ifname in lb_ifaces(&topo) {
+        assert!(
+            xdp_attached(topo.lb(), &ifname),
+            "still attached to {ifname} after the agent exited"
+        );
+    }
+    assert_eq!(
+        connect_many(&topo, 3),
+        ["b0", "b0", "b0"],
+        "the data path forwards on its own"
     );
 }
 
