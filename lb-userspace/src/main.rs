@@ -786,6 +786,11 @@ fn main() -> ExitCode {
                         .unwrap_or_else(|_| "info".into()),
                 )
                 .with_writer(std::io::stderr)
+                // Colour codes only for a terminal: a log file or journald gets plain text.
+                .with_ansi(
+                    std::io::IsTerminal::is_terminal(&std::io::stderr())
+                        && std::env::var_os("NO_COLOR").is_none(),
+                )
                 .init();
             (|| -> Result<()> {
                 // Command-line flags win over the config file's [agent] table, which wins over

@@ -27,8 +27,8 @@ use xlb_netns::{Netns, Topology};
 
 mod common;
 use common::{
-    AgentProcess, TempDir, XLB, backend_v4, describe, json, ok, output_within, v4, xdp_attached,
-    xlb,
+    AgentProcess, TempDir, XLB, backend_v4, describe, json, ok, output_within, v4, xlb,
+    xlb_attached,
 };
 
 /// A small prime ring keeps map setup quick; the tests check it is what the agent reports.
@@ -711,8 +711,8 @@ fn state_survives_restart() {
         );
         for ifname in &lb_ifaces {
             assert!(
-                xdp_attached(topo.lb(), ifname),
-                "XDP attached to {ifname} while the agent runs"
+                xlb_attached(topo.lb(), ifname),
+                "xlb attached to {ifname} while the agent runs"
             );
         }
         let list = agent.json(&["vip", "list", "--json"]);
@@ -737,7 +737,7 @@ fn state_survives_restart() {
     );
     for ifname in &lb_ifaces {
         assert!(
-            !xdp_attached(topo.lb(), ifname),
+            !xlb_attached(topo.lb(), ifname),
             "XDP detached from {ifname} after SIGTERM"
         );
     }

@@ -29,7 +29,7 @@ use xlb_netns::{Netns, Topology};
 
 mod common;
 use common::{
-    AgentProcess, TempDir, XLB, backend_v4, describe, ok, output_within, v4, xdp_attached, xlb,
+    AgentProcess, TempDir, XLB, backend_v4, describe, ok, output_within, v4, xlb, xlb_attached,
 };
 
 /// A small prime ring keeps map setup quick.
@@ -1365,7 +1365,7 @@ fn restart_without_dropping() {
         assert!(pins.dir.exists(), "--keep-attached leaves the pins");
         for ifname in lb_ifaces(&topo) {
             assert!(
-                xdp_attached(topo.lb(), &ifname),
+                xlb_attached(topo.lb(), &ifname),
                 "still attached to {ifname}"
             );
         }
@@ -1410,7 +1410,7 @@ fn restart_without_dropping() {
     let status = agent.stop();
     assert!(status.success(), "{status}");
     for ifname in lb_ifaces(&topo) {
-        assert!(xdp_attached(topo.lb(), &ifname), "{ifname}");
+        assert!(xlb_attached(topo.lb(), &ifname), "{ifname}");
     }
     let args = ["detach", "--bpffs", pins.dir.to_str().expect("utf-8 path")];
     let out = agent.run(&args);
@@ -1418,7 +1418,7 @@ fn restart_without_dropping() {
     assert!(!pins.dir.exists(), "detach removes the pin directory");
     for ifname in lb_ifaces(&topo) {
         assert!(
-            !xdp_attached(topo.lb(), &ifname),
+            !xlb_attached(topo.lb(), &ifname),
             "no XDP program on {ifname} after detach"
         );
     }
@@ -1641,7 +1641,7 @@ fn keep_attached_under_ip_netns_exec() {
     );
     for ifname in lb_ifaces(&topo) {
         assert!(
-            !xdp_attached(topo.lb(), &ifname),
+            !xlb_attached(topo.lb(), &ifname),
             "nothing attached to {ifname} by a refused start"
         );
     }
@@ -1673,7 +1673,7 @@ fn keep_attached_under_ip_netns_exec() {
     assert!(pins.dir.exists(), "the pins outlive the agent");
     for ifname in lb_ifaces(&topo) {
         assert!(
-            xdp_attached(topo.lb(), &ifname),
+            xlb_attached(topo.lb(), &ifname),
             "still attached to {ifname} after the agent exited"
         );
     }

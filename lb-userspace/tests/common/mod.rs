@@ -346,6 +346,26 @@ pub fn vip_list_probe(run: impl Fn(&[&str]) -> Output) -> impl FnMut() -> Result
     }
 }
 
+/// Whether xlb's data path is attached to `ifname` in `ns`: an XDP program (native or
+/// generic) or a program at its tcx ingress hook, where `--xdp-mode auto` puts veths.
+#[allow(dead_code)]
+pub fn xlb_attached(ns: &Netns, ifname: &str) -> bool {
+    xdp_attached(ns, ifname) || tcx_ingress_attached(ns, ifname)
+}
+
+/// Whether any program sits at `ifname`'s tcx ingress hook in `ns`.
+#[allow(dead_code)]
+pub fn tcx_ingress_attached(ns: &Netns, ifname: &str) -> bool {
+    use aya::programs::{SchedClassifier, TcAttachType};
+    let ifindex = ns.ifindex(ifname).expect("interface index");
+    ns.run(move || {
+        SchedClassifier::query_tcx(ifindex, TcAttachType::Ingress)
+            .map(|(_, programs)| !programs.is_empty())
+            .unwrap_or_else(|e| panic!("querying tcx ingress of {ifname}: {e}"))
+    })
+    .expect("entering namespace")
+}
+
 /// Whether any XDP program is attached to `ifname` in `ns`, asked over netlink (IFLA_XDP).
 #[allow(dead_code)]
 pub fn xdp_attached(ns: &Netns, ifname: &str) -> bool {
