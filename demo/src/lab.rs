@@ -10,9 +10,11 @@
 //! | client -- lb       | `10.210.0.0/24` | `.1`   | `.2`      |
 //! | lb -- container i  | `10.211.i.0/24` | `.1`   | `.2`      |
 //!
-//! The client's and the containers' ends compute TCP checksums in software, as traffic from a
-//! real NIC would arrive: `Network::connect` turns TX checksum offload off on both ends of
-//! every veth (see `xlb_netns::Netns::set_tx_checksum` for why XDP needs that).
+//! The veths keep the kernel's defaults, as a user's containers have them (TSO/GSO, TX
+//! checksum offload): xlb's default `--xdp-mode auto` puts them on the TC hook, which takes
+//! that traffic as it is. Only when the demo is asked for an XDP mode on every interface are
+//! the veths tuned the way XDP needs (TX checksum offload off, GRO on at the far ends; see
+//! `xlb_netns::Netns::set_tx_checksum`).
 //!
 //! (IPv6 link addresses exist too, as `xlb-netns` always adds both families, but the demo
 //! only uses IPv4.)
@@ -149,38 +151,50 @@ pub fn container_plan() -> Vec<(String, usize, bool)> {
 }
 
 impl Lab {
-    pub fn build(interrupt: &Interrupt) -> Result<Self> {
+    /// `tune_for_xdp`: the agent will run XDP on every interface (`--xdp-mode native|skb`).
+    pub fn build(interrupt: &Interrupt, tune_for_xdp: bool) -> Result<Self> {
         let mut net = Network::new(PREFIX).context("cleaning up namespaces of earlier runs")?;
         let client = net.add_namespace("client")?;
         let lb = net.add_namespace("lb")?;
-        let client_link = net
-            .connect(
-                lb,
-                client,
-                v4(Ipv4Addr::new(10, 210, 0, 0)),
-                v6(Ipv6Addr::new(0xfd00, 0xd0, 0, 0, 0, 0, 0, 0)),
-            )
-            .context("connecting the client to the LB")?;
+        let connect = |net: &mut Network, a, b, v4, v6| {
+            if tune_for_xdp {
+                net.connect(a, b, v4, v6)
+            } else {
+                net.connect_untuned(a, b, v4, v6)
+            }
+        };
+        let client_link = connect(
+            &mut net,
+            lb,
+            client,
+            v4(Ipv4Addr::new(10, 210, 0, 0)),
+            v6(Ipv6Addr::new(0xfd00, 0xd0, 0, 0, 0, 0, 0, 0)),
+        )
+        .context("connecting the client to the LB")?;
         net.ns(lb).enable_forwarding()?;
         net.ns(client)
             .add_default_route(IpAddr::V4(client_link.a.ip4()))?;
-        refresh_gro(net.ns(client), &client_link.b.ifname)?;
+        if tune_for_xdp {
+            refresh_gro(net.ns(client), &client_link.b.ifname)?;
+        }
         let mut lb_ifaces = vec![client_link.a.ifname.clone()];
         let mut containers = Vec::new();
         for (i, (name, service, initial)) in container_plan().into_iter().enumerate() {
             interrupt.check()?;
             let n = u8::try_from(i + 1).context("too many containers")?;
             let ns = net.add_namespace(&name)?;
-            let link = net
-                .connect(
-                    lb,
-                    ns,
-                    v4(Ipv4Addr::new(10, 211, n, 0)),
-                    v6(Ipv6Addr::new(0xfd00, 0xd1, n.into(), 0, 0, 0, 0, 0)),
-                )
-                .with_context(|| format!("connecting {name} to the LB"))?;
+            let link = connect(
+                &mut net,
+                lb,
+                ns,
+                v4(Ipv4Addr::new(10, 211, n, 0)),
+                v6(Ipv6Addr::new(0xfd00, 0xd1, n.into(), 0, 0, 0, 0, 0)),
+            )
+            .with_context(|| format!("connecting {name} to the LB"))?;
             net.ns(ns).add_default_route(IpAddr::V4(link.a.ip4()))?;
-            refresh_gro(net.ns(ns), &link.b.ifname)?;
+            if tune_for_xdp {
+                refresh_gro(net.ns(ns), &link.b.ifname)?;
+            }
             lb_ifaces.push(link.a.ifname.clone());
             containers.push(Container {
                 name,
@@ -210,6 +224,7 @@ impl Lab {
         podman: &Podman,
         created: &mut Vec<String>,
         interrupt: &Interrupt,
+        tune_for_xdp: bool,
     ) -> Result<Self> {
         let pid = std::process::id();
         let mut net = Network::new(PREFIX).context("cleaning up namespaces of earlier runs")?;
@@ -219,7 +234,7 @@ impl Lab {
             );
         }
         let client = net.add_namespace("client")?;
-        let host_link = HostLink::create(net.ns(client), pid)?;
+        let host_link = HostLink::create(net.ns(client), pid, tune_for_xdp)?;
         let mut containers = Vec::new();
         for (name, service, initial) in container_plan() {
             interrupt.check()?;

@@ -57,7 +57,8 @@ struct Args {
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..=1000))]
     requests: u16,
 
-    /// Passed on to `xlb run --xdp-mode` (auto, native or skb); the agent's default if unset.
+    /// Passed on to `xlb run --xdp-mode` (auto, native, skb or tc); the agent's default if
+    /// unset. native and skb also tune the veths the way XDP on every interface needs.
     #[arg(long)]
     xdp_mode: Option<String>,
 
@@ -227,11 +228,14 @@ impl Demo {
             .map(|(n, _, _)| n.as_str())
             .collect::<Vec<_>>()
             .join(", ");
+        // Only XDP on every interface needs the veths tuned; the agent's default puts veths
+        // and bridges on the TC hook, which takes them as the kernel sets them up.
+        let tune_for_xdp = matches!(args.xdp_mode.as_deref(), Some("native" | "skb"));
         let protocol = if self.use_podman {
-            self.build_podman_lab(interrupt, &names)?;
+            self.build_podman_lab(interrupt, &names, tune_for_xdp)?;
             Wire::Http
         } else {
-            self.build_netns_lab(interrupt, &names)?;
+            self.build_netns_lab(interrupt, &names, tune_for_xdp)?;
             Wire::Line
         };
         let work = self.work.as_ref().context("no work directory")?;
@@ -381,14 +385,19 @@ impl Demo {
     }
 
     /// Namespace mode: the namespaces and a TCP server thread in each container's.
-    fn build_netns_lab(&mut self, interrupt: &Interrupt, names: &str) -> Result<()> {
+    fn build_netns_lab(
+        &mut self,
+        interrupt: &Interrupt,
+        names: &str,
+        tune_for_xdp: bool,
+    ) -> Result<()> {
         step(format!(
             "creating {} network namespaces: client, lb, and one per container ({names})",
             lab::container_plan().len() + 2,
         ));
-        let lab = self.lab.insert(Lab::build(interrupt)?);
+        let lab = self.lab.insert(Lab::build(interrupt, tune_for_xdp)?);
         println!(
-            "    client {} --veth-- lb (routes, forwards; XDP on every interface) --veth-- containers",
+            "    client {} --veth-- lb (routes, forwards; xlb on every interface) --veth-- containers",
             lab.client_addr
         );
         for c in &lab.containers {
@@ -415,7 +424,12 @@ impl Demo {
     }
 
     /// Podman mode: the client namespace, its veth to the host, and the podman containers.
-    fn build_podman_lab(&mut self, interrupt: &Interrupt, names: &str) -> Result<()> {
+    fn build_podman_lab(
+        &mut self,
+        interrupt: &Interrupt,
+        names: &str,
+        tune_for_xdp: bool,
+    ) -> Result<()> {
         let podman = self.podman.as_ref().context("no podman")?;
         let work = self.work.as_ref().context("no work directory")?;
         if podman.ensure_image(&work.dir)? {
@@ -431,12 +445,15 @@ impl Demo {
             podman::IMAGE
         ));
         self.forwarding = Some(HostForwarding::save());
-        let lab = self
-            .lab
-            .insert(Lab::podman(podman, &mut self.podman_containers, interrupt)?);
+        let lab = self.lab.insert(Lab::podman(
+            podman,
+            &mut self.podman_containers,
+            interrupt,
+            tune_for_xdp,
+        )?);
         let link = lab.host_link.as_ref().context("no host link")?;
         println!(
-            "    client {} --veth-- host {} {} (routes; XDP here and on {}) --{}-- containers",
+            "    client {} --veth-- host {} {} (routes; xlb here and on {}) --{}-- containers",
             lab.client_addr,
             link.host_if,
             link.host_ip,

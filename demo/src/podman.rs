@@ -2,11 +2,11 @@
 //! image built from the host's static busybox), on podman's default bridge `podman0`.
 //!
 //! podman0 lives in the host namespace, so here the agent runs there too and attaches to the
-//! client's veth and to podman0 (generic XDP: a bridge has no native XDP). The client is a
-//! namespace joined to the host by a veth. Requests: XDP on the host's veth rewrites VIP ->
-//! container and passes the packet to the host stack, which routes it into podman0.
-//! Replies: the containers send them to their gateway, so they come up on podman0, where
-//! generic XDP puts the VIP back and redirects them to the client's veth.
+//! client's veth and to podman0, both on the TC hook by default. The client is a namespace
+//! joined to the host by a veth. Requests: xlb on the host's veth rewrites VIP -> container
+//! and redirects the packet into podman0, which delivers it to the container. Replies: the
+//! containers send them to their gateway, so they come up on podman0, where xlb puts the VIP
+//! back and redirects them to the client's veth.
 //!
 //! Every podman call passes `--runtime runc` (crun fails on hybrid cgroups) and a
 //! `CONTAINERS_CONF` of the demo's own (lowered ulimits), so the user's podman configuration
@@ -266,7 +266,8 @@ pub struct HostLink {
 impl HostLink {
     pub const CLIENT_IF: &'static str = "eth0";
 
-    pub fn create(client: &Netns, pid: u32) -> Result<Self> {
+    /// `tune_for_xdp`: the agent will run XDP on the host's end (`--xdp-mode native|skb`).
+    pub fn create(client: &Netns, pid: u32, tune_for_xdp: bool) -> Result<Self> {
         let host_if = format!("xlbdemo{pid}");
         let (host_ip, client_ip) = (Ipv4Addr::new(10, 212, 0, 1), Ipv4Addr::new(10, 212, 0, 2));
         // A killed run's veth with the same pid would be in the way.
@@ -298,9 +299,11 @@ impl HostLink {
         ]))?;
         bounded(Command::new("ip").args(["link", "set", &link.host_if, "up"]))?;
         client.add_address(Self::CLIENT_IF, Ipv4Net::new(client_ip, 30)?)?;
-        // TX checksum offload off: XDP on the LB rewrites what the client sends (see
-        // `Netns::set_tx_checksum`); `Network::connect` does this for the lab's own veths.
-        client.set_tx_checksum(Self::CLIENT_IF, false)?;
+        if tune_for_xdp {
+            // TX checksum offload off: XDP cannot finish a partial checksum after it rewrote
+            // what the client sends (see `Netns::set_tx_checksum`).
+            client.set_tx_checksum(Self::CLIENT_IF, false)?;
+        }
         client.set_link_up(Self::CLIENT_IF)?;
         client.add_default_route(host_ip.into())?;
         Ok(link)

@@ -158,6 +158,9 @@ struct Agent {
     /// (name, index) of the interfaces the data plane is attached to: a backend reached
     /// through any other interface sends replies xlb never sees.
     attached: Vec<(String, u32)>,
+    /// The config file's `[agent]` table as the agent started with it: a reload cannot
+    /// re-attach or re-bind, so it names what changed there instead of ignoring it.
+    started_with: crate::config::AgentConfig,
 }
 
 /// Refuses a VIP that can never work, or that sits on a backend's address.
@@ -432,6 +435,15 @@ impl Agent {
             }
         }
         info!(path = %path.display(), changes = lines.len(), "reloaded");
+        warnings.extend(crate::config::agent_changes(&self.started_with, &config.agent).into_iter().map(
+            |field| {
+                format!(
+                    "[agent] {field} changed in {}: a reload does not apply it; restart the agent \
+                     to apply it (with --keep-attached, established flows survive the restart)",
+                    path.display()
+                )
+            },
+        ));
         for warning in warnings {
             warn!("{warning}");
             lines.push(format!("warning: {warning}"));
@@ -640,6 +652,13 @@ pub async fn run(options: AgentOptions) -> Result<()> {
             }
         }
     }
+    let listed: Vec<String> = ifaces.iter().map(|(name, _)| name.clone()).collect();
+    for iface in hooks::detach_unlisted(&options.bpffs, &listed)? {
+        info!(
+            iface = %iface,
+            "detached the data path a previous agent left on an interface this one is not given"
+        );
+    }
 
     if let Some(dir) = options.socket.parent() {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -658,6 +677,10 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         config_path: options.config.clone(),
         checker: HealthChecker::new(events),
         attached: ifaces.clone(),
+        started_with: match &options.config {
+            Some(path) => crate::config::load(path)?.agent,
+            None => crate::config::AgentConfig::default(),
+        },
     }));
     lock(&agent).sync_health_targets();
     lock(&agent).warn_about_backend_routes();

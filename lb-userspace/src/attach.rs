@@ -282,6 +282,27 @@ fn attach_hook(
     Ok(attached)
 }
 
+/// Removes the attachments a previous agent pinned for interfaces this one is not told to
+/// use (a kept-attached data path must not go on running where nobody manages it); returns
+/// those interfaces.
+///
+/// # Errors
+/// A pin that cannot be read or removed.
+pub fn detach_unlisted(bpffs: &Path, listed: &[String]) -> Result<Vec<String>> {
+    let mut detached = Vec::new();
+    for entry in fs::read_dir(bpffs).with_context(|| format!("reading {}", bpffs.display()))? {
+        let entry = entry.with_context(|| format!("reading {}", bpffs.display()))?;
+        let file_name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(iface) = pinned_iface(&file_name)
+            && !listed.iter().any(|l| l == iface)
+        {
+            detach_pinned(&entry.path())?;
+            detached.push(iface.to_owned());
+        }
+    }
+    Ok(detached)
+}
+
 /// Removes every attachment pinned under `bpffs`; returns the interfaces.
 ///
 /// # Errors

@@ -74,6 +74,31 @@ pub struct AgentConfig {
     pub bpffs: Option<PathBuf>,
 }
 
+/// The `[agent]` settings that differ between `before` and `after`, by their key in the file.
+#[must_use]
+pub fn agent_changes(before: &AgentConfig, after: &AgentConfig) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    if before.ifaces != after.ifaces {
+        changed.push("ifaces");
+    }
+    if before.xdp_mode != after.xdp_mode {
+        changed.push("xdp_mode");
+    }
+    if before.metrics != after.metrics {
+        changed.push("metrics");
+    }
+    if before.socket != after.socket {
+        changed.push("socket");
+    }
+    if before.state != after.state {
+        changed.push("state");
+    }
+    if before.bpffs != after.bpffs {
+        changed.push("bpffs");
+    }
+    changed
+}
+
 /// One `[[vip]]` entry, validated.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VipDecl {
@@ -685,6 +710,21 @@ pub fn diff(old: &DesiredState, new: &DesiredState) -> Vec<Change> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agent_changes_name_each_changed_key() {
+        let before = AgentConfig {
+            ifaces: vec!["eth0".into()],
+            ..AgentConfig::default()
+        };
+        assert!(agent_changes(&before, &before.clone()).is_empty());
+        let after = AgentConfig {
+            ifaces: vec!["eth0".into(), "eth1".into()],
+            xdp_mode: Some(ModeChoice::Tc),
+            ..before.clone()
+        };
+        assert_eq!(agent_changes(&before, &after), ["ifaces", "xdp_mode"]);
+    }
 
     fn err(text: &str) -> (usize, usize, String) {
         match parse(text).unwrap_err() {

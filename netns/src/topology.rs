@@ -139,6 +139,36 @@ impl Network {
     /// # Panics
     /// If `a` or `b` comes from another `Network`.
     pub fn connect(&mut self, a: NsId, b: NsId, v4: Ipv4Net, v6: Ipv6Net) -> Result<Veth, Error> {
+        self.join(a, b, v4, v6, true)
+    }
+
+    /// As [`Network::connect`], but the veth keeps the kernel's defaults (TX checksum offload
+    /// and TSO on, GRO off), as the veths of a user's containers do: for tests and demos of
+    /// what xlb does on an untuned host.
+    ///
+    /// # Errors
+    /// As for [`Network::connect`].
+    ///
+    /// # Panics
+    /// If `a` or `b` comes from another `Network`.
+    pub fn connect_untuned(
+        &mut self,
+        a: NsId,
+        b: NsId,
+        v4: Ipv4Net,
+        v6: Ipv6Net,
+    ) -> Result<Veth, Error> {
+        self.join(a, b, v4, v6, false)
+    }
+
+    fn join(
+        &mut self,
+        a: NsId,
+        b: NsId,
+        v4: Ipv4Net,
+        v6: Ipv6Net,
+        tuned_for_xdp: bool,
+    ) -> Result<Veth, Error> {
         let (a4, b4) = two_hosts_v4(v4)?;
         let (a6, b6) = two_hosts_v6(v6)?;
         let a_if = self.claim_ifname(a, &self.node(b).role.clone())?;
@@ -149,7 +179,9 @@ impl Network {
         let end = |ns: &Netns, id, ifname: String, v4, v6| -> Result<Endpoint, Error> {
             ns.add_address(&ifname, v4)?;
             ns.add_address(&ifname, v6)?;
-            ns.set_tx_checksum(&ifname, false)?;
+            if tuned_for_xdp {
+                ns.set_tx_checksum(&ifname, false)?;
+            }
             ns.set_link_up(&ifname)?;
             let info = ns.link(&ifname)?;
             Ok(Endpoint {
@@ -171,8 +203,10 @@ impl Network {
         // GRO only after both ends are up: a veth decides whether it accepts
         // redirected frames when it comes up, from its peer's GRO setting at
         // that moment, so GRO turned on before the peer is up does not count.
-        na.set_gro(&veth.a.ifname, true)?;
-        nb.set_gro(&veth.b.ifname, true)?;
+        if tuned_for_xdp {
+            na.set_gro(&veth.a.ifname, true)?;
+            nb.set_gro(&veth.b.ifname, true)?;
+        }
         self.links.push(veth.clone());
         Ok(veth)
     }
