@@ -59,6 +59,7 @@ fn cost_reports_every_packet_type_against_both_floors() {
     for wanted in [
         "tcp_syn_new_flow",
         "tcp_ack_established",
+        "tcp_ack_100k_flows",
         "udp_not_for_vip",
         "junk_64_bytes",
     ] {

@@ -99,6 +99,26 @@ struct Case {
     frame: Box<dyn Fn(u64) -> Vec<u8> + Sync>,
     /// Checks the xlb program's action and output for frame n.
     check: Box<Check>,
+    /// Frames sent through xlb once before the case is measured (flows to establish).
+    setup: Option<(u64, Box<dyn Fn(u64) -> Vec<u8> + Sync>)>,
+}
+
+/// Flows the "many established flows" case spreads its ACKs over (Katran's comparison uses
+/// the same number): enough that their entries do not all sit in the CPU's caches.
+const SAMPLED_FLOWS: u64 = 100_000;
+
+/// The k-th of the sampled flows' clients: an address range no other case uses.
+fn sampled_client(k: u64) -> SocketAddrV4 {
+    client(1_280_000_000 + k)
+}
+
+/// Which sampled flow the n-th ACK belongs to: a fixed pseudo-random walk (SplitMix64), so
+/// consecutive calls hit unrelated entries, the same sequence in every run.
+fn sampled_flow(n: u64) -> u64 {
+    let mut z = n.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)) % SAMPLED_FLOWS
 }
 
 fn vip4() -> SocketAddrV4 {
@@ -149,30 +169,45 @@ fn cases(backends: u32) -> Vec<Case> {
             description: "TCP SYN to the VIP, a new 5-tuple every call (connection-table miss)",
             frame: Box::new(move |n| frames::tcp(client(n), vip, TCP_SYN)),
             check: Box::new(forwarded_to_backend(backends)),
+            setup: None,
         },
         Case {
             name: "tcp_ack_established",
             description: "TCP ACK of one established flow (connection-table hit)",
             frame: Box::new(move |_| frames::tcp(established, vip, TCP_ACK)),
             check: Box::new(forwarded_to_backend(backends)),
+            setup: None,
+        },
+        Case {
+            name: "tcp_ack_100k_flows",
+            description: "TCP ACKs sampled over 100k established flows (hits on cold entries)",
+            frame: Box::new(move |n| frames::tcp(sampled_client(sampled_flow(n)), vip, TCP_ACK)),
+            check: Box::new(forwarded_to_backend(backends)),
+            setup: Some((
+                SAMPLED_FLOWS,
+                Box::new(move |k| frames::tcp(sampled_client(k), vip, TCP_SYN)),
+            )),
         },
         Case {
             name: "udp_established",
             description: "64-byte UDP datagram of one flow to the UDP VIP, checksum on (hit)",
             frame: Box::new(move |_| frames::udp(established, udp_vip, 18, true)),
             check: Box::new(forwarded_to_backend(backends)),
+            setup: None,
         },
         Case {
             name: "udp_vip_port_other_address",
             description: "UDP to a VIP's port on an address that is no VIP (pass-through)",
             frame: Box::new(move |_| frames::udp(established, other_on_vip_port, 18, true)),
             check: Box::new(passed_unchanged),
+            setup: None,
         },
         Case {
             name: "udp_not_for_vip",
             description: "UDP to an address and port no VIP uses (pass-through)",
             frame: Box::new(move |_| frames::udp(established, other, 18, true)),
             check: Box::new(passed_unchanged),
+            setup: None,
         },
         Case {
             name: "junk_64_bytes",
@@ -184,6 +219,7 @@ fn cases(backends: u32) -> Vec<Case> {
                 f
             }),
             check: Box::new(passed_unchanged),
+            setup: None,
         },
     ]
 }
@@ -255,6 +291,11 @@ pub fn run_cost(options: CostOptions, quiet: bool) -> Result<Vec<CostRow>> {
         // New flows never repeat a 5-tuple, across warm-up and every run.
         let mut next_new_flow = 0u64;
         for case in &cases {
+            if let Some((flows, frame)) = &case.setup {
+                for k in 0..*flows {
+                    env.run_once(program_names::XLB, &frame(k))?;
+                }
+            }
             let mut spreads = Vec::new();
             for program in [
                 program_names::XLB,
@@ -293,7 +334,8 @@ pub fn run_cost(options: CostOptions, quiet: bool) -> Result<Vec<CostRow>> {
     })??;
     bar.finish_and_clear();
     let misses = counter(&env, Counter::ConntrackMiss)?;
-    let expected_misses = u64::from(options.warmup + options.calls * options.runs) + 1;
+    let expected_misses =
+        u64::from(options.warmup + options.calls * options.runs) + 1 + SAMPLED_FLOWS;
     if misses < expected_misses {
         bail!(
             "only {misses} connection-table misses for {expected_misses} new flows: the SYN case did not measure new flows"
