@@ -624,3 +624,33 @@ pub const fn xdp_mode_name(mode: XdpMode) -> &'static str {
         XdpMode::Default => "default",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use lb_common::{map_names, program_names};
+
+    use super::XLB_OBJECT;
+
+    /// The maps and programs the object defines are the ones `lb-common` names: a map renamed
+    /// on one side only would otherwise surface as a load-time "no such map" on a live host.
+    #[test]
+    fn object_defines_exactly_the_maps_and_programs_lb_common_names() {
+        let object = aya_obj::Object::parse(XLB_OBJECT).expect("parsing the embedded object");
+        let mut balancer_maps: Vec<&str> = object
+            .maps
+            .keys()
+            .map(String::as_str)
+            .filter(|name| name.starts_with("XLB_") && !name.starts_with("XLB_BENCH_"))
+            .collect();
+        balancer_maps.sort_unstable();
+        let mut named = map_names::ALL.to_vec();
+        named.sort_unstable();
+        assert_eq!(balancer_maps, named);
+        for program in [program_names::XLB, program_names::XLB_TC] {
+            assert!(
+                object.programs.contains_key(program),
+                "no program {program} in the object"
+            );
+        }
+    }
+}
