@@ -92,15 +92,18 @@ fn pin_to_one_cpu() {
 /// Checks one run's action and output against its input; `Err` says what is wrong.
 type Check = dyn Fn(u32, &[u8], &[u8]) -> Result<(), String> + Sync;
 
+/// Builds the n-th frame of a case.
+type FrameFn = Box<dyn Fn(u64) -> Vec<u8> + Sync>;
+
 /// A packet type: how to build the n-th frame, and what the program must do with it.
 struct Case {
     name: &'static str,
     description: &'static str,
-    frame: Box<dyn Fn(u64) -> Vec<u8> + Sync>,
+    frame: FrameFn,
     /// Checks the xlb program's action and output for frame n.
     check: Box<Check>,
     /// Frames sent through xlb once before the case is measured (flows to establish).
-    setup: Option<(u64, Box<dyn Fn(u64) -> Vec<u8> + Sync>)>,
+    setup: Option<(u64, FrameFn)>,
 }
 
 /// Flows the "many established flows" case spreads its ACKs over (Katran's comparison uses
