@@ -203,7 +203,7 @@ fn to_backend<H: Hook>(ctx: &H, p: &Parsed, vip: &VipInfo, t: &mut Translation) 
             (id, b, CONNTRACK.get_ptr_mut(&key), true)
         }
     };
-    count_forwarded(vip.vip_id, backend_id, ctx.wire_len(), new_flow);
+    count_forwarded(backend_id, ctx.wire_len(), new_flow);
 
     t.endpoint = Endpoint::Destination;
     t.addr = backend.addr;

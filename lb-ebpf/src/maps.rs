@@ -52,6 +52,8 @@ pub static PORTS: Array<u8> = Array::with_max_entries(PORT_ENTRIES, 0);
 #[map(name = "XLB_GSTATS")]
 pub static GLOBAL_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 
+/// Traffic of backends a VIP no longer has, folded in by the agent when it removes them; the
+/// data path never writes here (a VIP's live traffic is its backends').
 #[map(name = "XLB_VIPSTATS")]
 pub static VIP_STATS: PerCpuArray<TrafficCounters> =
     PerCpuArray::with_max_entries(DEFAULT_MAX_VIPS, 0);

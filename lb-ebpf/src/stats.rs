@@ -3,7 +3,7 @@
 use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, xdp_action};
 use lb_common::{Counter, TrafficCounters};
 
-use crate::maps::{BACKEND_STATS, GLOBAL_STATS, VIP_STATS};
+use crate::maps::{BACKEND_STATS, GLOBAL_STATS};
 
 #[inline(always)]
 pub fn count(counter: Counter) {
@@ -48,9 +48,10 @@ fn add(slot: Option<*mut TrafficCounters>, bytes: u64, new_flow: bool) {
     }
 }
 
-/// A packet forwarded from a client to `backend_id` of `vip_id`.
+/// A packet forwarded from a client to `backend_id`. Only the backend's counters: a VIP's
+/// traffic is the sum of its backends' (the agent folds a removed backend's counters into
+/// `XLB_VIPSTATS`), which saves every packet a second per-CPU update.
 #[inline(always)]
-pub fn count_forwarded(vip_id: u32, backend_id: u32, bytes: u64, new_flow: bool) {
-    add(VIP_STATS.get_ptr_mut(vip_id), bytes, new_flow);
+pub fn count_forwarded(backend_id: u32, bytes: u64, new_flow: bool) {
     add(BACKEND_STATS.get_ptr_mut(backend_id), bytes, new_flow);
 }

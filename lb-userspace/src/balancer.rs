@@ -612,7 +612,8 @@ impl Balancer {
         self.release_backend(vip, removed.id, backend)
     }
 
-    /// Clears a removed backend's entry (its flows stop matching), frees its id and its port.
+    /// Clears a removed backend's entry (its flows stop matching), keeps its traffic in the
+    /// VIP's totals, frees its id and its port.
     fn release_backend(&mut self, vip: &VipSpec, id: u32, addr: SocketAddr) -> Result<()> {
         self.datapath
             .backends()?
@@ -621,6 +622,9 @@ impl Balancer {
                 name: lb_common::map_names::BACKENDS,
                 source,
             })?;
+        if let Some(vip_id) = self.vips.get(vip).map(|e| e.id) {
+            self.datapath.retire_backend_traffic(id, vip_id)?;
+        }
         self.backend_ids.give_back(id);
         self.use_port(addr.port(), false, -1)?;
         self.update_endpoint(addr, *vip, false)?;
@@ -837,7 +841,7 @@ impl Balancer {
         for id in live {
             *slots.entry(*id).or_default() += 1;
         }
-        let traffic = self.datapath.vip_traffic(entry.id)?;
+        let retired = self.datapath.retired_vip_traffic(entry.id)?;
         let backends = entry
             .backends
             .iter()
@@ -858,6 +862,14 @@ impl Balancer {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        // The data path counts per backend; the VIP adds what its removed backends carried.
+        let traffic = backends.iter().fold(retired, |acc, b| {
+            acc.merged(TrafficCounters {
+                packets: b.packets,
+                bytes: b.bytes,
+                new_flows: b.new_flows,
+            })
+        });
         Ok(VipStatus {
             vip: *vip,
             id: entry.id,

@@ -554,8 +554,41 @@ impl Datapath {
         map.set(index, zeros, 0).map_err(map_err(name))
     }
 
-    pub fn vip_traffic(&self, vip_id: u32) -> Result<TrafficCounters> {
+    /// What a VIP's removed backends carried (the data path counts per backend only).
+    pub fn retired_vip_traffic(&self, vip_id: u32) -> Result<TrafficCounters> {
         self.traffic(map_names::VIP_STATS, vip_id)
+    }
+
+    /// Moves a removed backend's counters into its VIP's retired tally, CPU by CPU, and
+    /// zeroes the backend's, so the VIP's totals keep what the backend carried. Called once
+    /// the backend's entry is cleared: no packet counts for it any more.
+    ///
+    /// # Errors
+    /// A failing map read or write.
+    pub fn retire_backend_traffic(&mut self, backend_id: u32, vip_id: u32) -> Result<()> {
+        let backend = self.per_cpu_traffic(map_names::BACKEND_STATS, backend_id)?;
+        let vip = self.per_cpu_traffic(map_names::VIP_STATS, vip_id)?;
+        let merged: Vec<TrafficCounters> = vip
+            .iter()
+            .zip(backend.iter())
+            .map(|(v, b)| v.merged(*b))
+            .collect();
+        let name = map_names::VIP_STATS;
+        let mut map: PerCpuArray<&mut MapData, TrafficCounters> =
+            PerCpuArray::try_from(self.map_data(name)?).map_err(map_err(name))?;
+        map.set(
+            vip_id,
+            PerCpuValues::try_from(merged).map_err(DatapathError::Cpus)?,
+            0,
+        )
+        .map_err(map_err(name))?;
+        self.reset_backend_traffic(backend_id)
+    }
+
+    fn per_cpu_traffic(&self, name: &'static str, index: u32) -> Result<Vec<TrafficCounters>> {
+        let map: PerCpuArray<&MapData, TrafficCounters> =
+            PerCpuArray::try_from(self.map_ref(name)?).map_err(map_err(name))?;
+        Ok(map.get(&index, 0).map_err(map_err(name))?.to_vec())
     }
 
     pub fn backend_traffic(&self, backend_id: u32) -> Result<TrafficCounters> {
