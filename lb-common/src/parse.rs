@@ -394,9 +394,15 @@ mod tests {
             TCP_RST,
             0xff,
         ] {
-            let v4 = frame(ETH_P_IP, &ipv4(IPPROTO_TCP, 8, &tcp_with_flags(1, 80, flags)));
+            let v4 = frame(
+                ETH_P_IP,
+                &ipv4(IPPROTO_TCP, 8, &tcp_with_flags(1, 80, flags)),
+            );
             assert_eq!(parse(v4.as_slice()).unwrap().tcp_flags, flags, "{flags:#x}");
-            let v6 = frame(ETH_P_IPV6, &ipv6(IPPROTO_TCP, &tcp_with_flags(1, 80, flags)));
+            let v6 = frame(
+                ETH_P_IPV6,
+                &ipv6(IPPROTO_TCP, &tcp_with_flags(1, 80, flags)),
+            );
             assert_eq!(parse(v6.as_slice()).unwrap().tcp_flags, flags, "{flags:#x}");
         }
         let udp = frame(ETH_P_IP, &ipv4(IPPROTO_UDP, 0, &udp(1, 53, 4)));

@@ -10,6 +10,7 @@
 //!
 //! [[vip]]
 //! address = "192.0.2.10:80/tcp"
+//! tcp_timeout = 600            # seconds a connection may idle (udp_timeout for UDP VIPs)
 //! [vip.health]
 //! probe = "http"
 //! path = "/healthz"
@@ -38,6 +39,7 @@ use crate::{
     attach::ModeChoice,
     balancer::{
         BackendConfig, BackendState, DesiredState, MAX_WEIGHT, Protocol, VipConfig, VipSpec,
+        validate_idle_timeout as validate_idle_timeout_secs,
     },
     health::{HealthSpec, HealthSpecError, Probe, decode_hex},
     validate,
@@ -80,6 +82,8 @@ pub struct VipDecl {
     pub vip: VipSpec,
     /// `None`: no health checks, every backend counts as healthy.
     pub health: Option<HealthSpec>,
+    /// `tcp_timeout` / `udp_timeout`, seconds; `None`: the protocol's default.
+    pub idle_timeout_s: Option<u32>,
     /// In the file's order.
     pub backends: Vec<BackendConfig>,
 }
@@ -108,6 +112,7 @@ impl Config {
                     backends,
                     id: None,
                     health: v.health.clone(),
+                    idle_timeout_s: v.idle_timeout_s,
                 }
             })
             .collect();
@@ -151,6 +156,8 @@ struct RawAgent {
 #[serde(deny_unknown_fields)]
 struct RawVip {
     address: Spanned<String>,
+    tcp_timeout: Option<Spanned<i64>>,
+    udp_timeout: Option<Spanned<i64>>,
     health: Option<Spanned<RawHealth>>,
     #[serde(default)]
     backend: Vec<RawBackend>,
@@ -268,6 +275,7 @@ fn validate(raw: RawConfig, text: &str) -> Result<Config, Problem> {
                 ),
             ));
         }
+        let idle_timeout_s = validate_idle_timeout(&vip, v.tcp_timeout, v.udp_timeout)?;
         let health = v.health.map(|h| validate_health(h, &vip)).transpose()?;
         let mut backends: Vec<BackendConfig> = Vec::with_capacity(v.backend.len());
         let mut backend_spans: HashMap<SocketAddr, Range<usize>> = HashMap::new();
@@ -278,6 +286,7 @@ fn validate(raw: RawConfig, text: &str) -> Result<Config, Problem> {
         vips.push(VipDecl {
             vip,
             health,
+            idle_timeout_s,
             backends,
         });
         spans.push(backend_spans);
@@ -409,6 +418,46 @@ fn validate_backend(
         state: b.state.map_or(BackendState::Active, Spanned::into_inner),
         id: None,
     })
+}
+
+/// `tcp_timeout` on a TCP VIP or `udp_timeout` on a UDP VIP, in range; the other key is a
+/// mistake (a VIP has one protocol), not something to ignore.
+fn validate_idle_timeout(
+    vip: &VipSpec,
+    tcp: Option<Spanned<i64>>,
+    udp: Option<Spanned<i64>>,
+) -> Result<Option<u32>, Problem> {
+    let (given, wrong, key, wrong_key) = match vip.proto {
+        Protocol::Tcp => (tcp, udp, "tcp_timeout", "udp_timeout"),
+        Protocol::Udp => (udp, tcp, "udp_timeout", "tcp_timeout"),
+    };
+    if let Some(w) = wrong {
+        return Err(problem(
+            w.span(),
+            format!(
+                "{wrong_key} does not apply to {vip}, a {} VIP (use {key})",
+                vip.proto
+            ),
+        ));
+    }
+    given
+        .map(|t| {
+            u64::try_from(*t.get_ref())
+                .ok()
+                .and_then(|secs| validate_idle_timeout_secs(vip.proto, secs).ok())
+                .ok_or_else(|| {
+                    problem(
+                        t.span(),
+                        format!(
+                            "{key} must be between {} and {} seconds, got {}",
+                            vip.proto.min_idle_timeout_s(),
+                            lb_common::MAX_IDLE_TIMEOUT_S,
+                            t.get_ref()
+                        ),
+                    )
+                })
+        })
+        .transpose()
 }
 
 fn validate_health(h: Spanned<RawHealth>, vip: &VipSpec) -> Result<HealthSpec, Problem> {
@@ -751,6 +800,44 @@ mod tests {
             )]
         );
         assert_eq!(config.vips[1].health, None);
+        assert_eq!(
+            (config.vips[0].idle_timeout_s, config.vips[1].idle_timeout_s),
+            (Some(900), Some(30))
+        );
+        let state = config.desired_state();
+        assert_eq!(state.vips[0].idle_timeout_s, Some(900));
+    }
+
+    #[test]
+    fn idle_timeouts_match_the_vips_protocol_and_range() {
+        let config = parse("[[vip]]\naddress = \"192.0.2.1:80\"\n").unwrap();
+        assert_eq!(config.vips[0].idle_timeout_s, None, "default");
+        let config = parse("[[vip]]\naddress = \"192.0.2.1:53/udp\"\nudp_timeout = 1\n").unwrap();
+        assert_eq!(config.vips[0].idle_timeout_s, Some(1));
+        for (text, column, message) in [
+            (
+                "[[vip]]\naddress = \"192.0.2.1:53/udp\"\ntcp_timeout = 30\n",
+                15,
+                "tcp_timeout does not apply to 192.0.2.1:53/udp, a udp VIP (use udp_timeout)",
+            ),
+            (
+                "[[vip]]\naddress = \"192.0.2.1:80\"\nudp_timeout = 30\n",
+                15,
+                "udp_timeout does not apply to 192.0.2.1:80/tcp, a tcp VIP (use tcp_timeout)",
+            ),
+            (
+                "[[vip]]\naddress = \"192.0.2.1:80\"\ntcp_timeout = 5\n",
+                15,
+                "tcp_timeout must be between 10 and 604800 seconds, got 5",
+            ),
+            (
+                "[[vip]]\naddress = \"192.0.2.1:53/udp\"\nudp_timeout = -1\n",
+                15,
+                "udp_timeout must be between 1 and 604800 seconds, got -1",
+            ),
+        ] {
+            assert_eq!(err(text), (3, column, message.to_owned()), "{text}");
+        }
     }
 
     #[test]
@@ -1108,6 +1195,7 @@ mod tests {
                         backends: vec![],
                         id: None,
                         health: None,
+                        idle_timeout_s: None,
                     },
                     VipConfig {
                         vip: vip("192.0.2.20:80/tcp"),
@@ -1117,6 +1205,7 @@ mod tests {
                         ],
                         id: None,
                         health: None,
+                        idle_timeout_s: None,
                     },
                 ],
             }
@@ -1137,6 +1226,7 @@ mod tests {
                     backends,
                     id: None,
                     health: None,
+                    idle_timeout_s: None,
                 })
                 .collect(),
         };
