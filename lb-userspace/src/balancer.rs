@@ -386,7 +386,8 @@ pub struct Explanation {
     pub ring_slot: u32,
     /// The backend a new flow with this 5-tuple gets from the live ring.
     pub new_flow_backend: Option<SocketAddr>,
-    /// The backend the connection table holds for this 5-tuple, if any.
+    /// The backend the connection table holds for this 5-tuple, if its entry still holds
+    /// (not idle past the VIP's timeout, not closed too long ago).
     pub tracked_backend: Option<SocketAddr>,
 }
 
