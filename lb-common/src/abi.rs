@@ -131,8 +131,24 @@ pub struct VipInfo {
     pub ring_base: u32,
     /// Slots in the live ring; 0 when the VIP has no usable backend.
     pub ring_size: u32,
-    pub flags: u32,
+    /// How long the VIP's flows may go without a packet before their connection-table entry
+    /// stops counting (the next packet gets a fresh choice), in seconds. 0: never, as in maps
+    /// written before timeouts existed, until the agent rewrites the entry.
+    pub idle_timeout_s: u32,
 }
+
+/// Idle timeout of a TCP VIP's established connections unless configured otherwise.
+pub const DEFAULT_TCP_IDLE_TIMEOUT_S: u32 = 300;
+/// Idle timeout of a UDP VIP's flows unless configured otherwise.
+pub const DEFAULT_UDP_IDLE_TIMEOUT_S: u32 = 60;
+/// Longest idle timeout accepted (a week).
+pub const MAX_IDLE_TIMEOUT_S: u32 = 7 * 24 * 3600;
+/// How long a closing connection's entry lives after its last packet: long enough for the
+/// final ACKs and retransmitted FINs, short enough that it neither lingers in `live_flows`
+/// nor outlives the client's TIME_WAIT by much. A TCP idle timeout is never shorter.
+pub const CLOSING_TIMEOUT_S: u32 = 10;
+
+const NS_PER_S: u64 = 1_000_000_000;
 
 /// `Backend::flags`: the backend takes new flows (it is in the Maglev ring).
 pub const BACKEND_ACTIVE: u8 = 1;
@@ -196,19 +212,64 @@ impl NextHop {
     }
 }
 
+/// `FlowState::closing`: the client sent a FIN.
+pub const CLOSE_FIN_FROM_CLIENT: u8 = 1;
+/// `FlowState::closing`: the backend sent a FIN.
+pub const CLOSE_FIN_FROM_BACKEND: u8 = 2;
+/// `FlowState::closing`: either side sent a RST.
+pub const CLOSE_RESET: u8 = 4;
+
 /// Value of `XLB_CONNTRACK`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowState {
     pub backend_id: u32,
     pub next_hop: NextHop,
-    pub _pad: u32,
+    /// `CLOSE_*` bits: how far a TCP connection has got towards its end (0 for UDP).
+    pub closing: u8,
+    pub _pad: [u8; 3],
     /// `CLOCK_MONOTONIC` (coarse) time of the flow's last packet, refreshed at most once a
-    /// second: how the agent tells a draining backend's live flows from finished ones.
+    /// second (and when the flow starts closing): its age decides whether the entry still
+    /// holds.
     pub last_seen_ns: u64,
     /// Where replies go: back out of the interface the client's packet came in on, to the
     /// MAC it came from.
     pub reply_next_hop: NextHop,
+}
+
+impl FlowState {
+    /// A reset, or a FIN from each side: only stragglers of this connection are still to
+    /// come. One FIN alone is a half-close, after which the other side may go on sending.
+    #[inline(always)]
+    #[must_use]
+    pub const fn is_closing(&self) -> bool {
+        self.closing & CLOSE_RESET != 0
+            || self.closing & (CLOSE_FIN_FROM_CLIENT | CLOSE_FIN_FROM_BACKEND)
+                == CLOSE_FIN_FROM_CLIENT | CLOSE_FIN_FROM_BACKEND
+    }
+
+    /// Whether the entry still decides where the flow's packets go at `now_ns`: it has seen
+    /// a packet within its VIP's idle timeout (`idle_timeout_s`, 0 = none), or within
+    /// `CLOSING_TIMEOUT_S` once closing. `last_seen_ns` lags by up to a second, so timeouts
+    /// are that accurate. An entry written on another CPU a moment ago may be a tick ahead
+    /// of `now_ns`: that is age 0, not a wrapped-around age.
+    #[inline(always)]
+    #[must_use]
+    pub const fn is_current(&self, now_ns: u64, idle_timeout_s: u32) -> bool {
+        let age = now_ns.saturating_sub(self.last_seen_ns);
+        if self.is_closing() {
+            age <= CLOSING_TIMEOUT_S as u64 * NS_PER_S
+        } else {
+            idle_timeout_s == 0 || age <= idle_timeout_s as u64 * NS_PER_S
+        }
+    }
+
+    /// A flow that is really live: current and not closing (what `live_flows` counts).
+    #[inline(always)]
+    #[must_use]
+    pub const fn is_live(&self, now_ns: u64, idle_timeout_s: u32) -> bool {
+        !self.is_closing() && self.is_current(now_ns, idle_timeout_s)
+    }
 }
 
 /// Value of `XLB_ENDPOINTS`, keyed by a backend's address, port and protocol (a `VipKey`
@@ -376,10 +437,62 @@ mod tests {
         assert_eq!(size_of::<Backend>(), 16 + 2 + 1 + 1 + 4);
         assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 3);
         assert_eq!(size_of::<NextHop>(), 4 + 6 + 6);
-        assert_eq!(size_of::<FlowState>(), 4 + 16 + 4 + 8 + 16);
+        assert_eq!(size_of::<FlowState>(), 4 + 16 + 1 + 3 + 8 + 16);
         assert_eq!(size_of::<EndpointVip>(), 16 + 2 + 2 + 4);
         assert_eq!(size_of::<ReverseNat>(), 16 + 2 + 2 + 4 + 16);
         assert_eq!(size_of::<TrafficCounters>(), 24);
+    }
+
+    fn flow(closing: u8, last_seen_s: u64) -> FlowState {
+        FlowState {
+            closing,
+            last_seen_ns: last_seen_s * NS_PER_S,
+            ..FlowState::default()
+        }
+    }
+
+    #[test]
+    fn a_connection_closes_on_a_reset_or_on_fins_from_both_sides() {
+        assert!(!flow(0, 0).is_closing());
+        assert!(
+            !flow(CLOSE_FIN_FROM_CLIENT, 0).is_closing(),
+            "half-closed by the client"
+        );
+        assert!(
+            !flow(CLOSE_FIN_FROM_BACKEND, 0).is_closing(),
+            "half-closed by the backend"
+        );
+        assert!(flow(CLOSE_FIN_FROM_CLIENT | CLOSE_FIN_FROM_BACKEND, 0).is_closing());
+        assert!(flow(CLOSE_RESET, 0).is_closing());
+        assert!(flow(CLOSE_RESET | CLOSE_FIN_FROM_CLIENT, 0).is_closing());
+    }
+
+    #[test]
+    fn entries_expire_after_their_idle_or_closing_timeout() {
+        let s = NS_PER_S;
+        let open = flow(0, 1000);
+        assert!(open.is_current(1000 * s, 30));
+        assert!(
+            open.is_current(1030 * s, 30),
+            "exactly the timeout still holds"
+        );
+        assert!(!open.is_current(1030 * s + 1, 30));
+        assert!(open.is_current(u64::MAX, 0), "0: no idle timeout");
+        assert!(
+            open.is_current(999 * s, 30),
+            "last seen a tick in the future (another CPU): age 0"
+        );
+        let closed = flow(CLOSE_RESET, 1000);
+        let closing_end = (1000 + u64::from(CLOSING_TIMEOUT_S)) * s;
+        assert!(closed.is_current(closing_end, 300));
+        assert!(!closed.is_current(closing_end + 1, 300));
+        assert!(
+            !closed.is_current(closing_end + 1, 0),
+            "closing ends entries even without an idle timeout"
+        );
+        assert!(!closed.is_live(1000 * s, 300), "a closing flow is not live");
+        assert!(open.is_live(1000 * s, 300));
+        assert!(!open.is_live(2000 * s, 300), "an idle flow is not live");
     }
 
     #[test]

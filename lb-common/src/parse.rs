@@ -31,6 +31,12 @@ pub const IPV6_DST_OFFSET: usize = 24;
 pub const TCP_CHECK_OFFSET: usize = 16;
 pub const UDP_CHECK_OFFSET: usize = 6;
 
+/// Bits of `Parsed::tcp_flags` (the TCP header's flags byte).
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
 const IPV4_MORE_FRAGMENTS: u16 = 0x2000;
 const IPV4_FRAGMENT_OFFSET_MASK: u16 = 0x1fff;
 const IPV6_NEXT_FRAGMENT: u8 = 44;
@@ -74,6 +80,8 @@ pub struct Parsed {
     pub dport_be: u16,
     /// TTL or hop limit.
     pub ttl: u8,
+    /// The TCP flags byte (`TCP_SYN`, ...); 0 for UDP.
+    pub tcp_flags: u8,
 }
 
 impl Parsed {
@@ -88,6 +96,7 @@ impl Parsed {
         sport_be: 0,
         dport_be: 0,
         ttl: 0,
+        tcp_flags: 0,
     };
 
     /// Offset of the L4 checksum field.
@@ -186,7 +195,8 @@ fn parse_ipv4<P: PacketBytes + ?Sized>(pkt: &P, l3_offset: usize) -> Result<Pars
     }
     let proto = w2[1];
     let l4_offset = l3_offset + header_len;
-    let (sport_be, dport_be) = parse_ports(pkt, proto, l4_offset, total_len - header_len)?;
+    let (sport_be, dport_be, tcp_flags) =
+        parse_ports(pkt, proto, l4_offset, total_len - header_len)?;
     Ok(Parsed {
         src: v4_mapped(src),
         dst: v4_mapped(dst),
@@ -197,6 +207,7 @@ fn parse_ipv4<P: PacketBytes + ?Sized>(pkt: &P, l3_offset: usize) -> Result<Pars
         sport_be,
         dport_be,
         ttl: w2[0],
+        tcp_flags,
     })
 }
 
@@ -227,7 +238,7 @@ fn parse_ipv6<P: PacketBytes + ?Sized>(pkt: &P, l3_offset: usize) -> Result<Pars
         });
     }
     let l4_offset = l3_offset + IPV6_HLEN;
-    let (sport_be, dport_be) = parse_ports(pkt, proto, l4_offset, payload_len)?;
+    let (sport_be, dport_be, tcp_flags) = parse_ports(pkt, proto, l4_offset, payload_len)?;
     Ok(Parsed {
         src,
         dst,
@@ -238,17 +249,19 @@ fn parse_ipv6<P: PacketBytes + ?Sized>(pkt: &P, l3_offset: usize) -> Result<Pars
         sport_be,
         dport_be,
         ttl: fixed[IPV6_HOP_LIMIT_OFFSET],
+        tcp_flags,
     })
 }
 
-/// Reads the ports, checking the transport header fits in the IP payload (`l4_len` bytes).
+/// Reads the ports (and TCP's flags), checking the transport header fits in the IP payload
+/// (`l4_len` bytes).
 #[inline(always)]
 fn parse_ports<P: PacketBytes + ?Sized>(
     pkt: &P,
     proto: u8,
     l4_offset: usize,
     l4_len: usize,
-) -> Result<(u16, u16), Skip> {
+) -> Result<(u16, u16, u8), Skip> {
     match proto {
         IPPROTO_TCP => {
             // Nearest piece first: at a variable offset the verifier only credits a bounds
@@ -264,6 +277,7 @@ fn parse_ports<P: PacketBytes + ?Sized>(
             Ok((
                 u16::from_ne_bytes([ports[0], ports[1]]),
                 u16::from_ne_bytes([ports[2], ports[3]]),
+                tail[1],
             ))
         }
         IPPROTO_UDP => {
@@ -275,6 +289,7 @@ fn parse_ports<P: PacketBytes + ?Sized>(
             Ok((
                 u16::from_ne_bytes([udp[0], udp[1]]),
                 u16::from_ne_bytes([udp[2], udp[3]]),
+                0,
             ))
         }
         _ => Err(Skip::NotTcpUdp),
@@ -329,10 +344,15 @@ mod tests {
     }
 
     fn tcp(sport: u16, dport: u16) -> Vec<u8> {
+        tcp_with_flags(sport, dport, TCP_ACK)
+    }
+
+    fn tcp_with_flags(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
         let mut t = vec![0u8; 20];
         t[0..2].copy_from_slice(&sport.to_be_bytes());
         t[2..4].copy_from_slice(&dport.to_be_bytes());
         t[12] = 5 << 4;
+        t[13] = flags;
         t
     }
 
@@ -362,6 +382,31 @@ mod tests {
         assert_eq!(u16::from_be(p.dport_be), 80);
         assert_eq!(p.dst, v4_mapped([192, 0, 2, 10]));
         assert_eq!(p.l4_check_offset(), 34 + 16);
+    }
+
+    #[test]
+    fn tcp_flags_are_read_and_udp_has_none() {
+        for flags in [
+            TCP_SYN,
+            TCP_SYN | TCP_ACK,
+            TCP_ACK,
+            TCP_FIN | TCP_ACK,
+            TCP_RST,
+            0xff,
+        ] {
+            let v4 = frame(
+                ETH_P_IP,
+                &ipv4(IPPROTO_TCP, 8, &tcp_with_flags(1, 80, flags)),
+            );
+            assert_eq!(parse(v4.as_slice()).unwrap().tcp_flags, flags, "{flags:#x}");
+            let v6 = frame(
+                ETH_P_IPV6,
+                &ipv6(IPPROTO_TCP, &tcp_with_flags(1, 80, flags)),
+            );
+            assert_eq!(parse(v6.as_slice()).unwrap().tcp_flags, flags, "{flags:#x}");
+        }
+        let udp = frame(ETH_P_IP, &ipv4(IPPROTO_UDP, 0, &udp(1, 53, 4)));
+        assert_eq!(parse(udp.as_slice()).unwrap().tcp_flags, 0);
     }
 
     #[test]

@@ -9,10 +9,11 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use lb_common::{
-    BACKEND_ACTIVE, Backend, Counter, FlowKey, FlowState, LAST_SEEN_GRANULARITY_NS, NextHop,
-    PORT_IS_BACKEND, PORT_IS_VIP, ReverseNat, VipInfo, VipKey,
+    BACKEND_ACTIVE, Backend, CLOSE_FIN_FROM_BACKEND, CLOSE_FIN_FROM_CLIENT, CLOSE_RESET, Counter,
+    FlowKey, FlowState, IPPROTO_TCP, LAST_SEEN_GRANULARITY_NS, NextHop, PORT_IS_BACKEND,
+    PORT_IS_VIP, ReverseNat, VipInfo, VipKey,
     hash::flow_hash,
-    parse::{PacketBytes, Parsed, Skip, parse},
+    parse::{PacketBytes, Parsed, Skip, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, parse},
 };
 
 use crate::{
@@ -113,6 +114,38 @@ fn usable_backend(
     (b.flags & required_flags != 0 && b.vip_id == vip_id && b.family == family).then_some(b)
 }
 
+/// The `FlowState::closing` bits a packet adds: a RST from either side, a FIN from its
+/// sender (`fin_bit`). 0 for UDP, whose flags byte is 0.
+#[inline(always)]
+const fn close_bits(p: &Parsed, fin_bit: u8) -> u8 {
+    (if p.tcp_flags & TCP_RST != 0 {
+        CLOSE_RESET
+    } else {
+        0
+    }) | (if p.tcp_flags & TCP_FIN != 0 {
+        fin_bit
+    } else {
+        0
+    })
+}
+
+/// Adds `bits` to a flow's closing state. The entry's closing timeout counts from the
+/// packet that completes the close, so `last_seen_ns` is set with it. Written only when
+/// something changes: retransmitted FINs do not dirty the cache line.
+///
+/// # Safety
+/// `state` points at a live connection-table value.
+#[inline(always)]
+unsafe fn note_closing(state: *mut FlowState, bits: u8, now: impl FnOnce() -> u64) {
+    // SAFETY: the caller's promise.
+    unsafe {
+        if bits & !(*state).closing != 0 {
+            (*state).closing |= bits;
+            (*state).last_seen_ns = now();
+        }
+    }
+}
+
 /// Finds or picks the flow's backend and fills `t`; returns where the flow caches its next
 /// hop (null: nowhere). A flow no backend can take sets `t.no_backend`.
 ///
@@ -121,20 +154,39 @@ fn usable_backend(
 #[inline(never)]
 fn to_backend<H: Hook>(ctx: &H, p: &Parsed, vip: &VipInfo, t: &mut Translation) -> *mut NextHop {
     let key = flow_key(p);
-    let known = CONNTRACK.get_ptr_mut(&key).and_then(|state| {
-        // SAFETY: LRU values stay valid for the duration of the program run (RCU).
-        let id = unsafe { (*state).backend_id };
-        // Established flows follow their backend while it is active or draining.
-        usable_backend(
-            id,
-            vip.vip_id,
-            p.ipv6,
-            lb_common::BACKEND_ACTIVE | lb_common::BACKEND_DRAINING,
-        )
-        .map(|b| (id, b, state))
-    });
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // A SYN opens a new connection: whatever an earlier one on the same 5-tuple chose (a
+    // backend since drained, a ring since changed) is not its business, so it skips the
+    // lookup and its choice replaces the old entry.
+    let opens = p.proto == IPPROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let known = if opens {
+        None
+    } else {
+        CONNTRACK.get_ptr_mut(&key).and_then(|state| {
+            // SAFETY: LRU values stay valid for the duration of the program run (RCU).
+            let (id, current) = unsafe {
+                (
+                    (*state).backend_id,
+                    (*state).is_current(now, vip.idle_timeout_s),
+                )
+            };
+            // An entry idle past its timeout, or closed a while ago, is a miss: the flow it
+            // recorded is over, and this packet starts over with the live ring.
+            if !current {
+                return None;
+            }
+            // Established flows follow their backend while it is active or draining.
+            usable_backend(
+                id,
+                vip.vip_id,
+                p.ipv6,
+                lb_common::BACKEND_ACTIVE | lb_common::BACKEND_DRAINING,
+            )
+            .map(|b| (id, b, state))
+        })
+    };
+    let closing = close_bits(p, CLOSE_FIN_FROM_CLIENT);
     let (backend_id, backend, state, new_flow) = match known {
         Some((id, b, state)) => {
             count(Counter::ConntrackHit);
@@ -145,6 +197,9 @@ fn to_backend<H: Hook>(ctx: &H, p: &Parsed, vip: &VipInfo, t: &mut Translation) 
                 if now.wrapping_sub((*state).last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
                     (*state).last_seen_ns = now;
                     (*state).next_hop.ifindex = 0;
+                }
+                if closing != 0 {
+                    note_closing(state, closing, || now);
                 }
             }
             (id, b, Some(state), false)
@@ -160,7 +215,8 @@ fn to_backend<H: Hook>(ctx: &H, p: &Parsed, vip: &VipInfo, t: &mut Translation) 
             let state = FlowState {
                 backend_id: id,
                 next_hop: NextHop::default(),
-                _pad: 0,
+                closing,
+                _pad: [0; 3],
                 last_seen_ns: now,
                 reply_next_hop: reply_hop,
             };
@@ -253,6 +309,7 @@ fn to_client(p: &Parsed, t: &mut Translation) -> *mut NextHop {
     let Some(e) = (unsafe { ENDPOINTS.get(&endpoint) }) else {
         return core::ptr::null_mut();
     };
+    let closing = close_bits(p, CLOSE_FIN_FROM_BACKEND);
     if e.vips != 1
         && let Some(reverse) = REVERSE_NAT.get_ptr_mut(&flow_key(p))
     {
@@ -262,6 +319,10 @@ fn to_client(p: &Parsed, t: &mut Translation) -> *mut NextHop {
             t.endpoint = Endpoint::Source;
             t.addr = (*reverse).vip_addr;
             t.port_be = (*reverse).vip_port_be;
+            if closing != 0 {
+                // Only FINs and RSTs pay for finding the flow's own entry on this path.
+                note_reply_closing(p, &t.addr, t.port_be, closing);
+            }
             return &raw mut (*reverse).next_hop;
         }
     }
@@ -289,7 +350,32 @@ fn to_client(p: &Parsed, t: &mut Translation) -> *mut NextHop {
     t.addr = e.vip_addr;
     t.port_be = e.vip_port_be;
     // SAFETY: as above.
-    unsafe { &raw mut (*state).reply_next_hop }
+    unsafe {
+        if closing != 0 {
+            // SAFETY: a helper without arguments.
+            note_closing(state, closing, || bpf_ktime_get_coarse_ns());
+        }
+        &raw mut (*state).reply_next_hop
+    }
+}
+
+/// A backend's FIN or RST on a flow whose reply came through a reverse-NAT entry: recorded
+/// in the flow's own entry (client → VIP), which decides its lifetime.
+#[inline(always)]
+fn note_reply_closing(p: &Parsed, vip_addr: &[u8; 16], vip_port_be: u16, bits: u8) {
+    let key = FlowKey {
+        src: p.dst,
+        dst: *vip_addr,
+        sport_be: p.dport_be,
+        dport_be: vip_port_be,
+        proto: p.proto,
+        _pad: [0; 3],
+    };
+    if let Some(state) = CONNTRACK.get_ptr_mut(&key) {
+        // SAFETY: LRU values stay valid for the duration of the program run (RCU); the
+        // helper takes no arguments.
+        unsafe { note_closing(state, bits, || bpf_ktime_get_coarse_ns()) };
+    }
 }
 
 /// How a packet is to be rewritten (8-aligned, address first: see `lb_common::abi`).

@@ -254,12 +254,16 @@ impl Agent {
     fn apply(&mut self, request: Request) -> Result<Reply> {
         let b = &mut self.balancer;
         Ok(match request {
-            Request::VipAdd { vip, health } => {
+            Request::VipAdd {
+                vip,
+                health,
+                idle_timeout_s,
+            } => {
                 if let Some(spec) = &health {
                     spec.validate_for(&vip).context("invalid health check")?;
                 }
                 check_new_vip(b, &vip)?;
-                b.add_vip(vip)?;
+                b.add_vip_with_timeout(vip, idle_timeout_s)?;
                 b.set_vip_health(&vip, health)?;
                 Reply::Done
             }
@@ -409,7 +413,14 @@ impl Agent {
         for change in &changes {
             match change {
                 Change::RemoveVip(vip) => b.remove_vip(vip)?,
-                Change::AddVip(vip) => b.add_vip(*vip)?,
+                Change::AddVip(vip) => {
+                    let timeout = wanted
+                        .vips
+                        .iter()
+                        .find(|v| v.vip == *vip)
+                        .and_then(|v| v.idle_timeout_s);
+                    b.add_vip_with_timeout(*vip, timeout)?;
+                }
                 Change::AddBackend { vip, backend } => {
                     b.add_backend(vip, backend.addr, backend.weight)?;
                     if backend.state != BackendState::Active {
@@ -432,6 +443,12 @@ impl Agent {
             if current != vip.health {
                 b.set_vip_health(&vip.vip, vip.health.clone())?;
                 lines.push(format!("~ health checks of {}", vip.vip));
+            }
+            if b.set_vip_idle_timeout(&vip.vip, vip.idle_timeout_s)? {
+                let secs = vip
+                    .idle_timeout_s
+                    .unwrap_or_else(|| vip.vip.proto.default_idle_timeout_s());
+                lines.push(format!("~ idle timeout of {} {secs} s", vip.vip));
             }
         }
         info!(path = %path.display(), changes = lines.len(), "reloaded");

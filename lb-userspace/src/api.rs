@@ -26,6 +26,10 @@ pub enum Request {
         /// Health checks for the VIP's backends (none: all count as healthy).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         health: Option<HealthSpec>,
+        /// Seconds a flow may idle before its next packet is balanced afresh (none: the
+        /// protocol's default).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        idle_timeout_s: Option<u32>,
     },
     VipDel {
         vip: VipSpec,

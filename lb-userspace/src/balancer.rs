@@ -10,8 +10,9 @@ use std::{
 };
 
 use lb_common::{
-    BACKEND_ACTIVE, BACKEND_DRAINING, Backend, EndpointVip, FlowKey, IPPROTO_TCP, IPPROTO_UDP,
-    MAX_BACKENDS, PORT_IS_BACKEND, PORT_IS_VIP, TrafficCounters, VipInfo, VipKey,
+    BACKEND_ACTIVE, BACKEND_DRAINING, Backend, CLOSING_TIMEOUT_S, DEFAULT_TCP_IDLE_TIMEOUT_S,
+    DEFAULT_UDP_IDLE_TIMEOUT_S, EndpointVip, FlowKey, IPPROTO_TCP, IPPROTO_UDP, MAX_BACKENDS,
+    MAX_IDLE_TIMEOUT_S, PORT_IS_BACKEND, PORT_IS_VIP, TrafficCounters, VipInfo, VipKey,
     addr::to_bytes,
     hash::flow_hash,
     maglev::{MaglevBackend, MaglevError, build_ring},
@@ -40,6 +41,48 @@ impl Protocol {
             Self::Udp => IPPROTO_UDP,
         }
     }
+
+    /// How long a flow of this protocol may idle unless its VIP says otherwise, in seconds.
+    #[must_use]
+    pub const fn default_idle_timeout_s(self) -> u32 {
+        match self {
+            Self::Tcp => DEFAULT_TCP_IDLE_TIMEOUT_S,
+            Self::Udp => DEFAULT_UDP_IDLE_TIMEOUT_S,
+        }
+    }
+
+    /// The shortest idle timeout accepted: a TCP connection's entry must not idle out
+    /// before a closing one would.
+    #[must_use]
+    pub const fn min_idle_timeout_s(self) -> u32 {
+        match self {
+            Self::Tcp => CLOSING_TIMEOUT_S,
+            Self::Udp => 1,
+        }
+    }
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error(
+    "a {proto} idle timeout must be between {min} and {max} seconds, got {given}",
+    min = proto.min_idle_timeout_s(),
+    max = MAX_IDLE_TIMEOUT_S
+)]
+pub struct IdleTimeoutError {
+    pub proto: Protocol,
+    pub given: u64,
+}
+
+/// Checks an idle timeout (seconds) for a VIP of protocol `proto`.
+///
+/// # Errors
+/// Shorter than the protocol allows (a TCP timeout under the closing timeout), or longer
+/// than a week.
+pub fn validate_idle_timeout(proto: Protocol, given: u64) -> Result<u32, IdleTimeoutError> {
+    u32::try_from(given)
+        .ok()
+        .filter(|s| (proto.min_idle_timeout_s()..=MAX_IDLE_TIMEOUT_S).contains(s))
+        .ok_or(IdleTimeoutError { proto, given })
 }
 
 impl fmt::Display for Protocol {
@@ -132,6 +175,12 @@ pub enum BalancerError {
     VipSlotsExhausted(u32),
     #[error("all {0} backend slots are in use")]
     BackendSlotsExhausted(u32),
+    #[error("VIP {vip}: {source}")]
+    IdleTimeout {
+        vip: VipSpec,
+        #[source]
+        source: IdleTimeoutError,
+    },
     #[error(transparent)]
     Maglev(#[from] MaglevError),
     #[error(transparent)]
@@ -207,6 +256,22 @@ struct BackendEntry {
     healthy: bool,
 }
 
+impl VipEntry {
+    /// The timeout the data plane applies to the VIP's flows.
+    fn idle_timeout_s(&self, proto: Protocol) -> u32 {
+        self.idle_timeout_s
+            .unwrap_or_else(|| proto.default_idle_timeout_s())
+    }
+}
+
+/// `CLOCK_MONOTONIC_COARSE` in nanoseconds: the clock of `FlowState::last_seen_ns`
+/// (`bpf_ktime_get_coarse_ns`).
+fn monotonic_coarse_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(u64::MAX)
+}
+
 impl BackendEntry {
     /// What the data plane is told about the backend.
     const fn flags(&self) -> u8 {
@@ -227,6 +292,8 @@ impl BackendEntry {
 struct VipEntry {
     id: u32,
     health: Option<HealthSpec>,
+    /// Seconds; `None`: the protocol's default.
+    idle_timeout_s: Option<u32>,
     /// Which half of the VIP's double buffer is live.
     live_half: usize,
     /// What each half holds, so a rebuild only writes the slots that change.
@@ -262,6 +329,10 @@ pub struct VipConfig {
     /// Health checks for the VIP's backends; none: every backend counts as healthy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthSpec>,
+    /// How long its flows may idle before a packet gets a fresh choice, in seconds; none: the
+    /// protocol's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_s: Option<u32>,
 }
 
 /// The whole desired state, as persisted.
@@ -286,20 +357,20 @@ pub struct BackendStatus {
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
-    /// Flows in the connection table that saw a packet within the idle timeout (only
-    /// counted by `backend list`: it walks the whole table).
+    /// Flows in the connection table that are live: not closing, and within their VIP's
+    /// idle timeout (only counted by `backend list`: it walks the whole table).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub live_flows: Option<u64>,
 }
-
-/// How long a flow may go without a packet and still count as live for `live_flows`.
-pub const FLOW_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VipStatus {
     pub vip: VipSpec,
     pub id: u32,
     pub ring_size: u32,
+    /// How long its flows may idle, in seconds (the configured value or the default).
+    #[serde(default)]
+    pub idle_timeout_s: u32,
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
@@ -315,7 +386,8 @@ pub struct Explanation {
     pub ring_slot: u32,
     /// The backend a new flow with this 5-tuple gets from the live ring.
     pub new_flow_backend: Option<SocketAddr>,
-    /// The backend the connection table holds for this 5-tuple, if any.
+    /// The backend the connection table holds for this 5-tuple, if its entry still holds
+    /// (not idle past the VIP's timeout, not closed too long ago).
     pub tracked_backend: Option<SocketAddr>,
 }
 
@@ -445,12 +517,27 @@ impl Balancer {
         self.datapath.config().ring_size
     }
 
+    /// Adds a VIP whose flows idle out after the protocol's default timeout.
+    ///
     /// # Errors
     /// The VIP exists already, or no slot is free.
     pub fn add_vip(&mut self, vip: VipSpec) -> Result<()> {
+        self.add_vip_with_timeout(vip, None)
+    }
+
+    /// Adds a VIP whose flows idle out after `idle_timeout_s` seconds (`None`: the default).
+    ///
+    /// # Errors
+    /// The VIP exists already, an idle timeout out of range, or no slot is free.
+    pub fn add_vip_with_timeout(
+        &mut self,
+        vip: VipSpec,
+        idle_timeout_s: Option<u32>,
+    ) -> Result<()> {
         if self.vips.contains_key(&vip) {
             return Err(BalancerError::DuplicateVip(vip));
         }
+        Self::validate_vip_timeout(&vip, idle_timeout_s)?;
         let max = self.datapath.config().max_vips;
         let id = self
             .vip_ids
@@ -459,6 +546,7 @@ impl Balancer {
         let entry = VipEntry {
             id,
             health: None,
+            idle_timeout_s,
             live_half: 0,
             halves: [Vec::new(), Vec::new()],
             backends: BTreeMap::new(),
@@ -476,6 +564,44 @@ impl Balancer {
         Ok(())
     }
 
+    fn validate_vip_timeout(vip: &VipSpec, idle_timeout_s: Option<u32>) -> Result<()> {
+        if let Some(secs) = idle_timeout_s {
+            validate_idle_timeout(vip.proto, u64::from(secs))
+                .map_err(|source| BalancerError::IdleTimeout { vip: *vip, source })?;
+        }
+        Ok(())
+    }
+
+    /// Sets (`None`: back to the default) how long the VIP's flows may idle. Returns whether
+    /// it changed. The new value reaches the data plane in one `VipInfo` update, the way a
+    /// ring switch does; flows are judged by it from their next packet on.
+    ///
+    /// # Errors
+    /// Unknown VIP, a timeout out of range, or the map update failing.
+    pub fn set_vip_idle_timeout(
+        &mut self,
+        vip: &VipSpec,
+        idle_timeout_s: Option<u32>,
+    ) -> Result<bool> {
+        Self::validate_vip_timeout(vip, idle_timeout_s)?;
+        let entry = self
+            .vips
+            .get_mut(vip)
+            .ok_or(BalancerError::UnknownVip(*vip))?;
+        if entry.idle_timeout_s == idle_timeout_s {
+            return Ok(false);
+        }
+        let before = std::mem::replace(&mut entry.idle_timeout_s, idle_timeout_s);
+        let entry = self.vips.remove(vip).expect("checked above");
+        let written = self.write_vip_info(vip, &entry);
+        self.vips.insert(*vip, entry);
+        if let Err(e) = written {
+            self.vips.get_mut(vip).expect("put back").idle_timeout_s = before;
+            return Err(e.into());
+        }
+        Ok(true)
+    }
+
     fn write_vip_info(&mut self, vip: &VipSpec, entry: &VipEntry) -> Result<(), DatapathError> {
         let ring_size = self.ring_size();
         let live = &entry.halves[entry.live_half];
@@ -483,7 +609,7 @@ impl Balancer {
             vip_id: entry.id,
             ring_base: ring_base(entry.id, entry.live_half, ring_size),
             ring_size: if live.is_empty() { 0 } else { ring_size },
-            flags: 0,
+            idle_timeout_s: entry.idle_timeout_s(vip.proto),
         };
         self.datapath
             .vips()?
@@ -795,24 +921,32 @@ impl Balancer {
         self.vips.keys().copied().collect()
     }
 
-    /// Live flows per backend id: connection-table entries that saw a packet within
-    /// `idle`. An LRU keeps finished flows until it needs the room, so age is what tells a
+    /// Live flows per backend id: connection-table entries that are neither closing nor
+    /// idle past their VIP's timeout (`FlowState::is_live`, the data plane's own rule). An
+    /// LRU keeps finished flows until it needs the room, so that rule is what tells a
     /// draining backend's remaining flows from ones that ended.
     ///
     /// # Errors
     /// A failing map read.
-    pub fn live_flows(&self, idle: std::time::Duration) -> Result<BTreeMap<u32, u64>> {
-        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
-            .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-            .unwrap_or(u64::MAX);
-        let idle = idle.as_nanos() as u64;
+    pub fn live_flows(&self) -> Result<BTreeMap<u32, u64>> {
+        let now = monotonic_coarse_ns();
+        let timeouts: BTreeMap<u32, u32> = self
+            .vips
+            .iter()
+            .flat_map(|(vip, e)| {
+                let timeout = e.idle_timeout_s(vip.proto);
+                e.backends.values().map(move |b| (b.id, timeout))
+            })
+            .collect();
         let mut counts = BTreeMap::new();
         for item in self.datapath.conntrack()?.iter() {
             let Ok((_, state)) = item else {
                 // An entry evicted while we walk: the walk goes on from the next one.
                 continue;
             };
-            if now.saturating_sub(state.last_seen_ns) <= idle {
+            if let Some(timeout) = timeouts.get(&state.backend_id)
+                && state.is_live(now, *timeout)
+            {
                 *counts.entry(state.backend_id).or_default() += 1;
             }
         }
@@ -825,7 +959,7 @@ impl Balancer {
     /// Unknown VIP or a failing map read.
     pub fn vip_status_with_flows(&self, vip: &VipSpec) -> Result<VipStatus> {
         let mut status = self.vip_status(vip)?;
-        let flows = self.live_flows(FLOW_IDLE_TIMEOUT)?;
+        let flows = self.live_flows()?;
         for b in &mut status.backends {
             b.live_flows = Some(flows.get(&b.id).copied().unwrap_or(0));
         }
@@ -874,6 +1008,7 @@ impl Balancer {
             vip: *vip,
             id: entry.id,
             ring_size: if live.is_empty() { 0 } else { self.ring_size() },
+            idle_timeout_s: entry.idle_timeout_s(vip.proto),
             packets: traffic.packets,
             bytes: traffic.bytes,
             new_flows: traffic.new_flows,
@@ -911,8 +1046,14 @@ impl Balancer {
                 .map(|(addr, _)| *addr)
         };
         let new_flow_backend = ring.get(slot as usize).and_then(|id| by_id(*id));
+        // An entry the data plane would no longer honour (idle or closed too long) is no
+        // tracked flow: the next packet gets `new_flow_backend`.
+        let timeout = entry.idle_timeout_s(vip.proto);
         let tracked_backend = match self.datapath.conntrack()?.get(&key, 0) {
-            Ok(state) => by_id(state.backend_id),
+            Ok(state) if state.is_current(monotonic_coarse_ns(), timeout) => {
+                by_id(state.backend_id)
+            }
+            Ok(_) => None,
             Err(aya::maps::MapError::KeyNotFound) => None,
             Err(source) => {
                 return Err(DatapathError::Map {
@@ -943,6 +1084,7 @@ impl Balancer {
                     vip: *vip,
                     id: Some(entry.id),
                     health: entry.health.clone(),
+                    idle_timeout_s: entry.idle_timeout_s,
                     backends: entry
                         .backends
                         .iter()
@@ -1080,6 +1222,7 @@ impl Balancer {
             if !seen.insert(v.vip) {
                 return Err(BalancerError::DuplicateVip(v.vip));
             }
+            Self::validate_vip_timeout(&v.vip, v.idle_timeout_s)?;
             let mut backends = BTreeMap::new();
             for b in &v.backends {
                 Self::validate_backend(&v.vip, b.addr, b.weight, &backends)?;
@@ -1168,6 +1311,7 @@ impl Balancer {
             let mut entry = VipEntry {
                 id: vip_ids[&v.vip],
                 health: v.health.clone(),
+                idle_timeout_s: v.idle_timeout_s,
                 live_half: 0,
                 halves: [Vec::new(), Vec::new()],
                 backends: BTreeMap::new(),
@@ -1250,7 +1394,7 @@ impl Balancer {
                     vip_id: entry.id,
                     ring_base: base,
                     ring_size: if ring.is_empty() { 0 } else { ring_size },
-                    flags: 0,
+                    idle_timeout_s: entry.idle_timeout_s(vip.proto),
                 },
             );
             if !ring.is_empty() {
@@ -1401,6 +1545,35 @@ mod tests {
     }
 
     #[test]
+    fn idle_timeouts_are_checked_per_protocol() {
+        assert_eq!(validate_idle_timeout(Protocol::Udp, 1), Ok(1));
+        assert_eq!(validate_idle_timeout(Protocol::Tcp, 10), Ok(10));
+        assert_eq!(
+            validate_idle_timeout(Protocol::Tcp, u64::from(MAX_IDLE_TIMEOUT_S)),
+            Ok(MAX_IDLE_TIMEOUT_S)
+        );
+        for (proto, given) in [
+            (Protocol::Udp, 0),
+            (Protocol::Tcp, 9),
+            (Protocol::Tcp, u64::from(MAX_IDLE_TIMEOUT_S) + 1),
+            (Protocol::Udp, u64::MAX),
+        ] {
+            assert_eq!(
+                validate_idle_timeout(proto, given),
+                Err(IdleTimeoutError { proto, given })
+            );
+        }
+        assert_eq!(
+            IdleTimeoutError {
+                proto: Protocol::Tcp,
+                given: 5
+            }
+            .to_string(),
+            "a tcp idle timeout must be between 10 and 604800 seconds, got 5"
+        );
+    }
+
+    #[test]
     fn id_pool_takes_recorded_ids() {
         let mut pool = IdPool::new(8);
         assert_eq!(pool.take_exact(3), Some(3));
@@ -1439,6 +1612,7 @@ mod tests {
                 }],
                 id: None,
                 health: None,
+                idle_timeout_s: Some(30),
             }],
         };
         let json = serde_json::to_string(&state).unwrap();

@@ -10,6 +10,7 @@
 //!
 //! [[vip]]
 //! address = "192.0.2.10:80/tcp"
+//! tcp_timeout = 600            # seconds a connection may idle (udp_timeout for UDP VIPs)
 //! [vip.health]
 //! probe = "http"
 //! path = "/healthz"
@@ -38,6 +39,7 @@ use crate::{
     attach::ModeChoice,
     balancer::{
         BackendConfig, BackendState, DesiredState, MAX_WEIGHT, Protocol, VipConfig, VipSpec,
+        validate_idle_timeout as validate_idle_timeout_secs,
     },
     health::{HealthSpec, HealthSpecError, Probe, decode_hex},
     validate,
@@ -105,6 +107,8 @@ pub struct VipDecl {
     pub vip: VipSpec,
     /// `None`: no health checks, every backend counts as healthy.
     pub health: Option<HealthSpec>,
+    /// `tcp_timeout` / `udp_timeout`, seconds; `None`: the protocol's default.
+    pub idle_timeout_s: Option<u32>,
     /// In the file's order.
     pub backends: Vec<BackendConfig>,
 }
@@ -133,6 +137,7 @@ impl Config {
                     backends,
                     id: None,
                     health: v.health.clone(),
+                    idle_timeout_s: v.idle_timeout_s,
                 }
             })
             .collect();
@@ -176,6 +181,8 @@ struct RawAgent {
 #[serde(deny_unknown_fields)]
 struct RawVip {
     address: Spanned<String>,
+    tcp_timeout: Option<Spanned<i64>>,
+    udp_timeout: Option<Spanned<i64>>,
     health: Option<Spanned<RawHealth>>,
     #[serde(default)]
     backend: Vec<RawBackend>,
@@ -293,6 +300,7 @@ fn validate(raw: RawConfig, text: &str) -> Result<Config, Problem> {
                 ),
             ));
         }
+        let idle_timeout_s = validate_idle_timeout(&vip, v.tcp_timeout, v.udp_timeout)?;
         let health = v.health.map(|h| validate_health(h, &vip)).transpose()?;
         let mut backends: Vec<BackendConfig> = Vec::with_capacity(v.backend.len());
         let mut backend_spans: HashMap<SocketAddr, Range<usize>> = HashMap::new();
@@ -303,6 +311,7 @@ fn validate(raw: RawConfig, text: &str) -> Result<Config, Problem> {
         vips.push(VipDecl {
             vip,
             health,
+            idle_timeout_s,
             backends,
         });
         spans.push(backend_spans);
@@ -434,6 +443,46 @@ fn validate_backend(
         state: b.state.map_or(BackendState::Active, Spanned::into_inner),
         id: None,
     })
+}
+
+/// `tcp_timeout` on a TCP VIP or `udp_timeout` on a UDP VIP, in range; the other key is a
+/// mistake (a VIP has one protocol), not something to ignore.
+fn validate_idle_timeout(
+    vip: &VipSpec,
+    tcp: Option<Spanned<i64>>,
+    udp: Option<Spanned<i64>>,
+) -> Result<Option<u32>, Problem> {
+    let (given, wrong, key, wrong_key) = match vip.proto {
+        Protocol::Tcp => (tcp, udp, "tcp_timeout", "udp_timeout"),
+        Protocol::Udp => (udp, tcp, "udp_timeout", "tcp_timeout"),
+    };
+    if let Some(w) = wrong {
+        return Err(problem(
+            w.span(),
+            format!(
+                "{wrong_key} does not apply to {vip}, a {} VIP (use {key})",
+                vip.proto
+            ),
+        ));
+    }
+    given
+        .map(|t| {
+            u64::try_from(*t.get_ref())
+                .ok()
+                .and_then(|secs| validate_idle_timeout_secs(vip.proto, secs).ok())
+                .ok_or_else(|| {
+                    problem(
+                        t.span(),
+                        format!(
+                            "{key} must be between {} and {} seconds, got {}",
+                            vip.proto.min_idle_timeout_s(),
+                            lb_common::MAX_IDLE_TIMEOUT_S,
+                            t.get_ref()
+                        ),
+                    )
+                })
+        })
+        .transpose()
 }
 
 fn validate_health(h: Spanned<RawHealth>, vip: &VipSpec) -> Result<HealthSpec, Problem> {
@@ -791,6 +840,44 @@ mod tests {
             )]
         );
         assert_eq!(config.vips[1].health, None);
+        assert_eq!(
+            (config.vips[0].idle_timeout_s, config.vips[1].idle_timeout_s),
+            (Some(900), Some(30))
+        );
+        let state = config.desired_state();
+        assert_eq!(state.vips[0].idle_timeout_s, Some(900));
+    }
+
+    #[test]
+    fn idle_timeouts_match_the_vips_protocol_and_range() {
+        let config = parse("[[vip]]\naddress = \"192.0.2.1:80\"\n").unwrap();
+        assert_eq!(config.vips[0].idle_timeout_s, None, "default");
+        let config = parse("[[vip]]\naddress = \"192.0.2.1:53/udp\"\nudp_timeout = 1\n").unwrap();
+        assert_eq!(config.vips[0].idle_timeout_s, Some(1));
+        for (text, column, message) in [
+            (
+                "[[vip]]\naddress = \"192.0.2.1:53/udp\"\ntcp_timeout = 30\n",
+                15,
+                "tcp_timeout does not apply to 192.0.2.1:53/udp, a udp VIP (use udp_timeout)",
+            ),
+            (
+                "[[vip]]\naddress = \"192.0.2.1:80\"\nudp_timeout = 30\n",
+                15,
+                "udp_timeout does not apply to 192.0.2.1:80/tcp, a tcp VIP (use tcp_timeout)",
+            ),
+            (
+                "[[vip]]\naddress = \"192.0.2.1:80\"\ntcp_timeout = 5\n",
+                15,
+                "tcp_timeout must be between 10 and 604800 seconds, got 5",
+            ),
+            (
+                "[[vip]]\naddress = \"192.0.2.1:53/udp\"\nudp_timeout = -1\n",
+                15,
+                "udp_timeout must be between 1 and 604800 seconds, got -1",
+            ),
+        ] {
+            assert_eq!(err(text), (3, column, message.to_owned()), "{text}");
+        }
     }
 
     #[test]
@@ -1148,6 +1235,7 @@ mod tests {
                         backends: vec![],
                         id: None,
                         health: None,
+                        idle_timeout_s: None,
                     },
                     VipConfig {
                         vip: vip("192.0.2.20:80/tcp"),
@@ -1157,6 +1245,7 @@ mod tests {
                         ],
                         id: None,
                         health: None,
+                        idle_timeout_s: None,
                     },
                 ],
             }
@@ -1177,6 +1266,7 @@ mod tests {
                     backends,
                     id: None,
                     health: None,
+                    idle_timeout_s: None,
                 })
                 .collect(),
         };

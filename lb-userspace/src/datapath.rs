@@ -509,6 +509,12 @@ impl Datapath {
         HashMap::try_from(self.map_ref(name)?).map_err(map_err(name))
     }
 
+    /// The connection table, writable: for tests that age or plant entries.
+    pub fn conntrack_mut(&mut self) -> Result<HashMap<&mut MapData, FlowKey, FlowState>> {
+        let name = map_names::CONNTRACK;
+        HashMap::try_from(self.map_data(name)?).map_err(map_err(name))
+    }
+
     pub fn reverse_nat(&self) -> Result<HashMap<&MapData, FlowKey, ReverseNat>> {
         let name = map_names::REVERSE_NAT;
         HashMap::try_from(self.map_ref(name)?).map_err(map_err(name))

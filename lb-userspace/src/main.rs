@@ -9,7 +9,7 @@ use lb_userspace::{
     agent::{self, AgentOptions},
     api::{self, Reply, Request},
     attach::ModeChoice,
-    balancer::{BackendState, VipSpec, VipStatus},
+    balancer::{BackendState, Protocol, VipSpec, VipStatus, validate_idle_timeout},
     datapath::DatapathConfig,
     health::{HealthSpec, Probe, decode_hex},
     paths,
@@ -292,14 +292,46 @@ impl HealthArgs {
     }
 }
 
+/// Idle timeouts of `xlb vip add`: one per protocol, so the flag says which kind of flow it
+/// is about; only the VIP's own applies.
+#[derive(clap::Args)]
+struct TimeoutArgs {
+    /// A TCP VIP's connections idle this many seconds are forgotten: their next packet is
+    /// balanced afresh (10-604800) [default: 300]. Closed connections go 10 s after their
+    /// last packet; a SYN always gets a fresh choice.
+    #[arg(long, value_name = "SECS", conflicts_with = "udp_timeout")]
+    tcp_timeout: Option<u64>,
+    /// A UDP VIP's flows idle this many seconds are forgotten: their next datagram is
+    /// balanced afresh (1-604800) [default: 60].
+    #[arg(long, value_name = "SECS")]
+    udp_timeout: Option<u64>,
+}
+
+impl TimeoutArgs {
+    fn idle_timeout_s(&self, vip: &VipSpec) -> Result<Option<u32>> {
+        let (given, flag, other) = match vip.proto {
+            Protocol::Tcp => (self.tcp_timeout, "--tcp-timeout", self.udp_timeout),
+            Protocol::Udp => (self.udp_timeout, "--udp-timeout", self.tcp_timeout),
+        };
+        if other.is_some() {
+            bail!("{vip} is a {} VIP: give it {flag}", vip.proto);
+        }
+        given
+            .map(|secs| validate_idle_timeout(vip.proto, secs).map_err(|e| anyhow!("{flag}: {e}")))
+            .transpose()
+    }
+}
+
 #[derive(Subcommand)]
 enum VipCommand {
     /// Add a VIP: ADDR:PORT[/tcp|/udp] (IPv6 as [2001:db8::1]:443/tcp).
     #[command(
-        after_help = "Examples:\n  xlb vip add 192.0.2.10:80/tcp\n  xlb vip add [2001:db8::10]:53/udp\n  xlb vip add 192.0.2.10:80/tcp --health http --health-path /healthz --health-fall 2\n  xlb vip add 192.0.2.53:53/udp --health udp\n  xlb vip add 192.0.2.53:5000/udp --health udp --health-payload ping"
+        after_help = "Examples:\n  xlb vip add 192.0.2.10:80/tcp\n  xlb vip add [2001:db8::10]:53/udp\n  xlb vip add 192.0.2.10:22/tcp --tcp-timeout 3600\n  xlb vip add 192.0.2.53:53/udp --udp-timeout 10\n  xlb vip add 192.0.2.10:80/tcp --health http --health-path /healthz --health-fall 2\n  xlb vip add 192.0.2.53:53/udp --health udp\n  xlb vip add 192.0.2.53:5000/udp --health udp --health-payload ping"
     )]
     Add {
         vip: VipSpec,
+        #[command(flatten)]
+        timeouts: TimeoutArgs,
         #[command(flatten)]
         health: HealthArgs,
     },
@@ -377,17 +409,18 @@ fn print_vips(vips: &[VipStatus]) {
         return;
     }
     println!(
-        "{:<32} {:>8} {:>12} {:>14} {:>10}",
-        "VIP", "BACKENDS", "PACKETS", "BYTES", "NEW FLOWS"
+        "{:<32} {:>8} {:>12} {:>14} {:>10} {:>12}",
+        "VIP", "BACKENDS", "PACKETS", "BYTES", "NEW FLOWS", "IDLE TIMEOUT"
     );
     for v in vips {
         println!(
-            "{:<32} {:>8} {:>12} {:>14} {:>10}",
+            "{:<32} {:>8} {:>12} {:>14} {:>10} {:>12}",
             v.vip.to_string(),
             v.backends.len(),
             v.packets,
             v.bytes,
-            v.new_flows
+            v.new_flows,
+            format!("{} s", v.idle_timeout_s)
         );
     }
 }
@@ -600,7 +633,12 @@ fn client(socket: &std::path::Path, command: Command) -> Result<()> {
         Command::Run { .. } | Command::Bench(_) | Command::Detach { .. } | Command::Config(_) => {
             unreachable!("handled in main")
         }
-        Command::Vip(VipCommand::Add { vip, health }) => {
+        Command::Vip(VipCommand::Add {
+            vip,
+            timeouts,
+            health,
+        }) => {
+            let idle_timeout_s = timeouts.idle_timeout_s(&vip)?;
             let health = health.spec()?;
             if let Some(spec) = &health {
                 spec.validate_for(&vip).context("invalid health check")?;
@@ -608,6 +646,7 @@ fn client(socket: &std::path::Path, command: Command) -> Result<()> {
             call(&Request::VipAdd {
                 vip,
                 health: health.clone(),
+                idle_timeout_s,
             })?;
             match health {
                 Some(spec) => println!("added VIP {vip} (health checks: {})", spec.probe),

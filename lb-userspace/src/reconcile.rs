@@ -129,7 +129,8 @@ fn same_identity(a: &Backend, b: &Backend) -> bool {
 ///    before a flow can go to it);
 /// 4. backend entries, except those leaving the ring, before any ring that names them;
 /// 5. per VIP whose ring or info changes: the ring into the half no packet reads (see
-///    [`choose_half`]), then its `VipInfo`, which switches to it in one update;
+///    [`choose_half`]), then its `VipInfo`, which switches to it in one update; a VIP whose
+///    ring stays (only its idle timeout changed) gets its `VipInfo` alone;
 /// 6. VIPs the desired state does not have are removed;
 /// 7. backends leaving the ring get their new flags, now that no live ring names them;
 /// 8. backend entries nothing wants any more are cleared, now that nothing points at them;
@@ -217,12 +218,11 @@ pub fn plan(current: &MapContents, desired: &MapContents) -> Vec<MapWrite> {
 
     for (key, info) in &desired.vips {
         let ring = desired.rings.get(&info.ring_base);
-        let unchanged = current.vips.get(key) == Some(info)
-            && (info.ring_size == 0 || current.rings.get(&info.ring_base) == ring);
-        if unchanged {
+        let ring_in_place = info.ring_size == 0 || current.rings.get(&info.ring_base) == ring;
+        if ring_in_place && current.vips.get(key) == Some(info) {
             continue;
         }
-        if let Some(ring) = ring.filter(|_| info.ring_size > 0) {
+        if let Some(ring) = ring.filter(|_| !ring_in_place) {
             writes.push(MapWrite::RingSlots {
                 base: info.ring_base,
                 slots: ring
@@ -345,7 +345,7 @@ mod tests {
                 vip_id,
                 ring_base: base,
                 ring_size: if active.is_empty() { 0 } else { RING },
-                flags: 0,
+                idle_timeout_s: 300,
             },
         );
         if !active.is_empty() {
@@ -575,6 +575,43 @@ mod tests {
             MapWrite::Backend { id: 4, .. } | MapWrite::ResetBackendCounters(4)
         )));
         assert!(!writes.contains(&MapWrite::ResetVipCounters(2)));
+    }
+
+    #[test]
+    fn a_changed_idle_timeout_rewrites_the_vip_info_alone() {
+        let key = vip_key(1, 80);
+        let current = one_vip(
+            key,
+            2,
+            1,
+            &[(4, 1, BACKEND_ACTIVE), (5, 2, BACKEND_DRAINING)],
+        );
+        let live = current.rings.get(&ring_base(2, 1, RING)).unwrap();
+        assert_eq!(
+            choose_half(current.vips.get(&key), Some(live), 2, RING, live),
+            1,
+            "the ring stays where it is"
+        );
+        let mut desired = current.clone();
+        desired.vips.get_mut(&key).unwrap().idle_timeout_s = 30;
+        let writes = run(&current, &desired);
+        assert_eq!(
+            writes,
+            vec![MapWrite::Vip {
+                key,
+                info: desired.vips[&key]
+            }]
+        );
+        // Maps written before timeouts existed hold 0 there: adopting them writes it.
+        let mut old = current.clone();
+        old.vips.get_mut(&key).unwrap().idle_timeout_s = 0;
+        assert_eq!(
+            run(&old, &current),
+            vec![MapWrite::Vip {
+                key,
+                info: current.vips[&key]
+            }]
+        );
     }
 
     #[test]

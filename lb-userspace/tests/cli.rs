@@ -994,6 +994,32 @@ fn bad_input_matrix() {
             ],
             "at least 1000 ms",
         ),
+        // Idle timeouts: the VIP's own protocol's, in range.
+        (
+            "tcp timeout on a UDP VIP",
+            &["vip", "add", "10.100.0.1:53/udp", "--tcp-timeout", "30"],
+            "10.100.0.1:53/udp is a udp VIP: give it --udp-timeout",
+        ),
+        (
+            "udp timeout on a TCP VIP",
+            &["vip", "add", "10.100.0.1:81/tcp", "--udp-timeout", "30"],
+            "10.100.0.1:81/tcp is a tcp VIP: give it --tcp-timeout",
+        ),
+        (
+            "tcp timeout shorter than a closing connection's",
+            &["vip", "add", "10.100.0.1:81/tcp", "--tcp-timeout", "9"],
+            "--tcp-timeout: a tcp idle timeout must be between 10 and 604800 seconds, got 9",
+        ),
+        (
+            "udp timeout 0",
+            &["vip", "add", "10.100.0.1:53/udp", "--udp-timeout", "0"],
+            "between 1 and 604800 seconds, got 0",
+        ),
+        (
+            "udp timeout not a number",
+            &["vip", "add", "10.100.0.1:53/udp", "--udp-timeout", "1m"],
+            "--udp-timeout",
+        ),
         // VIPs that can never work, or that alias the live VIP.
         (
             "unspecified VIP",

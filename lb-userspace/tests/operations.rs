@@ -444,6 +444,15 @@ impl Conn {
     fn open_within(to: SocketAddr, limit: Duration) -> Result<Self, String> {
         let stream = TcpStream::connect_timeout(&to, limit)
             .map_err(|e| format!("connecting to {to}: {e}"))?;
+        Self::greeted(stream, limit)
+    }
+
+    /// A connected stream, once the backend's greeting is read (3 s per read).
+    fn from_stream(stream: TcpStream) -> Result<Self, String> {
+        Self::greeted(stream, Duration::from_secs(3))
+    }
+
+    fn greeted(stream: TcpStream, limit: Duration) -> Result<Self, String> {
         stream
             .set_read_timeout(Some(limit))
             .map_err(|e| e.to_string())?;
@@ -1099,6 +1108,153 @@ fn draining_keeps_established_connections() {
     drop(on_b0);
     let reached = connect_many(&topo, 20);
     assert!(reached.iter().all(|b| b != "b0"), "{reached:?}");
+}
+
+/// A line-protocol connection from client port `port` (bound with SO_REUSEADDR, as a client
+/// reusing its port does); call it in the client namespace.
+fn conn_from_port(port: u16, to: SocketAddr) -> Result<Conn, String> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .map_err(|e| e.to_string())?;
+    socket.set_reuse_address(true).map_err(|e| e.to_string())?;
+    socket
+        .bind(&v4(Ipv4Addr::UNSPECIFIED, port).into())
+        .map_err(|e| format!("binding port {port}: {e}"))?;
+    socket
+        .connect_timeout(&to.into(), Duration::from_secs(3))
+        .map_err(|e| format!("connecting from port {port} to {to}: {e}"))?;
+    Conn::from_stream(socket.into())
+}
+
+/// After a drain, a new connection from a client port that an earlier connection to the
+/// drained backend used gets an active backend (its SYN never reuses the old entry), and
+/// `live_flows` drops as soon as connections close; a UDP VIP with a short idle timeout
+/// moves an idle flow off a draining backend once the timeout has passed.
+#[test]
+fn flows_end_when_connections_close_or_idle_out() {
+    const UDP_VIP: &str = "10.100.0.1:53/udp";
+    let topo = topology(2);
+    let dir = TempDir::new(SUITE, "lifetime");
+    let mut servers = line_servers(&topo, 2);
+    let udp_servers: Vec<UdpServer> = (0..2)
+        .map(|i| UdpServer::start(&topo, i, 5353, true))
+        .collect();
+    let pins = Pins::new(topo.lb(), &dir);
+    let agent = Agent::start(&topo, &dir, &pins, &dir.join("state.json"), &[]);
+    add_vip(&agent, 2, &[]);
+    agent.ok(&["vip", "add", UDP_VIP, "--udp-timeout", "2"]);
+    for s in &udp_servers {
+        agent.ok(&["backend", "add", UDP_VIP, &s.addr.to_string()]);
+    }
+    let vips = agent.json(&["vip", "list", "--json"]);
+    let timeouts: BTreeMap<&str, u64> = vips
+        .as_array()
+        .expect("a VIP array")
+        .iter()
+        .map(|v| (v["vip"].as_str().expect("vip"), u64_of(v, "idle_timeout_s")))
+        .collect();
+    assert_eq!(
+        timeouts,
+        BTreeMap::from([(VIP, 300), (UDP_VIP, 2)]),
+        "{vips:#}"
+    );
+    let listing = agent.ok(&["vip", "list"]);
+    assert!(
+        listing.contains("IDLE TIMEOUT") && listing.contains("2 s"),
+        "{listing}"
+    );
+
+    // TCP: a connection to b0 from a port of our choosing; the ones that reached b1 while
+    // looking for it are closed at once.
+    let to = vip_addr();
+    let (port, mut on_b0) = topo
+        .client()
+        .run(move || {
+            for port in 46_000..46_200 {
+                let conn = conn_from_port(port, to).unwrap_or_else(|e| panic!("{e}"));
+                if conn.backend == "b0" {
+                    return (port, conn);
+                }
+            }
+            panic!("200 client ports never reached b0");
+        })
+        .expect("client namespace");
+    on_b0.must_echo();
+    let (b0, b1) = (backend_addr(0).to_string(), backend_addr(1).to_string());
+    let (_, took) = agent.wait_backends(
+        "closed connections are not live",
+        Duration::from_secs(3),
+        |l| u64_of(&l[&b0], "live_flows") == 1 && u64_of(&l[&b1], "live_flows") == 0,
+    );
+    eprintln!("closed connections stopped counting after {took:?}");
+
+    agent.ok(&["backend", "drain", VIP, &b0]);
+    on_b0.must_echo();
+    // b0 closes its side first (its server stops), so the client's port is free of
+    // TIME_WAIT; b0 listens again right after, so a connection wrongly sent there would be
+    // answered by b0 rather than refused.
+    servers[0].stop();
+    assert_eq!(on_b0.read_line(), Err("EOF".to_owned()), "b0 closed first");
+    drop(on_b0);
+    servers[0].restart(&topo, 0);
+    let (_, took) = agent.wait_backends(
+        "the closed connection is not live",
+        Duration::from_secs(3),
+        |l| u64_of(&l[&b0], "live_flows") == 0,
+    );
+    eprintln!("b0's last connection stopped counting {took:?} after it closed");
+    let mut again = topo
+        .client()
+        .run(move || conn_from_port(port, to))
+        .expect("client namespace")
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        again.backend, "b1",
+        "a new connection from port {port}, which b0's connection used, goes to an active backend"
+    );
+    again.must_echo();
+    assert_eq!(agent.tracked_backend(again.local), b1.as_str());
+
+    // UDP: one flow (one client socket) sticks to its backend while it is busy, also when
+    // that backend drains; idle for longer than the VIP's 2 s, it is balanced afresh.
+    let udp_vip = v4(Topology::VIP_V4, 53);
+    let client = topo
+        .client()
+        .run(move || {
+            let socket = UdpSocket::bind("0.0.0.0:0").expect("binding a client socket");
+            socket.connect(udp_vip).expect("connect");
+            socket
+                .set_read_timeout(Some(Duration::from_secs(3)))
+                .expect("read timeout");
+            socket
+        })
+        .expect("client namespace");
+    let ask = || {
+        client.send(b"ping").expect("send");
+        let mut buf = [0_u8; 64];
+        let len = client
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("no answer from {udp_vip}: {e}"));
+        String::from_utf8_lossy(&buf[..len]).into_owned()
+    };
+    let first = ask();
+    let other = if first == "b0" { "b1" } else { "b0" };
+    let first_addr = udp_servers
+        .iter()
+        .find(|s| s.name == first)
+        .expect("a UDP server")
+        .addr
+        .to_string();
+    agent.ok(&["backend", "drain", UDP_VIP, &first_addr]);
+    for _ in 0..4 {
+        thread::sleep(Duration::from_millis(400));
+        assert_eq!(ask(), first, "a busy flow stays on its draining backend");
+    }
+    thread::sleep(Duration::from_millis(3500));
+    assert_eq!(
+        ask(),
+        other,
+        "idle past the VIP's 2 s timeout: balanced afresh"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,10 +1,10 @@
 //! Runs golden cases through the real XDP program with `BPF_PROG_TEST_RUN` and checks the
 //! action, the output bytes and how the global counters moved.
 
-use std::{fmt::Write as _, net::SocketAddr};
+use std::{fmt::Write as _, net::SocketAddr, time::Duration};
 
 use aya::programs::{TestRun as _, TestRunOptions};
-use lb_common::{Counter, DEFAULT_HASH_SEED, program_names};
+use lb_common::{Counter, DEFAULT_HASH_SEED, FlowKey, FlowState, program_names};
 use lb_userspace::{
     balancer::{Balancer, VipSpec},
     datapath::{Datapath, DatapathConfig},
@@ -163,6 +163,65 @@ impl Lab {
             .add_vip(vip)
             .unwrap_or_else(|e| panic!("add VIP {vip}: {}", chain(&e)));
         vip
+    }
+
+    /// A VIP whose flows idle out after `idle_timeout_s` seconds.
+    ///
+    /// # Panics
+    /// A bad spec, or the balancer refusing it.
+    pub fn add_vip_with_timeout(&mut self, spec: &str, idle_timeout_s: u32) -> VipSpec {
+        let vip: VipSpec = spec.parse().unwrap_or_else(|e| panic!("VIP {spec}: {e}"));
+        self.balancer
+            .add_vip_with_timeout(vip, Some(idle_timeout_s))
+            .unwrap_or_else(|e| panic!("add VIP {vip}: {}", chain(&e)));
+        vip
+    }
+
+    /// The connection-table entry of the flow `client → vip`, if any.
+    ///
+    /// # Panics
+    /// The map read failing.
+    #[must_use]
+    pub fn flow_state(&self, client: SocketAddr, vip: &VipSpec) -> Option<FlowState> {
+        let key = FlowKey::new(client, vip.addr, vip.proto.number());
+        let table = self
+            .balancer
+            .datapath()
+            .conntrack()
+            .unwrap_or_else(|e| panic!("the connection table: {}", chain(&e)));
+        match table.get(&key, 0) {
+            Ok(state) => Some(state),
+            Err(aya::maps::MapError::KeyNotFound) => None,
+            Err(e) => panic!("reading the entry of {client} -> {vip}: {}", chain(&e)),
+        }
+    }
+
+    /// Makes the flow `client → vip` look as if its last packet was `idle` ago, the way time
+    /// would (the data plane reads `CLOCK_MONOTONIC_COARSE`).
+    ///
+    /// # Panics
+    /// No such entry, or the map update failing.
+    pub fn age_flow(&mut self, client: SocketAddr, vip: &VipSpec, idle: Duration) {
+        let mut state = self
+            .flow_state(client, vip)
+            .unwrap_or_else(|| panic!("no connection-table entry for {client} -> {vip}"));
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+            .expect("CLOCK_MONOTONIC_COARSE");
+        let now_ns = u64::try_from(Duration::from(now).as_nanos()).expect("u64 nanoseconds");
+        state.last_seen_ns = now_ns - u64::try_from(idle.as_nanos()).expect("u64 nanoseconds");
+        let key = FlowKey::new(client, vip.addr, vip.proto.number());
+        self.balancer
+            .datapath_mut()
+            .conntrack_mut()
+            .and_then(|mut table| {
+                table.insert(&key, &state, 0).map_err(|source| {
+                    lb_userspace::datapath::DatapathError::Map {
+                        name: lb_common::map_names::CONNTRACK,
+                        source,
+                    }
+                })
+            })
+            .unwrap_or_else(|e| panic!("ageing {client} -> {vip}: {}", chain(&e)));
     }
 
     /// # Panics

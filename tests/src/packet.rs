@@ -89,6 +89,34 @@ impl Packet {
         Self::with_transport(src, dst, IpNumber::TCP, Transport::Tcp(tcp))
     }
 
+    /// TCP only: a connection's first segment (SYN alone, no ACK).
+    #[must_use]
+    pub fn syn(self) -> Self {
+        self.tcp_header(|t| {
+            (t.syn, t.ack, t.psh, t.acknowledgment_number) = (true, false, false, 0);
+        })
+    }
+
+    /// TCP only: FIN|ACK, the sender is done sending.
+    #[must_use]
+    pub fn fin(self) -> Self {
+        self.tcp_header(|t| (t.fin, t.psh) = (true, false))
+    }
+
+    /// TCP only: RST alone (no ACK), the connection is aborted.
+    #[must_use]
+    pub fn rst(self) -> Self {
+        self.tcp_header(|t| (t.rst, t.ack, t.psh) = (true, false, false))
+    }
+
+    fn tcp_header(mut self, change: impl FnOnce(&mut TcpHeader)) -> Self {
+        let Transport::Tcp(t) = &mut self.transport else {
+            panic!("TCP flags on a UDP fixture")
+        };
+        change(t);
+        self
+    }
+
     /// A UDP datagram from `src` to `dst` with its checksum computed, TTL/hop limit 64.
     #[must_use]
     pub fn udp(src: SocketAddr, dst: SocketAddr) -> Self {

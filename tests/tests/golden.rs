@@ -804,6 +804,264 @@ fn removed_backend_flows_move_to_the_remaining_backends() {
     });
 }
 
+/// A flow's entry holds only while the flow does: a SYN always takes a fresh choice, a reset
+/// or FINs from both sides leave an entry `CLOSING_TIMEOUT_S` to live, an entry idle past its
+/// VIP's timeout is a miss. Each is seen by where the next packet goes once the backend the
+/// entry names is draining: still there while the entry holds, elsewhere once it does not.
+#[test]
+fn flow_entries_end_with_syn_fin_rst_and_idle_timeouts() {
+    in_fresh_netns("golden-lifetime", LIMIT, || {
+        let nl = Netlink::open();
+        forwarding_host(&nl);
+        let mut lab = Lab::new();
+        let vip = lab.add_vip("192.0.2.40:80/tcp");
+        let udp = lab.add_vip_with_timeout("192.0.2.40:53/udp", 30);
+        // Two VIPs sharing backend `shared`: its replies go through reverse-NAT entries.
+        let shared_vip = lab.add_vip("192.0.2.41:80/tcp");
+        let other_vip = lab.add_vip("192.0.2.42:80/tcp");
+        let (a, b) = (sa("198.51.100.1:80"), sa("198.51.100.2:80"));
+        let (ua, ub) = (sa("198.51.100.1:53"), sa("198.51.100.2:53"));
+        let (shared, d) = (sa("198.51.100.3:80"), sa("198.51.100.4:80"));
+        for (v, backend) in [
+            (&vip, a),
+            (&vip, b),
+            (&udp, ua),
+            (&udp, ub),
+            (&shared_vip, shared),
+            (&shared_vip, d),
+            (&other_vip, shared),
+        ] {
+            lab.add_backend(v, backend, 1);
+        }
+
+        let new = [ConntrackMiss, NextHopFailure, ViaStack];
+        let hit = [ConntrackHit, ViaStack];
+        // A hit that refreshes an entry last seen over a second ago also drops its cached
+        // next hop, so it looks the next hop up again.
+        let refreshed = [ConntrackHit, NextHopFailure, ViaStack];
+        let send = |lab: &Lab, input: &Packet, to: SocketAddr, counters: &[Counter], what| {
+            lab.assert(&Case::rewritten(
+                what,
+                input,
+                Action::Pass,
+                &input.clone().dst(to),
+                counters,
+            ));
+        };
+        let reply = |lab: &Lab, input: &Packet, v: &VipSpec, what| {
+            lab.assert(&Case::rewritten(
+                what,
+                input,
+                Action::Tx,
+                &input
+                    .clone()
+                    .src(v.addr)
+                    .decrement_ttl()
+                    .macs(LB_MAC, CLIENT_MAC),
+                &[ReverseNat],
+            ));
+        };
+        // Distinct client ports whose new flows go to `backend`.
+        let mut next_port = 40_000;
+        let mut port_on = |lab: &Lab, v: &VipSpec, backend: SocketAddr| loop {
+            next_port += 1;
+            assert!(next_port < 41_000, "no port hashes to {backend}");
+            if lab.explain(v4_client(next_port), v).0 == Some(backend) {
+                return next_port;
+            }
+        };
+        let flow = |port: u16, v: &VipSpec| Packet::tcp(v4_client(port), v.addr);
+
+        let [reused, both_fins, client_fin, client_rst, backend_rst, idle] =
+            [(); 6].map(|()| port_on(&lab, &vip, a));
+        for port in [reused, both_fins, client_fin, client_rst, backend_rst, idle] {
+            send(&lab, &flow(port, &vip).syn(), a, &new, "SYN: new flow");
+            send(&lab, &flow(port, &vip), a, &hit, "ACK: established");
+        }
+        let via_shared = port_on(&lab, &shared_vip, shared);
+        send(
+            &lab,
+            &flow(via_shared, &shared_vip).syn(),
+            shared,
+            &new,
+            "SYN via shared",
+        );
+        let udp_port = port_on(&lab, &udp, ua);
+        let datagram = Packet::udp(v4_client(udp_port), udp.addr);
+        send(&lab, &datagram, ua, &new, "UDP: new flow");
+
+        let drain = |lab: &mut Lab, v: &VipSpec, backend| {
+            lab.balancer
+                .update_backend(v, backend, None, Some(BackendState::Draining))
+                .expect("drain");
+        };
+        drain(&mut lab, &vip, a);
+        drain(&mut lab, &udp, ua);
+        drain(&mut lab, &shared_vip, shared);
+        let live_on_a = |lab: &Lab| {
+            let status = lab.balancer.vip_status_with_flows(&vip).expect("status");
+            status
+                .backends
+                .iter()
+                .find(|s| s.addr == a)
+                .and_then(|s| s.live_flows)
+        };
+        assert_eq!(live_on_a(&lab), Some(6), "six open connections on a");
+
+        // A SYN on a 5-tuple whose entry still names the draining backend: a new
+        // connection (a client reusing its port), so a fresh choice.
+        send(
+            &lab,
+            &flow(reused, &vip),
+            a,
+            &hit,
+            "ACK of the open connection: stays on a",
+        );
+        send(
+            &lab,
+            &flow(reused, &vip).syn(),
+            b,
+            &new,
+            "SYN on the same 5-tuple: fresh choice",
+        );
+        assert_eq!(
+            lab.explain(v4_client(reused), &vip).1,
+            Some(b),
+            "the entry is replaced"
+        );
+        send(
+            &lab,
+            &flow(reused, &vip),
+            b,
+            &hit,
+            "the new connection stays on b",
+        );
+
+        // FINs both ways: closing. The last ACK still gets through; ten seconds on, the
+        // entry is gone.
+        let c = v4_client(both_fins);
+        send(&lab, &flow(both_fins, &vip).fin(), a, &hit, "client FIN");
+        reply(&lab, &Packet::tcp(a, c).fin(), &vip, "backend FIN");
+        assert_eq!(live_on_a(&lab), Some(4), "a closing connection is not live");
+        send(&lab, &flow(both_fins, &vip), a, &hit, "last ACK: still a");
+        lab.age_flow(c, &vip, Duration::from_secs(9));
+        send(
+            &lab,
+            &flow(both_fins, &vip),
+            a,
+            &refreshed,
+            "9 s after: a retransmission still reaches a",
+        );
+        lab.age_flow(c, &vip, Duration::from_secs(11));
+        assert_eq!(
+            lab.explain(c, &vip).1,
+            None,
+            "explain: no tracked backend any more"
+        );
+        send(
+            &lab,
+            &flow(both_fins, &vip),
+            b,
+            &new,
+            "11 s after closing: the entry is over",
+        );
+
+        // One FIN is a half-close: the other side may go on sending for as long as it likes.
+        let c = v4_client(client_fin);
+        send(
+            &lab,
+            &flow(client_fin, &vip).fin(),
+            a,
+            &hit,
+            "client FIN alone",
+        );
+        lab.age_flow(c, &vip, Duration::from_secs(60));
+        send(
+            &lab,
+            &flow(client_fin, &vip),
+            a,
+            &refreshed,
+            "half-closed, 60 s on: still a",
+        );
+
+        // A reset from either side: closing at once.
+        let c = v4_client(client_rst);
+        send(&lab, &flow(client_rst, &vip).rst(), a, &hit, "client RST");
+        lab.age_flow(c, &vip, Duration::from_secs(11));
+        send(
+            &lab,
+            &flow(client_rst, &vip),
+            b,
+            &new,
+            "11 s after the client's reset: over",
+        );
+        let c = v4_client(backend_rst);
+        reply(&lab, &Packet::tcp(a, c).rst(), &vip, "backend RST");
+        lab.age_flow(c, &vip, Duration::from_secs(11));
+        send(
+            &lab,
+            &flow(backend_rst, &vip),
+            b,
+            &new,
+            "11 s after the backend's reset: over",
+        );
+
+        // The backend's FIN reaches the entry through the reverse-NAT path too.
+        let c = v4_client(via_shared);
+        send(
+            &lab,
+            &flow(via_shared, &shared_vip).fin(),
+            shared,
+            &hit,
+            "client FIN via shared",
+        );
+        reply(
+            &lab,
+            &Packet::tcp(shared, c).fin(),
+            &shared_vip,
+            "shared backend FIN",
+        );
+        lab.age_flow(c, &shared_vip, Duration::from_secs(11));
+        send(
+            &lab,
+            &flow(via_shared, &shared_vip),
+            d,
+            &new,
+            "shared: closed, then over",
+        );
+
+        // Idle timeouts: TCP's default (300 s), the UDP VIP's own (30 s).
+        let c = v4_client(idle);
+        lab.age_flow(c, &vip, Duration::from_secs(299));
+        send(
+            &lab,
+            &flow(idle, &vip),
+            a,
+            &refreshed,
+            "idle 299 s: still a",
+        );
+        lab.age_flow(c, &vip, Duration::from_secs(301));
+        assert_eq!(live_on_a(&lab), Some(1), "idle past its timeout: not live");
+        send(
+            &lab,
+            &flow(idle, &vip),
+            b,
+            &new,
+            "idle 301 s: a fresh choice",
+        );
+        let c = v4_client(udp_port);
+        lab.age_flow(c, &udp, Duration::from_secs(29));
+        send(&lab, &datagram, ua, &refreshed, "UDP idle 29 s: still ua");
+        lab.age_flow(c, &udp, Duration::from_secs(31));
+        send(&lab, &datagram, ub, &new, "UDP idle 31 s: a fresh choice");
+        assert_eq!(
+            live_on_a(&lab),
+            Some(1),
+            "only the half-closed connection is left"
+        );
+    });
+}
+
 const EGRESS_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0xee, 0x01];
 const PEER_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0xee, 0x02];
 const CLIENT_PEER_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0xcc, 0x02];
