@@ -17,8 +17,9 @@ pub mod map_names {
     pub const BACKEND_STATS: &str = "XLB_BESTATS";
     pub const PORTS: &str = "XLB_PORTS";
     pub const ENDPOINTS: &str = "XLB_ENDPOINTS";
+    pub const BACKEND_HOPS: &str = "XLB_BEHOPS";
     /// All maps the agent pins, in a stable order.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         VIPS,
         MAGLEV,
         BACKENDS,
@@ -30,6 +31,7 @@ pub mod map_names {
         BACKEND_STATS,
         PORTS,
         ENDPOINTS,
+        BACKEND_HOPS,
     ];
 }
 
@@ -224,7 +226,6 @@ pub const CLOSE_RESET: u8 = 4;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowState {
     pub backend_id: u32,
-    pub next_hop: NextHop,
     /// `CLOSE_*` bits: how far a TCP connection has got towards its end (0 for UDP).
     pub closing: u8,
     pub _pad: [u8; 3],
@@ -288,8 +289,23 @@ pub struct EndpointVip {
     pub vips: u32,
 }
 
-/// How stale `FlowState::last_seen_ns` may get before it is rewritten.
+/// How stale `FlowState::last_seen_ns` may get before it is rewritten, and how long a CPU
+/// keeps a backend's resolved next hop (`CachedHop`) before resolving it again.
 pub const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
+
+/// Value of `XLB_BEHOPS` (per CPU, indexed by backend id): the layer-2 next hop towards a
+/// backend as this CPU last resolved it with `bpf_fib_lookup`. Per backend, not per flow, so
+/// a new flow costs no FIB lookup and a flow entry carries no forward next hop; per CPU, so
+/// it is written without contention and never read half-written. The agent zeroes a
+/// backend's slots when its id is (re)assigned.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CachedHop {
+    pub hop: NextHop,
+    /// When `hop` was last (re)validated; it is dropped a second later, so a changed route
+    /// or neighbour reaches every flow within about a second.
+    pub resolved_ns: u64,
+}
 
 /// Value of `XLB_REVNAT`: what a reply's source must be rewritten to.
 #[repr(C, align(8))]
@@ -418,6 +434,7 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::NextHop {}
     unsafe impl aya::Pod for super::FlowState {}
+    unsafe impl aya::Pod for super::CachedHop {}
     unsafe impl aya::Pod for super::ReverseNat {}
     unsafe impl aya::Pod for super::TrafficCounters {}
     unsafe impl aya::Pod for super::BenchFrame {}
@@ -437,7 +454,8 @@ mod tests {
         assert_eq!(size_of::<Backend>(), 16 + 2 + 1 + 1 + 4);
         assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 3);
         assert_eq!(size_of::<NextHop>(), 4 + 6 + 6);
-        assert_eq!(size_of::<FlowState>(), 4 + 16 + 1 + 3 + 8 + 16);
+        assert_eq!(size_of::<FlowState>(), 4 + 1 + 3 + 8 + 16);
+        assert_eq!(size_of::<CachedHop>(), 16 + 8);
         assert_eq!(size_of::<EndpointVip>(), 16 + 2 + 2 + 4);
         assert_eq!(size_of::<ReverseNat>(), 16 + 2 + 2 + 4 + 16);
         assert_eq!(size_of::<TrafficCounters>(), 24);

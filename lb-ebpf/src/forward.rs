@@ -4,7 +4,7 @@
 use core::{ffi::c_void, mem};
 
 use aya_ebpf::{
-    bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup},
+    bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup},
     helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_ktime_get_coarse_ns},
 };
 use aya_log_ebpf::warn;
@@ -19,7 +19,7 @@ use lb_common::{
 use crate::{
     hook::Hook,
     maps::{
-        BACKENDS, CONNTRACK, EGRESS_PORTS, ENDPOINTS, MAGLEV, PORTS, REVERSE_NAT, VIPS,
+        BACKEND_HOPS, BACKENDS, CONNTRACK, ENDPOINTS, MAGLEV, PORTS, REVERSE_NAT, VIPS,
         XLB_HASH_SEED,
     },
     nat::Endpoint,
@@ -28,9 +28,6 @@ use crate::{
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
-/// A cached next hop that says "this destination is only reachable through the stack" (its
-/// egress cannot take redirected frames, e.g. a bridge).
-const VIA_STACK: u32 = u32::MAX;
 
 /// The whole per-packet path of either hook; returns the hook's verdict.
 #[inline(always)]
@@ -146,8 +143,8 @@ unsafe fn note_closing(state: *mut FlowState, bits: u8, now: impl FnOnce() -> u6
     }
 }
 
-/// Finds or picks the flow's backend and fills `t`; returns where the flow caches its next
-/// hop (null: nowhere). A flow no backend can take sets `t.no_backend`.
+/// Finds or picks the flow's backend and fills `t`; returns where this CPU caches the
+/// backend's next hop (null: nowhere). A flow no backend can take sets `t.no_backend`.
 ///
 /// The cache pointer travels as the return value, not inside `t`: the verifier forgets a
 /// pointer's type when it is copied through memory in pieces.
@@ -187,22 +184,19 @@ fn to_backend<H: Hook>(ctx: &H, p: &Parsed, vip: &VipInfo, t: &mut Translation) 
         })
     };
     let closing = close_bits(p, CLOSE_FIN_FROM_CLIENT);
-    let (backend_id, backend, state, new_flow) = match known {
+    let (backend_id, backend, new_flow) = match known {
         Some((id, b, state)) => {
             count(Counter::ConntrackHit);
             // SAFETY: as above. Written at most once a second: no cache-line churn per packet.
-            // The cached next hop is dropped at the same pace, so a changed neighbour or route
-            // reaches established flows within about a second, at one FIB lookup per second.
             unsafe {
                 if now.wrapping_sub((*state).last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
                     (*state).last_seen_ns = now;
-                    (*state).next_hop.ifindex = 0;
                 }
                 if closing != 0 {
                     note_closing(state, closing, || now);
                 }
             }
-            (id, b, Some(state), false)
+            (id, b, false)
         }
         None => {
             count(Counter::ConntrackMiss);
@@ -214,7 +208,6 @@ fn to_backend<H: Hook>(ctx: &H, p: &Parsed, vip: &VipInfo, t: &mut Translation) 
             let reply_hop = reply_next_hop(ctx, p);
             let state = FlowState {
                 backend_id: id,
-                next_hop: NextHop::default(),
                 closing,
                 _pad: [0; 3],
                 last_seen_ns: now,
@@ -256,7 +249,7 @@ fn to_backend<H: Hook>(ctx: &H, p: &Parsed, vip: &VipInfo, t: &mut Translation) 
                     warn!(ctx, "reverse-NAT insert failed: errno {}", errno);
                 }
             }
-            (id, b, CONNTRACK.get_ptr_mut(&key), true)
+            (id, b, true)
         }
     };
     count_forwarded(backend_id, ctx.wire_len(), new_flow);
@@ -264,8 +257,25 @@ fn to_backend<H: Hook>(ctx: &H, p: &Parsed, vip: &VipInfo, t: &mut Translation) 
     t.endpoint = Endpoint::Destination;
     t.addr = backend.addr;
     t.port_be = backend.port_be;
-    // SAFETY: as above.
-    state.map_or(core::ptr::null_mut(), |s| unsafe { &raw mut (*s).next_hop })
+    backend_hop(backend_id, now)
+}
+
+/// Where this CPU keeps the backend's next hop. A hop older than a second is dropped here, so
+/// `next_hop` resolves it again: a changed route or neighbour reaches every flow to the
+/// backend within about a second, at one FIB lookup per second per CPU and backend.
+#[inline(always)]
+fn backend_hop(id: u32, now: u64) -> *mut NextHop {
+    let Some(cached) = BACKEND_HOPS.get_ptr_mut(id) else {
+        return core::ptr::null_mut();
+    };
+    // SAFETY: a per-CPU array slot, written only by this CPU with preemption disabled.
+    unsafe {
+        if now.wrapping_sub((*cached).resolved_ns) > LAST_SEEN_GRANULARITY_NS {
+            (*cached).resolved_ns = now;
+            (*cached).hop.ifindex = 0;
+        }
+        &raw mut (*cached).hop
+    }
 }
 
 /// Replies go back the way the client's packet came: out of the interface it arrived on, to
@@ -397,8 +407,9 @@ impl Translation {
     };
 }
 
-/// The layer-2 next hop towards `dst`, from the flow's cache or `bpf_fib_lookup` (which then
-/// fills the cache). `None`: let the stack forward it.
+/// The layer-2 next hop towards `dst`, from the cache (the backend's, for a client's packet;
+/// the flow's, for a reply) or `bpf_fib_lookup` (which then fills the cache). `None`: let the
+/// stack forward it.
 #[inline(always)]
 pub fn next_hop<H: Hook>(
     ctx: &H,
@@ -406,12 +417,10 @@ pub fn next_hop<H: Hook>(
     t: &Translation,
     cache: Option<&mut NextHop>,
 ) -> Option<NextHop> {
-    if let Some(c) = &cache {
-        match c.ifindex {
-            0 => {}
-            VIA_STACK => return None,
-            _ => return Some(**c),
-        }
+    if let Some(c) = &cache
+        && c.ifindex != 0
+    {
+        return Some(**c);
     }
     // The rewritten packet's addresses: that is what is routed.
     let (src, sport_be, dst, dport_be) = match t.endpoint {
@@ -443,25 +452,15 @@ pub fn next_hop<H: Hook>(
         )
     };
     if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
+        // Nothing is cached: the stack resolves a missing neighbour, and a missing route is
+        // a fault the operator fixes; every packet until then retries, and is counted.
         count(Counter::NextHopFailure);
-        // No neighbour yet: the stack resolves it, and a later packet of the flow retries.
-        if rc != i64::from(BPF_FIB_LKUP_RET_NO_NEIGH)
-            && let Some(c) = cache
-        {
-            c.ifindex = VIA_STACK;
-        }
         return None;
     }
+    // Whether the hook can send out of `egress` is the hook's business when it emits (an XDP
+    // redirect into an interface outside the redirect map fails, and the packet goes to the
+    // stack); the cache is shared by both hooks.
     let egress = params.ifindex;
-    if H::REDIRECT_NEEDS_EGRESS_PORT
-        && egress != ctx.ingress_ifindex()
-        && EGRESS_PORTS.get(egress).is_none()
-    {
-        if let Some(c) = cache {
-            c.ifindex = VIA_STACK;
-        }
-        return None;
-    }
     // SAFETY: on success the kernel filled the smac/dmac arm of the union.
     let macs = unsafe { params.__bindgen_anon_6.__bindgen_anon_2 };
     let nh = NextHop {

@@ -12,8 +12,6 @@ pub trait Hook: EbpfContext {
     const PASS: u32;
     /// Drop the packet.
     const DROP: u32;
-    /// XDP can only redirect into interfaces in the redirect map; TC into any.
-    const REDIRECT_NEEDS_EGRESS_PORT: bool;
 
     /// The directly readable headers.
     fn packet(&self) -> Packet;

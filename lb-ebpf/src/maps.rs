@@ -7,9 +7,9 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, CONNTRACK_ENTRIES, Counter, DEFAULT_HASH_SEED, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE,
-    EndpointVip, FlowKey, FlowState, MAX_BACKENDS, MAX_EGRESS_PORTS, PORT_ENTRIES, ReverseNat,
-    TrafficCounters, VipInfo, VipKey,
+    Backend, CONNTRACK_ENTRIES, CachedHop, Counter, DEFAULT_HASH_SEED, DEFAULT_MAX_VIPS,
+    DEFAULT_RING_SIZE, EndpointVip, FlowKey, FlowState, MAX_BACKENDS, MAX_EGRESS_PORTS,
+    PORT_ENTRIES, ReverseNat, TrafficCounters, VipInfo, VipKey,
 };
 
 /// Flow-hash seed; the agent sets it at load time (`EbpfLoader::override_global`).
@@ -26,6 +26,10 @@ pub static MAGLEV: Array<u32> =
 
 #[map(name = "XLB_BACKENDS")]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// Each backend's next hop, as each CPU last resolved it (see `lb_common::CachedHop`).
+#[map(name = "XLB_BEHOPS")]
+pub static BACKEND_HOPS: PerCpuArray<CachedHop> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
 /// Per-CPU LRU lists: no cross-CPU lock on the LRU for the common case.
 #[map(name = "XLB_CONNTRACK")]

@@ -48,7 +48,6 @@ pub fn pull_headers(ctx: &TcContext) {
 impl Hook for TcContext {
     const PASS: u32 = OK;
     const DROP: u32 = SHOT;
-    const REDIRECT_NEEDS_EGRESS_PORT: bool = false;
 
     #[inline(always)]
     fn packet(&self) -> Packet {

@@ -16,7 +16,6 @@ use crate::{
 impl Hook for XdpContext {
     const PASS: u32 = xdp_action::XDP_PASS;
     const DROP: u32 = xdp_action::XDP_DROP;
-    const REDIRECT_NEEDS_EGRESS_PORT: bool = true;
 
     #[inline(always)]
     fn packet(&self) -> Packet {

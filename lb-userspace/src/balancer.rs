@@ -715,7 +715,7 @@ impl Balancer {
     /// A new backend's entry, its id's counters zeroed first (the id may have served a
     /// removed backend).
     fn write_backend(&mut self, id: u32, vip_id: u32, addr: SocketAddr, flags: u8) -> Result<()> {
-        self.datapath.reset_backend_traffic(id)?;
+        self.datapath.reset_backend_slots(id)?;
         self.write_flags(id, vip_id, addr, flags)
     }
 
@@ -1432,7 +1432,7 @@ impl Balancer {
         };
         match write {
             MapWrite::ResetVipCounters(id) => self.datapath.reset_vip_traffic(*id),
-            MapWrite::ResetBackendCounters(id) => self.datapath.reset_backend_traffic(*id),
+            MapWrite::ResetBackendSlots(id) => self.datapath.reset_backend_slots(*id),
             MapWrite::Port { port, roles } => self
                 .datapath
                 .ports()?

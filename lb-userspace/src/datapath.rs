@@ -15,9 +15,9 @@ use aya::{
     },
 };
 use lb_common::{
-    Backend, CONNTRACK_ENTRIES, Counter, DEFAULT_HASH_SEED, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE,
-    EndpointVip, FlowKey, FlowState, HASH_SEED_SYMBOL, ReverseNat, TrafficCounters, VipInfo,
-    VipKey, maglev::is_prime, map_names, program_names,
+    Backend, CONNTRACK_ENTRIES, CachedHop, Counter, DEFAULT_HASH_SEED, DEFAULT_MAX_VIPS,
+    DEFAULT_RING_SIZE, EndpointVip, FlowKey, FlowState, HASH_SEED_SYMBOL, ReverseNat,
+    TrafficCounters, VipInfo, VipKey, maglev::is_prime, map_names, program_names,
 };
 use thiserror::Error;
 
@@ -588,7 +588,7 @@ impl Datapath {
             0,
         )
         .map_err(map_err(name))?;
-        self.reset_backend_traffic(backend_id)
+        self.reset_backend_slots(backend_id)
     }
 
     fn per_cpu_traffic(&self, name: &'static str, index: u32) -> Result<Vec<TrafficCounters>> {
@@ -606,9 +606,17 @@ impl Datapath {
         self.reset_traffic(map_names::VIP_STATS, vip_id)
     }
 
-    /// Zeroes a backend's counters (its id may have served a removed backend).
-    pub fn reset_backend_traffic(&mut self, backend_id: u32) -> Result<()> {
-        self.reset_traffic(map_names::BACKEND_STATS, backend_id)
+    /// Zeroes a backend's per-CPU slots, its counters and its cached next hop: its id may
+    /// have served a removed backend at another address.
+    pub fn reset_backend_slots(&mut self, backend_id: u32) -> Result<()> {
+        self.reset_traffic(map_names::BACKEND_STATS, backend_id)?;
+        let name = map_names::BACKEND_HOPS;
+        let mut map: PerCpuArray<&mut MapData, CachedHop> =
+            PerCpuArray::try_from(self.map_data(name)?).map_err(map_err(name))?;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DatapathError::Cpus(e))?;
+        let empty = PerCpuValues::try_from(vec![CachedHop::default(); cpus.get() as usize])
+            .map_err(DatapathError::Cpus)?;
+        map.set(backend_id, empty, 0).map_err(map_err(name))
     }
 }
 

@@ -41,7 +41,7 @@ pub enum MapWrite {
     /// Zeroes the counters of a VIP slot the maps did not hold this VIP in.
     ResetVipCounters(u32),
     /// Zeroes the counters of a backend id the maps did not hold this backend under.
-    ResetBackendCounters(u32),
+    ResetBackendSlots(u32),
     Port {
         port: u16,
         roles: u8,
@@ -159,7 +159,7 @@ pub fn plan(current: &MapContents, desired: &MapContents) -> Vec<MapWrite> {
             .get(id)
             .is_none_or(|c| !same_identity(c, value))
         {
-            writes.push(MapWrite::ResetBackendCounters(*id));
+            writes.push(MapWrite::ResetBackendSlots(*id));
         }
     }
 
@@ -393,7 +393,7 @@ mod tests {
 
         fn apply(&mut self, write: &MapWrite) {
             match write {
-                MapWrite::ResetVipCounters(_) | MapWrite::ResetBackendCounters(_) => {}
+                MapWrite::ResetVipCounters(_) | MapWrite::ResetBackendSlots(_) => {}
                 MapWrite::Port { port, roles } => {
                     self.ports.insert(*port, *roles);
                 }
@@ -572,7 +572,7 @@ mod tests {
         // The untouched backend keeps its entry and its counters.
         assert!(!writes.iter().any(|w| matches!(
             w,
-            MapWrite::Backend { id: 4, .. } | MapWrite::ResetBackendCounters(4)
+            MapWrite::Backend { id: 4, .. } | MapWrite::ResetBackendSlots(4)
         )));
         assert!(!writes.contains(&MapWrite::ResetVipCounters(2)));
     }
@@ -730,7 +730,7 @@ mod tests {
         let desired = one_vip(key, 0, 0, &[(0, 1, BACKEND_ACTIVE)]);
         let writes = run(&current, &desired);
         assert!(writes.contains(&MapWrite::ResetVipCounters(0)));
-        assert!(writes.contains(&MapWrite::ResetBackendCounters(0)));
+        assert!(writes.contains(&MapWrite::ResetBackendSlots(0)));
         let vip = position(&writes, |w| matches!(w, MapWrite::Vip { .. }));
         let old_gone = position(&writes, |w| matches!(w, MapWrite::Backend { id: 2, .. }));
         assert!(vip < old_gone, "{writes:#?}");
