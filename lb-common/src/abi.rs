@@ -373,10 +373,13 @@ pub enum Counter {
     /// Translated packets handed to the stack to forward (a next hop behind a bridge, a
     /// VLAN-tagged flow, an egress outside the redirect map, or a next-hop failure).
     ViaStack = 17,
+    /// ICMP errors about a balanced flow, translated and sent on to the other end of it
+    /// (see `icmp`); other ICMP counts as `NotTcpUdp`.
+    IcmpTranslated = 18,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 19;
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::ActionAborted,
         Self::ActionDrop,
@@ -396,6 +399,7 @@ impl Counter {
         Self::TtlExpired,
         Self::ConntrackInsertFailed,
         Self::ViaStack,
+        Self::IcmpTranslated,
     ];
 
     /// Stable snake_case name, used in `xlb stats`, JSON output and metrics.
@@ -420,6 +424,7 @@ impl Counter {
             Self::TtlExpired => "ttl_expired",
             Self::ConntrackInsertFailed => "conntrack_insert_failed",
             Self::ViaStack => "via_stack",
+            Self::IcmpTranslated => "icmp_translated",
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod abi;
 pub mod addr;
 pub mod csum;
 pub mod hash;
+pub mod icmp;
 #[cfg(any(feature = "std", test))]
 pub mod maglev;
 pub mod parse;

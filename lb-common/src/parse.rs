@@ -6,7 +6,11 @@
 //! `data_end`, which is what the verifier needs to see). It only reads; the data plane rewrites
 //! at the offsets it returns.
 
-use crate::{Counter, IPPROTO_TCP, IPPROTO_UDP, addr::v4_mapped};
+use crate::{
+    Counter, IPPROTO_TCP, IPPROTO_UDP,
+    addr::v4_mapped,
+    icmp::{IPPROTO_ICMP, IPPROTO_ICMPV6},
+};
 
 pub const ETH_HLEN: usize = 14;
 pub const VLAN_HLEN: usize = 4;
@@ -118,6 +122,9 @@ pub enum Skip {
     NotIp,
     /// IP, but neither TCP nor UDP.
     NotTcpUdp,
+    /// ICMP over IPv4 or ICMPv6 over IPv6: maybe an error about a balanced flow, which
+    /// `icmp::parse_icmp_error` reads further.
+    Icmp,
     /// An IPv4 fragment or an IPv6 fragment header: ports absent or incomplete.
     Fragment,
     /// IPv6 with an extension header before the transport header.
@@ -130,7 +137,8 @@ impl Skip {
     #[must_use]
     pub const fn counter(self) -> Counter {
         match self {
-            Self::NotIp | Self::NotTcpUdp => Counter::NotTcpUdp,
+            // ICMP counts here unless the data plane translates it.
+            Self::NotIp | Self::NotTcpUdp | Self::Icmp => Counter::NotTcpUdp,
             Self::Fragment => Counter::Fragment,
             Self::Ipv6ExtHeader => Counter::Ipv6ExtHeader,
             Self::Malformed => Counter::Malformed,
@@ -194,6 +202,9 @@ fn parse_ipv4<P: PacketBytes + ?Sized>(pkt: &P, l3_offset: usize) -> Result<Pars
         return Err(Skip::Fragment);
     }
     let proto = w2[1];
+    if proto == IPPROTO_ICMP {
+        return Err(Skip::Icmp);
+    }
     let l4_offset = l3_offset + header_len;
     let (sport_be, dport_be, tcp_flags) =
         parse_ports(pkt, proto, l4_offset, total_len - header_len)?;
@@ -232,6 +243,7 @@ fn parse_ipv6<P: PacketBytes + ?Sized>(pkt: &P, l3_offset: usize) -> Result<Pars
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return Err(match proto {
             IPV6_NEXT_FRAGMENT => Skip::Fragment,
+            IPPROTO_ICMPV6 => Skip::Icmp,
             // Hop-by-hop, routing, destination options, AH, ESP, mobility, HIP, shim6.
             0 | 43 | 60 | 51 | 50 | 135 | 139 | 140 => Skip::Ipv6ExtHeader,
             _ => Skip::NotTcpUdp,
@@ -435,6 +447,21 @@ mod tests {
             (
                 "icmp",
                 frame(ETH_P_IP, &ipv4(1, 0, &[8, 0, 0, 0, 0, 0, 0, 0])),
+                Skip::Icmp,
+            ),
+            (
+                "icmpv6",
+                frame(ETH_P_IPV6, &ipv6(58, &[128, 0, 0, 0, 0, 0, 0, 0])),
+                Skip::Icmp,
+            ),
+            (
+                "icmpv6's number over ipv4",
+                frame(ETH_P_IP, &ipv4(58, 0, &[128, 0, 0, 0, 0, 0, 0, 0])),
+                Skip::NotTcpUdp,
+            ),
+            (
+                "icmp's number over ipv6",
+                frame(ETH_P_IPV6, &ipv6(1, &[8, 0, 0, 0, 0, 0, 0, 0])),
                 Skip::NotTcpUdp,
             ),
             (

@@ -18,6 +18,7 @@ use lb_common::{
 
 use crate::{
     hook::Hook,
+    icmp,
     maps::{
         BACKEND_HOPS, BACKENDS, CONNTRACK, ENDPOINTS, MAGLEV, PORTS, REVERSE_NAT, VIPS,
         XLB_HASH_SEED,
@@ -34,6 +35,11 @@ const AF_INET6: u8 = 10;
 pub fn process<H: Hook>(ctx: &H) -> u32 {
     let mut p = Parsed::EMPTY;
     if let Err(skip) = parse_into(ctx, &mut p) {
+        if skip == Skip::Icmp
+            && let Some(verdict) = icmp::translate(ctx, &mut p)
+        {
+            return verdict;
+        }
         count(skip.counter());
         return H::PASS;
     }
@@ -98,7 +104,7 @@ fn flow_key(p: &Parsed) -> FlowKey {
 /// The backend behind `id` if it still serves `vip_id` (ids are reused after removal) and
 /// matches the packet's family.
 #[inline(always)]
-fn usable_backend(
+pub fn usable_backend(
     id: u32,
     vip_id: u32,
     ipv6: bool,
@@ -264,7 +270,7 @@ fn to_backend<H: Hook>(ctx: &H, p: &Parsed, vip: &VipInfo, t: &mut Translation) 
 /// `next_hop` resolves it again: a changed route or neighbour reaches every flow to the
 /// backend within about a second, at one FIB lookup per second per CPU and backend.
 #[inline(always)]
-fn backend_hop(id: u32, now: u64) -> *mut NextHop {
+pub fn backend_hop(id: u32, now: u64) -> *mut NextHop {
     let Some(cached) = BACKEND_HOPS.get_ptr_mut(id) else {
         return core::ptr::null_mut();
     };
@@ -309,41 +315,77 @@ fn pick_backend(key: &FlowKey, vip: &VipInfo, ipv6: bool) -> Option<(u32, &'stat
 /// the reply's next hop, or null when the packet belongs to no flow xlb knows.
 #[inline(never)]
 fn to_client(p: &Parsed, t: &mut Translation) -> *mut NextHop {
-    let endpoint = VipKey {
-        addr: p.src,
-        port_be: p.sport_be,
+    let reply = Reply {
+        src: &p.src,
+        dst: &p.dst,
+        sport_be: p.sport_be,
+        dport_be: p.dport_be,
         proto: p.proto,
+    };
+    let cache = reply_flow(&reply, t);
+    if !cache.is_null() {
+        count(Counter::ReverseNat);
+        t.endpoint = Endpoint::Source;
+        let closing = close_bits(p, CLOSE_FIN_FROM_BACKEND);
+        if closing != 0 {
+            // Only FINs and RSTs pay for finding the flow's own entry again: `reply_flow`
+            // only looks, as ICMP errors use it too.
+            note_reply_closing(p, &t.addr, t.port_be, closing);
+        }
+    }
+    cache
+}
+
+/// A reply's 5-tuple as it leaves the backend (backend → client), by reference: a
+/// `FlowKey` is only built where a lookup needs one.
+pub struct Reply<'a> {
+    pub src: &'a [u8; 16],
+    pub dst: &'a [u8; 16],
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+}
+
+/// The flow `reply` belongs to: puts the VIP it must come from into `t.addr`/`t.port_be`
+/// and returns where the flow keeps the reply's next hop; null when xlb knows no such flow.
+/// Only looks: ICMP errors quoting a packet of the flow find it this way too.
+#[inline(always)]
+pub fn reply_flow(reply: &Reply, t: &mut Translation) -> *mut NextHop {
+    let endpoint = VipKey {
+        addr: *reply.src,
+        port_be: reply.sport_be,
+        proto: reply.proto,
         _pad: [0; 5],
     };
     // SAFETY: the agent replaces endpoint entries whole.
     let Some(e) = (unsafe { ENDPOINTS.get(&endpoint) }) else {
         return core::ptr::null_mut();
     };
-    let closing = close_bits(p, CLOSE_FIN_FROM_BACKEND);
     if e.vips != 1
-        && let Some(reverse) = REVERSE_NAT.get_ptr_mut(&flow_key(p))
+        && let Some(reverse) = REVERSE_NAT.get_ptr_mut(&FlowKey {
+            src: *reply.src,
+            dst: *reply.dst,
+            sport_be: reply.sport_be,
+            dport_be: reply.dport_be,
+            proto: reply.proto,
+            _pad: [0; 3],
+        })
     {
-        count(Counter::ReverseNat);
         // SAFETY: LRU values stay valid for the duration of the program run (RCU).
         unsafe {
-            t.endpoint = Endpoint::Source;
             t.addr = (*reverse).vip_addr;
             t.port_be = (*reverse).vip_port_be;
-            if closing != 0 {
-                // Only FINs and RSTs pay for finding the flow's own entry on this path.
-                note_reply_closing(p, &t.addr, t.port_be, closing);
-            }
             return &raw mut (*reverse).next_hop;
         }
     }
     // The flow's own entry, client → VIP; it must be this backend's (the client may have
     // other flows to the same VIP on other backends).
     let key = FlowKey {
-        src: p.dst,
+        src: *reply.dst,
         dst: e.vip_addr,
-        sport_be: p.dport_be,
+        sport_be: reply.dport_be,
         dport_be: e.vip_port_be,
-        proto: p.proto,
+        proto: reply.proto,
         _pad: [0; 3],
     };
     let Some(state) = CONNTRACK.get_ptr_mut(&key) else {
@@ -352,21 +394,13 @@ fn to_client(p: &Parsed, t: &mut Translation) -> *mut NextHop {
     // SAFETY: LRU values stay valid for the duration of the program run (RCU).
     let backend_id = unsafe { (*state).backend_id };
     match BACKENDS.get(backend_id) {
-        Some(b) if b.addr == p.src && b.port_be == p.sport_be => {}
+        Some(b) if b.addr == *reply.src && b.port_be == reply.sport_be => {}
         _ => return core::ptr::null_mut(),
     }
-    count(Counter::ReverseNat);
-    t.endpoint = Endpoint::Source;
     t.addr = e.vip_addr;
     t.port_be = e.vip_port_be;
     // SAFETY: as above.
-    unsafe {
-        if closing != 0 {
-            // SAFETY: a helper without arguments.
-            note_closing(state, closing, || bpf_ktime_get_coarse_ns());
-        }
-        &raw mut (*state).reply_next_hop
-    }
+    unsafe { &raw mut (*state).reply_next_hop }
 }
 
 /// A backend's FIN or RST on a flow whose reply came through a reverse-NAT entry: recorded
@@ -396,14 +430,18 @@ pub struct Translation {
     pub port_be: u16,
     /// No backend can take this new flow: drop it.
     pub no_backend: bool,
+    /// The packet is translated already (an ICMP error, see `icmp.rs`): handing it on only
+    /// lowers its TTL. `addr` is then its destination, for the next-hop lookup.
+    pub already_translated: bool,
 }
 
 impl Translation {
-    const NONE: Self = Self {
+    pub const NONE: Self = Self {
         addr: [0; 16],
         endpoint: Endpoint::Destination,
         port_be: 0,
         no_backend: false,
+        already_translated: false,
     };
 }
 

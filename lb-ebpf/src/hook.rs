@@ -3,7 +3,7 @@
 //! the packet on differ, and live in `xdp.rs` and `tc.rs`.
 
 use aya_ebpf::EbpfContext;
-use lb_common::{NextHop, parse::Parsed};
+use lb_common::{NextHop, csum::CsumDelta, parse::Parsed};
 
 use crate::{forward::Translation, packet::Packet};
 
@@ -28,6 +28,25 @@ pub trait Hook: EbpfContext {
     /// `tot_len` for `bpf_fib_lookup`'s MTU check (0: let the kernel check the packet
     /// itself, which knows a GSO packet leaves as segments).
     fn fib_tot_len(&self, p: &Parsed) -> u16;
+
+    /// Makes the first `len` bytes (or the whole packet, if shorter) directly readable. The
+    /// entry point makes the headers of a TCP/UDP packet readable; an ICMP error needs the
+    /// headers it quotes too.
+    fn make_readable(&self, len: u32);
+
+    /// Adds `delta`, a change to bytes of an IPv4 header already written, to its checksum at
+    /// `offset`. `None`: the packet cannot be changed there.
+    fn update_ipv4_checksum(&self, offset: usize, delta: CsumDelta) -> Option<()>;
+
+    /// Adds `delta` to the ICMP or ICMPv6 checksum at `offset`: a change to bytes of the
+    /// message already written, or with `ipv6_pseudo_header` a change to the IPv6 addresses
+    /// the ICMPv6 checksum covers through its pseudo-header.
+    fn update_icmp_checksum(
+        &self,
+        offset: usize,
+        delta: CsumDelta,
+        ipv6_pseudo_header: bool,
+    ) -> Option<()>;
 
     /// Applies `t` and hands the packet on: out of an interface when the next hop is known
     /// (`cache` is where the flow keeps it; null: nowhere), through the stack otherwise.

@@ -11,6 +11,7 @@ mod bench;
 mod floors;
 mod forward;
 mod hook;
+mod icmp;
 mod maps;
 mod nat;
 mod packet;

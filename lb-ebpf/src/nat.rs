@@ -41,6 +41,18 @@ fn last4(a: &[u8; 16]) -> [u8; 4] {
     [a[12], a[13], a[14], a[15]]
 }
 
+/// The change of lowering the TTL (IPv4, high byte of the word it shares with the protocol)
+/// or the hop limit (IPv6, low byte of the word it shares with the next header) by one.
+#[inline(always)]
+fn ttl_decrement(p: &Parsed) -> CsumDelta {
+    let (old, new) = if p.ipv6 {
+        ([p.proto, p.ttl], [p.proto, p.ttl - 1])
+    } else {
+        ([p.ttl, p.proto], [p.ttl - 1, p.proto])
+    };
+    CsumDelta::new().replace_u16(u16::from_be_bytes(old), u16::from_be_bytes(new))
+}
+
 /// The translation of one endpoint, and what it does to each checksum.
 struct Plan {
     addr_offset: usize,
@@ -81,12 +93,8 @@ fn plan(
             pseudo: CsumDelta::new().replace(old_addr, addr),
             port,
             ip: CsumDelta::new(),
-            // The hop limit is the low byte of the word it shares with the next header.
             hop_word: if decrement_ttl {
-                CsumDelta::new().replace_u16(
-                    u16::from_be_bytes([p.proto, p.ttl]),
-                    u16::from_be_bytes([p.proto, p.ttl - 1]),
-                )
+                ttl_decrement(p)
             } else {
                 CsumDelta::new()
             },
@@ -94,12 +102,8 @@ fn plan(
     } else {
         let (old4, new4) = (last4(old_addr), last4(addr));
         let pseudo = CsumDelta::new().replace(&old4, &new4);
-        // The TTL is the high byte of the word it shares with the protocol.
         let ttl = if decrement_ttl {
-            CsumDelta::new().replace_u16(
-                u16::from_be_bytes([p.ttl, p.proto]),
-                u16::from_be_bytes([p.ttl - 1, p.proto]),
-            )
+            ttl_decrement(p)
         } else {
             CsumDelta::new()
         };
@@ -243,4 +247,77 @@ pub fn rewrite_skb(
         }
     }
     Some(())
+}
+
+/// Lowers the TTL/hop limit of an XDP frame that is translated already (an ICMP error, see
+/// `icmp.rs`) by one, before XDP forwards it; the caller checked TTL > 1.
+#[inline(always)]
+pub fn decrement_ttl(pkt: &Packet, p: &Parsed) -> Option<()> {
+    if p.ipv6 {
+        return pkt.write(p.l3_offset + IPV6_HOP_LIMIT_OFFSET, [p.ttl - 1]);
+    }
+    let check_offset = p.l3_offset + IPV4_CHECK_OFFSET;
+    let old_check = pkt.read_u16(check_offset)?;
+    pkt.write(p.l3_offset + IPV4_TTL_OFFSET, [p.ttl - 1])?;
+    pkt.write_u16(check_offset, ttl_decrement(p).apply(old_check))
+}
+
+/// As [`decrement_ttl`], for a socket buffer at the TC hook.
+#[inline(always)]
+pub fn decrement_ttl_skb(ctx: &TcContext, p: &Parsed) -> Option<()> {
+    let skb = ctx.as_ptr().cast::<__sk_buff>();
+    let delta = wsum(ttl_decrement(p));
+    if p.ipv6 {
+        Packet::of_skb(ctx).write(p.l3_offset + IPV6_HOP_LIMIT_OFFSET, [p.ttl - 1])?;
+        // SAFETY: skb is this run's context. Fails unless the buffer is CHECKSUM_COMPLETE,
+        // and then nothing is owed.
+        let _ = unsafe { bpf_csum_update(skb, delta as u32) };
+        return Some(());
+    }
+    Packet::of_skb(ctx).write(p.l3_offset + IPV4_TTL_OFFSET, [p.ttl - 1])?;
+    update_ipv4_checksum_skb(ctx, p.l3_offset + IPV4_CHECK_OFFSET, ttl_decrement(p))
+}
+
+/// Adds `delta` to the checksum at `offset` of an XDP frame, whose checksums are complete.
+#[inline(always)]
+pub fn update_checksum(pkt: &Packet, offset: usize, delta: CsumDelta) -> Option<()> {
+    let old = pkt.read_u16(offset)?;
+    pkt.write_u16(offset, delta.apply(old))
+}
+
+/// Adds `delta` (bytes of the header already changed) to the IPv4 header checksum at
+/// `offset` of a socket buffer. The helper keeps a receive checksum over the whole packet
+/// right: the header's bytes and its checksum change by opposite amounts.
+#[inline(always)]
+pub fn update_ipv4_checksum_skb(ctx: &TcContext, offset: usize, delta: CsumDelta) -> Option<()> {
+    let skb = ctx.as_ptr().cast::<__sk_buff>();
+    // SAFETY: skb is this run's context; the helper bounds-checks the offset and with size 0
+    // takes `to` as a checksum delta.
+    (unsafe { bpf_l3_csum_replace(skb, offset as u32, 0, wsum(delta), 0) } >= 0).then_some(())
+}
+
+/// Adds `delta` to the ICMP/ICMPv6 checksum at `offset` of a socket buffer: a change to the
+/// message's own bytes, or with `ipv6_pseudo_header` to the IPv6 addresses its checksum
+/// covers through the pseudo-header.
+#[inline(always)]
+pub fn update_icmp_checksum_skb(
+    ctx: &TcContext,
+    offset: usize,
+    delta: CsumDelta,
+    ipv6_pseudo_header: bool,
+) -> Option<()> {
+    let skb = ctx.as_ptr().cast::<__sk_buff>();
+    let offset = offset as u32;
+    // SAFETY: as above.
+    let ok = unsafe {
+        if ipv6_pseudo_header {
+            let pseudo = u64::from(BPF_F_PSEUDO_HDR);
+            // As in `rewrite_skb`: kernels before 6.16 know no BPF_F_IPV6.
+            bpf_l4_csum_replace(skb, offset, 0, wsum(delta), pseudo | BPF_F_IPV6) >= 0
+                || bpf_l4_csum_replace(skb, offset, 0, wsum(delta), pseudo) >= 0
+        } else {
+            bpf_l4_csum_replace(skb, offset, 0, wsum(delta), 0) >= 0
+        }
+    };
+    ok.then_some(())
 }

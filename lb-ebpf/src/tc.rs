@@ -10,12 +10,12 @@ use aya_ebpf::{
     helpers::generated::{bpf_redirect, bpf_skb_pull_data},
     programs::TcContext,
 };
-use lb_common::{Counter, NextHop, parse::Parsed};
+use lb_common::{Counter, NextHop, csum::CsumDelta, parse::Parsed};
 
 use crate::{
     forward::{Translation, next_hop},
     hook::Hook,
-    nat::rewrite_skb,
+    nat::{decrement_ttl_skb, rewrite_skb, update_icmp_checksum_skb, update_ipv4_checksum_skb},
     packet::Packet,
     stats::count,
 };
@@ -37,7 +37,13 @@ fn skb(ctx: &TcContext) -> *mut __sk_buff {
 /// only part of them in the linear head; pulling costs a helper call, so only those pay it.
 #[inline(always)]
 pub fn pull_headers(ctx: &TcContext) {
-    let want = ctx.len().min(HEADERS_MAX);
+    pull(ctx, HEADERS_MAX);
+}
+
+/// Makes the first `len` bytes (at most the packet's) directly readable.
+#[inline(always)]
+fn pull(ctx: &TcContext, len: u32) {
+    let want = ctx.len().min(len);
     if (ctx.data_end() - ctx.data()) < want as usize {
         // SAFETY: skb is this run's context. A failure leaves the head as it was and the
         // parser then passes the packet as too short.
@@ -78,6 +84,26 @@ impl Hook for TcContext {
         0
     }
 
+    #[inline(always)]
+    fn make_readable(&self, len: u32) {
+        pull(self, len);
+    }
+
+    #[inline(always)]
+    fn update_ipv4_checksum(&self, offset: usize, delta: CsumDelta) -> Option<()> {
+        update_ipv4_checksum_skb(self, offset, delta)
+    }
+
+    #[inline(always)]
+    fn update_icmp_checksum(
+        &self,
+        offset: usize,
+        delta: CsumDelta,
+        ipv6_pseudo_header: bool,
+    ) -> Option<()> {
+        update_icmp_checksum_skb(self, offset, delta, ipv6_pseudo_header)
+    }
+
     // Not inlined: shared by both directions, in its own stack frame.
     #[inline(never)]
     fn emit(&self, p: &Parsed, t: &Translation, cache: *mut NextHop) -> u32 {
@@ -94,10 +120,13 @@ impl Hook for TcContext {
             count(Counter::TtlExpired);
             return OK;
         }
+        let translated = if t.already_translated {
+            decrement_ttl_skb(self, p)
+        } else {
+            rewrite_skb(self, p, t.endpoint, &t.addr, t.port_be, true)
+        };
         // The checksum helpers move the data: the MACs are written through a fresh view.
-        if rewrite_skb(self, p, t.endpoint, &t.addr, t.port_be, true).is_none()
-            || Packet::of_skb(self).write(0, nh.macs()).is_none()
-        {
+        if translated.is_none() || Packet::of_skb(self).write(0, nh.macs()).is_none() {
             return dropped_malformed();
         }
         // SAFETY: a helper taking plain integers; it only records the target.
@@ -109,6 +138,9 @@ impl Hook for TcContext {
 #[inline(always)]
 fn via_stack(ctx: &TcContext, p: &Parsed, t: &Translation) -> u32 {
     count(Counter::ViaStack);
+    if t.already_translated {
+        return OK;
+    }
     match rewrite_skb(ctx, p, t.endpoint, &t.addr, t.port_be, false) {
         Some(()) => OK,
         None => dropped_malformed(),

@@ -2,13 +2,13 @@
 //! `XDP_REDIRECT` through the redirect map.
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use lb_common::{Counter, NextHop, parse::Parsed};
+use lb_common::{Counter, NextHop, csum::CsumDelta, parse::Parsed};
 
 use crate::{
     forward::{Translation, next_hop},
     hook::Hook,
     maps::EGRESS_PORTS,
-    nat::rewrite,
+    nat::{decrement_ttl, rewrite, update_checksum},
     packet::Packet,
     stats::count,
 };
@@ -46,6 +46,21 @@ impl Hook for XdpContext {
         (self.packet().len() - p.l3_offset) as u16
     }
 
+    #[inline(always)]
+    fn make_readable(&self, _len: u32) {
+        // An XDP frame is all readable.
+    }
+
+    #[inline(always)]
+    fn update_ipv4_checksum(&self, offset: usize, delta: CsumDelta) -> Option<()> {
+        update_checksum(&self.packet(), offset, delta)
+    }
+
+    #[inline(always)]
+    fn update_icmp_checksum(&self, offset: usize, delta: CsumDelta, _pseudo: bool) -> Option<()> {
+        update_checksum(&self.packet(), offset, delta)
+    }
+
     // Not inlined: shared by both directions, in its own stack frame.
     #[inline(never)]
     fn emit(&self, p: &Parsed, t: &Translation, cache: *mut NextHop) -> u32 {
@@ -74,9 +89,12 @@ impl Hook for XdpContext {
                 Err(_) => return via_stack(pkt, p, t),
             }
         };
-        if rewrite(pkt, p, t.endpoint, &t.addr, t.port_be, true).is_none()
-            || pkt.write(0, nh.macs()).is_none()
-        {
+        let translated = if t.already_translated {
+            decrement_ttl(pkt, p)
+        } else {
+            rewrite(pkt, p, t.endpoint, &t.addr, t.port_be, true)
+        };
+        if translated.is_none() || pkt.write(0, nh.macs()).is_none() {
             return dropped_malformed();
         }
         action
@@ -87,6 +105,9 @@ impl Hook for XdpContext {
 #[inline(always)]
 fn via_stack(pkt: &Packet, p: &Parsed, t: &Translation) -> u32 {
     count(Counter::ViaStack);
+    if t.already_translated {
+        return xdp_action::XDP_PASS;
+    }
     match rewrite(pkt, p, t.endpoint, &t.addr, t.port_be, false) {
         Some(()) => xdp_action::XDP_PASS,
         None => dropped_malformed(),

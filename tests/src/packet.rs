@@ -9,9 +9,10 @@
 use std::net::{IpAddr, SocketAddr};
 
 use etherparse::{
-    EtherType, Ethernet2Header, IpFragOffset, IpNumber, Ipv4Header, Ipv6FragmentHeader, Ipv6Header,
-    Ipv6RawExtHeader, NetHeaders, PacketHeaders, PayloadSlice, SingleVlanHeader, TcpHeader,
-    TransportHeader, UdpHeader, VlanId,
+    EtherType, Ethernet2Header, Icmpv4Type, IpFragOffset, IpNumber, Ipv4Header, Ipv4HeaderSlice,
+    Ipv6FragmentHeader, Ipv6Header, Ipv6RawExtHeader, NetHeaders, NetSlice, PacketBuilder,
+    PacketHeaders, PayloadSlice, SingleVlanHeader, SlicedPacket, TcpHeader, TransportHeader,
+    TransportSlice, UdpHeader, VlanId,
 };
 
 /// The client-side router's MAC: source of every fixture frame.
@@ -406,25 +407,40 @@ impl Packet {
 ///
 /// A UDP checksum of 0 is accepted over IPv4 only ("no checksum", RFC 768).
 ///
+/// An ICMP error (ICMPv4 or ICMPv6) is checked as [`verify_icmp_error_checksums`] does.
+///
 /// # Errors
-/// The frame does not parse as Ethernet/IP/TCP-or-UDP, or a checksum is wrong.
+/// The frame does not parse as Ethernet/IP/TCP-or-UDP (or ICMP), or a checksum is wrong.
 pub fn verify_checksums(frame: &[u8]) -> Result<u16, String> {
     let h = PacketHeaders::from_ethernet_slice(frame)
         .map_err(|e| format!("etherparse cannot parse {}: {e}", hex(frame)))?;
     let payload = match h.payload {
         PayloadSlice::Tcp(p) | PayloadSlice::Udp(p) => p,
+        PayloadSlice::Icmpv4(_) | PayloadSlice::Icmpv6(_) => {
+            return verify_icmp_error_checksums(frame);
+        }
         ref other => return Err(format!("no TCP/UDP payload in {}: {other:?}", hex(frame))),
     };
-    let check = |what: &str, got: u16, want: u16| {
-        if got == want {
-            Ok(got)
-        } else {
-            Err(format!(
-                "{what} checksum is {got:#06x}, etherparse computes {want:#06x}"
-            ))
-        }
-    };
-    match (&h.net, &h.transport) {
+    verify_transport(h.net.as_ref(), h.transport.as_ref(), payload)
+}
+
+fn check(what: &str, got: u16, want: u16) -> Result<u16, String> {
+    if got == want {
+        Ok(got)
+    } else {
+        Err(format!(
+            "{what} checksum is {got:#06x}, etherparse computes {want:#06x}"
+        ))
+    }
+}
+
+/// The IPv4 header checksum (if IPv4) and the TCP/UDP checksum of one parsed packet.
+fn verify_transport(
+    net: Option<&NetHeaders>,
+    transport: Option<&TransportHeader>,
+    payload: &[u8],
+) -> Result<u16, String> {
+    match (net, transport) {
         (Some(NetHeaders::Ipv4(ip, _)), Some(t)) => {
             check("IPv4 header", ip.header_checksum, ip.calc_header_checksum())?;
             match t {
@@ -460,6 +476,221 @@ pub fn verify_checksums(frame: &[u8]) -> Result<u16, String> {
             other => Err(format!("not TCP/UDP: {other:?}")),
         },
         (net, t) => Err(format!("not IP with TCP/UDP: {net:?} {t:?}")),
+    }
+}
+
+/// Checks every checksum of an ICMP error frame with etherparse: the error's IPv4 header
+/// checksum, its ICMP checksum (ICMPv4: over the message; ICMPv6: with the pseudo-header of
+/// the error's addresses), the quoted IPv4 header's checksum, and the quoted TCP/UDP
+/// checksum when the quote holds the whole quoted packet (a cut quote's cannot be
+/// recomputed). Returns the ICMP checksum found.
+///
+/// # Errors
+/// The frame is no ICMP error with an IP quote, or a checksum is wrong.
+pub fn verify_icmp_error_checksums(frame: &[u8]) -> Result<u16, String> {
+    let sliced = SlicedPacket::from_ethernet(frame)
+        .map_err(|e| format!("etherparse cannot slice {}: {e}", hex(frame)))?;
+    let (icmp_check, quote) = match (&sliced.net, &sliced.transport) {
+        (Some(NetSlice::Ipv4(ip)), Some(TransportSlice::Icmpv4(icmp))) => {
+            let header = ip.header().to_header();
+            check(
+                "IPv4 header",
+                header.header_checksum,
+                header.calc_header_checksum(),
+            )?;
+            // The raw type: etherparse's typed variants assume their unused bytes are zero.
+            let raw = Icmpv4Type::Unknown {
+                type_u8: icmp.type_u8(),
+                code_u8: icmp.code_u8(),
+                bytes5to8: icmp.bytes5to8(),
+            };
+            let c = check("ICMPv4", icmp.checksum(), raw.calc_checksum(icmp.payload()))?;
+            (c, icmp.payload())
+        }
+        (Some(NetSlice::Ipv6(ip)), Some(TransportSlice::Icmpv6(icmp))) => {
+            let h = ip.header();
+            if !icmp.is_checksum_valid(h.source(), h.destination()) {
+                return Err(format!(
+                    "ICMPv6 checksum {:#06x} is wrong for its message and pseudo-header",
+                    icmp.checksum()
+                ));
+            }
+            (icmp.checksum(), icmp.payload())
+        }
+        (net, t) => return Err(format!("not an ICMP error over IP: {net:?} {t:?}")),
+    };
+    if quote.first().is_some_and(|b| b >> 4 == 4) {
+        let quoted = Ipv4HeaderSlice::from_slice(quote)
+            .map_err(|e| format!("quoted IPv4 header: {e}"))?
+            .to_header();
+        check(
+            "quoted IPv4 header",
+            quoted.header_checksum,
+            quoted.calc_header_checksum(),
+        )?;
+    }
+    // A whole quoted packet parses on its own; a cut one is refused as too short.
+    if let Ok(h) = PacketHeaders::from_ip_slice(quote) {
+        let payload = match h.payload {
+            PayloadSlice::Tcp(p) | PayloadSlice::Udp(p) => p,
+            ref other => return Err(format!("quote without TCP/UDP: {other:?}")),
+        };
+        verify_transport(h.net.as_ref(), h.transport.as_ref(), payload)
+            .map_err(|e| format!("quoted packet: {e}"))?;
+    }
+    Ok(icmp_check)
+}
+
+/// An ICMP error about a TCP/UDP [`Packet`]: an IP header (of the quoted packet's family),
+/// an ICMP or ICMPv6 header, and the quoted packet from its IP header on, whole or cut.
+/// Serialised by etherparse, which computes every length and checksum.
+#[derive(Clone, Debug)]
+pub struct IcmpError {
+    macs: ([u8; 6], [u8; 6]),
+    src: IpAddr,
+    dst: IpAddr,
+    ttl: u8,
+    icmp_type: u8,
+    code: u8,
+    rest: [u8; 4],
+    quoted: Packet,
+    quote_len: Option<usize>,
+}
+
+impl IcmpError {
+    /// An error of `icmp_type`/`code` (ICMPv4 or ICMPv6 after the addresses' family) from
+    /// `src` to `dst`, TTL 64, with `rest` as header bytes 5 to 8.
+    ///
+    /// # Panics
+    /// Addresses of different families, or of another family than the quote's.
+    #[must_use]
+    pub fn new(
+        src: IpAddr,
+        dst: IpAddr,
+        icmp_type: u8,
+        code: u8,
+        rest: [u8; 4],
+        quoted: Packet,
+    ) -> Self {
+        assert_eq!(src.is_ipv6(), dst.is_ipv6(), "error mixes families");
+        assert_eq!(
+            src.is_ipv6(),
+            matches!(quoted.net, Net::V6(..)),
+            "error and quote of different families"
+        );
+        Self {
+            macs: (CLIENT_MAC, LB_MAC),
+            src,
+            dst,
+            ttl: 64,
+            icmp_type,
+            code,
+            rest,
+            quoted,
+            quote_len: None,
+        }
+    }
+
+    /// ICMPv4 destination unreachable, fragmentation needed (type 3, code 4).
+    #[must_use]
+    pub fn fragmentation_needed(src: IpAddr, dst: IpAddr, mtu: u16, quoted: Packet) -> Self {
+        let [hi, lo] = mtu.to_be_bytes();
+        Self::new(src, dst, 3, 4, [0, 0, hi, lo], quoted)
+    }
+
+    /// ICMPv6 packet too big (type 2).
+    #[must_use]
+    pub fn packet_too_big(src: IpAddr, dst: IpAddr, mtu: u32, quoted: Packet) -> Self {
+        Self::new(src, dst, 2, 0, mtu.to_be_bytes(), quoted)
+    }
+
+    /// Port unreachable: ICMPv4 type 3 code 3, or ICMPv6 type 1 code 4.
+    #[must_use]
+    pub fn port_unreachable(src: IpAddr, dst: IpAddr, quoted: Packet) -> Self {
+        if src.is_ipv6() {
+            Self::new(src, dst, 1, 4, [0; 4], quoted)
+        } else {
+            Self::new(src, dst, 3, 3, [0; 4], quoted)
+        }
+    }
+
+    /// Quotes only the first `len` bytes of the quoted packet's IP packet.
+    #[must_use]
+    pub fn quote_len(mut self, len: usize) -> Self {
+        self.quote_len = Some(len);
+        self
+    }
+
+    #[must_use]
+    pub fn macs(mut self, source: [u8; 6], destination: [u8; 6]) -> Self {
+        self.macs = (source, destination);
+        self
+    }
+
+    #[must_use]
+    pub fn ttl(mut self, ttl: u8) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// What a router does to the frame it forwards.
+    #[must_use]
+    pub fn decrement_ttl(mut self) -> Self {
+        self.ttl = self.ttl.checked_sub(1).expect("TTL 0 cannot be forwarded");
+        self
+    }
+
+    /// Replaces the error's source address.
+    #[must_use]
+    pub fn src(mut self, to: IpAddr) -> Self {
+        self.src = to;
+        self
+    }
+
+    /// Replaces the error's destination address.
+    #[must_use]
+    pub fn dst(mut self, to: IpAddr) -> Self {
+        self.dst = to;
+        self
+    }
+
+    /// Replaces the quoted packet (cut as before).
+    #[must_use]
+    pub fn quoted(mut self, quoted: Packet) -> Self {
+        self.quoted = quoted;
+        self
+    }
+
+    /// The quote as it goes into the message.
+    #[must_use]
+    pub fn quote(&self) -> Vec<u8> {
+        let mut ip = self.quoted.bytes().split_off(self.quoted.l3_offset());
+        if let Some(len) = self.quote_len {
+            ip.truncate(len);
+        }
+        ip
+    }
+
+    /// Serialises the frame; etherparse fills in every length and checksum.
+    #[must_use]
+    pub fn bytes(&self) -> Vec<u8> {
+        let (source, destination) = self.macs;
+        let l2 = PacketBuilder::ethernet2(source, destination);
+        let quote = self.quote();
+        let mut frame = Vec::new();
+        match (self.src, self.dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => l2
+                .ipv4(s.octets(), d.octets(), self.ttl)
+                .icmpv4_raw(self.icmp_type, self.code, self.rest)
+                .write(&mut frame, &quote),
+            (IpAddr::V6(s), IpAddr::V6(d)) => l2
+                .ipv6(s.octets(), d.octets(), self.ttl)
+                .icmpv6_raw(self.icmp_type, self.code, self.rest)
+                .write(&mut frame, &quote),
+            _ => unreachable!("checked by new"),
+        }
+        .expect("Vec write");
+        frame
     }
 }
 
@@ -541,5 +772,72 @@ mod tests {
             .bytes();
         assert_eq!(f[14 + 6], 0, "next header: hop-by-hop");
         assert_eq!(f[14 + 40], 17, "hop-by-hop's next header: UDP");
+    }
+
+    /// Moves one word of an ICMP message's bytes while keeping its ICMP checksum right:
+    /// `at` gains one, the high byte of the next-hop MTU (an even offset into the message,
+    /// as `at` must be; non-zero in these fixtures, so nothing borrows) loses one.
+    fn shift_inside_message(frame: &[u8], icmp_offset: usize, at: usize) -> Vec<u8> {
+        assert_eq!((at - icmp_offset) % 2, 0);
+        let mut f = frame.to_vec();
+        f[at] = f[at].wrapping_add(1);
+        f[icmp_offset + 6] -= 1;
+        f
+    }
+
+    #[test]
+    fn icmp_error_checksums_are_each_verified() {
+        let quoted4 = Packet::tcp(sa("203.0.113.7:40000"), sa("198.51.100.1:8080"));
+        let e4 = IcmpError::fragmentation_needed(
+            "198.51.100.254".parse().unwrap(),
+            "203.0.113.7".parse().unwrap(),
+            1400,
+            quoted4,
+        );
+        let quoted6 = Packet::udp(sa("[2001:db8:f::10]:53"), sa("[2001:db8:c::7]:40000"));
+        let e6 = IcmpError::packet_too_big(
+            "2001:db8:c::fe".parse().unwrap(),
+            "2001:db8:f::10".parse().unwrap(),
+            1280,
+            quoted6,
+        );
+        for e in [
+            &e4,
+            &e6,
+            &e4.clone().quote_len(28),
+            &e6.clone().quote_len(48),
+        ] {
+            verify_checksums(&e.bytes()).unwrap_or_else(|err| panic!("{err}"));
+        }
+
+        let f4 = e4.bytes();
+        let icmp4 = 14 + 20;
+        let err = |f: &[u8]| verify_checksums(f).expect_err("corruption caught");
+        let mut bad = f4.clone();
+        bad[14 + 12] ^= 1;
+        assert!(
+            err(&bad).starts_with("IPv4 header checksum"),
+            "{}",
+            err(&bad)
+        );
+        let mut bad = f4.clone();
+        bad[icmp4 + 8 + 30] ^= 1;
+        assert!(err(&bad).starts_with("ICMPv4 checksum"), "{}", err(&bad));
+        // The quoted source address (message offset 8 + 12), the ICMP checksum kept right.
+        let bad = shift_inside_message(&f4, icmp4, icmp4 + 8 + 12);
+        assert!(err(&bad).starts_with("quoted IPv4 header"), "{}", err(&bad));
+        // The last quoted payload byte: only the quoted TCP checksum notices.
+        let last = f4.len() - 1 - (f4.len() - 1 - icmp4) % 2;
+        let bad = shift_inside_message(&f4, icmp4, last);
+        assert!(err(&bad).starts_with("quoted packet: TCP"), "{}", err(&bad));
+
+        let f6 = e6.bytes();
+        let icmp6 = 14 + 40;
+        let mut bad = f6.clone();
+        bad[14 + 8] ^= 1; // the error's source: in the pseudo-header only
+        assert!(err(&bad).starts_with("ICMPv6 checksum"), "{}", err(&bad));
+        let last = f6.len() - 1 - (f6.len() - 1 - icmp6) % 2;
+        let bad = shift_inside_message(&f6, icmp6, last);
+        assert!(err(&bad).starts_with("quoted packet: UDP"), "{}", err(&bad));
     }
 }
