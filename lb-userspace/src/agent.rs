@@ -2,6 +2,7 @@
 //! serves the control API until SIGINT/SIGTERM, when it detaches and cleans up.
 
 use std::{
+    collections::HashSet,
     fs,
     io::Write as _,
     net::SocketAddr,
@@ -25,7 +26,7 @@ use crate::{
     config::Change,
     datapath::{Datapath, DatapathConfig, PinnedAttachment},
     health::HealthChecker,
-    paths,
+    ownership, paths,
     validate::{self, AddressError, Reason, Role, Route},
 };
 
@@ -557,6 +558,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
             options.socket.display()
         );
     }
+    ownership::clear_socket_path(&options.socket)?;
     let recorded = load_state(&options.state)?;
     // A config file says what is wanted; the state file still supplies the ids a running
     // data path knows its VIPs and backends by.
@@ -643,7 +645,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
                     }
                 }
                 if !adopted {
-                    let _ = fs::remove_dir_all(&options.bpffs);
+                    let _ = ownership::remove_pins(&options.bpffs, &HashSet::new());
                 }
                 for file in forwarding_enabled {
                     let _ = fs::write(file, "0");
@@ -663,9 +665,10 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     if let Some(dir) = options.socket.parent() {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let _ = fs::remove_file(&options.socket);
+    ownership::clear_socket_path(&options.socket)?;
     let listener = UnixListener::bind(&options.socket)
         .with_context(|| format!("listening on {}", options.socket.display()))?;
+    let own_socket = ownership::OwnSocket::bound_at(&options.socket);
     fs::set_permissions(&options.socket, fs::Permissions::from_mode(0o600))
         .context("restricting the control socket to root")?;
     info!(socket = %options.socket.display(), "xlb agent ready");
@@ -720,7 +723,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         }
     }
 
-    let _ = fs::remove_file(&options.socket);
+    own_socket.remove();
     if options.keep_attached {
         info!(
             pins = %options.bpffs.display(),
@@ -738,7 +741,9 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         }
     }
     drop(agent);
-    let _ = fs::remove_dir_all(&options.bpffs);
+    if let Err(e) = ownership::remove_pins(&options.bpffs, &HashSet::new()) {
+        warn!("removing the pinned maps: {e}");
+    }
     // Leave the host as we found it (a kept-attached data path still needs forwarding).
     for file in forwarding_enabled {
         if let Err(e) = fs::write(file, "0") {
@@ -761,25 +766,29 @@ pub fn detach(bpffs: &Path, socket: &Path) -> Result<()> {
             socket.display()
         );
     }
-    let entries = match fs::read_dir(bpffs) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            println!("nothing to detach: {} does not exist", bpffs.display());
-            return Ok(());
-        }
-        Err(e) => return Err(e).with_context(|| format!("reading {}", bpffs.display())),
-    };
-    drop(entries);
+    if !ownership::check_detachable(bpffs)? {
+        println!("nothing to detach: {} does not exist", bpffs.display());
+        return Ok(());
+    }
     let detached = hooks::detach_all(bpffs)?;
     for iface in &detached {
         println!("detached from {iface}");
     }
-    fs::remove_dir_all(bpffs).with_context(|| format!("removing {}", bpffs.display()))?;
-    println!(
-        "removed {} ({} attachment(s), pinned maps with the connection table)",
-        bpffs.display(),
-        detached.len()
-    );
+    let removal = ownership::remove_pins(bpffs, &HashSet::new())?;
+    if removal.dir_removed {
+        println!(
+            "removed {} ({} attachment(s), pinned maps with the connection table)",
+            bpffs.display(),
+            detached.len()
+        );
+    } else {
+        println!(
+            "removed xlb's pins under {} ({} attachment(s), pinned maps); left the directory: it \
+             holds files that are not xlb's",
+            bpffs.display(),
+            detached.len()
+        );
+    }
     Ok(())
 }
 

@@ -11,6 +11,7 @@ pub mod config;
 pub mod datapath;
 pub mod health;
 pub mod metrics;
+pub mod ownership;
 pub mod paths;
 pub mod reconcile;
 pub mod validate;
