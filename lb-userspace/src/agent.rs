@@ -584,6 +584,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         check_pins_outlive_agent(&options.bpffs)?;
     }
     paths::ensure_bpffs_dir(&options.bpffs)?;
+    let _data_path_lock = ownership::lock_data_path(&options.bpffs)?;
     let mut datapath =
         Datapath::load_pinned(options.datapath, &options.bpffs).with_context(|| {
             format!(
@@ -770,6 +771,7 @@ pub fn detach(bpffs: &Path, socket: &Path) -> Result<()> {
         println!("nothing to detach: {} does not exist", bpffs.display());
         return Ok(());
     }
+    let _data_path_lock = ownership::lock_data_path(bpffs)?;
     let detached = hooks::detach_all(bpffs)?;
     for iface in &detached {
         println!("detached from {iface}");

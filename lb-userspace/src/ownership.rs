@@ -27,6 +27,11 @@ pub enum OwnershipError {
     NoXlbPins { path: String },
     #[error("{path} is not on bpffs, so it holds no xlb data path: refusing to touch it")]
     NotBpffs { path: String },
+    #[error(
+        "another xlb agent (pid {pid}) is using the data path pinned under {path}: stop it first, \
+         or give this one another --bpffs"
+    )]
+    InUse { path: String, pid: String },
     #[error("{what} {path}")]
     Io {
         what: &'static str,
@@ -172,6 +177,53 @@ fn identity(path: &Path) -> Option<(u64, u64)> {
         .ok()
         .filter(|m| m.file_type().is_socket())
         .map(|m| (m.dev(), m.ino()))
+}
+
+/// An exclusive claim on the data path pinned under a `--bpffs` directory, held for the
+/// agent's lifetime: a second agent on the same pins would adopt them from under the first.
+/// It is an `flock` on the directory itself (bpffs takes no lock files), so it is released
+/// when the agent dies, however it dies.
+#[derive(Debug)]
+pub struct DataPathLock {
+    _lock: nix::fcntl::Flock<fs::File>,
+}
+
+/// Takes the [`DataPathLock`] on `dir`, which must exist.
+///
+/// # Errors
+/// Another process holds it (its pid in the message), or `dir` cannot be opened.
+pub fn lock_data_path(dir: &Path) -> Result<DataPathLock> {
+    let file = fs::File::open(dir).map_err(io("opening", dir))?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(DataPathLock { _lock: lock }),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(OwnershipError::InUse {
+            path: dir.display().to_string(),
+            pid: lock_holder(dir).map_or_else(|| "unknown".to_owned(), |p| p.to_string()),
+        }),
+        Err((_, errno)) => Err(io("locking", dir)(errno.into())),
+    }
+}
+
+/// The pid holding an `flock` on `path`, from `/proc/locks` (`N: FLOCK ADVISORY WRITE PID
+/// MAJ:MIN:INODE 0 EOF`, device numbers in hex).
+fn lock_holder(path: &Path) -> Option<u32> {
+    let m = fs::metadata(path).ok()?;
+    let wanted = format!(
+        "{:02x}:{:02x}:{}",
+        libc::major(m.dev()),
+        libc::minor(m.dev()),
+        m.ino()
+    );
+    fs::read_to_string("/proc/locks")
+        .ok()?
+        .lines()
+        .filter(|l| !l.contains("->"))
+        .find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields.get(1) == Some(&"FLOCK") && fields.get(5) == Some(&wanted.as_str()))
+                .then(|| fields.get(4)?.parse().ok())
+                .flatten()
+        })
 }
 
 #[cfg(test)]

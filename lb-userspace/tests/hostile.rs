@@ -271,3 +271,58 @@ fn run_refuses_to_mount_bpffs_over_files() {
     assert_eq!(fs::read(data.join("precious.txt")).unwrap(), b"keep me");
     assert!(!common::xlb_attached(topo.lb(), &ifaces[0]));
 }
+
+/// A second agent on the same `--bpffs` used to adopt the running data path from under the
+/// first. It must be refused, naming the first agent's pid; so must `xlb detach`.
+#[test]
+fn second_agent_on_the_same_pins_is_refused() {
+    let dir = TempDir::new(SUITE, "second");
+    let topo = topology(1);
+    let ifaces = lb_ifaces(&topo);
+    let pins = BpffsDir(bpffs_dir("second"));
+    let first = Agent::start(topo.lb(), &ifaces, &dir, &pins.0, &[]);
+    first.ok(&["vip", "add", "10.100.0.1:80/tcp"]);
+    let other = TempDir::new(SUITE, "second-other");
+    let out = refused(
+        Some(topo.lb()),
+        &[
+            "run",
+            "--iface",
+            &ifaces[0],
+            "--socket",
+            s(&other.join("xlb.sock")),
+            "--state",
+            s(&other.join("state.json")),
+            "--bpffs",
+            s(&pins.0),
+            "--no-metrics",
+            "--ring-size",
+            RING,
+        ],
+        "another xlb agent (pid ",
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let pid: u32 = stderr
+        .split("(pid ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {stderr}"));
+    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    assert_eq!(comm.trim(), "xlb", "pid {pid} is the first agent");
+    refused(
+        None,
+        &[
+            "detach",
+            "--bpffs",
+            s(&pins.0),
+            "--socket",
+            s(&other.join("xlb.sock")),
+        ],
+        "another xlb agent (pid ",
+    );
+    // The first agent still owns its data path.
+    let list = first.ok(&["vip", "list"]);
+    assert!(list.contains("10.100.0.1:80/tcp"), "{list}");
+    assert!(common::xlb_attached(topo.lb(), &ifaces[0]));
+}
