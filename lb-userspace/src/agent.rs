@@ -6,17 +6,12 @@ use std::{
     fs,
     io::Write as _,
     net::SocketAddr,
-    os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
 
 use anyhow::{Context as _, Result, bail};
-use tokio::{
-    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
-    net::{UnixListener, UnixStream},
-    signal::unix::{SignalKind, signal},
-};
+use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
 use crate::{
@@ -508,35 +503,6 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-async fn serve_connection(stream: UnixStream, agent: Arc<Mutex<Agent>>) {
-    let (read, mut write) = stream.into_split();
-    let mut lines = BufReader::new(read).lines();
-    loop {
-        let line = match lines.next_line().await {
-            Ok(Some(line)) => line,
-            Ok(None) => return,
-            Err(e) => {
-                warn!("control connection: {e}");
-                return;
-            }
-        };
-        let reply = match serde_json::from_str::<Request>(&line) {
-            Ok(request) => {
-                let agent = Arc::clone(&agent);
-                tokio::task::spawn_blocking(move || lock(&agent).handle(request))
-                    .await
-                    .unwrap_or_else(|e| Reply::Error(format!("internal error: {e}")))
-            }
-            Err(e) => Reply::Error(format!("malformed request: {e}")),
-        };
-        let mut out = serde_json::to_string(&reply).expect("replies always serialise");
-        out.push('\n');
-        if write.write_all(out.as_bytes()).await.is_err() {
-            return;
-        }
-    }
-}
-
 /// Runs the agent until SIGINT or SIGTERM.
 ///
 /// # Errors
@@ -667,11 +633,8 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     ownership::clear_socket_path(&options.socket)?;
-    let listener = UnixListener::bind(&options.socket)
-        .with_context(|| format!("listening on {}", options.socket.display()))?;
+    let listener = crate::control::bind(&options.socket)?;
     let own_socket = ownership::OwnSocket::bound_at(&options.socket);
-    fs::set_permissions(&options.socket, fs::Permissions::from_mode(0o600))
-        .context("restricting the control socket to root")?;
     info!(socket = %options.socket.display(), "xlb agent ready");
 
     let (events, mut health_events) = tokio::sync::mpsc::channel(256);
@@ -693,15 +656,16 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         let agent = Arc::clone(&agent);
         tokio::spawn(server.run(move || lock(&agent).metrics()));
     }
+    let handler: crate::control::Handler = {
+        let agent = Arc::clone(&agent);
+        Arc::new(move |request| lock(&agent).handle(request))
+    };
+    tokio::spawn(crate::control::serve(listener, handler));
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     loop {
         tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => { tokio::spawn(serve_connection(stream, Arc::clone(&agent))); }
-                Err(e) => warn!("accepting a control connection: {e}"),
-            },
             Some(event) = health_events.recv() => {
                 let mut agent = lock(&agent);
                 match agent.balancer.set_health(&event.vip, event.backend, event.healthy) {

@@ -8,6 +8,7 @@ pub mod attach;
 pub mod balancer;
 pub mod bench;
 pub mod config;
+pub mod control;
 pub mod datapath;
 pub mod health;
 pub mod metrics;

@@ -326,3 +326,348 @@ fn second_agent_on_the_same_pins_is_refused() {
     assert!(list.contains("10.100.0.1:80/tcp"), "{list}");
     assert!(common::xlb_attached(topo.lb(), &ifaces[0]));
 }
+
+/// A copy of the `xlb` binary that the unprivileged user can run: the checkout may sit in a
+/// directory only root can enter.
+struct WorldReadableCopy {
+    _dir: TempDir,
+    path: PathBuf,
+}
+
+impl WorldReadableCopy {
+    fn of_xlb() -> Self {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = TempDir::new(SUITE, "bin");
+        let path = dir.join("xlb");
+        fs::copy(XLB, &path).expect("copying xlb");
+        for p in [&dir.0, &path] {
+            fs::set_permissions(p, fs::Permissions::from_mode(0o755)).expect("chmod 755");
+        }
+        Self { _dir: dir, path }
+    }
+}
+
+/// The control socket used to be bound with the umask's permissions and chmod'ed to 0600
+/// afterwards: under umask 000 anyone could connect in between. It must be 0600 from the
+/// moment it appears, and an unprivileged user must not get through.
+#[test]
+fn control_socket_is_never_world_connectable() {
+    use std::os::unix::{fs::PermissionsExt as _, process::CommandExt as _};
+    let dir = TempDir::new(SUITE, "umask");
+    fs::set_permissions(&dir.0, fs::Permissions::from_mode(0o755)).unwrap();
+    let topo = topology(0);
+    let ifaces = lb_ifaces(&topo);
+    let pins = BpffsDir(bpffs_dir("umask"));
+    let socket = dir.join("xlb.sock");
+    let log = dir.join("agent.log");
+    let mut cmd = common::agent_command(
+        topo.lb().command(XLB),
+        &ifaces,
+        &socket,
+        &dir.join("state.json"),
+        &pins.0,
+        &log,
+    );
+    cmd.args(["--ring-size", RING, "--no-metrics"]);
+    // SAFETY: umask(2) is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::umask(0);
+            Ok(())
+        });
+    }
+    // Every change to the socket's directory, to see how the socket got there and whether
+    // its permissions changed after it appeared.
+    let changes = Inotify::watch(&dir.0);
+    let mut child = cmd.spawn().expect("spawning xlb run");
+    // Watch for the socket as closely as a loop can: its first sighting must be 0600.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let first_mode = loop {
+        if let Ok(m) = fs::symlink_metadata(&socket) {
+            break m.permissions().mode() & 0o777;
+        }
+        if std::time::Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "no socket appeared:\n{}",
+                fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        std::hint::spin_loop();
+    };
+    let unprivileged = WorldReadableCopy::of_xlb();
+    let mut as_nobody = topo.lb().command("runuser");
+    as_nobody
+        .args(["-u", "nobody", "--"])
+        .arg(&unprivileged.path)
+        .args(["vip", "list", "--socket"])
+        .arg(&socket)
+        .current_dir("/");
+    let out = output_within(&mut as_nobody, Duration::from_secs(20));
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        first_mode, 0o600,
+        "mode of the control socket when it appeared"
+    );
+    let events: Vec<u32> = changes
+        .events()
+        .into_iter()
+        .filter(|(_, name)| name == "xlb.sock")
+        .map(|(mask, _)| mask)
+        .collect();
+    assert!(!events.is_empty(), "no inotify event for the socket");
+    assert!(
+        events.iter().all(|mask| mask & libc::IN_ATTRIB == 0),
+        "the socket's attributes changed after it appeared at its path (masks {events:x?})"
+    );
+    assert!(
+        !out.status.success(),
+        "nobody reached the agent: {}",
+        describe(&["vip", "list"], &out)
+    );
+    // No private bind directory is left beside the socket.
+    let leftovers: Vec<_> = fs::read_dir(&dir.0)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".bind"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+/// An inotify watch on a directory (creations, moves in, attribute changes).
+struct Inotify(std::os::fd::OwnedFd);
+
+impl Inotify {
+    fn watch(dir: &Path) -> Self {
+        use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
+        // SAFETY: plain syscalls; the fd is owned from here on.
+        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        assert!(
+            fd >= 0,
+            "inotify_init1: {}",
+            std::io::Error::last_os_error()
+        );
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
+        let mask = libc::IN_CREATE | libc::IN_ATTRIB | libc::IN_MOVED_TO;
+        // SAFETY: `path` is a valid C string and `fd` an inotify instance.
+        let wd = unsafe {
+            libc::inotify_add_watch(std::os::fd::AsRawFd::as_raw_fd(&fd), path.as_ptr(), mask)
+        };
+        assert!(
+            wd >= 0,
+            "inotify_add_watch: {}",
+            std::io::Error::last_os_error()
+        );
+        Self(fd)
+    }
+
+    /// (mask, name) of the events so far.
+    fn events(&self) -> Vec<(u32, String)> {
+        let mut file = fs::File::from(self.0.try_clone().unwrap());
+        let mut bytes = Vec::new();
+        let mut buf = [0_u8; 4096];
+        while let Ok(n) = std::io::Read::read(&mut file, &mut buf) {
+            if n == 0 {
+                break;
+            }
+            bytes.extend_from_slice(&buf[..n]);
+        }
+        let mut events = Vec::new();
+        let mut at = 0;
+        // struct inotify_event { int wd; u32 mask, cookie, len; char name[len]; }
+        while at + 16 <= bytes.len() {
+            let field =
+                |i: usize| u32::from_ne_bytes(bytes[at + i..at + i + 4].try_into().unwrap());
+            let (mask, len) = (field(4), field(12) as usize);
+            let name = &bytes[at + 16..at + 16 + len];
+            let name = String::from_utf8_lossy(name)
+                .trim_end_matches('\0')
+                .to_owned();
+            events.push((mask, name));
+            at += 16 + len;
+        }
+        events
+    }
+}
+
+/// Resident memory of `pid` in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// CPU time `pid` has used, in clock ticks (utime + stime from /proc/PID/stat).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) start at "state".
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+fn connect(
+    socket: &Path,
+) -> (
+    std::os::unix::net::UnixStream,
+    std::io::BufReader<std::os::unix::net::UnixStream>,
+) {
+    let conn = std::os::unix::net::UnixStream::connect(socket).expect("connecting");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let reader = std::io::BufReader::new(conn.try_clone().unwrap());
+    (conn, reader)
+}
+
+fn read_reply(reader: &mut impl std::io::BufRead) -> serde_json::Value {
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("reading a reply");
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("reply not JSON ({e}): {line:?}"))
+}
+
+/// A request line had no size limit (100 MB without a newline grew the agent by 100 MB),
+/// and invalid UTF-8 closed the connection without a reply, losing the requests after it.
+#[test]
+fn control_lines_are_bounded_and_invalid_utf8_is_answered() {
+    use std::io::Write as _;
+    let dir = TempDir::new(SUITE, "lines");
+    let topo = topology(0);
+    let ifaces = lb_ifaces(&topo);
+    let pins = BpffsDir(bpffs_dir("lines"));
+    let agent = Agent::start(topo.lb(), &ifaces, &dir, &pins.0, &[]);
+
+    // Invalid UTF-8 pipelined with a good request: both answered, in order.
+    let (mut conn, mut reader) = connect(&agent.socket);
+    conn.write_all(b"{\"op\":\"vip_list\xff\"}\n{\"op\":\"vip_list\"}\n")
+        .unwrap();
+    let first = read_reply(&mut reader);
+    assert_eq!(first["kind"], "error", "{first}");
+    assert!(first["data"].as_str().unwrap().contains("UTF-8"), "{first}");
+    let second = read_reply(&mut reader);
+    assert_eq!(second["kind"], "vips", "{second}");
+
+    // 100 MB without a newline: an error reply, the connection closed, memory bounded.
+    let before = rss_kib(agent.process.pid());
+    let (conn, mut reader) = connect(&agent.socket);
+    let writer = std::thread::spawn(move || {
+        let chunk = vec![b'x'; 1 << 20];
+        let mut conn = conn;
+        for _ in 0..100 {
+            if conn.write_all(&chunk).is_err() {
+                return;
+            }
+        }
+    });
+    let reply = read_reply(&mut reader);
+    assert_eq!(reply["kind"], "error", "{reply}");
+    assert!(
+        reply["data"].as_str().unwrap().contains("longer than"),
+        "{reply}"
+    );
+    writer.join().unwrap();
+    let grown = rss_kib(agent.process.pid()).saturating_sub(before);
+    assert!(grown < 16 * 1024, "the agent grew by {grown} KiB");
+    agent.ok(&["vip", "list"]);
+}
+
+/// Control connections were not capped. Beyond 64 open ones a client gets an error line and
+/// is closed; once they go, the agent serves again.
+#[test]
+fn control_connections_are_capped() {
+    let dir = TempDir::new(SUITE, "cap");
+    let topo = topology(0);
+    let ifaces = lb_ifaces(&topo);
+    let pins = BpffsDir(bpffs_dir("cap"));
+    let agent = Agent::start(topo.lb(), &ifaces, &dir, &pins.0, &[]);
+    let held: Vec<_> = (0..64).map(|_| connect(&agent.socket)).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let (_conn, mut reader) = connect(&agent.socket);
+    let mut line = String::new();
+    let read = std::io::BufRead::read_line(&mut reader, &mut line);
+    assert!(
+        read.is_ok()
+            && line.contains("\"kind\":\"error\"")
+            && line.contains("64 control connections"),
+        "the 65th connection: {read:?} {line:?}"
+    );
+    drop(held);
+    std::thread::sleep(Duration::from_millis(200));
+    agent.ok(&["vip", "list"]);
+}
+
+/// Out of file descriptors, the accept loop used to spin at 100 % CPU and log ~140 MB in 5 s.
+/// With the agent's fd limit lowered to what it has open plus a few, a burst of connections
+/// must leave it mostly idle, with a short log, and serving again once they close.
+#[test]
+fn accept_errors_back_off() {
+    let dir = TempDir::new(SUITE, "fds");
+    let topo = topology(0);
+    let ifaces = lb_ifaces(&topo);
+    let pins = BpffsDir(bpffs_dir("fds"));
+    let agent = Agent::start(topo.lb(), &ifaces, &dir, &pins.0, &[]);
+    let pid = agent.process.pid();
+
+    let soft_limit = |value: &str| {
+        let out = output_within(
+            Command::new("prlimit")
+                .arg(format!("--pid={pid}"))
+                .arg(format!("--nofile={value}:")),
+            Duration::from_secs(10),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            describe(&["prlimit", value], &out)
+        );
+    };
+    let original = fs::read_to_string(format!("/proc/{pid}/limits"))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3).map(str::to_owned))
+        .expect("the agent's soft fd limit");
+    let open_fds = fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    soft_limit(&(open_fds + 4).to_string());
+    let log_before = agent.process.log().len();
+    let held: Vec<_> = (0..20)
+        .filter_map(|_| std::os::unix::net::UnixStream::connect(&agent.socket).ok())
+        .collect();
+    let ticks_before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(3));
+    let ticks = cpu_ticks(pid) - ticks_before;
+    let log = agent.process.log();
+    let log_growth = log.len().saturating_sub(log_before);
+    // SAFETY: sysconf has no preconditions.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap();
+    assert!(
+        ticks < hz * 3 / 10,
+        "the agent used {ticks} ticks ({hz}/s) in 3 s while out of file descriptors"
+    );
+    assert!(
+        log_growth < 16 * 1024,
+        "the log grew by {log_growth} bytes in 3 s"
+    );
+    drop(held);
+    soft_limit(&original);
+    // Serving again after the back-off (at most 2 s).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = common::xlb(topo.lb(), &agent.socket, &["vip", "list"]);
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            describe(&["vip", "list"], &out)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
