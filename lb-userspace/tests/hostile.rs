@@ -671,3 +671,132 @@ fn accept_errors_back_off() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// `GET /metrics` on `addr` from inside `ns`: the status line, within `limit`.
+fn scrape(ns: &Netns, addr: std::net::SocketAddr, limit: Duration) -> Result<String, String> {
+    use std::io::{Read as _, Write as _};
+    ns.run(move || {
+        let mut conn = std::net::TcpStream::connect_timeout(&addr, limit)
+            .map_err(|e| format!("connect: {e}"))?;
+        conn.set_read_timeout(Some(limit)).unwrap();
+        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .map_err(|e| format!("write: {e}"))?;
+        let mut text = String::new();
+        conn.read_to_string(&mut text)
+            .map_err(|e| format!("read: {e}"))?;
+        Ok(text.lines().next().unwrap_or_default().to_owned())
+    })
+    .expect("namespace")
+}
+
+/// 64 idle connections to the metrics endpoint used to block a scrape for over 5 s, and a
+/// scrape flood slowed the control socket. A scrape must be answered at once while idle
+/// clients hold every slot, and control requests stay quick under a flood of scrapes.
+#[test]
+fn metrics_floods_do_not_block_scrapes_or_the_control_socket() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+    let dir = TempDir::new(SUITE, "metrics");
+    let topo = topology(1);
+    let ifaces = lb_ifaces(&topo);
+    let pins = BpffsDir(bpffs_dir("metrics"));
+    let port = 19_464;
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let metrics_arg = addr.to_string();
+    let agent = {
+        let socket = dir.join("xlb.sock");
+        let log = dir.join("agent.log");
+        let mut cmd = common::agent_command(
+            topo.lb().command(XLB),
+            &ifaces,
+            &socket,
+            &dir.join("state.json"),
+            &pins.0,
+            &log,
+        );
+        cmd.args(["--ring-size", RING, "--metrics", &metrics_arg]);
+        let ns = topo.lb();
+        let process = AgentProcess::start(
+            cmd,
+            log,
+            Duration::from_secs(15),
+            Duration::from_millis(50),
+            common::vip_list_probe(|args| common::xlb(ns, &socket, args)),
+        );
+        Agent {
+            ns,
+            process,
+            socket,
+        }
+    };
+    agent.ok(&["vip", "add", "10.100.0.1:80/tcp"]);
+    agent.ok(&["backend", "add", "10.100.0.1:80/tcp", "10.11.0.2:8080"]);
+    assert_eq!(
+        scrape(topo.lb(), addr, Duration::from_secs(5)).as_deref(),
+        Ok("HTTP/1.1 200 OK")
+    );
+
+    let idle: Vec<std::net::TcpStream> = topo
+        .lb()
+        .run(move || {
+            (0..72)
+                .filter_map(|_| std::net::TcpStream::connect(addr).ok())
+                .collect()
+        })
+        .unwrap();
+    assert_eq!(idle.len(), 72);
+    std::thread::sleep(Duration::from_millis(200));
+    let started = std::time::Instant::now();
+    let status = scrape(topo.lb(), addr, Duration::from_secs(8));
+    assert_eq!(
+        status.as_deref(),
+        Ok("HTTP/1.1 200 OK"),
+        "scrape with 72 idle clients"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "a scrape took {} ms while idle clients were connected",
+        started.elapsed().as_millis()
+    );
+    drop(idle);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let flooders: Vec<_> = (0..8)
+        .map(|_| {
+            let stop = Arc::clone(&stop);
+            topo.lb()
+                .spawn(move || {
+                    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+                    while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < deadline {
+                        if let Ok(mut conn) = std::net::TcpStream::connect(addr) {
+                            use std::io::{Read as _, Write as _};
+                            let _ = conn.write_all(b"GET /metrics HTTP/1.1\r\n\r\n");
+                            let _ = conn.read_to_end(&mut Vec::new());
+                        }
+                    }
+                })
+                .unwrap()
+        })
+        .collect();
+    let mut slowest = Duration::ZERO;
+    for _ in 0..20 {
+        let (mut conn, mut reader) = connect(&agent.socket);
+        let started = std::time::Instant::now();
+        std::io::Write::write_all(&mut conn, b"{\"op\":\"stats\"}\n").unwrap();
+        let reply = read_reply(&mut reader);
+        slowest = slowest.max(started.elapsed());
+        assert_eq!(reply["kind"], "stats", "{reply}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for f in flooders {
+        f.join().unwrap();
+    }
+    assert!(
+        slowest < Duration::from_millis(500),
+        "a stats request took {} ms during a scrape flood",
+        slowest.as_millis()
+    );
+}
