@@ -800,3 +800,68 @@ fn metrics_floods_do_not_block_scrapes_or_the_control_socket() {
         slowest.as_millis()
     );
 }
+
+/// `--container --latest` reached `podman inspect` as an option and resolved an unrelated
+/// container. Names must follow podman's rule and come after `--`. A fake `podman` on PATH
+/// records how it is called.
+#[test]
+fn container_names_are_never_options() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = TempDir::new(SUITE, "container");
+    let calls = dir.join("calls");
+    let fake = dir.join("podman");
+    fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\necho \"$@\" >> {}\necho '10.11.0.2 '\n",
+            calls.display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&fake, fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        dir.0.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let socket = dir.join("nobody-here.sock");
+    let run = |container: &str| {
+        let mut cmd = Command::new(XLB);
+        cmd.args(["backend", "add", "10.100.0.1:80/tcp"])
+            .arg(format!("--container={container}"))
+            .arg("--socket")
+            .arg(&socket)
+            .env("PATH", &path)
+            .env_remove("XLB_SOCKET");
+        output_within(&mut cmd, Duration::from_secs(20))
+    };
+    for bad in ["--latest", "-l", ".x", "a b", "a/b"] {
+        let out = run(&format!("{bad}:8080"));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains("is not a valid container name"),
+            "{bad}: {}",
+            describe(&["backend", "add", "--container", bad], &out)
+        );
+    }
+    assert!(
+        !calls.exists(),
+        "podman ran for an invalid name: {:?}",
+        fs::read_to_string(&calls)
+    );
+    // A valid name is resolved (then the missing agent is reported), after `--`.
+    let out = run("web-1.blue_2:8080");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no xlb agent"),
+        "{}",
+        describe(
+            &["backend", "add", "--container", "web-1.blue_2:8080"],
+            &out
+        )
+    );
+    let recorded = fs::read_to_string(&calls).unwrap();
+    assert!(
+        recorded.trim_end().ends_with("-- web-1.blue_2"),
+        "{recorded}"
+    );
+}
