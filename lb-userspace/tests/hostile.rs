@@ -865,3 +865,157 @@ fn container_names_are_never_options() {
         "{recorded}"
     );
 }
+
+/// A TCP server on `0.0.0.0:port` in `ns` that greets each connection with `greeting` (or,
+/// while `stalled` is set, accepts and never answers, like a stopped process), until dropped.
+struct Server {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    fn start(
+        ns: &Netns,
+        port: u16,
+        greeting: &'static str,
+        stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> Self {
+        use std::{io::Write as _, sync::atomic::Ordering};
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let flag = std::sync::Arc::clone(&stop);
+        let thread = ns
+            .spawn(move || {
+                let listener = std::net::TcpListener::bind(("0.0.0.0", port)).expect("bind");
+                listener.set_nonblocking(true).unwrap();
+                ready_tx.send(()).unwrap();
+                let mut stalled_conns = Vec::new();
+                let deadline = std::time::Instant::now() + Duration::from_secs(120);
+                while !flag.load(Ordering::Relaxed) && std::time::Instant::now() < deadline {
+                    match listener.accept() {
+                        Ok((mut conn, _)) if !stalled.load(Ordering::Relaxed) => {
+                            let _ = conn.write_all(greeting.as_bytes());
+                        }
+                        Ok((conn, _)) => stalled_conns.push(conn),
+                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                    }
+                }
+            })
+            .expect("server thread");
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("server ready");
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// What a connection from the client to `addr` reads, within a second.
+fn ask(topo: &Topology, addr: std::net::SocketAddr) -> Result<String, String> {
+    use std::io::Read as _;
+    topo.client()
+        .run(move || {
+            let mut conn = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+                .map_err(|e| format!("connect: {e}"))?;
+            conn.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+            let mut text = String::new();
+            conn.read_to_string(&mut text)
+                .map_err(|e| format!("read: {e}"))?;
+            Ok(text)
+        })
+        .expect("client namespace")
+}
+
+/// An HTTP health check on a backend that stops answering (accepts, never replies, like a
+/// SIGSTOPped server) must fail on time: the backend leaves the ring within interval × fall
+/// plus the timeout, and new connections through the VIP work again.
+#[test]
+fn stalled_backends_fail_their_health_checks_on_time() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+    let dir = TempDir::new(SUITE, "stall");
+    let topo = topology(2);
+    let ifaces = lb_ifaces(&topo);
+    let pins = BpffsDir(bpffs_dir("stall"));
+    let stalled = Arc::new(AtomicBool::new(false));
+    let ok_reply = "HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n";
+    let _b0 = Server::start(topo.backend(0), 8080, ok_reply, Default::default());
+    let _b1 = Server::start(topo.backend(1), 8080, ok_reply, Arc::clone(&stalled));
+    let agent = Agent::start(topo.lb(), &ifaces, &dir, &pins.0, &[]);
+    let (interval_ms, timeout_ms, fall) = (200_u64, 100_u64, 2_u64);
+    agent.ok(&[
+        "vip",
+        "add",
+        "10.100.0.1:80/tcp",
+        "--health",
+        "http",
+        "--health-path",
+        "/",
+        "--health-interval-ms",
+        &interval_ms.to_string(),
+        "--health-timeout-ms",
+        &timeout_ms.to_string(),
+        "--health-fall",
+        &fall.to_string(),
+        "--health-rise",
+        "1",
+    ]);
+    for b in ["10.11.0.2:8080", "10.11.1.2:8080"] {
+        agent.ok(&["backend", "add", "10.100.0.1:80/tcp", b]);
+    }
+    let healthy = |addr: &str| -> Option<bool> {
+        let list: serde_json::Value =
+            serde_json::from_str(&agent.ok(&["backend", "list", "10.100.0.1:80/tcp", "--json"]))
+                .unwrap();
+        list["backends"]
+            .as_array()?
+            .iter()
+            .find(|b| b["addr"] == addr)?
+            .get("health")?
+            .get("healthy")?
+            .as_bool()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while healthy("10.11.1.2:8080") != Some(true) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "b1 never checked healthy"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stalled.store(true, Ordering::Relaxed);
+    let stalled_at = std::time::Instant::now();
+    let limit = Duration::from_millis(interval_ms * fall + timeout_ms + 700);
+    while healthy("10.11.1.2:8080") != Some(false) {
+        assert!(
+            stalled_at.elapsed() < limit,
+            "b1 still counted healthy {} ms after it stopped answering:\n{}",
+            stalled_at.elapsed().as_millis(),
+            agent.ok(&["backend", "list", "10.100.0.1:80/tcp"])
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let vip: std::net::SocketAddr = "10.100.0.1:80".parse().unwrap();
+    for _ in 0..20 {
+        let reply = ask(&topo, vip);
+        assert!(
+            reply
+                .as_deref()
+                .is_ok_and(|r| r.starts_with("HTTP/1.0 200")),
+            "a new connection failed after b1 left the ring: {reply:?}"
+        );
+    }
+}
