@@ -108,12 +108,92 @@ pub fn save_state(path: &Path, state: &DesiredState) -> Result<()> {
 }
 
 fn load_state(path: &Path) -> Result<Option<DesiredState>> {
-    match fs::read(path) {
+    match read_regular_file(path) {
         Ok(bytes) => serde_json::from_slice(&bytes)
             .map(Some)
             .with_context(|| format!("{} is not a valid xlb state file", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// Reads `path` if it is a regular file. Opened non-blocking and checked before reading: a
+/// FIFO at the state path would otherwise block the start until someone writes to it, and a
+/// device or directory is no state file either.
+fn read_regular_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::{io::Read as _, os::unix::fs::OpenOptionsExt as _};
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file: refusing to use it as the state file (choose another --state)",
+        ));
+    }
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// Undoes a start that fails half-way: detaches the links it attached, removes the pins it
+/// created (never those of a data path it adopted: they were there before) and switches
+/// forwarding back off. Disarmed once the agent is up.
+struct StartCleanup<'a> {
+    bpffs: &'a Path,
+    /// xlb pins under `bpffs` before this agent loaded anything.
+    preexisting: HashSet<std::ffi::OsString>,
+    links: Vec<PinnedAttachment>,
+    forwarding_enabled: Vec<&'static str>,
+    armed: bool,
+}
+
+impl<'a> StartCleanup<'a> {
+    fn new(bpffs: &'a Path) -> Result<Self> {
+        Ok(Self {
+            bpffs,
+            preexisting: ownership::xlb_pins(bpffs)?,
+            links: Vec::new(),
+            forwarding_enabled: Vec::new(),
+            armed: true,
+        })
+    }
+
+    /// The agent is up: hands over what it attached and enabled.
+    fn disarm(mut self) -> (Vec<PinnedAttachment>, Vec<&'static str>) {
+        self.armed = false;
+        (
+            std::mem::take(&mut self.links),
+            std::mem::take(&mut self.forwarding_enabled),
+        )
+    }
+}
+
+impl Drop for StartCleanup<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        for link in self.links.drain(..) {
+            if link.adopted {
+                link.keep();
+            } else {
+                let _ = link.detach();
+            }
+        }
+        match ownership::remove_pins(self.bpffs, &self.preexisting) {
+            Ok(removal) if removal.pins > 0 => info!(
+                pins = removal.pins,
+                bpffs = %self.bpffs.display(),
+                "start failed: removed the pins it created"
+            ),
+            Ok(_) => {}
+            Err(e) => warn!("start failed, and removing the pins it created failed too: {e}"),
+        }
+        for file in &self.forwarding_enabled {
+            let _ = fs::write(file, "0");
+        }
     }
 }
 
@@ -551,6 +631,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     }
     paths::ensure_bpffs_dir(&options.bpffs)?;
     let _data_path_lock = ownership::lock_data_path(&options.bpffs)?;
+    let mut cleanup = StartCleanup::new(&options.bpffs)?;
     let mut datapath =
         Datapath::load_pinned(options.datapath, &options.bpffs).with_context(|| {
             format!(
@@ -579,7 +660,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         path = %options.state.display(),
         "restored state"
     );
-    let forwarding_enabled = enable_forwarding();
+    cleanup.forwarding_enabled = enable_forwarding();
     let host_links = hooks::links().await?;
     for link in hooks::redirect_targets(&host_links, options.mode) {
         if let Err(e) = balancer.allow_egress(link.index) {
@@ -587,7 +668,6 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         }
     }
 
-    let mut links = Vec::new();
     for (name, index) in &ifaces {
         let link = host_links
             .iter()
@@ -598,28 +678,12 @@ pub async fn run(options: AgentOptions) -> Result<()> {
                 index: *index,
                 kind: hooks::LinkKind::Device,
             });
-        match hooks::attach(balancer.datapath_mut(), &link, options.mode, &options.bpffs) {
-            Ok(link) => links.push(link),
-            Err(e) => {
-                // Leave nothing half-attached behind a failed start; pins and maps too,
-                // unless they belong to a data path a previous agent left running.
-                let adopted = links.iter().any(|l: &PinnedAttachment| l.adopted);
-                for link in links {
-                    if link.adopted {
-                        link.keep();
-                    } else {
-                        let _ = link.detach();
-                    }
-                }
-                if !adopted {
-                    let _ = ownership::remove_pins(&options.bpffs, &HashSet::new());
-                }
-                for file in forwarding_enabled {
-                    let _ = fs::write(file, "0");
-                }
-                return Err(e);
-            }
-        }
+        cleanup.links.push(hooks::attach(
+            balancer.datapath_mut(),
+            &link,
+            options.mode,
+            &options.bpffs,
+        )?);
     }
     let listed: Vec<String> = ifaces.iter().map(|(name, _)| name.clone()).collect();
     for iface in hooks::detach_unlisted(&options.bpffs, &listed)? {
@@ -649,6 +713,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
             None => crate::config::AgentConfig::default(),
         },
     }));
+    let (links, forwarding_enabled) = cleanup.disarm();
     lock(&agent).sync_health_targets();
     lock(&agent).warn_about_backend_routes();
     if let Some(server) = metrics {

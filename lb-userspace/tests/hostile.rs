@@ -1019,3 +1019,78 @@ fn stalled_backends_fail_their_health_checks_on_time() {
         );
     }
 }
+
+/// A refused start used to leave its pinned maps (and links) behind, for the next start to
+/// adopt with whatever they held; a FIFO as the state file hung the start. A state path that
+/// is not a regular file is refused at once, and a refused start removes what it created but
+/// keeps a data path it adopted.
+#[test]
+fn refused_starts_leave_nothing_behind() {
+    let dir = TempDir::new(SUITE, "refused");
+    let topo = topology(0);
+    let ifaces = lb_ifaces(&topo);
+    let pins = BpffsDir(bpffs_dir("refused"));
+    let run_args = |socket: &Path, state: &Path| -> Vec<String> {
+        [
+            "run",
+            "--iface",
+            &ifaces[0],
+            "--socket",
+            s(socket),
+            "--state",
+            s(state),
+            "--bpffs",
+            s(&pins.0),
+            "--no-metrics",
+            "--ring-size",
+            RING,
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    };
+    let refused_run = |args: &[String], needle: &str| {
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        refused(Some(topo.lb()), &argv, needle);
+    };
+
+    let fifo = dir.join("state.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    refused_run(&run_args(&dir.join("a.sock"), &fifo), "not a regular file");
+    assert_eq!(xlb_pins(&pins.0), Vec::<String>::new());
+
+    // Refused after loading and attaching: its socket's directory cannot be created.
+    let unreachable = Path::new("/proc")
+        .join(common::unique(SUITE, "nodir"))
+        .join("xlb.sock");
+    let state = dir.join("state.json");
+    refused_run(&run_args(&unreachable, &state), "creating /proc/");
+    assert_eq!(
+        xlb_pins(&pins.0),
+        Vec::<String>::new(),
+        "pins of a refused start"
+    );
+    assert!(!common::xlb_attached(topo.lb(), &ifaces[0]));
+
+    // A data path a previous agent kept: a refused start leaves it as it was.
+    {
+        let mut kept = Agent::start(topo.lb(), &ifaces, &dir, &pins.0, &["--keep-attached"]);
+        kept.ok(&["vip", "add", "10.100.0.1:80/tcp"]);
+        kept.process.stop();
+    }
+    let mut before = xlb_pins(&pins.0);
+    before.sort();
+    assert!(!before.is_empty());
+    refused_run(
+        &run_args(&unreachable, &dir.join("state.json")),
+        "creating /proc/",
+    );
+    let mut after = xlb_pins(&pins.0);
+    after.sort();
+    assert_eq!(
+        after, before,
+        "a refused start keeps the data path it adopted"
+    );
+    assert!(common::xlb_attached(topo.lb(), &ifaces[0]));
+    let agent = Agent::start(topo.lb(), &ifaces, &dir, &pins.0, &[]);
+    assert!(agent.ok(&["vip", "list"]).contains("10.100.0.1:80/tcp"));
+}
