@@ -21,7 +21,7 @@ use crate::{
     config::Change,
     datapath::{Datapath, DatapathConfig, PinnedAttachment},
     health::HealthChecker,
-    ownership, paths,
+    ownership, paths, relink,
     validate::{self, AddressError, Reason, Role, Route},
 };
 
@@ -661,6 +661,17 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         "restored state"
     );
     cleanup.forwarding_enabled = enable_forwarding();
+    // Before listing the interfaces: a re-creation in between is then not missed.
+    let mut link_changes = relink::watch()
+        .map_err(|e| {
+            warn!(
+                "interfaces deleted and re-created will not be re-attached until the next \
+                 check (every {} s): {}",
+                RELINK_SWEEP.as_secs(),
+                error_chain(&e)
+            );
+        })
+        .ok();
     let host_links = hooks::links().await?;
     for link in hooks::redirect_targets(&host_links, options.mode) {
         if let Err(e) = balancer.allow_egress(link.index) {
@@ -714,6 +725,21 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         },
     }));
     let (links, forwarding_enabled) = cleanup.disarm();
+    let mut attachments = relink::Attachments::new(
+        ifaces
+            .iter()
+            .cloned()
+            .zip(links)
+            .map(|((name, index), attachment)| relink::Attached {
+                name,
+                index,
+                attachment: Some(attachment),
+            })
+            .collect(),
+        options.mode,
+        &options.bpffs,
+    );
+    let mut relink_sweep = tokio::time::interval(RELINK_SWEEP);
     lock(&agent).sync_health_targets();
     lock(&agent).warn_about_backend_routes();
     if let Some(server) = metrics {
@@ -741,6 +767,19 @@ pub async fn run(options: AgentOptions) -> Result<()> {
                     Err(e) => info!("health event for a backend that is gone: {}", error_chain(&e)),
                 }
             }
+            Some(change) = next_link_change(&mut link_changes) => {
+                if attachments.lost(&change) {
+                    warn!(?change, "interface gone, and its attachment with it: re-attached when an interface of that name appears");
+                }
+                if let Some((name, index)) = attachments.recreated(&change) {
+                    reattach(&agent, &mut attachments, options.mode, &name, index).await;
+                }
+            }
+            _ = relink_sweep.tick() => {
+                for (name, index) in attachments.moved() {
+                    reattach(&agent, &mut attachments, options.mode, &name, index).await;
+                }
+            }
             _ = sighup.recv() => {
                 let reply = lock(&agent).handle(Request::Reload);
                 match reply {
@@ -754,6 +793,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     }
 
     own_socket.remove();
+    let links = attachments.into_attachments();
     if options.keep_attached {
         info!(
             pins = %options.bpffs.display(),
@@ -781,6 +821,65 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// How often the agent compares its interfaces' indexes with the ones it attached to, in
+/// case a link notification was lost.
+const RELINK_SWEEP: std::time::Duration = std::time::Duration::from_secs(5);
+
+async fn next_link_change(
+    changes: &mut Option<tokio::sync::mpsc::Receiver<relink::LinkChange>>,
+) -> Option<relink::LinkChange> {
+    match changes {
+        Some(changes) => changes.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Attaches to the device now named `name` (index `index`), which replaced the one the
+/// agent was attached to.
+async fn reattach(
+    agent: &Mutex<Agent>,
+    attachments: &mut relink::Attachments,
+    mode: ModeChoice,
+    name: &str,
+    index: u32,
+) {
+    let link = match hooks::links().await {
+        Ok(links) => links
+            .into_iter()
+            .find(|l| l.index == index && l.name == name),
+        Err(e) => {
+            warn!(
+                iface = name,
+                "interface re-created, but listing interfaces failed: {e:#}"
+            );
+            return;
+        }
+    };
+    // Gone again already: the next notification says what became of it.
+    let Some(link) = link else { return };
+    let mut agent = lock(agent);
+    match attachments.reattach(agent.balancer.datapath_mut(), &link) {
+        Ok(()) => info!(
+            iface = name,
+            index, "interface re-created (a container restart?): re-attached"
+        ),
+        Err(e) => warn!(
+            iface = name,
+            index, "interface re-created, but re-attaching failed: {e:#}"
+        ),
+    }
+    if !hooks::redirect_targets(std::slice::from_ref(&link), mode).is_empty()
+        && let Err(e) = agent.balancer.allow_egress(link.index)
+    {
+        warn!(
+            iface = name,
+            "not usable for XDP redirect: {}",
+            error_chain(&e)
+        );
+    }
+    agent.attached = attachments.interfaces();
 }
 
 /// `xlb detach`: removes a data path an agent left attached (`--keep-attached`): the pinned

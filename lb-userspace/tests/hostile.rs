@@ -1094,3 +1094,65 @@ fn refused_starts_leave_nothing_behind() {
     let agent = Agent::start(topo.lb(), &ifaces, &dir, &pins.0, &[]);
     assert!(agent.ok(&["vip", "list"]).contains("10.100.0.1:80/tcp"));
 }
+
+/// An interface deleted and re-created under the same name (a container restart) used to
+/// stay unattached: replies from behind it bypassed xlb. Traffic through the VIP must work
+/// again within a few seconds.
+#[test]
+fn recreated_interfaces_are_reattached() {
+    let dir = TempDir::new(SUITE, "relink");
+    let topo = topology(1);
+    let ifaces = lb_ifaces(&topo);
+    let pins = BpffsDir(bpffs_dir("relink"));
+    let _server = Server::start(topo.backend(0), 8080, "b0\n", Default::default());
+    let agent = Agent::start(topo.lb(), &ifaces, &dir, &pins.0, &[]);
+    agent.ok(&["vip", "add", "10.100.0.1:80/tcp"]);
+    agent.ok(&["backend", "add", "10.100.0.1:80/tcp", "10.11.0.2:8080"]);
+    let vip: std::net::SocketAddr = "10.100.0.1:80".parse().unwrap();
+    assert_eq!(ask(&topo, vip).as_deref(), Ok("b0\n"));
+
+    // The container restarts: its veth goes, a new one with the same names comes.
+    let lb_end = &ifaces[1];
+    let backend_end = &topo.backend_links[0].b.ifname;
+    let old_index = topo.lb().ifindex(lb_end).unwrap();
+    topo.lb().delete_link(lb_end).unwrap();
+    topo.lb()
+        .add_veth(lb_end, topo.backend(0), backend_end)
+        .unwrap();
+    let lb_addr: std::net::Ipv4Addr = "10.11.0.1".parse().unwrap();
+    topo.lb()
+        .add_address(lb_end, ipnet_v4(lb_addr, 24))
+        .unwrap();
+    topo.backend(0)
+        .add_address(backend_end, ipnet_v4("10.11.0.2".parse().unwrap(), 24))
+        .unwrap();
+    topo.lb().set_link_up(lb_end).unwrap();
+    topo.backend(0).set_link_up(backend_end).unwrap();
+    topo.backend(0).add_default_route(lb_addr.into()).unwrap();
+    assert_ne!(topo.lb().ifindex(lb_end).unwrap(), old_index);
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut last;
+    loop {
+        last = ask(&topo, vip);
+        if last.as_deref() == Ok("b0\n") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no traffic through the VIP 10 s after the re-creation: {last:?}\n{}",
+            agent.process.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(common::xlb_attached(topo.lb(), lb_end));
+    assert!(
+        agent.process.log().contains("re-attached"),
+        "{}",
+        agent.process.log()
+    );
+}
+
+fn ipnet_v4(addr: std::net::Ipv4Addr, prefix: u8) -> xlb_netns::ipnet::Ipv4Net {
+    xlb_netns::ipnet::Ipv4Net::new(addr, prefix).unwrap()
+}
