@@ -20,7 +20,7 @@ use tokio::{
     sync::Semaphore,
     time::timeout,
 };
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::api::{Reply, Request};
 
@@ -73,6 +73,9 @@ pub enum ControlError {
 pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     let private = private_dir_beside(path);
     let err_path = |p: &Path| p.display().to_string();
+    // Left by an agent with the same pid that died mid-bind (pid 1 in a container, say).
+    let _ = std::fs::remove_file(private.join("s"));
+    let _ = std::fs::remove_dir(&private);
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(&private)
@@ -135,7 +138,7 @@ struct RateLimitedLog {
 }
 
 impl RateLimitedLog {
-    fn warn(&mut self, what: &str, error: &std::io::Error) {
+    fn warn(&mut self, what: &str, error: &dyn std::fmt::Display) {
         let now = Instant::now();
         if self
             .last
@@ -163,6 +166,7 @@ pub async fn serve(listener: UnixListener, handler: Handler) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut backoff = ACCEPT_BACKOFF;
     let mut errors = RateLimitedLog::default();
+    let mut refusals = RateLimitedLog::default();
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => {
@@ -181,6 +185,10 @@ pub async fn serve(listener: UnixListener, handler: Handler) {
         };
         let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
             refuse_busy(&stream);
+            refusals.warn(
+                "refused a control connection",
+                &format_args!("{MAX_CONNECTIONS} already open"),
+            );
             continue;
         };
         let handler = Arc::clone(&handler);
@@ -200,7 +208,6 @@ fn refuse_busy(stream: &UnixStream) {
     line.push('\n');
     // Best effort: a fresh socket's send buffer takes one short line.
     let _ = stream.try_write(line.as_bytes());
-    info!("refused a control connection: {MAX_CONNECTIONS} already open");
 }
 
 /// One request line, as read by [`read_line`].
