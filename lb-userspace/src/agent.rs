@@ -2,20 +2,16 @@
 //! serves the control API until SIGINT/SIGTERM, when it detaches and cleans up.
 
 use std::{
+    collections::HashSet,
     fs,
     io::Write as _,
     net::SocketAddr,
-    os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
 
 use anyhow::{Context as _, Result, bail};
-use tokio::{
-    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
-    net::{UnixListener, UnixStream},
-    signal::unix::{SignalKind, signal},
-};
+use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
 use crate::{
@@ -25,7 +21,7 @@ use crate::{
     config::Change,
     datapath::{Datapath, DatapathConfig, PinnedAttachment},
     health::HealthChecker,
-    paths,
+    ownership, paths, relink,
     validate::{self, AddressError, Reason, Role, Route},
 };
 
@@ -112,12 +108,92 @@ pub fn save_state(path: &Path, state: &DesiredState) -> Result<()> {
 }
 
 fn load_state(path: &Path) -> Result<Option<DesiredState>> {
-    match fs::read(path) {
+    match read_regular_file(path) {
         Ok(bytes) => serde_json::from_slice(&bytes)
             .map(Some)
             .with_context(|| format!("{} is not a valid xlb state file", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// Reads `path` if it is a regular file. Opened non-blocking and checked before reading: a
+/// FIFO at the state path would otherwise block the start until someone writes to it, and a
+/// device or directory is no state file either.
+fn read_regular_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::{io::Read as _, os::unix::fs::OpenOptionsExt as _};
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file: refusing to use it as the state file (choose another --state)",
+        ));
+    }
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// Undoes a start that fails half-way: detaches the links it attached, removes the pins it
+/// created (never those of a data path it adopted: they were there before) and switches
+/// forwarding back off. Disarmed once the agent is up.
+struct StartCleanup<'a> {
+    bpffs: &'a Path,
+    /// xlb pins under `bpffs` before this agent loaded anything.
+    preexisting: HashSet<std::ffi::OsString>,
+    links: Vec<PinnedAttachment>,
+    forwarding_enabled: Vec<&'static str>,
+    armed: bool,
+}
+
+impl<'a> StartCleanup<'a> {
+    fn new(bpffs: &'a Path) -> Result<Self> {
+        Ok(Self {
+            bpffs,
+            preexisting: ownership::xlb_pins(bpffs)?,
+            links: Vec::new(),
+            forwarding_enabled: Vec::new(),
+            armed: true,
+        })
+    }
+
+    /// The agent is up: hands over what it attached and enabled.
+    fn disarm(mut self) -> (Vec<PinnedAttachment>, Vec<&'static str>) {
+        self.armed = false;
+        (
+            std::mem::take(&mut self.links),
+            std::mem::take(&mut self.forwarding_enabled),
+        )
+    }
+}
+
+impl Drop for StartCleanup<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        for link in self.links.drain(..) {
+            if link.adopted {
+                link.keep();
+            } else {
+                let _ = link.detach();
+            }
+        }
+        match ownership::remove_pins(self.bpffs, &self.preexisting) {
+            Ok(removal) if removal.pins > 0 => info!(
+                pins = removal.pins,
+                bpffs = %self.bpffs.display(),
+                "start failed: removed the pins it created"
+            ),
+            Ok(_) => {}
+            Err(e) => warn!("start failed, and removing the pins it created failed too: {e}"),
+        }
+        for file in &self.forwarding_enabled {
+            let _ = fs::write(file, "0");
+        }
     }
 }
 
@@ -524,35 +600,6 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-async fn serve_connection(stream: UnixStream, agent: Arc<Mutex<Agent>>) {
-    let (read, mut write) = stream.into_split();
-    let mut lines = BufReader::new(read).lines();
-    loop {
-        let line = match lines.next_line().await {
-            Ok(Some(line)) => line,
-            Ok(None) => return,
-            Err(e) => {
-                warn!("control connection: {e}");
-                return;
-            }
-        };
-        let reply = match serde_json::from_str::<Request>(&line) {
-            Ok(request) => {
-                let agent = Arc::clone(&agent);
-                tokio::task::spawn_blocking(move || lock(&agent).handle(request))
-                    .await
-                    .unwrap_or_else(|e| Reply::Error(format!("internal error: {e}")))
-            }
-            Err(e) => Reply::Error(format!("malformed request: {e}")),
-        };
-        let mut out = serde_json::to_string(&reply).expect("replies always serialise");
-        out.push('\n');
-        if write.write_all(out.as_bytes()).await.is_err() {
-            return;
-        }
-    }
-}
-
 /// Runs the agent until SIGINT or SIGTERM.
 ///
 /// # Errors
@@ -574,6 +621,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
             options.socket.display()
         );
     }
+    ownership::clear_socket_path(&options.socket)?;
     let recorded = load_state(&options.state)?;
     // A config file says what is wanted; the state file still supplies the ids a running
     // data path knows its VIPs and backends by.
@@ -599,6 +647,8 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         check_pins_outlive_agent(&options.bpffs)?;
     }
     paths::ensure_bpffs_dir(&options.bpffs)?;
+    let _data_path_lock = ownership::lock_data_path(&options.bpffs)?;
+    let mut cleanup = StartCleanup::new(&options.bpffs)?;
     let mut datapath =
         Datapath::load_pinned(options.datapath, &options.bpffs).with_context(|| {
             format!(
@@ -627,7 +677,18 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         path = %options.state.display(),
         "restored state"
     );
-    let forwarding_enabled = enable_forwarding();
+    cleanup.forwarding_enabled = enable_forwarding();
+    // Before listing the interfaces: a re-creation in between is then not missed.
+    let mut link_changes = relink::watch()
+        .map_err(|e| {
+            warn!(
+                "interfaces deleted and re-created will not be re-attached until the next \
+                 check (every {} s): {}",
+                RELINK_SWEEP.as_secs(),
+                error_chain(&e)
+            );
+        })
+        .ok();
     let host_links = hooks::links().await?;
     for link in hooks::redirect_targets(&host_links, options.mode) {
         if let Err(e) = balancer.allow_egress(link.index) {
@@ -635,7 +696,6 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         }
     }
 
-    let mut links = Vec::new();
     for (name, index) in &ifaces {
         let link = host_links
             .iter()
@@ -646,28 +706,12 @@ pub async fn run(options: AgentOptions) -> Result<()> {
                 index: *index,
                 kind: hooks::LinkKind::Device,
             });
-        match hooks::attach(balancer.datapath_mut(), &link, options.mode, &options.bpffs) {
-            Ok(link) => links.push(link),
-            Err(e) => {
-                // Leave nothing half-attached behind a failed start; pins and maps too,
-                // unless they belong to a data path a previous agent left running.
-                let adopted = links.iter().any(|l: &PinnedAttachment| l.adopted);
-                for link in links {
-                    if link.adopted {
-                        link.keep();
-                    } else {
-                        let _ = link.detach();
-                    }
-                }
-                if !adopted {
-                    let _ = fs::remove_dir_all(&options.bpffs);
-                }
-                for file in forwarding_enabled {
-                    let _ = fs::write(file, "0");
-                }
-                return Err(e);
-            }
-        }
+        cleanup.links.push(hooks::attach(
+            balancer.datapath_mut(),
+            &link,
+            options.mode,
+            &options.bpffs,
+        )?);
     }
     let listed: Vec<String> = ifaces.iter().map(|(name, _)| name.clone()).collect();
     for iface in hooks::detach_unlisted(&options.bpffs, &listed)? {
@@ -680,11 +724,9 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     if let Some(dir) = options.socket.parent() {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let _ = fs::remove_file(&options.socket);
-    let listener = UnixListener::bind(&options.socket)
-        .with_context(|| format!("listening on {}", options.socket.display()))?;
-    fs::set_permissions(&options.socket, fs::Permissions::from_mode(0o600))
-        .context("restricting the control socket to root")?;
+    ownership::clear_socket_path(&options.socket)?;
+    let listener = crate::control::bind(&options.socket)?;
+    let own_socket = ownership::OwnSocket::bound_at(&options.socket);
     info!(socket = %options.socket.display(), "xlb agent ready");
 
     let (events, mut health_events) = tokio::sync::mpsc::channel(256);
@@ -699,6 +741,22 @@ pub async fn run(options: AgentOptions) -> Result<()> {
             None => crate::config::AgentConfig::default(),
         },
     }));
+    let (links, forwarding_enabled) = cleanup.disarm();
+    let mut attachments = relink::Attachments::new(
+        ifaces
+            .iter()
+            .cloned()
+            .zip(links)
+            .map(|((name, index), attachment)| relink::Attached {
+                name,
+                index,
+                attachment: Some(attachment),
+            })
+            .collect(),
+        options.mode,
+        &options.bpffs,
+    );
+    let mut relink_sweep = tokio::time::interval(RELINK_SWEEP);
     lock(&agent).sync_health_targets();
     lock(&agent).warn_about_backend_routes();
     if let Some(server) = metrics {
@@ -706,15 +764,16 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         let agent = Arc::clone(&agent);
         tokio::spawn(server.run(move || lock(&agent).metrics()));
     }
+    let handler: crate::control::Handler = {
+        let agent = Arc::clone(&agent);
+        Arc::new(move |request| lock(&agent).handle(request))
+    };
+    tokio::spawn(crate::control::serve(listener, handler));
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     loop {
         tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => { tokio::spawn(serve_connection(stream, Arc::clone(&agent))); }
-                Err(e) => warn!("accepting a control connection: {e}"),
-            },
             Some(event) = health_events.recv() => {
                 let mut agent = lock(&agent);
                 match agent.balancer.set_health(&event.vip, event.backend, event.healthy) {
@@ -723,6 +782,19 @@ pub async fn run(options: AgentOptions) -> Result<()> {
                     Ok(false) => {}
                     // Removed while the event was in flight.
                     Err(e) => info!("health event for a backend that is gone: {}", error_chain(&e)),
+                }
+            }
+            Some(change) = next_link_change(&mut link_changes) => {
+                if attachments.lost(&change) {
+                    warn!(?change, "interface gone, and its attachment with it: re-attached when an interface of that name appears");
+                }
+                if let Some((name, index)) = attachments.recreated(&change) {
+                    reattach(&agent, &mut attachments, options.mode, &name, index).await;
+                }
+            }
+            _ = relink_sweep.tick() => {
+                for (name, index) in attachments.moved() {
+                    reattach(&agent, &mut attachments, options.mode, &name, index).await;
                 }
             }
             _ = sighup.recv() => {
@@ -737,7 +809,8 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         }
     }
 
-    let _ = fs::remove_file(&options.socket);
+    own_socket.remove();
+    let links = attachments.into_attachments();
     if options.keep_attached {
         info!(
             pins = %options.bpffs.display(),
@@ -755,7 +828,9 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         }
     }
     drop(agent);
-    let _ = fs::remove_dir_all(&options.bpffs);
+    if let Err(e) = ownership::remove_pins(&options.bpffs, &HashSet::new()) {
+        warn!("removing the pinned maps: {e}");
+    }
     // Leave the host as we found it (a kept-attached data path still needs forwarding).
     for file in forwarding_enabled {
         if let Err(e) = fs::write(file, "0") {
@@ -763,6 +838,65 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// How often the agent compares its interfaces' indexes with the ones it attached to, in
+/// case a link notification was lost.
+const RELINK_SWEEP: std::time::Duration = std::time::Duration::from_secs(5);
+
+async fn next_link_change(
+    changes: &mut Option<tokio::sync::mpsc::Receiver<relink::LinkChange>>,
+) -> Option<relink::LinkChange> {
+    match changes {
+        Some(changes) => changes.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Attaches to the device now named `name` (index `index`), which replaced the one the
+/// agent was attached to.
+async fn reattach(
+    agent: &Mutex<Agent>,
+    attachments: &mut relink::Attachments,
+    mode: ModeChoice,
+    name: &str,
+    index: u32,
+) {
+    let link = match hooks::links().await {
+        Ok(links) => links
+            .into_iter()
+            .find(|l| l.index == index && l.name == name),
+        Err(e) => {
+            warn!(
+                iface = name,
+                "interface re-created, but listing interfaces failed: {e:#}"
+            );
+            return;
+        }
+    };
+    // Gone again already: the next notification says what became of it.
+    let Some(link) = link else { return };
+    let mut agent = lock(agent);
+    match attachments.reattach(agent.balancer.datapath_mut(), &link) {
+        Ok(()) => info!(
+            iface = name,
+            index, "interface re-created (a container restart?): re-attached"
+        ),
+        Err(e) => warn!(
+            iface = name,
+            index, "interface re-created, but re-attaching failed: {e:#}"
+        ),
+    }
+    if !hooks::redirect_targets(std::slice::from_ref(&link), mode).is_empty()
+        && let Err(e) = agent.balancer.allow_egress(link.index)
+    {
+        warn!(
+            iface = name,
+            "not usable for XDP redirect: {}",
+            error_chain(&e)
+        );
+    }
+    agent.attached = attachments.interfaces();
 }
 
 /// `xlb detach`: removes a data path an agent left attached (`--keep-attached`): the pinned
@@ -778,25 +912,30 @@ pub fn detach(bpffs: &Path, socket: &Path) -> Result<()> {
             socket.display()
         );
     }
-    let entries = match fs::read_dir(bpffs) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            println!("nothing to detach: {} does not exist", bpffs.display());
-            return Ok(());
-        }
-        Err(e) => return Err(e).with_context(|| format!("reading {}", bpffs.display())),
-    };
-    drop(entries);
+    if !ownership::check_detachable(bpffs)? {
+        println!("nothing to detach: {} does not exist", bpffs.display());
+        return Ok(());
+    }
+    let _data_path_lock = ownership::lock_data_path(bpffs)?;
     let detached = hooks::detach_all(bpffs)?;
     for iface in &detached {
         println!("detached from {iface}");
     }
-    fs::remove_dir_all(bpffs).with_context(|| format!("removing {}", bpffs.display()))?;
-    println!(
-        "removed {} ({} attachment(s), pinned maps with the connection table)",
-        bpffs.display(),
-        detached.len()
-    );
+    let removal = ownership::remove_pins(bpffs, &HashSet::new())?;
+    if removal.dir_removed {
+        println!(
+            "removed {} ({} attachment(s), pinned maps with the connection table)",
+            bpffs.display(),
+            detached.len()
+        );
+    } else {
+        println!(
+            "removed xlb's pins under {} ({} attachment(s), pinned maps); left the directory: it \
+             holds files that are not xlb's",
+            bpffs.display(),
+            detached.len()
+        );
+    }
     Ok(())
 }
 

@@ -488,6 +488,7 @@ fn container_backend(spec: &str, vip: &VipSpec) -> Result<SocketAddr> {
         ),
         None => (spec, vip.addr.port()),
     };
+    lb_userspace::validate::check_container_name(name)?;
     let format = if vip.addr.is_ipv4() {
         "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}"
     } else {
@@ -496,7 +497,8 @@ fn container_backend(spec: &str, vip: &VipSpec) -> Result<SocketAddr> {
     let mut tried = Vec::new();
     for runtime in ["podman", "docker"] {
         let output = match std::process::Command::new(runtime)
-            .args(["inspect", "--format", format, name])
+            // `--`: whatever the name, it is never read as an option.
+            .args(["inspect", "--format", format, "--", name])
             .output()
         {
             Ok(o) => o,

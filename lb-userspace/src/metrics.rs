@@ -5,7 +5,12 @@
 //! Counters are exported as the data plane holds them (monotonic since the VIP or backend was
 //! added); Prometheus' `rate()` takes care of resets when an entry is re-added.
 
-use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, VecDeque},
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
@@ -16,7 +21,7 @@ use thiserror::Error;
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
-    sync::Semaphore,
+    sync::{Notify, Semaphore},
     time::timeout,
 };
 
@@ -196,12 +201,77 @@ pub enum MetricsError {
     },
 }
 
-/// Connections served at once; more wait in the kernel's accept queue.
+/// Connections served at once. Beyond it, the oldest connection that has not sent its
+/// request yet makes room; a new one is refused only when all are busy being answered.
 const MAX_CONNECTIONS: usize = 64;
 /// Largest request head accepted: a scrape is one short line and a few headers.
 const MAX_REQUEST: usize = 8 * 1024;
-/// How long a client may take to send its request and read the reply.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to send its request head.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client may take to read the reply.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A scrape rendered this recently is served again: a flood of scrapes renders (and takes
+/// the agent's lock) at most this often, so the control socket stays responsive.
+const RENDER_REUSE: Duration = Duration::from_millis(100);
+/// First pause after a failed `accept`, doubled on each failure in a row up to the maximum.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// The connections still waiting for their request head, oldest first: the ones that may be
+/// closed to make room.
+#[derive(Default)]
+struct Waiting {
+    next_id: u64,
+    queue: VecDeque<(u64, Arc<Notify>)>,
+}
+
+impl Waiting {
+    fn push(&mut self) -> (u64, Arc<Notify>) {
+        let id = self.next_id;
+        self.next_id += 1;
+        let evict = Arc::new(Notify::new());
+        self.queue.push_back((id, Arc::clone(&evict)));
+        (id, evict)
+    }
+
+    fn remove(&mut self, id: u64) {
+        self.queue.retain(|(i, _)| *i != id);
+    }
+
+    /// Tells the oldest waiting connection to close; false if there is none.
+    fn evict_oldest(&mut self) -> bool {
+        self.queue.pop_front().is_some_and(|(_, evict)| {
+            evict.notify_one();
+            true
+        })
+    }
+}
+
+/// Renders scrapes off the async runtime (the source takes the agent's lock), one at a time,
+/// reusing a render younger than [`RENDER_REUSE`].
+struct Renderer {
+    source: Arc<dyn Fn() -> String + Send + Sync>,
+    last: tokio::sync::Mutex<Option<(Instant, Arc<String>)>>,
+}
+
+impl Renderer {
+    async fn render(&self) -> Arc<String> {
+        let mut last = self.last.lock().await;
+        if let Some((at, body)) = &*last
+            && at.elapsed() < RENDER_REUSE
+        {
+            return Arc::clone(body);
+        }
+        let source = Arc::clone(&self.source);
+        let body = Arc::new(
+            tokio::task::spawn_blocking(move || source())
+                .await
+                .unwrap_or_default(),
+        );
+        *last = Some((Instant::now(), Arc::clone(&body)));
+        body
+    }
+}
 
 /// The metrics endpoint, bound but not yet serving: binding separately lets the agent fail
 /// at start-up (not in a background task) when the address is taken.
@@ -234,39 +304,76 @@ impl MetricsServer {
             .expect("a bound listener has an address")
     }
 
-    /// Answers `GET /metrics` with whatever `source` renders at that moment, forever.
-    /// `source` runs on the async runtime, so it should be quick (a stats snapshot).
-    ///
-    /// # Panics
-    /// Never: the connection semaphore is never closed.
+    /// Answers `GET /metrics` with what `source` renders, forever. `source` runs on the
+    /// blocking pool, at most once per [`RENDER_REUSE`].
     pub async fn run(self, source: impl Fn() -> String + Send + Sync + 'static) {
-        let source = Arc::new(source);
+        let renderer = Arc::new(Renderer {
+            source: Arc::new(source),
+            last: tokio::sync::Mutex::new(None),
+        });
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let waiting = Arc::new(Mutex::new(Waiting::default()));
+        let mut backoff = ACCEPT_BACKOFF;
+        let mut last_warning: Option<Instant> = None;
         tracing::info!(addr = %self.local_addr(), "serving metrics at /metrics");
         loop {
-            let permit = Arc::clone(&slots)
-                .acquire_owned()
-                .await
-                .expect("the semaphore is never closed");
             let (stream, peer) = match self.listener.accept().await {
-                Ok(accepted) => accepted,
+                Ok(accepted) => {
+                    backoff = ACCEPT_BACKOFF;
+                    accepted
+                }
                 Err(e) => {
-                    // Out of file descriptors and the like: back off rather than spin.
-                    tracing::warn!(error = %e, "accepting a metrics connection failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    // Out of file descriptors and the like: back off rather than spin, and
+                    // say so now and then rather than on every attempt.
+                    if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                        tracing::warn!(error = %e, "accepting a metrics connection failed (backing off)");
+                        last_warning = Some(Instant::now());
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                     continue;
                 }
             };
-            let source = Arc::clone(&source);
+            let permit = match Arc::clone(&slots).try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => {
+                    let evicted = lock_waiting(&waiting).evict_oldest();
+                    let freed = if evicted {
+                        // The evicted connection hands its slot back as soon as it wakes.
+                        timeout(Duration::from_secs(1), Arc::clone(&slots).acquire_owned())
+                            .await
+                            .ok()
+                            .and_then(Result::ok)
+                    } else {
+                        None
+                    };
+                    let Some(permit) = freed else {
+                        let busy = reply(503, "Service Unavailable", "text/plain", "busy\n", true);
+                        let _ = stream.try_write(&busy);
+                        continue;
+                    };
+                    permit
+                }
+            };
+            let (id, evict) = lock_waiting(&waiting).push();
+            let renderer = Arc::clone(&renderer);
+            let waiting = Arc::clone(&waiting);
             tokio::spawn(async move {
-                let served = timeout(CLIENT_TIMEOUT, handle(stream, &*source)).await;
-                if let Ok(Err(e)) = served {
+                let served = handle(stream, &renderer, &waiting, id, &evict).await;
+                lock_waiting(&waiting).remove(id);
+                if let Err(e) = served {
                     tracing::debug!(%peer, error = %e, "metrics connection failed");
                 }
                 drop(permit);
             });
         }
     }
+}
+
+fn lock_waiting(waiting: &Mutex<Waiting>) -> std::sync::MutexGuard<'_, Waiting> {
+    waiting
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Binds `addr` and serves metrics from `source` until the task is dropped.
@@ -283,25 +390,25 @@ pub async fn serve(
 
 async fn handle(
     mut stream: TcpStream,
-    source: &(dyn Fn() -> String + Sync),
+    renderer: &Renderer,
+    waiting: &Mutex<Waiting>,
+    id: u64,
+    evict: &Notify,
 ) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(512);
-    let mut chunk = [0_u8; 1024];
-    let complete = loop {
-        if find(&head, b"\r\n\r\n").is_some() || find(&head, b"\n\n").is_some() {
-            break true;
-        }
-        if head.len() > MAX_REQUEST {
-            break false;
-        }
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(());
-        }
-        head.extend_from_slice(&chunk[..n]);
+    let head = tokio::select! {
+        () = evict.notified() => return Ok(()),
+        head = timeout(HEADER_TIMEOUT, read_head(&mut stream)) => match head {
+            Err(_) => return Ok(()),
+            Ok(head) => head?,
+        },
+    };
+    lock_waiting(waiting).remove(id);
+    let Some((head, complete)) = head else {
+        return Ok(());
     };
     if complete {
-        stream.write_all(&respond(&head, source)).await?;
+        let response = respond(&head, renderer).await;
+        timeout(WRITE_TIMEOUT, stream.write_all(&response)).await??;
         return stream.shutdown().await;
     }
     let response = reply(
@@ -311,10 +418,11 @@ async fn handle(
         "request too large\n",
         true,
     );
-    stream.write_all(&response).await?;
+    timeout(WRITE_TIMEOUT, stream.write_all(&response)).await??;
     stream.shutdown().await?;
     // Closing with unread input would reset the connection and could destroy the reply
     // before the client reads it; swallow a bounded amount of the rest first.
+    let mut chunk = [0_u8; 1024];
     let mut drained = 0;
     while drained < 8 * MAX_REQUEST {
         match timeout(Duration::from_secs(1), stream.read(&mut chunk)).await {
@@ -325,11 +433,31 @@ async fn handle(
     Ok(())
 }
 
+/// Reads the request head: `None` if the client closed first, else the bytes and whether
+/// the head ended within [`MAX_REQUEST`].
+async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<(Vec<u8>, bool)>> {
+    let mut head = Vec::with_capacity(512);
+    let mut chunk = [0_u8; 1024];
+    loop {
+        if find(&head, b"\r\n\r\n").is_some() || find(&head, b"\n\n").is_some() {
+            return Ok(Some((head, true)));
+        }
+        if head.len() > MAX_REQUEST {
+            return Ok(Some((head, false)));
+        }
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        head.extend_from_slice(&chunk[..n]);
+    }
+}
+
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
-fn respond(head: &[u8], source: &(dyn Fn() -> String + Sync)) -> Vec<u8> {
+async fn respond(head: &[u8], renderer: &Renderer) -> Vec<u8> {
     let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
     let line = String::from_utf8_lossy(line);
     let mut parts = line.trim_end().split(' ');
@@ -351,8 +479,8 @@ fn respond(head: &[u8], source: &(dyn Fn() -> String + Sync)) -> Vec<u8> {
         );
     }
     match method {
-        "GET" => reply(200, "OK", CONTENT_TYPE, &source(), true),
-        "HEAD" => reply(200, "OK", CONTENT_TYPE, &source(), false),
+        "GET" => reply(200, "OK", CONTENT_TYPE, &renderer.render().await, true),
+        "HEAD" => reply(200, "OK", CONTENT_TYPE, &renderer.render().await, false),
         _ => reply(405, "Method Not Allowed", "text/plain", "use GET\n", true),
     }
 }
@@ -577,6 +705,28 @@ mod tests {
         let _ = timeout(Duration::from_secs(5), stream.read_to_end(&mut response)).await;
         assert!(String::from_utf8_lossy(&response).starts_with("HTTP/1.1 431"));
 
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn idle_connections_do_not_block_a_scrape() {
+        let server = MetricsServer::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let addr = server.local_addr();
+        let task = tokio::spawn(server.run(|| render(&stats(), &[])));
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS + 8 {
+            idle.push(TcpStream::connect(addr).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let response = timeout(
+            Duration::from_secs(2),
+            get(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
+        )
+        .await
+        .expect("a scrape is answered while idle clients hold every slot");
+        assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
         task.abort();
     }
 

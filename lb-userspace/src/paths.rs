@@ -71,7 +71,9 @@ pub fn default_bpffs() -> PathBuf {
     }
 }
 
-fn is_bpffs(path: &Path) -> bool {
+/// Whether `path` lies on a bpffs.
+#[must_use]
+pub fn is_bpffs(path: &Path) -> bool {
     nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
 }
 
@@ -158,14 +160,32 @@ pub fn pin_lifetime(dir: &Path) -> PinLifetime {
 }
 
 /// Makes `dir` a directory on bpffs, mounting bpffs on its parent when nothing is mounted
-/// there (the default on these machines, and always inside `ip netns exec`).
+/// there (the default on these machines, and always inside `ip netns exec`). It mounts only
+/// on a directory that is empty or that it creates: a mount over anything else would hide
+/// what is there.
 ///
 /// # Errors
-/// The mount or the directory creation failing.
+/// The parent holding files, or the mount or the directory creation failing.
 pub fn ensure_bpffs_dir(dir: &Path) -> Result<()> {
+    if is_bpffs(dir) {
+        return Ok(());
+    }
     let parent = dir.parent().unwrap_or(Path::new("/sys/fs/bpf"));
     if !is_bpffs(parent) {
         fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        let occupied = fs::read_dir(parent)
+            .with_context(|| format!("reading {}", parent.display()))?
+            .next()
+            .is_some();
+        if occupied {
+            anyhow::bail!(
+                "{} is not on bpffs and {} is not empty: mounting bpffs there would hide its \
+                 files; choose a --bpffs under a bpffs (e.g. /sys/fs/bpf/xlb) or mount one \
+                 yourself (`mount -t bpf bpf DIR`)",
+                dir.display(),
+                parent.display()
+            );
+        }
         tracing::info!(path = %parent.display(), "bpffs not mounted: mounting it");
         nix::mount::mount(
             Some("bpf"),

@@ -233,6 +233,30 @@ pub fn check_vip_against_backends(
     }
 }
 
+/// A container name xlb will hand to `podman`/`docker inspect`.
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+#[error(
+    "'{0}' is not a valid container name: podman and docker names are [a-zA-Z0-9][a-zA-Z0-9_.-]*"
+)]
+pub struct ContainerNameError(pub String);
+
+/// Refuses what podman and docker would never accept as a container name (their rule:
+/// `[a-zA-Z0-9][a-zA-Z0-9_.-]*`; a full or short id fits it too). Above all a name starting
+/// with `-`, which `inspect` would read as an option (`--latest` inspects another container).
+///
+/// # Errors
+/// The name breaking that rule.
+pub fn check_container_name(name: &str) -> Result<(), ContainerNameError> {
+    let mut bytes = name.bytes();
+    let valid = bytes.next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if valid {
+        Ok(())
+    } else {
+        Err(ContainerNameError(name.to_owned()))
+    }
+}
+
 #[derive(Debug, Error)]
 pub enum NetlinkError {
     #[error("opening a netlink socket")]
@@ -595,5 +619,17 @@ mod tests {
             route_interface("127.0.0.1".parse().unwrap()).unwrap(),
             Route::Local
         );
+    }
+
+    #[test]
+    fn container_names_follow_podmans_rule() {
+        for good in ["web-1", "db.primary", "a", "0f3c9a1b2c3d", "svc_2"] {
+            assert_eq!(check_container_name(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "", "-x", "--latest", ".hidden", "_x", "a b", "a/b", "a:b", "naïve",
+        ] {
+            assert!(check_container_name(bad).is_err(), "{bad:?}");
+        }
     }
 }

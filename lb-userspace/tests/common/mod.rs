@@ -264,6 +264,12 @@ impl AgentProcess {
         fs::read_to_string(&self.log).unwrap_or_else(|e| format!("(no log: {e})"))
     }
 
+    /// Its process id, while it runs.
+    #[allow(dead_code)]
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("agent already stopped").id()
+    }
+
     /// Whether it has been neither stopped nor terminated yet.
     #[allow(dead_code)]
     pub fn is_running(&self) -> bool {

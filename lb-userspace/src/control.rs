@@ -1,0 +1,343 @@
+//! The agent's control socket: creating it with its final permissions, accepting with a cap
+//! and a back-off, and reading newline-delimited requests with a size limit.
+//!
+//! Only root can connect, but a buggy client or an exhausted fd table must not take the
+//! agent down: a full fd table makes `accept` fail at once and forever, so the loop backs off
+//! instead of spinning; a request line without a newline is bounded; a line that is not
+//! UTF-8 gets an error reply and the next line is still read.
+
+use std::{
+    os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use thiserror::Error;
+use tokio::{
+    io::{AsyncBufRead, AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+    sync::Semaphore,
+    time::timeout,
+};
+use tracing::warn;
+
+use crate::api::{Reply, Request};
+
+/// Connections served at once; one more gets an error line and is closed.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Longest request line: the largest real request (a health check with a payload) is a few
+/// kilobytes.
+pub const MAX_LINE: usize = 1024 * 1024;
+/// A connection that sends no request for this long is closed, so idle clients cannot hold
+/// every slot.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// A client that does not read its reply for this long is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// First pause after a failed `accept`, doubled on each failure in a row up to the maximum.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// At most one log line per this interval for a repeating accept error.
+const LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Error)]
+pub enum ControlError {
+    #[error("creating the private directory {path} to bind the control socket in")]
+    PrivateDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("listening on {path}")]
+    Bind {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("moving the control socket into place at {path}")]
+    Publish {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Binds the control socket at `path`, readable and writable by root only from the moment
+/// it appears there: it is bound inside a fresh 0700 directory beside `path`, restricted to
+/// 0600 there (where nobody else can reach it), then renamed into place, never replacing
+/// anything. A chmod after binding at `path` would leave a moment in which anyone could
+/// connect.
+///
+/// # Errors
+/// The directory, the bind or the rename failing (something appeared at `path` meanwhile).
+pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
+    let private = private_dir_beside(path);
+    let err_path = |p: &Path| p.display().to_string();
+    // Left by an agent with the same pid that died mid-bind (pid 1 in a container, say).
+    let _ = std::fs::remove_file(private.join("s"));
+    let _ = std::fs::remove_dir(&private);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .map_err(|source| ControlError::PrivateDir {
+            path: err_path(&private),
+            source,
+        })?;
+    let staged = private.join("s");
+    let result = (|| {
+        let listener = std::os::unix::net::UnixListener::bind(&staged).map_err(|source| {
+            ControlError::Bind {
+                path: err_path(path),
+                source,
+            }
+        })?;
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600)).map_err(
+            |source| ControlError::Bind {
+                path: err_path(path),
+                source,
+            },
+        )?;
+        nix::fcntl::renameat2(
+            nix::fcntl::AT_FDCWD,
+            &staged,
+            nix::fcntl::AT_FDCWD,
+            path,
+            nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+        )
+        .map_err(|e| ControlError::Publish {
+            path: err_path(path),
+            source: e.into(),
+        })?;
+        let bind_err = |source| ControlError::Bind {
+            path: err_path(path),
+            source,
+        };
+        listener.set_nonblocking(true).map_err(bind_err)?;
+        UnixListener::from_std(listener).map_err(bind_err)
+    })();
+    let _ = std::fs::remove_file(&staged);
+    let _ = std::fs::remove_dir(&private);
+    result
+}
+
+fn private_dir_beside(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map_or_else(|| "xlb.sock".into(), |n| n.to_string_lossy().into_owned());
+    path.with_file_name(format!(".{name}.{}.bind", std::process::id()))
+}
+
+/// Answers one request; runs on the blocking pool (it takes the agent's lock).
+pub type Handler = Arc<dyn Fn(Request) -> Reply + Send + Sync>;
+
+/// Logs a repeating error at most once per [`LOG_INTERVAL`], with how many were left out.
+#[derive(Debug, Default)]
+struct RateLimitedLog {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimitedLog {
+    fn warn(&mut self, what: &str, error: &dyn std::fmt::Display) {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < LOG_INTERVAL)
+        {
+            self.suppressed += 1;
+            return;
+        }
+        if self.suppressed > 0 {
+            warn!(
+                "{what}: {error} ({} more like it in the last {} s)",
+                self.suppressed,
+                LOG_INTERVAL.as_secs()
+            );
+        } else {
+            warn!("{what}: {error}");
+        }
+        self.last = Some(now);
+        self.suppressed = 0;
+    }
+}
+
+/// Serves control connections on `listener` forever.
+pub async fn serve(listener: UnixListener, handler: Handler) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut backoff = ACCEPT_BACKOFF;
+    let mut errors = RateLimitedLog::default();
+    let mut refusals = RateLimitedLog::default();
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => {
+                backoff = ACCEPT_BACKOFF;
+                stream
+            }
+            Err(e) => {
+                errors.warn(
+                    "accepting a control connection (backing off: out of file descriptors?)",
+                    &e,
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+            refuse_busy(&stream);
+            refusals.warn(
+                "refused a control connection",
+                &format_args!("{MAX_CONNECTIONS} already open"),
+            );
+            continue;
+        };
+        let handler = Arc::clone(&handler);
+        tokio::spawn(async move {
+            serve_connection(stream, handler).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Tells a client beyond the cap why it is closed, without waiting on it.
+fn refuse_busy(stream: &UnixStream) {
+    let reply = Reply::Error(format!(
+        "the agent is serving {MAX_CONNECTIONS} control connections already: try again later"
+    ));
+    let mut line = serde_json::to_string(&reply).expect("replies always serialise");
+    line.push('\n');
+    // Best effort: a fresh socket's send buffer takes one short line.
+    let _ = stream.try_write(line.as_bytes());
+}
+
+/// One request line, as read by [`read_line`].
+#[derive(Debug, PartialEq, Eq)]
+enum Line {
+    /// A line (without its newline) is in the buffer.
+    Complete,
+    /// The peer closed with nothing pending.
+    Eof,
+    /// The line ran past `max` bytes; what was read of it is discarded.
+    TooLong,
+}
+
+/// Reads up to the next newline into `buf`, never holding more than `max` bytes of it.
+async fn read_line(
+    reader: &mut (impl AsyncBufRead + Unpin),
+    max: usize,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<Line> {
+    buf.clear();
+    loop {
+        let available = reader.fill_buf().await?;
+        if available.is_empty() {
+            return Ok(if buf.is_empty() {
+                Line::Eof
+            } else {
+                Line::Complete
+            });
+        }
+        let (take, done) = match available.iter().position(|b| *b == b'\n') {
+            Some(i) => (i, true),
+            None => (available.len(), false),
+        };
+        if buf.len() + take > max {
+            buf.clear();
+            return Ok(Line::TooLong);
+        }
+        buf.extend_from_slice(&available[..take]);
+        reader.consume(take + usize::from(done));
+        if done {
+            return Ok(Line::Complete);
+        }
+    }
+}
+
+async fn serve_connection(stream: UnixStream, handler: Handler) {
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::new(read);
+    let mut buf = Vec::new();
+    loop {
+        let line = match timeout(IDLE_TIMEOUT, read_line(&mut reader, MAX_LINE, &mut buf)).await {
+            Err(_) => return,
+            Ok(Ok(line)) => line,
+            Ok(Err(e)) => {
+                warn!("control connection: {e}");
+                return;
+            }
+        };
+        let (reply, close) = match line {
+            Line::Eof => return,
+            Line::TooLong => (
+                Reply::Error(format!(
+                    "request line longer than {MAX_LINE} bytes: closing the connection"
+                )),
+                true,
+            ),
+            Line::Complete => (answer(&buf, &handler).await, false),
+        };
+        let mut out = serde_json::to_string(&reply).expect("replies always serialise");
+        out.push('\n');
+        match timeout(WRITE_TIMEOUT, write.write_all(out.as_bytes())).await {
+            Ok(Ok(())) if !close => {}
+            _ => return,
+        }
+    }
+}
+
+async fn answer(line: &[u8], handler: &Handler) -> Reply {
+    let Ok(text) = std::str::from_utf8(line) else {
+        return Reply::Error("malformed request: not UTF-8".to_owned());
+    };
+    match serde_json::from_str::<Request>(text) {
+        Ok(request) => {
+            let handler = Arc::clone(handler);
+            tokio::task::spawn_blocking(move || handler(request))
+                .await
+                .unwrap_or_else(|e| Reply::Error(format!("internal error: {e}")))
+        }
+        Err(e) => Reply::Error(format!("malformed request: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn lines_of(input: &[u8], max: usize) -> Vec<(Line, Vec<u8>)> {
+        let mut reader = BufReader::with_capacity(4, input);
+        let mut buf = Vec::new();
+        let mut out = Vec::new();
+        loop {
+            let line = read_line(&mut reader, max, &mut buf).await.unwrap();
+            if line == Line::Eof {
+                return out;
+            }
+            let stop = line == Line::TooLong;
+            out.push((line, buf.clone()));
+            if stop {
+                return out;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn lines_are_split_and_bounded() {
+        assert_eq!(
+            lines_of(b"ab\n\xff\ncd", 8).await,
+            [
+                (Line::Complete, b"ab".to_vec()),
+                (Line::Complete, b"\xff".to_vec()),
+                (Line::Complete, b"cd".to_vec()),
+            ]
+        );
+        assert_eq!(
+            lines_of(b"0123456789\nnext\n", 8).await,
+            [(Line::TooLong, Vec::new())]
+        );
+        assert_eq!(
+            lines_of(b"01234567\n", 8).await,
+            [(Line::Complete, b"01234567".to_vec())]
+        );
+    }
+}
