@@ -62,7 +62,7 @@ FLOW_KEY_SZ, REAL_POS_LRU_SZ = 40, 16
 # xlb counters (lb-common/src/abi.rs, Counter)
 XC = dict(pass_=2, tx=3, redirect=4, malformed=5, not_tcp_udp=8, not_for_us=9, ct_hit=10,
           ct_miss=11, no_backend=12, nh_failure=13, revnat=14, insert_failed=16, via_stack=17)
-XLB_NCOUNTERS = 18
+XLB_NCOUNTERS = 19
 
 VIP, VIP_PORT = "10.200.0.1", 80
 REALS = [f"10.201.0.{i}" for i in range(1, 101)]
