@@ -41,6 +41,11 @@ pub mod map_names {
 /// balancer's costs one array read instead of two hash lookups.
 pub const PORT_IS_VIP: u8 = 1;
 pub const PORT_IS_BACKEND: u8 = 2;
+/// Some backend endpoint on this port serves several VIPs: a new flow to a backend on this
+/// port looks its endpoint up, to learn whether its replies need a reverse-NAT entry. Set
+/// before such an endpoint's entry says so, cleared after: the common case (no endpoint on
+/// the port is shared) costs a new flow no endpoint lookup.
+pub const PORT_HAS_SHARED_ENDPOINT: u8 = 4;
 pub const PORT_ENTRIES: u32 = 65_536;
 
 /// Program names in the object file.

@@ -10,8 +10,8 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use lb_common::{
     BACKEND_ACTIVE, Backend, CLOSE_FIN_FROM_BACKEND, CLOSE_FIN_FROM_CLIENT, CLOSE_RESET, Counter,
-    FlowKey, FlowState, IPPROTO_TCP, LAST_SEEN_GRANULARITY_NS, NextHop, PORT_IS_BACKEND,
-    PORT_IS_VIP, ReverseNat, VipInfo, VipKey,
+    FlowKey, FlowState, IPPROTO_TCP, LAST_SEEN_GRANULARITY_NS, NextHop, PORT_HAS_SHARED_ENDPOINT,
+    PORT_IS_BACKEND, PORT_IS_VIP, ReverseNat, VipInfo, VipKey,
     hash::flow_hash,
     parse::{PacketBytes, Parsed, Skip, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, parse},
 };
@@ -225,15 +225,22 @@ fn to_backend<H: Hook>(ctx: &H, p: &Parsed, vip: &VipInfo, t: &mut Translation) 
                 warn!(ctx, "connection-table insert failed: errno {}", errno);
             }
             // Replies find this flow's own entry through the endpoint table, unless the
-            // backend serves several VIPs: then they need a reverse entry of their own.
-            let endpoint = VipKey {
-                addr: b.addr,
-                port_be: b.port_be,
-                proto: p.proto,
-                _pad: [0; 5],
-            };
-            // SAFETY: the agent replaces endpoint entries whole.
-            let shared = unsafe { ENDPOINTS.get(&endpoint) }.is_none_or(|e| e.vips != 1);
+            // backend serves several VIPs: then they need a reverse entry of their own. The
+            // port-role array says when no endpoint on the backend's port is shared, which
+            // spares the common case the endpoint lookup.
+            let shared = PORTS
+                .get(u32::from(u16::from_be(b.port_be)))
+                .is_some_and(|r| *r & PORT_HAS_SHARED_ENDPOINT != 0)
+                && {
+                    let endpoint = VipKey {
+                        addr: b.addr,
+                        port_be: b.port_be,
+                        proto: p.proto,
+                        _pad: [0; 5],
+                    };
+                    // SAFETY: the agent replaces endpoint entries whole.
+                    unsafe { ENDPOINTS.get(&endpoint) }.is_none_or(|e| e.vips != 1)
+                };
             if shared {
                 let reply = FlowKey {
                     src: b.addr,

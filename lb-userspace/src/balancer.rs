@@ -12,7 +12,8 @@ use std::{
 use lb_common::{
     BACKEND_ACTIVE, BACKEND_DRAINING, Backend, CLOSING_TIMEOUT_S, DEFAULT_TCP_IDLE_TIMEOUT_S,
     DEFAULT_UDP_IDLE_TIMEOUT_S, EndpointVip, FlowKey, IPPROTO_TCP, IPPROTO_UDP, MAX_BACKENDS,
-    MAX_IDLE_TIMEOUT_S, PORT_IS_BACKEND, PORT_IS_VIP, TrafficCounters, VipInfo, VipKey,
+    MAX_IDLE_TIMEOUT_S, PORT_HAS_SHARED_ENDPOINT, PORT_IS_BACKEND, PORT_IS_VIP, TrafficCounters,
+    VipInfo, VipKey,
     addr::to_bytes,
     hash::flow_hash,
     maglev::{MaglevBackend, MaglevError, build_ring},
@@ -451,28 +452,43 @@ impl Balancer {
     /// the port's roles to the data plane when they change. Called before a VIP or backend
     /// entry is written and after one is removed, so the filter never hides a live entry.
     fn use_port(&mut self, port: u16, vip: bool, delta: i32) -> Result<(), DatapathError> {
+        let before = self.port_roles(port);
         let users = self.port_users.entry(port).or_default();
-        let before = users.roles();
         let count = if vip {
             &mut users.vips
         } else {
             &mut users.backends
         };
         *count = count.saturating_add_signed(delta);
-        let after = users.roles();
-        if after == 0 {
+        if users.roles() == 0 {
             self.port_users.remove(&port);
         }
+        let after = self.port_roles(port);
         if before != after {
-            self.datapath
-                .ports()?
-                .set(u32::from(port), &after, 0)
-                .map_err(|source| DatapathError::Map {
-                    name: lb_common::map_names::PORTS,
-                    source,
-                })?;
+            self.write_port_roles(port, after)?;
         }
         Ok(())
+    }
+
+    /// The `XLB_PORTS` entry `port` should hold: its VIP and backend roles, and whether an
+    /// endpoint on it serves several VIPs.
+    fn port_roles(&self, port: u16) -> u8 {
+        let users = self.port_users.get(&port).map_or(0, |u| u.roles());
+        let shared = self
+            .endpoint_vips
+            .iter()
+            .any(|((addr, _), vips)| addr.port() == port && vips.len() > 1);
+        users | if shared { PORT_HAS_SHARED_ENDPOINT } else { 0 }
+    }
+
+    fn write_port_roles(&mut self, port: u16, roles: u8) -> Result<(), DatapathError> {
+        self.datapath
+            .ports()?
+            .set(u32::from(port), &roles, 0)
+            .map_err(|source| DatapathError::Map {
+                name: lb_common::map_names::PORTS,
+                source,
+            })
     }
 
     /// Records that `backend` serves `vip` (`join`) or no longer does, and writes the
@@ -484,33 +500,45 @@ impl Balancer {
         vip: VipSpec,
         join: bool,
     ) -> Result<(), DatapathError> {
+        let port = backend.port();
+        let roles_before = self.port_roles(port);
         let list = self.endpoint_vips.entry((backend, vip.proto)).or_default();
         if join {
             list.push(vip);
         } else {
             list.retain(|v| *v != vip);
         }
+        let first = list.first().copied();
+        let vips = list.len();
+        if first.is_none() {
+            self.endpoint_vips.remove(&(backend, vip.proto));
+        }
+        // A port that gains "shared" says so before the endpoint entry does; one that loses
+        // it, after: a new flow never skips a reverse entry its replies need.
+        let roles_after = self.port_roles(port);
+        if roles_after & !roles_before != 0 {
+            self.write_port_roles(port, roles_after)?;
+        }
         let key = VipKey::new(backend, vip.proto.number());
         let err = |source| DatapathError::Map {
             name: lb_common::map_names::ENDPOINTS,
             source,
         };
-        match list.first().copied() {
-            Some(first) => {
-                let value = endpoint_entry(first, list.len());
-                self.datapath
-                    .endpoints()?
-                    .insert(&key, &value, 0)
-                    .map_err(err)
-            }
-            None => {
-                self.endpoint_vips.remove(&(backend, vip.proto));
-                match self.datapath.endpoints()?.remove(&key) {
-                    Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-                    Err(source) => Err(err(source)),
-                }
-            }
+        match first {
+            Some(first) => self
+                .datapath
+                .endpoints()?
+                .insert(&key, &endpoint_entry(first, vips), 0)
+                .map_err(err)?,
+            None => match self.datapath.endpoints()?.remove(&key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(source) => return Err(err(source)),
+            },
         }
+        if roles_before & !roles_after != 0 {
+            self.write_port_roles(port, roles_after)?;
+        }
+        Ok(())
     }
 
     fn ring_size(&self) -> u32 {
@@ -1414,9 +1442,16 @@ impl Balancer {
                     .insert((*addr, proto.number()), endpoint_entry(*first, list.len()));
             }
         }
-        for (port, users) in &self.port_users {
-            if users.roles() != 0 {
-                desired.ports.insert(*port, users.roles());
+        let ports: std::collections::BTreeSet<u16> = self
+            .port_users
+            .keys()
+            .copied()
+            .chain(self.endpoint_vips.keys().map(|(addr, _)| addr.port()))
+            .collect();
+        for port in ports {
+            let roles = self.port_roles(port);
+            if roles != 0 {
+                desired.ports.insert(port, roles);
             }
         }
         Ok((desired, halves))
