@@ -17,11 +17,8 @@
 //! Needs root. Namespaces, temp dirs and pins are unique to the test and torn down by guards.
 
 use std::{
-    fs,
     io::{Read as _, Write as _},
     net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
-    path::{Path, PathBuf},
-    process::{Output, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -30,14 +27,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_userspace::api::Stats;
 use xlb_netns::{
     Netns,
     ipnet::{Ipv4Net, Ipv6Net},
 };
 
 mod common;
-use common::{AgentProcess, XLB, counter};
+use common::{NsAgent, counter};
 
 const NS_PREFIX: &str = "xbulk-";
 const SUITE: &str = "bulk";
@@ -235,75 +231,6 @@ impl Drop for Servers {
 }
 
 // ---------------------------------------------------------------------------
-// The agent
-// ---------------------------------------------------------------------------
-
-struct Agent<'l> {
-    lb: &'l Netns,
-    process: AgentProcess,
-    dir: PathBuf,
-    socket: PathBuf,
-    bpffs: PathBuf,
-}
-
-impl<'l> Agent<'l> {
-    fn start(lab: &'l Lab) -> Self {
-        let dir = std::env::temp_dir().join(common::unique(SUITE, "agent"));
-        fs::create_dir_all(&dir).expect("creating the agent's temp dir");
-        let socket = dir.join("xlb.sock");
-        let log = dir.join("agent.log");
-        let bpffs = Path::new("/sys/fs/bpf").join(common::unique(SUITE, "pins"));
-        let cmd = common::agent_command(
-            lab.lb.command(XLB),
-            Lab::LB_IFACES,
-            &socket,
-            &dir.join("state.json"),
-            &bpffs,
-            &log,
-        );
-        let process = AgentProcess::start(
-            cmd,
-            log,
-            Duration::from_secs(10),
-            Duration::from_millis(100),
-            common::vip_list_probe(|args| Self::run_in(&lab.lb, &socket, args)),
-        );
-        Self {
-            lb: &lab.lb,
-            process,
-            dir,
-            socket,
-            bpffs,
-        }
-    }
-
-    fn run_in(lb: &Netns, socket: &Path, args: &[&str]) -> Output {
-        lb.command(XLB)
-            .env("XLB_SOCKET", socket)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("running the xlb CLI")
-    }
-
-    fn cli(&self, args: &[&str]) -> String {
-        common::success(args, Self::run_in(self.lb, &self.socket, args))
-    }
-
-    fn stats(&self) -> Stats {
-        common::parse_json(&["stats", "--json"], &self.cli(&["stats", "--json"]))
-    }
-}
-
-impl Drop for Agent<'_> {
-    fn drop(&mut self) {
-        self.process.terminate_and_report();
-        let _ = fs::remove_dir_all(&self.bpffs);
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
-
-// ---------------------------------------------------------------------------
 // Clients
 // ---------------------------------------------------------------------------
 
@@ -377,7 +304,7 @@ fn stream(vip: SocketAddr) -> usize {
 fn bulk_tcp_through_veths_and_a_bridge_with_default_offloads() {
     let lab = Lab::build();
     let _servers = Servers::start(&lab);
-    let agent = Agent::start(&lab);
+    let agent = NsAgent::start(&lab.lb, SUITE, &Lab::LB_IFACES, &[]);
 
     let log = agent.process.log();
     for iface in Lab::LB_IFACES {

@@ -18,10 +18,8 @@
 //! Needs root. Namespaces (unique prefixes), temp dirs and pins are torn down by guards.
 
 use std::{
-    fs,
     io::{BufRead as _, BufReader, ErrorKind, Read as _, Write as _},
     net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
-    path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -30,14 +28,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_userspace::api::Stats;
 use xlb_netns::{
     Netns, Network, NsId,
     ipnet::{Ipv4Net, Ipv6Net},
 };
 
 mod common;
-use common::{AgentProcess, XLB, counter};
+use common::{NsAgent, counter};
 
 const SUITE: &str = "pmtu";
 const BACKEND_PORT: u16 = 8080;
@@ -162,65 +159,6 @@ impl Path {
 
     fn ns(&self, id: NsId) -> &Netns {
         self.net.ns(id)
-    }
-}
-
-/// `xlb run` in the LB namespace; stopped (and its pins and files removed) on drop.
-struct Agent<'p> {
-    lb: &'p Netns,
-    process: AgentProcess,
-    dir: PathBuf,
-    socket: PathBuf,
-    bpffs: PathBuf,
-}
-
-impl<'p> Agent<'p> {
-    fn start(path: &'p Path) -> Self {
-        let lb = path.ns(path.lb);
-        let dir = std::env::temp_dir().join(common::unique(SUITE, "agent"));
-        fs::create_dir_all(&dir).expect("creating the agent's temp dir");
-        let socket = dir.join("xlb.sock");
-        let log = dir.join("agent.log");
-        let bpffs = std::path::Path::new("/sys/fs/bpf").join(common::unique(SUITE, "pins"));
-        let cmd = common::agent_command(
-            lb.command(XLB),
-            &path.lb_ifaces,
-            &socket,
-            &dir.join("state.json"),
-            &bpffs,
-            &log,
-        );
-        let probe_socket = socket.clone();
-        let process = AgentProcess::start(
-            cmd,
-            log,
-            Duration::from_secs(10),
-            Duration::from_millis(100),
-            common::vip_list_probe(move |args| common::xlb(lb, &probe_socket, args)),
-        );
-        Self {
-            lb,
-            process,
-            dir,
-            socket,
-            bpffs,
-        }
-    }
-
-    fn cli(&self, args: &[&str]) -> String {
-        common::ok(self.lb, &self.socket, args)
-    }
-
-    fn stats(&self) -> Stats {
-        common::parse_json(&["stats", "--json"], &self.cli(&["stats", "--json"]))
-    }
-}
-
-impl Drop for Agent<'_> {
-    fn drop(&mut self) {
-        self.process.terminate_and_report();
-        let _ = fs::remove_dir_all(&self.bpffs);
-        let _ = fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -377,7 +315,7 @@ fn run(narrow: Narrow) {
     );
     let path = Path::build(narrow);
     let _server = Server::start(path.ns(path.backend));
-    let agent = Agent::start(&path);
+    let agent = NsAgent::start(path.ns(path.lb), SUITE, &path.lb_ifaces, &[]);
     let vips = [
         (
             SocketAddr::new(VIP_V4.into(), VIP_PORT),

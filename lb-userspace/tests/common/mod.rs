@@ -352,6 +352,74 @@ pub fn vip_list_probe(run: impl Fn(&[&str]) -> Output) -> impl FnMut() -> Result
     }
 }
 
+/// `xlb run` in `ns` on `ifaces` with a temp dir, socket and pins of its own (named after
+/// `suite`); SIGTERM on drop, its log printed if the test is failing, its files removed.
+#[allow(dead_code)]
+pub struct NsAgent<'n> {
+    pub ns: &'n Netns,
+    pub process: AgentProcess,
+    pub socket: PathBuf,
+    dir: PathBuf,
+    bpffs: PathBuf,
+}
+
+#[allow(dead_code)]
+impl<'n> NsAgent<'n> {
+    pub fn start<S: AsRef<OsStr>>(
+        ns: &'n Netns,
+        suite: &str,
+        ifaces: &[S],
+        extra: &[&str],
+    ) -> Self {
+        let dir = std::env::temp_dir().join(unique(suite, "agent"));
+        fs::create_dir_all(&dir).expect("creating the agent's temp dir");
+        let socket = dir.join("xlb.sock");
+        let log = dir.join("agent.log");
+        let bpffs = Path::new("/sys/fs/bpf").join(unique(suite, "pins"));
+        let mut cmd = agent_command(
+            ns.command(XLB),
+            ifaces,
+            &socket,
+            &dir.join("state.json"),
+            &bpffs,
+            &log,
+        );
+        cmd.args(extra);
+        let probe_socket = socket.clone();
+        let process = AgentProcess::start(
+            cmd,
+            log,
+            Duration::from_secs(10),
+            Duration::from_millis(100),
+            vip_list_probe(move |args| xlb(ns, &probe_socket, args)),
+        );
+        Self {
+            ns,
+            process,
+            socket,
+            dir,
+            bpffs,
+        }
+    }
+
+    /// Runs an `xlb` command against this agent; panics if it fails.
+    pub fn cli(&self, args: &[&str]) -> String {
+        ok(self.ns, &self.socket, args)
+    }
+
+    pub fn stats(&self) -> Stats {
+        parse_json(&["stats", "--json"], &self.cli(&["stats", "--json"]))
+    }
+}
+
+impl Drop for NsAgent<'_> {
+    fn drop(&mut self) {
+        self.process.terminate_and_report();
+        let _ = fs::remove_dir_all(&self.bpffs);
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// Whether xlb's data path is attached to `ifname` in `ns`: an XDP program (native or
 /// generic) or a program at its tcx ingress hook, where `--xdp-mode auto` puts veths.
 #[allow(dead_code)]
