@@ -144,6 +144,19 @@ pub struct VipInfo {
     pub idle_timeout_s: u32,
 }
 
+impl VipInfo {
+    /// The `XLB_MAGLEV` index a new flow with `hash` takes in the live ring; `None` when the
+    /// VIP has no usable backend.
+    #[inline(always)]
+    #[must_use]
+    pub const fn ring_slot(&self, hash: u32) -> Option<u32> {
+        if self.ring_size == 0 {
+            return None;
+        }
+        Some(self.ring_base + crate::hash::ring_offset(hash, self.ring_size))
+    }
+}
+
 /// Idle timeout of a TCP VIP's established connections unless configured otherwise.
 pub const DEFAULT_TCP_IDLE_TIMEOUT_S: u32 = 300;
 /// Idle timeout of a UDP VIP's flows unless configured otherwise.
@@ -182,6 +195,17 @@ impl Backend {
     pub const fn carries_flows(&self) -> bool {
         self.flags & (BACKEND_ACTIVE | BACKEND_DRAINING) != 0
     }
+
+    /// Whether this entry may take a packet of `vip_id`'s flow: one of `required` flags set
+    /// (`BACKEND_ACTIVE` for a new flow; `| BACKEND_DRAINING` for an established one), and
+    /// the same VIP and family. Ids are reused after removal, so a connection-table entry
+    /// can name an id that now belongs to another VIP or address family: that entry is stale.
+    #[inline(always)]
+    #[must_use]
+    pub const fn serves(&self, vip_id: u32, ipv6: bool, required: u8) -> bool {
+        let family = if ipv6 { 6 } else { 4 };
+        self.flags & required != 0 && self.vip_id == vip_id && self.family == family
+    }
 }
 
 /// Key of `XLB_CONNTRACK` (client → VIP, as the packet arrived) and of `XLB_REVNAT`
@@ -195,6 +219,29 @@ pub struct FlowKey {
     pub dport_be: u16,
     pub proto: u8,
     pub _pad: [u8; 3],
+}
+
+impl FlowKey {
+    /// The `XLB_REVNAT` key of replies to a flow from `client`:`client_port_be` that went to
+    /// `backend`:`backend_port_be`: the reply as it leaves the backend.
+    #[inline(always)]
+    #[must_use]
+    pub const fn reply(
+        backend: [u8; 16],
+        backend_port_be: u16,
+        client: [u8; 16],
+        client_port_be: u16,
+        proto: u8,
+    ) -> Self {
+        Self {
+            src: backend,
+            dst: client,
+            sport_be: backend_port_be,
+            dport_be: client_port_be,
+            proto,
+            _pad: [0; 3],
+        }
+    }
 }
 
 /// A resolved layer-2 next hop, cached in connection-table entries so that only the first
@@ -477,6 +524,59 @@ mod tests {
             last_seen_ns: last_seen_s * NS_PER_S,
             ..FlowState::default()
         }
+    }
+
+    #[test]
+    fn a_backend_entry_serves_only_its_vip_family_and_state() {
+        let b = Backend {
+            family: 4,
+            flags: BACKEND_DRAINING,
+            vip_id: 7,
+            ..Backend::default()
+        };
+        assert!(b.serves(7, false, BACKEND_ACTIVE | BACKEND_DRAINING));
+        assert!(
+            !b.serves(7, false, BACKEND_ACTIVE),
+            "draining takes no new flow"
+        );
+        assert!(
+            !b.serves(8, false, BACKEND_DRAINING),
+            "an id reused by another VIP"
+        );
+        assert!(!b.serves(7, true, BACKEND_DRAINING), "another family");
+        assert!(!Backend::default().serves(0, false, BACKEND_ACTIVE | BACKEND_DRAINING));
+    }
+
+    #[test]
+    fn ring_slots_fall_in_the_live_half_and_an_empty_ring_has_none() {
+        let vip = VipInfo {
+            vip_id: 1,
+            ring_base: 3 * 17,
+            ring_size: 17,
+            idle_timeout_s: 0,
+        };
+        for hash in [0, 1, 16, 17, u32::MAX] {
+            let slot = vip.ring_slot(hash).expect("a live ring");
+            assert!((51..68).contains(&slot), "{hash} -> {slot}");
+        }
+        assert_eq!(
+            VipInfo {
+                ring_size: 0,
+                ..vip
+            }
+            .ring_slot(5),
+            None
+        );
+    }
+
+    #[test]
+    fn a_reply_key_is_the_flow_turned_around_at_the_backend() {
+        let key = FlowKey::reply([1; 16], 80u16.to_be(), [2; 16], 40000u16.to_be(), 6);
+        assert_eq!((key.src, key.dst), ([1; 16], [2; 16]));
+        assert_eq!(
+            (key.sport_be, key.dport_be),
+            (80u16.to_be(), 40000u16.to_be())
+        );
     }
 
     #[test]

@@ -66,6 +66,14 @@ pub const fn hash64(bytes: &[u8], seed: u64) -> u64 {
     h ^ (h >> 33)
 }
 
+/// Where in a VIP's ring (`0..ring_size`) a flow with `hash` lands: the same rule for the
+/// data path (`VipInfo::ring_slot`) and for `xlb explain`.
+#[inline(always)]
+#[must_use]
+pub const fn ring_offset(hash: u32, ring_size: u32) -> u32 {
+    hash % ring_size
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,8 +20,8 @@ use crate::{
     hook::Hook,
     icmp,
     maps::{
-        BACKEND_HOPS, BACKENDS, CONNTRACK, ENDPOINTS, MAGLEV, PORTS, REVERSE_NAT, VIPS,
-        XLB_HASH_SEED,
+        BACKENDS, CONNTRACK, ENDPOINTS, HopCache, MAGLEV, PORTS, REVERSE_NAT, VIPS, XLB_HASH_SEED,
+        backend_hop_slot, flow_entry, reverse_entry,
     },
     nat::Endpoint,
     stats::{count, count_forwarded},
@@ -70,10 +70,9 @@ pub fn process<H: Hook>(ctx: &H) -> u32 {
         }
         cache
     } else if role(p.sport_be) & PORT_IS_BACKEND != 0
-        && let cache = to_client(&p, &mut t)
-        && !cache.is_null()
+        && let Some(cache) = to_client(&p, &mut t)
     {
-        cache
+        Some(cache)
     } else {
         count(Counter::NotForUs);
         return H::PASS;
@@ -101,8 +100,8 @@ fn flow_key(p: &Parsed) -> FlowKey {
     }
 }
 
-/// The backend behind `id` if it still serves `vip_id` (ids are reused after removal) and
-/// matches the packet's family.
+/// The backend behind `id` if it still serves `vip_id` in the packet's family with one of
+/// `required_flags` (`Backend::serves`).
 #[inline(always)]
 pub fn usable_backend(
     id: u32,
@@ -112,9 +111,9 @@ pub fn usable_backend(
 ) -> Option<&'static Backend> {
     // A reference into the map, not a copy: copies of these 16-byte addresses onto the stack
     // can land 4-aligned, and LLVM then emits 8-byte stack loads the verifier refuses.
-    let b = BACKENDS.get(id)?;
-    let family = if ipv6 { 6 } else { 4 };
-    (b.flags & required_flags != 0 && b.vip_id == vip_id && b.family == family).then_some(b)
+    BACKENDS
+        .get(id)
+        .filter(|b| b.serves(vip_id, ipv6, required_flags))
 }
 
 /// The `FlowState::closing` bits a packet adds: a RST from either side, a FIN from its
@@ -135,27 +134,21 @@ const fn close_bits(p: &Parsed, fin_bit: u8) -> u8 {
 /// Adds `bits` to a flow's closing state. The entry's closing timeout counts from the
 /// packet that completes the close, so `last_seen_ns` is set with it. Written only when
 /// something changes: retransmitted FINs do not dirty the cache line.
-///
-/// # Safety
-/// `state` points at a live connection-table value.
 #[inline(always)]
-unsafe fn note_closing(state: *mut FlowState, bits: u8, now: impl FnOnce() -> u64) {
-    // SAFETY: the caller's promise.
-    unsafe {
-        if bits & !(*state).closing != 0 {
-            (*state).closing |= bits;
-            (*state).last_seen_ns = now();
-        }
+fn note_closing(state: &mut FlowState, bits: u8, now: impl FnOnce() -> u64) {
+    if bits & !state.closing != 0 {
+        state.closing |= bits;
+        state.last_seen_ns = now();
     }
 }
 
 /// Finds or picks the flow's backend and fills `t`; returns where this CPU caches the
-/// backend's next hop (null: nowhere). A flow no backend can take sets `t.no_backend`.
+/// backend's next hop. A flow no backend can take sets `t.no_backend`.
 ///
-/// The cache pointer travels as the return value, not inside `t`: the verifier forgets a
+/// The cache reference travels as the return value, not inside `t`: the verifier forgets a
 /// pointer's type when it is copied through memory in pieces.
 #[inline(never)]
-fn to_backend<H: Hook>(ctx: &H, p: &Parsed, vip: &VipInfo, t: &mut Translation) -> *mut NextHop {
+fn to_backend<H: Hook>(ctx: &H, p: &Parsed, vip: &VipInfo, t: &mut Translation) -> HopCache {
     let key = flow_key(p);
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
@@ -166,20 +159,14 @@ fn to_backend<H: Hook>(ctx: &H, p: &Parsed, vip: &VipInfo, t: &mut Translation) 
     let known = if opens {
         None
     } else {
-        CONNTRACK.get_ptr_mut(&key).and_then(|state| {
-            // SAFETY: LRU values stay valid for the duration of the program run (RCU).
-            let (id, current) = unsafe {
-                (
-                    (*state).backend_id,
-                    (*state).is_current(now, vip.idle_timeout_s),
-                )
-            };
+        flow_entry(&key).and_then(|state| {
             // An entry idle past its timeout, or closed a while ago, is a miss: the flow it
             // recorded is over, and this packet starts over with the live ring.
-            if !current {
+            if !state.is_current(now, vip.idle_timeout_s) {
                 return None;
             }
             // Established flows follow their backend while it is active or draining.
+            let id = state.backend_id;
             usable_backend(
                 id,
                 vip.vip_id,
@@ -193,14 +180,12 @@ fn to_backend<H: Hook>(ctx: &H, p: &Parsed, vip: &VipInfo, t: &mut Translation) 
     let (backend_id, backend, new_flow) = match known {
         Some((id, b, state)) => {
             count(Counter::ConntrackHit);
-            // SAFETY: as above. Written at most once a second: no cache-line churn per packet.
-            unsafe {
-                if now.wrapping_sub((*state).last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
-                    (*state).last_seen_ns = now;
-                }
-                if closing != 0 {
-                    note_closing(state, closing, || now);
-                }
+            // Written at most once a second: no cache-line churn per packet.
+            if now.wrapping_sub(state.last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
+                state.last_seen_ns = now;
+            }
+            if closing != 0 {
+                note_closing(state, closing, || now);
             }
             (id, b, false)
         }
@@ -209,7 +194,7 @@ fn to_backend<H: Hook>(ctx: &H, p: &Parsed, vip: &VipInfo, t: &mut Translation) 
             let Some((id, b)) = pick_backend(&key, vip, p.ipv6) else {
                 count(Counter::NoBackend);
                 t.no_backend = true;
-                return core::ptr::null_mut();
+                return None;
             };
             let reply_hop = reply_next_hop(ctx, p);
             let state = FlowState {
@@ -242,14 +227,7 @@ fn to_backend<H: Hook>(ctx: &H, p: &Parsed, vip: &VipInfo, t: &mut Translation) 
                     unsafe { ENDPOINTS.get(&endpoint) }.is_none_or(|e| e.vips != 1)
                 };
             if shared {
-                let reply = FlowKey {
-                    src: b.addr,
-                    dst: p.src,
-                    sport_be: b.port_be,
-                    dport_be: p.sport_be,
-                    proto: p.proto,
-                    _pad: [0; 3],
-                };
+                let reply = FlowKey::reply(b.addr, b.port_be, p.src, p.sport_be, p.proto);
                 let reverse = ReverseNat {
                     vip_addr: p.dst,
                     vip_port_be: p.dport_be,
@@ -277,18 +255,13 @@ fn to_backend<H: Hook>(ctx: &H, p: &Parsed, vip: &VipInfo, t: &mut Translation) 
 /// `next_hop` resolves it again: a changed route or neighbour reaches every flow to the
 /// backend within about a second, at one FIB lookup per second per CPU and backend.
 #[inline(always)]
-pub fn backend_hop(id: u32, now: u64) -> *mut NextHop {
-    let Some(cached) = BACKEND_HOPS.get_ptr_mut(id) else {
-        return core::ptr::null_mut();
-    };
-    // SAFETY: a per-CPU array slot, written only by this CPU with preemption disabled.
-    unsafe {
-        if now.wrapping_sub((*cached).resolved_ns) > LAST_SEEN_GRANULARITY_NS {
-            (*cached).resolved_ns = now;
-            (*cached).hop.ifindex = 0;
-        }
-        &raw mut (*cached).hop
+pub fn backend_hop(id: u32, now: u64) -> HopCache {
+    let cached = backend_hop_slot(id)?;
+    if now.wrapping_sub(cached.resolved_ns) > LAST_SEEN_GRANULARITY_NS {
+        cached.resolved_ns = now;
+        cached.hop.ifindex = 0;
     }
+    Some(&mut cached.hop)
 }
 
 /// Replies go back the way the client's packet came: out of the interface it arrived on, to
@@ -310,10 +283,7 @@ fn reply_next_hop<H: Hook>(ctx: &H, p: &Parsed) -> NextHop {
 /// Picks a backend for a new flow from the VIP's live Maglev ring.
 #[inline(always)]
 fn pick_backend(key: &FlowKey, vip: &VipInfo, ipv6: bool) -> Option<(u32, &'static Backend)> {
-    if vip.ring_size == 0 {
-        return None;
-    }
-    let slot = vip.ring_base + flow_hash(key, XLB_HASH_SEED.load()) % vip.ring_size;
+    let slot = vip.ring_slot(flow_hash(key, XLB_HASH_SEED.load()))?;
     let id = *MAGLEV.get(slot)?;
     usable_backend(id, vip.vip_id, ipv6, BACKEND_ACTIVE).map(|b| (id, b))
 }
@@ -321,7 +291,7 @@ fn pick_backend(key: &FlowKey, vip: &VipInfo, ipv6: bool) -> Option<(u32, &'stat
 /// A reply from a backend: its source becomes the VIP again. Returns where the flow keeps
 /// the reply's next hop, or null when the packet belongs to no flow xlb knows.
 #[inline(never)]
-fn to_client(p: &Parsed, t: &mut Translation) -> *mut NextHop {
+fn to_client(p: &Parsed, t: &mut Translation) -> HopCache {
     let reply = Reply {
         src: &p.src,
         dst: &p.dst,
@@ -330,7 +300,7 @@ fn to_client(p: &Parsed, t: &mut Translation) -> *mut NextHop {
         proto: p.proto,
     };
     let cache = reply_flow(&reply, t);
-    if !cache.is_null() {
+    if cache.is_some() {
         count(Counter::ReverseNat);
         t.endpoint = Endpoint::Source;
         let closing = close_bits(p, CLOSE_FIN_FROM_BACKEND);
@@ -354,10 +324,10 @@ pub struct Reply<'a> {
 }
 
 /// The flow `reply` belongs to: puts the VIP it must come from into `t.addr`/`t.port_be`
-/// and returns where the flow keeps the reply's next hop; null when xlb knows no such flow.
-/// Only looks: ICMP errors quoting a packet of the flow find it this way too.
+/// and returns where the flow keeps the reply's next hop; `None` when xlb knows no such
+/// flow. Only looks: ICMP errors quoting a packet of the flow find it this way too.
 #[inline(always)]
-pub fn reply_flow(reply: &Reply, t: &mut Translation) -> *mut NextHop {
+pub fn reply_flow(reply: &Reply, t: &mut Translation) -> HopCache {
     let endpoint = VipKey {
         addr: *reply.src,
         port_be: reply.sport_be,
@@ -365,11 +335,9 @@ pub fn reply_flow(reply: &Reply, t: &mut Translation) -> *mut NextHop {
         _pad: [0; 5],
     };
     // SAFETY: the agent replaces endpoint entries whole.
-    let Some(e) = (unsafe { ENDPOINTS.get(&endpoint) }) else {
-        return core::ptr::null_mut();
-    };
+    let e = (unsafe { ENDPOINTS.get(&endpoint) })?;
     if e.vips != 1
-        && let Some(reverse) = REVERSE_NAT.get_ptr_mut(&FlowKey {
+        && let Some(reverse) = reverse_entry(&FlowKey {
             src: *reply.src,
             dst: *reply.dst,
             sport_be: reply.sport_be,
@@ -378,12 +346,9 @@ pub fn reply_flow(reply: &Reply, t: &mut Translation) -> *mut NextHop {
             _pad: [0; 3],
         })
     {
-        // SAFETY: LRU values stay valid for the duration of the program run (RCU).
-        unsafe {
-            t.addr = (*reverse).vip_addr;
-            t.port_be = (*reverse).vip_port_be;
-            return &raw mut (*reverse).next_hop;
-        }
+        t.addr = reverse.vip_addr;
+        t.port_be = reverse.vip_port_be;
+        return Some(&mut reverse.next_hop);
     }
     // The flow's own entry, client → VIP; it must be this backend's (the client may have
     // other flows to the same VIP on other backends).
@@ -395,19 +360,14 @@ pub fn reply_flow(reply: &Reply, t: &mut Translation) -> *mut NextHop {
         proto: reply.proto,
         _pad: [0; 3],
     };
-    let Some(state) = CONNTRACK.get_ptr_mut(&key) else {
-        return core::ptr::null_mut();
-    };
-    // SAFETY: LRU values stay valid for the duration of the program run (RCU).
-    let backend_id = unsafe { (*state).backend_id };
-    match BACKENDS.get(backend_id) {
+    let state = flow_entry(&key)?;
+    match BACKENDS.get(state.backend_id) {
         Some(b) if b.addr == *reply.src && b.port_be == reply.sport_be => {}
-        _ => return core::ptr::null_mut(),
+        _ => return None,
     }
     t.addr = e.vip_addr;
     t.port_be = e.vip_port_be;
-    // SAFETY: as above.
-    unsafe { &raw mut (*state).reply_next_hop }
+    Some(&mut state.reply_next_hop)
 }
 
 /// A backend's FIN or RST on a flow whose reply came through a reverse-NAT entry: recorded
@@ -422,10 +382,9 @@ fn note_reply_closing(p: &Parsed, vip_addr: &[u8; 16], vip_port_be: u16, bits: u
         proto: p.proto,
         _pad: [0; 3],
     };
-    if let Some(state) = CONNTRACK.get_ptr_mut(&key) {
-        // SAFETY: LRU values stay valid for the duration of the program run (RCU); the
-        // helper takes no arguments.
-        unsafe { note_closing(state, bits, || bpf_ktime_get_coarse_ns()) };
+    if let Some(state) = flow_entry(&key) {
+        // SAFETY: a helper without arguments.
+        note_closing(state, bits, || unsafe { bpf_ktime_get_coarse_ns() });
     }
 }
 
@@ -456,12 +415,7 @@ impl Translation {
 /// the flow's, for a reply) or `bpf_fib_lookup` (which then fills the cache). `None`: let the
 /// stack forward it.
 #[inline(always)]
-pub fn next_hop<H: Hook>(
-    ctx: &H,
-    p: &Parsed,
-    t: &Translation,
-    cache: Option<&mut NextHop>,
-) -> Option<NextHop> {
+pub fn next_hop<H: Hook>(ctx: &H, p: &Parsed, t: &Translation, cache: HopCache) -> Option<NextHop> {
     if let Some(c) = &cache
         && c.ifindex != 0
     {

@@ -3,9 +3,9 @@
 //! the packet on differ, and live in `xdp.rs` and `tc.rs`.
 
 use aya_ebpf::EbpfContext;
-use lb_common::{NextHop, csum::CsumDelta, parse::Parsed};
+use lb_common::{csum::CsumDelta, parse::Parsed};
 
-use crate::{forward::Translation, packet::Packet};
+use crate::{forward::Translation, maps::HopCache, packet::Packet};
 
 pub trait Hook: EbpfContext {
     /// Leave the packet to the stack.
@@ -49,6 +49,6 @@ pub trait Hook: EbpfContext {
     ) -> Option<()>;
 
     /// Applies `t` and hands the packet on: out of an interface when the next hop is known
-    /// (`cache` is where the flow keeps it; null: nowhere), through the stack otherwise.
-    fn emit(&self, p: &Parsed, t: &Translation, cache: *mut NextHop) -> u32;
+    /// (`cache` is where it is kept for the flow), through the stack otherwise.
+    fn emit(&self, p: &Parsed, t: &Translation, cache: HopCache) -> u32;
 }

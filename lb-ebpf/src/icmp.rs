@@ -20,8 +20,8 @@
 
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use lb_common::{
-    BACKEND_ACTIVE, BACKEND_DRAINING, Counter, FlowKey, IPPROTO_UDP, NextHop, PORT_IS_BACKEND,
-    PORT_IS_VIP, VipKey,
+    BACKEND_ACTIVE, BACKEND_DRAINING, Counter, FlowKey, IPPROTO_UDP, PORT_IS_BACKEND, PORT_IS_VIP,
+    VipKey,
     csum::CsumDelta,
     icmp::{IPPROTO_ICMP, IPPROTO_ICMPV6, IcmpError, parse_icmp_error_into},
     parse::{
@@ -33,7 +33,7 @@ use lb_common::{
 use crate::{
     forward::{Reply, Translation, backend_hop, reply_flow, usable_backend},
     hook::Hook,
-    maps::{CONNTRACK, PORTS, VIPS},
+    maps::{HopCache, PORTS, VIPS, flow_entry},
     nat::Endpoint,
     stats::count,
 };
@@ -56,7 +56,7 @@ pub fn translate<H: Hook>(ctx: &H, p: &mut Parsed) -> Option<u32> {
     if !t.already_translated {
         return None;
     }
-    if cache.is_null() {
+    if cache.is_none() {
         // Rewritten in part only, which cannot happen: never send it half-done.
         count(Counter::Malformed);
         return Some(H::DROP);
@@ -67,26 +67,19 @@ pub fn translate<H: Hook>(ctx: &H, p: &mut Parsed) -> Option<u32> {
 /// Finds the flow, rewrites the error, and describes it as it now stands in `p` and `t`
 /// (with `already_translated`) for `emit`; returns where the flow keeps the next hop
 /// towards the error's receiver. Leaves `t.already_translated` unset for an error this is
-/// not for, and returns null with it set when the rewrite broke off.
+/// not for, and returns `None` with it set when the rewrite broke off.
 ///
 /// Not inlined: the error's parsed form lives in this frame, which is gone before `emit`'s
 /// is pushed. An error whose TTL expires here is translated too; `emit` then leaves it to
 /// the stack, as any packet, and the stack sends no error about an error.
 #[inline(never)]
-fn prepare<H: Hook>(ctx: &H, p: &mut Parsed, t: &mut Translation) -> *mut NextHop {
+fn prepare<H: Hook>(ctx: &H, p: &mut Parsed, t: &mut Translation) -> HopCache {
     ctx.make_readable(ICMP_HEADERS_MAX);
     let mut e = IcmpError::EMPTY;
-    if parse_into(ctx, &mut e).is_none() {
-        return core::ptr::null_mut();
-    }
-    let cache = find_flow(&e, t);
-    if cache.is_null() {
-        return core::ptr::null_mut();
-    }
+    parse_into(ctx, &mut e)?;
+    let cache = find_flow(&e, t)?;
     t.already_translated = true;
-    if rewrite(ctx, &e, t).is_none() {
-        return core::ptr::null_mut();
-    }
+    rewrite(ctx, &e, t)?;
     count(Counter::IcmpTranslated);
     // The error as it now stands, for `emit`; `p` is as the failed parse left it: empty.
     // Fields are set one by one: a whole `Parsed` built here would cost this frame a copy.
@@ -107,7 +100,7 @@ fn prepare<H: Hook>(ctx: &H, p: &mut Parsed, t: &mut Translation) -> *mut NextHo
     t.endpoint = Endpoint::Destination;
     t.addr = p.dst;
     t.port_be = 0;
-    cache
+    Some(cache)
 }
 
 /// Not inlined: the parser's temporaries are gone before the lookups run.
@@ -118,12 +111,12 @@ fn parse_into<H: Hook>(ctx: &H, out: &mut IcmpError) -> Option<()> {
 
 /// The flow the quoted packet belongs to. Fills `t` with the quoted endpoint to rewrite
 /// (the backend as destination, or the VIP as source) and its new address and port; returns
-/// where the flow keeps the next hop towards the error's receiver, or null for no flow.
+/// where the flow keeps the next hop towards the error's receiver, or `None` for no flow.
 ///
-/// As `forward::to_client`, the pointer travels as the return value: the verifier forgets a
-/// pointer's type when it is copied through memory in pieces.
+/// As `forward::to_client`, the reference travels as the return value: the verifier forgets
+/// a pointer's type when it is copied through memory in pieces.
 #[inline(never)]
-fn find_flow(e: &IcmpError, t: &mut Translation) -> *mut NextHop {
+fn find_flow(e: &IcmpError, t: &mut Translation) -> HopCache {
     let role = |port_be: u16| {
         PORTS
             .get(u32::from(u16::from_be(port_be)))
@@ -139,15 +132,14 @@ fn find_flow(e: &IcmpError, t: &mut Translation) -> *mut NextHop {
             dport_be: e.quoted_sport_be,
             proto: e.quoted_proto,
         };
-        let cache = reply_flow(&reply, t);
-        if !cache.is_null() {
+        if let Some(cache) = reply_flow(&reply, t) {
             t.endpoint = Endpoint::Destination;
-            return cache;
+            return Some(cache);
         }
     }
     // The quote is a reply VIP → client: the error goes to the flow's backend.
     if role(e.quoted_sport_be) & PORT_IS_VIP == 0 {
-        return core::ptr::null_mut();
+        return None;
     }
     let vip_key = VipKey {
         addr: e.quoted_src,
@@ -156,9 +148,7 @@ fn find_flow(e: &IcmpError, t: &mut Translation) -> *mut NextHop {
         _pad: [0; 5],
     };
     // SAFETY: the agent replaces VIP entries whole and never writes into them in place.
-    let Some(vip) = (unsafe { VIPS.get(&vip_key) }) else {
-        return core::ptr::null_mut();
-    };
+    let vip = (unsafe { VIPS.get(&vip_key) })?;
     let key = FlowKey {
         src: e.quoted_dst,
         dst: e.quoted_src,
@@ -167,20 +157,14 @@ fn find_flow(e: &IcmpError, t: &mut Translation) -> *mut NextHop {
         proto: e.quoted_proto,
         _pad: [0; 3],
     };
-    let Some(state) = CONNTRACK.get_ptr_mut(&key) else {
-        return core::ptr::null_mut();
-    };
-    // SAFETY: LRU values stay valid for the duration of the program run (RCU).
-    let backend_id = unsafe { (*state).backend_id };
+    let backend_id = flow_entry(&key)?.backend_id;
     // Only an established flow: an error never creates one.
-    let Some(backend) = usable_backend(
+    let backend = usable_backend(
         backend_id,
         vip.vip_id,
         e.ipv6,
         BACKEND_ACTIVE | BACKEND_DRAINING,
-    ) else {
-        return core::ptr::null_mut();
-    };
+    )?;
     t.endpoint = Endpoint::Source;
     t.addr = backend.addr;
     t.port_be = backend.port_be;

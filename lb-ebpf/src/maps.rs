@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, CONNTRACK_ENTRIES, CachedHop, Counter, DEFAULT_HASH_SEED, DEFAULT_MAX_VIPS,
-    DEFAULT_RING_SIZE, EndpointVip, FlowKey, FlowState, MAX_BACKENDS, MAX_EGRESS_PORTS,
+    DEFAULT_RING_SIZE, EndpointVip, FlowKey, FlowState, MAX_BACKENDS, MAX_EGRESS_PORTS, NextHop,
     PORT_ENTRIES, ReverseNat, TrafficCounters, VipInfo, VipKey,
 };
 
@@ -65,3 +65,38 @@ pub static VIP_STATS: PerCpuArray<TrafficCounters> =
 #[map(name = "XLB_BESTATS")]
 pub static BACKEND_STATS: PerCpuArray<TrafficCounters> =
     PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+// Typed access to the entries the per-packet path changes in place. Each carries the one
+// argument why a reference into the map is sound, so no raw pointer travels between
+// functions.
+
+/// The connection-table entry of `key`.
+#[inline(always)]
+pub fn flow_entry(key: &FlowKey) -> Option<&'static mut FlowState> {
+    let entry = CONNTRACK.get_ptr_mut(key)?;
+    // SAFETY: an LRU value stays allocated until the program run ends (RCU). Its fields are
+    // plain words: another CPU updating the same flow at once makes the last store win,
+    // which last-seen times and closing bits tolerate.
+    Some(unsafe { &mut *entry })
+}
+
+/// The reverse-NAT entry of a reply's `key` (endpoints shared by several VIPs).
+#[inline(always)]
+pub fn reverse_entry(key: &FlowKey) -> Option<&'static mut ReverseNat> {
+    let entry = REVERSE_NAT.get_ptr_mut(key)?;
+    // SAFETY: as in `flow_entry`.
+    Some(unsafe { &mut *entry })
+}
+
+/// This CPU's cached next hop towards backend `id`.
+#[inline(always)]
+pub fn backend_hop_slot(id: u32) -> Option<&'static mut CachedHop> {
+    let slot = BACKEND_HOPS.get_ptr_mut(id)?;
+    // SAFETY: a per-CPU array slot: only this CPU writes it, with preemption disabled for
+    // the whole run.
+    Some(unsafe { &mut *slot })
+}
+
+/// Where a flow's next hop is cached for the rest of the run: a backend's (per CPU) for a
+/// client's packet, a flow's reply hop for a backend's.
+pub type HopCache = Option<&'static mut NextHop>;

@@ -10,11 +10,12 @@ use aya_ebpf::{
     helpers::generated::{bpf_redirect, bpf_skb_pull_data},
     programs::TcContext,
 };
-use lb_common::{Counter, NextHop, csum::CsumDelta, parse::Parsed};
+use lb_common::{Counter, csum::CsumDelta, parse::Parsed};
 
 use crate::{
     forward::{Translation, next_hop},
     hook::Hook,
+    maps::HopCache,
     nat::{decrement_ttl_skb, rewrite_skb, update_icmp_checksum_skb, update_ipv4_checksum_skb},
     packet::Packet,
     stats::count,
@@ -106,9 +107,7 @@ impl Hook for TcContext {
 
     // Not inlined: shared by both directions, in its own stack frame.
     #[inline(never)]
-    fn emit(&self, p: &Parsed, t: &Translation, cache: *mut NextHop) -> u32 {
-        // SAFETY: null or a pointer into a live LRU value (see `forward::to_backend`).
-        let cache = unsafe { cache.as_mut() };
+    fn emit(&self, p: &Parsed, t: &Translation, cache: HopCache) -> u32 {
         let next_hop = next_hop(self, p, t, cache);
         let Some(nh) =
             next_hop.filter(|_| p.l3_offset == lb_common::parse::ETH_HLEN && !self.vlan_tagged())

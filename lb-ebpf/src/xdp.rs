@@ -2,12 +2,12 @@
 //! `XDP_REDIRECT` through the redirect map.
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use lb_common::{Counter, NextHop, csum::CsumDelta, parse::Parsed};
+use lb_common::{Counter, csum::CsumDelta, parse::Parsed};
 
 use crate::{
     forward::{Translation, next_hop},
     hook::Hook,
-    maps::EGRESS_PORTS,
+    maps::{EGRESS_PORTS, HopCache},
     nat::{decrement_ttl, rewrite, update_checksum},
     packet::Packet,
     stats::count,
@@ -63,10 +63,8 @@ impl Hook for XdpContext {
 
     // Not inlined: shared by both directions, in its own stack frame.
     #[inline(never)]
-    fn emit(&self, p: &Parsed, t: &Translation, cache: *mut NextHop) -> u32 {
+    fn emit(&self, p: &Parsed, t: &Translation, cache: HopCache) -> u32 {
         let pkt = &self.packet();
-        // SAFETY: null or a pointer into a live LRU value (see `forward::to_backend`).
-        let cache = unsafe { cache.as_mut() };
         let next_hop = next_hop(self, p, t, cache);
         let Some(nh) = next_hop.filter(|_| p.l3_offset == lb_common::parse::ETH_HLEN) else {
             // VLAN-tagged frames also go through the stack: the tag belongs to the ingress

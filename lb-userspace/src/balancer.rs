@@ -1065,7 +1065,7 @@ impl Balancer {
         let key = FlowKey::new(client, vip.addr, vip.proto.number());
         let hash = flow_hash(&key, self.datapath.config().hash_seed);
         let ring = &entry.halves[entry.live_half];
-        let slot = hash % self.ring_size();
+        let slot = lb_common::hash::ring_offset(hash, self.ring_size());
         let by_id = |id: u32| {
             entry
                 .backends
