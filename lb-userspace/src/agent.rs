@@ -653,7 +653,8 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         Datapath::load_pinned(options.datapath, &options.bpffs).with_context(|| {
             format!(
                 "loading the XDP program with its maps pinned under {} (if a previous agent ran \
-             with other --ring-size/--max-vips, remove its data path with `xlb detach`)",
+             with other --ring-size/--max-vips, or was an older xlb build with other map layouts, \
+             remove its data path with `xlb detach`)",
                 options.bpffs.display()
             )
         })?;
