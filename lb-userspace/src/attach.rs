@@ -260,25 +260,25 @@ fn attach_hook(
         _ => pin_path(bpffs, &link.name, hook),
     };
     let must_go_first = |h: &Option<Hook>| hook.is_xdp() && h.is_none_or(Hook::is_xdp);
-    for (path, previous) in stale.iter().filter(|(p, h)| *p != pin && must_go_first(h)) {
-        detach_pinned(path)?;
-        info!(
-            iface = %link.name,
-            from = previous.map_or("xdp", Hook::name),
-            to = %hook,
-            "hook changed: detached the previous XDP attachment"
-        );
-    }
+    let retire = |first: bool| -> Result<()> {
+        for (path, previous) in stale
+            .iter()
+            .filter(|(p, h)| *p != pin && must_go_first(h) == first)
+        {
+            detach_pinned(path)?;
+            info!(
+                iface = %link.name,
+                from = previous.map_or("xdp", Hook::name),
+                to = %hook,
+                when = if first { "before attaching" } else { "after attaching" },
+                "hook changed: detached the previous attachment"
+            );
+        }
+        Ok(())
+    };
+    retire(true)?;
     let attached = datapath.attach_pinned(link.index, hook, &pin)?;
-    for (path, previous) in stale.iter().filter(|(p, h)| *p != pin && !must_go_first(h)) {
-        detach_pinned(path)?;
-        info!(
-            iface = %link.name,
-            from = previous.map_or("xdp", Hook::name),
-            to = %hook,
-            "hook changed: detached the previous attachment after attaching the new one"
-        );
-    }
+    retire(false)?;
     Ok(attached)
 }
 
