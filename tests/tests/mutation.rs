@@ -917,10 +917,13 @@ fn check_sums(l: Layout, input: &[u8], output: &[u8]) -> Result<(), String> {
     )
 }
 
+/// The first accepted rewrite of each kind and verdict (raw XDP action): input, output.
+type Examples = BTreeMap<(Rewrite, u32), (Vec<u8>, Vec<u8>)>;
+
 /// The oracle must refuse each accepted rewrite with any one bit of its output flipped:
 /// every byte is either outside the NAT fields, or a NAT field with one right value, or under
 /// a checksum. Only the MACs of frames towards clients are free (see `check_macs`).
-fn oracle_has_teeth(oracle: &mut Oracle, examples: &BTreeMap<(Rewrite, u32), (Vec<u8>, Vec<u8>)>) {
+fn oracle_has_teeth(oracle: &mut Oracle, examples: &Examples) {
     assert!(
         examples.len() >= 8,
         "too few kinds of rewrite seen: {:?}",
@@ -970,7 +973,7 @@ fn run_mutation_test(seed: u64, frames: usize) {
     let mut rng = Rng(seed);
     let mut summary = Summary::default();
     let mut failures = Vec::new();
-    let mut examples = BTreeMap::new();
+    let mut examples = Examples::new();
     for index in 0..frames {
         let (origin, mut frame, backend_leg) = if rng.one_in(20) {
             (Origin::RandomBytes, random_frame(&mut rng), rng.one_in(2))
