@@ -34,7 +34,7 @@ use xlb_tests::{
 };
 
 const SEED: u64 = 0x786c_625f_6d75_7461;
-/// What CI runs: about 3 s on 2 cores (see docs/reliability.md).
+/// What CI runs: about 2 s on 2 cores, namespace and load included (docs/reliability.md).
 const CI_FRAMES: usize = 1_000_000;
 const LIMIT: Duration = Duration::from_secs(300);
 
