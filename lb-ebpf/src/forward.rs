@@ -336,8 +336,9 @@ pub fn reply_flow(reply: &Reply, t: &mut Translation) -> HopCache {
     };
     // SAFETY: the agent replaces endpoint entries whole.
     let e = (unsafe { ENDPOINTS.get(&endpoint) })?;
-    if e.vips != 1
-        && let Some(reverse) = reverse_entry(&FlowKey {
+    // A backend serving several VIPs: the reply's own reverse entry says which VIP.
+    let reverse = if e.vips != 1 {
+        reverse_entry(&FlowKey {
             src: *reply.src,
             dst: *reply.dst,
             sport_be: reply.sport_be,
@@ -345,18 +346,21 @@ pub fn reply_flow(reply: &Reply, t: &mut Translation) -> HopCache {
             proto: reply.proto,
             _pad: [0; 3],
         })
-    {
-        t.addr = reverse.vip_addr;
-        t.port_be = reverse.vip_port_be;
-        return Some(&mut reverse.next_hop);
-    }
-    // The flow's own entry, client → VIP; it must be this backend's (the client may have
-    // other flows to the same VIP on other backends).
+    } else {
+        None
+    };
+    let (vip_addr, vip_port_be) = match &reverse {
+        Some(r) => (r.vip_addr, r.vip_port_be),
+        None => (e.vip_addr, e.vip_port_be),
+    };
+    // Either way the flow's own entry, client → VIP, must still name this backend: the
+    // client may have other flows to the VIP on other backends, and a backend that left the
+    // VIP no longer speaks for it.
     let key = FlowKey {
         src: *reply.dst,
-        dst: e.vip_addr,
+        dst: vip_addr,
         sport_be: reply.dport_be,
-        dport_be: e.vip_port_be,
+        dport_be: vip_port_be,
         proto: reply.proto,
         _pad: [0; 3],
     };
@@ -365,9 +369,12 @@ pub fn reply_flow(reply: &Reply, t: &mut Translation) -> HopCache {
         Some(b) if b.addr == *reply.src && b.port_be == reply.sport_be => {}
         _ => return None,
     }
-    t.addr = e.vip_addr;
-    t.port_be = e.vip_port_be;
-    Some(&mut state.reply_next_hop)
+    t.addr = vip_addr;
+    t.port_be = vip_port_be;
+    Some(match reverse {
+        Some(r) => &mut r.next_hop,
+        None => &mut state.reply_next_hop,
+    })
 }
 
 /// A backend's FIN or RST on a flow whose reply came through a reverse-NAT entry: recorded

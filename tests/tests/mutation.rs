@@ -1149,11 +1149,10 @@ fn mutated_frames_long() {
 /// it; then it is removed from .11 (it still serves two VIPs, so the endpoint stays shared). Its late reply to that client must not leave as
 /// 192.0.2.11:80, the VIP it no longer serves for this flow — with an endpoint of its own it
 /// does not (`reply_flow` checks the flow's entry names this backend), through the shared one
-/// it does, since `reply_flow` returns on the `XLB_REVNAT` hit without that check.
+/// it did, since `reply_flow` returned on the `XLB_REVNAT` hit without that check.
 ///
-/// Fails today: the reply comes out from 192.0.2.11:80.
+/// Once failed: the reply came out from 192.0.2.11:80 (found by the mutation test).
 #[test]
-#[ignore = "fails today: data-path defect, shared-endpoint replies skip the flow check (docs/reliability.md)"]
 fn shared_endpoint_reply_after_the_backend_left_the_vip_is_not_translated() {
     in_fresh_netns("mutation-revnat", LIMIT, || {
         let nl = Netlink::open();
