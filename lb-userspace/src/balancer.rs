@@ -911,19 +911,13 @@ impl Balancer {
         let idle = 1 - entry.live_half;
         let base = ring_base(entry.id, idle, ring_size);
         let previous = &entry.halves[idle];
-        {
-            let mut rings = self.datapath.rings()?;
-            for (slot, id) in ring.iter().enumerate() {
-                if previous.get(slot) != Some(id) {
-                    rings
-                        .set(base + slot as u32, id, 0)
-                        .map_err(|source| DatapathError::Map {
-                            name: lb_common::map_names::MAGLEV,
-                            source,
-                        })?;
-                }
-            }
-        }
+        let changed: Vec<(u32, u32)> = ring
+            .iter()
+            .enumerate()
+            .filter(|(slot, id)| previous.get(*slot) != Some(*id))
+            .map(|(slot, id)| (base + slot as u32, *id))
+            .collect();
+        self.datapath.write_ring_slots(&changed)?;
         let entry = self.vips.get_mut(vip).expect("checked above");
         entry.halves[idle] = ring;
         entry.live_half = idle;
@@ -1490,12 +1484,11 @@ impl Balancer {
                 .set(*id, value, 0)
                 .map_err(err(map_names::BACKENDS)),
             MapWrite::RingSlots { base, slots } => {
-                let mut rings = self.datapath.rings()?;
-                slots.iter().try_for_each(|(offset, id)| {
-                    rings
-                        .set(base + offset, id, 0)
-                        .map_err(err(map_names::MAGLEV))
-                })
+                let absolute: Vec<(u32, u32)> = slots
+                    .iter()
+                    .map(|(offset, id)| (base + offset, *id))
+                    .collect();
+                self.datapath.write_ring_slots(&absolute)
             }
             MapWrite::Vip { key, info } => self
                 .datapath
