@@ -984,7 +984,13 @@ impl Balancer {
             .filter(|(slot, id)| previous.get(*slot) != Some(*id))
             .map(|(slot, id)| (base + slot as u32, *id))
             .collect();
-        self.datapath.write_ring_slots(&changed)?;
+        if let Err(e) = self.datapath.write_ring_slots(&changed) {
+            // Some slots of the idle half may have been written: forget what it held, so the
+            // next rebuild writes all of it rather than trusting a stale copy.
+            let entry = self.vips.get_mut(vip).expect("checked above");
+            entry.halves[idle].clear();
+            return Err(e.into());
+        }
         let entry = self.vips.get_mut(vip).expect("checked above");
         entry.halves[idle] = ring;
         entry.live_half = idle;
