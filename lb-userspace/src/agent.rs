@@ -11,6 +11,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use lb_common::MAX_BACKENDS;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
@@ -474,7 +475,15 @@ impl Agent {
         )?;
         let config = crate::config::load(&path)?;
         let wanted = config.desired_state();
-        let changes = crate::config::diff(&without_ids(&self.balancer.desired_state()), &wanted);
+        // Whole or not at all: a config this agent cannot hold is refused before any change.
+        self.balancer
+            .check_limits(&wanted)
+            .with_context(|| format!("{}: not applied, nothing changed", path.display()))?;
+        let current = without_ids(&self.balancer.desired_state());
+        let changes = order_for_room(
+            crate::config::diff(&current, &wanted),
+            current.vips.iter().map(|v| v.backends.len()).sum(),
+        );
         // The file passed every check it can make on its own; what only this namespace can
         // tell is checked before anything changes, so a refused reload changes nothing.
         let mut warnings = Vec::new();
@@ -485,30 +494,25 @@ impl Agent {
                 warnings.extend(found);
             }
         }
-        let b = &mut self.balancer;
-        for change in &changes {
-            match change {
-                Change::RemoveVip(vip) => b.remove_vip(vip)?,
-                Change::AddVip(vip) => {
-                    let timeout = wanted
-                        .vips
-                        .iter()
-                        .find(|v| v.vip == *vip)
-                        .and_then(|v| v.idle_timeout_s);
-                    b.add_vip_with_timeout(*vip, timeout)?;
-                }
-                Change::AddBackend { vip, backend } => {
-                    b.add_backend(vip, backend.addr, backend.weight)?;
-                    if backend.state != BackendState::Active {
-                        b.update_backend(vip, backend.addr, None, Some(backend.state))?;
-                    }
-                }
-                Change::RemoveBackend { vip, backend } => b.remove_backend(vip, *backend)?,
-                Change::UpdateBackend { vip, backend } => {
-                    b.update_backend(vip, backend.addr, Some(backend.weight), Some(backend.state))?;
-                }
+        for (done, change) in changes.iter().enumerate() {
+            if let Err(e) = apply_change(&mut self.balancer, &wanted, change) {
+                // Only a failing map update gets here (the limits were checked): the model
+                // holds exactly what was written, so that is what is saved and reported.
+                let saved = save_state(&self.state_path, &self.balancer.desired_state());
+                let saved = match saved {
+                    Ok(()) => "the agent's state (saved) holds what was applied".to_owned(),
+                    Err(e) => format!("the state file still holds the previous state: {e:#}"),
+                };
+                bail!(
+                    "reload stopped at change {} of {} ({change}): {}; the {done} before it \
+                     were applied and {saved}; fix the cause and reload again",
+                    done + 1,
+                    changes.len(),
+                    error_chain(&e),
+                );
             }
         }
+        let b = &mut self.balancer;
         let mut lines: Vec<String> = changes.iter().map(ToString::to_string).collect();
         for vip in &wanted.vips {
             let current = b
@@ -543,6 +547,59 @@ impl Agent {
         }
         Ok(lines)
     }
+}
+
+/// One change of a reload, in the balancer.
+fn apply_change(
+    b: &mut Balancer,
+    wanted: &DesiredState,
+    change: &Change,
+) -> Result<(), crate::balancer::BalancerError> {
+    match change {
+        Change::RemoveVip(vip) => b.remove_vip(vip),
+        Change::AddVip(vip) => {
+            let timeout = wanted
+                .vips
+                .iter()
+                .find(|v| v.vip == *vip)
+                .and_then(|v| v.idle_timeout_s);
+            b.add_vip_with_timeout(*vip, timeout)
+        }
+        Change::AddBackend { vip, backend } => {
+            b.add_backend(vip, backend.addr, backend.weight)?;
+            if backend.state != BackendState::Active {
+                b.update_backend(vip, backend.addr, None, Some(backend.state))?;
+            }
+            Ok(())
+        }
+        Change::RemoveBackend { vip, backend } => b.remove_backend(vip, *backend),
+        Change::UpdateBackend { vip, backend } => {
+            b.update_backend(vip, backend.addr, Some(backend.weight), Some(backend.state))
+        }
+    }
+}
+
+/// `changes` in `diff`'s order (a VIP's new backends join before its old ones leave, so its
+/// ring never empties on the way), unless that order would need more backend ids at some
+/// point than the data plane has: then every removal goes first.
+fn order_for_room(changes: Vec<Change>, current_backends: usize) -> Vec<Change> {
+    let mut count = current_backends;
+    let mut peak = count;
+    for change in &changes {
+        match change {
+            Change::AddBackend { .. } => count += 1,
+            Change::RemoveBackend { .. } => count = count.saturating_sub(1),
+            _ => {}
+        }
+        peak = peak.max(count);
+    }
+    if peak <= MAX_BACKENDS as usize {
+        return changes;
+    }
+    let (removals, rest): (Vec<Change>, Vec<Change>) = changes
+        .into_iter()
+        .partition(|c| matches!(c, Change::RemoveVip(_) | Change::RemoveBackend { .. }));
+    removals.into_iter().chain(rest).collect()
 }
 
 /// The state as a config file would describe it: ids are the agent's business.
@@ -625,12 +682,24 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     let recorded = load_state(&options.state)?;
     // A config file says what is wanted; the state file still supplies the ids a running
     // data path knows its VIPs and backends by.
+    // Counted and checked before anything else: an oversized file is refused at once, with
+    // nothing loaded or written.
+    let check = |state: &DesiredState, origin: &Path| {
+        crate::balancer::check_limits(state, options.datapath.max_vips, options.datapath.ring_size)
+            .with_context(|| format!("{}: refused, nothing written", origin.display()))
+    };
     let restored = match &options.config {
-        Some(path) => Some(with_recorded_ids(
-            crate::config::load(path)?.desired_state(),
-            recorded.as_ref(),
-        )),
-        None => recorded,
+        Some(path) => {
+            let wanted = crate::config::load(path)?.desired_state();
+            check(&wanted, path)?;
+            Some(with_recorded_ids(wanted, recorded.as_ref()))
+        }
+        None => {
+            if let Some(state) = &recorded {
+                check(state, &options.state)?;
+            }
+            recorded
+        }
     };
     let metrics = match options.metrics {
         Some(addr) => Some(
@@ -956,5 +1025,52 @@ async fn forward_data_plane_logs(logger: aya_log::EbpfLogger<&'static dyn log::L
         };
         ready.get_inner_mut().flush();
         ready.clear_ready();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balancer::BackendConfig;
+
+    fn swap(vip: VipSpec, i: u16) -> [Change; 2] {
+        let addr = |host: u16| SocketAddr::from(([10, 1, (host >> 8) as u8, host as u8], 80));
+        [
+            Change::AddBackend {
+                vip,
+                backend: BackendConfig {
+                    addr: addr(i + 1000),
+                    weight: 1,
+                    state: BackendState::Active,
+                    id: None,
+                },
+            },
+            Change::RemoveBackend {
+                vip,
+                backend: addr(i),
+            },
+        ]
+    }
+
+    #[test]
+    fn removals_go_first_only_when_adds_would_not_fit() {
+        let vip: VipSpec = "10.0.0.1:80".parse().unwrap();
+        let changes: Vec<Change> = (0..4).flat_map(|i| swap(vip, i)).collect();
+        let order = |current| {
+            order_for_room(changes.clone(), current)
+                .iter()
+                .map(|c| matches!(c, Change::AddBackend { .. }))
+                .collect::<Vec<_>>()
+        };
+        // Room to spare: a VIP's new backends join before its old ones leave.
+        assert_eq!(
+            order(10),
+            [true, false, true, false, true, false, true, false]
+        );
+        // At the limit, adding first would run out of ids.
+        assert_eq!(
+            order(MAX_BACKENDS as usize),
+            [false, false, false, false, true, true, true, true]
+        );
     }
 }

@@ -176,6 +176,18 @@ pub enum BalancerError {
     VipSlotsExhausted(u32),
     #[error("all {0} backend slots are in use")]
     BackendSlotsExhausted(u32),
+    #[error(
+        "{wanted} VIPs wanted, but this agent has {max} VIP slots (start it with a larger --max-vips)"
+    )]
+    TooManyVips { wanted: usize, max: u32 },
+    #[error("{wanted} backends wanted, but the data plane holds at most {max}")]
+    TooManyBackends { wanted: usize, max: u32 },
+    #[error("VIP {vip}: {source}")]
+    VipRing {
+        vip: VipSpec,
+        #[source]
+        source: MaglevError,
+    },
     #[error("VIP {vip}: {source}")]
     IdleTimeout {
         vip: VipSpec,
@@ -192,6 +204,52 @@ type Result<T, E = BalancerError> = std::result::Result<T, E>;
 
 /// Largest weight accepted: a backend claims this many ring slots per Maglev turn.
 pub const MAX_WEIGHT: u32 = 1000;
+
+/// Whether the agent can hold `state` whole: its VIP slots, the data plane's backend ids,
+/// each VIP's ring, and every VIP and backend on its own (duplicates, weights, families,
+/// timeouts). Cheap: it counts before it looks at any entry, so a huge file is refused at
+/// once, and it writes nothing. A state that passes programs without running out of room,
+/// whether into empty maps or over a running model (removals give their ids back first).
+///
+/// # Errors
+/// The first limit or rule `state` breaks.
+pub fn check_limits(state: &DesiredState, max_vips: u32, ring_size: u32) -> Result<()> {
+    if state.vips.len() > max_vips as usize {
+        return Err(BalancerError::TooManyVips {
+            wanted: state.vips.len(),
+            max: max_vips,
+        });
+    }
+    let backends: usize = state.vips.iter().map(|v| v.backends.len()).sum();
+    if backends > MAX_BACKENDS as usize {
+        return Err(BalancerError::TooManyBackends {
+            wanted: backends,
+            max: MAX_BACKENDS,
+        });
+    }
+    let mut seen = BTreeSet::new();
+    for v in &state.vips {
+        if !seen.insert(v.vip) {
+            return Err(BalancerError::DuplicateVip(v.vip));
+        }
+        Balancer::validate_vip_timeout(&v.vip, v.idle_timeout_s)?;
+        let mut backends = BTreeMap::new();
+        for b in &v.backends {
+            Balancer::validate_backend(&v.vip, b.addr, b.weight, &backends)?;
+            backends.insert(b.addr, ());
+        }
+        if backends.len() > ring_size as usize {
+            return Err(BalancerError::VipRing {
+                vip: v.vip,
+                source: MaglevError::TooSmall {
+                    size: ring_size,
+                    backends: backends.len(),
+                },
+            });
+        }
+    }
+    Ok(())
+}
 
 /// Ids handed out fresh first, then the longest-freed first, so a just-removed id (which
 /// stale connection-table entries may still name) is reused as late as possible.
@@ -543,6 +601,15 @@ impl Balancer {
 
     fn ring_size(&self) -> u32 {
         self.datapath.config().ring_size
+    }
+
+    /// [`check_limits`] against this agent's data plane.
+    ///
+    /// # Errors
+    /// As [`check_limits`].
+    pub fn check_limits(&self, state: &DesiredState) -> Result<()> {
+        let config = self.datapath.config();
+        check_limits(state, config.max_vips, config.ring_size)
     }
 
     /// Adds a VIP whose flows idle out after the protocol's default timeout.
@@ -911,18 +978,18 @@ impl Balancer {
         let idle = 1 - entry.live_half;
         let base = ring_base(entry.id, idle, ring_size);
         let previous = &entry.halves[idle];
-        {
-            let mut rings = self.datapath.rings()?;
-            for (slot, id) in ring.iter().enumerate() {
-                if previous.get(slot) != Some(id) {
-                    rings
-                        .set(base + slot as u32, id, 0)
-                        .map_err(|source| DatapathError::Map {
-                            name: lb_common::map_names::MAGLEV,
-                            source,
-                        })?;
-                }
-            }
+        let changed: Vec<(u32, u32)> = ring
+            .iter()
+            .enumerate()
+            .filter(|(slot, id)| previous.get(*slot) != Some(*id))
+            .map(|(slot, id)| (base + slot as u32, *id))
+            .collect();
+        if let Err(e) = self.datapath.write_ring_slots(&changed) {
+            // Some slots of the idle half may have been written: forget what it held, so the
+            // next rebuild writes all of it rather than trusting a stale copy.
+            let entry = self.vips.get_mut(vip).expect("checked above");
+            entry.halves[idle].clear();
+            return Err(e.into());
         }
         let entry = self.vips.get_mut(vip).expect("checked above");
         entry.halves[idle] = ring;
@@ -1145,6 +1212,7 @@ impl Balancer {
     /// If the balancer has VIPs already.
     pub fn adopt(&mut self, state: &DesiredState) -> Result<Adoption> {
         assert!(self.vips.is_empty(), "adopt starts from an empty balancer");
+        self.check_limits(state)?;
         let current = self.read_maps()?;
         let ghosts = match self.build_model(state, &current) {
             Ok(ghosts) => ghosts,
@@ -1245,19 +1313,6 @@ impl Balancer {
     /// the state lacks are held back until those entries are gone, so nothing new takes
     /// one that a live ring or connection still names.
     fn build_model(&mut self, state: &DesiredState, held: &MapContents) -> Result<Ghosts> {
-        let mut seen = BTreeSet::new();
-        for v in &state.vips {
-            if !seen.insert(v.vip) {
-                return Err(BalancerError::DuplicateVip(v.vip));
-            }
-            Self::validate_vip_timeout(&v.vip, v.idle_timeout_s)?;
-            let mut backends = BTreeMap::new();
-            for b in &v.backends {
-                Self::validate_backend(&v.vip, b.addr, b.weight, &backends)?;
-                backends.insert(b.addr, ());
-            }
-        }
-
         let mut vip_ids: BTreeMap<VipSpec, u32> = BTreeMap::new();
         for v in &state.vips {
             if let Some(info) = held.vips.get(&service_key(&v.vip))
@@ -1490,12 +1545,11 @@ impl Balancer {
                 .set(*id, value, 0)
                 .map_err(err(map_names::BACKENDS)),
             MapWrite::RingSlots { base, slots } => {
-                let mut rings = self.datapath.rings()?;
-                slots.iter().try_for_each(|(offset, id)| {
-                    rings
-                        .set(base + offset, id, 0)
-                        .map_err(err(map_names::MAGLEV))
-                })
+                let absolute: Vec<(u32, u32)> = slots
+                    .iter()
+                    .map(|(offset, id)| (base + offset, *id))
+                    .collect();
+                self.datapath.write_ring_slots(&absolute)
             }
             MapWrite::Vip { key, info } => self
                 .datapath
@@ -1632,6 +1686,54 @@ mod tests {
         pool.give_back(0);
         assert_eq!(pool.take(), Some(1));
         assert_eq!(pool.take(), Some(0));
+    }
+
+    fn vip_with_backends(i: u32, backends: u32) -> VipConfig {
+        VipConfig {
+            vip: format!("10.0.{}.{}:80", i / 256, i % 256).parse().unwrap(),
+            backends: (0..backends)
+                .map(|b| BackendConfig {
+                    addr: SocketAddr::from(([10, 1, (b / 256) as u8, (b % 256) as u8], 8080)),
+                    weight: 1,
+                    state: BackendState::Active,
+                    id: None,
+                })
+                .collect(),
+            id: None,
+            health: None,
+            idle_timeout_s: None,
+        }
+    }
+
+    #[test]
+    fn limits_are_checked_before_any_entry() {
+        let state = |vips: u32, backends: u32| DesiredState {
+            vips: (0..vips).map(|i| vip_with_backends(i, backends)).collect(),
+        };
+        assert!(check_limits(&state(64, 2), 64, 65_537).is_ok());
+        assert_eq!(
+            check_limits(&state(70, 0), 64, 65_537)
+                .unwrap_err()
+                .to_string(),
+            "70 VIPs wanted, but this agent has 64 VIP slots (start it with a larger --max-vips)"
+        );
+        assert!(matches!(
+            check_limits(&state(2, 10_000), 64, 65_537),
+            Err(BalancerError::TooManyBackends {
+                wanted: 20_000,
+                max: MAX_BACKENDS
+            })
+        ));
+        assert!(matches!(
+            check_limits(&state(1, 12), 64, 11),
+            Err(BalancerError::VipRing { .. })
+        ));
+        let mut bad_weight = state(1, 1);
+        bad_weight.vips[0].backends[0].weight = 0;
+        assert!(matches!(
+            check_limits(&bad_weight, 64, 65_537),
+            Err(BalancerError::InvalidWeight { .. })
+        ));
     }
 
     #[test]

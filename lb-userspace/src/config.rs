@@ -279,6 +279,24 @@ fn validate(raw: RawConfig, text: &str) -> Result<Config, Problem> {
         Some(a) => validate_agent(a)?,
         None => AgentConfig::default(),
     };
+    // Counted before any entry is looked at: an oversized file is refused at once, at the
+    // first backend the data plane has no room for.
+    let total: usize = raw.vip.iter().map(|v| v.backend.len()).sum();
+    if let Some(first_over) = raw
+        .vip
+        .iter()
+        .flat_map(|v| &v.backend)
+        .nth(lb_common::MAX_BACKENDS as usize)
+    {
+        return Err(problem(
+            first_over.address.span(),
+            format!(
+                "{total} backends, but the data plane holds at most {} (this is the first one \
+                 beyond)",
+                lb_common::MAX_BACKENDS
+            ),
+        ));
+    }
     let mut vips = Vec::with_capacity(raw.vip.len());
     let mut seen: HashMap<VipSpec, Range<usize>> = HashMap::new();
     // Each VIP's backends with where they are written, in `vips` order.
@@ -759,6 +777,26 @@ pub fn diff(old: &DesiredState, new: &DesiredState) -> Vec<Change> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn more_backends_than_the_data_plane_holds_are_refused_at_the_first_beyond() {
+        let mut text = String::from("[[vip]]\naddress = \"10.0.0.1:80\"\n");
+        let max = lb_common::MAX_BACKENDS as usize;
+        for i in 0..=max {
+            text.push_str(&format!(
+                "[[vip.backend]]\naddress = \"10.{}.{}.{}:80\"\n",
+                1 + i / 65_536,
+                (i / 256) % 256,
+                i % 256
+            ));
+        }
+        let (line, column, message) = err(&text);
+        assert_eq!((line, column), (4 + 2 * max, 11), "{message}");
+        assert!(
+            message.starts_with(&format!("{} backends", max + 1)),
+            "{message}"
+        );
+    }
 
     #[test]
     fn agent_changes_name_each_changed_key() {

@@ -1,7 +1,7 @@
 //! The loaded XDP object: loading, attaching, pinning, test runs, and typed access to its maps.
 //! Everything that touches the kernel's BPF objects goes through here.
 
-use std::{path::Path, time::Duration};
+use std::{os::fd::AsFd, path::Path, time::Duration};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -487,6 +487,38 @@ impl Datapath {
     pub fn rings(&mut self) -> Result<Array<&mut MapData, u32>> {
         let name = map_names::MAGLEV;
         Array::try_from(self.map_data(name)?).map_err(map_err(name))
+    }
+
+    /// Writes Maglev ring slots (`(slot, backend id)`, slots absolute) with one batch update,
+    /// or one update per slot where the kernel has no batch updates for arrays.
+    ///
+    /// # Errors
+    /// A slot out of range or the kernel refusing an update.
+    pub fn write_ring_slots(&mut self, slots: &[(u32, u32)]) -> Result<()> {
+        let name = map_names::MAGLEV;
+        if slots.is_empty() {
+            return Ok(());
+        }
+        let (keys, values): (Vec<u32>, Vec<u32>) = slots.iter().copied().unzip();
+        let done = {
+            let aya::maps::Map::Array(data) = self.map_data(name)? else {
+                return Err(DatapathError::Map {
+                    name,
+                    source: MapError::InvalidMapType { map_type: 0 },
+                });
+            };
+            match crate::batch::update_u32_array(data.fd().as_fd(), &keys, &values) {
+                Ok(()) => return Ok(()),
+                Err(e) => e.done,
+            }
+        };
+        // Kernels before 5.6 refuse the batch outright; any other refusal shows again below,
+        // on the slot that causes it.
+        let mut rings = self.rings()?;
+        for (key, value) in keys.iter().zip(&values).skip(done) {
+            rings.set(*key, value, 0).map_err(map_err(name))?;
+        }
+        Ok(())
     }
 
     pub fn endpoints(&mut self) -> Result<HashMap<&mut MapData, VipKey, EndpointVip>> {

@@ -6,6 +6,7 @@ pub mod agent;
 pub mod api;
 pub mod attach;
 pub mod balancer;
+pub mod batch;
 pub mod bench;
 pub mod config;
 pub mod control;

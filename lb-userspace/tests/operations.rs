@@ -2107,6 +2107,190 @@ fn config_and_reload() {
     servers.clear();
 }
 
+/// `[[vip]]` tables for VIPs `10.100.0.2..` without backends.
+fn empty_vips(range: std::ops::Range<u8>) -> String {
+    range
+        .map(|i| format!("\n[[vip]]\naddress = \"10.100.0.{i}:80/tcp\"\n"))
+        .collect()
+}
+
+/// A reload the agent cannot hold whole (more VIPs than `--max-vips`, which `config check`
+/// cannot know) is refused before anything changes; one that changes many things at once
+/// applies all of them; a state file beyond the limits is refused at start, nothing written.
+#[test]
+fn reload_applies_whole_or_not_at_all() {
+    let topo = topology(3);
+    let dir = TempDir::new(SUITE, "reload-whole");
+    let mut servers = line_servers(&topo, 3);
+    let file = dir.join("xlb.toml");
+    let state = dir.join("state.json");
+    // The test VIP and three more: all four slots of `--max-vips 4`.
+    fs::write(&file, config_text(&[(0, 1), (1, 1)]) + &empty_vips(2..5)).expect("config");
+    let pins = Pins::new(topo.lb(), &dir);
+    let file_arg = file.to_str().expect("utf-8 path").to_owned();
+    let mut agent = Agent::start(
+        &topo,
+        &dir,
+        &pins,
+        &state,
+        &["--config", &file_arg, "--max-vips", "4"],
+    );
+    // Something to persist, so the state file exists.
+    agent.ok(&[
+        "backend",
+        "set",
+        VIP,
+        &backend_addr(1).to_string(),
+        "--weight",
+        "2",
+    ]);
+    let saved = fs::read(&state).expect("state file");
+    let before = agent.json(&["vip", "list", "--json"]);
+    assert_eq!(before.as_array().map(Vec::len), Some(4), "{before:#}");
+
+    // Seven VIPs, a new backend and a changed weight: `config check` passes it.
+    fs::write(
+        &file,
+        config_text(&[(0, 1), (1, 1), (2, 1)]) + &empty_vips(2..8),
+    )
+    .expect("config");
+    let out = config_check(&file);
+    assert!(
+        out.status.success(),
+        "{}",
+        describe(&["config", "check"], &out)
+    );
+    let out = agent.run(&["reload"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{}", describe(&["reload"], &out));
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
+    assert!(
+        stderr.contains("7 VIPs")
+            && stderr.contains("4 VIP slots")
+            && stderr.contains("--max-vips"),
+        "the error names the limit: {stderr}"
+    );
+    assert_eq!(
+        agent.json(&["vip", "list", "--json"]),
+        before,
+        "a refused reload changes nothing"
+    );
+    assert_eq!(
+        fs::read(&state).expect("state file"),
+        saved,
+        "state file unchanged"
+    );
+    let reached = connect_many(&topo, 20);
+    assert!(
+        reached.iter().all(|b| b == "b0" || b == "b1")
+            && reached.iter().any(|b| b == "b0")
+            && reached.iter().any(|b| b == "b1"),
+        "{reached:?}"
+    );
+
+    // Many changes at once: a weight, a backend in, one out, one draining, two VIPs gone, one
+    // new VIP with a backend and a timeout.
+    let b1 = backend_addr(1);
+    let text = format!(
+        "{}\n[[vip.backend]]\naddress = \"{}\"\nstate = \"draining\"\n{}\n[[vip]]\naddress = \"10.100.0.9:80/tcp\"\ntcp_timeout = 30\n\n[[vip.backend]]\naddress = \"{b1}\"\n",
+        config_text(&[(0, 3), (2, 1)]),
+        backend_addr(1),
+        empty_vips(2..3),
+    );
+    fs::write(&file, text).expect("config");
+    agent.ok(&["reload"]);
+    let list = agent.json(&["vip", "list", "--json"]);
+    let vips: BTreeSet<&str> = list
+        .as_array()
+        .expect("vips")
+        .iter()
+        .map(|v| v["vip"].as_str().expect("vip"))
+        .collect();
+    assert_eq!(
+        vips,
+        BTreeSet::from([VIP, "10.100.0.2:80/tcp", "10.100.0.9:80/tcp"]),
+        "{list:#}"
+    );
+    let backends: Vec<(String, u64, String)> = agent
+        .backends()
+        .iter()
+        .map(|(a, b)| {
+            (
+                a.clone(),
+                u64_of(b, "weight"),
+                b["state"].as_str().expect("state").to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        backends,
+        vec![
+            (backend_addr(0).to_string(), 3, "active".to_owned()),
+            (backend_addr(1).to_string(), 1, "draining".to_owned()),
+            (backend_addr(2).to_string(), 1, "active".to_owned()),
+        ]
+    );
+    let new_vip = agent.json(&["backend", "list", "10.100.0.9:80/tcp", "--json"]);
+    assert_eq!(new_vip["idle_timeout_s"], 30, "{new_vip:#}");
+    assert_eq!(
+        new_vip["backends"][0]["addr"],
+        b1.to_string(),
+        "{new_vip:#}"
+    );
+    let reached = connect_many(&topo, 30);
+    assert!(
+        reached.iter().all(|b| b == "b0" || b == "b2") && reached.iter().any(|b| b == "b2"),
+        "{reached:?}"
+    );
+    let persisted: Value =
+        serde_json::from_slice(&fs::read(&state).expect("state file")).expect("state is JSON");
+    assert_eq!(
+        persisted["vips"].as_array().map(Vec::len),
+        Some(3),
+        "{persisted:#}"
+    );
+    let status = agent.stop();
+    assert!(status.success(), "{status}");
+
+    // At start: a state file of five VIPs with `--max-vips 4` is refused in one line.
+    let mut five = persisted.clone();
+    for i in 20..22 {
+        five["vips"]
+            .as_array_mut()
+            .expect("vips")
+            .push(serde_json::json!({ "vip": format!("10.100.0.{i}:80/tcp"), "backends": [] }));
+    }
+    let big_state = dir.join("big-state.json");
+    fs::write(&big_state, five.to_string()).expect("state");
+    let log = dir.join("refused.log");
+    let mut cmd = common::agent_command(
+        topo.lb().command(XLB),
+        &lb_ifaces(&topo),
+        &pins.socket,
+        &big_state,
+        &pins.dir,
+        &log,
+    );
+    cmd.args(["--ring-size", &RING.to_string(), "--max-vips", "4"])
+        .env_remove("XLB_SOCKET");
+    let out = output_within(&mut cmd, Duration::from_secs(20));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("xlb: ")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(
+        errors[0].contains("5 VIPs") && errors[0].contains("--max-vips"),
+        "{stderr}"
+    );
+    for ifname in lb_ifaces(&topo) {
+        assert!(
+            !xlb_attached(topo.lb(), &ifname),
+            "{ifname}: nothing attached"
+        );
+    }
+    servers.clear();
+}
+
 // ---------------------------------------------------------------------------------------------
 // 6. A full disk under the state file
 
