@@ -118,7 +118,8 @@ mod tests {
         unsafe { OwnedFd::from_raw_fd(fd as i32) }
     }
 
-    fn read(map: BorrowedFd<'_>, key: u32) -> u32 {
+    /// One `BPF_MAP_LOOKUP_ELEM` (1) or `BPF_MAP_UPDATE_ELEM` (2) on a `u32 -> u32` array.
+    fn elem(map: BorrowedFd<'_>, cmd: libc::c_long, key: u32, value: &mut u32) {
         #[repr(C)]
         struct ElemAttr {
             map_fd: u32,
@@ -127,53 +128,33 @@ mod tests {
             value: u64,
             flags: u64,
         }
-        let mut value = 0u32;
         let mut attr = ElemAttr {
             map_fd: map.as_raw_fd() as u32,
             _pad: 0,
             key: (&raw const key) as u64,
-            value: (&raw mut value) as u64,
+            value: (&raw mut *value) as u64,
             flags: 0,
         };
-        // SAFETY: BPF_MAP_LOOKUP_ELEM with pointers to a live key and value.
+        // SAFETY: a single-element command with pointers to a live key and value.
         let ret = unsafe {
             libc::syscall(
                 libc::SYS_bpf,
-                1,
+                cmd,
                 &raw mut attr,
                 size_of::<ElemAttr>() as libc::c_uint,
             )
         };
-        assert_eq!(ret, 0, "lookup: {}", io::Error::last_os_error());
+        assert_eq!(ret, 0, "bpf command {cmd}: {}", io::Error::last_os_error());
+    }
+
+    fn read(map: BorrowedFd<'_>, key: u32) -> u32 {
+        let mut value = 0;
+        elem(map, 1, key, &mut value);
         value
     }
 
-    fn write_one(map: BorrowedFd<'_>, key: u32, value: u32) {
-        #[repr(C)]
-        struct ElemAttr {
-            map_fd: u32,
-            _pad: u32,
-            key: u64,
-            value: u64,
-            flags: u64,
-        }
-        let mut attr = ElemAttr {
-            map_fd: map.as_raw_fd() as u32,
-            _pad: 0,
-            key: (&raw const key) as u64,
-            value: (&raw const value) as u64,
-            flags: 0,
-        };
-        // SAFETY: BPF_MAP_UPDATE_ELEM with pointers to a live key and value.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                2,
-                &raw mut attr,
-                size_of::<ElemAttr>() as libc::c_uint,
-            )
-        };
-        assert_eq!(ret, 0, "update: {}", io::Error::last_os_error());
+    fn write_one(map: BorrowedFd<'_>, key: u32, mut value: u32) {
+        elem(map, 2, key, &mut value);
     }
 
     /// A whole Maglev ring and then a sparse change of it, written both ways into two maps:
