@@ -18,12 +18,8 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    thread::{self, JoinHandle},
+    net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream},
+    thread::{self},
     time::{Duration, Instant},
 };
 
@@ -33,7 +29,7 @@ use xlb_netns::{
 };
 
 mod common;
-use common::{NsAgent, counter};
+use common::{NsAgent, TcpServer, counter};
 
 const NS_PREFIX: &str = "xbulk-";
 const SUITE: &str = "bulk";
@@ -150,19 +146,14 @@ impl Lab {
 // Backend servers
 // ---------------------------------------------------------------------------
 
-/// One dual-stack TCP server per backend: `D` downloads [`BULK_BYTES`] of a pattern, `E`
-/// echoes everything until the client shuts its side. Stopped and joined on drop.
-struct Servers {
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
-}
-
 fn pattern(len: usize) -> Vec<u8> {
     (0..len as u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
         .collect()
 }
 
+/// A backend's side of a connection: `D` downloads [`BULK_BYTES`] of a pattern, `E` echoes
+/// everything until the client shuts its side.
 fn serve(mut conn: TcpStream) -> std::io::Result<()> {
     conn.set_read_timeout(Some(IO_TIMEOUT))?;
     conn.set_write_timeout(Some(IO_TIMEOUT))?;
@@ -183,51 +174,6 @@ fn serve(mut conn: TcpStream) -> std::io::Result<()> {
         other => return Err(std::io::Error::other(format!("unknown request {other}"))),
     }
     conn.shutdown(Shutdown::Write)
-}
-
-impl Servers {
-    fn start(lab: &Lab) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut threads = Vec::new();
-        for ns in &lab.backends {
-            let stop = Arc::clone(&stop);
-            let listener = ns
-                .run(|| TcpListener::bind((Ipv6Addr::UNSPECIFIED, PORT)))
-                .expect("entering a backend namespace")
-                .expect("binding the backend's server");
-            listener.set_nonblocking(true).expect("nonblocking");
-            threads.push(thread::spawn(move || {
-                let started = Instant::now();
-                let mut handlers = Vec::new();
-                while !stop.load(Ordering::Relaxed) && started.elapsed() < SERVER_LIFETIME {
-                    match listener.accept() {
-                        Ok((conn, _)) => {
-                            conn.set_nonblocking(false).expect("blocking");
-                            handlers.push(thread::spawn(move || {
-                                if let Err(e) = serve(conn) {
-                                    eprintln!("backend connection: {e}");
-                                }
-                            }));
-                        }
-                        Err(_) => thread::sleep(Duration::from_millis(5)),
-                    }
-                }
-                for h in handlers {
-                    let _ = h.join();
-                }
-            }));
-        }
-        Self { stop, threads }
-    }
-}
-
-impl Drop for Servers {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -303,7 +249,11 @@ fn stream(vip: SocketAddr) -> usize {
 #[test]
 fn bulk_tcp_through_veths_and_a_bridge_with_default_offloads() {
     let lab = Lab::build();
-    let _servers = Servers::start(&lab);
+    let _servers: Vec<TcpServer> = lab
+        .backends
+        .iter()
+        .map(|ns| TcpServer::start(ns, PORT, SERVER_LIFETIME, serve))
+        .collect();
     let agent = NsAgent::start(&lab.lb, SUITE, &Lab::LB_IFACES, &[]);
 
     let log = agent.process.log();

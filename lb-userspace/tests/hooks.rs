@@ -8,21 +8,16 @@
 use std::{
     fs,
     io::{BufRead as _, BufReader, Write as _},
-    net::{Ipv6Addr, SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Output, Stdio},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use xlb_netns::{Netns, Topology};
 
 mod common;
-use common::{AgentProcess, XLB, tcx_ingress_attached, xdp_attached};
+use common::{AgentProcess, TcpServer, XLB, tcx_ingress_attached, xdp_attached};
 
 const NS_PREFIX: &str = "xhook-";
 const SUITE: &str = "hooks";
@@ -92,46 +87,9 @@ impl Drop for Run {
     }
 }
 
-/// A line server in the backend namespace: answers every connection with "ok".
-struct Server {
-    stop: Arc<AtomicBool>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl Server {
-    fn start(ns: &Netns) -> Self {
-        let listener = ns
-            .run(|| TcpListener::bind((Ipv6Addr::UNSPECIFIED, PORT)))
-            .expect("entering the backend namespace")
-            .expect("binding the server");
-        listener.set_nonblocking(true).expect("nonblocking");
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
-        let thread = thread::spawn(move || {
-            let started = Instant::now();
-            while !flag.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(120) {
-                match listener.accept() {
-                    Ok((mut conn, _)) => {
-                        let _ = conn.write_all(b"ok\n");
-                    }
-                    Err(_) => thread::sleep(Duration::from_millis(5)),
-                }
-            }
-        });
-        Self {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
+/// The backend's answer to every connection.
+fn say_ok(mut conn: TcpStream) -> std::io::Result<()> {
+    conn.write_all(b"ok\n")
 }
 
 fn request_through_vip(client: &Netns, vip: SocketAddr) -> Result<String, String> {
@@ -154,7 +112,7 @@ fn restarts_move_interfaces_to_the_hook_asked_for_and_off_unlisted_ones() {
     xlb_netns::cleanup_stale(NS_PREFIX).expect("removing stale namespaces");
     let topo = Topology::with_prefix(NS_PREFIX, 1).expect("building the topology");
     let (lb, client) = (topo.lb(), topo.client());
-    let _server = Server::start(topo.backend(0));
+    let _server = TcpServer::start(topo.backend(0), PORT, Duration::from_secs(120), say_ok);
     let client_if = topo.client_link.a.ifname.clone();
     let backend_if = topo.backend_links[0].a.ifname.clone();
     let ifaces = [client_if.as_str(), backend_if.as_str()];

@@ -19,12 +19,7 @@
 
 use std::{
     io::{BufRead as _, BufReader, ErrorKind, Read as _, Write as _},
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    thread::{self, JoinHandle},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
     time::{Duration, Instant},
 };
 
@@ -34,7 +29,7 @@ use xlb_netns::{
 };
 
 mod common;
-use common::{NsAgent, counter};
+use common::{NsAgent, TcpServer, counter};
 
 const SUITE: &str = "pmtu";
 const BACKEND_PORT: u16 = 8080;
@@ -162,61 +157,8 @@ impl Path {
     }
 }
 
-/// A TCP server on `[::]:BACKEND_PORT` in the backend namespace. A connection says
-/// `get N` (the server sends N bytes and closes) or `put N` (it reads N bytes and answers
-/// `got N`). Stopped and joined on drop.
-struct Server {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Server {
-    fn start(ns: &Netns) -> Self {
-        let listener = ns
-            .run(|| TcpListener::bind((Ipv6Addr::UNSPECIFIED, BACKEND_PORT)))
-            .expect("entering the backend namespace")
-            .expect("binding the backend's server");
-        listener
-            .set_nonblocking(true)
-            .expect("non-blocking listener");
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
-        let deadline = Instant::now() + SERVER_LIFETIME;
-        let thread = thread::spawn(move || {
-            let mut conns = Vec::new();
-            while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
-                match listener.accept() {
-                    Ok((stream, _)) => conns.push(thread::spawn(move || {
-                        if let Err(e) = serve(stream) {
-                            eprintln!("backend: {e}");
-                        }
-                    })),
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                        thread::sleep(Duration::from_millis(5));
-                    }
-                    Err(e) => panic!("backend accept: {e}"),
-                }
-            }
-            for c in conns {
-                let _ = c.join();
-            }
-        });
-        Self {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
+/// The backend's side of a connection: it says `get N` (the server sends N bytes and
+/// closes) or `put N` (it reads N bytes and answers `got N`).
 fn serve(stream: TcpStream) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(STALL))?;
@@ -314,7 +256,7 @@ fn run(narrow: Narrow) {
         "needs root (namespaces, the data plane): run the tests as root"
     );
     let path = Path::build(narrow);
-    let _server = Server::start(path.ns(path.backend));
+    let _server = TcpServer::start(path.ns(path.backend), BACKEND_PORT, SERVER_LIFETIME, serve);
     let agent = NsAgent::start(path.ns(path.lb), SUITE, &path.lb_ifaces, &[]);
     let vips = [
         (

@@ -352,6 +352,69 @@ pub fn vip_list_probe(run: impl Fn(&[&str]) -> Output) -> impl FnMut() -> Result
     }
 }
 
+/// A TCP server on `[::]:port` in `ns` (dual-stack): each connection goes to `serve` on a
+/// thread of its own. Stopped and joined on drop; it also stops by itself after `lifetime`.
+#[allow(dead_code)]
+pub struct TcpServer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+#[allow(dead_code)]
+impl TcpServer {
+    pub fn start(
+        ns: &Netns,
+        port: u16,
+        lifetime: Duration,
+        serve: fn(std::net::TcpStream) -> std::io::Result<()>,
+    ) -> Self {
+        use std::sync::{Arc, atomic::AtomicBool};
+        let listener = ns
+            .run(|| std::net::TcpListener::bind((std::net::Ipv6Addr::UNSPECIFIED, port)))
+            .expect("entering the server's namespace")
+            .expect("binding the server");
+        listener
+            .set_nonblocking(true)
+            .expect("non-blocking listener");
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let deadline = Instant::now() + lifetime;
+        let thread = thread::spawn(move || {
+            let mut conns = Vec::new();
+            while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
+                match listener.accept() {
+                    Ok((conn, _)) => conns.push(thread::spawn(move || {
+                        let _ = conn.set_nonblocking(false);
+                        if let Err(e) = serve(conn) {
+                            eprintln!("server connection: {e}");
+                        }
+                    })),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(e) => panic!("server accept: {e}"),
+                }
+            }
+            for c in conns {
+                let _ = c.join();
+            }
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for TcpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// `xlb run` in `ns` on `ifaces` with a temp dir, socket and pins of its own (named after
 /// `suite`); SIGTERM on drop, its log printed if the test is failing, its files removed.
 #[allow(dead_code)]
