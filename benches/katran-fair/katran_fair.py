@@ -22,7 +22,7 @@ Programs:
 
 Cases:
   a_syn_new_big     TCP SYN to the VIP, a fresh 5-tuple every call (never repeated in the run);
-                    xlb records a SYN in its handshake table (XLB_HANDSHAKES, 1/8 of the
+                    xlb records a SYN in its handshake table (XLB_HANDSHAKES, half the size of the
                     connection table) and creates the connection's entry on the next packet
   h_ack_new_big     a connection's first ACK without an entry, a fresh 5-tuple every call (no
                     SYN seen): an insert into the connection table for both programs

@@ -111,9 +111,11 @@ pub const DEFAULT_MAX_VIPS: u32 = 64;
 pub const MAX_BACKENDS: u32 = 16_384;
 /// Connection-table entries (LRU), shared by all VIPs.
 pub const CONNTRACK_ENTRIES: u32 = 1 << 20;
-/// Connection-table entries per `XLB_HANDSHAKES` entry: a handshake's record is needed for
-/// one round trip (SYN to the handshake's ACK), a connection's entry for its whole life.
-pub const HANDSHAKE_ENTRIES_DIVISOR: u32 = 8;
+/// Connection-table entries per `XLB_HANDSHAKES` entry. A record is needed for one round trip
+/// (SYN to the handshake's ACK), but under a flood it must outlast that many spoofed SYNs:
+/// half the connection table keeps a record for a quarter of a second at a million SYNs a
+/// second per CPU (with the default size), at half the connection table's memory.
+pub const HANDSHAKE_ENTRIES_DIVISOR: u32 = 2;
 /// The smallest handshake table, whatever the connection table's size.
 pub const HANDSHAKE_ENTRIES_MIN: u32 = 8192;
 
@@ -601,7 +603,7 @@ mod tests {
 
     #[test]
     fn the_handshake_table_scales_with_the_connection_table() {
-        assert_eq!(handshake_entries(CONNTRACK_ENTRIES), CONNTRACK_ENTRIES / 8);
+        assert_eq!(handshake_entries(CONNTRACK_ENTRIES), CONNTRACK_ENTRIES / 2);
         assert_eq!(handshake_entries(1024), HANDSHAKE_ENTRIES_MIN);
     }
 
