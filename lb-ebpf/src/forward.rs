@@ -147,16 +147,14 @@ enum Flow {
     /// An entry that still decides the flow's backend.
     Known(u32, &'static Backend, &'static mut FlowState),
     /// A SYN: a new connection, whatever an earlier one on the same 5-tuple chose (a backend
-    /// since drained, a ring since changed) is not its business. An earlier entry, if there
-    /// is one, is taken over in place; otherwise the handshake is recorded.
-    Opening(Option<&'static mut FlowState>),
-    /// An entry that no longer holds (idle or closed past its timeout, or naming a backend
-    /// that left): the flow it recorded is over, and this packet starts over with the live
-    /// ring.
-    Stale,
-    /// No entry: a flow's first packet (UDP, a handshake's ACK), or one whose entry was
-    /// evicted.
-    Unknown,
+    /// since drained, a ring since changed) is not its business. It is recorded as a
+    /// handshake; the connection's entry comes with its next packet.
+    Opening,
+    /// No entry that holds: none (a flow's first packet, a handshake's ACK, an evicted
+    /// flow), or one that is over (idle or closed past its timeout, its backend gone) or
+    /// superseded by a newer handshake on its 5-tuple. The entry, if any, is taken over in
+    /// place.
+    Unknown(Option<&'static mut FlowState>),
 }
 
 /// Finds or picks the flow's backend and fills `t`; returns where this CPU caches the
@@ -164,7 +162,8 @@ enum Flow {
 ///
 /// A TCP connection gets its entry from its first packet after the SYN, not from the SYN:
 /// the SYN is recorded in `XLB_HANDSHAKES`, a table of its own, so a flood of SYNs evicts
-/// handshakes at most, never an established connection.
+/// handshakes at most, never an established connection, and costs no connection-table
+/// lookup.
 ///
 /// The cache reference travels as the return value, not inside `t`: the verifier forgets a
 /// pointer's type when it is copied through memory in pieces.
@@ -174,20 +173,30 @@ fn to_backend<H: Hook>(ctx: &H, p: &Parsed, vip: &VipInfo, t: &mut Translation) 
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let tcp = p.proto == IPPROTO_TCP;
-    let entry = flow_entry(&key);
     let flow = if tcp && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-        Flow::Opening(entry)
+        Flow::Opening
     } else {
-        match entry {
-            None => Flow::Unknown,
+        match flow_entry(&key) {
+            None => Flow::Unknown(None),
             Some(state) => {
                 // Established flows follow their backend while it is active or draining.
                 let id = state.backend_id;
                 match usable_backend(id, vip.vip_id, p.ipv6, BACKEND_ACTIVE | BACKEND_DRAINING) {
-                    Some(b) if state.is_current(now, vip.idle_timeout_s) => {
+                    // A connection closing, or on a draining backend, is where a client
+                    // reusing its port finds an old entry: a handshake recorded since the
+                    // entry's last packet is a new connection, which its SYN decided.
+                    Some(b)
+                        if state.is_current(now, vip.idle_timeout_s)
+                            && !(tcp
+                                && (state.closing != 0 || b.flags & BACKEND_ACTIVE == 0)
+                                && handshake_entry(&key).is_some_and(|h| {
+                                    h.is_recent_handshake(now)
+                                        && h.last_seen_ns > state.last_seen_ns
+                                })) =>
+                    {
                         Flow::Known(id, b, state)
                     }
-                    _ => Flow::Stale,
+                    _ => Flow::Unknown(Some(state)),
                 }
             }
         }
@@ -205,9 +214,8 @@ fn to_backend<H: Hook>(ctx: &H, p: &Parsed, vip: &VipInfo, t: &mut Translation) 
             }
             (id, b, false)
         }
-        Flow::Opening(earlier) => {
+        Flow::Opening => {
             count(Counter::ConntrackMiss);
-            let earlier_taken_over = earlier.is_some();
             let Some((id, b)) = pick_backend(&key, vip, p.ipv6) else {
                 count(Counter::NoBackend);
                 t.no_backend = true;
@@ -220,27 +228,24 @@ fn to_backend<H: Hook>(ctx: &H, p: &Parsed, vip: &VipInfo, t: &mut Translation) 
                 last_seen_ns: now,
                 reply_next_hop: reply_next_hop(ctx, p),
             };
-            match earlier {
-                Some(entry) => *entry = state,
-                None => {
-                    if let Err(errno) = HANDSHAKES.insert(&key, &state, 0) {
-                        count(Counter::ConntrackInsertFailed);
-                        warn!(ctx, "handshake insert failed: errno {}", errno);
-                    }
-                }
+            if let Err(errno) = HANDSHAKES.insert(&key, &state, 0) {
+                count(Counter::ConntrackInsertFailed);
+                warn!(ctx, "handshake insert failed: errno {}", errno);
             }
             // The SYN-ACK must find its VIP already when the backend serves several.
             record_reverse_if_shared(ctx, p, vip, b, &state.reply_next_hop);
-            (id, b, earlier_taken_over)
+            (id, b, false)
         }
-        Flow::Stale | Flow::Unknown => {
+        Flow::Unknown(entry) => {
             count(Counter::ConntrackMiss);
             // A handshake's ACK: the connection goes where its SYN went, if that backend
             // still takes its flows (a handshake is a flow of its own: draining keeps it).
-            // Without a record (evicted, or no SYN seen) the live ring decides.
-            let recorded = if tcp && matches!(flow, Flow::Unknown) {
+            // A record older than the entry is the old connection's own. Without a record
+            // (evicted, or no SYN seen) the live ring decides.
+            let entry_seen = entry.as_ref().map_or(0, |e| e.last_seen_ns);
+            let recorded = if tcp {
                 handshake_entry(&key)
-                    .filter(|h| h.is_recent_handshake(now))
+                    .filter(|h| h.is_recent_handshake(now) && h.last_seen_ns > entry_seen)
                     .and_then(|h| {
                         let id = h.backend_id;
                         usable_backend(id, vip.vip_id, p.ipv6, BACKEND_ACTIVE | BACKEND_DRAINING)
@@ -261,10 +266,15 @@ fn to_backend<H: Hook>(ctx: &H, p: &Parsed, vip: &VipInfo, t: &mut Translation) 
                 last_seen_ns: now,
                 reply_next_hop: reply_next_hop(ctx, p),
             };
-            if let Err(errno) = CONNTRACK.insert(&key, &state, 0) {
-                // Rare by construction (LRU maps evict instead of failing): worth a log line.
-                count(Counter::ConntrackInsertFailed);
-                warn!(ctx, "connection-table insert failed: errno {}", errno);
+            match entry {
+                Some(old) => *old = state,
+                None => {
+                    if let Err(errno) = CONNTRACK.insert(&key, &state, 0) {
+                        // Rare by construction (LRU maps evict instead of failing).
+                        count(Counter::ConntrackInsertFailed);
+                        warn!(ctx, "connection-table insert failed: errno {}", errno);
+                    }
+                }
             }
             // A handshake's shared endpoint has its reverse entry from the SYN already.
             if recorded.is_none() {
@@ -436,18 +446,14 @@ pub fn reply_flow(reply: &Reply, t: &mut Translation) -> HopCache {
         _pad: [0; 3],
     };
     let cache = match flow_entry(&key) {
-        Some(state) => {
-            if !is_backend(state.backend_id, reply) {
-                return None;
-            }
-            match reverse {
-                Some(r) => &mut r.next_hop,
-                None => &mut state.reply_next_hop,
-            }
-        }
-        // A TCP handshake has no entry until the client's next packet: the backend's answer
-        // to its SYN (SYN-ACK, or a reset) finds the handshake's record instead.
-        None if reply.proto == IPPROTO_TCP => {
+        Some(state) if is_backend(state.backend_id, reply) => match reverse {
+            Some(r) => &mut r.next_hop,
+            None => &mut state.reply_next_hop,
+        },
+        // A TCP handshake has no entry until the client's next packet (or an old
+        // connection's entry, on a reused port): the backend's answer to its SYN (SYN-ACK,
+        // or a reset) finds the handshake's record instead.
+        _ if reply.proto == IPPROTO_TCP => {
             let h = handshake_entry(&key)?;
             if !is_backend(h.backend_id, reply) {
                 return None;
@@ -457,7 +463,7 @@ pub fn reply_flow(reply: &Reply, t: &mut Translation) -> HopCache {
                 None => &mut h.reply_next_hop,
             }
         }
-        None => return None,
+        _ => return None,
     };
     t.addr = vip_addr;
     t.port_be = vip_port_be;

@@ -1038,6 +1038,15 @@ fn flow_entries_end_with_syn_fin_rst_and_idle_timeouts() {
             &new,
             "SYN on the same 5-tuple: fresh choice",
         );
+        // The new connection's next packet finds the old entry on a draining backend and a
+        // handshake recorded since: the handshake wins and takes the entry over.
+        send(
+            &lab,
+            &flow(reused, &vip),
+            b,
+            &new,
+            "the new connection's ACK: to b, where its SYN went",
+        );
         assert_eq!(
             lab.explain(v4_client(reused), &vip).1,
             Some(b),
