@@ -2,307 +2,46 @@
 //! into the data plane's maps: id allocation, Maglev rings written aside and switched in one
 //! map update, backend entries, counters.
 
-use std::{
-    collections::{BTreeMap, BTreeSet, VecDeque},
-    fmt,
-    net::SocketAddr,
-    str::FromStr,
-};
+use std::{collections::BTreeMap, net::SocketAddr};
 
 use lb_common::{
-    BACKEND_ACTIVE, BACKEND_DRAINING, Backend, CLOSING_TIMEOUT_S, DEFAULT_TCP_IDLE_TIMEOUT_S,
-    DEFAULT_UDP_IDLE_TIMEOUT_S, EndpointVip, FlowKey, IPPROTO_TCP, IPPROTO_UDP, MAX_BACKENDS,
-    MAX_IDLE_TIMEOUT_S, PORT_HAS_SHARED_ENDPOINT, PORT_IS_BACKEND, PORT_IS_VIP, TrafficCounters,
-    VipInfo, VipKey,
+    BACKEND_ACTIVE, BACKEND_DRAINING, Backend, EndpointVip, FlowKey, MAX_BACKENDS,
+    PORT_HAS_SHARED_ENDPOINT, PORT_IS_BACKEND, PORT_IS_VIP, TrafficCounters, VipInfo, VipKey,
     addr::to_bytes,
     hash::flow_hash,
-    maglev::{MaglevBackend, MaglevError, build_ring},
+    maglev::{MaglevBackend, build_ring},
 };
-use serde::{Deserialize, Serialize};
-use thiserror::Error;
-
-use crate::{
-    datapath::{Datapath, DatapathError},
-    health::{HealthSpec, HealthStatus},
-    reconcile::{self, MapContents, MapWrite, ServiceKey, choose_half, ring_base},
+pub use xlb_core::model::{
+    BackendConfig, BackendState, BackendStatus, DesiredState, Explanation, IdleTimeoutError,
+    MAX_WEIGHT, ParseVipError, Protocol, VipConfig, VipSpec, VipStatus, validate_idle_timeout,
+};
+use xlb_core::{
+    health::HealthSpec,
+    ids::IdPool,
+    limits::{family, validate_backend, validate_vip_timeout, validate_weight},
+    plan::{self, MapContents, MapWrite, ServiceKey, choose_half, ring_base},
 };
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    Tcp,
-    Udp,
-}
+use crate::datapath::{Datapath, DatapathError};
 
-impl Protocol {
-    #[must_use]
-    pub const fn number(self) -> u8 {
-        match self {
-            Self::Tcp => IPPROTO_TCP,
-            Self::Udp => IPPROTO_UDP,
-        }
+/// Why a balancer change was refused or failed; a failing map update is
+/// [`BalancerError::Datapath`].
+pub type BalancerError = xlb_core::limits::BalancerError<DatapathError>;
+
+impl From<DatapathError> for BalancerError {
+    fn from(e: DatapathError) -> Self {
+        Self::Datapath(e)
     }
-
-    /// How long a flow of this protocol may idle unless its VIP says otherwise, in seconds.
-    #[must_use]
-    pub const fn default_idle_timeout_s(self) -> u32 {
-        match self {
-            Self::Tcp => DEFAULT_TCP_IDLE_TIMEOUT_S,
-            Self::Udp => DEFAULT_UDP_IDLE_TIMEOUT_S,
-        }
-    }
-
-    /// The shortest idle timeout accepted: a TCP connection's entry must not idle out
-    /// before a closing one would.
-    #[must_use]
-    pub const fn min_idle_timeout_s(self) -> u32 {
-        match self {
-            Self::Tcp => CLOSING_TIMEOUT_S,
-            Self::Udp => 1,
-        }
-    }
-}
-
-#[derive(Debug, Error, PartialEq, Eq)]
-#[error(
-    "a {proto} idle timeout must be between {min} and {max} seconds, got {given}",
-    min = proto.min_idle_timeout_s(),
-    max = MAX_IDLE_TIMEOUT_S
-)]
-pub struct IdleTimeoutError {
-    pub proto: Protocol,
-    pub given: u64,
-}
-
-/// Checks an idle timeout (seconds) for a VIP of protocol `proto`.
-///
-/// # Errors
-/// Shorter than the protocol allows (a TCP timeout under the closing timeout), or longer
-/// than a week.
-pub fn validate_idle_timeout(proto: Protocol, given: u64) -> Result<u32, IdleTimeoutError> {
-    u32::try_from(given)
-        .ok()
-        .filter(|s| (proto.min_idle_timeout_s()..=MAX_IDLE_TIMEOUT_S).contains(s))
-        .ok_or(IdleTimeoutError { proto, given })
-}
-
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Tcp => "tcp",
-            Self::Udp => "udp",
-        })
-    }
-}
-
-/// A service address: `192.0.2.10:80/tcp`, `[2001:db8::1]:443/udp` (protocol defaults to tcp).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct VipSpec {
-    pub addr: SocketAddr,
-    pub proto: Protocol,
-}
-
-impl fmt::Display for VipSpec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.proto)
-    }
-}
-
-#[derive(Debug, Error, PartialEq, Eq)]
-pub enum ParseVipError {
-    #[error("'{0}' is not ADDR:PORT[/tcp|/udp] (IPv6 as [2001:db8::1]:443/tcp)")]
-    Syntax(String),
-    #[error("unknown protocol '{0}' (use tcp or udp)")]
-    Protocol(String),
-    #[error("port 0 is not a service port")]
-    PortZero,
-}
-
-impl FromStr for VipSpec {
-    type Err = ParseVipError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (addr, proto) = match s.rsplit_once('/') {
-            Some((addr, proto)) => (addr, proto),
-            None => (s, "tcp"),
-        };
-        let proto = match proto.to_ascii_lowercase().as_str() {
-            "tcp" => Protocol::Tcp,
-            "udp" => Protocol::Udp,
-            _ => return Err(ParseVipError::Protocol(proto.to_owned())),
-        };
-        let addr: SocketAddr = addr
-            .parse()
-            .map_err(|_| ParseVipError::Syntax(s.to_owned()))?;
-        if addr.port() == 0 {
-            return Err(ParseVipError::PortZero);
-        }
-        Ok(Self { addr, proto })
-    }
-}
-
-impl Serialize for VipSpec {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for VipSpec {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
-
-#[derive(Debug, Error)]
-pub enum BalancerError {
-    #[error("VIP {0} already exists")]
-    DuplicateVip(VipSpec),
-    #[error("no VIP {0} (see `xlb vip list`)")]
-    UnknownVip(VipSpec),
-    #[error("backend {backend} is already behind {vip}")]
-    DuplicateBackend { vip: VipSpec, backend: SocketAddr },
-    #[error("backend {backend} is not behind {vip} (see `xlb backend list {vip}`)")]
-    UnknownBackend { vip: VipSpec, backend: SocketAddr },
-    #[error(
-        "backend {backend} and VIP {vip} are of different address families (xlb does not translate between IPv4 and IPv6)"
-    )]
-    FamilyMismatch { vip: VipSpec, backend: SocketAddr },
-    #[error("backend port 0 is not valid")]
-    BackendPortZero,
-    #[error("weight must be between 1 and {max}, got {weight}")]
-    InvalidWeight { weight: u32, max: u32 },
-    #[error("all {0} VIP slots are in use (start the agent with a larger --max-vips)")]
-    VipSlotsExhausted(u32),
-    #[error("all {0} backend slots are in use")]
-    BackendSlotsExhausted(u32),
-    #[error(
-        "{wanted} VIPs wanted, but this agent has {max} VIP slots (start it with a larger --max-vips)"
-    )]
-    TooManyVips { wanted: usize, max: u32 },
-    #[error("{wanted} backends wanted, but the data plane holds at most {max}")]
-    TooManyBackends { wanted: usize, max: u32 },
-    #[error("VIP {vip}: {source}")]
-    VipRing {
-        vip: VipSpec,
-        #[source]
-        source: MaglevError,
-    },
-    #[error("VIP {vip}: {source}")]
-    IdleTimeout {
-        vip: VipSpec,
-        #[source]
-        source: IdleTimeoutError,
-    },
-    #[error(transparent)]
-    Maglev(#[from] MaglevError),
-    #[error(transparent)]
-    Datapath(#[from] DatapathError),
 }
 
 type Result<T, E = BalancerError> = std::result::Result<T, E>;
 
-/// Largest weight accepted: a backend claims this many ring slots per Maglev turn.
-pub const MAX_WEIGHT: u32 = 1000;
-
-/// Whether the agent can hold `state` whole: its VIP slots, the data plane's backend ids,
-/// each VIP's ring, and every VIP and backend on its own (duplicates, weights, families,
-/// timeouts). Cheap: it counts before it looks at any entry, so a huge file is refused at
-/// once, and it writes nothing. A state that passes programs without running out of room,
-/// whether into empty maps or over a running model (removals give their ids back first).
+/// [`xlb_core::limits::check_limits`], with a map update failure as the error's other case.
 ///
 /// # Errors
 /// The first limit or rule `state` breaks.
 pub fn check_limits(state: &DesiredState, max_vips: u32, ring_size: u32) -> Result<()> {
-    if state.vips.len() > max_vips as usize {
-        return Err(BalancerError::TooManyVips {
-            wanted: state.vips.len(),
-            max: max_vips,
-        });
-    }
-    let backends: usize = state.vips.iter().map(|v| v.backends.len()).sum();
-    if backends > MAX_BACKENDS as usize {
-        return Err(BalancerError::TooManyBackends {
-            wanted: backends,
-            max: MAX_BACKENDS,
-        });
-    }
-    let mut seen = BTreeSet::new();
-    for v in &state.vips {
-        if !seen.insert(v.vip) {
-            return Err(BalancerError::DuplicateVip(v.vip));
-        }
-        Balancer::validate_vip_timeout(&v.vip, v.idle_timeout_s)?;
-        let mut backends = BTreeMap::new();
-        for b in &v.backends {
-            Balancer::validate_backend(&v.vip, b.addr, b.weight, &backends)?;
-            backends.insert(b.addr, ());
-        }
-        if backends.len() > ring_size as usize {
-            return Err(BalancerError::VipRing {
-                vip: v.vip,
-                source: MaglevError::TooSmall {
-                    size: ring_size,
-                    backends: backends.len(),
-                },
-            });
-        }
-    }
-    Ok(())
-}
-
-/// Ids handed out fresh first, then the longest-freed first, so a just-removed id (which
-/// stale connection-table entries may still name) is reused as late as possible.
-#[derive(Debug)]
-struct IdPool {
-    next_fresh: u32,
-    limit: u32,
-    freed: VecDeque<u32>,
-}
-
-impl IdPool {
-    const fn new(limit: u32) -> Self {
-        Self {
-            next_fresh: 0,
-            limit,
-            freed: VecDeque::new(),
-        }
-    }
-
-    fn take(&mut self) -> Option<u32> {
-        if self.next_fresh < self.limit {
-            self.next_fresh += 1;
-            return Some(self.next_fresh - 1);
-        }
-        self.freed.pop_front()
-    }
-
-    fn give_back(&mut self, id: u32) {
-        self.freed.push_back(id);
-    }
-
-    /// Takes a particular id (one recorded by a previous agent), if it is free.
-    fn take_exact(&mut self, id: u32) -> Option<u32> {
-        if id >= self.limit {
-            return None;
-        }
-        if id >= self.next_fresh {
-            self.freed.extend(self.next_fresh..id);
-            self.next_fresh = id + 1;
-            return Some(id);
-        }
-        let at = self.freed.iter().position(|f| *f == id)?;
-        self.freed.remove(at)
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BackendState {
-    /// In the ring: takes new flows.
-    Active,
-    /// Out of the ring; established flows continue.
-    Draining,
+    xlb_core::limits::check_limits(state, max_vips, ring_size)
 }
 
 #[derive(Debug)]
@@ -360,96 +99,6 @@ struct VipEntry {
     backends: BTreeMap<SocketAddr, BackendEntry>,
 }
 
-/// A backend as configured: what `xlb backend add` sets and the state file keeps.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BackendConfig {
-    pub addr: SocketAddr,
-    pub weight: u32,
-    #[serde(default = "default_state")]
-    pub state: BackendState,
-    /// The id the data plane knows the backend by. Persisted so that an agent adopting a
-    /// running data plane (pinned maps) gives every backend the same id again: connection-
-    /// table entries name backends by id. Absent in hand-written configs.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<u32>,
-}
-
-const fn default_state() -> BackendState {
-    BackendState::Active
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VipConfig {
-    pub vip: VipSpec,
-    pub backends: Vec<BackendConfig>,
-    /// As `BackendConfig::id`, for the VIP's slot (its counters and rings).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<u32>,
-    /// Health checks for the VIP's backends; none: every backend counts as healthy.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub health: Option<HealthSpec>,
-    /// How long its flows may idle before a packet gets a fresh choice, in seconds; none: the
-    /// protocol's default.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub idle_timeout_s: Option<u32>,
-}
-
-/// The whole desired state, as persisted.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DesiredState {
-    pub vips: Vec<VipConfig>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BackendStatus {
-    pub addr: SocketAddr,
-    pub id: u32,
-    pub weight: u32,
-    pub state: BackendState,
-    /// False while health checks fail: out of the ring, its flows moved elsewhere.
-    pub healthy: bool,
-    /// The last health check, when the VIP has checks (filled in by the agent).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub health: Option<HealthStatus>,
-    /// Ring slots this backend owns (0 while draining or unhealthy).
-    pub slots: u32,
-    pub packets: u64,
-    pub bytes: u64,
-    pub new_flows: u64,
-    /// Flows in the connection table that are live: not closing, and within their VIP's
-    /// idle timeout (only counted by `backend list`: it walks the whole table).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub live_flows: Option<u64>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VipStatus {
-    pub vip: VipSpec,
-    pub id: u32,
-    pub ring_size: u32,
-    /// How long its flows may idle, in seconds (the configured value or the default).
-    #[serde(default)]
-    pub idle_timeout_s: u32,
-    pub packets: u64,
-    pub bytes: u64,
-    pub new_flows: u64,
-    pub backends: Vec<BackendStatus>,
-}
-
-/// Where a flow goes, computed the way the kernel does it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Explanation {
-    pub client: SocketAddr,
-    pub vip: VipSpec,
-    pub flow_hash: u32,
-    pub ring_slot: u32,
-    /// The backend a new flow with this 5-tuple gets from the live ring.
-    pub new_flow_backend: Option<SocketAddr>,
-    /// The backend the connection table holds for this 5-tuple, if its entry still holds
-    /// (not idle past the VIP's timeout, not closed too long ago).
-    pub tracked_backend: Option<SocketAddr>,
-}
-
 pub struct Balancer {
     datapath: Datapath,
     vips: BTreeMap<VipSpec, VipEntry>,
@@ -477,10 +126,6 @@ impl PortUsers {
                 0
             })
     }
-}
-
-fn family(addr: &SocketAddr) -> u8 {
-    if addr.is_ipv4() { 4 } else { 6 }
 }
 
 impl Balancer {
@@ -632,7 +277,7 @@ impl Balancer {
         if self.vips.contains_key(&vip) {
             return Err(BalancerError::DuplicateVip(vip));
         }
-        Self::validate_vip_timeout(&vip, idle_timeout_s)?;
+        validate_vip_timeout(&vip, idle_timeout_s)?;
         let max = self.datapath.config().max_vips;
         let id = self
             .vip_ids
@@ -659,14 +304,6 @@ impl Balancer {
         Ok(())
     }
 
-    fn validate_vip_timeout(vip: &VipSpec, idle_timeout_s: Option<u32>) -> Result<()> {
-        if let Some(secs) = idle_timeout_s {
-            validate_idle_timeout(vip.proto, u64::from(secs))
-                .map_err(|source| BalancerError::IdleTimeout { vip: *vip, source })?;
-        }
-        Ok(())
-    }
-
     /// Sets (`None`: back to the default) how long the VIP's flows may idle. Returns whether
     /// it changed. The new value reaches the data plane in one `VipInfo` update, the way a
     /// ring switch does; flows are judged by it from their next packet on.
@@ -678,7 +315,7 @@ impl Balancer {
         vip: &VipSpec,
         idle_timeout_s: Option<u32>,
     ) -> Result<bool> {
-        Self::validate_vip_timeout(vip, idle_timeout_s)?;
+        validate_vip_timeout(vip, idle_timeout_s)?;
         let entry = self
             .vips
             .get_mut(vip)
@@ -740,43 +377,13 @@ impl Balancer {
         Ok(())
     }
 
-    fn validate_weight(weight: u32) -> Result<()> {
-        if weight == 0 || weight > MAX_WEIGHT {
-            return Err(BalancerError::InvalidWeight {
-                weight,
-                max: MAX_WEIGHT,
-            });
-        }
-        Ok(())
-    }
-
-    /// Whether `backend` (with `weight`) may join `vip`, which has `existing` backends.
-    fn validate_backend<T>(
-        vip: &VipSpec,
-        backend: SocketAddr,
-        weight: u32,
-        existing: &BTreeMap<SocketAddr, T>,
-    ) -> Result<()> {
-        Self::validate_weight(weight)?;
-        if backend.port() == 0 {
-            return Err(BalancerError::BackendPortZero);
-        }
-        if existing.contains_key(&backend) {
-            return Err(BalancerError::DuplicateBackend { vip: *vip, backend });
-        }
-        if family(&backend) != family(&vip.addr) {
-            return Err(BalancerError::FamilyMismatch { vip: *vip, backend });
-        }
-        Ok(())
-    }
-
     /// Adds a backend to a VIP and rebuilds its ring.
     ///
     /// # Errors
     /// Unknown VIP, duplicate backend, family mismatch, bad weight, no free id.
     pub fn add_backend(&mut self, vip: &VipSpec, backend: SocketAddr, weight: u32) -> Result<()> {
         let entry = self.vips.get(vip).ok_or(BalancerError::UnknownVip(*vip))?;
-        Self::validate_backend(vip, backend, weight, &entry.backends)?;
+        validate_backend(vip, backend, weight, &entry.backends)?;
         let vip_id = entry.id;
         let id = self
             .backend_ids
@@ -864,7 +471,7 @@ impl Balancer {
         state: Option<BackendState>,
     ) -> Result<()> {
         if let Some(w) = weight {
-            Self::validate_weight(w)?;
+            validate_weight(w)?;
         }
         self.change_backend(vip, backend, |b| {
             if let Some(w) = weight {
@@ -1199,7 +806,7 @@ impl Balancer {
     /// whatever the maps hold: pinned maps left by a previous agent keep forwarding while
     /// this runs. The model is built against what the maps hold (a VIP or backend they hold
     /// keeps its id, so its flows and counters), then only the entries that differ are
-    /// written, in the order `reconcile::plan` gives; VIPs and backends the maps hold but
+    /// written, in the order `xlb_core::plan::plan` gives; VIPs and backends the maps hold but
     /// the desired state lacks are removed. Maps just created get everything.
     ///
     /// On a validation error nothing is written.
@@ -1228,7 +835,7 @@ impl Balancer {
                 return Err(e);
             }
         };
-        let writes = reconcile::plan(&current, &desired);
+        let writes = plan::plan(&current, &desired);
         for write in &writes {
             self.carry_out(write)?;
         }
@@ -1604,155 +1211,5 @@ fn endpoint_entry(first: VipSpec, vips: usize) -> EndpointVip {
         vip_port_be: first.addr.port().to_be(),
         _pad: 0,
         vips: vips as u32,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_vips() {
-        let v: VipSpec = "192.0.2.10:80".parse().unwrap();
-        assert_eq!(v.proto, Protocol::Tcp);
-        assert_eq!(v.to_string(), "192.0.2.10:80/tcp");
-        let v: VipSpec = "[2001:db8::1]:443/UDP".parse().unwrap();
-        assert_eq!(v.to_string(), "[2001:db8::1]:443/udp");
-        assert!(matches!(
-            "10.0.0.1/tcp".parse::<VipSpec>(),
-            Err(ParseVipError::Syntax(_))
-        ));
-        assert!(matches!(
-            "10.0.0.1:80/sctp".parse::<VipSpec>(),
-            Err(ParseVipError::Protocol(_))
-        ));
-        assert_eq!(
-            "10.0.0.1:0".parse::<VipSpec>(),
-            Err(ParseVipError::PortZero)
-        );
-        assert!("2001:db8::1:443".parse::<VipSpec>().is_err());
-    }
-
-    #[test]
-    fn idle_timeouts_are_checked_per_protocol() {
-        assert_eq!(validate_idle_timeout(Protocol::Udp, 1), Ok(1));
-        assert_eq!(validate_idle_timeout(Protocol::Tcp, 10), Ok(10));
-        assert_eq!(
-            validate_idle_timeout(Protocol::Tcp, u64::from(MAX_IDLE_TIMEOUT_S)),
-            Ok(MAX_IDLE_TIMEOUT_S)
-        );
-        for (proto, given) in [
-            (Protocol::Udp, 0),
-            (Protocol::Tcp, 9),
-            (Protocol::Tcp, u64::from(MAX_IDLE_TIMEOUT_S) + 1),
-            (Protocol::Udp, u64::MAX),
-        ] {
-            assert_eq!(
-                validate_idle_timeout(proto, given),
-                Err(IdleTimeoutError { proto, given })
-            );
-        }
-        assert_eq!(
-            IdleTimeoutError {
-                proto: Protocol::Tcp,
-                given: 5
-            }
-            .to_string(),
-            "a tcp idle timeout must be between 10 and 604800 seconds, got 5"
-        );
-    }
-
-    #[test]
-    fn id_pool_takes_recorded_ids() {
-        let mut pool = IdPool::new(8);
-        assert_eq!(pool.take_exact(3), Some(3));
-        assert_eq!(pool.take_exact(3), None);
-        assert_eq!(pool.take(), Some(4));
-        assert_eq!(pool.take_exact(1), Some(1));
-        assert_eq!(pool.take_exact(9), None);
-        let rest: Vec<_> = std::iter::from_fn(|| pool.take()).collect();
-        assert_eq!(rest, vec![5, 6, 7, 0, 2]);
-    }
-
-    #[test]
-    fn id_pool_reuses_longest_freed_last() {
-        let mut pool = IdPool::new(3);
-        assert_eq!(
-            (pool.take(), pool.take(), pool.take()),
-            (Some(0), Some(1), Some(2))
-        );
-        assert_eq!(pool.take(), None);
-        pool.give_back(1);
-        pool.give_back(0);
-        assert_eq!(pool.take(), Some(1));
-        assert_eq!(pool.take(), Some(0));
-    }
-
-    fn vip_with_backends(i: u32, backends: u32) -> VipConfig {
-        VipConfig {
-            vip: format!("10.0.{}.{}:80", i / 256, i % 256).parse().unwrap(),
-            backends: (0..backends)
-                .map(|b| BackendConfig {
-                    addr: SocketAddr::from(([10, 1, (b / 256) as u8, (b % 256) as u8], 8080)),
-                    weight: 1,
-                    state: BackendState::Active,
-                    id: None,
-                })
-                .collect(),
-            id: None,
-            health: None,
-            idle_timeout_s: None,
-        }
-    }
-
-    #[test]
-    fn limits_are_checked_before_any_entry() {
-        let state = |vips: u32, backends: u32| DesiredState {
-            vips: (0..vips).map(|i| vip_with_backends(i, backends)).collect(),
-        };
-        assert!(check_limits(&state(64, 2), 64, 65_537).is_ok());
-        assert_eq!(
-            check_limits(&state(70, 0), 64, 65_537)
-                .unwrap_err()
-                .to_string(),
-            "70 VIPs wanted, but this agent has 64 VIP slots (start it with a larger --max-vips)"
-        );
-        assert!(matches!(
-            check_limits(&state(2, 10_000), 64, 65_537),
-            Err(BalancerError::TooManyBackends {
-                wanted: 20_000,
-                max: MAX_BACKENDS
-            })
-        ));
-        assert!(matches!(
-            check_limits(&state(1, 12), 64, 11),
-            Err(BalancerError::VipRing { .. })
-        ));
-        let mut bad_weight = state(1, 1);
-        bad_weight.vips[0].backends[0].weight = 0;
-        assert!(matches!(
-            check_limits(&bad_weight, 64, 65_537),
-            Err(BalancerError::InvalidWeight { .. })
-        ));
-    }
-
-    #[test]
-    fn desired_state_round_trips_through_json() {
-        let state = DesiredState {
-            vips: vec![VipConfig {
-                vip: "[2001:db8::1]:443/udp".parse().unwrap(),
-                backends: vec![BackendConfig {
-                    addr: "[fd00::2]:8443".parse().unwrap(),
-                    weight: 3,
-                    state: BackendState::Draining,
-                    id: Some(7),
-                }],
-                id: None,
-                health: None,
-                idle_timeout_s: Some(30),
-            }],
-        };
-        let json = serde_json::to_string(&state).unwrap();
-        assert_eq!(serde_json::from_str::<DesiredState>(&json).unwrap(), state);
     }
 }

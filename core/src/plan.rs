@@ -1,8 +1,9 @@
-//! Adopting a data path that is already running (maps pinned by a previous agent): what the
-//! maps should hold is compared with what they hold, and only the difference is written, in
-//! an order that never lets a packet see a half-made state. Pure data in, pure data out, so
-//! the ordering rules are unit-tested without a kernel; `Balancer::adopt` reads the maps,
-//! builds the desired contents and carries the writes out.
+//! The planner: what the maps should hold is compared with what they hold, and only the
+//! difference is written, in an order that never lets a packet see a half-made state (an
+//! agent adopting a data path a previous one left running, pinned maps and all, writes
+//! nothing when they match). Pure data in, pure data out, so the ordering rules are
+//! unit-tested without a kernel; `lb-userspace`'s `Balancer::adopt` reads the maps, builds
+//! the desired contents and carries the writes out.
 
 use std::{collections::BTreeMap, net::SocketAddr};
 
