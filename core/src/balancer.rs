@@ -29,7 +29,7 @@ use crate::{
     plan::{self, MapContents, ServiceKey, choose_half, ring_base},
 };
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct BackendEntry {
     id: u32,
     weight: u32,
@@ -63,7 +63,7 @@ impl BackendEntry {
     }
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct VipEntry {
     id: u32,
     health: Option<HealthSpec>,
@@ -80,6 +80,12 @@ pub struct Balancer<M> {
     maps: M,
     max_vips: u32,
     ring_size: u32,
+    model: Model,
+}
+
+/// What the balancer holds; the maps hold it too, once the writes for it are done.
+#[derive(Clone, Debug)]
+struct Model {
     vips: BTreeMap<VipSpec, VipEntry>,
     /// How many VIPs and backends use each port: the data plane's `XLB_PORTS` filter.
     port_users: BTreeMap<u16, PortUsers>,
@@ -117,11 +123,13 @@ impl<M: Maps> Balancer<M> {
             maps,
             max_vips,
             ring_size,
-            vips: BTreeMap::new(),
-            port_users: BTreeMap::new(),
-            endpoint_vips: BTreeMap::new(),
-            vip_ids: IdPool::new(max_vips),
-            backend_ids: IdPool::new(MAX_BACKENDS),
+            model: Model {
+                vips: BTreeMap::new(),
+                port_users: BTreeMap::new(),
+                endpoint_vips: BTreeMap::new(),
+                vip_ids: IdPool::new(max_vips),
+                backend_ids: IdPool::new(MAX_BACKENDS),
+            },
         }
     }
 
@@ -139,7 +147,7 @@ impl<M: Maps> Balancer<M> {
     /// entry is written and after one is removed, so the filter never hides a live entry.
     fn use_port(&mut self, port: u16, vip: bool, delta: i32) -> std::result::Result<(), M::Error> {
         let before = self.port_roles(port);
-        let users = self.port_users.entry(port).or_default();
+        let users = self.model.port_users.entry(port).or_default();
         let count = if vip {
             &mut users.vips
         } else {
@@ -147,7 +155,7 @@ impl<M: Maps> Balancer<M> {
         };
         *count = count.saturating_add_signed(delta);
         if users.roles() == 0 {
-            self.port_users.remove(&port);
+            self.model.port_users.remove(&port);
         }
         let after = self.port_roles(port);
         if before != after {
@@ -159,8 +167,9 @@ impl<M: Maps> Balancer<M> {
     /// The `XLB_PORTS` entry `port` should hold: its VIP and backend roles, and whether an
     /// endpoint on it serves several VIPs.
     fn port_roles(&self, port: u16) -> u8 {
-        let users = self.port_users.get(&port).map_or(0, |u| u.roles());
+        let users = self.model.port_users.get(&port).map_or(0, |u| u.roles());
         let shared = self
+            .model
             .endpoint_vips
             .iter()
             .any(|((addr, _), vips)| addr.port() == port && vips.len() > 1);
@@ -182,7 +191,11 @@ impl<M: Maps> Balancer<M> {
     ) -> std::result::Result<(), M::Error> {
         let port = backend.port();
         let roles_before = self.port_roles(port);
-        let list = self.endpoint_vips.entry((backend, vip.proto)).or_default();
+        let list = self
+            .model
+            .endpoint_vips
+            .entry((backend, vip.proto))
+            .or_default();
         if join {
             list.push(vip);
         } else {
@@ -191,7 +204,7 @@ impl<M: Maps> Balancer<M> {
         let first = list.first().copied();
         let vips = list.len();
         if first.is_none() {
-            self.endpoint_vips.remove(&(backend, vip.proto));
+            self.model.endpoint_vips.remove(&(backend, vip.proto));
         }
         // A port that gains "shared" says so before the endpoint entry does; one that loses
         // it, after: a new flow never skips a reverse entry its replies need.
@@ -239,12 +252,13 @@ impl<M: Maps> Balancer<M> {
         vip: VipSpec,
         idle_timeout_s: Option<u32>,
     ) -> Result<(), M::Error> {
-        if self.vips.contains_key(&vip) {
+        if self.model.vips.contains_key(&vip) {
             return Err(BalancerError::DuplicateVip(vip));
         }
         validate_vip_timeout(&vip, idle_timeout_s)?;
         let max = self.max_vips;
         let id = self
+            .model
             .vip_ids
             .take()
             .ok_or(BalancerError::VipSlotsExhausted(max))?;
@@ -262,10 +276,10 @@ impl<M: Maps> Balancer<M> {
             .and_then(|()| self.use_port(vip.addr.port(), true, 1))
             .and_then(|()| self.write_vip_info(&vip, &entry));
         if let Err(e) = written {
-            self.vip_ids.give_back(id);
+            self.model.vip_ids.give_back(id);
             return Err(BalancerError::Datapath(e));
         }
-        self.vips.insert(vip, entry);
+        self.model.vips.insert(vip, entry);
         Ok(())
     }
 
@@ -282,6 +296,7 @@ impl<M: Maps> Balancer<M> {
     ) -> Result<bool, M::Error> {
         validate_vip_timeout(vip, idle_timeout_s)?;
         let entry = self
+            .model
             .vips
             .get_mut(vip)
             .ok_or(BalancerError::UnknownVip(*vip))?;
@@ -289,11 +304,15 @@ impl<M: Maps> Balancer<M> {
             return Ok(false);
         }
         let before = std::mem::replace(&mut entry.idle_timeout_s, idle_timeout_s);
-        let entry = self.vips.remove(vip).expect("checked above");
+        let entry = self.model.vips.remove(vip).expect("checked above");
         let written = self.write_vip_info(vip, &entry);
-        self.vips.insert(*vip, entry);
+        self.model.vips.insert(*vip, entry);
         if let Err(e) = written {
-            self.vips.get_mut(vip).expect("put back").idle_timeout_s = before;
+            self.model
+                .vips
+                .get_mut(vip)
+                .expect("put back")
+                .idle_timeout_s = before;
             return Err(BalancerError::Datapath(e));
         }
         Ok(true)
@@ -321,6 +340,7 @@ impl<M: Maps> Balancer<M> {
     /// Unknown VIP, or a map update failing.
     pub fn remove_vip(&mut self, vip: &VipSpec) -> Result<(), M::Error> {
         let entry = self
+            .model
             .vips
             .remove(vip)
             .ok_or(BalancerError::UnknownVip(*vip))?;
@@ -332,7 +352,7 @@ impl<M: Maps> Balancer<M> {
         for (addr, backend) in &entry.backends {
             self.release_backend(vip, backend.id, *addr)?;
         }
-        self.vip_ids.give_back(entry.id);
+        self.model.vip_ids.give_back(entry.id);
         Ok(())
     }
 
@@ -346,10 +366,15 @@ impl<M: Maps> Balancer<M> {
         backend: SocketAddr,
         weight: u32,
     ) -> Result<(), M::Error> {
-        let entry = self.vips.get(vip).ok_or(BalancerError::UnknownVip(*vip))?;
+        let entry = self
+            .model
+            .vips
+            .get(vip)
+            .ok_or(BalancerError::UnknownVip(*vip))?;
         validate_backend(vip, backend, weight, &entry.backends)?;
         let vip_id = entry.id;
         let id = self
+            .model
             .backend_ids
             .take()
             .ok_or(BalancerError::BackendSlotsExhausted(MAX_BACKENDS))?;
@@ -359,10 +384,11 @@ impl<M: Maps> Balancer<M> {
             .map_err(BalancerError::Datapath)
             .and_then(|()| self.write_backend(id, vip_id, backend, BACKEND_ACTIVE))
         {
-            self.backend_ids.give_back(id);
+            self.model.backend_ids.give_back(id);
             return Err(e);
         }
-        self.vips
+        self.model
+            .vips
             .get_mut(vip)
             .expect("checked above")
             .backends
@@ -400,6 +426,7 @@ impl<M: Maps> Balancer<M> {
     /// Unknown VIP or backend, or a map update failing.
     pub fn remove_backend(&mut self, vip: &VipSpec, backend: SocketAddr) -> Result<(), M::Error> {
         let entry = self
+            .model
             .vips
             .get_mut(vip)
             .ok_or(BalancerError::UnknownVip(*vip))?;
@@ -422,10 +449,10 @@ impl<M: Maps> Balancer<M> {
     ) -> Result<(), M::Error> {
         let dp = BalancerError::Datapath;
         self.maps.put_backend(id, &Backend::default()).map_err(dp)?;
-        if let Some(vip_id) = self.vips.get(vip).map(|e| e.id) {
+        if let Some(vip_id) = self.model.vips.get(vip).map(|e| e.id) {
             self.maps.retire_backend_traffic(id, vip_id).map_err(dp)?;
         }
-        self.backend_ids.give_back(id);
+        self.model.backend_ids.give_back(id);
         self.use_port(addr.port(), false, -1).map_err(dp)?;
         self.update_endpoint(addr, *vip, false).map_err(dp)?;
         Ok(())
@@ -465,7 +492,11 @@ impl<M: Maps> Balancer<M> {
         backend: SocketAddr,
         healthy: bool,
     ) -> Result<bool, M::Error> {
-        let entry = self.vips.get(vip).ok_or(BalancerError::UnknownVip(*vip))?;
+        let entry = self
+            .model
+            .vips
+            .get(vip)
+            .ok_or(BalancerError::UnknownVip(*vip))?;
         let b = entry
             .backends
             .get(&backend)
@@ -488,6 +519,7 @@ impl<M: Maps> Balancer<M> {
         change: impl FnOnce(&mut BackendEntry),
     ) -> Result<(), M::Error> {
         let entry = self
+            .model
             .vips
             .get_mut(vip)
             .ok_or(BalancerError::UnknownVip(*vip))?;
@@ -517,6 +549,7 @@ impl<M: Maps> Balancer<M> {
         health: Option<HealthSpec>,
     ) -> Result<(), M::Error> {
         let entry = self
+            .model
             .vips
             .get_mut(vip)
             .ok_or(BalancerError::UnknownVip(*vip))?;
@@ -527,7 +560,8 @@ impl<M: Maps> Balancer<M> {
     /// Health specs and backends of every VIP, for the health checker.
     #[must_use]
     pub fn health_targets(&self) -> Vec<(VipSpec, Option<HealthSpec>, Vec<SocketAddr>)> {
-        self.vips
+        self.model
+            .vips
             .iter()
             .map(|(vip, e)| (*vip, e.health.clone(), e.backends.keys().copied().collect()))
             .collect()
@@ -551,7 +585,11 @@ impl<M: Maps> Balancer<M> {
     /// the VIP to it with one map update.
     fn rebuild_ring(&mut self, vip: &VipSpec) -> Result<(), M::Error> {
         let ring_size = self.ring_size();
-        let entry = self.vips.get(vip).ok_or(BalancerError::UnknownVip(*vip))?;
+        let entry = self
+            .model
+            .vips
+            .get(vip)
+            .ok_or(BalancerError::UnknownVip(*vip))?;
         let members: Vec<MaglevBackend> = entry
             .backends
             .iter()
@@ -571,29 +609,30 @@ impl<M: Maps> Balancer<M> {
         if let Err(e) = self.maps.put_ring_slots(&changed) {
             // Some slots of the idle half may have been written: forget what it held, so the
             // next rebuild writes all of it rather than trusting a stale copy.
-            let entry = self.vips.get_mut(vip).expect("checked above");
+            let entry = self.model.vips.get_mut(vip).expect("checked above");
             entry.halves[idle].clear();
             return Err(BalancerError::Datapath(e));
         }
-        let entry = self.vips.get_mut(vip).expect("checked above");
+        let entry = self.model.vips.get_mut(vip).expect("checked above");
         entry.halves[idle] = ring;
         entry.live_half = idle;
-        let entry = self.vips.remove(vip).expect("checked above");
+        let entry = self.model.vips.remove(vip).expect("checked above");
         let written = self.write_vip_info(vip, &entry);
-        self.vips.insert(*vip, entry);
+        self.model.vips.insert(*vip, entry);
         written.map_err(BalancerError::Datapath)
     }
 
     #[must_use]
     pub fn vip_specs(&self) -> Vec<VipSpec> {
-        self.vips.keys().copied().collect()
+        self.model.vips.keys().copied().collect()
     }
 
     /// Each backend id's VIP idle timeout in seconds: how long the data plane keeps its
     /// flows (`FlowState::is_live` needs it to count them).
     #[must_use]
     pub fn backend_idle_timeouts(&self) -> BTreeMap<u32, u32> {
-        self.vips
+        self.model
+            .vips
             .iter()
             .flat_map(|(vip, e)| {
                 let timeout = e.idle_timeout_s(vip.proto);
@@ -605,7 +644,11 @@ impl<M: Maps> Balancer<M> {
     /// # Errors
     /// Unknown VIP or a failing map read.
     pub fn vip_status(&self, vip: &VipSpec) -> Result<VipStatus, M::Error> {
-        let entry = self.vips.get(vip).ok_or(BalancerError::UnknownVip(*vip))?;
+        let entry = self
+            .model
+            .vips
+            .get(vip)
+            .ok_or(BalancerError::UnknownVip(*vip))?;
         let live = &entry.halves[entry.live_half];
         let mut slots: BTreeMap<u32, u32> = BTreeMap::new();
         for id in live {
@@ -661,7 +704,7 @@ impl<M: Maps> Balancer<M> {
     /// # Errors
     /// A failing map read.
     pub fn status(&self) -> Result<Vec<VipStatus>, M::Error> {
-        self.vips.keys().map(|v| self.vip_status(v)).collect()
+        self.model.vips.keys().map(|v| self.vip_status(v)).collect()
     }
 
     /// Which backend a flow from `client` to `vip` gets, by the kernel's hash (seeded with
@@ -678,7 +721,11 @@ impl<M: Maps> Balancer<M> {
         tracked: impl FnOnce(&FlowKey) -> std::result::Result<Option<FlowState>, M::Error>,
         now_ns: u64,
     ) -> Result<Explanation, M::Error> {
-        let entry = self.vips.get(vip).ok_or(BalancerError::UnknownVip(*vip))?;
+        let entry = self
+            .model
+            .vips
+            .get(vip)
+            .ok_or(BalancerError::UnknownVip(*vip))?;
         if family(&client) != family(&vip.addr) {
             return Err(BalancerError::FamilyMismatch {
                 vip: *vip,
@@ -719,6 +766,7 @@ impl<M: Maps> Balancer<M> {
     pub fn desired_state(&self) -> DesiredState {
         DesiredState {
             vips: self
+                .model
                 .vips
                 .iter()
                 .map(|(vip, entry)| VipConfig {
@@ -757,7 +805,10 @@ impl<M: Maps> Balancer<M> {
     /// # Panics
     /// If the balancer has VIPs already.
     pub fn adopt(&mut self, state: &DesiredState) -> Result<Adoption, M::Error> {
-        assert!(self.vips.is_empty(), "adopt starts from an empty balancer");
+        assert!(
+            self.model.vips.is_empty(),
+            "adopt starts from an empty balancer"
+        );
         self.check_limits(state)?;
         let current = self.maps.read_contents().map_err(BalancerError::Datapath)?;
         let ghosts = match self.build_model(state, &current) {
@@ -779,24 +830,24 @@ impl<M: Maps> Balancer<M> {
             carry_out(&mut self.maps, write).map_err(BalancerError::Datapath)?;
         }
         for (vip, (live, ring, other)) in halves {
-            let entry = self.vips.get_mut(&vip).expect("built above");
+            let entry = self.model.vips.get_mut(&vip).expect("built above");
             entry.live_half = live;
             entry.halves[live] = ring;
             entry.halves[1 - live] = other;
         }
         // Only now: until their entries were cleared, a packet could still reach them.
         for id in &ghosts.vip_ids {
-            self.vip_ids.give_back(*id);
+            self.model.vip_ids.give_back(*id);
         }
         for id in &ghosts.backend_ids {
-            self.backend_ids.give_back(*id);
+            self.model.backend_ids.give_back(*id);
         }
         let adoption = Adoption {
             kept_vips: state
                 .vips
                 .iter()
                 .filter(|v| {
-                    let id = self.vips[&v.vip].id;
+                    let id = self.model.vips[&v.vip].id;
                     current
                         .vips
                         .get(&service_key(&v.vip))
@@ -809,12 +860,280 @@ impl<M: Maps> Balancer<M> {
         Ok(adoption)
     }
 
+    /// Makes the balancer hold `wanted` (a reloaded config): all of it or nothing. The whole
+    /// state is checked and the whole difference planned before the first write; the writes
+    /// then go out in the planner's order (see [`plan::plan`]), only the ring slots that
+    /// differ from what a half is known to hold. VIPs and backends that stay keep their
+    /// ids, ring halves, health verdicts and flows; their health specs, weights, states and
+    /// idle timeouts become `wanted`'s. A write failing is undone with the writes before it,
+    /// and the balancer keeps the state it had.
+    ///
+    /// Only where the new entries need ids or VIP slots that the leaving ones free (at the
+    /// agent's limits) do the leaving ones go first, in a plan of their own.
+    ///
+    /// # Errors
+    /// `wanted` breaking a limit or rule (nothing written), or a map update failing
+    /// ([`BalancerError::Datapath`]: undone; [`BalancerError::PartlyApplied`]: the undoing
+    /// failed too).
+    pub fn apply(&mut self, wanted: &DesiredState) -> Result<Applied, M::Error> {
+        self.check_limits(wanted)?;
+        let mut writes = 0;
+        if !self.has_room_for(wanted) {
+            let leaving_first = self.kept_part_of(wanted);
+            writes += self.apply_whole(&leaving_first)?;
+        }
+        writes += self.apply_whole(wanted)?;
+        Ok(Applied { writes })
+    }
+
+    /// Whether the VIPs and backends `wanted` adds fit beside the ones it removes.
+    fn has_room_for(&self, wanted: &DesiredState) -> bool {
+        let current = &self.model.vips;
+        let new_vips = wanted
+            .vips
+            .iter()
+            .filter(|v| !current.contains_key(&v.vip))
+            .count();
+        let new_backends = wanted
+            .vips
+            .iter()
+            .flat_map(|v| v.backends.iter().map(move |b| (v.vip, b.addr)))
+            .filter(|(vip, addr)| {
+                current
+                    .get(vip)
+                    .is_none_or(|e| !e.backends.contains_key(addr))
+            })
+            .count();
+        new_vips <= self.model.vip_ids.available()
+            && new_backends <= self.model.backend_ids.available()
+    }
+
+    /// The current state without what `wanted` drops, and without anything it adds or
+    /// changes.
+    fn kept_part_of(&self, wanted: &DesiredState) -> DesiredState {
+        let mut kept = self.desired_state();
+        kept.vips.retain_mut(|v| {
+            let Some(w) = wanted.vips.iter().find(|w| w.vip == v.vip) else {
+                return false;
+            };
+            v.backends
+                .retain(|b| w.backends.iter().any(|wb| wb.addr == b.addr));
+            true
+        });
+        kept
+    }
+
+    /// One plan from the model to `wanted`, carried out or undone.
+    fn apply_whole(&mut self, wanted: &DesiredState) -> Result<usize, M::Error> {
+        let held = self.model_contents(false);
+        let known = self.model_contents(true);
+        let (next, released) = self.successor(wanted)?;
+        let previous = std::mem::replace(&mut self.model, next);
+        let (desired, halves) = match self.desired_contents(&held) {
+            Ok(desired) => desired,
+            Err(e) => {
+                self.model = previous;
+                return Err(e);
+            }
+        };
+        let writes = plan::plan(&known, &desired);
+        // A removed backend's counters join its VIP's totals once its entry is cleared (the
+        // last plan write naming it): no packet counts for it after that.
+        let retiring: Vec<(u32, u32)> = released
+            .backends
+            .iter()
+            .filter_map(|(id, vip_id)| vip_id.map(|vip_id| (*id, vip_id)))
+            .collect();
+        let written = writes
+            .iter()
+            .try_for_each(|write| carry_out(&mut self.maps, write))
+            .and_then(|()| {
+                retiring
+                    .iter()
+                    .try_for_each(|(id, vip_id)| self.maps.retire_backend_traffic(*id, *vip_id))
+            });
+        if let Err(failed) = written {
+            self.model = previous;
+            return Err(self.undo(&held, failed));
+        }
+        for (vip, (live, ring, other)) in halves {
+            let entry = self.model.vips.get_mut(&vip).expect("planned above");
+            if live != entry.live_half {
+                entry.halves[1 - live] = other;
+            }
+            entry.live_half = live;
+            entry.halves[live] = ring;
+        }
+        // Only now: until their entries were cleared, a packet could still reach them.
+        for (id, _) in released.backends {
+            self.model.backend_ids.give_back(id);
+        }
+        for id in released.vips {
+            self.model.vip_ids.give_back(id);
+        }
+        Ok(writes.len() + retiring.len())
+    }
+
+    /// Brings the maps back to `held` (what the model says they held) after a write of a
+    /// plan failed: whatever of it went out is planned back.
+    fn undo(&mut self, held: &MapContents, failed: M::Error) -> BalancerError<M::Error> {
+        // Slots may have gone into idle halves: what they hold is no longer known.
+        for entry in self.model.vips.values_mut() {
+            entry.halves[1 - entry.live_half].clear();
+        }
+        let undone = self.maps.read_contents().and_then(|now| {
+            plan::plan(&now, held)
+                .iter()
+                .try_for_each(|w| carry_out(&mut self.maps, w))
+        });
+        match undone {
+            Ok(()) => BalancerError::Datapath(failed),
+            Err(undo) => BalancerError::PartlyApplied {
+                source: failed,
+                undo: Box::new(undo),
+            },
+        }
+    }
+
+    /// What the maps hold when they hold the model: each VIP's live ring, and with
+    /// `idle_halves` also what each idle half is known to hold.
+    fn model_contents(&self, idle_halves: bool) -> MapContents {
+        let ring_size = self.ring_size();
+        let mut contents = MapContents::default();
+        for (vip, entry) in &self.model.vips {
+            let live = &entry.halves[entry.live_half];
+            let base = ring_base(entry.id, entry.live_half, ring_size);
+            contents.vips.insert(
+                service_key(vip),
+                VipInfo {
+                    vip_id: entry.id,
+                    ring_base: base,
+                    ring_size: if live.is_empty() { 0 } else { ring_size },
+                    idle_timeout_s: entry.idle_timeout_s(vip.proto),
+                },
+            );
+            if !live.is_empty() {
+                contents.rings.insert(base, live.clone());
+            }
+            let idle = &entry.halves[1 - entry.live_half];
+            if idle_halves && !idle.is_empty() {
+                let idle_base = ring_base(entry.id, 1 - entry.live_half, ring_size);
+                contents.rings.insert(idle_base, idle.clone());
+            }
+        }
+        self.add_entries(&mut contents);
+        contents
+    }
+
+    /// The model for `wanted`, built from this one: what stays keeps its id, ring halves
+    /// and health verdict; what is new takes ids in the order single operations would
+    /// (new VIPs, their backends, then new backends of kept VIPs); what leaves is listed
+    /// for its ids to be freed once its entries are gone.
+    fn successor(&self, wanted: &DesiredState) -> Result<(Model, Released), M::Error> {
+        let old = &self.model;
+        let mut next = Model {
+            vips: BTreeMap::new(),
+            port_users: BTreeMap::new(),
+            endpoint_vips: BTreeMap::new(),
+            vip_ids: old.vip_ids.clone(),
+            backend_ids: old.backend_ids.clone(),
+        };
+        let wanted: BTreeMap<VipSpec, &VipConfig> =
+            wanted.vips.iter().map(|v| (v.vip, v)).collect();
+        let (kept, added): (Vec<&VipConfig>, Vec<&VipConfig>) =
+            wanted.values().partition(|v| old.vips.contains_key(&v.vip));
+        let mut joined = Vec::new();
+        for v in added.iter().chain(&kept) {
+            let before = old.vips.get(&v.vip);
+            let id = match before {
+                Some(e) => e.id,
+                None => next
+                    .vip_ids
+                    .take()
+                    .ok_or(BalancerError::VipSlotsExhausted(self.max_vips))?,
+            };
+            let mut entry = VipEntry {
+                id,
+                health: v.health.clone(),
+                idle_timeout_s: v.idle_timeout_s,
+                live_half: before.map_or(0, |e| e.live_half),
+                halves: before.map_or_else(|| [Vec::new(), Vec::new()], |e| e.halves.clone()),
+                backends: BTreeMap::new(),
+            };
+            let configs: BTreeMap<SocketAddr, &BackendConfig> =
+                v.backends.iter().map(|b| (b.addr, b)).collect();
+            for (addr, b) in configs {
+                let was = before.and_then(|e| e.backends.get(&addr));
+                let id = match was {
+                    Some(w) => w.id,
+                    None => {
+                        joined.push((addr, v.vip));
+                        next.backend_ids
+                            .take()
+                            .ok_or(BalancerError::BackendSlotsExhausted(MAX_BACKENDS))?
+                    }
+                };
+                entry.backends.insert(
+                    addr,
+                    BackendEntry {
+                        id,
+                        weight: b.weight,
+                        state: b.state,
+                        healthy: was.is_none_or(|w| w.healthy),
+                    },
+                );
+                next.port_users.entry(addr.port()).or_default().backends += 1;
+            }
+            next.port_users.entry(v.vip.addr.port()).or_default().vips += 1;
+            next.vips.insert(v.vip, entry);
+        }
+        // An endpoint keeps naming the VIPs it names, oldest first; new ones join behind.
+        for ((addr, proto), list) in &old.endpoint_vips {
+            let staying: Vec<VipSpec> = list
+                .iter()
+                .filter(|v| {
+                    next.vips
+                        .get(v)
+                        .is_some_and(|e| e.backends.contains_key(addr))
+                })
+                .copied()
+                .collect();
+            if !staying.is_empty() {
+                next.endpoint_vips.insert((*addr, *proto), staying);
+            }
+        }
+        for (addr, vip) in joined {
+            next.endpoint_vips
+                .entry((addr, vip.proto))
+                .or_default()
+                .push(vip);
+        }
+        let mut released = Released::default();
+        for (vip, entry) in &old.vips {
+            let staying = next.vips.get(vip);
+            for (addr, b) in &entry.backends {
+                if staying.is_none_or(|s| !s.backends.contains_key(addr)) {
+                    released.backends.push((b.id, staying.map(|_| entry.id)));
+                }
+            }
+            if staying.is_none() {
+                released.vips.push(entry.id);
+            }
+        }
+        // Removed VIPs' ids go back before those of backends that left kept VIPs, as a
+        // reload's single removals would give them.
+        released
+            .backends
+            .sort_by_key(|(_, vip_id)| vip_id.is_some());
+        Ok((next, released))
+    }
+
     fn clear_model(&mut self) {
-        self.vips.clear();
-        self.port_users.clear();
-        self.endpoint_vips.clear();
-        self.vip_ids = IdPool::new(self.max_vips);
-        self.backend_ids = IdPool::new(MAX_BACKENDS);
+        self.model.vips.clear();
+        self.model.port_users.clear();
+        self.model.endpoint_vips.clear();
+        self.model.vip_ids = IdPool::new(self.max_vips);
+        self.model.backend_ids = IdPool::new(MAX_BACKENDS);
     }
 
     /// Fills the (empty) model with `state`. Ids: what the maps hold a VIP or backend under,
@@ -829,7 +1148,7 @@ impl<M: Maps> Balancer<M> {
         let mut vip_ids: BTreeMap<VipSpec, u32> = BTreeMap::new();
         for v in &state.vips {
             if let Some(info) = held.vips.get(&service_key(&v.vip))
-                && let Some(id) = self.vip_ids.take_exact(info.vip_id)
+                && let Some(id) = self.model.vip_ids.take_exact(info.vip_id)
             {
                 vip_ids.insert(v.vip, id);
             }
@@ -839,13 +1158,13 @@ impl<M: Maps> Balancer<M> {
             if !state.vips.iter().any(|v| service_key(&v.vip) == *key) {
                 ghosts.vips += 1;
             }
-            if let Some(id) = self.vip_ids.take_exact(info.vip_id) {
+            if let Some(id) = self.model.vip_ids.take_exact(info.vip_id) {
                 ghosts.vip_ids.push(id);
             }
         }
         for v in &state.vips {
             if !vip_ids.contains_key(&v.vip)
-                && let Some(id) = v.id.and_then(|id| self.vip_ids.take_exact(id))
+                && let Some(id) = v.id.and_then(|id| self.model.vip_ids.take_exact(id))
             {
                 vip_ids.insert(v.vip, id);
             }
@@ -854,7 +1173,8 @@ impl<M: Maps> Balancer<M> {
         for v in &state.vips {
             if let std::collections::btree_map::Entry::Vacant(slot) = vip_ids.entry(v.vip) {
                 slot.insert(
-                    self.vip_ids
+                    self.model
+                        .vip_ids
                         .take()
                         .ok_or(BalancerError::VipSlotsExhausted(max_vips))?,
                 );
@@ -875,18 +1195,18 @@ impl<M: Maps> Balancer<M> {
                 .iter()
                 .find(|(_, h)| Backend { flags: 0, ..**h } == wanted)
                 .map(|(id, _)| *id);
-            if let Some(id) = held_id.and_then(|id| self.backend_ids.take_exact(id)) {
+            if let Some(id) = held_id.and_then(|id| self.model.backend_ids.take_exact(id)) {
                 backend_ids.insert((v.vip, b.addr), id);
             }
         }
         for id in held.backends.keys() {
-            if let Some(id) = self.backend_ids.take_exact(*id) {
+            if let Some(id) = self.model.backend_ids.take_exact(*id) {
                 ghosts.backend_ids.push(id);
             }
         }
         for (v, b) in backend_pairs() {
             if !backend_ids.contains_key(&(v.vip, b.addr))
-                && let Some(id) = b.id.and_then(|id| self.backend_ids.take_exact(id))
+                && let Some(id) = b.id.and_then(|id| self.model.backend_ids.take_exact(id))
             {
                 backend_ids.insert((v.vip, b.addr), id);
             }
@@ -896,7 +1216,8 @@ impl<M: Maps> Balancer<M> {
                 backend_ids.entry((v.vip, b.addr))
             {
                 slot.insert(
-                    self.backend_ids
+                    self.model
+                        .backend_ids
                         .take()
                         .ok_or(BalancerError::BackendSlotsExhausted(MAX_BACKENDS))?,
                 );
@@ -912,7 +1233,11 @@ impl<M: Maps> Balancer<M> {
                 halves: [Vec::new(), Vec::new()],
                 backends: BTreeMap::new(),
             };
-            self.port_users.entry(v.vip.addr.port()).or_default().vips += 1;
+            self.model
+                .port_users
+                .entry(v.vip.addr.port())
+                .or_default()
+                .vips += 1;
             for b in &v.backends {
                 entry.backends.insert(
                     b.addr,
@@ -923,17 +1248,22 @@ impl<M: Maps> Balancer<M> {
                         healthy: true,
                     },
                 );
-                self.port_users.entry(b.addr.port()).or_default().backends += 1;
-                self.endpoint_vips
+                self.model
+                    .port_users
+                    .entry(b.addr.port())
+                    .or_default()
+                    .backends += 1;
+                self.model
+                    .endpoint_vips
                     .entry((b.addr, v.vip.proto))
                     .or_default()
                     .push(v.vip);
             }
-            self.vips.insert(v.vip, entry);
+            self.model.vips.insert(v.vip, entry);
         }
         // An endpoint keeps naming the VIP it names now, if that one stays: flows of that
         // VIP may have no reverse entry.
-        for ((addr, proto), list) in &mut self.endpoint_vips {
+        for ((addr, proto), list) in &mut self.model.endpoint_vips {
             if let Some(named) = held.endpoints.get(&(*addr, proto.number())) {
                 let named = SocketAddr::new(
                     lb_common::addr::from_bytes(&named.vip_addr),
@@ -959,7 +1289,7 @@ impl<M: Maps> Balancer<M> {
         let ring_size = self.ring_size();
         let mut desired = MapContents::default();
         let mut halves = BTreeMap::new();
-        for (vip, entry) in &self.vips {
+        for (vip, entry) in &self.model.vips {
             let key = service_key(vip);
             let members: Vec<MaglevBackend> = entry
                 .backends
@@ -996,34 +1326,57 @@ impl<M: Maps> Balancer<M> {
             if !ring.is_empty() {
                 desired.rings.insert(base, ring.clone());
             }
+            halves.insert(*vip, (live, ring, other));
+        }
+        self.add_entries(&mut desired);
+        Ok((desired, halves))
+    }
+
+    /// The model's backend, endpoint and port entries, as the maps hold them.
+    fn add_entries(&self, contents: &mut MapContents) {
+        for entry in self.model.vips.values() {
             for (addr, b) in &entry.backends {
-                desired
+                contents
                     .backends
                     .insert(b.id, backend_entry(*addr, entry.id, b.flags()));
             }
-            halves.insert(*vip, (live, ring, other));
         }
-        for ((addr, proto), list) in &self.endpoint_vips {
+        for ((addr, proto), list) in &self.model.endpoint_vips {
             if let Some(first) = list.first() {
-                desired
+                contents
                     .endpoints
                     .insert((*addr, proto.number()), endpoint_entry(*first, list.len()));
             }
         }
         let ports: std::collections::BTreeSet<u16> = self
+            .model
             .port_users
             .keys()
             .copied()
-            .chain(self.endpoint_vips.keys().map(|(addr, _)| addr.port()))
+            .chain(self.model.endpoint_vips.keys().map(|(addr, _)| addr.port()))
             .collect();
         for port in ports {
             let roles = self.port_roles(port);
             if roles != 0 {
-                desired.ports.insert(port, roles);
+                contents.ports.insert(port, roles);
             }
         }
-        Ok((desired, halves))
     }
+}
+
+/// What a whole change frees once its writes are done: backend ids (with the kept VIP whose
+/// totals take over their counters) and VIP slots.
+#[derive(Debug, Default)]
+struct Released {
+    backends: Vec<(u32, Option<u32>)>,
+    vips: Vec<u32>,
+}
+
+/// What `Balancer::apply` did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Map updates written, counters moved included (0: the maps held the state already).
+    pub writes: usize,
 }
 
 /// Entries the maps held that the desired state does not have.
@@ -1105,7 +1458,7 @@ mod tests {
     }
 
     fn id_of(b: &Balancer<FakeMaps>, vip: &VipSpec, addr: SocketAddr) -> u32 {
-        b.vips[vip].backends[&addr].id
+        b.model.vips[vip].backends[&addr].id
     }
 
     fn position(writes: &[Write], what: impl Fn(&Write) -> bool) -> usize {
@@ -1212,7 +1565,7 @@ mod tests {
             );
         }
         // What was not written is what the new ring wants there anyway.
-        let members: Vec<MaglevBackend> = b.vips[&vip(1)]
+        let members: Vec<MaglevBackend> = b.model.vips[&vip(1)]
             .backends
             .iter()
             .map(|(addr, e)| MaglevBackend::new(e.id, to_bytes(addr.ip()), addr.port(), e.weight))
@@ -1443,7 +1796,6 @@ mod tests {
             Err(BalancerError::Datapath(_))
         ));
         assert_eq!(live_ring(b.maps(), &vip(1)), before, "no switch");
-        b.maps_mut().fail_at(usize::MAX);
         b.maps_mut().take_writes();
         b.update_backend(&vip(1), backend(1), Some(2), None)
             .unwrap();
@@ -1481,5 +1833,251 @@ mod tests {
         );
         assert_eq!(status.backends.len(), 1);
         assert_eq!(status.backends[0].slots, RING);
+    }
+
+    /// `state` as a config file gives it: no ids.
+    fn as_config(state: &DesiredState) -> DesiredState {
+        let mut state = state.clone();
+        for v in &mut state.vips {
+            v.id = None;
+            for b in &mut v.backends {
+                b.id = None;
+            }
+        }
+        state
+    }
+
+    fn backend_config(n: u8, weight: u32, state: BackendState) -> BackendConfig {
+        BackendConfig {
+            addr: backend(n),
+            weight,
+            state,
+            id: None,
+        }
+    }
+
+    /// `running()`'s balancer, checking every write from here on.
+    fn running_balancer() -> Balancer<FakeMaps> {
+        let (maps, state) = running();
+        let mut b = Balancer::new(
+            FakeMaps::holding(&maps.contents()).checking_every_write(),
+            MAX_VIPS,
+            RING,
+        );
+        b.adopt(&state).unwrap();
+        b
+    }
+
+    /// Whether the maps hold exactly what the balancer says: a restart over them writes
+    /// nothing.
+    fn assert_in_step(b: &Balancer<FakeMaps>) {
+        let mut restarted = Balancer::new(FakeMaps::holding(&b.maps().contents()), MAX_VIPS, RING);
+        restarted.adopt(&b.desired_state()).unwrap();
+        assert_eq!(restarted.maps().writes(), [], "the maps hold the model");
+    }
+
+    /// Many changes at once: a weight, a backend in, one out, one draining, a VIP gone, a
+    /// new VIP with a backend and a timeout.
+    fn many_changes(b: &Balancer<FakeMaps>) -> DesiredState {
+        let mut wanted = as_config(&b.desired_state());
+        let web = &mut wanted.vips[0];
+        web.backends.retain(|c| c.addr != backend(4));
+        web.backends[0].weight = 3;
+        web.backends
+            .push(backend_config(6, 1, BackendState::Active));
+        web.backends[1].state = BackendState::Draining;
+        wanted.vips.remove(1);
+        wanted.vips.push(VipConfig {
+            vip: vip(7),
+            backends: vec![backend_config(11, 2, BackendState::Active)],
+            id: None,
+            health: Some(HealthSpec::default()),
+            idle_timeout_s: Some(60),
+        });
+        wanted
+    }
+
+    #[test]
+    fn a_reload_reaches_the_wanted_state_in_one_ordered_plan() {
+        let mut b = running_balancer();
+        let kept_id = id_of(&b, &vip(1), backend(1));
+        let wanted = many_changes(&b);
+        let applied = b.apply(&wanted).unwrap();
+        assert_eq!(applied.writes, b.maps().writes().len());
+        assert_eq!(as_config(&b.desired_state()), {
+            let mut sorted = wanted.clone();
+            sorted.vips.sort_by_key(|v| v.vip);
+            for v in &mut sorted.vips {
+                v.backends.sort_by_key(|b| b.addr);
+            }
+            sorted
+        });
+        assert_eq!(
+            id_of(&b, &vip(1), backend(1)),
+            kept_id,
+            "what stays keeps its id"
+        );
+        assert_in_step(&b);
+        // The same again changes nothing.
+        b.maps_mut().take_writes();
+        assert_eq!(b.apply(&wanted).unwrap().writes, 0);
+        assert_eq!(b.maps().writes(), []);
+    }
+
+    #[test]
+    fn a_reload_keeps_health_verdicts_and_writes_only_changed_slots() {
+        let mut b = running_balancer();
+        b.set_health(&vip(1), backend(1), false).unwrap();
+        let original = as_config(&b.desired_state());
+        let mut heavier = original.clone();
+        heavier.vips[0].backends[2].weight = 5;
+        b.maps_mut().take_writes();
+        b.apply(&heavier).unwrap();
+        assert!(!b.model.vips[&vip(1)].backends[&backend(1)].healthy);
+        assert!(!live_ring(b.maps(), &vip(1)).contains(&id_of(&b, &vip(1), backend(1))));
+        // Back to the original weights: the idle half holds that ring, so only the switch.
+        b.maps_mut().take_writes();
+        b.apply(&original).unwrap();
+        let writes = b.maps_mut().take_writes();
+        assert!(
+            writes.iter().all(|w| !matches!(w, Write::RingSlots(_))),
+            "{writes:#?}"
+        );
+        assert!(writes.iter().any(|w| matches!(w, Write::Vip { .. })));
+        assert!(!b.model.vips[&vip(1)].backends[&backend(1)].healthy);
+    }
+
+    #[test]
+    fn a_reload_beyond_the_limits_writes_nothing() {
+        let mut b = running_balancer();
+        let before = b.desired_state();
+        let held = b.maps().contents();
+        let mut too_many = as_config(&before);
+        too_many
+            .vips
+            .extend((20..20 + MAX_VIPS as u8).map(|n| VipConfig {
+                vip: vip(n),
+                backends: Vec::new(),
+                id: None,
+                health: None,
+                idle_timeout_s: None,
+            }));
+        b.maps_mut().take_writes();
+        assert!(matches!(
+            b.apply(&too_many),
+            Err(BalancerError::TooManyVips { .. })
+        ));
+        assert_eq!(b.maps().writes(), []);
+        assert_eq!(b.maps().contents(), held);
+        assert_eq!(b.desired_state(), before);
+    }
+
+    #[test]
+    fn a_reload_whose_write_fails_is_undone_whatever_write_fails() {
+        let count = {
+            let mut b = running_balancer();
+            let wanted = many_changes(&b);
+            b.apply(&wanted).unwrap().writes
+        };
+        assert!(count > 10, "{count}");
+        for failing in 0..count {
+            let mut b = running_balancer();
+            let wanted = many_changes(&b);
+            let before = b.desired_state();
+            let held = b.maps().contents();
+            let start = b.maps().writes().len();
+            b.maps_mut().fail_at(start + failing);
+            assert!(
+                matches!(b.apply(&wanted), Err(BalancerError::Datapath(_))),
+                "write {failing}"
+            );
+            assert_eq!(b.maps().contents(), held, "write {failing} undone");
+            assert_eq!(b.desired_state(), before, "write {failing}");
+            // And the reload goes through once the maps take it.
+            b.apply(&wanted).unwrap();
+            assert_in_step(&b);
+        }
+    }
+
+    #[test]
+    fn at_the_vip_limit_leaving_vips_go_first() {
+        let mut b = balancer();
+        for n in 1..=MAX_VIPS as u8 {
+            b.add_vip(vip(n)).unwrap();
+            b.add_backend(&vip(n), backend(n), 1).unwrap();
+        }
+        let mut wanted = as_config(&b.desired_state());
+        wanted.vips.truncate(MAX_VIPS as usize - 2);
+        for n in [30, 31] {
+            wanted.vips.push(VipConfig {
+                vip: vip(n),
+                backends: vec![backend_config(n, 1, BackendState::Active)],
+                id: None,
+                health: None,
+                idle_timeout_s: None,
+            });
+        }
+        b.maps_mut().take_writes();
+        b.apply(&wanted).unwrap();
+        let writes = b.maps().writes();
+        let last_removal = writes
+            .iter()
+            .rposition(|w| matches!(w, Write::RemoveVip(_)))
+            .unwrap();
+        let first_new = position(
+            writes,
+            |w| matches!(w, Write::Vip { key, .. } if key.0.ip() == vip(30).addr.ip()),
+        );
+        assert!(last_removal < first_new, "{writes:#?}");
+        assert_eq!(b.vip_specs().len(), MAX_VIPS as usize);
+        assert_in_step(&b);
+    }
+
+    #[test]
+    fn with_every_backend_id_in_use_leaving_backends_go_first() {
+        const BIG_RING: u32 = 4099;
+        let per_vip = MAX_BACKENDS / 4;
+        let addr = |i: u32| SocketAddr::from(([10, 2, (i >> 8) as u8, i as u8], 8080));
+        let full = DesiredState {
+            vips: (0..4)
+                .map(|v| VipConfig {
+                    vip: vip(v as u8 + 1),
+                    backends: (v * per_vip..(v + 1) * per_vip)
+                        .map(|i| BackendConfig {
+                            addr: addr(i),
+                            weight: 1,
+                            state: BackendState::Active,
+                            id: None,
+                        })
+                        .collect(),
+                    id: None,
+                    health: None,
+                    idle_timeout_s: None,
+                })
+                .collect(),
+        };
+        let mut b = Balancer::new(FakeMaps::new(), MAX_VIPS, BIG_RING);
+        b.apply(&full).unwrap();
+        let maps = std::mem::take(b.maps_mut());
+        *b.maps_mut() = maps.checking_every_write();
+        // Four backends of the first VIP swapped for four new ones: no id is free for them
+        // until the old ones are gone.
+        let mut swapped = full.clone();
+        let new = (MAX_BACKENDS..MAX_BACKENDS + 4).map(addr);
+        for (slot, addr) in swapped.vips[0].backends.iter_mut().zip(new) {
+            slot.addr = addr;
+        }
+        b.apply(&swapped).unwrap();
+        let writes = b.maps().writes();
+        let last_clear = writes
+            .iter()
+            .rposition(|w| matches!(w, Write::Backend { value, .. } if value.family == 0))
+            .unwrap();
+        let first_new = position(
+            writes,
+            |w| matches!(w, Write::Backend { value, .. } if value.addr[12..] == [10, 2, 64, 0]),
+        );
+        assert!(last_clear < first_new, "{writes:#?}");
+        assert_eq!(b.desired_state().vips[0].backends.len(), per_vip as usize);
     }
 }

@@ -120,7 +120,8 @@ impl FakeMaps {
         self
     }
 
-    /// The write with this index (counted over the fake's life, from 0) fails, unapplied.
+    /// The write with this index (counted as [`Self::writes`] counts) fails, unapplied;
+    /// the next one with that index goes through.
     pub const fn fail_at(&mut self, index: usize) {
         self.fail_at = Some(index);
     }
@@ -194,7 +195,10 @@ impl FakeMaps {
                 "{after}: the port filter hides backend {addr}"
             );
             assert!(
-                self.endpoints.keys().any(|(a, _)| *a == addr),
+                self.endpoints
+                    .range((addr, 0)..=(addr, u8::MAX))
+                    .next()
+                    .is_some(),
                 "{after}: backend {addr} has no endpoint entry"
             );
         }
@@ -235,6 +239,7 @@ impl FakeMaps {
 
     fn record(&mut self, write: Write) -> Result<(), InjectedFailure> {
         if self.fail_at == Some(self.writes.len()) {
+            self.fail_at = None;
             return Err(InjectedFailure {
                 index: self.writes.len(),
                 write,

@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 
 /// Ids handed out fresh first, then the longest-freed first, so a just-removed id (which
 /// stale connection-table entries may still name) is reused as late as possible.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct IdPool {
     next_fresh: u32,
     limit: u32,
@@ -28,6 +28,12 @@ impl IdPool {
             return Some(self.next_fresh - 1);
         }
         self.freed.pop_front()
+    }
+
+    /// How many ids [`Self::take`] can still hand out.
+    #[must_use]
+    pub fn available(&self) -> usize {
+        (self.limit - self.next_fresh) as usize + self.freed.len()
     }
 
     /// Frees `id`; it is handed out again after every id freed before it.

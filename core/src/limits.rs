@@ -58,6 +58,16 @@ pub enum BalancerError<E> {
     Maglev(#[from] MaglevError),
     #[error(transparent)]
     Datapath(E),
+    /// A write of a whole change failed, and so did undoing the writes before it: the maps
+    /// hold part of the change.
+    #[error(
+        "{source}; undoing the writes before it failed too ({undo}): the maps hold part of the change"
+    )]
+    PartlyApplied {
+        #[source]
+        source: E,
+        undo: Box<E>,
+    },
 }
 
 /// Whether the agent can hold `state` whole: its VIP slots, the data plane's backend ids,

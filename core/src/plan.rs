@@ -25,7 +25,9 @@ pub struct MapContents {
     /// `XLB_VIPS`.
     pub vips: BTreeMap<ServiceKey, VipInfo>,
     /// Each VIP's live ring (the slots its `VipInfo` points at), keyed by its first slot.
-    /// VIPs whose ring is empty (`ring_size` 0) have none.
+    /// VIPs whose ring is empty (`ring_size` 0) have none. As `current` of [`plan`], it may
+    /// also hold what an idle half is known to hold: a ring written there then gets only
+    /// the slots that differ.
     pub rings: BTreeMap<u32, Vec<u32>>,
     /// `XLB_BACKENDS` slots in use (`family != 0`), by id; other ids hold
     /// `Backend::default()`.
@@ -224,11 +226,14 @@ pub fn plan(current: &MapContents, desired: &MapContents) -> Vec<MapWrite> {
             continue;
         }
         if let Some(ring) = ring.filter(|_| !ring_in_place) {
+            // A half known to hold a ring already gets only the slots that differ.
+            let known = current.rings.get(&info.ring_base);
             writes.push(MapWrite::RingSlots {
                 base: info.ring_base,
                 slots: ring
                     .iter()
                     .enumerate()
+                    .filter(|(offset, id)| known.and_then(|k| k.get(*offset)) != Some(*id))
                     .map(|(offset, id)| (offset as u32, *id))
                     .collect(),
             });

@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, net::SocketAddr};
 use lb_common::FlowKey;
 use xlb_core::health::HealthSpec;
 pub use xlb_core::{
-    balancer::Adoption,
+    balancer::{Adoption, Applied},
     model::{
         BackendConfig, BackendState, BackendStatus, DesiredState, Explanation, IdleTimeoutError,
         MAX_WEIGHT, ParseVipError, Protocol, VipConfig, VipSpec, VipStatus, validate_idle_timeout,
@@ -170,6 +170,16 @@ impl Balancer {
     /// If the balancer has VIPs already.
     pub fn adopt(&mut self, state: &DesiredState) -> Result<Adoption> {
         self.core.adopt(state)
+    }
+
+    /// Makes the balancer hold `wanted`, all of it or nothing (see
+    /// `xlb_core::balancer::Balancer::apply`).
+    ///
+    /// # Errors
+    /// `wanted` breaking a limit or rule (nothing written), or a map update failing (undone;
+    /// [`BalancerError::PartlyApplied`] when undoing failed too).
+    pub fn apply(&mut self, wanted: &DesiredState) -> Result<Applied> {
+        self.core.apply(wanted)
     }
 
     /// # Errors
