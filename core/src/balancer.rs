@@ -869,7 +869,8 @@ impl<M: Maps> Balancer<M> {
     /// and the balancer keeps the state it had.
     ///
     /// Only where the new entries need ids or VIP slots that the leaving ones free (at the
-    /// agent's limits) do the leaving ones go first, in a plan of their own.
+    /// agent's limits) do the leaving ones go first, in a plan of their own; should the
+    /// second plan fail, they are put back (under new ids where theirs were taken meanwhile).
     ///
     /// # Errors
     /// `wanted` breaking a limit or rule (nothing written), or a map update failing
@@ -877,13 +878,31 @@ impl<M: Maps> Balancer<M> {
     /// failed too).
     pub fn apply(&mut self, wanted: &DesiredState) -> Result<Applied, M::Error> {
         self.check_limits(wanted)?;
-        let mut writes = 0;
-        if !self.has_room_for(wanted) {
-            let leaving_first = self.kept_part_of(wanted);
-            writes += self.apply_whole(&leaving_first)?;
+        if self.has_room_for(wanted) {
+            let writes = self.apply_whole(wanted)?;
+            return Ok(Applied { writes });
         }
-        writes += self.apply_whole(wanted)?;
-        Ok(Applied { writes })
+        let before = self.desired_state();
+        let leaving_first = self.kept_part_of(wanted);
+        let writes = self.apply_whole(&leaving_first)?;
+        match self.apply_whole(wanted) {
+            Ok(more) => Ok(Applied {
+                writes: writes + more,
+            }),
+            // The leaving entries come back (under new ids where theirs were taken).
+            Err(BalancerError::Datapath(failed)) => match self.apply_whole(&before) {
+                Ok(_) => Err(BalancerError::Datapath(failed)),
+                Err(
+                    BalancerError::Datapath(undo)
+                    | BalancerError::PartlyApplied { source: undo, .. },
+                ) => Err(BalancerError::PartlyApplied {
+                    source: failed,
+                    undo: Box::new(undo),
+                }),
+                Err(other) => Err(other),
+            },
+            Err(other) => Err(other),
+        }
     }
 
     /// Whether the VIPs and backends `wanted` adds fit beside the ones it removes.
@@ -1999,8 +2018,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn at_the_vip_limit_leaving_vips_go_first() {
+    /// Every VIP slot in use, and a config that swaps two VIPs for two new ones.
+    fn at_the_vip_limit() -> (Balancer<FakeMaps>, DesiredState) {
         let mut b = balancer();
         for n in 1..=MAX_VIPS as u8 {
             b.add_vip(vip(n)).unwrap();
@@ -2018,6 +2037,26 @@ mod tests {
             });
         }
         b.maps_mut().take_writes();
+        (b, wanted)
+    }
+
+    #[test]
+    fn at_the_vip_limit_a_failing_second_plan_puts_the_leaving_vips_back() {
+        let writes = {
+            let (mut b, wanted) = at_the_vip_limit();
+            b.apply(&wanted).unwrap().writes
+        };
+        let (mut b, wanted) = at_the_vip_limit();
+        let before = as_config(&b.desired_state());
+        b.maps_mut().fail_at(writes - 1);
+        assert!(matches!(b.apply(&wanted), Err(BalancerError::Datapath(_))));
+        assert_eq!(as_config(&b.desired_state()), before);
+        assert_in_step(&b);
+    }
+
+    #[test]
+    fn at_the_vip_limit_leaving_vips_go_first() {
+        let (mut b, wanted) = at_the_vip_limit();
         b.apply(&wanted).unwrap();
         let writes = b.maps().writes();
         let last_removal = writes
