@@ -11,14 +11,13 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use lb_common::MAX_BACKENDS;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
 use crate::{
     api::{CounterValue, Reply, Request, Stats},
     attach::{self as hooks, ModeChoice},
-    balancer::{BackendState, Balancer, DesiredState, VipSpec, VipStatus},
+    balancer::{Balancer, BalancerError, DesiredState, VipSpec, VipStatus},
     config::Change,
     datapath::{Datapath, DatapathConfig, PinnedAttachment},
     health::HealthChecker,
@@ -467,8 +466,8 @@ impl Agent {
         }
     }
 
-    /// Re-reads the config file and applies the difference: unchanged VIPs and backends are
-    /// not touched (they keep their ring slots and flows).
+    /// Re-reads the config file and applies the difference, whole or not at all: unchanged
+    /// VIPs and backends are not touched (they keep their ring slots and flows).
     fn reload(&mut self) -> Result<Vec<String>> {
         let path = self.config_path.clone().context(
             "this agent was started without --config: change it with the vip/backend commands",
@@ -479,11 +478,8 @@ impl Agent {
         self.balancer
             .check_limits(&wanted)
             .with_context(|| format!("{}: not applied, nothing changed", path.display()))?;
-        let current = without_ids(&self.balancer.desired_state());
-        let changes = order_for_room(
-            crate::config::diff(&current, &wanted),
-            current.vips.iter().map(|v| v.backends.len()).sum(),
-        );
+        let running = self.balancer.desired_state();
+        let changes = crate::config::diff(&without_ids(&running), &wanted);
         // The file passed every check it can make on its own; what only this namespace can
         // tell is checked before anything changes, so a refused reload changes nothing.
         let mut warnings = Vec::new();
@@ -494,42 +490,34 @@ impl Agent {
                 warnings.extend(found);
             }
         }
-        for (done, change) in changes.iter().enumerate() {
-            if let Err(e) = apply_change(&mut self.balancer, &wanted, change) {
-                // Only a failing map update gets here (the limits were checked): the model
-                // holds exactly what was written, so that is what is saved and reported.
-                let saved = save_state(&self.state_path, &self.balancer.desired_state());
-                let saved = match saved {
-                    Ok(()) => "the agent's state (saved) holds what was applied".to_owned(),
-                    Err(e) => format!("the state file still holds the previous state: {e:#}"),
-                };
-                bail!(
-                    "reload stopped at change {} of {} ({change}): {}; the {done} before it \
-                     were applied and {saved}; fix the cause and reload again",
-                    done + 1,
-                    changes.len(),
-                    error_chain(&e),
-                );
-            }
-        }
-        let b = &mut self.balancer;
         let mut lines: Vec<String> = changes.iter().map(ToString::to_string).collect();
         for vip in &wanted.vips {
-            let current = b
-                .health_targets()
-                .into_iter()
-                .find(|(v, _, _)| *v == vip.vip)
-                .and_then(|(_, h, _)| h);
-            if current != vip.health {
-                b.set_vip_health(&vip.vip, vip.health.clone())?;
+            let was = running.vips.iter().find(|v| v.vip == vip.vip);
+            if was.and_then(|v| v.health.as_ref()) != vip.health.as_ref() {
                 lines.push(format!("~ health checks of {}", vip.vip));
             }
-            if b.set_vip_idle_timeout(&vip.vip, vip.idle_timeout_s)? {
+            if was.is_some_and(|v| v.idle_timeout_s != vip.idle_timeout_s) {
                 let secs = vip
                     .idle_timeout_s
                     .unwrap_or_else(|| vip.vip.proto.default_idle_timeout_s());
                 lines.push(format!("~ idle timeout of {} {secs} s", vip.vip));
             }
+        }
+        // One plan for the whole file, written in an order no packet sees half-done; a
+        // failing write undoes the ones before it.
+        if let Err(e) = self.balancer.apply(&wanted) {
+            if matches!(e, BalancerError::PartlyApplied { .. }) {
+                bail!(
+                    "{}: {}; fix the cause and reload again",
+                    path.display(),
+                    error_chain(&e)
+                );
+            }
+            bail!(
+                "{}: not applied, nothing changed: {}",
+                path.display(),
+                error_chain(&e)
+            );
         }
         info!(path = %path.display(), changes = lines.len(), "reloaded");
         warnings.extend(crate::config::agent_changes(&self.started_with, &config.agent).into_iter().map(
@@ -547,59 +535,6 @@ impl Agent {
         }
         Ok(lines)
     }
-}
-
-/// One change of a reload, in the balancer.
-fn apply_change(
-    b: &mut Balancer,
-    wanted: &DesiredState,
-    change: &Change,
-) -> Result<(), crate::balancer::BalancerError> {
-    match change {
-        Change::RemoveVip(vip) => b.remove_vip(vip),
-        Change::AddVip(vip) => {
-            let timeout = wanted
-                .vips
-                .iter()
-                .find(|v| v.vip == *vip)
-                .and_then(|v| v.idle_timeout_s);
-            b.add_vip_with_timeout(*vip, timeout)
-        }
-        Change::AddBackend { vip, backend } => {
-            b.add_backend(vip, backend.addr, backend.weight)?;
-            if backend.state != BackendState::Active {
-                b.update_backend(vip, backend.addr, None, Some(backend.state))?;
-            }
-            Ok(())
-        }
-        Change::RemoveBackend { vip, backend } => b.remove_backend(vip, *backend),
-        Change::UpdateBackend { vip, backend } => {
-            b.update_backend(vip, backend.addr, Some(backend.weight), Some(backend.state))
-        }
-    }
-}
-
-/// `changes` in `diff`'s order (a VIP's new backends join before its old ones leave, so its
-/// ring never empties on the way), unless that order would need more backend ids at some
-/// point than the data plane has: then every removal goes first.
-fn order_for_room(changes: Vec<Change>, current_backends: usize) -> Vec<Change> {
-    let mut count = current_backends;
-    let mut peak = count;
-    for change in &changes {
-        match change {
-            Change::AddBackend { .. } => count += 1,
-            Change::RemoveBackend { .. } => count = count.saturating_sub(1),
-            _ => {}
-        }
-        peak = peak.max(count);
-    }
-    if peak <= MAX_BACKENDS as usize {
-        return changes;
-    }
-    let (removals, rest): (Vec<Change>, Vec<Change>) = changes
-        .into_iter()
-        .partition(|c| matches!(c, Change::RemoveVip(_) | Change::RemoveBackend { .. }));
-    removals.into_iter().chain(rest).collect()
 }
 
 /// The state as a config file would describe it: ids are the agent's business.
@@ -1025,52 +960,5 @@ async fn forward_data_plane_logs(logger: aya_log::EbpfLogger<&'static dyn log::L
         };
         ready.get_inner_mut().flush();
         ready.clear_ready();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::balancer::BackendConfig;
-
-    fn swap(vip: VipSpec, i: u16) -> [Change; 2] {
-        let addr = |host: u16| SocketAddr::from(([10, 1, (host >> 8) as u8, host as u8], 80));
-        [
-            Change::AddBackend {
-                vip,
-                backend: BackendConfig {
-                    addr: addr(i + 1000),
-                    weight: 1,
-                    state: BackendState::Active,
-                    id: None,
-                },
-            },
-            Change::RemoveBackend {
-                vip,
-                backend: addr(i),
-            },
-        ]
-    }
-
-    #[test]
-    fn removals_go_first_only_when_adds_would_not_fit() {
-        let vip: VipSpec = "10.0.0.1:80".parse().unwrap();
-        let changes: Vec<Change> = (0..4).flat_map(|i| swap(vip, i)).collect();
-        let order = |current| {
-            order_for_room(changes.clone(), current)
-                .iter()
-                .map(|c| matches!(c, Change::AddBackend { .. }))
-                .collect::<Vec<_>>()
-        };
-        // Room to spare: a VIP's new backends join before its old ones leave.
-        assert_eq!(
-            order(10),
-            [true, false, true, false, true, false, true, false]
-        );
-        // At the limit, adding first would run out of ids.
-        assert_eq!(
-            order(MAX_BACKENDS as usize),
-            [false, false, false, false, true, true, true, true]
-        );
     }
 }

@@ -20,6 +20,10 @@ use lb_common::{
     TrafficCounters, VipInfo, VipKey, maglev::is_prime, map_names, program_names,
 };
 use thiserror::Error;
+use xlb_core::{
+    maps::Maps,
+    plan::{MapContents, ServiceKey},
+};
 
 /// The compiled XDP object, built by build.rs from `lb-ebpf`.
 pub static XLB_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
@@ -665,6 +669,113 @@ impl Datapath {
         let empty = PerCpuValues::try_from(vec![CachedHop::default(); cpus.get() as usize])
             .map_err(DatapathError::Cpus)?;
         map.set(backend_id, empty, 0).map_err(map_err(name))
+    }
+}
+
+/// The balancer's map writes (`xlb_core`'s planner and balancer decide which and in what
+/// order), carried out on the kernel's maps.
+impl Maps for Datapath {
+    type Error = DatapathError;
+
+    fn reset_vip_counters(&mut self, vip_id: u32) -> Result<()> {
+        self.reset_vip_traffic(vip_id)
+    }
+
+    fn reset_backend_slots(&mut self, backend_id: u32) -> Result<()> {
+        Self::reset_backend_slots(self, backend_id)
+    }
+
+    fn retire_backend_traffic(&mut self, backend_id: u32, vip_id: u32) -> Result<()> {
+        Self::retire_backend_traffic(self, backend_id, vip_id)
+    }
+
+    fn set_port_roles(&mut self, port: u16, roles: u8) -> Result<()> {
+        self.ports()?
+            .set(u32::from(port), &roles, 0)
+            .map_err(map_err(map_names::PORTS))
+    }
+
+    fn put_endpoint(&mut self, key: ServiceKey, value: &EndpointVip) -> Result<()> {
+        self.endpoints()?
+            .insert(&VipKey::new(key.0, key.1), value, 0)
+            .map_err(map_err(map_names::ENDPOINTS))
+    }
+
+    fn remove_endpoint(&mut self, key: ServiceKey) -> Result<()> {
+        absent_is_fine(self.endpoints()?.remove(&VipKey::new(key.0, key.1)))
+            .map_err(map_err(map_names::ENDPOINTS))
+    }
+
+    fn put_backend(&mut self, id: u32, value: &Backend) -> Result<()> {
+        self.backends()?
+            .set(id, value, 0)
+            .map_err(map_err(map_names::BACKENDS))
+    }
+
+    fn put_ring_slots(&mut self, slots: &[(u32, u32)]) -> Result<()> {
+        self.write_ring_slots(slots)
+    }
+
+    fn put_vip(&mut self, key: ServiceKey, info: &VipInfo) -> Result<()> {
+        self.vips()?
+            .insert(&VipKey::new(key.0, key.1), info, 0)
+            .map_err(map_err(map_names::VIPS))
+    }
+
+    fn remove_vip(&mut self, key: ServiceKey) -> Result<()> {
+        absent_is_fine(self.vips()?.remove(&VipKey::new(key.0, key.1)))
+            .map_err(map_err(map_names::VIPS))
+    }
+
+    fn read_contents(&mut self) -> Result<MapContents> {
+        let mut held = MapContents::default();
+        for item in self.vips()?.iter() {
+            let (key, info) = item.map_err(map_err(map_names::VIPS))?;
+            held.vips.insert((key.socket_addr(), key.proto), info);
+        }
+        {
+            let rings = self.rings()?;
+            for info in held.vips.values().filter(|i| i.ring_size > 0) {
+                let ring = (info.ring_base..info.ring_base + info.ring_size)
+                    .map(|slot| rings.get(&slot, 0))
+                    .collect::<Result<Vec<u32>, _>>()
+                    .map_err(map_err(map_names::MAGLEV))?;
+                held.rings.insert(info.ring_base, ring);
+            }
+        }
+        for (id, item) in self.backends()?.iter().enumerate() {
+            let backend = item.map_err(map_err(map_names::BACKENDS))?;
+            if backend.family != 0 {
+                held.backends.insert(id as u32, backend);
+            }
+        }
+        for item in self.endpoints()?.iter() {
+            let (key, value) = item.map_err(map_err(map_names::ENDPOINTS))?;
+            held.endpoints.insert((key.socket_addr(), key.proto), value);
+        }
+        for (port, item) in self.ports()?.iter().enumerate() {
+            let roles = item.map_err(map_err(map_names::PORTS))?;
+            if roles != 0 {
+                held.ports.insert(port as u16, roles);
+            }
+        }
+        Ok(held)
+    }
+
+    fn backend_traffic(&self, backend_id: u32) -> Result<TrafficCounters> {
+        Self::backend_traffic(self, backend_id)
+    }
+
+    fn retired_vip_traffic(&self, vip_id: u32) -> Result<TrafficCounters> {
+        Self::retired_vip_traffic(self, vip_id)
+    }
+}
+
+/// A removal of what is not there has nothing left to do.
+fn absent_is_fine(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        other => other,
     }
 }
 

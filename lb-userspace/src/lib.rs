@@ -15,6 +15,5 @@ pub mod health;
 pub mod metrics;
 pub mod ownership;
 pub mod paths;
-pub mod reconcile;
 pub mod relink;
 pub mod validate;

@@ -1,8 +1,9 @@
-//! Adopting a data path that is already running (maps pinned by a previous agent): what the
-//! maps should hold is compared with what they hold, and only the difference is written, in
-//! an order that never lets a packet see a half-made state. Pure data in, pure data out, so
-//! the ordering rules are unit-tested without a kernel; `Balancer::adopt` reads the maps,
-//! builds the desired contents and carries the writes out.
+//! The planner: what the maps should hold is compared with what they hold, and only the
+//! difference is written, in an order that never lets a packet see a half-made state (an
+//! agent adopting a data path a previous one left running, pinned maps and all, writes
+//! nothing when they match). Pure data in, pure data out, so the ordering rules are
+//! unit-tested without a kernel; `lb-userspace`'s `Balancer::adopt` reads the maps, builds
+//! the desired contents and carries the writes out.
 
 use std::{collections::BTreeMap, net::SocketAddr};
 
@@ -24,7 +25,9 @@ pub struct MapContents {
     /// `XLB_VIPS`.
     pub vips: BTreeMap<ServiceKey, VipInfo>,
     /// Each VIP's live ring (the slots its `VipInfo` points at), keyed by its first slot.
-    /// VIPs whose ring is empty (`ring_size` 0) have none.
+    /// VIPs whose ring is empty (`ring_size` 0) have none. As `current` of [`plan`], it may
+    /// also hold what an idle half is known to hold: a ring written there then gets only
+    /// the slots that differ.
     pub rings: BTreeMap<u32, Vec<u32>>,
     /// `XLB_BACKENDS` slots in use (`family != 0`), by id; other ids hold
     /// `Backend::default()`.
@@ -223,11 +226,14 @@ pub fn plan(current: &MapContents, desired: &MapContents) -> Vec<MapWrite> {
             continue;
         }
         if let Some(ring) = ring.filter(|_| !ring_in_place) {
+            // A half known to hold a ring already gets only the slots that differ.
+            let known = current.rings.get(&info.ring_base);
             writes.push(MapWrite::RingSlots {
                 base: info.ring_base,
                 slots: ring
                     .iter()
                     .enumerate()
+                    .filter(|(offset, id)| known.and_then(|k| k.get(*offset)) != Some(*id))
                     .map(|(offset, id)| (offset as u32, *id))
                     .collect(),
             });
@@ -277,6 +283,7 @@ mod tests {
     };
 
     use super::*;
+    use crate::{fake::FakeMaps, maps::carry_out};
 
     const RING: u32 = 7;
 
@@ -363,142 +370,21 @@ mod tests {
         }
     }
 
-    /// The maps as a packet sees them, with every ring slot, so a plan can be carried out
-    /// one write at a time and checked after each.
-    #[derive(Clone, Debug, Default)]
-    struct Simulated {
-        vips: BTreeMap<ServiceKey, VipInfo>,
-        slots: BTreeMap<u32, u32>,
-        backends: BTreeMap<u32, Backend>,
-        endpoints: BTreeMap<ServiceKey, EndpointVip>,
-        ports: BTreeMap<u16, u8>,
-    }
-
-    impl Simulated {
-        fn of(m: &MapContents) -> Self {
-            let mut slots = BTreeMap::new();
-            for (base, ring) in &m.rings {
-                for (i, id) in ring.iter().enumerate() {
-                    slots.insert(base + i as u32, *id);
-                }
-            }
-            Self {
-                vips: m.vips.clone(),
-                slots,
-                backends: m.backends.clone(),
-                endpoints: m.endpoints.clone(),
-                ports: m.ports.clone(),
-            }
-        }
-
-        fn apply(&mut self, write: &MapWrite) {
-            match write {
-                MapWrite::ResetVipCounters(_) | MapWrite::ResetBackendSlots(_) => {}
-                MapWrite::Port { port, roles } => {
-                    self.ports.insert(*port, *roles);
-                }
-                MapWrite::Endpoint { key, value } => {
-                    self.endpoints.insert(*key, *value);
-                }
-                MapWrite::RemoveEndpoint(key) => {
-                    self.endpoints.remove(key);
-                }
-                MapWrite::Backend { id, value } => {
-                    self.backends.insert(*id, *value);
-                }
-                MapWrite::RingSlots { base, slots } => {
-                    for (vip, info) in &self.vips {
-                        let live = info.ring_base..info.ring_base + info.ring_size;
-                        assert!(
-                            slots.iter().all(|(o, _)| !live.contains(&(base + o))),
-                            "ring write at {base} into the live ring of {vip:?}"
-                        );
-                    }
-                    for (offset, id) in slots {
-                        self.slots.insert(base + offset, *id);
-                    }
-                }
-                MapWrite::Vip { key, info } => {
-                    self.vips.insert(*key, *info);
-                }
-                MapWrite::RemoveVip(key) => {
-                    self.vips.remove(key);
-                }
-            }
-        }
-
-        /// What must hold whenever a packet may arrive: every slot of every live ring names
-        /// an active backend of that VIP; the port filter passes every VIP and every backend
-        /// that carries flows; every such backend has its endpoint entry.
-        fn check(&self, after: &str) {
-            for (key, info) in &self.vips {
-                assert!(
-                    self.ports.get(&key.0.port()).copied().unwrap_or(0) & PORT_IS_VIP != 0,
-                    "{after}: port filter hides VIP {key:?}"
-                );
-                for slot in info.ring_base..info.ring_base + info.ring_size {
-                    let id = self.slots.get(&slot).copied().unwrap_or(0);
-                    let b = self.backends.get(&id).copied().unwrap_or_default();
-                    assert!(
-                        b.flags & BACKEND_ACTIVE != 0 && b.vip_id == info.vip_id,
-                        "{after}: VIP {key:?} slot {slot} names backend {id}: {b:?}"
-                    );
-                }
-            }
-            for b in self.backends.values().filter(|b| b.carries_flows()) {
-                let addr = SocketAddr::new(
-                    lb_common::addr::from_bytes(&b.addr),
-                    u16::from_be(b.port_be),
-                );
-                assert!(
-                    self.ports.get(&addr.port()).copied().unwrap_or(0) & PORT_IS_BACKEND != 0,
-                    "{after}: port filter hides backend {addr}"
-                );
-                assert!(
-                    self.endpoints.keys().any(|(a, _)| *a == addr),
-                    "{after}: backend {addr} has no endpoint entry"
-                );
-            }
-        }
-
-        /// Whether the maps hold `m` (rings compared where `m`'s VIPs point).
-        fn holds(&self, m: &MapContents) -> bool {
-            let rings_match = m.rings.iter().all(|(base, ring)| {
-                ring.iter()
-                    .enumerate()
-                    .all(|(i, id)| self.slots.get(&(base + i as u32)) == Some(id))
-            });
-            let backends: BTreeMap<u32, Backend> = self
-                .backends
-                .iter()
-                .filter(|(_, b)| **b != Backend::default())
-                .map(|(id, b)| (*id, *b))
-                .collect();
-            let ports: BTreeMap<u16, u8> = self
-                .ports
-                .iter()
-                .filter(|(_, r)| **r != 0)
-                .map(|(p, r)| (*p, *r))
-                .collect();
-            rings_match
-                && self.vips == m.vips
-                && backends == m.backends
-                && self.endpoints == m.endpoints
-                && ports == m.ports
-        }
-    }
-
     /// Carries out the plan from `current` to `desired` one write at a time, checking the
     /// packet-visible invariants after each; returns the plan.
     fn run(current: &MapContents, desired: &MapContents) -> Vec<MapWrite> {
         let writes = plan(current, desired);
-        let mut maps = Simulated::of(current);
-        maps.check("before");
-        for (i, w) in writes.iter().enumerate() {
-            maps.apply(w);
-            maps.check(&format!("after write {i} ({w:?})"));
+        let mut maps = FakeMaps::holding(current);
+        maps.check_live_entries();
+        for w in &writes {
+            carry_out(&mut maps, w).unwrap();
+            maps.check_live_entries();
         }
-        assert!(maps.holds(desired), "the plan reaches the desired state");
+        assert_eq!(
+            maps.contents(),
+            *desired,
+            "the plan reaches the desired state"
+        );
         writes
     }
 
