@@ -96,8 +96,7 @@ pub fn save_state(path: &Path, state: &DesiredState) -> Result<()> {
     let tmp = path.with_extension("json.tmp");
     let write = || -> std::io::Result<()> {
         let mut f = fs::File::create(&tmp)?;
-        f.write_all(&serde_json::to_vec_pretty(state).expect("state always serialises"))?;
-        f.write_all(b"\n")?;
+        f.write_all(&encode_state(state))?;
         f.sync_all()?;
         fs::rename(&tmp, path)?;
         fs::File::open(dir)?.sync_all()
@@ -108,9 +107,25 @@ pub fn save_state(path: &Path, state: &DesiredState) -> Result<()> {
     })
 }
 
+/// A state file's contents: pretty JSON and a final newline.
+#[must_use]
+pub fn encode_state(state: &DesiredState) -> Vec<u8> {
+    let mut bytes = serde_json::to_vec_pretty(state).expect("state always serialises");
+    bytes.push(b'\n');
+    bytes
+}
+
+/// Decodes a state file's contents, as [`save_state`] writes them.
+///
+/// # Errors
+/// The bytes are not a JSON desired state.
+pub fn parse_state(bytes: &[u8]) -> serde_json::Result<DesiredState> {
+    serde_json::from_slice(bytes)
+}
+
 fn load_state(path: &Path) -> Result<Option<DesiredState>> {
     match read_regular_file(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
+        Ok(bytes) => parse_state(&bytes)
             .map(Some)
             .with_context(|| format!("{} is not a valid xlb state file", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),

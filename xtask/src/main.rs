@@ -22,8 +22,9 @@ enum Task {
     Bootstrap,
     /// Build the XDP object and the `xlb` binary (release).
     Build,
-    /// Bootstrap, then run every test (unit, golden packet tests, namespace end-to-end).
-    /// Needs root: the tests load XDP programs and create network namespaces.
+    /// Bootstrap, then run every test (unit, golden packet tests, namespace end-to-end, the
+    /// fuzz corpus replay), then fuzz each target for a few seconds. Needs root: the tests
+    /// load XDP programs and create network namespaces.
     Test {
         /// Extra arguments for `cargo test`, e.g. a test name filter.
         #[arg(trailing_var_arg = true)]
@@ -66,6 +67,67 @@ fn build() -> Result<()> {
     ]))
 }
 
+/// Seconds each fuzz target runs in the smoke run of `cargo xtask test`.
+const FUZZ_SMOKE_SECONDS: u32 = 5;
+
+/// Runs every fuzz target of fuzz/ under libFuzzer for a few seconds, from the committed
+/// corpus. New inputs go to a scratch directory under target/, so the corpus in the repo only
+/// changes by hand. No sanitizer: the code under test is safe Rust, and ASan would double
+/// the build of the instrumented dependency tree (debug assertions and overflow checks stay
+/// on). The long run is described in docs/reliability-fuzzing.md.
+fn fuzz_smoke() -> Result<()> {
+    let list = Command::new("cargo")
+        .args(["fuzz", "list", "--fuzz-dir", "fuzz"])
+        .output()
+        .context("listing the fuzz targets (cargo fuzz list)")?;
+    if !list.status.success() {
+        bail!(
+            "cargo fuzz list failed: {}",
+            String::from_utf8_lossy(&list.stderr)
+        );
+    }
+    let targets: Vec<String> = String::from_utf8_lossy(&list.stdout)
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    if targets.is_empty() {
+        bail!("cargo fuzz list found no fuzz targets in fuzz/");
+    }
+    step(&format!(
+        "fuzzing {} for {FUZZ_SMOKE_SECONDS} s each (the first builds the instrumented targets, a few minutes on a fresh clone)",
+        targets.join(", ")
+    ));
+    for target in &targets {
+        let scratch = std::path::Path::new("target/fuzz-smoke").join(target);
+        let _ = std::fs::remove_dir_all(&scratch);
+        std::fs::create_dir_all(&scratch)
+            .with_context(|| format!("creating {}", scratch.display()))?;
+        run(Command::new("cargo")
+            .args([
+                "fuzz",
+                "run",
+                "--fuzz-dir",
+                "fuzz",
+                "--sanitizer",
+                "none",
+                target,
+            ])
+            .arg(&scratch)
+            .arg(format!("fuzz/corpus/{target}"))
+            .args([
+                "--",
+                &format!("-max_total_time={FUZZ_SMOKE_SECONDS}"),
+                "-print_final_stats=1",
+            ]))
+        .with_context(|| {
+            format!(
+                "fuzz target {target} failed: the crashing input is under fuzz/artifacts/{target}/"
+            )
+        })?;
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     // Paths below (target/release/...) are relative to the workspace root, wherever
@@ -86,9 +148,17 @@ fn main() -> Result<()> {
             step(
                 "running the test suite (unit, golden packets through the real program, namespaces)",
             );
-            run(cargo()
+            let tests = run(cargo()
                 .args(["test", "--workspace", "--release", "--no-fail-fast"])
-                .args(&args))
+                .args(&args));
+            // A filter asks for some tests, not for the whole suite.
+            let fuzz = if args.is_empty() {
+                fuzz_smoke()
+            } else {
+                step("fuzzing smoke run skipped: test arguments were given");
+                Ok(())
+            };
+            tests.and(fuzz)
         }
         Task::Demo => {
             bootstrap::ensure_all()?;
