@@ -32,6 +32,13 @@ enum Task {
     },
     /// Bootstrap, build, and run the containers demo.
     Demo,
+    /// Fuzz every target (fuzz/) in turn under libFuzzer, optimised, resuming from what the
+    /// previous runs found (target/fuzz-corpus/). docs/reliability-fuzzing.md has more.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 600)]
+        seconds: u32,
+    },
 }
 
 pub fn run(cmd: &mut Command) -> Result<()> {
@@ -70,12 +77,23 @@ fn build() -> Result<()> {
 /// Seconds each fuzz target runs in the smoke run of `cargo xtask test`.
 const FUZZ_SMOKE_SECONDS: u32 = 5;
 
-/// Runs every fuzz target of fuzz/ under libFuzzer for a few seconds, from the committed
-/// corpus. New inputs go to a scratch directory under target/, so the corpus in the repo only
-/// changes by hand. No sanitizer: the code under test is safe Rust, and ASan would double
-/// the build of the instrumented dependency tree (debug assertions and overflow checks stay
-/// on). The long run is described in docs/reliability-fuzzing.md.
-fn fuzz_smoke() -> Result<()> {
+/// How `fuzz` builds the targets and where it keeps what it finds.
+struct FuzzRun {
+    seconds: u32,
+    /// Unoptimised: builds in a fraction of the time, fuzzes several times slower; right for
+    /// a few seconds per target, wrong for a long run.
+    dev: bool,
+    /// New inputs go to `<scratch>/<target>/`, so the corpus in the repo only changes by
+    /// hand; a long run keeps them there to resume from.
+    scratch: &'static str,
+    fresh: bool,
+}
+
+/// Runs every fuzz target of fuzz/ under libFuzzer for `seconds` each, from the committed
+/// corpus, stopping at the first crash. No sanitizer: the code under test is safe Rust, and
+/// ASan would slow the build of the instrumented dependency tree further (debug assertions
+/// and overflow checks stay on). See docs/reliability-fuzzing.md.
+fn fuzz(run_spec: &FuzzRun) -> Result<()> {
     let list = Command::new("cargo")
         .args(["fuzz", "list", "--fuzz-dir", "fuzz"])
         .output()
@@ -93,13 +111,22 @@ fn fuzz_smoke() -> Result<()> {
     if targets.is_empty() {
         bail!("cargo fuzz list found no fuzz targets in fuzz/");
     }
+    let profile = if run_spec.dev { "--dev" } else { "--release" };
     step(&format!(
-        "fuzzing {} for {FUZZ_SMOKE_SECONDS} s each (the first builds the instrumented targets, a few minutes on a fresh clone)",
-        targets.join(", ")
+        "fuzzing {} for {} s each ({}; the first run builds the instrumented targets, several minutes on a fresh clone)",
+        targets.join(", "),
+        run_spec.seconds,
+        if run_spec.dev {
+            "unoptimised build"
+        } else {
+            "optimised build"
+        },
     ));
     for target in &targets {
-        let scratch = std::path::Path::new("target/fuzz-smoke").join(target);
-        let _ = std::fs::remove_dir_all(&scratch);
+        let scratch = std::path::Path::new(run_spec.scratch).join(target);
+        if run_spec.fresh {
+            let _ = std::fs::remove_dir_all(&scratch);
+        }
         std::fs::create_dir_all(&scratch)
             .with_context(|| format!("creating {}", scratch.display()))?;
         run(Command::new("cargo")
@@ -110,13 +137,14 @@ fn fuzz_smoke() -> Result<()> {
                 "fuzz",
                 "--sanitizer",
                 "none",
+                profile,
                 target,
             ])
             .arg(&scratch)
             .arg(format!("fuzz/corpus/{target}"))
             .args([
                 "--",
-                &format!("-max_total_time={FUZZ_SMOKE_SECONDS}"),
+                &format!("-max_total_time={}", run_spec.seconds),
                 "-print_final_stats=1",
             ]))
         .with_context(|| {
@@ -153,12 +181,26 @@ fn main() -> Result<()> {
                 .args(&args));
             // A filter asks for some tests, not for the whole suite.
             let fuzz = if args.is_empty() {
-                fuzz_smoke()
+                fuzz(&FuzzRun {
+                    seconds: FUZZ_SMOKE_SECONDS,
+                    dev: true,
+                    scratch: "target/fuzz-smoke",
+                    fresh: true,
+                })
             } else {
                 step("fuzzing smoke run skipped: test arguments were given");
                 Ok(())
             };
             tests.and(fuzz)
+        }
+        Task::Fuzz { seconds } => {
+            bootstrap::ensure_all()?;
+            fuzz(&FuzzRun {
+                seconds,
+                dev: false,
+                scratch: "target/fuzz-corpus",
+                fresh: false,
+            })
         }
         Task::Demo => {
             bootstrap::ensure_all()?;
