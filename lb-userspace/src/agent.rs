@@ -1068,6 +1068,32 @@ mod tests {
     }
 
     #[test]
+    fn state_files_load_back_what_was_saved() {
+        let state = DesiredState {
+            vips: vec![crate::balancer::VipConfig {
+                vip: "10.0.0.1:80/tcp".parse().unwrap(),
+                backends: vec![BackendConfig {
+                    addr: "10.1.0.2:8080".parse().unwrap(),
+                    weight: 3,
+                    state: BackendState::Draining,
+                    id: Some(7),
+                }],
+                id: Some(2),
+                health: None,
+                idle_timeout_s: Some(900),
+            }],
+        };
+        let bytes = encode_state(&state);
+        assert!(
+            bytes.ends_with(b"}\n"),
+            "{}",
+            String::from_utf8_lossy(&bytes)
+        );
+        assert_eq!(parse_state(&bytes).unwrap(), state);
+        assert!(parse_state(&bytes[..bytes.len() / 2]).is_err());
+    }
+
+    #[test]
     fn removals_go_first_only_when_adds_would_not_fit() {
         let vip: VipSpec = "10.0.0.1:80".parse().unwrap();
         let changes: Vec<Change> = (0..4).flat_map(|i| swap(vip, i)).collect();

@@ -339,6 +339,27 @@ mod tests {
         }
     }
 
+    #[test]
+    fn request_lines_decode_or_say_why_not() {
+        assert_eq!(
+            decode_request(br#"{"op":"stats"}"#).unwrap(),
+            Request::Stats
+        );
+        assert_eq!(
+            decode_request(b"{\"op\":\"stats\xff\"}")
+                .unwrap_err()
+                .to_string(),
+            "malformed request: not UTF-8"
+        );
+        let unknown = decode_request(br#"{"op":"shutdown"}"#).unwrap_err();
+        assert!(
+            unknown
+                .to_string()
+                .starts_with("malformed request: unknown variant `shutdown`"),
+            "{unknown}"
+        );
+    }
+
     #[tokio::test]
     async fn lines_are_split_and_bounded() {
         assert_eq!(

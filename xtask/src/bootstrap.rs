@@ -13,8 +13,8 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Runs the fuzz targets (fuzz/) under libFuzzer for the smoke run of `cargo xtask test`.
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
-/// Packages to build bpf-linker (LLVM 22), to run the tests and the demo, and for the
-/// benchmarks' comparisons (nftables DNAT, HAProxy).
+/// Packages to build bpf-linker (LLVM 22), to run the tests, the fuzz targets and the demo,
+/// and for the benchmarks' comparisons (nftables DNAT, HAProxy).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -33,6 +33,8 @@ const APT_PACKAGES: &[&str] = &[
     "netavark",
     "iptables",
     "busybox-static",
+    // libfuzzer-sys compiles libFuzzer (C++) for the fuzz targets.
+    "g++",
 ];
 
 fn succeeds(cmd: &mut Command) -> bool {
