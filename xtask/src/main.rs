@@ -86,6 +86,7 @@ struct FuzzRun {
     /// New inputs go to `<scratch>/<target>/`, so the corpus in the repo only changes by
     /// hand; a long run keeps them there to resume from.
     scratch: &'static str,
+    /// Empty the scratch directories first: a smoke run starts from the committed corpus only.
     fresh: bool,
 }
 
