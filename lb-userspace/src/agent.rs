@@ -95,8 +95,7 @@ pub fn save_state(path: &Path, state: &DesiredState) -> Result<()> {
     let tmp = path.with_extension("json.tmp");
     let write = || -> std::io::Result<()> {
         let mut f = fs::File::create(&tmp)?;
-        f.write_all(&serde_json::to_vec_pretty(state).expect("state always serialises"))?;
-        f.write_all(b"\n")?;
+        f.write_all(&encode_state(state))?;
         f.sync_all()?;
         fs::rename(&tmp, path)?;
         fs::File::open(dir)?.sync_all()
@@ -107,9 +106,25 @@ pub fn save_state(path: &Path, state: &DesiredState) -> Result<()> {
     })
 }
 
+/// A state file's contents: pretty JSON and a final newline.
+#[must_use]
+pub fn encode_state(state: &DesiredState) -> Vec<u8> {
+    let mut bytes = serde_json::to_vec_pretty(state).expect("state always serialises");
+    bytes.push(b'\n');
+    bytes
+}
+
+/// Decodes a state file's contents, as [`save_state`] writes them.
+///
+/// # Errors
+/// The bytes are not a JSON desired state.
+pub fn parse_state(bytes: &[u8]) -> serde_json::Result<DesiredState> {
+    serde_json::from_slice(bytes)
+}
+
 fn load_state(path: &Path) -> Result<Option<DesiredState>> {
     match read_regular_file(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
+        Ok(bytes) => parse_state(&bytes)
             .map(Some)
             .with_context(|| format!("{} is not a valid xlb state file", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -960,5 +975,37 @@ async fn forward_data_plane_logs(logger: aya_log::EbpfLogger<&'static dyn log::L
         };
         ready.get_inner_mut().flush();
         ready.clear_ready();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balancer::{BackendConfig, BackendState};
+
+    #[test]
+    fn state_files_load_back_what_was_saved() {
+        let state = DesiredState {
+            vips: vec![crate::balancer::VipConfig {
+                vip: "10.0.0.1:80/tcp".parse().unwrap(),
+                backends: vec![BackendConfig {
+                    addr: "10.1.0.2:8080".parse().unwrap(),
+                    weight: 3,
+                    state: BackendState::Draining,
+                    id: Some(7),
+                }],
+                id: Some(2),
+                health: None,
+                idle_timeout_s: Some(900),
+            }],
+        };
+        let bytes = encode_state(&state);
+        assert!(
+            bytes.ends_with(b"}\n"),
+            "{}",
+            String::from_utf8_lossy(&bytes)
+        );
+        assert_eq!(parse_state(&bytes).unwrap(), state);
+        assert!(parse_state(&bytes[..bytes.len() / 2]).is_err());
     }
 }

@@ -212,7 +212,7 @@ fn refuse_busy(stream: &UnixStream) {
 
 /// One request line, as read by [`read_line`].
 #[derive(Debug, PartialEq, Eq)]
-enum Line {
+pub enum Line {
     /// A line (without its newline) is in the buffer.
     Complete,
     /// The peer closed with nothing pending.
@@ -222,7 +222,10 @@ enum Line {
 }
 
 /// Reads up to the next newline into `buf`, never holding more than `max` bytes of it.
-async fn read_line(
+///
+/// # Errors
+/// The reader failing.
+pub async fn read_line(
     reader: &mut (impl AsyncBufRead + Unpin),
     max: usize,
     buf: &mut Vec<u8>,
@@ -285,18 +288,33 @@ async fn serve_connection(stream: UnixStream, handler: Handler) {
     }
 }
 
+/// Why a request line is refused; its message is the error reply.
+#[derive(Debug, Error)]
+pub enum RequestError {
+    #[error("malformed request: not UTF-8")]
+    NotUtf8,
+    #[error("malformed request: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// Decodes one request line (without its newline).
+///
+/// # Errors
+/// The line is not UTF-8, or not one JSON request.
+pub fn decode_request(line: &[u8]) -> Result<Request, RequestError> {
+    let text = std::str::from_utf8(line).map_err(|_| RequestError::NotUtf8)?;
+    Ok(serde_json::from_str::<Request>(text)?)
+}
+
 async fn answer(line: &[u8], handler: &Handler) -> Reply {
-    let Ok(text) = std::str::from_utf8(line) else {
-        return Reply::Error("malformed request: not UTF-8".to_owned());
-    };
-    match serde_json::from_str::<Request>(text) {
+    match decode_request(line) {
         Ok(request) => {
             let handler = Arc::clone(handler);
             tokio::task::spawn_blocking(move || handler(request))
                 .await
                 .unwrap_or_else(|e| Reply::Error(format!("internal error: {e}")))
         }
-        Err(e) => Reply::Error(format!("malformed request: {e}")),
+        Err(e) => Reply::Error(e.to_string()),
     }
 }
 
@@ -319,6 +337,27 @@ mod tests {
                 return out;
             }
         }
+    }
+
+    #[test]
+    fn request_lines_decode_or_say_why_not() {
+        assert_eq!(
+            decode_request(br#"{"op":"stats"}"#).unwrap(),
+            Request::Stats
+        );
+        assert_eq!(
+            decode_request(b"{\"op\":\"stats\xff\"}")
+                .unwrap_err()
+                .to_string(),
+            "malformed request: not UTF-8"
+        );
+        let unknown = decode_request(br#"{"op":"shutdown"}"#).unwrap_err();
+        assert!(
+            unknown
+                .to_string()
+                .starts_with("malformed request: unknown variant `shutdown`"),
+            "{unknown}"
+        );
     }
 
     #[tokio::test]

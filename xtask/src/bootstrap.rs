@@ -10,9 +10,11 @@ use crate::{run, step};
 /// The nightly that rust-toolchain.toml pins; its LLVM (22) matches Debian's llvm-22-dev.
 const TOOLCHAIN: &str = "nightly-2026-08-01";
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Runs the fuzz targets (fuzz/) under libFuzzer for the smoke run of `cargo xtask test`.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
-/// Packages to build bpf-linker (LLVM 22), to run the tests and the demo, and for the
-/// benchmarks' comparisons (nftables DNAT, HAProxy).
+/// Packages to build bpf-linker (LLVM 22), to run the tests, the fuzz targets and the demo,
+/// and for the benchmarks' comparisons (nftables DNAT, HAProxy).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -31,6 +33,8 @@ const APT_PACKAGES: &[&str] = &[
     "netavark",
     "iptables",
     "busybox-static",
+    // libfuzzer-sys compiles libFuzzer (C++) for the fuzz targets.
+    "g++",
 ];
 
 fn succeeds(cmd: &mut Command) -> bool {
@@ -130,10 +134,30 @@ fn ensure_bpf_linker() -> Result<()> {
     .context("building bpf-linker")
 }
 
+fn ensure_cargo_fuzz() -> Result<()> {
+    let current = Command::new("cargo").args(["fuzz", "--version"]).output();
+    if current.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(CARGO_FUZZ_VERSION)) {
+        return Ok(());
+    }
+    step(&format!(
+        "installing cargo-fuzz {CARGO_FUZZ_VERSION} for the fuzzing smoke run (about 1 minute on 2 cores)"
+    ));
+    run(Command::new("cargo").args([
+        &format!("+{TOOLCHAIN}"),
+        "install",
+        "cargo-fuzz",
+        "--locked",
+        "--version",
+        CARGO_FUZZ_VERSION,
+    ]))
+    .context("installing cargo-fuzz")
+}
+
 pub fn ensure_all() -> Result<()> {
     ensure_apt()?;
     ensure_toolchain()?;
     ensure_bpf_linker()?;
+    ensure_cargo_fuzz()?;
     if !succeeds(Command::new("bpf-linker").arg("--version")) {
         bail!("bpf-linker is installed but not on PATH: add ~/.cargo/bin to PATH");
     }

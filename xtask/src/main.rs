@@ -22,8 +22,9 @@ enum Task {
     Bootstrap,
     /// Build the XDP object and the `xlb` binary (release).
     Build,
-    /// Bootstrap, then run every test (unit, golden packet tests, namespace end-to-end).
-    /// Needs root: the tests load XDP programs and create network namespaces.
+    /// Bootstrap, then run every test (unit, golden packet tests, namespace end-to-end, the
+    /// fuzz corpus replay), then fuzz each target for a few seconds. Needs root: the tests
+    /// load XDP programs and create network namespaces.
     Test {
         /// Extra arguments for `cargo test`, e.g. a test name filter.
         #[arg(trailing_var_arg = true)]
@@ -31,6 +32,13 @@ enum Task {
     },
     /// Bootstrap, build, and run the containers demo.
     Demo,
+    /// Fuzz every target (fuzz/) in turn under libFuzzer, optimised, resuming from what the
+    /// previous runs found (target/fuzz-corpus/). docs/reliability-fuzzing.md has more.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 600)]
+        seconds: u32,
+    },
 }
 
 pub fn run(cmd: &mut Command) -> Result<()> {
@@ -66,6 +74,89 @@ fn build() -> Result<()> {
     ]))
 }
 
+/// Seconds each fuzz target runs in the smoke run of `cargo xtask test`.
+const FUZZ_SMOKE_SECONDS: u32 = 5;
+
+/// How `fuzz` builds the targets and where it keeps what it finds.
+struct FuzzRun {
+    seconds: u32,
+    /// Unoptimised: builds in a fraction of the time, fuzzes several times slower; right for
+    /// a few seconds per target, wrong for a long run.
+    dev: bool,
+    /// New inputs go to `<scratch>/<target>/`, so the corpus in the repo only changes by
+    /// hand; a long run keeps them there to resume from.
+    scratch: &'static str,
+    /// Empty the scratch directories first: a smoke run starts from the committed corpus only.
+    fresh: bool,
+}
+
+/// Runs every fuzz target of fuzz/ under libFuzzer for `seconds` each, from the committed
+/// corpus, stopping at the first crash. No sanitizer: the code under test is safe Rust, and
+/// ASan would slow the build of the instrumented dependency tree further (debug assertions
+/// and overflow checks stay on). See docs/reliability-fuzzing.md.
+fn fuzz(run_spec: &FuzzRun) -> Result<()> {
+    let list = Command::new("cargo")
+        .args(["fuzz", "list", "--fuzz-dir", "fuzz"])
+        .output()
+        .context("listing the fuzz targets (cargo fuzz list)")?;
+    if !list.status.success() {
+        bail!(
+            "cargo fuzz list failed: {}",
+            String::from_utf8_lossy(&list.stderr)
+        );
+    }
+    let targets: Vec<String> = String::from_utf8_lossy(&list.stdout)
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    if targets.is_empty() {
+        bail!("cargo fuzz list found no fuzz targets in fuzz/");
+    }
+    let profile = if run_spec.dev { "--dev" } else { "--release" };
+    step(&format!(
+        "fuzzing {} for {} s each ({}; the first run builds the instrumented targets, several minutes on a fresh clone)",
+        targets.join(", "),
+        run_spec.seconds,
+        if run_spec.dev {
+            "unoptimised build"
+        } else {
+            "optimised build"
+        },
+    ));
+    for target in &targets {
+        let scratch = std::path::Path::new(run_spec.scratch).join(target);
+        if run_spec.fresh {
+            let _ = std::fs::remove_dir_all(&scratch);
+        }
+        std::fs::create_dir_all(&scratch)
+            .with_context(|| format!("creating {}", scratch.display()))?;
+        run(Command::new("cargo")
+            .args([
+                "fuzz",
+                "run",
+                "--fuzz-dir",
+                "fuzz",
+                "--sanitizer",
+                "none",
+                profile,
+                target,
+            ])
+            .arg(&scratch)
+            .arg(format!("fuzz/corpus/{target}"))
+            .args([
+                "--",
+                &format!("-max_total_time={}", run_spec.seconds),
+                "-print_final_stats=1",
+            ]))
+        .with_context(|| {
+            format!(
+                "fuzz target {target} failed: the crashing input is under fuzz/artifacts/{target}/"
+            )
+        })?;
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     // Paths below (target/release/...) are relative to the workspace root, wherever
@@ -86,9 +177,31 @@ fn main() -> Result<()> {
             step(
                 "running the test suite (unit, golden packets through the real program, namespaces)",
             );
-            run(cargo()
+            let tests = run(cargo()
                 .args(["test", "--workspace", "--release", "--no-fail-fast"])
-                .args(&args))
+                .args(&args));
+            // A filter asks for some tests, not for the whole suite.
+            let fuzz = if args.is_empty() {
+                fuzz(&FuzzRun {
+                    seconds: FUZZ_SMOKE_SECONDS,
+                    dev: true,
+                    scratch: "target/fuzz-smoke",
+                    fresh: true,
+                })
+            } else {
+                step("fuzzing smoke run skipped: test arguments were given");
+                Ok(())
+            };
+            tests.and(fuzz)
+        }
+        Task::Fuzz { seconds } => {
+            bootstrap::ensure_all()?;
+            fuzz(&FuzzRun {
+                seconds,
+                dev: false,
+                scratch: "target/fuzz-corpus",
+                fresh: false,
+            })
         }
         Task::Demo => {
             bootstrap::ensure_all()?;
