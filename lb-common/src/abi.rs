@@ -342,11 +342,21 @@ impl FlowState {
     }
 
     /// Whether an `XLB_HANDSHAKES` record still says where its handshake's SYN went at
-    /// `now_ns`: no handshake takes longer than `HANDSHAKE_TIMEOUT_S`.
+    /// `now_ns`: not consumed, and no older than a handshake can take
+    /// (`HANDSHAKE_TIMEOUT_S`).
     #[inline(always)]
     #[must_use]
     pub const fn is_recent_handshake(&self, now_ns: u64) -> bool {
-        now_ns.saturating_sub(self.last_seen_ns) <= HANDSHAKE_TIMEOUT_S as u64 * NS_PER_S
+        self.last_seen_ns != 0
+            && now_ns.saturating_sub(self.last_seen_ns) <= HANDSHAKE_TIMEOUT_S as u64 * NS_PER_S
+    }
+
+    /// Marks an `XLB_HANDSHAKES` record as used by the connection it created, whose entry
+    /// decides from then on: a record left standing would pass for a client reusing the
+    /// port.
+    #[inline(always)]
+    pub const fn consume(&mut self) {
+        self.last_seen_ns = 0;
     }
 
     /// A flow that is really live: current and not closing (what `live_flows` counts).
@@ -617,6 +627,10 @@ mod tests {
             record.is_recent_handshake(999 * NS_PER_S),
             "written on another CPU a tick ahead"
         );
+        let mut consumed = record;
+        consumed.consume();
+        assert!(!consumed.is_recent_handshake(1000 * NS_PER_S));
+        assert!(!consumed.is_recent_handshake(0), "even right after boot");
     }
 
     #[test]

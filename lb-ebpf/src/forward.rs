@@ -183,16 +183,14 @@ fn to_backend<H: Hook>(ctx: &H, p: &Parsed, vip: &VipInfo, t: &mut Translation) 
                 let id = state.backend_id;
                 match usable_backend(id, vip.vip_id, p.ipv6, BACKEND_ACTIVE | BACKEND_DRAINING) {
                     // A connection closing, or on a draining backend, is where a client
-                    // reusing its port finds an old entry: a handshake recorded since the
-                    // entry's last packet is a new connection, which its SYN decided.
+                    // reusing its port finds an old entry: a handshake not yet consumed is a
+                    // new connection, which its SYN decided.
                     Some(b)
                         if state.is_current(now, vip.idle_timeout_s)
                             && !(tcp
                                 && (state.closing != 0 || b.flags & BACKEND_ACTIVE == 0)
-                                && handshake_entry(&key).is_some_and(|h| {
-                                    h.is_recent_handshake(now)
-                                        && h.last_seen_ns > state.last_seen_ns
-                                })) =>
+                                && handshake_entry(&key)
+                                    .is_some_and(|h| h.is_recent_handshake(now))) =>
                     {
                         Flow::Known(id, b, state)
                     }
@@ -217,17 +215,9 @@ fn to_backend<H: Hook>(ctx: &H, p: &Parsed, vip: &VipInfo, t: &mut Translation) 
         Flow::Opening => {
             count(Counter::ConntrackMiss);
             let Some((id, b)) = pick_backend(&key, vip, p.ipv6) else {
-                count(Counter::NoBackend);
-                t.no_backend = true;
-                return None;
+                return refuse_new_flow(t);
             };
-            let state = FlowState {
-                backend_id: id,
-                closing,
-                _pad: [0; 3],
-                last_seen_ns: now,
-                reply_next_hop: reply_next_hop(ctx, p),
-            };
+            let state = fresh_state(ctx, p, id, closing, now);
             if let Err(errno) = HANDSHAKES.insert(&key, &state, 0) {
                 count(Counter::ConntrackInsertFailed);
                 warn!(ctx, "handshake insert failed: errno {}", errno);
@@ -239,33 +229,30 @@ fn to_backend<H: Hook>(ctx: &H, p: &Parsed, vip: &VipInfo, t: &mut Translation) 
         Flow::Unknown(entry) => {
             count(Counter::ConntrackMiss);
             // A handshake's ACK: the connection goes where its SYN went, if that backend
-            // still takes its flows (a handshake is a flow of its own: draining keeps it).
-            // A record older than the entry is the old connection's own. Without a record
-            // (evicted, or no SYN seen) the live ring decides.
-            let entry_seen = entry.as_ref().map_or(0, |e| e.last_seen_ns);
+            // still takes its flows (a handshake is a flow of its own: draining keeps it),
+            // and the record is consumed: the connection's entry speaks for it from now on.
+            // Without a record (evicted, consumed, or no SYN seen) the live ring decides.
             let recorded = if tcp {
                 handshake_entry(&key)
-                    .filter(|h| h.is_recent_handshake(now) && h.last_seen_ns > entry_seen)
+                    .filter(|h| h.is_recent_handshake(now))
                     .and_then(|h| {
                         let id = h.backend_id;
-                        usable_backend(id, vip.vip_id, p.ipv6, BACKEND_ACTIVE | BACKEND_DRAINING)
-                            .map(|b| (id, b))
+                        let b = usable_backend(
+                            id,
+                            vip.vip_id,
+                            p.ipv6,
+                            BACKEND_ACTIVE | BACKEND_DRAINING,
+                        )?;
+                        h.consume();
+                        Some((id, b))
                     })
             } else {
                 None
             };
             let Some((id, b)) = recorded.or_else(|| pick_backend(&key, vip, p.ipv6)) else {
-                count(Counter::NoBackend);
-                t.no_backend = true;
-                return None;
+                return refuse_new_flow(t);
             };
-            let state = FlowState {
-                backend_id: id,
-                closing,
-                _pad: [0; 3],
-                last_seen_ns: now,
-                reply_next_hop: reply_next_hop(ctx, p),
-            };
+            let state = fresh_state(ctx, p, id, closing, now);
             match entry {
                 Some(old) => *old = state,
                 None => {
@@ -289,6 +276,27 @@ fn to_backend<H: Hook>(ctx: &H, p: &Parsed, vip: &VipInfo, t: &mut Translation) 
     t.addr = backend.addr;
     t.port_be = backend.port_be;
     backend_hop(backend_id, now)
+}
+
+/// No backend can take a new flow: it is dropped (`t.no_backend`).
+#[inline(always)]
+fn refuse_new_flow(t: &mut Translation) -> HopCache {
+    count(Counter::NoBackend);
+    t.no_backend = true;
+    None
+}
+
+/// What a flow's first packet records (in the connection table, or for a SYN in the
+/// handshake table): its backend, and the way back to the client.
+#[inline(always)]
+fn fresh_state<H: Hook>(ctx: &H, p: &Parsed, backend_id: u32, closing: u8, now: u64) -> FlowState {
+    FlowState {
+        backend_id,
+        closing,
+        _pad: [0; 3],
+        last_seen_ns: now,
+        reply_next_hop: reply_next_hop(ctx, p),
+    }
 }
 
 /// Replies find their flow's own entry through the endpoint table, unless the backend

@@ -555,12 +555,6 @@ impl Datapath {
         HashMap::try_from(self.map_ref(name)?).map_err(map_err(name))
     }
 
-    /// The handshakes under way, writable: for tests that age them.
-    pub fn handshakes_mut(&mut self) -> Result<HashMap<&mut MapData, FlowKey, FlowState>> {
-        let name = map_names::HANDSHAKES;
-        HashMap::try_from(self.map_data(name)?).map_err(map_err(name))
-    }
-
     /// The connection table, writable: for tests that age or plant entries.
     pub fn conntrack_mut(&mut self) -> Result<HashMap<&mut MapData, FlowKey, FlowState>> {
         let name = map_names::CONNTRACK;

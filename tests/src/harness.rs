@@ -228,9 +228,7 @@ impl Lab {
         let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
             .expect("CLOCK_MONOTONIC_COARSE");
         let now_ns = u64::try_from(Duration::from(now).as_nanos()).expect("u64 nanoseconds");
-        let aged = now_ns - u64::try_from(idle.as_nanos()).expect("u64 nanoseconds");
-        let shift = state.last_seen_ns.saturating_sub(aged);
-        state.last_seen_ns = aged;
+        state.last_seen_ns = now_ns - u64::try_from(idle.as_nanos()).expect("u64 nanoseconds");
         let key = FlowKey::new(client, vip.addr, vip.proto.number());
         self.balancer
             .datapath_mut()
@@ -244,25 +242,6 @@ impl Lab {
                 })
             })
             .unwrap_or_else(|e| panic!("ageing {client} -> {vip}: {}", chain(&e)));
-        // The connection's handshake record ages with it, as it would in time: it stays
-        // older than the entry, so it never passes for a newer connection.
-        if let Some(mut record) = self.handshake_state(client, vip) {
-            record.last_seen_ns = record.last_seen_ns.saturating_sub(shift);
-            self.balancer
-                .datapath_mut()
-                .handshakes_mut()
-                .and_then(|mut table| {
-                    table.insert(&key, &record, 0).map_err(|source| {
-                        lb_userspace::datapath::DatapathError::Map {
-                            name: lb_common::map_names::HANDSHAKES,
-                            source,
-                        }
-                    })
-                })
-                .unwrap_or_else(|e| {
-                    panic!("ageing the handshake {client} -> {vip}: {}", chain(&e))
-                });
-        }
     }
 
     /// # Panics
