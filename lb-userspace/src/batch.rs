@@ -1,12 +1,14 @@
-//! Many entries of a `u32 -> u32` BPF array in one `BPF_MAP_UPDATE_BATCH` call. aya 0.16 has
-//! no batch API, and a Maglev ring (65 537 slots) written one `bpf(2)` call per slot costs
-//! tens of milliseconds: the first backend of a VIP writes every slot.
+//! Many entries of a `u32 -> u32` BPF array in one `BPF_MAP_UPDATE_BATCH` or
+//! `BPF_MAP_LOOKUP_BATCH` call. aya 0.16 has no batch API, and a Maglev ring (65 537 slots)
+//! written or read one `bpf(2)` call per slot costs tens of milliseconds: the first backend of
+//! a VIP writes every slot, and a restart reads every VIP's live ring back.
 
 use std::{
     io,
     os::fd::{AsRawFd, BorrowedFd},
 };
 
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 
 /// The `batch` member of the kernel's `union bpf_attr`.
@@ -67,10 +69,76 @@ pub fn update_u32_array(
     Ok(())
 }
 
+/// The `count` entries of the array map `map` from key `first` on, in key order.
+///
+/// # Errors
+/// The kernel refusing the batch (kernels before 5.6), or the range running past the map's
+/// end. The caller may read one by one instead.
+pub fn lookup_u32_array(
+    map: BorrowedFd<'_>,
+    first: u32,
+    count: usize,
+) -> Result<Vec<u32>, BatchError> {
+    let mut keys = vec![0u32; count];
+    let mut values = vec![0u32; count];
+    let mut done = 0usize;
+    // An array batch starts after the key `in_batch` points at (none: at key 0) and leaves
+    // the last key it read in `out_batch`.
+    let mut cursor = first.wrapping_sub(1);
+    while done < count {
+        let mut last = 0u32;
+        let mut attr = BatchAttr {
+            in_batch: if done == 0 && first == 0 {
+                0
+            } else {
+                (&raw const cursor) as u64
+            },
+            out_batch: (&raw mut last) as u64,
+            keys: keys[done..].as_mut_ptr() as u64,
+            values: values[done..].as_mut_ptr() as u64,
+            count: u32::try_from(count - done).unwrap_or(u32::MAX),
+            map_fd: map.as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        // SAFETY: as in `update_u32_array`; the kernel writes at most `count` keys and values
+        // into buffers that hold that many, and one key into `last`.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &raw mut attr,
+                size_of::<BatchAttr>() as libc::c_uint,
+            )
+        };
+        let got = attr.count as usize;
+        // ENOENT: the map ended, with `got` entries read in this call.
+        if ret < 0 && (io::Error::last_os_error().raw_os_error() != Some(libc::ENOENT) || got == 0)
+        {
+            return Err(BatchError {
+                done,
+                source: io::Error::last_os_error(),
+            });
+        }
+        if got == 0 {
+            break;
+        }
+        done += got;
+        cursor = last;
+    }
+    let expected = (0..count as u32).map(|i| first.wrapping_add(i));
+    if done != count || !keys.iter().copied().eq(expected) {
+        return Err(BatchError {
+            done,
+            source: io::Error::new(io::ErrorKind::InvalidData, "keys out of sequence"),
+        });
+    }
+    Ok(values)
+}
+
 #[derive(Debug, thiserror::Error)]
-#[error("BPF_MAP_UPDATE_BATCH failed after {done} entries")]
+#[error("a BPF batch operation failed after {done} entries")]
 pub struct BatchError {
-    /// Entries written before the failure.
+    /// Entries written (or read) before the failure.
     pub done: usize,
     #[source]
     pub source: io::Error,
@@ -155,6 +223,27 @@ mod tests {
 
     fn write_one(map: BorrowedFd<'_>, key: u32, mut value: u32) {
         elem(map, 2, key, &mut value);
+    }
+
+    /// A ring read back in one batch is the ring read slot by slot, from either half.
+    #[test]
+    fn batch_reads_what_one_by_one_reads() {
+        const RING: u32 = 1009;
+        let map = array_map(2 * RING);
+        for key in 0..2 * RING {
+            write_one(map.as_fd(), key, key.wrapping_mul(2_654_435_761));
+        }
+        for first in [0, RING] {
+            let batch = lookup_u32_array(map.as_fd(), first, RING as usize).unwrap();
+            let single: Vec<u32> = (first..first + RING)
+                .map(|k| read(map.as_fd(), k))
+                .collect();
+            assert_eq!(batch, single, "ring at {first}");
+        }
+        assert!(
+            lookup_u32_array(map.as_fd(), RING + 1, RING as usize).is_err(),
+            "a range past the map's end is refused"
+        );
     }
 
     /// A whole Maglev ring and then a sparse change of it, written both ways into two maps:

@@ -497,6 +497,32 @@ impl Datapath {
         Array::try_from(self.map_data(name)?).map_err(map_err(name))
     }
 
+    /// The `size` ring slots from `base` on, with one batch lookup, or one lookup per slot
+    /// where the kernel has no batch lookups for arrays.
+    ///
+    /// # Errors
+    /// A slot out of range or the kernel refusing a lookup.
+    pub fn read_ring(&mut self, base: u32, size: u32) -> Result<Vec<u32>> {
+        let name = map_names::MAGLEV;
+        {
+            let aya::maps::Map::Array(data) = self.map_data(name)? else {
+                return Err(DatapathError::Map {
+                    name,
+                    source: MapError::InvalidMapType { map_type: 0 },
+                });
+            };
+            if let Ok(ring) = crate::batch::lookup_u32_array(data.fd().as_fd(), base, size as usize)
+            {
+                return Ok(ring);
+            }
+        }
+        let rings = self.rings()?;
+        (base..base + size)
+            .map(|slot| rings.get(&slot, 0))
+            .collect::<Result<Vec<u32>, _>>()
+            .map_err(map_err(name))
+    }
+
     /// Writes Maglev ring slots (`(slot, backend id)`, slots absolute) with one batch update,
     /// or one update per slot where the kernel has no batch updates for arrays.
     ///
@@ -727,15 +753,15 @@ impl Maps for Datapath {
             let (key, info) = item.map_err(map_err(map_names::VIPS))?;
             held.vips.insert((key.socket_addr(), key.proto), info);
         }
-        {
-            let rings = self.rings()?;
-            for info in held.vips.values().filter(|i| i.ring_size > 0) {
-                let ring = (info.ring_base..info.ring_base + info.ring_size)
-                    .map(|slot| rings.get(&slot, 0))
-                    .collect::<Result<Vec<u32>, _>>()
-                    .map_err(map_err(map_names::MAGLEV))?;
-                held.rings.insert(info.ring_base, ring);
-            }
+        let live: Vec<VipInfo> = held
+            .vips
+            .values()
+            .filter(|i| i.ring_size > 0)
+            .copied()
+            .collect();
+        for info in live {
+            let ring = self.read_ring(info.ring_base, info.ring_size)?;
+            held.rings.insert(info.ring_base, ring);
         }
         for (id, item) in self.backends()?.iter().enumerate() {
             let backend = item.map_err(map_err(map_names::BACKENDS))?;
