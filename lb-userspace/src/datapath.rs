@@ -271,7 +271,26 @@ impl Datapath {
             .map_err(|source| DatapathError::Program { name, source })
     }
 
-    fn load_classifier(&mut self) -> Result<()> {
+    /// The TC classifier, for test runs through the TC hook (`load_classifier` first).
+    ///
+    /// # Errors
+    /// The program missing or not loaded.
+    pub fn classifier(&self) -> Result<&SchedClassifier> {
+        let name = program_names::XLB_TC;
+        let program = self.ebpf.program(name).ok_or(DatapathError::Missing {
+            kind: "program",
+            name,
+        })?;
+        program
+            .try_into()
+            .map_err(|source| DatapathError::Program { name, source })
+    }
+
+    /// Loads the TC classifier into the kernel if it is not yet (attaching does it too).
+    ///
+    /// # Errors
+    /// The verifier rejecting the program.
+    pub fn load_classifier(&mut self) -> Result<()> {
         let tc = self.classifier_mut()?;
         if tc.fd().is_err() {
             tc.load().map_err(|source| DatapathError::Program {

@@ -367,6 +367,62 @@ impl Lab {
         (action, out)
     }
 
+    /// Loads the TC classifier, for [`Self::run_tc_on`].
+    ///
+    /// # Panics
+    /// The verifier rejecting it.
+    pub fn load_tc(&mut self) {
+        self.balancer
+            .datapath_mut()
+            .load_classifier()
+            .unwrap_or_else(|e| panic!("loading the TC program: {}", chain(&e)));
+    }
+
+    /// As [`Self::run_on`], through the TC hook (loaded with [`Self::load_tc`]): the frame
+    /// becomes a socket buffer arriving on `ingress`. The verdict is returned as the XDP
+    /// action it stands for (the program counts it under that action too). `None`: the
+    /// kernel builds no socket buffer from this frame (`EINVAL`, e.g. an IPv6 frame cut
+    /// inside its header), so the program never sees it.
+    ///
+    /// # Panics
+    /// The kernel refusing the test run otherwise.
+    #[must_use]
+    pub fn run_tc_on(&self, frame: &[u8], ingress: u32) -> Option<(u32, Vec<u8>)> {
+        let mut out = vec![0u8; frame.len() + 512];
+        let tc = self
+            .balancer
+            .datapath()
+            .classifier()
+            .unwrap_or_else(|e| panic!("the TC program: {}", chain(&e)));
+        let ctx = sk_buff(ingress);
+        let r = tc.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            repeat: 1,
+            ..TestRunOptions::new()
+        });
+        let r = match r {
+            Ok(r) => r,
+            Err(aya::programs::ProgramError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(nix::libc::EINVAL) =>
+            {
+                return None;
+            }
+            Err(e) => panic!("TC test_run with {}: {}", hex(frame), chain(&e)),
+        };
+        let action = match r.return_value {
+            TC_ACT_OK => Action::Pass,
+            TC_ACT_SHOT => Action::Drop,
+            TC_ACT_REDIRECT => Action::Redirect,
+            _ => Action::Aborted,
+        };
+        let len = r.data_size_out as usize;
+        assert!(len <= out.len(), "test_run reported {len} bytes");
+        out.truncate(len);
+        Some((action as u32, out))
+    }
+
     /// Runs one case and describes every way it went wrong.
     ///
     /// # Errors
@@ -466,6 +522,20 @@ impl Lab {
 
 /// A `struct xdp_md` for test_run's `ctx_in`: the frame spans `[0, len)`, no metadata, and
 /// it arrives on `ingress_ifindex` (RX queue 0).
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+
+/// A `struct __sk_buff` for a TC test run: the packet arrived on `ifindex` (its
+/// `ingress_ifindex` and `ifindex`, at bytes 36 and 40); every other field zero, as the
+/// kernel requires of the ones it does not take.
+fn sk_buff(ifindex: u32) -> [u8; 192] {
+    let mut ctx = [0u8; 192];
+    ctx[36..40].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx
+}
+
 fn xdp_md(len: usize, ingress_ifindex: u32) -> [u8; 24] {
     let fields: [u32; 6] = [
         0,                                         // data

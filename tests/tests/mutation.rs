@@ -987,12 +987,22 @@ struct Summary {
     by_mutation: BTreeMap<&'static str, [u64; 3]>,
 }
 
-fn run_mutation_test(seed: u64, frames: usize) {
+/// Which of the program's hooks the frames go through.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Hook {
+    Xdp,
+    Tc,
+}
+
+fn run_mutation_test(seed: u64, frames: usize, hook: Hook) {
     let started = Instant::now();
     let nl = Netlink::open();
     let (lb_in, lb_out) = two_legged_host(&nl);
     let mut lab = Lab::new();
     let services = install(&mut lab);
+    if hook == Hook::Tc {
+        lab.load_tc();
+    }
     for leg in [lb_in, lb_out] {
         lab.balancer.allow_egress(leg).expect("veth in the devmap");
     }
@@ -1003,6 +1013,8 @@ fn run_mutation_test(seed: u64, frames: usize) {
         flows: HashMap::new(),
     };
     let mut rng = Rng(seed);
+    // Frames the kernel builds no socket buffer from (TC only): never seen by the program.
+    let mut refused_as_skb = 0usize;
     let mut summary = Summary::default();
     let mut failures = Vec::new();
     let mut examples = Examples::new();
@@ -1028,7 +1040,16 @@ fn run_mutation_test(seed: u64, frames: usize) {
         // Now and then on the other leg: the next hop is then behind the ingress (XDP_TX).
         let backend_leg = backend_leg != rng.one_in(16);
         let ingress = if backend_leg { lb_out } else { lb_in };
-        let (raw, output) = lab.run_on(&frame, Some(ingress));
+        let (raw, output) = match hook {
+            Hook::Xdp => lab.run_on(&frame, Some(ingress)),
+            Hook::Tc => match lab.run_tc_on(&frame, ingress) {
+                Some(run) => run,
+                None => {
+                    refused_as_skb += 1;
+                    continue;
+                }
+            },
+        };
         let verdict = match Action::from_raw(raw) {
             Some(Action::Drop) => Ok("dropped".to_owned()),
             Some(Action::Pass) if output == frame => Ok("passed unchanged".to_owned()),
@@ -1082,6 +1103,12 @@ fn run_mutation_test(seed: u64, frames: usize) {
     for (v, n) in &summary.by_verdict {
         let _ = writeln!(report, "  {n:>8}  {v}");
     }
+    if refused_as_skb > 0 {
+        let _ = writeln!(
+            report,
+            "     {refused_as_skb}  not run: the kernel builds no socket buffer from them"
+        );
+    }
     let _ = writeln!(
         report,
         "by last mutation (passed unchanged / dropped / rewritten):"
@@ -1114,17 +1141,32 @@ fn run_mutation_test(seed: u64, frames: usize) {
         summary.by_verdict.get("FAILED").copied().unwrap_or(0),
         failures.join("\n")
     );
+    assert!(
+        refused_as_skb < frames / 10,
+        "{refused_as_skb} of {frames} frames made no socket buffer: the test ran too few"
+    );
     assert_eq!(
         actions,
-        u64::try_from(frames).expect("u64"),
-        "one action counted per frame"
+        u64::try_from(frames - refused_as_skb).expect("u64"),
+        "one action counted per frame the program saw"
     );
 }
 
 /// The size CI runs.
 #[test]
 fn mutated_frames_are_passed_dropped_or_rewritten_by_the_rules() {
-    in_fresh_netns("mutation", LIMIT, || run_mutation_test(SEED, CI_FRAMES));
+    in_fresh_netns("mutation", LIMIT, || {
+        run_mutation_test(SEED, CI_FRAMES, Hook::Xdp)
+    });
+}
+
+/// The same through the TC hook (socket buffers, checksums through the kernel's helpers,
+/// `bpf_redirect`), a fifth of CI's count.
+#[test]
+fn mutated_frames_through_the_tc_hook_follow_the_same_rules() {
+    in_fresh_netns("mutation-tc", LIMIT, || {
+        run_mutation_test(SEED ^ 0x7c, CI_FRAMES / 5, Hook::Tc);
+    });
 }
 
 /// Ten times CI's count, from `XLB_MUTATION_SEED` (decimal or 0x hex) when set: for a search
@@ -1139,7 +1181,7 @@ fn mutated_frames_long() {
         parsed.unwrap_or_else(|e| panic!("XLB_MUTATION_SEED={s}: {e}"))
     });
     in_fresh_netns("mutation-long", LIMIT, move || {
-        run_mutation_test(seed, 10 * CI_FRAMES);
+        run_mutation_test(seed, 10 * CI_FRAMES, Hook::Xdp);
     });
 }
 
