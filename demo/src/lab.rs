@@ -28,13 +28,9 @@ use xlb_netns::{
 };
 
 use crate::{
-    Interrupt,
+    Interrupt, PREFIX,
     podman::{self, BRIDGE, HostLink, Podman},
 };
-
-/// Namespace names start with this (`xlbdemo-web-1-PID-N`), so `ip netns list` shows what
-/// they are and a later run can remove what a killed one left behind.
-pub const PREFIX: &str = "xlbdemo-";
 
 /// A replicated service behind one VIP.
 pub struct Service {

@@ -67,6 +67,11 @@ struct Args {
     no_podman: bool,
 }
 
+/// Namespace and container names start with this (`xlbdemo-web-1-PID-N`), so `ip netns
+/// list` and `podman ps` show what they are and a later run can remove what a killed one left
+/// behind.
+pub const PREFIX: &str = "xlbdemo-";
+
 /// Set by SIGINT or SIGTERM; every step checks it, and teardown runs either way.
 pub struct Interrupt(Arc<AtomicBool>);
 
@@ -631,7 +636,7 @@ struct Workdir {
 impl Workdir {
     fn create(pid: u32) -> Result<Self> {
         cleanup_stale_runs();
-        let dir = Path::new(WORK_ROOT).join(format!("{}{pid}", lab::PREFIX));
+        let dir = Path::new(WORK_ROOT).join(format!("{}{pid}", PREFIX));
         match fs::remove_dir_all(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -644,7 +649,7 @@ impl Workdir {
             dir,
         };
         if is_bpffs(Path::new(BPFFS_ROOT)) {
-            work.pins = Path::new(BPFFS_ROOT).join(format!("{}{pid}", lab::PREFIX));
+            work.pins = Path::new(BPFFS_ROOT).join(format!("{}{pid}", PREFIX));
         } else {
             let mnt = work.dir.join("bpffs");
             fs::create_dir(&mnt).with_context(|| format!("creating {}", mnt.display()))?;
@@ -686,7 +691,7 @@ fn is_bpffs(path: &Path) -> bool {
 
 /// The pid in `xlbdemo-PID`, if `name` is one of ours.
 fn run_pid(name: &str) -> Option<i32> {
-    name.strip_prefix(lab::PREFIX)?.parse().ok()
+    name.strip_prefix(PREFIX)?.parse().ok()
 }
 
 /// Removes the files and pins of demo runs whose process is gone (killed with SIGKILL);
@@ -719,13 +724,13 @@ fn leftovers(pid: u32) -> Vec<String> {
     if let Ok(entries) = fs::read_dir("/run/netns") {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with(lab::PREFIX) && name.contains(&tag) {
+            if name.starts_with(PREFIX) && name.contains(&tag) {
                 left.push(format!("namespace {name}"));
             }
         }
     }
     for root in [WORK_ROOT, BPFFS_ROOT] {
-        let p = Path::new(root).join(format!("{}{pid}", lab::PREFIX));
+        let p = Path::new(root).join(format!("{}{pid}", PREFIX));
         if p.exists() {
             left.push(p.display().to_string());
         }

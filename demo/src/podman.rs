@@ -30,7 +30,7 @@ use anyhow::{Context, Result, bail};
 use nix::{sys::signal::kill, unistd::Pid};
 use xlb_netns::{Netns, ipnet::Ipv4Net};
 
-use crate::{Interrupt, lab::PREFIX};
+use crate::{Interrupt, PREFIX};
 
 /// Shared with xlb's podman test: the same bytes either way, imported once.
 pub const IMAGE: &str = "localhost/xlb-busybox:latest";
