@@ -19,8 +19,9 @@ pub mod map_names {
     pub const ENDPOINTS: &str = "XLB_ENDPOINTS";
     pub const BACKEND_HOPS: &str = "XLB_BEHOPS";
     pub const HANDSHAKES: &str = "XLB_HANDSHAKES";
+    pub const HANDSHAKE_REPLIES: &str = "XLB_HSREVNAT";
     /// All maps the agent pins, in a stable order.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         VIPS,
         MAGLEV,
         BACKENDS,
@@ -34,6 +35,7 @@ pub mod map_names {
         ENDPOINTS,
         BACKEND_HOPS,
         HANDSHAKES,
+        HANDSHAKE_REPLIES,
     ];
 }
 

@@ -6,6 +6,7 @@ use core::{ffi::c_void, mem};
 use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup},
     helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_ktime_get_coarse_ns},
+    maps::LruHashMap,
 };
 use aya_log_ebpf::warn;
 use lb_common::{
@@ -20,8 +21,9 @@ use crate::{
     hook::Hook,
     icmp,
     maps::{
-        BACKENDS, CONNTRACK, ENDPOINTS, HANDSHAKES, HopCache, MAGLEV, PORTS, REVERSE_NAT, VIPS,
-        XLB_HASH_SEED, backend_hop_slot, flow_entry, handshake_entry, reverse_entry,
+        BACKENDS, CONNTRACK, ENDPOINTS, HANDSHAKE_REPLIES, HANDSHAKES, HopCache, MAGLEV, PORTS,
+        REVERSE_NAT, VIPS, XLB_HASH_SEED, backend_hop_slot, flow_entry, handshake_entry,
+        handshake_reverse_entry, reverse_entry,
     },
     nat::Endpoint,
     stats::{count, count_forwarded},
@@ -222,8 +224,9 @@ fn to_backend<H: Hook>(ctx: &H, p: &Parsed, vip: &VipInfo, t: &mut Translation) 
                 count(Counter::ConntrackInsertFailed);
                 warn!(ctx, "handshake insert failed: errno {}", errno);
             }
-            // The SYN-ACK must find its VIP already when the backend serves several.
-            record_reverse_if_shared(ctx, p, vip, b, &state.reply_next_hop);
+            // The SYN-ACK must find its VIP already when the backend serves several: a
+            // reverse record of the handshake's own, as floodable as the handshake.
+            record_reverse_if_shared(ctx, &HANDSHAKE_REPLIES, p, vip, b, &state.reply_next_hop);
             (id, b, false)
         }
         Flow::Unknown(entry) => {
@@ -263,10 +266,7 @@ fn to_backend<H: Hook>(ctx: &H, p: &Parsed, vip: &VipInfo, t: &mut Translation) 
                     }
                 }
             }
-            // A handshake's shared endpoint has its reverse entry from the SYN already.
-            if recorded.is_none() {
-                record_reverse_if_shared(ctx, p, vip, b, &state.reply_next_hop);
-            }
+            record_reverse_if_shared(ctx, &REVERSE_NAT, p, vip, b, &state.reply_next_hop);
             (id, b, true)
         }
     };
@@ -306,6 +306,7 @@ fn fresh_state<H: Hook>(ctx: &H, p: &Parsed, backend_id: u32, closing: u8, now: 
 #[inline(always)]
 fn record_reverse_if_shared<H: Hook>(
     ctx: &H,
+    table: &LruHashMap<FlowKey, ReverseNat>,
     p: &Parsed,
     vip: &VipInfo,
     b: &Backend,
@@ -335,7 +336,7 @@ fn record_reverse_if_shared<H: Hook>(
         vip_id: vip.vip_id,
         next_hop: *reply_hop,
     };
-    if let Err(errno) = REVERSE_NAT.insert(&reply, &reverse, 0) {
+    if let Err(errno) = table.insert(&reply, &reverse, 0) {
         count(Counter::ConntrackInsertFailed);
         warn!(ctx, "reverse-NAT insert failed: errno {}", errno);
     }
@@ -425,16 +426,18 @@ pub fn reply_flow(reply: &Reply, t: &mut Translation) -> HopCache {
     };
     // SAFETY: the agent replaces endpoint entries whole.
     let e = (unsafe { ENDPOINTS.get(&endpoint) })?;
-    // A backend serving several VIPs: the reply's own reverse entry says which VIP.
+    // A backend serving several VIPs: the reply's own reverse entry says which VIP (a
+    // handshake's, until the connection's next packet records the connection's).
     let reverse = if e.vips != 1 {
-        reverse_entry(&FlowKey {
+        let key = FlowKey {
             src: *reply.src,
             dst: *reply.dst,
             sport_be: reply.sport_be,
             dport_be: reply.dport_be,
             proto: reply.proto,
             _pad: [0; 3],
-        })
+        };
+        reverse_entry(&key).or_else(|| handshake_reverse_entry(&key))
     } else {
         None
     };

@@ -44,6 +44,13 @@ pub static CONNTRACK: LruHashMap<FlowKey, FlowState> =
 pub static HANDSHAKES: LruHashMap<FlowKey, FlowState> =
     LruHashMap::with_max_entries(HANDSHAKE_ENTRIES_MIN, BPF_F_NO_COMMON_LRU);
 
+/// The reverse-NAT records of handshakes to endpoints shared by several VIPs (as
+/// `XLB_REVNAT`), so that their SYN-ACKs find their VIP: a table of its own, for the same
+/// reason as `XLB_HANDSHAKES`. The connection's own reverse entry comes with its next packet.
+#[map(name = "XLB_HSREVNAT")]
+pub static HANDSHAKE_REPLIES: LruHashMap<FlowKey, ReverseNat> =
+    LruHashMap::with_max_entries(HANDSHAKE_ENTRIES_MIN, BPF_F_NO_COMMON_LRU);
+
 /// Backend endpoint → the VIP it serves (see `lb_common::EndpointVip`).
 #[map(name = "XLB_ENDPOINTS")]
 pub static ENDPOINTS: HashMap<VipKey, EndpointVip> = HashMap::with_max_entries(MAX_BACKENDS, 0);
@@ -100,6 +107,14 @@ pub fn handshake_entry(key: &FlowKey) -> Option<&'static mut FlowState> {
 #[inline(always)]
 pub fn reverse_entry(key: &FlowKey) -> Option<&'static mut ReverseNat> {
     let entry = REVERSE_NAT.get_ptr_mut(key)?;
+    // SAFETY: as in `flow_entry`.
+    Some(unsafe { &mut *entry })
+}
+
+/// The handshake reverse-NAT record of a reply's `key` (see `HANDSHAKE_REPLIES`).
+#[inline(always)]
+pub fn handshake_reverse_entry(key: &FlowKey) -> Option<&'static mut ReverseNat> {
+    let entry = HANDSHAKE_REPLIES.get_ptr_mut(key)?;
     // SAFETY: as in `flow_entry`.
     Some(unsafe { &mut *entry })
 }

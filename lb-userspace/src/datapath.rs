@@ -213,6 +213,10 @@ impl Datapath {
             .map_max_entries(
                 map_names::HANDSHAKES,
                 lb_common::handshake_entries(config.conntrack_entries),
+            )
+            .map_max_entries(
+                map_names::HANDSHAKE_REPLIES,
+                lb_common::handshake_entries(config.conntrack_entries),
             );
         if let Some(dir) = pins {
             for name in map_names::ALL {

@@ -993,6 +993,15 @@ fn flow_entries_end_with_syn_fin_rst_and_idle_timeouts() {
             &new,
             "SYN via shared",
         );
+        // The endpoint serves two VIPs: the handshake's own reverse record says which.
+        reply(
+            &lab,
+            &Packet::tcp(shared, v4_client(via_shared))
+                .syn()
+                .tcp_ack_flag(),
+            &shared_vip,
+            "SYN-ACK via shared: from the VIP the SYN went to",
+        );
         send(
             &lab,
             &flow(via_shared, &shared_vip),
