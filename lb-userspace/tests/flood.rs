@@ -36,7 +36,7 @@ use lb_userspace::bench::frames::{self, TCP_SYN};
 use xlb_netns::{Netns, Topology, ipnet::Ipv4Net};
 
 mod common;
-use common::{NsAgent, TcpServer, backend_v4, counter};
+use common::{NsAgent, RaiseOnDrop, TcpServer, backend_v4, counter};
 
 const NS_PREFIX: &str = "xflood-";
 const SUITE: &str = "flood";
@@ -440,6 +440,7 @@ fn a_syn_flood_does_not_break_established_flows() {
         ..Progress::default()
     });
     let stop = Arc::new(AtomicBool::new(false));
+    let _stop_on_panic = RaiseOnDrop(Arc::clone(&stop));
     let mut handles = Vec::new();
     for index in 0..streams {
         let (stop, progress) = (Arc::clone(&stop), Arc::clone(&progress));
