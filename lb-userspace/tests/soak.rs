@@ -46,6 +46,7 @@ use std::{
 };
 
 use serde_json::Value;
+use socket2::{Domain, Protocol, Socket, Type};
 use xlb_netns::{Netns, Topology};
 
 mod common;
@@ -100,6 +101,16 @@ fn soak_duration() -> Duration {
 /// Four restarts in a short run, one every 10 minutes in the hour run.
 fn restart_every(soak: Duration) -> Duration {
     (soak / 6).clamp(Duration::from_secs(12), Duration::from_secs(600))
+}
+
+/// The client's source address towards VIP `v`: one per VIP. Every backend serves several
+/// VIPs on one port, and xlb rewrites only the destination, so a client that used one source
+/// port towards two VIPs at once (Linux reuses an ephemeral port across destinations) would
+/// present one 4-tuple for both connections at the backend, which then resets one of them.
+/// That is a limit of destination-only NAT (see docs/reliability.md), not what the soak
+/// measures.
+fn client_addr(v: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 10, 0, 2 + u8::try_from(v).expect("few VIPs"))
 }
 
 fn backend_addr(i: usize) -> SocketAddr {
@@ -265,8 +276,13 @@ struct Line {
 impl Line {
     fn open(vip: usize) -> Result<Self, (Option<usize>, String)> {
         let fail = |e: std::io::Error| (None, e.to_string());
-        let conn = TcpStream::connect_timeout(&SocketAddr::V4(VIPS[vip]), CONNECT_TIMEOUT)
-            .map_err(|e| (None, format!("connect: {e}")))?;
+        let connect = || -> std::io::Result<TcpStream> {
+            let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+            socket.bind(&SocketAddr::new(client_addr(vip).into(), 0).into())?;
+            socket.connect_timeout(&SocketAddr::V4(VIPS[vip]).into(), CONNECT_TIMEOUT)?;
+            Ok(socket.into())
+        };
+        let conn = connect().map_err(|e| (None, format!("connect: {e}")))?;
         conn.set_read_timeout(Some(IO_TIMEOUT)).map_err(fail)?;
         conn.set_write_timeout(Some(IO_TIMEOUT)).map_err(fail)?;
         let mut line = Self {
@@ -291,7 +307,14 @@ impl Line {
             Ok(0) => Err((self.backend, "closed by the peer".to_owned())),
             Ok(_) => Ok(got),
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                Err((self.backend, format!("nothing for {IO_TIMEOUT:?}")))
+                let local = self
+                    .writer
+                    .local_addr()
+                    .map_or_else(|e| e.to_string(), |a| a.to_string());
+                Err((
+                    self.backend,
+                    format!("nothing for {IO_TIMEOUT:?} (client {local})"),
+                ))
             }
             Err(e) => Err((self.backend, e.to_string())),
         }
@@ -762,6 +785,15 @@ fn soak_traffic_churn_flaps_reloads_restarts() {
         dir,
         topology,
     };
+    for v in 1..VIPS.len() {
+        lab.topology
+            .client()
+            .add_address(
+                &lab.topology.client_link.b.ifname,
+                xlb_netns::ipnet::Ipv4Net::new(client_addr(v), 24).expect("prefix"),
+            )
+            .expect("a client address per VIP");
+    }
     let _servers: Vec<Server> = (0..BACKENDS)
         .map(|i| Server::start(lab.topology.backend(i), i))
         .collect();
@@ -804,6 +836,8 @@ fn soak_traffic_churn_flaps_reloads_restarts() {
     }
 
     let windows: Mutex<Vec<Window>> = Mutex::default();
+    // What the test did and when, to explain a failure.
+    let mut events: Vec<(Instant, String)> = Vec::new();
     let mut ops = Ops::default();
     let mut samples: Vec<Sample> = Vec::new();
     let started = Instant::now();
@@ -814,6 +848,9 @@ fn soak_traffic_churn_flaps_reloads_restarts() {
         started,
     );
     let mut churn_n = 0u64;
+    let mut explained = 0;
+    // What the agent's connection table said about each stalled flow right after the stall.
+    let mut explanations: BTreeMap<usize, String> = BTreeMap::new();
     let mut last_report = started;
     while started.elapsed() < soak {
         let now = Instant::now();
@@ -841,10 +878,15 @@ fn soak_traffic_churn_flaps_reloads_restarts() {
                     args.join(" ")
                 );
                 ops.reloads += 1;
+                events.push((
+                    now,
+                    format!("reload ({}): {}", args.join(" "), changes.trim()),
+                ));
             } else {
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
                 lab.cli(&args);
                 ops.cli += 1;
+                events.push((now, args.join(" ")));
             }
         }
         if now >= next_flap {
@@ -872,6 +914,13 @@ fn soak_traffic_churn_flaps_reloads_restarts() {
                 }
             }
             FLAPPER_DOWN.store(going_down, Ordering::Relaxed);
+            events.push((
+                now,
+                format!(
+                    "b{FLAPPER} health {}",
+                    if going_down { "down" } else { "up" }
+                ),
+            ));
         }
         if now >= next_restart {
             next_restart += restart_every;
@@ -901,12 +950,32 @@ fn soak_traffic_churn_flaps_reloads_restarts() {
                 agent.log()
             );
             ops.restarts += 1;
+            events.push((now, format!("restart {generation}")));
             lab.assert_holds(&model, &format!("after restart {generation}"));
             eprintln!(
                 "[{:>5.0} s] restart {generation}: answering after {} ms",
                 started.elapsed().as_secs_f64(),
                 t.elapsed().as_millis()
             );
+        }
+        let stalled: Vec<(usize, usize, String)> = traffic.failures.lock().expect("lock")
+            [explained..]
+            .iter()
+            .enumerate()
+            .filter_map(|(i, f)| {
+                let client = f.error.split("(client ").nth(1)?.trim_end_matches(')');
+                Some((explained + i, f.vip, client.to_owned()))
+            })
+            .collect();
+        explained = traffic.failures.lock().expect("lock").len();
+        for (i, v, client) in stalled {
+            let spec = vip_spec(v);
+            let out = xlb(
+                lab.ns(),
+                &lab.socket(),
+                &["explain", &client, &spec, "--json"],
+            );
+            explanations.insert(i, String::from_utf8_lossy(&out.stdout).replace('\n', " "));
         }
         if now - last_report >= Duration::from_secs(60) {
             last_report = now;
@@ -945,6 +1014,15 @@ fn soak_traffic_churn_flaps_reloads_restarts() {
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
     }
     lab.assert_holds(&model, "at the end");
+    let stats = common::json(lab.ns(), &lab.socket(), &["stats", "--json"]);
+    let agent_counters: Vec<String> = stats["global"]
+        .as_array()
+        .expect("global counters")
+        .iter()
+        .filter(|c| c["value"] != 0)
+        .map(|c| format!("{}={}", c["name"].as_str().unwrap_or("?"), c["value"]))
+        .collect();
+    let agent_counters = agent_counters.join(" ");
     let status = agent.stop();
     assert!(
         status.success(),
@@ -1039,6 +1117,30 @@ fn soak_traffic_churn_flaps_reloads_restarts() {
         ));
     }
 
+    for (i, f) in failures.iter().enumerate() {
+        if excused(f, &windows).is_some() {
+            continue;
+        }
+        if let Some(e) = explanations.get(&i) {
+            eprintln!("explain after the stall: {e}");
+        }
+        eprintln!(
+            "NOT excused: {} to {} on {} from {:.1} s to {:.1} s: {}; what happened meanwhile:",
+            f.what,
+            VIPS[f.vip],
+            f.backend
+                .map_or_else(|| "an unknown backend".to_owned(), |b| format!("b{b}")),
+            (f.started - started).as_secs_f64(),
+            (f.failed - started).as_secs_f64(),
+            f.error
+        );
+        for (at, what) in &events {
+            if *at + Duration::from_secs(1) >= f.started && *at <= f.failed {
+                eprintln!("    {:.1} s: {what}", (*at - started).as_secs_f64());
+            }
+        }
+    }
+    eprintln!("agent counters at the end: {}", agent_counters);
     assert!(
         unexcused.is_empty(),
         "{} connections failed that had no reason to: {unexcused:#?}",
