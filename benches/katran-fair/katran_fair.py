@@ -21,10 +21,14 @@ Programs:
   floor_pass / floor_parse   xdp_floor.c (empty XDP_PASS; eth/ip/tcp parse then pass).
 
 Cases:
-  a_syn_new_big     TCP SYN to the VIP, a fresh 5-tuple every call (never repeated in the run)
+  a_syn_new_big     TCP SYN to the VIP, a fresh 5-tuple every call (never repeated in the run);
+                    xlb records a SYN in its handshake table (XLB_HANDSHAKES, 1/8 of the
+                    connection table) and creates the connection's entry on the next packet
+  h_ack_new_big     a connection's first ACK without an entry, a fresh 5-tuple every call (no
+                    SYN seen): an insert into the connection table for both programs
   b_syn_new_small   the same against the small tables
   c1_ack_one        ACK of one established flow, repeated
-  c2_ack_100k       ACKs sampled uniformly across 100k established flows (SYNs sent first)
+  c2_ack_100k       ACKs sampled uniformly across 100k established flows (handshakes sent first)
   d_udp_nonvip      UDP to an address that is no VIP
   e_junk64          64 bytes of junk (not IP)
   f_floor           the floors on the SYN packet
@@ -389,6 +393,8 @@ class XlbInstance:
         self.gstats = obj_get(f"{self.bpffs}/XLB_GSTATS")
         self.conntrack = obj_get(f"{self.bpffs}/XLB_CONNTRACK")
         self.ct_info = map_info(self.conntrack)
+        self.handshakes = obj_get(f"{self.bpffs}/XLB_HANDSHAKES")
+        self.hs_info = map_info(self.handshakes)
         self.revnat_info = map_info(obj_get(f"{self.bpffs}/XLB_REVNAT"))
         self.maglev_info = map_info(obj_get(f"{self.bpffs}/XLB_MAGLEV"))
         self.vip_show = sh(f"{xlb} --socket {sock} vip list", check=False).stdout.strip()[:400]
@@ -401,6 +407,9 @@ class XlbInstance:
 
     def ct_count(self):
         return map_count(self.conntrack, self.ct_info["key_size"])
+
+    def hs_count(self):
+        return map_count(self.handshakes, self.hs_info["key_size"])
 
 
 def teardown():
@@ -505,6 +514,7 @@ def main():
     est_ack = Pool([tcp_frame(*tuple_at(205, i), VIP, VIP_PORT, 0x10, 1001, 5001) for i in range(args.established)])
     one_syn = Pool([tcp_frame("10.206.0.5", 40000, VIP, VIP_PORT, 0x02)])
     one_ack = Pool([tcp_frame("10.206.0.5", 40000, VIP, VIP_PORT, 0x10, 1001, 5001)])
+    pool_h = Pool([tcp_frame(*tuple_at(207, i), VIP, VIP_PORT, 0x10, 1001, 5001) for i in range(fresh_n)])
     udp = Pool([udp_frame("10.206.0.5", 40000, "10.99.0.1", 53, bytes(18))])
     junk = Pool([bytes((i * 37 + 11) & 0xff for i in range(64))])
     syn_ref = Pool([tcp_frame("10.206.0.7", 40000, VIP, VIP_PORT, 0x02)])
@@ -530,7 +540,9 @@ def main():
     for name in big:
         p = progs[name]
         t_established[name] = time.monotonic()
-        for pool in (one_syn, est_syn):
+        # A connection is established by its handshake: xlb creates a TCP flow's entry on the
+        # first packet after the SYN, Katran on the SYN (its ACKs then hit).
+        for pool in (one_syn, one_ack, est_syn, est_ack):
             for s in range(0, pool.n, 10000):
                 before_chunk(p)
                 addrs = array.array("Q", (pool.addr(i) for i in range(s, min(pool.n, s + 10000))))
@@ -572,6 +584,7 @@ def main():
 
     cases = [
         ("a_syn_new_big", big + ["floor_pass"], seq_fresh(pool_a), pool_a, "vip"),
+        ("h_ack_new_big", big + ["floor_pass"], seq_fresh(pool_h), pool_h, "vip"),
         ("b_syn_new_small", small + ["floor_pass"], seq_fresh(pool_b), pool_b, "vip"),
         ("c1_ack_one", big + ["floor_pass"], seq_const(one_ack), one_ack, "vip"),
         ("c2_ack_100k", big + ["floor_pass"], seq_est, est_ack, "vip"),
@@ -598,8 +611,9 @@ def main():
     for trial in range(args.trials):
         for cname, plist, seq, pool, kind in cases:
             durs = {p: array.array("I", bytes(4 * args.calls)) for p in plist}
-            lru_before = {p: kat[p].lru_count(args.cpu) for p in plist if p in kat and cname.startswith(("a_", "b_"))}
-            ct_before = {p: xl[p].ct_count() for p in plist if p in xl and cname.startswith(("a_", "b_"))}
+            lru_before = {p: kat[p].lru_count(args.cpu) for p in plist if p in kat and cname.startswith(("a_", "b_", "h_"))}
+            ct_before = {p: xl[p].ct_count() for p in plist if p in xl and cname.startswith(("a_", "b_", "h_"))}
+            hs_before = {p: xl[p].hs_count() for p in plist if p in xl and cname.startswith(("a_", "b_"))}
             for k in range(chunks):
                 order = plist[k % len(plist):] + plist[:k % len(plist)]
                 for name in order:
@@ -650,6 +664,8 @@ def main():
                             if d["tx"][0] != ncall: bad.append(f"tx {d['tx'][0]}")
                             if cname.startswith(("a_", "b_", "g_")) and d["lru_miss"] != [ncall, 0]:
                                 bad.append(f"lru_miss {d['lru_miss']} (want [{ncall}, 0])")
+                            if cname.startswith("h_") and sum(d["lru_miss"]) != ncall:
+                                bad.append(f"lru_miss {d['lru_miss']} (want {ncall} in all)")
                             if cname.startswith("c") and d["lru_miss"] != [0, 0]:
                                 bad.append(f"lru_miss {d['lru_miss']} (want none: LRU hits)")
                         else:
@@ -667,7 +683,7 @@ def main():
                             if d[z]: bad.append(f"{z} {d[z]}")
                         if kind == "vip":
                             if d["redirect"] != ncall: bad.append(f"redirect {d['redirect']}")
-                            if cname.startswith(("a_", "b_")) and (d["ct_miss"], d["ct_hit"]) != (ncall, 0):
+                            if cname.startswith(("a_", "b_", "h_")) and (d["ct_miss"], d["ct_hit"]) != (ncall, 0):
                                 bad.append(f"ct miss/hit {d['ct_miss']}/{d['ct_hit']} (want {ncall}/0)")
                             if cname.startswith("c") and (d["ct_miss"], d["ct_hit"]) != (0, ncall):
                                 bad.append(f"ct miss/hit {d['ct_miss']}/{d['ct_hit']} (want 0/{ncall})")
@@ -690,9 +706,17 @@ def main():
                 res[cname][name].setdefault("table", []).append([before, after])
             for name, before in ct_before.items():
                 after = xl[name].ct_count()
-                if xl[name].entries // NCPU > before + per_trial and after - before != per_trial:
-                    problems.append(f"{cname} t{trial} {name}: XLB_CONNTRACK {before} -> {after} (want +{per_trial})")
+                # xlb's SYN inserts into its handshake table; the connection's first ACK into
+                # the connection table
+                want = 0 if cname.startswith(("a_", "b_")) else per_trial
+                if xl[name].entries // NCPU > before + per_trial and after - before != want:
+                    problems.append(f"{cname} t{trial} {name}: XLB_CONNTRACK {before} -> {after} (want +{want})")
                 res[cname][name].setdefault("table", []).append([before, after])
+            for name, before in hs_before.items():
+                after = xl[name].hs_count()
+                if xl[name].hs_info["max_entries"] // NCPU > before + per_trial and after - before != per_trial:
+                    problems.append(f"{cname} t{trial} {name}: XLB_HANDSHAKES {before} -> {after} (want +{per_trial})")
+                res[cname][name].setdefault("handshakes", []).append([before, after])
             for name in plist:
                 res[cname][name]["durs"].extend(durs[name])
                 res[cname][name]["trial_medians"].append(statistics.median(durs[name]))
@@ -756,6 +780,7 @@ def main():
                   f"{str([round(x) for x in s['trial_medians']]):24} {s['rets']}")
     print("\nnet of floor_pass (case f), xlb / Katran:")
     pairs = [("a_syn_new_big", "xlb_1m", "katran_1m"), ("a_syn_new_big", "xlb_1m", "katran_500k"),
+             ("h_ack_new_big", "xlb_1m", "katran_1m"),
              ("b_syn_new_small", "xlb_1k", "katran_1k"), ("c1_ack_one", "xlb_1m", "katran_1m"),
              ("c2_ack_100k", "xlb_1m", "katran_1m"), ("d_udp_nonvip", "xlb_1m", "katran_1m"),
              ("e_junk64", "xlb_1m", "katran_1m")]

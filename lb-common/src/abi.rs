@@ -18,8 +18,9 @@ pub mod map_names {
     pub const PORTS: &str = "XLB_PORTS";
     pub const ENDPOINTS: &str = "XLB_ENDPOINTS";
     pub const BACKEND_HOPS: &str = "XLB_BEHOPS";
+    pub const HANDSHAKES: &str = "XLB_HANDSHAKES";
     /// All maps the agent pins, in a stable order.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         VIPS,
         MAGLEV,
         BACKENDS,
@@ -32,6 +33,7 @@ pub mod map_names {
         PORTS,
         ENDPOINTS,
         BACKEND_HOPS,
+        HANDSHAKES,
     ];
 }
 
@@ -109,6 +111,22 @@ pub const DEFAULT_MAX_VIPS: u32 = 64;
 pub const MAX_BACKENDS: u32 = 16_384;
 /// Connection-table entries (LRU), shared by all VIPs.
 pub const CONNTRACK_ENTRIES: u32 = 1 << 20;
+/// Connection-table entries per `XLB_HANDSHAKES` entry: a handshake's record is needed for
+/// one round trip (SYN to the handshake's ACK), a connection's entry for its whole life.
+pub const HANDSHAKE_ENTRIES_DIVISOR: u32 = 8;
+/// The smallest handshake table, whatever the connection table's size.
+pub const HANDSHAKE_ENTRIES_MIN: u32 = 8192;
+
+/// `XLB_HANDSHAKES` entries for a connection table of `conntrack_entries`.
+#[must_use]
+pub const fn handshake_entries(conntrack_entries: u32) -> u32 {
+    let n = conntrack_entries / HANDSHAKE_ENTRIES_DIVISOR;
+    if n < HANDSHAKE_ENTRIES_MIN {
+        HANDSHAKE_ENTRIES_MIN
+    } else {
+        n
+    }
+}
 /// Egress interfaces the program may redirect to.
 pub const MAX_EGRESS_PORTS: u32 = 256;
 
@@ -156,6 +174,10 @@ impl VipInfo {
         Some(self.ring_base + crate::hash::ring_offset(hash, self.ring_size))
     }
 }
+
+/// How long a handshake's record (`XLB_HANDSHAKES`) says where its SYN went: longer than a
+/// handshake takes, SYN-ACK retransmissions included.
+pub const HANDSHAKE_TIMEOUT_S: u32 = 30;
 
 /// Idle timeout of a TCP VIP's established connections unless configured otherwise.
 pub const DEFAULT_TCP_IDLE_TIMEOUT_S: u32 = 300;
@@ -315,6 +337,14 @@ impl FlowState {
         } else {
             idle_timeout_s == 0 || age <= idle_timeout_s as u64 * NS_PER_S
         }
+    }
+
+    /// Whether an `XLB_HANDSHAKES` record still says where its handshake's SYN went at
+    /// `now_ns`: no handshake takes longer than `HANDSHAKE_TIMEOUT_S`.
+    #[inline(always)]
+    #[must_use]
+    pub const fn is_recent_handshake(&self, now_ns: u64) -> bool {
+        now_ns.saturating_sub(self.last_seen_ns) <= HANDSHAKE_TIMEOUT_S as u64 * NS_PER_S
     }
 
     /// A flow that is really live: current and not closing (what `live_flows` counts).
@@ -566,6 +596,24 @@ mod tests {
             }
             .ring_slot(5),
             None
+        );
+    }
+
+    #[test]
+    fn the_handshake_table_scales_with_the_connection_table() {
+        assert_eq!(handshake_entries(CONNTRACK_ENTRIES), CONNTRACK_ENTRIES / 8);
+        assert_eq!(handshake_entries(1024), HANDSHAKE_ENTRIES_MIN);
+    }
+
+    #[test]
+    fn a_handshake_record_holds_for_the_handshake_timeout() {
+        let record = flow(0, 1000);
+        let end = (1000 + u64::from(HANDSHAKE_TIMEOUT_S)) * NS_PER_S;
+        assert!(record.is_recent_handshake(end));
+        assert!(!record.is_recent_handshake(end + 1));
+        assert!(
+            record.is_recent_handshake(999 * NS_PER_S),
+            "written on another CPU a tick ahead"
         );
     }
 

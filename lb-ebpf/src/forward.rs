@@ -9,9 +9,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use lb_common::{
-    BACKEND_ACTIVE, Backend, CLOSE_FIN_FROM_BACKEND, CLOSE_FIN_FROM_CLIENT, CLOSE_RESET, Counter,
-    FlowKey, FlowState, IPPROTO_TCP, LAST_SEEN_GRANULARITY_NS, NextHop, PORT_HAS_SHARED_ENDPOINT,
-    PORT_IS_BACKEND, PORT_IS_VIP, ReverseNat, VipInfo, VipKey,
+    BACKEND_ACTIVE, BACKEND_DRAINING, Backend, CLOSE_FIN_FROM_BACKEND, CLOSE_FIN_FROM_CLIENT,
+    CLOSE_RESET, Counter, FlowKey, FlowState, IPPROTO_TCP, LAST_SEEN_GRANULARITY_NS, NextHop,
+    PORT_HAS_SHARED_ENDPOINT, PORT_IS_BACKEND, PORT_IS_VIP, ReverseNat, VipInfo, VipKey,
     hash::flow_hash,
     parse::{PacketBytes, Parsed, Skip, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, parse},
 };
@@ -20,8 +20,8 @@ use crate::{
     hook::Hook,
     icmp,
     maps::{
-        BACKENDS, CONNTRACK, ENDPOINTS, HopCache, MAGLEV, PORTS, REVERSE_NAT, VIPS, XLB_HASH_SEED,
-        backend_hop_slot, flow_entry, reverse_entry,
+        BACKENDS, CONNTRACK, ENDPOINTS, HANDSHAKES, HopCache, MAGLEV, PORTS, REVERSE_NAT, VIPS,
+        XLB_HASH_SEED, backend_hop_slot, flow_entry, handshake_entry, reverse_entry,
     },
     nat::Endpoint,
     stats::{count, count_forwarded},
@@ -142,8 +142,29 @@ fn note_closing(state: &mut FlowState, bits: u8, now: impl FnOnce() -> u64) {
     }
 }
 
+/// What the connection table says about a client's packet.
+enum Flow {
+    /// An entry that still decides the flow's backend.
+    Known(u32, &'static Backend, &'static mut FlowState),
+    /// A SYN: a new connection, whatever an earlier one on the same 5-tuple chose (a backend
+    /// since drained, a ring since changed) is not its business. An earlier entry, if there
+    /// is one, is taken over in place; otherwise the handshake is recorded.
+    Opening(Option<&'static mut FlowState>),
+    /// An entry that no longer holds (idle or closed past its timeout, or naming a backend
+    /// that left): the flow it recorded is over, and this packet starts over with the live
+    /// ring.
+    Stale,
+    /// No entry: a flow's first packet (UDP, a handshake's ACK), or one whose entry was
+    /// evicted.
+    Unknown,
+}
+
 /// Finds or picks the flow's backend and fills `t`; returns where this CPU caches the
 /// backend's next hop. A flow no backend can take sets `t.no_backend`.
+///
+/// A TCP connection gets its entry from its first packet after the SYN, not from the SYN:
+/// the SYN is recorded in `XLB_HANDSHAKES`, a table of its own, so a flood of SYNs evicts
+/// handshakes at most, never an established connection.
 ///
 /// The cache reference travels as the return value, not inside `t`: the verifier forgets a
 /// pointer's type when it is copied through memory in pieces.
@@ -152,33 +173,28 @@ fn to_backend<H: Hook>(ctx: &H, p: &Parsed, vip: &VipInfo, t: &mut Translation) 
     let key = flow_key(p);
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    // A SYN opens a new connection: whatever an earlier one on the same 5-tuple chose (a
-    // backend since drained, a ring since changed) is not its business, so it skips the
-    // lookup and its choice replaces the old entry.
-    let opens = p.proto == IPPROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    let known = if opens {
-        None
+    let tcp = p.proto == IPPROTO_TCP;
+    let entry = flow_entry(&key);
+    let flow = if tcp && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        Flow::Opening(entry)
     } else {
-        flow_entry(&key).and_then(|state| {
-            // An entry idle past its timeout, or closed a while ago, is a miss: the flow it
-            // recorded is over, and this packet starts over with the live ring.
-            if !state.is_current(now, vip.idle_timeout_s) {
-                return None;
+        match entry {
+            None => Flow::Unknown,
+            Some(state) => {
+                // Established flows follow their backend while it is active or draining.
+                let id = state.backend_id;
+                match usable_backend(id, vip.vip_id, p.ipv6, BACKEND_ACTIVE | BACKEND_DRAINING) {
+                    Some(b) if state.is_current(now, vip.idle_timeout_s) => {
+                        Flow::Known(id, b, state)
+                    }
+                    _ => Flow::Stale,
+                }
             }
-            // Established flows follow their backend while it is active or draining.
-            let id = state.backend_id;
-            usable_backend(
-                id,
-                vip.vip_id,
-                p.ipv6,
-                lb_common::BACKEND_ACTIVE | lb_common::BACKEND_DRAINING,
-            )
-            .map(|b| (id, b, state))
-        })
+        }
     };
     let closing = close_bits(p, CLOSE_FIN_FROM_CLIENT);
-    let (backend_id, backend, new_flow) = match known {
-        Some((id, b, state)) => {
+    let (backend_id, backend, new_flow) = match flow {
+        Flow::Known(id, b, state) => {
             count(Counter::ConntrackHit);
             // Written at most once a second: no cache-line churn per packet.
             if now.wrapping_sub(state.last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
@@ -189,56 +205,70 @@ fn to_backend<H: Hook>(ctx: &H, p: &Parsed, vip: &VipInfo, t: &mut Translation) 
             }
             (id, b, false)
         }
-        None => {
+        Flow::Opening(earlier) => {
             count(Counter::ConntrackMiss);
+            let earlier_taken_over = earlier.is_some();
             let Some((id, b)) = pick_backend(&key, vip, p.ipv6) else {
                 count(Counter::NoBackend);
                 t.no_backend = true;
                 return None;
             };
-            let reply_hop = reply_next_hop(ctx, p);
             let state = FlowState {
                 backend_id: id,
                 closing,
                 _pad: [0; 3],
                 last_seen_ns: now,
-                reply_next_hop: reply_hop,
+                reply_next_hop: reply_next_hop(ctx, p),
+            };
+            match earlier {
+                Some(entry) => *entry = state,
+                None => {
+                    if let Err(errno) = HANDSHAKES.insert(&key, &state, 0) {
+                        count(Counter::ConntrackInsertFailed);
+                        warn!(ctx, "handshake insert failed: errno {}", errno);
+                    }
+                }
+            }
+            // The SYN-ACK must find its VIP already when the backend serves several.
+            record_reverse_if_shared(ctx, p, vip, b, &state.reply_next_hop);
+            (id, b, earlier_taken_over)
+        }
+        Flow::Stale | Flow::Unknown => {
+            count(Counter::ConntrackMiss);
+            // A handshake's ACK: the connection goes where its SYN went, if that backend
+            // still takes its flows (a handshake is a flow of its own: draining keeps it).
+            // Without a record (evicted, or no SYN seen) the live ring decides.
+            let recorded = if tcp && matches!(flow, Flow::Unknown) {
+                handshake_entry(&key)
+                    .filter(|h| h.is_recent_handshake(now))
+                    .and_then(|h| {
+                        let id = h.backend_id;
+                        usable_backend(id, vip.vip_id, p.ipv6, BACKEND_ACTIVE | BACKEND_DRAINING)
+                            .map(|b| (id, b))
+                    })
+            } else {
+                None
+            };
+            let Some((id, b)) = recorded.or_else(|| pick_backend(&key, vip, p.ipv6)) else {
+                count(Counter::NoBackend);
+                t.no_backend = true;
+                return None;
+            };
+            let state = FlowState {
+                backend_id: id,
+                closing,
+                _pad: [0; 3],
+                last_seen_ns: now,
+                reply_next_hop: reply_next_hop(ctx, p),
             };
             if let Err(errno) = CONNTRACK.insert(&key, &state, 0) {
                 // Rare by construction (LRU maps evict instead of failing): worth a log line.
                 count(Counter::ConntrackInsertFailed);
                 warn!(ctx, "connection-table insert failed: errno {}", errno);
             }
-            // Replies find this flow's own entry through the endpoint table, unless the
-            // backend serves several VIPs: then they need a reverse entry of their own. The
-            // port-role array says when no endpoint on the backend's port is shared, which
-            // spares the common case the endpoint lookup.
-            let shared = PORTS
-                .get(u32::from(u16::from_be(b.port_be)))
-                .is_some_and(|r| *r & PORT_HAS_SHARED_ENDPOINT != 0)
-                && {
-                    let endpoint = VipKey {
-                        addr: b.addr,
-                        port_be: b.port_be,
-                        proto: p.proto,
-                        _pad: [0; 5],
-                    };
-                    // SAFETY: the agent replaces endpoint entries whole.
-                    unsafe { ENDPOINTS.get(&endpoint) }.is_none_or(|e| e.vips != 1)
-                };
-            if shared {
-                let reply = FlowKey::reply(b.addr, b.port_be, p.src, p.sport_be, p.proto);
-                let reverse = ReverseNat {
-                    vip_addr: p.dst,
-                    vip_port_be: p.dport_be,
-                    _pad: 0,
-                    vip_id: vip.vip_id,
-                    next_hop: reply_hop,
-                };
-                if let Err(errno) = REVERSE_NAT.insert(&reply, &reverse, 0) {
-                    count(Counter::ConntrackInsertFailed);
-                    warn!(ctx, "reverse-NAT insert failed: errno {}", errno);
-                }
+            // A handshake's shared endpoint has its reverse entry from the SYN already.
+            if recorded.is_none() {
+                record_reverse_if_shared(ctx, p, vip, b, &state.reply_next_hop);
             }
             (id, b, true)
         }
@@ -249,6 +279,48 @@ fn to_backend<H: Hook>(ctx: &H, p: &Parsed, vip: &VipInfo, t: &mut Translation) 
     t.addr = backend.addr;
     t.port_be = backend.port_be;
     backend_hop(backend_id, now)
+}
+
+/// Replies find their flow's own entry through the endpoint table, unless the backend
+/// serves several VIPs: then they need a reverse entry of their own. The port-role array
+/// says when no endpoint on the backend's port is shared, which spares the common case the
+/// endpoint lookup.
+#[inline(always)]
+fn record_reverse_if_shared<H: Hook>(
+    ctx: &H,
+    p: &Parsed,
+    vip: &VipInfo,
+    b: &Backend,
+    reply_hop: &NextHop,
+) {
+    let shared = PORTS
+        .get(u32::from(u16::from_be(b.port_be)))
+        .is_some_and(|r| *r & PORT_HAS_SHARED_ENDPOINT != 0)
+        && {
+            let endpoint = VipKey {
+                addr: b.addr,
+                port_be: b.port_be,
+                proto: p.proto,
+                _pad: [0; 5],
+            };
+            // SAFETY: the agent replaces endpoint entries whole.
+            unsafe { ENDPOINTS.get(&endpoint) }.is_none_or(|e| e.vips != 1)
+        };
+    if !shared {
+        return;
+    }
+    let reply = FlowKey::reply(b.addr, b.port_be, p.src, p.sport_be, p.proto);
+    let reverse = ReverseNat {
+        vip_addr: p.dst,
+        vip_port_be: p.dport_be,
+        _pad: 0,
+        vip_id: vip.vip_id,
+        next_hop: *reply_hop,
+    };
+    if let Err(errno) = REVERSE_NAT.insert(&reply, &reverse, 0) {
+        count(Counter::ConntrackInsertFailed);
+        warn!(ctx, "reverse-NAT insert failed: errno {}", errno);
+    }
 }
 
 /// Where this CPU keeps the backend's next hop. A hop older than a second is dropped here, so
@@ -289,7 +361,7 @@ fn pick_backend(key: &FlowKey, vip: &VipInfo, ipv6: bool) -> Option<(u32, &'stat
 }
 
 /// A reply from a backend: its source becomes the VIP again. Returns where the flow keeps
-/// the reply's next hop, or null when the packet belongs to no flow xlb knows.
+/// the reply's next hop, or `None` when the packet belongs to no flow xlb knows.
 #[inline(never)]
 fn to_client(p: &Parsed, t: &mut Translation) -> HopCache {
     let reply = Reply {
@@ -300,15 +372,14 @@ fn to_client(p: &Parsed, t: &mut Translation) -> HopCache {
         proto: p.proto,
     };
     let cache = reply_flow(&reply, t);
-    if cache.is_some() {
-        count(Counter::ReverseNat);
-        t.endpoint = Endpoint::Source;
-        let closing = close_bits(p, CLOSE_FIN_FROM_BACKEND);
-        if closing != 0 {
-            // Only FINs and RSTs pay for finding the flow's own entry again: `reply_flow`
-            // only looks, as ICMP errors use it too.
-            note_reply_closing(p, &t.addr, t.port_be, closing);
-        }
+    cache.as_ref()?;
+    count(Counter::ReverseNat);
+    t.endpoint = Endpoint::Source;
+    let closing = close_bits(p, CLOSE_FIN_FROM_BACKEND);
+    if closing != 0 {
+        // Only FINs and RSTs pay for finding the flow's own entry again: `reply_flow` only
+        // looks, as ICMP errors use it too.
+        note_reply_closing(p, &t.addr, t.port_be, closing);
     }
     cache
 }
@@ -364,17 +435,41 @@ pub fn reply_flow(reply: &Reply, t: &mut Translation) -> HopCache {
         proto: reply.proto,
         _pad: [0; 3],
     };
-    let state = flow_entry(&key)?;
-    match BACKENDS.get(state.backend_id) {
-        Some(b) if b.addr == *reply.src && b.port_be == reply.sport_be => {}
-        _ => return None,
-    }
+    let cache = match flow_entry(&key) {
+        Some(state) => {
+            if !is_backend(state.backend_id, reply) {
+                return None;
+            }
+            match reverse {
+                Some(r) => &mut r.next_hop,
+                None => &mut state.reply_next_hop,
+            }
+        }
+        // A TCP handshake has no entry until the client's next packet: the backend's answer
+        // to its SYN (SYN-ACK, or a reset) finds the handshake's record instead.
+        None if reply.proto == IPPROTO_TCP => {
+            let h = handshake_entry(&key)?;
+            if !is_backend(h.backend_id, reply) {
+                return None;
+            }
+            match reverse {
+                Some(r) => &mut r.next_hop,
+                None => &mut h.reply_next_hop,
+            }
+        }
+        None => return None,
+    };
     t.addr = vip_addr;
     t.port_be = vip_port_be;
-    Some(match reverse {
-        Some(r) => &mut r.next_hop,
-        None => &mut state.reply_next_hop,
-    })
+    Some(cache)
+}
+
+/// Whether backend `id` is the one `reply` comes from.
+#[inline(always)]
+fn is_backend(id: u32, reply: &Reply) -> bool {
+    BACKENDS
+        .get(id)
+        .is_some_and(|b| b.addr == *reply.src && b.port_be == reply.sport_be)
 }
 
 /// A backend's FIN or RST on a flow whose reply came through a reverse-NAT entry: recorded

@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, CONNTRACK_ENTRIES, CachedHop, Counter, DEFAULT_HASH_SEED, DEFAULT_MAX_VIPS,
-    DEFAULT_RING_SIZE, EndpointVip, FlowKey, FlowState, MAX_BACKENDS, MAX_EGRESS_PORTS, NextHop,
-    PORT_ENTRIES, ReverseNat, TrafficCounters, VipInfo, VipKey,
+    DEFAULT_RING_SIZE, EndpointVip, FlowKey, FlowState, HANDSHAKE_ENTRIES_MIN, MAX_BACKENDS,
+    MAX_EGRESS_PORTS, NextHop, PORT_ENTRIES, ReverseNat, TrafficCounters, VipInfo, VipKey,
 };
 
 /// Flow-hash seed; the agent sets it at load time (`EbpfLoader::override_global`).
@@ -35,6 +35,14 @@ pub static BACKEND_HOPS: PerCpuArray<CachedHop> = PerCpuArray::with_max_entries(
 #[map(name = "XLB_CONNTRACK")]
 pub static CONNTRACK: LruHashMap<FlowKey, FlowState> =
     LruHashMap::with_max_entries(CONNTRACK_ENTRIES, BPF_F_NO_COMMON_LRU);
+
+/// TCP handshakes under way (client → VIP, as `XLB_CONNTRACK`): the backend a SYN went to
+/// and where replies go, until the handshake's next packet creates the connection's entry.
+/// A table of its own, so that a flood of SYNs evicts handshakes at most, never established
+/// connections. The agent sizes it (`lb_common::handshake_entries`).
+#[map(name = "XLB_HANDSHAKES")]
+pub static HANDSHAKES: LruHashMap<FlowKey, FlowState> =
+    LruHashMap::with_max_entries(HANDSHAKE_ENTRIES_MIN, BPF_F_NO_COMMON_LRU);
 
 /// Backend endpoint → the VIP it serves (see `lb_common::EndpointVip`).
 #[map(name = "XLB_ENDPOINTS")]
@@ -77,6 +85,14 @@ pub fn flow_entry(key: &FlowKey) -> Option<&'static mut FlowState> {
     // SAFETY: an LRU value stays allocated until the program run ends (RCU). Its fields are
     // plain words: another CPU updating the same flow at once makes the last store win,
     // which last-seen times and closing bits tolerate.
+    Some(unsafe { &mut *entry })
+}
+
+/// The handshake record of `key` (see `HANDSHAKES`).
+#[inline(always)]
+pub fn handshake_entry(key: &FlowKey) -> Option<&'static mut FlowState> {
+    let entry = HANDSHAKES.get_ptr_mut(key)?;
+    // SAFETY: as in `flow_entry`.
     Some(unsafe { &mut *entry })
 }
 

@@ -205,7 +205,11 @@ impl Datapath {
             .map_max_entries(map_names::VIP_STATS, config.max_vips)
             .map_max_entries(map_names::MAGLEV, ring_slots_u32)
             .map_max_entries(map_names::CONNTRACK, config.conntrack_entries)
-            .map_max_entries(map_names::REVERSE_NAT, config.conntrack_entries);
+            .map_max_entries(map_names::REVERSE_NAT, config.conntrack_entries)
+            .map_max_entries(
+                map_names::HANDSHAKES,
+                lb_common::handshake_entries(config.conntrack_entries),
+            );
         if let Some(dir) = pins {
             for name in map_names::ALL {
                 loader.map_pin_path(name, dir.join(name));
@@ -538,6 +542,12 @@ impl Datapath {
 
     pub fn conntrack(&self) -> Result<HashMap<&MapData, FlowKey, FlowState>> {
         let name = map_names::CONNTRACK;
+        HashMap::try_from(self.map_ref(name)?).map_err(map_err(name))
+    }
+
+    /// The handshakes under way (`XLB_HANDSHAKES`), read-only.
+    pub fn handshakes(&self) -> Result<HashMap<&MapData, FlowKey, FlowState>> {
+        let name = map_names::HANDSHAKES;
         HashMap::try_from(self.map_ref(name)?).map_err(map_err(name))
     }
 

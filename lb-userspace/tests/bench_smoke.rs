@@ -58,6 +58,7 @@ fn cost_reports_every_packet_type_against_both_floors() {
     let names: Vec<&str> = rows.iter().filter_map(|r| r["packet"].as_str()).collect();
     for wanted in [
         "tcp_syn_new_flow",
+        "tcp_ack_new_flow",
         "tcp_ack_established",
         "tcp_ack_100k_flows",
         "udp_not_for_vip",

@@ -196,6 +196,26 @@ impl Lab {
         }
     }
 
+    /// The handshake record of `client → vip` (a SYN's, until the connection's next packet
+    /// creates its entry), if there is one.
+    ///
+    /// # Panics
+    /// The map read failing.
+    #[must_use]
+    pub fn handshake_state(&self, client: SocketAddr, vip: &VipSpec) -> Option<FlowState> {
+        let key = FlowKey::new(client, vip.addr, vip.proto.number());
+        let table = self
+            .balancer
+            .datapath()
+            .handshakes()
+            .unwrap_or_else(|e| panic!("the handshake table: {}", chain(&e)));
+        match table.get(&key, 0) {
+            Ok(state) => Some(state),
+            Err(aya::maps::MapError::KeyNotFound) => None,
+            Err(e) => panic!("reading the handshake of {client} -> {vip}: {}", chain(&e)),
+        }
+    }
+
     /// Makes the flow `client → vip` look as if its last packet was `idle` ago, the way time
     /// would (the data plane reads `CLOCK_MONOTONIC_COARSE`).
     ///

@@ -90,12 +90,24 @@ impl Packet {
         Self::with_transport(src, dst, IpNumber::TCP, Transport::Tcp(tcp))
     }
 
+    /// Whether this is a TCP segment.
+    #[must_use]
+    pub const fn is_tcp(&self) -> bool {
+        matches!(self.transport, Transport::Tcp(_))
+    }
+
     /// TCP only: a connection's first segment (SYN alone, no ACK).
     #[must_use]
     pub fn syn(self) -> Self {
         self.tcp_header(|t| {
             (t.syn, t.ack, t.psh, t.acknowledgment_number) = (true, false, false, 0);
         })
+    }
+
+    /// TCP only: the ACK flag set too (with `syn`, a SYN-ACK).
+    #[must_use]
+    pub fn tcp_ack_flag(self) -> Self {
+        self.tcp_header(|t| (t.ack, t.acknowledgment_number) = (true, 0x0a0b_0c0d))
     }
 
     /// TCP only: FIN|ACK, the sender is done sending.

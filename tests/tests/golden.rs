@@ -605,6 +605,15 @@ fn conntrack_keeps_established_flows_when_the_ring_changes() {
         let b = sa("198.51.100.2:80");
         lab.add_backend(&vip, a, 1);
 
+        let send_packet = |lab: &Lab, input: Packet, to: SocketAddr, counters: &[Counter], what| {
+            lab.assert(&Case::rewritten(
+                what,
+                &input,
+                Action::Pass,
+                &input.clone().dst(to),
+                counters,
+            ));
+        };
         let send = |lab: &Lab, port: u16, to: SocketAddr, counters: &[Counter], what: &str| {
             let input = Packet::tcp(v4_client(port), vip.addr);
             lab.assert(&Case::rewritten(
@@ -662,12 +671,21 @@ fn conntrack_keeps_established_flows_when_the_ring_changes() {
         let fresh = (20_000..20_256)
             .find(|p| lab.explain(v4_client(*p), &vip) == (Some(b), None))
             .expect("some new flow hashes to the new backend");
+        // A connection opens with a SYN; its entry comes with the handshake's ACK, which
+        // follows the SYN even though the ring switched a moment ago.
+        send_packet(
+            &lab,
+            Packet::tcp(v4_client(fresh), vip.addr).syn(),
+            b,
+            &[ConntrackMiss, NextHopFailure, ViaStack],
+            format!("port {fresh}: SYN goes where explain says"),
+        );
         send(
             &lab,
             fresh,
             b,
             &[ConntrackMiss, NextHopFailure, ViaStack],
-            "new flow goes where explain says",
+            "the handshake's ACK follows its SYN",
         );
         assert_eq!(
             lab.explain(v4_client(fresh), &vip).1,
@@ -724,14 +742,96 @@ fn conntrack_keeps_established_flows_when_the_ring_changes() {
             &[ReverseNat],
         ));
         for port in 30_000..30_016 {
-            send(
+            send_packet(
                 &lab,
-                port,
+                Packet::tcp(v4_client(port), vip.addr).syn(),
                 b,
                 &[ConntrackMiss, NextHopFailure, ViaStack],
-                "new flow never picks a draining backend",
+                format!("port {port}: a SYN never picks a draining backend"),
             );
         }
+    });
+}
+
+/// A TCP connection's entry comes with the handshake's ACK; until then the SYN's record in
+/// the handshake table says where it went. The backend's SYN-ACK finds it there, the ACK
+/// follows it even across a ring change, and a backend's answer to a connection that never
+/// went through the VIP (a direct connection, a health probe) is left alone.
+#[test]
+fn handshakes_finish_where_their_syn_went() {
+    in_fresh_netns("golden-handshake", LIMIT, || {
+        let nl = Netlink::open();
+        forwarding_host(&nl);
+        let mut lab = Lab::new();
+        let vip = lab.add_vip("192.0.2.50:80/tcp");
+        let (a, b) = (sa("198.51.100.1:80"), sa("198.51.100.2:80"));
+        lab.add_backend(&vip, a, 1);
+        lab.add_backend(&vip, b, 1);
+        let port = (40_000..41_000)
+            .find(|p| lab.explain(v4_client(*p), &vip).0 == Some(a))
+            .expect("a port whose new flow goes to a");
+        let client = v4_client(port);
+        let flow = Packet::tcp(client, vip.addr);
+        let via = [ConntrackMiss, NextHopFailure, ViaStack];
+        lab.assert(&Case::rewritten(
+            "SYN: to a, recorded as a handshake",
+            &flow.clone().syn(),
+            Action::Pass,
+            &flow.clone().syn().dst(a),
+            &via,
+        ));
+        assert!(
+            lab.flow_state(client, &vip).is_none(),
+            "a SYN creates no entry"
+        );
+        assert!(
+            lab.handshake_state(client, &vip).is_some(),
+            "the SYN's handshake record"
+        );
+        let syn_ack = Packet::tcp(a, client).syn().tcp_ack_flag();
+        lab.assert(&Case::rewritten(
+            "SYN-ACK from a: from the vip, back to the client's mac",
+            &syn_ack,
+            Action::Tx,
+            &syn_ack
+                .clone()
+                .src(vip.addr)
+                .decrement_ttl()
+                .macs(LB_MAC, CLIENT_MAC),
+            &[ReverseNat],
+        ));
+        // The ring changes before the handshake's ACK: a drains, new flows go to b.
+        lab.balancer
+            .update_backend(&vip, a, None, Some(BackendState::Draining))
+            .expect("drain");
+        assert_eq!(lab.explain(client, &vip).0, Some(b));
+        lab.assert(&Case::rewritten(
+            "the handshake's ACK after the ring changed: still a",
+            &flow,
+            Action::Pass,
+            &flow.clone().dst(a),
+            &via,
+        ));
+        assert_eq!(
+            lab.explain(client, &vip).1,
+            Some(a),
+            "the connection's entry names a"
+        );
+        lab.assert(&Case::rewritten(
+            "the connection's next packet: a hit on a",
+            &flow,
+            Action::Pass,
+            &flow.clone().dst(a),
+            &[ConntrackHit, NextHopFailure, ViaStack],
+        ));
+        // b answers a client that reached it directly, never through the VIP.
+        let direct = Packet::tcp(b, v4_client(port + 1)).syn().tcp_ack_flag();
+        lab.assert(&Case::unmodified(
+            "SYN-ACK of a direct connection to b: left alone",
+            direct.bytes(),
+            Action::Pass,
+            &[NotForUs],
+        ));
     });
 }
 
@@ -757,7 +857,14 @@ fn removed_backend_flows_move_to_the_remaining_backends() {
         let flow = |port| Packet::tcp(v6_client(port), vip.addr);
         for (port, to) in [(pa, a), (pb, b)] {
             lab.assert(&Case::rewritten(
-                format!("port {port}: new flow to {to}"),
+                format!("port {port}: SYN to {to}"),
+                &flow(port).syn(),
+                Action::Pass,
+                &flow(port).syn().dst(to),
+                &[ConntrackMiss, NextHopFailure, ViaStack],
+            ));
+            lab.assert(&Case::rewritten(
+                format!("port {port}: the handshake's ACK, tracked on {to}"),
                 &flow(port),
                 Action::Pass,
                 &flow(port).dst(to),
@@ -875,7 +982,8 @@ fn flow_entries_end_with_syn_fin_rst_and_idle_timeouts() {
             [(); 6].map(|()| port_on(&lab, &vip, a));
         for port in [reused, both_fins, client_fin, client_rst, backend_rst, idle] {
             send(&lab, &flow(port, &vip).syn(), a, &new, "SYN: new flow");
-            send(&lab, &flow(port, &vip), a, &hit, "ACK: established");
+            // The entry comes with the first packet after the SYN.
+            send(&lab, &flow(port, &vip), a, &new, "ACK: established");
         }
         let via_shared = port_on(&lab, &shared_vip, shared);
         send(
@@ -884,6 +992,13 @@ fn flow_entries_end_with_syn_fin_rst_and_idle_timeouts() {
             shared,
             &new,
             "SYN via shared",
+        );
+        send(
+            &lab,
+            &flow(via_shared, &shared_vip),
+            shared,
+            &new,
+            "ACK via shared: established",
         );
         let udp_port = port_on(&lab, &udp, ua);
         let datagram = Packet::udp(v4_client(udp_port), udp.addr);

@@ -81,12 +81,21 @@ fn icmp_case(
     }
 }
 
-/// The flow's first packet, client → VIP, through the program: returns the backend it went
-/// to and the packet as xlb sent it on (through the stack here: no route to the backends),
-/// as a router behind xlb receives it.
+/// The flow's first packet, client → VIP, through the program (for TCP after the SYN that
+/// opens the connection): returns the backend it went to and the packet as xlb sent it on
+/// (through the stack here: no route to the backends), as a router behind xlb receives it.
 fn open_flow(lab: &Lab, input: &Packet, vip: &VipSpec, client: SocketAddr) -> (SocketAddr, Packet) {
     let backend = lab.new_flow_backend(client, vip);
     let forwarded = input.clone().dst(backend);
+    if input.is_tcp() {
+        lab.assert(&Case::rewritten(
+            format!("flow {client} -> {}: SYN to {backend}", vip.addr),
+            &input.clone().syn(),
+            Action::Pass,
+            &forwarded.clone().syn(),
+            &[ConntrackMiss, NextHopFailure, ViaStack],
+        ));
+    }
     lab.assert(&Case::rewritten(
         format!("flow {client} -> {}: opened on {backend}", vip.addr),
         input,

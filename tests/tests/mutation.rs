@@ -601,12 +601,14 @@ impl Oracle<'_> {
     /// in the connection table (a frame can create a flow and still leave unchanged, e.g. with
     /// TTL 1). The table's entry may be past its life (closed, idle): replies are translated
     /// while it exists. The ring never changes here, so an entry names the ring's choice.
+    /// A TCP flow may also be a handshake, which has a record instead of an entry.
     fn flow_is(&self, client: SocketAddr, vip: SocketAddr, proto: u8, backend: SocketAddr) -> bool {
         if let Some(b) = self.flows.get(&(client, vip, proto)) {
             return *b == backend;
         }
         self.service(vip, proto).is_some_and(|s| {
-            self.lab.flow_state(client, &s.spec).is_some()
+            (self.lab.flow_state(client, &s.spec).is_some()
+                || self.lab.handshake_state(client, &s.spec).is_some())
                 && self.lab.new_flow_backend(client, &s.spec) == backend
         })
     }

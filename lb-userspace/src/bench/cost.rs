@@ -175,6 +175,13 @@ fn cases(backends: u32) -> Vec<Case> {
             setup: None,
         },
         Case {
+            name: "tcp_ack_new_flow",
+            description: "A handshake's first ACK, a new 5-tuple every call (the flow's insert)",
+            frame: Box::new(move |n| frames::tcp(client(n), vip, TCP_ACK)),
+            check: Box::new(forwarded_to_backend(backends)),
+            setup: None,
+        },
+        Case {
             name: "tcp_ack_established",
             description: "TCP ACK of one established flow (connection-table hit)",
             frame: Box::new(move |_| frames::tcp(established, vip, TCP_ACK)),
@@ -186,9 +193,13 @@ fn cases(backends: u32) -> Vec<Case> {
             description: "TCP ACKs sampled over 100k established flows (hits on cold entries)",
             frame: Box::new(move |n| frames::tcp(sampled_client(sampled_flow(n)), vip, TCP_ACK)),
             check: Box::new(forwarded_to_backend(backends)),
+            // Each flow's handshake: its SYN, then the ACK that creates its entry.
             setup: Some((
-                SAMPLED_FLOWS,
-                Box::new(move |k| frames::tcp(sampled_client(k), vip, TCP_SYN)),
+                2 * SAMPLED_FLOWS,
+                Box::new(move |k| {
+                    let flags = if k % 2 == 0 { TCP_SYN } else { TCP_ACK };
+                    frames::tcp(sampled_client(k / 2), vip, flags)
+                }),
             )),
         },
         Case {
@@ -437,9 +448,10 @@ fn point(
             ensure!(o.action == XDP_REDIRECT, "{what} {n}: action {}", o.action);
             Ok(o.duration.as_nanos() as f64)
         };
-        // Establish the flows (not timed).
+        // Establish the flows (not timed): a handshake's ACK creates the entry.
         for n in 0..flows {
             forward(n, TCP_SYN, "establishing flow")?;
+            forward(n, TCP_ACK, "establishing flow")?;
         }
         let hits_before = counter(env, Counter::ConntrackHit)?;
         // Spread samples over the live flows (a multiplicative walk, not a cache-friendly sweep).
