@@ -549,3 +549,14 @@ pub fn counter(stats: &Stats, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no global counter {name} in {:?}", stats.global))
         .value
 }
+
+/// Raises `flag` when dropped: client threads that poll it stop even when the test panics
+/// before it raises the flag itself.
+#[allow(dead_code)]
+pub struct RaiseOnDrop(pub std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for RaiseOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
