@@ -806,6 +806,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if !matches!(cli.command, Command::Run { .. }) {
+        // A client writing into a pipe its reader closed (`xlb stats | head`) ends quietly,
+        // as Unix tools do, instead of panicking on the write. The agent keeps ignoring
+        // SIGPIPE: it writes to sockets whose peers may go away.
+        // SAFETY: restores the default disposition before any other thread exists.
+        let _ = unsafe {
+            nix::sys::signal::signal(
+                nix::sys::signal::Signal::SIGPIPE,
+                nix::sys::signal::SigHandler::SigDfl,
+            )
+        };
+    }
     let result = match cli.command {
         Command::Run {
             ifaces,

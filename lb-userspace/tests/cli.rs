@@ -1404,3 +1404,27 @@ fn backends_behind_unattached_interfaces_warn() {
         describe(&["reload"], &out)
     );
 }
+
+/// A client whose reader goes away (`xlb config check FILE | true`, `xlb stats | head`) ends
+/// quietly: killed by SIGPIPE like any Unix tool, no panic and no backtrace on stderr.
+#[test]
+fn a_closed_pipe_ends_the_client_quietly() {
+    use std::os::unix::process::ExitStatusExt as _;
+    let (read_end, write_end) = nix::unistd::pipe().expect("a pipe");
+    drop(read_end);
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/xlb.toml");
+    let out = std::process::Command::new(common::XLB)
+        .args(["config", "check", example])
+        .stdout(std::process::Stdio::from(write_end))
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("running xlb");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "stderr: {stderr}");
+    assert_eq!(
+        out.status.signal(),
+        Some(nix::libc::SIGPIPE),
+        "{:?}, stderr: {stderr}",
+        out.status
+    );
+}
