@@ -782,6 +782,21 @@ fn client(socket: &std::path::Path, command: Command) -> Result<()> {
     Ok(())
 }
 
+/// clap's error as one line, like every other xlb error: its first paragraph, which names
+/// the missing arguments or lists the accepted values on lines of their own.
+fn one_line(clap_error: &str) -> String {
+    let words: Vec<&str> = clap_error
+        .lines()
+        .take_while(|line| !line.trim().is_empty())
+        .map(|line| line.trim().trim_start_matches("error: "))
+        .collect();
+    if words.is_empty() {
+        "invalid arguments".to_owned()
+    } else {
+        words.join(" ")
+    }
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -799,10 +814,7 @@ fn main() -> ExitCode {
                 }
                 _ => {}
             }
-            // One line, like every other xlb error: the first line of clap's message.
-            let text = e.to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            eprintln!("xlb: {} (see --help)", first.trim_start_matches("error: "));
+            eprintln!("xlb: {} (see --help)", one_line(&e.to_string()));
             return ExitCode::from(2);
         }
     };

@@ -1428,3 +1428,36 @@ fn a_closed_pipe_ends_the_client_quietly() {
         out.status
     );
 }
+
+/// Argument errors are one line that names what is missing, or lists the accepted values.
+#[test]
+fn argument_errors_name_what_is_missing_or_accepted() {
+    for (args, wanted) in [
+        (
+            &["vip", "add"][..],
+            "xlb: the following required arguments were not provided: <VIP> (see --help)",
+        ),
+        (
+            &[
+                "backend",
+                "set",
+                "10.0.0.1:80/tcp",
+                "10.1.0.1:80",
+                "--state",
+                "drain",
+            ][..],
+            "xlb: invalid value 'drain' for '--state <STATE>' [possible values: active, draining] (see --help)",
+        ),
+    ] {
+        let out = std::process::Command::new(common::XLB)
+            .args(args)
+            .output()
+            .expect("running xlb");
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr),
+            format!("{wanted}\n"),
+            "{args:?}"
+        );
+    }
+}
