@@ -128,6 +128,14 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "not allowed to connect to the agent's socket {path} (it is the agent's user's only): run xlb as that user, usually root"
+    )]
+    NotPermitted {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("talking to the agent on {path}")]
     Io {
         path: String,
@@ -150,9 +158,19 @@ pub fn call(socket: &Path, request: &Request) -> Result<Reply, ClientError> {
         path: path.clone(),
         source,
     };
-    let mut stream = UnixStream::connect(socket).map_err(|source| ClientError::NoAgent {
-        path: path.clone(),
-        source,
+    let mut stream = UnixStream::connect(socket).map_err(|source| {
+        // The socket (0600) or its directory is someone else's: an agent may well be there.
+        if source.kind() == std::io::ErrorKind::PermissionDenied {
+            ClientError::NotPermitted {
+                path: path.clone(),
+                source,
+            }
+        } else {
+            ClientError::NoAgent {
+                path: path.clone(),
+                source,
+            }
+        }
     })?;
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))

@@ -746,8 +746,19 @@ fn client(socket: &std::path::Path, command: Command) -> Result<()> {
             }
         }
         Command::Stats { json, watch } => loop {
-            if let Reply::Stats(stats) = call(&Request::Stats)? {
-                if watch && !json {
+            let stats = match call(&Request::Stats) {
+                Ok(reply) => reply,
+                // Watching outlives an agent restart: say so and keep trying.
+                Err(e) if watch => {
+                    eprintln!("xlb: {e:#} (retrying every second)");
+                    std::thread::sleep(Duration::from_secs(1));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            if let Reply::Stats(stats) = stats {
+                // Clear the screen only on a terminal: a pipe or file gets the plain reports.
+                if watch && !json && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
                     print!("\x1b[H\x1b[2J");
                 }
                 if json {

@@ -1461,3 +1461,50 @@ fn argument_errors_name_what_is_missing_or_accepted() {
         );
     }
 }
+
+/// `xlb stats --watch` into a pipe: plain reports, no clear-screen codes; and it keeps
+/// watching, saying why, while the agent is away (issue 13).
+#[test]
+fn stats_watch_writes_plain_reports_and_outlives_the_agent() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "needs root (namespaces, XDP): run the tests as root"
+    );
+    let ns = Netns::create("xlbwatch").expect("a namespace");
+    let peer = Netns::create("xlbwatchp").expect("a namespace");
+    ns.add_veth("watch0", &peer, "watch1").expect("a veth");
+    ns.set_link_up("watch0").expect("link up");
+    peer.set_link_up("watch1").expect("link up");
+    let mut agent = common::NsAgent::start(&ns, SUITE, &["watch0"], &["--no-metrics"]);
+    let mut watch = ns.command(XLB);
+    watch
+        .args(["stats", "--watch", "--socket"])
+        .arg(&agent.socket)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let watch = watch.spawn().expect("starting xlb stats --watch");
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let stopped = agent.process.stop();
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let mut watch = watch;
+    let still_watching = watch.try_wait().expect("polling the watcher").is_none();
+    let _ = watch.kill();
+    let out = watch.wait_with_output().expect("the watcher's output");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        still_watching,
+        "the watcher exited when the agent stopped ({stopped:?}): {stderr}"
+    );
+    assert!(
+        !stdout.contains('\x1b'),
+        "terminal codes in a pipe: {stdout:?}"
+    );
+    assert!(
+        stdout.matches("global:").count() >= 2,
+        "fewer than two reports in 2.5 s: {stdout}"
+    );
+    assert!(stderr.contains("retrying every second"), "stderr: {stderr}");
+}

@@ -427,6 +427,13 @@ fn control_socket_is_never_world_connectable() {
         "nobody reached the agent: {}",
         describe(&["vip", "list"], &out)
     );
+    // And is told why: permission, not a missing agent (issue 13).
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("not allowed to connect to the agent's socket"),
+        "{}",
+        describe(&["vip", "list"], &out)
+    );
     // No private bind directory is left beside the socket.
     let leftovers: Vec<_> = fs::read_dir(&dir.0)
         .unwrap()
