@@ -520,6 +520,18 @@ impl Datapath {
         Array::try_from(self.map_data(name)?).map_err(map_err(name))
     }
 
+    /// The Maglev array's map data, for batch calls (aya 0.16 has none).
+    fn ring_map_data(&mut self) -> Result<&MapData> {
+        let name = map_names::MAGLEV;
+        match self.map_data(name)? {
+            aya::maps::Map::Array(data) => Ok(data),
+            _ => Err(DatapathError::Map {
+                name,
+                source: MapError::InvalidMapType { map_type: 0 },
+            }),
+        }
+    }
+
     /// The `size` ring slots from `base` on, with one batch lookup, or one lookup per slot
     /// where the kernel has no batch lookups for arrays.
     ///
@@ -528,12 +540,7 @@ impl Datapath {
     pub fn read_ring(&mut self, base: u32, size: u32) -> Result<Vec<u32>> {
         let name = map_names::MAGLEV;
         {
-            let aya::maps::Map::Array(data) = self.map_data(name)? else {
-                return Err(DatapathError::Map {
-                    name,
-                    source: MapError::InvalidMapType { map_type: 0 },
-                });
-            };
+            let data = self.ring_map_data()?;
             if let Ok(ring) = crate::batch::lookup_u32_array(data.fd().as_fd(), base, size as usize)
             {
                 return Ok(ring);
@@ -558,12 +565,7 @@ impl Datapath {
         }
         let (keys, values): (Vec<u32>, Vec<u32>) = slots.iter().copied().unzip();
         let done = {
-            let aya::maps::Map::Array(data) = self.map_data(name)? else {
-                return Err(DatapathError::Map {
-                    name,
-                    source: MapError::InvalidMapType { map_type: 0 },
-                });
-            };
+            let data = self.ring_map_data()?;
             match crate::batch::update_u32_array(data.fd().as_fd(), &keys, &values) {
                 Ok(()) => return Ok(()),
                 Err(e) => e.done,
