@@ -8,7 +8,7 @@ use std::{collections::BTreeMap, net::SocketAddr};
 
 use lb_common::{
     BACKEND_ACTIVE, BACKEND_DRAINING, Backend, EndpointVip, FlowKey, FlowState, MAX_BACKENDS,
-    PORT_HAS_SHARED_ENDPOINT, PORT_IS_BACKEND, PORT_IS_VIP, TrafficCounters, VipInfo,
+    PORT_HAS_SHARED_ENDPOINT, PORT_IS_BACKEND, PORT_IS_VIP, TrafficCounters, VipInfo, VipKey,
     addr::to_bytes,
     hash::flow_hash,
     maglev::{MaglevBackend, build_ring},
@@ -304,18 +304,36 @@ impl<M: Maps> Balancer<M> {
             return Ok(false);
         }
         let before = std::mem::replace(&mut entry.idle_timeout_s, idle_timeout_s);
-        let entry = self.model.vips.remove(vip).expect("checked above");
-        let written = self.write_vip_info(vip, &entry);
-        self.model.vips.insert(*vip, entry);
-        if let Err(e) = written {
+        if let Err(e) = self.write_idle_timeout(vip) {
             self.model
                 .vips
                 .get_mut(vip)
-                .expect("put back")
+                .expect("checked above")
                 .idle_timeout_s = before;
-            return Err(BalancerError::Datapath(e));
+            // Back to the old timeout everywhere it was already written.
+            let _ = self.write_idle_timeout(vip);
+            return Err(e);
         }
         Ok(true)
+    }
+
+    /// Writes the VIP's timeout where the data plane reads it: its `VipInfo` (new flows)
+    /// and each of its backends' entries (established flows). Each write is one map update,
+    /// so a packet sees either timeout, never a torn one.
+    fn write_idle_timeout(&mut self, vip: &VipSpec) -> Result<(), M::Error> {
+        let entry = self.model.vips.remove(vip).expect("checked by the caller");
+        let written = self.write_vip_info(vip, &entry);
+        let backends: Vec<(u32, SocketAddr, u8)> = entry
+            .backends
+            .iter()
+            .map(|(addr, b)| (b.id, *addr, b.flags()))
+            .collect();
+        self.model.vips.insert(*vip, entry);
+        written.map_err(BalancerError::Datapath)?;
+        for (id, addr, flags) in backends {
+            self.write_flags(id, vip, addr, flags)?;
+        }
+        Ok(())
     }
 
     fn write_vip_info(
@@ -372,7 +390,6 @@ impl<M: Maps> Balancer<M> {
             .get(vip)
             .ok_or(BalancerError::UnknownVip(*vip))?;
         validate_backend(vip, backend, weight, &entry.backends)?;
-        let vip_id = entry.id;
         let id = self
             .model
             .backend_ids
@@ -382,7 +399,7 @@ impl<M: Maps> Balancer<M> {
             .use_port(backend.port(), false, 1)
             .and_then(|()| self.update_endpoint(backend, *vip, true))
             .map_err(BalancerError::Datapath)
-            .and_then(|()| self.write_backend(id, vip_id, backend, BACKEND_ACTIVE))
+            .and_then(|()| self.write_backend(id, vip, backend, BACKEND_ACTIVE))
         {
             self.model.backend_ids.give_back(id);
             return Err(e);
@@ -409,14 +426,14 @@ impl<M: Maps> Balancer<M> {
     fn write_backend(
         &mut self,
         id: u32,
-        vip_id: u32,
+        vip: &VipSpec,
         addr: SocketAddr,
         flags: u8,
     ) -> Result<(), M::Error> {
         self.maps
             .reset_backend_slots(id)
             .map_err(BalancerError::Datapath)?;
-        self.write_flags(id, vip_id, addr, flags)
+        self.write_flags(id, vip, addr, flags)
     }
 
     /// Removes a backend: its ring slots move to the others, and its established flows are
@@ -523,7 +540,6 @@ impl<M: Maps> Balancer<M> {
             .vips
             .get_mut(vip)
             .ok_or(BalancerError::UnknownVip(*vip))?;
-        let vip_id = entry.id;
         let b = entry
             .backends
             .get_mut(&backend)
@@ -533,9 +549,9 @@ impl<M: Maps> Balancer<M> {
         let (id, flags, in_ring) = (b.id, b.flags(), b.in_ring());
         if was_in_ring && !in_ring {
             self.rebuild_ring(vip)?;
-            return self.write_flags(id, vip_id, backend, flags);
+            return self.write_flags(id, vip, backend, flags);
         }
-        self.write_flags(id, vip_id, backend, flags)?;
+        self.write_flags(id, vip, backend, flags)?;
         self.rebuild_ring(vip)
     }
 
@@ -570,11 +586,22 @@ impl<M: Maps> Balancer<M> {
     fn write_flags(
         &mut self,
         id: u32,
-        vip_id: u32,
+        vip: &VipSpec,
         backend: SocketAddr,
         flags: u8,
     ) -> Result<(), M::Error> {
-        let value = backend_entry(backend, vip_id, flags);
+        let entry = self
+            .model
+            .vips
+            .get(vip)
+            .ok_or(BalancerError::UnknownVip(*vip))?;
+        let value = backend_entry(
+            backend,
+            vip,
+            entry.id,
+            entry.idle_timeout_s(vip.proto),
+            flags,
+        );
         self.maps
             .put_backend(id, &value)
             .map_err(BalancerError::Datapath)
@@ -1208,11 +1235,18 @@ impl<M: Maps> Balancer<M> {
         };
         let mut backend_ids: BTreeMap<(VipSpec, SocketAddr), u32> = BTreeMap::new();
         for (v, b) in backend_pairs() {
-            let wanted = backend_entry(b.addr, vip_ids[&v.vip], 0);
+            // The same backend of the same VIP, whatever its state and timeout.
+            let wanted = backend_entry(b.addr, &v.vip, vip_ids[&v.vip], 0, 0);
             let held_id = held
                 .backends
                 .iter()
-                .find(|(_, h)| Backend { flags: 0, ..**h } == wanted)
+                .find(|(_, h)| {
+                    Backend {
+                        flags: 0,
+                        idle_timeout_s: 0,
+                        ..**h
+                    } == wanted
+                })
                 .map(|(id, _)| *id);
             if let Some(id) = held_id.and_then(|id| self.model.backend_ids.take_exact(id)) {
                 backend_ids.insert((v.vip, b.addr), id);
@@ -1353,11 +1387,13 @@ impl<M: Maps> Balancer<M> {
 
     /// The model's backend, endpoint and port entries, as the maps hold them.
     fn add_entries(&self, contents: &mut MapContents) {
-        for entry in self.model.vips.values() {
+        for (vip, entry) in &self.model.vips {
+            let timeout = entry.idle_timeout_s(vip.proto);
             for (addr, b) in &entry.backends {
-                contents
-                    .backends
-                    .insert(b.id, backend_entry(*addr, entry.id, b.flags()));
+                contents.backends.insert(
+                    b.id,
+                    backend_entry(*addr, vip, entry.id, timeout, b.flags()),
+                );
             }
         }
         for ((addr, proto), list) in &self.model.endpoint_vips {
@@ -1422,13 +1458,25 @@ fn service_key(vip: &VipSpec) -> ServiceKey {
     (vip.addr, vip.proto.number())
 }
 
-fn backend_entry(addr: SocketAddr, vip_id: u32, flags: u8) -> Backend {
+/// A backend's `XLB_BACKENDS` entry. It repeats its VIP's key and idle timeout, which is
+/// all an established flow's packet is checked against (no VIP lookup): whatever changes
+/// them rewrites the VIP's backend entries too.
+fn backend_entry(
+    addr: SocketAddr,
+    vip: &VipSpec,
+    vip_id: u32,
+    idle_timeout_s: u32,
+    flags: u8,
+) -> Backend {
     Backend {
         addr: to_bytes(addr.ip()),
         port_be: addr.port().to_be(),
         family: family(&addr),
         flags,
         vip_id,
+        vip: VipKey::new(vip.addr, vip.proto.number()),
+        idle_timeout_s,
+        _pad: 0,
     }
 }
 
@@ -1556,6 +1604,28 @@ mod tests {
         let switch = position(&writes, |w| matches!(w, Write::Vip { .. }));
         assert!(entry < ring && ring < switch, "{writes:#?}");
         assert!(live_ring(b.maps(), &vip(1)).contains(&id));
+    }
+
+    #[test]
+    fn backend_entries_carry_their_vips_key_and_current_idle_timeout() {
+        let mut b = with_backends(2);
+        let ids = [1, 2].map(|n| id_of(&b, &vip(1), backend(n)));
+        let key = VipKey::new(vip(1).addr, vip(1).proto.number());
+        for id in ids {
+            let entry = b.maps().backends[&id];
+            assert!(entry.vip.same_as(&key), "{entry:?}");
+            assert_eq!(entry.idle_timeout_s, Protocol::Tcp.default_idle_timeout_s());
+        }
+        assert!(b.set_vip_idle_timeout(&vip(1), Some(42)).unwrap());
+        let writes = b.maps_mut().take_writes();
+        for id in ids {
+            assert_eq!(b.maps().backends[&id].idle_timeout_s, 42);
+            position(
+                &writes,
+                |w| matches!(w, Write::Backend { id: i, .. } if *i == id),
+            );
+        }
+        assert_eq!(b.maps().vips[&service_key(&vip(1))].idle_timeout_s, 42);
     }
 
     #[test]

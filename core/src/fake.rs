@@ -201,6 +201,14 @@ impl FakeMaps {
                     .is_some(),
                 "{after}: backend {addr} has no endpoint entry"
             );
+            // Established flows are matched against the VIP key in the backend's entry.
+            let vip = (b.vip.socket_addr(), b.vip.proto);
+            if let Some(info) = self.vips.get(&vip) {
+                assert!(
+                    info.vip_id == b.vip_id,
+                    "{after}: backend {addr} names VIP {vip:?}, which has another id"
+                );
+            }
         }
     }
 

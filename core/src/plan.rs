@@ -299,6 +299,7 @@ mod tests {
             family: 4,
             flags,
             vip_id,
+            ..Backend::default()
         }
     }
 

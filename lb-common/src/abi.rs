@@ -148,6 +148,32 @@ pub struct VipKey {
     pub _pad: [u8; 5],
 }
 
+impl VipKey {
+    /// Equality in three 8-byte compares (the key is 8-aligned and its padding zero), where
+    /// a derived `==` may compare the address byte by byte in eBPF.
+    #[inline(always)]
+    #[must_use]
+    pub fn same_as(&self, other: &Self) -> bool {
+        self.words() == other.words()
+    }
+
+    #[inline(always)]
+    fn words(&self) -> [u64; 3] {
+        let a = &self.addr;
+        [
+            u64::from_ne_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]),
+            u64::from_ne_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]),
+            u64::from(self.port_be)
+                | u64::from(self.proto) << 16
+                | u64::from(self._pad[0]) << 24
+                | u64::from(self._pad[1]) << 32
+                | u64::from(self._pad[2]) << 40
+                | u64::from(self._pad[3]) << 48
+                | u64::from(self._pad[4]) << 56,
+        ]
+    }
+}
+
 /// Value of `XLB_VIPS`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -214,6 +240,12 @@ pub struct Backend {
     /// The VIP this backend serves; a connection-table entry whose VIP differs from it is
     /// stale (the id was reused) and is treated as a miss.
     pub vip_id: u32,
+    /// That VIP's key, as packets to it carry it, and its idle timeout
+    /// (`VipInfo::idle_timeout_s`): a packet of an established flow is checked against its
+    /// backend's entry alone, with no VIP lookup.
+    pub vip: VipKey,
+    pub idle_timeout_s: u32,
+    pub _pad: u32,
 }
 
 impl Backend {
@@ -231,6 +263,16 @@ impl Backend {
     pub const fn serves(&self, vip_id: u32, ipv6: bool, required: u8) -> bool {
         let family = if ipv6 { 6 } else { 4 };
         self.flags & required != 0 && self.vip_id == vip_id && self.family == family
+    }
+
+    /// Whether a connection-table entry naming this backend still holds for a packet to
+    /// `vip`: the backend serves that very VIP (an id reused by another VIP, or a VIP
+    /// removed and its address reused, do not), with one of `required` flags set. The
+    /// family comes with the VIP's address.
+    #[inline(always)]
+    #[must_use]
+    pub fn holds_flow_to(&self, vip: &VipKey, required: u8) -> bool {
+        self.flags & required != 0 && self.vip.same_as(vip)
     }
 }
 
@@ -552,7 +594,7 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<VipKey>(), 16 + 2 + 1 + 5);
         assert_eq!(size_of::<VipInfo>(), 16);
-        assert_eq!(size_of::<Backend>(), 16 + 2 + 1 + 1 + 4);
+        assert_eq!(size_of::<Backend>(), 16 + 2 + 1 + 1 + 4 + 24 + 4 + 4);
         assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 3);
         assert_eq!(size_of::<NextHop>(), 4 + 6 + 6);
         assert_eq!(size_of::<FlowState>(), 4 + 1 + 3 + 8 + 16);
@@ -589,6 +631,40 @@ mod tests {
         );
         assert!(!b.serves(7, true, BACKEND_DRAINING), "another family");
         assert!(!Backend::default().serves(0, false, BACKEND_ACTIVE | BACKEND_DRAINING));
+    }
+
+    #[test]
+    fn an_entry_holds_a_flow_only_to_the_vip_its_backend_serves() {
+        let vip = VipKey::new("192.0.2.10:80".parse().unwrap(), crate::IPPROTO_TCP);
+        let b = Backend {
+            family: 4,
+            flags: BACKEND_DRAINING,
+            vip,
+            ..Backend::default()
+        };
+        assert!(b.holds_flow_to(&vip, BACKEND_ACTIVE | BACKEND_DRAINING));
+        assert!(
+            !b.holds_flow_to(&vip, BACKEND_ACTIVE),
+            "draining: established only"
+        );
+        for other in [
+            VipKey::new("192.0.2.11:80".parse().unwrap(), crate::IPPROTO_TCP),
+            VipKey::new("192.0.2.10:81".parse().unwrap(), crate::IPPROTO_TCP),
+            VipKey::new("192.0.2.10:80".parse().unwrap(), crate::IPPROTO_UDP),
+            VipKey::new(
+                "[::ffff:192.0.2.10]:80".parse().unwrap(),
+                crate::IPPROTO_TCP,
+            ),
+            VipKey::new("[2001:db8::10]:80".parse().unwrap(), crate::IPPROTO_TCP),
+        ] {
+            let held = b.holds_flow_to(&other, BACKEND_ACTIVE | BACKEND_DRAINING);
+            assert_eq!(held, other == vip, "{other:?}");
+        }
+        assert!(
+            !Backend::default()
+                .holds_flow_to(&VipKey::default(), BACKEND_ACTIVE | BACKEND_DRAINING),
+            "an unused slot holds nothing"
+        );
     }
 
     #[test]

@@ -59,27 +59,22 @@ pub fn process<H: Hook>(ctx: &H) -> u32 {
     };
     // Choosing the translation and applying it are separate calls made from here, so their
     // stack frames are never stacked on each other (the verifier sums a call chain's frames).
-    let vip = if role(p.dport_be) & PORT_IS_VIP != 0 {
-        // SAFETY: the agent replaces VIP entries whole and never writes into them in place.
-        unsafe { VIPS.get(&vip_key) }
-    } else {
-        None
-    };
-    let cache = if let Some(vip) = vip {
-        let cache = to_backend(ctx, &p, vip, &mut t);
+    if role(p.dport_be) & PORT_IS_VIP != 0 {
+        let cache = to_backend(ctx, &p, &vip_key, &mut t);
         if t.no_backend {
             return H::DROP;
         }
-        cache
-    } else if role(p.sport_be) & PORT_IS_BACKEND != 0
+        if !t.not_a_vip {
+            return ctx.emit(&p, &t, cache);
+        }
+    }
+    if role(p.sport_be) & PORT_IS_BACKEND != 0
         && let Some(cache) = to_client(&p, &mut t)
     {
-        Some(cache)
-    } else {
-        count(Counter::NotForUs);
-        return H::PASS;
-    };
-    ctx.emit(&p, &t, cache)
+        return ctx.emit(&p, &t, Some(cache));
+    }
+    count(Counter::NotForUs);
+    H::PASS
 }
 
 /// Not inlined: the parser's temporaries live in this frame and are gone before the
@@ -160,7 +155,12 @@ enum Flow {
 }
 
 /// Finds or picks the flow's backend and fills `t`; returns where this CPU caches the
-/// backend's next hop. A flow no backend can take sets `t.no_backend`.
+/// backend's next hop. A flow no backend can take sets `t.no_backend`; a packet to no VIP
+/// (a VIP port on another address) sets `t.not_a_vip`.
+///
+/// An established flow's packet is decided by its connection-table entry and the entry of
+/// the backend it names, which repeats the VIP's key and idle timeout: no VIP lookup. Only
+/// a flow without an entry that holds looks the VIP up, for its ring.
 ///
 /// A TCP connection gets its entry from its first packet after the SYN, not from the SYN:
 /// the SYN is recorded in `XLB_HANDSHAKES`, a table of its own, so a flood of SYNs evicts
@@ -170,7 +170,7 @@ enum Flow {
 /// The cache reference travels as the return value, not inside `t`: the verifier forgets a
 /// pointer's type when it is copied through memory in pieces.
 #[inline(never)]
-fn to_backend<H: Hook>(ctx: &H, p: &Parsed, vip: &VipInfo, t: &mut Translation) -> HopCache {
+fn to_backend<H: Hook>(ctx: &H, p: &Parsed, vip_key: &VipKey, t: &mut Translation) -> HopCache {
     let key = flow_key(p);
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
@@ -183,12 +183,15 @@ fn to_backend<H: Hook>(ctx: &H, p: &Parsed, vip: &VipInfo, t: &mut Translation) 
             Some(state) => {
                 // Established flows follow their backend while it is active or draining.
                 let id = state.backend_id;
-                match usable_backend(id, vip.vip_id, p.ipv6, BACKEND_ACTIVE | BACKEND_DRAINING) {
+                match BACKENDS
+                    .get(id)
+                    .filter(|b| b.holds_flow_to(vip_key, BACKEND_ACTIVE | BACKEND_DRAINING))
+                {
                     // A connection closing, or on a draining backend, is where a client
                     // reusing its port finds an old entry: a handshake not yet consumed is a
                     // new connection, which its SYN decided.
                     Some(b)
-                        if state.is_current(now, vip.idle_timeout_s)
+                        if state.is_current(now, b.idle_timeout_s)
                             && !(tcp
                                 && (state.closing != 0 || b.flags & BACKEND_ACTIVE == 0)
                                 && handshake_entry(&key)
@@ -215,6 +218,10 @@ fn to_backend<H: Hook>(ctx: &H, p: &Parsed, vip: &VipInfo, t: &mut Translation) 
             (id, b, false)
         }
         Flow::Opening => {
+            // SAFETY: the agent replaces VIP entries whole and never writes into them in place.
+            let Some(vip) = (unsafe { VIPS.get(vip_key) }) else {
+                return not_a_vip(t);
+            };
             count(Counter::ConntrackMiss);
             let Some((id, b)) = pick_backend(&key, vip, p.ipv6) else {
                 return refuse_new_flow(t);
@@ -230,6 +237,10 @@ fn to_backend<H: Hook>(ctx: &H, p: &Parsed, vip: &VipInfo, t: &mut Translation) 
             (id, b, false)
         }
         Flow::Unknown(entry) => {
+            // SAFETY: as above.
+            let Some(vip) = (unsafe { VIPS.get(vip_key) }) else {
+                return not_a_vip(t);
+            };
             count(Counter::ConntrackMiss);
             // A handshake's ACK: the connection goes where its SYN went, if that backend
             // still takes its flows (a handshake is a flow of its own: draining keeps it),
@@ -276,6 +287,14 @@ fn to_backend<H: Hook>(ctx: &H, p: &Parsed, vip: &VipInfo, t: &mut Translation) 
     t.addr = backend.addr;
     t.port_be = backend.port_be;
     backend_hop(backend_id, now)
+}
+
+/// A packet to a VIP's port but no VIP's address: not for the forward path
+/// (`t.not_a_vip`); the caller sees whether it is a reply.
+#[inline(always)]
+fn not_a_vip(t: &mut Translation) -> HopCache {
+    t.not_a_vip = true;
+    None
 }
 
 /// No backend can take a new flow: it is dropped (`t.no_backend`).
@@ -515,6 +534,8 @@ pub struct Translation {
     pub port_be: u16,
     /// No backend can take this new flow: drop it.
     pub no_backend: bool,
+    /// The packet went to a VIP's port on an address that is no VIP.
+    pub not_a_vip: bool,
     /// The packet is translated already (an ICMP error, see `icmp.rs`): handing it on only
     /// lowers its TTL. `addr` is then its destination, for the next-hop lookup.
     pub already_translated: bool,
@@ -526,6 +547,7 @@ impl Translation {
         endpoint: Endpoint::Destination,
         port_be: 0,
         no_backend: false,
+        not_a_vip: false,
         already_translated: false,
     };
 }

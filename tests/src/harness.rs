@@ -177,6 +177,16 @@ impl Lab {
         vip
     }
 
+    /// Changes a running VIP's idle timeout.
+    ///
+    /// # Panics
+    /// The balancer refusing it.
+    pub fn set_idle_timeout(&mut self, vip: &VipSpec, idle_timeout_s: u32) {
+        self.balancer
+            .set_vip_idle_timeout(vip, Some(idle_timeout_s))
+            .unwrap_or_else(|e| panic!("idle timeout of {vip}: {}", chain(&e)));
+    }
+
     /// The connection-table entry of the flow `client → vip`, if any.
     ///
     /// # Panics

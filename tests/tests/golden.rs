@@ -1186,6 +1186,26 @@ fn flow_entries_end_with_syn_fin_rst_and_idle_timeouts() {
         send(&lab, &datagram, ua, &refreshed, "UDP idle 29 s: still ua");
         lab.age_flow(c, &udp, Duration::from_secs(31));
         send(&lab, &datagram, ub, &new, "UDP idle 31 s: a fresh choice");
+        // A timeout changed on the running VIP holds for its established flows too (their
+        // packets read it from the backend's entry, not the VIP's).
+        lab.set_idle_timeout(&udp, 60);
+        lab.age_flow(c, &udp, Duration::from_secs(45));
+        send(
+            &lab,
+            &datagram,
+            ub,
+            &refreshed,
+            "UDP idle 45 s of 60: still ub",
+        );
+        lab.set_idle_timeout(&udp, 30);
+        lab.age_flow(c, &udp, Duration::from_secs(31));
+        send(
+            &lab,
+            &datagram,
+            ub,
+            &new,
+            "UDP idle 31 s of 30 again: over, a fresh entry",
+        );
         assert_eq!(
             live_on_a(&lab),
             Some(1),
