@@ -364,7 +364,7 @@ pub struct ScalingPoint {
     pub established_ns: f64,
     pub new_flow_ns: f64,
     /// Share of the "established" samples that hit the connection table. Below 1 when the
-    /// flows outgrow one CPU's share of the LRU (max entries / CPUs with per-CPU LRU lists).
+    /// flows outgrow the connection table.
     pub established_hit_ratio: f64,
 }
 
