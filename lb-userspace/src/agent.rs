@@ -671,9 +671,8 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     let mut datapath =
         Datapath::load_pinned(options.datapath, &options.bpffs).with_context(|| {
             format!(
-                "loading the XDP program with its maps pinned under {} (if a previous agent ran \
-             with other --ring-size/--max-vips, or was an older xlb build with other map layouts, \
-             remove its data path with `xlb detach`)",
+                "loading the XDP program with its maps pinned under {} (`xlb detach` removes \
+                 a data path left there)",
                 options.bpffs.display()
             )
         })?;

@@ -36,8 +36,7 @@ pub struct DatapathConfig {
     pub max_vips: u32,
     /// Flow-hash seed: the same on every node that must agree on backends.
     pub hash_seed: u32,
-    /// Connection-table (and reverse-NAT) entries. The LRU lists are per CPU, so one CPU's
-    /// flows get `conntrack_entries / CPUs` before the oldest are evicted.
+    /// Connection-table (and reverse-NAT) entries; the handshake tables get half as many.
     pub conntrack_entries: u32,
 }
 
@@ -106,9 +105,54 @@ pub enum DatapathError {
     },
     #[error("counting possible CPUs")]
     Cpus(#[source] std::io::Error),
+    #[error("setting aside the pinned map {path}, whose layout this build does not share")]
+    Retire {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("carrying the entries of the retired map {path} over")]
+    CarryOver {
+        path: String,
+        #[source]
+        source: MapError,
+    },
 }
 
 type Result<T, E = DatapathError> = std::result::Result<T, E>;
+
+/// Where a pinned map whose layout this build does not share is set aside.
+fn retired_path(dir: &Path, name: &str) -> std::path::PathBuf {
+    // bpffs refuses names with a dot in them.
+    dir.join(format!("{name}_RETIRED"))
+}
+
+/// Sets aside a map pinned by another xlb build whose layout differs from this build's (an
+/// upgrade across a layout change), so that loading creates this build's map in its place:
+/// the running program keeps its reference, and the flow tables' entries are carried over
+/// once the new maps exist (`Datapath::carry_over_retired`). A retired pin already there
+/// (an earlier start stopped half way) holds the older entries and is kept.
+fn retire_pin(dir: &Path, name: &str, property: &str, expected: u64, actual: u64) -> Result<()> {
+    let from = dir.join(name);
+    let to = retired_path(dir, name);
+    let retire_err = |source| DatapathError::Retire {
+        path: from.display().to_string(),
+        source,
+    };
+    if to.exists() {
+        std::fs::remove_file(&from).map_err(retire_err)?;
+    } else {
+        std::fs::rename(&from, &to).map_err(retire_err)?;
+    }
+    tracing::warn!(
+        map = name,
+        property,
+        pinned = actual,
+        this_build = expected,
+        "a pinned map from another xlb build: replaced by this build's"
+    );
+    Ok(())
+}
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
     move |source| DatapathError::Map { name, source }
@@ -189,8 +233,11 @@ impl Datapath {
     /// already (a previous agent left the data path running), the loader reuses it, so the
     /// connection table and counters survive an agent restart or upgrade.
     ///
+    /// A pinned map whose layout or size differs from this build's is replaced, its
+    /// connection-table entries carried over where their layout allows (`retire_pin`).
+    ///
     /// # Errors
-    /// As `load`; also a pinned map whose layout differs from this build's.
+    /// As `load`; also a pinned map that cannot be set aside or carried over.
     pub fn load_pinned(config: DatapathConfig, dir: &Path) -> Result<Self> {
         Self::load_with_pins(config, Some(dir))
     }
@@ -223,11 +270,98 @@ impl Datapath {
                 loader.map_pin_path(name, dir.join(name));
             }
         }
-        let ebpf = loader.load(XLB_OBJECT).map_err(DatapathError::Load)?;
+        let ebpf = loop {
+            match loader.load(XLB_OBJECT) {
+                Ok(ebpf) => break ebpf,
+                Err(aya::EbpfError::MapError(MapError::IncompatiblePinnedMap {
+                    name,
+                    property,
+                    expected,
+                    actual,
+                })) if pins.is_some() => {
+                    let dir = pins.expect("checked by the guard");
+                    retire_pin(dir, &name, property, expected, actual)?;
+                }
+                Err(e) => return Err(DatapathError::Load(e)),
+            }
+        };
         let mut datapath = Self { ebpf, config };
         datapath.load_program(program_names::XLB)?;
         datapath.load_classifier()?;
+        if let Some(dir) = pins {
+            datapath.carry_over_retired(dir)?;
+        }
         Ok(datapath)
+    }
+
+    /// Moves the entries of flow tables retired by [`retire_pin`] into this build's tables,
+    /// where key and value layouts agree (a changed size or LRU flavour), then removes the
+    /// retired pins. Runs before the agent attaches this build's program: the old program
+    /// keeps using the old tables until then, so only flows that start in between miss
+    /// their entry, and those meet the same ring. A retired pin left by an agent that
+    /// stopped half way is picked up by the next start.
+    fn carry_over_retired(&mut self, dir: &Path) -> Result<()> {
+        for name in map_names::ALL {
+            let path = retired_path(dir, name);
+            if !path.exists() {
+                continue;
+            }
+            let carried = match name {
+                map_names::CONNTRACK | map_names::HANDSHAKES => {
+                    self.carry_over::<FlowKey, FlowState>(name, &path)?
+                }
+                map_names::REVERSE_NAT | map_names::HANDSHAKE_REPLIES => {
+                    self.carry_over::<FlowKey, ReverseNat>(name, &path)?
+                }
+                // Rings, VIPs, backends, ports, endpoints and the egress map are written
+                // again from the desired state; counters and next-hop caches start over.
+                _ => None,
+            };
+            match carried {
+                Some(n) => tracing::info!(map = name, entries = n, "carried over"),
+                None => tracing::warn!(
+                    map = name,
+                    "not carried over: rewritten from the desired state, or counters that \
+                     start again from zero"
+                ),
+            }
+            std::fs::remove_file(&path).map_err(|source| DatapathError::Unpin {
+                path: path.display().to_string(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Copies every entry of the retired hash map at `path` into `name`; `None` when their
+    /// key or value sizes differ (the entries mean something else).
+    fn carry_over<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+        path: &Path,
+    ) -> Result<Option<usize>> {
+        let carry_err = |source| DatapathError::CarryOver {
+            path: path.display().to_string(),
+            source,
+        };
+        let old = MapData::from_pin(path).map_err(carry_err)?;
+        let info = old.info().map_err(carry_err)?;
+        if info.key_size() as usize != size_of::<K>()
+            || info.value_size() as usize != size_of::<V>()
+        {
+            return Ok(None);
+        }
+        let old: HashMap<MapData, K, V> =
+            HashMap::try_from(aya::maps::Map::LruHashMap(old)).map_err(carry_err)?;
+        let mut new: HashMap<&mut MapData, K, V> = self.map_mut(name)?;
+        let mut carried = 0;
+        for entry in old.iter() {
+            // An entry that goes between reading its key and its value is gone: skip it.
+            let Ok((key, value)) = entry else { continue };
+            new.insert(&key, &value, 0).map_err(carry_err)?;
+            carried += 1;
+        }
+        Ok(Some(carried))
     }
 
     /// Starts forwarding the program's aya-log records (rare events only; nothing is logged

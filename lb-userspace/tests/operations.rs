@@ -1589,6 +1589,80 @@ fn restart_without_dropping() {
     );
 }
 
+/// A restart with other table sizes meets pinned maps this build cannot reuse as they are,
+/// as an upgrade across a map layout change does. The agent replaces them and carries the
+/// connection table's entries over: a long-lived connection whose backend has left the
+/// ring (drained, so only its entry keeps it there) still reaches that backend, and nothing
+/// fails.
+#[test]
+fn a_restart_with_other_table_sizes_keeps_established_connections() {
+    let topo = topology(2);
+    let dir = TempDir::new(SUITE, "resize");
+    let state = dir.join("state.json");
+    let _servers = line_servers(&topo, 2);
+    let pins = Pins::new(topo.lb(), &dir);
+    let before = [
+        "--keep-attached",
+        "--conntrack-entries",
+        "16384",
+        "--max-vips",
+        "8",
+    ];
+    let after = [
+        "--keep-attached",
+        "--conntrack-entries",
+        "32768",
+        "--max-vips",
+        "16",
+    ];
+    let mut agent = Agent::start(&topo, &dir, &pins, &state, &before);
+    add_vip(&agent, 2, &[]);
+    let mut traffic = Traffic::start(&topo, &TrafficPlan::GENTLE);
+    thread::sleep(Duration::from_millis(300));
+    let stream_backend = addr_of(&traffic.stream_backend);
+    agent.ok(&["backend", "drain", VIP, &stream_backend]);
+    thread::sleep(Duration::from_millis(300));
+
+    let status = agent.stop();
+    assert!(status.success(), "clean stop: {status}\n{}", agent.log());
+    agent = Agent::start(&topo, &dir, &pins, &state, &after);
+    let log = agent.log();
+    for map in ["XLB_CONNTRACK", "XLB_VIPS"] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("replaced by this build's") && l.contains(map)),
+            "{map} is replaced:\n{log}"
+        );
+    }
+    assert!(
+        log.lines().any(|l| l.contains("carried over")
+            && l.contains("XLB_CONNTRACK")
+            && !l.contains("entries=0")),
+        "the connection table's entries are carried over:\n{log}"
+    );
+    assert!(log.contains("adopted"), "{log}");
+    assert!(
+        !fs::read_dir(&pins.dir).expect("pin directory").any(|e| e
+            .expect("entry")
+            .file_name()
+            .to_string_lossy()
+            .ends_with("_RETIRED")),
+        "no retired pin is left behind"
+    );
+    thread::sleep(Duration::from_millis(500));
+    let (echoed, made, _, failures) = traffic.finish();
+    assert!(failures.is_empty(), "nothing failed: {failures:#?}");
+    assert!(
+        echoed > 10 && made > 5,
+        "traffic ran: {echoed} lines, {made} connections"
+    );
+    assert_eq!(
+        agent.tracked_backend(traffic.stream_local),
+        stream_backend.as_str(),
+        "the long stream is still tracked on its drained backend"
+    );
+}
+
 const UDP_VIP: &str = "10.100.0.1:80/udp";
 
 /// A global counter from `xlb stats --json`.
