@@ -993,6 +993,7 @@ mod tests {
                     weight: 3,
                     state: BackendState::Draining,
                     id: Some(7),
+                    container: None,
                 }],
                 id: Some(2),
                 health: None,

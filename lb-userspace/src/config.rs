@@ -460,6 +460,7 @@ fn validate_backend(
         weight,
         state: b.state.map_or(BackendState::Active, Spanned::into_inner),
         id: None,
+        container: None,
     })
 }
 
@@ -838,6 +839,7 @@ mod tests {
             weight,
             state,
             id: None,
+            container: None,
         }
     }
 
