@@ -586,14 +586,12 @@ impl<M: Maps> Balancer<M> {
             .iter_mut()
             .find(|v| v.vip == *vip)
             .ok_or(BalancerError::UnknownVip(*vip))?;
-        let moved = config
-            .backends
-            .iter_mut()
-            .find(|b| b.addr == from)
-            .ok_or(BalancerError::UnknownBackend {
+        let moved = config.backends.iter_mut().find(|b| b.addr == from).ok_or(
+            BalancerError::UnknownBackend {
                 vip: *vip,
                 backend: from,
-            })?;
+            },
+        )?;
         moved.addr = to;
         moved.id = None;
         self.apply(&wanted)
@@ -2244,7 +2242,11 @@ mod tests {
         b.set_health(&vip(1), backend(2), true).unwrap();
         assert!(live_ring(b.maps(), &vip(1)).contains(&stopped));
         let listed = b.vip_status(&vip(1)).unwrap();
-        let two = listed.backends.iter().find(|s| s.addr == backend(2)).unwrap();
+        let two = listed
+            .backends
+            .iter()
+            .find(|s| s.addr == backend(2))
+            .unwrap();
         assert_eq!(two.container.as_deref(), Some("web-2"));
         assert_eq!(two.container_running, Some(true));
         assert_eq!(listed.backends[0].container_running, None);
@@ -2254,7 +2256,8 @@ mod tests {
     #[test]
     fn a_container_at_a_new_address_is_a_new_endpoint_with_its_name_and_weight() {
         let mut b = with_backends(2);
-        b.update_backend(&vip(1), backend(2), Some(3), None).unwrap();
+        b.update_backend(&vip(1), backend(2), Some(3), None)
+            .unwrap();
         b.set_backend_container(&vip(1), backend(2), Some("web-2".to_owned()))
             .unwrap();
         b.set_container_running(&vip(1), backend(2), false).unwrap();
@@ -2277,7 +2280,10 @@ mod tests {
             .iter()
             .find(|c| c.addr == backend(9))
             .unwrap();
-        assert_eq!((config.weight, config.container.as_deref()), (3, Some("web-2")));
+        assert_eq!(
+            (config.weight, config.container.as_deref()),
+            (3, Some("web-2"))
+        );
         assert!(!state.vips[0].backends.iter().any(|c| c.addr == backend(2)));
         assert!(matches!(
             b.move_backend(&vip(1), backend(2), backend(10)),
