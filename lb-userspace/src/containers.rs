@@ -600,6 +600,8 @@ async fn follow_stream(engine: Engine, notices: &mpsc::Sender<Notice>) -> String
 struct Lookup {
     engine: Engine,
     names: Vec<String>,
+    /// The TCP endpoints (IPv4 or not, port) each container serves as a backend, or will.
+    serves: BTreeMap<String, BTreeSet<(bool, u16)>>,
     /// Also look up every running container labelled `xlb.vip`.
     labelled: bool,
     stopping: bool,
@@ -628,6 +630,11 @@ async fn inspector(mut lookups: mpsc::UnboundedReceiver<Lookup>, notices: mpsc::
             for name in names {
                 match inspect(lookup.engine, &name) {
                     Ok(info) => {
+                        if let Some(info) = info.as_ref().filter(|i| i.running && !lookup.stopping)
+                        {
+                            let known = lookup.serves.get(&name).cloned().unwrap_or_default();
+                            wait_ready(info, known);
+                        }
                         let observed = Notice::Observed {
                             name,
                             info,
@@ -644,6 +651,47 @@ async fn inspector(mut lookups: mpsc::UnboundedReceiver<Lookup>, notices: mpsc::
         .await;
         if done.is_err() {
             return;
+        }
+    }
+}
+
+/// How long a starting container may take to accept connections before it joins the ring
+/// anyway (the VIP's health checks, if it has any, then decide).
+const READY_LIMIT: Duration = Duration::from_secs(5);
+
+/// Waits until the container accepts TCP connections on the endpoints it serves (`known`,
+/// plus what its labels ask for), at most [`READY_LIMIT`]: a container counts as running
+/// from its first process on, well before its service listens, and a new connection sent
+/// to it in between would be refused.
+fn wait_ready(info: &ContainerInfo, mut known: BTreeSet<(bool, u16)>) {
+    if let Some(Ok(spec)) = label_spec(&info.labels)
+        && spec.vip.proto == Protocol::Tcp
+        && let Ok(endpoint) = info.endpoint(&spec.vip, spec.port)
+    {
+        known.insert((endpoint.is_ipv4(), endpoint.port()));
+    }
+    let deadline = Instant::now() + READY_LIMIT;
+    for (ipv4, port) in known {
+        let Some(ip) = info.addrs.iter().find(|ip| ip.is_ipv4() == ipv4) else {
+            continue;
+        };
+        let endpoint = SocketAddr::new(*ip, port);
+        loop {
+            match std::net::TcpStream::connect_timeout(&endpoint, Duration::from_millis(200)) {
+                Ok(_) => break,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                Err(e) => {
+                    warn!(
+                        container = %info.name,
+                        %endpoint,
+                        "does not accept connections {} s after starting ({e}): it joins the ring anyway",
+                        READY_LIMIT.as_secs()
+                    );
+                    break;
+                }
+            }
         }
     }
 }
@@ -733,6 +781,33 @@ impl Following {
         wanted.vips.sort_by_key(|v| v.vip);
     }
 
+    /// The TCP endpoints (IPv4 or not, port) each followed or declared container serves.
+    fn serves(&self, balancer: &Balancer) -> BTreeMap<String, BTreeSet<(bool, u16)>> {
+        let mut serves: BTreeMap<String, BTreeSet<(bool, u16)>> = BTreeMap::new();
+        for v in balancer.desired_state().vips {
+            if v.vip.proto != Protocol::Tcp {
+                continue;
+            }
+            for b in v.backends {
+                if let Some(name) = b.container {
+                    serves
+                        .entry(name)
+                        .or_default()
+                        .insert((b.addr.is_ipv4(), b.addr.port()));
+                }
+            }
+        }
+        for (vip, decl) in &self.declared {
+            if let (Protocol::Tcp, Some(port)) = (vip.proto, decl.port) {
+                serves
+                    .entry(decl.name.clone())
+                    .or_default()
+                    .insert((vip.addr.is_ipv4(), port));
+            }
+        }
+        serves
+    }
+
     /// Every container name worth asking the engine about.
     fn names(&self, balancer: &Balancer) -> BTreeSet<String> {
         let mut names = followed(balancer);
@@ -759,6 +834,7 @@ impl Following {
                 let _ = self.lookups.send(Lookup {
                     engine,
                     names: self.names(balancer).into_iter().collect(),
+                    serves: self.serves(balancer),
                     labelled: self.discovered.is_some(),
                     stopping: false,
                 });
@@ -768,6 +844,7 @@ impl Following {
                 if self.discovered.is_some() || self.names(balancer).contains(&event.name) {
                     let _ = self.lookups.send(Lookup {
                         engine,
+                        serves: self.serves(balancer),
                         stopping: matches!(event.action.as_str(), "kill" | "stop"),
                         names: vec![event.name],
                         labelled: false,
