@@ -1331,4 +1331,24 @@ mod tests {
         let l = labels(&[("xlb.vip", "10.0.0.10:80/tcp"), ("xlb.health", "udp")]);
         assert!(label_spec(&l).unwrap().is_err());
     }
+
+    #[test]
+    fn names_that_are_options_never_reach_the_engine() {
+        for bad in ["--latest", "-l", "a b", ""] {
+            assert!(
+                matches!(inspect(Engine::Podman, bad), Err(ContainerError::Name(_))),
+                "{bad:?}"
+            );
+            assert!(
+                parse_container_arg(&format!("{bad}:80")).is_err(),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            parse_container_arg("web-1:8080"),
+            Ok(("web-1".to_owned(), Some(8080)))
+        );
+        assert_eq!(parse_container_arg("web-1"), Ok(("web-1".to_owned(), None)));
+        assert!(parse_container_arg("web-1:0").is_err());
+    }
 }
