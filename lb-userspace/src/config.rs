@@ -959,6 +959,15 @@ mod tests {
             ]
         );
         assert_eq!(
+            web.containers,
+            [ContainerDecl {
+                name: "web-4".into(),
+                port: Some(8080),
+                weight: 1,
+                state: BackendState::Active,
+            }]
+        );
+        assert_eq!(
             config.health(),
             [(
                 vip("192.0.2.10:80/tcp"),
