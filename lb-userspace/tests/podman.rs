@@ -1221,3 +1221,64 @@ fn labelled_containers_scale_from_one_to_three_and_back_under_new_connections() 
     drop(lab);
     eprintln!("done in {:.1} s", started.elapsed().as_secs_f64());
 }
+
+#[test]
+fn config_containers_are_found_at_start_and_added_when_they_start() {
+    let lab = Lab::new();
+    let pid = std::process::id();
+    let (early, late) = (format!("{PREFIX}{pid}-c0"), format!("{PREFIX}{pid}-c1"));
+    let mut containers = Containers::start(&lab.podman, 0);
+    containers.add(&early, &["--expose", "8080"]);
+    containers.wait_serving();
+    let config = lab.podman.dir.join("xlb.toml");
+    fs::write(
+        &config,
+        format!(
+            "[[vip]]\naddress = \"{VIP}/tcp\"\n\
+             [[vip.backend]]\ncontainer = \"{early}\"\n\
+             [[vip.backend]]\ncontainer = \"{late}\"\nport = {HTTP_PORT}\nweight = 2\n"
+        ),
+    )
+    .expect("writing the config");
+    lab.start_agent(&["--config", &config.display().to_string()]);
+    // The running one at its exposed port; the other is not there yet.
+    let listed = lab.backends().expect("the config's VIP");
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let first = backend_of(&listed, &early).expect("the running container");
+    assert_eq!(
+        first.addr,
+        SocketAddr::from((containers.addr(&early), HTTP_PORT))
+    );
+    assert!(
+        lab.agent()
+            .process
+            .log()
+            .contains(&format!("container {late}: no container named '{late}'")),
+        "no warning about the missing container:\n{}",
+        lab.agent().process.log()
+    );
+
+    containers.add(&late, &[]);
+    containers.wait_one_serving(&late);
+    let took = wait_until("the config's second container joins", FOLLOW_LIMIT, || {
+        lab.backends().is_some_and(|l| {
+            backend_of(&l, &late).is_some_and(|b| {
+                b.weight == 2
+                    && b.slots > 0
+                    && b.addr == SocketAddr::from((containers.addr(&late), HTTP_PORT))
+            })
+        })
+    });
+    eprintln!("the config's container joined {took:?} after it served");
+    let served = lab.requests(30);
+    assert!(
+        served.contains_key(&early) && served.contains_key(&late),
+        "{served:?}"
+    );
+    // The file still says the same: a reload finds nothing to change.
+    let said = lab.agent().cli(&["reload"]);
+    assert!(said.contains("nothing changed"), "{said}");
+    assert_eq!(lab.backends().expect("the VIP").len(), 2);
+    drop(containers);
+    drop(lab);
+}
