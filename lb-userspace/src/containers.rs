@@ -605,6 +605,9 @@ struct Lookup {
     /// Also look up every running container labelled `xlb.vip`.
     labelled: bool,
     stopping: bool,
+    /// The engine reported them dead or removed: no need to ask, and every moment counts,
+    /// since new connections still go to them.
+    gone: bool,
 }
 
 /// Looks containers up one round at a time, in the order asked, and reports each as a
@@ -628,6 +631,17 @@ async fn inspector(mut lookups: mpsc::UnboundedReceiver<Lookup>, notices: mpsc::
                 }
             }
             for name in names {
+                if lookup.gone {
+                    let observed = Notice::Observed {
+                        name,
+                        info: None,
+                        stopping: false,
+                    };
+                    if notices.blocking_send(observed).is_err() {
+                        return;
+                    }
+                    continue;
+                }
                 match inspect(lookup.engine, &name) {
                     Ok(info) => {
                         if let Some(info) = info.as_ref().filter(|i| i.running && !lookup.stopping)
@@ -837,6 +851,7 @@ impl Following {
                     serves: self.serves(balancer),
                     labelled: self.discovered.is_some(),
                     stopping: false,
+                    gone: false,
                 });
                 Vec::new()
             }
@@ -846,6 +861,10 @@ impl Following {
                         engine,
                         serves: self.serves(balancer),
                         stopping: matches!(event.action.as_str(), "kill" | "stop"),
+                        gone: matches!(
+                            event.action.as_str(),
+                            "died" | "die" | "remove" | "destroy"
+                        ),
                         names: vec![event.name],
                         labelled: false,
                     });
