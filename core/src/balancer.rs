@@ -37,6 +37,12 @@ struct BackendEntry {
     /// Failing health checks take a backend out of the ring and end its flows, whatever
     /// its state; it returns when the checks pass again.
     healthy: bool,
+    /// The container it is, if added by name.
+    container: Option<String>,
+    /// False while its container is stopped: out of the ring, its flows end, as for a
+    /// failed health check, but kept apart from the checks' verdict so that neither undoes
+    /// the other.
+    running: bool,
 }
 
 impl VipEntry {
@@ -50,7 +56,7 @@ impl VipEntry {
 impl BackendEntry {
     /// What the data plane is told about the backend.
     const fn flags(&self) -> u8 {
-        match (self.healthy, self.state) {
+        match (self.healthy && self.running, self.state) {
             (false, _) => 0,
             (true, BackendState::Active) => BACKEND_ACTIVE,
             (true, BackendState::Draining) => BACKEND_DRAINING,
@@ -59,7 +65,7 @@ impl BackendEntry {
 
     /// Whether it owns ring slots (takes new flows).
     fn in_ring(&self) -> bool {
-        self.healthy && self.state == BackendState::Active
+        self.healthy && self.running && self.state == BackendState::Active
     }
 }
 
@@ -416,6 +422,8 @@ impl<M: Maps> Balancer<M> {
                     weight,
                     state: BackendState::Active,
                     healthy: true,
+                    container: None,
+                    running: true,
                 },
             );
         self.rebuild_ring(vip)
@@ -523,6 +531,87 @@ impl<M: Maps> Balancer<M> {
         }
         self.change_backend(vip, backend, |b| b.healthy = healthy)?;
         Ok(true)
+    }
+
+    /// Records that the backend is the container `name` (None: a plain address again). No
+    /// map changes: the name only says what to follow.
+    ///
+    /// # Errors
+    /// Unknown VIP or backend.
+    pub fn set_backend_container(
+        &mut self,
+        vip: &VipSpec,
+        backend: SocketAddr,
+        name: Option<String>,
+    ) -> Result<(), M::Error> {
+        let b = self
+            .model
+            .vips
+            .get_mut(vip)
+            .ok_or(BalancerError::UnknownVip(*vip))?
+            .backends
+            .get_mut(&backend)
+            .ok_or(BalancerError::UnknownBackend { vip: *vip, backend })?;
+        b.container = name;
+        Ok(())
+    }
+
+    /// Records whether a container backend's container runs. Stopped, it leaves the ring
+    /// and its flows re-hash, as on a failed health check; running again, it comes back.
+    /// Returns whether anything changed.
+    ///
+    /// # Errors
+    /// Unknown VIP or backend, or a map update failing.
+    pub fn set_container_running(
+        &mut self,
+        vip: &VipSpec,
+        backend: SocketAddr,
+        running: bool,
+    ) -> Result<bool, M::Error> {
+        let entry = self
+            .model
+            .vips
+            .get(vip)
+            .ok_or(BalancerError::UnknownVip(*vip))?;
+        let b = entry
+            .backends
+            .get(&backend)
+            .ok_or(BalancerError::UnknownBackend { vip: *vip, backend })?;
+        if b.running == running {
+            return Ok(false);
+        }
+        self.change_backend(vip, backend, |b| b.running = running)?;
+        Ok(true)
+    }
+
+    /// Gives a backend a new address (its container came back elsewhere): a new endpoint
+    /// with a new id, weight, state and container name carried over, the old one gone;
+    /// one plan through [`Self::apply`], so written in the planner's order and undone
+    /// whole if a write fails.
+    ///
+    /// # Errors
+    /// Unknown VIP or backend, the new address taken or invalid, or a map update failing.
+    pub fn move_backend(
+        &mut self,
+        vip: &VipSpec,
+        from: SocketAddr,
+        to: SocketAddr,
+    ) -> Result<Applied, M::Error> {
+        let mut wanted = self.desired_state();
+        let config = wanted
+            .vips
+            .iter_mut()
+            .find(|v| v.vip == *vip)
+            .ok_or(BalancerError::UnknownVip(*vip))?;
+        let moved = config.backends.iter_mut().find(|b| b.addr == from).ok_or(
+            BalancerError::UnknownBackend {
+                vip: *vip,
+                backend: from,
+            },
+        )?;
+        moved.addr = to;
+        moved.id = None;
+        self.apply(&wanted)
     }
 
     /// Applies `change` to a backend, then tells the data plane in the order that never lets a
@@ -695,6 +784,8 @@ impl<M: Maps> Balancer<M> {
                     .map_err(BalancerError::Datapath)?;
                 Ok(BackendStatus {
                     addr: *addr,
+                    container: b.container.clone(),
+                    container_running: b.container.as_ref().map(|_| b.running),
                     id: b.id,
                     weight: b.weight,
                     state: b.state,
@@ -809,6 +900,7 @@ impl<M: Maps> Balancer<M> {
                             weight: b.weight,
                             state: b.state,
                             id: Some(b.id),
+                            container: b.container.clone(),
                         })
                         .collect(),
                 })
@@ -1126,6 +1218,8 @@ impl<M: Maps> Balancer<M> {
                         weight: b.weight,
                         state: b.state,
                         healthy: was.is_none_or(|w| w.healthy),
+                        container: b.container.clone(),
+                        running: was.is_none_or(|w| w.running),
                     },
                 );
                 next.port_users.entry(addr.port()).or_default().backends += 1;
@@ -1299,6 +1393,8 @@ impl<M: Maps> Balancer<M> {
                         weight: b.weight,
                         state: b.state,
                         healthy: true,
+                        container: b.container.clone(),
+                        running: true,
                     },
                 );
                 self.model
@@ -1857,6 +1953,7 @@ mod tests {
                 weight: 1,
                 state: BackendState::Active,
                 id: None,
+                container: None,
             })
             .collect();
         let mut bad_last_weight = state;
@@ -1942,6 +2039,7 @@ mod tests {
             weight,
             state,
             id: None,
+            container: None,
         }
     }
 
@@ -2157,6 +2255,7 @@ mod tests {
                             weight: 1,
                             state: BackendState::Active,
                             id: None,
+                            container: None,
                         })
                         .collect(),
                     id: None,
@@ -2188,5 +2287,78 @@ mod tests {
         );
         assert!(last_clear < first_new, "{writes:#?}");
         assert_eq!(b.desired_state().vips[0].backends.len(), per_vip as usize);
+    }
+
+    #[test]
+    fn a_stopped_container_leaves_the_ring_before_its_entry_stops_matching() {
+        let mut b = with_backends(3);
+        b.set_backend_container(&vip(1), backend(2), Some("web-2".to_owned()))
+            .unwrap();
+        let stopped = id_of(&b, &vip(1), backend(2));
+        assert!(b.set_container_running(&vip(1), backend(2), false).unwrap());
+        let writes = b.maps_mut().take_writes();
+        let switch = position(&writes, |w| matches!(w, Write::Vip { .. }));
+        let cleared = position(
+            &writes,
+            |w| matches!(w, Write::Backend { id, value } if *id == stopped && value.flags == 0),
+        );
+        assert!(switch < cleared, "{writes:#?}");
+        assert!(!live_ring(b.maps(), &vip(1)).contains(&stopped));
+        // A health verdict does not bring a stopped container back, nor the reverse.
+        assert!(!b.set_health(&vip(1), backend(2), true).unwrap());
+        b.set_health(&vip(1), backend(2), false).unwrap();
+        assert!(b.set_container_running(&vip(1), backend(2), true).unwrap());
+        assert!(!live_ring(b.maps(), &vip(1)).contains(&stopped));
+        b.set_health(&vip(1), backend(2), true).unwrap();
+        assert!(live_ring(b.maps(), &vip(1)).contains(&stopped));
+        let listed = b.vip_status(&vip(1)).unwrap();
+        let two = listed
+            .backends
+            .iter()
+            .find(|s| s.addr == backend(2))
+            .unwrap();
+        assert_eq!(two.container.as_deref(), Some("web-2"));
+        assert_eq!(two.container_running, Some(true));
+        assert_eq!(listed.backends[0].container_running, None);
+        assert_in_step(&b);
+    }
+
+    #[test]
+    fn a_container_at_a_new_address_is_a_new_endpoint_with_its_name_and_weight() {
+        let mut b = with_backends(2);
+        b.update_backend(&vip(1), backend(2), Some(3), None)
+            .unwrap();
+        b.set_backend_container(&vip(1), backend(2), Some("web-2".to_owned()))
+            .unwrap();
+        b.set_container_running(&vip(1), backend(2), false).unwrap();
+        let old = id_of(&b, &vip(1), backend(2));
+        b.maps_mut().take_writes();
+        b.move_backend(&vip(1), backend(2), backend(9)).unwrap();
+        let writes = b.maps_mut().take_writes();
+        let moved = id_of(&b, &vip(1), backend(9));
+        let entry_written = position(
+            &writes,
+            |w| matches!(w, Write::Backend { id, value } if *id == moved && value.flags != 0),
+        );
+        let switch = position(&writes, |w| matches!(w, Write::Vip { .. }));
+        assert!(entry_written < switch, "{writes:#?}");
+        let ring = live_ring(b.maps(), &vip(1));
+        assert!(ring.contains(&moved) && (moved == old || !ring.contains(&old)));
+        let state = b.desired_state();
+        let config = state.vips[0]
+            .backends
+            .iter()
+            .find(|c| c.addr == backend(9))
+            .unwrap();
+        assert_eq!(
+            (config.weight, config.container.as_deref()),
+            (3, Some("web-2"))
+        );
+        assert!(!state.vips[0].backends.iter().any(|c| c.addr == backend(2)));
+        assert!(matches!(
+            b.move_backend(&vip(1), backend(2), backend(10)),
+            Err(BalancerError::UnknownBackend { .. })
+        ));
+        assert_in_step(&b);
     }
 }

@@ -192,6 +192,7 @@ mod tests {
                     weight: 1,
                     state: BackendState::Active,
                     id: None,
+                    container: None,
                 })
                 .collect(),
             id: None,

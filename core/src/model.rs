@@ -164,6 +164,11 @@ pub struct BackendConfig {
     /// table entries name backends by id. Absent in hand-written configs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<u32>,
+    /// The podman or docker container the backend is, by name: the agent follows it,
+    /// re-resolving `addr` when it starts again and keeping it out of the ring while it is
+    /// stopped. None: a plain address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
 }
 
 const fn default_state() -> BackendState {
@@ -195,6 +200,12 @@ pub struct DesiredState {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackendStatus {
     pub addr: SocketAddr,
+    /// The container the backend is, when it was added by name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+    /// For a container: false while it is stopped (out of the ring, its flows moved).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_running: Option<bool>,
     pub id: u32,
     pub weight: u32,
     pub state: BackendState,
@@ -307,6 +318,7 @@ mod tests {
                     weight: 3,
                     state: BackendState::Draining,
                     id: Some(7),
+                    container: Some("web-1".to_owned()),
                 }],
                 id: None,
                 health: None,

@@ -100,8 +100,10 @@ impl Agent {
         ifaces: &[String],
         paths: &AgentPaths<'_>,
         xdp_mode: Option<&str>,
+        extra: &[&str],
     ) -> Result<Self> {
         let mut args: Vec<&OsStr> = vec![OsStr::new("run")];
+        args.extend(extra.iter().map(OsStr::new));
         for iface in ifaces {
             args.extend([OsStr::new("--iface"), OsStr::new(iface)]);
         }

@@ -5,7 +5,9 @@
 //!
 //! When `podman` is installed the containers are real podman containers (`busybox httpd`
 //! from a local image, on podman's bridge), and the agent runs in the host namespace next to
-//! that bridge (see [`podman`]); otherwise, or with `--no-podman`, they are network
+//! that bridge (see [`podman`]), run with `--containers podman`: the demo then scales the web
+//! service up by two replicas that carry only the label `xlb.vip` and down again with
+//! `podman rm`, and xlb follows both on its own. Otherwise, or with `--no-podman`, they are network
 //! namespaces with a TCP server thread each, and everything runs in namespaces named
 //! `xlbdemo-*`, so the host's own network is never touched.
 
@@ -23,7 +25,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
@@ -257,8 +259,18 @@ impl Demo {
             bpffs: &work.pins,
             log: &work.dir.join("xlb.log"),
         };
+        // Podman mode: the agent also turns labelled containers into backends.
+        let discovery: &[&str] = if self.use_podman {
+            &["--containers", "podman"]
+        } else {
+            &[]
+        };
         println!(
-            "    $ xlb run --iface {}{} --socket {} --state {} --bpffs {}",
+            "    $ xlb run{} --iface {}{} --socket {} --state {} --bpffs {}",
+            discovery
+                .iter()
+                .map(|a| format!(" {a}"))
+                .collect::<String>(),
             lab.lb_ifaces.join(" --iface "),
             args.xdp_mode
                 .as_deref()
@@ -274,6 +286,7 @@ impl Demo {
             &lab.lb_ifaces,
             &paths,
             args.xdp_mode.as_deref(),
+            discovery,
         )?);
         let waited = agent.wait_ready(&xlb, interrupt)?;
         println!(
@@ -374,6 +387,18 @@ impl Demo {
             moves.on_removed_after,
             removed.name
         );
+
+        if let Some(podman) = &self.podman {
+            scale_by_labels(
+                podman,
+                &mut self.podman_containers,
+                &xlb,
+                client,
+                args.requests,
+                protocol,
+                interrupt,
+            )?;
+        }
 
         step("xlb stats");
         xlb.run(&["stats"])?;
@@ -588,6 +613,135 @@ impl Drop for Demo {
         // Only does something if `teardown` was skipped (a panic).
         let _ = self.teardown_printing(!std::thread::panicking());
     }
+}
+
+/// Podman mode: scales the live service up by two replicas that only carry the label
+/// `xlb.vip` (the agent, run with `--containers podman`, adds them itself), shows the new
+/// distribution, then removes them and shows that their flows went back to the others.
+fn scale_by_labels(
+    podman: &Podman,
+    started: &mut Vec<String>,
+    xlb: &Xlb,
+    client: &xlb_netns::Netns,
+    n: u16,
+    protocol: Wire,
+    interrupt: &Interrupt,
+) -> Result<()> {
+    let svc = &SERVICES[LIVE_SERVICE];
+    let vip = svc.vip_arg();
+    let labels = [
+        format!("xlb.vip={vip}"),
+        format!("xlb.port={}", svc.backend_port),
+    ];
+    let replicas: Vec<String> = (LIVE_ADD + 1..=LIVE_ADD + 2)
+        .map(|i| format!("{}-{i}", svc.key))
+        .collect();
+    step(format!(
+        "scaling the {} up with the container engine alone: podman run --label {} --label {}",
+        svc.label, labels[0], labels[1]
+    ));
+    let pid = std::process::id();
+    let t = Instant::now();
+    for name in &replicas {
+        let podman_name = podman::container_name(pid, name);
+        println!(
+            "    $ podman run -d --name {podman_name} --label {} --label {} {} ...",
+            labels[0],
+            labels[1],
+            podman::IMAGE
+        );
+        started.push(podman_name.clone());
+        podman.start_labelled(&podman_name, name, svc.backend_port, &labels)?;
+    }
+    let podman_names: Vec<String> = replicas
+        .iter()
+        .map(|r| podman::container_name(pid, r))
+        .collect();
+    // The replicas' backends: (container, ring slots).
+    let listed = || -> Result<Vec<(String, u64)>> {
+        let text = xlb.output(&["backend", "list", &vip, "--json"])?;
+        let status: serde_json::Value =
+            serde_json::from_str(&text).context("`xlb backend list --json` is not JSON")?;
+        Ok(status["backends"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|b| {
+                let name = b["container"].as_str()?;
+                podman_names
+                    .iter()
+                    .any(|p| p == name)
+                    .then(|| (name.to_owned(), b["slots"].as_u64().unwrap_or(0)))
+            })
+            .collect())
+    };
+    wait_for("xlb to add the labelled replicas", interrupt, || {
+        let found = listed()?;
+        Ok(found.len() == podman_names.len() && found.iter().all(|(_, slots)| *slots > 0))
+    })?;
+    println!(
+        "    xlb added them {:.1} s after the first `podman run`",
+        t.elapsed().as_secs_f64()
+    );
+    xlb.run(&["backend", "list", &vip])?;
+    let answers = client.run(|| requests(svc.vip, svc.first_port, n, protocol, interrupt))??;
+    let mut names: Vec<&str> = vec![];
+    for a in &answers {
+        if !names.contains(&a.as_str()) {
+            names.push(a);
+        }
+    }
+    names.sort_unstable();
+    println!();
+    print!("{}", render_table(&table_rows(svc, &answers, &names)));
+    println!();
+    if let Some(idle) = replicas.iter().find(|r| !answers.contains(r)) {
+        bail!("{idle} was added by its label but served none of {n} requests");
+    }
+
+    step(format!(
+        "scaling back down: podman rm {}",
+        podman_names.join(" ")
+    ));
+    let t = Instant::now();
+    podman.remove(&podman_names)?;
+    started.retain(|c| !podman_names.contains(c));
+    wait_for("xlb to remove the stopped replicas", interrupt, || {
+        Ok(listed()?.is_empty())
+    })?;
+    println!(
+        "    xlb removed them {:.1} s after `podman rm`",
+        t.elapsed().as_secs_f64()
+    );
+    let answers = client.run(|| requests(svc.vip, svc.first_port, n, protocol, interrupt))??;
+    let names: Vec<&str> = names
+        .into_iter()
+        .filter(|n| !replicas.iter().any(|r| r == n))
+        .collect();
+    println!();
+    print!("{}", render_table(&table_rows(svc, &answers, &names)));
+    println!();
+    if let Some(gone) = replicas.iter().find(|r| answers.contains(r)) {
+        bail!("{gone} still served requests after it was removed");
+    }
+    Ok(())
+}
+
+/// Polls `done` every 100 ms for up to 15 s.
+fn wait_for(
+    what: &str,
+    interrupt: &Interrupt,
+    mut done: impl FnMut() -> Result<bool>,
+) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !done()? {
+        interrupt.check()?;
+        if Instant::now() > deadline {
+            bail!("waited 15 s for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
 }
 
 /// `xlb backend add VIP ...`, by container name in podman mode.

@@ -105,11 +105,26 @@ impl Podman {
 
     /// Starts `name` serving HTTP on `port`, answering every request with `answer`.
     pub fn start(&self, name: &str, answer: &str, port: u16) -> Result<()> {
+        self.start_labelled(name, answer, port, &[])
+    }
+
+    /// As [`Self::start`], with `labels` (`KEY=VALUE`) on the container.
+    pub fn start_labelled(
+        &self,
+        name: &str,
+        answer: &str,
+        port: u16,
+        labels: &[String],
+    ) -> Result<()> {
         let script = format!(
             "mkdir -p /www && echo {answer} > /www/index.html && exec busybox httpd -f -p {port} -h /www"
         );
-        self.run(&["run", "-d", "--name", name, IMAGE, "/bin/sh", "-c", &script])
-            .map(drop)
+        let mut args = vec!["run", "-d", "--name", name];
+        for label in labels {
+            args.extend(["--label", label]);
+        }
+        args.extend([IMAGE, "/bin/sh", "-c", &script]);
+        self.run(&args).map(drop)
     }
 
     /// The container's address on podman's network.

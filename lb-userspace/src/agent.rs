@@ -39,6 +39,8 @@ pub struct AgentOptions {
     pub metrics: Option<std::net::SocketAddr>,
     /// Declarative config: the desired state at start, re-read by `xlb reload` and SIGHUP.
     pub config: Option<PathBuf>,
+    /// `--containers ENGINE`: containers labelled `xlb.vip` become backends.
+    pub containers: Option<crate::containers::EngineChoice>,
 }
 
 pub fn require_root(what: &str) -> Result<()> {
@@ -252,6 +254,8 @@ struct Agent {
     /// The config file's `[agent]` table as the agent started with it: a reload cannot
     /// re-attach or re-bind, so it names what changed there instead of ignoring it.
     started_with: crate::config::AgentConfig,
+    /// Container backends followed through their engine's events.
+    following: crate::containers::Following,
 }
 
 /// Refuses a VIP that can never work, or that sits on a backend's address.
@@ -328,6 +332,7 @@ impl Agent {
         match self.apply(request) {
             Ok(reply) => {
                 self.sync_health_targets();
+                self.following.ensure_watching(&self.balancer);
                 if mutates
                     && let Err(e) = save_state(&self.state_path, &self.balancer.desired_state())
                 {
@@ -377,6 +382,23 @@ impl Agent {
                     warn!(%vip, %backend, "{warning}");
                 }
                 done_with(warnings)
+            }
+            Request::ContainerBackendAdd {
+                vip,
+                container,
+                port,
+                weight,
+            } => {
+                let found = crate::containers::find(self.following.engines(), &container)?;
+                let backend = found.endpoint(&vip, port)?;
+                let warnings = check_new_backend(b, &self.attached, &vip, backend)?;
+                b.add_backend(&vip, backend, weight)?;
+                b.set_backend_container(&vip, backend, Some(container.clone()))?;
+                for warning in &warnings {
+                    warn!(%vip, %backend, "{warning}");
+                }
+                info!(%vip, %backend, container, "container backend added: followed from now on");
+                Reply::ContainerBackendAdded { backend, warnings }
             }
             Request::BackendDel { vip, backend } => {
                 b.remove_backend(&vip, backend)?;
@@ -488,16 +510,23 @@ impl Agent {
             "this agent was started without --config: change it with the vip/backend commands",
         )?;
         let config = crate::config::load(&path)?;
-        let wanted = config.desired_state();
+        let mut wanted = config.desired_state();
+        let running = self.balancer.desired_state();
+        let (declared, container_warnings) = crate::containers::resolve_declared(
+            &mut wanted,
+            &config,
+            self.following.engines(),
+            Some(&running),
+        );
+        self.following.keep_discovered(&running, &mut wanted);
         // Whole or not at all: a config this agent cannot hold is refused before any change.
         self.balancer
             .check_limits(&wanted)
             .with_context(|| format!("{}: not applied, nothing changed", path.display()))?;
-        let running = self.balancer.desired_state();
         let changes = crate::config::diff(&without_ids(&running), &wanted);
         // The file passed every check it can make on its own; what only this namespace can
         // tell is checked before anything changes, so a refused reload changes nothing.
-        let mut warnings = Vec::new();
+        let mut warnings = container_warnings;
         for change in &changes {
             if let Change::AddBackend { vip, backend } = change {
                 let found = check_backend_in_namespace(&self.attached, backend.addr)
@@ -534,6 +563,7 @@ impl Agent {
                 error_chain(&e)
             );
         }
+        self.following.declare(declared);
         info!(path = %path.display(), changes = lines.len(), "reloaded");
         warnings.extend(crate::config::agent_changes(&self.started_with, &config.agent).into_iter().map(
             |field| {
@@ -638,9 +668,23 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         crate::balancer::check_limits(state, options.datapath.max_vips, options.datapath.ring_size)
             .with_context(|| format!("{}: refused, nothing written", origin.display()))
     };
+    let mut declared = Vec::new();
     let restored = match &options.config {
         Some(path) => {
-            let wanted = crate::config::load(path)?.desired_state();
+            let config = crate::config::load(path)?;
+            let mut wanted = config.desired_state();
+            let (found, warnings) = crate::containers::resolve_declared(
+                &mut wanted,
+                &config,
+                options
+                    .containers
+                    .unwrap_or(crate::containers::EngineChoice::Auto),
+                recorded.as_ref(),
+            );
+            for warning in warnings {
+                warn!("{}: {warning}", path.display());
+            }
+            declared = found;
             check(&wanted, path)?;
             Some(with_recorded_ids(wanted, recorded.as_ref()))
         }
@@ -749,6 +793,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     info!(socket = %options.socket.display(), "xlb agent ready");
 
     let (events, mut health_events) = tokio::sync::mpsc::channel(256);
+    let (notices, mut container_notices) = tokio::sync::mpsc::channel(256);
     let agent = Arc::new(Mutex::new(Agent {
         balancer,
         state_path: options.state.clone(),
@@ -759,6 +804,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
             Some(path) => crate::config::load(path)?.agent,
             None => crate::config::AgentConfig::default(),
         },
+        following: crate::containers::Following::new(options.containers, notices),
     }));
     let (links, forwarding_enabled) = cleanup.disarm();
     let mut attachments = relink::Attachments::new(
@@ -778,6 +824,11 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     let mut relink_sweep = tokio::time::interval(RELINK_SWEEP);
     lock(&agent).sync_health_targets();
     lock(&agent).warn_about_backend_routes();
+    {
+        let agent = &mut *lock(&agent);
+        agent.following.declare(declared);
+        agent.following.ensure_watching(&agent.balancer);
+    }
     if let Some(server) = metrics {
         info!(addr = %server.local_addr(), "serving Prometheus metrics on /metrics");
         let agent = Arc::clone(&agent);
@@ -801,6 +852,20 @@ pub async fn run(options: AgentOptions) -> Result<()> {
                     Ok(false) => {}
                     // Removed while the event was in flight.
                     Err(e) => info!("health event for a backend that is gone: {}", error_chain(&e)),
+                }
+            }
+            Some(notice) = container_notices.recv() => {
+                let mut agent = lock(&agent);
+                let agent = &mut *agent;
+                let changes = agent.following.on_notice(&mut agent.balancer, notice);
+                if !changes.is_empty() {
+                    for change in &changes {
+                        info!("{change}");
+                    }
+                    agent.sync_health_targets();
+                    if let Err(e) = save_state(&agent.state_path, &agent.balancer.desired_state()) {
+                        warn!("{e:#}");
+                    }
                 }
             }
             Some(change) = next_link_change(&mut link_changes) => {
@@ -992,6 +1057,7 @@ mod tests {
                     weight: 3,
                     state: BackendState::Draining,
                     id: Some(7),
+                    container: None,
                 }],
                 id: Some(2),
                 health: None,

@@ -40,6 +40,15 @@ pub enum Request {
         backend: SocketAddr,
         weight: u32,
     },
+    /// Adds the container `container` as a backend: the agent finds its address (and, without
+    /// `port`, its single exposed port) and follows it from then on.
+    ContainerBackendAdd {
+        vip: VipSpec,
+        container: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        port: Option<u16>,
+        weight: u32,
+    },
     BackendDel {
         vip: VipSpec,
         backend: SocketAddr,
@@ -72,6 +81,7 @@ impl Request {
             Self::VipAdd { .. }
                 | Self::VipDel { .. }
                 | Self::BackendAdd { .. }
+                | Self::ContainerBackendAdd { .. }
                 | Self::BackendDel { .. }
                 | Self::BackendSet { .. }
                 | Self::Reload
@@ -109,6 +119,11 @@ pub enum Reply {
     /// Done, and worth a look: `{"kind":"done_with_warnings","data":["backend … is reached
     /// through eth2, which xlb is not attached to …"]}`.
     DoneWithWarnings(Vec<String>),
+    /// A container became a backend at this address (with warnings, as `DoneWithWarnings`).
+    ContainerBackendAdded {
+        backend: SocketAddr,
+        warnings: Vec<String>,
+    },
     Vips(Vec<VipStatus>),
     Vip(VipStatus),
     Stats(Stats),
@@ -203,5 +218,22 @@ mod tests {
             r#"{"op":"backend_add","vip":"10.0.0.1:80/tcp","backend":"10.1.0.2:8080","weight":2}"#
         );
         assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), r);
+    }
+
+    #[test]
+    fn a_container_backend_is_sent_by_name() {
+        let r = Request::ContainerBackendAdd {
+            vip: "10.0.0.1:80/tcp".parse().unwrap(),
+            container: "web-1".into(),
+            port: None,
+            weight: 1,
+        };
+        let json = serde_json::to_string(&r).unwrap();
+        assert_eq!(
+            json,
+            r#"{"op":"container_backend_add","vip":"10.0.0.1:80/tcp","container":"web-1","weight":1}"#
+        );
+        assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), r);
+        assert!(r.mutates());
     }
 }

@@ -142,6 +142,40 @@ impl Balancer {
     }
 
     /// # Errors
+    /// Unknown VIP or backend.
+    pub fn set_backend_container(
+        &mut self,
+        vip: &VipSpec,
+        backend: SocketAddr,
+        name: Option<String>,
+    ) -> Result<()> {
+        self.core.set_backend_container(vip, backend, name)
+    }
+
+    /// # Errors
+    /// Unknown VIP or backend, or a map update failing.
+    pub fn set_container_running(
+        &mut self,
+        vip: &VipSpec,
+        backend: SocketAddr,
+        running: bool,
+    ) -> Result<bool> {
+        self.core.set_container_running(vip, backend, running)
+    }
+
+    /// # Errors
+    /// Unknown VIP or backend, the new address invalid or taken, or a map update failing
+    /// (undone).
+    pub fn move_backend(
+        &mut self,
+        vip: &VipSpec,
+        from: SocketAddr,
+        to: SocketAddr,
+    ) -> Result<Applied> {
+        self.core.move_backend(vip, from, to)
+    }
+
+    /// # Errors
     /// Unknown VIP.
     pub fn set_vip_health(&mut self, vip: &VipSpec, health: Option<HealthSpec>) -> Result<()> {
         self.core.set_vip_health(vip, health)

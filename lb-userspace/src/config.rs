@@ -111,6 +111,19 @@ pub struct VipDecl {
     pub idle_timeout_s: Option<u32>,
     /// In the file's order.
     pub backends: Vec<BackendConfig>,
+    /// Backends named by container (`container = "web-1"`), resolved and followed by the
+    /// agent; in the file's order.
+    pub containers: Vec<ContainerDecl>,
+}
+
+/// A `[[vip.backend]]` with `container =` instead of `address =`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContainerDecl {
+    pub name: String,
+    /// `port =`; none: the container's single exposed port.
+    pub port: Option<u16>,
+    pub weight: u32,
+    pub state: BackendState,
 }
 
 /// A parsed and validated `xlb.toml`.
@@ -185,7 +198,7 @@ struct RawVip {
     udp_timeout: Option<Spanned<i64>>,
     health: Option<Spanned<RawHealth>>,
     #[serde(default)]
-    backend: Vec<RawBackend>,
+    backend: Vec<Spanned<RawBackend>>,
 }
 
 #[derive(Deserialize)]
@@ -206,7 +219,9 @@ struct RawHealth {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawBackend {
-    address: Spanned<String>,
+    address: Option<Spanned<String>>,
+    container: Option<Spanned<String>>,
+    port: Option<Spanned<i64>>,
     weight: Option<Spanned<i64>>,
     state: Option<Spanned<BackendState>>,
 }
@@ -289,7 +304,7 @@ fn validate(raw: RawConfig, text: &str) -> Result<Config, Problem> {
         .nth(lb_common::MAX_BACKENDS as usize)
     {
         return Err(problem(
-            first_over.address.span(),
+            first_over.get_ref().span(),
             format!(
                 "{total} backends, but the data plane holds at most {} (this is the first one \
                  beyond)",
@@ -321,16 +336,24 @@ fn validate(raw: RawConfig, text: &str) -> Result<Config, Problem> {
         let idle_timeout_s = validate_idle_timeout(&vip, v.tcp_timeout, v.udp_timeout)?;
         let health = v.health.map(|h| validate_health(h, &vip)).transpose()?;
         let mut backends: Vec<BackendConfig> = Vec::with_capacity(v.backend.len());
+        let mut containers: Vec<ContainerDecl> = Vec::new();
         let mut backend_spans: HashMap<SocketAddr, Range<usize>> = HashMap::new();
+        let mut container_spans: HashMap<String, Range<usize>> = HashMap::new();
         for b in v.backend {
-            let backend = validate_backend(&vip, b, &mut backend_spans, text)?;
-            backends.push(backend);
+            let table = b.span();
+            let b = b.into_inner();
+            if b.container.is_some() {
+                containers.push(validate_container(&vip, b, &mut container_spans, text)?);
+            } else {
+                backends.push(validate_backend(&vip, b, table, &mut backend_spans, text)?);
+            }
         }
         vips.push(VipDecl {
             vip,
             health,
             idle_timeout_s,
             backends,
+            containers,
         });
         spans.push(backend_spans);
     }
@@ -402,11 +425,24 @@ fn validate_agent(a: RawAgent) -> Result<AgentConfig, Problem> {
 fn validate_backend(
     vip: &VipSpec,
     b: RawBackend,
+    table: Range<usize>,
     seen: &mut HashMap<SocketAddr, Range<usize>>,
     text: &str,
 ) -> Result<BackendConfig, Problem> {
-    let span = b.address.span();
-    let written = b.address.get_ref();
+    let Some(address) = b.address else {
+        return Err(problem(
+            table,
+            "a backend needs address = \"ADDR:PORT\" or container = \"NAME\"",
+        ));
+    };
+    if let Some(port) = b.port {
+        return Err(problem(
+            port.span(),
+            "port goes with container =; an address carries its own port",
+        ));
+    }
+    let span = address.span();
+    let written = address.get_ref();
     let addr: SocketAddr = written.parse().map_err(|_| {
         problem(
             span.clone(),
@@ -440,8 +476,30 @@ fn validate_backend(
             ),
         ));
     }
-    let weight = match b.weight {
-        None => 1,
+    let weight = validate_weight(b.weight)?;
+    Ok(BackendConfig {
+        addr,
+        weight,
+        state: b.state.map_or(BackendState::Active, Spanned::into_inner),
+        id: None,
+        container: None,
+    })
+}
+
+impl RawBackend {
+    /// Where the entry is written: its address or container.
+    fn span(&self) -> Range<usize> {
+        self.address
+            .as_ref()
+            .map(Spanned::span)
+            .or_else(|| self.container.as_ref().map(Spanned::span))
+            .unwrap_or(0..0)
+    }
+}
+
+fn validate_weight(weight: Option<Spanned<i64>>) -> Result<u32, Problem> {
+    match weight {
+        None => Ok(1),
         Some(w) => {
             let value = *w.get_ref();
             u32::try_from(value)
@@ -452,14 +510,52 @@ fn validate_backend(
                         w.span(),
                         format!("weight must be between 1 and {MAX_WEIGHT}, got {value}"),
                     )
-                })?
+                })
         }
-    };
-    Ok(BackendConfig {
-        addr,
-        weight,
+    }
+}
+
+/// A backend named by its container: the name podman and docker would accept, an optional
+/// port, no address (the agent finds it).
+fn validate_container(
+    vip: &VipSpec,
+    b: RawBackend,
+    seen: &mut HashMap<String, Range<usize>>,
+    text: &str,
+) -> Result<ContainerDecl, Problem> {
+    let container = b.container.expect("checked by the caller");
+    let span = container.span();
+    if let Some(address) = &b.address {
+        return Err(problem(
+            address.span(),
+            "give a backend address = or container =, not both (the agent finds a container's address)",
+        ));
+    }
+    let name = container.into_inner();
+    validate::check_container_name(&name).map_err(|e| problem(span.clone(), e.to_string()))?;
+    let port = b
+        .port
+        .map(|p| {
+            u16::try_from(*p.get_ref())
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| problem(p.span(), format!("port {} is not 1-65535", p.get_ref())))
+        })
+        .transpose()?;
+    if let Some(first) = seen.insert(name.clone(), span.clone()) {
+        return Err(problem(
+            span,
+            format!(
+                "container {name} is listed twice under VIP {vip} (first at line {})",
+                line_col(text, first.start).0
+            ),
+        ));
+    }
+    Ok(ContainerDecl {
+        name,
+        port,
+        weight: validate_weight(b.weight)?,
         state: b.state.map_or(BackendState::Active, Spanned::into_inner),
-        id: None,
     })
 }
 
@@ -838,6 +934,7 @@ mod tests {
             weight,
             state,
             id: None,
+            container: None,
         }
     }
 
@@ -860,6 +957,15 @@ mod tests {
                 backend("10.0.0.3:8080", 1, BackendState::Active),
                 backend("10.0.0.4:8080", 1, BackendState::Draining),
             ]
+        );
+        assert_eq!(
+            web.containers,
+            [ContainerDecl {
+                name: "web-4".into(),
+                port: Some(8080),
+                weight: 1,
+                state: BackendState::Active,
+            }]
         );
         assert_eq!(
             config.health(),
@@ -1045,7 +1151,10 @@ mod tests {
 
         let (line, _, message) = err("[[vip]]\naddress = \"192.0.2.1:80\"\n[[vip.backend]]\n");
         assert!(line >= 3, "{line}");
-        assert!(message.contains("missing field `address`"), "{message}");
+        assert!(
+            message.contains("needs address = \"ADDR:PORT\" or container = \"NAME\""),
+            "{message}"
+        );
 
         let (line, _, message) = err("[[vip]\n");
         assert_eq!(line, 1);
@@ -1393,5 +1502,66 @@ mod tests {
             serde_json::to_string(&Change::RemoveVip(a)).unwrap(),
             r#"{"remove_vip":"192.0.2.1:80/tcp"}"#
         );
+    }
+
+    #[test]
+    fn a_backend_can_be_named_by_container() {
+        let config = parse(concat!(
+            "[[vip]]\naddress = \"192.0.2.10:80\"\n",
+            "[[vip.backend]]\naddress = \"10.0.0.9:80\"\n",
+            "[[vip.backend]]\ncontainer = \"web-1\"\nweight = 2\n",
+            "[[vip.backend]]\ncontainer = \"web-2\"\nport = 8080\nstate = \"draining\"\n",
+        ))
+        .unwrap();
+        let vip = &config.vips[0];
+        assert_eq!(vip.backends.len(), 1);
+        assert_eq!(
+            vip.containers,
+            [
+                ContainerDecl {
+                    name: "web-1".into(),
+                    port: None,
+                    weight: 2,
+                    state: BackendState::Active,
+                },
+                ContainerDecl {
+                    name: "web-2".into(),
+                    port: Some(8080),
+                    weight: 1,
+                    state: BackendState::Draining,
+                },
+            ]
+        );
+        // Addresses only: the agent finds the containers'.
+        assert_eq!(config.desired_state().vips[0].backends.len(), 1);
+
+        let head = "[[vip]]\naddress = \"192.0.2.10:80\"\n[[vip.backend]]\n";
+        for (body, line, expected) in [
+            (
+                "container = \"web-1\"\naddress = \"10.0.0.9:80\"\n",
+                5,
+                "not both",
+            ),
+            ("container = \"-web\"\n", 4, "not a valid container name"),
+            (
+                "container = \"web\"\nport = 0\n",
+                5,
+                "port 0 is not 1-65535",
+            ),
+            (
+                "address = \"10.0.0.9:80\"\nport = 81\n",
+                5,
+                "port goes with container =",
+            ),
+            (
+                "container = \"web\"\n[[vip.backend]]\ncontainer = \"web\"\n",
+                6,
+                "container web is listed twice under VIP 192.0.2.10:80/tcp (first at line 4)",
+            ),
+        ] {
+            let (at, _, message) = err(&format!("{head}{body}"));
+            assert_eq!(at, line, "{body}: {message}");
+            assert!(message.contains(expected), "{body}: {message}");
+        }
     }
 }

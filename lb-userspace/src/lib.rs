@@ -9,6 +9,7 @@ pub mod balancer;
 pub mod batch;
 pub mod bench;
 pub mod config;
+pub mod containers;
 pub mod control;
 pub mod datapath;
 pub mod health;

@@ -77,6 +77,11 @@ enum Command {
         /// checks. `xlb reload` or SIGHUP re-read it and apply only what changed.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Make running containers labelled xlb.vip=ADDR:PORT/PROTO (optional xlb.port,
+        /// xlb.weight, xlb.health=tcp|udp|http:/PATH) backends of that VIP, following the
+        /// engine's events: added when they start, drained and removed when they stop.
+        #[arg(long, value_enum, value_name = "ENGINE")]
+        containers: Option<lb_userspace::containers::EngineChoice>,
     },
     /// Re-read the agent's --config file and apply only what changed.
     #[command(after_help = "Example:\n  xlb reload          # or: kill -HUP $(pidof xlb)")]
@@ -357,7 +362,9 @@ enum BackendCommand {
         /// BACKEND_ADDR:PORT
         #[arg(required_unless_present = "container", conflicts_with = "container")]
         backend: Option<SocketAddr>,
-        /// A podman or docker container NAME[:PORT] (port defaults to the VIP's).
+        /// A podman or docker container NAME[:PORT], followed from then on: out of the ring
+        /// while stopped, re-resolved when it starts again [port: the container's single
+        /// exposed port].
         #[arg(long)]
         container: Option<String>,
         /// Share of new flows relative to the other backends (1-1000).
@@ -439,11 +446,19 @@ fn print_backends(v: &VipStatus) {
         "BACKEND", "WEIGHT", "STATE", "SLOTS", "PACKETS", "BYTES", "NEW FLOWS", "LIVE FLOWS"
     );
     for b in &v.backends {
+        let (backend, state) = match (&b.container, b.container_running) {
+            (Some(name), Some(false)) => (format!("{} ({name})", b.addr), "stopped".to_owned()),
+            (Some(name), _) => (
+                format!("{} ({name})", b.addr),
+                format!("{:?}", b.state).to_lowercase(),
+            ),
+            (None, _) => (b.addr.to_string(), format!("{:?}", b.state).to_lowercase()),
+        };
         println!(
             "  {:<40} {:>6} {:>9} {:>7} {:>12} {:>14} {:>10} {:>10}",
-            b.addr.to_string(),
+            backend,
             b.weight,
-            format!("{:?}", b.state).to_lowercase(),
+            state,
             b.slots,
             b.packets,
             b.bytes,
@@ -476,50 +491,6 @@ fn print_stats(stats: &api::Stats) {
     for c in &stats.global {
         println!("  {:<26} {:>14}", c.name, c.value);
     }
-}
-
-/// Resolves a container's address through podman or docker (whichever knows it).
-fn container_backend(spec: &str, vip: &VipSpec) -> Result<SocketAddr> {
-    let (name, port) = match spec.rsplit_once(':') {
-        Some((name, port)) => (
-            name,
-            port.parse::<u16>()
-                .with_context(|| format!("'{port}' in --container {spec} is not a port"))?,
-        ),
-        None => (spec, vip.addr.port()),
-    };
-    lb_userspace::validate::check_container_name(name)?;
-    let format = if vip.addr.is_ipv4() {
-        "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}"
-    } else {
-        "{{range .NetworkSettings.Networks}}{{.GlobalIPv6Address}} {{end}}"
-    };
-    let mut tried = Vec::new();
-    for runtime in ["podman", "docker"] {
-        let output = match std::process::Command::new(runtime)
-            // `--`: whatever the name, it is never read as an option.
-            .args(["inspect", "--format", format, "--", name])
-            .output()
-        {
-            Ok(o) => o,
-            Err(_) => {
-                tried.push(format!("{runtime}: not installed"));
-                continue;
-            }
-        };
-        if !output.status.success() {
-            tried.push(format!("{runtime}: no container '{name}'"));
-            continue;
-        }
-        let text = String::from_utf8_lossy(&output.stdout);
-        if let Some(ip) = text.split_whitespace().find_map(|w| w.parse().ok()) {
-            return Ok(SocketAddr::new(ip, port));
-        }
-        tried.push(format!(
-            "{runtime}: container '{name}' has no address of the VIP's family"
-        ));
-    }
-    bail!("cannot resolve container '{name}' ({})", tried.join("; "))
 }
 
 fn bench(command: BenchCommand) -> Result<()> {
@@ -687,22 +658,43 @@ fn client(socket: &std::path::Path, command: Command) -> Result<()> {
             container,
             weight,
         }) => {
-            let backend = match (backend, container) {
-                (Some(b), _) => b,
-                (None, Some(c)) => container_backend(&c, &vip)?,
+            let (reply, container) = match (backend, container) {
+                (Some(backend), _) => (
+                    call(&Request::BackendAdd {
+                        vip,
+                        backend,
+                        weight,
+                    })?,
+                    None,
+                ),
+                (None, Some(spec)) => {
+                    let (container, port) = lb_userspace::containers::parse_container_arg(&spec)
+                        .map_err(|e| anyhow!("--container {spec}: {e}"))?;
+                    let request = Request::ContainerBackendAdd {
+                        vip,
+                        container: container.clone(),
+                        port,
+                        weight,
+                    };
+                    (call(&request)?, Some(container))
+                }
                 (None, None) => bail!("give BACKEND_ADDR:PORT or --container NAME"),
             };
-            let reply = call(&Request::BackendAdd {
-                vip,
-                backend,
-                weight,
-            })?;
-            if let Reply::DoneWithWarnings(warnings) = reply {
-                for warning in warnings {
-                    eprintln!("xlb: warning: {warning}");
-                }
+            let (added, warnings) = match reply {
+                Reply::DoneWithWarnings(warnings) => (backend, warnings),
+                Reply::ContainerBackendAdded { backend, warnings } => (Some(backend), warnings),
+                _ => (backend, Vec::new()),
+            };
+            for warning in warnings {
+                eprintln!("xlb: warning: {warning}");
             }
-            println!("added backend {backend} to {vip} (weight {weight})");
+            let added = added.map_or_else(|| "?".to_owned(), |a| a.to_string());
+            match container {
+                Some(name) => println!(
+                    "added backend {added} (container {name}, followed) to {vip} (weight {weight})"
+                ),
+                None => println!("added backend {added} to {vip} (weight {weight})"),
+            }
         }
         Command::Backend(BackendCommand::Del { vip, backend }) => {
             call(&Request::BackendDel { vip, backend })?;
@@ -855,6 +847,7 @@ fn main() -> ExitCode {
             metrics,
             no_metrics,
             config,
+            containers,
         } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
@@ -907,6 +900,7 @@ fn main() -> ExitCode {
                             .unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 9464)))
                     }),
                     config,
+                    containers,
                 };
                 tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(2)

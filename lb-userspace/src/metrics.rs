@@ -514,6 +514,8 @@ mod tests {
     fn stats() -> Stats {
         let backend = |addr: &str, id, state, packets| BackendStatus {
             addr: addr.parse().unwrap(),
+            container: None,
+            container_running: None,
             id,
             weight: id + 1,
             state,

@@ -809,8 +809,9 @@ fn metrics_floods_do_not_block_scrapes_or_the_control_socket() {
 }
 
 /// `--container --latest` reached `podman inspect` as an option and resolved an unrelated
-/// container. Names must follow podman's rule and come after `--`. A fake `podman` on PATH
-/// records how it is called.
+/// container. Names must follow podman's rule; the CLI refuses others before anything runs,
+/// and leaves resolving valid ones to the agent (which passes them after `--`). A fake
+/// `podman` on PATH records whether it is called.
 #[test]
 fn container_names_are_never_options() {
     use std::os::unix::fs::PermissionsExt as _;
@@ -856,7 +857,8 @@ fn container_names_are_never_options() {
         "podman ran for an invalid name: {:?}",
         fs::read_to_string(&calls)
     );
-    // A valid name is resolved (then the missing agent is reported), after `--`.
+    // A valid name goes to the agent, which resolves it: here the missing agent is reported,
+    // and the CLI itself never ran podman.
     let out = run("web-1.blue_2:8080");
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("no xlb agent"),
@@ -866,10 +868,10 @@ fn container_names_are_never_options() {
             &out
         )
     );
-    let recorded = fs::read_to_string(&calls).unwrap();
     assert!(
-        recorded.trim_end().ends_with("-- web-1.blue_2"),
-        "{recorded}"
+        !calls.exists(),
+        "the CLI ran podman itself: {:?}",
+        fs::read_to_string(&calls)
     );
 }
 
@@ -1162,4 +1164,103 @@ fn recreated_interfaces_are_reattached() {
 
 fn ipnet_v4(addr: std::net::Ipv4Addr, prefix: u8) -> xlb_netns::ipnet::Ipv4Net {
     xlb_netns::ipnet::Ipv4Net::new(addr, prefix).unwrap()
+}
+
+/// An engine that is down (here a `podman` whose event stream fails at once, as without its
+/// socket) is reported in one clear line, retried with growing pauses, and the container
+/// backends stay as they are meanwhile.
+#[test]
+fn an_engine_that_is_down_keeps_container_backends_and_is_retried() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = TempDir::new(SUITE, "engine-down");
+    let topo = topology(1);
+    let ifaces = lb_ifaces(&topo);
+    let backend_ip = topo.backend_links[0].b.ip4();
+    let fake = dir.join("podman");
+    fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\ncase \"$1\" in\n\
+             inspect) echo '[{{\"Name\":\"web-1\",\"State\":{{\"Running\":true}},\
+             \"NetworkSettings\":{{\"Networks\":{{\"n\":{{\"IPAddress\":\"{backend_ip}\"}}}}}}}}]' ;;\n\
+             events) echo 'Error: unable to connect to Podman socket: no such file' >&2; exit 125 ;;\n\
+             *) exit 1 ;;\nesac\n"
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&fake, fs::Permissions::from_mode(0o755)).unwrap();
+    let pins = BpffsDir(bpffs_dir("engine-down"));
+    let socket = dir.join("xlb.sock");
+    let log = dir.join("agent.log");
+    let mut cmd = common::agent_command(
+        topo.lb().command(XLB),
+        &ifaces,
+        &socket,
+        &dir.join("state.json"),
+        &pins.0,
+        &log,
+    );
+    cmd.args(["--ring-size", RING, "--no-metrics"])
+        .env_remove("XLB_SOCKET")
+        .env(
+            "PATH",
+            format!(
+                "{}:{}",
+                dir.0.display(),
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        );
+    let process = AgentProcess::start(
+        cmd,
+        log,
+        Duration::from_secs(15),
+        Duration::from_millis(50),
+        common::vip_list_probe(|args| common::xlb(topo.lb(), &socket, args)),
+    );
+    let agent = Agent {
+        ns: topo.lb(),
+        process,
+        socket: socket.clone(),
+    };
+    agent.ok(&["vip", "add", "10.100.0.1:80/tcp"]);
+    let said = agent.ok(&[
+        "backend",
+        "add",
+        "10.100.0.1:80/tcp",
+        "--container",
+        "web-1:8080",
+    ]);
+    assert!(
+        said.contains(&format!("added backend {backend_ip}:8080 (container web-1")),
+        "{said}"
+    );
+    // Retried after 1 s, then 2 s: the third report comes about 3 s after the first.
+    let started = std::time::Instant::now();
+    while !agent.process.log().contains("retrying in 4 s") {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "no back-off in the log:\n{}",
+            agent.process.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = agent.process.log();
+    for wait in [1, 2, 4] {
+        let line = format!(
+            "container engine podman: `podman events` exited (exit status: 125): Error: unable \
+             to connect to Podman socket: no such file; container backends are kept as they \
+             are; retrying in {wait} s"
+        );
+        assert_eq!(
+            log.matches(&line).count(),
+            1,
+            "{line:?} not once in:\n{log}"
+        );
+    }
+    let listed = agent.ok(&["backend", "list", "10.100.0.1:80/tcp", "--json"]);
+    let status: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let b = &status["backends"][0];
+    assert_eq!(b["container"], "web-1", "{status}");
+    assert_eq!(b["container_running"], true, "{status}");
+    assert!(b["slots"].as_u64().unwrap() > 0, "{status}");
 }

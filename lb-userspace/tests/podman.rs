@@ -32,7 +32,7 @@ use std::{
     collections::BTreeMap,
     fs,
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
     os::{fd::AsRawFd as _, unix::process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Command, Output},
@@ -268,22 +268,30 @@ impl<'p> Containers<'p> {
             names: Vec::new(),
         };
         for i in 0..n {
-            let name = format!("{PREFIX}{}-{i}", std::process::id());
-            // /big: 1 MiB of "xlb\n" to download; /cgi-bin/echo sends a POST body back.
-            let script = format!(
-                "mkdir -p /www/cgi-bin && echo {name} > /www/index.html && \
-                 yes xlb | head -c {BULK_BYTES} > /www/big && \
-                 printf '#!/bin/sh\\nprintf \"Content-Type: application/octet-stream\\\\r\\\\n\\\\r\\\\n\"\\nexec cat\\n' > /www/cgi-bin/echo && \
-                 chmod +x /www/cgi-bin/echo && \
-                 exec busybox httpd -f -p {HTTP_PORT} -h /www"
-            );
-            // Recorded before `run` so a half-created container is removed too.
-            containers.names.push(name.clone());
-            podman.run(&[
-                "run", "-d", "--name", &name, IMAGE, "/bin/sh", "-c", &script,
-            ]);
+            containers.add(&format!("{PREFIX}{}-{i}", std::process::id()), &[]);
         }
         containers
+    }
+
+    /// Runs one more container `name`, with `extra` options for `podman run` (labels, an
+    /// address); it answers `GET /` with its name.
+    fn add(&mut self, name: &str, extra: &[&str]) {
+        // /big: 1 MiB of "xlb\n" to download; /cgi-bin/echo sends a POST body back.
+        let script = format!(
+            "mkdir -p /www/cgi-bin && echo {name} > /www/index.html && \
+             yes xlb | head -c {BULK_BYTES} > /www/big && \
+             printf '#!/bin/sh\\nprintf \"Content-Type: application/octet-stream\\\\r\\\\n\\\\r\\\\n\"\\nexec cat\\n' > /www/cgi-bin/echo && \
+             chmod +x /www/cgi-bin/echo && \
+             exec busybox httpd -f -p {HTTP_PORT} -h /www"
+        );
+        // Recorded before `run` so a half-created container is removed too.
+        if !self.names.iter().any(|n| n == name) {
+            self.names.push(name.to_owned());
+        }
+        let mut args = vec!["run", "-d", "--name", name];
+        args.extend(extra);
+        args.extend([IMAGE, "/bin/sh", "-c", &script]);
+        self.podman.run(&args);
     }
 
     fn addr(&self, name: &str) -> Ipv4Addr {
@@ -301,20 +309,30 @@ impl<'p> Containers<'p> {
     /// Waits until every container's httpd answers from the host.
     fn wait_serving(&self) {
         for name in &self.names {
-            let addr = SocketAddr::from((self.addr(name), HTTP_PORT));
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                match http_get(addr) {
-                    Ok(body) if body == *name => break,
-                    Ok(body) => panic!("{name} at {addr} answered {body:?}"),
-                    Err(e) => assert!(
-                        Instant::now() < deadline,
-                        "{name} at {addr} does not answer 10 s after starting: {e}"
-                    ),
-                }
-                thread::sleep(Duration::from_millis(100));
-            }
+            self.wait_one_serving(name);
         }
+    }
+
+    fn wait_one_serving(&self, name: &str) {
+        let addr = SocketAddr::from((self.addr(name), HTTP_PORT));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match http_get(addr) {
+                Ok(body) if body == *name => break,
+                Ok(body) => panic!("{name} at {addr} answered {body:?}"),
+                Err(e) => assert!(
+                    Instant::now() < deadline,
+                    "{name} at {addr} does not answer 10 s after starting: {e}"
+                ),
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `podman rm -f -t 0 name`: killed hard, gone.
+    fn remove(&mut self, name: &str) {
+        self.podman.run(&["rm", "-f", "-t", "0", name]);
+        self.names.retain(|n| n != name);
     }
 }
 
@@ -456,6 +474,11 @@ struct Agent {
 
 impl Agent {
     fn start(ifaces: &[&str]) -> Self {
+        Self::start_with(ifaces, &[])
+    }
+
+    /// With `extra` options for `xlb run` (`--containers podman`).
+    fn start_with(ifaces: &[&str], extra: &[&str]) -> Self {
         let pid = std::process::id();
         let dir = std::env::temp_dir().join(format!("{PREFIX}agent-{pid}"));
         let _ = fs::remove_dir_all(&dir);
@@ -471,7 +494,9 @@ impl Agent {
             &bpffs,
             &log,
         );
-        cmd.args(["--xdp-mode", "auto"]).env("NO_COLOR", "1");
+        cmd.args(["--xdp-mode", "auto"])
+            .args(extra)
+            .env("NO_COLOR", "1");
         // SAFETY: prctl is async-signal-safe and touches no memory of ours.
         unsafe {
             cmd.pre_exec(|| {
@@ -774,4 +799,495 @@ fn http_to_podman_containers_through_the_vip() {
         "done in {:.1} s (left on purpose: image {IMAGE}, netavark's nft tables)",
         started.elapsed().as_secs_f64()
     );
+}
+
+// ---------------------------------------------------------------------------
+// Containers followed by name, and discovered by label
+// ---------------------------------------------------------------------------
+
+/// Everything a following test needs, torn down in field order: the agent, the client's
+/// link and namespace, the host's forwarding settings, podman's temp files, then podman0.
+struct Lab {
+    agent: std::cell::OnceCell<Agent>,
+    _link: ClientLink,
+    client: Netns,
+    _forwarding: HostForwarding,
+    podman: Podman,
+    _podman0: Podman0Lock,
+}
+
+impl Lab {
+    /// Everything but the agent, which needs podman0, which exists only while a container
+    /// runs: see [`Self::start_agent`].
+    fn new() -> Self {
+        assert!(
+            find_in_path("podman").is_some(),
+            "podman is not installed: `cargo xtask bootstrap` installs podman, runc and \
+             busybox-static; this test needs real podman containers"
+        );
+        let podman0 = Podman0Lock::acquire();
+        let podman = Podman::new();
+        podman.remove_stale();
+        xlb_netns::cleanup_stale(&format!("{PREFIX}client-")).expect("removing stale namespaces");
+        podman.ensure_image();
+        let client =
+            Netns::create(&format!("{PREFIX}client-")).expect("creating the client namespace");
+        let link = ClientLink::create(&client);
+        let forwarding = HostForwarding::save();
+        Self {
+            agent: std::cell::OnceCell::new(),
+            _link: link,
+            client,
+            _forwarding: forwarding,
+            podman,
+            _podman0: podman0,
+        }
+    }
+
+    fn start_agent(&self, options: &[&str]) {
+        let agent = Agent::start_with(&[&self._link.host_if, "podman0"], options);
+        assert!(self.agent.set(agent).is_ok(), "one agent per lab");
+    }
+
+    fn agent(&self) -> &Agent {
+        self.agent.get().expect("the agent is started")
+    }
+
+    /// The VIP's backends as `backend list --json` gives them; None while the VIP is missing.
+    fn backends(&self) -> Option<Vec<lb_userspace::balancer::BackendStatus>> {
+        let args = ["backend", "list", &format!("{VIP}/tcp"), "--json"];
+        let out = Agent::cli_at(&self.agent().socket, &args);
+        out.status.success().then(|| {
+            common::parse_json::<lb_userspace::balancer::VipStatus>(
+                &args,
+                &String::from_utf8_lossy(&out.stdout),
+            )
+            .backends
+        })
+    }
+
+    /// `n` requests to the VIP from the client, each answer the container's name; panics on
+    /// the first that fails.
+    fn requests(&self, n: usize) -> BTreeMap<String, usize> {
+        self.client
+            .run(|| {
+                let mut served = BTreeMap::new();
+                for i in 0..n {
+                    let body = http_get(VIP.into())
+                        .unwrap_or_else(|e| panic!("request {} of {n}: {e}", i + 1));
+                    *served.entry(body).or_default() += 1;
+                }
+                served
+            })
+            .expect("entering the client namespace")
+    }
+}
+
+/// Polls `done` every 50 ms until it holds; panics after `limit`. Returns how long it took.
+fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while !done() {
+        assert!(started.elapsed() < limit, "not within {limit:?}: {what}");
+        thread::sleep(Duration::from_millis(50));
+    }
+    started.elapsed()
+}
+
+/// How long the agent may take to act on a container event: podman writes it to its events
+/// file, `podman events` reads it, the agent inspects the container.
+const FOLLOW_LIMIT: Duration = Duration::from_secs(15);
+
+fn backend_of<'a>(
+    backends: &'a [lb_userspace::balancer::BackendStatus],
+    name: &str,
+) -> Option<&'a lb_userspace::balancer::BackendStatus> {
+    backends
+        .iter()
+        .find(|b| b.container.as_deref() == Some(name))
+}
+
+/// An address on podman's default network (10.88.0.0/16) that no container holds, for a
+/// container that must come back somewhere else.
+fn free_podman_address(podman: &Podman, not: Ipv4Addr) -> Ipv4Addr {
+    let mut used: Vec<Ipv4Addr> = vec![not];
+    for id in podman.run(&["ps", "-a", "-q"]).split_whitespace() {
+        let text = podman.run(&[
+            "inspect",
+            "--format",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}",
+            id,
+        ]);
+        used.extend(
+            text.split_whitespace()
+                .filter_map(|w| w.parse::<Ipv4Addr>().ok()),
+        );
+    }
+    let first = u32::from(Ipv4Addr::new(10, 88, 200, 2));
+    let pid = std::process::id();
+    (0..200u32)
+        .map(|i| Ipv4Addr::from(first + (pid + i * 7) % 5_000))
+        .find(|a| !used.contains(a))
+        .expect("a free address on podman's network")
+}
+
+#[test]
+fn followed_containers_leave_the_ring_while_stopped_and_come_back_where_they_are() {
+    let started = Instant::now();
+    let lab = Lab::new();
+    let pid = std::process::id();
+    let names: Vec<String> = (0..3).map(|i| format!("{PREFIX}{pid}-f{i}")).collect();
+    let mut containers = Containers::start(&lab.podman, 0);
+    containers.add(&names[0], &[]);
+    containers.add(&names[1], &[]);
+    // The third exposes its port: `--container NAME` finds it.
+    containers.add(&names[2], &["--expose", "8080"]);
+    containers.wait_serving();
+    lab.start_agent(&[]);
+    let agent = lab.agent();
+    let vip = format!("{VIP}/tcp");
+    agent.cli(&["vip", "add", &vip]);
+
+    // No port given, none exposed: refused, saying why, on one line.
+    let refused = Agent::cli_at(
+        &agent.socket,
+        &["backend", "add", &vip, "--container", &names[0]],
+    );
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        message.contains(&format!("container '{}' exposes no tcp port", names[0]))
+            && message.trim().lines().count() == 1,
+        "{message}"
+    );
+    for name in &names[..2] {
+        let said = agent.cli(&[
+            "backend",
+            "add",
+            &vip,
+            "--container",
+            &format!("{name}:{HTTP_PORT}"),
+        ]);
+        assert!(
+            said.contains(&format!("container {name}, followed")),
+            "{said}"
+        );
+    }
+    agent.cli(&["backend", "add", &vip, "--container", &names[2]]);
+    let listed = lab.backends().expect("the VIP is there");
+    for name in &names {
+        let b =
+            backend_of(&listed, name).unwrap_or_else(|| panic!("{name} not listed: {listed:?}"));
+        assert_eq!(b.addr, SocketAddr::from((containers.addr(name), HTTP_PORT)));
+        assert_eq!(b.container_running, Some(true));
+    }
+    let text = agent.cli(&["backend", "list", &vip]);
+    for name in &names {
+        assert!(text.contains(&format!("({name})")), "{text}");
+    }
+    let served = lab.requests(30);
+    assert!(
+        served.len() > 1,
+        "one container took every request: {served:?}"
+    );
+
+    // Stopped: out of the ring, and not one new connection reaches it.
+    lab.podman.run(&["stop", "-t", "0", &names[1]]);
+    let noticed = wait_until(
+        "the stopped container leaves the ring",
+        FOLLOW_LIMIT,
+        || {
+            lab.backends()
+                .and_then(|l| {
+                    backend_of(&l, &names[1])
+                        .map(|b| b.container_running == Some(false) && b.slots == 0)
+                })
+                .unwrap_or(false)
+        },
+    );
+    eprintln!("stop noticed after {noticed:?}");
+    let before = backend_of(&lab.backends().unwrap(), &names[1])
+        .unwrap()
+        .new_flows;
+    let served = lab.requests(30);
+    assert!(!served.contains_key(&names[1]), "{served:?}");
+    let after = lab.backends().unwrap();
+    assert_eq!(
+        backend_of(&after, &names[1]).unwrap().new_flows,
+        before,
+        "{after:?}"
+    );
+    assert!(agent.cli(&["backend", "list", &vip]).contains("stopped"));
+
+    // Started again: back in the ring at whatever address podman gave it.
+    lab.podman.run(&["start", &names[1]]);
+    containers.wait_one_serving(&names[1]);
+    let back = SocketAddr::from((containers.addr(&names[1]), HTTP_PORT));
+    let noticed = wait_until("the restarted container is back", FOLLOW_LIMIT, || {
+        lab.backends()
+            .and_then(|l| backend_of(&l, &names[1]).map(|b| b.addr == back && b.slots > 0))
+            .unwrap_or(false)
+    });
+    eprintln!("start noticed after {noticed:?}");
+    assert!(lab.requests(30).contains_key(&names[1]));
+
+    // Replaced by a container of the same name elsewhere: followed to its new address.
+    let old = containers.addr(&names[1]);
+    containers.remove(&names[1]);
+    wait_until(
+        "the removed container leaves the ring",
+        FOLLOW_LIMIT,
+        || {
+            lab.backends()
+                .and_then(|l| backend_of(&l, &names[1]).map(|b| b.container_running == Some(false)))
+                .unwrap_or(false)
+        },
+    );
+    assert!(!lab.requests(20).contains_key(&names[1]));
+    let elsewhere = free_podman_address(&lab.podman, old);
+    containers.add(&names[1], &["--ip", &elsewhere.to_string()]);
+    containers.wait_one_serving(&names[1]);
+    let moved = SocketAddr::from((elsewhere, HTTP_PORT));
+    let noticed = wait_until(
+        "the container is followed to its new address",
+        FOLLOW_LIMIT,
+        || {
+            lab.backends().is_some_and(|l| {
+                backend_of(&l, &names[1]).is_some_and(|b| b.addr == moved && b.slots > 0)
+                    && !l.iter().any(|b| b.addr.ip() == IpAddr::V4(old))
+            })
+        },
+    );
+    eprintln!("move from {old} to {elsewhere} followed after {noticed:?}");
+    assert!(lab.requests(30).contains_key(&names[1]));
+    // The state file knows the container by name at its new address.
+    let state: serde_json::Value = serde_json::from_str(
+        &fs::read_to_string(agent.dir.join("state.json")).expect("reading the state file"),
+    )
+    .expect("the state file is JSON");
+    let recorded = state["vips"][0]["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .find(|b| b["container"] == names[1].as_str())
+        .unwrap_or_else(|| panic!("{} not in the state file: {state}", names[1]));
+    assert_eq!(recorded["addr"], moved.to_string());
+    assert_eq!(counter(&agent.stats(), "xdp_aborted"), 0);
+    drop(containers);
+    drop(lab);
+    eprintln!("done in {:.1} s", started.elapsed().as_secs_f64());
+}
+
+/// One request of a stream: when it started and ended, and the container that answered.
+struct Answer {
+    started: Instant,
+    ended: Instant,
+    result: Result<String, String>,
+}
+
+#[test]
+fn labelled_containers_scale_from_one_to_three_and_back_under_new_connections() {
+    let started = Instant::now();
+    let lab = Lab::new();
+    let pid = std::process::id();
+    let names: Vec<String> = (0..3).map(|i| format!("{PREFIX}{pid}-s{i}")).collect();
+    let labels = [
+        "--label",
+        &format!("xlb.vip={VIP}/tcp"),
+        "--label",
+        "xlb.port=8080",
+    ]
+    .map(|s| s.to_owned());
+    let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+    let mut containers = Containers::start(&lab.podman, 0);
+    containers.add(&names[0], &labels);
+    // Running before the agent: found when it first asks podman.
+    lab.start_agent(&["--containers", "podman"]);
+    let took = wait_until(
+        "the first labelled container becomes a backend",
+        FOLLOW_LIMIT,
+        || {
+            lab.backends().is_some_and(|l| {
+                l.len() == 1 && l[0].slots > 0 && backend_of(&l, &names[0]).is_some()
+            })
+        },
+    );
+    eprintln!("1 labelled container a backend (its VIP created) after {took:?}");
+    containers.wait_one_serving(&names[0]);
+
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (answers, marks) = thread::scope(|scope| {
+        let stream = scope.spawn(|| {
+            lab.client
+                .run(|| {
+                    let deadline = Instant::now() + Duration::from_secs(120);
+                    let mut answers = Vec::new();
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                        && Instant::now() < deadline
+                    {
+                        let started = Instant::now();
+                        let result = http_get(VIP.into()).map_err(|e| e.to_string());
+                        answers.push(Answer {
+                            started,
+                            ended: Instant::now(),
+                            result,
+                        });
+                        thread::sleep(Duration::from_millis(20));
+                    }
+                    answers
+                })
+                .expect("entering the client namespace")
+        });
+        let scale = || {
+            thread::sleep(Duration::from_secs(1));
+            for name in &names[1..] {
+                containers.add(name, &labels);
+            }
+            let took = wait_until(
+                "three labelled containers in the ring",
+                FOLLOW_LIMIT,
+                || {
+                    lab.backends()
+                        .is_some_and(|l| l.len() == 3 && l.iter().all(|b| b.slots > 0))
+                },
+            );
+            eprintln!("scaled to 3 in the ring {took:?} after the last `podman run`");
+            thread::sleep(Duration::from_secs(2));
+            // Each replica killed hard, then waited for until xlb has removed it: new
+            // connections sent to it in between are in flight to a container killed hard.
+            let mut windows = Vec::new();
+            for name in &names[1..] {
+                let killing = Instant::now();
+                containers.remove(name);
+                let took = wait_until("the killed replica is removed", FOLLOW_LIMIT, || {
+                    lab.backends()
+                        .is_some_and(|l| backend_of(&l, name).is_none())
+                });
+                eprintln!("{name} removed {took:?} after `podman rm -f` returned");
+                windows.push((killing, Instant::now()));
+            }
+            assert_eq!(lab.backends().map(|l| l.len()), Some(1));
+            thread::sleep(Duration::from_secs(2));
+            windows
+        };
+        let marks = std::panic::catch_unwind(std::panic::AssertUnwindSafe(scale));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let answers = stream.join().expect("the client stream");
+        (
+            answers,
+            marks.unwrap_or_else(|p| std::panic::resume_unwind(p)),
+        )
+    });
+    let windows = marks;
+    let back_to_one = windows.last().expect("two kills").1;
+    let failed: Vec<&Answer> = answers.iter().filter(|a| a.result.is_err()).collect();
+    let mut served: BTreeMap<&str, usize> = BTreeMap::new();
+    for a in &answers {
+        if let Ok(name) = &a.result {
+            assert!(
+                names.contains(name),
+                "an answer naming no container: {name:?}"
+            );
+            *served.entry(name).or_default() += 1;
+        }
+    }
+    eprintln!(
+        "{} requests, {} failed, served by {served:?}",
+        answers.len(),
+        failed.len()
+    );
+    assert!(served.len() == 3, "not every container served: {served:?}");
+    // Only a request sent while a replica was being killed, before xlb had taken it out,
+    // may fail.
+    for a in &failed {
+        assert!(
+            windows
+                .iter()
+                .any(|(killing, removed)| a.ended >= *killing && a.started <= *removed),
+            "a request failed outside the kills: {:?}",
+            a.result
+        );
+    }
+    let window_ms: Vec<u128> = windows
+        .iter()
+        .map(|(k, r)| r.duration_since(*k).as_millis())
+        .collect();
+    eprintln!(
+        "failed: {:?}, all within the kill windows of {window_ms:?} ms",
+        failed
+            .iter()
+            .map(|a| a.result.as_ref().err())
+            .collect::<Vec<_>>()
+    );
+    for a in answers.iter().filter(|a| a.started > back_to_one) {
+        assert_eq!(
+            a.result.as_deref(),
+            Ok(names[0].as_str()),
+            "a request after the scale-down"
+        );
+    }
+    assert_eq!(counter(&lab.agent().stats(), "xdp_aborted"), 0);
+    drop(containers);
+    drop(lab);
+    eprintln!("done in {:.1} s", started.elapsed().as_secs_f64());
+}
+
+#[test]
+fn config_containers_are_found_at_start_and_added_when_they_start() {
+    let lab = Lab::new();
+    let pid = std::process::id();
+    let (early, late) = (format!("{PREFIX}{pid}-c0"), format!("{PREFIX}{pid}-c1"));
+    let mut containers = Containers::start(&lab.podman, 0);
+    containers.add(&early, &["--expose", "8080"]);
+    containers.wait_serving();
+    let config = lab.podman.dir.join("xlb.toml");
+    fs::write(
+        &config,
+        format!(
+            "[[vip]]\naddress = \"{VIP}/tcp\"\n\
+             [[vip.backend]]\ncontainer = \"{early}\"\n\
+             [[vip.backend]]\ncontainer = \"{late}\"\nport = {HTTP_PORT}\nweight = 2\n"
+        ),
+    )
+    .expect("writing the config");
+    lab.start_agent(&["--config", &config.display().to_string()]);
+    // The running one at its exposed port; the other is not there yet.
+    let listed = lab.backends().expect("the config's VIP");
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let first = backend_of(&listed, &early).expect("the running container");
+    assert_eq!(
+        first.addr,
+        SocketAddr::from((containers.addr(&early), HTTP_PORT))
+    );
+    assert!(
+        lab.agent()
+            .process
+            .log()
+            .contains(&format!("container {late}: no container named '{late}'")),
+        "no warning about the missing container:\n{}",
+        lab.agent().process.log()
+    );
+
+    containers.add(&late, &[]);
+    containers.wait_one_serving(&late);
+    let took = wait_until("the config's second container joins", FOLLOW_LIMIT, || {
+        lab.backends().is_some_and(|l| {
+            backend_of(&l, &late).is_some_and(|b| {
+                b.weight == 2
+                    && b.slots > 0
+                    && b.addr == SocketAddr::from((containers.addr(&late), HTTP_PORT))
+            })
+        })
+    });
+    eprintln!("the config's container joined {took:?} after it served");
+    let served = lab.requests(30);
+    assert!(
+        served.contains_key(&early) && served.contains_key(&late),
+        "{served:?}"
+    );
+    // The file still says the same: a reload finds nothing to change.
+    let said = lab.agent().cli(&["reload"]);
+    assert!(said.contains("nothing changed"), "{said}");
+    assert_eq!(lab.backends().expect("the VIP").len(), 2);
+    drop(containers);
+    drop(lab);
 }
