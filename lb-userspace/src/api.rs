@@ -64,6 +64,23 @@ pub enum Request {
 }
 
 impl Request {
+    /// The request's name on the wire (its `op`).
+    #[must_use]
+    pub const fn name(&self) -> &'static str {
+        match self {
+            Self::VipAdd { .. } => "vip_add",
+            Self::VipDel { .. } => "vip_del",
+            Self::VipList => "vip_list",
+            Self::BackendAdd { .. } => "backend_add",
+            Self::BackendDel { .. } => "backend_del",
+            Self::BackendSet { .. } => "backend_set",
+            Self::BackendList { .. } => "backend_list",
+            Self::Stats => "stats",
+            Self::Explain { .. } => "explain",
+            Self::Reload => "reload",
+        }
+    }
+
     /// Whether the request changes the desired state (and so is persisted).
     #[must_use]
     pub const fn mutates(&self) -> bool {
@@ -118,6 +135,23 @@ pub enum Reply {
     Error(String),
 }
 
+impl Reply {
+    /// The reply's kind on the wire.
+    #[must_use]
+    pub const fn kind(&self) -> &'static str {
+        match self {
+            Self::Done => "done",
+            Self::DoneWithWarnings(_) => "done_with_warnings",
+            Self::Vips(_) => "vips",
+            Self::Vip(_) => "vip",
+            Self::Stats(_) => "stats",
+            Self::Explanation(_) => "explanation",
+            Self::Changes(_) => "changes",
+            Self::Error(_) => "error",
+        }
+    }
+}
+
 #[derive(Debug, Error)]
 pub enum ClientError {
     #[error(
@@ -146,6 +180,14 @@ pub enum ClientError {
     BadReply(#[source] serde_json::Error),
     #[error("{0}")]
     Refused(String),
+    #[error(
+        "the agent answered {request} with a {got} reply where this CLI expects {expected}: are the agent and the CLI the same version?"
+    )]
+    UnexpectedReply {
+        request: &'static str,
+        expected: &'static str,
+        got: &'static str,
+    },
 }
 
 /// Sends one request and waits for its reply. An error reply becomes `ClientError::Refused`.
@@ -186,6 +228,157 @@ pub fn call(socket: &Path, request: &Request) -> Result<Reply, ClientError> {
     }
 }
 
+/// The control API with a typed reply per request: a reply of another kind is
+/// [`ClientError::UnexpectedReply`], naming what was expected.
+#[derive(Clone, Copy, Debug)]
+pub struct Client<'a> {
+    socket: &'a Path,
+}
+
+/// Warnings the agent attached to a change it made (empty: none).
+pub type Warnings = Vec<String>;
+
+impl<'a> Client<'a> {
+    #[must_use]
+    pub const fn new(socket: &'a Path) -> Self {
+        Self { socket }
+    }
+
+    /// Sends `request` and hands its reply to `pick`, which returns it typed, or gives it back
+    /// when it is of another kind than `expected`.
+    fn typed<T>(
+        &self,
+        request: &Request,
+        expected: &'static str,
+        pick: impl FnOnce(Reply) -> Result<T, Reply>,
+    ) -> Result<T, ClientError> {
+        pick(call(self.socket, request)?).map_err(|other| ClientError::UnexpectedReply {
+            request: request.name(),
+            expected,
+            got: other.kind(),
+        })
+    }
+
+    /// A request that changes something: done, perhaps with warnings.
+    fn change(&self, request: &Request) -> Result<Warnings, ClientError> {
+        self.typed(request, "done", |reply| match reply {
+            Reply::Done => Ok(Vec::new()),
+            Reply::DoneWithWarnings(warnings) => Ok(warnings),
+            other => Err(other),
+        })
+    }
+
+    /// # Errors
+    /// See [`call`]; a reply other than done.
+    pub fn vip_add(
+        &self,
+        vip: VipSpec,
+        health: Option<HealthSpec>,
+        idle_timeout_s: Option<u32>,
+    ) -> Result<Warnings, ClientError> {
+        self.change(&Request::VipAdd {
+            vip,
+            health,
+            idle_timeout_s,
+        })
+    }
+
+    /// # Errors
+    /// See [`call`]; a reply other than done.
+    pub fn vip_del(&self, vip: VipSpec) -> Result<Warnings, ClientError> {
+        self.change(&Request::VipDel { vip })
+    }
+
+    /// # Errors
+    /// See [`call`]; a reply other than the VIPs.
+    pub fn vip_list(&self) -> Result<Vec<VipStatus>, ClientError> {
+        self.typed(&Request::VipList, "vips", |reply| match reply {
+            Reply::Vips(vips) => Ok(vips),
+            other => Err(other),
+        })
+    }
+
+    /// # Errors
+    /// See [`call`]; a reply other than done.
+    pub fn backend_add(
+        &self,
+        vip: VipSpec,
+        backend: SocketAddr,
+        weight: u32,
+    ) -> Result<Warnings, ClientError> {
+        self.change(&Request::BackendAdd {
+            vip,
+            backend,
+            weight,
+        })
+    }
+
+    /// # Errors
+    /// See [`call`]; a reply other than done.
+    pub fn backend_del(&self, vip: VipSpec, backend: SocketAddr) -> Result<Warnings, ClientError> {
+        self.change(&Request::BackendDel { vip, backend })
+    }
+
+    /// # Errors
+    /// See [`call`]; a reply other than done.
+    pub fn backend_set(
+        &self,
+        vip: VipSpec,
+        backend: SocketAddr,
+        weight: Option<u32>,
+        state: Option<BackendState>,
+    ) -> Result<Warnings, ClientError> {
+        self.change(&Request::BackendSet {
+            vip,
+            backend,
+            weight,
+            state,
+        })
+    }
+
+    /// # Errors
+    /// See [`call`]; a reply other than one VIP.
+    pub fn backend_list(&self, vip: VipSpec) -> Result<VipStatus, ClientError> {
+        self.typed(&Request::BackendList { vip }, "vip", |reply| match reply {
+            Reply::Vip(status) => Ok(status),
+            other => Err(other),
+        })
+    }
+
+    /// # Errors
+    /// See [`call`]; a reply other than stats.
+    pub fn stats(&self) -> Result<Stats, ClientError> {
+        self.typed(&Request::Stats, "stats", |reply| match reply {
+            Reply::Stats(stats) => Ok(stats),
+            other => Err(other),
+        })
+    }
+
+    /// # Errors
+    /// See [`call`]; a reply other than an explanation.
+    pub fn explain(&self, client: SocketAddr, vip: VipSpec) -> Result<Explanation, ClientError> {
+        self.typed(
+            &Request::Explain { client, vip },
+            "explanation",
+            |reply| match reply {
+                Reply::Explanation(e) => Ok(e),
+                other => Err(other),
+            },
+        )
+    }
+
+    /// What the reload changed, one line each (warnings start with `warning: `).
+    ///
+    /// # Errors
+    /// See [`call`]; a reply other than changes.
+    pub fn reload(&self) -> Result<Vec<String>, ClientError> {
+        self.typed(&Request::Reload, "changes", |reply| match reply {
+            Reply::Changes(changes) => Ok(changes),
+            other => Err(other),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,5 +396,45 @@ mod tests {
             r#"{"op":"backend_add","vip":"10.0.0.1:80/tcp","backend":"10.1.0.2:8080","weight":2}"#
         );
         assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), r);
+    }
+
+    /// An agent answering with a reply of another kind than the request's is an error that
+    /// names both, never a silent success.
+    #[test]
+    fn a_mismatched_reply_names_what_was_expected() {
+        let dir = std::env::temp_dir().join(format!("xlb-api-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("agent.sock");
+        let _ = std::fs::remove_file(&socket);
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let agent = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut request = String::new();
+            BufReader::new(&stream).read_line(&mut request).unwrap();
+            (&stream)
+                .write_all(b"{\"kind\":\"vips\",\"data\":[]}\n")
+                .unwrap();
+            request
+        });
+        let error = Client::new(&socket).stats().unwrap_err();
+        assert_eq!(agent.join().unwrap(), "{\"op\":\"stats\"}\n");
+        assert!(
+            matches!(
+                error,
+                ClientError::UnexpectedReply {
+                    request: "stats",
+                    expected: "stats",
+                    got: "vips"
+                }
+            ),
+            "{error:?}"
+        );
+        assert!(
+            error.to_string().starts_with(
+                "the agent answered stats with a vips reply where this CLI expects stats"
+            ),
+            "{error}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
