@@ -48,18 +48,18 @@ impl VipEntry {
 }
 
 impl BackendEntry {
-    /// What the data plane is told about the backend.
+    /// What the data plane is told about the backend. Weight 0 drains, as in IPVS.
     const fn flags(&self) -> u8 {
-        match (self.healthy, self.state) {
-            (false, _) => 0,
-            (true, BackendState::Active) => BACKEND_ACTIVE,
-            (true, BackendState::Draining) => BACKEND_DRAINING,
+        match (self.healthy, self.state, self.weight) {
+            (false, _, _) => 0,
+            (true, BackendState::Active, 1..) => BACKEND_ACTIVE,
+            (true, BackendState::Active, 0) | (true, BackendState::Draining, _) => BACKEND_DRAINING,
         }
     }
 
     /// Whether it owns ring slots (takes new flows).
     fn in_ring(&self) -> bool {
-        self.healthy && self.state == BackendState::Active
+        self.healthy && self.state == BackendState::Active && self.weight > 0
     }
 }
 
@@ -378,11 +378,17 @@ impl<M: Maps> Balancer<M> {
             .backend_ids
             .take()
             .ok_or(BalancerError::BackendSlotsExhausted(MAX_BACKENDS))?;
+        let new = BackendEntry {
+            id,
+            weight,
+            state: BackendState::Active,
+            healthy: true,
+        };
         if let Err(e) = self
             .use_port(backend.port(), false, 1)
             .and_then(|()| self.update_endpoint(backend, *vip, true))
             .map_err(BalancerError::Datapath)
-            .and_then(|()| self.write_backend(id, vip_id, backend, BACKEND_ACTIVE))
+            .and_then(|()| self.write_backend(id, vip_id, backend, new.flags()))
         {
             self.model.backend_ids.give_back(id);
             return Err(e);
@@ -392,15 +398,7 @@ impl<M: Maps> Balancer<M> {
             .get_mut(vip)
             .expect("checked above")
             .backends
-            .insert(
-                backend,
-                BackendEntry {
-                    id,
-                    weight,
-                    state: BackendState::Active,
-                    healthy: true,
-                },
-            );
+            .insert(backend, new);
         self.rebuild_ring(vip)
     }
 
@@ -1527,6 +1525,7 @@ mod tests {
                 b.update_backend(&vip(1), backend(1), None, Some(BackendState::Draining))
             },
             |b: &mut Balancer<FakeMaps>| b.set_health(&vip(1), backend(1), false).map(|_| ()),
+            |b: &mut Balancer<FakeMaps>| b.update_backend(&vip(1), backend(1), Some(0), None),
         ] {
             let mut b = with_backends(2);
             let id = id_of(&b, &vip(1), backend(1));
@@ -1540,6 +1539,53 @@ mod tests {
             assert!(switch < flags, "{writes:#?}");
             assert!(!live_ring(b.maps(), &vip(1)).contains(&id));
         }
+    }
+
+    /// Weight 0 drains, as in IPVS and HAProxy: no ring slots, and an entry whose flags keep
+    /// its established flows going; a weight again brings it back into the ring.
+    #[test]
+    fn weight_zero_drains_a_backend() {
+        let mut b = with_backends(2);
+        b.add_backend(&vip(1), backend(3), 0).unwrap();
+        let added = id_of(&b, &vip(1), backend(3));
+        assert_eq!(b.maps().backends[&added].flags, BACKEND_DRAINING);
+        assert!(!live_ring(b.maps(), &vip(1)).contains(&added));
+
+        let first = id_of(&b, &vip(1), backend(1));
+        b.update_backend(&vip(1), backend(1), Some(0), None)
+            .unwrap();
+        assert_eq!(b.maps().backends[&first].flags, BACKEND_DRAINING);
+        let ring = live_ring(b.maps(), &vip(1));
+        let second = id_of(&b, &vip(1), backend(2));
+        assert!(ring.iter().all(|id| *id == second), "{ring:?}");
+        let status = b.status().unwrap();
+        let zero = &status[0]
+            .backends
+            .iter()
+            .find(|s| s.addr == backend(1))
+            .unwrap();
+        assert_eq!(
+            (zero.weight, zero.state, zero.slots),
+            (0, BackendState::Active, 0)
+        );
+
+        b.update_backend(&vip(1), backend(1), Some(2), None)
+            .unwrap();
+        assert_eq!(b.maps().backends[&first].flags, BACKEND_ACTIVE);
+        assert!(live_ring(b.maps(), &vip(1)).contains(&first));
+
+        // A restart adopting a state with weight 0 writes the same thing.
+        let held = b.maps().contents();
+        let mut wanted = b.desired_state();
+        wanted.vips[0].backends.iter_mut().for_each(|c| {
+            if c.addr == backend(2) {
+                c.weight = 0;
+            }
+        });
+        let mut restarted = Balancer::new(FakeMaps::holding(&held), MAX_VIPS, RING);
+        restarted.adopt(&wanted).unwrap();
+        assert_eq!(restarted.maps().backends[&second].flags, BACKEND_DRAINING);
+        assert!(!live_ring(restarted.maps(), &vip(1)).contains(&second));
     }
 
     #[test]
@@ -1790,7 +1836,7 @@ mod tests {
             })
             .collect();
         let mut bad_last_weight = state;
-        bad_last_weight.vips[1].backends[1].weight = 0;
+        bad_last_weight.vips[1].backends[1].weight = crate::model::MAX_WEIGHT + 1;
         for (wanted, what) in [
             (too_many, "too many VIPs"),
             (ring_too_small, "more backends than ring slots"),

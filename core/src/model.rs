@@ -140,7 +140,8 @@ impl<'de> Deserialize<'de> for VipSpec {
     }
 }
 
-/// Largest weight accepted: a backend claims this many ring slots per Maglev turn.
+/// Largest weight accepted: a backend claims this many ring slots per Maglev turn. Weight 0
+/// drains a backend, as `BackendState::Draining` does.
 pub const MAX_WEIGHT: u32 = 1000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

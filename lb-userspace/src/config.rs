@@ -446,11 +446,11 @@ fn validate_backend(
             let value = *w.get_ref();
             u32::try_from(value)
                 .ok()
-                .filter(|w| (1..=MAX_WEIGHT).contains(w))
+                .filter(|w| *w <= MAX_WEIGHT)
                 .ok_or_else(|| {
                     problem(
                         w.span(),
-                        format!("weight must be between 1 and {MAX_WEIGHT}, got {value}"),
+                        format!("weight must be between 0 (drain) and {MAX_WEIGHT}, got {value}"),
                     )
                 })?
         }
@@ -1015,14 +1015,20 @@ mod tests {
             "{message}"
         );
 
-        for bad in ["0", "1001", "-1"] {
+        // Weight 0 drains, as in IPVS and HAProxy.
+        let drained = parse(
+            "[[vip]]\naddress = \"192.0.2.1:80\"\n[[vip.backend]]\naddress = \"10.0.0.2:80\"\nweight = 0\n",
+        )
+        .unwrap();
+        assert_eq!(drained.vips[0].backends[0].weight, 0);
+        for bad in ["1001", "-1"] {
             let (line, column, message) = err(&format!(
                 "[[vip]]\naddress = \"192.0.2.1:80\"\n[[vip.backend]]\naddress = \"10.0.0.2:80\"\nweight = {bad}\n"
             ));
             assert_eq!((line, column), (5, 10));
             assert_eq!(
                 message,
-                format!("weight must be between 1 and 1000, got {bad}")
+                format!("weight must be between 0 (drain) and 1000, got {bad}")
             );
         }
 

@@ -43,7 +43,8 @@ pub enum BackendCommand {
         /// A podman or docker container NAME[:PORT] (port defaults to the VIP's).
         #[arg(long)]
         container: Option<String>,
-        /// Share of new flows relative to the other backends (1-1000).
+        /// Share of new flows relative to the other backends (0-1000; 0 drains it, as in
+        /// IPVS: no new flows, its established ones go on).
         #[arg(long, default_value_t = 1)]
         weight: u32,
     },
@@ -52,12 +53,12 @@ pub enum BackendCommand {
     Del { vip: VipSpec, backend: SocketAddr },
     /// Change a backend's weight (the ring is rebuilt with minimal disruption) or state.
     #[command(
-        after_help = "Examples:\n  xlb backend set 192.0.2.10:80/tcp 10.88.0.14:8080 --weight 3\n  xlb backend set 192.0.2.10:80/tcp 10.88.0.14:8080 --state active"
+        after_help = "Examples:\n  xlb backend set 192.0.2.10:80/tcp 10.88.0.14:8080 --weight 3\n  xlb backend set 192.0.2.10:80/tcp 10.88.0.14:8080 --state active\n  xlb backend set 192.0.2.10:80/tcp 10.88.0.14:8080 --weight 0   # drain, as with ipvsadm -w 0"
     )]
     Set {
         vip: VipSpec,
         backend: SocketAddr,
-        /// New weight (1-1000).
+        /// New weight (0-1000; 0 drains the backend: no new flows, established ones go on).
         #[arg(long)]
         weight: Option<u32>,
         /// active: takes new flows; draining: keeps its established flows, takes no new ones.
