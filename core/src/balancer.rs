@@ -24,7 +24,7 @@ use crate::{
     maps::{Maps, carry_out},
     model::{
         BackendConfig, BackendState, BackendStatus, DesiredState, Explanation, Protocol, VipConfig,
-        VipSpec, VipStatus,
+        VipSettings, VipSpec, VipStatus,
     },
     plan::{self, MapContents, ServiceKey, choose_half, ring_base},
 };
@@ -315,6 +315,31 @@ impl<M: Maps> Balancer<M> {
                 .idle_timeout_s = before;
             return Err(BalancerError::Datapath(e));
         }
+        Ok(true)
+    }
+
+    /// Changes a VIP's health checks and idle timeout in place (`xlb vip set`): one plan
+    /// through [`Self::apply`], so it is checked in full before anything is written and a
+    /// failing write leaves the previous settings; its backends, ring and flows stay.
+    /// Returns whether anything changed.
+    ///
+    /// # Errors
+    /// Unknown VIP, a timeout out of range (nothing written), or a map update failing
+    /// (undone).
+    pub fn set_vip(&mut self, vip: &VipSpec, settings: &VipSettings) -> Result<bool, M::Error> {
+        let mut wanted = self.desired_state();
+        let entry = wanted
+            .vips
+            .iter_mut()
+            .find(|v| v.vip == *vip)
+            .ok_or(BalancerError::UnknownVip(*vip))?;
+        let before = (entry.health.clone(), entry.idle_timeout_s);
+        entry.health = settings.health.applied_to(entry.health.take());
+        entry.idle_timeout_s = settings.idle_timeout_s.applied_to(entry.idle_timeout_s);
+        if (entry.health.clone(), entry.idle_timeout_s) == before {
+            return Ok(false);
+        }
+        self.apply(&wanted)?;
         Ok(true)
     }
 
@@ -692,6 +717,7 @@ impl<M: Maps> Balancer<M> {
             id: entry.id,
             ring_size: if live.is_empty() { 0 } else { self.ring_size() },
             idle_timeout_s: entry.idle_timeout_s(vip.proto),
+            health_check: entry.health.clone(),
             packets: traffic.packets,
             bytes: traffic.bytes,
             new_flows: traffic.new_flows,
@@ -1586,6 +1612,74 @@ mod tests {
         restarted.adopt(&wanted).unwrap();
         assert_eq!(restarted.maps().backends[&second].flags, BACKEND_DRAINING);
         assert!(!live_ring(restarted.maps(), &vip(1)).contains(&second));
+    }
+
+    /// `xlb vip set`: a new idle timeout is one `VipInfo` write (ring, backends and flows
+    /// stay), health checks change no map at all, a failing write keeps the old settings,
+    /// and a timeout out of range writes nothing.
+    #[test]
+    fn vip_settings_change_in_place() {
+        use crate::{
+            health::{HealthSpec, Probe},
+            model::Setting,
+        };
+        let mut b = with_backends(2);
+        let ring = live_ring(b.maps(), &vip(1));
+        let timeout = |secs| VipSettings {
+            idle_timeout_s: Setting::To(secs),
+            ..VipSettings::default()
+        };
+        assert!(b.set_vip(&vip(1), &timeout(600)).unwrap());
+        let writes = b.maps_mut().take_writes();
+        assert!(
+            matches!(writes.as_slice(), [Write::Vip { info, .. }] if info.idle_timeout_s == 600),
+            "{writes:#?}"
+        );
+        assert_eq!(live_ring(b.maps(), &vip(1)), ring);
+        assert_eq!(b.vip_status(&vip(1)).unwrap().idle_timeout_s, 600);
+        assert!(!b.set_vip(&vip(1), &timeout(600)).unwrap(), "unchanged");
+
+        let check = HealthSpec {
+            probe: Probe::Tcp,
+            interval: std::time::Duration::from_millis(500),
+            timeout: std::time::Duration::from_millis(200),
+            rise: 1,
+            fall: 1,
+        };
+        let health = VipSettings {
+            health: Setting::To(check.clone()),
+            ..VipSettings::default()
+        };
+        assert!(b.set_vip(&vip(1), &health).unwrap());
+        assert!(b.maps_mut().take_writes().is_empty());
+        assert_eq!(b.vip_status(&vip(1)).unwrap().health_check, Some(check));
+
+        let before = b.desired_state();
+        let start = b.maps().writes().len();
+        b.maps_mut().fail_at(start);
+        let back = VipSettings {
+            health: Setting::Default,
+            idle_timeout_s: Setting::Default,
+        };
+        assert!(matches!(
+            b.set_vip(&vip(1), &back),
+            Err(BalancerError::Datapath(_))
+        ));
+        assert_eq!(b.desired_state(), before);
+        assert_eq!(b.maps().vips[&service_key(&vip(1))].idle_timeout_s, 600);
+
+        assert!(matches!(
+            b.set_vip(&vip(1), &timeout(5)),
+            Err(BalancerError::IdleTimeout { .. })
+        ));
+        assert!(matches!(
+            b.set_vip(&vip(9), &timeout(60)),
+            Err(BalancerError::UnknownVip(_))
+        ));
+        b.maps_mut().take_writes();
+        assert!(b.set_vip(&vip(1), &back).unwrap());
+        let status = b.vip_status(&vip(1)).unwrap();
+        assert_eq!((status.idle_timeout_s, status.health_check), (300, None));
     }
 
     #[test]

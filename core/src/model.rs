@@ -187,6 +187,39 @@ pub struct VipConfig {
     pub idle_timeout_s: Option<u32>,
 }
 
+/// One setting of a change to an existing VIP (`xlb vip set`): left as it is, back to its
+/// default (no health checks; the protocol's idle timeout), or set.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Setting<T> {
+    #[default]
+    Keep,
+    Default,
+    To(T),
+}
+
+impl<T: Clone> Setting<T> {
+    /// `current` after this change.
+    #[must_use]
+    pub fn applied_to(&self, current: Option<T>) -> Option<T> {
+        match self {
+            Self::Keep => current,
+            Self::Default => None,
+            Self::To(value) => Some(value.clone()),
+        }
+    }
+}
+
+/// What `xlb vip set` changes on a VIP; its backends and their flows stay.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VipSettings {
+    #[serde(default)]
+    pub health: Setting<HealthSpec>,
+    /// Seconds.
+    #[serde(default)]
+    pub idle_timeout_s: Setting<u32>,
+}
+
 /// The whole desired state, as persisted.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DesiredState {
@@ -223,6 +256,9 @@ pub struct VipStatus {
     /// How long its flows may idle, in seconds (the configured value or the default).
     #[serde(default)]
     pub idle_timeout_s: u32,
+    /// Its backends' health checks (none: every backend counts as healthy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthSpec>,
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,

@@ -17,7 +17,7 @@ use tracing::{info, warn};
 use crate::{
     api::{CounterValue, Reply, Request, Stats},
     attach::{self as hooks, ModeChoice},
-    balancer::{Balancer, BalancerError, DesiredState, VipSpec, VipStatus},
+    balancer::{Balancer, BalancerError, DesiredState, Setting, VipSpec, VipStatus},
     config::Change,
     datapath::{Datapath, DatapathConfig, PinnedAttachment},
     health::HealthChecker,
@@ -356,6 +356,14 @@ impl Agent {
                 check_new_vip(b, &vip)?;
                 b.add_vip_with_timeout(vip, idle_timeout_s)?;
                 b.set_vip_health(&vip, health)?;
+                Reply::Done
+            }
+            Request::VipSet { vip, settings } => {
+                if let Setting::To(spec) = &settings.health {
+                    spec.validate_for(&vip).context("invalid health check")?;
+                }
+                // One plan through the core: checked whole, undone on a failing write.
+                b.set_vip(&vip, &settings)?;
                 Reply::Done
             }
             Request::VipDel { vip } => {

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::{
-    balancer::{BackendState, Explanation, VipSpec, VipStatus},
+    balancer::{BackendState, Explanation, VipSettings, VipSpec, VipStatus},
     health::HealthSpec,
 };
 
@@ -30,6 +30,12 @@ pub enum Request {
         /// protocol's default).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         idle_timeout_s: Option<u32>,
+    },
+    /// Change a VIP's health checks and/or idle timeout in place (its backends and flows stay).
+    VipSet {
+        vip: VipSpec,
+        #[serde(flatten)]
+        settings: VipSettings,
     },
     VipDel {
         vip: VipSpec,
@@ -69,6 +75,7 @@ impl Request {
     pub const fn name(&self) -> &'static str {
         match self {
             Self::VipAdd { .. } => "vip_add",
+            Self::VipSet { .. } => "vip_set",
             Self::VipDel { .. } => "vip_del",
             Self::VipList => "vip_list",
             Self::BackendAdd { .. } => "backend_add",
@@ -87,6 +94,7 @@ impl Request {
         matches!(
             self,
             Self::VipAdd { .. }
+                | Self::VipSet { .. }
                 | Self::VipDel { .. }
                 | Self::BackendAdd { .. }
                 | Self::BackendDel { .. }
@@ -281,6 +289,12 @@ impl<'a> Client<'a> {
             health,
             idle_timeout_s,
         })
+    }
+
+    /// # Errors
+    /// See [`call`]; a reply other than done.
+    pub fn vip_set(&self, vip: VipSpec, settings: VipSettings) -> Result<Warnings, ClientError> {
+        self.change(&Request::VipSet { vip, settings })
     }
 
     /// # Errors

@@ -10,7 +10,8 @@ pub use xlb_core::{
     balancer::{Adoption, Applied},
     model::{
         BackendConfig, BackendState, BackendStatus, DesiredState, Explanation, IdleTimeoutError,
-        MAX_WEIGHT, ParseVipError, Protocol, VipConfig, VipSpec, VipStatus, validate_idle_timeout,
+        MAX_WEIGHT, ParseVipError, Protocol, Setting, VipConfig, VipSettings, VipSpec, VipStatus,
+        validate_idle_timeout,
     },
 };
 
@@ -98,6 +99,12 @@ impl Balancer {
         idle_timeout_s: Option<u32>,
     ) -> Result<bool> {
         self.core.set_vip_idle_timeout(vip, idle_timeout_s)
+    }
+
+    /// # Errors
+    /// Unknown VIP, a timeout out of range, or a map update failing (undone).
+    pub fn set_vip(&mut self, vip: &VipSpec, settings: &VipSettings) -> Result<bool> {
+        self.core.set_vip(vip, settings)
     }
 
     /// # Errors

@@ -1609,3 +1609,156 @@ fn weight_zero_drains() {
         describe(&["config", "check"], &out)
     );
 }
+
+/// One raw request line to the agent's socket; the reply as JSON.
+fn raw_request(socket: &Path, line: &str) -> Value {
+    let mut conn = UnixStream::connect(socket).expect("connecting to the control socket");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    conn.write_all(line.as_bytes()).expect("write");
+    let mut reply = String::new();
+    BufReader::new(conn).read_line(&mut reply).expect("reply");
+    serde_json::from_str(&reply).unwrap_or_else(|e| panic!("reply to {line:?} ({e}): {reply:?}"))
+}
+
+/// Polls `backend list --json` (bounded) until `done` holds; the last status either way.
+fn wait_for_status(agent: &Agent<'_>, vip: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let mut status = agent.json(&["backend", "list", vip, "--json"]);
+    for _ in 0..100 {
+        if done(&status) {
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+        status = agent.json(&["backend", "list", vip, "--json"]);
+    }
+    status
+}
+
+/// `xlb vip set` changes a VIP's idle timeout and health checks without deleting it: same
+/// id, counters and established flows; a change the agent refuses leaves everything as it
+/// was; the settings are shown by `vip list` and survive in the state file.
+#[test]
+fn vip_set_changes_settings_in_place() {
+    let topo = topology(2);
+    let dir = TempDir::new(SUITE, "vipset");
+    let state = dir.join("state.json");
+    let agent = Agent::start(&topo, &dir, &state);
+    let mut servers = Servers::new();
+    servers.udp(&topo, 0, backend_v4(0, 5300));
+    servers.udp(&topo, 1, backend_v4(1, 5300));
+    // Only b0 listens on TCP: a TCP health check takes b1 out.
+    servers.tcp(&topo, 0, backend_v4(0, 8080));
+
+    let udp = "10.100.0.1:53/udp";
+    agent.ok(&["vip", "add", udp]);
+    for i in 0..2 {
+        agent.ok(&["backend", "add", udp, &backend_v4(i, 5300).to_string()]);
+    }
+    let vip_addr = v4(Topology::VIP_V4, 53);
+    let before = udp_ask_from(&topo, 41000..41016, vip_addr);
+    let listed = agent.json(&["vip", "list", "--json"]);
+    let was = find_vip(&listed, udp).clone();
+    assert_eq!(was["idle_timeout_s"], 60, "{was:#}");
+
+    let out = agent.ok(&["vip", "set", udp, "--udp-timeout", "900"]);
+    assert!(out.contains("idle timeout 900 s"), "{out}");
+    let listed = agent.json(&["vip", "list", "--json"]);
+    let now = find_vip(&listed, udp);
+    assert_eq!(now["idle_timeout_s"], 900, "{now:#}");
+    assert_eq!(now["id"], was["id"], "the VIP was not re-created: {now:#}");
+    assert_eq!(now["packets"], was["packets"], "its counters stay: {now:#}");
+    assert_eq!(config_of(&listed), config_of(&serde_json::json!([was])));
+    let again = udp_ask_from(&topo, 41000..41016, vip_addr);
+    assert_eq!(again, before, "established flows kept their backends");
+    let plain = agent.ok(&["vip", "list"]);
+    assert!(plain.contains("900 s"), "{plain}");
+    assert!(
+        fs::read_to_string(&state)
+            .expect("state file")
+            .contains("\"idle_timeout_s\": 900"),
+        "persisted"
+    );
+
+    // Refused by the agent itself (a client bypassing the CLI's checks): nothing changes.
+    let reply = raw_request(
+        &agent.socket,
+        &format!("{{\"op\":\"vip_set\",\"vip\":\"{udp}\",\"idle_timeout_s\":{{\"to\":0}}}}\n"),
+    );
+    assert_eq!(reply["kind"], "error", "{reply}");
+    assert!(
+        reply["data"]
+            .as_str()
+            .unwrap_or("")
+            .contains("idle timeout"),
+        "{reply}"
+    );
+    assert_eq!(
+        find_vip(&agent.json(&["vip", "list", "--json"]), udp)["idle_timeout_s"],
+        900
+    );
+    let refused = xlb(
+        topo.lb(),
+        &agent.socket,
+        &["vip", "set", udp, "--tcp-timeout", "60"],
+    );
+    assert!(
+        !refused.status.success(),
+        "{}",
+        describe(&["vip", "set"], &refused)
+    );
+    let nothing = xlb(topo.lb(), &agent.socket, &["vip", "set", udp]);
+    assert!(
+        !nothing.status.success()
+            && String::from_utf8_lossy(&nothing.stderr).contains("nothing to change"),
+        "{}",
+        describe(&["vip", "set", udp], &nothing)
+    );
+
+    // Health checks on a TCP VIP, then off again.
+    let tcp = "10.100.0.1:80/tcp";
+    agent.ok(&["vip", "add", tcp]);
+    for i in 0..2 {
+        agent.ok(&["backend", "add", tcp, &backend_v4(i, 8080).to_string()]);
+    }
+    let out = agent.ok(&[
+        "vip",
+        "set",
+        tcp,
+        "--health",
+        "tcp",
+        "--health-interval-ms",
+        "200",
+        "--health-timeout-ms",
+        "150",
+        "--health-fall",
+        "1",
+        "--health-rise",
+        "1",
+    ]);
+    assert!(out.contains("health checks: tcp"), "{out}");
+    let b1 = backend_v4(1, 8080).to_string();
+    let b1_down = |s: &Value| {
+        backends_of(s)
+            .iter()
+            .any(|b| b["addr"] == b1.as_str() && b["healthy"] == false)
+    };
+    let status = wait_for_status(&agent, tcp, b1_down);
+    assert!(b1_down(&status), "b1 has no TCP server: {status:#}");
+    let plain = agent.ok(&["vip", "list"]);
+    assert!(plain.contains("tcp every 200 ms"), "{plain}");
+    assert_eq!(
+        find_vip(&agent.json(&["vip", "list", "--json"]), tcp)["health_check"]["probe"]["kind"],
+        "tcp"
+    );
+
+    let out = agent.ok(&["vip", "set", tcp, "--no-health"]);
+    assert!(out.contains("no health checks"), "{out}");
+    let all_up = |s: &Value| backends_of(s).iter().all(|b| b["healthy"] == true);
+    let status = wait_for_status(&agent, tcp, all_up);
+    assert!(all_up(&status), "{status:#}");
+    let listed = agent.json(&["vip", "list", "--json"]);
+    assert!(
+        find_vip(&listed, tcp)["health_check"].is_null(),
+        "{listed:#}"
+    );
+}

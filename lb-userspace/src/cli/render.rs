@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use lb_userspace::{
     api,
     balancer::{Explanation, VipStatus},
+    health::HealthSpec,
 };
 
 pub fn print_json<T: serde::Serialize>(value: &T) {
@@ -20,24 +21,30 @@ pub fn print_vips(vips: &[VipStatus]) {
         return;
     }
     println!(
-        "{:<32} {:>8} {:>12} {:>14} {:>10} {:>12}",
+        "{:<32} {:>8} {:>12} {:>14} {:>10} {:>12}  HEALTH CHECK",
         "VIP", "BACKENDS", "PACKETS", "BYTES", "NEW FLOWS", "IDLE TIMEOUT"
     );
     for v in vips {
         println!(
-            "{:<32} {:>8} {:>12} {:>14} {:>10} {:>12}",
+            "{:<32} {:>8} {:>12} {:>14} {:>10} {:>12}  {}",
             v.vip.to_string(),
             v.backends.len(),
             v.packets,
             v.bytes,
             v.new_flows,
-            format!("{} s", v.idle_timeout_s)
+            format!("{} s", v.idle_timeout_s),
+            health_check(v.health_check.as_ref())
         );
     }
 }
 
 pub fn print_backends(v: &VipStatus) {
     println!("{}  ({} slots in the ring)", v.vip, v.ring_size);
+    println!(
+        "  idle timeout {} s; health check: {}",
+        v.idle_timeout_s,
+        health_check(v.health_check.as_ref())
+    );
     if v.backends.is_empty() {
         println!(
             "  no backends (add one with `xlb backend add {} ADDR:PORT`)",
@@ -97,4 +104,21 @@ pub fn print_explanation(e: &Explanation) {
     );
     println!("  a new flow goes to:        {}", show(e.new_flow_backend));
     println!("  connection table holds:    {}", show(e.tracked_backend));
+}
+
+/// A VIP's health check in one phrase: what is probed, how often, and the rise/fall counts.
+pub fn health_check(spec: Option<&HealthSpec>) -> String {
+    spec.map_or_else(
+        || "none".to_owned(),
+        |h| {
+            format!(
+                "{} every {} ms (timeout {} ms, rise {}, fall {})",
+                h.probe,
+                h.interval.as_millis(),
+                h.timeout.as_millis(),
+                h.rise,
+                h.fall
+            )
+        },
+    )
 }

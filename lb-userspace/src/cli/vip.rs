@@ -1,4 +1,4 @@
-//! `xlb vip`: add, remove and list VIPs.
+//! `xlb vip`: add, change, remove and list VIPs.
 
 use std::time::Duration;
 
@@ -6,7 +6,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use clap::Subcommand;
 use lb_userspace::{
     api::Client,
-    balancer::{Protocol, VipSpec, validate_idle_timeout},
+    balancer::{Protocol, Setting, VipSettings, VipSpec, validate_idle_timeout},
     health::{HealthSpec, Probe, decode_hex},
 };
 
@@ -19,7 +19,7 @@ pub enum ProbeArg {
     Udp,
 }
 
-/// Health-check options of `xlb vip add`.
+/// Health-check options of `xlb vip add` and `xlb vip set`.
 #[derive(clap::Args)]
 pub struct HealthArgs {
     /// Check the VIP's backends: tcp (connect) or http (GET, expect a status) for a TCP VIP,
@@ -32,8 +32,10 @@ pub struct HealthArgs {
     /// HTTP status a healthy backend answers with.
     #[arg(long, default_value_t = 200, requires = "health")]
     health_status: u16,
+    /// Milliseconds between two probes of a backend.
     #[arg(long, default_value_t = 2000, requires = "health")]
     health_interval_ms: u64,
+    /// Milliseconds a probe may take before it counts as failed.
     #[arg(long, default_value_t = 1000, requires = "health")]
     health_timeout_ms: u64,
     /// Consecutive successes that bring a backend back.
@@ -100,7 +102,7 @@ impl HealthArgs {
     }
 }
 
-/// Idle timeouts of `xlb vip add`: one per protocol, so the flag says which kind of flow it
+/// Idle timeouts of `xlb vip add` and `xlb vip set`: one per protocol, so the flag says which kind of flow it
 /// is about; only the VIP's own applies.
 #[derive(clap::Args)]
 pub struct TimeoutArgs {
@@ -143,6 +145,24 @@ pub enum VipCommand {
         #[command(flatten)]
         health: HealthArgs,
     },
+    /// Change a VIP's idle timeout or health checks in place: its backends and their
+    /// established flows stay (one change, applied whole or not at all).
+    #[command(
+        after_help = "Examples:\n  xlb vip set 192.0.2.10:80/tcp --tcp-timeout 900\n  xlb vip set 192.0.2.10:80/tcp --health http --health-path /healthz\n  xlb vip set 192.0.2.10:80/tcp --no-health --default-timeout"
+    )]
+    Set {
+        vip: VipSpec,
+        #[command(flatten)]
+        timeouts: TimeoutArgs,
+        /// Back to the protocol's default idle timeout (TCP 300 s, UDP 60 s).
+        #[arg(long, conflicts_with_all = ["tcp_timeout", "udp_timeout"])]
+        default_timeout: bool,
+        #[command(flatten)]
+        health: HealthArgs,
+        /// Stop checking the VIP's backends: every backend counts as healthy again.
+        #[arg(long, conflicts_with = "health")]
+        no_health: bool,
+    },
     /// Remove a VIP and its backends.
     #[command(after_help = "Example:\n  xlb vip del 192.0.2.10:80/tcp")]
     Del { vip: VipSpec },
@@ -171,6 +191,55 @@ pub fn run(client: Client<'_>, command: VipCommand) -> Result<()> {
                 Some(spec) => println!("added VIP {vip} (health checks: {})", spec.probe),
                 None => println!("added VIP {vip}"),
             }
+        }
+        VipCommand::Set {
+            vip,
+            timeouts,
+            default_timeout,
+            health,
+            no_health,
+        } => {
+            let idle_timeout_s = match (timeouts.idle_timeout_s(&vip)?, default_timeout) {
+                (Some(secs), _) => Setting::To(secs),
+                (None, true) => Setting::Default,
+                (None, false) => Setting::Keep,
+            };
+            let health = match (health.spec()?, no_health) {
+                (Some(spec), _) => {
+                    spec.validate_for(&vip).context("invalid health check")?;
+                    Setting::To(spec)
+                }
+                (None, true) => Setting::Default,
+                (None, false) => Setting::Keep,
+            };
+            if idle_timeout_s == Setting::Keep && health == Setting::Keep {
+                bail!(
+                    "nothing to change: give --{}-timeout SECS, --default-timeout, --health KIND or --no-health",
+                    vip.proto
+                );
+            }
+            let mut changed = Vec::new();
+            match &idle_timeout_s {
+                Setting::To(secs) => changed.push(format!("idle timeout {secs} s")),
+                Setting::Default => changed.push(format!(
+                    "idle timeout {} s (the default)",
+                    vip.proto.default_idle_timeout_s()
+                )),
+                Setting::Keep => {}
+            }
+            match &health {
+                Setting::To(spec) => changed.push(format!("health checks: {}", spec.probe)),
+                Setting::Default => changed.push("no health checks".to_owned()),
+                Setting::Keep => {}
+            }
+            client.vip_set(
+                vip,
+                VipSettings {
+                    health,
+                    idle_timeout_s,
+                },
+            )?;
+            println!("updated VIP {vip}: {}", changed.join(", "));
         }
         VipCommand::Del { vip } => {
             client.vip_del(vip)?;
