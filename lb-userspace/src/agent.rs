@@ -15,7 +15,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
 use crate::{
-    api::{CounterValue, Reply, Request, Stats},
+    api::{AgentInfo, CounterValue, InterfaceStatus, Reply, Request, Stats, Status},
     attach::{self as hooks, ModeChoice},
     balancer::{Balancer, BalancerError, DesiredState, Setting, VipSpec, VipStatus},
     config::Change,
@@ -252,6 +252,11 @@ struct Agent {
     /// The config file's `[agent]` table as the agent started with it: a reload cannot
     /// re-attach or re-bind, so it names what changed there instead of ignoring it.
     started_with: crate::config::AgentConfig,
+    /// For `xlb status` (its uptime counted from `started`).
+    info: AgentInfo,
+    started: std::time::Instant,
+    /// The hook on each interface, kept current by re-attaching.
+    hooks: Vec<InterfaceStatus>,
 }
 
 /// Refuses a VIP that can never work, or that sits on a backend's address.
@@ -404,6 +409,18 @@ impl Agent {
                 Reply::Vip(self.with_health(vec![status]).remove(0))
             }
             Request::Stats => Reply::Stats(self.stats()?),
+            Request::Status => {
+                let Stats { vips, global } = self.stats()?;
+                Reply::Status(Box::new(Status {
+                    agent: AgentInfo {
+                        uptime_s: self.started.elapsed().as_secs(),
+                        ..self.info.clone()
+                    },
+                    interfaces: self.hooks.clone(),
+                    vips,
+                    global,
+                }))
+            }
             Request::Explain { client, vip } => Reply::Explanation(b.explain(client, &vip)?),
             Request::Reload => Reply::Changes(self.reload()?),
         })
@@ -768,6 +785,18 @@ pub async fn run(options: AgentOptions) -> Result<()> {
             Some(path) => crate::config::load(path)?.agent,
             None => crate::config::AgentConfig::default(),
         },
+        info: AgentInfo {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            pid: std::process::id(),
+            uptime_s: 0,
+            socket: options.socket.display().to_string(),
+            bpffs: options.bpffs.display().to_string(),
+            state_file: options.state.display().to_string(),
+            config: options.config.as_ref().map(|p| p.display().to_string()),
+            keep_attached: options.keep_attached,
+        },
+        started: std::time::Instant::now(),
+        hooks: Vec::new(),
     }));
     let (links, forwarding_enabled) = cleanup.disarm();
     let mut attachments = relink::Attachments::new(
@@ -784,6 +813,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         options.mode,
         &options.bpffs,
     );
+    lock(&agent).hooks = attachments.hooks();
     let mut relink_sweep = tokio::time::interval(RELINK_SWEEP);
     lock(&agent).sync_health_targets();
     lock(&agent).warn_about_backend_routes();
@@ -925,6 +955,7 @@ async fn reattach(
         );
     }
     agent.attached = attachments.interfaces();
+    agent.hooks = attachments.hooks();
 }
 
 /// `xlb detach`: removes a data path an agent left attached (`--keep-attached`): the pinned

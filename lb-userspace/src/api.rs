@@ -61,6 +61,8 @@ pub enum Request {
         vip: VipSpec,
     },
     Stats,
+    /// The agent, its interfaces and hooks, and everything `stats` says: `xlb status`.
+    Status,
     Explain {
         client: SocketAddr,
         vip: VipSpec,
@@ -83,6 +85,7 @@ impl Request {
             Self::BackendSet { .. } => "backend_set",
             Self::BackendList { .. } => "backend_list",
             Self::Stats => "stats",
+            Self::Status => "status",
             Self::Explain { .. } => "explain",
             Self::Reload => "reload",
         }
@@ -127,6 +130,38 @@ pub struct Stats {
     pub global: Vec<CounterValue>,
 }
 
+/// One interface the agent was given, and the hook it has there.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterfaceStatus {
+    pub name: String,
+    pub index: u32,
+    /// `native`, `skb` (XDP) or `tc`; none while the interface is gone (it is re-attached
+    /// when one of that name appears).
+    pub hook: Option<String>,
+}
+
+/// The agent itself: what `xlb status` shows before the VIPs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentInfo {
+    pub version: String,
+    pub pid: u32,
+    pub uptime_s: u64,
+    pub socket: String,
+    pub bpffs: String,
+    pub state_file: String,
+    /// The `--config` file, when the agent runs from one.
+    pub config: Option<String>,
+    pub keep_attached: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub agent: AgentInfo,
+    pub interfaces: Vec<InterfaceStatus>,
+    pub vips: Vec<VipStatus>,
+    pub global: Vec<CounterValue>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", content = "data", rename_all = "snake_case")]
 pub enum Reply {
@@ -137,6 +172,7 @@ pub enum Reply {
     Vips(Vec<VipStatus>),
     Vip(VipStatus),
     Stats(Stats),
+    Status(Box<Status>),
     Explanation(Explanation),
     /// What a reload changed, one line each (`+ vip …`, `- backend …`, `~ backend …`).
     Changes(Vec<String>),
@@ -153,6 +189,7 @@ impl Reply {
             Self::Vips(_) => "vips",
             Self::Vip(_) => "vip",
             Self::Stats(_) => "stats",
+            Self::Status(_) => "status",
             Self::Explanation(_) => "explanation",
             Self::Changes(_) => "changes",
             Self::Error(_) => "error",
@@ -252,27 +289,29 @@ impl<'a> Client<'a> {
         Self { socket }
     }
 
-    /// Sends `request` and hands its reply to `pick`, which returns it typed, or gives it back
-    /// when it is of another kind than `expected`.
+    /// Sends `request` and hands its reply to `pick`, which returns it typed, or none when it
+    /// is of another kind than `expected`.
     fn typed<T>(
         &self,
         request: &Request,
         expected: &'static str,
-        pick: impl FnOnce(Reply) -> Result<T, Reply>,
+        pick: impl FnOnce(Reply) -> Option<T>,
     ) -> Result<T, ClientError> {
-        pick(call(self.socket, request)?).map_err(|other| ClientError::UnexpectedReply {
+        let reply = call(self.socket, request)?;
+        let got = reply.kind();
+        pick(reply).ok_or(ClientError::UnexpectedReply {
             request: request.name(),
             expected,
-            got: other.kind(),
+            got,
         })
     }
 
     /// A request that changes something: done, perhaps with warnings.
     fn change(&self, request: &Request) -> Result<Warnings, ClientError> {
         self.typed(request, "done", |reply| match reply {
-            Reply::Done => Ok(Vec::new()),
-            Reply::DoneWithWarnings(warnings) => Ok(warnings),
-            other => Err(other),
+            Reply::Done => Some(Vec::new()),
+            Reply::DoneWithWarnings(warnings) => Some(warnings),
+            _ => None,
         })
     }
 
@@ -307,8 +346,8 @@ impl<'a> Client<'a> {
     /// See [`call`]; a reply other than the VIPs.
     pub fn vip_list(&self) -> Result<Vec<VipStatus>, ClientError> {
         self.typed(&Request::VipList, "vips", |reply| match reply {
-            Reply::Vips(vips) => Ok(vips),
-            other => Err(other),
+            Reply::Vips(vips) => Some(vips),
+            _ => None,
         })
     }
 
@@ -354,8 +393,8 @@ impl<'a> Client<'a> {
     /// See [`call`]; a reply other than one VIP.
     pub fn backend_list(&self, vip: VipSpec) -> Result<VipStatus, ClientError> {
         self.typed(&Request::BackendList { vip }, "vip", |reply| match reply {
-            Reply::Vip(status) => Ok(status),
-            other => Err(other),
+            Reply::Vip(status) => Some(status),
+            _ => None,
         })
     }
 
@@ -363,8 +402,17 @@ impl<'a> Client<'a> {
     /// See [`call`]; a reply other than stats.
     pub fn stats(&self) -> Result<Stats, ClientError> {
         self.typed(&Request::Stats, "stats", |reply| match reply {
-            Reply::Stats(stats) => Ok(stats),
-            other => Err(other),
+            Reply::Stats(stats) => Some(stats),
+            _ => None,
+        })
+    }
+
+    /// # Errors
+    /// See [`call`]; a reply other than the status.
+    pub fn status(&self) -> Result<Status, ClientError> {
+        self.typed(&Request::Status, "status", |reply| match reply {
+            Reply::Status(status) => Some(*status),
+            _ => None,
         })
     }
 
@@ -375,8 +423,8 @@ impl<'a> Client<'a> {
             &Request::Explain { client, vip },
             "explanation",
             |reply| match reply {
-                Reply::Explanation(e) => Ok(e),
-                other => Err(other),
+                Reply::Explanation(e) => Some(e),
+                _ => None,
             },
         )
     }
@@ -387,8 +435,8 @@ impl<'a> Client<'a> {
     /// See [`call`]; a reply other than changes.
     pub fn reload(&self) -> Result<Vec<String>, ClientError> {
         self.typed(&Request::Reload, "changes", |reply| match reply {
-            Reply::Changes(changes) => Ok(changes),
-            other => Err(other),
+            Reply::Changes(changes) => Some(changes),
+            _ => None,
         })
     }
 }

@@ -1762,3 +1762,100 @@ fn vip_set_changes_settings_in_place() {
         "{listed:#}"
     );
 }
+
+/// `xlb status`: the agent (its pid), each interface with its hook, VIP and backend counts,
+/// which backends are down and why, and the counters that mean trouble once there is some.
+#[test]
+fn status_shows_agent_interfaces_health_and_trouble() {
+    let topo = topology(2);
+    let dir = TempDir::new(SUITE, "status");
+    let agent = Agent::start(&topo, &dir, &dir.join("state.json"));
+    let mut servers = Servers::new();
+    servers.tcp(&topo, 0, backend_v4(0, 8080));
+
+    let text = agent.ok(&["status"]);
+    let pid = agent.process.pid();
+    assert!(text.contains(&format!("pid {pid}")), "{text}");
+    assert!(text.contains("no config file"), "{text}");
+    for link in std::iter::once(&topo.client_link).chain(&topo.backend_links) {
+        // Veths get the TC hook under --xdp-mode auto.
+        assert!(
+            text.contains(&format!("{} (tc)", link.a.ifname)),
+            "{} missing: {text}",
+            link.a.ifname
+        );
+    }
+    assert!(text.contains("VIPs        0 "), "{text}");
+    assert!(text.contains("trouble     none"), "{text}");
+
+    let tcp = "10.100.0.1:80/tcp";
+    let udp = "10.100.0.1:53/udp";
+    agent.ok(&[
+        "vip",
+        "add",
+        tcp,
+        "--health",
+        "tcp",
+        "--health-interval-ms",
+        "200",
+        "--health-timeout-ms",
+        "150",
+        "--health-fall",
+        "1",
+    ]);
+    agent.ok(&["vip", "add", udp]);
+    let (b0, b1) = (
+        backend_v4(0, 8080).to_string(),
+        backend_v4(1, 8080).to_string(),
+    );
+    agent.ok(&["backend", "add", tcp, &b0]);
+    agent.ok(&["backend", "add", tcp, &b1]);
+    wait_for_status(&agent, tcp, |s| {
+        backends_of(s)
+            .iter()
+            .any(|b| b["addr"] == b1.as_str() && b["healthy"] == false)
+    });
+    // A datagram to the UDP VIP, which has no backend: dropped and counted.
+    let vip_addr = v4(Topology::VIP_V4, 53);
+    topo.client()
+        .run(move || {
+            let socket = UdpSocket::bind(v4(CLIENT, 41999)).expect("bind");
+            socket.send_to(b"anyone?", vip_addr).expect("send");
+        })
+        .expect("client namespace");
+
+    let mut text = agent.ok(&["status"]);
+    for _ in 0..20 {
+        if text.contains("no_backend 1") {
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+        text = agent.ok(&["status"]);
+    }
+    for needle in [
+        "VIPs        2 (1 tcp, 1 udp); backends 2: 1 taking new flows, 0 draining, 0 weight 0, 1 unhealthy",
+        &format!("no backend takes new flows on: {udp}"),
+        "1 of 2 VIPs checked: 1 backends up, 1 down",
+        &format!("down: {b1} of {tcp}: "),
+        "no_backend 1 (VIP without a backend to take it)",
+    ] {
+        assert!(text.contains(needle), "status lacks {needle:?}:\n{text}");
+    }
+    assert!(text.lines().count() <= 24, "one screen: {text}");
+
+    let json = agent.json(&["status", "--json"]);
+    assert_eq!(
+        as_u64(&json["agent"]["pid"], "pid"),
+        u64::from(pid),
+        "{json:#}"
+    );
+    assert_eq!(json["vips"].as_array().map(Vec::len), Some(2), "{json:#}");
+    let hooks: Vec<&Value> = json["interfaces"]
+        .as_array()
+        .expect("interfaces")
+        .iter()
+        .map(|i| &i["hook"])
+        .collect();
+    assert_eq!(hooks.len(), 3, "{json:#}");
+    assert!(hooks.iter().all(|h| *h == "tc"), "{json:#}");
+}

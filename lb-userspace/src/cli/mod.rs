@@ -8,6 +8,7 @@ mod container;
 mod render;
 mod run;
 mod stats;
+mod status;
 mod vip;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -59,6 +60,10 @@ enum Command {
     /// Packets, bytes and new flows per VIP and backend, and the global counters.
     #[command(after_help = "Examples:\n  xlb stats\n  xlb stats --watch\n  xlb stats --json")]
     Stats(stats::StatsArgs),
+    /// The agent, its interfaces and hooks, VIP and backend counts, health, and the data-path
+    /// counters that signal trouble, on one screen.
+    #[command(after_help = "Examples:\n  xlb status\n  xlb status --json")]
+    Status(status::StatusArgs),
     /// Measure xlb: program cost, forwarding rate next to nftables and the redirect ceiling,
     /// connection rates next to HAProxy, scaling (see docs/benchmarks.md).
     #[command(subcommand)]
@@ -126,6 +131,7 @@ pub fn main() -> ExitCode {
         Command::Vip(command) => vip::run(Client::new(&socket()), command),
         Command::Backend(command) => backend::run(Client::new(&socket()), command),
         Command::Stats(args) => stats::stats(Client::new(&socket()), args),
+        Command::Status(args) => status::run(Client::new(&socket()), args),
         Command::Explain(args) => stats::explain(Client::new(&socket()), args),
     };
     match result {

@@ -122,3 +122,155 @@ pub fn health_check(spec: Option<&HealthSpec>) -> String {
         },
     )
 }
+
+/// Global counters that mean packets were lost or handled worse than they should be, with
+/// what each means, in the order an operator would look at them.
+const TROUBLE: [(&str, &str); 6] = [
+    ("xdp_drop", "dropped"),
+    ("xdp_aborted", "program errors"),
+    ("no_backend", "VIP without a backend to take it"),
+    (
+        "next_hop_failure",
+        "no next hop (route, neighbour, forwarding)",
+    ),
+    (
+        "conntrack_insert_failed",
+        "connection-table insert failures",
+    ),
+    ("ttl_expired", "TTL expired"),
+];
+
+/// Seconds as `3d 4h`, `2h 5m`, `4m 10s` or `12s`.
+fn duration(secs: u64) -> String {
+    let (d, h, m, s) = (secs / 86_400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) => format!("{m}m {s}s"),
+        (0, _, _) => format!("{h}h {m}m"),
+        _ => format!("{d}d {h}h"),
+    }
+}
+
+pub fn print_status(status: &api::Status) {
+    let a = &status.agent;
+    println!(
+        "agent       xlb {}, pid {}, up {}{}",
+        a.version,
+        a.pid,
+        duration(a.uptime_s),
+        if a.keep_attached {
+            ", data path stays attached when it stops"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "            socket {}, pins {}, state {}",
+        a.socket, a.bpffs, a.state_file
+    );
+    match &a.config {
+        Some(config) => println!("            config {config} (`xlb reload` applies it)"),
+        None => println!("            no config file: VIPs and backends come from the CLI"),
+    }
+    let interfaces: Vec<String> = status
+        .interfaces
+        .iter()
+        .map(|i| match &i.hook {
+            Some(hook) => format!("{} ({hook})", i.name),
+            None => format!("{} (gone: re-attached when it returns)", i.name),
+        })
+        .collect();
+    println!("interfaces  {}", interfaces.join(", "));
+
+    let backends: Vec<_> = status.vips.iter().flat_map(|v| &v.backends).collect();
+    let count = |pred: &dyn Fn(&&lb_userspace::balancer::BackendStatus) -> bool| {
+        backends.iter().filter(|b| pred(b)).count()
+    };
+    use lb_userspace::balancer::BackendState;
+    println!(
+        "VIPs        {} ({} tcp, {} udp); backends {}: {} taking new flows, {} draining, {} weight 0, {} unhealthy",
+        status.vips.len(),
+        status
+            .vips
+            .iter()
+            .filter(|v| v.vip.proto == lb_userspace::balancer::Protocol::Tcp)
+            .count(),
+        status
+            .vips
+            .iter()
+            .filter(|v| v.vip.proto == lb_userspace::balancer::Protocol::Udp)
+            .count(),
+        backends.len(),
+        count(&|b| b.slots > 0),
+        count(&|b| b.state == BackendState::Draining),
+        count(&|b| b.weight == 0),
+        count(&|b| !b.healthy),
+    );
+    let without_backends: Vec<String> = status
+        .vips
+        .iter()
+        .filter(|v| v.ring_size == 0)
+        .map(|v| v.vip.to_string())
+        .collect();
+    if !without_backends.is_empty() {
+        println!(
+            "            no backend takes new flows on: {}",
+            without_backends.join(", ")
+        );
+    }
+
+    let checked: Vec<_> = status
+        .vips
+        .iter()
+        .filter(|v| v.health_check.is_some())
+        .collect();
+    let down: Vec<String> = checked
+        .iter()
+        .flat_map(|v| {
+            v.backends.iter().filter(|b| !b.healthy).map(|b| {
+                let last = b
+                    .health
+                    .as_ref()
+                    .map_or(String::new(), |h| format!(": {}", h.last_result));
+                format!("{} of {}{last}", b.addr, v.vip)
+            })
+        })
+        .collect();
+    let probed: usize = checked.iter().map(|v| v.backends.len()).sum();
+    if checked.is_empty() {
+        println!("health      no VIP has health checks");
+    } else {
+        println!(
+            "health      {} of {} VIPs checked: {} backends up, {} down",
+            checked.len(),
+            status.vips.len(),
+            probed - down.len(),
+            down.len()
+        );
+        for d in &down {
+            println!("            down: {d}");
+        }
+    }
+
+    let (packets, bytes, new_flows) = status.vips.iter().fold((0, 0, 0), |(p, b, f), v| {
+        (p + v.packets, b + v.bytes, f + v.new_flows)
+    });
+    println!("traffic     {packets} packets, {bytes} bytes, {new_flows} new flows to the VIPs");
+    let value = |name: &str| {
+        status
+            .global
+            .iter()
+            .find(|c| c.name == name)
+            .map_or(0, |c| c.value)
+    };
+    let trouble: Vec<String> = TROUBLE
+        .iter()
+        .filter(|(name, _)| value(name) > 0)
+        .map(|(name, what)| format!("{name} {} ({what})", value(name)))
+        .collect();
+    if trouble.is_empty() {
+        println!("trouble     none: no drops, next-hop failures or insert failures counted");
+    } else {
+        println!("trouble     {}", trouble.join(", "));
+    }
+}
