@@ -279,6 +279,32 @@ pub struct Explanation {
     pub tracked_backend: Option<SocketAddr>,
 }
 
+/// One connection-table entry of a VIP, as `xlb conns` lists it (like a line of
+/// `ipvsadm -Lc`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrackedFlow {
+    pub client: SocketAddr,
+    /// Where its packets go; none when the entry names a backend the VIP no longer has (its
+    /// next packet is balanced afresh).
+    pub backend: Option<SocketAddr>,
+    /// `established`, `fin from client`, `fin from backend`, `closed` (both FINs) or `reset`
+    /// for TCP; `udp` for a UDP flow.
+    pub state: String,
+    /// Seconds since its last packet (the data path keeps that time to the second).
+    pub idle_s: u64,
+    /// Whether the entry still decides where the flow's packets go: not idle past the VIP's
+    /// timeout, not closed more than 10 s ago (`FlowState::is_current`).
+    pub live: bool,
+}
+
+/// A VIP's tracked flows: `total` entries matched, `flows` holds at most the limit asked for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Conns {
+    pub vip: VipSpec,
+    pub total: u64,
+    pub flows: Vec<TrackedFlow>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -421,6 +421,11 @@ impl Agent {
                     global,
                 }))
             }
+            Request::Conns {
+                vip,
+                backend,
+                limit,
+            } => Reply::Conns(b.conns(&vip, backend, limit as usize)?),
             Request::Explain { client, vip } => Reply::Explanation(b.explain(client, &vip)?),
             Request::Reload => Reply::Changes(self.reload()?),
         })

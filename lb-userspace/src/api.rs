@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::{
-    balancer::{BackendState, Explanation, VipSettings, VipSpec, VipStatus},
+    balancer::{BackendState, Conns, Explanation, VipSettings, VipSpec, VipStatus},
     health::HealthSpec,
 };
 
@@ -63,6 +63,13 @@ pub enum Request {
     Stats,
     /// The agent, its interfaces and hooks, and everything `stats` says: `xlb status`.
     Status,
+    /// A VIP's tracked flows (only those to `backend`, if given), at most `limit` of them.
+    Conns {
+        vip: VipSpec,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        backend: Option<SocketAddr>,
+        limit: u32,
+    },
     Explain {
         client: SocketAddr,
         vip: VipSpec,
@@ -86,6 +93,7 @@ impl Request {
             Self::BackendList { .. } => "backend_list",
             Self::Stats => "stats",
             Self::Status => "status",
+            Self::Conns { .. } => "conns",
             Self::Explain { .. } => "explain",
             Self::Reload => "reload",
         }
@@ -173,6 +181,7 @@ pub enum Reply {
     Vip(VipStatus),
     Stats(Stats),
     Status(Box<Status>),
+    Conns(Conns),
     Explanation(Explanation),
     /// What a reload changed, one line each (`+ vip …`, `- backend …`, `~ backend …`).
     Changes(Vec<String>),
@@ -190,6 +199,7 @@ impl Reply {
             Self::Vip(_) => "vip",
             Self::Stats(_) => "stats",
             Self::Status(_) => "status",
+            Self::Conns(_) => "conns",
             Self::Explanation(_) => "explanation",
             Self::Changes(_) => "changes",
             Self::Error(_) => "error",
@@ -414,6 +424,28 @@ impl<'a> Client<'a> {
             Reply::Status(status) => Some(*status),
             _ => None,
         })
+    }
+
+    /// # Errors
+    /// See [`call`]; a reply other than the flows.
+    pub fn conns(
+        &self,
+        vip: VipSpec,
+        backend: Option<SocketAddr>,
+        limit: u32,
+    ) -> Result<Conns, ClientError> {
+        self.typed(
+            &Request::Conns {
+                vip,
+                backend,
+                limit,
+            },
+            "conns",
+            |reply| match reply {
+                Reply::Conns(conns) => Some(conns),
+                _ => None,
+            },
+        )
     }
 
     /// # Errors

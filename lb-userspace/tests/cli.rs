@@ -1859,3 +1859,128 @@ fn status_shows_agent_interfaces_health_and_trouble() {
     assert_eq!(hooks.len(), 3, "{json:#}");
     assert!(hooks.iter().all(|h| *h == "tc"), "{json:#}");
 }
+
+/// `xlb conns`: every flow the connection table holds for a VIP, with the backend that
+/// really answered it, filtered by backend, limited, and a TCP connection's closing state.
+#[test]
+fn conns_lists_tracked_flows() {
+    const FLOWS: u16 = 12;
+    let topo = topology(2);
+    let dir = TempDir::new(SUITE, "conns");
+    let agent = Agent::start(&topo, &dir, &dir.join("state.json"));
+    let mut servers = Servers::new();
+    for i in 0..2 {
+        servers.udp(&topo, i, backend_v4(i, 5300));
+        servers.tcp(&topo, i, backend_v4(i, 8080));
+    }
+    let udp = "10.100.0.1:53/udp";
+    agent.ok(&["vip", "add", udp]);
+    for i in 0..2 {
+        agent.ok(&["backend", "add", udp, &backend_v4(i, 5300).to_string()]);
+    }
+    let empty = agent.json(&["conns", udp, "--json"]);
+    assert_eq!(empty["total"], 0, "{empty:#}");
+
+    let answers = udp_ask_from(&topo, 41000..41000 + FLOWS, v4(Topology::VIP_V4, 53));
+    // Client port -> the backend that answered.
+    let expected: BTreeMap<String, String> = (41000..41000 + FLOWS)
+        .zip(&answers)
+        .map(|(port, answer)| {
+            let i = usize::from(answer == "b1");
+            (
+                v4(CLIENT, port).to_string(),
+                backend_v4(i, 5300).to_string(),
+            )
+        })
+        .collect();
+    let conns = agent.json(&["conns", udp, "--json"]);
+    assert_eq!(
+        as_u64(&conns["total"], "total"),
+        u64::from(FLOWS),
+        "{conns:#}"
+    );
+    let listed: BTreeMap<String, String> = conns["flows"]
+        .as_array()
+        .expect("flows")
+        .iter()
+        .map(|f| {
+            assert_eq!(f["state"], "udp", "{f}");
+            assert_eq!(f["live"], true, "{f}");
+            assert!(as_u64(&f["idle_s"], "idle_s") < 30, "{f}");
+            (
+                f["client"].as_str().expect("client").to_owned(),
+                f["backend"].as_str().expect("backend").to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed, expected,
+        "each flow with the backend that answered it"
+    );
+
+    let b0 = backend_v4(0, 5300).to_string();
+    let on_b0 = agent.json(&["conns", udp, "--backend", &b0, "--json"]);
+    let want_b0 = expected.values().filter(|b| **b == b0).count() as u64;
+    assert_eq!(as_u64(&on_b0["total"], "total"), want_b0, "{on_b0:#}");
+    assert!(
+        on_b0["flows"]
+            .as_array()
+            .expect("flows")
+            .iter()
+            .all(|f| f["backend"] == b0.as_str()),
+        "{on_b0:#}"
+    );
+    let limited = agent.json(&["conns", udp, "--limit", "3", "--json"]);
+    assert_eq!(as_u64(&limited["total"], "total"), u64::from(FLOWS));
+    assert_eq!(limited["flows"].as_array().map(Vec::len), Some(3));
+    let text = agent.ok(&["conns", udp, "--limit", "3"]);
+    assert!(
+        text.contains(&format!("{udp}: {FLOWS} tracked flows (showing 3")),
+        "{text}"
+    );
+    let first = limited["flows"][0]["client"].as_str().expect("client");
+    assert!(text.contains(first) && text.contains("udp"), "{text}");
+    let unknown = xlb(
+        topo.lb(),
+        &agent.socket,
+        &["conns", udp, "--backend", "10.11.9.9:5300"],
+    );
+    assert!(
+        !unknown.status.success()
+            && String::from_utf8_lossy(&unknown.stderr).contains("not behind"),
+        "{}",
+        describe(&["conns", udp, "--backend"], &unknown)
+    );
+
+    // A TCP connection the server closed and the client read to the end: both FINs seen.
+    let tcp = "10.100.0.1:80/tcp";
+    agent.ok(&["vip", "add", tcp]);
+    agent.ok(&["backend", "add", tcp, &backend_v4(0, 8080).to_string()]);
+    let vip_addr = v4(Topology::VIP_V4, 80);
+    let answer = topo
+        .client()
+        .run(move || tcp_ask(v4(CLIENT, 43000), vip_addr))
+        .expect("client namespace");
+    assert_eq!(answer, "b0");
+    let mut conns = agent.json(&["conns", tcp, "--json"]);
+    for _ in 0..20 {
+        if conns["flows"][0]["state"] == "closed" {
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+        conns = agent.json(&["conns", tcp, "--json"]);
+    }
+    assert_eq!(conns["total"], 1, "{conns:#}");
+    let flow = &conns["flows"][0];
+    assert_eq!(
+        flow["client"],
+        v4(CLIENT, 43000).to_string().as_str(),
+        "{flow}"
+    );
+    assert_eq!(
+        flow["backend"],
+        backend_v4(0, 8080).to_string().as_str(),
+        "{flow}"
+    );
+    assert_eq!(flow["state"], "closed", "{flow}");
+}

@@ -36,6 +36,7 @@ pub enum BackendCommand {
         after_help = "Examples:\n  xlb backend add 192.0.2.10:80/tcp 10.88.0.14:8080\n  xlb backend add 192.0.2.10:80/tcp 10.88.0.15:8080 --weight 2\n  xlb backend add 192.0.2.10:80/tcp --container web-1:8080"
     )]
     Add {
+        /// The VIP: ADDR:PORT[/tcp|/udp] (IPv6 as [2001:db8::1]:443/tcp).
         vip: VipSpec,
         /// BACKEND_ADDR:PORT
         #[arg(required_unless_present = "container", conflicts_with = "container")]
@@ -50,13 +51,20 @@ pub enum BackendCommand {
     },
     /// Remove a backend; its established flows move to the others.
     #[command(after_help = "Example:\n  xlb backend del 192.0.2.10:80/tcp 10.88.0.14:8080")]
-    Del { vip: VipSpec, backend: SocketAddr },
+    Del {
+        /// The VIP: ADDR:PORT[/tcp|/udp] (IPv6 as [2001:db8::1]:443/tcp).
+        vip: VipSpec,
+        /// The backend: ADDR:PORT.
+        backend: SocketAddr,
+    },
     /// Change a backend's weight (the ring is rebuilt with minimal disruption) or state.
     #[command(
         after_help = "Examples:\n  xlb backend set 192.0.2.10:80/tcp 10.88.0.14:8080 --weight 3\n  xlb backend set 192.0.2.10:80/tcp 10.88.0.14:8080 --state active\n  xlb backend set 192.0.2.10:80/tcp 10.88.0.14:8080 --weight 0   # drain, as with ipvsadm -w 0"
     )]
     Set {
+        /// The VIP: ADDR:PORT[/tcp|/udp] (IPv6 as [2001:db8::1]:443/tcp).
         vip: VipSpec,
+        /// The backend: ADDR:PORT.
         backend: SocketAddr,
         /// New weight (0-1000; 0 drains the backend: no new flows, established ones go on).
         #[arg(long)]
@@ -68,13 +76,20 @@ pub enum BackendCommand {
     /// Stop sending new flows to a backend; its established flows continue until they end.
     /// `xlb backend list` shows how many remain.
     #[command(after_help = "Example:\n  xlb backend drain 192.0.2.10:80/tcp 10.88.0.14:8080")]
-    Drain { vip: VipSpec, backend: SocketAddr },
+    Drain {
+        /// The VIP: ADDR:PORT[/tcp|/udp] (IPv6 as [2001:db8::1]:443/tcp).
+        vip: VipSpec,
+        /// The backend: ADDR:PORT.
+        backend: SocketAddr,
+    },
     /// List a VIP's backends with their weights, ring slots and traffic.
     #[command(
         after_help = "Examples:\n  xlb backend list 192.0.2.10:80/tcp\n  xlb backend list 192.0.2.10:80/tcp --json"
     )]
     List {
+        /// The VIP: ADDR:PORT[/tcp|/udp] (IPv6 as [2001:db8::1]:443/tcp).
         vip: VipSpec,
+        /// Print JSON (for scripts) instead of a table.
         #[arg(long)]
         json: bool,
     },

@@ -23,11 +23,13 @@ pub enum BenchCommand {
         /// Runs per packet type and program (min/median/max are over runs).
         #[arg(long, default_value_t = 5)]
         runs: u32,
+        /// Test-run calls before the measured ones.
         #[arg(long, default_value_t = 2_000)]
         warmup: u32,
         /// Backends behind the VIP.
         #[arg(long, default_value_t = 100)]
         backends: u32,
+        /// Print JSON (for scripts) instead of a table.
         #[arg(long)]
         json: bool,
         /// Where the JSON report is written.
@@ -50,8 +52,10 @@ pub enum BenchCommand {
         /// HAProxy binary for the connection comparison [default: haproxy on PATH].
         #[arg(long)]
         haproxy: Option<PathBuf>,
+        /// Print JSON (for scripts) instead of a table.
         #[arg(long)]
         json: bool,
+        /// Where the JSON report is written.
         #[arg(long, default_value = "results")]
         out: PathBuf,
     },
@@ -62,10 +66,13 @@ pub enum BenchCommand {
         /// Small sizes only (a smoke run).
         #[arg(long)]
         quick: bool,
+        /// Test-run calls per measurement.
         #[arg(long, default_value_t = 20_000)]
         calls: u32,
+        /// Print JSON (for scripts) instead of a table.
         #[arg(long)]
         json: bool,
+        /// Where the JSON report is written.
         #[arg(long, default_value = "results")]
         out: PathBuf,
     },

@@ -10,7 +10,10 @@ use lb_userspace::api::Client;
 pub enum ConfigCommand {
     /// Validate FILE: exit 0 if it would load, else one line naming FILE:LINE:COLUMN.
     #[command(after_help = "Example:\n  xlb config check /etc/xlb/xlb.toml")]
-    Check { file: PathBuf },
+    Check {
+        /// The config file (xlb.toml).
+        file: PathBuf,
+    },
 }
 
 /// The verbs that need no agent.

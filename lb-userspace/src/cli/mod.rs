@@ -4,6 +4,7 @@
 mod backend;
 mod bench;
 mod config;
+mod conns;
 mod container;
 mod render;
 mod run;
@@ -42,7 +43,10 @@ enum Command {
     #[command(after_help = "Example:\n  xlb reload          # or: kill -HUP $(pidof xlb)")]
     Reload,
     /// Check a config file without applying it.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Example:\n  xlb config check /etc/xlb/xlb.toml"
+    )]
     Config(config::ConfigCommand),
     /// Remove a data path left running by `xlb run --keep-attached`.
     #[command(after_help = "Example:\n  sudo xlb detach")]
@@ -51,11 +55,17 @@ enum Command {
         #[arg(long)]
         bpffs: Option<PathBuf>,
     },
-    /// Add, remove or list VIPs.
-    #[command(subcommand)]
+    /// Add, change, remove or list VIPs.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  xlb vip add 192.0.2.10:80/tcp\n  xlb vip set 192.0.2.10:80/tcp --health tcp\n  xlb vip list"
+    )]
     Vip(vip::VipCommand),
-    /// Add, remove or list a VIP's backends.
-    #[command(subcommand)]
+    /// Add, remove, change, drain or list a VIP's backends.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  xlb backend add 192.0.2.10:80/tcp 10.88.0.14:8080\n  xlb backend drain 192.0.2.10:80/tcp 10.88.0.14:8080\n  xlb backend list 192.0.2.10:80/tcp"
+    )]
     Backend(backend::BackendCommand),
     /// Packets, bytes and new flows per VIP and backend, and the global counters.
     #[command(after_help = "Examples:\n  xlb stats\n  xlb stats --watch\n  xlb stats --json")]
@@ -64,9 +74,18 @@ enum Command {
     /// counters that signal trouble, on one screen.
     #[command(after_help = "Examples:\n  xlb status\n  xlb status --json")]
     Status(status::StatusArgs),
+    /// A VIP's tracked flows from the connection table: client, backend, TCP state, idle
+    /// time, whether the entry still holds (like `ipvsadm -Lc` or `cilium bpf ct list`).
+    #[command(
+        after_help = "Examples:\n  xlb conns 192.0.2.10:80/tcp\n  xlb conns 192.0.2.10:80/tcp --backend 10.88.0.14:8080 --limit 20\n  xlb conns 192.0.2.10:80/tcp --json"
+    )]
+    Conns(conns::ConnsArgs),
     /// Measure xlb: program cost, forwarding rate next to nftables and the redirect ceiling,
     /// connection rates next to HAProxy, scaling (see docs/benchmarks.md).
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  sudo xlb bench cost\n  sudo xlb bench forward --quick"
+    )]
     Bench(bench::BenchCommand),
     /// Which backend a new flow from CLIENT gets, and whether the connection table holds it.
     #[command(after_help = "Example:\n  xlb explain 198.51.100.7:40000 192.0.2.10:80/tcp")]
@@ -132,6 +151,7 @@ pub fn main() -> ExitCode {
         Command::Backend(command) => backend::run(Client::new(&socket()), command),
         Command::Stats(args) => stats::stats(Client::new(&socket()), args),
         Command::Status(args) => status::run(Client::new(&socket()), args),
+        Command::Conns(args) => conns::run(Client::new(&socket()), args),
         Command::Explain(args) => stats::explain(Client::new(&socket()), args),
     };
     match result {

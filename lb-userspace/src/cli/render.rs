@@ -274,3 +274,33 @@ pub fn print_status(status: &api::Status) {
         println!("trouble     {}", trouble.join(", "));
     }
 }
+
+pub fn print_conns(conns: &lb_userspace::balancer::Conns) {
+    println!(
+        "{}: {} tracked flows{}",
+        conns.vip,
+        conns.total,
+        if (conns.flows.len() as u64) < conns.total {
+            format!(" (showing {}: see --limit)", conns.flows.len())
+        } else {
+            String::new()
+        }
+    );
+    if conns.flows.is_empty() {
+        return;
+    }
+    println!(
+        "  {:<46} {:<46} {:<16} {:>8} {:>5}",
+        "CLIENT", "BACKEND", "STATE", "IDLE", "LIVE"
+    );
+    for f in &conns.flows {
+        println!(
+            "  {:<46} {:<46} {:<16} {:>8} {:>5}",
+            f.client.to_string(),
+            f.backend.map_or("(gone)".to_owned(), |b| b.to_string()),
+            f.state,
+            format!("{} s", f.idle_s),
+            if f.live { "yes" } else { "no" }
+        );
+    }
+}

@@ -9,6 +9,7 @@ use super::render::{print_explanation, print_json, print_stats};
 
 #[derive(clap::Args)]
 pub struct StatsArgs {
+    /// Print JSON (for scripts) instead of a table.
     #[arg(long)]
     json: bool,
     /// Refresh every second in place.
@@ -18,8 +19,11 @@ pub struct StatsArgs {
 
 #[derive(clap::Args)]
 pub struct ExplainArgs {
+    /// The client: ADDR:PORT, as its packets arrive.
     client: SocketAddr,
+    /// The VIP: ADDR:PORT[/tcp|/udp] (IPv6 as [2001:db8::1]:443/tcp).
     vip: VipSpec,
+    /// Print JSON (for scripts) instead of a table.
     #[arg(long)]
     json: bool,
 }

@@ -139,6 +139,7 @@ pub enum VipCommand {
         after_help = "Examples:\n  xlb vip add 192.0.2.10:80/tcp\n  xlb vip add [2001:db8::10]:53/udp\n  xlb vip add 192.0.2.10:22/tcp --tcp-timeout 3600\n  xlb vip add 192.0.2.53:53/udp --udp-timeout 10\n  xlb vip add 192.0.2.10:80/tcp --health http --health-path /healthz --health-fall 2\n  xlb vip add 192.0.2.53:53/udp --health udp\n  xlb vip add 192.0.2.53:5000/udp --health udp --health-payload ping"
     )]
     Add {
+        /// The VIP: ADDR:PORT[/tcp|/udp] (IPv6 as [2001:db8::1]:443/tcp).
         vip: VipSpec,
         #[command(flatten)]
         timeouts: TimeoutArgs,
@@ -151,6 +152,7 @@ pub enum VipCommand {
         after_help = "Examples:\n  xlb vip set 192.0.2.10:80/tcp --tcp-timeout 900\n  xlb vip set 192.0.2.10:80/tcp --health http --health-path /healthz\n  xlb vip set 192.0.2.10:80/tcp --no-health --default-timeout"
     )]
     Set {
+        /// The VIP: ADDR:PORT[/tcp|/udp] (IPv6 as [2001:db8::1]:443/tcp).
         vip: VipSpec,
         #[command(flatten)]
         timeouts: TimeoutArgs,
@@ -165,10 +167,14 @@ pub enum VipCommand {
     },
     /// Remove a VIP and its backends.
     #[command(after_help = "Example:\n  xlb vip del 192.0.2.10:80/tcp")]
-    Del { vip: VipSpec },
+    Del {
+        /// The VIP: ADDR:PORT[/tcp|/udp] (IPv6 as [2001:db8::1]:443/tcp).
+        vip: VipSpec,
+    },
     /// List VIPs.
     #[command(after_help = "Examples:\n  xlb vip list\n  xlb vip list --json")]
     List {
+        /// Print JSON (for scripts) instead of a table.
         #[arg(long)]
         json: bool,
     },
