@@ -30,25 +30,40 @@ pub enum Request {
         /// protocol's default).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         idle_timeout_s: Option<u32>,
+        /// Change an agent that runs from a --config file anyway (the next reload undoes it).
+        #[serde(default, skip_serializing_if = "is_false")]
+        force: bool,
     },
     /// Change a VIP's health checks and/or idle timeout in place (its backends and flows stay).
     VipSet {
         vip: VipSpec,
         #[serde(flatten)]
         settings: VipSettings,
+        /// Change an agent that runs from a --config file anyway (the next reload undoes it).
+        #[serde(default, skip_serializing_if = "is_false")]
+        force: bool,
     },
     VipDel {
         vip: VipSpec,
+        /// Change an agent that runs from a --config file anyway (the next reload undoes it).
+        #[serde(default, skip_serializing_if = "is_false")]
+        force: bool,
     },
     VipList,
     BackendAdd {
         vip: VipSpec,
         backend: SocketAddr,
         weight: u32,
+        /// Change an agent that runs from a --config file anyway (the next reload undoes it).
+        #[serde(default, skip_serializing_if = "is_false")]
+        force: bool,
     },
     BackendDel {
         vip: VipSpec,
         backend: SocketAddr,
+        /// Change an agent that runs from a --config file anyway (the next reload undoes it).
+        #[serde(default, skip_serializing_if = "is_false")]
+        force: bool,
     },
     /// Change a backend's weight and/or state (draining: no new flows, established ones go on).
     BackendSet {
@@ -56,6 +71,9 @@ pub enum Request {
         backend: SocketAddr,
         weight: Option<u32>,
         state: Option<BackendState>,
+        /// Change an agent that runs from a --config file anyway (the next reload undoes it).
+        #[serde(default, skip_serializing_if = "is_false")]
+        force: bool,
     },
     BackendList {
         vip: VipSpec,
@@ -74,8 +92,20 @@ pub enum Request {
         client: SocketAddr,
         vip: VipSpec,
     },
-    /// Re-read the agent's --config file and apply what changed.
-    Reload,
+    /// Re-read the agent's --config file and apply what changed (with `dry_run`, only say
+    /// what would change).
+    Reload {
+        #[serde(default, skip_serializing_if = "is_false")]
+        dry_run: bool,
+    },
+}
+
+#[expect(
+    clippy::trivially_copy_pass_by_ref,
+    reason = "serde's skip_serializing_if"
+)]
+const fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl Request {
@@ -95,7 +125,7 @@ impl Request {
             Self::Status => "status",
             Self::Conns { .. } => "conns",
             Self::Explain { .. } => "explain",
-            Self::Reload => "reload",
+            Self::Reload { .. } => "reload",
         }
     }
 
@@ -110,8 +140,23 @@ impl Request {
                 | Self::BackendAdd { .. }
                 | Self::BackendDel { .. }
                 | Self::BackendSet { .. }
-                | Self::Reload
+                | Self::Reload { dry_run: false }
         )
+    }
+
+    /// For a change made by hand (not a reload): whether it says to go ahead on an agent
+    /// that runs from a config file.
+    #[must_use]
+    pub const fn forced(&self) -> Option<bool> {
+        match self {
+            Self::VipAdd { force, .. }
+            | Self::VipSet { force, .. }
+            | Self::VipDel { force, .. }
+            | Self::BackendAdd { force, .. }
+            | Self::BackendDel { force, .. }
+            | Self::BackendSet { force, .. } => Some(*force),
+            _ => None,
+        }
     }
 }
 
@@ -288,6 +333,8 @@ pub fn call(socket: &Path, request: &Request) -> Result<Reply, ClientError> {
 #[derive(Clone, Copy, Debug)]
 pub struct Client<'a> {
     socket: &'a Path,
+    /// Changes go ahead on an agent that runs from a config file.
+    force: bool,
 }
 
 /// Warnings the agent attached to a change it made (empty: none).
@@ -296,7 +343,17 @@ pub type Warnings = Vec<String>;
 impl<'a> Client<'a> {
     #[must_use]
     pub const fn new(socket: &'a Path) -> Self {
-        Self { socket }
+        Self {
+            socket,
+            force: false,
+        }
+    }
+
+    /// Changes made through this client go ahead on an agent that runs from a config file
+    /// (until its next reload).
+    #[must_use]
+    pub const fn forcing(self, force: bool) -> Self {
+        Self { force, ..self }
     }
 
     /// Sends `request` and hands its reply to `pick`, which returns it typed, or none when it
@@ -337,19 +394,27 @@ impl<'a> Client<'a> {
             vip,
             health,
             idle_timeout_s,
+            force: self.force,
         })
     }
 
     /// # Errors
     /// See [`call`]; a reply other than done.
     pub fn vip_set(&self, vip: VipSpec, settings: VipSettings) -> Result<Warnings, ClientError> {
-        self.change(&Request::VipSet { vip, settings })
+        self.change(&Request::VipSet {
+            vip,
+            settings,
+            force: self.force,
+        })
     }
 
     /// # Errors
     /// See [`call`]; a reply other than done.
     pub fn vip_del(&self, vip: VipSpec) -> Result<Warnings, ClientError> {
-        self.change(&Request::VipDel { vip })
+        self.change(&Request::VipDel {
+            vip,
+            force: self.force,
+        })
     }
 
     /// # Errors
@@ -373,13 +438,18 @@ impl<'a> Client<'a> {
             vip,
             backend,
             weight,
+            force: self.force,
         })
     }
 
     /// # Errors
     /// See [`call`]; a reply other than done.
     pub fn backend_del(&self, vip: VipSpec, backend: SocketAddr) -> Result<Warnings, ClientError> {
-        self.change(&Request::BackendDel { vip, backend })
+        self.change(&Request::BackendDel {
+            vip,
+            backend,
+            force: self.force,
+        })
     }
 
     /// # Errors
@@ -396,6 +466,7 @@ impl<'a> Client<'a> {
             backend,
             weight,
             state,
+            force: self.force,
         })
     }
 
@@ -461,15 +532,20 @@ impl<'a> Client<'a> {
         )
     }
 
-    /// What the reload changed, one line each (warnings start with `warning: `).
+    /// What the reload changed (with `dry_run`: would change), one line each (warnings
+    /// start with `warning: `).
     ///
     /// # Errors
     /// See [`call`]; a reply other than changes.
-    pub fn reload(&self) -> Result<Vec<String>, ClientError> {
-        self.typed(&Request::Reload, "changes", |reply| match reply {
-            Reply::Changes(changes) => Some(changes),
-            _ => None,
-        })
+    pub fn reload(&self, dry_run: bool) -> Result<Vec<String>, ClientError> {
+        self.typed(
+            &Request::Reload { dry_run },
+            "changes",
+            |reply| match reply {
+                Reply::Changes(changes) => Some(changes),
+                _ => None,
+            },
+        )
     }
 }
 
@@ -483,6 +559,7 @@ mod tests {
             vip: "10.0.0.1:80/tcp".parse().unwrap(),
             backend: "10.1.0.2:8080".parse().unwrap(),
             weight: 2,
+            force: false,
         };
         let json = serde_json::to_string(&r).unwrap();
         assert_eq!(

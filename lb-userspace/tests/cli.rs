@@ -1319,7 +1319,8 @@ fn backends_behind_unattached_interfaces_warn() {
         )
     };
     let b1 = backend_v4(1, 8080).to_string();
-    let args = ["backend", "add", vip, &b1];
+    // The agent runs from a config file: a change by hand needs --force.
+    let args = ["backend", "add", vip, &b1, "--force"];
     let out = xlb(topo.lb(), &agent.socket, &args);
     assert!(out.status.success(), "{}", describe(&args, &out));
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -1351,7 +1352,7 @@ fn backends_behind_unattached_interfaces_warn() {
 
     // Behind an attached interface: no warning.
     let b0_other_port = backend_v4(0, 9090).to_string();
-    let args = ["backend", "add", vip, &b0_other_port];
+    let args = ["backend", "add", vip, &b0_other_port, "--force"];
     let out = xlb(topo.lb(), &agent.socket, &args);
     assert!(
         out.status.success() && out.stderr.is_empty(),
@@ -1983,4 +1984,142 @@ fn conns_lists_tracked_flows() {
         "{flow}"
     );
     assert_eq!(flow["state"], "closed", "{flow}");
+}
+
+/// `xlb config dump` writes the running state as a config that `config check` accepts and an
+/// agent started from reproduces; `config diff` and `reload --dry-run` say what a reload
+/// would change and change nothing; an agent running from a config file refuses changes by
+/// hand unless they say --force.
+#[test]
+fn config_dump_diff_dry_run_and_changes_by_hand() {
+    let topo = topology(2);
+    let dir = TempDir::new(SUITE, "dump");
+    let mut ifaces = vec![topo.client_link.a.ifname.clone()];
+    ifaces.extend(topo.backend_links.iter().map(|l| l.a.ifname.clone()));
+    let tcp = "10.100.0.1:80/tcp";
+    let udp = "[fd00:100::1]:53/udp";
+    let (b0, b1) = (
+        backend_v4(0, 8080).to_string(),
+        backend_v4(1, 8080).to_string(),
+    );
+    let dump = dir.join("dumped.toml");
+    // Forwarding off, as on a fresh host: the agent switches it on, and back off on a full stop.
+    let forwarding_keys = ["net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"];
+    for key in forwarding_keys {
+        topo.lb().sysctl(key, "0").expect("forwarding off");
+    }
+    let forwarding =
+        || forwarding_keys.map(|key| topo.lb().read_sysctl(key).expect("reading a sysctl"));
+    let running = {
+        let mut agent = Agent::start(&topo, &dir, &dir.join("state.json"));
+        assert_eq!(forwarding(), ["1", "1"]);
+        agent.ok(&[
+            "vip",
+            "add",
+            tcp,
+            "--tcp-timeout",
+            "900",
+            "--health",
+            "http",
+            "--health-path",
+            "/healthz",
+            "--health-interval-ms",
+            "60000",
+        ]);
+        agent.ok(&["vip", "add", udp]);
+        agent.ok(&["backend", "add", tcp, &b0, "--weight", "3"]);
+        agent.ok(&["backend", "add", tcp, &b1, "--weight", "0"]);
+        agent.ok(&["backend", "add", udp, "[fd00:11::2]:53"]);
+        agent.ok(&["backend", "drain", udp, "[fd00:11::2]:53"]);
+        let text = agent.ok(&["config", "dump"]);
+        fs::write(&dump, &text).expect("writing the dump");
+        let check = std::process::Command::new(XLB)
+            .args(["config", "check"])
+            .arg(&dump)
+            .output()
+            .expect("xlb config check");
+        assert!(
+            check.status.success(),
+            "{}\n{text}",
+            describe(&["config", "check"], &check)
+        );
+        let dump_arg = dump.display().to_string();
+        let same = agent.ok(&["config", "diff", &dump_arg]);
+        assert!(same.contains("matches the running state"), "{same}\n{text}");
+        let listed = agent.json(&["vip", "list", "--json"]);
+        assert!(agent.stop().success(), "{}", agent.log());
+        assert_eq!(
+            forwarding(),
+            ["0", "0"],
+            "a full stop switches forwarding back off"
+        );
+        listed
+    };
+
+    // An agent started from the dump runs the same VIPs, backends, timeouts and checks.
+    let dump_arg = dump.display().to_string();
+    let agent = Agent::start_with(
+        topo.lb(),
+        &ifaces,
+        &dir,
+        &dir.join("state2.json"),
+        &["--config", &dump_arg],
+    );
+    let listed = agent.json(&["vip", "list", "--json"]);
+    assert_eq!(config_of(&listed), config_of(&running));
+    for vip in [tcp, udp] {
+        let (now, was) = (find_vip(&listed, vip), find_vip(&running, vip));
+        assert_eq!(now["idle_timeout_s"], was["idle_timeout_s"], "{vip}");
+        assert_eq!(now["health_check"], was["health_check"], "{vip}");
+    }
+
+    // Changes by hand: refused without --force, saying how; applied with it.
+    let extra = backend_v4(0, 9090).to_string();
+    let args = ["backend", "add", tcp, &extra];
+    let refused = xlb(topo.lb(), &agent.socket, &args);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success()
+            && stderr.contains(&dump_arg)
+            && stderr.contains("xlb reload")
+            && stderr.contains("--force"),
+        "{}",
+        describe(&args, &refused)
+    );
+    assert_eq!(
+        config_of(&agent.json(&["vip", "list", "--json"])),
+        config_of(&running)
+    );
+    agent.ok(&["backend", "add", tcp, &extra, "--force"]);
+
+    // The file changes: diff and dry run name the changes (and the forced backend's
+    // removal), and change nothing; the reload then applies exactly that.
+    let edited = fs::read_to_string(&dump)
+        .expect("dump")
+        .replace("weight = 3", "weight = 5");
+    fs::write(&dump, edited).expect("editing the dump");
+    let expected = [
+        format!("~ backend {tcp} {b0} weight 5 active"),
+        format!("- backend {tcp} {extra}"),
+    ];
+    let before = agent.json(&["vip", "list", "--json"]);
+    for args in [
+        &["config", "diff", dump_arg.as_str()][..],
+        &["reload", "--dry-run"],
+    ] {
+        let out = agent.ok(args);
+        let lines: BTreeSet<&str> = out.lines().collect();
+        let want: BTreeSet<&str> = expected.iter().map(String::as_str).collect();
+        assert_eq!(lines, want, "xlb {}", args.join(" "));
+    }
+    assert_eq!(
+        agent.json(&["vip", "list", "--json"]),
+        before,
+        "nothing changed"
+    );
+    let out = agent.ok(&["reload"]);
+    let lines: BTreeSet<&str> = out.lines().collect();
+    assert_eq!(lines, expected.iter().map(String::as_str).collect());
+    let out = agent.ok(&["reload", "--dry-run"]);
+    assert!(out.contains("a reload would change nothing"), "{out}");
 }

@@ -48,6 +48,9 @@ pub enum BackendCommand {
         /// IPVS: no new flows, its established ones go on).
         #[arg(long, default_value_t = 1)]
         weight: u32,
+        /// Change an agent that runs from a --config file anyway (until its next reload).
+        #[arg(long)]
+        force: bool,
     },
     /// Remove a backend; its established flows move to the others.
     #[command(after_help = "Example:\n  xlb backend del 192.0.2.10:80/tcp 10.88.0.14:8080")]
@@ -56,6 +59,9 @@ pub enum BackendCommand {
         vip: VipSpec,
         /// The backend: ADDR:PORT.
         backend: SocketAddr,
+        /// Change an agent that runs from a --config file anyway (until its next reload).
+        #[arg(long)]
+        force: bool,
     },
     /// Change a backend's weight (the ring is rebuilt with minimal disruption) or state.
     #[command(
@@ -72,6 +78,9 @@ pub enum BackendCommand {
         /// active: takes new flows; draining: keeps its established flows, takes no new ones.
         #[arg(long, value_enum)]
         state: Option<StateArg>,
+        /// Change an agent that runs from a --config file anyway (until its next reload).
+        #[arg(long)]
+        force: bool,
     },
     /// Stop sending new flows to a backend; its established flows continue until they end.
     /// `xlb backend list` shows how many remain.
@@ -81,6 +90,9 @@ pub enum BackendCommand {
         vip: VipSpec,
         /// The backend: ADDR:PORT.
         backend: SocketAddr,
+        /// Change an agent that runs from a --config file anyway (until its next reload).
+        #[arg(long)]
+        force: bool,
     },
     /// List a VIP's backends with their weights, ring slots and traffic.
     #[command(
@@ -95,13 +107,27 @@ pub enum BackendCommand {
     },
 }
 
+impl BackendCommand {
+    const fn force(&self) -> bool {
+        match self {
+            Self::Add { force, .. }
+            | Self::Del { force, .. }
+            | Self::Set { force, .. }
+            | Self::Drain { force, .. } => *force,
+            Self::List { .. } => false,
+        }
+    }
+}
+
 pub fn run(client: Client<'_>, command: BackendCommand) -> Result<()> {
+    let client = client.forcing(command.force());
     match command {
         BackendCommand::Add {
             vip,
             backend,
             container,
             weight,
+            ..
         } => {
             let backend = match (backend, container) {
                 (Some(b), _) => b,
@@ -113,7 +139,7 @@ pub fn run(client: Client<'_>, command: BackendCommand) -> Result<()> {
             }
             println!("added backend {backend} to {vip} (weight {weight})");
         }
-        BackendCommand::Del { vip, backend } => {
+        BackendCommand::Del { vip, backend, .. } => {
             client.backend_del(vip, backend)?;
             println!("removed backend {backend} from {vip}");
         }
@@ -122,6 +148,7 @@ pub fn run(client: Client<'_>, command: BackendCommand) -> Result<()> {
             backend,
             weight,
             state,
+            ..
         } => {
             if weight.is_none() && state.is_none() {
                 bail!("nothing to change: give --weight N and/or --state active|draining");
@@ -129,7 +156,7 @@ pub fn run(client: Client<'_>, command: BackendCommand) -> Result<()> {
             client.backend_set(vip, backend, weight, state.map(Into::into))?;
             println!("updated backend {backend} of {vip}");
         }
-        BackendCommand::Drain { vip, backend } => {
+        BackendCommand::Drain { vip, backend, .. } => {
             client.backend_set(vip, backend, None, Some(BackendState::Draining))?;
             println!(
                 "draining backend {backend} of {vip}: no new flows; `xlb backend list {vip}` shows the flows it still has"

@@ -40,12 +40,18 @@ enum Command {
     )]
     Run(run::RunArgs),
     /// Re-read the agent's --config file and apply only what changed.
-    #[command(after_help = "Example:\n  xlb reload          # or: kill -HUP $(pidof xlb)")]
-    Reload,
-    /// Check a config file without applying it.
+    #[command(
+        after_help = "Examples:\n  xlb reload          # or: kill -HUP $(pidof xlb)\n  xlb reload --dry-run"
+    )]
+    Reload {
+        /// Only print what the reload would change.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Check a config file, compare it with the running state, or dump the running state as one.
     #[command(
         subcommand,
-        after_help = "Example:\n  xlb config check /etc/xlb/xlb.toml"
+        after_help = "Examples:\n  xlb config check /etc/xlb/xlb.toml\n  xlb config diff /etc/xlb/xlb.toml\n  xlb config dump"
     )]
     Config(config::ConfigCommand),
     /// Remove a data path left running by `xlb run --keep-attached`.
@@ -144,9 +150,9 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run::run(args, cli.socket.clone()),
         Command::Bench(command) => bench::run(command),
-        Command::Config(command) => config::run(command),
+        Command::Config(command) => config::run(Client::new(&socket()), command),
         Command::Detach { bpffs } => run::detach(bpffs, &socket()),
-        Command::Reload => config::reload(Client::new(&socket())),
+        Command::Reload { dry_run } => config::reload(Client::new(&socket()), dry_run),
         Command::Vip(command) => vip::run(Client::new(&socket()), command),
         Command::Backend(command) => backend::run(Client::new(&socket()), command),
         Command::Stats(args) => stats::stats(Client::new(&socket()), args),

@@ -145,6 +145,9 @@ pub enum VipCommand {
         timeouts: TimeoutArgs,
         #[command(flatten)]
         health: HealthArgs,
+        /// Change an agent that runs from a --config file anyway (until its next reload).
+        #[arg(long)]
+        force: bool,
     },
     /// Change a VIP's idle timeout or health checks in place: its backends and their
     /// established flows stay (one change, applied whole or not at all).
@@ -164,12 +167,18 @@ pub enum VipCommand {
         /// Stop checking the VIP's backends: every backend counts as healthy again.
         #[arg(long, conflicts_with = "health")]
         no_health: bool,
+        /// Change an agent that runs from a --config file anyway (until its next reload).
+        #[arg(long)]
+        force: bool,
     },
     /// Remove a VIP and its backends.
     #[command(after_help = "Example:\n  xlb vip del 192.0.2.10:80/tcp")]
     Del {
         /// The VIP: ADDR:PORT[/tcp|/udp] (IPv6 as [2001:db8::1]:443/tcp).
         vip: VipSpec,
+        /// Change an agent that runs from a --config file anyway (until its next reload).
+        #[arg(long)]
+        force: bool,
     },
     /// List VIPs.
     #[command(after_help = "Examples:\n  xlb vip list\n  xlb vip list --json")]
@@ -180,12 +189,23 @@ pub enum VipCommand {
     },
 }
 
+impl VipCommand {
+    const fn force(&self) -> bool {
+        match self {
+            Self::Add { force, .. } | Self::Set { force, .. } | Self::Del { force, .. } => *force,
+            Self::List { .. } => false,
+        }
+    }
+}
+
 pub fn run(client: Client<'_>, command: VipCommand) -> Result<()> {
+    let client = client.forcing(command.force());
     match command {
         VipCommand::Add {
             vip,
             timeouts,
             health,
+            ..
         } => {
             let idle_timeout_s = timeouts.idle_timeout_s(&vip)?;
             let health = health.spec()?;
@@ -204,6 +224,7 @@ pub fn run(client: Client<'_>, command: VipCommand) -> Result<()> {
             default_timeout,
             health,
             no_health,
+            ..
         } => {
             let idle_timeout_s = match (timeouts.idle_timeout_s(&vip)?, default_timeout) {
                 (Some(secs), _) => Setting::To(secs),
@@ -247,7 +268,7 @@ pub fn run(client: Client<'_>, command: VipCommand) -> Result<()> {
             )?;
             println!("updated VIP {vip}: {}", changed.join(", "));
         }
-        VipCommand::Del { vip } => {
+        VipCommand::Del { vip, .. } => {
             client.vip_del(vip)?;
             println!("removed VIP {vip}");
         }
