@@ -1762,6 +1762,32 @@ fn vip_set_changes_settings_in_place() {
         find_vip(&listed, tcp)["health_check"].is_null(),
         "{listed:#}"
     );
+
+    // Each change is logged once, with who asked; the log (a file) has no colour codes.
+    let log = agent.log();
+    assert!(!log.contains('\x1b'), "colour codes in a log file:\n{log}");
+    let applied: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("API change applied") && l.contains("op=vip_set"))
+        .collect();
+    assert_eq!(
+        applied.len(),
+        3,
+        "three vip set changes, each logged once:\n{log}"
+    );
+    assert!(
+        applied
+            .iter()
+            .all(|l| l.contains("uid=0 pid=") && l.contains("request={")),
+        "{applied:#?}"
+    );
+    let test_pid = std::process::id();
+    assert!(
+        log.lines().any(|l| l.contains("API change refused")
+            && l.contains("op=vip_set")
+            && l.contains(&format!("pid={test_pid} "))),
+        "the raw request this test sent is logged as refused, with its pid:\n{log}"
+    );
 }
 
 /// `xlb status`: the agent (its pid), each interface with its hook, VIP and backend counts,

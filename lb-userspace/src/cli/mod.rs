@@ -36,7 +36,7 @@ struct Cli {
 enum Command {
     /// Run the agent: attach the data plane and serve the control API until SIGINT/SIGTERM.
     #[command(
-        after_help = "Examples:\n  sudo xlb run --iface eth0\n  sudo xlb run --iface eth0 --iface veth-web1   # NIC on native XDP, veth on TC\n  sudo xlb run --iface eth0 --xdp-mode tc"
+        after_help = "Logs go to stderr, one line per event, in colour only on a terminal (and without NO_COLOR). RUST_LOG sets what is logged, in tracing's filter syntax [default: info]; every change through the control API is logged once, with the peer's uid and pid.\n\nExamples:\n  sudo xlb run --iface eth0\n  sudo xlb run --iface eth0 --iface veth-web1   # NIC on native XDP, veth on TC\n  sudo xlb run --iface eth0 --xdp-mode tc\n  sudo RUST_LOG=debug xlb run --iface eth0\n  sudo RUST_LOG=info,lb_userspace::health=debug xlb run --iface eth0"
     )]
     Run(run::RunArgs),
     /// Re-read the agent's --config file and apply only what changed.
