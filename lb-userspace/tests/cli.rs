@@ -1155,7 +1155,15 @@ fn bad_input_matrix() {
         ),
     ];
     for (what, args, needle) in cases {
-        let out = xlb(lb, s, args);
+        // `config check` talks to no agent, so it takes no --socket.
+        let out = if args[..2] == ["config", "check"] {
+            output_within(
+                std::process::Command::new(XLB).args(*args),
+                Duration::from_secs(20),
+            )
+        } else {
+            xlb(lb, s, args)
+        };
         check(what, args, &out, needle);
     }
 
@@ -1456,6 +1464,115 @@ fn argument_errors_name_what_is_missing_or_accepted() {
             "{args:?}"
         );
     }
+}
+
+fn run_xlb(args: &[&str]) -> Output {
+    output_within(
+        std::process::Command::new(XLB)
+            .args(args)
+            .env_remove("XLB_SOCKET"),
+        Duration::from_secs(20),
+    )
+}
+
+/// `xlb help VERB --help` is the verb's help; `--socket` is offered, and taken, only by the
+/// verbs that talk to the agent.
+#[test]
+fn help_and_socket_where_they_belong() {
+    let out = run_xlb(&["help", "run", "--help"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("Usage: xlb run") && text.contains("--iface"),
+        "{}",
+        describe(&["help", "run", "--help"], &out)
+    );
+    for verb in [
+        &["run"][..],
+        &["reload"],
+        &["detach"],
+        &["status"],
+        &["stats"],
+        &["conns"],
+        &["explain"],
+        &["config", "dump"],
+        &["config", "diff"],
+        &["vip", "list"],
+        &["backend", "add"],
+    ] {
+        let args = [verb, &["--help"]].concat();
+        let out = run_xlb(&args);
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("--socket <SOCKET>"),
+            "{}",
+            describe(&args, &out)
+        );
+    }
+    for verb in [
+        &["bench", "cost"][..],
+        &["bench", "forward"],
+        &["config", "check"],
+    ] {
+        let args = [verb, &["--help"]].concat();
+        let help = run_xlb(&args);
+        assert!(
+            help.status.success() && !String::from_utf8_lossy(&help.stdout).contains("--socket"),
+            "{}",
+            describe(&args, &help)
+        );
+        let args = [verb, &["--socket", "/nowhere"]].concat();
+        let out = run_xlb(&args);
+        assert!(
+            out.status.code() == Some(2)
+                && String::from_utf8_lossy(&out.stderr).contains("unexpected argument '--socket'"),
+            "{}",
+            describe(&args, &out)
+        );
+    }
+    // Before or after the verb of a group.
+    for args in [
+        &["vip", "list", "--socket", "/nowhere/xlb.sock"][..],
+        &["vip", "--socket", "/nowhere/xlb.sock", "list"],
+    ] {
+        let out = run_xlb(args);
+        assert!(
+            String::from_utf8_lossy(&out.stderr)
+                .contains("no xlb agent is listening on /nowhere/xlb.sock"),
+            "{}",
+            describe(args, &out)
+        );
+    }
+}
+
+/// Where the host's network namespace cannot be looked at (here: an unprivileged user, who
+/// may not read /proc/1/ns/net), the CLI uses the documented socket and says why.
+#[test]
+fn an_unreadable_host_namespace_falls_back_to_the_documented_socket() {
+    let unprivileged = WorldReadableCopy::of(Path::new(XLB));
+    let mut cmd = std::process::Command::new(&unprivileged.path);
+    cmd.arg("stats").current_dir("/").env_remove("XLB_SOCKET");
+    // SAFETY: only async-signal-safe syscalls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(65534) != 0
+                || libc::setuid(65534) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = output_within(&mut cmd, Duration::from_secs(20));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.lines().count() == 1
+            && stderr.contains("cannot read /proc/1/ns/net")
+            && stderr.contains("used /run/xlb/xlb.sock")
+            && stderr.contains("--socket"),
+        "{}",
+        describe(&["stats"], &out)
+    );
 }
 
 /// `xlb stats --watch` into a pipe: plain reports, no clear-screen codes; and it keeps

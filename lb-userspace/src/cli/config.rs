@@ -23,13 +23,18 @@ pub enum ConfigCommand {
     #[command(
         after_help = "Examples:\n  xlb config dump > /etc/xlb/xlb.toml\n  xlb config dump | xlb config check /dev/stdin"
     )]
-    Dump,
+    Dump {
+        #[command(flatten)]
+        socket: super::SocketArg,
+    },
     /// What applying FILE to the running agent would change, as `xlb reload` words it;
     /// nothing is changed.
     #[command(after_help = "Example:\n  xlb config diff /etc/xlb/xlb.toml")]
     Diff {
         /// The config file (xlb.toml).
         file: PathBuf,
+        #[command(flatten)]
+        socket: super::SocketArg,
     },
 }
 
@@ -58,7 +63,11 @@ fn running_state(vips: Vec<VipStatus>) -> DesiredState {
     }
 }
 
-pub fn run(client: Client<'_>, command: ConfigCommand) -> Result<()> {
+/// `socket` turns a verb's `--socket` into the path to use.
+pub fn run(
+    command: ConfigCommand,
+    mut socket: impl FnMut(Option<PathBuf>) -> PathBuf,
+) -> Result<()> {
     match command {
         ConfigCommand::Check { file } => {
             let config = lb_userspace::config::load(&file)?;
@@ -70,7 +79,9 @@ pub fn run(client: Client<'_>, command: ConfigCommand) -> Result<()> {
             );
             Ok(())
         }
-        ConfigCommand::Dump => {
+        ConfigCommand::Dump { socket: given } => {
+            let path = socket(given.socket);
+            let client = Client::new(&path);
             let running = running_state(client.vip_list()?);
             let ifaces: Vec<String> = client
                 .status()?
@@ -81,8 +92,13 @@ pub fn run(client: Client<'_>, command: ConfigCommand) -> Result<()> {
             print!("{}", to_toml(&running, &ifaces));
             Ok(())
         }
-        ConfigCommand::Diff { file } => {
+        ConfigCommand::Diff {
+            file,
+            socket: given,
+        } => {
             let wanted = lb_userspace::config::load(&file)?.desired_state();
+            let path = socket(given.socket);
+            let client = Client::new(&path);
             let running = running_state(client.vip_list()?);
             let changes = describe_changes(&running, &wanted);
             if changes.is_empty() {
