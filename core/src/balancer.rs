@@ -24,7 +24,7 @@ use crate::{
     maps::{Maps, carry_out},
     model::{
         BackendConfig, BackendState, BackendStatus, DesiredState, Explanation, Protocol, VipConfig,
-        VipSpec, VipStatus,
+        VipSettings, VipSpec, VipStatus,
     },
     plan::{self, MapContents, ServiceKey, choose_half, ring_base},
 };
@@ -54,18 +54,18 @@ impl VipEntry {
 }
 
 impl BackendEntry {
-    /// What the data plane is told about the backend.
+    /// What the data plane is told about the backend. Weight 0 drains, as in IPVS.
     const fn flags(&self) -> u8 {
-        match (self.healthy && self.running, self.state) {
-            (false, _) => 0,
-            (true, BackendState::Active) => BACKEND_ACTIVE,
-            (true, BackendState::Draining) => BACKEND_DRAINING,
+        match (self.healthy && self.running, self.state, self.weight) {
+            (false, _, _) => 0,
+            (true, BackendState::Active, 1..) => BACKEND_ACTIVE,
+            (true, BackendState::Active, 0) | (true, BackendState::Draining, _) => BACKEND_DRAINING,
         }
     }
 
     /// Whether it owns ring slots (takes new flows).
     fn in_ring(&self) -> bool {
-        self.healthy && self.running && self.state == BackendState::Active
+        self.healthy && self.running && self.state == BackendState::Active && self.weight > 0
     }
 }
 
@@ -342,6 +342,31 @@ impl<M: Maps> Balancer<M> {
         Ok(())
     }
 
+    /// Changes a VIP's health checks and idle timeout in place (`xlb vip set`): one plan
+    /// through [`Self::apply`], so it is checked in full before anything is written and a
+    /// failing write leaves the previous settings; its backends, ring and flows stay.
+    /// Returns whether anything changed.
+    ///
+    /// # Errors
+    /// Unknown VIP, a timeout out of range (nothing written), or a map update failing
+    /// (undone).
+    pub fn set_vip(&mut self, vip: &VipSpec, settings: &VipSettings) -> Result<bool, M::Error> {
+        let mut wanted = self.desired_state();
+        let entry = wanted
+            .vips
+            .iter_mut()
+            .find(|v| v.vip == *vip)
+            .ok_or(BalancerError::UnknownVip(*vip))?;
+        let before = (entry.health.clone(), entry.idle_timeout_s);
+        entry.health = settings.health.applied_to(entry.health.take());
+        entry.idle_timeout_s = settings.idle_timeout_s.applied_to(entry.idle_timeout_s);
+        if (entry.health.clone(), entry.idle_timeout_s) == before {
+            return Ok(false);
+        }
+        self.apply(&wanted)?;
+        Ok(true)
+    }
+
     fn write_vip_info(
         &mut self,
         vip: &VipSpec,
@@ -401,11 +426,19 @@ impl<M: Maps> Balancer<M> {
             .backend_ids
             .take()
             .ok_or(BalancerError::BackendSlotsExhausted(MAX_BACKENDS))?;
+        let new = BackendEntry {
+            id,
+            weight,
+            state: BackendState::Active,
+            healthy: true,
+            container: None,
+            running: true,
+        };
         if let Err(e) = self
             .use_port(backend.port(), false, 1)
             .and_then(|()| self.update_endpoint(backend, *vip, true))
             .map_err(BalancerError::Datapath)
-            .and_then(|()| self.write_backend(id, vip, backend, BACKEND_ACTIVE))
+            .and_then(|()| self.write_backend(id, vip, backend, new.flags()))
         {
             self.model.backend_ids.give_back(id);
             return Err(e);
@@ -415,17 +448,7 @@ impl<M: Maps> Balancer<M> {
             .get_mut(vip)
             .expect("checked above")
             .backends
-            .insert(
-                backend,
-                BackendEntry {
-                    id,
-                    weight,
-                    state: BackendState::Active,
-                    healthy: true,
-                    container: None,
-                    running: true,
-                },
-            );
+            .insert(backend, new);
         self.rebuild_ring(vip)
     }
 
@@ -812,6 +835,7 @@ impl<M: Maps> Balancer<M> {
             id: entry.id,
             ring_size: if live.is_empty() { 0 } else { self.ring_size() },
             idle_timeout_s: entry.idle_timeout_s(vip.proto),
+            health_check: entry.health.clone(),
             packets: traffic.packets,
             bytes: traffic.bytes,
             new_flows: traffic.new_flows,
@@ -1671,6 +1695,7 @@ mod tests {
                 b.update_backend(&vip(1), backend(1), None, Some(BackendState::Draining))
             },
             |b: &mut Balancer<FakeMaps>| b.set_health(&vip(1), backend(1), false).map(|_| ()),
+            |b: &mut Balancer<FakeMaps>| b.update_backend(&vip(1), backend(1), Some(0), None),
         ] {
             let mut b = with_backends(2);
             let id = id_of(&b, &vip(1), backend(1));
@@ -1684,6 +1709,126 @@ mod tests {
             assert!(switch < flags, "{writes:#?}");
             assert!(!live_ring(b.maps(), &vip(1)).contains(&id));
         }
+    }
+
+    /// Weight 0 drains, as in IPVS and HAProxy: no ring slots, and an entry whose flags keep
+    /// its established flows going; a weight again brings it back into the ring.
+    #[test]
+    fn weight_zero_drains_a_backend() {
+        let mut b = with_backends(2);
+        b.add_backend(&vip(1), backend(3), 0).unwrap();
+        let added = id_of(&b, &vip(1), backend(3));
+        assert_eq!(b.maps().backends[&added].flags, BACKEND_DRAINING);
+        assert!(!live_ring(b.maps(), &vip(1)).contains(&added));
+
+        let first = id_of(&b, &vip(1), backend(1));
+        b.update_backend(&vip(1), backend(1), Some(0), None)
+            .unwrap();
+        assert_eq!(b.maps().backends[&first].flags, BACKEND_DRAINING);
+        let ring = live_ring(b.maps(), &vip(1));
+        let second = id_of(&b, &vip(1), backend(2));
+        assert!(ring.iter().all(|id| *id == second), "{ring:?}");
+        let status = b.status().unwrap();
+        let zero = &status[0]
+            .backends
+            .iter()
+            .find(|s| s.addr == backend(1))
+            .unwrap();
+        assert_eq!(
+            (zero.weight, zero.state, zero.slots),
+            (0, BackendState::Active, 0)
+        );
+
+        b.update_backend(&vip(1), backend(1), Some(2), None)
+            .unwrap();
+        assert_eq!(b.maps().backends[&first].flags, BACKEND_ACTIVE);
+        assert!(live_ring(b.maps(), &vip(1)).contains(&first));
+
+        // A restart adopting a state with weight 0 writes the same thing.
+        let held = b.maps().contents();
+        let mut wanted = b.desired_state();
+        wanted.vips[0].backends.iter_mut().for_each(|c| {
+            if c.addr == backend(2) {
+                c.weight = 0;
+            }
+        });
+        let mut restarted = Balancer::new(FakeMaps::holding(&held), MAX_VIPS, RING);
+        restarted.adopt(&wanted).unwrap();
+        assert_eq!(restarted.maps().backends[&second].flags, BACKEND_DRAINING);
+        assert!(!live_ring(restarted.maps(), &vip(1)).contains(&second));
+    }
+
+    /// `xlb vip set`: a new idle timeout is written to the `VipInfo` and the backends'
+    /// entries (ring and flows stay), health checks change no map at all, a failing write keeps the old settings,
+    /// and a timeout out of range writes nothing.
+    #[test]
+    fn vip_settings_change_in_place() {
+        use crate::{
+            health::{HealthSpec, Probe},
+            model::Setting,
+        };
+        let mut b = with_backends(2);
+        let ring = live_ring(b.maps(), &vip(1));
+        let timeout = |secs| VipSettings {
+            idle_timeout_s: Setting::To(secs),
+            ..VipSettings::default()
+        };
+        assert!(b.set_vip(&vip(1), &timeout(600)).unwrap());
+        let writes = b.maps_mut().take_writes();
+        // The VIP's entry (new flows) and its backends' (established flows), nothing else.
+        assert_eq!(writes.len(), 3, "{writes:#?}");
+        for w in &writes {
+            match w {
+                Write::Vip { info, .. } => assert_eq!(info.idle_timeout_s, 600),
+                Write::Backend { value, .. } => assert_eq!(value.idle_timeout_s, 600),
+                other => panic!("{other:?} in {writes:#?}"),
+            }
+        }
+        assert_eq!(live_ring(b.maps(), &vip(1)), ring);
+        assert_eq!(b.vip_status(&vip(1)).unwrap().idle_timeout_s, 600);
+        assert!(!b.set_vip(&vip(1), &timeout(600)).unwrap(), "unchanged");
+
+        let check = HealthSpec {
+            probe: Probe::Tcp,
+            interval: std::time::Duration::from_millis(500),
+            timeout: std::time::Duration::from_millis(200),
+            rise: 1,
+            fall: 1,
+        };
+        let health = VipSettings {
+            health: Setting::To(check.clone()),
+            ..VipSettings::default()
+        };
+        assert!(b.set_vip(&vip(1), &health).unwrap());
+        assert!(b.maps_mut().take_writes().is_empty());
+        assert_eq!(b.vip_status(&vip(1)).unwrap().health_check, Some(check));
+
+        let before = b.desired_state();
+        let start = b.maps().writes().len();
+        b.maps_mut().fail_at(start);
+        let back = VipSettings {
+            health: Setting::Default,
+            idle_timeout_s: Setting::Default,
+        };
+        assert!(matches!(
+            b.set_vip(&vip(1), &back),
+            Err(BalancerError::Datapath(_))
+        ));
+        assert_eq!(b.desired_state(), before);
+        assert_eq!(b.maps().vips[&service_key(&vip(1))].idle_timeout_s, 600);
+
+        assert!(matches!(
+            b.set_vip(&vip(1), &timeout(5)),
+            Err(BalancerError::IdleTimeout { .. })
+        ));
+        assert!(matches!(
+            b.set_vip(&vip(9), &timeout(60)),
+            Err(BalancerError::UnknownVip(_))
+        ));
+        b.maps_mut().take_writes();
+        assert!(b.set_vip(&vip(1), &back).unwrap());
+        let status = b.vip_status(&vip(1)).unwrap();
+        assert_eq!((status.idle_timeout_s, status.health_check), (300, None));
     }
 
     #[test]
@@ -1957,7 +2102,7 @@ mod tests {
             })
             .collect();
         let mut bad_last_weight = state;
-        bad_last_weight.vips[1].backends[1].weight = 0;
+        bad_last_weight.vips[1].backends[1].weight = crate::model::MAX_WEIGHT + 1;
         for (wanted, what) in [
             (too_many, "too many VIPs"),
             (ring_too_small, "more backends than ring slots"),

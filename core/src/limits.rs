@@ -30,7 +30,7 @@ pub enum BalancerError<E> {
     FamilyMismatch { vip: VipSpec, backend: SocketAddr },
     #[error("backend port 0 is not valid")]
     BackendPortZero,
-    #[error("weight must be between 1 and {max}, got {weight}")]
+    #[error("weight must be between 0 (drain) and {max}, got {weight}")]
     InvalidWeight { weight: u32, max: u32 },
     #[error("all {0} VIP slots are in use (start the agent with a larger --max-vips)")]
     VipSlotsExhausted(u32),
@@ -135,10 +135,13 @@ pub fn validate_vip_timeout<E>(
     Ok(())
 }
 
+/// A weight of 0 is valid: as in IPVS and HAProxy it drains the backend (no new flows, its
+/// established flows go on), whatever its state.
+///
 /// # Errors
 /// [`BalancerError::InvalidWeight`].
 pub fn validate_weight<E>(weight: u32) -> Result<(), BalancerError<E>> {
-    if weight == 0 || weight > MAX_WEIGHT {
+    if weight > MAX_WEIGHT {
         return Err(BalancerError::InvalidWeight {
             weight,
             max: MAX_WEIGHT,
@@ -224,10 +227,13 @@ mod tests {
             Err(BalancerError::VipRing { .. })
         ));
         let mut bad_weight = state(1, 1);
-        bad_weight.vips[0].backends[0].weight = 0;
-        assert!(matches!(
-            check(&bad_weight, 64, 65_537),
-            Err(BalancerError::InvalidWeight { .. })
-        ));
+        bad_weight.vips[0].backends[0].weight = MAX_WEIGHT + 1;
+        assert_eq!(
+            check(&bad_weight, 64, 65_537).unwrap_err().to_string(),
+            "weight must be between 0 (drain) and 1000, got 1001"
+        );
+        let mut draining = state(1, 2);
+        draining.vips[0].backends[0].weight = 0;
+        assert!(check(&draining, 64, 65_537).is_ok());
     }
 }

@@ -140,7 +140,8 @@ impl<'de> Deserialize<'de> for VipSpec {
     }
 }
 
-/// Largest weight accepted: a backend claims this many ring slots per Maglev turn.
+/// Largest weight accepted: a backend claims this many ring slots per Maglev turn. Weight 0
+/// drains a backend, as `BackendState::Draining` does.
 pub const MAX_WEIGHT: u32 = 1000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -191,6 +192,39 @@ pub struct VipConfig {
     pub idle_timeout_s: Option<u32>,
 }
 
+/// One setting of a change to an existing VIP (`xlb vip set`): left as it is, back to its
+/// default (no health checks; the protocol's idle timeout), or set.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Setting<T> {
+    #[default]
+    Keep,
+    Default,
+    To(T),
+}
+
+impl<T: Clone> Setting<T> {
+    /// `current` after this change.
+    #[must_use]
+    pub fn applied_to(&self, current: Option<T>) -> Option<T> {
+        match self {
+            Self::Keep => current,
+            Self::Default => None,
+            Self::To(value) => Some(value.clone()),
+        }
+    }
+}
+
+/// What `xlb vip set` changes on a VIP; its backends and their flows stay.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VipSettings {
+    #[serde(default)]
+    pub health: Setting<HealthSpec>,
+    /// Seconds.
+    #[serde(default)]
+    pub idle_timeout_s: Setting<u32>,
+}
+
 /// The whole desired state, as persisted.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DesiredState {
@@ -233,6 +267,9 @@ pub struct VipStatus {
     /// How long its flows may idle, in seconds (the configured value or the default).
     #[serde(default)]
     pub idle_timeout_s: u32,
+    /// Its backends' health checks (none: every backend counts as healthy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthSpec>,
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
@@ -251,6 +288,32 @@ pub struct Explanation {
     /// The backend the connection table holds for this 5-tuple, if its entry still holds
     /// (not idle past the VIP's timeout, not closed too long ago).
     pub tracked_backend: Option<SocketAddr>,
+}
+
+/// One connection-table entry of a VIP, as `xlb conns` lists it (like a line of
+/// `ipvsadm -Lc`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrackedFlow {
+    pub client: SocketAddr,
+    /// Where its packets go; none when the entry names a backend the VIP no longer has (its
+    /// next packet is balanced afresh).
+    pub backend: Option<SocketAddr>,
+    /// `established`, `fin from client`, `fin from backend`, `closed` (both FINs) or `reset`
+    /// for TCP; `udp` for a UDP flow.
+    pub state: String,
+    /// Seconds since its last packet (the data path keeps that time to the second).
+    pub idle_s: u64,
+    /// Whether the entry still decides where the flow's packets go: not idle past the VIP's
+    /// timeout, not closed more than 10 s ago (`FlowState::is_current`).
+    pub live: bool,
+}
+
+/// A VIP's tracked flows: `total` entries matched, `flows` holds at most the limit asked for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Conns {
+    pub vip: VipSpec,
+    pub total: u64,
+    pub flows: Vec<TrackedFlow>,
 }
 
 #[cfg(test)]

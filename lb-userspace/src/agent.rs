@@ -15,9 +15,9 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
 use crate::{
-    api::{CounterValue, Reply, Request, Stats},
+    api::{AgentInfo, CounterValue, InterfaceStatus, Reply, Request, Stats, Status},
     attach::{self as hooks, ModeChoice},
-    balancer::{Balancer, BalancerError, DesiredState, VipSpec, VipStatus},
+    balancer::{Balancer, BalancerError, DesiredState, Setting, VipSpec, VipStatus},
     config::Change,
     datapath::{Datapath, DatapathConfig, PinnedAttachment},
     health::HealthChecker,
@@ -214,19 +214,65 @@ impl Drop for StartCleanup<'_> {
     }
 }
 
+/// The sysctls `enable_forwarding` may switch on, which are also the only files a
+/// forwarding record may name.
+const FORWARDING_SYSCTLS: [(&str, &str); 2] = [
+    ("net.ipv4.ip_forward", "/proc/sys/net/ipv4/ip_forward"),
+    (
+        "net.ipv6.conf.all.forwarding",
+        "/proc/sys/net/ipv6/conf/all/forwarding",
+    ),
+];
+
+/// Where an agent that leaves its data path running (`--keep-attached`) records the
+/// forwarding sysctls xlb switched on, so the next agent or `xlb detach` can switch them back
+/// off: next to the control socket (per network namespace, like the sysctls, and gone after
+/// a reboot, like them).
+fn forwarding_record(socket: &Path) -> PathBuf {
+    let mut name = socket.as_os_str().to_owned();
+    name.push(".forwarding");
+    PathBuf::from(name)
+}
+
+/// The sysctl files a forwarding record names (only those xlb may switch on).
+fn read_forwarding_record(record: &Path) -> Vec<&'static str> {
+    let Ok(text) = fs::read_to_string(record) else {
+        return Vec::new();
+    };
+    FORWARDING_SYSCTLS
+        .iter()
+        .map(|(_, file)| *file)
+        .filter(|file| text.lines().any(|l| l.trim() == *file))
+        .collect()
+}
+
+/// Switches the recorded sysctls back off and removes the record; returns their names.
+fn restore_forwarding(files: &[&'static str], record: &Path) -> Vec<&'static str> {
+    let mut restored = Vec::new();
+    for (key, file) in FORWARDING_SYSCTLS {
+        if !files.contains(&file) {
+            continue;
+        }
+        match fs::write(file, "0") {
+            Ok(()) => restored.push(key),
+            Err(e) => warn!("could not switch {key} back off: {e}"),
+        }
+    }
+    if let Err(e) = fs::remove_file(record)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        warn!("removing {}: {e}", record.display());
+    }
+    restored
+}
+
 /// xlb forwards packets, so the host must: `bpf_fib_lookup` refuses to resolve next hops on
 /// an interface with forwarding off, and the stack fallback needs it too.
 ///
 /// Returns the sysctl files it switched on, so a full stop can switch them back off.
 fn enable_forwarding() -> Vec<&'static str> {
     let mut enabled = Vec::new();
-    for (key, file) in [
-        ("net.ipv4.ip_forward", "/proc/sys/net/ipv4/ip_forward"),
-        (
-            "net.ipv6.conf.all.forwarding",
-            "/proc/sys/net/ipv6/conf/all/forwarding",
-        ),
-    ] {
+    for (key, file) in FORWARDING_SYSCTLS {
         if fs::read_to_string(file).is_ok_and(|v| v.trim() == "1") {
             continue;
         }
@@ -256,6 +302,11 @@ struct Agent {
     started_with: crate::config::AgentConfig,
     /// Container backends followed through their engine's events.
     following: crate::containers::Following,
+    /// For `xlb status` (its uptime counted from `started`).
+    info: AgentInfo,
+    started: std::time::Instant,
+    /// The hook on each interface, kept current by re-attaching.
+    hooks: Vec<InterfaceStatus>,
 }
 
 /// Refuses a VIP that can never work, or that sits on a backend's address.
@@ -348,12 +399,25 @@ impl Agent {
     }
 
     fn apply(&mut self, request: Request) -> Result<Reply> {
+        // A change by hand to an agent that runs from a config file would be undone, without
+        // a word, by the next reload: refused unless the operator says so.
+        if request.forced() == Some(false)
+            && let Some(path) = &self.config_path
+        {
+            bail!(
+                "this agent runs from {path}: a change made here would be undone by the next \
+                 `xlb reload`; edit the file and run `xlb reload` (see `xlb config diff {path}`), \
+                 or add --force to change the running state until the next reload",
+                path = path.display()
+            );
+        }
         let b = &mut self.balancer;
         Ok(match request {
             Request::VipAdd {
                 vip,
                 health,
                 idle_timeout_s,
+                ..
             } => {
                 if let Some(spec) = &health {
                     spec.validate_for(&vip).context("invalid health check")?;
@@ -363,7 +427,15 @@ impl Agent {
                 b.set_vip_health(&vip, health)?;
                 Reply::Done
             }
-            Request::VipDel { vip } => {
+            Request::VipSet { vip, settings, .. } => {
+                if let Setting::To(spec) = &settings.health {
+                    spec.validate_for(&vip).context("invalid health check")?;
+                }
+                // One plan through the core: checked whole, undone on a failing write.
+                b.set_vip(&vip, &settings)?;
+                Reply::Done
+            }
+            Request::VipDel { vip, .. } => {
                 b.remove_vip(&vip)?;
                 Reply::Done
             }
@@ -375,6 +447,7 @@ impl Agent {
                 vip,
                 backend,
                 weight,
+                ..
             } => {
                 let warnings = check_new_backend(b, &self.attached, &vip, backend)?;
                 b.add_backend(&vip, backend, weight)?;
@@ -388,6 +461,7 @@ impl Agent {
                 container,
                 port,
                 weight,
+                ..
             } => {
                 let found = crate::containers::find(self.following.engines(), &container)?;
                 let backend = found.endpoint(&vip, port)?;
@@ -400,7 +474,7 @@ impl Agent {
                 info!(%vip, %backend, container, "container backend added: followed from now on");
                 Reply::ContainerBackendAdded { backend, warnings }
             }
-            Request::BackendDel { vip, backend } => {
+            Request::BackendDel { vip, backend, .. } => {
                 b.remove_backend(&vip, backend)?;
                 Reply::Done
             }
@@ -409,6 +483,7 @@ impl Agent {
                 backend,
                 weight,
                 state,
+                ..
             } => {
                 b.update_backend(&vip, backend, weight, state)?;
                 Reply::Done
@@ -418,8 +493,25 @@ impl Agent {
                 Reply::Vip(self.with_health(vec![status]).remove(0))
             }
             Request::Stats => Reply::Stats(self.stats()?),
+            Request::Status => {
+                let Stats { vips, global } = self.stats()?;
+                Reply::Status(Box::new(Status {
+                    agent: AgentInfo {
+                        uptime_s: self.started.elapsed().as_secs(),
+                        ..self.info.clone()
+                    },
+                    interfaces: self.hooks.clone(),
+                    vips,
+                    global,
+                }))
+            }
+            Request::Conns {
+                vip,
+                backend,
+                limit,
+            } => Reply::Conns(b.conns(&vip, backend, limit as usize)?),
             Request::Explain { client, vip } => Reply::Explanation(b.explain(client, &vip)?),
-            Request::Reload => Reply::Changes(self.reload()?),
+            Request::Reload { dry_run } => Reply::Changes(self.reload(dry_run)?),
         })
     }
 
@@ -505,7 +597,7 @@ impl Agent {
 
     /// Re-reads the config file and applies the difference, whole or not at all: unchanged
     /// VIPs and backends are not touched (they keep their ring slots and flows).
-    fn reload(&mut self) -> Result<Vec<String>> {
+    fn reload(&mut self, dry_run: bool) -> Result<Vec<String>> {
         let path = self.config_path.clone().context(
             "this agent was started without --config: change it with the vip/backend commands",
         )?;
@@ -524,6 +616,10 @@ impl Agent {
             .check_limits(&wanted)
             .with_context(|| format!("{}: not applied, nothing changed", path.display()))?;
         let changes = crate::config::diff(&without_ids(&running), &wanted);
+        if dry_run {
+            // What a reload would do, worded as it would say it, without touching anything.
+            return Ok(crate::config::describe_changes(&running, &wanted));
+        }
         // The file passed every check it can make on its own; what only this namespace can
         // tell is checked before anything changes, so a refused reload changes nothing.
         let mut warnings = container_warnings;
@@ -534,19 +630,7 @@ impl Agent {
                 warnings.extend(found);
             }
         }
-        let mut lines: Vec<String> = changes.iter().map(ToString::to_string).collect();
-        for vip in &wanted.vips {
-            let was = running.vips.iter().find(|v| v.vip == vip.vip);
-            if was.and_then(|v| v.health.as_ref()) != vip.health.as_ref() {
-                lines.push(format!("~ health checks of {}", vip.vip));
-            }
-            if was.is_some_and(|v| v.idle_timeout_s != vip.idle_timeout_s) {
-                let secs = vip
-                    .idle_timeout_s
-                    .unwrap_or_else(|| vip.vip.proto.default_idle_timeout_s());
-                lines.push(format!("~ idle timeout of {} {secs} s", vip.vip));
-            }
-        }
+        let mut lines = crate::config::describe_changes(&running, &wanted);
         // One plan for the whole file, written in an order no packet sees half-done; a
         // failing write undoes the ones before it.
         if let Err(e) = self.balancer.apply(&wanted) {
@@ -805,8 +889,28 @@ pub async fn run(options: AgentOptions) -> Result<()> {
             None => crate::config::AgentConfig::default(),
         },
         following: crate::containers::Following::new(options.containers, notices),
+        info: AgentInfo {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            pid: std::process::id(),
+            uptime_s: 0,
+            socket: options.socket.display().to_string(),
+            bpffs: options.bpffs.display().to_string(),
+            state_file: options.state.display().to_string(),
+            config: options.config.as_ref().map(|p| p.display().to_string()),
+            keep_attached: options.keep_attached,
+        },
+        started: std::time::Instant::now(),
+        hooks: Vec::new(),
     }));
-    let (links, forwarding_enabled) = cleanup.disarm();
+    let (links, mut forwarding_enabled) = cleanup.disarm();
+    // A data path a previous agent left running may have had forwarding switched on by xlb:
+    // still xlb's to switch off when the data path goes.
+    let record = forwarding_record(&options.socket);
+    for file in read_forwarding_record(&record) {
+        if !forwarding_enabled.contains(&file) {
+            forwarding_enabled.push(file);
+        }
+    }
     let mut attachments = relink::Attachments::new(
         ifaces
             .iter()
@@ -821,6 +925,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         options.mode,
         &options.bpffs,
     );
+    lock(&agent).hooks = attachments.hooks();
     let mut relink_sweep = tokio::time::interval(RELINK_SWEEP);
     lock(&agent).sync_health_targets();
     lock(&agent).warn_about_backend_routes();
@@ -882,7 +987,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
                 }
             }
             _ = sighup.recv() => {
-                let reply = lock(&agent).handle(Request::Reload);
+                let reply = lock(&agent).handle(Request::Reload { dry_run: false });
                 match reply {
                     Reply::Error(e) => warn!("SIGHUP: reload failed, nothing changed: {e}"),
                     _ => info!("SIGHUP: reloaded the config"),
@@ -903,6 +1008,18 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         for link in links {
             link.keep();
         }
+        if !forwarding_enabled.is_empty() {
+            let lines: String = forwarding_enabled
+                .iter()
+                .map(|f| format!("{f}\n"))
+                .collect();
+            if let Err(e) = fs::write(&record, lines) {
+                warn!(
+                    "could not record {}: `xlb detach` will leave forwarding on ({e})",
+                    record.display()
+                );
+            }
+        }
         return Ok(());
     }
     info!("stopping: detaching from {} interface(s)", links.len());
@@ -916,10 +1033,8 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         warn!("removing the pinned maps: {e}");
     }
     // Leave the host as we found it (a kept-attached data path still needs forwarding).
-    for file in forwarding_enabled {
-        if let Err(e) = fs::write(file, "0") {
-            warn!("could not restore {file}: {e}");
-        }
+    for key in restore_forwarding(&forwarding_enabled, &record) {
+        info!("switched {key} back off");
     }
     Ok(())
 }
@@ -981,6 +1096,7 @@ async fn reattach(
         );
     }
     agent.attached = attachments.interfaces();
+    agent.hooks = attachments.hooks();
 }
 
 /// `xlb detach`: removes a data path an agent left attached (`--keep-attached`): the pinned
@@ -1019,6 +1135,10 @@ pub fn detach(bpffs: &Path, socket: &Path) -> Result<()> {
             bpffs.display(),
             detached.len()
         );
+    }
+    let record = forwarding_record(socket);
+    for key in restore_forwarding(&read_forwarding_record(&record), &record) {
+        println!("switched {key} back off (the agent had switched it on)");
     }
     Ok(())
 }

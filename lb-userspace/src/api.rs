@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::{
-    balancer::{BackendState, Explanation, VipSpec, VipStatus},
+    balancer::{BackendState, Conns, Explanation, VipSettings, VipSpec, VipStatus},
     health::HealthSpec,
 };
 
@@ -30,15 +30,33 @@ pub enum Request {
         /// protocol's default).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         idle_timeout_s: Option<u32>,
+        /// Change an agent that runs from a --config file anyway (the next reload undoes it).
+        #[serde(default, skip_serializing_if = "is_false")]
+        force: bool,
+    },
+    /// Change a VIP's health checks and/or idle timeout in place (its backends and flows stay).
+    VipSet {
+        vip: VipSpec,
+        #[serde(flatten)]
+        settings: VipSettings,
+        /// Change an agent that runs from a --config file anyway (the next reload undoes it).
+        #[serde(default, skip_serializing_if = "is_false")]
+        force: bool,
     },
     VipDel {
         vip: VipSpec,
+        /// Change an agent that runs from a --config file anyway (the next reload undoes it).
+        #[serde(default, skip_serializing_if = "is_false")]
+        force: bool,
     },
     VipList,
     BackendAdd {
         vip: VipSpec,
         backend: SocketAddr,
         weight: u32,
+        /// Change an agent that runs from a --config file anyway (the next reload undoes it).
+        #[serde(default, skip_serializing_if = "is_false")]
+        force: bool,
     },
     /// Adds the container `container` as a backend: the agent finds its address (and, without
     /// `port`, its single exposed port) and follows it from then on.
@@ -48,10 +66,16 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         port: Option<u16>,
         weight: u32,
+        /// Change an agent that runs from a --config file anyway (the next reload undoes it).
+        #[serde(default, skip_serializing_if = "is_false")]
+        force: bool,
     },
     BackendDel {
         vip: VipSpec,
         backend: SocketAddr,
+        /// Change an agent that runs from a --config file anyway (the next reload undoes it).
+        #[serde(default, skip_serializing_if = "is_false")]
+        force: bool,
     },
     /// Change a backend's weight and/or state (draining: no new flows, established ones go on).
     BackendSet {
@@ -59,33 +83,95 @@ pub enum Request {
         backend: SocketAddr,
         weight: Option<u32>,
         state: Option<BackendState>,
+        /// Change an agent that runs from a --config file anyway (the next reload undoes it).
+        #[serde(default, skip_serializing_if = "is_false")]
+        force: bool,
     },
     BackendList {
         vip: VipSpec,
     },
     Stats,
+    /// The agent, its interfaces and hooks, and everything `stats` says: `xlb status`.
+    Status,
+    /// A VIP's tracked flows (only those to `backend`, if given), at most `limit` of them.
+    Conns {
+        vip: VipSpec,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        backend: Option<SocketAddr>,
+        limit: u32,
+    },
     Explain {
         client: SocketAddr,
         vip: VipSpec,
     },
-    /// Re-read the agent's --config file and apply what changed.
-    Reload,
+    /// Re-read the agent's --config file and apply what changed (with `dry_run`, only say
+    /// what would change).
+    Reload {
+        #[serde(default, skip_serializing_if = "is_false")]
+        dry_run: bool,
+    },
+}
+
+#[expect(
+    clippy::trivially_copy_pass_by_ref,
+    reason = "serde's skip_serializing_if"
+)]
+const fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl Request {
+    /// The request's name on the wire (its `op`).
+    #[must_use]
+    pub const fn name(&self) -> &'static str {
+        match self {
+            Self::VipAdd { .. } => "vip_add",
+            Self::VipSet { .. } => "vip_set",
+            Self::VipDel { .. } => "vip_del",
+            Self::VipList => "vip_list",
+            Self::BackendAdd { .. } => "backend_add",
+            Self::ContainerBackendAdd { .. } => "container_backend_add",
+            Self::BackendDel { .. } => "backend_del",
+            Self::BackendSet { .. } => "backend_set",
+            Self::BackendList { .. } => "backend_list",
+            Self::Stats => "stats",
+            Self::Status => "status",
+            Self::Conns { .. } => "conns",
+            Self::Explain { .. } => "explain",
+            Self::Reload { .. } => "reload",
+        }
+    }
+
     /// Whether the request changes the desired state (and so is persisted).
     #[must_use]
     pub const fn mutates(&self) -> bool {
         matches!(
             self,
             Self::VipAdd { .. }
+                | Self::VipSet { .. }
                 | Self::VipDel { .. }
                 | Self::BackendAdd { .. }
                 | Self::ContainerBackendAdd { .. }
                 | Self::BackendDel { .. }
                 | Self::BackendSet { .. }
-                | Self::Reload
+                | Self::Reload { dry_run: false }
         )
+    }
+
+    /// For a change made by hand (not a reload): whether it says to go ahead on an agent
+    /// that runs from a config file.
+    #[must_use]
+    pub const fn forced(&self) -> Option<bool> {
+        match self {
+            Self::VipAdd { force, .. }
+            | Self::VipSet { force, .. }
+            | Self::VipDel { force, .. }
+            | Self::BackendAdd { force, .. }
+            | Self::ContainerBackendAdd { force, .. }
+            | Self::BackendDel { force, .. }
+            | Self::BackendSet { force, .. } => Some(*force),
+            _ => None,
+        }
     }
 }
 
@@ -112,6 +198,38 @@ pub struct Stats {
     pub global: Vec<CounterValue>,
 }
 
+/// One interface the agent was given, and the hook it has there.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterfaceStatus {
+    pub name: String,
+    pub index: u32,
+    /// `native`, `skb` (XDP) or `tc`; none while the interface is gone (it is re-attached
+    /// when one of that name appears).
+    pub hook: Option<String>,
+}
+
+/// The agent itself: what `xlb status` shows before the VIPs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentInfo {
+    pub version: String,
+    pub pid: u32,
+    pub uptime_s: u64,
+    pub socket: String,
+    pub bpffs: String,
+    pub state_file: String,
+    /// The `--config` file, when the agent runs from one.
+    pub config: Option<String>,
+    pub keep_attached: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub agent: AgentInfo,
+    pub interfaces: Vec<InterfaceStatus>,
+    pub vips: Vec<VipStatus>,
+    pub global: Vec<CounterValue>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", content = "data", rename_all = "snake_case")]
 pub enum Reply {
@@ -127,10 +245,32 @@ pub enum Reply {
     Vips(Vec<VipStatus>),
     Vip(VipStatus),
     Stats(Stats),
+    Status(Box<Status>),
+    Conns(Conns),
     Explanation(Explanation),
     /// What a reload changed, one line each (`+ vip …`, `- backend …`, `~ backend …`).
     Changes(Vec<String>),
     Error(String),
+}
+
+impl Reply {
+    /// The reply's kind on the wire.
+    #[must_use]
+    pub const fn kind(&self) -> &'static str {
+        match self {
+            Self::Done => "done",
+            Self::DoneWithWarnings(_) => "done_with_warnings",
+            Self::ContainerBackendAdded { .. } => "container_backend_added",
+            Self::Vips(_) => "vips",
+            Self::Vip(_) => "vip",
+            Self::Stats(_) => "stats",
+            Self::Status(_) => "status",
+            Self::Conns(_) => "conns",
+            Self::Explanation(_) => "explanation",
+            Self::Changes(_) => "changes",
+            Self::Error(_) => "error",
+        }
+    }
 }
 
 #[derive(Debug, Error)]
@@ -161,6 +301,14 @@ pub enum ClientError {
     BadReply(#[source] serde_json::Error),
     #[error("{0}")]
     Refused(String),
+    #[error(
+        "the agent answered {request} with a {got} reply where this CLI expects {expected}: are the agent and the CLI the same version?"
+    )]
+    UnexpectedReply {
+        request: &'static str,
+        expected: &'static str,
+        got: &'static str,
+    },
 }
 
 /// Sends one request and waits for its reply. An error reply becomes `ClientError::Refused`.
@@ -201,6 +349,252 @@ pub fn call(socket: &Path, request: &Request) -> Result<Reply, ClientError> {
     }
 }
 
+/// The control API with a typed reply per request: a reply of another kind is
+/// [`ClientError::UnexpectedReply`], naming what was expected.
+#[derive(Clone, Copy, Debug)]
+pub struct Client<'a> {
+    socket: &'a Path,
+    /// Changes go ahead on an agent that runs from a config file.
+    force: bool,
+}
+
+/// Warnings the agent attached to a change it made (empty: none).
+pub type Warnings = Vec<String>;
+
+impl<'a> Client<'a> {
+    #[must_use]
+    pub const fn new(socket: &'a Path) -> Self {
+        Self {
+            socket,
+            force: false,
+        }
+    }
+
+    /// Changes made through this client go ahead on an agent that runs from a config file
+    /// (until its next reload).
+    #[must_use]
+    pub const fn forcing(self, force: bool) -> Self {
+        Self { force, ..self }
+    }
+
+    /// Sends `request` and hands its reply to `pick`, which returns it typed, or none when it
+    /// is of another kind than `expected`.
+    fn typed<T>(
+        &self,
+        request: &Request,
+        expected: &'static str,
+        pick: impl FnOnce(Reply) -> Option<T>,
+    ) -> Result<T, ClientError> {
+        let reply = call(self.socket, request)?;
+        let got = reply.kind();
+        pick(reply).ok_or(ClientError::UnexpectedReply {
+            request: request.name(),
+            expected,
+            got,
+        })
+    }
+
+    /// A request that changes something: done, perhaps with warnings.
+    fn change(&self, request: &Request) -> Result<Warnings, ClientError> {
+        self.typed(request, "done", |reply| match reply {
+            Reply::Done => Some(Vec::new()),
+            Reply::DoneWithWarnings(warnings) => Some(warnings),
+            _ => None,
+        })
+    }
+
+    /// # Errors
+    /// See [`call`]; a reply other than done.
+    pub fn vip_add(
+        &self,
+        vip: VipSpec,
+        health: Option<HealthSpec>,
+        idle_timeout_s: Option<u32>,
+    ) -> Result<Warnings, ClientError> {
+        self.change(&Request::VipAdd {
+            vip,
+            health,
+            idle_timeout_s,
+            force: self.force,
+        })
+    }
+
+    /// # Errors
+    /// See [`call`]; a reply other than done.
+    pub fn vip_set(&self, vip: VipSpec, settings: VipSettings) -> Result<Warnings, ClientError> {
+        self.change(&Request::VipSet {
+            vip,
+            settings,
+            force: self.force,
+        })
+    }
+
+    /// # Errors
+    /// See [`call`]; a reply other than done.
+    pub fn vip_del(&self, vip: VipSpec) -> Result<Warnings, ClientError> {
+        self.change(&Request::VipDel {
+            vip,
+            force: self.force,
+        })
+    }
+
+    /// # Errors
+    /// See [`call`]; a reply other than the VIPs.
+    pub fn vip_list(&self) -> Result<Vec<VipStatus>, ClientError> {
+        self.typed(&Request::VipList, "vips", |reply| match reply {
+            Reply::Vips(vips) => Some(vips),
+            _ => None,
+        })
+    }
+
+    /// # Errors
+    /// See [`call`]; a reply other than done.
+    pub fn backend_add(
+        &self,
+        vip: VipSpec,
+        backend: SocketAddr,
+        weight: u32,
+    ) -> Result<Warnings, ClientError> {
+        self.change(&Request::BackendAdd {
+            vip,
+            backend,
+            weight,
+            force: self.force,
+        })
+    }
+
+    /// Adds the container `name` as a backend (the agent resolves it, and follows it from
+    /// then on); returns the address it resolved to.
+    ///
+    /// # Errors
+    /// See [`call`]; a reply other than a container backend added.
+    pub fn container_backend_add(
+        &self,
+        vip: VipSpec,
+        container: String,
+        port: Option<u16>,
+        weight: u32,
+    ) -> Result<(SocketAddr, Warnings), ClientError> {
+        let request = Request::ContainerBackendAdd {
+            vip,
+            container,
+            port,
+            weight,
+            force: self.force,
+        };
+        self.typed(&request, "container_backend_added", |reply| match reply {
+            Reply::ContainerBackendAdded { backend, warnings } => Some((backend, warnings)),
+            _ => None,
+        })
+    }
+
+    /// # Errors
+    /// See [`call`]; a reply other than done.
+    pub fn backend_del(&self, vip: VipSpec, backend: SocketAddr) -> Result<Warnings, ClientError> {
+        self.change(&Request::BackendDel {
+            vip,
+            backend,
+            force: self.force,
+        })
+    }
+
+    /// # Errors
+    /// See [`call`]; a reply other than done.
+    pub fn backend_set(
+        &self,
+        vip: VipSpec,
+        backend: SocketAddr,
+        weight: Option<u32>,
+        state: Option<BackendState>,
+    ) -> Result<Warnings, ClientError> {
+        self.change(&Request::BackendSet {
+            vip,
+            backend,
+            weight,
+            state,
+            force: self.force,
+        })
+    }
+
+    /// # Errors
+    /// See [`call`]; a reply other than one VIP.
+    pub fn backend_list(&self, vip: VipSpec) -> Result<VipStatus, ClientError> {
+        self.typed(&Request::BackendList { vip }, "vip", |reply| match reply {
+            Reply::Vip(status) => Some(status),
+            _ => None,
+        })
+    }
+
+    /// # Errors
+    /// See [`call`]; a reply other than stats.
+    pub fn stats(&self) -> Result<Stats, ClientError> {
+        self.typed(&Request::Stats, "stats", |reply| match reply {
+            Reply::Stats(stats) => Some(stats),
+            _ => None,
+        })
+    }
+
+    /// # Errors
+    /// See [`call`]; a reply other than the status.
+    pub fn status(&self) -> Result<Status, ClientError> {
+        self.typed(&Request::Status, "status", |reply| match reply {
+            Reply::Status(status) => Some(*status),
+            _ => None,
+        })
+    }
+
+    /// # Errors
+    /// See [`call`]; a reply other than the flows.
+    pub fn conns(
+        &self,
+        vip: VipSpec,
+        backend: Option<SocketAddr>,
+        limit: u32,
+    ) -> Result<Conns, ClientError> {
+        self.typed(
+            &Request::Conns {
+                vip,
+                backend,
+                limit,
+            },
+            "conns",
+            |reply| match reply {
+                Reply::Conns(conns) => Some(conns),
+                _ => None,
+            },
+        )
+    }
+
+    /// # Errors
+    /// See [`call`]; a reply other than an explanation.
+    pub fn explain(&self, client: SocketAddr, vip: VipSpec) -> Result<Explanation, ClientError> {
+        self.typed(
+            &Request::Explain { client, vip },
+            "explanation",
+            |reply| match reply {
+                Reply::Explanation(e) => Some(e),
+                _ => None,
+            },
+        )
+    }
+
+    /// What the reload changed (with `dry_run`: would change), one line each (warnings
+    /// start with `warning: `).
+    ///
+    /// # Errors
+    /// See [`call`]; a reply other than changes.
+    pub fn reload(&self, dry_run: bool) -> Result<Vec<String>, ClientError> {
+        self.typed(
+            &Request::Reload { dry_run },
+            "changes",
+            |reply| match reply {
+                Reply::Changes(changes) => Some(changes),
+                _ => None,
+            },
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,6 +605,7 @@ mod tests {
             vip: "10.0.0.1:80/tcp".parse().unwrap(),
             backend: "10.1.0.2:8080".parse().unwrap(),
             weight: 2,
+            force: false,
         };
         let json = serde_json::to_string(&r).unwrap();
         assert_eq!(
@@ -227,6 +622,7 @@ mod tests {
             container: "web-1".into(),
             port: None,
             weight: 1,
+            force: false,
         };
         let json = serde_json::to_string(&r).unwrap();
         assert_eq!(
@@ -235,5 +631,45 @@ mod tests {
         );
         assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), r);
         assert!(r.mutates());
+    }
+
+    /// An agent answering with a reply of another kind than the request's is an error that
+    /// names both, never a silent success.
+    #[test]
+    fn a_mismatched_reply_names_what_was_expected() {
+        let dir = std::env::temp_dir().join(format!("xlb-api-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("agent.sock");
+        let _ = std::fs::remove_file(&socket);
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let agent = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut request = String::new();
+            BufReader::new(&stream).read_line(&mut request).unwrap();
+            (&stream)
+                .write_all(b"{\"kind\":\"vips\",\"data\":[]}\n")
+                .unwrap();
+            request
+        });
+        let error = Client::new(&socket).stats().unwrap_err();
+        assert_eq!(agent.join().unwrap(), "{\"op\":\"stats\"}\n");
+        assert!(
+            matches!(
+                error,
+                ClientError::UnexpectedReply {
+                    request: "stats",
+                    expected: "stats",
+                    got: "vips"
+                }
+            ),
+            "{error:?}"
+        );
+        assert!(
+            error.to_string().starts_with(
+                "the agent answered stats with a vips reply where this CLI expects stats"
+            ),
+            "{error}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

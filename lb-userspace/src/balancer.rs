@@ -9,8 +9,9 @@ use xlb_core::health::HealthSpec;
 pub use xlb_core::{
     balancer::{Adoption, Applied},
     model::{
-        BackendConfig, BackendState, BackendStatus, DesiredState, Explanation, IdleTimeoutError,
-        MAX_WEIGHT, ParseVipError, Protocol, VipConfig, VipSpec, VipStatus, validate_idle_timeout,
+        BackendConfig, BackendState, BackendStatus, Conns, DesiredState, Explanation,
+        IdleTimeoutError, MAX_WEIGHT, ParseVipError, Protocol, Setting, TrackedFlow, VipConfig,
+        VipSettings, VipSpec, VipStatus, validate_idle_timeout,
     },
 };
 
@@ -98,6 +99,12 @@ impl Balancer {
         idle_timeout_s: Option<u32>,
     ) -> Result<bool> {
         self.core.set_vip_idle_timeout(vip, idle_timeout_s)
+    }
+
+    /// # Errors
+    /// Unknown VIP, a timeout out of range, or a map update failing (undone).
+    pub fn set_vip(&mut self, vip: &VipSpec, settings: &VipSettings) -> Result<bool> {
+        self.core.set_vip(vip, settings)
     }
 
     /// # Errors
@@ -277,6 +284,55 @@ impl Balancer {
         Ok(status)
     }
 
+    /// The connection table's entries for `vip` (only those to `backend`, if given): how
+    /// many there are, and the first `limit` of them in the table's order, sorted by client.
+    ///
+    /// # Errors
+    /// Unknown VIP, a backend not behind it, or a failing map read.
+    pub fn conns(&self, vip: &VipSpec, backend: Option<SocketAddr>, limit: usize) -> Result<Conns> {
+        let status = self.vip_status(vip)?;
+        if let Some(backend) = backend
+            && !status.backends.iter().any(|b| b.addr == backend)
+        {
+            return Err(BalancerError::UnknownBackend { vip: *vip, backend });
+        }
+        let by_id: BTreeMap<u32, SocketAddr> =
+            status.backends.iter().map(|b| (b.id, b.addr)).collect();
+        let wanted = FlowKey::new(vip.addr, vip.addr, vip.proto.number());
+        let now = monotonic_coarse_ns();
+        let mut conns = Conns {
+            vip: *vip,
+            total: 0,
+            flows: Vec::new(),
+        };
+        for item in self.datapath().conntrack()?.iter() {
+            // An entry evicted while we walk: the walk goes on from the next one.
+            let Ok((key, state)) = item else { continue };
+            if (key.dst, key.dport_be, key.proto) != (wanted.dst, wanted.dport_be, wanted.proto) {
+                continue;
+            }
+            let to = by_id.get(&state.backend_id).copied();
+            if backend.is_some() && to != backend {
+                continue;
+            }
+            conns.total += 1;
+            if conns.flows.len() < limit {
+                conns.flows.push(TrackedFlow {
+                    client: SocketAddr::new(
+                        lb_common::addr::from_bytes(&key.src),
+                        u16::from_be(key.sport_be),
+                    ),
+                    backend: to,
+                    state: flow_state_name(vip.proto, state.closing).to_owned(),
+                    idle_s: now.saturating_sub(state.last_seen_ns) / 1_000_000_000,
+                    live: to.is_some() && state.is_current(now, status.idle_timeout_s),
+                });
+            }
+        }
+        conns.flows.sort_by_key(|f| f.client);
+        Ok(conns)
+    }
+
     /// Which backend a flow from `client` to `vip` gets, by the kernel's hash and ring, and
     /// which one the connection table holds for it.
     ///
@@ -299,5 +355,22 @@ impl Balancer {
             tracked,
             monotonic_coarse_ns(),
         )
+    }
+}
+
+/// A connection-table entry's `closing` bits in words.
+const fn flow_state_name(proto: Protocol, closing: u8) -> &'static str {
+    use lb_common::{CLOSE_FIN_FROM_BACKEND, CLOSE_FIN_FROM_CLIENT, CLOSE_RESET};
+    if matches!(proto, Protocol::Udp) {
+        return "udp";
+    }
+    if closing & CLOSE_RESET != 0 {
+        return "reset";
+    }
+    match closing & (CLOSE_FIN_FROM_CLIENT | CLOSE_FIN_FROM_BACKEND) {
+        0 => "established",
+        CLOSE_FIN_FROM_CLIENT => "fin from client",
+        CLOSE_FIN_FROM_BACKEND => "fin from backend",
+        _ => "closed",
     }
 }

@@ -504,11 +504,11 @@ fn validate_weight(weight: Option<Spanned<i64>>) -> Result<u32, Problem> {
             let value = *w.get_ref();
             u32::try_from(value)
                 .ok()
-                .filter(|w| (1..=MAX_WEIGHT).contains(w))
+                .filter(|w| *w <= MAX_WEIGHT)
                 .ok_or_else(|| {
                     problem(
                         w.span(),
-                        format!("weight must be between 1 and {MAX_WEIGHT}, got {value}"),
+                        format!("weight must be between 0 (drain) and {MAX_WEIGHT}, got {value}"),
                     )
                 })
         }
@@ -810,6 +810,121 @@ impl fmt::Display for Change {
     }
 }
 
+/// What turning `running` into `wanted` changes, one line each, as `xlb reload` reports it:
+/// the [`diff`] (`+ vip`, `- backend`, `~ backend … weight 3 active`), then per kept or new
+/// VIP a change of health checks and, for kept VIPs, of the idle timeout the data path
+/// applies (no timeout given and the protocol's default are the same).
+#[must_use]
+pub fn describe_changes(running: &DesiredState, wanted: &DesiredState) -> Vec<String> {
+    let mut lines: Vec<String> = diff(running, wanted)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let timeout = |v: &VipConfig| {
+        v.idle_timeout_s
+            .unwrap_or_else(|| v.vip.proto.default_idle_timeout_s())
+    };
+    for vip in &wanted.vips {
+        let was = running.vips.iter().find(|v| v.vip == vip.vip);
+        if was.and_then(|v| v.health.as_ref()) != vip.health.as_ref() {
+            lines.push(format!("~ health checks of {}", vip.vip));
+        }
+        if let Some(was) = was
+            && timeout(was) != timeout(vip)
+        {
+            lines.push(format!("~ idle timeout of {} {} s", vip.vip, timeout(vip)));
+        }
+    }
+    lines
+}
+
+/// A TOML basic string: JSON's escapes are all TOML's too.
+fn toml_string(text: &str) -> String {
+    serde_json::to_string(text).expect("strings serialise")
+}
+
+/// `state` as an `xlb.toml` that [`parse`] reads back to the same VIPs, backends, weights,
+/// states, health checks and idle timeouts (ids are the agent's business), with `ifaces` in
+/// its `[agent]` table: what `xlb config dump` prints, like `ipvsadm-save`.
+#[must_use]
+pub fn to_toml(state: &DesiredState, ifaces: &[String]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    if !ifaces.is_empty() {
+        let names: Vec<String> = ifaces.iter().map(|i| toml_string(i)).collect();
+        let _ = writeln!(out, "[agent]\nifaces = [{}]\n", names.join(", "));
+    }
+    for vip in &state.vips {
+        let _ = writeln!(
+            out,
+            "[[vip]]\naddress = {}",
+            toml_string(&vip.vip.to_string())
+        );
+        if let Some(secs) = vip.idle_timeout_s
+            && secs != vip.vip.proto.default_idle_timeout_s()
+        {
+            let _ = writeln!(out, "{}_timeout = {secs}", vip.vip.proto);
+        }
+        if let Some(h) = &vip.health {
+            let _ = writeln!(out, "[vip.health]\nprobe = \"{}\"", h.probe.kind());
+            match &h.probe {
+                Probe::Tcp => {}
+                Probe::Http {
+                    path,
+                    expect_status,
+                } => {
+                    let _ = writeln!(
+                        out,
+                        "path = {}\nexpect_status = {expect_status}",
+                        toml_string(path)
+                    );
+                }
+                Probe::Udp {
+                    payload,
+                    expect_reply,
+                } => {
+                    if !payload.is_empty() {
+                        let hex: String = payload.iter().map(|b| format!("{b:02x}")).collect();
+                        let _ = writeln!(out, "payload_hex = \"{hex}\"");
+                    }
+                    let _ = writeln!(out, "expect_reply = {expect_reply}");
+                }
+            }
+            let _ = writeln!(
+                out,
+                "interval_ms = {}\ntimeout_ms = {}\nrise = {}\nfall = {}",
+                millis(h.interval),
+                millis(h.timeout),
+                h.rise,
+                h.fall
+            );
+        }
+        for b in &vip.backends {
+            // A container is written by name: its address is whatever it has when read.
+            let _ = match &b.container {
+                Some(name) => writeln!(
+                    out,
+                    "[[vip.backend]]\ncontainer = {}\nport = {}\nweight = {}",
+                    toml_string(name),
+                    b.addr.port(),
+                    b.weight
+                ),
+                None => writeln!(
+                    out,
+                    "[[vip.backend]]\naddress = {}\nweight = {}",
+                    toml_string(&b.addr.to_string()),
+                    b.weight
+                ),
+            };
+            if b.state == BackendState::Draining {
+                let _ = writeln!(out, "state = \"draining\"");
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
 /// The fewest changes that turn `old` into `new`, so a reload leaves untouched VIPs and
 /// backends (their ring slots, ids and flows) exactly as they are.
 ///
@@ -873,6 +988,135 @@ pub fn diff(old: &DesiredState, new: &DesiredState) -> Vec<Change> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `xlb config dump`'s text reads back as the state it was made from, and a reload of it
+    /// would change nothing.
+    #[test]
+    fn a_dumped_state_parses_back_to_itself() {
+        let health = |probe| HealthSpec {
+            probe,
+            interval: Duration::from_millis(700),
+            timeout: Duration::from_millis(300),
+            rise: 4,
+            fall: 5,
+        };
+        let backend = |addr: &str, weight, state| BackendConfig {
+            addr: addr.parse().unwrap(),
+            weight,
+            state,
+            id: Some(3),
+            container: None,
+        };
+        let state = DesiredState {
+            vips: vec![
+                VipConfig {
+                    vip: "192.0.2.10:80/tcp".parse().unwrap(),
+                    backends: vec![
+                        backend("10.0.0.2:8080", 3, BackendState::Active),
+                        backend("10.0.0.3:8080", 0, BackendState::Active),
+                        backend("10.0.0.4:8080", 1, BackendState::Draining),
+                    ],
+                    id: Some(1),
+                    health: Some(health(Probe::Http {
+                        path: r#"/health\"z"#.into(),
+                        expect_status: 204,
+                    })),
+                    idle_timeout_s: Some(900),
+                },
+                VipConfig {
+                    vip: "[2001:db8::1]:53/udp".parse().unwrap(),
+                    backends: vec![backend("[fd00::2]:5353", 1, BackendState::Active)],
+                    id: None,
+                    health: Some(health(Probe::Udp {
+                        payload: vec![0, 1, 0xfe],
+                        expect_reply: true,
+                    })),
+                    // The default, written or not.
+                    idle_timeout_s: Some(60),
+                },
+                VipConfig {
+                    vip: "192.0.2.11:443/tcp".parse().unwrap(),
+                    backends: Vec::new(),
+                    id: None,
+                    health: None,
+                    idle_timeout_s: None,
+                },
+            ],
+        };
+        let text = to_toml(&state, &["eth0".into(), "veth1".into()]);
+        let config = parse(&text).unwrap_or_else(|e| panic!("{e}:\n{text}"));
+        assert_eq!(config.agent.ifaces, ["eth0", "veth1"]);
+        let mut expected = state.clone();
+        for v in &mut expected.vips {
+            v.id = None;
+            v.backends.iter_mut().for_each(|b| b.id = None);
+        }
+        expected.vips[1].idle_timeout_s = None;
+        expected.vips.sort_by_key(|v| v.vip);
+        assert_eq!(config.desired_state(), expected, "{text}");
+        assert!(describe_changes(&state, &config.desired_state()).is_empty());
+    }
+
+    /// A container backend is dumped by name and port, not by the address it has now, and
+    /// reads back as the same container.
+    #[test]
+    fn a_container_backend_is_dumped_by_name() {
+        let state = DesiredState {
+            vips: vec![VipConfig {
+                vip: "192.0.2.10:80/tcp".parse().unwrap(),
+                backends: vec![BackendConfig {
+                    addr: "10.88.0.7:8080".parse().unwrap(),
+                    weight: 2,
+                    state: BackendState::Draining,
+                    id: Some(4),
+                    container: Some("web-1".into()),
+                }],
+                id: Some(1),
+                health: None,
+                idle_timeout_s: None,
+            }],
+        };
+        let text = to_toml(&state, &[]);
+        assert!(!text.contains("10.88.0.7"), "{text}");
+        let config = parse(&text).unwrap_or_else(|e| panic!("{e}:\n{text}"));
+        assert_eq!(
+            config.vips[0].containers,
+            [ContainerDecl {
+                name: "web-1".into(),
+                port: Some(8080),
+                weight: 2,
+                state: BackendState::Draining,
+            }],
+            "{text}"
+        );
+        assert!(config.vips[0].backends.is_empty());
+    }
+
+    #[test]
+    fn described_changes_name_every_difference() {
+        let mut running = parse(
+            "[[vip]]\naddress = \"192.0.2.1:80\"\n[[vip.backend]]\naddress = \"10.0.0.2:80\"\n",
+        )
+        .unwrap()
+        .desired_state();
+        running.vips[0].idle_timeout_s = Some(300);
+        let wanted = parse(concat!(
+            "[[vip]]\naddress = \"192.0.2.1:80\"\ntcp_timeout = 600\n[vip.health]\nprobe = \"tcp\"\n",
+            "[[vip.backend]]\naddress = \"10.0.0.2:80\"\nweight = 0\n",
+            "[[vip.backend]]\naddress = \"10.0.0.3:80\"\n",
+        ))
+        .unwrap()
+        .desired_state();
+        assert_eq!(
+            describe_changes(&running, &wanted),
+            [
+                "~ backend 192.0.2.1:80/tcp 10.0.0.2:80 weight 0 active",
+                "+ backend 192.0.2.1:80/tcp 10.0.0.3:80 weight 1 active",
+                "~ health checks of 192.0.2.1:80/tcp",
+                "~ idle timeout of 192.0.2.1:80/tcp 600 s",
+            ]
+        );
+    }
 
     #[test]
     fn more_backends_than_the_data_plane_holds_are_refused_at_the_first_beyond() {
@@ -1121,14 +1365,20 @@ mod tests {
             "{message}"
         );
 
-        for bad in ["0", "1001", "-1"] {
+        // Weight 0 drains, as in IPVS and HAProxy.
+        let drained = parse(
+            "[[vip]]\naddress = \"192.0.2.1:80\"\n[[vip.backend]]\naddress = \"10.0.0.2:80\"\nweight = 0\n",
+        )
+        .unwrap();
+        assert_eq!(drained.vips[0].backends[0].weight, 0);
+        for bad in ["1001", "-1"] {
             let (line, column, message) = err(&format!(
                 "[[vip]]\naddress = \"192.0.2.1:80\"\n[[vip.backend]]\naddress = \"10.0.0.2:80\"\nweight = {bad}\n"
             ));
             assert_eq!((line, column), (5, 10));
             assert_eq!(
                 message,
-                format!("weight must be between 1 and 1000, got {bad}")
+                format!("weight must be between 0 (drain) and 1000, got {bad}")
             );
         }
 

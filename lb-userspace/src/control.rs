@@ -20,7 +20,7 @@ use tokio::{
     sync::Semaphore,
     time::timeout,
 };
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::api::{Reply, Request};
 
@@ -256,7 +256,24 @@ pub async fn read_line(
     }
 }
 
+/// Who is on the other end of a control connection (`SO_PEERCRED`), for the log of changes.
+#[derive(Clone, Copy, Debug)]
+struct Peer {
+    uid: Option<u32>,
+    pid: Option<i32>,
+}
+
 async fn serve_connection(stream: UnixStream, handler: Handler) {
+    let peer = stream.peer_cred().map_or(
+        Peer {
+            uid: None,
+            pid: None,
+        },
+        |cred| Peer {
+            uid: Some(cred.uid()),
+            pid: cred.pid(),
+        },
+    );
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     let mut buf = Vec::new();
@@ -277,7 +294,7 @@ async fn serve_connection(stream: UnixStream, handler: Handler) {
                 )),
                 true,
             ),
-            Line::Complete => (answer(&buf, &handler).await, false),
+            Line::Complete => (answer(&buf, &handler, peer).await, false),
         };
         let mut out = serde_json::to_string(&reply).expect("replies always serialise");
         out.push('\n');
@@ -306,13 +323,34 @@ pub fn decode_request(line: &[u8]) -> Result<Request, RequestError> {
     Ok(serde_json::from_str::<Request>(text)?)
 }
 
-async fn answer(line: &[u8], handler: &Handler) -> Reply {
+async fn answer(line: &[u8], handler: &Handler, peer: Peer) -> Reply {
     match decode_request(line) {
         Ok(request) => {
+            // A change is logged once, here, with who asked (the time is the log's): the
+            // one place every change by the API passes through.
+            let change = request.mutates().then(|| {
+                (
+                    request.name(),
+                    serde_json::to_string(&request).expect("requests always serialise"),
+                )
+            });
             let handler = Arc::clone(handler);
-            tokio::task::spawn_blocking(move || handler(request))
+            let reply = tokio::task::spawn_blocking(move || handler(request))
                 .await
-                .unwrap_or_else(|e| Reply::Error(format!("internal error: {e}")))
+                .unwrap_or_else(|e| Reply::Error(format!("internal error: {e}")));
+            if let Some((op, request)) = change {
+                let (uid, pid) = (
+                    peer.uid.map_or("?".to_owned(), |u| u.to_string()),
+                    peer.pid.map_or("?".to_owned(), |p| p.to_string()),
+                );
+                match &reply {
+                    Reply::Error(e) => {
+                        info!(%op, %uid, %pid, %request, "API change refused: {e}");
+                    }
+                    _ => info!(%op, %uid, %pid, %request, "API change applied"),
+                }
+            }
+            reply
         }
         Err(e) => Reply::Error(e.to_string()),
     }

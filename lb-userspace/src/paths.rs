@@ -21,13 +21,27 @@ fn netns_inode(pid: &str) -> Option<u64> {
         .map(|m| m.ino())
 }
 
-/// `None` in the host's (PID 1's) network namespace, else this namespace's inode.
+/// `None` in the host's (PID 1's) network namespace, else this namespace's inode. Where PID
+/// 1's namespace cannot be looked at (an unprivileged user, a sandbox hiding PID 1), the
+/// host's is assumed, so the paths are the documented ones: see [`namespace_unknown`].
 #[must_use]
 pub fn namespace_tag() -> Option<u64> {
     let own = netns_inode("self")?;
     match netns_inode("1") {
-        Some(init) if init == own => None,
-        _ => Some(own),
+        Some(init) if init != own => Some(own),
+        _ => None,
+    }
+}
+
+/// Why the host's network namespace cannot be told from this one (then [`namespace_tag`]
+/// assumes it is the host's), or `None` when it can.
+#[must_use]
+pub fn namespace_unknown() -> Option<String> {
+    match fs::metadata("/proc/1/ns/net") {
+        Ok(_) => None,
+        Err(e) => Some(format!(
+            "cannot read /proc/1/ns/net ({e}), so this may or may not be the host's network namespace"
+        )),
     }
 }
 

@@ -174,6 +174,19 @@ impl Attachments {
             .collect()
     }
 
+    /// Each interface with the hook it has now (none while it is gone).
+    #[must_use]
+    pub fn hooks(&self) -> Vec<crate::api::InterfaceStatus> {
+        self.entries
+            .iter()
+            .map(|e| crate::api::InterfaceStatus {
+                name: e.name.clone(),
+                index: e.index,
+                hook: e.attachment.as_ref().map(|a| a.hook.name().to_owned()),
+            })
+            .collect()
+    }
+
     /// The live attachments, for the agent's stop.
     #[must_use]
     pub fn into_attachments(self) -> Vec<PinnedAttachment> {

@@ -907,11 +907,6 @@ fn bad_input_matrix() {
             "address families",
         ),
         (
-            "weight 0",
-            &["backend", "add", vip, "10.11.1.2:8080", "--weight", "0"],
-            "weight",
-        ),
-        (
             "weight too big",
             &["backend", "add", vip, "10.11.1.2:8080", "--weight", "1001"],
             "weight",
@@ -1160,7 +1155,15 @@ fn bad_input_matrix() {
         ),
     ];
     for (what, args, needle) in cases {
-        let out = xlb(lb, s, args);
+        // `config check` talks to no agent, so it takes no --socket.
+        let out = if args[..2] == ["config", "check"] {
+            output_within(
+                std::process::Command::new(XLB).args(*args),
+                Duration::from_secs(20),
+            )
+        } else {
+            xlb(lb, s, args)
+        };
         check(what, args, &out, needle);
     }
 
@@ -1324,7 +1327,8 @@ fn backends_behind_unattached_interfaces_warn() {
         )
     };
     let b1 = backend_v4(1, 8080).to_string();
-    let args = ["backend", "add", vip, &b1];
+    // The agent runs from a config file: a change by hand needs --force.
+    let args = ["backend", "add", vip, &b1, "--force"];
     let out = xlb(topo.lb(), &agent.socket, &args);
     assert!(out.status.success(), "{}", describe(&args, &out));
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -1356,7 +1360,7 @@ fn backends_behind_unattached_interfaces_warn() {
 
     // Behind an attached interface: no warning.
     let b0_other_port = backend_v4(0, 9090).to_string();
-    let args = ["backend", "add", vip, &b0_other_port];
+    let args = ["backend", "add", vip, &b0_other_port, "--force"];
     let out = xlb(topo.lb(), &agent.socket, &args);
     assert!(
         out.status.success() && out.stderr.is_empty(),
@@ -1462,6 +1466,115 @@ fn argument_errors_name_what_is_missing_or_accepted() {
     }
 }
 
+fn run_xlb(args: &[&str]) -> Output {
+    output_within(
+        std::process::Command::new(XLB)
+            .args(args)
+            .env_remove("XLB_SOCKET"),
+        Duration::from_secs(20),
+    )
+}
+
+/// `xlb help VERB --help` is the verb's help; `--socket` is offered, and taken, only by the
+/// verbs that talk to the agent.
+#[test]
+fn help_and_socket_where_they_belong() {
+    let out = run_xlb(&["help", "run", "--help"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("Usage: xlb run") && text.contains("--iface"),
+        "{}",
+        describe(&["help", "run", "--help"], &out)
+    );
+    for verb in [
+        &["run"][..],
+        &["reload"],
+        &["detach"],
+        &["status"],
+        &["stats"],
+        &["conns"],
+        &["explain"],
+        &["config", "dump"],
+        &["config", "diff"],
+        &["vip", "list"],
+        &["backend", "add"],
+    ] {
+        let args = [verb, &["--help"]].concat();
+        let out = run_xlb(&args);
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("--socket <SOCKET>"),
+            "{}",
+            describe(&args, &out)
+        );
+    }
+    for verb in [
+        &["bench", "cost"][..],
+        &["bench", "forward"],
+        &["config", "check"],
+    ] {
+        let args = [verb, &["--help"]].concat();
+        let help = run_xlb(&args);
+        assert!(
+            help.status.success() && !String::from_utf8_lossy(&help.stdout).contains("--socket"),
+            "{}",
+            describe(&args, &help)
+        );
+        let args = [verb, &["--socket", "/nowhere"]].concat();
+        let out = run_xlb(&args);
+        assert!(
+            out.status.code() == Some(2)
+                && String::from_utf8_lossy(&out.stderr).contains("unexpected argument '--socket'"),
+            "{}",
+            describe(&args, &out)
+        );
+    }
+    // Before or after the verb of a group.
+    for args in [
+        &["vip", "list", "--socket", "/nowhere/xlb.sock"][..],
+        &["vip", "--socket", "/nowhere/xlb.sock", "list"],
+    ] {
+        let out = run_xlb(args);
+        assert!(
+            String::from_utf8_lossy(&out.stderr)
+                .contains("no xlb agent is listening on /nowhere/xlb.sock"),
+            "{}",
+            describe(args, &out)
+        );
+    }
+}
+
+/// Where the host's network namespace cannot be looked at (here: an unprivileged user, who
+/// may not read /proc/1/ns/net), the CLI uses the documented socket and says why.
+#[test]
+fn an_unreadable_host_namespace_falls_back_to_the_documented_socket() {
+    let unprivileged = WorldReadableCopy::of(Path::new(XLB));
+    let mut cmd = std::process::Command::new(&unprivileged.path);
+    cmd.arg("stats").current_dir("/").env_remove("XLB_SOCKET");
+    // SAFETY: only async-signal-safe syscalls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(65534) != 0
+                || libc::setuid(65534) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = output_within(&mut cmd, Duration::from_secs(20));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.lines().count() == 1
+            && stderr.contains("cannot read /proc/1/ns/net")
+            && stderr.contains("used /run/xlb/xlb.sock")
+            && stderr.contains("--socket"),
+        "{}",
+        describe(&["stats"], &out)
+    );
+}
+
 /// `xlb stats --watch` into a pipe: plain reports, no clear-screen codes; and it keeps
 /// watching, saying why, while the agent is away (issue 13).
 #[test]
@@ -1507,4 +1620,649 @@ fn stats_watch_writes_plain_reports_and_outlives_the_agent() {
         "fewer than two reports in 2.5 s: {stdout}"
     );
     assert!(stderr.contains("retrying every second"), "stderr: {stderr}");
+}
+
+/// (answers in order, ports asked from) for one datagram from each of `ports` on the client.
+fn udp_ask_from(topo: &Topology, ports: std::ops::Range<u16>, vip: SocketAddr) -> Vec<String> {
+    topo.client()
+        .run(move || {
+            ports
+                .map(|p| {
+                    let socket = UdpSocket::bind(v4(CLIENT, p)).expect("bind");
+                    socket.connect(vip).expect("connect");
+                    socket
+                        .set_read_timeout(Some(Duration::from_secs(3)))
+                        .expect("timeout");
+                    udp_ask(&socket)
+                })
+                .collect()
+        })
+        .expect("client namespace")
+}
+
+/// Weight 0 drains, as `ipvsadm -w 0` and HAProxy's `weight 0`: no new flows, established
+/// ones stay; a weight again brings the backend back. Accepted on add and in the config file.
+#[test]
+fn weight_zero_drains() {
+    const FLOWS: u16 = 32;
+    let topo = topology(2);
+    let dir = TempDir::new(SUITE, "weight0");
+    let agent = Agent::start(&topo, &dir, &dir.join("state.json"));
+    let mut servers = Servers::new();
+    for i in 0..2 {
+        servers.udp(&topo, i, backend_v4(i, 5300));
+    }
+    let vip = "10.100.0.1:53/udp";
+    let vip_addr = v4(Topology::VIP_V4, 53);
+    let (b0, b1) = (
+        backend_v4(0, 5300).to_string(),
+        backend_v4(1, 5300).to_string(),
+    );
+    agent.ok(&["vip", "add", vip]);
+    agent.ok(&["backend", "add", vip, &b0]);
+    agent.ok(&["backend", "add", vip, &b1]);
+
+    // 32 flows over two equal backends: none on b0 has odds 2^-32.
+    let before = udp_ask_from(&topo, 41000..41000 + FLOWS, vip_addr);
+    assert!(before.iter().any(|a| a == "b0"), "{before:?}");
+
+    agent.ok(&["backend", "set", vip, &b0, "--weight", "0"]);
+    let status = agent.json(&["backend", "list", vip, "--json"]);
+    let row = |addr: &str| {
+        backends_of(&status)
+            .iter()
+            .find(|b| b["addr"] == addr)
+            .unwrap_or_else(|| panic!("{addr} missing: {status:#}"))
+            .clone()
+    };
+    assert_eq!(row(&b0)["weight"], 0, "{status:#}");
+    assert_eq!(row(&b0)["state"], "active", "{status:#}");
+    assert_eq!(row(&b0)["slots"], 0, "{status:#}");
+    assert_eq!(as_u64(&row(&b1)["slots"], "slots"), RING, "{status:#}");
+
+    // The established flows keep their backend, b0 included; new ones all go to b1.
+    let again = udp_ask_from(&topo, 41000..41000 + FLOWS, vip_addr);
+    assert_eq!(again, before, "established flows moved");
+    let fresh = udp_ask_from(&topo, 42000..42000 + FLOWS, vip_addr);
+    assert!(fresh.iter().all(|a| a == "b1"), "{fresh:?}");
+
+    // A weight again: back in the ring.
+    agent.ok(&["backend", "set", vip, &b0, "--weight", "1"]);
+    let status = agent.json(&["backend", "list", vip, "--json"]);
+    assert!(
+        backends_of(&status)
+            .iter()
+            .all(|b| as_u64(&b["slots"], "slots") > 0),
+        "{status:#}"
+    );
+
+    // Weight 0 on add, and in a config file.
+    let tcp = "10.100.0.1:80/tcp";
+    agent.ok(&["vip", "add", tcp]);
+    let out = agent.ok(&[
+        "backend",
+        "add",
+        tcp,
+        &backend_v4(0, 8080).to_string(),
+        "--weight",
+        "0",
+    ]);
+    assert!(out.contains("weight 0"), "{out}");
+    let status = agent.json(&["backend", "list", tcp, "--json"]);
+    assert_eq!(status["backends"][0]["slots"], 0, "{status:#}");
+    let file = dir.join("weight0.toml");
+    fs::write(
+        &file,
+        "[[vip]]\naddress = \"192.0.2.1:80\"\n[[vip.backend]]\naddress = \"10.0.0.2:80\"\nweight = 0\n",
+    )
+    .expect("config file");
+    let out = std::process::Command::new(XLB)
+        .args(["config", "check"])
+        .arg(&file)
+        .output()
+        .expect("xlb config check");
+    assert!(
+        out.status.success(),
+        "{}",
+        describe(&["config", "check"], &out)
+    );
+}
+
+/// One raw request line to the agent's socket; the reply as JSON.
+fn raw_request(socket: &Path, line: &str) -> Value {
+    let mut conn = UnixStream::connect(socket).expect("connecting to the control socket");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    conn.write_all(line.as_bytes()).expect("write");
+    let mut reply = String::new();
+    BufReader::new(conn).read_line(&mut reply).expect("reply");
+    serde_json::from_str(&reply).unwrap_or_else(|e| panic!("reply to {line:?} ({e}): {reply:?}"))
+}
+
+/// Polls `backend list --json` (bounded) until `done` holds; the last status either way.
+fn wait_for_status(agent: &Agent<'_>, vip: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let mut status = agent.json(&["backend", "list", vip, "--json"]);
+    for _ in 0..100 {
+        if done(&status) {
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+        status = agent.json(&["backend", "list", vip, "--json"]);
+    }
+    status
+}
+
+/// `xlb vip set` changes a VIP's idle timeout and health checks without deleting it: same
+/// id, counters and established flows; a change the agent refuses leaves everything as it
+/// was; the settings are shown by `vip list` and survive in the state file.
+#[test]
+fn vip_set_changes_settings_in_place() {
+    let topo = topology(2);
+    let dir = TempDir::new(SUITE, "vipset");
+    let state = dir.join("state.json");
+    let agent = Agent::start(&topo, &dir, &state);
+    let mut servers = Servers::new();
+    servers.udp(&topo, 0, backend_v4(0, 5300));
+    servers.udp(&topo, 1, backend_v4(1, 5300));
+    // Only b0 listens on TCP: a TCP health check takes b1 out.
+    servers.tcp(&topo, 0, backend_v4(0, 8080));
+
+    let udp = "10.100.0.1:53/udp";
+    agent.ok(&["vip", "add", udp]);
+    for i in 0..2 {
+        agent.ok(&["backend", "add", udp, &backend_v4(i, 5300).to_string()]);
+    }
+    let vip_addr = v4(Topology::VIP_V4, 53);
+    let before = udp_ask_from(&topo, 41000..41016, vip_addr);
+    let listed = agent.json(&["vip", "list", "--json"]);
+    let was = find_vip(&listed, udp).clone();
+    assert_eq!(was["idle_timeout_s"], 60, "{was:#}");
+
+    let out = agent.ok(&["vip", "set", udp, "--udp-timeout", "900"]);
+    assert!(out.contains("idle timeout 900 s"), "{out}");
+    let listed = agent.json(&["vip", "list", "--json"]);
+    let now = find_vip(&listed, udp);
+    assert_eq!(now["idle_timeout_s"], 900, "{now:#}");
+    assert_eq!(now["id"], was["id"], "the VIP was not re-created: {now:#}");
+    assert_eq!(now["packets"], was["packets"], "its counters stay: {now:#}");
+    assert_eq!(config_of(&listed), config_of(&serde_json::json!([was])));
+    let again = udp_ask_from(&topo, 41000..41016, vip_addr);
+    assert_eq!(again, before, "established flows kept their backends");
+    let plain = agent.ok(&["vip", "list"]);
+    assert!(plain.contains("900 s"), "{plain}");
+    assert!(
+        fs::read_to_string(&state)
+            .expect("state file")
+            .contains("\"idle_timeout_s\": 900"),
+        "persisted"
+    );
+
+    // Refused by the agent itself (a client bypassing the CLI's checks): nothing changes.
+    let reply = raw_request(
+        &agent.socket,
+        &format!("{{\"op\":\"vip_set\",\"vip\":\"{udp}\",\"idle_timeout_s\":{{\"to\":0}}}}\n"),
+    );
+    assert_eq!(reply["kind"], "error", "{reply}");
+    assert!(
+        reply["data"]
+            .as_str()
+            .unwrap_or("")
+            .contains("idle timeout"),
+        "{reply}"
+    );
+    assert_eq!(
+        find_vip(&agent.json(&["vip", "list", "--json"]), udp)["idle_timeout_s"],
+        900
+    );
+    let refused = xlb(
+        topo.lb(),
+        &agent.socket,
+        &["vip", "set", udp, "--tcp-timeout", "60"],
+    );
+    assert!(
+        !refused.status.success(),
+        "{}",
+        describe(&["vip", "set"], &refused)
+    );
+    let nothing = xlb(topo.lb(), &agent.socket, &["vip", "set", udp]);
+    assert!(
+        !nothing.status.success()
+            && String::from_utf8_lossy(&nothing.stderr).contains("nothing to change"),
+        "{}",
+        describe(&["vip", "set", udp], &nothing)
+    );
+
+    // Health checks on a TCP VIP, then off again.
+    let tcp = "10.100.0.1:80/tcp";
+    agent.ok(&["vip", "add", tcp]);
+    for i in 0..2 {
+        agent.ok(&["backend", "add", tcp, &backend_v4(i, 8080).to_string()]);
+    }
+    let out = agent.ok(&[
+        "vip",
+        "set",
+        tcp,
+        "--health",
+        "tcp",
+        "--health-interval-ms",
+        "200",
+        "--health-timeout-ms",
+        "150",
+        "--health-fall",
+        "1",
+        "--health-rise",
+        "1",
+    ]);
+    assert!(out.contains("health checks: tcp"), "{out}");
+    let b1 = backend_v4(1, 8080).to_string();
+    let b1_down = |s: &Value| {
+        backends_of(s)
+            .iter()
+            .any(|b| b["addr"] == b1.as_str() && b["healthy"] == false)
+    };
+    let status = wait_for_status(&agent, tcp, b1_down);
+    assert!(b1_down(&status), "b1 has no TCP server: {status:#}");
+    let plain = agent.ok(&["vip", "list"]);
+    assert!(plain.contains("tcp every 200 ms"), "{plain}");
+    assert_eq!(
+        find_vip(&agent.json(&["vip", "list", "--json"]), tcp)["health_check"]["probe"]["kind"],
+        "tcp"
+    );
+
+    let out = agent.ok(&["vip", "set", tcp, "--no-health"]);
+    assert!(out.contains("no health checks"), "{out}");
+    let all_up = |s: &Value| backends_of(s).iter().all(|b| b["healthy"] == true);
+    let status = wait_for_status(&agent, tcp, all_up);
+    assert!(all_up(&status), "{status:#}");
+    let listed = agent.json(&["vip", "list", "--json"]);
+    assert!(
+        find_vip(&listed, tcp)["health_check"].is_null(),
+        "{listed:#}"
+    );
+
+    // Each change is logged once, with who asked; the log (a file) has no colour codes.
+    let log = agent.log();
+    assert!(!log.contains('\x1b'), "colour codes in a log file:\n{log}");
+    let applied: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("API change applied") && l.contains("op=vip_set"))
+        .collect();
+    assert_eq!(
+        applied.len(),
+        3,
+        "three vip set changes, each logged once:\n{log}"
+    );
+    assert!(
+        applied
+            .iter()
+            .all(|l| l.contains("uid=0 pid=") && l.contains("request={")),
+        "{applied:#?}"
+    );
+    let test_pid = std::process::id();
+    assert!(
+        log.lines().any(|l| l.contains("API change refused")
+            && l.contains("op=vip_set")
+            && l.contains(&format!("pid={test_pid} "))),
+        "the raw request this test sent is logged as refused, with its pid:\n{log}"
+    );
+}
+
+/// `xlb status`: the agent (its pid), each interface with its hook, VIP and backend counts,
+/// which backends are down and why, and the counters that mean trouble once there is some.
+#[test]
+fn status_shows_agent_interfaces_health_and_trouble() {
+    let topo = topology(2);
+    let dir = TempDir::new(SUITE, "status");
+    let agent = Agent::start(&topo, &dir, &dir.join("state.json"));
+    let mut servers = Servers::new();
+    servers.tcp(&topo, 0, backend_v4(0, 8080));
+
+    let text = agent.ok(&["status"]);
+    let pid = agent.process.pid();
+    assert!(text.contains(&format!("pid {pid}")), "{text}");
+    assert!(text.contains("no config file"), "{text}");
+    for link in std::iter::once(&topo.client_link).chain(&topo.backend_links) {
+        // Veths get the TC hook under --xdp-mode auto.
+        assert!(
+            text.contains(&format!("{} (tc)", link.a.ifname)),
+            "{} missing: {text}",
+            link.a.ifname
+        );
+    }
+    assert!(text.contains("VIPs        0 "), "{text}");
+    assert!(text.contains("trouble     none"), "{text}");
+
+    let tcp = "10.100.0.1:80/tcp";
+    let udp = "10.100.0.1:53/udp";
+    agent.ok(&[
+        "vip",
+        "add",
+        tcp,
+        "--health",
+        "tcp",
+        "--health-interval-ms",
+        "200",
+        "--health-timeout-ms",
+        "150",
+        "--health-fall",
+        "1",
+    ]);
+    agent.ok(&["vip", "add", udp]);
+    let (b0, b1) = (
+        backend_v4(0, 8080).to_string(),
+        backend_v4(1, 8080).to_string(),
+    );
+    agent.ok(&["backend", "add", tcp, &b0]);
+    agent.ok(&["backend", "add", tcp, &b1]);
+    wait_for_status(&agent, tcp, |s| {
+        backends_of(s)
+            .iter()
+            .any(|b| b["addr"] == b1.as_str() && b["healthy"] == false)
+    });
+    // A datagram to the UDP VIP, which has no backend: dropped and counted.
+    let vip_addr = v4(Topology::VIP_V4, 53);
+    topo.client()
+        .run(move || {
+            let socket = UdpSocket::bind(v4(CLIENT, 41999)).expect("bind");
+            socket.send_to(b"anyone?", vip_addr).expect("send");
+        })
+        .expect("client namespace");
+
+    let mut text = agent.ok(&["status"]);
+    for _ in 0..20 {
+        if text.contains("no_backend 1") {
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+        text = agent.ok(&["status"]);
+    }
+    for needle in [
+        "VIPs        2 (1 tcp, 1 udp); backends 2: 1 taking new flows, 0 draining, 0 weight 0, 1 unhealthy",
+        &format!("no backend takes new flows on: {udp}"),
+        "1 of 2 VIPs checked: 1 backends up, 1 down",
+        &format!("down: {b1} of {tcp}: "),
+        "no_backend 1 (VIP without a backend to take it)",
+    ] {
+        assert!(text.contains(needle), "status lacks {needle:?}:\n{text}");
+    }
+    assert!(text.lines().count() <= 24, "one screen: {text}");
+
+    let json = agent.json(&["status", "--json"]);
+    assert_eq!(
+        as_u64(&json["agent"]["pid"], "pid"),
+        u64::from(pid),
+        "{json:#}"
+    );
+    assert_eq!(json["vips"].as_array().map(Vec::len), Some(2), "{json:#}");
+    let hooks: Vec<&Value> = json["interfaces"]
+        .as_array()
+        .expect("interfaces")
+        .iter()
+        .map(|i| &i["hook"])
+        .collect();
+    assert_eq!(hooks.len(), 3, "{json:#}");
+    assert!(hooks.iter().all(|h| *h == "tc"), "{json:#}");
+}
+
+/// `xlb conns`: every flow the connection table holds for a VIP, with the backend that
+/// really answered it, filtered by backend, limited, and a TCP connection's closing state.
+#[test]
+fn conns_lists_tracked_flows() {
+    const FLOWS: u16 = 12;
+    let topo = topology(2);
+    let dir = TempDir::new(SUITE, "conns");
+    let agent = Agent::start(&topo, &dir, &dir.join("state.json"));
+    let mut servers = Servers::new();
+    for i in 0..2 {
+        servers.udp(&topo, i, backend_v4(i, 5300));
+        servers.tcp(&topo, i, backend_v4(i, 8080));
+    }
+    let udp = "10.100.0.1:53/udp";
+    agent.ok(&["vip", "add", udp]);
+    for i in 0..2 {
+        agent.ok(&["backend", "add", udp, &backend_v4(i, 5300).to_string()]);
+    }
+    let empty = agent.json(&["conns", udp, "--json"]);
+    assert_eq!(empty["total"], 0, "{empty:#}");
+
+    let answers = udp_ask_from(&topo, 41000..41000 + FLOWS, v4(Topology::VIP_V4, 53));
+    // Client port -> the backend that answered.
+    let expected: BTreeMap<String, String> = (41000..41000 + FLOWS)
+        .zip(&answers)
+        .map(|(port, answer)| {
+            let i = usize::from(answer == "b1");
+            (
+                v4(CLIENT, port).to_string(),
+                backend_v4(i, 5300).to_string(),
+            )
+        })
+        .collect();
+    let conns = agent.json(&["conns", udp, "--json"]);
+    assert_eq!(
+        as_u64(&conns["total"], "total"),
+        u64::from(FLOWS),
+        "{conns:#}"
+    );
+    let listed: BTreeMap<String, String> = conns["flows"]
+        .as_array()
+        .expect("flows")
+        .iter()
+        .map(|f| {
+            assert_eq!(f["state"], "udp", "{f}");
+            assert_eq!(f["live"], true, "{f}");
+            assert!(as_u64(&f["idle_s"], "idle_s") < 30, "{f}");
+            (
+                f["client"].as_str().expect("client").to_owned(),
+                f["backend"].as_str().expect("backend").to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed, expected,
+        "each flow with the backend that answered it"
+    );
+
+    let b0 = backend_v4(0, 5300).to_string();
+    let on_b0 = agent.json(&["conns", udp, "--backend", &b0, "--json"]);
+    let want_b0 = expected.values().filter(|b| **b == b0).count() as u64;
+    assert_eq!(as_u64(&on_b0["total"], "total"), want_b0, "{on_b0:#}");
+    assert!(
+        on_b0["flows"]
+            .as_array()
+            .expect("flows")
+            .iter()
+            .all(|f| f["backend"] == b0.as_str()),
+        "{on_b0:#}"
+    );
+    let limited = agent.json(&["conns", udp, "--limit", "3", "--json"]);
+    assert_eq!(as_u64(&limited["total"], "total"), u64::from(FLOWS));
+    assert_eq!(limited["flows"].as_array().map(Vec::len), Some(3));
+    let text = agent.ok(&["conns", udp, "--limit", "3"]);
+    assert!(
+        text.contains(&format!("{udp}: {FLOWS} tracked flows (showing 3")),
+        "{text}"
+    );
+    let first = limited["flows"][0]["client"].as_str().expect("client");
+    assert!(text.contains(first) && text.contains("udp"), "{text}");
+    let unknown = xlb(
+        topo.lb(),
+        &agent.socket,
+        &["conns", udp, "--backend", "10.11.9.9:5300"],
+    );
+    assert!(
+        !unknown.status.success()
+            && String::from_utf8_lossy(&unknown.stderr).contains("not behind"),
+        "{}",
+        describe(&["conns", udp, "--backend"], &unknown)
+    );
+
+    // A TCP connection the server closed and the client read to the end: both FINs seen.
+    let tcp = "10.100.0.1:80/tcp";
+    agent.ok(&["vip", "add", tcp]);
+    agent.ok(&["backend", "add", tcp, &backend_v4(0, 8080).to_string()]);
+    let vip_addr = v4(Topology::VIP_V4, 80);
+    let answer = topo
+        .client()
+        .run(move || tcp_ask(v4(CLIENT, 43000), vip_addr))
+        .expect("client namespace");
+    assert_eq!(answer, "b0");
+    let mut conns = agent.json(&["conns", tcp, "--json"]);
+    for _ in 0..20 {
+        if conns["flows"][0]["state"] == "closed" {
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+        conns = agent.json(&["conns", tcp, "--json"]);
+    }
+    assert_eq!(conns["total"], 1, "{conns:#}");
+    let flow = &conns["flows"][0];
+    assert_eq!(
+        flow["client"],
+        v4(CLIENT, 43000).to_string().as_str(),
+        "{flow}"
+    );
+    assert_eq!(
+        flow["backend"],
+        backend_v4(0, 8080).to_string().as_str(),
+        "{flow}"
+    );
+    assert_eq!(flow["state"], "closed", "{flow}");
+}
+
+/// `xlb config dump` writes the running state as a config that `config check` accepts and an
+/// agent started from reproduces; `config diff` and `reload --dry-run` say what a reload
+/// would change and change nothing; an agent running from a config file refuses changes by
+/// hand unless they say --force.
+#[test]
+fn config_dump_diff_dry_run_and_changes_by_hand() {
+    let topo = topology(2);
+    let dir = TempDir::new(SUITE, "dump");
+    let mut ifaces = vec![topo.client_link.a.ifname.clone()];
+    ifaces.extend(topo.backend_links.iter().map(|l| l.a.ifname.clone()));
+    let tcp = "10.100.0.1:80/tcp";
+    let udp = "[fd00:100::1]:53/udp";
+    let (b0, b1) = (
+        backend_v4(0, 8080).to_string(),
+        backend_v4(1, 8080).to_string(),
+    );
+    let dump = dir.join("dumped.toml");
+    // Forwarding off, as on a fresh host: the agent switches it on, and back off on a full stop.
+    let forwarding_keys = ["net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"];
+    for key in forwarding_keys {
+        topo.lb().sysctl(key, "0").expect("forwarding off");
+    }
+    let forwarding =
+        || forwarding_keys.map(|key| topo.lb().read_sysctl(key).expect("reading a sysctl"));
+    let running = {
+        let mut agent = Agent::start(&topo, &dir, &dir.join("state.json"));
+        assert_eq!(forwarding(), ["1", "1"]);
+        agent.ok(&[
+            "vip",
+            "add",
+            tcp,
+            "--tcp-timeout",
+            "900",
+            "--health",
+            "http",
+            "--health-path",
+            "/healthz",
+            "--health-interval-ms",
+            "60000",
+        ]);
+        agent.ok(&["vip", "add", udp]);
+        agent.ok(&["backend", "add", tcp, &b0, "--weight", "3"]);
+        agent.ok(&["backend", "add", tcp, &b1, "--weight", "0"]);
+        agent.ok(&["backend", "add", udp, "[fd00:11::2]:53"]);
+        agent.ok(&["backend", "drain", udp, "[fd00:11::2]:53"]);
+        let text = agent.ok(&["config", "dump"]);
+        fs::write(&dump, &text).expect("writing the dump");
+        let check = std::process::Command::new(XLB)
+            .args(["config", "check"])
+            .arg(&dump)
+            .output()
+            .expect("xlb config check");
+        assert!(
+            check.status.success(),
+            "{}\n{text}",
+            describe(&["config", "check"], &check)
+        );
+        let dump_arg = dump.display().to_string();
+        let same = agent.ok(&["config", "diff", &dump_arg]);
+        assert!(same.contains("matches the running state"), "{same}\n{text}");
+        let listed = agent.json(&["vip", "list", "--json"]);
+        assert!(agent.stop().success(), "{}", agent.log());
+        assert_eq!(
+            forwarding(),
+            ["0", "0"],
+            "a full stop switches forwarding back off"
+        );
+        listed
+    };
+
+    // An agent started from the dump runs the same VIPs, backends, timeouts and checks.
+    let dump_arg = dump.display().to_string();
+    let agent = Agent::start_with(
+        topo.lb(),
+        &ifaces,
+        &dir,
+        &dir.join("state2.json"),
+        &["--config", &dump_arg],
+    );
+    let listed = agent.json(&["vip", "list", "--json"]);
+    assert_eq!(config_of(&listed), config_of(&running));
+    for vip in [tcp, udp] {
+        let (now, was) = (find_vip(&listed, vip), find_vip(&running, vip));
+        assert_eq!(now["idle_timeout_s"], was["idle_timeout_s"], "{vip}");
+        assert_eq!(now["health_check"], was["health_check"], "{vip}");
+    }
+
+    // Changes by hand: refused without --force, saying how; applied with it.
+    let extra = backend_v4(0, 9090).to_string();
+    let args = ["backend", "add", tcp, &extra];
+    let refused = xlb(topo.lb(), &agent.socket, &args);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success()
+            && stderr.contains(&dump_arg)
+            && stderr.contains("xlb reload")
+            && stderr.contains("--force"),
+        "{}",
+        describe(&args, &refused)
+    );
+    assert_eq!(
+        config_of(&agent.json(&["vip", "list", "--json"])),
+        config_of(&running)
+    );
+    agent.ok(&["backend", "add", tcp, &extra, "--force"]);
+
+    // The file changes: diff and dry run name the changes (and the forced backend's
+    // removal), and change nothing; the reload then applies exactly that.
+    let edited = fs::read_to_string(&dump)
+        .expect("dump")
+        .replace("weight = 3", "weight = 5");
+    fs::write(&dump, edited).expect("editing the dump");
+    let expected = [
+        format!("~ backend {tcp} {b0} weight 5 active"),
+        format!("- backend {tcp} {extra}"),
+    ];
+    let before = agent.json(&["vip", "list", "--json"]);
+    for args in [
+        &["config", "diff", dump_arg.as_str()][..],
+        &["reload", "--dry-run"],
+    ] {
+        let out = agent.ok(args);
+        let lines: BTreeSet<&str> = out.lines().collect();
+        let want: BTreeSet<&str> = expected.iter().map(String::as_str).collect();
+        assert_eq!(lines, want, "xlb {}", args.join(" "));
+    }
+    assert_eq!(
+        agent.json(&["vip", "list", "--json"]),
+        before,
+        "nothing changed"
+    );
+    let out = agent.ok(&["reload"]);
+    let lines: BTreeSet<&str> = out.lines().collect();
+    assert_eq!(lines, expected.iter().map(String::as_str).collect());
+    let out = agent.ok(&["reload", "--dry-run"]);
+    assert!(out.contains("a reload would change nothing"), "{out}");
 }

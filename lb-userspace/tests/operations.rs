@@ -1497,6 +1497,9 @@ impl Drop for UdpEchoServers {
     }
 }
 
+/// The forwarding sysctls the agent switches on.
+const FORWARDING_KEYS: [&str; 2] = ["net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"];
+
 #[test]
 fn restart_without_dropping() {
     const RESTARTS: usize = 3;
@@ -1505,7 +1508,15 @@ fn restart_without_dropping() {
     let state = dir.join("state.json");
     let _servers = line_servers(&topo, 2);
     let pins = Pins::new(topo.lb(), &dir);
+    // Forwarding off, as on a fresh host: the agent switches it on, and it stays on while a
+    // kept data path runs, across restarts, until `xlb detach` switches it back off.
+    let forwarding =
+        || FORWARDING_KEYS.map(|key| topo.lb().read_sysctl(key).expect("reading a sysctl"));
+    for key in FORWARDING_KEYS {
+        topo.lb().sysctl(key, "0").expect("forwarding off");
+    }
     let mut agent = Agent::start(&topo, &dir, &pins, &state, &["--keep-attached"]);
+    assert_eq!(forwarding(), ["1", "1"], "the agent switches forwarding on");
     add_vip(&agent, 2, &[]);
     let mut traffic = Traffic::start(&topo, &TrafficPlan::GENTLE);
     thread::sleep(Duration::from_millis(300));
@@ -1519,6 +1530,11 @@ fn restart_without_dropping() {
             agent.log()
         );
         assert!(pins.dir.exists(), "--keep-attached leaves the pins");
+        assert_eq!(
+            forwarding(),
+            ["1", "1"],
+            "the kept data path needs forwarding"
+        );
         for ifname in lb_ifaces(&topo) {
             assert!(
                 xlb_attached(topo.lb(), &ifname),
@@ -1572,6 +1588,17 @@ fn restart_without_dropping() {
     let out = agent.run(&args);
     assert!(out.status.success(), "{}", describe(&args, &out));
     assert!(!pins.dir.exists(), "detach removes the pin directory");
+    assert_eq!(
+        forwarding(),
+        ["0", "0"],
+        "detach switches back off what the agent switched on: {}",
+        describe(&args, &out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("switched net.ipv4.ip_forward back off"),
+        "{}",
+        describe(&args, &out)
+    );
     for ifname in lb_ifaces(&topo) {
         assert!(
             !xlb_attached(topo.lb(), &ifname),
@@ -2217,6 +2244,7 @@ fn reload_applies_whole_or_not_at_all() {
         &backend_addr(1).to_string(),
         "--weight",
         "2",
+        "--force",
     ]);
     let saved = fs::read(&state).expect("state file");
     let before = agent.json(&["vip", "list", "--json"]);

@@ -883,7 +883,10 @@ fn soak_traffic_churn_flaps_reloads_restarts() {
                     format!("reload ({}): {}", args.join(" "), changes.trim()),
                 ));
             } else {
-                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                // The file says the same already: --force tells the agent, which runs from
+                // it, that a change by hand is meant.
+                let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+                args.push("--force");
                 lab.cli(&args);
                 ops.cli += 1;
                 events.push((now, args.join(" ")));

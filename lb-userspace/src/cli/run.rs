@@ -1,0 +1,141 @@
+//! `xlb run` (the agent) and `xlb detach`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result, bail};
+use lb_common::{DEFAULT_HASH_SEED, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE};
+use lb_userspace::{
+    agent::{self, AgentOptions},
+    attach::ModeChoice,
+    datapath::DatapathConfig,
+    paths,
+};
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// Interface to attach to (repeatable): the client-facing one and the backend-facing
+    /// ones. Required unless the --config file's [agent] ifaces lists them.
+    #[arg(long = "iface")]
+    ifaces: Vec<String>,
+    /// Hook per interface: auto puts NICs on native XDP (TC if the driver refuses) and veths,
+    /// bridges and other virtual devices on TC; native, skb (generic XDP) or tc force one
+    /// hook everywhere [default: auto]
+    #[arg(long, value_enum)]
+    xdp_mode: Option<ModeChoice>,
+    /// Where maps are pinned [default: /sys/fs/bpf/xlb; mounted if needed]
+    #[arg(long)]
+    bpffs: Option<PathBuf>,
+    /// Desired-state file, restored on start [default: /var/lib/xlb/state.json]
+    #[arg(long)]
+    state: Option<PathBuf>,
+    /// Slots per Maglev ring (prime).
+    #[arg(long, default_value_t = DEFAULT_RING_SIZE)]
+    ring_size: u32,
+    /// Room for this many VIPs.
+    #[arg(long, default_value_t = DEFAULT_MAX_VIPS)]
+    max_vips: u32,
+    /// Flow-hash seed; give every node behind the same ECMP group the same seed.
+    #[arg(long, default_value_t = DEFAULT_HASH_SEED)]
+    hash_seed: u32,
+    /// Connection-table entries (one LRU shared by all CPUs); the handshake tables get half
+    /// as many each.
+    #[arg(long, default_value_t = lb_common::CONNTRACK_ENTRIES)]
+    conntrack_entries: u32,
+    /// On SIGINT/SIGTERM leave the data path running (program attached, maps pinned);
+    /// the next `xlb run` adopts it without losing a flow. `xlb detach` removes it.
+    #[arg(long)]
+    keep_attached: bool,
+    /// Serve Prometheus metrics on ADDR (/metrics) [default: 127.0.0.1:9464]
+    #[arg(long, conflicts_with = "no_metrics")]
+    metrics: Option<std::net::SocketAddr>,
+    /// Serve no metrics.
+    #[arg(long)]
+    no_metrics: bool,
+    /// Declarative config (see examples/xlb.toml): VIPs, backends, weights, health
+    /// checks. `xlb reload` or SIGHUP re-read it and apply only what changed.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Make running containers labelled xlb.vip=ADDR:PORT/PROTO (optional xlb.port,
+    /// xlb.weight, xlb.health=tcp|udp|http:/PATH) backends of that VIP, following the
+    /// engine's events: added when they start, drained and removed when they stop.
+    #[arg(long, value_enum, value_name = "ENGINE")]
+    containers: Option<lb_userspace::containers::EngineChoice>,
+}
+
+/// Runs the agent until SIGINT/SIGTERM; `socket` is the global `--socket`.
+pub fn run(args: RunArgs, socket: Option<PathBuf>) -> Result<()> {
+    let RunArgs {
+        ifaces,
+        xdp_mode,
+        bpffs,
+        state,
+        ring_size,
+        max_vips,
+        hash_seed,
+        conntrack_entries,
+        keep_attached,
+        metrics,
+        no_metrics,
+        config,
+        containers,
+    } = args;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        // Colour codes only for a terminal: a log file or journald gets plain text.
+        .with_ansi(
+            std::io::IsTerminal::is_terminal(&std::io::stderr())
+                && std::env::var_os("NO_COLOR").is_none(),
+        )
+        .init();
+    // Command-line flags win over the config file's [agent] table, which wins over the
+    // defaults.
+    let file = match &config {
+        Some(path) => lb_userspace::config::load(path)?.agent,
+        None => lb_userspace::config::AgentConfig::default(),
+    };
+    let ifaces = if ifaces.is_empty() {
+        file.ifaces
+    } else {
+        ifaces
+    };
+    if ifaces.is_empty() {
+        bail!(
+            "no interface given: use --iface IF (repeatable), or ifaces in the config's [agent] table"
+        );
+    }
+    let options = AgentOptions {
+        ifaces,
+        mode: xdp_mode.or(file.xdp_mode).unwrap_or(ModeChoice::Auto),
+        bpffs: bpffs.or(file.bpffs).unwrap_or_else(paths::default_bpffs),
+        socket: socket.or(file.socket).unwrap_or_else(paths::default_socket),
+        state: state.or(file.state).unwrap_or_else(paths::default_state),
+        datapath: DatapathConfig {
+            ring_size,
+            max_vips,
+            hash_seed,
+            conntrack_entries,
+        },
+        keep_attached,
+        metrics: (!no_metrics).then(|| {
+            metrics
+                .or(file.metrics)
+                .unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 9464)))
+        }),
+        config,
+        containers,
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+        .and_then(|rt| rt.block_on(agent::run(options)))
+}
+
+/// Removes a data path left running by `xlb run --keep-attached`.
+pub fn detach(bpffs: Option<PathBuf>, socket: &Path) -> Result<()> {
+    agent::detach(&bpffs.unwrap_or_else(paths::default_bpffs), socket)
+}
