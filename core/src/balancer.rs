@@ -2291,4 +2291,25 @@ mod tests {
         ));
         assert_in_step(&b);
     }
+
+    #[test]
+    fn a_reload_keeps_a_stopped_container_out_and_its_name() {
+        let mut b = with_backends(2);
+        b.set_backend_container(&vip(1), backend(2), Some("web-2".to_owned()))
+            .unwrap();
+        b.set_container_running(&vip(1), backend(2), false).unwrap();
+        let stopped = id_of(&b, &vip(1), backend(2));
+        let wanted = as_config(&b.desired_state());
+        assert_eq!(
+            wanted.vips[0].backends[1].container.as_deref(),
+            Some("web-2")
+        );
+        b.maps_mut().take_writes();
+        assert_eq!(b.apply(&wanted).unwrap().writes, 0);
+        assert!(!live_ring(b.maps(), &vip(1)).contains(&stopped));
+        assert_eq!(
+            b.vip_status(&vip(1)).unwrap().backends[1].container_running,
+            Some(false)
+        );
+    }
 }
