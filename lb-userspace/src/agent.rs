@@ -332,7 +332,9 @@ impl Agent {
         match self.apply(request) {
             Ok(reply) => {
                 self.sync_health_targets();
-                self.following.ensure_watching(&self.balancer);
+                if mutates {
+                    self.following.ensure_watching(&self.balancer);
+                }
                 if mutates
                     && let Err(e) = save_state(&self.state_path, &self.balancer.desired_state())
                 {
