@@ -193,6 +193,7 @@ mod tests {
                     state: BackendState::Active,
                     id: None,
                     container: None,
+                    discovered: false,
                 })
                 .collect(),
             id: None,

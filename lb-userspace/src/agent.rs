@@ -395,7 +395,7 @@ impl Agent {
                 let backend = found.endpoint(&vip, port)?;
                 let warnings = check_new_backend(b, &self.attached, &vip, backend)?;
                 b.add_backend(&vip, backend, weight)?;
-                b.set_backend_container(&vip, backend, Some(container.clone()))?;
+                b.set_backend_container(&vip, backend, Some(container.clone()), false)?;
                 for warning in &warnings {
                     warn!(%vip, %backend, "{warning}");
                 }
@@ -1061,6 +1061,7 @@ mod tests {
                     state: BackendState::Draining,
                     id: Some(7),
                     container: None,
+                    discovered: false,
                 }],
                 id: Some(2),
                 health: None,

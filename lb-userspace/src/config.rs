@@ -483,6 +483,7 @@ fn validate_backend(
         state: b.state.map_or(BackendState::Active, Spanned::into_inner),
         id: None,
         container: None,
+        discovered: false,
     })
 }
 
@@ -935,6 +936,7 @@ mod tests {
             state,
             id: None,
             container: None,
+            discovered: false,
         }
     }
 
