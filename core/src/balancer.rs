@@ -39,6 +39,8 @@ struct BackendEntry {
     healthy: bool,
     /// The container it is, if added by name.
     container: Option<String>,
+    /// Added by its container's labels.
+    discovered: bool,
     /// False while its container is stopped: out of the ring, its flows end, as for a
     /// failed health check, but kept apart from the checks' verdict so that neither undoes
     /// the other.
@@ -432,6 +434,7 @@ impl<M: Maps> Balancer<M> {
             state: BackendState::Active,
             healthy: true,
             container: None,
+            discovered: false,
             running: true,
         };
         if let Err(e) = self
@@ -556,8 +559,8 @@ impl<M: Maps> Balancer<M> {
         Ok(true)
     }
 
-    /// Records that the backend is the container `name` (None: a plain address again). No
-    /// map changes: the name only says what to follow.
+    /// Records that the backend is the container `name` (None: a plain address again), and
+    /// whether its labels made it one. No map changes: the name only says what to follow.
     ///
     /// # Errors
     /// Unknown VIP or backend.
@@ -566,6 +569,7 @@ impl<M: Maps> Balancer<M> {
         vip: &VipSpec,
         backend: SocketAddr,
         name: Option<String>,
+        discovered: bool,
     ) -> Result<(), M::Error> {
         let b = self
             .model
@@ -576,6 +580,7 @@ impl<M: Maps> Balancer<M> {
             .get_mut(&backend)
             .ok_or(BalancerError::UnknownBackend { vip: *vip, backend })?;
         b.container = name;
+        b.discovered = discovered;
         Ok(())
     }
 
@@ -925,6 +930,7 @@ impl<M: Maps> Balancer<M> {
                             state: b.state,
                             id: Some(b.id),
                             container: b.container.clone(),
+                            discovered: b.discovered,
                         })
                         .collect(),
                 })
@@ -1243,6 +1249,7 @@ impl<M: Maps> Balancer<M> {
                         state: b.state,
                         healthy: was.is_none_or(|w| w.healthy),
                         container: b.container.clone(),
+                        discovered: b.discovered,
                         running: was.is_none_or(|w| w.running),
                     },
                 );
@@ -1418,6 +1425,7 @@ impl<M: Maps> Balancer<M> {
                         state: b.state,
                         healthy: true,
                         container: b.container.clone(),
+                        discovered: b.discovered,
                         running: true,
                     },
                 );
@@ -2099,6 +2107,7 @@ mod tests {
                 state: BackendState::Active,
                 id: None,
                 container: None,
+                discovered: false,
             })
             .collect();
         let mut bad_last_weight = state;
@@ -2185,6 +2194,7 @@ mod tests {
             state,
             id: None,
             container: None,
+            discovered: false,
         }
     }
 
@@ -2401,6 +2411,7 @@ mod tests {
                             state: BackendState::Active,
                             id: None,
                             container: None,
+                            discovered: false,
                         })
                         .collect(),
                     id: None,
@@ -2437,7 +2448,7 @@ mod tests {
     #[test]
     fn a_stopped_container_leaves_the_ring_before_its_entry_stops_matching() {
         let mut b = with_backends(3);
-        b.set_backend_container(&vip(1), backend(2), Some("web-2".to_owned()))
+        b.set_backend_container(&vip(1), backend(2), Some("web-2".to_owned()), false)
             .unwrap();
         let stopped = id_of(&b, &vip(1), backend(2));
         assert!(b.set_container_running(&vip(1), backend(2), false).unwrap());
@@ -2473,7 +2484,7 @@ mod tests {
         let mut b = with_backends(2);
         b.update_backend(&vip(1), backend(2), Some(3), None)
             .unwrap();
-        b.set_backend_container(&vip(1), backend(2), Some("web-2".to_owned()))
+        b.set_backend_container(&vip(1), backend(2), Some("web-2".to_owned()), false)
             .unwrap();
         b.set_container_running(&vip(1), backend(2), false).unwrap();
         let old = id_of(&b, &vip(1), backend(2));
@@ -2505,5 +2516,27 @@ mod tests {
             Err(BalancerError::UnknownBackend { .. })
         ));
         assert_in_step(&b);
+    }
+
+    #[test]
+    fn a_reload_keeps_a_stopped_container_out_and_its_name() {
+        let mut b = with_backends(2);
+        b.set_backend_container(&vip(1), backend(2), Some("web-2".to_owned()), true)
+            .unwrap();
+        b.set_container_running(&vip(1), backend(2), false).unwrap();
+        let stopped = id_of(&b, &vip(1), backend(2));
+        let wanted = as_config(&b.desired_state());
+        assert_eq!(
+            wanted.vips[0].backends[1].container.as_deref(),
+            Some("web-2")
+        );
+        assert!(wanted.vips[0].backends[1].discovered);
+        b.maps_mut().take_writes();
+        assert_eq!(b.apply(&wanted).unwrap().writes, 0);
+        assert!(!live_ring(b.maps(), &vip(1)).contains(&stopped));
+        assert_eq!(
+            b.vip_status(&vip(1)).unwrap().backends[1].container_running,
+            Some(false)
+        );
     }
 }

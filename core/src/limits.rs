@@ -196,6 +196,7 @@ mod tests {
                     state: BackendState::Active,
                     id: None,
                     container: None,
+                    discovered: false,
                 })
                 .collect(),
             id: None,

@@ -170,6 +170,16 @@ pub struct BackendConfig {
     /// stopped. None: a plain address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<String>,
+    /// Made a backend by its labels (`xlb run --containers`), not by the operator: removed,
+    /// not only taken out, when its container stops. Persisted so that a restarted agent
+    /// still tells the two apart.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub discovered: bool,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's `skip_serializing_if` passes a reference
+const fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 const fn default_state() -> BackendState {
@@ -382,6 +392,7 @@ mod tests {
                     state: BackendState::Draining,
                     id: Some(7),
                     container: Some("web-1".to_owned()),
+                    discovered: true,
                 }],
                 id: None,
                 health: None,

@@ -383,7 +383,9 @@ impl Agent {
         match self.apply(request) {
             Ok(reply) => {
                 self.sync_health_targets();
-                self.following.ensure_watching(&self.balancer);
+                if mutates {
+                    self.following.ensure_watching(&self.balancer);
+                }
                 if mutates
                     && let Err(e) = save_state(&self.state_path, &self.balancer.desired_state())
                 {
@@ -467,7 +469,7 @@ impl Agent {
                 let backend = found.endpoint(&vip, port)?;
                 let warnings = check_new_backend(b, &self.attached, &vip, backend)?;
                 b.add_backend(&vip, backend, weight)?;
-                b.set_backend_container(&vip, backend, Some(container.clone()))?;
+                b.set_backend_container(&vip, backend, Some(container.clone()), false)?;
                 for warning in &warnings {
                     warn!(%vip, %backend, "{warning}");
                 }
@@ -1178,6 +1180,7 @@ mod tests {
                     state: BackendState::Draining,
                     id: Some(7),
                     container: None,
+                    discovered: false,
                 }],
                 id: Some(2),
                 health: None,

@@ -155,8 +155,10 @@ impl Balancer {
         vip: &VipSpec,
         backend: SocketAddr,
         name: Option<String>,
+        discovered: bool,
     ) -> Result<()> {
-        self.core.set_backend_container(vip, backend, name)
+        self.core
+            .set_backend_container(vip, backend, name, discovered)
     }
 
     /// # Errors

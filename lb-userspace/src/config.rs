@@ -483,6 +483,7 @@ fn validate_backend(
         state: b.state.map_or(BackendState::Active, Spanned::into_inner),
         id: None,
         container: None,
+        discovered: false,
     })
 }
 
@@ -1006,6 +1007,7 @@ mod tests {
             state,
             id: Some(3),
             container: None,
+            discovered: false,
         };
         let state = DesiredState {
             vips: vec![
@@ -1070,6 +1072,7 @@ mod tests {
                     state: BackendState::Draining,
                     id: Some(4),
                     container: Some("web-1".into()),
+                    discovered: false,
                 }],
                 id: Some(1),
                 health: None,
@@ -1179,6 +1182,7 @@ mod tests {
             state,
             id: None,
             container: None,
+            discovered: false,
         }
     }
 

@@ -1151,6 +1151,10 @@ fn labelled_containers_scale_from_one_to_three_and_back_under_new_connections() 
                 },
             );
             eprintln!("scaled to 3 in the ring {took:?} after the last `podman run`");
+            // Recorded as the labels' doing, so a restarted agent still removes them.
+            let state = fs::read_to_string(lab.agent().dir.join("state.json"))
+                .expect("reading the state file");
+            assert_eq!(state.matches("\"discovered\": true").count(), 3, "{state}");
             thread::sleep(Duration::from_secs(2));
             // Each replica killed hard, then waited for until xlb has removed it: new
             // connections sent to it in between are in flight to a container killed hard.

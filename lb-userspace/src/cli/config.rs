@@ -54,6 +54,7 @@ fn running_state(vips: Vec<VipStatus>) -> DesiredState {
                         state: b.state,
                         id: None,
                         container: b.container,
+                        discovered: false,
                     })
                     .collect(),
                 id: None,

@@ -157,8 +157,8 @@ fn wait_ready(info: &ContainerInfo, mut known: BTreeSet<(bool, u16)>) {
 /// containers are discovered, and the tasks that watch and inspect.
 pub struct Following {
     choice: EngineChoice,
-    /// Names of the containers discovery made backends; None: discovery is off.
-    discovered: Option<BTreeSet<String>>,
+    /// `--containers`: labelled containers become backends.
+    discover: bool,
     /// The config file's container backends: added when their container starts.
     declared: Vec<(VipSpec, ContainerDecl)>,
     notices: mpsc::Sender<Notice>,
@@ -178,7 +178,7 @@ impl Following {
         runtime.spawn(inspector(queue, notices.clone()));
         Self {
             choice: discover.unwrap_or(EngineChoice::Auto),
-            discovered: discover.map(|_| BTreeSet::new()),
+            discover: discover.is_some(),
             declared: Vec::new(),
             notices,
             lookups,
@@ -201,14 +201,14 @@ impl Following {
     /// Carries the backends discovery made (and the VIPs holding them) from the running
     /// state into a reloaded config's `wanted`: the file does not list them, the labels do.
     pub fn keep_discovered(&self, running: &DesiredState, wanted: &mut DesiredState) {
-        let Some(discovered) = &self.discovered else {
+        if !self.discover {
             return;
-        };
+        }
         for v in &running.vips {
             let kept: Vec<BackendConfig> = v
                 .backends
                 .iter()
-                .filter(|b| b.container.as_ref().is_some_and(|c| discovered.contains(c)))
+                .filter(|b| b.discovered)
                 .map(|b| BackendConfig {
                     id: None,
                     ..b.clone()
@@ -275,7 +275,7 @@ impl Following {
     /// Starts watching the engine's events once there is something to follow: a container
     /// backend, or discovery. Agents without either start no engine process.
     pub fn ensure_watching(&mut self, balancer: &Balancer) {
-        if self.watching || (self.discovered.is_none() && self.names(balancer).is_empty()) {
+        if self.watching || (!self.discover && self.names(balancer).is_empty()) {
             return;
         }
         self.watching = true;
@@ -292,14 +292,14 @@ impl Following {
                     engine,
                     names: self.names(balancer).into_iter().collect(),
                     serves: self.serves(balancer),
-                    labelled: self.discovered.is_some(),
+                    labelled: self.discover,
                     stopping: false,
                     gone: false,
                 });
                 Vec::new()
             }
             Notice::Changed(engine, event) => {
-                if self.discovered.is_some() || self.names(balancer).contains(&event.name) {
+                if self.discover || self.names(balancer).contains(&event.name) {
                     let _ = self.lookups.send(Lookup {
                         engine,
                         serves: self.serves(balancer),
@@ -323,7 +323,7 @@ impl Following {
                 &name,
                 info.as_ref(),
                 stopping,
-                self.discovered.as_mut(),
+                self.discover,
                 &self.declared,
             ),
         }
@@ -414,24 +414,23 @@ pub fn followed(balancer: &Balancer) -> BTreeSet<String> {
 
 /// Brings the backends that are container `name` in line with what its engine says: out of
 /// the ring while it does not run, back (at its new address, if it moved) when it does. With
-/// discovery on (`discovered`: the names of the containers it made backends), a labelled
-/// container becomes a backend of its VIP, drained while the engine stops it and removed once
-/// stopped or gone. Returns one line per change; a change that fails is logged and the rest
+/// discovery on (`discover`), a labelled container becomes a backend of its VIP, drained while
+/// the engine stops it and removed once stopped or gone (also when an earlier agent made it
+/// one: the state file says so). Returns one line per change; a change that fails is logged and the rest
 /// go on.
 pub fn reconcile(
     balancer: &mut Balancer,
     name: &str,
     info: Option<&ContainerInfo>,
     stopping: bool,
-    discovered: Option<&mut BTreeSet<String>>,
+    discover: bool,
     declared: &[(VipSpec, ContainerDecl)],
 ) -> Vec<String> {
     let mut changes = Vec::new();
     let running = info.is_some_and(|i| i.running);
     let labels = info
-        .filter(|_| discovered.is_some())
+        .filter(|_| discover)
         .and_then(|i| label_spec(&i.labels));
-    let was_discovered = discovered.as_ref().is_some_and(|d| d.contains(name));
     let discovered_vip = match &labels {
         Some(Ok(spec)) => Some(spec.vip),
         Some(Err(e)) => {
@@ -440,7 +439,7 @@ pub fn reconcile(
         }
         None => None,
     };
-    let backends: Vec<(VipSpec, SocketAddr, BackendState)> = balancer
+    let backends: Vec<(VipSpec, SocketAddr, BackendState, bool)> = balancer
         .desired_state()
         .vips
         .iter()
@@ -448,12 +447,12 @@ pub fn reconcile(
             v.backends
                 .iter()
                 .filter(|b| b.container.as_deref() == Some(name))
-                .map(move |b| (v.vip, b.addr, b.state))
+                .map(move |b| (v.vip, b.addr, b.state, b.discovered))
         })
         .collect();
-    for (vip, addr, state) in &backends {
+    for (vip, addr, state, by_labels) in &backends {
         let (vip, addr) = (*vip, *addr);
-        let discovered = discovered_vip == Some(vip) || (info.is_none() && was_discovered);
+        let discovered = discover && (*by_labels || discovered_vip == Some(vip));
         if !running {
             if discovered {
                 match balancer.remove_backend(&vip, addr) {
@@ -514,19 +513,11 @@ pub fn reconcile(
             Err(e) => warn!(%vip, %addr, %now, "following the container to its new address: {e}"),
         }
     }
-    if let Some(names) = discovered {
-        if !running {
-            names.remove(name);
-        } else if discovered_vip.is_some() {
-            // Made a backend now, or by an earlier agent (the state file kept it).
-            names.insert(name.to_owned());
-        }
-    }
     let Some(info) = info.filter(|i| i.running && !stopping) else {
         return changes;
     };
     for (vip, decl) in declared {
-        if decl.name == name && !backends.iter().any(|(v, _, _)| v == vip) {
+        if decl.name == name && !backends.iter().any(|(v, ..)| v == vip) {
             match add_declared(balancer, info, *vip, decl) {
                 Ok(addr) => changes.push(format!(
                     "container {name} started: backend {addr} of {vip} (from the config)"
@@ -536,7 +527,7 @@ pub fn reconcile(
         }
     }
     if let Some(Ok(spec)) = labels
-        && !backends.iter().any(|(vip, _, _)| *vip == spec.vip)
+        && !backends.iter().any(|(vip, ..)| *vip == spec.vip)
     {
         match discover_backend(balancer, name, info, &spec) {
             Ok(line) => changes.push(line),
@@ -556,7 +547,7 @@ fn add_declared(
     let addr = info.endpoint(&vip, decl.port)?;
     validate::check_backend(&vip, addr)?;
     balancer.add_backend(&vip, addr, decl.weight)?;
-    balancer.set_backend_container(&vip, addr, Some(decl.name.clone()))?;
+    balancer.set_backend_container(&vip, addr, Some(decl.name.clone()), false)?;
     if decl.state != BackendState::Active {
         balancer.update_backend(&vip, addr, None, Some(decl.state))?;
     }
@@ -621,6 +612,7 @@ pub fn resolve_declared(
                 state: decl.state,
                 id: None,
                 container: Some(decl.name.clone()),
+                discovered: false,
             });
         }
         target.backends.sort_by_key(|b| b.addr);
@@ -644,7 +636,7 @@ fn discover_backend(
         info!(vip = %spec.vip, "VIP created for labelled containers");
     }
     balancer.add_backend(&spec.vip, addr, spec.weight)?;
-    balancer.set_backend_container(&spec.vip, addr, Some(name.to_owned()))?;
+    balancer.set_backend_container(&spec.vip, addr, Some(name.to_owned()), true)?;
     Ok(format!(
         "container {name} started: backend {addr} of {} (weight {})",
         spec.vip, spec.weight
