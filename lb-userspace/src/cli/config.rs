@@ -73,11 +73,17 @@ pub fn run(
     match command {
         ConfigCommand::Check { file } => {
             let config = lb_userspace::config::load(&file)?;
+            let containers: usize = config.vips.iter().map(|v| v.containers.len()).sum();
             println!(
-                "{}: ok ({} VIPs, {} backends)",
+                "{}: ok ({} VIPs, {} backends{})",
                 file.display(),
                 config.vips.len(),
-                config.vips.iter().map(|v| v.backends.len()).sum::<usize>()
+                config.vips.iter().map(|v| v.backends.len()).sum::<usize>() + containers,
+                if containers > 0 {
+                    format!(", {containers} of them containers")
+                } else {
+                    String::new()
+                }
             );
             Ok(())
         }
