@@ -145,7 +145,7 @@ fn run(args: &Args) -> Result<()> {
     let use_podman = if args.no_podman {
         println!("--no-podman: using network-namespace containers");
         false
-    } else if find_in_path("podman").is_some() {
+    } else if which::which("podman").ok().is_some() {
         println!("podman found: using podman containers");
         true
     } else {
@@ -890,14 +890,6 @@ fn leftovers(pid: u32) -> Vec<String> {
         }
     }
     left
-}
-
-fn find_in_path(program: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| Path::new(d).join(program))
-        .find(|p| p.is_file())
 }
 
 #[cfg(test)]

@@ -74,7 +74,8 @@ impl Podman {
         if self.run(&["image", "exists", IMAGE]).is_ok() {
             return Ok(false);
         }
-        let busybox = crate::find_in_path("busybox")
+        let busybox = which::which("busybox")
+            .ok()
             .context("busybox not found: install busybox-static (`cargo xtask bootstrap` does)")?;
         let elf = fs::read(&busybox).with_context(|| format!("reading {}", busybox.display()))?;
         if has_interpreter(&elf) {

@@ -83,14 +83,6 @@ fn must(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn find_in_path(program: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| Path::new(d).join(program))
-        .find(|p| p.is_file())
-}
-
 /// Whether an ELF64 executable names a dynamic loader (has a `PT_INTERP`
 /// program header), i.e. cannot run alone in an otherwise empty image.
 fn has_interpreter(elf: &[u8]) -> bool {
@@ -193,7 +185,8 @@ impl Podman {
         if exists.status.success() {
             return;
         }
-        let busybox = find_in_path("busybox")
+        let busybox = which::which("busybox")
+            .ok()
             .expect("busybox not found: install busybox-static (`cargo xtask bootstrap` does)");
         let bytes = fs::read(&busybox).expect("reading busybox");
         assert!(
@@ -661,7 +654,7 @@ fn bulk_both_ways(rounds: usize) {
 #[test]
 fn http_to_podman_containers_through_the_vip() {
     assert!(
-        find_in_path("podman").is_some(),
+        which::which("podman").ok().is_some(),
         "podman is not installed: `cargo xtask bootstrap` installs podman, runc and \
          busybox-static; this test needs real podman containers"
     );
@@ -821,7 +814,7 @@ impl Lab {
     /// runs: see [`Self::start_agent`].
     fn new() -> Self {
         assert!(
-            find_in_path("podman").is_some(),
+            which::which("podman").ok().is_some(),
             "podman is not installed: `cargo xtask bootstrap` installs podman, runc and \
              busybox-static; this test needs real podman containers"
         );

@@ -652,13 +652,11 @@ impl Drop for Nft<'_> {
     }
 }
 
+/// `name` on PATH, else in the sbin directories a non-root PATH leaves out.
 fn find_in_path(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .chain(["/usr/sbin", "/sbin"])
-        .map(|d| PathBuf::from(d).join(name))
-        .find(|p| p.is_file())
+    which::which(name)
+        .or_else(|_| which::which_in(name, Some("/usr/sbin:/sbin"), "/"))
+        .ok()
 }
 
 /// HAProxy in TCP mode in the LB namespace, bound to the VIP; killed on drop.
