@@ -186,7 +186,6 @@ impl Podman {
             return;
         }
         let busybox = which::which("busybox")
-            .ok()
             .expect("busybox not found: install busybox-static (`cargo xtask bootstrap` does)");
         let bytes = fs::read(&busybox).expect("reading busybox");
         assert!(
