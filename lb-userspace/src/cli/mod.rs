@@ -6,6 +6,7 @@ mod bench;
 mod config;
 mod conns;
 mod container;
+mod generate;
 mod render;
 mod run;
 mod stats;
@@ -125,6 +126,9 @@ enum Command {
     /// Which backend a new flow from CLIENT gets, and whether the connection table holds it.
     #[command(after_help = "Example:\n  xlb explain 198.51.100.7:40000 192.0.2.10:80/tcp")]
     Explain(WithSocket<stats::ExplainArgs>),
+    /// Write shell completions and man pages (what `./x build` puts into target/).
+    #[command(hide = true)]
+    Generate(generate::GenerateArgs),
 }
 
 /// clap's error as one line, like every other xlb error: its first paragraph, which names
@@ -195,6 +199,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(WithSocket { args, socket }) => run::run(args, socket.socket),
         Command::Bench(command) => bench::run(command),
+        Command::Generate(args) => generate::run(args),
         Command::Config(command) => config::run(command, &mut socket),
         Command::Detach { bpffs, socket: s } => run::detach(bpffs, &socket(s.socket)),
         Command::Reload(WithSocket { args, socket: s }) => {
