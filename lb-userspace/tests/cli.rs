@@ -2307,3 +2307,19 @@ fn completions_and_man_pages_are_generated() {
         "the hidden verb has no page"
     );
 }
+
+/// `xlb top` draws on a terminal; into a pipe it refuses at once and names the verbs for
+/// scripts, before it looks for an agent.
+#[test]
+fn top_into_a_pipe_points_at_stats() {
+    let out = run_xlb(&["top", "--socket", "/nowhere/xlb.sock"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(1)
+            && out.stdout.is_empty()
+            && stderr.contains("stdout is not one")
+            && stderr.contains("xlb stats --watch"),
+        "{}",
+        describe(&["top"], &out)
+    );
+}
