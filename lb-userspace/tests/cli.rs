@@ -2266,3 +2266,60 @@ fn config_dump_diff_dry_run_and_changes_by_hand() {
     let out = agent.ok(&["reload", "--dry-run"]);
     assert!(out.contains("a reload would change nothing"), "{out}");
 }
+
+/// `xlb generate` (run by `./x build`): completions for bash, zsh and fish and man pages,
+/// from the same definitions as `--help`; the bash completion completes a verb.
+#[test]
+fn completions_and_man_pages_are_generated() {
+    let dir = TempDir::new(SUITE, "generate");
+    let out_dir = dir.join("out");
+    let out = run_xlb(&["generate", "--out", out_dir.to_str().expect("utf-8 path")]);
+    assert!(out.status.success(), "{}", describe(&["generate"], &out));
+    let read =
+        |rel: &str| fs::read_to_string(out_dir.join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"));
+    let bash = out_dir.join("completions/xlb.bash");
+    let completed = output_within(
+        std::process::Command::new("bash").arg("-c").arg(format!(
+            "source {}; COMP_WORDS=(xlb con); COMP_CWORD=1; _xlb xlb con xlb; echo \"${{COMPREPLY[@]}}\"",
+            bash.display()
+        )),
+        Duration::from_secs(20),
+    );
+    let words = String::from_utf8_lossy(&completed.stdout);
+    assert!(
+        completed.status.success()
+            && words.split_whitespace().collect::<Vec<_>>() == ["config", "conns"],
+        "{}",
+        describe(&["bash completion"], &completed)
+    );
+    assert!(read("completions/xlb.bash").contains("--dry-run"));
+    assert!(read("completions/_xlb").starts_with("#compdef xlb"));
+    assert!(read("completions/xlb.fish").contains("complete -c xlb"));
+    let man = read("man/xlb.1");
+    assert!(man.contains(".TH xlb 1") && man.contains("status"), "{man}");
+    let vip = read("man/xlb-vip.1");
+    assert!(
+        vip.contains(".TH xlb-vip 1") && vip.contains("set"),
+        "{vip}"
+    );
+    assert!(
+        !out_dir.join("man/xlb-generate.1").exists(),
+        "the hidden verb has no page"
+    );
+}
+
+/// `xlb top` draws on a terminal; into a pipe it refuses at once and names the verbs for
+/// scripts, before it looks for an agent.
+#[test]
+fn top_into_a_pipe_points_at_stats() {
+    let out = run_xlb(&["top", "--socket", "/nowhere/xlb.sock"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(1)
+            && out.stdout.is_empty()
+            && stderr.contains("stdout is not one")
+            && stderr.contains("xlb stats --watch"),
+        "{}",
+        describe(&["top"], &out)
+    );
+}

@@ -71,7 +71,19 @@ fn build() -> Result<()> {
         "xlb",
         "--bin",
         "xlb-demo",
-    ]))
+    ]))?;
+    step(
+        "writing shell completions and man pages into target/release/ (from xlb's clap definitions)",
+    );
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || std::path::PathBuf::from("target"),
+        std::path::PathBuf::from,
+    );
+    let release = target.join("release");
+    run(Command::new(release.join("xlb"))
+        .arg("generate")
+        .arg("--out")
+        .arg(&release))
 }
 
 /// Seconds each fuzz target runs in the smoke run of `cargo xtask test`.

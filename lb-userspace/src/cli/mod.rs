@@ -5,10 +5,12 @@ mod backend;
 mod bench;
 mod config;
 mod conns;
+mod generate;
 mod render;
 mod run;
 mod stats;
 mod status;
+mod top;
 mod vip;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -124,6 +126,15 @@ enum Command {
     /// Which backend a new flow from CLIENT gets, and whether the connection table holds it.
     #[command(after_help = "Example:\n  xlb explain 198.51.100.7:40000 192.0.2.10:80/tcp")]
     Explain(WithSocket<stats::ExplainArgs>),
+    /// A live view of the VIPs and backends: rates, health, ring slots, live flows, sortable
+    /// (`xlb stats --watch` is the one for scripts).
+    #[command(
+        after_help = "Keys: s sorts by the next column (address, packets/s, bytes/s, new flows/s, live flows), q or Esc quits.\n\nExamples:\n  xlb top\n  xlb top --interval 5"
+    )]
+    Top(WithSocket<top::TopArgs>),
+    /// Write shell completions and man pages (what `./x build` puts into target/).
+    #[command(hide = true)]
+    Generate(generate::GenerateArgs),
 }
 
 /// clap's error as one line, like every other xlb error: its first paragraph, which names
@@ -194,6 +205,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(WithSocket { args, socket }) => run::run(args, socket.socket),
         Command::Bench(command) => bench::run(command),
+        Command::Generate(args) => generate::run(args),
         Command::Config(command) => config::run(command, &mut socket),
         Command::Detach { bpffs, socket: s } => run::detach(bpffs, &socket(s.socket)),
         Command::Reload(WithSocket { args, socket: s }) => {
@@ -211,6 +223,9 @@ pub fn main() -> ExitCode {
         }
         Command::Conns(WithSocket { args, socket: s }) => {
             conns::run(Client::new(&socket(s.socket)), args)
+        }
+        Command::Top(WithSocket { args, socket: s }) => {
+            top::run(Client::new(&socket(s.socket)), args)
         }
         Command::Explain(WithSocket { args, socket: s }) => {
             stats::explain(Client::new(&socket(s.socket)), args)
