@@ -1528,10 +1528,12 @@ fn help_and_socket_where_they_belong() {
             describe(&args, &out)
         );
     }
-    // Before or after the verb of a group.
+    // Before or after the verb of a group, and before the verb as earlier versions took it.
     for args in [
         &["vip", "list", "--socket", "/nowhere/xlb.sock"][..],
         &["vip", "--socket", "/nowhere/xlb.sock", "list"],
+        &["--socket", "/nowhere/xlb.sock", "vip", "list"],
+        &["--socket", "/nowhere/xlb.sock", "stats"],
     ] {
         let out = run_xlb(args);
         assert!(

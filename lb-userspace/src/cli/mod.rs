@@ -28,6 +28,10 @@ use lb_userspace::{api::Client, paths};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// `xlb --socket PATH VERB`, as earlier versions took it: the socket for a verb that
+    /// talks to the agent and names none itself. Hidden: each such verb shows its own.
+    #[arg(long = "socket", hide = true)]
+    socket_before_verb: Option<PathBuf>,
 }
 
 /// `--socket`, on the verbs that talk to the agent (and `run`, which serves it).
@@ -196,14 +200,17 @@ pub fn main() -> ExitCode {
     }
     // The socket a verb talks to, and whether it is the default (which a note may qualify).
     let mut defaulted = false;
+    let before_verb = cli.socket_before_verb.clone();
     let mut socket = |given: Option<PathBuf>| {
-        given.unwrap_or_else(|| {
+        given.or_else(|| before_verb.clone()).unwrap_or_else(|| {
             defaulted = true;
             paths::default_socket()
         })
     };
     let result = match cli.command {
-        Command::Run(WithSocket { args, socket }) => run::run(args, socket.socket),
+        Command::Run(WithSocket { args, socket }) => {
+            run::run(args, socket.socket.or_else(|| before_verb.clone()))
+        }
         Command::Bench(command) => bench::run(command),
         Command::Generate(args) => generate::run(args),
         Command::Config(command) => config::run(command, &mut socket),
