@@ -543,19 +543,30 @@ impl<M: Maps> Balancer<M> {
         backend: SocketAddr,
         healthy: bool,
     ) -> Result<bool, M::Error> {
-        let entry = self
+        self.set_condition(vip, backend, healthy, |b| &mut b.healthy)
+    }
+
+    /// Sets one of the conditions a backend needs to take flows (`field`); a change goes
+    /// through [`Self::change_backend`]'s ordering. Returns whether anything changed.
+    fn set_condition(
+        &mut self,
+        vip: &VipSpec,
+        backend: SocketAddr,
+        value: bool,
+        field: fn(&mut BackendEntry) -> &mut bool,
+    ) -> Result<bool, M::Error> {
+        let b = self
             .model
             .vips
-            .get(vip)
-            .ok_or(BalancerError::UnknownVip(*vip))?;
-        let b = entry
+            .get_mut(vip)
+            .ok_or(BalancerError::UnknownVip(*vip))?
             .backends
-            .get(&backend)
+            .get_mut(&backend)
             .ok_or(BalancerError::UnknownBackend { vip: *vip, backend })?;
-        if b.healthy == healthy {
+        if *field(b) == value {
             return Ok(false);
         }
-        self.change_backend(vip, backend, |b| b.healthy = healthy)?;
+        self.change_backend(vip, backend, |b| *field(b) = value)?;
         Ok(true)
     }
 
@@ -596,20 +607,7 @@ impl<M: Maps> Balancer<M> {
         backend: SocketAddr,
         running: bool,
     ) -> Result<bool, M::Error> {
-        let entry = self
-            .model
-            .vips
-            .get(vip)
-            .ok_or(BalancerError::UnknownVip(*vip))?;
-        let b = entry
-            .backends
-            .get(&backend)
-            .ok_or(BalancerError::UnknownBackend { vip: *vip, backend })?;
-        if b.running == running {
-            return Ok(false);
-        }
-        self.change_backend(vip, backend, |b| b.running = running)?;
-        Ok(true)
+        self.set_condition(vip, backend, running, |b| &mut b.running)
     }
 
     /// Gives a backend a new address (its container came back elsewhere): a new endpoint
