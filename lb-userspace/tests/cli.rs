@@ -1206,19 +1206,8 @@ fn bad_input_matrix() {
         .arg(dir.join("noroot.sock"))
         .current_dir("/")
         .env_remove("XLB_SOCKET");
-    // SAFETY: only async-signal-safe syscalls between fork and exec. Runs after
-    // `Netns::command`'s own pre_exec (setns), which needs root.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::setgroups(0, std::ptr::null()) != 0
-                || libc::setgid(65534) != 0
-                || libc::setuid(65534) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    // Runs after `Netns::command`'s own pre_exec (setns), which needs root.
+    run_as_nobody(&mut cmd);
     let out = output_within(&mut cmd, Duration::from_secs(20));
     check("not root", &argv, &out, "root");
 
@@ -1552,18 +1541,7 @@ fn an_unreadable_host_namespace_falls_back_to_the_documented_socket() {
     let unprivileged = WorldReadableCopy::of(Path::new(XLB));
     let mut cmd = std::process::Command::new(&unprivileged.path);
     cmd.arg("stats").current_dir("/").env_remove("XLB_SOCKET");
-    // SAFETY: only async-signal-safe syscalls between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::setgroups(0, std::ptr::null()) != 0
-                || libc::setgid(65534) != 0
-                || libc::setuid(65534) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    run_as_nobody(&mut cmd);
     let out = output_within(&mut cmd, Duration::from_secs(20));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -2324,4 +2302,20 @@ fn top_into_a_pipe_points_at_stats() {
         "{}",
         describe(&["top"], &out)
     );
+}
+
+/// Makes `cmd` run as nobody (uid and gid 65534, no supplementary groups).
+fn run_as_nobody(cmd: &mut std::process::Command) {
+    // SAFETY: only async-signal-safe syscalls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(65534) != 0
+                || libc::setuid(65534) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
