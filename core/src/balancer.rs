@@ -872,10 +872,7 @@ impl<M: Maps> Balancer<M> {
             .get(vip)
             .ok_or(BalancerError::UnknownVip(*vip))?;
         if family(&client) != family(&vip.addr) {
-            return Err(BalancerError::FamilyMismatch {
-                vip: *vip,
-                backend: client,
-            });
+            return Err(BalancerError::ClientFamilyMismatch { vip: *vip, client });
         }
         let key = FlowKey::new(client, vip.addr, vip.proto.number());
         let hash = flow_hash(&key, hash_seed);

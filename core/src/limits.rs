@@ -28,6 +28,10 @@ pub enum BalancerError<E> {
         "backend {backend} and VIP {vip} are of different address families (xlb does not translate between IPv4 and IPv6)"
     )]
     FamilyMismatch { vip: VipSpec, backend: SocketAddr },
+    #[error(
+        "client {client} and VIP {vip} are of different address families: no such flow can reach the VIP"
+    )]
+    ClientFamilyMismatch { vip: VipSpec, client: SocketAddr },
     #[error("backend port 0 is not valid")]
     BackendPortZero,
     #[error("weight must be between 0 (drain) and {max}, got {weight}")]

@@ -885,6 +885,16 @@ fn bad_input_matrix() {
             "nonsense",
         ),
         (
+            "an IPv6 client of an IPv4 VIP is called a client",
+            &["explain", "[fd00::9]:4000", vip],
+            "client [fd00::9]:4000 and VIP 10.100.0.1:80/tcp are of different address families",
+        ),
+        (
+            "a ring size that is not prime, before anything is loaded",
+            &["run", "--iface", "lo", "--ring-size", "65536"],
+            "65536 is not prime",
+        ),
+        (
             "unknown protocol",
             &["vip", "add", "10.100.0.1:80/sctp"],
             "sctp",

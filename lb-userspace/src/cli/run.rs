@@ -29,7 +29,7 @@ pub struct RunArgs {
     #[arg(long)]
     state: Option<PathBuf>,
     /// Slots per Maglev ring (prime).
-    #[arg(long, default_value_t = DEFAULT_RING_SIZE)]
+    #[arg(long, default_value_t = DEFAULT_RING_SIZE, value_parser = prime_ring_size)]
     ring_size: u32,
     /// Room for this many VIPs.
     #[arg(long, default_value_t = DEFAULT_MAX_VIPS)]
@@ -60,6 +60,18 @@ pub struct RunArgs {
     /// engine's events: added when they start, drained and removed when they stop.
     #[arg(long, value_enum, value_name = "ENGINE")]
     containers: Option<lb_userspace::containers::EngineChoice>,
+}
+
+/// `--ring-size`: Maglev needs a prime, refused here rather than after loading the maps.
+fn prime_ring_size(text: &str) -> Result<u32, String> {
+    let n: u32 = text.parse().map_err(|e| format!("{e}"))?;
+    if lb_common::maglev::is_prime(n) {
+        Ok(n)
+    } else {
+        Err(format!(
+            "{n} is not prime (Maglev needs a prime, e.g. 65537 or 16381)"
+        ))
+    }
 }
 
 /// Runs the agent until SIGINT/SIGTERM; `socket` is the global `--socket`.
