@@ -854,6 +854,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
                 name: name.clone(),
                 index: *index,
                 kind: hooks::LinkKind::Device,
+                xdp_program: None,
             });
         cleanup.links.push(hooks::attach(
             balancer.datapath_mut(),

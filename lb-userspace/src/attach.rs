@@ -64,6 +64,8 @@ pub struct Link {
     pub name: String,
     pub index: u32,
     pub kind: LinkKind,
+    /// The id of the XDP program the interface carries when listed (any mode), if any.
+    pub xdp_program: Option<u32>,
 }
 
 /// Every interface in the agent's network namespace.
@@ -78,10 +80,17 @@ pub async fn links() -> Result<Vec<Link>> {
     while let Some(link) = stream.try_next().await.context("listing interfaces")? {
         let mut name = String::new();
         let mut kind = LinkKind::Device;
+        let mut xdp_program = None;
         for attr in &link.attributes {
             match attr {
                 LinkAttribute::IfName(n) => name.clone_from(n),
                 LinkAttribute::LinkInfo(infos) => kind = LinkKind::of(infos),
+                LinkAttribute::Xdp(xdp) => {
+                    xdp_program = xdp.iter().find_map(|a| match a {
+                        rtnetlink::packet_route::link::LinkXdp::ProgId(id) if *id != 0 => Some(*id),
+                        _ => None,
+                    });
+                }
                 _ => {}
             }
         }
@@ -89,6 +98,7 @@ pub async fn links() -> Result<Vec<Link>> {
             name,
             index: link.header.index,
             kind,
+            xdp_program,
         });
     }
     task.abort();
@@ -218,13 +228,16 @@ pub fn attach(
         Ok(attached) => attached,
         Err(e) => {
             let Some(fallback) = fallback else {
-                return Err(e.context(format!(
-                    "attaching to {name} at {first}{}",
-                    match first {
-                        Hook::XdpNative => " (try --xdp-mode auto or tc)",
-                        _ => "",
-                    }
-                )));
+                let hint = match (first.is_xdp(), foreign_xdp_program(link)) {
+                    (true, Some(other)) => format!(
+                        " ({name} already runs the XDP program {other}, which is not xlb's: \
+                         remove it with `ip link set dev {name} xdp off`, or attach xlb at TC \
+                         with --xdp-mode tc)"
+                    ),
+                    _ if first == Hook::XdpNative => " (try --xdp-mode auto or tc)".to_owned(),
+                    _ => String::new(),
+                };
+                return Err(e.context(format!("attaching to {name} at {first}{hint}")));
             };
             warn!(
                 iface = name,
@@ -243,7 +256,31 @@ pub fn attach(
     if let Some(hazard) = hazard(attached.hook, &link.kind) {
         warn!(iface = name, "{hazard}");
     }
+    if !attached.hook.is_xdp()
+        && let Some(other) = foreign_xdp_program(link)
+    {
+        warn!(
+            iface = name,
+            "the XDP program {other} on this interface sees every packet before xlb's TC hook \
+             (remove it with `ip link set dev {name} xdp off` if it is not meant to)"
+        );
+    }
     Ok(attached)
+}
+
+/// The XDP program another tool attached to `link` when it was listed, by name and id; an
+/// xlb program (a previous agent's, being adopted) is not foreign.
+fn foreign_xdp_program(link: &Link) -> Option<String> {
+    let id = link.xdp_program?;
+    let name = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == id)
+        .and_then(|p| p.name_as_str().map(str::to_owned));
+    match name.as_deref() {
+        Some(n) if n == lb_common::program_names::XLB => None,
+        Some(n) => Some(format!("'{n}' (id {id})")),
+        None => Some(format!("with id {id}")),
+    }
 }
 
 fn attach_hook(
@@ -362,21 +399,25 @@ mod tests {
                 name: "lo".into(),
                 index: 1,
                 kind: LinkKind::Device,
+                xdp_program: None,
             },
             Link {
                 name: "eth0".into(),
                 index: 2,
                 kind: LinkKind::Device,
+                xdp_program: None,
             },
             Link {
                 name: "veth1".into(),
                 index: 3,
                 kind: LinkKind::Veth,
+                xdp_program: None,
             },
             Link {
                 name: "br0".into(),
                 index: 4,
                 kind: LinkKind::Bridge,
+                xdp_program: None,
             },
         ];
         let names = |choice| {

@@ -274,6 +274,60 @@ fn run_refuses_to_mount_bpffs_over_files() {
 
 /// A second agent on the same `--bpffs` used to adopt the running data path from under the
 /// first. It must be refused, naming the first agent's pid; so must `xlb detach`.
+/// An interface that already runs another tool's XDP program: the agent says which program
+/// and how to go on, in one line, instead of a bare "resource busy".
+#[test]
+fn another_xdp_program_on_the_interface_is_named() {
+    let dir = TempDir::new(SUITE, "foreign-xdp");
+    let topo = topology(0);
+    let ifaces = lb_ifaces(&topo);
+    let pins = BpffsDir(bpffs_dir("foreign-xdp"));
+    let iface = ifaces[0].clone();
+    // Another program on the interface: one of xlb's benchmark floors, under its own name.
+    let foreign = topo
+        .lb()
+        .run(move || {
+            let mut ebpf =
+                aya::Ebpf::load(lb_userspace::datapath::XLB_OBJECT).expect("loading the object");
+            let prog: &mut aya::programs::Xdp = ebpf
+                .program_mut("xlb_floor_pass")
+                .expect("the floor program")
+                .try_into()
+                .expect("an XDP program");
+            prog.load().expect("loading the floor");
+            let ifindex = nix::net::if_::if_nametoindex(iface.as_str()).expect("the interface");
+            prog.attach(ifindex, aya::programs::XdpMode::Skb)
+                .expect("attaching the floor");
+            ebpf
+        })
+        .expect("the LB namespace");
+    refused(
+        Some(topo.lb()),
+        &[
+            "run",
+            "--iface",
+            &ifaces[0],
+            "--xdp-mode",
+            "skb",
+            "--socket",
+            s(&dir.join("xlb.sock")),
+            "--state",
+            s(&dir.join("state.json")),
+            "--bpffs",
+            s(&pins.0),
+            "--no-metrics",
+            "--ring-size",
+            RING,
+        ],
+        "already runs the XDP program 'xlb_floor_pass'",
+    );
+    assert!(
+        xlb_pins(&pins.0).is_empty(),
+        "a refused start leaves no pins"
+    );
+    drop(foreign);
+}
+
 #[test]
 fn second_agent_on_the_same_pins_is_refused() {
     let dir = TempDir::new(SUITE, "second");
