@@ -308,17 +308,22 @@ impl Datapath {
             }
             let carried = match name {
                 map_names::CONNTRACK | map_names::HANDSHAKES => {
-                    self.carry_over::<FlowKey, FlowState>(name, &path)?
+                    Some(self.carry_over::<FlowKey, FlowState>(name, &path)?)
                 }
                 map_names::REVERSE_NAT | map_names::HANDSHAKE_REPLIES => {
-                    self.carry_over::<FlowKey, ReverseNat>(name, &path)?
+                    Some(self.carry_over::<FlowKey, ReverseNat>(name, &path)?)
                 }
                 // Rings, VIPs, backends, ports, endpoints and the egress map are written
                 // again from the desired state; counters and next-hop caches start over.
                 _ => None,
             };
             match carried {
-                Some(n) => tracing::info!(map = name, entries = n, "carried over"),
+                Some(Some(n)) => tracing::info!(map = name, entries = n, "carried over"),
+                Some(None) => tracing::warn!(
+                    map = name,
+                    "entries not carried over: their layout changed, so established flows \
+                     are balanced afresh"
+                ),
                 None => tracing::warn!(
                     map = name,
                     "not carried over: rewritten from the desired state, or counters that \
