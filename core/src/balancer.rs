@@ -124,6 +124,14 @@ impl PortUsers {
 type Result<T, E> = std::result::Result<T, BalancerError<E>>;
 
 impl<M: Maps> Balancer<M> {
+    /// The model's entry of `vip`.
+    fn vip_entry(&self, vip: &VipSpec) -> Result<&VipEntry, M::Error> {
+        self.model
+            .vips
+            .get(vip)
+            .ok_or(BalancerError::UnknownVip(*vip))
+    }
+
     /// An empty balancer over `maps`, with `max_vips` VIP slots and rings of `ring_size`.
     #[must_use]
     pub const fn new(maps: M, max_vips: u32, ring_size: u32) -> Self {
@@ -417,11 +425,7 @@ impl<M: Maps> Balancer<M> {
         backend: SocketAddr,
         weight: u32,
     ) -> Result<(), M::Error> {
-        let entry = self
-            .model
-            .vips
-            .get(vip)
-            .ok_or(BalancerError::UnknownVip(*vip))?;
+        let entry = self.vip_entry(vip)?;
         validate_backend(vip, backend, weight, &entry.backends)?;
         let id = self
             .model
@@ -705,11 +709,7 @@ impl<M: Maps> Balancer<M> {
         backend: SocketAddr,
         flags: u8,
     ) -> Result<(), M::Error> {
-        let entry = self
-            .model
-            .vips
-            .get(vip)
-            .ok_or(BalancerError::UnknownVip(*vip))?;
+        let entry = self.vip_entry(vip)?;
         let value = backend_entry(
             backend,
             vip,
@@ -727,11 +727,7 @@ impl<M: Maps> Balancer<M> {
     /// the VIP to it with one map update.
     fn rebuild_ring(&mut self, vip: &VipSpec) -> Result<(), M::Error> {
         let ring_size = self.ring_size();
-        let entry = self
-            .model
-            .vips
-            .get(vip)
-            .ok_or(BalancerError::UnknownVip(*vip))?;
+        let entry = self.vip_entry(vip)?;
         let members: Vec<MaglevBackend> = entry
             .backends
             .iter()
@@ -786,11 +782,7 @@ impl<M: Maps> Balancer<M> {
     /// # Errors
     /// Unknown VIP or a failing map read.
     pub fn vip_status(&self, vip: &VipSpec) -> Result<VipStatus, M::Error> {
-        let entry = self
-            .model
-            .vips
-            .get(vip)
-            .ok_or(BalancerError::UnknownVip(*vip))?;
+        let entry = self.vip_entry(vip)?;
         let live = &entry.halves[entry.live_half];
         let mut slots: BTreeMap<u32, u32> = BTreeMap::new();
         for id in live {
@@ -866,11 +858,7 @@ impl<M: Maps> Balancer<M> {
         tracked: impl FnOnce(&FlowKey) -> std::result::Result<Option<FlowState>, M::Error>,
         now_ns: u64,
     ) -> Result<Explanation, M::Error> {
-        let entry = self
-            .model
-            .vips
-            .get(vip)
-            .ok_or(BalancerError::UnknownVip(*vip))?;
+        let entry = self.vip_entry(vip)?;
         if family(&client) != family(&vip.addr) {
             return Err(BalancerError::ClientFamilyMismatch { vip: *vip, client });
         }
