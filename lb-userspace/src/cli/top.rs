@@ -66,6 +66,8 @@ impl SortBy {
 struct Line {
     vip: VipSpec,
     backend: Option<SocketAddr>,
+    /// The container a backend is, by name.
+    container: Option<String>,
     weight: Option<u32>,
     state: String,
     health: String,
@@ -117,11 +119,13 @@ fn lines(before: &[VipStatus], now: &[VipStatus], secs: f64, sort: SortBy) -> Ve
                         Line {
                             vip: v.vip,
                             backend: Some(b.addr),
+                            container: b.container.clone(),
                             weight: Some(b.weight),
-                            state: match (b.state, b.weight) {
-                                (BackendState::Draining, _) => "draining".to_owned(),
-                                (BackendState::Active, 0) => "weight 0".to_owned(),
-                                (BackendState::Active, _) => "active".to_owned(),
+                            state: match (b.container_running, b.state, b.weight) {
+                                (Some(false), _, _) => "stopped".to_owned(),
+                                (_, BackendState::Draining, _) => "draining".to_owned(),
+                                (_, BackendState::Active, 0) => "weight 0".to_owned(),
+                                (_, BackendState::Active, _) => "active".to_owned(),
                             },
                             health: match (&b.health, b.healthy) {
                                 (_, false) => b.health.as_ref().map_or("down".to_owned(), |h| {
@@ -143,6 +147,7 @@ fn lines(before: &[VipStatus], now: &[VipStatus], secs: f64, sort: SortBy) -> Ve
             let vip = Line {
                 vip: v.vip,
                 backend: None,
+                container: None,
                 weight: None,
                 state: format!("{} backends", v.backends.len()),
                 health: if down > 0 {
@@ -192,9 +197,11 @@ fn draw(frame: &mut Frame<'_>, lines: &[Line], sort: SortBy, note: &str) {
     ])
     .style(Style::new().add_modifier(Modifier::BOLD));
     let rows = lines.iter().map(|l| {
-        let name = l
-            .backend
-            .map_or_else(|| l.vip.to_string(), |b| format!("  {b}"));
+        let name = match (l.backend, &l.container) {
+            (None, _) => l.vip.to_string(),
+            (Some(b), None) => format!("  {b}"),
+            (Some(b), Some(c)) => format!("  {b} ({c})"),
+        };
         let row = Row::new([
             name,
             l.weight.map_or(String::new(), |w| w.to_string()),
@@ -442,5 +449,28 @@ mod tests {
         ] {
             assert!(screen.contains(needle), "{needle} missing from:\n{screen}");
         }
+    }
+
+    /// A container backend shows its name, and "stopped" while its container is down.
+    #[test]
+    fn a_container_backend_shows_its_name_and_a_stopped_container_says_so() {
+        let mut now = vip("10.0.0.1:80/tcp", 0, &[("10.1.0.1:80", 1, 0, true)]);
+        now.backends[0].container = Some("web-1".into());
+        now.backends[0].container_running = Some(false);
+        let shown = lines(&[], &[now], 1.0, SortBy::Address);
+        assert_eq!(shown[1].state, "stopped");
+        let mut terminal = Terminal::new(TestBackend::new(110, 8)).unwrap();
+        terminal
+            .draw(|f| draw(f, &shown, SortBy::Address, ""))
+            .unwrap();
+        let screen: String = terminal
+            .backend()
+            .buffer()
+            .content()
+            .iter()
+            .map(|c| c.symbol())
+            .collect();
+        assert!(screen.contains("10.1.0.1:80 (web-1)"), "{screen}");
+        assert!(screen.contains("stopped"), "{screen}");
     }
 }
