@@ -418,6 +418,19 @@ mod tests {
         assert_eq!(fresh[3].packets_per_s, 0.0);
     }
 
+    /// The view as a 110x8 terminal shows it.
+    fn rendered(shown: &[Line], sort: SortBy) -> String {
+        let mut terminal = Terminal::new(TestBackend::new(110, 8)).unwrap();
+        terminal.draw(|f| draw(f, shown, sort, "")).unwrap();
+        terminal
+            .backend()
+            .buffer()
+            .content()
+            .iter()
+            .map(|c| c.symbol())
+            .collect()
+    }
+
     #[test]
     fn the_view_shows_every_line_and_the_sort() {
         let before = [vip("10.0.0.1:80/tcp", 0, &[("10.1.0.1:80", 3, 0, true)])];
@@ -427,17 +440,7 @@ mod tests {
             &[("10.1.0.1:80", 3, 20_000, true)],
         )];
         let shown = lines(&before, &now, 1.0, SortBy::Bytes);
-        let mut terminal = Terminal::new(TestBackend::new(110, 8)).unwrap();
-        terminal
-            .draw(|f| draw(f, &shown, SortBy::Bytes, ""))
-            .unwrap();
-        let screen: String = terminal
-            .backend()
-            .buffer()
-            .content()
-            .iter()
-            .map(|c| c.symbol())
-            .collect();
+        let screen = rendered(&shown, SortBy::Bytes);
         for needle in [
             "sorted by bytes/s",
             "10.0.0.1:80/tcp",
@@ -459,17 +462,7 @@ mod tests {
         now.backends[0].container_running = Some(false);
         let shown = lines(&[], &[now], 1.0, SortBy::Address);
         assert_eq!(shown[1].state, "stopped");
-        let mut terminal = Terminal::new(TestBackend::new(110, 8)).unwrap();
-        terminal
-            .draw(|f| draw(f, &shown, SortBy::Address, ""))
-            .unwrap();
-        let screen: String = terminal
-            .backend()
-            .buffer()
-            .content()
-            .iter()
-            .map(|c| c.symbol())
-            .collect();
+        let screen = rendered(&shown, SortBy::Address);
         assert!(screen.contains("10.1.0.1:80 (web-1)"), "{screen}");
         assert!(screen.contains("stopped"), "{screen}");
     }
