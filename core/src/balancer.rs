@@ -1587,7 +1587,8 @@ fn backend_entry(
         vip_id,
         vip: VipKey::new(vip.addr, vip.proto.number()),
         idle_timeout_s,
-        _pad: 0,
+        forwarding: lb_common::FORWARD_NAT,
+        _pad: [0; 3],
     }
 }
 

@@ -20,8 +20,9 @@ pub mod map_names {
     pub const BACKEND_HOPS: &str = "XLB_BEHOPS";
     pub const HANDSHAKES: &str = "XLB_HANDSHAKES";
     pub const HANDSHAKE_REPLIES: &str = "XLB_HSREVNAT";
+    pub const ENCAP: &str = "XLB_ENCAP";
     /// All maps the agent pins, in a stable order.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         VIPS,
         MAGLEV,
         BACKENDS,
@@ -36,6 +37,7 @@ pub mod map_names {
         BACKEND_HOPS,
         HANDSHAKES,
         HANDSHAKE_REPLIES,
+        ENCAP,
     ];
 }
 
@@ -245,7 +247,45 @@ pub struct Backend {
     /// backend's entry alone, with no VIP lookup.
     pub vip: VipKey,
     pub idle_timeout_s: u32,
-    pub _pad: u32,
+    /// How packets reach this backend: `FORWARD_NAT`, `FORWARD_IPIP` or `FORWARD_GUE`,
+    /// repeated from its VIP like the idle timeout.
+    pub forwarding: u8,
+    pub _pad: [u8; 3],
+}
+
+/// `Backend::forwarding`: the destination becomes the backend's address and port; replies
+/// come back through the balancer, which restores the VIP as their source.
+pub const FORWARD_NAT: u8 = 0;
+/// `Backend::forwarding`, direct server return: the client's packet, untouched, inside an IP
+/// header to the backend (IPv4 in IPv4, IPv6 in IPv6). The backend answers from the VIP
+/// straight to the client.
+pub const FORWARD_IPIP: u8 = 1;
+/// `Backend::forwarding`, direct server return: the client's packet inside IP and UDP (GUE
+/// variant 1, "direct IP": no GUE header, the inner IP version says what follows), the UDP
+/// source port carrying the flow's entropy for the backend NIC's receive-side scaling.
+pub const FORWARD_GUE: u8 = 2;
+
+/// Default UDP destination port of GUE-encapsulated packets (Katran's).
+pub const DEFAULT_GUE_PORT: u16 = 6080;
+/// Outer IPv4 header (IPIP), and with the UDP header (GUE).
+pub const IPIP_V4_OVERHEAD: u16 = 20;
+pub const GUE_V4_OVERHEAD: u16 = 28;
+/// Outer IPv6 header (IPv6 in IPv6), and with the UDP header (GUE).
+pub const IPIP_V6_OVERHEAD: u16 = 40;
+pub const GUE_V6_OVERHEAD: u16 = 48;
+
+/// Value of `XLB_ENCAP` (one entry): the node's settings for direct server return.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EncapSettings {
+    /// The outer source address of IPv4 tunnels; all zero: the source address of the
+    /// kernel's route to the backend (the balancer's own address towards it).
+    pub src_v4: [u8; 4],
+    /// UDP destination port of GUE packets; 0 means `DEFAULT_GUE_PORT`.
+    pub gue_port_be: u16,
+    pub _pad: u16,
+    /// As `src_v4`, for IPv6 tunnels.
+    pub src_v6: [u8; 16],
 }
 
 impl Backend {
@@ -443,6 +483,13 @@ pub struct CachedHop {
     /// When `hop` was last (re)validated; it is dropped a second later, so a changed route
     /// or neighbour reaches every flow within about a second.
     pub resolved_ns: u64,
+    /// For tunnelled backends (`FORWARD_IPIP`, `FORWARD_GUE`): the outer source address
+    /// (IPv4 in the last 4 bytes, as elsewhere), resolved with the hop.
+    pub encap_src: [u8; 16],
+    /// The MTU of the route to the backend, resolved with the hop: a client's packet that
+    /// no longer fits once encapsulated is answered with an ICMP "too big".
+    pub mtu: u16,
+    pub _pad: [u8; 6],
 }
 
 /// Value of `XLB_REVNAT`: what a reply's source must be rewritten to.
@@ -514,10 +561,13 @@ pub enum Counter {
     /// ICMP errors about a balanced flow, translated and sent on to the other end of it
     /// (see `icmp`); other ICMP counts as `NotTcpUdp`.
     IcmpTranslated = 18,
+    /// Client packets to a tunnelled backend that would no longer fit the route's MTU once
+    /// encapsulated: answered with ICMP fragmentation-needed / packet-too-big.
+    TooBigForTunnel = 19,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 20;
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::ActionAborted,
         Self::ActionDrop,
@@ -538,6 +588,7 @@ impl Counter {
         Self::ConntrackInsertFailed,
         Self::ViaStack,
         Self::IcmpTranslated,
+        Self::TooBigForTunnel,
     ];
 
     /// Stable snake_case name, used in `xlb stats`, JSON output and metrics.
@@ -563,6 +614,7 @@ impl Counter {
             Self::ConntrackInsertFailed => "conntrack_insert_failed",
             Self::ViaStack => "via_stack",
             Self::IcmpTranslated => "icmp_translated",
+            Self::TooBigForTunnel => "too_big_for_tunnel",
         }
     }
 }
@@ -582,6 +634,7 @@ mod pod {
     unsafe impl aya::Pod for super::TrafficCounters {}
     unsafe impl aya::Pod for super::BenchFrame {}
     unsafe impl aya::Pod for super::EndpointVip {}
+    unsafe impl aya::Pod for super::EncapSettings {}
 }
 
 #[cfg(test)]
@@ -594,11 +647,12 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<VipKey>(), 16 + 2 + 1 + 5);
         assert_eq!(size_of::<VipInfo>(), 16);
-        assert_eq!(size_of::<Backend>(), 16 + 2 + 1 + 1 + 4 + 24 + 4 + 4);
+        assert_eq!(size_of::<Backend>(), 16 + 2 + 1 + 1 + 4 + 24 + 4 + 1 + 3);
         assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 3);
         assert_eq!(size_of::<NextHop>(), 4 + 6 + 6);
         assert_eq!(size_of::<FlowState>(), 4 + 1 + 3 + 8 + 16);
-        assert_eq!(size_of::<CachedHop>(), 16 + 8);
+        assert_eq!(size_of::<CachedHop>(), 16 + 8 + 16 + 2 + 6);
+        assert_eq!(size_of::<EncapSettings>(), 4 + 2 + 2 + 16);
         assert_eq!(size_of::<EndpointVip>(), 16 + 2 + 2 + 4);
         assert_eq!(size_of::<ReverseNat>(), 16 + 2 + 2 + 4 + 16);
         assert_eq!(size_of::<TrafficCounters>(), 24);

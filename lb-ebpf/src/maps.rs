@@ -7,8 +7,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, CONNTRACK_ENTRIES, CachedHop, Counter, DEFAULT_HASH_SEED, DEFAULT_MAX_VIPS,
-    DEFAULT_RING_SIZE, EndpointVip, FlowKey, FlowState, HANDSHAKE_ENTRIES_MIN, MAX_BACKENDS,
-    MAX_EGRESS_PORTS, NextHop, PORT_ENTRIES, ReverseNat, TrafficCounters, VipInfo, VipKey,
+    DEFAULT_RING_SIZE, EncapSettings, EndpointVip, FlowKey, FlowState, HANDSHAKE_ENTRIES_MIN,
+    MAX_BACKENDS, MAX_EGRESS_PORTS, NextHop, PORT_ENTRIES, ReverseNat, TrafficCounters, VipInfo,
+    VipKey,
 };
 
 /// Flow-hash seed; the agent sets it at load time (`EbpfLoader::override_global`).
@@ -25,6 +26,11 @@ pub static MAGLEV: Array<u32> =
 
 #[map(name = "XLB_BACKENDS")]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// The node's direct-server-return settings (outer source addresses, GUE port): read when
+/// a tunnelled backend's hop is resolved, not per packet.
+#[map(name = "XLB_ENCAP")]
+pub static ENCAP: Array<EncapSettings> = Array::with_max_entries(1, 0);
 
 /// Each backend's next hop, as each CPU last resolved it (see `lb_common::CachedHop`).
 #[map(name = "XLB_BEHOPS")]
