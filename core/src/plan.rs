@@ -106,21 +106,13 @@ pub fn choose_half(
 fn leaves_ring(current: &Backend, desired: &Backend) -> bool {
     current.flags & BACKEND_ACTIVE != 0
         && desired.flags & BACKEND_ACTIVE == 0
-        && (
-            current.addr,
-            current.port_be,
-            current.family,
-            current.vip_id,
-        ) == (
-            desired.addr,
-            desired.port_be,
-            desired.family,
-            desired.vip_id,
-        )
+        && same_identity(current, desired)
 }
 
+/// The same backend of the same VIP, reached the same way: its counters carry on.
 fn same_identity(a: &Backend, b: &Backend) -> bool {
-    (a.addr, a.port_be, a.family, a.vip_id) == (b.addr, b.port_be, b.family, b.vip_id)
+    (a.addr, a.port_be, a.family, a.vip_id, a.forwarding)
+        == (b.addr, b.port_be, b.family, b.vip_id, b.forwarding)
 }
 
 /// The writes that turn `current` into `desired`, in an order that is safe for packets
