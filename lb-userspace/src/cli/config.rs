@@ -60,6 +60,7 @@ fn running_state(vips: Vec<VipStatus>) -> DesiredState {
                 id: None,
                 health: v.health_check,
                 idle_timeout_s: Some(v.idle_timeout_s),
+                forwarding: v.forwarding,
             })
             .collect(),
     }
@@ -91,13 +92,9 @@ pub fn run(
             let path = socket(given.socket);
             let client = Client::new(&path);
             let running = running_state(client.vip_list()?);
-            let ifaces: Vec<String> = client
-                .status()?
-                .interfaces
-                .into_iter()
-                .map(|i| i.name)
-                .collect();
-            print!("{}", to_toml(&running, &ifaces));
+            let status = client.status()?;
+            let ifaces: Vec<String> = status.interfaces.into_iter().map(|i| i.name).collect();
+            print!("{}", to_toml(&running, &ifaces, &status.agent.encap));
             Ok(())
         }
         ConfigCommand::Diff {
