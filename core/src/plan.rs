@@ -529,6 +529,64 @@ mod tests {
         assert!(vip < flags, "{writes:#?}");
     }
 
+    /// Backend `n` of a direct-server-return VIP `key`: on the VIP's port, tunnelled.
+    fn dsr_backend(n: u8, key: ServiceKey, vip_id: u32) -> Backend {
+        let addr = SocketAddr::new(format!("10.0.0.{n}").parse().unwrap(), key.0.port());
+        Backend {
+            addr: to_bytes(addr.ip()),
+            port_be: addr.port().to_be(),
+            family: 4,
+            flags: BACKEND_ACTIVE,
+            vip_id,
+            vip: lb_common::VipKey::new(key.0, key.1),
+            forwarding: lb_common::FORWARD_IPIP,
+            ..Backend::default()
+        }
+    }
+
+    #[test]
+    fn a_dsr_vip_is_planned_without_endpoints_or_backend_port_roles() {
+        let key = vip_key(1, 80);
+        let mut desired = MapContents::default();
+        add_vip(&mut desired, key, 0, 0, &[]);
+        desired.vips.get_mut(&key).unwrap().ring_size = RING;
+        desired.rings.insert(0, ring(&[0, 1]));
+        for (id, n) in [(0, 1), (1, 2)] {
+            desired.backends.insert(id, dsr_backend(n, key, 0));
+        }
+        // `run` checks after every write that the tunnelled backends need nothing more.
+        let writes = run(&MapContents::default(), &desired);
+        assert!(
+            !writes.iter().any(|w| matches!(
+                w,
+                MapWrite::Endpoint { .. }
+                    | MapWrite::Port {
+                        roles: PORT_IS_BACKEND,
+                        ..
+                    }
+            )),
+            "{writes:#?}"
+        );
+        assert_eq!(desired.ports, [(80, PORT_IS_VIP)].into());
+    }
+
+    #[test]
+    fn a_backend_reached_another_way_under_the_same_id_counts_afresh() {
+        let key = vip_key(1, 80);
+        let current = one_vip(key, 0, 0, &[(0, 1, BACKEND_ACTIVE)]);
+        let mut desired = current.clone();
+        desired.backends.get_mut(&0).unwrap().forwarding = lb_common::FORWARD_GUE;
+        let writes = plan(&current, &desired);
+        assert!(
+            writes.contains(&MapWrite::ResetBackendSlots(0)),
+            "{writes:#?}"
+        );
+        assert!(writes.contains(&MapWrite::Backend {
+            id: 0,
+            value: desired.backends[&0]
+        }));
+    }
+
     #[test]
     fn a_backend_joining_the_ring_is_written_before_it() {
         let key = vip_key(1, 80);

@@ -490,8 +490,19 @@ fn validate_agent(a: RawAgent) -> Result<AgentConfig, Problem> {
 /// # Errors
 /// Neither form.
 pub fn backend_arg(text: &str) -> Result<SocketAddr, String> {
+    // Taken whole, scope id and all, for the agent to judge.
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return if addr.port() == 0 {
+            Err(format!(
+                "port 0 is not a port (give {} alone for a direct-server-return VIP's port)",
+                addr.ip()
+            ))
+        } else {
+            Ok(addr)
+        };
+    }
     parse_backend_address(text)
-        .map(|(ip, port)| SocketAddr::new(ip, port.unwrap_or(0)))
+        .map(|(ip, _)| SocketAddr::new(ip, 0))
         .ok_or_else(|| {
             format!(
                 "'{text}' is not ADDR:PORT, or ADDR alone for a direct-server-return VIP (IPv6 as [fd00::2]:8080)"
@@ -1279,6 +1290,19 @@ mod tests {
             "{text}"
         );
         assert!(config.vips[0].backends.is_empty());
+    }
+
+    #[test]
+    fn a_backend_argument_is_an_address_with_or_without_its_port() {
+        let arg = |text| backend_arg(text).map(|a| a.to_string());
+        assert_eq!(arg("10.0.2.5:8080").unwrap(), "10.0.2.5:8080");
+        assert_eq!(arg("10.0.2.5").unwrap(), "10.0.2.5:0", "port 0: none given");
+        assert_eq!(arg("fd00::5").unwrap(), "[fd00::5]:0");
+        assert_eq!(arg("[fd00::5]").unwrap(), "[fd00::5]:0");
+        // A scope id reaches the agent, which refuses it with its reason.
+        assert_eq!(arg("[fd00::5%1]:80").unwrap(), "[fd00::5%1]:80");
+        assert!(arg("10.0.2.5:0").unwrap_err().contains("port 0"));
+        assert!(arg("web-1").unwrap_err().contains("is not ADDR:PORT"));
     }
 
     #[test]
