@@ -633,7 +633,7 @@ impl Agent {
             .with_context(|| format!("{}: not applied, nothing changed", path.display()))?;
         let changes = crate::config::diff(&without_ids(&running), &wanted);
         let encap = self.encap_flags.over(config.agent.encap);
-        let encap_change = (encap != self.info.encap).then(|| format!("~ tunnels: {encap}"));
+        let encap_change = crate::config::describe_encap_change(&self.info.encap, &encap);
         if dry_run {
             // What a reload would do, worded as it would say it, without touching anything.
             let mut lines = crate::config::describe_changes(&running, &wanted);
@@ -953,6 +953,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
             config: options.config.as_ref().map(|p| p.display().to_string()),
             keep_attached: options.keep_attached,
             encap,
+            encap_flags: options.encap,
         },
         started: std::time::Instant::now(),
         hooks: Vec::new(),

@@ -227,6 +227,10 @@ pub struct AgentInfo {
     /// The direct-server-return tunnels' settings in force.
     #[serde(default)]
     pub encap: crate::encap::Encap,
+    /// The part of them given on the command line, which wins over the config file's (so
+    /// `xlb config diff` words a file's change as a reload would).
+    #[serde(default)]
+    pub encap_flags: crate::encap::Encap,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -983,6 +983,12 @@ pub fn describe_changes(running: &DesiredState, wanted: &DesiredState) -> Vec<St
     lines
 }
 
+/// The line a reload adds when the tunnels' settings in force (`running`) become `wanted`.
+#[must_use]
+pub fn describe_encap_change(running: &Encap, wanted: &Encap) -> Option<String> {
+    (running != wanted).then(|| format!("~ tunnels: {wanted}"))
+}
+
 /// A TOML basic string: JSON's escapes are all TOML's too.
 fn toml_string(text: &str) -> String {
     serde_json::to_string(text).expect("strings serialise")

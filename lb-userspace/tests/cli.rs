@@ -2536,8 +2536,18 @@ fn a_reload_replaces_a_vip_whose_forwarding_changes_and_applies_tunnels() {
         format!("+ backend {vip} {b0} weight 1 active"),
         format!("~ tunnels: outer source: IPv4 {own}, IPv6 route's; GUE port 6080 (default)"),
     ];
-    let dry = agent.ok(&["reload", "--dry-run"]);
-    assert_eq!(dry.lines().collect::<Vec<_>>(), expected, "{dry}");
+    for args in [
+        &["config", "diff", config_arg.as_str()][..],
+        &["reload", "--dry-run"],
+    ] {
+        let dry = agent.ok(args);
+        assert_eq!(
+            dry.lines().collect::<Vec<_>>(),
+            expected,
+            "xlb {}",
+            args.join(" ")
+        );
+    }
     let unchanged = agent.json(&["vip", "list", "--json"]);
     assert_eq!(find_vip(&unchanged, vip)["forwarding"], "nat", "a dry run");
     assert_eq!(pinned_encap(&agent.bpffs).src_v4, [0; 4], "a dry run");

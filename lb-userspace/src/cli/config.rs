@@ -7,7 +7,7 @@ use clap::Subcommand;
 use lb_userspace::{
     api::Client,
     balancer::{BackendConfig, DesiredState, VipConfig, VipStatus},
-    config::{describe_changes, to_toml},
+    config::{describe_changes, describe_encap_change, to_toml},
 };
 
 #[derive(Subcommand)]
@@ -101,11 +101,18 @@ pub fn run(
             file,
             socket: given,
         } => {
-            let wanted = lb_userspace::config::load(&file)?.desired_state();
+            let config = lb_userspace::config::load(&file)?;
+            let wanted = config.desired_state();
             let path = socket(given.socket);
             let client = Client::new(&path);
             let running = running_state(client.vip_list()?);
-            let changes = describe_changes(&running, &wanted);
+            let mut changes = describe_changes(&running, &wanted);
+            // As a reload would apply them: the agent's command-line settings win.
+            let agent = client.status()?.agent;
+            changes.extend(describe_encap_change(
+                &agent.encap,
+                &agent.encap_flags.over(config.agent.encap),
+            ));
             if changes.is_empty() {
                 println!("{}: matches the running state", file.display());
             }
