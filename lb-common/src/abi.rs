@@ -274,6 +274,21 @@ pub const GUE_V4_OVERHEAD: u16 = 28;
 pub const IPIP_V6_OVERHEAD: u16 = 40;
 pub const GUE_V6_OVERHEAD: u16 = 48;
 
+/// The backend-side program (`xlb-decap` object, `xlb_decap` TC program): the global
+/// holding the GUE port it accepts (network order), and its per-CPU counters, in
+/// `DECAP_COUNTERS` order.
+pub mod decap {
+    pub const OBJECT_PROGRAM: &str = "xlb_decap";
+    pub const GUE_PORT_SYMBOL: &str = "XLB_DECAP_GUE_PORT";
+    pub const COUNTERS_MAP: &str = "XLB_DECAP_CNT";
+    /// Tunnelled packets whose outer headers were taken off.
+    pub const DECAPSULATED: u32 = 0;
+    /// Tunnelled packets the kernel refused to shrink (`bpf_skb_adjust_room`): passed as
+    /// they came, so the stack drops them where nothing decapsulates.
+    pub const FAILED: u32 = 1;
+    pub const COUNTERS: [&str; 2] = ["decapsulated", "decap_failed"];
+}
+
 /// Value of `XLB_ENCAP` (one entry): the node's settings for direct server return.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
