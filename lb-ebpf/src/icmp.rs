@@ -55,7 +55,7 @@ pub fn translate<H: Hook>(ctx: &H, p: &mut Parsed) -> Option<u32> {
     let mut t = Translation::NONE;
     let cache = prepare(ctx, p, &mut t);
     if !t.already_translated {
-        return None;
+        return tunnel::translate_path_error(ctx);
     }
     if t.forwarding != FORWARD_NAT {
         // SAFETY: a helper without arguments.

@@ -14,19 +14,20 @@ use aya_ebpf::{
     helpers::generated::bpf_fib_lookup as fib_lookup,
 };
 use lb_common::{
-    CachedHop, Counter, DEFAULT_GUE_PORT, FORWARD_GUE, IPPROTO_UDP, NextHop,
+    CachedHop, Counter, DEFAULT_GUE_PORT, FORWARD_GUE, FORWARD_NAT, FlowKey, IPPROTO_UDP, NextHop,
     encap::{
         self, ICMP_HLEN, ICMP4_QUOTE, ICMP6_QUOTE, IPPROTO_IPIP, IPPROTO_IPV6, flow_label,
         gue_source_port, traffic_class,
     },
     hash::flow_hash,
+    icmp::{TunnelTooBig, parse_tunnel_too_big_into},
     parse::{ETH_HLEN, IPV4_MIN_HLEN, IPV6_HLEN, PacketBytes as _, Parsed, UDP_HLEN},
 };
 
 use crate::{
     forward::{AF_INET, AF_INET6, Translation, flow_key, words},
     hook::{Hook, Room},
-    maps::{ENCAP, XLB_HASH_SEED},
+    maps::{BACKENDS, ENCAP, XLB_HASH_SEED, flow_entry},
     packet::Packet,
     stats::count,
 };
@@ -234,7 +235,12 @@ fn too_big<H: Hook>(ctx: &H, p: &Parsed, mtu: u16) -> u32 {
         (IPV4_MIN_HLEN, ICMP4_QUOTE)
     };
     let pkt = ctx.packet();
-    let (Some(eth), Some(quote_sum)) = (pkt.read::<12>(0), quote_sum(&pkt, p.ipv6)) else {
+    // One at a time: a value read on one path only must not reach a path where it is
+    // undefined, which LLVM allows and the verifier refuses.
+    let Some(eth) = pkt.read::<12>(0) else {
+        return dropped_malformed::<H>();
+    };
+    let Some(quote_sum) = quote_sum(&pkt, ETH_HLEN, p.ipv6) else {
         return dropped_malformed::<H>();
     };
     let Some(action) = ctx.send_out(ctx.ingress_ifindex()) else {
@@ -270,24 +276,136 @@ fn too_big<H: Hook>(ctx: &H, p: &Parsed, mtu: u16) -> u32 {
     action
 }
 
-/// `encap::sum_be_words` of the bytes an ICMP error quotes, read where they are (after the
-/// Ethernet header): 8 bytes at a time, summed as native-order 16-bit words and swapped at
+/// An ICMP "too big" from a router between the balancer and a backend, about a packet xlb
+/// tunnelled: the client hears of it, about its own packet, from the VIP, with the MTU less
+/// the tunnel, as if the balancer's own route were that narrow; the error goes out where
+/// the flow's replies would go (`FlowState::reply_next_hop`). Only for a flow whose entry
+/// names a tunnelled backend at the tunnel's destination. `None`: not such an error (it is
+/// left to the caller).
+///
+/// Not inlined: the parsed error lives in this frame.
+#[inline(never)]
+pub fn translate_path_error<H: Hook>(ctx: &H) -> Option<u32> {
+    ctx.make_readable(PATH_ERROR_MAX);
+    let gue_port_be = match ENCAP.get(0).map_or(0, |s| s.gue_port_be) {
+        0 => DEFAULT_GUE_PORT.to_be(),
+        port => port,
+    };
+    let mut e = TunnelTooBig::EMPTY;
+    parse_path_error(ctx, gue_port_be, &mut e)?;
+    let key = FlowKey {
+        src: e.client,
+        dst: e.vip,
+        sport_be: e.client_port_be,
+        dport_be: e.vip_port_be,
+        proto: e.proto,
+        _pad: [0; 3],
+    };
+    let state = flow_entry(&key)?;
+    let b = BACKENDS.get(state.backend_id)?;
+    if b.forwarding == FORWARD_NAT || b.addr != e.backend || state.reply_next_hop.ifindex == 0 {
+        return None;
+    }
+    let hop = state.reply_next_hop;
+    let action = ctx.send_out(hop.ifindex)?;
+    count(Counter::IcmpTranslated);
+    e.mtu = encap::announced_mtu(e.mtu, e.overhead, e.ipv6);
+    Some(requote(ctx, &e, &hop).map_or_else(dropped_malformed::<H>, |()| action))
+}
+
+/// Not inlined: the parser's temporaries are gone before the lookups run.
+#[inline(never)]
+fn parse_path_error<H: Hook>(ctx: &H, gue_port_be: u16, out: &mut TunnelTooBig) -> Option<()> {
+    parse_tunnel_too_big_into(&ctx.packet(), gue_port_be, out)
+}
+
+/// Rewrites the frame into the client's error: its packet's head moved to where an error's
+/// quote goes, the rest cut, the error's headers and MACs (towards the client) in front.
+/// Not inlined: the headers are built in this frame.
+#[inline(never)]
+/// `e.mtu` is the MTU to announce. (Three arguments: with more, LLVM's argument promotion
+/// can pass more than the five registers BPF calls have.)
+fn requote<H: Hook>(ctx: &H, e: &TunnelTooBig, hop: &NextHop) -> Option<()> {
+    let (ip_len, quote_len) = if e.ipv6 {
+        (IPV6_HLEN, ICMP6_QUOTE)
+    } else {
+        (IPV4_MIN_HLEN, ICMP4_QUOTE)
+    };
+    let to = ETH_HLEN + ip_len + ICMP_HLEN;
+    let from = e.inner_offset;
+    let pkt = ctx.packet();
+    // Each byte read once, nearest first: a second read at the same variable offset may
+    // lose the bounds check the verifier credits to the first.
+    let word = |offset: usize| pkt.read::<8>(from + offset).map(u64::from_ne_bytes);
+    let (w0, w1, w2) = (word(0)?, word(8)?, word(16)?);
+    let (w3, w4, w5) = if e.ipv6 {
+        (word(24)?, word(32)?, word(40)?)
+    } else {
+        let tail = pkt.read::<4>(from + 24)?;
+        (u64::from(u32::from_ne_bytes(tail)), 0, 0)
+    };
+    let sum = finish_sum(
+        fold_words(w0)
+            + fold_words(w1)
+            + fold_words(w2)
+            + fold_words(w3)
+            + fold_words(w4)
+            + fold_words(w5),
+    );
+    // To a constant offset before the source: the quote only moves towards the start.
+    pkt.write(to, w0.to_ne_bytes())?;
+    pkt.write(to + 8, w1.to_ne_bytes())?;
+    pkt.write(to + 16, w2.to_ne_bytes())?;
+    if e.ipv6 {
+        pkt.write(to + 24, w3.to_ne_bytes())?;
+        pkt.write(to + 32, w4.to_ne_bytes())?;
+        pkt.write(to + 40, w5.to_ne_bytes())?;
+    } else {
+        pkt.write(to + 24, (w3 as u32).to_ne_bytes())?;
+    }
+    ctx.truncate((to + quote_len) as u32)?;
+    let pkt = ctx.packet();
+    if e.ipv6 {
+        let (ip, icmp) = encap::icmp6_packet_too_big(&e.vip, &e.client, e.mtu, sum);
+        pkt.write(ETH_HLEN, ip)?;
+        pkt.write(ETH_HLEN + IPV6_HLEN, icmp)?;
+    } else {
+        let (ip, icmp) = encap::icmp4_frag_needed(last4(&e.vip), last4(&e.client), e.mtu, sum);
+        pkt.write(ETH_HLEN, ip)?;
+        pkt.write(ETH_HLEN + IPV4_MIN_HLEN, icmp)?;
+    }
+    pkt.write(0, hop.macs())
+}
+
+/// The longest error `translate_path_error` reads: Ethernet, IPv6 + ICMPv6, the tunnel's
+/// IPv6 + UDP, the client's IPv6 header and 8 bytes.
+const PATH_ERROR_MAX: u32 =
+    (ETH_HLEN + IPV6_HLEN + ICMP_HLEN + IPV6_HLEN + UDP_HLEN + ICMP6_QUOTE) as u32;
+
+/// `encap::sum_be_words` of the bytes an ICMP error quotes, read where they are (at `at`):
+/// 8 bytes at a time, summed as native-order 16-bit words and swapped at
 /// the end, which the one's-complement sum allows (RFC 1071 §2(B)).
 #[inline(always)]
-fn quote_sum(pkt: &Packet, ipv6: bool) -> Option<u32> {
+fn quote_sum(pkt: &Packet, at: usize, ipv6: bool) -> Option<u32> {
     // Written out, not looped: LLVM turns a loop over packet offsets into arithmetic on
     // `data_end`, which the verifier refuses.
-    let word = |offset: usize| pkt.read::<8>(ETH_HLEN + offset).map(u64::from_ne_bytes);
+    let word = |offset: usize| pkt.read::<8>(at + offset).map(u64::from_ne_bytes);
     let mut sum = fold_words(word(0)?) + fold_words(word(8)?) + fold_words(word(16)?);
     if ipv6 {
         sum += fold_words(word(24)?) + fold_words(word(32)?) + fold_words(word(40)?);
     } else {
-        sum += fold_words(u64::from(u32::from_ne_bytes(pkt.read::<4>(ETH_HLEN + 24)?)));
+        sum += fold_words(u64::from(u32::from_ne_bytes(pkt.read::<4>(at + 24)?)));
     }
+    Some(finish_sum(sum))
+}
+
+/// Folds a sum of native-order 16-bit words into the big-endian-word sum `encap` takes.
+#[inline(always)]
+fn finish_sum(mut sum: u64) -> u32 {
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
-    Some(u32::from((sum as u16).swap_bytes()))
+    u32::from((sum as u16).swap_bytes())
 }
 
 /// The sum of a 64-bit word's four 16-bit halves.

@@ -383,3 +383,234 @@ fn packets_too_big_for_the_tunnel_are_answered_with_icmp() {
         }
     });
 }
+
+/// The client's packet inside xlb's tunnel, as a router between the balancer and the
+/// backend quotes it in a too-big error to the balancer, in a frame from that router.
+fn path_error(inner: &[u8], ipv6: bool, gue: bool, mtu: u16) -> Vec<u8> {
+    use lb_common::{
+        csum::{checksum, pseudo_header_sum},
+        encap::{gue_udp_header, ipv4_header, ipv6_header},
+    };
+    let mut tunnel_payload = Vec::new();
+    if gue {
+        tunnel_payload.extend_from_slice(&gue_udp_header(
+            0xc001,
+            6080u16.to_be(),
+            inner.len() as u16,
+        ));
+    }
+    tunnel_payload.extend_from_slice(inner);
+    let mut frame: Vec<u8> = EGRESS_MAC.iter().chain(&ROUTER_MAC).copied().collect();
+    if ipv6 {
+        let next = if gue { 17 } else { 41 };
+        let mut tunnel = ipv6_header(
+            &LB_OUT_V6.octets(),
+            &BACKEND_V6.octets(),
+            next,
+            0,
+            1,
+            tunnel_payload.len() as u16,
+        )
+        .to_vec();
+        tunnel.extend_from_slice(&tunnel_payload);
+        let mut icmp = vec![2, 0, 0, 0, 0, 0];
+        icmp.extend_from_slice(&mtu.to_be_bytes());
+        icmp.extend_from_slice(&tunnel);
+        let sum = pseudo_header_sum(
+            &ROUTER_V6.octets(),
+            &LB_OUT_V6.octets(),
+            58,
+            icmp.len() as u32,
+        );
+        let c = checksum(sum, &icmp).to_be_bytes();
+        icmp[2..4].copy_from_slice(&c);
+        frame.extend_from_slice(&0x86ddu16.to_be_bytes());
+        frame.extend_from_slice(&ipv6_header(
+            &ROUTER_V6.octets(),
+            &LB_OUT_V6.octets(),
+            58,
+            0,
+            0,
+            icmp.len() as u16,
+        ));
+        frame.extend_from_slice(&icmp);
+    } else {
+        let next = if gue { 17 } else { 4 };
+        let mut tunnel = ipv4_header(
+            LB_OUT_V4.octets(),
+            BACKEND_V4.octets(),
+            next,
+            0,
+            tunnel_payload.len() as u16,
+            true,
+        )
+        .to_vec();
+        tunnel.extend_from_slice(&tunnel_payload);
+        let mut icmp = vec![3, 4, 0, 0, 0, 0];
+        icmp.extend_from_slice(&mtu.to_be_bytes());
+        icmp.extend_from_slice(&tunnel);
+        let c = checksum(0, &icmp).to_be_bytes();
+        icmp[2..4].copy_from_slice(&c);
+        frame.extend_from_slice(&0x0800u16.to_be_bytes());
+        frame.extend_from_slice(&ipv4_header(
+            ROUTER_V4.octets(),
+            LB_OUT_V4.octets(),
+            1,
+            0,
+            icmp.len() as u16,
+            false,
+        ));
+        frame.extend_from_slice(&icmp);
+    }
+    frame
+}
+
+/// A router between the balancer and a backend says a tunnelled packet was too big: the
+/// client hears it from the VIP about its own packet, with the MTU less the tunnel, out of
+/// the interface its flow came in on, towards the MAC it came from. An error quoting a
+/// flow xlb does not know is left to the stack.
+#[test]
+fn too_big_errors_from_the_tunnel_path_reach_the_client() {
+    in_fresh_netns("golden-dsr-path", LIMIT, || {
+        let nl = Netlink::open();
+        let (lb_in, lb_out) = host(&nl);
+        let mut lab = Lab::new();
+        lab.load_tc();
+        for leg in [lb_in, lb_out] {
+            lab.balancer.allow_egress(leg).expect("veth in the devmap");
+        }
+        let v4 = tunnelled_vip(
+            &mut lab,
+            "192.0.2.10:80/tcp",
+            IpAddr::V4(BACKEND_V4),
+            FORWARD_IPIP,
+        );
+        let v6 = tunnelled_vip(
+            &mut lab,
+            "[2001:db8:f::10]:443/tcp",
+            IpAddr::V6(BACKEND_V6),
+            FORWARD_GUE,
+        );
+        for (name, vip, client, gue, ipv6, router_mtu, announced) in [
+            (
+                "ipip v4",
+                v4,
+                sa("203.0.113.7:42000"),
+                false,
+                false,
+                1400u16,
+                1380u16,
+            ),
+            (
+                "gue v6",
+                v6,
+                sa("[2001:db8:c::7]:42001"),
+                true,
+                true,
+                1400,
+                1352,
+            ),
+        ] {
+            let input = Packet::tcp(client, vip.addr)
+                .tcp_ack_flag()
+                .payload(vec![7; 1300]);
+            let frame = input.bytes();
+            // The flow exists: its first packet went through the tunnel.
+            let (action, _) = lab.run_on(&frame, Some(lb_in));
+            assert_eq!(action, Action::Redirect as u32, "{name}: the flow's packet");
+            let error = path_error(&frame[14..], ipv6, gue, router_mtu);
+            for hook in ["xdp", "tc"] {
+                let (action, out) = if hook == "xdp" {
+                    lab.run_on(&error, Some(lb_out))
+                } else {
+                    lab.run_tc_on(&error, lb_out).expect("TC took the frame")
+                };
+                assert_eq!(
+                    action,
+                    Action::Redirect as u32,
+                    "{name} {hook}: out of the client leg"
+                );
+                assert_eq!(&out[..6], &CLIENT_MAC, "{name} {hook}: to the client's MAC");
+                assert_eq!(&out[6..12], &LB_MAC, "{name} {hook}: from the client leg");
+                let quote_len = if ipv6 { 48 } else { 28 };
+                if ipv6 {
+                    let (ip, rest) = Ipv6Header::from_slice(&out[14..]).expect("IPv6");
+                    assert_eq!(
+                        ip.source,
+                        "2001:db8:f::10".parse::<Ipv6Addr>().expect("ip").octets()
+                    );
+                    assert_eq!(
+                        ip.destination,
+                        "2001:db8:c::7".parse::<Ipv6Addr>().expect("ip").octets()
+                    );
+                    let (icmp, quote) = etherparse::Icmpv6Header::from_slice(rest).expect("ICMPv6");
+                    assert_eq!(
+                        icmp.icmp_type,
+                        Icmpv6Type::PacketTooBig {
+                            mtu: u32::from(announced)
+                        },
+                        "{name} {hook}"
+                    );
+                    assert_eq!(
+                        quote,
+                        &frame[14..14 + quote_len],
+                        "{name} {hook}: the client's packet quoted"
+                    );
+                    assert_eq!(
+                        icmp.checksum,
+                        icmp.icmp_type
+                            .calc_checksum(ip.source, ip.destination, quote)
+                            .expect("sum"),
+                        "{name} {hook}: checksum"
+                    );
+                } else {
+                    let (ip, rest) = Ipv4Header::from_slice(&out[14..]).expect("IPv4");
+                    assert_eq!(
+                        ip.header_checksum,
+                        ip.calc_header_checksum(),
+                        "{name} {hook}"
+                    );
+                    assert_eq!(ip.source, [192, 0, 2, 10]);
+                    assert_eq!(ip.destination, [203, 0, 113, 7]);
+                    let (icmp, quote) = etherparse::Icmpv4Header::from_slice(rest).expect("ICMPv4");
+                    assert_eq!(
+                        icmp.icmp_type,
+                        Icmpv4Type::DestinationUnreachable(
+                            DestUnreachableHeader::FragmentationNeeded {
+                                next_hop_mtu: announced
+                            }
+                        ),
+                        "{name} {hook}"
+                    );
+                    assert_eq!(
+                        quote,
+                        &frame[14..14 + quote_len],
+                        "{name} {hook}: the client's packet quoted"
+                    );
+                    assert_eq!(
+                        icmp.checksum,
+                        icmp.icmp_type.calc_checksum(quote),
+                        "{name} {hook}: checksum"
+                    );
+                }
+            }
+            // Another client's flow, never seen: the error is not xlb's to translate.
+            let stranger = Packet::tcp(
+                sa(if ipv6 {
+                    "[2001:db8:c::8]:42009"
+                } else {
+                    "203.0.113.8:42009"
+                }),
+                vip.addr,
+            )
+            .tcp_ack_flag();
+            let error = path_error(&stranger.bytes()[14..], ipv6, gue, router_mtu);
+            let (action, out) = lab.run_on(&error, Some(lb_out));
+            assert_eq!(
+                (action, out),
+                (Action::Pass as u32, error),
+                "{name}: unknown flow passed untouched"
+            );
+        }
+    });
+}
