@@ -14,6 +14,7 @@ pub mod control;
 pub mod datapath;
 pub mod health;
 pub mod metrics;
+pub mod neighbours;
 pub mod ownership;
 pub mod paths;
 pub mod relink;
