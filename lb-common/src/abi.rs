@@ -274,6 +274,21 @@ pub const GUE_V4_OVERHEAD: u16 = 28;
 pub const IPIP_V6_OVERHEAD: u16 = 40;
 pub const GUE_V6_OVERHEAD: u16 = 48;
 
+/// The backend-side program (`xlb-decap` object, `xlb_decap` TC program): the global
+/// holding the GUE port it accepts (network order), and its per-CPU counters, in
+/// `DECAP_COUNTERS` order.
+pub mod decap {
+    pub const OBJECT_PROGRAM: &str = "xlb_decap";
+    pub const GUE_PORT_SYMBOL: &str = "XLB_DECAP_GUE_PORT";
+    pub const COUNTERS_MAP: &str = "XLB_DECAP_CNT";
+    /// Tunnelled packets whose outer headers were taken off.
+    pub const DECAPSULATED: u32 = 0;
+    /// Tunnelled packets the kernel refused to shrink (`bpf_skb_adjust_room`): passed as
+    /// they came, so the stack drops them where nothing decapsulates.
+    pub const FAILED: u32 = 1;
+    pub const COUNTERS: [&str; 2] = ["decapsulated", "decap_failed"];
+}
+
 /// Value of `XLB_ENCAP` (one entry): the node's settings for direct server return.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -487,9 +502,11 @@ pub struct CachedHop {
     /// (IPv4 in the last 4 bytes, as elsewhere), resolved with the hop.
     pub encap_src: [u8; 16],
     /// The MTU of the route to the backend, resolved with the hop: a client's packet that
-    /// no longer fits once encapsulated is answered with an ICMP "too big".
+    /// no longer fits once encapsulated is answered with an ICMP "too big". 0: unknown.
     pub mtu: u16,
-    pub _pad: [u8; 6],
+    /// The GUE destination port (network order), from `XLB_ENCAP`, resolved with the hop.
+    pub gue_port_be: u16,
+    pub _pad: [u8; 4],
 }
 
 /// Value of `XLB_REVNAT`: what a reply's source must be rewritten to.
@@ -651,7 +668,7 @@ mod tests {
         assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 3);
         assert_eq!(size_of::<NextHop>(), 4 + 6 + 6);
         assert_eq!(size_of::<FlowState>(), 4 + 1 + 3 + 8 + 16);
-        assert_eq!(size_of::<CachedHop>(), 16 + 8 + 16 + 2 + 6);
+        assert_eq!(size_of::<CachedHop>(), 16 + 8 + 16 + 2 + 2 + 4);
         assert_eq!(size_of::<EncapSettings>(), 4 + 2 + 2 + 16);
         assert_eq!(size_of::<EndpointVip>(), 16 + 2 + 2 + 4);
         assert_eq!(size_of::<ReverseNat>(), 16 + 2 + 2 + 4 + 16);
