@@ -462,16 +462,18 @@ impl DsrTopology {
         for i in 0..backends {
             let i8 = u8::try_from(i).expect("checked against MAX_BACKENDS");
             let b = net.add_namespace(&format!("b{i}"))?;
-            backend_links.push(net.connect(
-                router,
-                b,
-                Ipv4Net::new(Ipv4Addr::new(10, 32, i8, 0), 24).expect("valid prefix"),
-                Ipv6Net::new(
-                    Ipv6Addr::new(0xfd00, 0x32, u16::from(i8), 0, 0, 0, 0, 0),
-                    64,
-                )
-                .expect("valid prefix"),
-            )?);
+            backend_links.push(
+                net.connect(
+                    router,
+                    b,
+                    Ipv4Net::new(Ipv4Addr::new(10, 32, i8, 0), 24).expect("valid prefix"),
+                    Ipv6Net::new(
+                        Ipv6Addr::new(0xfd00, 0x32, u16::from(i8), 0, 0, 0, 0, 0),
+                        64,
+                    )
+                    .expect("valid prefix"),
+                )?,
+            );
         }
         let r = net.ns(router);
         r.enable_forwarding()?;

@@ -195,7 +195,10 @@ fn dsr_topology_keeps_the_balancer_off_the_backend_client_path() {
     let topo = DsrTopology::with_prefix("xlbnt-d", 2).unwrap();
     let client = &topo.client_link.b;
     assert_eq!(client.v4, "10.30.0.2/24".parse::<Ipv4Net>().unwrap());
-    assert_eq!(topo.lb_link.b.ip6(), "fd00:31::2".parse::<Ipv6Addr>().unwrap());
+    assert_eq!(
+        topo.lb_link.b.ip6(),
+        "fd00:31::2".parse::<Ipv6Addr>().unwrap()
+    );
     let b1 = &topo.backend_links[1].b;
     assert_eq!(b1.ip4(), Ipv4Addr::new(10, 32, 1, 2));
     assert_eq!(b1.ip6(), "fd00:32:1::2".parse::<Ipv6Addr>().unwrap());
@@ -203,7 +206,10 @@ fn dsr_topology_keeps_the_balancer_off_the_backend_client_path() {
         (topo.backend_links[1].a.ifname.as_str(), b1.ifname.as_str()),
         ("b1", "router")
     );
-    assert_eq!(topo.router().read_sysctl("net.ipv4.ip_forward").unwrap(), "1");
+    assert_eq!(
+        topo.router().read_sysctl("net.ipv4.ip_forward").unwrap(),
+        "1"
+    );
     assert_eq!(
         topo.router()
             .read_sysctl("net/ipv4/conf/all/rp_filter")
