@@ -225,6 +225,12 @@ struct Record {
     netns_cookie: Option<u64>,
 }
 
+impl Record {
+    fn changed_anything(&self) -> bool {
+        !(self.vips_added.is_empty() && self.clsact_added.is_empty() && self.sysctls.is_empty())
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct SysctlChange {
     was: i64,
@@ -649,7 +655,10 @@ pub fn prepare(target: &Target, spec: &PrepareSpec) -> Result<Vec<String>> {
         record.netns_cookie = namespace_cookie();
         let mut done = Vec::new();
         let result = prepare_here(target, spec, &mut record, &mut done);
-        write_record(&path, &record)?;
+        // Nothing changed, nothing to undo: no file left behind (bad input, say).
+        if record.changed_anything() {
+            write_record(&path, &record)?;
+        }
         result.map(|()| done)
     })
 }
@@ -999,7 +1008,17 @@ pub fn unprepare(target: &Target, vips: &[IpAddr]) -> Result<Vec<String>> {
             }
         }
         match fs::remove_file(&path) {
-            Ok(()) => {}
+            Ok(()) => {
+                // A namespace's own directory goes with its last file; the host's
+                // `/run/xlb` and anything still in use stay.
+                if let Some(dir) = path.parent()
+                    && dir
+                        .file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with("netns-"))
+                {
+                    let _ = fs::remove_dir(dir);
+                }
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(source) => {
                 return Err(DecapError::Io {

@@ -86,6 +86,34 @@ fn run_owned_ok(args: &[String]) -> String {
     xlb_ok(&refs)
 }
 
+/// Prepares `ns` (both VIPs, `extra` arguments) and undoes it when dropped, also when the
+/// test fails: what prepare records lives in the host's `/run/xlb`.
+struct Prepared<'n>(&'n Netns);
+
+impl<'n> Prepared<'n> {
+    fn new(ns: &'n Netns, extra: &[&str]) -> Self {
+        run_owned_ok(&prepare_args(ns, extra));
+        Self(ns)
+    }
+}
+
+impl Drop for Prepared<'_> {
+    fn drop(&mut self) {
+        let args = in_backend(self.0, &["unprepare"]);
+        let out = xlb(&args);
+        if !out.status.success() && !thread::panicking() {
+            panic!("{}", describe(&args, &out));
+        }
+    }
+}
+
+/// Where prepare records what it changed in `ns` (a namespace other than the host's).
+fn record_of(ns: &Netns) -> std::path::PathBuf {
+    use std::os::unix::fs::MetadataExt as _;
+    let inode = std::fs::metadata(ns.path()).expect("the namespace").ino();
+    std::path::PathBuf::from(format!("/run/xlb/netns-{inode}/backend-prepare.json"))
+}
+
 /// `prepare --check` in the backend: (exit success, stdout).
 fn check(ns: &Netns) -> (bool, String) {
     let args = in_backend(ns, &["prepare", "--check"]);
@@ -217,10 +245,11 @@ fn sysctls(ns: &Netns) -> Vec<String> {
 fn prepare_check_and_unprepare_leave_the_backend_as_it_was() {
     let topo = topology();
     let backend = topo.backend(0);
-    // A host as many distributions ship it: strict reverse-path filtering.
-    backend
-        .sysctl("net/ipv4/conf/all/rp_filter", "1")
-        .expect("strict rp_filter");
+    // A host as many distributions ship it: strict reverse-path filtering, ARP answered for
+    // any local address. (A new namespace inherits the host's values: set, not assumed.)
+    for (key, value) in SYSCTLS.iter().zip(["1", "0", "0", "0", "0", "0"]) {
+        backend.sysctl(key, value).expect("setting a sysctl");
+    }
     let before = sysctls(backend);
     let lo_before = loopback_addresses(backend);
 
@@ -234,6 +263,11 @@ fn prepare_check_and_unprepare_leave_the_backend_as_it_was() {
     assert!(text.contains("MISSING arp_ignore on router: 0"), "{text}");
 
     let done = run_owned_ok(&prepare_args(backend, &[]));
+    let _undo_if_failing = Prepared(backend);
+    assert!(
+        record_of(backend).exists(),
+        "no record of what prepare changed"
+    );
     assert!(
         done.contains("attached xlb_decap at tc ingress of router (GUE port 6080)"),
         "{done}"
@@ -305,6 +339,10 @@ fn prepare_check_and_unprepare_leave_the_backend_as_it_was() {
     assert_eq!(tc_state(backend, "router"), (false, Vec::new()));
     assert_eq!(loopback_addresses(backend), lo_before);
     assert_eq!(sysctls(backend), before);
+    assert!(
+        !record_of(backend).parent().expect("a directory").exists(),
+        "unprepare left its record's directory"
+    );
     let (complete, text) = check(backend);
     assert!(!complete, "check passed after unprepare:\n{text}");
     assert!(
@@ -389,6 +427,7 @@ fn bad_input_gets_one_line_errors() {
         );
     }
     // Refused before anything was touched.
+    assert!(!record_of(backend).exists());
     assert_eq!(tc_state(backend, "router"), (false, Vec::new()));
     assert!(!loopback_addresses(backend).contains(&IpAddr::V4(VIP4)));
 }
@@ -484,28 +523,11 @@ enum Tunnel {
 /// `tunnel`: the kernel writes the outer header (a raw socket of protocol 4 or 41, or a UDP
 /// socket for GUE), so only the inner packet is built by hand.
 fn send_tunnelled(lb: &Netns, backend: IpAddr, tunnel: Tunnel, inner: Vec<u8>) {
-    lb.run(move || {
-        let socket = match (tunnel, backend) {
-            (Tunnel::Ipip, IpAddr::V4(_)) => {
-                Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(4)))
-            }
-            (Tunnel::Ipip, IpAddr::V6(_)) => {
-                Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::from(41)))
-            }
-            (Tunnel::Gue(_), IpAddr::V4(_)) => Socket::new(Domain::IPV4, Type::DGRAM, None),
-            (Tunnel::Gue(_), IpAddr::V6(_)) => Socket::new(Domain::IPV6, Type::DGRAM, None),
-        }
-        .expect("a socket for the tunnel");
-        let port = match tunnel {
-            Tunnel::Ipip => 0,
-            Tunnel::Gue(port) => port,
-        };
-        let sent = socket
-            .send_to(&inner, &SocketAddr::new(backend, port).into())
-            .expect("sending the tunnelled packet");
-        assert_eq!(sent, inner.len());
-    })
-    .expect("entering the balancer's namespace");
+    let sent = lb
+        .run(move || send_tunnelled_here(backend, tunnel, &inner))
+        .expect("entering the balancer's namespace")
+        .expect("sending the tunnelled packet");
+    assert!(sent, "the tunnelled packet went out short");
 }
 
 /// A UDP echo server on both VIPs in `ns`: every datagram goes back to its sender. Stops
@@ -604,7 +626,7 @@ fn tunnelled_datagrams_reach_the_vip_and_answers_bypass_the_balancer() {
     let topo = topology();
     let backend = topo.backend(0);
     let gue_port = 9000;
-    run_owned_ok(&prepare_args(backend, &["--gue-port", "9000"]));
+    let _prepared = Prepared::new(backend, &["--gue-port", "9000"]);
     let stop = Arc::new(AtomicBool::new(false));
     let _stop_on_drop = RaiseOnDrop(Arc::clone(&stop));
     let server = echo_server(backend, Arc::clone(&stop));
@@ -644,8 +666,6 @@ fn tunnelled_datagrams_reach_the_vip_and_answers_bypass_the_balancer() {
 
     stop.store(true, Ordering::Relaxed);
     server.join().expect("echo server");
-    xlb_ok(&in_backend(backend, &["unprepare"]));
-    assert_eq!(tc_state(backend, "router"), (false, Vec::new()));
 }
 
 /// Without prepare the same tunnels go nowhere: what the previous test proves is
@@ -702,4 +722,191 @@ fn echo_server_v4_only(ns: &Netns, stop: Arc<AtomicBool>) -> thread::JoinHandle<
             }
         }
     })
+}
+
+// ---- TCP with a balancer played by the test ---------------------------------------------
+
+/// A balancer reduced to its tunnel, in `lb`: every IP packet to a VIP that arrives there
+/// (the router sends the VIPs to it) goes to `backend` inside `tunnel`, as is. Stops when
+/// `stop` is raised, or after 60 s.
+fn hand_balancer(
+    lb: &Netns,
+    backend: (Ipv4Addr, Ipv6Addr),
+    tunnel: Tunnel,
+    stop: Arc<AtomicBool>,
+) -> thread::JoinHandle<()> {
+    use std::io::Read as _;
+    let protocol = i32::from((libc::ETH_P_ALL as u16).to_be());
+    let capture = lb
+        .run(|| {
+            Socket::new(
+                Domain::from(libc::AF_PACKET),
+                Type::DGRAM,
+                Some(protocol.into()),
+            )
+        })
+        .expect("entering the balancer's namespace")
+        .expect("a packet socket");
+    capture
+        .set_read_timeout(Some(Duration::from_millis(20)))
+        .expect("timeout");
+    // In the balancer's namespace: the tunnels' sockets are opened there, per packet.
+    lb.spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut buf = vec![0u8; 65536];
+        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+            let Ok(n) = (&capture).read(&mut buf) else {
+                continue;
+            };
+            let packet = &buf[..n];
+            let to = match packet.first().map(|b| b >> 4) {
+                Some(4) if n >= 20 && packet[16..20] == VIP4.octets() => IpAddr::V4(backend.0),
+                Some(6) if n >= 40 && packet[24..40] == VIP6.octets() => IpAddr::V6(backend.1),
+                _ => continue,
+            };
+            // A segment lost here is retransmitted; the echo's check catches a stall.
+            let _ = send_tunnelled_here(to, tunnel, packet);
+        }
+    })
+    .expect("entering the balancer's namespace")
+}
+
+/// [`send_tunnelled`]'s work, on a thread already in the sender's namespace: whether all
+/// of `inner` went out.
+fn send_tunnelled_here(backend: IpAddr, tunnel: Tunnel, inner: &[u8]) -> std::io::Result<bool> {
+    let socket = match (tunnel, backend) {
+        (Tunnel::Ipip, IpAddr::V4(_)) => {
+            Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(4)))
+        }
+        (Tunnel::Ipip, IpAddr::V6(_)) => {
+            Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::from(41)))
+        }
+        (Tunnel::Gue(_), IpAddr::V4(_)) => Socket::new(Domain::IPV4, Type::DGRAM, None),
+        (Tunnel::Gue(_), IpAddr::V6(_)) => Socket::new(Domain::IPV6, Type::DGRAM, None),
+    }?;
+    let port = match tunnel {
+        Tunnel::Ipip => 0,
+        Tunnel::Gue(port) => port,
+    };
+    let sent = socket.send_to(inner, &SocketAddr::new(backend, port).into())?;
+    Ok(sent == inner.len())
+}
+
+/// TCP through a tunnel both ways of the handshake: the client's segments reach the backend
+/// through the balancer's namespace, inside IPIP (IPv4) or GUE (IPv6); the backend's, the
+/// SYN-ACK included, go from the VIP straight to the client. 256 KiB each way, every byte
+/// checked; the balancer's link receives the upload and never the echo.
+#[test]
+fn tcp_through_a_tunnel_answers_the_client_directly() {
+    let topo = topology();
+    // Room for the tunnel's header behind the balancer, as a DSR deployment's inside links
+    // have: a client's full-sized segment fits once encapsulated.
+    for link in [&topo.lb_link, &topo.backend_links[0]] {
+        topo.router().set_mtu(&link.a.ifname, 1600).expect("MTU");
+        topo.net
+            .ns(link.b.ns)
+            .set_mtu(&link.b.ifname, 1600)
+            .expect("MTU");
+    }
+    // The hand balancer tunnels packets one by one, as they arrive: no GRO on the way to it,
+    // which would hand it 64 KB aggregates (xlb's own data path meets those at TC).
+    topo.router()
+        .set_gro(&topo.client_link.a.ifname, false)
+        .expect("GRO off");
+    topo.lb()
+        .set_gro(&topo.lb_link.b.ifname, false)
+        .expect("GRO off");
+    let backend = topo.backend(0);
+    let _prepared = Prepared::new(backend, &[]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let _stop_on_drop = RaiseOnDrop(Arc::clone(&stop));
+    let server = echo_tcp_server(backend, 8080, Arc::clone(&stop));
+    let link = &topo.backend_links[0].b;
+    for (tunnel, vip) in [
+        (Tunnel::Ipip, IpAddr::V4(VIP4)),
+        (Tunnel::Gue(lb_common::DEFAULT_GUE_PORT), IpAddr::V6(VIP6)),
+    ] {
+        let relay_stop = Arc::new(AtomicBool::new(false));
+        let relay = hand_balancer(
+            topo.lb(),
+            (link.ip4(), link.ip6()),
+            tunnel,
+            Arc::clone(&relay_stop),
+        );
+        let before = lb_rx(&topo);
+        let to = SocketAddr::new(vip, 8080);
+        let echoed = tcp_echo(topo.client(), to, 256 * 1024);
+        relay_stop.store(true, Ordering::Relaxed);
+        relay.join().expect("the hand balancer");
+        assert_eq!(echoed, 256 * 1024, "{tunnel:?} to {to}");
+        let received = lb_rx(&topo).rx_bytes - before.rx_bytes;
+        assert!(
+            (256 * 1024..384 * 1024).contains(&received),
+            "{tunnel:?} to {to}: the balancer's link received {received} bytes for 256 KiB each way"
+        );
+    }
+    let (_, text) = check(backend);
+    assert_eq!(counter(&text, "decap_failed"), 0, "{text}");
+    stop.store(true, Ordering::Relaxed);
+    server.join().expect("server");
+}
+
+/// A TCP echo service on `[::]:port` in `ns`, one connection at a time.
+fn echo_tcp_server(ns: &Netns, port: u16, stop: Arc<AtomicBool>) -> thread::JoinHandle<()> {
+    use std::io::{Read as _, Write as _};
+    let listener = ns
+        .run(|| std::net::TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)))
+        .expect("entering the backend")
+        .expect("binding the service");
+    listener.set_nonblocking(true).expect("non-blocking");
+    thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+            let Ok((mut conn, _)) = listener.accept() else {
+                thread::sleep(Duration::from_millis(5));
+                continue;
+            };
+            conn.set_nonblocking(false).expect("blocking");
+            conn.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+            let mut buf = vec![0u8; 65536];
+            while let Ok(n) = conn.read(&mut buf) {
+                if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            let _ = conn.shutdown(std::net::Shutdown::Write);
+        }
+    })
+}
+
+/// Sends `len` patterned bytes to `to` from `ns` and reads the echo; returns how many bytes
+/// came back, all checked.
+fn tcp_echo(ns: &Netns, to: SocketAddr, len: usize) -> usize {
+    use std::io::{Read as _, Write as _};
+    let stream = ns
+        .run(|| std::net::TcpStream::connect_timeout(&to, IO_TIMEOUT))
+        .expect("entering the client")
+        .unwrap_or_else(|e| panic!("connecting to {to}: {e}"));
+    stream.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+    stream.set_write_timeout(Some(IO_TIMEOUT)).expect("timeout");
+    let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    let mut writer = stream.try_clone().expect("clone");
+    let sent = data.clone();
+    let upload = thread::spawn(move || {
+        writer.write_all(&sent).expect("uploading");
+        writer
+            .shutdown(std::net::Shutdown::Write)
+            .expect("shutdown");
+    });
+    let mut back = Vec::with_capacity(len);
+    let mut reader = stream;
+    reader
+        .read_to_end(&mut back)
+        .unwrap_or_else(|e| panic!("{to}: the echo stopped after {} bytes: {e}", back.len()));
+    upload.join().expect("upload");
+    assert!(
+        back == data[..back.len()],
+        "{to}: the echo differs from what was sent"
+    );
+    back.len()
 }

@@ -393,7 +393,7 @@ impl Topology {
 /// | router -- lb       | `10.31.0.0/24` | `fd00:31::/64`   | `.1`, `::1`      | `.2`, `::2`     |
 /// | router -- backend i| `10.32.i.0/24` | `fd00:32:i::/64` | `.1`, `::1`      | `.2`, `::2`     |
 ///
-/// The router forwards both families, with reverse-path filtering off (a backend's reply
+/// Only the router forwards (both families), with reverse-path filtering off (a backend's reply
 /// comes from the VIP, which the router routes towards the balancer), and routes
 /// [`DsrTopology::VIP_V4`] / [`DsrTopology::VIP_V6`] to the balancer's address. Client,
 /// balancer and backends have default routes (both families) via the router: the balancer
@@ -492,6 +492,10 @@ impl DsrTopology {
             .chain(&backend_links)
         {
             let ns = net.ns(link.b.ns);
+            // A new namespace inherits the host's IPv4 forwarding: only the router routes,
+            // so a packet to a VIP that nothing claims ends at the balancer.
+            ns.sysctl("net/ipv4/ip_forward", "0")?;
+            ns.sysctl("net/ipv6/conf/all/forwarding", "0")?;
             ns.add_default_route(link.a.ip4().into())?;
             ns.add_default_route(link.a.ip6().into())?;
         }

@@ -210,6 +210,7 @@ fn dsr_topology_keeps_the_balancer_off_the_backend_client_path() {
         topo.router().read_sysctl("net.ipv4.ip_forward").unwrap(),
         "1"
     );
+    assert_eq!(topo.lb().read_sysctl("net.ipv4.ip_forward").unwrap(), "0");
     assert_eq!(
         topo.router()
             .read_sysctl("net/ipv4/conf/all/rp_filter")
