@@ -237,6 +237,20 @@ def check_xlb_vip(inp, out, lb_mac):
     return None
 
 
+def check_xlb_ipip(inp, out, lb_mac):
+    """The input inside an outer IPv4 header (protocol 4) from the LB's own address on the route
+    (10.199.0.1) to a backend, towards the permanent neighbour's MAC: Katran's work, xlb's way."""
+    if len(out) != len(inp) + 20: return f"len {len(out)} != {len(inp) + 20}"
+    if out[0:6] != ROUTER_MAC or out[6:12] != lb_mac or out[12:14] != b"\x08\x00": return "ethernet header"
+    o = out[14:34]
+    if not ip_ok(o) or o[9] != 4: return "outer IPv4 header (proto must be 4 = IPIP)"
+    if struct.unpack("!H", o[2:4])[0] != len(inp) - 14 + 20: return "outer tot_len"
+    if socket.inet_ntoa(o[16:20]) not in REALS: return f"outer dst {socket.inet_ntoa(o[16:20])} not a real"
+    if socket.inet_ntoa(o[12:16]) != "10.199.0.1": return f"outer src {socket.inet_ntoa(o[12:16])}"
+    if out[34:] != inp[14:]: return "inner packet changed"
+    return None
+
+
 def check_pass(inp, out):
     return None if out == inp else "pass-through frame changed"
 
@@ -349,8 +363,8 @@ def sh(c, check=True, timeout=300):
 
 
 class XlbInstance:
-    def __init__(self, name, xlb, tag, entries, tmp):
-        self.name, self.entries = name, entries
+    def __init__(self, name, xlb, tag, entries, tmp, forwarding="nat"):
+        self.name, self.entries, self.forwarding = name, entries, forwarding
         ns, peer = f"kf{tag}", f"kf{tag}p"
         self.netns = f"/run/netns/{ns}"
         for n in (ns, peer):
@@ -379,9 +393,14 @@ class XlbInstance:
             time.sleep(0.1)
         time.sleep(0.3)
         x = lambda args: sh(f"{xlb} --socket {sock} {args}")
-        x(f"vip add {VIP}:{VIP_PORT}/tcp")
+        if forwarding == "nat":
+            x(f"vip add {VIP}:{VIP_PORT}/tcp")
+        else:
+            x(f"vip add {VIP}:{VIP_PORT}/tcp --forwarding {forwarding}")
         for r in REALS:
-            x(f"backend add {VIP}:{VIP_PORT}/tcp {r}:80")
+            # A tunnelled backend serves the VIP's own port: the packet reaches it unchanged.
+            x(f"backend add {VIP}:{VIP_PORT}/tcp {r}:80" if forwarding == "nat"
+              else f"backend add {VIP}:{VIP_PORT}/tcp {r}")
         time.sleep(0.5)
         info = json.loads(sh(f"ip -n {ns} -j link show {a}").stdout)[0]
         self.lb_mac = bytes.fromhex(info["address"].replace(":", ""))
@@ -457,6 +476,9 @@ def main():
     ap.add_argument("--established", type=int, default=100_000, help="flows for c2_ack_100k")
     ap.add_argument("--no-500k", action="store_true", help="skip the katran_500k sensitivity row")
     ap.add_argument("--no-old-method", action="store_true", help="skip case g (repeated SYN, fallback LRU)")
+    ap.add_argument("--xlb-forwarding", choices=["nat", "ipip"], default="nat",
+                    help="xlb's VIP forwarding: nat (DNAT, xlb's default) or ipip (direct server return, "
+                         "the same IPIP encapsulation Katran does: like for like)")
     ap.add_argument("--cases", default=None, help="comma-separated subset of case names (default: all)")
     ap.add_argument("--out", default=None, help="JSON report path (default: BUILD_DIR/results.json)")
     args = ap.parse_args()
@@ -490,8 +512,8 @@ def main():
         log(f"loaded {name}: " + (f"per-CPU LRU {entries} entries x {NCPU} CPUs" if entries
                                   else "no per-CPU LRU (fallback_cache, 1000 entries)"))
     xl = {}
-    xl["xlb_1m"] = XlbInstance("xlb_1m", args.xlb, "b", args.xlb_entries, tmp)
-    xl["xlb_1k"] = XlbInstance("xlb_1k", args.xlb, "s", args.small_lru, tmp)
+    xl["xlb_1m"] = XlbInstance("xlb_1m", args.xlb, "b", args.xlb_entries, tmp, args.xlb_forwarding)
+    xl["xlb_1k"] = XlbInstance("xlb_1k", args.xlb, "s", args.small_lru, tmp, args.xlb_forwarding)
     for x in xl.values():
         log(f"started {x.name}: prog id {x.prog_id}, XLB_CONNTRACK {x.ct_info}")
     cleanup_paths.append("/sys/fs/bpf/kf_floor")
@@ -647,7 +669,9 @@ def main():
                     for a_, out in samples:
                         inp = addr_frame(pool, a_)
                         if kind == "vip" and p.kind == "katran": err = check_katran_vip(inp, out)
-                        elif kind == "vip" and p.kind == "xlb": err = check_xlb_vip(inp, out, xl[name].lb_mac)
+                        elif kind == "vip" and p.kind == "xlb":
+                            check = check_xlb_ipip if xl[name].forwarding == "ipip" else check_xlb_vip
+                            err = check(inp, out, xl[name].lb_mac)
                         else: err = check_pass(inp, out)
                         if err:
                             problems.append(f"{cname} t{trial} {name}: output: {err}")
@@ -756,7 +780,8 @@ def main():
                     ring_size=RING_SIZE,
                     reals=len(REALS), vip=f"{VIP}:{VIP_PORT}/tcp", vip_flags=0,
                     lru_map=dict(type="LRU_HASH", key=FLOW_KEY_SZ, value=REAL_POS_LRU_SZ, flags=0)),
-        xlb={x.name: dict(conntrack_entries=x.entries, conntrack=x.ct_info, revnat=x.revnat_info,
+        xlb={x.name: dict(forwarding=x.forwarding, conntrack_entries=x.entries, conntrack=x.ct_info,
+                          revnat=x.revnat_info,
                           maglev=x.maglev_info, prog_id=x.prog_id) for x in xl.values()},
         established=args.established, fresh_tuples_per_pool=fresh_n)
     c2_split = {}

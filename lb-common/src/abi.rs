@@ -502,9 +502,11 @@ pub struct CachedHop {
     /// (IPv4 in the last 4 bytes, as elsewhere), resolved with the hop.
     pub encap_src: [u8; 16],
     /// The MTU of the route to the backend, resolved with the hop: a client's packet that
-    /// no longer fits once encapsulated is answered with an ICMP "too big".
+    /// no longer fits once encapsulated is answered with an ICMP "too big". 0: unknown.
     pub mtu: u16,
-    pub _pad: [u8; 6],
+    /// The GUE destination port (network order), from `XLB_ENCAP`, resolved with the hop.
+    pub gue_port_be: u16,
+    pub _pad: [u8; 4],
 }
 
 /// Value of `XLB_REVNAT`: what a reply's source must be rewritten to.
@@ -666,7 +668,7 @@ mod tests {
         assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 3);
         assert_eq!(size_of::<NextHop>(), 4 + 6 + 6);
         assert_eq!(size_of::<FlowState>(), 4 + 1 + 3 + 8 + 16);
-        assert_eq!(size_of::<CachedHop>(), 16 + 8 + 16 + 2 + 6);
+        assert_eq!(size_of::<CachedHop>(), 16 + 8 + 16 + 2 + 2 + 4);
         assert_eq!(size_of::<EncapSettings>(), 4 + 2 + 2 + 16);
         assert_eq!(size_of::<EndpointVip>(), 16 + 2 + 2 + 4);
         assert_eq!(size_of::<ReverseNat>(), 16 + 2 + 2 + 4 + 16);

@@ -282,6 +282,151 @@ pub fn parse_icmp_error_into<P: PacketBytes + ?Sized>(pkt: &P, out: &mut IcmpErr
     Some(())
 }
 
+/// An ICMP "fragmentation needed" (IPv4) or "packet too big" (IPv6) from a router between
+/// the balancer and a backend, about a packet the balancer tunnelled there (direct server
+/// return): the quote is the tunnel's outer header (IPIP, IPv6 in IPv6, or GUE), then the
+/// client's own packet. The client must hear of it, about its own packet, with the MTU less
+/// the tunnel's length. 8-aligned, addresses first (see `abi`).
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TunnelTooBig {
+    /// The client's packet as quoted: client → VIP, IPv4 mapped.
+    pub client: [u8; 16],
+    pub vip: [u8; 16],
+    /// The tunnel's destination: the backend.
+    pub backend: [u8; 16],
+    /// Where the client's IP header starts in the frame; `TUNNEL_QUOTE` bytes from there
+    /// are in it.
+    pub inner_offset: usize,
+    pub client_port_be: u16,
+    pub vip_port_be: u16,
+    pub proto: u8,
+    pub ipv6: bool,
+    /// The outer header's length (with UDP for GUE).
+    pub overhead: u16,
+    /// The MTU the router announced.
+    pub mtu: u16,
+}
+
+impl TunnelTooBig {
+    /// A placeholder to parse into.
+    pub const EMPTY: Self = Self {
+        client: [0; 16],
+        vip: [0; 16],
+        backend: [0; 16],
+        inner_offset: 0,
+        client_port_be: 0,
+        vip_port_be: 0,
+        proto: 0,
+        ipv6: false,
+        overhead: 0,
+        mtu: 0,
+    };
+}
+
+/// Bytes of the client's packet a translated error quotes (`crate::encap::ICMP4_QUOTE`,
+/// `ICMP6_QUOTE`): its IP header without options and 8 bytes of TCP or UDP.
+#[must_use]
+pub const fn tunnel_quote(ipv6: bool) -> usize {
+    if ipv6 {
+        IPV6_HLEN + 8
+    } else {
+        IPV4_MIN_HLEN + 8
+    }
+}
+
+/// Parses an error about a tunnelled packet (see [`TunnelTooBig`]): an untagged frame, the
+/// error addressed to the quoted tunnel's source (the balancer), the tunnel IPIP / IPv6 in
+/// IPv6 / UDP to `gue_port_be`, the client's packet of the same family, TCP or UDP, without
+/// IPv4 options, quoted far enough to quote it again. `None` for everything else.
+#[inline(always)]
+pub fn parse_tunnel_too_big_into<P: PacketBytes + ?Sized>(
+    pkt: &P,
+    gue_port_be: u16,
+    out: &mut TunnelTooBig,
+) -> Option<()> {
+    let ipv6 = match be16(pkt.read(ETH_HLEN - 2)?) {
+        ETH_P_IP => false,
+        ETH_P_IPV6 => true,
+        _ => return None,
+    };
+    let mut error_src = [0u8; 16];
+    let mut error_dst = [0u8; 16];
+    let error = if ipv6 {
+        ipv6_header(pkt, ETH_HLEN, &mut error_src, &mut error_dst)?
+    } else {
+        ipv4_header(pkt, ETH_HLEN, &mut error_src, &mut error_dst)?
+    };
+    let end = ETH_HLEN + error.total_len;
+    let icmp_proto = if ipv6 { IPPROTO_ICMPV6 } else { IPPROTO_ICMP };
+    if error.proto != icmp_proto || end > pkt.len() {
+        return None;
+    }
+    let icmp_offset = ETH_HLEN + error.header_len;
+    let icmp: [u8; 8] = pkt.read(icmp_offset)?;
+    let too_big = if ipv6 {
+        icmp[0] == ICMPV6_PACKET_TOO_BIG
+    } else {
+        icmp[0] == ICMP_DEST_UNREACH && icmp[1] == 4
+    };
+    if !too_big {
+        return None;
+    }
+    // Packet too big carries 32 bits of MTU, fragmentation needed 16; either fits in 16
+    // once it is about a link xlb can send on.
+    let mtu = u32::from_be_bytes([icmp[4], icmp[5], icmp[6], icmp[7]]) & 0xffff;
+    let tunnel_offset = icmp_offset + ICMP_HLEN;
+    let mut tunnel_src = [0u8; 16];
+    let tunnel = if ipv6 {
+        ipv6_header(pkt, tunnel_offset, &mut tunnel_src, &mut out.backend)?
+    } else {
+        ipv4_header(pkt, tunnel_offset, &mut tunnel_src, &mut out.backend)?
+    };
+    if tunnel_src != error_dst {
+        return None;
+    }
+    let ip_ip = if ipv6 { IPPROTO_IPV6 } else { IPPROTO_IPIP };
+    let header_len = if ipv6 { IPV6_HLEN } else { IPV4_MIN_HLEN };
+    let udp_len = if tunnel.proto == ip_ip {
+        0
+    } else if tunnel.proto == IPPROTO_UDP {
+        let ports: [u8; 4] = pkt.read(tunnel_offset + header_len)?;
+        if u16::from_ne_bytes([ports[2], ports[3]]) != gue_port_be {
+            return None;
+        }
+        8
+    } else {
+        return None;
+    };
+    if tunnel.header_len != header_len {
+        return None;
+    }
+    let inner_offset = tunnel_offset + header_len + udp_len;
+    let inner = if ipv6 {
+        ipv6_header(pkt, inner_offset, &mut out.client, &mut out.vip)?
+    } else {
+        ipv4_header(pkt, inner_offset, &mut out.client, &mut out.vip)?
+    };
+    if inner.header_len != header_len
+        || (inner.proto != IPPROTO_TCP && inner.proto != IPPROTO_UDP)
+        || inner_offset + tunnel_quote(ipv6) > end
+    {
+        return None;
+    }
+    let ports: [u8; 4] = pkt.read(inner_offset + header_len)?;
+    out.inner_offset = inner_offset;
+    out.client_port_be = u16::from_ne_bytes([ports[0], ports[1]]);
+    out.vip_port_be = u16::from_ne_bytes([ports[2], ports[3]]);
+    out.proto = inner.proto;
+    out.ipv6 = ipv6;
+    out.overhead = (header_len + udp_len) as u16;
+    out.mtu = mtu as u16;
+    Some(())
+}
+
+const IPPROTO_IPIP: u8 = 4;
+const IPPROTO_IPV6: u8 = 41;
+
 #[cfg(test)]
 mod tests {
     use core::net::Ipv6Addr;
@@ -390,6 +535,109 @@ mod tests {
                 &icmp(2, 0, &quote),
             ),
         )
+    }
+
+    /// A frame of `client → vip` TCP inside a tunnel from the balancer to a backend,
+    /// quoted by a router's too-big error to the balancer.
+    fn tunnel_error(v6_tunnel: bool, gue: bool) -> Vec<u8> {
+        if v6_tunnel {
+            let (lb, backend) = (v6("2001:db8:b::fe"), v6("fd00:20::5"));
+            let inner = ipv6(
+                IPPROTO_TCP,
+                v6("2001:db8:c::7"),
+                v6("2001:db8:f::10"),
+                &tcp(40000, 443),
+            );
+            let tunnel = if gue {
+                let mut u = udp(0xc123, 6080);
+                u.truncate(8);
+                u.extend_from_slice(&inner);
+                ipv6(IPPROTO_UDP, lb, backend, &u)
+            } else {
+                ipv6(41, lb, backend, &inner)
+            };
+            frame(
+                ETH_P_IPV6,
+                &ipv6(
+                    IPPROTO_ICMPV6,
+                    v6("2001:db8:b::1"),
+                    lb,
+                    &icmp(2, 0, &tunnel),
+                ),
+            )
+        } else {
+            let (lb, backend) = ([198, 51, 100, 254], [10, 20, 0, 5]);
+            let inner = ipv4(IPPROTO_TCP, CLIENT, [192, 0, 2, 10], 0, &tcp(40000, 80));
+            let tunnel = if gue {
+                let mut u = udp(0xc123, 6080);
+                u.truncate(8);
+                u.extend_from_slice(&inner);
+                ipv4(IPPROTO_UDP, lb, backend, 0, &u)
+            } else {
+                ipv4(4, lb, backend, 0, &inner)
+            };
+            frame(
+                ETH_P_IP,
+                &ipv4(IPPROTO_ICMP, ROUTER, lb, 0, &icmp(3, 4, &tunnel)),
+            )
+        }
+    }
+
+    #[test]
+    fn too_big_errors_about_tunnels_name_the_client_flow() {
+        for (v6_tunnel, gue, overhead) in [
+            (false, false, 20),
+            (false, true, 28),
+            (true, false, 40),
+            (true, true, 48),
+        ] {
+            let (ipv6, f) = (v6_tunnel, tunnel_error(v6_tunnel, gue));
+            let mut e = TunnelTooBig::EMPTY;
+            parse_tunnel_too_big_into(f.as_slice(), 6080u16.to_be(), &mut e)
+                .unwrap_or_else(|| panic!("ipv6 {ipv6} gue {gue}"));
+            assert_eq!(e.ipv6, ipv6);
+            assert_eq!(e.overhead, overhead);
+            assert_eq!(e.mtu, 0x0500, "the MTU field the test's icmp() writes");
+            assert_eq!(e.proto, IPPROTO_TCP);
+            assert_eq!(u16::from_be(e.client_port_be), 40000);
+            let header = if ipv6 { 40 } else { 20 };
+            assert_eq!(e.inner_offset, 14 + header + 8 + overhead as usize);
+            if ipv6 {
+                assert_eq!(e.client, v6("2001:db8:c::7"));
+                assert_eq!(e.vip, v6("2001:db8:f::10"));
+                assert_eq!(e.backend, v6("fd00:20::5"));
+            } else {
+                assert_eq!(e.client, v4_mapped(CLIENT));
+                assert_eq!(e.vip, v4_mapped([192, 0, 2, 10]));
+                assert_eq!(e.backend, v4_mapped([10, 20, 0, 5]));
+            }
+        }
+    }
+
+    #[test]
+    fn other_errors_and_other_quotes_are_not_tunnel_errors() {
+        let mut e = TunnelTooBig::EMPTY;
+        let gue = 6080u16.to_be();
+        // A GUE quote to another port, a plain flow's error, a cut quote, another type.
+        assert!(
+            parse_tunnel_too_big_into(
+                tunnel_error(false, true).as_slice(),
+                6081u16.to_be(),
+                &mut e
+            )
+            .is_none()
+        );
+        assert!(parse_tunnel_too_big_into(v4_frag_needed().as_slice(), gue, &mut e).is_none());
+        let mut cut = tunnel_error(true, false);
+        cut.truncate(cut.len() - 30);
+        assert!(parse_tunnel_too_big_into(cut.as_slice(), gue, &mut e).is_none());
+        let mut unreachable = tunnel_error(false, false);
+        unreachable[14 + 20 + 1] = 1;
+        assert!(parse_tunnel_too_big_into(unreachable.as_slice(), gue, &mut e).is_none());
+        // Not sent by the balancer: the tunnel's source is not the error's destination.
+        let mut spoofed = tunnel_error(false, false);
+        spoofed[14 + 20 + 8 + 12] ^= 1;
+        assert!(parse_tunnel_too_big_into(spoofed.as_slice(), gue, &mut e).is_none());
     }
 
     #[test]

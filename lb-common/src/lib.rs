@@ -8,6 +8,7 @@
 pub mod abi;
 pub mod addr;
 pub mod csum;
+pub mod encap;
 pub mod hash;
 pub mod icmp;
 #[cfg(any(feature = "std", test))]

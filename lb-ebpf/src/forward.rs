@@ -11,8 +11,9 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use lb_common::{
     BACKEND_ACTIVE, BACKEND_DRAINING, Backend, CLOSE_FIN_FROM_BACKEND, CLOSE_FIN_FROM_CLIENT,
-    CLOSE_RESET, Counter, FlowKey, FlowState, IPPROTO_TCP, LAST_SEEN_GRANULARITY_NS, NextHop,
-    PORT_HAS_SHARED_ENDPOINT, PORT_IS_BACKEND, PORT_IS_VIP, ReverseNat, VipInfo, VipKey,
+    CLOSE_RESET, CachedHop, Counter, FORWARD_NAT, FlowKey, FlowState, IPPROTO_TCP,
+    LAST_SEEN_GRANULARITY_NS, NextHop, PORT_HAS_SHARED_ENDPOINT, PORT_IS_BACKEND, PORT_IS_VIP,
+    ReverseNat, VipInfo, VipKey,
     hash::flow_hash,
     parse::{PacketBytes, Parsed, Skip, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, parse},
 };
@@ -27,10 +28,11 @@ use crate::{
     },
     nat::Endpoint,
     stats::{count, count_forwarded},
+    tunnel,
 };
 
-const AF_INET: u8 = 2;
-const AF_INET6: u8 = 10;
+pub const AF_INET: u8 = 2;
+pub const AF_INET6: u8 = 10;
 
 /// The whole per-packet path of either hook; returns the hook's verdict.
 #[inline(always)]
@@ -60,12 +62,15 @@ pub fn process<H: Hook>(ctx: &H) -> u32 {
     // Choosing the translation and applying it are separate calls made from here, so their
     // stack frames are never stacked on each other (the verifier sums a call chain's frames).
     if role(p.dport_be) & PORT_IS_VIP != 0 {
-        let cache = to_backend(ctx, &p, &vip_key, &mut t);
-        if t.no_backend {
+        let slot = to_backend(ctx, &p, &vip_key, &mut t);
+        if t.miss == Miss::NoBackend {
             return H::DROP;
         }
-        if !t.not_a_vip {
-            return ctx.emit(&p, &t, cache);
+        if t.miss == Miss::None {
+            if t.forwarding != FORWARD_NAT {
+                return tunnel::emit(ctx, &p, &t, slot);
+            }
+            return ctx.emit(&p, &t, slot.map(|c| &mut c.hop));
         }
     }
     if role(p.sport_be) & PORT_IS_BACKEND != 0
@@ -86,7 +91,7 @@ pub fn parse_into<H: Hook>(ctx: &H, out: &mut Parsed) -> Result<(), Skip> {
 }
 
 #[inline(always)]
-fn flow_key(p: &Parsed) -> FlowKey {
+pub fn flow_key(p: &Parsed) -> FlowKey {
     FlowKey {
         src: p.src,
         dst: p.dst,
@@ -154,9 +159,9 @@ enum Flow {
     Unknown(Option<&'static mut FlowState>),
 }
 
-/// Finds or picks the flow's backend and fills `t`; returns where this CPU caches the
-/// backend's next hop. A flow no backend can take sets `t.no_backend`; a packet to no VIP
-/// (a VIP port on another address) sets `t.not_a_vip`.
+/// Finds or picks the flow's backend and fills `t`; returns this CPU's cache of the
+/// backend's hop. A flow no backend can take sets `t.miss` to `NoBackend`; a packet to no
+/// VIP (a VIP port on another address) to `NotAVip`.
 ///
 /// An established flow's packet is decided by its connection-table entry and the entry of
 /// the backend it names, which repeats the VIP's key and idle timeout: no VIP lookup. Only
@@ -170,7 +175,12 @@ enum Flow {
 /// The cache reference travels as the return value, not inside `t`: the verifier forgets a
 /// pointer's type when it is copied through memory in pieces.
 #[inline(never)]
-fn to_backend<H: Hook>(ctx: &H, p: &Parsed, vip_key: &VipKey, t: &mut Translation) -> HopCache {
+fn to_backend<H: Hook>(
+    ctx: &H,
+    p: &Parsed,
+    vip_key: &VipKey,
+    t: &mut Translation,
+) -> Option<&'static mut CachedHop> {
     let key = flow_key(p);
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
@@ -286,22 +296,23 @@ fn to_backend<H: Hook>(ctx: &H, p: &Parsed, vip_key: &VipKey, t: &mut Translatio
     t.endpoint = Endpoint::Destination;
     t.addr = backend.addr;
     t.port_be = backend.port_be;
+    t.forwarding = backend.forwarding;
     backend_hop(backend_id, now)
 }
 
 /// A packet to a VIP's port but no VIP's address: not for the forward path
-/// (`t.not_a_vip`); the caller sees whether it is a reply.
+/// (`Miss::NotAVip`); the caller sees whether it is a reply.
 #[inline(always)]
-fn not_a_vip(t: &mut Translation) -> HopCache {
-    t.not_a_vip = true;
+fn not_a_vip(t: &mut Translation) -> Option<&'static mut CachedHop> {
+    t.miss = Miss::NotAVip;
     None
 }
 
-/// No backend can take a new flow: it is dropped (`t.no_backend`).
+/// No backend can take a new flow: it is dropped (`Miss::NoBackend`).
 #[inline(always)]
-fn refuse_new_flow(t: &mut Translation) -> HopCache {
+fn refuse_new_flow(t: &mut Translation) -> Option<&'static mut CachedHop> {
     count(Counter::NoBackend);
-    t.no_backend = true;
+    t.miss = Miss::NoBackend;
     None
 }
 
@@ -361,17 +372,18 @@ fn record_reverse_if_shared<H: Hook>(
     }
 }
 
-/// Where this CPU keeps the backend's next hop. A hop older than a second is dropped here, so
-/// `next_hop` resolves it again: a changed route or neighbour reaches every flow to the
-/// backend within about a second, at one FIB lookup per second per CPU and backend.
+/// This CPU's cache of the backend's hop. A hop older than a second is dropped here, so
+/// `next_hop` (or `tunnel::emit`) resolves it again: a changed route or neighbour reaches
+/// every flow to the backend within about a second, at one FIB lookup per second per CPU
+/// and backend.
 #[inline(always)]
-pub fn backend_hop(id: u32, now: u64) -> HopCache {
+pub fn backend_hop(id: u32, now: u64) -> Option<&'static mut CachedHop> {
     let cached = backend_hop_slot(id)?;
     if now.wrapping_sub(cached.resolved_ns) > LAST_SEEN_GRANULARITY_NS {
         cached.resolved_ns = now;
         cached.hop.ifindex = 0;
     }
-    Some(&mut cached.hop)
+    Some(cached)
 }
 
 /// Replies go back the way the client's packet came: out of the interface it arrived on, to
@@ -530,25 +542,44 @@ fn note_reply_closing(p: &Parsed, vip_addr: &[u8; 16], vip_port_be: u16, bits: u
 #[repr(C, align(8))]
 pub struct Translation {
     pub addr: [u8; 16],
-    pub endpoint: Endpoint,
     pub port_be: u16,
-    /// No backend can take this new flow: drop it.
-    pub no_backend: bool,
-    /// The packet went to a VIP's port on an address that is no VIP.
-    pub not_a_vip: bool,
+    /// The flow's backend, where an ICMP error about a tunnelled flow needs its hop (ids
+    /// fit: `MAX_BACKENDS` is below 2^16). Small fields, widest first, keep the struct at
+    /// 24 bytes: it lives in the entry point's frame, which the TC call chain cannot spare.
+    pub backend_id: u16,
+    pub endpoint: Endpoint,
+    pub miss: Miss,
     /// The packet is translated already (an ICMP error, see `icmp.rs`): handing it on only
     /// lowers its TTL. `addr` is then its destination, for the next-hop lookup.
     pub already_translated: bool,
+    /// The backend's `Backend::forwarding`: NAT, or the tunnel to send the packet through.
+    pub forwarding: u8,
+}
+
+const _: () = assert!(core::mem::size_of::<Translation>() == 24);
+const _: () = assert!(lb_common::MAX_BACKENDS <= 1 << 16);
+
+/// Why the forward path does not take a packet to a VIP's port.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Miss {
+    /// It does: the backend is in the translation.
+    None,
+    /// No backend can take this new flow: drop it.
+    NoBackend,
+    /// The packet went to a VIP's port on an address that is no VIP.
+    NotAVip,
 }
 
 impl Translation {
     pub const NONE: Self = Self {
         addr: [0; 16],
-        endpoint: Endpoint::Destination,
         port_be: 0,
-        no_backend: false,
-        not_a_vip: false,
+        backend_id: 0,
+        endpoint: Endpoint::Destination,
+        miss: Miss::None,
         already_translated: false,
+        forwarding: FORWARD_NAT,
     };
 }
 
@@ -615,7 +646,7 @@ pub fn next_hop<H: Hook>(ctx: &H, p: &Parsed, t: &Translation, cache: HopCache) 
 }
 
 #[inline(always)]
-fn words(a: &[u8; 16]) -> [u32; 4] {
+pub fn words(a: &[u8; 16]) -> [u32; 4] {
     [
         u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
         u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),

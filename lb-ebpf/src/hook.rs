@@ -7,6 +7,16 @@ use lb_common::{csum::CsumDelta, parse::Parsed};
 
 use crate::{forward::Translation, maps::HopCache, packet::Packet};
 
+/// What room opened by `Hook::open_room` will hold: a socket buffer's offload state must
+/// know a tunnel header from anything else.
+#[derive(Clone, Copy)]
+pub enum Room {
+    /// Outer headers: IP of the family, with UDP or not.
+    Tunnel { ipv6: bool, udp: bool },
+    /// The IP and ICMP headers of an error quoting what follows them.
+    IcmpError,
+}
+
 pub trait Hook: EbpfContext {
     /// Leave the packet to the stack.
     const PASS: u32;
@@ -47,6 +57,23 @@ pub trait Hook: EbpfContext {
         delta: CsumDelta,
         ipv6_pseudo_header: bool,
     ) -> Option<()>;
+
+    /// The length that must fit a route's MTU with a tunnel in front (from the IP header
+    /// on); `None` when the kernel fits the packet itself (a GSO buffer, whose segments it
+    /// cuts to size when the tunnel is added).
+    fn length_to_fit(&self, p: &Parsed) -> Option<u32>;
+
+    /// Inserts `len` bytes between the Ethernet header (kept, `ETH_HLEN` bytes) and the IP
+    /// header, for `room`. Views of the packet taken before are stale afterwards.
+    fn open_room(&self, len: u16, room: Room) -> Option<()>;
+
+    /// Cuts the packet to its first `len` bytes (shorter packets are left alone). Views of
+    /// the packet taken before are stale afterwards.
+    fn truncate(&self, len: u32) -> Option<()>;
+
+    /// The verdict that sends the packet out of `ifindex` (the ingress interface: back where
+    /// it came from), settled before the packet is changed; `None` when this hook cannot.
+    fn send_out(&self, ifindex: u32) -> Option<u32>;
 
     /// Applies `t` and hands the packet on: out of an interface when the next hop is known
     /// (`cache` is where it is kept for the flow), through the stack otherwise.

@@ -20,8 +20,8 @@
 
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use lb_common::{
-    BACKEND_ACTIVE, BACKEND_DRAINING, Counter, FlowKey, IPPROTO_UDP, PORT_IS_BACKEND, PORT_IS_VIP,
-    VipKey,
+    BACKEND_ACTIVE, BACKEND_DRAINING, Counter, FORWARD_NAT, FlowKey, IPPROTO_UDP, PORT_IS_BACKEND,
+    PORT_IS_VIP, VipKey,
     csum::CsumDelta,
     icmp::{IPPROTO_ICMP, IPPROTO_ICMPV6, IcmpError, parse_icmp_error_into},
     parse::{
@@ -36,6 +36,7 @@ use crate::{
     maps::{HopCache, PORTS, VIPS, flow_entry},
     nat::Endpoint,
     stats::count,
+    tunnel,
 };
 
 /// Enough for the headers of any error the parser accepts: Ethernet, one VLAN tag, IPv4
@@ -54,7 +55,14 @@ pub fn translate<H: Hook>(ctx: &H, p: &mut Parsed) -> Option<u32> {
     let mut t = Translation::NONE;
     let cache = prepare(ctx, p, &mut t);
     if !t.already_translated {
-        return None;
+        return tunnel::translate_path_error(ctx);
+    }
+    if t.forwarding != FORWARD_NAT {
+        // SAFETY: a helper without arguments.
+        let slot = backend_hop(u32::from(t.backend_id), unsafe {
+            bpf_ktime_get_coarse_ns()
+        });
+        return Some(tunnel::emit(ctx, p, &t, slot));
     }
     if cache.is_none() {
         // Rewritten in part only, which cannot happen: never send it half-done.
@@ -79,6 +87,19 @@ fn prepare<H: Hook>(ctx: &H, p: &mut Parsed, t: &mut Translation) -> HopCache {
     parse_into(ctx, &mut e)?;
     let cache = find_flow(&e, t)?;
     t.already_translated = true;
+    if t.forwarding != FORWARD_NAT {
+        // About a reply a tunnelled backend sent from the VIP itself: the error goes to it
+        // through the tunnel as it came, since the quote is already the backend's own packet.
+        count(Counter::IcmpTranslated);
+        p.src = e.src;
+        p.dst = e.dst;
+        p.l3_offset = e.l3_offset;
+        p.l4_offset = e.icmp_offset;
+        p.ipv6 = e.ipv6;
+        p.proto = if e.ipv6 { IPPROTO_ICMPV6 } else { IPPROTO_ICMP };
+        p.ttl = e.ttl;
+        return Some(cache);
+    }
     rewrite(ctx, &e, t)?;
     count(Counter::IcmpTranslated);
     // The error as it now stands, for `emit`; `p` is as the failed parse left it: empty.
@@ -168,8 +189,10 @@ fn find_flow(e: &IcmpError, t: &mut Translation) -> HopCache {
     t.endpoint = Endpoint::Source;
     t.addr = backend.addr;
     t.port_be = backend.port_be;
+    t.forwarding = backend.forwarding;
+    t.backend_id = backend_id as u16;
     // SAFETY: a helper without arguments.
-    backend_hop(backend_id, unsafe { bpf_ktime_get_coarse_ns() })
+    backend_hop(backend_id, unsafe { bpf_ktime_get_coarse_ns() }).map(|c| &mut c.hop)
 }
 
 /// Whether the error's address on the rewritten endpoint's side is that endpoint's, and so

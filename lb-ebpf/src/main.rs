@@ -17,6 +17,7 @@ mod nat;
 mod packet;
 mod stats;
 mod tc;
+mod tunnel;
 mod xdp;
 
 use aya_ebpf::{macros::xdp, programs::XdpContext};

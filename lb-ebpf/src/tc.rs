@@ -6,15 +6,20 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{__sk_buff, TC_ACT_OK, TC_ACT_SHOT},
-    helpers::generated::{bpf_redirect, bpf_skb_pull_data},
+    bindings::{
+        __sk_buff, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L3_IPV6,
+        BPF_F_ADJ_ROOM_ENCAP_L4_UDP, TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+    },
+    helpers::generated::{
+        bpf_redirect, bpf_skb_adjust_room, bpf_skb_change_tail, bpf_skb_pull_data,
+    },
     programs::TcContext,
 };
 use lb_common::{Counter, csum::CsumDelta, parse::Parsed};
 
 use crate::{
     forward::{Translation, next_hop},
-    hook::Hook,
+    hook::{Hook, Room},
     maps::HopCache,
     nat::{decrement_ttl_skb, rewrite_skb, update_icmp_checksum_skb, update_ipv4_checksum_skb},
     packet::Packet,
@@ -105,6 +110,53 @@ impl Hook for TcContext {
         update_icmp_checksum_skb(self, offset, delta, ipv6_pseudo_header)
     }
 
+    #[inline(always)]
+    fn length_to_fit(&self, p: &Parsed) -> Option<u32> {
+        // SAFETY: the context points at the kernel's __sk_buff for this run.
+        if unsafe { (*skb(self)).gso_size } != 0 {
+            return None;
+        }
+        Some(self.len() - p.l3_offset as u32)
+    }
+
+    #[inline(always)]
+    fn open_room(&self, len: u16, room: Room) -> Option<()> {
+        // A tunnel's flags make a GSO buffer's segments leave as tunnel packets, each cut
+        // shorter by the tunnel's length (the helper lowers the segment size).
+        let flags = match room {
+            Room::Tunnel { ipv6, udp } => {
+                u64::from(if ipv6 {
+                    BPF_F_ADJ_ROOM_ENCAP_L3_IPV6
+                } else {
+                    BPF_F_ADJ_ROOM_ENCAP_L3_IPV4
+                }) | if udp {
+                    u64::from(BPF_F_ADJ_ROOM_ENCAP_L4_UDP)
+                } else {
+                    0
+                }
+            }
+            Room::IcmpError => 0,
+        };
+        // SAFETY: skb is this run's context; the helper checks the length and the headroom.
+        let rc = unsafe { bpf_skb_adjust_room(skb(self), i32::from(len), BPF_ADJ_ROOM_MAC, flags) };
+        (rc == 0).then_some(())
+    }
+
+    #[inline(always)]
+    fn truncate(&self, len: u32) -> Option<()> {
+        if self.len() <= len {
+            return Some(());
+        }
+        // SAFETY: skb is this run's context.
+        (unsafe { bpf_skb_change_tail(skb(self), len, 0) } == 0).then_some(())
+    }
+
+    #[inline(always)]
+    fn send_out(&self, ifindex: u32) -> Option<u32> {
+        // SAFETY: a helper taking plain integers; it only records the target.
+        Some(unsafe { bpf_redirect(ifindex, 0) as u32 })
+    }
+
     // Not inlined: shared by both directions, in its own stack frame.
     #[inline(never)]
     fn emit(&self, p: &Parsed, t: &Translation, cache: HopCache) -> u32 {
@@ -128,8 +180,7 @@ impl Hook for TcContext {
         if translated.is_none() || Packet::of_skb(self).write(0, nh.macs()).is_none() {
             return dropped_malformed();
         }
-        // SAFETY: a helper taking plain integers; it only records the target.
-        unsafe { bpf_redirect(nh.ifindex, 0) as u32 }
+        self.send_out(nh.ifindex).unwrap_or(SHOT)
     }
 }
 

@@ -1,12 +1,20 @@
 //! The XDP hook: frames straight from the driver, complete checksums, out with `XDP_TX` or
 //! `XDP_REDIRECT` through the redirect map.
 
-use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use lb_common::{Counter, csum::CsumDelta, parse::Parsed};
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::generated::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    programs::XdpContext,
+};
+use lb_common::{
+    Counter,
+    csum::CsumDelta,
+    parse::{ETH_HLEN, PacketBytes as _, Parsed},
+};
 
 use crate::{
     forward::{Translation, next_hop},
-    hook::Hook,
+    hook::{Hook, Room},
     maps::{EGRESS_PORTS, HopCache},
     nat::{decrement_ttl, rewrite, update_checksum},
     packet::Packet,
@@ -30,7 +38,6 @@ impl Hook for XdpContext {
 
     #[inline(always)]
     fn wire_len(&self) -> u64 {
-        use lb_common::parse::PacketBytes as _;
         self.packet().len() as u64
     }
 
@@ -42,7 +49,6 @@ impl Hook for XdpContext {
 
     #[inline(always)]
     fn fib_tot_len(&self, p: &Parsed) -> u16 {
-        use lb_common::parse::PacketBytes as _;
         (self.packet().len() - p.l3_offset) as u16
     }
 
@@ -59,6 +65,44 @@ impl Hook for XdpContext {
     #[inline(always)]
     fn update_icmp_checksum(&self, offset: usize, delta: CsumDelta, _pseudo: bool) -> Option<()> {
         update_checksum(&self.packet(), offset, delta)
+    }
+
+    #[inline(always)]
+    fn length_to_fit(&self, p: &Parsed) -> Option<u32> {
+        Some((self.packet().len() - p.l3_offset) as u32)
+    }
+
+    #[inline(always)]
+    fn open_room(&self, len: u16, _room: Room) -> Option<()> {
+        // SAFETY: ctx is this run's xdp_md; the helper checks the headroom.
+        if unsafe { bpf_xdp_adjust_head(self.ctx.cast(), -i32::from(len)) } != 0 {
+            return None;
+        }
+        // The Ethernet header moves to the new start; what follows it is the room.
+        let pkt = self.packet();
+        let eth = pkt.read::<ETH_HLEN>(usize::from(len))?;
+        pkt.write(0, eth)
+    }
+
+    #[inline(always)]
+    fn truncate(&self, len: u32) -> Option<()> {
+        // Opaque to LLVM: otherwise it folds `len` into the pointer difference and emits
+        // scalar-minus-pointer, which the verifier refuses.
+        let current = core::hint::black_box(self.packet().len()) as i64;
+        let cut = current - i64::from(len);
+        if cut <= 0 {
+            return Some(());
+        }
+        // SAFETY: ctx is this run's xdp_md; the helper refuses cuts past the minimum.
+        (unsafe { bpf_xdp_adjust_tail(self.ctx.cast(), -(cut as i32)) } == 0).then_some(())
+    }
+
+    #[inline(always)]
+    fn send_out(&self, ifindex: u32) -> Option<u32> {
+        if ifindex == Hook::ingress_ifindex(self) {
+            return Some(xdp_action::XDP_TX);
+        }
+        EGRESS_PORTS.redirect(ifindex, 0).ok()
     }
 
     // Not inlined: shared by both directions, in its own stack frame.
@@ -79,13 +123,8 @@ impl Hook for XdpContext {
         // The action is settled before the frame is touched: an egress that is not in the
         // redirect map (it left it since the next hop was cached, or a reply's client-side
         // interface never was in it) sends the packet through the stack, MACs untouched.
-        let action = if nh.ifindex == Hook::ingress_ifindex(self) {
-            xdp_action::XDP_TX
-        } else {
-            match EGRESS_PORTS.redirect(nh.ifindex, 0) {
-                Ok(action) => action,
-                Err(_) => return via_stack(pkt, p, t),
-            }
+        let Some(action) = self.send_out(nh.ifindex) else {
+            return via_stack(pkt, p, t);
         };
         let translated = if t.already_translated {
             decrement_ttl(pkt, p)

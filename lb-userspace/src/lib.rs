@@ -15,6 +15,7 @@ pub mod datapath;
 pub mod decap;
 pub mod health;
 pub mod metrics;
+pub mod neighbours;
 pub mod ownership;
 pub mod paths;
 pub mod relink;

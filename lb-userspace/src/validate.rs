@@ -29,7 +29,7 @@ pub enum NetlinkError {
 /// Runs a netlink conversation to completion from any context: a plain thread, a blocking
 /// task, or the agent's event loop (where blocking on the runtime itself would panic). The
 /// helper thread is created by the calling thread, so it shares its network namespace.
-fn with_netlink<T: Send>(
+pub(crate) fn with_netlink<T: Send>(
     talk: impl AsyncFnOnce(rtnetlink::Handle) -> Result<T, NetlinkError> + Send,
 ) -> Result<T, NetlinkError> {
     std::thread::scope(|scope| {
