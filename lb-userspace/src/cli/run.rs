@@ -60,6 +60,15 @@ pub struct RunArgs {
     /// engine's events: added when they start, drained and removed when they stop.
     #[arg(long, value_enum, value_name = "ENGINE")]
     containers: Option<lb_userspace::containers::EngineChoice>,
+    /// Outer source address of direct-server-return tunnels (ipip, gue VIPs), one per
+    /// address family (repeatable); it must be an address of this host [default: the source
+    /// of the route to each backend]
+    #[arg(long = "encap-source", value_name = "ADDR")]
+    encap_sources: Vec<std::net::IpAddr>,
+    /// UDP port GUE-encapsulated packets are sent to (the backends' decapsulation listens
+    /// there) [default: 6080]
+    #[arg(long, value_name = "PORT")]
+    gue_port: Option<u16>,
 }
 
 /// `--ring-size`: Maglev needs a prime, refused here rather than after loading the maps.
@@ -90,7 +99,11 @@ pub fn run(args: RunArgs, socket: Option<PathBuf>) -> Result<()> {
         no_metrics,
         config,
         containers,
+        encap_sources,
+        gue_port,
     } = args;
+    let encap = lb_userspace::encap::Encap::new(&encap_sources, gue_port)
+        .context("--encap-source/--gue-port")?;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -138,6 +151,7 @@ pub fn run(args: RunArgs, socket: Option<PathBuf>) -> Result<()> {
         }),
         config,
         containers,
+        encap,
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
