@@ -45,7 +45,7 @@ pub use ipnet;
 
 pub use crate::{
     error::Error,
-    link::LinkInfo,
+    link::{LinkInfo, LinkStats},
     ns::{Netns, cleanup_stale},
-    topology::{Endpoint, Network, NsId, Topology, Veth},
+    topology::{DsrTopology, Endpoint, Network, NsId, Topology, Veth},
 };
