@@ -394,6 +394,9 @@ impl Agent {
                 self.sync_health_targets();
                 if mutates {
                     self.following.ensure_watching(&self.balancer);
+                    // A new tunnelled backend's next hop, resolved before its first packet
+                    // rather than at the next sweep.
+                    self.keep_tunnel_hops_resolved();
                 }
                 if mutates
                     && let Err(e) = save_state(&self.state_path, &self.balancer.desired_state())
