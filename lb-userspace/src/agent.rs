@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     api::{AgentInfo, CounterValue, InterfaceStatus, Reply, Request, Stats, Status},
@@ -393,6 +393,9 @@ impl Agent {
             Ok(reply) => {
                 self.sync_health_targets();
                 if mutates {
+                    self.keep_tunnel_hops_resolved();
+                }
+                if mutates {
                     self.following.ensure_watching(&self.balancer);
                 }
                 if mutates
@@ -567,6 +570,32 @@ impl Agent {
                 warn!("metrics: {e:#}");
                 String::new()
             }
+        }
+    }
+
+    /// Has the kernel keep the next hops towards direct-server-return backends resolved
+    /// ([`crate::neighbours::keep_resolved`]): a tunnelled packet cannot be left to the stack
+    /// to resolve, and no reply of those backends comes through to teach it.
+    fn keep_tunnel_hops_resolved(&self) {
+        let mut backends: Vec<std::net::IpAddr> = self
+            .balancer
+            .desired_state()
+            .vips
+            .iter()
+            .filter(|v| v.forwarding.is_dsr())
+            .flat_map(|v| v.backends.iter().map(|b| b.addr.ip()))
+            .collect();
+        if backends.is_empty() {
+            return;
+        }
+        backends.sort_unstable();
+        backends.dedup();
+        match crate::neighbours::keep_resolved(&backends) {
+            Ok(managed) => debug!(?managed, "next hops of tunnelled backends kept resolved"),
+            Err(e) => warn!(
+                "the next hops of tunnelled backends may go unresolved: {}",
+                error_chain(&e)
+            ),
         }
     }
 
@@ -984,6 +1013,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     lock(&agent).hooks = attachments.hooks();
     let mut relink_sweep = tokio::time::interval(RELINK_SWEEP);
     lock(&agent).sync_health_targets();
+    lock(&agent).keep_tunnel_hops_resolved();
     lock(&agent).warn_about_backend_routes();
     {
         let agent = &mut *lock(&agent);
@@ -1024,6 +1054,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
                         info!("{change}");
                     }
                     agent.sync_health_targets();
+                    agent.keep_tunnel_hops_resolved();
                     if let Err(e) = save_state(&agent.state_path, &agent.balancer.desired_state()) {
                         warn!("{e:#}");
                     }
@@ -1038,6 +1069,8 @@ pub async fn run(options: AgentOptions) -> Result<()> {
                 }
             }
             _ = relink_sweep.tick() => {
+                // A learned entry that expired becomes a managed one on the next call.
+                lock(&agent).keep_tunnel_hops_resolved();
                 for (name, index) in attachments.moved() {
                     reattach(&agent, &mut attachments, options.mode, &name, index).await;
                 }
