@@ -1011,6 +1011,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     let mut relink_sweep = tokio::time::interval(RELINK_SWEEP);
     let mut neighbour_sweep = tokio::time::interval(NEIGHBOUR_SWEEP);
     lock(&agent).sync_health_targets();
+    lock(&agent).keep_tunnel_hops_resolved();
     lock(&agent).warn_about_backend_routes();
     {
         let agent = &mut *lock(&agent);
@@ -1051,6 +1052,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
                         info!("{change}");
                     }
                     agent.sync_health_targets();
+                    agent.keep_tunnel_hops_resolved();
                     if let Err(e) = save_state(&agent.state_path, &agent.balancer.desired_state()) {
                         warn!("{e:#}");
                     }
