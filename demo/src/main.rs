@@ -10,6 +10,9 @@
 //! `podman rm`, and xlb follows both on its own. Otherwise, or with `--no-podman`, they are network
 //! namespaces with a TCP server thread each, and everything runs in namespaces named
 //! `xlbdemo-*`, so the host's own network is never touched.
+//!
+//! Last, in both modes, direct server return ([`dsr`]): replicas behind a router in
+//! namespaces of their own, a second agent tunnelling to them, replies that bypass it.
 
 mod agent;
 mod dsr;
