@@ -409,3 +409,54 @@ fn run_in(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loopback_listener() -> (TcpListener, SocketAddrV4) {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("binding loopback");
+        let SocketAddr::V4(addr) = listener.local_addr().expect("address") else {
+            unreachable!("bound to IPv4")
+        };
+        (listener, addr)
+    }
+
+    #[test]
+    fn a_replica_answer_is_its_name_and_the_checked_body() {
+        let (listener, addr) = loopback_listener();
+        let mut server = DsrServer::start(listener, "web-dsr-7".to_owned()).expect("server");
+        let (name, len) = request(addr).expect("request");
+        server.stop();
+        assert_eq!(name, "web-dsr-7");
+        assert_eq!(len, "web-dsr-7\n".len() + BODY_LEN);
+    }
+
+    #[test]
+    fn a_damaged_or_short_answer_is_an_error() {
+        for (damage, expected) in [
+            (Some(100), "differs from what it sent at byte 100"),
+            (None, "body bytes, not"),
+        ] {
+            let (listener, addr) = loopback_listener();
+            let server = thread::spawn(move || {
+                let (stream, _) = listener.accept().expect("accept");
+                let mut line = String::new();
+                BufReader::new((&stream).take(1024))
+                    .read_line(&mut line)
+                    .expect("request line");
+                let mut body: Vec<u8> = (0..BODY_LEN).map(body_byte).collect();
+                match damage {
+                    Some(at) => body[at] ^= 0xff,
+                    None => body.truncate(BODY_LEN - 1),
+                }
+                (&stream).write_all(b"web-dsr-1\n").expect("name");
+                (&stream).write_all(&body).expect("body");
+                stream.shutdown(Shutdown::Write).expect("shutdown");
+            });
+            let err = request(addr).expect_err("a damaged answer must not pass");
+            server.join().expect("server thread");
+            assert!(format!("{err:#}").contains(expected), "{err:#}");
+        }
+    }
+}
