@@ -931,16 +931,22 @@ struct Lab {
 
 impl Lab {
     fn new(backends: usize) -> Self {
+        Self::with_inside_mtu(backends, INSIDE_MTU)
+    }
+
+    /// As `new`, the links behind the balancer at `inside_mtu` (1500: as narrow as the
+    /// client's, so its full-sized packets no longer fit once tunnelled).
+    fn with_inside_mtu(backends: usize, inside_mtu: u32) -> Self {
         let topo = DsrTopology::with_prefix("xlbdsr-", backends).expect("DSR topology");
         let mut links = vec![&topo.lb_link];
         links.extend(&topo.backend_links);
         for link in links {
             topo.router()
-                .set_mtu(&link.a.ifname, INSIDE_MTU)
+                .set_mtu(&link.a.ifname, inside_mtu)
                 .expect("router MTU");
             topo.net
                 .ns(link.b.ns)
-                .set_mtu(&link.b.ifname, INSIDE_MTU)
+                .set_mtu(&link.b.ifname, inside_mtu)
                 .expect("MTU");
         }
         let stop = Arc::new(AtomicBool::new(false));
@@ -1237,6 +1243,61 @@ fn the_balancer_tunnels_and_the_backends_answer_the_client_directly() {
             "backend {i} got nothing: {text}"
         );
         assert_eq!(counter(&text, "decap_failed"), 0, "{text}");
+    }
+}
+
+/// Path-MTU discovery through the balancer's own "too big": every link at 1500, so the
+/// client's full-sized segments no longer fit once tunnelled. With segmentation offloads
+/// off at the client (segments leave one by one, as from a NIC; a GSO buffer the TC hook
+/// would cut to size itself), the first ones are answered with "fragmentation needed" /
+/// "packet too big" from the VIP, the client's stack lowers its path MTU to the VIP, and
+/// the 1 MiB upload and its echo complete, every byte checked.
+#[test]
+fn path_mtu_discovery_converges_through_the_balancers_too_big() {
+    let lab = Lab::with_inside_mtu(1, 1500);
+    let client_if = &lab.topo.client_link.b.ifname;
+    let status = lab
+        .topo
+        .client()
+        .command("ethtool")
+        .args(["-K", client_if, "tso", "off", "gso", "off"])
+        .status()
+        .expect("running ethtool");
+    assert!(status.success(), "ethtool -K {client_if} tso off gso off");
+    // Nor merged on the way: GRO on the router or at the balancer would hand the TC hook
+    // aggregates, which it cuts to size without a word.
+    lab.topo
+        .router()
+        .set_gro(&lab.topo.client_link.a.ifname, false)
+        .expect("GRO off");
+    lab.topo
+        .lb()
+        .set_gro(&lab.topo.lb_link.b.ifname, false)
+        .expect("GRO off");
+    let agent = NsAgent::start(lab.topo.lb(), "dsr", &["router"], &[]);
+    for v6 in [false, true] {
+        for (port, proto, forwarding) in [
+            (TCP_IPIP, "tcp", "ipip"),
+            (TCP_GUE, "tcp", "gue"),
+            (UDP_IPIP, "udp", "ipip"),
+        ] {
+            let vip = vip(v6, port, proto);
+            agent.cli(&["vip", "add", &vip, "--forwarding", forwarding]);
+            agent.cli(&["backend", "add", &vip, &lab.backend_addr(0, v6, port)]);
+        }
+    }
+    wait_until_tunnels_work(&lab, UDP_IPIP);
+    for v6 in [false, true] {
+        for (port, seed) in [(TCP_IPIP, 5), (TCP_GUE, 6)] {
+            let before = common::counter(&agent.stats(), "too_big_for_tunnel");
+            bulk_echo(&lab.topo, vip_addr(v6, port), seed);
+            let answered = common::counter(&agent.stats(), "too_big_for_tunnel") - before;
+            assert!(
+                answered > 0,
+                "{}: the upload completed without a too-big answer: the test did not test it",
+                vip_addr(v6, port)
+            );
+        }
     }
 }
 
