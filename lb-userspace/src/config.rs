@@ -74,6 +74,8 @@ pub struct AgentConfig {
     pub socket: Option<PathBuf>,
     pub state: Option<PathBuf>,
     pub bpffs: Option<PathBuf>,
+    /// Announce VIPs to routers through this routing table (`xlb run --announce-table`).
+    pub announce_table: Option<u32>,
 }
 
 /// The `[agent]` settings that differ between `before` and `after`, by their key in the file.
@@ -97,6 +99,9 @@ pub fn agent_changes(before: &AgentConfig, after: &AgentConfig) -> Vec<&'static 
     }
     if before.bpffs != after.bpffs {
         changed.push("bpffs");
+    }
+    if before.announce_table != after.announce_table {
+        changed.push("announce_table");
     }
     changed
 }
@@ -188,6 +193,7 @@ struct RawAgent {
     socket: Option<PathBuf>,
     state: Option<PathBuf>,
     bpffs: Option<PathBuf>,
+    announce_table: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -419,6 +425,7 @@ fn validate_agent(a: RawAgent) -> Result<AgentConfig, Problem> {
         socket: a.socket,
         state: a.state,
         bpffs: a.bpffs,
+        announce_table: a.announce_table,
     })
 }
 
@@ -1151,9 +1158,13 @@ mod tests {
         let after = AgentConfig {
             ifaces: vec!["eth0".into(), "eth1".into()],
             xdp_mode: Some(ModeChoice::Tc),
+            announce_table: Some(100),
             ..before.clone()
         };
-        assert_eq!(agent_changes(&before, &after), ["ifaces", "xdp_mode"]);
+        assert_eq!(
+            agent_changes(&before, &after),
+            ["ifaces", "xdp_mode", "announce_table"]
+        );
     }
 
     fn err(text: &str) -> (usize, usize, String) {

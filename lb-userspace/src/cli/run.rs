@@ -60,6 +60,12 @@ pub struct RunArgs {
     /// engine's events: added when they start, drained and removed when they stop.
     #[arg(long, value_enum, value_name = "ENGINE")]
     containers: Option<lb_userspace::containers::EngineChoice>,
+    /// Announce each VIP this node can serve as a route in routing table N (VIP/32 dev lo
+    /// proto 176), for the node's BGP daemon to learn and advertise (docs/scale-out.md);
+    /// withdrawn when it has no usable backend, on `xlb node drain`, and at a stop without
+    /// --keep-attached.
+    #[arg(long, value_name = "N")]
+    announce_table: Option<u32>,
 }
 
 /// `--ring-size`: Maglev needs a prime, refused here rather than after loading the maps.
@@ -90,6 +96,7 @@ pub fn run(args: RunArgs, socket: Option<PathBuf>) -> Result<()> {
         no_metrics,
         config,
         containers,
+        announce_table,
     } = args;
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -138,6 +145,7 @@ pub fn run(args: RunArgs, socket: Option<PathBuf>) -> Result<()> {
         }),
         config,
         containers,
+        announce_table: announce_table.or(file.announce_table),
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
