@@ -18,7 +18,7 @@ use std::{
 
 use thiserror::Error;
 
-use crate::model::VipSpec;
+use crate::model::{Forwarding, VipSpec};
 
 /// Whether an address was given as a VIP or as a backend: the reasons differ.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -268,17 +268,22 @@ pub enum Route {
     None(String),
 }
 
-/// The warning for a backend whose traffic would leave through an interface xlb is not
-/// attached to (its replies would reach clients untranslated), or that has no route at all;
-/// `None` when the route is fine. `attached` holds (name, index) of the agent's interfaces.
+/// The warning for a NAT backend whose traffic would leave through an interface xlb is not
+/// attached to (its replies would reach clients untranslated), or for any backend that has
+/// no route at all; `None` when the route is fine. `attached` holds (name, index) of the
+/// agent's interfaces. A direct-server-return backend answers clients itself, so where its
+/// route leaves does not matter.
 #[must_use]
 pub fn route_warning(
     backend: SocketAddr,
+    forwarding: Forwarding,
     route: &Route,
     attached: &[(String, u32)],
 ) -> Option<String> {
     match route {
-        Route::Out { ifindex, ifname } if !attached.iter().any(|(_, i)| i == ifindex) => {
+        Route::Out { ifindex, ifname }
+            if !forwarding.is_dsr() && !attached.iter().any(|(_, i)| i == ifindex) =>
+        {
             Some(format!(
                 "backend {backend} is reached through {ifname}, which xlb is not attached to: its replies would not be translated back to the VIP (add --iface {ifname} to `xlb run`)"
             ))
@@ -446,23 +451,35 @@ mod tests {
             ifindex,
             ifname: ifname.to_owned(),
         };
-        assert_eq!(route_warning(backend, &out(5, "veth-b0"), &attached), None);
-        assert_eq!(route_warning(backend, &Route::Local, &attached), None);
-        let w = route_warning(backend, &out(7, "veth-b1"), &attached).unwrap();
+        let nat = Forwarding::Nat;
+        assert_eq!(
+            route_warning(backend, nat, &out(5, "veth-b0"), &attached),
+            None
+        );
+        assert_eq!(route_warning(backend, nat, &Route::Local, &attached), None);
+        // Replies of a DSR backend go straight to the client: any way out is fine.
+        assert_eq!(
+            route_warning(backend, Forwarding::Gue, &out(7, "veth-b1"), &attached),
+            None
+        );
+        let w = route_warning(backend, nat, &out(7, "veth-b1"), &attached).unwrap();
         assert_eq!(
             w,
             "backend 10.12.0.2:80 is reached through veth-b1, which xlb is not attached to: its replies would not be translated back to the VIP (add --iface veth-b1 to `xlb run`)"
         );
-        let w = route_warning(
-            backend,
-            &Route::None("network is unreachable".into()),
-            &attached,
-        )
-        .unwrap();
-        assert!(
-            w.contains("has no route") && w.contains("network is unreachable"),
-            "{w}"
-        );
+        for forwarding in Forwarding::ALL {
+            let w = route_warning(
+                backend,
+                forwarding,
+                &Route::None("network is unreachable".into()),
+                &attached,
+            )
+            .unwrap();
+            assert!(
+                w.contains("has no route") && w.contains("network is unreachable"),
+                "{w}"
+            );
+        }
     }
 
     #[test]

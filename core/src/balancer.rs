@@ -18,13 +18,13 @@ use crate::{
     health::HealthSpec,
     ids::IdPool,
     limits::{
-        BalancerError, check_limits, family, validate_backend, validate_vip_timeout,
-        validate_weight,
+        BalancerError, backend_address, check_limits, family, validate_backend,
+        validate_vip_timeout, validate_weight,
     },
     maps::{Maps, carry_out},
     model::{
-        BackendConfig, BackendState, BackendStatus, DesiredState, Explanation, Protocol, VipConfig,
-        VipSettings, VipSpec, VipStatus,
+        BackendConfig, BackendState, BackendStatus, DesiredState, Explanation, Forwarding,
+        Protocol, VipConfig, VipSettings, VipSpec, VipStatus,
     },
     plan::{self, MapContents, ServiceKey, choose_half, ring_base},
 };
@@ -77,6 +77,9 @@ struct VipEntry {
     health: Option<HealthSpec>,
     /// Seconds; `None`: the protocol's default.
     idle_timeout_s: Option<u32>,
+    /// Fixed for the VIP's life: a change replaces the VIP (new ids, so no flow carries
+    /// over into a method its backend did not open it with).
+    forwarding: Forwarding,
     /// Which half of the VIP's double buffer is live.
     live_half: usize,
     /// What each half holds, so a rebuild only writes the slots that change.
@@ -268,6 +271,20 @@ impl<M: Maps> Balancer<M> {
         vip: VipSpec,
         idle_timeout_s: Option<u32>,
     ) -> Result<(), M::Error> {
+        self.add_vip_with(vip, idle_timeout_s, Forwarding::Nat)
+    }
+
+    /// Adds a VIP whose flows idle out after `idle_timeout_s` seconds (`None`: the default)
+    /// and reach its backends by `forwarding`.
+    ///
+    /// # Errors
+    /// The VIP exists already, an idle timeout out of range, or no slot is free.
+    pub fn add_vip_with(
+        &mut self,
+        vip: VipSpec,
+        idle_timeout_s: Option<u32>,
+        forwarding: Forwarding,
+    ) -> Result<(), M::Error> {
         if self.model.vips.contains_key(&vip) {
             return Err(BalancerError::DuplicateVip(vip));
         }
@@ -282,6 +299,7 @@ impl<M: Maps> Balancer<M> {
             id,
             health: None,
             idle_timeout_s,
+            forwarding,
             live_half: 0,
             halves: [Vec::new(), Vec::new()],
             backends: BTreeMap::new(),
@@ -409,24 +427,51 @@ impl<M: Maps> Balancer<M> {
         self.use_port(vip.addr.port(), true, -1)
             .map_err(BalancerError::Datapath)?;
         for (addr, backend) in &entry.backends {
-            self.release_backend(vip, backend.id, *addr)?;
+            self.release_backend(vip, entry.forwarding, backend.id, *addr)?;
         }
         self.model.vip_ids.give_back(entry.id);
         Ok(())
     }
 
-    /// Adds a backend to a VIP and rebuilds its ring.
+    /// The backend `given` names for `vip`: port 0 (none given) stands for the VIP's own
+    /// port on a direct-server-return VIP.
     ///
     /// # Errors
-    /// Unknown VIP, duplicate backend, family mismatch, bad weight, no free id.
+    /// Unknown VIP; port 0 for a NAT VIP.
+    pub fn resolve_backend(
+        &self,
+        vip: &VipSpec,
+        given: SocketAddr,
+    ) -> Result<SocketAddr, M::Error> {
+        backend_address(vip, self.vip_entry(vip)?.forwarding, given)
+    }
+
+    /// How `vip` reaches its backends.
+    ///
+    /// # Errors
+    /// Unknown VIP.
+    pub fn forwarding(&self, vip: &VipSpec) -> Result<Forwarding, M::Error> {
+        Ok(self.vip_entry(vip)?.forwarding)
+    }
+
+    /// Adds a backend to a VIP and rebuilds its ring; port 0 stands for the VIP's port on a
+    /// direct-server-return VIP ([`Self::resolve_backend`]). A NAT VIP's backend gets its
+    /// endpoint entry and port role (its replies are translated back); a direct-server-return
+    /// VIP's backend gets neither, since its replies never come through the balancer.
+    ///
+    /// # Errors
+    /// Unknown VIP, duplicate backend, family mismatch, bad weight, a DSR backend on another
+    /// port than the VIP's, no free id.
     pub fn add_backend(
         &mut self,
         vip: &VipSpec,
         backend: SocketAddr,
         weight: u32,
     ) -> Result<(), M::Error> {
+        let backend = self.resolve_backend(vip, backend)?;
         let entry = self.vip_entry(vip)?;
-        validate_backend(vip, backend, weight, &entry.backends)?;
+        let forwarding = entry.forwarding;
+        validate_backend(vip, forwarding, backend, weight, &entry.backends)?;
         let id = self
             .model
             .backend_ids
@@ -441,9 +486,13 @@ impl<M: Maps> Balancer<M> {
             discovered: false,
             running: true,
         };
-        if let Err(e) = self
-            .use_port(backend.port(), false, 1)
-            .and_then(|()| self.update_endpoint(backend, *vip, true))
+        let reply_state = if forwarding.is_dsr() {
+            Ok(())
+        } else {
+            self.use_port(backend.port(), false, 1)
+                .and_then(|()| self.update_endpoint(backend, *vip, true))
+        };
+        if let Err(e) = reply_state
             .map_err(BalancerError::Datapath)
             .and_then(|()| self.write_backend(id, vip, backend, new.flags()))
         {
@@ -480,6 +529,7 @@ impl<M: Maps> Balancer<M> {
     /// # Errors
     /// Unknown VIP or backend, or a map update failing.
     pub fn remove_backend(&mut self, vip: &VipSpec, backend: SocketAddr) -> Result<(), M::Error> {
+        let backend = self.resolve_backend(vip, backend)?;
         let entry = self
             .model
             .vips
@@ -489,16 +539,18 @@ impl<M: Maps> Balancer<M> {
             .backends
             .remove(&backend)
             .ok_or(BalancerError::UnknownBackend { vip: *vip, backend })?;
+        let forwarding = entry.forwarding;
         // Ring first, so no packet can pick the backend after its entry is cleared.
         self.rebuild_ring(vip)?;
-        self.release_backend(vip, removed.id, backend)
+        self.release_backend(vip, forwarding, removed.id, backend)
     }
 
     /// Clears a removed backend's entry (its flows stop matching), keeps its traffic in the
-    /// VIP's totals, frees its id and its port.
+    /// VIP's totals, frees its id and (NAT) its port and endpoint.
     fn release_backend(
         &mut self,
         vip: &VipSpec,
+        forwarding: Forwarding,
         id: u32,
         addr: SocketAddr,
     ) -> Result<(), M::Error> {
@@ -508,8 +560,10 @@ impl<M: Maps> Balancer<M> {
             self.maps.retire_backend_traffic(id, vip_id).map_err(dp)?;
         }
         self.model.backend_ids.give_back(id);
-        self.use_port(addr.port(), false, -1).map_err(dp)?;
-        self.update_endpoint(addr, *vip, false).map_err(dp)?;
+        if !forwarding.is_dsr() {
+            self.use_port(addr.port(), false, -1).map_err(dp)?;
+            self.update_endpoint(addr, *vip, false).map_err(dp)?;
+        }
         Ok(())
     }
 
@@ -527,6 +581,7 @@ impl<M: Maps> Balancer<M> {
         if let Some(w) = weight {
             validate_weight(w)?;
         }
+        let backend = self.resolve_backend(vip, backend)?;
         self.change_backend(vip, backend, |b| {
             if let Some(w) = weight {
                 b.weight = w;
@@ -715,6 +770,7 @@ impl<M: Maps> Balancer<M> {
             vip,
             entry.id,
             entry.idle_timeout_s(vip.proto),
+            entry.forwarding,
             flags,
         );
         self.maps
@@ -842,6 +898,7 @@ impl<M: Maps> Balancer<M> {
             id: entry.id,
             ring_size: if live.is_empty() { 0 } else { self.ring_size() },
             idle_timeout_s: entry.idle_timeout_s(vip.proto),
+            forwarding: entry.forwarding,
             health_check: entry.health.clone(),
             packets: traffic.packets,
             bytes: traffic.bytes,
@@ -898,6 +955,7 @@ impl<M: Maps> Balancer<M> {
             vip: *vip,
             flow_hash: hash,
             ring_slot: slot,
+            forwarding: entry.forwarding,
             new_flow_backend,
             tracked_backend,
         })
@@ -916,6 +974,7 @@ impl<M: Maps> Balancer<M> {
                     id: Some(entry.id),
                     health: entry.health.clone(),
                     idle_timeout_s: entry.idle_timeout_s,
+                    forwarding: entry.forwarding,
                     backends: entry
                         .backends
                         .iter()
@@ -1049,6 +1108,18 @@ impl<M: Maps> Balancer<M> {
         }
     }
 
+    /// The backends of `wanted`'s VIP that stay as they are: all of the model's, unless
+    /// the VIP is new or changes its forwarding method. A VIP whose method changes keeps its
+    /// slot, counters and ring halves, but all its backends are replaced (new ids), so no
+    /// flow carries over into a method its backend did not open it with.
+    fn staying_backends(&self, wanted: &VipConfig) -> Option<&BTreeMap<SocketAddr, BackendEntry>> {
+        self.model
+            .vips
+            .get(&wanted.vip)
+            .filter(|e| e.forwarding == wanted.forwarding)
+            .map(|e| &e.backends)
+    }
+
     /// Whether the VIPs and backends `wanted` adds fit beside the ones it removes.
     fn has_room_for(&self, wanted: &DesiredState) -> bool {
         let current = &self.model.vips;
@@ -1060,11 +1131,10 @@ impl<M: Maps> Balancer<M> {
         let new_backends = wanted
             .vips
             .iter()
-            .flat_map(|v| v.backends.iter().map(move |b| (v.vip, b.addr)))
-            .filter(|(vip, addr)| {
-                current
-                    .get(vip)
-                    .is_none_or(|e| !e.backends.contains_key(addr))
+            .flat_map(|v| v.backends.iter().map(move |b| (v, b.addr)))
+            .filter(|(v, addr)| {
+                self.staying_backends(v)
+                    .is_none_or(|backends| !backends.contains_key(addr))
             })
             .count();
         new_vips <= self.model.vip_ids.available()
@@ -1079,8 +1149,9 @@ impl<M: Maps> Balancer<M> {
             let Some(w) = wanted.vips.iter().find(|w| w.vip == v.vip) else {
                 return false;
             };
-            v.backends
-                .retain(|b| w.backends.iter().any(|wb| wb.addr == b.addr));
+            v.backends.retain(|b| {
+                w.forwarding == v.forwarding && w.backends.iter().any(|wb| wb.addr == b.addr)
+            });
             true
         });
         kept
@@ -1208,6 +1279,7 @@ impl<M: Maps> Balancer<M> {
         let mut joined = Vec::new();
         for v in added.iter().chain(&kept) {
             let before = old.vips.get(&v.vip);
+            let staying_backends = self.staying_backends(v);
             let id = match before {
                 Some(e) => e.id,
                 None => next
@@ -1219,6 +1291,7 @@ impl<M: Maps> Balancer<M> {
                 id,
                 health: v.health.clone(),
                 idle_timeout_s: v.idle_timeout_s,
+                forwarding: v.forwarding,
                 live_half: before.map_or(0, |e| e.live_half),
                 halves: before.map_or_else(|| [Vec::new(), Vec::new()], |e| e.halves.clone()),
                 backends: BTreeMap::new(),
@@ -1226,11 +1299,13 @@ impl<M: Maps> Balancer<M> {
             let configs: BTreeMap<SocketAddr, &BackendConfig> =
                 v.backends.iter().map(|b| (b.addr, b)).collect();
             for (addr, b) in configs {
-                let was = before.and_then(|e| e.backends.get(&addr));
+                let was = staying_backends.and_then(|backends| backends.get(&addr));
                 let id = match was {
                     Some(w) => w.id,
                     None => {
-                        joined.push((addr, v.vip));
+                        if !v.forwarding.is_dsr() {
+                            joined.push((addr, v.vip));
+                        }
                         next.backend_ids
                             .take()
                             .ok_or(BalancerError::BackendSlotsExhausted(MAX_BACKENDS))?
@@ -1248,7 +1323,9 @@ impl<M: Maps> Balancer<M> {
                         running: was.is_none_or(|w| w.running),
                     },
                 );
-                next.port_users.entry(addr.port()).or_default().backends += 1;
+                if !v.forwarding.is_dsr() {
+                    next.port_users.entry(addr.port()).or_default().backends += 1;
+                }
             }
             next.port_users.entry(v.vip.addr.port()).or_default().vips += 1;
             next.vips.insert(v.vip, entry);
@@ -1258,9 +1335,11 @@ impl<M: Maps> Balancer<M> {
             let staying: Vec<VipSpec> = list
                 .iter()
                 .filter(|v| {
-                    next.vips
-                        .get(v)
-                        .is_some_and(|e| e.backends.contains_key(addr))
+                    old.vips.get(v).map(|e| e.forwarding) == next.vips.get(v).map(|e| e.forwarding)
+                        && next
+                            .vips
+                            .get(v)
+                            .is_some_and(|e| e.backends.contains_key(addr))
                 })
                 .copied()
                 .collect();
@@ -1278,7 +1357,9 @@ impl<M: Maps> Balancer<M> {
         for (vip, entry) in &old.vips {
             let staying = next.vips.get(vip);
             for (addr, b) in &entry.backends {
-                if staying.is_none_or(|s| !s.backends.contains_key(addr)) {
+                if staying.is_none_or(|s| {
+                    s.forwarding != entry.forwarding || !s.backends.contains_key(addr)
+                }) {
                     released.backends.push((b.id, staying.map(|_| entry.id)));
                 }
             }
@@ -1355,8 +1436,9 @@ impl<M: Maps> Balancer<M> {
         };
         let mut backend_ids: BTreeMap<(VipSpec, SocketAddr), u32> = BTreeMap::new();
         for (v, b) in backend_pairs() {
-            // The same backend of the same VIP, whatever its state and timeout.
-            let wanted = backend_entry(b.addr, &v.vip, vip_ids[&v.vip], 0, 0);
+            // The same backend of the same VIP, forwarded alike, whatever its state and
+            // timeout.
+            let wanted = backend_entry(b.addr, &v.vip, vip_ids[&v.vip], 0, v.forwarding, 0);
             let held_id = held
                 .backends
                 .iter()
@@ -1402,6 +1484,7 @@ impl<M: Maps> Balancer<M> {
                 id: vip_ids[&v.vip],
                 health: v.health.clone(),
                 idle_timeout_s: v.idle_timeout_s,
+                forwarding: v.forwarding,
                 live_half: 0,
                 halves: [Vec::new(), Vec::new()],
                 backends: BTreeMap::new(),
@@ -1424,6 +1507,9 @@ impl<M: Maps> Balancer<M> {
                         running: true,
                     },
                 );
+                if v.forwarding.is_dsr() {
+                    continue;
+                }
                 self.model
                     .port_users
                     .entry(b.addr.port())
@@ -1515,7 +1601,7 @@ impl<M: Maps> Balancer<M> {
             for (addr, b) in &entry.backends {
                 contents.backends.insert(
                     b.id,
-                    backend_entry(*addr, vip, entry.id, timeout, b.flags()),
+                    backend_entry(*addr, vip, entry.id, timeout, entry.forwarding, b.flags()),
                 );
             }
         }
@@ -1581,14 +1667,15 @@ fn service_key(vip: &VipSpec) -> ServiceKey {
     (vip.addr, vip.proto.number())
 }
 
-/// A backend's `XLB_BACKENDS` entry. It repeats its VIP's key and idle timeout, which is
-/// all an established flow's packet is checked against (no VIP lookup): whatever changes
-/// them rewrites the VIP's backend entries too.
+/// A backend's `XLB_BACKENDS` entry. It repeats its VIP's key, idle timeout and forwarding
+/// method, which is all an established flow's packet is checked against and sent by (no VIP
+/// lookup): whatever changes them rewrites the VIP's backend entries too.
 fn backend_entry(
     addr: SocketAddr,
     vip: &VipSpec,
     vip_id: u32,
     idle_timeout_s: u32,
+    forwarding: Forwarding,
     flags: u8,
 ) -> Backend {
     Backend {
@@ -1599,7 +1686,7 @@ fn backend_entry(
         vip_id,
         vip: VipKey::new(vip.addr, vip.proto.number()),
         idle_timeout_s,
-        forwarding: lb_common::FORWARD_NAT,
+        forwarding: forwarding.abi(),
         _pad: [0; 3],
     }
 }
@@ -1615,7 +1702,7 @@ fn endpoint_entry(first: VipSpec, vips: usize) -> EndpointVip {
 
 #[cfg(test)]
 mod tests {
-    use lb_common::{PORT_HAS_SHARED_ENDPOINT, TrafficCounters};
+    use lb_common::{IPPROTO_TCP, PORT_HAS_SHARED_ENDPOINT, TrafficCounters};
 
     use super::*;
     use crate::fake::{FakeMaps, Write};
@@ -2092,6 +2179,7 @@ mod tests {
                     id: None,
                     health: None,
                     idle_timeout_s: None,
+                    forwarding: Forwarding::Nat,
                 })
                 .collect(),
         };
@@ -2231,6 +2319,7 @@ mod tests {
             id: None,
             health: Some(HealthSpec::default()),
             idle_timeout_s: Some(60),
+            forwarding: Forwarding::Nat,
         });
         wanted
     }
@@ -2299,6 +2388,7 @@ mod tests {
                 id: None,
                 health: None,
                 idle_timeout_s: None,
+                forwarding: Forwarding::Nat,
             }));
         b.maps_mut().take_writes();
         assert!(matches!(
@@ -2353,6 +2443,7 @@ mod tests {
                 id: None,
                 health: None,
                 idle_timeout_s: None,
+                forwarding: Forwarding::Nat,
             });
         }
         b.maps_mut().take_writes();
@@ -2413,6 +2504,7 @@ mod tests {
                     id: None,
                     health: None,
                     idle_timeout_s: None,
+                    forwarding: Forwarding::Nat,
                 })
                 .collect(),
         };
@@ -2534,5 +2626,245 @@ mod tests {
             b.vip_status(&vip(1)).unwrap().backends[1].container_running,
             Some(false)
         );
+    }
+
+    /// Backend `n` on port 80: a direct-server-return backend of a VIP on port 80.
+    fn on_port_80(n: u8) -> SocketAddr {
+        SocketAddr::new(backend(n).ip(), 80)
+    }
+
+    /// A direct-server-return VIP at 192.0.2.`n`:80/tcp.
+    fn add_dsr_vip(b: &mut Balancer<FakeMaps>, n: u8, forwarding: Forwarding) {
+        b.add_vip_with(vip(n), None, forwarding).unwrap();
+    }
+
+    fn roles(maps: &FakeMaps, port: u16) -> u8 {
+        maps.ports.get(&port).copied().unwrap_or(0)
+    }
+
+    #[test]
+    fn a_dsr_backend_gets_its_vips_port_and_no_reply_side_state() {
+        let mut b = balancer();
+        add_dsr_vip(&mut b, 1, Forwarding::Ipip);
+        // Given without a port: the VIP's.
+        b.add_backend(&vip(1), "10.1.0.1:0".parse().unwrap(), 1)
+            .unwrap();
+        let id = id_of(&b, &vip(1), on_port_80(1));
+        let entry = b.maps().backends[&id];
+        assert_eq!(entry.forwarding, lb_common::FORWARD_IPIP);
+        assert_eq!(u16::from_be(entry.port_be), 80);
+        assert!(b.maps().endpoints.is_empty(), "{:?}", b.maps().endpoints);
+        assert_eq!(
+            roles(b.maps(), 80),
+            PORT_IS_VIP,
+            "no backend role for port 80"
+        );
+        assert_eq!(b.vip_status(&vip(1)).unwrap().forwarding, Forwarding::Ipip);
+        assert_eq!(b.desired_state().vips[0].forwarding, Forwarding::Ipip);
+
+        // Another port is refused before anything is written.
+        b.maps_mut().take_writes();
+        let refused = b.add_backend(&vip(1), backend(2), 1).unwrap_err();
+        assert!(
+            matches!(refused, BalancerError::DsrBackendPort { .. }),
+            "{refused}"
+        );
+        assert_eq!(b.maps().writes(), []);
+
+        // Draining and removing it by its bare address touch no endpoint or port either.
+        b.update_backend(
+            &vip(1),
+            "10.1.0.1:0".parse().unwrap(),
+            None,
+            Some(BackendState::Draining),
+        )
+        .unwrap();
+        b.remove_backend(&vip(1), "10.1.0.1:0".parse().unwrap())
+            .unwrap();
+        let writes = b.maps_mut().take_writes();
+        assert!(
+            !writes.iter().any(|w| matches!(
+                w,
+                Write::Endpoint { .. } | Write::RemoveEndpoint(_) | Write::Port { .. }
+            )),
+            "{writes:#?}"
+        );
+        assert_eq!(b.maps().backends[&id], Backend::default());
+    }
+
+    #[test]
+    fn a_nat_vip_refuses_a_backend_without_a_port() {
+        let mut b = balancer();
+        b.add_vip(vip(1)).unwrap();
+        let refused = b
+            .add_backend(&vip(1), "10.1.0.1:0".parse().unwrap(), 1)
+            .unwrap_err();
+        assert!(
+            matches!(refused, BalancerError::BackendPortMissing { .. }),
+            "{refused}"
+        );
+    }
+
+    #[test]
+    fn gue_reaches_the_backend_entry() {
+        let mut b = balancer();
+        add_dsr_vip(&mut b, 1, Forwarding::Gue);
+        b.add_backend(&vip(1), on_port_80(1), 1).unwrap();
+        let id = id_of(&b, &vip(1), on_port_80(1));
+        assert_eq!(b.maps().backends[&id].forwarding, lb_common::FORWARD_GUE);
+        // A later change of the VIP's timeout rewrites the entry with its method intact.
+        b.set_vip_idle_timeout(&vip(1), Some(42)).unwrap();
+        let entry = b.maps().backends[&id];
+        assert_eq!(
+            (entry.idle_timeout_s, entry.forwarding),
+            (42, lb_common::FORWARD_GUE)
+        );
+    }
+
+    /// One address on port 80 behind a NAT VIP and a DSR VIP at once: the endpoint entry
+    /// and the port's backend role are the NAT VIP's alone, and go with it.
+    fn shared_with_nat(b: &mut Balancer<FakeMaps>) {
+        b.add_vip(vip(1)).unwrap();
+        add_dsr_vip(b, 2, Forwarding::Ipip);
+        b.add_backend(&vip(1), on_port_80(9), 1).unwrap();
+        b.add_backend(&vip(2), on_port_80(9), 1).unwrap();
+    }
+
+    fn assert_nat_reply_state_only(maps: &FakeMaps) {
+        let key = (on_port_80(9), IPPROTO_TCP);
+        let endpoint = maps.endpoints[&key];
+        assert_eq!(endpoint.vips, 1, "only the NAT VIP counts: {endpoint:?}");
+        assert_eq!(endpoint.vip_addr, to_bytes(vip(1).addr.ip()));
+        assert_eq!(roles(maps, 80), PORT_IS_VIP | PORT_IS_BACKEND, "not shared");
+    }
+
+    #[test]
+    fn a_backend_of_a_nat_and_a_dsr_vip_keeps_the_nat_vips_reply_state() {
+        let mut b = balancer();
+        shared_with_nat(&mut b);
+        assert_nat_reply_state_only(b.maps());
+
+        // The same state planned whole (a reload into empty maps, an adoption) is the same.
+        let mut planned = balancer();
+        planned.apply(&as_config(&b.desired_state())).unwrap();
+        assert_nat_reply_state_only(planned.maps());
+        assert_same_entries(planned.maps(), b.maps());
+        assert_in_step(&b);
+
+        // The NAT VIP's backend leaves: the endpoint and the backend role go with it, the
+        // DSR VIP's backend stays as it was.
+        let dsr_id = id_of(&b, &vip(2), on_port_80(9));
+        let dsr_entry = b.maps().backends[&dsr_id];
+        b.remove_backend(&vip(1), on_port_80(9)).unwrap();
+        assert!(b.maps().endpoints.is_empty());
+        assert_eq!(roles(b.maps(), 80), PORT_IS_VIP);
+        assert_eq!(b.maps().backends[&dsr_id], dsr_entry);
+        let mut wanted = as_config(&planned.desired_state());
+        wanted.vips[0].backends.clear();
+        planned.apply(&wanted).unwrap();
+        assert_same_entries(planned.maps(), b.maps());
+    }
+
+    /// The same backend, endpoint and port entries (rings may live in other halves).
+    fn assert_same_entries(a: &FakeMaps, b: &FakeMaps) {
+        let (a, b) = (a.contents(), b.contents());
+        assert_eq!(a.backends, b.backends);
+        assert_eq!(a.endpoints, b.endpoints);
+        assert_eq!(a.ports, b.ports);
+    }
+
+    #[test]
+    fn a_reload_that_changes_the_forwarding_method_replaces_the_backends() {
+        let mut b = balancer();
+        b.add_vip(vip(1)).unwrap();
+        b.add_backend(&vip(1), on_port_80(1), 1).unwrap();
+        b.add_backend(&vip(1), on_port_80(2), 1).unwrap();
+        let vip_id = b.vip_status(&vip(1)).unwrap().id;
+        let old_ids = [
+            id_of(&b, &vip(1), on_port_80(1)),
+            id_of(&b, &vip(1), on_port_80(2)),
+        ];
+        b.maps_mut().take_writes();
+
+        let mut wanted = as_config(&b.desired_state());
+        wanted.vips[0].forwarding = Forwarding::Gue;
+        b.apply(&wanted).unwrap();
+        let writes = b.maps_mut().take_writes();
+        let status = b.vip_status(&vip(1)).unwrap();
+        assert_eq!((status.id, status.forwarding), (vip_id, Forwarding::Gue));
+        for addr in [on_port_80(1), on_port_80(2)] {
+            let id = id_of(&b, &vip(1), addr);
+            assert!(!old_ids.contains(&id), "a new id, so no flow carries over");
+            assert_eq!(b.maps().backends[&id].forwarding, lb_common::FORWARD_GUE);
+        }
+        // The old entries are cleared only once the new ring is live.
+        let switch = position(&writes, |w| matches!(w, Write::Vip { .. }));
+        for old in old_ids {
+            assert_eq!(
+                b.maps().backends.get(&old).copied().unwrap_or_default(),
+                Backend::default()
+            );
+            let cleared = position(&writes, |w| {
+                *w == Write::Backend {
+                    id: old,
+                    value: Backend::default(),
+                }
+            });
+            assert!(switch < cleared, "{writes:#?}");
+        }
+        assert!(b.maps().endpoints.is_empty());
+        assert_eq!(roles(b.maps(), 80), PORT_IS_VIP);
+        assert_in_step(&b);
+
+        // And back to NAT: endpoints and the port's backend role return.
+        wanted.vips[0].forwarding = Forwarding::Nat;
+        b.apply(&wanted).unwrap();
+        assert_eq!(b.maps().endpoints.len(), 2);
+        assert_eq!(roles(b.maps(), 80), PORT_IS_VIP | PORT_IS_BACKEND);
+        assert_in_step(&b);
+    }
+
+    #[test]
+    fn a_restart_with_another_forwarding_method_gives_the_backends_new_ids() {
+        let mut b = balancer();
+        b.add_vip(vip(1)).unwrap();
+        b.add_backend(&vip(1), on_port_80(1), 1).unwrap();
+        let old_id = id_of(&b, &vip(1), on_port_80(1));
+        let mut state = b.desired_state();
+        state.vips[0].forwarding = Forwarding::Ipip;
+        let mut restarted = Balancer::new(
+            FakeMaps::holding(&b.maps().contents()).checking_every_write(),
+            MAX_VIPS,
+            RING,
+        );
+        restarted.adopt(&state).unwrap();
+        let new_id = id_of(&restarted, &vip(1), on_port_80(1));
+        assert_ne!(new_id, old_id);
+        let maps = restarted.maps();
+        assert_eq!(maps.backends[&new_id].forwarding, lb_common::FORWARD_IPIP);
+        assert_eq!(
+            maps.backends.get(&old_id).copied().unwrap_or_default(),
+            Backend::default()
+        );
+        assert!(maps.endpoints.is_empty());
+        assert_in_step(&restarted);
+    }
+
+    #[test]
+    fn explain_names_the_forwarding_method() {
+        let mut b = balancer();
+        add_dsr_vip(&mut b, 1, Forwarding::Ipip);
+        b.add_backend(&vip(1), on_port_80(5), 1).unwrap();
+        let e = b
+            .explain(
+                "198.51.100.7:40000".parse().unwrap(),
+                &vip(1),
+                7,
+                |_| Ok(None),
+                0,
+            )
+            .unwrap();
+        assert_eq!(e.forwarding, Forwarding::Ipip);
+        assert_eq!(e.new_flow_backend, Some(on_port_80(5)));
     }
 }

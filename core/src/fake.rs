@@ -6,8 +6,8 @@
 use std::{collections::BTreeMap, net::SocketAddr};
 
 use lb_common::{
-    BACKEND_ACTIVE, Backend, EndpointVip, PORT_HAS_SHARED_ENDPOINT, PORT_IS_BACKEND, PORT_IS_VIP,
-    TrafficCounters, VipInfo,
+    BACKEND_ACTIVE, Backend, EndpointVip, FORWARD_NAT, PORT_HAS_SHARED_ENDPOINT, PORT_IS_BACKEND,
+    PORT_IS_VIP, TrafficCounters, VipInfo,
 };
 use thiserror::Error;
 
@@ -163,8 +163,10 @@ impl FakeMaps {
     }
 
     /// Every slot of every live ring names an active backend of that VIP; the port filter
-    /// passes every VIP and every backend that carries flows; every backend that carries
-    /// flows has its endpoint entry.
+    /// passes every VIP and every NAT backend that carries flows; every NAT backend that
+    /// carries flows has its endpoint entry (a direct-server-return backend needs neither:
+    /// its replies never come through the balancer), and every direct-server-return backend
+    /// serves its VIP's port (the packet reaches it unchanged).
     ///
     /// # Panics
     /// Where one of those breaks, naming it.
@@ -190,17 +192,24 @@ impl FakeMaps {
                 lb_common::addr::from_bytes(&b.addr),
                 u16::from_be(b.port_be),
             );
-            assert!(
-                roles(addr.port()) & PORT_IS_BACKEND != 0,
-                "{after}: the port filter hides backend {addr}"
-            );
-            assert!(
-                self.endpoints
-                    .range((addr, 0)..=(addr, u8::MAX))
-                    .next()
-                    .is_some(),
-                "{after}: backend {addr} has no endpoint entry"
-            );
+            if b.forwarding == FORWARD_NAT {
+                assert!(
+                    roles(addr.port()) & PORT_IS_BACKEND != 0,
+                    "{after}: the port filter hides backend {addr}"
+                );
+                assert!(
+                    self.endpoints
+                        .range((addr, 0)..=(addr, u8::MAX))
+                        .next()
+                        .is_some(),
+                    "{after}: backend {addr} has no endpoint entry"
+                );
+            } else {
+                assert!(
+                    addr.port() == b.vip.socket_addr().port(),
+                    "{after}: tunnelled backend {addr} is not on its VIP's port: {b:?}"
+                );
+            }
             // Established flows are matched against the VIP key in the backend's entry.
             let vip = (b.vip.socket_addr(), b.vip.proto);
             if let Some(info) = self.vips.get(&vip) {

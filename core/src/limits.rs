@@ -9,7 +9,9 @@ use std::{
 use lb_common::{MAX_BACKENDS, maglev::MaglevError};
 use thiserror::Error;
 
-use crate::model::{DesiredState, IdleTimeoutError, MAX_WEIGHT, VipSpec, validate_idle_timeout};
+use crate::model::{
+    DesiredState, Forwarding, IdleTimeoutError, MAX_WEIGHT, VipSpec, validate_idle_timeout,
+};
 
 /// Why a change to the balancer was refused or failed. `E` is the error of the maps it
 /// writes to (see [`crate::maps::Maps`]): the only failure that is not about the change
@@ -34,6 +36,24 @@ pub enum BalancerError<E> {
     ClientFamilyMismatch { vip: VipSpec, client: SocketAddr },
     #[error("backend port 0 is not valid")]
     BackendPortZero,
+    #[error(
+        "backend {backend} needs a port: VIP {vip} forwards by NAT (only a direct-server-return VIP's backends take the VIP's port)"
+    )]
+    BackendPortMissing {
+        vip: VipSpec,
+        backend: std::net::IpAddr,
+    },
+    #[error(
+        "backend {backend} must serve port {port} of VIP {vip} ({forwarding}): the packet reaches it unchanged, still addressed to the VIP (give {ip} alone, or with that port)",
+        port = vip.addr.port(),
+        forwarding = forwarding.describe(),
+        ip = backend.ip()
+    )]
+    DsrBackendPort {
+        vip: VipSpec,
+        backend: SocketAddr,
+        forwarding: Forwarding,
+    },
     #[error("weight must be between 0 (drain) and {max}, got {weight}")]
     InvalidWeight { weight: u32, max: u32 },
     #[error("all {0} VIP slots are in use (start the agent with a larger --max-vips)")]
@@ -108,7 +128,7 @@ pub fn check_limits<E>(
         validate_vip_timeout(&v.vip, v.idle_timeout_s)?;
         let mut backends = BTreeMap::new();
         for b in &v.backends {
-            validate_backend(&v.vip, b.addr, b.weight, &backends)?;
+            validate_backend(&v.vip, v.forwarding, b.addr, b.weight, &backends)?;
             backends.insert(b.addr, ());
         }
         if backends.len() > ring_size as usize {
@@ -154,12 +174,36 @@ pub fn validate_weight<E>(weight: u32) -> Result<(), BalancerError<E>> {
     Ok(())
 }
 
-/// Whether `backend` (with `weight`) may join `vip`, which has `existing` backends.
+/// A backend address as given for `vip`, port 0 standing for "none given": the VIP's own
+/// port when the VIP forwards by direct server return (its backends serve that port, since
+/// the packet reaches them unchanged); refused for a NAT VIP.
 ///
 /// # Errors
-/// A bad weight, port 0, a duplicate or another address family.
+/// [`BalancerError::BackendPortMissing`].
+pub fn backend_address<E>(
+    vip: &VipSpec,
+    forwarding: Forwarding,
+    given: SocketAddr,
+) -> Result<SocketAddr, BalancerError<E>> {
+    match (given.port(), forwarding.is_dsr()) {
+        (0, true) => Ok(SocketAddr::new(given.ip(), vip.addr.port())),
+        (0, false) => Err(BalancerError::BackendPortMissing {
+            vip: *vip,
+            backend: given.ip(),
+        }),
+        _ => Ok(given),
+    }
+}
+
+/// Whether `backend` (with `weight`) may join `vip`, which forwards by `forwarding` and has
+/// `existing` backends.
+///
+/// # Errors
+/// A bad weight, port 0, a duplicate, another address family, or (direct server return)
+/// another port than the VIP's.
 pub fn validate_backend<T, E>(
     vip: &VipSpec,
+    forwarding: Forwarding,
     backend: SocketAddr,
     weight: u32,
     existing: &BTreeMap<SocketAddr, T>,
@@ -167,6 +211,13 @@ pub fn validate_backend<T, E>(
     validate_weight(weight)?;
     if backend.port() == 0 {
         return Err(BalancerError::BackendPortZero);
+    }
+    if forwarding.is_dsr() && backend.port() != vip.addr.port() {
+        return Err(BalancerError::DsrBackendPort {
+            vip: *vip,
+            backend,
+            forwarding,
+        });
     }
     if existing.contains_key(&backend) {
         return Err(BalancerError::DuplicateBackend { vip: *vip, backend });
@@ -206,6 +257,7 @@ mod tests {
             id: None,
             health: None,
             idle_timeout_s: None,
+            forwarding: Forwarding::Nat,
         }
     }
 
@@ -240,5 +292,51 @@ mod tests {
         let mut draining = state(1, 2);
         draining.vips[0].backends[0].weight = 0;
         assert!(check(&draining, 64, 65_537).is_ok());
+    }
+
+    #[test]
+    fn a_dsr_backend_serves_the_vips_port() {
+        let check = check_limits::<Infallible>;
+        let mut dsr = DesiredState {
+            vips: vec![vip_with_backends(0, 2)],
+        };
+        dsr.vips[0].forwarding = Forwarding::Ipip;
+        // Backends on 8080 behind a VIP on 80: fine for NAT, refused for DSR.
+        assert_eq!(
+            check(&dsr, 64, 65_537).unwrap_err().to_string(),
+            "backend 10.1.0.0:8080 must serve port 80 of VIP 10.0.0.0:80/tcp (dsr/ipip): the \
+             packet reaches it unchanged, still addressed to the VIP (give 10.1.0.0 alone, or \
+             with that port)"
+        );
+        for b in &mut dsr.vips[0].backends {
+            b.addr.set_port(80);
+        }
+        assert!(check(&dsr, 64, 65_537).is_ok());
+        dsr.vips[0].backends[1].addr = "[fd00::2]:80".parse().unwrap();
+        assert!(matches!(
+            check(&dsr, 64, 65_537),
+            Err(BalancerError::FamilyMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn a_backend_without_a_port_takes_a_dsr_vips_port() {
+        let vip: VipSpec = "192.0.2.10:443/tcp".parse().unwrap();
+        let bare: SocketAddr = "10.0.2.5:0".parse().unwrap();
+        let resolve = backend_address::<Infallible>;
+        assert_eq!(
+            resolve(&vip, Forwarding::Gue, bare).unwrap(),
+            "10.0.2.5:443".parse().unwrap()
+        );
+        assert_eq!(
+            resolve(&vip, Forwarding::Nat, bare)
+                .unwrap_err()
+                .to_string(),
+            "backend 10.0.2.5 needs a port: VIP 192.0.2.10:443/tcp forwards by NAT (only a \
+             direct-server-return VIP's backends take the VIP's port)"
+        );
+        let given: SocketAddr = "10.0.2.5:8443".parse().unwrap();
+        assert_eq!(resolve(&vip, Forwarding::Ipip, given).unwrap(), given);
+        assert_eq!(resolve(&vip, Forwarding::Nat, given).unwrap(), given);
     }
 }

@@ -5,8 +5,8 @@
 use std::{fmt, net::SocketAddr, str::FromStr};
 
 use lb_common::{
-    CLOSING_TIMEOUT_S, DEFAULT_TCP_IDLE_TIMEOUT_S, DEFAULT_UDP_IDLE_TIMEOUT_S, IPPROTO_TCP,
-    IPPROTO_UDP, MAX_IDLE_TIMEOUT_S,
+    CLOSING_TIMEOUT_S, DEFAULT_TCP_IDLE_TIMEOUT_S, DEFAULT_UDP_IDLE_TIMEOUT_S, FORWARD_GUE,
+    FORWARD_IPIP, FORWARD_NAT, IPPROTO_TCP, IPPROTO_UDP, MAX_IDLE_TIMEOUT_S,
 };
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -78,6 +78,88 @@ impl fmt::Display for Protocol {
             Self::Tcp => "tcp",
             Self::Udp => "udp",
         })
+    }
+}
+
+/// How a VIP's packets reach its backends.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Forwarding {
+    /// The destination becomes the backend's address and port; replies come back through
+    /// the balancer, which puts the VIP back as their source.
+    #[default]
+    Nat,
+    /// Direct server return: the client's packet, unchanged, inside an outer IP header to the
+    /// backend, which answers the client itself (from the VIP).
+    Ipip,
+    /// Direct server return as `Ipip`, inside outer IP and UDP headers (GUE): the UDP source
+    /// port carries the flow's entropy for the backend NIC's receive-side scaling.
+    Gue,
+}
+
+impl Forwarding {
+    pub const ALL: [Self; 3] = [Self::Nat, Self::Ipip, Self::Gue];
+
+    /// `Backend::forwarding` in the data plane.
+    #[must_use]
+    pub const fn abi(self) -> u8 {
+        match self {
+            Self::Nat => FORWARD_NAT,
+            Self::Ipip => FORWARD_IPIP,
+            Self::Gue => FORWARD_GUE,
+        }
+    }
+
+    /// Whether replies bypass the balancer (direct server return): the backend gets the
+    /// packet as the client sent it, so it must serve the VIP's own port, and the balancer
+    /// keeps no reply-side state for it.
+    #[must_use]
+    pub const fn is_dsr(self) -> bool {
+        !matches!(self, Self::Nat)
+    }
+
+    #[allow(clippy::trivially_copy_pass_by_ref)] // serde's `skip_serializing_if` passes a reference
+    #[must_use]
+    pub const fn is_nat(&self) -> bool {
+        matches!(self, Self::Nat)
+    }
+
+    /// How status and explain name it: `nat`, `dsr/ipip`, `dsr/gue`.
+    #[must_use]
+    pub const fn describe(self) -> &'static str {
+        match self {
+            Self::Nat => "nat",
+            Self::Ipip => "dsr/ipip",
+            Self::Gue => "dsr/gue",
+        }
+    }
+}
+
+/// The name in the CLI, the config file and JSON: `nat`, `ipip`, `gue`.
+impl fmt::Display for Forwarding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Nat => "nat",
+            Self::Ipip => "ipip",
+            Self::Gue => "gue",
+        })
+    }
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("unknown forwarding method '{0}' (use nat, ipip or gue)")]
+pub struct ParseForwardingError(pub String);
+
+impl FromStr for Forwarding {
+    type Err = ParseForwardingError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|f| f.to_string().eq_ignore_ascii_case(s))
+            .ok_or_else(|| ParseForwardingError(s.to_owned()))
     }
 }
 
@@ -200,6 +282,9 @@ pub struct VipConfig {
     /// protocol's default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout_s: Option<u32>,
+    /// NAT or direct server return; a state file from before it existed holds NAT VIPs.
+    #[serde(default, skip_serializing_if = "Forwarding::is_nat")]
+    pub forwarding: Forwarding,
 }
 
 /// One setting of a change to an existing VIP (`xlb vip set`): left as it is, back to its
@@ -277,6 +362,9 @@ pub struct VipStatus {
     /// How long its flows may idle, in seconds (the configured value or the default).
     #[serde(default)]
     pub idle_timeout_s: u32,
+    /// NAT or direct server return (`ipip`, `gue`).
+    #[serde(default)]
+    pub forwarding: Forwarding,
     /// Its backends' health checks (none: every backend counts as healthy).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check: Option<HealthSpec>,
@@ -293,6 +381,9 @@ pub struct Explanation {
     pub vip: VipSpec,
     pub flow_hash: u32,
     pub ring_slot: u32,
+    /// How the VIP's packets reach the backend named below.
+    #[serde(default)]
+    pub forwarding: Forwarding,
     /// The backend a new flow with this 5-tuple gets from the live ring.
     pub new_flow_backend: Option<SocketAddr>,
     /// The backend the connection table holds for this 5-tuple, if its entry still holds
@@ -397,9 +488,38 @@ mod tests {
                 id: None,
                 health: None,
                 idle_timeout_s: Some(30),
+                forwarding: Forwarding::Gue,
             }],
         };
         let json = serde_json::to_string(&state).unwrap();
+        assert!(json.contains(r#""forwarding":"gue""#), "{json}");
         assert_eq!(serde_json::from_str::<DesiredState>(&json).unwrap(), state);
+    }
+
+    #[test]
+    fn a_state_file_without_forwarding_holds_nat_vips() {
+        let old = r#"{"vips":[{"vip":"192.0.2.10:80/tcp","backends":[{"addr":"10.0.0.2:8080","weight":1}]}]}"#;
+        let state: DesiredState = serde_json::from_str(old).unwrap();
+        assert_eq!(state.vips[0].forwarding, Forwarding::Nat);
+        // And a NAT VIP is written as before, so older agents read the file back.
+        assert!(
+            !serde_json::to_string(&state)
+                .unwrap()
+                .contains("forwarding")
+        );
+    }
+
+    #[test]
+    fn forwarding_methods_parse_and_print_alike() {
+        for f in Forwarding::ALL {
+            assert_eq!(f.to_string().parse::<Forwarding>(), Ok(f));
+        }
+        assert_eq!("IPIP".parse::<Forwarding>(), Ok(Forwarding::Ipip));
+        assert_eq!(
+            "dsr".parse::<Forwarding>().unwrap_err().to_string(),
+            "unknown forwarding method 'dsr' (use nat, ipip or gue)"
+        );
+        assert_eq!(Forwarding::Gue.describe(), "dsr/gue");
+        assert!(!Forwarding::Nat.is_dsr() && Forwarding::Ipip.is_dsr());
     }
 }

@@ -106,21 +106,13 @@ pub fn choose_half(
 fn leaves_ring(current: &Backend, desired: &Backend) -> bool {
     current.flags & BACKEND_ACTIVE != 0
         && desired.flags & BACKEND_ACTIVE == 0
-        && (
-            current.addr,
-            current.port_be,
-            current.family,
-            current.vip_id,
-        ) == (
-            desired.addr,
-            desired.port_be,
-            desired.family,
-            desired.vip_id,
-        )
+        && same_identity(current, desired)
 }
 
+/// The same backend of the same VIP, reached the same way: its counters carry on.
 fn same_identity(a: &Backend, b: &Backend) -> bool {
-    (a.addr, a.port_be, a.family, a.vip_id) == (b.addr, b.port_be, b.family, b.vip_id)
+    (a.addr, a.port_be, a.family, a.vip_id, a.forwarding)
+        == (b.addr, b.port_be, b.family, b.vip_id, b.forwarding)
 }
 
 /// The writes that turn `current` into `desired`, in an order that is safe for packets
@@ -535,6 +527,64 @@ mod tests {
         let vip = position(&writes, |w| matches!(w, MapWrite::Vip { .. }));
         let flags = position(&writes, |w| matches!(w, MapWrite::Backend { id: 1, .. }));
         assert!(vip < flags, "{writes:#?}");
+    }
+
+    /// Backend `n` of a direct-server-return VIP `key`: on the VIP's port, tunnelled.
+    fn dsr_backend(n: u8, key: ServiceKey, vip_id: u32) -> Backend {
+        let addr = SocketAddr::new(format!("10.0.0.{n}").parse().unwrap(), key.0.port());
+        Backend {
+            addr: to_bytes(addr.ip()),
+            port_be: addr.port().to_be(),
+            family: 4,
+            flags: BACKEND_ACTIVE,
+            vip_id,
+            vip: lb_common::VipKey::new(key.0, key.1),
+            forwarding: lb_common::FORWARD_IPIP,
+            ..Backend::default()
+        }
+    }
+
+    #[test]
+    fn a_dsr_vip_is_planned_without_endpoints_or_backend_port_roles() {
+        let key = vip_key(1, 80);
+        let mut desired = MapContents::default();
+        add_vip(&mut desired, key, 0, 0, &[]);
+        desired.vips.get_mut(&key).unwrap().ring_size = RING;
+        desired.rings.insert(0, ring(&[0, 1]));
+        for (id, n) in [(0, 1), (1, 2)] {
+            desired.backends.insert(id, dsr_backend(n, key, 0));
+        }
+        // `run` checks after every write that the tunnelled backends need nothing more.
+        let writes = run(&MapContents::default(), &desired);
+        assert!(
+            !writes.iter().any(|w| matches!(
+                w,
+                MapWrite::Endpoint { .. }
+                    | MapWrite::Port {
+                        roles: PORT_IS_BACKEND,
+                        ..
+                    }
+            )),
+            "{writes:#?}"
+        );
+        assert_eq!(desired.ports, [(80, PORT_IS_VIP)].into());
+    }
+
+    #[test]
+    fn a_backend_reached_another_way_under_the_same_id_counts_afresh() {
+        let key = vip_key(1, 80);
+        let current = one_vip(key, 0, 0, &[(0, 1, BACKEND_ACTIVE)]);
+        let mut desired = current.clone();
+        desired.backends.get_mut(&0).unwrap().forwarding = lb_common::FORWARD_GUE;
+        let writes = plan(&current, &desired);
+        assert!(
+            writes.contains(&MapWrite::ResetBackendSlots(0)),
+            "{writes:#?}"
+        );
+        assert!(writes.contains(&MapWrite::Backend {
+            id: 0,
+            value: desired.backends[&0]
+        }));
     }
 
     #[test]

@@ -19,9 +19,10 @@ use crate::{
     announce::AnnounceTable,
     api::{AgentInfo, CounterValue, InterfaceStatus, NodeStatus, Reply, Request, Stats, Status},
     attach::{self as hooks, ModeChoice},
-    balancer::{Balancer, BalancerError, DesiredState, Setting, VipSpec, VipStatus},
+    balancer::{Balancer, BalancerError, DesiredState, Forwarding, Setting, VipSpec, VipStatus},
     config::Change,
     datapath::{Datapath, DatapathConfig, PinnedAttachment},
+    encap::Encap,
     health::HealthChecker,
     ownership, paths, relink,
     validate::{self, AddressError, Reason, Role, Route},
@@ -46,6 +47,9 @@ pub struct AgentOptions {
     /// `--announce-table N`: announce VIPs to routers through this routing table
     /// (`crate::announce`).
     pub announce_table: Option<u32>,
+    /// `--encap-source`, `--gue-port`: the direct-server-return tunnels' settings given on
+    /// the command line; they win over the config file's, at start and on every reload.
+    pub encap: Encap,
 }
 
 pub fn require_root(what: &str) -> Result<()> {
@@ -307,6 +311,8 @@ struct Agent {
     started_with: crate::config::AgentConfig,
     /// Container backends followed through their engine's events.
     following: crate::containers::Following,
+    /// The tunnels' settings given on the command line (see [`AgentOptions::encap`]).
+    encap_flags: Encap,
     /// For `xlb status` (its uptime counted from `started`).
     info: AgentInfo,
     started: std::time::Instant,
@@ -340,7 +346,7 @@ fn check_new_backend(
 ) -> Result<Vec<String>> {
     validate::check_backend(vip, backend)?;
     validate::check_backend_against_vips(backend, balancer.vip_specs())?;
-    check_backend_in_namespace(attached, backend)
+    check_backend_in_namespace(attached, backend, balancer.forwarding(vip)?)
 }
 
 /// The checks only the agent's own network namespace can answer: is the backend one of its
@@ -350,6 +356,7 @@ fn check_new_backend(
 fn check_backend_in_namespace(
     attached: &[(String, u32)],
     backend: SocketAddr,
+    forwarding: Forwarding,
 ) -> Result<Vec<String>> {
     let refuse = |reason| AddressError {
         role: Role::Backend,
@@ -369,7 +376,9 @@ fn check_backend_in_namespace(
         Ok(Route::Local) => return Err(refuse(Reason::LocalRoute).into()),
         // A subnet's directed broadcast: only the namespace's routes tell it from a host.
         Ok(Route::Broadcast) => return Err(refuse(Reason::Broadcast).into()),
-        Ok(route) => warnings.extend(validate::route_warning(backend, &route, attached)),
+        Ok(route) => warnings.extend(validate::route_warning(
+            backend, forwarding, &route, attached,
+        )),
         Err(e) => warnings.push(format!(
             "could not look up the route to backend {backend}: {}",
             error_chain(&e)
@@ -432,13 +441,14 @@ impl Agent {
                 vip,
                 health,
                 idle_timeout_s,
+                forwarding,
                 ..
             } => {
                 if let Some(spec) = &health {
                     spec.validate_for(&vip).context("invalid health check")?;
                 }
                 check_new_vip(b, &vip)?;
-                b.add_vip_with_timeout(vip, idle_timeout_s)?;
+                b.add_vip_with(vip, idle_timeout_s, forwarding)?;
                 b.set_vip_health(&vip, health)?;
                 Reply::Done
             }
@@ -464,6 +474,8 @@ impl Agent {
                 weight,
                 ..
             } => {
+                // Given without a port: a direct-server-return VIP's own.
+                let backend = b.resolve_backend(&vip, backend)?;
                 let warnings = check_new_backend(b, &self.attached, &vip, backend)?;
                 b.add_backend(&vip, backend, weight)?;
                 for warning in &warnings {
@@ -642,7 +654,9 @@ impl Agent {
             for b in vip.backends {
                 match validate::route_interface(b.addr.ip()) {
                     Ok(route) => {
-                        if let Some(w) = validate::route_warning(b.addr, &route, &self.attached) {
+                        if let Some(w) =
+                            validate::route_warning(b.addr, vip.forwarding, &route, &self.attached)
+                        {
                             warn!(vip = %vip.vip, "{w}");
                         }
                     }
@@ -675,16 +689,30 @@ impl Agent {
             .check_limits(&wanted)
             .with_context(|| format!("{}: not applied, nothing changed", path.display()))?;
         let changes = crate::config::diff(&without_ids(&running), &wanted);
+        let encap = self.encap_flags.over(config.agent.encap);
+        let encap_change = crate::config::describe_encap_change(&self.info.encap, &encap);
         if dry_run {
             // What a reload would do, worded as it would say it, without touching anything.
-            return Ok(crate::config::describe_changes(&running, &wanted));
+            let mut lines = crate::config::describe_changes(&running, &wanted);
+            lines.extend(encap_change);
+            return Ok(lines);
+        }
+        if encap_change.is_some() {
+            encap
+                .check_local()
+                .with_context(|| format!("{}: not applied, nothing changed", path.display()))?;
         }
         // The file passed every check it can make on its own; what only this namespace can
         // tell is checked before anything changes, so a refused reload changes nothing.
         let mut warnings = container_warnings;
         for change in &changes {
             if let Change::AddBackend { vip, backend } = change {
-                let found = check_backend_in_namespace(&self.attached, backend.addr)
+                let forwarding = wanted
+                    .vips
+                    .iter()
+                    .find(|v| v.vip == *vip)
+                    .map_or_else(Forwarding::default, |v| v.forwarding);
+                let found = check_backend_in_namespace(&self.attached, backend.addr, forwarding)
                     .with_context(|| format!("{}: VIP {vip}", path.display()))?;
                 warnings.extend(found);
             }
@@ -705,6 +733,20 @@ impl Agent {
                 path.display(),
                 error_chain(&e)
             );
+        }
+        if let Some(line) = encap_change {
+            self.balancer
+                .datapath_mut()
+                .set_encap(&encap.settings())
+                .with_context(|| {
+                    format!(
+                        "{}: VIPs and backends applied, but not the tunnels' settings",
+                        path.display()
+                    )
+                })?;
+            self.info.encap = encap;
+            info!(%encap, "tunnels' settings applied");
+            lines.push(line);
         }
         self.following.declare(declared);
         info!(path = %path.display(), changes = lines.len(), "reloaded");
@@ -812,6 +854,13 @@ pub async fn run(options: AgentOptions) -> Result<()> {
             .with_context(|| format!("{}: refused, nothing written", origin.display()))
     };
     let mut declared = Vec::new();
+    let started_with = match &options.config {
+        Some(path) => crate::config::load(path)?.agent,
+        None => crate::config::AgentConfig::default(),
+    };
+    let encap = options.encap.over(started_with.encap);
+    // Before anything is loaded: a source this host does not have is refused at once.
+    encap.check_local()?;
     let restored = match &options.config {
         Some(path) => {
             let config = crate::config::load(path)?;
@@ -863,6 +912,10 @@ pub async fn run(options: AgentOptions) -> Result<()> {
                 options.bpffs.display()
             )
         })?;
+    datapath
+        .set_encap(&encap.settings())
+        .context("writing the tunnels' settings")?;
+    info!(%encap, "tunnels for direct server return");
     match datapath.logger() {
         Ok(logger) => {
             tokio::spawn(forward_data_plane_logs(logger));
@@ -949,11 +1002,9 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         config_path: options.config.clone(),
         checker: HealthChecker::new(events),
         attached: ifaces.clone(),
-        started_with: match &options.config {
-            Some(path) => crate::config::load(path)?.agent,
-            None => crate::config::AgentConfig::default(),
-        },
+        started_with,
         following: crate::containers::Following::new(options.containers, notices),
+        encap_flags: options.encap,
         info: AgentInfo {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             pid: std::process::id(),
@@ -963,6 +1014,8 @@ pub async fn run(options: AgentOptions) -> Result<()> {
             state_file: options.state.display().to_string(),
             config: options.config.as_ref().map(|p| p.display().to_string()),
             keep_attached: options.keep_attached,
+            encap,
+            encap_flags: options.encap,
         },
         started: std::time::Instant::now(),
         hooks: Vec::new(),
@@ -1280,6 +1333,7 @@ mod tests {
                 id: Some(2),
                 health: None,
                 idle_timeout_s: Some(900),
+                forwarding: crate::balancer::Forwarding::Ipip,
             }],
         };
         let bytes = encode_state(&state);

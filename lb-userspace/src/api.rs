@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::{
-    balancer::{BackendState, Conns, Explanation, VipSettings, VipSpec, VipStatus},
+    balancer::{BackendState, Conns, Explanation, Forwarding, VipSettings, VipSpec, VipStatus},
     health::HealthSpec,
 };
 
@@ -30,6 +30,9 @@ pub enum Request {
         /// protocol's default).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         idle_timeout_s: Option<u32>,
+        /// `nat` (the default), or direct server return: `ipip`, `gue`.
+        #[serde(default, skip_serializing_if = "Forwarding::is_nat")]
+        forwarding: Forwarding,
         /// Change an agent that runs from a --config file anyway (the next reload undoes it).
         #[serde(default, skip_serializing_if = "is_false")]
         force: bool,
@@ -52,6 +55,7 @@ pub enum Request {
     VipList,
     BackendAdd {
         vip: VipSpec,
+        /// Port 0: the VIP's own port, for a direct-server-return VIP (refused for NAT).
         backend: SocketAddr,
         weight: u32,
         /// Change an agent that runs from a --config file anyway (the next reload undoes it).
@@ -227,6 +231,13 @@ pub struct AgentInfo {
     /// The `--config` file, when the agent runs from one.
     pub config: Option<String>,
     pub keep_attached: bool,
+    /// The direct-server-return tunnels' settings in force.
+    #[serde(default)]
+    pub encap: crate::encap::Encap,
+    /// The part of them given on the command line, which wins over the config file's (so
+    /// `xlb config diff` words a file's change as a reload would).
+    #[serde(default)]
+    pub encap_flags: crate::encap::Encap,
 }
 
 /// What the node announces to its routers (`xlb node`).
@@ -431,11 +442,13 @@ impl<'a> Client<'a> {
         vip: VipSpec,
         health: Option<HealthSpec>,
         idle_timeout_s: Option<u32>,
+        forwarding: Forwarding,
     ) -> Result<Warnings, ClientError> {
         self.change(&Request::VipAdd {
             vip,
             health,
             idle_timeout_s,
+            forwarding,
             force: self.force,
         })
     }
@@ -645,6 +658,32 @@ mod tests {
             r#"{"op":"backend_add","vip":"10.0.0.1:80/tcp","backend":"10.1.0.2:8080","weight":2}"#
         );
         assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), r);
+    }
+
+    #[test]
+    fn a_vip_add_names_its_forwarding_method_unless_nat() {
+        let add = |forwarding| Request::VipAdd {
+            vip: "10.0.0.1:80/tcp".parse().unwrap(),
+            health: None,
+            idle_timeout_s: None,
+            forwarding,
+            force: false,
+        };
+        let json = serde_json::to_string(&add(Forwarding::Ipip)).unwrap();
+        assert_eq!(
+            json,
+            r#"{"op":"vip_add","vip":"10.0.0.1:80/tcp","forwarding":"ipip"}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<Request>(&json).unwrap(),
+            add(Forwarding::Ipip)
+        );
+        // A client that predates forwarding adds a NAT VIP, as it always did.
+        let old = r#"{"op":"vip_add","vip":"10.0.0.1:80/tcp"}"#;
+        assert_eq!(
+            serde_json::from_str::<Request>(old).unwrap(),
+            add(Forwarding::Nat)
+        );
     }
 
     #[test]

@@ -9,9 +9,9 @@ use xlb_core::health::HealthSpec;
 pub use xlb_core::{
     balancer::{Adoption, Applied},
     model::{
-        BackendConfig, BackendState, BackendStatus, Conns, DesiredState, Explanation,
-        IdleTimeoutError, MAX_WEIGHT, ParseVipError, Protocol, Setting, TrackedFlow, VipConfig,
-        VipSettings, VipSpec, VipStatus, validate_idle_timeout,
+        BackendConfig, BackendState, BackendStatus, Conns, DesiredState, Explanation, Forwarding,
+        IdleTimeoutError, MAX_WEIGHT, ParseForwardingError, ParseVipError, Protocol, Setting,
+        TrackedFlow, VipConfig, VipSettings, VipSpec, VipStatus, validate_idle_timeout,
     },
 };
 
@@ -89,6 +89,32 @@ impl Balancer {
         idle_timeout_s: Option<u32>,
     ) -> Result<()> {
         self.core.add_vip_with_timeout(vip, idle_timeout_s)
+    }
+
+    /// # Errors
+    /// The VIP exists already, an idle timeout out of range, or no slot is free.
+    pub fn add_vip_with(
+        &mut self,
+        vip: VipSpec,
+        idle_timeout_s: Option<u32>,
+        forwarding: Forwarding,
+    ) -> Result<()> {
+        self.core.add_vip_with(vip, idle_timeout_s, forwarding)
+    }
+
+    /// The backend `given` names for `vip` (port 0: the VIP's port, for a direct-server-
+    /// return VIP).
+    ///
+    /// # Errors
+    /// Unknown VIP; port 0 for a NAT VIP.
+    pub fn resolve_backend(&self, vip: &VipSpec, given: SocketAddr) -> Result<SocketAddr> {
+        self.core.resolve_backend(vip, given)
+    }
+
+    /// # Errors
+    /// Unknown VIP.
+    pub fn forwarding(&self, vip: &VipSpec) -> Result<Forwarding> {
+        self.core.forwarding(vip)
     }
 
     /// # Errors

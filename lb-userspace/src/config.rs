@@ -7,6 +7,8 @@
 //! [agent]
 //! ifaces = ["eth0"]
 //! metrics = "127.0.0.1:9464"
+//! encap_source = ["192.0.2.1"]  # outer source of DSR tunnels, one per family (default: the route's)
+//! gue_port = 6080              # where GUE packets go (the default)
 //!
 //! [[vip]]
 //! address = "192.0.2.10:80/tcp"
@@ -17,6 +19,12 @@
 //! [[vip.backend]]
 //! address = "10.0.0.2:8080"
 //! weight = 2
+//!
+//! [[vip]]
+//! address = "192.0.2.10:443/tcp"
+//! forwarding = "ipip"          # direct server return: nat (default), ipip or gue
+//! [[vip.backend]]
+//! address = "10.0.2.5"         # no port: the VIP's (the packet reaches it unchanged)
 //! ```
 //!
 //! Every mistake is reported with the file, line and column it is at, because a config file is
@@ -38,9 +46,10 @@ use toml::Spanned;
 use crate::{
     attach::ModeChoice,
     balancer::{
-        BackendConfig, BackendState, DesiredState, MAX_WEIGHT, Protocol, VipConfig, VipSpec,
-        validate_idle_timeout as validate_idle_timeout_secs,
+        BackendConfig, BackendState, DesiredState, Forwarding, MAX_WEIGHT, Protocol, VipConfig,
+        VipSpec, validate_idle_timeout as validate_idle_timeout_secs,
     },
+    encap::Encap,
     health::{HealthSpec, HealthSpecError, Probe, decode_hex},
     validate,
 };
@@ -76,9 +85,13 @@ pub struct AgentConfig {
     pub bpffs: Option<PathBuf>,
     /// Announce VIPs to routers through this routing table (`xlb run --announce-table`).
     pub announce_table: Option<u32>,
+    /// `encap_source` and `gue_port`: the direct-server-return tunnels' settings. Unlike the
+    /// others, a reload applies them.
+    pub encap: Encap,
 }
 
-/// The `[agent]` settings that differ between `before` and `after`, by their key in the file.
+/// The `[agent]` settings that differ between `before` and `after`, by their key in the file,
+/// leaving out those a reload applies (`encap_source`, `gue_port`).
 #[must_use]
 pub fn agent_changes(before: &AgentConfig, after: &AgentConfig) -> Vec<&'static str> {
     let mut changed = Vec::new();
@@ -114,6 +127,8 @@ pub struct VipDecl {
     pub health: Option<HealthSpec>,
     /// `tcp_timeout` / `udp_timeout`, seconds; `None`: the protocol's default.
     pub idle_timeout_s: Option<u32>,
+    /// `forwarding =`: NAT unless it says `ipip` or `gue` (direct server return).
+    pub forwarding: Forwarding,
     /// In the file's order.
     pub backends: Vec<BackendConfig>,
     /// Backends named by container (`container = "web-1"`), resolved and followed by the
@@ -156,6 +171,7 @@ impl Config {
                     id: None,
                     health: v.health.clone(),
                     idle_timeout_s: v.idle_timeout_s,
+                    forwarding: v.forwarding,
                 }
             })
             .collect();
@@ -194,6 +210,9 @@ struct RawAgent {
     state: Option<PathBuf>,
     bpffs: Option<PathBuf>,
     announce_table: Option<u32>,
+    #[serde(default)]
+    encap_source: Vec<Spanned<String>>,
+    gue_port: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -202,6 +221,7 @@ struct RawVip {
     address: Spanned<String>,
     tcp_timeout: Option<Spanned<i64>>,
     udp_timeout: Option<Spanned<i64>>,
+    forwarding: Option<Spanned<String>>,
     health: Option<Spanned<RawHealth>>,
     #[serde(default)]
     backend: Vec<Spanned<RawBackend>>,
@@ -340,6 +360,15 @@ fn validate(raw: RawConfig, text: &str) -> Result<Config, Problem> {
             ));
         }
         let idle_timeout_s = validate_idle_timeout(&vip, v.tcp_timeout, v.udp_timeout)?;
+        let forwarding = v
+            .forwarding
+            .map(|f| {
+                f.get_ref()
+                    .parse::<Forwarding>()
+                    .map_err(|e| problem(f.span(), e.to_string()))
+            })
+            .transpose()?
+            .unwrap_or_default();
         let health = v.health.map(|h| validate_health(h, &vip)).transpose()?;
         let mut backends: Vec<BackendConfig> = Vec::with_capacity(v.backend.len());
         let mut containers: Vec<ContainerDecl> = Vec::new();
@@ -351,13 +380,21 @@ fn validate(raw: RawConfig, text: &str) -> Result<Config, Problem> {
             if b.container.is_some() {
                 containers.push(validate_container(&vip, b, &mut container_spans, text)?);
             } else {
-                backends.push(validate_backend(&vip, b, table, &mut backend_spans, text)?);
+                backends.push(validate_backend(
+                    &vip,
+                    forwarding,
+                    b,
+                    table,
+                    &mut backend_spans,
+                    text,
+                )?);
             }
         }
         vips.push(VipDecl {
             vip,
             health,
             idle_timeout_s,
+            forwarding,
             backends,
             containers,
         });
@@ -418,6 +455,30 @@ fn validate_agent(a: RawAgent) -> Result<AgentConfig, Problem> {
             })
         })
         .transpose()?;
+    let mut sources = Vec::with_capacity(a.encap_source.len());
+    let mut encap = Encap::default();
+    for source in &a.encap_source {
+        let addr: std::net::IpAddr = source.get_ref().parse().map_err(|_| {
+            problem(
+                source.span(),
+                format!("encap_source '{}' is not an IP address", source.get_ref()),
+            )
+        })?;
+        sources.push(addr);
+        // Checked as each is added, so a problem points at the address that causes it.
+        encap = Encap::new(&sources, None).map_err(|e| problem(source.span(), e.to_string()))?;
+    }
+    encap.gue_port = a
+        .gue_port
+        .map(|p| {
+            u16::try_from(*p.get_ref())
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| {
+                    problem(p.span(), format!("gue_port {} is not 1-65535", p.get_ref()))
+                })
+        })
+        .transpose()?;
     Ok(AgentConfig {
         ifaces,
         xdp_mode,
@@ -426,11 +487,52 @@ fn validate_agent(a: RawAgent) -> Result<AgentConfig, Problem> {
         state: a.state,
         bpffs: a.bpffs,
         announce_table: a.announce_table,
+        encap,
     })
+}
+
+/// A backend as the CLI takes it: `ADDR:PORT`, or the address alone (port 0), which a
+/// direct-server-return VIP's port stands in for (the agent refuses it for a NAT VIP).
+///
+/// # Errors
+/// Neither form.
+pub fn backend_arg(text: &str) -> Result<SocketAddr, String> {
+    // Taken whole, scope id and all, for the agent to judge.
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return if addr.port() == 0 {
+            Err(format!(
+                "port 0 is not a port (give {} alone for a direct-server-return VIP's port)",
+                addr.ip()
+            ))
+        } else {
+            Ok(addr)
+        };
+    }
+    parse_backend_address(text)
+        .map(|(ip, _)| SocketAddr::new(ip, 0))
+        .ok_or_else(|| {
+            format!(
+                "'{text}' is not ADDR:PORT, or ADDR alone for a direct-server-return VIP (IPv6 as [fd00::2]:8080)"
+            )
+        })
+}
+
+/// A backend address as written: `ADDR:PORT` (IPv6 as `[fd00::2]:8080`), or the address
+/// alone (IPv6 bare or in brackets), which `None`'s port stands for.
+fn parse_backend_address(written: &str) -> Option<(std::net::IpAddr, Option<u16>)> {
+    if let Ok(addr) = written.parse::<SocketAddr>() {
+        return Some((addr.ip(), Some(addr.port())));
+    }
+    let bare = written
+        .strip_prefix('[')
+        .and_then(|rest| rest.strip_suffix(']'))
+        .unwrap_or(written);
+    bare.parse().ok().map(|ip| (ip, None))
 }
 
 fn validate_backend(
     vip: &VipSpec,
+    forwarding: Forwarding,
     b: RawBackend,
     table: Range<usize>,
     seen: &mut HashMap<SocketAddr, Range<usize>>,
@@ -450,16 +552,35 @@ fn validate_backend(
     }
     let span = address.span();
     let written = address.get_ref();
-    let addr: SocketAddr = written.parse().map_err(|_| {
+    let (ip, port) = parse_backend_address(written).ok_or_else(|| {
         problem(
             span.clone(),
             format!("backend address '{written}' is not ADDR:PORT (IPv6 as [fd00::2]:8080)"),
         )
     })?;
-    if addr.port() == 0 {
+    if port == Some(0) {
         return Err(problem(
             span,
             format!("backend address '{written}' has port 0"),
+        ));
+    }
+    // No port: the VIP's, for direct server return (the packet reaches the backend as the
+    // client sent it); a NAT backend must say where it listens.
+    let addr = xlb_core::limits::backend_address::<std::convert::Infallible>(
+        vip,
+        forwarding,
+        SocketAddr::new(ip, port.unwrap_or(0)),
+    )
+    .map_err(|e| problem(span.clone(), e.to_string()))?;
+    if forwarding.is_dsr() && addr.port() != vip.addr.port() {
+        return Err(problem(
+            span,
+            xlb_core::limits::BalancerError::<std::convert::Infallible>::DsrBackendPort {
+                vip: *vip,
+                backend: addr,
+                forwarding,
+            }
+            .to_string(),
         ));
     }
     validate::check_backend(vip, addr).map_err(|e| problem(span.clone(), e.to_string()))?;
@@ -774,6 +895,15 @@ pub enum Change {
     AddVip(VipSpec),
     /// Takes the VIP's backends with it.
     RemoveVip(VipSpec),
+    /// The VIP's forwarding method changes: it keeps its slot and counters, but every
+    /// backend is replaced (each comes back as an `AddBackend`, under a new id), since a
+    /// flow opened one way cannot go on the other (NAT's backend port is not the VIP's, and
+    /// a DSR backend answers from the VIP).
+    ReplaceVip {
+        vip: VipSpec,
+        from: Forwarding,
+        to: Forwarding,
+    },
     /// Carries the full backend config: apply the weight on add and the state after it.
     AddBackend {
         vip: VipSpec,
@@ -799,6 +929,12 @@ impl fmt::Display for Change {
         match self {
             Self::AddVip(vip) => write!(f, "+ vip {vip}"),
             Self::RemoveVip(vip) => write!(f, "- vip {vip}"),
+            Self::ReplaceVip { vip, from, to } => write!(
+                f,
+                "~ vip {vip} forwarding {} -> {}: replaced, its backends re-added (their established flows end)",
+                from.describe(),
+                to.describe()
+            ),
             Self::AddBackend { vip, backend } => write!(
                 f,
                 "+ backend {vip} {} weight {} {}",
@@ -842,8 +978,22 @@ pub fn describe_changes(running: &DesiredState, wanted: &DesiredState) -> Vec<St
         {
             lines.push(format!("~ idle timeout of {} {} s", vip.vip, timeout(vip)));
         }
+        // A kept VIP's new method is a `ReplaceVip` of the diff; a new VIP's is said here.
+        if was.is_none() && vip.forwarding.is_dsr() {
+            lines.push(format!(
+                "~ forwarding of {} {}",
+                vip.vip,
+                vip.forwarding.describe()
+            ));
+        }
     }
     lines
+}
+
+/// The line a reload adds when the tunnels' settings in force (`running`) become `wanted`.
+#[must_use]
+pub fn describe_encap_change(running: &Encap, wanted: &Encap) -> Option<String> {
+    (running != wanted).then(|| format!("~ tunnels: {wanted}"))
 }
 
 /// A TOML basic string: JSON's escapes are all TOML's too.
@@ -852,15 +1002,28 @@ fn toml_string(text: &str) -> String {
 }
 
 /// `state` as an `xlb.toml` that [`parse`] reads back to the same VIPs, backends, weights,
-/// states, health checks and idle timeouts (ids are the agent's business), with `ifaces` in
-/// its `[agent]` table: what `xlb config dump` prints, like `ipvsadm-save`.
+/// states, health checks, idle timeouts and forwarding methods (ids are the agent's
+/// business), with `ifaces` and the tunnels' settings `encap` in its `[agent]` table: what
+/// `xlb config dump` prints, like `ipvsadm-save`.
 #[must_use]
-pub fn to_toml(state: &DesiredState, ifaces: &[String]) -> String {
+pub fn to_toml(state: &DesiredState, ifaces: &[String], encap: &Encap) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
+    let mut agent = String::new();
     if !ifaces.is_empty() {
         let names: Vec<String> = ifaces.iter().map(|i| toml_string(i)).collect();
-        let _ = writeln!(out, "[agent]\nifaces = [{}]\n", names.join(", "));
+        let _ = writeln!(agent, "ifaces = [{}]", names.join(", "));
+    }
+    let sources = encap.sources();
+    if !sources.is_empty() {
+        let sources: Vec<String> = sources.iter().map(|a| format!("\"{a}\"")).collect();
+        let _ = writeln!(agent, "encap_source = [{}]", sources.join(", "));
+    }
+    if let Some(port) = encap.gue_port {
+        let _ = writeln!(agent, "gue_port = {port}");
+    }
+    if !agent.is_empty() {
+        let _ = writeln!(out, "[agent]\n{agent}");
     }
     for vip in &state.vips {
         let _ = writeln!(
@@ -872,6 +1035,9 @@ pub fn to_toml(state: &DesiredState, ifaces: &[String]) -> String {
             && secs != vip.vip.proto.default_idle_timeout_s()
         {
             let _ = writeln!(out, "{}_timeout = {secs}", vip.vip.proto);
+        }
+        if vip.forwarding.is_dsr() {
+            let _ = writeln!(out, "forwarding = \"{}\"", vip.forwarding);
         }
         if let Some(h) = &vip.health {
             let _ = writeln!(out, "[vip.health]\nprobe = \"{}\"", h.probe.kind());
@@ -939,16 +1105,21 @@ pub fn to_toml(state: &DesiredState, ifaces: &[String]) -> String {
 /// Order: removed VIPs first (freeing their slots and backend ids), then new VIPs with their
 /// backends, then per kept VIP additions and updates before removals — adding before removing
 /// keeps a VIP from passing through an empty ring when its backends are swapped.
-/// Health checks are not part of it: they are set per VIP wholesale.
+/// Health checks are not part of it: they are set per VIP wholesale. A kept VIP whose
+/// forwarding method changes is a `ReplaceVip` and all its backends `AddBackend`s.
 #[must_use]
 pub fn diff(old: &DesiredState, new: &DesiredState) -> Vec<Change> {
-    let index = |s: &DesiredState| -> BTreeMap<VipSpec, BTreeMap<SocketAddr, BackendConfig>> {
+    type Index = BTreeMap<VipSpec, (Forwarding, BTreeMap<SocketAddr, BackendConfig>)>;
+    let index = |s: &DesiredState| -> Index {
         s.vips
             .iter()
             .map(|v| {
                 (
                     v.vip,
-                    v.backends.iter().map(|b| (b.addr, b.clone())).collect(),
+                    (
+                        v.forwarding,
+                        v.backends.iter().map(|b| (b.addr, b.clone())).collect(),
+                    ),
                 )
             })
             .collect()
@@ -958,15 +1129,29 @@ pub fn diff(old: &DesiredState, new: &DesiredState) -> Vec<Change> {
     for vip in old.keys().filter(|v| !new.contains_key(v)) {
         changes.push(Change::RemoveVip(*vip));
     }
-    for (vip, backends) in new.iter().filter(|(v, _)| !old.contains_key(v)) {
+    for (vip, (_, backends)) in new.iter().filter(|(v, _)| !old.contains_key(v)) {
         changes.push(Change::AddVip(*vip));
         changes.extend(backends.values().map(|b| Change::AddBackend {
             vip: *vip,
             backend: b.clone(),
         }));
     }
-    for (vip, backends) in &new {
-        let Some(before) = old.get(vip) else { continue };
+    for (vip, (forwarding, backends)) in &new {
+        let Some((was, before)) = old.get(vip) else {
+            continue;
+        };
+        if was != forwarding {
+            changes.push(Change::ReplaceVip {
+                vip: *vip,
+                from: *was,
+                to: *forwarding,
+            });
+            changes.extend(backends.values().map(|b| Change::AddBackend {
+                vip: *vip,
+                backend: b.clone(),
+            }));
+            continue;
+        }
         for (addr, b) in backends {
             match before.get(addr) {
                 None => changes.push(Change::AddBackend {
@@ -1031,6 +1216,7 @@ mod tests {
                         expect_status: 204,
                     })),
                     idle_timeout_s: Some(900),
+                    forwarding: Forwarding::Nat,
                 },
                 VipConfig {
                     vip: "[2001:db8::1]:53/udp".parse().unwrap(),
@@ -1042,6 +1228,7 @@ mod tests {
                     })),
                     // The default, written or not.
                     idle_timeout_s: Some(60),
+                    forwarding: Forwarding::Nat,
                 },
                 VipConfig {
                     vip: "192.0.2.11:443/tcp".parse().unwrap(),
@@ -1049,12 +1236,27 @@ mod tests {
                     id: None,
                     health: None,
                     idle_timeout_s: None,
+                    forwarding: Forwarding::Nat,
+                },
+                VipConfig {
+                    vip: "192.0.2.12:443/tcp".parse().unwrap(),
+                    backends: vec![backend("10.0.2.5:443", 1, BackendState::Active)],
+                    id: None,
+                    health: None,
+                    idle_timeout_s: None,
+                    forwarding: Forwarding::Gue,
                 },
             ],
         };
-        let text = to_toml(&state, &["eth0".into(), "veth1".into()]);
+        let encap = Encap::new(
+            &["192.0.2.1".parse().unwrap(), "2001:db8::1".parse().unwrap()],
+            Some(7000),
+        )
+        .unwrap();
+        let text = to_toml(&state, &["eth0".into(), "veth1".into()], &encap);
         let config = parse(&text).unwrap_or_else(|e| panic!("{e}:\n{text}"));
         assert_eq!(config.agent.ifaces, ["eth0", "veth1"]);
+        assert_eq!(config.agent.encap, encap, "{text}");
         let mut expected = state.clone();
         for v in &mut expected.vips {
             v.id = None;
@@ -1084,9 +1286,10 @@ mod tests {
                 id: Some(1),
                 health: None,
                 idle_timeout_s: None,
+                forwarding: Forwarding::Nat,
             }],
         };
-        let text = to_toml(&state, &[]);
+        let text = to_toml(&state, &[], &Encap::default());
         assert!(!text.contains("10.88.0.7"), "{text}");
         let config = parse(&text).unwrap_or_else(|e| panic!("{e}:\n{text}"));
         assert_eq!(
@@ -1100,6 +1303,100 @@ mod tests {
             "{text}"
         );
         assert!(config.vips[0].backends.is_empty());
+    }
+
+    #[test]
+    fn a_backend_argument_is_an_address_with_or_without_its_port() {
+        let arg = |text| backend_arg(text).map(|a| a.to_string());
+        assert_eq!(arg("10.0.2.5:8080").unwrap(), "10.0.2.5:8080");
+        assert_eq!(arg("10.0.2.5").unwrap(), "10.0.2.5:0", "port 0: none given");
+        assert_eq!(arg("fd00::5").unwrap(), "[fd00::5]:0");
+        assert_eq!(arg("[fd00::5]").unwrap(), "[fd00::5]:0");
+        // A scope id reaches the agent, which refuses it with its reason.
+        assert_eq!(arg("[fd00::5%1]:80").unwrap(), "[fd00::5%1]:80");
+        assert!(arg("10.0.2.5:0").unwrap_err().contains("port 0"));
+        assert!(arg("web-1").unwrap_err().contains("is not ADDR:PORT"));
+    }
+
+    #[test]
+    fn a_vip_forwards_by_the_method_it_names() {
+        let config = parse(concat!(
+            "[[vip]]\naddress = \"192.0.2.1:80\"\n",
+            "[[vip]]\naddress = \"192.0.2.2:443\"\nforwarding = \"ipip\"\n",
+            "[[vip.backend]]\naddress = \"10.0.2.5\"\n",
+            "[[vip.backend]]\naddress = \"10.0.2.6:443\"\n",
+            "[[vip]]\naddress = \"[2001:db8::1]:53/udp\"\nforwarding = \"gue\"\n",
+            "[[vip.backend]]\naddress = \"fd00::5\"\n",
+            "[[vip.backend]]\naddress = \"[fd00::6]\"\n",
+        ))
+        .unwrap();
+        let methods: Vec<Forwarding> = config.vips.iter().map(|v| v.forwarding).collect();
+        assert_eq!(
+            methods,
+            [Forwarding::Nat, Forwarding::Ipip, Forwarding::Gue]
+        );
+        // A backend given without a port serves the VIP's.
+        let addrs = |i: usize| -> Vec<String> {
+            config.vips[i]
+                .backends
+                .iter()
+                .map(|b| b.addr.to_string())
+                .collect()
+        };
+        assert_eq!(addrs(1), ["10.0.2.5:443", "10.0.2.6:443"]);
+        assert_eq!(addrs(2), ["[fd00::5]:53", "[fd00::6]:53"]);
+    }
+
+    #[test]
+    fn forwarding_mistakes_are_refused_where_they_are() {
+        let refused = |text: &str| parse(text).unwrap_err().to_string();
+        assert_eq!(
+            refused("[[vip]]\naddress = \"192.0.2.1:80\"\nforwarding = \"dsr\"\n"),
+            "xlb.toml:3:14: unknown forwarding method 'dsr' (use nat, ipip or gue)"
+        );
+        assert_eq!(
+            refused(concat!(
+                "[[vip]]\naddress = \"192.0.2.1:80\"\nforwarding = \"ipip\"\n",
+                "[[vip.backend]]\naddress = \"10.0.2.5:8080\"\n",
+            )),
+            "xlb.toml:5:11: backend 10.0.2.5:8080 must serve port 80 of VIP 192.0.2.1:80/tcp \
+             (dsr/ipip): the packet reaches it unchanged, still addressed to the VIP (give \
+             10.0.2.5 alone, or with that port)"
+        );
+        assert_eq!(
+            refused(
+                "[[vip]]\naddress = \"192.0.2.1:80\"\n[[vip.backend]]\naddress = \"10.0.2.5\"\n"
+            ),
+            "xlb.toml:4:11: backend 10.0.2.5 needs a port: VIP 192.0.2.1:80/tcp forwards by NAT \
+             (only a direct-server-return VIP's backends take the VIP's port)"
+        );
+    }
+
+    #[test]
+    fn a_changed_forwarding_method_replaces_the_vips_backends() {
+        let running = parse(
+            "[[vip]]\naddress = \"192.0.2.1:80\"\n[[vip.backend]]\naddress = \"10.0.0.2:80\"\n",
+        )
+        .unwrap()
+        .desired_state();
+        let wanted = parse(concat!(
+            "[[vip]]\naddress = \"192.0.2.1:80\"\nforwarding = \"gue\"\n",
+            "[[vip.backend]]\naddress = \"10.0.0.2\"\n",
+            "[[vip]]\naddress = \"192.0.2.9:80\"\nforwarding = \"ipip\"\n",
+        ))
+        .unwrap()
+        .desired_state();
+        assert_eq!(
+            describe_changes(&running, &wanted),
+            [
+                "+ vip 192.0.2.9:80/tcp",
+                "~ vip 192.0.2.1:80/tcp forwarding nat -> dsr/gue: replaced, its backends \
+                 re-added (their established flows end)",
+                "+ backend 192.0.2.1:80/tcp 10.0.0.2:80 weight 1 active",
+                "~ forwarding of 192.0.2.9:80/tcp dsr/ipip",
+            ]
+        );
+        assert!(diff(&wanted, &wanted).is_empty());
     }
 
     #[test]
@@ -1164,6 +1461,44 @@ mod tests {
         assert_eq!(
             agent_changes(&before, &after),
             ["ifaces", "xdp_mode", "announce_table"]
+        );
+        // A reload applies the tunnels' settings: no restart to ask for.
+        let tunnels = AgentConfig {
+            encap: Encap::new(&["192.0.2.1".parse().unwrap()], Some(7000)).unwrap(),
+            ..before.clone()
+        };
+        assert!(agent_changes(&before, &tunnels).is_empty());
+    }
+
+    #[test]
+    fn encap_settings_are_read_and_checked_where_written() {
+        let config =
+            parse("[agent]\nencap_source = [\"2001:db8::1\", \"192.0.2.1\"]\ngue_port = 7000\n")
+                .unwrap();
+        assert_eq!(
+            config.agent.encap,
+            Encap::new(
+                &["192.0.2.1".parse().unwrap(), "2001:db8::1".parse().unwrap()],
+                Some(7000)
+            )
+            .unwrap()
+        );
+        assert_eq!(
+            err("[agent]\nencap_source = [\"192.0.2.1\", \"192.0.2.2\"]\n"),
+            (
+                2,
+                30,
+                "two IPv4 encap sources, 192.0.2.1 and 192.0.2.2: give at most one per address family"
+                    .to_owned()
+            )
+        );
+        assert_eq!(
+            err("[agent]\nencap_source = [\"eth0\"]\n").2,
+            "encap_source 'eth0' is not an IP address"
+        );
+        assert_eq!(
+            err("[agent]\ngue_port = 0\n").2,
+            "gue_port 0 is not 1-65535"
         );
     }
 
@@ -1648,6 +1983,7 @@ mod tests {
                         id: None,
                         health: None,
                         idle_timeout_s: None,
+                        forwarding: Forwarding::Nat,
                     },
                     VipConfig {
                         vip: vip("192.0.2.20:80/tcp"),
@@ -1658,6 +1994,7 @@ mod tests {
                         id: None,
                         health: None,
                         idle_timeout_s: None,
+                        forwarding: Forwarding::Nat,
                     },
                 ],
             }
@@ -1679,6 +2016,7 @@ mod tests {
                     id: None,
                     health: None,
                     idle_timeout_s: None,
+                    forwarding: Forwarding::Nat,
                 })
                 .collect(),
         };

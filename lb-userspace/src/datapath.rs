@@ -16,8 +16,8 @@ use aya::{
 };
 use lb_common::{
     Backend, CONNTRACK_ENTRIES, CachedHop, Counter, DEFAULT_HASH_SEED, DEFAULT_MAX_VIPS,
-    DEFAULT_RING_SIZE, EndpointVip, FlowKey, FlowState, HASH_SEED_SYMBOL, ReverseNat,
-    TrafficCounters, VipInfo, VipKey, maglev::is_prime, map_names, program_names,
+    DEFAULT_RING_SIZE, EncapSettings, EndpointVip, FlowKey, FlowState, HASH_SEED_SYMBOL,
+    ReverseNat, TrafficCounters, VipInfo, VipKey, maglev::is_prime, map_names, program_names,
 };
 use thiserror::Error;
 use xlb_core::{
@@ -754,6 +754,28 @@ impl Datapath {
     pub fn reverse_nat(&self) -> Result<HashMap<&MapData, FlowKey, ReverseNat>> {
         let name = map_names::REVERSE_NAT;
         HashMap::try_from(self.map_ref(name)?).map_err(map_err(name))
+    }
+
+    /// Writes the node's direct-server-return settings (`XLB_ENCAP`'s one entry).
+    ///
+    /// # Errors
+    /// Map access failing.
+    pub fn set_encap(&mut self, settings: &EncapSettings) -> Result<()> {
+        let name = map_names::ENCAP;
+        let mut map: Array<&mut MapData, EncapSettings> =
+            Array::try_from(self.map_data(name)?).map_err(map_err(name))?;
+        map.set(0, settings, 0).map_err(map_err(name))
+    }
+
+    /// What `XLB_ENCAP` holds.
+    ///
+    /// # Errors
+    /// Map access failing.
+    pub fn encap(&self) -> Result<EncapSettings> {
+        let name = map_names::ENCAP;
+        let map: Array<&MapData, EncapSettings> =
+            Array::try_from(self.map_ref(name)?).map_err(map_err(name))?;
+        map.get(&0, 0).map_err(map_err(name))
     }
 
     pub fn egress_ports(&mut self) -> Result<DevMapHash<&mut MapData>> {

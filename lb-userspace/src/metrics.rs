@@ -39,6 +39,13 @@ struct VipLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ForwardingLabels {
+    vip: String,
+    /// `nat`, `ipip` or `gue`.
+    forwarding: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BackendLabels {
     vip: String,
     backend: String,
@@ -97,6 +104,11 @@ pub fn render(stats: &Stats, health: &[(VipSpec, SocketAddr, bool)]) -> String {
         "xlb_vip_ring_size",
         "Slots in the VIP's live Maglev ring (0 when no backend is active)",
     );
+    let vip_forwarding: Family<ForwardingLabels, Gauge> = family(
+        &mut registry,
+        "xlb_vip_forwarding",
+        "1, labelled with how the VIP reaches its backends: nat, or ipip or gue (direct server return)",
+    );
     let packets: Family<BackendLabels, Counter> = family(
         &mut registry,
         "xlb_packets",
@@ -153,6 +165,12 @@ pub fn render(stats: &Stats, health: &[(VipSpec, SocketAddr, bool)]) -> String {
         vip_bytes.get_or_create(&vl).inc_by(vip.bytes);
         vip_flows.get_or_create(&vl).inc_by(vip.new_flows);
         vip_ring.get_or_create(&vl).set(i64::from(vip.ring_size));
+        vip_forwarding
+            .get_or_create(&ForwardingLabels {
+                vip: vl.vip.clone(),
+                forwarding: vip.forwarding.to_string(),
+            })
+            .set(1);
         for b in &vip.backends {
             let bl = BackendLabels {
                 vip: vl.vip.clone(),
@@ -508,7 +526,7 @@ mod tests {
     use super::*;
     use crate::{
         api::CounterValue,
-        balancer::{BackendStatus, VipStatus},
+        balancer::{BackendStatus, Forwarding, VipStatus},
     };
 
     fn stats() -> Stats {
@@ -534,6 +552,7 @@ mod tests {
                     id: 0,
                     ring_size: 61,
                     idle_timeout_s: 300,
+                    forwarding: Forwarding::Nat,
                     health_check: None,
                     packets: 300,
                     bytes: 30_000,
@@ -548,6 +567,7 @@ mod tests {
                     id: 1,
                     ring_size: 61,
                     idle_timeout_s: 60,
+                    forwarding: Forwarding::Gue,
                     health_check: None,
                     packets: 7,
                     bytes: 700,
@@ -623,6 +643,23 @@ mod tests {
         assert_eq!(value(&scrape, "xlb_vip_packets_total", &vip4), 300.0);
         assert_eq!(value(&scrape, "xlb_vip_bytes_total", &vip4), 30_000.0);
         assert_eq!(value(&scrape, "xlb_vip_ring_size", &vip4), 61.0);
+        let forwarding = |vip, method| [("vip", vip), ("forwarding", method)];
+        assert_eq!(
+            value(
+                &scrape,
+                "xlb_vip_forwarding",
+                &forwarding("192.0.2.10:80/tcp", "nat")
+            ),
+            1.0
+        );
+        assert_eq!(
+            value(
+                &scrape,
+                "xlb_vip_forwarding",
+                &forwarding("[2001:db8::1]:443/udp", "gue")
+            ),
+            1.0
+        );
         assert_eq!(
             value(&scrape, "xlb_xdp_actions_total", &[("action", "tx")]),
             307.0

@@ -2329,3 +2329,261 @@ fn run_as_nobody(cmd: &mut std::process::Command) {
         });
     }
 }
+
+/// The node's tunnel settings as the data plane holds them (`XLB_ENCAP`, pinned).
+fn pinned_encap(bpffs: &Path) -> lb_common::EncapSettings {
+    let data = aya::maps::MapData::from_pin(bpffs.join(lb_common::map_names::ENCAP))
+        .expect("XLB_ENCAP pinned");
+    let map: aya::maps::Array<_, lb_common::EncapSettings> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(data)).expect("an array");
+    map.get(&0, 0).expect("its one entry")
+}
+
+/// Direct server return end to end through the CLI: `vip add --forwarding`, a backend
+/// given without a port (the VIP's), another port and a NAT VIP's portless backend refused,
+/// the method in `vip list`, `backend list`, `explain`, `status`, JSON, `config dump` and
+/// the state file, surviving a restart; `vip set --forwarding` refused; `--encap-source` and
+/// `--gue-port` in `XLB_ENCAP` and `status`, and a source this host lacks refused at start.
+#[test]
+fn dsr_forwarding_and_tunnel_settings_through_the_cli() {
+    let topo = topology(2);
+    let dir = TempDir::new(SUITE, "dsr");
+    let state = dir.join("state.json");
+    let lb_ifaces: Vec<String> = std::iter::once(&topo.client_link)
+        .chain(&topo.backend_links)
+        .map(|l| l.a.ifname.clone())
+        .collect();
+    let own = topo.client_link.a.ip4().to_string();
+    let tunnels = ["--encap-source", own.as_str(), "--gue-port", "7000"];
+    let mut agent = Agent::start_with(topo.lb(), &lb_ifaces, &dir, &state, &tunnels);
+
+    let dsr = "10.100.0.1:443/tcp";
+    let nat = "10.100.0.1:80/tcp";
+    let out = agent.ok(&["vip", "add", dsr, "--forwarding", "ipip"]);
+    assert!(out.contains("forwarding dsr/ipip"), "{out}");
+    agent.ok(&["vip", "add", nat]);
+    let b0 = backend_v4(0, 443);
+    let out = agent.ok(&["backend", "add", dsr, &b0.ip().to_string()]);
+    assert!(out.contains(&format!("added backend {b0} ")), "{out}");
+
+    let refused = |args: &[&str], needle: &str| {
+        let out = xlb(topo.lb(), &agent.socket, args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(needle) && stderr.lines().count() == 1,
+            "{}",
+            describe(args, &out)
+        );
+    };
+    let b1_other_port = backend_v4(1, 8443).to_string();
+    refused(
+        &["backend", "add", dsr, &b1_other_port],
+        "must serve port 443 of VIP 10.100.0.1:443/tcp (dsr/ipip): the packet reaches it unchanged",
+    );
+    refused(
+        &["backend", "add", nat, &backend_v4(1, 0).ip().to_string()],
+        "needs a port: VIP 10.100.0.1:80/tcp forwards by NAT",
+    );
+    refused(
+        &["vip", "set", dsr, "--forwarding", "gue"],
+        &format!("`xlb vip del {dsr}`, then `xlb vip add {dsr} --forwarding gue`"),
+    );
+
+    let listed = agent.json(&["vip", "list", "--json"]);
+    assert_eq!(find_vip(&listed, dsr)["forwarding"], "ipip", "{listed:#}");
+    assert_eq!(find_vip(&listed, nat)["forwarding"], "nat", "{listed:#}");
+    let table = agent.ok(&["vip", "list"]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with(dsr) && l.contains("dsr/ipip")),
+        "{table}"
+    );
+    let backends = agent.ok(&["backend", "list", dsr]);
+    assert!(backends.contains("forwarding dsr/ipip"), "{backends}");
+    let explained = agent.ok(&["explain", "10.10.0.2:40000", dsr]);
+    assert!(
+        explained.contains(&format!("a new flow goes to:        dsr/ipip to {b0}")),
+        "{explained}"
+    );
+    let explained = agent.json(&["explain", "10.10.0.2:40000", dsr, "--json"]);
+    assert_eq!(explained["forwarding"], "ipip", "{explained:#}");
+
+    let status = agent.ok(&["status"]);
+    assert!(
+        status.contains(&format!(
+            "tunnels     outer source: IPv4 {own}, IPv6 route's; GUE port 7000; 1 direct-server-return VIPs"
+        )),
+        "{status}"
+    );
+    let json = agent.json(&["status", "--json"]);
+    assert_eq!(
+        json["agent"]["encap"]["source_v4"],
+        own.as_str(),
+        "{json:#}"
+    );
+    let held = pinned_encap(&agent.bpffs);
+    assert_eq!(held.src_v4, topo.client_link.a.ip4().octets());
+    assert_eq!(
+        (held.src_v6, u16::from_be(held.gue_port_be)),
+        ([0; 16], 7000)
+    );
+
+    let dumped = agent.ok(&["config", "dump"]);
+    assert!(dumped.contains("forwarding = \"ipip\""), "{dumped}");
+    assert!(
+        dumped.contains(&format!("encap_source = [\"{own}\"]"))
+            && dumped.contains("gue_port = 7000"),
+        "{dumped}"
+    );
+    let saved = fs::read_to_string(&state).expect("state file");
+    assert!(saved.contains("\"forwarding\": \"ipip\""), "{saved}");
+
+    // Restarted from the state file alone, with the defaults for the tunnels.
+    assert!(agent.stop().success(), "{}", agent.log());
+    drop(agent);
+    let agent = Agent::start_in(topo.lb(), &lb_ifaces, &dir, &state);
+    let listed = agent.json(&["vip", "list", "--json"]);
+    let vip = find_vip(&listed, dsr);
+    assert_eq!(vip["forwarding"], "ipip", "{vip:#}");
+    assert_eq!(
+        backends_of(vip)[0]["addr"],
+        b0.to_string().as_str(),
+        "{vip:#}"
+    );
+    let status = agent.ok(&["status"]);
+    assert!(
+        status.contains("tunnels     outer source: route's (default); GUE port 6080 (default)"),
+        "{status}"
+    );
+    let held = pinned_encap(&agent.bpffs);
+    assert_eq!(
+        (held.src_v4, u16::from_be(held.gue_port_be)),
+        ([0; 4], 6080)
+    );
+    drop(agent);
+
+    // A source this host does not have: refused before anything is loaded.
+    let bpffs = Path::new("/sys/fs/bpf").join(common::unique(SUITE, "pins"));
+    let log = dir.join("refused.log");
+    let mut cmd = common::agent_command(
+        topo.lb().command(XLB),
+        &lb_ifaces,
+        &dir.join("refused.sock"),
+        &dir.join("refused.json"),
+        &bpffs,
+        &log,
+    );
+    cmd.args(["--encap-source", "192.0.2.77"]);
+    let out = output_within(&mut cmd, Duration::from_secs(20));
+    let said = format!(
+        "{}{}",
+        fs::read_to_string(&log).unwrap_or_default(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("encap source 192.0.2.77 is not an address of this host"),
+        "{said}"
+    );
+    assert!(!bpffs.exists(), "nothing pinned: {said}");
+}
+
+/// A config file's forwarding method and tunnel settings through `xlb reload`: the dry run
+/// and the reload word the VIP's replacement and the tunnels' change alike; the VIP keeps
+/// its id while its backend comes back under a new one, portless, on the VIP's port; the
+/// outer source reaches `XLB_ENCAP`. A source this host lacks is refused and changes nothing.
+#[test]
+fn a_reload_replaces_a_vip_whose_forwarding_changes_and_applies_tunnels() {
+    let topo = topology(1);
+    let dir = TempDir::new(SUITE, "dsrreload");
+    let ifaces: Vec<String> = std::iter::once(&topo.client_link)
+        .chain(&topo.backend_links)
+        .map(|l| l.a.ifname.clone())
+        .collect();
+    let vip = "10.100.0.1:80/tcp";
+    let b0 = backend_v4(0, 80);
+    let config = dir.join("xlb.toml");
+    let config_arg = config.display().to_string();
+    fs::write(
+        &config,
+        format!("[[vip]]\naddress = \"{vip}\"\n[[vip.backend]]\naddress = \"{b0}\"\n"),
+    )
+    .expect("writing the config");
+    let agent = Agent::start_with(
+        topo.lb(),
+        &ifaces,
+        &dir,
+        &dir.join("state.json"),
+        &["--config", &config_arg],
+    );
+    let before = agent.json(&["vip", "list", "--json"]);
+    let before = find_vip(&before, vip).clone();
+    assert_eq!(before["forwarding"], "nat", "{before:#}");
+
+    let own = topo.client_link.a.ip4();
+    let dsr = |source: &str| {
+        format!(
+            "[agent]\nencap_source = [\"{source}\"]\n\n[[vip]]\naddress = \"{vip}\"\nforwarding = \"ipip\"\n[[vip.backend]]\naddress = \"{}\"\n",
+            b0.ip()
+        )
+    };
+    fs::write(&config, dsr(&own.to_string())).expect("editing the config");
+    let expected = [
+        format!(
+            "~ vip {vip} forwarding nat -> dsr/ipip: replaced, its backends re-added (their established flows end)"
+        ),
+        format!("+ backend {vip} {b0} weight 1 active"),
+        format!("~ tunnels: outer source: IPv4 {own}, IPv6 route's; GUE port 6080 (default)"),
+    ];
+    for args in [
+        &["config", "diff", config_arg.as_str()][..],
+        &["reload", "--dry-run"],
+    ] {
+        let dry = agent.ok(args);
+        assert_eq!(
+            dry.lines().collect::<Vec<_>>(),
+            expected,
+            "xlb {}",
+            args.join(" ")
+        );
+    }
+    let unchanged = agent.json(&["vip", "list", "--json"]);
+    assert_eq!(find_vip(&unchanged, vip)["forwarding"], "nat", "a dry run");
+    assert_eq!(pinned_encap(&agent.bpffs).src_v4, [0; 4], "a dry run");
+
+    let applied = agent.ok(&["reload"]);
+    assert_eq!(applied.lines().collect::<Vec<_>>(), expected, "{applied}");
+    let after = agent.json(&["vip", "list", "--json"]);
+    let after = find_vip(&after, vip);
+    assert_eq!(after["forwarding"], "ipip", "{after:#}");
+    assert_eq!(
+        after["id"], before["id"],
+        "the VIP keeps its slot: {after:#}"
+    );
+    let (was, now) = (&backends_of(&before)[0], &backends_of(after)[0]);
+    assert_eq!(now["addr"], b0.to_string().as_str(), "{after:#}");
+    assert_ne!(now["id"], was["id"], "a new backend id: {after:#}");
+    assert_eq!(pinned_encap(&agent.bpffs).src_v4, own.octets());
+    let status = agent.ok(&["status"]);
+    assert!(
+        status.contains(&format!(
+            "tunnels     outer source: IPv4 {own}, IPv6 route's"
+        )),
+        "{status}"
+    );
+
+    // An outer source that is not this host's: the whole reload is refused.
+    fs::write(&config, dsr("192.0.2.77")).expect("editing the config");
+    let args = ["reload"];
+    let out = xlb(topo.lb(), &agent.socket, &args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("nothing changed")
+            && stderr.contains("encap source 192.0.2.77 is not an address of this host"),
+        "{}",
+        describe(&args, &out)
+    );
+    assert_eq!(pinned_encap(&agent.bpffs).src_v4, own.octets());
+}

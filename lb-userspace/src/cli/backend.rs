@@ -7,6 +7,7 @@ use clap::Subcommand;
 use lb_userspace::{
     api::Client,
     balancer::{BackendState, VipSpec},
+    config::backend_arg,
 };
 
 use super::render::{print_backends, print_json};
@@ -35,8 +36,9 @@ pub enum BackendCommand {
     Add {
         /// The VIP: ADDR:PORT[/tcp|/udp] (IPv6 as [2001:db8::1]:443/tcp).
         vip: VipSpec,
-        /// BACKEND_ADDR:PORT
-        #[arg(required_unless_present = "container", conflicts_with = "container")]
+        /// BACKEND_ADDR:PORT (a direct-server-return VIP's backend: BACKEND_ADDR alone, or
+        /// with the VIP's port)
+        #[arg(required_unless_present = "container", conflicts_with = "container", value_parser = backend_arg)]
         backend: Option<SocketAddr>,
         /// A podman or docker container NAME[:PORT], followed from then on: out of the ring
         /// while stopped, re-resolved when it starts again [port: the container's single
@@ -56,7 +58,8 @@ pub enum BackendCommand {
     Del {
         /// The VIP: ADDR:PORT[/tcp|/udp] (IPv6 as [2001:db8::1]:443/tcp).
         vip: VipSpec,
-        /// The backend: ADDR:PORT.
+        /// The backend: ADDR:PORT (ADDR alone for a direct-server-return VIP).
+        #[arg(value_parser = backend_arg)]
         backend: SocketAddr,
         /// Change an agent that runs from a --config file anyway (until its next reload).
         #[arg(long)]
@@ -69,7 +72,8 @@ pub enum BackendCommand {
     Set {
         /// The VIP: ADDR:PORT[/tcp|/udp] (IPv6 as [2001:db8::1]:443/tcp).
         vip: VipSpec,
-        /// The backend: ADDR:PORT.
+        /// The backend: ADDR:PORT (ADDR alone for a direct-server-return VIP).
+        #[arg(value_parser = backend_arg)]
         backend: SocketAddr,
         /// New weight (0-1000; 0 drains the backend: no new flows, established ones go on).
         #[arg(long)]
@@ -87,7 +91,8 @@ pub enum BackendCommand {
     Drain {
         /// The VIP: ADDR:PORT[/tcp|/udp] (IPv6 as [2001:db8::1]:443/tcp).
         vip: VipSpec,
-        /// The backend: ADDR:PORT.
+        /// The backend: ADDR:PORT (ADDR alone for a direct-server-return VIP).
+        #[arg(value_parser = backend_arg)]
         backend: SocketAddr,
         /// Change an agent that runs from a --config file anyway (until its next reload).
         #[arg(long)]
@@ -118,6 +123,15 @@ impl BackendCommand {
     }
 }
 
+/// A backend as the agent took it: without a port, the (direct-server-return) VIP's.
+fn as_resolved(vip: &VipSpec, backend: SocketAddr) -> SocketAddr {
+    if backend.port() == 0 {
+        SocketAddr::new(backend.ip(), vip.addr.port())
+    } else {
+        backend
+    }
+}
+
 pub fn run(client: Client<'_>, command: BackendCommand) -> Result<()> {
     let client = client.forcing(command.force());
     match command {
@@ -133,6 +147,7 @@ pub fn run(client: Client<'_>, command: BackendCommand) -> Result<()> {
                     for warning in client.backend_add(vip, backend, weight)? {
                         eprintln!("xlb: warning: {warning}");
                     }
+                    let backend = as_resolved(&vip, backend);
                     println!("added backend {backend} to {vip} (weight {weight})");
                 }
                 (None, Some(spec)) => {
@@ -153,6 +168,7 @@ pub fn run(client: Client<'_>, command: BackendCommand) -> Result<()> {
         }
         BackendCommand::Del { vip, backend, .. } => {
             client.backend_del(vip, backend)?;
+            let backend = as_resolved(&vip, backend);
             println!("removed backend {backend} from {vip}");
         }
         BackendCommand::Set {
@@ -166,10 +182,12 @@ pub fn run(client: Client<'_>, command: BackendCommand) -> Result<()> {
                 bail!("nothing to change: give --weight N and/or --state active|draining");
             }
             client.backend_set(vip, backend, weight, state.map(Into::into))?;
+            let backend = as_resolved(&vip, backend);
             println!("updated backend {backend} of {vip}");
         }
         BackendCommand::Drain { vip, backend, .. } => {
             client.backend_set(vip, backend, None, Some(BackendState::Draining))?;
+            let backend = as_resolved(&vip, backend);
             println!(
                 "draining backend {backend} of {vip}: no new flows; `xlb backend list {vip}` shows the flows it still has"
             );

@@ -7,7 +7,7 @@ use clap::Subcommand;
 use lb_userspace::{
     api::Client,
     balancer::{BackendConfig, DesiredState, VipConfig, VipStatus},
-    config::{describe_changes, to_toml},
+    config::{describe_changes, describe_encap_change, to_toml},
 };
 
 #[derive(Subcommand)]
@@ -60,6 +60,7 @@ fn running_state(vips: Vec<VipStatus>) -> DesiredState {
                 id: None,
                 health: v.health_check,
                 idle_timeout_s: Some(v.idle_timeout_s),
+                forwarding: v.forwarding,
             })
             .collect(),
     }
@@ -91,24 +92,27 @@ pub fn run(
             let path = socket(given.socket);
             let client = Client::new(&path);
             let running = running_state(client.vip_list()?);
-            let ifaces: Vec<String> = client
-                .status()?
-                .interfaces
-                .into_iter()
-                .map(|i| i.name)
-                .collect();
-            print!("{}", to_toml(&running, &ifaces));
+            let status = client.status()?;
+            let ifaces: Vec<String> = status.interfaces.into_iter().map(|i| i.name).collect();
+            print!("{}", to_toml(&running, &ifaces, &status.agent.encap));
             Ok(())
         }
         ConfigCommand::Diff {
             file,
             socket: given,
         } => {
-            let wanted = lb_userspace::config::load(&file)?.desired_state();
+            let config = lb_userspace::config::load(&file)?;
+            let wanted = config.desired_state();
             let path = socket(given.socket);
             let client = Client::new(&path);
             let running = running_state(client.vip_list()?);
-            let changes = describe_changes(&running, &wanted);
+            let mut changes = describe_changes(&running, &wanted);
+            // As a reload would apply them: the agent's command-line settings win.
+            let agent = client.status()?.agent;
+            changes.extend(describe_encap_change(
+                &agent.encap,
+                &agent.encap_flags.over(config.agent.encap),
+            ));
             if changes.is_empty() {
                 println!("{}: matches the running state", file.display());
             }

@@ -21,13 +21,14 @@ pub fn print_vips(vips: &[VipStatus]) {
         return;
     }
     println!(
-        "{:<32} {:>8} {:>12} {:>14} {:>10} {:>12}  HEALTH CHECK",
-        "VIP", "BACKENDS", "PACKETS", "BYTES", "NEW FLOWS", "IDLE TIMEOUT"
+        "{:<32} {:<10} {:>8} {:>12} {:>14} {:>10} {:>12}  HEALTH CHECK",
+        "VIP", "FORWARDING", "BACKENDS", "PACKETS", "BYTES", "NEW FLOWS", "IDLE TIMEOUT"
     );
     for v in vips {
         println!(
-            "{:<32} {:>8} {:>12} {:>14} {:>10} {:>12}  {}",
+            "{:<32} {:<10} {:>8} {:>12} {:>14} {:>10} {:>12}  {}",
             v.vip.to_string(),
+            v.forwarding.describe(),
             v.backends.len(),
             v.packets,
             v.bytes,
@@ -41,7 +42,8 @@ pub fn print_vips(vips: &[VipStatus]) {
 pub fn print_backends(v: &VipStatus) {
     println!("{}  ({} slots in the ring)", v.vip, v.ring_size);
     println!(
-        "  idle timeout {} s; health check: {}",
+        "  forwarding {}; idle timeout {} s; health check: {}",
+        v.forwarding.describe(),
         v.idle_timeout_s,
         health_check(v.health_check.as_ref())
     );
@@ -106,7 +108,13 @@ pub fn print_stats(stats: &api::Stats) {
 }
 
 pub fn print_explanation(e: &Explanation) {
-    let show = |b: Option<SocketAddr>| b.map_or("none".to_owned(), |b| b.to_string());
+    // "dsr/ipip to 10.0.2.5:443" where the packet is tunnelled; a NAT backend's address
+    // alone, as ever.
+    let show = |b: Option<SocketAddr>| match b {
+        None => "none".to_owned(),
+        Some(b) if e.forwarding.is_dsr() => format!("{} to {b}", e.forwarding.describe()),
+        Some(b) => b.to_string(),
+    };
     println!(
         "flow {} -> {}: hash {:#010x}, ring slot {}",
         e.client, e.vip, e.flow_hash, e.ring_slot
@@ -190,6 +198,15 @@ pub fn print_status(status: &api::Status) {
         })
         .collect();
     println!("interfaces  {}", interfaces.join(", "));
+    let dsr = status.vips.iter().filter(|v| v.forwarding.is_dsr()).count();
+    println!(
+        "tunnels     {}{}",
+        a.encap,
+        match dsr {
+            0 => String::new(),
+            n => format!("; {n} direct-server-return VIPs"),
+        }
+    );
 
     let backends: Vec<_> = status.vips.iter().flat_map(|v| &v.backends).collect();
     let count = |pred: &dyn Fn(&&lb_userspace::balancer::BackendStatus) -> bool| {

@@ -66,6 +66,15 @@ pub struct RunArgs {
     /// --keep-attached.
     #[arg(long, value_name = "N")]
     announce_table: Option<u32>,
+    /// Outer source address of direct-server-return tunnels (ipip, gue VIPs), one per
+    /// address family (repeatable); it must be an address of this host [default: the source
+    /// of the route to each backend]
+    #[arg(long = "encap-source", value_name = "ADDR")]
+    encap_sources: Vec<std::net::IpAddr>,
+    /// UDP port GUE-encapsulated packets are sent to (the backends' decapsulation listens
+    /// there) [default: 6080]
+    #[arg(long, value_name = "PORT")]
+    gue_port: Option<u16>,
 }
 
 /// `--ring-size`: Maglev needs a prime, refused here rather than after loading the maps.
@@ -97,7 +106,11 @@ pub fn run(args: RunArgs, socket: Option<PathBuf>) -> Result<()> {
         config,
         containers,
         announce_table,
+        encap_sources,
+        gue_port,
     } = args;
+    let encap = lb_userspace::encap::Encap::new(&encap_sources, gue_port)
+        .context("--encap-source/--gue-port")?;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -146,6 +159,7 @@ pub fn run(args: RunArgs, socket: Option<PathBuf>) -> Result<()> {
         config,
         containers,
         announce_table: announce_table.or(file.announce_table),
+        encap,
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

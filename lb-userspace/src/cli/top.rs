@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Result, bail};
 use lb_userspace::{
     api::Client,
-    balancer::{BackendState, VipSpec, VipStatus},
+    balancer::{BackendState, Forwarding, VipSpec, VipStatus},
 };
 use ratatui::{
     Frame,
@@ -65,6 +65,8 @@ impl SortBy {
 #[derive(Clone, Debug, PartialEq)]
 struct Line {
     vip: VipSpec,
+    /// How the VIP reaches its backends: shown on the VIP's line when not NAT.
+    forwarding: Forwarding,
     backend: Option<SocketAddr>,
     /// The container a backend is, by name.
     container: Option<String>,
@@ -118,6 +120,7 @@ fn lines(before: &[VipStatus], now: &[VipStatus], secs: f64, sort: SortBy) -> Ve
                         let old = old_backend(b.addr);
                         Line {
                             vip: v.vip,
+                            forwarding: v.forwarding,
                             backend: Some(b.addr),
                             container: b.container.clone(),
                             weight: Some(b.weight),
@@ -146,6 +149,7 @@ fn lines(before: &[VipStatus], now: &[VipStatus], secs: f64, sort: SortBy) -> Ve
             let down = v.backends.iter().filter(|b| !b.healthy).count();
             let vip = Line {
                 vip: v.vip,
+                forwarding: v.forwarding,
                 backend: None,
                 container: None,
                 weight: None,
@@ -198,6 +202,9 @@ fn draw(frame: &mut Frame<'_>, lines: &[Line], sort: SortBy, note: &str) {
     .style(Style::new().add_modifier(Modifier::BOLD));
     let rows = lines.iter().map(|l| {
         let name = match (l.backend, &l.container) {
+            (None, _) if l.forwarding.is_dsr() => {
+                format!("{} {}", l.vip, l.forwarding.describe())
+            }
             (None, _) => l.vip.to_string(),
             (Some(b), None) => format!("  {b}"),
             (Some(b), Some(c)) => format!("  {b} ({c})"),
@@ -332,6 +339,7 @@ mod tests {
             id: 0,
             ring_size: 13,
             idle_timeout_s: 300,
+            forwarding: Forwarding::Nat,
             health_check: None,
             packets,
             bytes: packets * 100,
@@ -465,5 +473,17 @@ mod tests {
         let screen = rendered(&shown, SortBy::Address);
         assert!(screen.contains("10.1.0.1:80 (web-1)"), "{screen}");
         assert!(screen.contains("stopped"), "{screen}");
+    }
+
+    /// A direct-server-return VIP says so on its line; a NAT VIP's line stays as it was.
+    #[test]
+    fn a_dsr_vip_shows_its_forwarding_method() {
+        let mut dsr = vip("10.0.0.2:443/tcp", 0, &[("10.1.0.5:443", 1, 0, true)]);
+        dsr.forwarding = Forwarding::Gue;
+        let nat = vip("10.0.0.1:80/tcp", 0, &[("10.1.0.1:80", 1, 0, true)]);
+        let shown = lines(&[], &[nat, dsr], 1.0, SortBy::Address);
+        let screen = rendered(&shown, SortBy::Address);
+        assert!(screen.contains("10.0.0.2:443/tcp dsr/gue"), "{screen}");
+        assert!(!screen.contains("10.0.0.1:80/tcp nat"), "{screen}");
     }
 }

@@ -6,7 +6,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use clap::Subcommand;
 use lb_userspace::{
     api::Client,
-    balancer::{Protocol, Setting, VipSettings, VipSpec, validate_idle_timeout},
+    balancer::{Forwarding, Protocol, Setting, VipSettings, VipSpec, validate_idle_timeout},
     health::{HealthSpec, Probe, decode_hex},
 };
 
@@ -136,11 +136,17 @@ impl TimeoutArgs {
 pub enum VipCommand {
     /// Add a VIP: ADDR:PORT[/tcp|/udp] (IPv6 as [2001:db8::1]:443/tcp).
     #[command(
-        after_help = "Examples:\n  xlb vip add 192.0.2.10:80/tcp\n  xlb vip add [2001:db8::10]:53/udp\n  xlb vip add 192.0.2.10:22/tcp --tcp-timeout 3600\n  xlb vip add 192.0.2.53:53/udp --udp-timeout 10\n  xlb vip add 192.0.2.10:80/tcp --health http --health-path /healthz --health-fall 2\n  xlb vip add 192.0.2.53:53/udp --health udp\n  xlb vip add 192.0.2.53:5000/udp --health udp --health-payload ping"
+        after_help = "Examples:\n  xlb vip add 192.0.2.10:80/tcp\n  xlb vip add [2001:db8::10]:53/udp\n  xlb vip add 192.0.2.10:443/tcp --forwarding ipip   # direct server return\n  xlb vip add 192.0.2.10:22/tcp --tcp-timeout 3600\n  xlb vip add 192.0.2.53:53/udp --udp-timeout 10\n  xlb vip add 192.0.2.10:80/tcp --health http --health-path /healthz --health-fall 2\n  xlb vip add 192.0.2.53:53/udp --health udp\n  xlb vip add 192.0.2.53:5000/udp --health udp --health-payload ping"
     )]
     Add {
         /// The VIP: ADDR:PORT[/tcp|/udp] (IPv6 as [2001:db8::1]:443/tcp).
         vip: VipSpec,
+        /// How packets reach the backends: nat rewrites them to the backend's address and
+        /// port (replies come back through xlb); ipip and gue are direct server return: the
+        /// client's packet, unchanged, tunnelled to the backend on the VIP's port, which
+        /// answers the client itself (see `xlb backend prepare`).
+        #[arg(long, default_value = "nat", value_parser = parse_forwarding)]
+        forwarding: Forwarding,
         #[command(flatten)]
         timeouts: TimeoutArgs,
         #[command(flatten)]
@@ -167,6 +173,9 @@ pub enum VipCommand {
         /// Stop checking the VIP's backends: every backend counts as healthy again.
         #[arg(long, conflicts_with = "health")]
         no_health: bool,
+        /// Refused: a VIP's forwarding method does not change in place (see the error).
+        #[arg(long, hide = true, value_parser = parse_forwarding)]
+        forwarding: Option<Forwarding>,
         /// Change an agent that runs from a --config file anyway (until its next reload).
         #[arg(long)]
         force: bool,
@@ -189,6 +198,21 @@ pub enum VipCommand {
     },
 }
 
+/// `--forwarding`: nat, ipip or gue.
+fn parse_forwarding(text: &str) -> Result<Forwarding, String> {
+    text.parse().map_err(|e| format!("{e}"))
+}
+
+/// Why `vip set --forwarding` is refused, and what to do instead.
+fn forwarding_is_fixed(vip: &VipSpec, to: Forwarding) -> anyhow::Error {
+    anyhow!(
+        "a VIP's forwarding method does not change in place (its established flows could not \
+         go on either way): `xlb vip del {vip}`, then `xlb vip add {vip} --forwarding {to}` and \
+         its backends again; from a config file, change forwarding and `xlb reload` (which \
+         replaces its backends)"
+    )
+}
+
 impl VipCommand {
     const fn force(&self) -> bool {
         match self {
@@ -203,6 +227,7 @@ pub fn run(client: Client<'_>, command: VipCommand) -> Result<()> {
     match command {
         VipCommand::Add {
             vip,
+            forwarding,
             timeouts,
             health,
             ..
@@ -212,10 +237,18 @@ pub fn run(client: Client<'_>, command: VipCommand) -> Result<()> {
             if let Some(spec) = &health {
                 spec.validate_for(&vip).context("invalid health check")?;
             }
-            client.vip_add(vip, health.clone(), idle_timeout_s)?;
-            match health {
-                Some(spec) => println!("added VIP {vip} (health checks: {})", spec.probe),
-                None => println!("added VIP {vip}"),
+            client.vip_add(vip, health.clone(), idle_timeout_s, forwarding)?;
+            let mut notes = Vec::new();
+            if forwarding.is_dsr() {
+                notes.push(format!("forwarding {}", forwarding.describe()));
+            }
+            if let Some(spec) = health {
+                notes.push(format!("health checks: {}", spec.probe));
+            }
+            if notes.is_empty() {
+                println!("added VIP {vip}");
+            } else {
+                println!("added VIP {vip} ({})", notes.join("; "));
             }
         }
         VipCommand::Set {
@@ -224,8 +257,12 @@ pub fn run(client: Client<'_>, command: VipCommand) -> Result<()> {
             default_timeout,
             health,
             no_health,
+            forwarding,
             ..
         } => {
+            if let Some(to) = forwarding {
+                return Err(forwarding_is_fixed(&vip, to));
+            }
             let idle_timeout_s = match (timeouts.idle_timeout_s(&vip)?, default_timeout) {
                 (Some(secs), _) => Setting::To(secs),
                 (None, true) => Setting::Default,
