@@ -668,6 +668,29 @@ impl Agent {
         }
     }
 
+    /// Asks the kernel to keep the next hops of tunnelled backends resolved (see
+    /// `neighbours`): the data path cannot leave a tunnelled packet to the stack to resolve.
+    fn keep_tunnel_hops_resolved(&self) {
+        let backends: Vec<std::net::IpAddr> = self
+            .balancer
+            .desired_state()
+            .vips
+            .into_iter()
+            .filter(|v| v.forwarding != Forwarding::Nat)
+            .flat_map(|v| v.backends.into_iter().map(|b| b.addr.ip()))
+            .collect();
+        if backends.is_empty() {
+            return;
+        }
+        match crate::neighbours::keep_resolved(&backends) {
+            Ok(added) if !added.is_empty() => {
+                info!(next_hops = ?added, "managed neighbour entries for tunnelled backends");
+            }
+            Ok(_) => {}
+            Err(e) => warn!("tunnelled backends' next hops: {}", error_chain(&e)),
+        }
+    }
+
     /// Re-reads the config file and applies the difference, whole or not at all: unchanged
     /// VIPs and backends are not touched (they keep their ring slots and flows).
     fn reload(&mut self, dry_run: bool) -> Result<Vec<String>> {
@@ -1048,6 +1071,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     lock(&agent).hooks = attachments.hooks();
     let mut relink_sweep = tokio::time::interval(RELINK_SWEEP);
     let mut announce_retry = tokio::time::interval(ANNOUNCE_RETRY);
+    let mut neighbour_sweep = tokio::time::interval(NEIGHBOUR_SWEEP);
     lock(&agent).sync_health_targets();
     lock(&agent).warn_about_backend_routes();
     {
@@ -1113,6 +1137,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
                     reattach(&agent, &mut attachments, options.mode, &name, index).await;
                 }
             }
+            _ = neighbour_sweep.tick() => lock(&agent).keep_tunnel_hops_resolved(),
             _ = relink_sweep.tick() => {
                 for (name, index) in attachments.moved() {
                     reattach(&agent, &mut attachments, options.mode, &name, index).await;
@@ -1192,6 +1217,10 @@ const ANNOUNCE_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
 /// How often the agent compares its interfaces' indexes with the ones it attached to, in
 /// case a link notification was lost.
 const RELINK_SWEEP: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How often the agent makes sure tunnelled backends' next hops have managed neighbour
+/// entries: a backend added since, or an entry the kernel learned and let expire.
+const NEIGHBOUR_SWEEP: std::time::Duration = std::time::Duration::from_secs(5);
 
 async fn next_link_change(
     changes: &mut Option<tokio::sync::mpsc::Receiver<relink::LinkChange>>,

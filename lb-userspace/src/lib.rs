@@ -13,6 +13,7 @@ pub mod config;
 pub mod containers;
 pub mod control;
 pub mod datapath;
+pub mod decap;
 pub mod encap;
 pub mod health;
 pub mod metrics;

@@ -46,8 +46,8 @@ pub use ipnet;
 
 pub use crate::{
     error::Error,
-    link::LinkInfo,
+    link::{LinkInfo, LinkStats},
     ns::{Netns, cleanup_stale},
     scale_out::ScaleOutTopology,
-    topology::{Endpoint, Network, NsId, Topology, Veth},
+    topology::{DsrTopology, Endpoint, Network, NsId, Topology, Veth},
 };

@@ -34,6 +34,16 @@ pub struct LinkInfo {
     pub master: Option<u32>,
 }
 
+/// An interface's traffic counters as the kernel keeps them (`ip -s link`), for tests that
+/// assert which way packets went.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkStats {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+}
+
 /// Failures inside a netlink session, before the namespace name is known.
 enum Fail {
     Netlink {
@@ -118,6 +128,29 @@ impl Netns {
                 }
             }
             Ok(info)
+        })
+    }
+
+    /// The interface's packet and byte counters (`IFLA_STATS64`).
+    ///
+    /// # Errors
+    /// No such link, or netlink failed.
+    pub fn link_stats(&self, ifname: &str) -> Result<LinkStats, Error> {
+        self.netlink("get link stats", |h| async move {
+            let msg = get_link(&h, ifname).await?;
+            Ok(msg
+                .attributes
+                .into_iter()
+                .find_map(|attr| match attr {
+                    LinkAttribute::Stats64(s) => Some(LinkStats {
+                        rx_packets: s.rx_packets,
+                        rx_bytes: s.rx_bytes,
+                        tx_packets: s.tx_packets,
+                        tx_bytes: s.tx_bytes,
+                    }),
+                    _ => None,
+                })
+                .unwrap_or_default())
         })
     }
 

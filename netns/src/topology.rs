@@ -376,6 +376,160 @@ impl Topology {
     }
 }
 
+/// Direct server return's shape: the balancer and the backends on different links, all
+/// behind one router, so a backend's reply can reach the client without the balancer.
+///
+/// ```text
+/// client --- router --- lb
+///              |
+///              +------- backend i
+/// ```
+///
+/// Address plan (backend `i` in `0..256`; in IPv6, `i` is written in hex):
+///
+/// | link               | IPv4           | IPv6             | router end (`a`) | other end (`b`) |
+/// |--------------------|----------------|------------------|------------------|-----------------|
+/// | router -- client   | `10.30.0.0/24` | `fd00:30::/64`   | `.1`, `::1`      | `.2`, `::2`     |
+/// | router -- lb       | `10.31.0.0/24` | `fd00:31::/64`   | `.1`, `::1`      | `.2`, `::2`     |
+/// | router -- backend i| `10.32.i.0/24` | `fd00:32:i::/64` | `.1`, `::1`      | `.2`, `::2`     |
+///
+/// Only the router forwards (both families), with reverse-path filtering off (a backend's reply
+/// comes from the VIP, which the router routes towards the balancer), and routes
+/// [`DsrTopology::VIP_V4`] / [`DsrTopology::VIP_V6`] to the balancer's address. Client,
+/// balancer and backends have default routes (both families) via the router: the balancer
+/// reaches the backends through it, and the backends answer the client through it,
+/// never through the balancer. Nobody owns the VIPs: a balancer's XDP program claims them,
+/// and each backend puts them on its loopback (`xlb backend prepare`).
+///
+/// Interface names follow [`Network::add_namespace`]: in the router `client`, `lb`, `b0`,
+/// `b1`, ...; in every other namespace `router`. GRO is on at every veth end.
+#[derive(Debug)]
+pub struct DsrTopology {
+    pub net: Network,
+    /// `a` is the router's end, `b` the client's.
+    pub client_link: Veth,
+    /// `a` is the router's end, `b` the balancer's.
+    pub lb_link: Veth,
+    /// One per backend, in order; `a` is the router's end, `b` the backend's.
+    pub backend_links: Vec<Veth>,
+}
+
+impl DsrTopology {
+    /// The service address the router sends to the balancer; outside every link subnet and
+    /// apart from [`Topology::VIP_V4`], so both shapes can exist at once.
+    pub const VIP_V4: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
+    pub const VIP_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 1);
+
+    /// Builds the topology with namespaces named `xlbd-{role}-{pid}-{n}`.
+    ///
+    /// # Errors
+    /// As for [`DsrTopology::with_prefix`].
+    pub fn new(backends: usize) -> Result<Self, Error> {
+        Self::with_prefix("xlbd-", backends)
+    }
+
+    /// Builds the topology; a distinct `prefix` keeps one suite's [`cleanup_stale`] away
+    /// from another's namespaces.
+    ///
+    /// # Errors
+    /// More than 256 backends, an invalid prefix, or any setup step failed (everything
+    /// created so far is torn down).
+    pub fn with_prefix(prefix: &str, backends: usize) -> Result<Self, Error> {
+        if backends > Topology::MAX_BACKENDS {
+            return Err(Error::TooMany {
+                what: "backends",
+                n: backends,
+                max: Topology::MAX_BACKENDS,
+            });
+        }
+        let mut net = Network::new(prefix)?;
+        let client = net.add_namespace("client")?;
+        let router = net.add_namespace("router")?;
+        let lb = net.add_namespace("lb")?;
+        let client_link = net.connect(
+            router,
+            client,
+            Ipv4Net::new(Ipv4Addr::new(10, 30, 0, 0), 24).expect("valid prefix"),
+            Ipv6Net::new(Ipv6Addr::new(0xfd00, 0x30, 0, 0, 0, 0, 0, 0), 64).expect("valid prefix"),
+        )?;
+        let lb_link = net.connect(
+            router,
+            lb,
+            Ipv4Net::new(Ipv4Addr::new(10, 31, 0, 0), 24).expect("valid prefix"),
+            Ipv6Net::new(Ipv6Addr::new(0xfd00, 0x31, 0, 0, 0, 0, 0, 0), 64).expect("valid prefix"),
+        )?;
+        let mut backend_links = Vec::with_capacity(backends);
+        for i in 0..backends {
+            let i8 = u8::try_from(i).expect("checked against MAX_BACKENDS");
+            let b = net.add_namespace(&format!("b{i}"))?;
+            backend_links.push(
+                net.connect(
+                    router,
+                    b,
+                    Ipv4Net::new(Ipv4Addr::new(10, 32, i8, 0), 24).expect("valid prefix"),
+                    Ipv6Net::new(
+                        Ipv6Addr::new(0xfd00, 0x32, u16::from(i8), 0, 0, 0, 0, 0),
+                        64,
+                    )
+                    .expect("valid prefix"),
+                )?,
+            );
+        }
+        let r = net.ns(router);
+        r.enable_forwarding()?;
+        r.sysctl("net/ipv4/conf/all/rp_filter", "0")?;
+        r.sysctl("net/ipv4/conf/default/rp_filter", "0")?;
+        for link in std::iter::once(&client_link)
+            .chain(std::iter::once(&lb_link))
+            .chain(&backend_links)
+        {
+            r.sysctl(&format!("net/ipv4/conf/{}/rp_filter", link.a.ifname), "0")?;
+        }
+        r.add_route(Ipv4Net::from(Self::VIP_V4), lb_link.b.ip4().into())?;
+        r.add_route(Ipv6Net::from(Self::VIP_V6), lb_link.b.ip6().into())?;
+        for link in std::iter::once(&client_link)
+            .chain(std::iter::once(&lb_link))
+            .chain(&backend_links)
+        {
+            let ns = net.ns(link.b.ns);
+            // A new namespace inherits the host's IPv4 forwarding: only the router routes,
+            // so a packet to a VIP that nothing claims ends at the balancer.
+            ns.sysctl("net/ipv4/ip_forward", "0")?;
+            ns.sysctl("net/ipv6/conf/all/forwarding", "0")?;
+            ns.add_default_route(link.a.ip4().into())?;
+            ns.add_default_route(link.a.ip6().into())?;
+        }
+        Ok(Self {
+            net,
+            client_link,
+            lb_link,
+            backend_links,
+        })
+    }
+
+    #[must_use]
+    pub fn client(&self) -> &Netns {
+        self.net.ns(self.client_link.b.ns)
+    }
+
+    #[must_use]
+    pub fn router(&self) -> &Netns {
+        self.net.ns(self.client_link.a.ns)
+    }
+
+    #[must_use]
+    pub fn lb(&self) -> &Netns {
+        self.net.ns(self.lb_link.b.ns)
+    }
+
+    /// # Panics
+    /// If `i` is not below the number of backends.
+    #[must_use]
+    pub fn backend(&self, i: usize) -> &Netns {
+        self.net.ns(self.backend_links[i].b.ns)
+    }
+}
+
 fn validate(name: &str, max: usize) -> Result<(), Error> {
     let ok = !name.is_empty()
         && name.len() <= max

@@ -11,7 +11,7 @@ use std::{
 };
 
 use xlb_netns::{
-    Netns, Topology, cleanup_stale,
+    DsrTopology, Netns, Topology, cleanup_stale,
     ipnet::{IpNet, Ipv4Net, Ipv6Net},
 };
 
@@ -187,6 +187,87 @@ fn topology_routes_client_to_backends_through_lb() {
     drop(topo);
     for p in paths {
         assert!(!p.exists(), "{} still exists", p.display());
+    }
+}
+
+#[test]
+fn dsr_topology_keeps_the_balancer_off_the_backend_client_path() {
+    let topo = DsrTopology::with_prefix("xlbnt-d", 2).unwrap();
+    let client = &topo.client_link.b;
+    assert_eq!(client.v4, "10.30.0.2/24".parse::<Ipv4Net>().unwrap());
+    assert_eq!(
+        topo.lb_link.b.ip6(),
+        "fd00:31::2".parse::<Ipv6Addr>().unwrap()
+    );
+    let b1 = &topo.backend_links[1].b;
+    assert_eq!(b1.ip4(), Ipv4Addr::new(10, 32, 1, 2));
+    assert_eq!(b1.ip6(), "fd00:32:1::2".parse::<Ipv6Addr>().unwrap());
+    assert_eq!(
+        (topo.backend_links[1].a.ifname.as_str(), b1.ifname.as_str()),
+        ("b1", "router")
+    );
+    assert_eq!(
+        topo.router().read_sysctl("net.ipv4.ip_forward").unwrap(),
+        "1"
+    );
+    assert_eq!(topo.lb().read_sysctl("net.ipv4.ip_forward").unwrap(), "0");
+    assert_eq!(
+        topo.router()
+            .read_sysctl("net/ipv4/conf/all/rp_filter")
+            .unwrap(),
+        "0"
+    );
+
+    // Client <-> backend and balancer -> backend go through the router alone.
+    let lb_before = topo.lb().link_stats("router").unwrap();
+    for i in 0..2 {
+        let b = &topo.backend_links[i].b;
+        let targets = [
+            SocketAddr::new(b.ip4().into(), 8080),
+            SocketAddr::new(b.ip6().into(), 8080),
+        ];
+        let server = serve(topo.backend(i), targets.to_vec());
+        let locals = echo_from(topo.client(), &targets);
+        assert_eq!(server.join().unwrap(), locals);
+    }
+    let lb_after = topo.lb().link_stats("router").unwrap();
+    // Neighbour discovery on the balancer's link is all it may see: far less than the
+    // four echoed connections.
+    assert!(
+        lb_after.rx_bytes - lb_before.rx_bytes < 1000,
+        "the balancer saw client/backend traffic: {lb_before:?} -> {lb_after:?}"
+    );
+    let b0 = SocketAddr::new(topo.backend_links[0].b.ip4().into(), 8081);
+    let server = serve(topo.backend(0), vec![b0]);
+    let locals = echo_from(topo.lb(), &[b0]);
+    assert_eq!(server.join().unwrap(), locals);
+
+    // The router sends the VIPs to the balancer, which owns no address for them.
+    let sent = 1200;
+    let before = topo.lb().link_stats("router").unwrap();
+    topo.client()
+        .run(move || {
+            let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            socket
+                .send_to(&vec![7u8; sent], (DsrTopology::VIP_V4, 9))
+                .unwrap();
+            let socket = std::net::UdpSocket::bind("[::]:0").unwrap();
+            socket
+                .send_to(&vec![7u8; sent], (DsrTopology::VIP_V6, 9))
+                .unwrap();
+        })
+        .unwrap();
+    let deadline = Instant::now() + IO_TIMEOUT;
+    loop {
+        let now = topo.lb().link_stats("router").unwrap();
+        if now.rx_bytes - before.rx_bytes >= 2 * sent as u64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the VIP datagrams did not reach the balancer: {before:?} -> {now:?}"
+        );
+        thread::sleep(Duration::from_millis(10));
     }
 }
 

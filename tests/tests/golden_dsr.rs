@@ -19,7 +19,7 @@ use lb_common::{
     Counter::{ConntrackHit, ConntrackMiss, TooBigForTunnel},
     FORWARD_GUE, FORWARD_IPIP,
 };
-use lb_userspace::balancer::VipSpec;
+use lb_userspace::balancer::{Forwarding, VipSpec};
 use xlb_tests::{
     harness::{Action, Lab},
     netns::{Netlink, in_fresh_netns, set_net_sysctl},
@@ -76,35 +76,20 @@ fn host(nl: &Netlink) -> (u32, u32) {
     (nl.link("xlb-in").0, nl.link("xlb-out").0)
 }
 
-/// A VIP whose one backend is reached by `forwarding`. The core writes NAT entries; the
-/// method is set in the backend's entry directly, as the control plane would.
+/// A VIP whose one backend, `backend` at the VIP's port, is reached by `forwarding`, set up
+/// through the balancer as the agent does.
 fn tunnelled_vip(lab: &mut Lab, vip: &str, backend: IpAddr, forwarding: u8) -> VipSpec {
-    let vip = lab.add_vip(vip);
+    let vip: VipSpec = vip.parse().expect("VIP");
+    let method = match forwarding {
+        FORWARD_IPIP => Forwarding::Ipip,
+        FORWARD_GUE => Forwarding::Gue,
+        other => panic!("forwarding {other}"),
+    };
+    lab.balancer
+        .add_vip_with(vip, None, method)
+        .expect("a tunnelled VIP");
     lab.add_backend(&vip, SocketAddr::new(backend, vip.addr.port()), 1);
-    let datapath = lab.balancer.datapath_mut();
-    let mut backends = datapath.backends().expect("the backends map");
-    for id in 0..lb_common::MAX_BACKENDS {
-        let Ok(mut entry) = backends.get(&id, 0) else {
-            continue;
-        };
-        if entry.carries_flows() && entry.vip.addr == VipKeyAddr::of(vip.addr.ip()) {
-            entry.forwarding = forwarding;
-            backends.set(id, &entry, 0).expect("backend entry written");
-        }
-    }
     vip
-}
-
-/// IPv4-mapped bytes of an address, as the maps hold it.
-struct VipKeyAddr;
-
-impl VipKeyAddr {
-    fn of(ip: IpAddr) -> [u8; 16] {
-        match ip {
-            IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
-            IpAddr::V6(v6) => v6.octets(),
-        }
-    }
 }
 
 /// What a tunnelled frame must be: Ethernet to the router from the backend leg, the outer

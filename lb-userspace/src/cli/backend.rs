@@ -1,6 +1,10 @@
-//! `xlb backend`: add, remove, change, drain and list a VIP's backends.
+//! `xlb backend`: add, remove, change, drain and list a VIP's backends; prepare a host,
+//! namespace or container as a backend of direct server return.
 
-use std::net::SocketAddr;
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Result, anyhow, bail};
 use clap::Subcommand;
@@ -8,6 +12,8 @@ use lb_userspace::{
     api::Client,
     balancer::{BackendState, VipSpec},
     config::backend_arg,
+    containers::EngineChoice,
+    decap::{self, Target},
 };
 
 use super::render::{print_backends, print_json};
@@ -109,6 +115,87 @@ pub enum BackendCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Set this host, a network namespace or a container up as a backend of direct server
+    /// return: decapsulation at tc ingress, the VIPs on lo, rp_filter and ARP settings.
+    #[command(
+        after_help = "Examples:\n  sudo xlb backend prepare --vip 192.0.2.10 --vip 2001:db8::10\n  sudo xlb backend prepare --vip 192.0.2.10 --interface eth1 --gue-port 9000\n  sudo xlb backend prepare --vip 192.0.2.10 --container web-1\n  sudo xlb backend prepare --vip 192.0.2.10 --netns web   # /run/netns/web\n  sudo xlb backend prepare --check\n\nThe filter is a netlink cls_bpf filter (`tc filter show dev IFACE ingress`), pref 1, handle 0x786c: it stays until removed, and goes with the interface. Running prepare again replaces it. What prepare changed is recorded under /run/xlb, so `xlb backend unprepare` removes exactly that."
+    )]
+    Prepare(PrepareArgs),
+    /// Remove what `xlb backend prepare` set up: the filters, the VIPs it added, the sysctls
+    /// it changed (where nobody changed them since).
+    #[command(
+        after_help = "Examples:\n  sudo xlb backend unprepare\n  sudo xlb backend unprepare --container web-1"
+    )]
+    Unprepare(UnprepareArgs),
+}
+
+/// Where `prepare` and `unprepare` work.
+#[derive(clap::Args)]
+pub struct PlaceArgs {
+    /// Work in this network namespace instead of this one: a path (/proc/PID/ns/net) or a
+    /// name under /run/netns (as `ip netns` knows it).
+    #[arg(long, value_name = "PATH|NAME", conflicts_with = "container")]
+    netns: Option<PathBuf>,
+    /// Work in this container's network namespace.
+    #[arg(long, value_name = "NAME")]
+    container: Option<String>,
+    /// The engine that runs the container.
+    #[arg(long, value_enum, default_value = "auto", requires = "container")]
+    engine: EngineChoice,
+}
+
+impl PlaceArgs {
+    fn target(&self) -> Result<Target> {
+        if let Some(name) = &self.container {
+            let info = lb_userspace::containers::find(self.engine, name)
+                .map_err(|e| anyhow!("--container {name}: {e}"))?;
+            let pid = info
+                .pid
+                .ok_or_else(|| anyhow!("--container {name}: it is not running: start it first"))?;
+            return Ok(Target::Netns(PathBuf::from(format!("/proc/{pid}/ns/net"))));
+        }
+        Ok(match &self.netns {
+            None => Target::Current,
+            Some(path) if path.components().count() == 1 && !path.is_absolute() => {
+                Target::Netns(Path::new("/run/netns").join(path))
+            }
+            Some(path) => Target::Netns(path.clone()),
+        })
+    }
+}
+
+#[derive(clap::Args)]
+pub struct PrepareArgs {
+    /// A VIP this backend serves by direct server return (repeat for several): it goes on lo
+    /// as a /32 or /128. With --check: the VIPs to look for [default: those prepare added].
+    #[arg(long = "vip", value_name = "ADDR", required_unless_present_any = ["check", "remove"])]
+    vips: Vec<IpAddr>,
+    /// An interface the balancer's tunnelled packets arrive on (repeat for several)
+    /// [default: every interface with a default route].
+    #[arg(long = "interface", value_name = "IFACE")]
+    interfaces: Vec<String>,
+    /// The UDP port GUE packets come to: the balancer's --gue-port.
+    #[arg(long, value_name = "PORT", default_value_t = lb_common::DEFAULT_GUE_PORT,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    gue_port: u16,
+    #[command(flatten)]
+    place: PlaceArgs,
+    /// Only report what is in place and what is missing, one line each, and the
+    /// decapsulation counters; exit status 1 if anything is missing.
+    #[arg(long, conflicts_with = "remove")]
+    check: bool,
+    /// Remove what prepare set up (as `xlb backend unprepare`).
+    #[arg(long)]
+    remove: bool,
+}
+
+#[derive(clap::Args)]
+pub struct UnprepareArgs {
+    /// Also remove this address from lo, whether prepare added it or not (repeat).
+    #[arg(long = "vip", value_name = "ADDR")]
+    vips: Vec<IpAddr>,
+    #[command(flatten)]
+    place: PlaceArgs,
 }
 
 impl BackendCommand {
@@ -118,8 +205,22 @@ impl BackendCommand {
             | Self::Del { force, .. }
             | Self::Set { force, .. }
             | Self::Drain { force, .. } => *force,
-            Self::List { .. } => false,
+            Self::List { .. } | Self::Prepare(_) | Self::Unprepare(_) => false,
         }
+    }
+
+    /// Whether the command works on this host alone, with no agent to talk to.
+    pub const fn is_local(&self) -> bool {
+        matches!(self, Self::Prepare(_) | Self::Unprepare(_))
+    }
+}
+
+/// Runs a command for which [`BackendCommand::is_local`] holds.
+pub fn run_local(command: BackendCommand) -> Result<()> {
+    match command {
+        BackendCommand::Prepare(args) => prepare(&args),
+        BackendCommand::Unprepare(args) => unprepare(&args.place, &args.vips),
+        _ => bail!("this `xlb backend` command needs the agent"),
     }
 }
 
@@ -133,6 +234,9 @@ fn as_resolved(vip: &VipSpec, backend: SocketAddr) -> SocketAddr {
 }
 
 pub fn run(client: Client<'_>, command: BackendCommand) -> Result<()> {
+    if command.is_local() {
+        return run_local(command);
+    }
     let client = client.forcing(command.force());
     match command {
         BackendCommand::Add {
@@ -200,6 +304,58 @@ pub fn run(client: Client<'_>, command: BackendCommand) -> Result<()> {
                 print_backends(&status);
             }
         }
+        BackendCommand::Prepare(_) | BackendCommand::Unprepare(_) => {
+            unreachable!("local commands return before the agent's client is used")
+        }
+    }
+    Ok(())
+}
+
+fn prepare(args: &PrepareArgs) -> Result<()> {
+    if args.remove {
+        return unprepare(&args.place, &args.vips);
+    }
+    let target = args.place.target()?;
+    if args.check {
+        let report = decap::check(&target, &args.vips, &args.interfaces)?;
+        for item in &report.items {
+            println!("{:<8}{}", if item.ok { "ok" } else { "MISSING" }, item.what);
+        }
+        let counters: Vec<String> = report
+            .counters
+            .iter()
+            .map(|(name, value)| format!("{name} {value}"))
+            .collect();
+        println!("counters: {}", counters.join(", "));
+        let missing = report.items.iter().filter(|i| !i.ok).count();
+        if missing > 0 {
+            bail!(
+                "{missing} of {} things missing in {target}",
+                report.items.len()
+            );
+        }
+        return Ok(());
+    }
+    let spec = decap::PrepareSpec {
+        vips: args.vips.clone(),
+        interfaces: args.interfaces.clone(),
+        gue_port: args.gue_port,
+    };
+    for line in decap::prepare(&target, &spec)? {
+        println!("{line}");
+    }
+    println!("{target} is ready for direct server return (`xlb backend prepare --check` shows it)");
+    Ok(())
+}
+
+fn unprepare(place: &PlaceArgs, vips: &[IpAddr]) -> Result<()> {
+    let target = place.target()?;
+    let done = decap::unprepare(&target, vips)?;
+    if done.is_empty() {
+        println!("nothing of xlb's to remove in {target}");
+    }
+    for line in done {
+        println!("{line}");
     }
     Ok(())
 }

@@ -103,7 +103,8 @@ enum Command {
         after_help = "Examples:\n  xlb vip add 192.0.2.10:80/tcp\n  xlb vip set 192.0.2.10:80/tcp --health tcp\n  xlb vip list"
     )]
     Vip(Group<vip::VipCommand>),
-    /// Add, remove, change, drain or list a VIP's backends.
+    /// Add, remove, change, drain or list a VIP's backends; prepare a backend for direct
+    /// server return.
     #[command(
         after_help = "Examples:\n  xlb backend add 192.0.2.10:80/tcp 10.88.0.14:8080\n  xlb backend drain 192.0.2.10:80/tcp 10.88.0.14:8080\n  xlb backend list 192.0.2.10:80/tcp"
     )]
@@ -224,6 +225,10 @@ pub fn main() -> ExitCode {
             config::reload(Client::new(&socket(s.socket)), args.dry_run)
         }
         Command::Vip(Group { command, socket: s }) => vip::run(Client::new(&socket(s)), command),
+        // Preparing a backend talks to no agent: no socket to default to, or to blame.
+        Command::Backend(Group { command, .. }) if command.is_local() => {
+            backend::run_local(command)
+        }
         Command::Backend(Group { command, socket: s }) => {
             backend::run(Client::new(&socket(s)), command)
         }

@@ -40,6 +40,8 @@ struct InspectedState {
     running: bool,
     #[serde(rename = "Paused", default)]
     paused: bool,
+    #[serde(rename = "Pid", default)]
+    pid: u32,
 }
 
 #[derive(Deserialize)]
@@ -129,6 +131,8 @@ pub fn parse_inspect(json: &[u8]) -> Result<Vec<ContainerInfo>, serde_json::Erro
                 addrs,
                 ports,
                 labels: labels.unwrap_or_default(),
+                // Both engines say 0 for a container that does not run.
+                pid: (c.state.pid != 0).then_some(c.state.pid),
             }
         })
         .collect())

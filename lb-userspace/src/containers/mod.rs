@@ -131,6 +131,8 @@ pub struct ContainerInfo {
     /// The ports it exposes or publishes, on the container's side.
     pub ports: BTreeSet<(u16, Protocol)>,
     pub labels: BTreeMap<String, String>,
+    /// Its main process while it runs (`State.Pid`): the way into its network namespace.
+    pub pid: Option<u32>,
 }
 
 impl ContainerInfo {
