@@ -260,11 +260,11 @@ impl Drop for Bird {
     }
 }
 
-/// BFD and timers shared by both ends: a silent peer is declared down after 3 × 100 ms
+/// BFD and timers shared by both ends: a silent peer is declared down after 5 × 100 ms
 /// (BFD), or after the 3 s hold time where BFD does not run.
 const BIRD_TIMERS: &str = r#"
 protocol bfd {
-    interface "*" { min rx interval 100 ms; min tx interval 100 ms; multiplier 3; };
+    interface "*" { min rx interval 100 ms; min tx interval 100 ms; multiplier 5; };
 }
 "#;
 
