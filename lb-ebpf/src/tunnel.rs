@@ -82,10 +82,15 @@ pub fn emit<H: Hook>(
 #[inline(never)]
 fn encapsulate<H: Hook>(ctx: &H, p: &Parsed, t: &Translation, c: &CachedHop) -> Option<()> {
     let overhead = encap::overhead(t.forwarding, p.ipv6)?;
-    // The tunnel's source port or flow label: the same for all of a flow's packets.
-    let entropy = flow_hash(&flow_key(p), XLB_HASH_SEED.load());
-    let first_two = ctx.packet().read::<2>(ETH_HLEN)?;
     let gue = t.forwarding == FORWARD_GUE;
+    // The tunnel's source port or flow label: the same for all of a flow's packets. IPIP
+    // over IPv4 has no field for it, and skips the hash.
+    let entropy = if gue || p.ipv6 {
+        flow_hash(&flow_key(p), XLB_HASH_SEED.load())
+    } else {
+        0
+    };
+    let first_two = ctx.packet().read::<2>(ETH_HLEN)?;
     ctx.open_room(
         overhead,
         Room::Tunnel {
@@ -108,7 +113,7 @@ fn encapsulate<H: Hook>(ctx: &H, p: &Parsed, t: &Translation, c: &CachedHop) -> 
             flow_label(entropy),
             inner_len + udp_len,
         );
-        pkt.write(ETH_HLEN, h)?;
+        write_ipv6_header(&pkt, &h)?;
         IPV6_HLEN
     } else {
         let next = if gue { IPPROTO_UDP } else { IPPROTO_IPIP };
@@ -120,7 +125,7 @@ fn encapsulate<H: Hook>(ctx: &H, p: &Parsed, t: &Translation, c: &CachedHop) -> 
             inner_len + udp_len,
             true,
         );
-        pkt.write(ETH_HLEN, h)?;
+        write_ipv4_header(&pkt, &h)?;
         IPV4_MIN_HLEN
     };
     if gue {
@@ -128,6 +133,43 @@ fn encapsulate<H: Hook>(ctx: &H, p: &Parsed, t: &Translation, c: &CachedHop) -> 
         pkt.write(ETH_HLEN + ip_len, udp)?;
     }
     pkt.write(0, c.hop.macs())
+}
+
+/// Writes an outer IPv4 header after the Ethernet header in four stores (2 + 8 + 8 + 2
+/// bytes, the 8-byte ones 8-aligned within the frame) where a 20-byte copy would be twenty
+/// byte stores.
+#[inline(always)]
+fn write_ipv4_header(pkt: &Packet, h: &[u8; 20]) -> Option<()> {
+    pkt.write(ETH_HLEN, [h[0], h[1]])?;
+    pkt.write(ETH_HLEN + 2, chunk8(h, 2))?;
+    pkt.write(ETH_HLEN + 10, chunk8(h, 10))?;
+    pkt.write(ETH_HLEN + 18, [h[18], h[19]])
+}
+
+/// As `write_ipv4_header`, for the 40 bytes of an IPv6 header (2 + 4 × 8 + 4 + 2).
+#[inline(always)]
+fn write_ipv6_header(pkt: &Packet, h: &[u8; 40]) -> Option<()> {
+    pkt.write(ETH_HLEN, [h[0], h[1]])?;
+    pkt.write(ETH_HLEN + 2, chunk8(h, 2))?;
+    pkt.write(ETH_HLEN + 10, chunk8(h, 10))?;
+    pkt.write(ETH_HLEN + 18, chunk8(h, 18))?;
+    pkt.write(ETH_HLEN + 26, chunk8(h, 26))?;
+    pkt.write(ETH_HLEN + 34, [h[34], h[35], h[36], h[37]])?;
+    pkt.write(ETH_HLEN + 38, [h[38], h[39]])
+}
+
+#[inline(always)]
+fn chunk8<const N: usize>(h: &[u8; N], at: usize) -> [u8; 8] {
+    [
+        h[at],
+        h[at + 1],
+        h[at + 2],
+        h[at + 3],
+        h[at + 4],
+        h[at + 5],
+        h[at + 6],
+        h[at + 7],
+    ]
 }
 
 /// Resolves the backend's hop into `c`: next hop, outer source (configured in `XLB_ENCAP`,

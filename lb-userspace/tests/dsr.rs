@@ -10,7 +10,8 @@
 mod common;
 
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
+    io::{self, Read as _, Write as _},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream, UdpSocket},
     process::{Command, Output},
     sync::{
         Arc,
@@ -20,7 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{RaiseOnDrop, XLB, describe, output_within};
+use common::{NsAgent, RaiseOnDrop, XLB, describe, output_within};
 use futures_util::TryStreamExt as _;
 use socket2::{Domain, Protocol, Socket, Type};
 use xlb_netns::{DsrTopology, LinkStats, Netns};
@@ -735,7 +736,6 @@ fn hand_balancer(
     tunnel: Tunnel,
     stop: Arc<AtomicBool>,
 ) -> thread::JoinHandle<()> {
-    use std::io::Read as _;
     let protocol = i32::from((libc::ETH_P_ALL as u16).to_be());
     let capture = lb
         .run(|| {
@@ -853,7 +853,6 @@ fn tcp_through_a_tunnel_answers_the_client_directly() {
 
 /// A TCP echo service on `[::]:port` in `ns`, one connection at a time.
 fn echo_tcp_server(ns: &Netns, port: u16, stop: Arc<AtomicBool>) -> thread::JoinHandle<()> {
-    use std::io::{Read as _, Write as _};
     let listener = ns
         .run(|| std::net::TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)))
         .expect("entering the backend")
@@ -874,7 +873,7 @@ fn echo_tcp_server(ns: &Netns, port: u16, stop: Arc<AtomicBool>) -> thread::Join
                     break;
                 }
             }
-            let _ = conn.shutdown(std::net::Shutdown::Write);
+            let _ = conn.shutdown(Shutdown::Write);
         }
     })
 }
@@ -882,9 +881,8 @@ fn echo_tcp_server(ns: &Netns, port: u16, stop: Arc<AtomicBool>) -> thread::Join
 /// Sends `len` patterned bytes to `to` from `ns` and reads the echo; returns how many bytes
 /// came back, all checked.
 fn tcp_echo(ns: &Netns, to: SocketAddr, len: usize) -> usize {
-    use std::io::{Read as _, Write as _};
     let stream = ns
-        .run(|| std::net::TcpStream::connect_timeout(&to, IO_TIMEOUT))
+        .run(|| TcpStream::connect_timeout(&to, IO_TIMEOUT))
         .expect("entering the client")
         .unwrap_or_else(|e| panic!("connecting to {to}: {e}"));
     stream.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
@@ -894,9 +892,7 @@ fn tcp_echo(ns: &Netns, to: SocketAddr, len: usize) -> usize {
     let sent = data.clone();
     let upload = thread::spawn(move || {
         writer.write_all(&sent).expect("uploading");
-        writer
-            .shutdown(std::net::Shutdown::Write)
-            .expect("shutdown");
+        writer.shutdown(Shutdown::Write).expect("shutdown");
     });
     let mut back = Vec::with_capacity(len);
     let mut reader = stream;
@@ -909,4 +905,400 @@ fn tcp_echo(ns: &Netns, to: SocketAddr, len: usize) -> usize {
         "{to}: the echo differs from what was sent"
     );
     back.len()
+}
+
+// ---- through the balancer --------------------------------------------------------------
+
+const TCP_IPIP: u16 = 8001;
+const TCP_GUE: u16 = 8002;
+const UDP_IPIP: u16 = 7001;
+const UDP_GUE: u16 = 7002;
+const BULK: usize = 1 << 20;
+/// The links behind the balancer carry the tunnels' extra bytes, as a DSR deployment's
+/// inside links do: the client's full-sized packets fit once encapsulated (path-MTU
+/// discovery through the balancer's "too big" is a test of its own).
+const INSIDE_MTU: u32 = 1600;
+const SERVICE_LIFETIME: Duration = Duration::from_secs(120);
+
+/// The DSR topology with `backends` prepared backends (both VIPs on their `lo`), larger MTUs
+/// behind the balancer, and a TCP and a UDP service per port on every backend, each
+/// answering with its backend's index first.
+struct Lab {
+    stop: Arc<AtomicBool>,
+    services: Vec<thread::JoinHandle<()>>,
+    topo: DsrTopology,
+}
+
+impl Lab {
+    fn new(backends: usize) -> Self {
+        let topo = DsrTopology::with_prefix("xlbdsr-", backends).expect("DSR topology");
+        let mut links = vec![&topo.lb_link];
+        links.extend(&topo.backend_links);
+        for link in links {
+            topo.router()
+                .set_mtu(&link.a.ifname, INSIDE_MTU)
+                .expect("router MTU");
+            topo.net
+                .ns(link.b.ns)
+                .set_mtu(&link.b.ifname, INSIDE_MTU)
+                .expect("MTU");
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut services = Vec::new();
+        for i in 0..backends {
+            run_owned_ok(&prepare_args(topo.backend(i), &[]));
+            assert!(record_of(topo.backend(i)).exists());
+            let index = u8::try_from(i).expect("few backends");
+            for port in [TCP_IPIP, TCP_GUE] {
+                services.push(tcp_service(topo.backend(i), port, index, Arc::clone(&stop)));
+            }
+            for port in [UDP_IPIP, UDP_GUE] {
+                services.push(udp_service(topo.backend(i), port, index, Arc::clone(&stop)));
+            }
+        }
+        Self {
+            topo,
+            stop,
+            services,
+        }
+    }
+
+    fn backend_addr(&self, i: usize, v6: bool, port: u16) -> String {
+        let b = &self.topo.backend_links[i].b;
+        if v6 {
+            format!("[{}]:{port}", b.ip6())
+        } else {
+            format!("{}:{port}", b.ip4())
+        }
+    }
+
+    fn client_ip(&self, v6: bool) -> IpAddr {
+        if v6 {
+            self.topo.client_link.b.ip6().into()
+        } else {
+            self.topo.client_link.b.ip4().into()
+        }
+    }
+
+    fn lb_rx_bytes(&self) -> u64 {
+        lb_rx(&self.topo).rx_bytes
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for s in self.services.drain(..) {
+            let _ = s.join();
+        }
+        for i in 0..self.topo.backend_links.len() {
+            let _ = xlb(&in_backend(self.topo.backend(i), &["unprepare"]));
+        }
+    }
+}
+
+fn vip(v6: bool, port: u16, proto: &str) -> String {
+    if v6 {
+        format!("[{VIP6}]:{port}/{proto}")
+    } else {
+        format!("{VIP4}:{port}/{proto}")
+    }
+}
+
+fn vip_addr(v6: bool, port: u16) -> SocketAddr {
+    if v6 {
+        SocketAddr::new(VIP6.into(), port)
+    } else {
+        SocketAddr::new(VIP4.into(), port)
+    }
+}
+
+/// A TCP service on `[::]:port` in `ns`: each connection gets `index` first, then the echo
+/// of what it sends until it shuts its side down.
+fn tcp_service(ns: &Netns, port: u16, index: u8, stop: Arc<AtomicBool>) -> thread::JoinHandle<()> {
+    let listener = ns
+        .run(|| std::net::TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)))
+        .expect("entering the backend")
+        .expect("binding the service");
+    listener.set_nonblocking(true).expect("non-blocking");
+    thread::spawn(move || {
+        let deadline = Instant::now() + SERVICE_LIFETIME;
+        let mut conns = Vec::new();
+        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+            match listener.accept() {
+                Ok((mut conn, _)) => {
+                    let stop = Arc::clone(&stop);
+                    conns.push(thread::spawn(move || {
+                        let _ = conn.set_nonblocking(false);
+                        let _ = conn.set_read_timeout(Some(Duration::from_millis(200)));
+                        if conn.write_all(&[index]).is_err() {
+                            return;
+                        }
+                        let mut buf = vec![0u8; 65536];
+                        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                            match conn.read(&mut buf) {
+                                Ok(0) => {
+                                    let _ = conn.shutdown(Shutdown::Write);
+                                    return;
+                                }
+                                Ok(n) => {
+                                    if conn.write_all(&buf[..n]).is_err() {
+                                        return;
+                                    }
+                                }
+                                Err(e)
+                                    if matches!(
+                                        e.kind(),
+                                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                                    ) => {}
+                                Err(_) => return,
+                            }
+                        }
+                    }));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        }
+        for c in conns {
+            let _ = c.join();
+        }
+    })
+}
+
+/// A UDP service on both VIPs' `port` in `ns`: every datagram comes back behind `index`.
+fn udp_service(ns: &Netns, port: u16, index: u8, stop: Arc<AtomicBool>) -> thread::JoinHandle<()> {
+    let sockets: Vec<UdpSocket> = ns
+        .run(|| {
+            [vip_addr(false, port), vip_addr(true, port)]
+                .iter()
+                .map(|a| UdpSocket::bind(a).unwrap_or_else(|e| panic!("binding {a}: {e}")))
+                .collect()
+        })
+        .expect("entering the backend");
+    thread::spawn(move || {
+        let deadline = Instant::now() + SERVICE_LIFETIME;
+        for s in &sockets {
+            s.set_read_timeout(Some(Duration::from_millis(20)))
+                .expect("timeout");
+        }
+        let mut buf = vec![0u8; 65536];
+        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+            for s in &sockets {
+                if let Ok((n, peer)) = s.recv_from(&mut buf[1..]) {
+                    buf[0] = index;
+                    let _ = s.send_to(&buf[..=n], peer);
+                }
+            }
+        }
+    })
+}
+
+/// Connects from the client to `to`; returns the stream and the backend that answered.
+fn connect(topo: &DsrTopology, to: SocketAddr) -> (TcpStream, u8) {
+    let mut stream = topo
+        .client()
+        .run(|| TcpStream::connect_timeout(&to, IO_TIMEOUT))
+        .expect("entering the client")
+        .unwrap_or_else(|e| panic!("connecting to {to}: {e}"));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    stream
+        .set_write_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut index = [0u8];
+    stream
+        .read_exact(&mut index)
+        .unwrap_or_else(|e| panic!("{to}: no greeting from a backend: {e}"));
+    (stream, index[0])
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8 ^ seed).collect()
+}
+
+/// 1 MiB to `to` and its echo back, every byte checked.
+fn bulk_echo(topo: &DsrTopology, to: SocketAddr, seed: u8) {
+    let (stream, _) = connect(topo, to);
+    let data = pattern(BULK, seed);
+    let mut writer = stream.try_clone().expect("clone");
+    let sent = data.clone();
+    let upload = thread::spawn(move || {
+        writer.write_all(&sent)?;
+        writer.shutdown(Shutdown::Write)
+    });
+    let mut back = Vec::with_capacity(BULK);
+    let mut reader = stream;
+    let read = reader.read_to_end(&mut back);
+    let uploaded = upload.join().expect("upload");
+    if let Err(e) = read.and(uploaded) {
+        panic!("{to}: the echo stopped after {} bytes: {e}", back.len());
+    }
+    assert_eq!(back.len(), BULK, "{to}: echoed bytes");
+    assert!(back == data, "{to}: the echo differs from what was sent");
+}
+
+/// Waits (at most 15 s) until a datagram to `port` on each VIP gets its answer: the agent
+/// makes the kernel resolve the tunnels' next hop only every few seconds, and until then
+/// the data path drops what it cannot send (`next_hop_failure`).
+fn wait_until_tunnels_work(lab: &Lab, port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for v6 in [false, true] {
+        let socket = client_socket(lab.topo.client(), SocketAddr::new(lab.client_ip(v6), 0));
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        let mut buf = [0u8; 64];
+        loop {
+            socket
+                .send_to(b"ready?", vip_addr(v6, port))
+                .expect("sending");
+            if socket.recv_from(&mut buf).is_ok() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no answer through the tunnel to {} within 15 s",
+                vip_addr(v6, port)
+            );
+        }
+    }
+}
+
+fn udp_echo(topo: &DsrTopology, client: IpAddr, to: SocketAddr, seed: u8) {
+    let socket = client_socket(topo.client(), SocketAddr::new(client, 0));
+    let payload = pattern(PAYLOAD_LEN, seed);
+    socket.send_to(&payload, to).expect("sending");
+    let mut buf = vec![0u8; 65536];
+    let (n, from) = socket
+        .recv_from(&mut buf)
+        .unwrap_or_else(|e| panic!("{to}: no answer: {e}"));
+    assert_eq!(from, to, "the answer comes from the VIP");
+    assert_eq!(&buf[1..n], &payload[..], "{to}: echoed bytes");
+}
+
+/// IPv4 and IPv6, TCP and UDP, IPIP and GUE through the real agent: 1 MiB each way per TCP
+/// VIP, datagrams per UDP VIP; the answers go from the backends to the client through the
+/// router alone, so the balancer's link receives the requests and nothing of the answers.
+#[test]
+fn the_balancer_tunnels_and_the_backends_answer_the_client_directly() {
+    let lab = Lab::new(2);
+    let agent = NsAgent::start(lab.topo.lb(), "dsr", &["router"], &[]);
+    for v6 in [false, true] {
+        for (port, proto, forwarding) in [
+            (TCP_IPIP, "tcp", "ipip"),
+            (TCP_GUE, "tcp", "gue"),
+            (UDP_IPIP, "udp", "ipip"),
+            (UDP_GUE, "udp", "gue"),
+        ] {
+            let vip = vip(v6, port, proto);
+            agent.cli(&["vip", "add", &vip, "--forwarding", forwarding]);
+            for i in 0..2 {
+                agent.cli(&["backend", "add", &vip, &lab.backend_addr(i, v6, port)]);
+            }
+        }
+    }
+    wait_until_tunnels_work(&lab, UDP_IPIP);
+
+    for v6 in [false, true] {
+        for (port, seed) in [(TCP_IPIP, 1), (TCP_GUE, 2)] {
+            let to = vip_addr(v6, port);
+            let before = lab.lb_rx_bytes();
+            bulk_echo(&lab.topo, to, seed);
+            let received = lab.lb_rx_bytes() - before;
+            // The upload (and the client's acknowledgements) cross the balancer; the 1 MiB
+            // echo would double that.
+            assert!(
+                received >= BULK as u64 && received < (BULK + BULK / 2) as u64,
+                "{to}: the balancer's link received {received} bytes for 1 MiB each way"
+            );
+        }
+        for (port, seed) in [(UDP_IPIP, 3), (UDP_GUE, 4)] {
+            let to = vip_addr(v6, port);
+            let before = lab.lb_rx_bytes();
+            for k in 0..8 {
+                udp_echo(&lab.topo, lab.client_ip(v6), to, seed + k);
+            }
+            let received = lab.lb_rx_bytes() - before;
+            assert!(
+                received < (16 * PAYLOAD_LEN) as u64,
+                "{to}: the balancer's link received {received} bytes for 8 datagrams each way"
+            );
+        }
+    }
+    for i in 0..2 {
+        let (complete, text) = check(lab.topo.backend(i));
+        assert!(complete, "{text}");
+        assert!(
+            counter(&text, "decapsulated") > 0,
+            "backend {i} got nothing: {text}"
+        );
+        assert_eq!(counter(&text, "decap_failed"), 0, "{text}");
+    }
+}
+
+/// A backend drained under traffic: its established connections go on (the connection table
+/// still names it), new connections go to the other backend only.
+#[test]
+fn a_drained_backend_keeps_its_connections_and_gets_no_new_ones() {
+    let lab = Lab::new(2);
+    let agent = NsAgent::start(lab.topo.lb(), "dsr", &["router"], &[]);
+    let vip = vip(false, TCP_IPIP, "tcp");
+    agent.cli(&["vip", "add", &vip, "--forwarding", "ipip"]);
+    let backends: Vec<String> = (0..2)
+        .map(|i| lab.backend_addr(i, false, TCP_IPIP))
+        .collect();
+    for b in &backends {
+        agent.cli(&["backend", "add", &vip, b]);
+    }
+    // The tunnels' readiness is probed on a UDP VIP of the same backends.
+    for v6 in [false, true] {
+        let probe = self::vip(v6, UDP_IPIP, "udp");
+        agent.cli(&["vip", "add", &probe, "--forwarding", "ipip"]);
+        for i in 0..2 {
+            agent.cli(&["backend", "add", &probe, &lab.backend_addr(i, v6, UDP_IPIP)]);
+        }
+    }
+    wait_until_tunnels_work(&lab, UDP_IPIP);
+    let to = vip_addr(false, TCP_IPIP);
+    let mut conns: Vec<(TcpStream, u8)> = Vec::new();
+    for _ in 0..64 {
+        conns.push(connect(&lab.topo, to));
+        if conns.len() >= 8 && conns.iter().any(|c| c.1 == 0) && conns.iter().any(|c| c.1 == 1) {
+            break;
+        }
+    }
+    assert!(
+        conns.iter().any(|c| c.1 == 0) && conns.iter().any(|c| c.1 == 1),
+        "64 connections all went to one backend"
+    );
+    let exchange = |conns: &mut Vec<(TcpStream, u8)>, round: u8| {
+        for (k, (stream, backend)) in conns.iter_mut().enumerate() {
+            let msg = pattern(3000, round ^ k as u8);
+            stream
+                .write_all(&msg)
+                .expect("writing on an established connection");
+            let mut back = vec![0u8; msg.len()];
+            stream.read_exact(&mut back).unwrap_or_else(|e| {
+                panic!("connection {k} to backend {backend}, round {round}: {e}")
+            });
+            assert_eq!(back, msg);
+        }
+    };
+    exchange(&mut conns, 1);
+    agent.cli(&["backend", "drain", &vip, &backends[0]]);
+    for round in 2..6 {
+        exchange(&mut conns, round);
+    }
+    for _ in 0..16 {
+        let (stream, backend) = connect(&lab.topo, to);
+        assert_eq!(backend, 1, "a new connection went to the drained backend");
+        drop(stream);
+    }
+    exchange(&mut conns, 9);
+    let listed = agent.cli(&["backend", "list", &vip, "--json"]);
+    assert!(listed.contains("draining"), "{listed}");
 }

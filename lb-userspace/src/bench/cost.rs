@@ -17,7 +17,7 @@ use super::{
     env::{BACKEND_PORT, BenchEnv, backend_addr, client, vip},
     frames::{self, TCP_ACK, TCP_SYN},
 };
-use crate::datapath::DatapathConfig;
+use crate::{balancer::Forwarding, datapath::DatapathConfig};
 
 const XDP_PASS: u32 = 2;
 const XDP_REDIRECT: u32 = 4;
@@ -74,6 +74,8 @@ pub struct CostOptions {
     pub warmup: u32,
     pub backends: u32,
     pub ring_size: u32,
+    /// How the VIPs reach their backends: NAT, or a tunnel (direct server return).
+    pub forwarding: Forwarding,
 }
 
 fn median(samples: &mut [f64]) -> f64 {
@@ -131,7 +133,7 @@ fn vip4() -> SocketAddrV4 {
     }
 }
 
-fn forwarded_to_backend(backends: u32) -> impl Fn(u32, &[u8], &[u8]) -> Result<(), String> {
+fn forwarded_to_backend(backends: u32) -> impl Fn(u32, &[u8], &[u8]) -> Result<(), String> + Sync {
     move |action, _input, out| {
         if action != XDP_REDIRECT {
             return Err(format!("action {action}, expected XDP_REDIRECT"));
@@ -148,6 +150,35 @@ fn forwarded_to_backend(backends: u32) -> impl Fn(u32, &[u8], &[u8]) -> Result<(
     }
 }
 
+/// The input, untouched, inside an outer IPv4 header (and for GUE a UDP header to the
+/// default GUE port) from the bench interface's address to one of the backends.
+fn tunnelled_to_backend(
+    backends: u32,
+    gue: bool,
+) -> impl Fn(u32, &[u8], &[u8]) -> Result<(), String> + Sync {
+    move |action, input, out| {
+        if action != XDP_REDIRECT {
+            return Err(format!("action {action}, expected XDP_REDIRECT"));
+        }
+        let outer = out.get(14..34).ok_or("short output")?;
+        let (proto, udp) = if gue { (17, 8) } else { (4, 0) };
+        if outer[0] != 0x45 || outer[9] != proto || lb_common::csum::checksum(0, outer) != 0 {
+            return Err(format!("outer header {outer:02x?}"));
+        }
+        let dst = std::net::Ipv4Addr::new(outer[16], outer[17], outer[18], outer[19]);
+        if !(0..backends).any(|b| backend_addr(b) == dst) {
+            return Err(format!("tunnelled to {dst}, not a backend"));
+        }
+        if gue && out.get(36..38) != Some(&lb_common::DEFAULT_GUE_PORT.to_be_bytes()[..]) {
+            return Err("GUE port".into());
+        }
+        if out.get(34 + udp..) != input.get(14..) {
+            return Err("the inner packet changed".into());
+        }
+        Ok(())
+    }
+}
+
 fn passed_unchanged(action: u32, input: &[u8], out: &[u8]) -> Result<(), String> {
     if action != XDP_PASS {
         return Err(format!("action {action}, expected XDP_PASS"));
@@ -158,7 +189,15 @@ fn passed_unchanged(action: u32, input: &[u8], out: &[u8]) -> Result<(), String>
     Ok(())
 }
 
-fn cases(backends: u32) -> Vec<Case> {
+fn cases(backends: u32, forwarding: Forwarding) -> Vec<Case> {
+    // What a packet to the VIP must come out as: rewritten to a backend, or tunnelled to one.
+    let forwarded_to_backend = move |backends: u32| -> Box<Check> {
+        match forwarding {
+            Forwarding::Nat => Box::new(forwarded_to_backend(backends)),
+            Forwarding::Ipip => Box::new(tunnelled_to_backend(backends, false)),
+            Forwarding::Gue => Box::new(tunnelled_to_backend(backends, true)),
+        }
+    };
     let vip = vip4();
     let established = client(u64::from(u32::MAX));
     let udp_vip = super::env::udp_vip();
@@ -171,28 +210,28 @@ fn cases(backends: u32) -> Vec<Case> {
             name: "tcp_syn_new_flow",
             description: "TCP SYN to the VIP, a new 5-tuple every call (connection-table miss)",
             frame: Box::new(move |n| frames::tcp(client(n), vip, TCP_SYN)),
-            check: Box::new(forwarded_to_backend(backends)),
+            check: forwarded_to_backend(backends),
             setup: None,
         },
         Case {
             name: "tcp_ack_new_flow",
             description: "A handshake's first ACK, a new 5-tuple every call (the flow's insert)",
             frame: Box::new(move |n| frames::tcp(client(n), vip, TCP_ACK)),
-            check: Box::new(forwarded_to_backend(backends)),
+            check: forwarded_to_backend(backends),
             setup: None,
         },
         Case {
             name: "tcp_ack_established",
             description: "TCP ACK of one established flow (connection-table hit)",
             frame: Box::new(move |_| frames::tcp(established, vip, TCP_ACK)),
-            check: Box::new(forwarded_to_backend(backends)),
+            check: forwarded_to_backend(backends),
             setup: None,
         },
         Case {
             name: "tcp_ack_100k_flows",
             description: "TCP ACKs sampled over 100k established flows (hits on cold entries)",
             frame: Box::new(move |n| frames::tcp(sampled_client(sampled_flow(n)), vip, TCP_ACK)),
-            check: Box::new(forwarded_to_backend(backends)),
+            check: forwarded_to_backend(backends),
             // Each flow's handshake: its SYN, then the ACK that creates its entry.
             setup: Some((
                 2 * SAMPLED_FLOWS,
@@ -206,7 +245,7 @@ fn cases(backends: u32) -> Vec<Case> {
             name: "udp_established",
             description: "64-byte UDP datagram of one flow to the UDP VIP, checksum on (hit)",
             frame: Box::new(move |_| frames::udp(established, udp_vip, 18, true)),
-            check: Box::new(forwarded_to_backend(backends)),
+            check: forwarded_to_backend(backends),
             setup: None,
         },
         Case {
@@ -291,8 +330,8 @@ pub fn run_cost(options: CostOptions, quiet: bool) -> Result<Vec<CostRow>> {
         max_vips: 4,
         ..DatapathConfig::default()
     };
-    let env = BenchEnv::new(config, 1, options.backends)?;
-    let cases = cases(options.backends);
+    let env = BenchEnv::with_forwarding(config, 1, options.backends, options.forwarding)?;
+    let cases = cases(options.backends, options.forwarding);
     let per_case = u64::from(options.runs) * 3;
     let bar = if quiet {
         ProgressBar::hidden()

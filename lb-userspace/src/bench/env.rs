@@ -9,7 +9,7 @@ use lb_common::program_names;
 use xlb_netns::{Netns, ipnet::Ipv4Net};
 
 use crate::{
-    balancer::{Balancer, Protocol, VipSpec},
+    balancer::{Balancer, Forwarding, Protocol, VipSpec},
     datapath::{Datapath, DatapathConfig, TestRunOutcome},
 };
 
@@ -70,6 +70,17 @@ impl BenchEnv {
     /// `vips` TCP VIPs on port 80 (and one UDP VIP on port 53 at `vip(0)`'s address), each
     /// with `backends` backends.
     pub fn new(config: DatapathConfig, vips: u32, backends: u32) -> Result<Self> {
+        Self::with_forwarding(config, vips, backends, Forwarding::Nat)
+    }
+
+    /// As [`Self::new`], the VIPs reaching their backends by `forwarding`: a tunnelled
+    /// VIP's backends serve its own port.
+    pub fn with_forwarding(
+        config: DatapathConfig,
+        vips: u32,
+        backends: u32,
+        forwarding: Forwarding,
+    ) -> Result<Self> {
         let ns = Netns::create("xlbbench").context("creating the benchmark namespace")?;
         let peer = Netns::create("xlbbenchp").context("creating the benchmark namespace")?;
         ns.add_veth("bench0", &peer, "bench1")?;
@@ -93,9 +104,14 @@ impl BenchEnv {
             proto: Protocol::Udp,
         };
         for spec in (0..vips).map(vip).chain(std::iter::once(udp)) {
-            balancer.add_vip(spec)?;
+            balancer.add_vip_with(spec, None, forwarding)?;
+            let port = if forwarding == Forwarding::Nat {
+                BACKEND_PORT
+            } else {
+                spec.addr.port()
+            };
             for b in 0..backends {
-                let addr = SocketAddrV4::new(backend_addr(b), BACKEND_PORT);
+                let addr = SocketAddrV4::new(backend_addr(b), port);
                 balancer.add_backend(&spec, addr.into(), 1)?;
             }
         }

@@ -15,6 +15,8 @@ use super::{
 pub struct CostReport<'a> {
     pub machine: Machine,
     pub method: &'static str,
+    /// The VIP's forwarding method: `nat`, `ipip` or `gue`.
+    pub forwarding: String,
     pub rows: &'a [CostRow],
 }
 

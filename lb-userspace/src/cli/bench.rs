@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Subcommand;
 use lb_common::DEFAULT_RING_SIZE;
-use lb_userspace::agent;
+use lb_userspace::{agent, balancer::Forwarding};
 
 use super::render::print_json;
 
@@ -29,6 +29,10 @@ pub enum BenchCommand {
         /// Backends behind the VIP.
         #[arg(long, default_value_t = 100)]
         backends: u32,
+        /// How the VIP reaches its backends: nat, or ipip / gue (direct server return: the
+        /// same work as Katran's IPIP encapsulation).
+        #[arg(long, default_value = "nat")]
+        forwarding: Forwarding,
         /// Print JSON (for scripts) instead of a table.
         #[arg(long)]
         json: bool,
@@ -91,6 +95,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
             runs,
             warmup,
             backends,
+            forwarding,
             json,
             out,
         } => {
@@ -101,12 +106,14 @@ pub fn run(command: BenchCommand) -> Result<()> {
                     warmup,
                     backends,
                     ring_size: DEFAULT_RING_SIZE,
+                    forwarding,
                 },
                 json,
             )?;
             let report = report::CostReport {
                 machine: Machine::current(),
                 method: report::COST_METHOD,
+                forwarding: forwarding.to_string(),
                 rows: &rows,
             };
             report::write_json(&out, "cost.json", &report)?;
