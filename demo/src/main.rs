@@ -10,8 +10,12 @@
 //! `podman rm`, and xlb follows both on its own. Otherwise, or with `--no-podman`, they are network
 //! namespaces with a TCP server thread each, and everything runs in namespaces named
 //! `xlbdemo-*`, so the host's own network is never touched.
+//!
+//! Last, in both modes, direct server return ([`dsr`]): replicas behind a router in
+//! namespaces of their own, a second agent tunnelling to them, replies that bypass it.
 
 mod agent;
+mod dsr;
 mod lab;
 mod podman;
 mod report;
@@ -402,6 +406,15 @@ impl Demo {
 
         step("xlb stats");
         xlb.run(&["stats"])?;
+
+        let work = self.work.as_ref().context("no work directory")?;
+        dsr::run(
+            &xlb.bin,
+            &work.dir,
+            &work.dsr_pins(),
+            args.requests,
+            interrupt,
+        )?;
 
         if !moves.minimal() {
             bail!(
@@ -821,8 +834,16 @@ impl Workdir {
         Ok(work)
     }
 
+    /// The DSR step's agent pins beside the main agent's, so neither sees the other's maps.
+    fn dsr_pins(&self) -> PathBuf {
+        let mut name = self.pins.file_name().unwrap_or_default().to_owned();
+        name.push("-dsr");
+        self.pins.with_file_name(name)
+    }
+
     fn remove(self) -> Result<()> {
         remove_dir_if_present(&self.pins)?;
+        remove_dir_if_present(&self.dsr_pins())?;
         if let Some(mnt) = &self.private_bpffs {
             umount2(mnt, MntFlags::MNT_DETACH)
                 .with_context(|| format!("unmounting {}", mnt.display()))?;
@@ -845,7 +866,9 @@ fn is_bpffs(path: &Path) -> bool {
 
 /// The pid in `xlbdemo-PID`, if `name` is one of ours.
 fn run_pid(name: &str) -> Option<i32> {
-    name.strip_prefix(PREFIX)?.parse().ok()
+    let rest = name.strip_prefix(PREFIX)?;
+    // The DSR step's pins: `xlbdemo-PID-dsr`.
+    rest.strip_suffix("-dsr").unwrap_or(rest).parse().ok()
 }
 
 /// Removes the files and pins of demo runs whose process is gone (killed with SIGKILL);
@@ -884,9 +907,11 @@ fn leftovers(pid: u32) -> Vec<String> {
         }
     }
     for root in [WORK_ROOT, BPFFS_ROOT] {
-        let p = Path::new(root).join(format!("{}{pid}", PREFIX));
-        if p.exists() {
-            left.push(p.display().to_string());
+        for suffix in ["", "-dsr"] {
+            let p = Path::new(root).join(format!("{PREFIX}{pid}{suffix}"));
+            if p.exists() {
+                left.push(p.display().to_string());
+            }
         }
     }
     left
@@ -899,6 +924,7 @@ mod tests {
     #[test]
     fn run_pid_parses_only_our_names() {
         assert_eq!(run_pid("xlbdemo-1234"), Some(1234));
+        assert_eq!(run_pid("xlbdemo-1234-dsr"), Some(1234));
         assert_eq!(run_pid("xlbdemo-web-1-1234-3"), None);
         assert_eq!(run_pid("other-1234"), None);
     }

@@ -407,6 +407,9 @@ impl Agent {
                 self.sync_health_targets();
                 if mutates {
                     self.following.ensure_watching(&self.balancer);
+                    // A new tunnelled backend's next hop, resolved before its first packet
+                    // rather than at the next sweep.
+                    self.keep_tunnel_hops_resolved();
                 }
                 if mutates
                     && let Err(e) = save_state(&self.state_path, &self.balancer.desired_state())
@@ -1073,6 +1076,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     let mut announce_retry = tokio::time::interval(ANNOUNCE_RETRY);
     let mut neighbour_sweep = tokio::time::interval(NEIGHBOUR_SWEEP);
     lock(&agent).sync_health_targets();
+    lock(&agent).keep_tunnel_hops_resolved();
     lock(&agent).warn_about_backend_routes();
     {
         let agent = &mut *lock(&agent);
@@ -1121,6 +1125,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
                         info!("{change}");
                     }
                     agent.sync_health_targets();
+                    agent.keep_tunnel_hops_resolved();
                     if let Err(e) = save_state(&agent.state_path, &agent.balancer.desired_state()) {
                         warn!("{e:#}");
                     }

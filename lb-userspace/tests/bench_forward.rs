@@ -1,5 +1,6 @@
 //! Smoke test of `xlb bench forward` in its quick form: the mode runs end to end and its report
-//! is well-formed. Figures are never asserted (they depend on the machine).
+//! is well-formed, and the direct-server-return row (IPIP) is measured with frames reaching the
+//! sinks. Figures are never asserted (they depend on the machine).
 
 use lb_userspace::bench::forward::{self, ForwardOptions};
 
@@ -19,7 +20,10 @@ fn quick_forward_bench_reports_every_row() {
     forward::print(&report);
 
     let names: Vec<_> = report.packets.iter().map(|r| r.name).collect();
-    assert_eq!(names, ["routing", "xdp_redirect", "nftables", "xlb"]);
+    assert_eq!(
+        names,
+        ["routing", "xdp_redirect", "nftables", "xlb", "xlb_dsr_ipip"]
+    );
     for r in &report.packets {
         match &r.skipped {
             Some(why) => {
@@ -62,6 +66,18 @@ fn quick_forward_bench_reports_every_row() {
             .any(|r| r.name == "xlb" && r.skipped.is_none()),
         "the xlb row itself must be measured: {:?}",
         report.packets
+    );
+
+    // A skipped DSR row would mean xlb's IPIP output failed its check or nothing got through.
+    let dsr = report
+        .packets
+        .iter()
+        .find(|r| r.name == "xlb_dsr_ipip")
+        .expect("the DSR row");
+    assert!(dsr.skipped.is_none(), "DSR row not measured: {dsr:?}");
+    assert!(
+        dsr.delivered.unwrap() > 0,
+        "no encapsulated frame reached a sink: {dsr:?}"
     );
 
     let names: Vec<_> = report.connections.iter().map(|r| r.name).collect();

@@ -2365,6 +2365,15 @@ fn dsr_forwarding_and_tunnel_settings_through_the_cli() {
     let b0 = backend_v4(0, 443);
     let out = agent.ok(&["backend", "add", dsr, &b0.ip().to_string()]);
     assert!(out.contains(&format!("added backend {b0} ")), "{out}");
+    // Its next hop is kept resolved though no packet has gone there: replies never come back.
+    let neighbour = topo
+        .lb()
+        .command("ip")
+        .args(["neigh", "show", &b0.ip().to_string()])
+        .output()
+        .expect("ip neigh");
+    let neighbour = String::from_utf8_lossy(&neighbour.stdout);
+    assert!(neighbour.contains("managed"), "{neighbour:?}");
 
     let refused = |args: &[&str], needle: &str| {
         let out = xlb(topo.lb(), &agent.socket, args);

@@ -241,6 +241,83 @@ fn client_packets_leave_inside_the_tunnel_untouched() {
     });
 }
 
+/// What a "too big" to the client must be: from the client leg's MAC to the client's, from
+/// the VIP to the client, "fragmentation needed" (IPv4) or "packet too big" (IPv6)
+/// announcing `mtu`, quoting the first 28 (48) bytes of `client_packet`'s IP packet, with
+/// valid checksums.
+fn assert_too_big(what: &str, out: &[u8], client_packet: &[u8], ipv6: bool, mtu: u16) {
+    assert_eq!(&out[..6], &CLIENT_MAC, "{what}: to the client's MAC");
+    assert_eq!(&out[6..12], &LB_MAC, "{what}: from the client leg's MAC");
+    let quoted = &client_packet[14..];
+    if ipv6 {
+        let (ip, rest) = Ipv6Header::from_slice(&out[14..]).expect("IPv6 error");
+        assert_eq!(ip.source, quoted[24..40], "{what}: from the VIP");
+        assert_eq!(ip.destination, quoted[8..24], "{what}: to the client");
+        assert_eq!(ip.next_header, IpNumber::IPV6_ICMP, "{what}");
+        assert_eq!(ip.payload_length as usize, rest.len(), "{what}: length");
+        let (icmp, quote) = etherparse::Icmpv6Header::from_slice(rest).expect("ICMPv6 header");
+        assert_eq!(
+            icmp.icmp_type,
+            Icmpv6Type::PacketTooBig {
+                mtu: u32::from(mtu)
+            },
+            "{what}"
+        );
+        assert_eq!(quote, &quoted[..48], "{what}: quotes IPv6 header + 8 bytes");
+        assert_eq!(
+            icmp.checksum,
+            icmp.icmp_type
+                .calc_checksum(ip.source, ip.destination, quote)
+                .expect("checksum"),
+            "{what}: ICMPv6 checksum"
+        );
+    } else {
+        let (ip, rest) = Ipv4Header::from_slice(&out[14..]).expect("IPv4 error");
+        assert_eq!(ip.header_checksum, ip.calc_header_checksum(), "{what}");
+        assert_eq!(ip.source, quoted[16..20], "{what}: from the VIP");
+        assert_eq!(ip.destination, quoted[12..16], "{what}: to the client");
+        assert_eq!(ip.protocol, IpNumber::ICMP, "{what}");
+        let (icmp, quote) = etherparse::Icmpv4Header::from_slice(rest).expect("ICMPv4 header");
+        assert_eq!(
+            icmp.icmp_type,
+            Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
+                next_hop_mtu: mtu
+            }),
+            "{what}"
+        );
+        assert_eq!(quote, &quoted[..28], "{what}: quotes IP header + 8 bytes");
+        assert_eq!(
+            icmp.checksum,
+            icmp.icmp_type.calc_checksum(quote),
+            "{what}: ICMP checksum"
+        );
+    }
+}
+
+/// Both hooks loaded, both legs in the devmap, and two tunnelled VIPs: IPv4 over IPIP and
+/// IPv6 over GUE.
+fn lab_with_two_tunnels(nl: &Netlink) -> (Lab, u32, u32, VipSpec, VipSpec) {
+    let (lb_in, lb_out) = host(nl);
+    let mut lab = Lab::new();
+    lab.load_tc();
+    for leg in [lb_in, lb_out] {
+        lab.balancer.allow_egress(leg).expect("veth in the devmap");
+    }
+    let v4 = tunnelled_vip(
+        &mut lab,
+        "192.0.2.10:80/tcp",
+        IpAddr::V4(BACKEND_V4),
+        FORWARD_IPIP,
+    );
+    let v6 = tunnelled_vip(
+        &mut lab,
+        "[2001:db8:f::10]:443/tcp",
+        IpAddr::V6(BACKEND_V6),
+        FORWARD_GUE,
+    );
+    (lab, lb_in, lb_out, v4, v6)
+}
+
 /// A packet that fits the link but not the tunnel on it: the client gets "fragmentation
 /// needed" / "packet too big" from the VIP, with the MTU that leaves room for the tunnel,
 /// quoting its own packet's header; nothing goes to the backend.
@@ -248,24 +325,7 @@ fn client_packets_leave_inside_the_tunnel_untouched() {
 fn packets_too_big_for_the_tunnel_are_answered_with_icmp() {
     in_fresh_netns("golden-dsr-too-big", LIMIT, || {
         let nl = Netlink::open();
-        let (lb_in, lb_out) = host(&nl);
-        let mut lab = Lab::new();
-        lab.load_tc();
-        for leg in [lb_in, lb_out] {
-            lab.balancer.allow_egress(leg).expect("veth in the devmap");
-        }
-        let v4 = tunnelled_vip(
-            &mut lab,
-            "192.0.2.10:80/tcp",
-            IpAddr::V4(BACKEND_V4),
-            FORWARD_IPIP,
-        );
-        let v6 = tunnelled_vip(
-            &mut lab,
-            "[2001:db8:f::10]:443/tcp",
-            IpAddr::V6(BACKEND_V6),
-            FORWARD_GUE,
-        );
+        let (lab, lb_in, _, v4, v6) = lab_with_two_tunnels(&nl);
         // 1500 bytes of IP: fits the 1500-byte link, not with 20 (or 48) bytes in front.
         let big4 = Packet::tcp(sa("203.0.113.7:41000"), v4.addr)
             .tcp_ack_flag()
@@ -298,30 +358,12 @@ fn packets_too_big_for_the_tunnel_are_answered_with_icmp() {
                 action, expected_action as u32,
                 "{hook}: IPv4 error sent back"
             );
-            assert_eq!(&out[..6], &CLIENT_MAC, "{hook}: back to the client's MAC");
-            assert_eq!(&out[6..12], &LB_MAC, "{hook}: from the ingress MAC");
-            let (ip, rest) = Ipv4Header::from_slice(&out[14..]).expect("IPv4 error");
-            assert_eq!(ip.header_checksum, ip.calc_header_checksum(), "{hook}");
-            assert_eq!(ip.source, [192, 0, 2, 10], "{hook}: from the VIP");
-            assert_eq!(ip.destination, [203, 0, 113, 7], "{hook}: to the client");
-            assert_eq!(ip.protocol, IpNumber::ICMP);
-            let (icmp, quote) = etherparse::Icmpv4Header::from_slice(rest).expect("ICMPv4 header");
-            assert_eq!(
-                icmp.icmp_type,
-                Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
-                    next_hop_mtu: 1480
-                }),
-                "{hook}: fragmentation needed, MTU 1500 - 20"
-            );
-            assert_eq!(
-                quote,
-                &frame[14..14 + 28],
-                "{hook}: quotes IP header + 8 bytes"
-            );
-            assert_eq!(
-                icmp.checksum,
-                icmp.icmp_type.calc_checksum(quote),
-                "{hook}: ICMP checksum"
+            assert_too_big(
+                &format!("{hook} ipv4, MTU 1500 - 20"),
+                &out,
+                &frame,
+                false,
+                1480,
             );
             assert_eq!(lab.counters()[TooBigForTunnel as usize] - before, 1);
 
@@ -331,30 +373,12 @@ fn packets_too_big_for_the_tunnel_are_answered_with_icmp() {
                 action, expected_action as u32,
                 "{hook}: IPv6 error sent back"
             );
-            let (ip, rest) = Ipv6Header::from_slice(&out[14..]).expect("IPv6 error");
-            let vip6: Ipv6Addr = "2001:db8:f::10".parse().expect("ip");
-            let client6: Ipv6Addr = "2001:db8:c::7".parse().expect("ip");
-            assert_eq!(ip.source, vip6.octets(), "{hook}: from the VIP");
-            assert_eq!(ip.destination, client6.octets(), "{hook}: to the client");
-            assert_eq!(ip.next_header, IpNumber::IPV6_ICMP);
-            assert_eq!(ip.payload_length as usize, rest.len());
-            let (icmp, quote) = etherparse::Icmpv6Header::from_slice(rest).expect("ICMPv6 header");
-            assert_eq!(
-                icmp.icmp_type,
-                Icmpv6Type::PacketTooBig { mtu: 1452 },
-                "{hook}: packet too big, MTU 1500 - 48"
-            );
-            assert_eq!(
-                quote,
-                &frame[14..14 + 48],
-                "{hook}: quotes IPv6 header + 8 bytes"
-            );
-            assert_eq!(
-                icmp.checksum,
-                icmp.icmp_type
-                    .calc_checksum(ip.source, ip.destination, quote)
-                    .expect("checksum"),
-                "{hook}: ICMPv6 checksum"
+            assert_too_big(
+                &format!("{hook} ipv6, MTU 1500 - 48"),
+                &out,
+                &frame,
+                true,
+                1452,
             );
 
             let frame = fits4.bytes();
@@ -458,24 +482,7 @@ fn path_error(inner: &[u8], ipv6: bool, gue: bool, mtu: u16) -> Vec<u8> {
 fn too_big_errors_from_the_tunnel_path_reach_the_client() {
     in_fresh_netns("golden-dsr-path", LIMIT, || {
         let nl = Netlink::open();
-        let (lb_in, lb_out) = host(&nl);
-        let mut lab = Lab::new();
-        lab.load_tc();
-        for leg in [lb_in, lb_out] {
-            lab.balancer.allow_egress(leg).expect("veth in the devmap");
-        }
-        let v4 = tunnelled_vip(
-            &mut lab,
-            "192.0.2.10:80/tcp",
-            IpAddr::V4(BACKEND_V4),
-            FORWARD_IPIP,
-        );
-        let v6 = tunnelled_vip(
-            &mut lab,
-            "[2001:db8:f::10]:443/tcp",
-            IpAddr::V6(BACKEND_V6),
-            FORWARD_GUE,
-        );
+        let (lab, lb_in, lb_out, v4, v6) = lab_with_two_tunnels(&nl);
         for (name, vip, client, gue, ipv6, router_mtu, announced) in [
             (
                 "ipip v4",
@@ -515,69 +522,7 @@ fn too_big_errors_from_the_tunnel_path_reach_the_client() {
                     Action::Redirect as u32,
                     "{name} {hook}: out of the client leg"
                 );
-                assert_eq!(&out[..6], &CLIENT_MAC, "{name} {hook}: to the client's MAC");
-                assert_eq!(&out[6..12], &LB_MAC, "{name} {hook}: from the client leg");
-                let quote_len = if ipv6 { 48 } else { 28 };
-                if ipv6 {
-                    let (ip, rest) = Ipv6Header::from_slice(&out[14..]).expect("IPv6");
-                    assert_eq!(
-                        ip.source,
-                        "2001:db8:f::10".parse::<Ipv6Addr>().expect("ip").octets()
-                    );
-                    assert_eq!(
-                        ip.destination,
-                        "2001:db8:c::7".parse::<Ipv6Addr>().expect("ip").octets()
-                    );
-                    let (icmp, quote) = etherparse::Icmpv6Header::from_slice(rest).expect("ICMPv6");
-                    assert_eq!(
-                        icmp.icmp_type,
-                        Icmpv6Type::PacketTooBig {
-                            mtu: u32::from(announced)
-                        },
-                        "{name} {hook}"
-                    );
-                    assert_eq!(
-                        quote,
-                        &frame[14..14 + quote_len],
-                        "{name} {hook}: the client's packet quoted"
-                    );
-                    assert_eq!(
-                        icmp.checksum,
-                        icmp.icmp_type
-                            .calc_checksum(ip.source, ip.destination, quote)
-                            .expect("sum"),
-                        "{name} {hook}: checksum"
-                    );
-                } else {
-                    let (ip, rest) = Ipv4Header::from_slice(&out[14..]).expect("IPv4");
-                    assert_eq!(
-                        ip.header_checksum,
-                        ip.calc_header_checksum(),
-                        "{name} {hook}"
-                    );
-                    assert_eq!(ip.source, [192, 0, 2, 10]);
-                    assert_eq!(ip.destination, [203, 0, 113, 7]);
-                    let (icmp, quote) = etherparse::Icmpv4Header::from_slice(rest).expect("ICMPv4");
-                    assert_eq!(
-                        icmp.icmp_type,
-                        Icmpv4Type::DestinationUnreachable(
-                            DestUnreachableHeader::FragmentationNeeded {
-                                next_hop_mtu: announced
-                            }
-                        ),
-                        "{name} {hook}"
-                    );
-                    assert_eq!(
-                        quote,
-                        &frame[14..14 + quote_len],
-                        "{name} {hook}: the client's packet quoted"
-                    );
-                    assert_eq!(
-                        icmp.checksum,
-                        icmp.icmp_type.calc_checksum(quote),
-                        "{name} {hook}: checksum"
-                    );
-                }
+                assert_too_big(&format!("{name} {hook}"), &out, &frame, ipv6, announced);
             }
             // Another client's flow, never seen: the error is not xlb's to translate.
             let stranger = Packet::tcp(

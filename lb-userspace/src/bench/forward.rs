@@ -17,7 +17,10 @@
 //! measured in one placement (spreading it made XDP slower on this machine kind).
 //!
 //! In the middle, in turn: plain routing, a redirect-only XDP program (the ceiling of this
-//! path), nftables jhash DNAT (what kube-proxy's nftables mode deploys), and xlb. Then the
+//! path), nftables jhash DNAT (what kube-proxy's nftables mode deploys), xlb, and xlb with the
+//! VIP in direct server return over IPIP (the sinks count the encapsulated frames; one frame
+//! through xlb's program is checked first: outer IPv4 header from the LB's address to a
+//! backend, the generated packet intact inside). Then the
 //! connection-level comparison: TCP connections and requests per second from the generator
 //! namespace (now a client) to real TCP servers in the sink namespaces, through xlb, through
 //! nftables DNAT and through HAProxy in TCP mode.
@@ -50,7 +53,7 @@ use xlb_netns::{
 
 use super::{Machine, frames};
 use crate::{
-    balancer::{Balancer, Protocol, VipSpec},
+    balancer::{Balancer, Forwarding, Protocol, VipSpec},
     datapath::{Datapath, DatapathConfig},
 };
 
@@ -93,6 +96,8 @@ pub struct ForwardOptions {
     pub add_trials: u32,
     /// HAProxy binary; `None` looks for `haproxy` in `PATH` (the row is skipped when absent).
     pub haproxy: Option<PathBuf>,
+    /// Also measure xlb with the VIP in direct server return (IPIP), one more packet row.
+    pub dsr: bool,
 }
 
 impl ForwardOptions {
@@ -109,6 +114,7 @@ impl ForwardOptions {
             conn_clients: 4,
             add_trials: 9,
             haproxy: None,
+            dsr: true,
         }
     }
 
@@ -126,6 +132,7 @@ impl ForwardOptions {
             conn_clients: 2,
             add_trials: 1,
             haproxy: None,
+            dsr: true,
         }
     }
 }
@@ -941,7 +948,9 @@ fn vip_spec(proto: Protocol) -> VipSpec {
 }
 
 impl Lb {
-    fn new(topo: &Topo) -> Result<Self> {
+    /// xlb with both VIPs reaching the backends by `forwarding`; a tunnelled VIP's backends
+    /// serve the VIP's own port.
+    fn new(topo: &Topo, forwarding: Forwarding) -> Result<Self> {
         let datapath = Datapath::load(DatapathConfig {
             ring_size: 65_537,
             max_vips: 4,
@@ -958,15 +967,42 @@ impl Lb {
         })??;
         for proto in [Protocol::Udp, Protocol::Tcp] {
             let vip = vip_spec(proto);
-            balancer.add_vip(vip)?;
+            balancer.add_vip_with(vip, None, forwarding)?;
+            let port = if forwarding == Forwarding::Nat {
+                BACKEND_PORT
+            } else {
+                VIP_PORT
+            };
             for b in topo.backend_addrs() {
-                balancer.add_backend(&vip, SocketAddr::new(IpAddr::V4(b), BACKEND_PORT), 1)?;
+                balancer.add_backend(&vip, SocketAddr::new(IpAddr::V4(b), port), 1)?;
             }
         }
         Ok(Self {
             balancer,
             links: Vec::new(),
         })
+    }
+
+    /// xlb with IPIP VIPs, attached once one generated `frame` run through its program comes
+    /// out tunnelled as [`check_tunnelled`] requires.
+    fn tunnelling(topo: &Topo, frame: &[u8]) -> Result<Self> {
+        let mut lb = Self::new(topo, Forwarding::Ipip)?;
+        let mut out = vec![0u8; frame.len() + 256];
+        let outcome = topo.lb().run(|| {
+            lb.balancer
+                .datapath()
+                .test_run(program_names::XLB, frame, &mut out, 1)
+        })??;
+        out.truncate(outcome.len);
+        let links: Vec<(Ipv4Addr, Ipv4Addr, [u8; 6], [u8; 6])> = topo
+            .sinks
+            .iter()
+            .map(|l| (l.a.ip4(), l.b.ip4(), l.a.mac, l.b.mac))
+            .collect();
+        check_tunnelled(outcome.action, frame, &out, &links)
+            .map_err(|e| anyhow!("xlb's IPIP output is wrong: {e}"))?;
+        lb.attach(topo)?;
+        Ok(lb)
     }
 
     fn attach(&mut self, topo: &Topo) -> Result<()> {
@@ -990,6 +1026,47 @@ impl Lb {
             Ok(())
         })?
     }
+}
+
+/// `out` is `input`'s IP packet, unchanged, inside an outer IPv4/IPIP header with a valid
+/// checksum, from the LB's address on a backend's link to that backend, between the link's
+/// MACs. `links` are (LB address, backend address, LB MAC, backend MAC).
+fn check_tunnelled(
+    action: u32,
+    input: &[u8],
+    out: &[u8],
+    links: &[(Ipv4Addr, Ipv4Addr, [u8; 6], [u8; 6])],
+) -> Result<(), String> {
+    const XDP_REDIRECT: u32 = 4;
+    if action != XDP_REDIRECT {
+        return Err(format!("action {action}, expected XDP_REDIRECT"));
+    }
+    let outer = out.get(14..34).ok_or("short output")?;
+    if out[12..14] != [0x08, 0x00] || outer[0] != 0x45 || outer[9] != 4 {
+        return Err(format!("not IPv4-in-IPv4: {:02x?}", &out[12..34]));
+    }
+    if lb_common::csum::checksum(0, outer) != 0 {
+        return Err("outer header checksum".into());
+    }
+    let src = Ipv4Addr::new(outer[12], outer[13], outer[14], outer[15]);
+    let dst = Ipv4Addr::new(outer[16], outer[17], outer[18], outer[19]);
+    let &(lb_addr, _, lb_mac, backend_mac) = links
+        .iter()
+        .find(|l| l.1 == dst)
+        .ok_or_else(|| format!("tunnelled to {dst}, not a backend"))?;
+    if src != lb_addr {
+        return Err(format!("outer source {src}, expected {lb_addr}"));
+    }
+    if out[0..6] != backend_mac || out[6..12] != lb_mac {
+        return Err(format!("MACs {:02x?}", &out[0..12]));
+    }
+    if usize::from(u16::from_be_bytes([outer[2], outer[3]])) != out.len() - 14 {
+        return Err("outer total length".into());
+    }
+    if out.get(34..) != input.get(14..) {
+        return Err("the inner packet changed".into());
+    }
+    Ok(())
 }
 
 /// Attaches `program` of a fresh small datapath to each `(namespace, ifindex)`; dropping the
@@ -1225,6 +1302,10 @@ const XLB: (&str, &str) = (
     "xlb",
     "xlb on every LB interface, VIP over the backends (Maglev, connection table)",
 );
+const XLB_DSR: (&str, &str) = (
+    "xlb_dsr_ipip",
+    "xlb on every LB interface, the VIP in direct server return: each frame left intact inside an outer IPv4 header (IPIP) from the LB to its backend; the sinks count the encapsulated frames",
+);
 const HAPROXY: (&str, &str) = (
     "haproxy",
     "HAProxy in TCP mode in the LB namespace, bound to the VIP, round robin",
@@ -1240,7 +1321,7 @@ pub fn run(options: &ForwardOptions, quiet: bool) -> Result<ForwardReport> {
         options.packet_duration > Duration::ZERO && options.conn_duration > Duration::ZERO,
         "durations must be positive"
     );
-    let bar = progress(8, quiet);
+    let bar = progress(9, quiet);
     bar.set_message("setting up");
     let topo = Topo::new(options.backends)?;
     let mut generator = Generator::new(&topo, options.flows, options.batch)?;
@@ -1281,13 +1362,33 @@ pub fn run(options: &ForwardOptions, quiet: bool) -> Result<ForwardReport> {
     bar.inc(1);
 
     bar.set_message("xlb");
-    let mut lb = Lb::new(&topo)?;
+    let mut lb = Lb::new(&topo, Forwarding::Nat)?;
     lb.attach(&topo)?;
     packets.push(packet_row(
         XLB.0,
         XLB.1,
         measure(&generator, &topo, &sinks, options),
     ));
+    bar.inc(1);
+
+    bar.set_message("xlb dsr/ipip");
+    if options.dsr {
+        lb.detach(&topo)?;
+        let template = generator.shape.template(gen_src, vip);
+        let row = Lb::tunnelling(&topo, &template.bytes).and_then(|mut dsr| {
+            let m = measure(&generator, &topo, &sinks, options);
+            dsr.detach(&topo)?;
+            m
+        });
+        packets.push(packet_row(XLB_DSR.0, XLB_DSR.1, row));
+        lb.attach(&topo)?;
+    } else {
+        packets.push(skipped_packet_row(
+            XLB_DSR.0,
+            XLB_DSR.1,
+            "not run (--no-dsr)".to_owned(),
+        ));
+    }
     bar.inc(1);
 
     bar.set_message("backend add");
@@ -1404,16 +1505,16 @@ pub fn print(report: &ForwardReport) {
         report.flows, report.backends, report.frame_bytes, report.packet_seconds_per_config
     );
     println!(
-        "{:<14} {:>10} {:>10} {:>13} {:>13} {:>8} {:>9}",
+        "{:<16} {:>10} {:>10} {:>13} {:>13} {:>8} {:>9}",
         "LB in the middle", "gen Mpps", "sink Mpps", "generated", "lost", "loss %", "xlb ratio"
     );
     for r in &report.packets {
         if let Some(why) = &r.skipped {
-            println!("{:<14} skipped: {why}", r.name);
+            println!("{:<16} skipped: {why}", r.name);
             continue;
         }
         println!(
-            "{:<14} {:>10} {:>10} {:>13} {:>13} {:>8} {:>9}",
+            "{:<16} {:>10} {:>10} {:>13} {:>13} {:>8} {:>9}",
             r.name,
             opt(r.generated_mpps, 2),
             opt(r.delivered_mpps, 2),
@@ -1479,6 +1580,67 @@ mod tests {
             "jhash ip saddr . udp sport mod 2 map { 0 : 10.91.0.2 . 8080, 1 : 10.91.1.2 . 8080 }"
         ));
         assert!(rules.contains("tcp sport mod 2"));
+    }
+
+    const LB_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
+    const BACKEND_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
+
+    fn links() -> Vec<(Ipv4Addr, Ipv4Addr, [u8; 6], [u8; 6])> {
+        vec![(
+            Ipv4Addr::new(10, 91, 0, 1),
+            Ipv4Addr::new(10, 91, 0, 2),
+            LB_MAC,
+            BACKEND_MAC,
+        )]
+    }
+
+    /// `input` as xlb should tunnel it to 10.91.0.2.
+    fn tunnelled(input: &[u8]) -> Vec<u8> {
+        let inner = &input[14..];
+        let mut outer = [0u8; 20];
+        outer[0] = 0x45;
+        outer[2..4].copy_from_slice(&u16::try_from(20 + inner.len()).unwrap().to_be_bytes());
+        outer[8] = 64;
+        outer[9] = 4;
+        outer[12..16].copy_from_slice(&[10, 91, 0, 1]);
+        outer[16..20].copy_from_slice(&[10, 91, 0, 2]);
+        let sum = lb_common::csum::checksum(0, &outer);
+        outer[10..12].copy_from_slice(&sum.to_be_bytes());
+        let mut out = Vec::new();
+        out.extend_from_slice(&BACKEND_MAC);
+        out.extend_from_slice(&LB_MAC);
+        out.extend_from_slice(&[0x08, 0x00]);
+        out.extend_from_slice(&outer);
+        out.extend_from_slice(inner);
+        out
+    }
+
+    #[test]
+    fn tunnelled_output_check_accepts_ipip_and_rejects_damage() {
+        let input = frames::udp(
+            SocketAddrV4::new(Ipv4Addr::new(10, 90, 0, 2), SPORT_BASE),
+            SocketAddrV4::new(VIP, VIP_PORT),
+            BENCH_FRAME_LEN - 42,
+            false,
+        );
+        let good = tunnelled(&input);
+        assert_eq!(check_tunnelled(4, &input, &good, &links()), Ok(()));
+        assert!(check_tunnelled(3, &input, &good, &links()).is_err());
+
+        let mut inner_changed = good.clone();
+        *inner_changed.last_mut().unwrap() ^= 1;
+        assert!(check_tunnelled(4, &input, &inner_changed, &links()).is_err());
+
+        let mut elsewhere = good.clone();
+        elsewhere[33] = 9;
+        assert!(check_tunnelled(4, &input, &elsewhere, &links()).is_err());
+
+        let mut bad_sum = good.clone();
+        bad_sum[24] ^= 0xff;
+        assert!(check_tunnelled(4, &input, &bad_sum, &links()).is_err());
+
+        // NAT output (no outer header) is not a tunnelled frame.
+        assert!(check_tunnelled(4, &input, &input, &links()).is_err());
     }
 
     #[test]

@@ -40,8 +40,9 @@ pub enum BenchCommand {
         #[arg(long, default_value = "results")]
         out: PathBuf,
     },
-    /// Packets per second through generator → LB → backend namespaces: xlb next to a plain
-    /// XDP redirect (the ceiling), nftables DNAT and plain routing; then TCP connections and
+    /// Packets per second through generator → LB → backend namespaces: xlb (NAT, and direct
+    /// server return over IPIP) next to a plain XDP redirect (the ceiling), nftables DNAT and
+    /// plain routing; then TCP connections and
     /// requests per second through xlb, nftables and HAProxy.
     #[command(
         after_help = "Examples:\n  sudo xlb bench forward\n  sudo xlb bench forward --quick --json"
@@ -56,6 +57,10 @@ pub enum BenchCommand {
         /// HAProxy binary for the connection comparison [default: haproxy on PATH].
         #[arg(long)]
         haproxy: Option<PathBuf>,
+        /// Leave out the direct-server-return row (xlb with an IPIP VIP; one more packet-rate
+        /// configuration, a few seconds).
+        #[arg(long)]
+        no_dsr: bool,
         /// Print JSON (for scripts) instead of a table.
         #[arg(long)]
         json: bool,
@@ -128,6 +133,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
             quick,
             flows,
             haproxy,
+            no_dsr,
             json,
             out,
         } => {
@@ -141,6 +147,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
                 options.flows = flows;
             }
             options.haproxy = haproxy;
+            options.dsr = !no_dsr;
             let report = forward::run(&options, json)?;
             report::write_json(&out, "forward.json", &report)?;
             if json {
