@@ -816,6 +816,18 @@ impl<M: Maps> Balancer<M> {
         written.map_err(BalancerError::Datapath)
     }
 
+    /// Each VIP and whether it can take a new flow: at least one of its backends owns ring
+    /// slots (active, weight above 0, healthy, its container running). What a node announces
+    /// is decided from this (`crate::announce`).
+    #[must_use]
+    pub fn vip_readiness(&self) -> Vec<(VipSpec, bool)> {
+        self.model
+            .vips
+            .iter()
+            .map(|(vip, entry)| (*vip, entry.backends.values().any(BackendEntry::in_ring)))
+            .collect()
+    }
+
     #[must_use]
     pub fn vip_specs(&self) -> Vec<VipSpec> {
         self.model.vips.keys().copied().collect()

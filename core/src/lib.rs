@@ -1,6 +1,8 @@
 //! xlb's control-plane core: what the balancer holds and how a change to it becomes map
 //! writes, without doing any I/O and without reading a clock (time is passed in).
 //!
+//! - [`announce`]: which VIP addresses a node announces to its routers (BGP through the
+//!   kernel's routing table), and the route changes that get there;
 //! - [`model`]: VIPs, backends, weights, states, as configured and as reported;
 //! - [`limits`]: what a desired state must satisfy before anything of it is written;
 //! - [`ids`]: VIP slot and backend id allocation;
@@ -17,6 +19,7 @@
 //! `lb-userspace`'s `Datapath` implements [`maps::Maps`] over the kernel's maps.
 
 pub mod address;
+pub mod announce;
 pub mod balancer;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;

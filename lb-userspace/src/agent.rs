@@ -13,9 +13,11 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
+use xlb_core::announce::NodeState;
 
 use crate::{
-    api::{AgentInfo, CounterValue, InterfaceStatus, Reply, Request, Stats, Status},
+    announce::AnnounceTable,
+    api::{AgentInfo, CounterValue, InterfaceStatus, NodeStatus, Reply, Request, Stats, Status},
     attach::{self as hooks, ModeChoice},
     balancer::{Balancer, BalancerError, DesiredState, Forwarding, Setting, VipSpec, VipStatus},
     config::Change,
@@ -42,6 +44,9 @@ pub struct AgentOptions {
     pub config: Option<PathBuf>,
     /// `--containers ENGINE`: containers labelled `xlb.vip` become backends.
     pub containers: Option<crate::containers::EngineChoice>,
+    /// `--announce-table N`: announce VIPs to routers through this routing table
+    /// (`crate::announce`).
+    pub announce_table: Option<u32>,
     /// `--encap-source`, `--gue-port`: the direct-server-return tunnels' settings given on
     /// the command line; they win over the config file's, at start and on every reload.
     pub encap: Encap,
@@ -313,6 +318,10 @@ struct Agent {
     started: std::time::Instant,
     /// The hook on each interface, kept current by re-attaching.
     hooks: Vec<InterfaceStatus>,
+    /// Where the VIPs it can serve are announced to routers, if anywhere.
+    announcements: Option<AnnounceTable>,
+    /// `xlb node drain`: nothing announced until `xlb node undrain`.
+    drained: bool,
 }
 
 /// Refuses a VIP that can never work, or that sits on a backend's address.
@@ -389,7 +398,11 @@ fn done_with(warnings: Vec<String>) -> Reply {
 impl Agent {
     fn handle(&mut self, request: Request) -> Reply {
         let mutates = request.mutates();
-        match self.apply(request) {
+        let reply = self.apply(request);
+        if let Err(e) = self.sync_announcements() {
+            warn!("{e:#}");
+        }
+        match reply {
             Ok(reply) => {
                 self.sync_health_targets();
                 if mutates {
@@ -529,7 +542,51 @@ impl Agent {
             } => Reply::Conns(b.conns(&vip, backend, limit as usize)?),
             Request::Explain { client, vip } => Reply::Explanation(b.explain(client, &vip)?),
             Request::Reload { dry_run } => Reply::Changes(self.reload(dry_run)?),
+            Request::Node { drain } => {
+                if let Some(drain) = drain {
+                    self.drained = drain;
+                    info!(drained = drain, "node drain set by request");
+                }
+                self.sync_announcements()?;
+                Reply::Node(self.node_status())
+            }
         })
+    }
+
+    /// Makes the announce table hold what the node can serve now (`xlb_core::announce`).
+    /// Called after every request and event that may change it, and on a timer that retries
+    /// a failed sync.
+    fn sync_announcements(&mut self) -> Result<()> {
+        let Some(table) = &mut self.announcements else {
+            return Ok(());
+        };
+        let node = NodeState {
+            attached: true,
+            drained: self.drained,
+        };
+        let wanted = xlb_core::announce::announced(self.balancer.vip_readiness(), node);
+        let changes = table
+            .sync(&wanted)
+            .with_context(|| format!("updating announce table {}", table.table()))?;
+        for addr in &changes.announce {
+            info!(vip = %addr, table = table.table(), "announced");
+        }
+        for addr in &changes.withdraw {
+            info!(vip = %addr, table = table.table(), "withdrawn");
+        }
+        Ok(())
+    }
+
+    fn node_status(&self) -> NodeStatus {
+        NodeStatus {
+            drained: self.drained,
+            announce_table: self.announcements.as_ref().map(AnnounceTable::table),
+            announced: self
+                .announcements
+                .as_ref()
+                .map(|t| t.announced().iter().copied().collect())
+                .unwrap_or_default(),
+        }
     }
 
     /// Adds each backend's last health check to a status listing.
@@ -958,6 +1015,11 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     let own_socket = ownership::OwnSocket::bound_at(&options.socket);
     info!(socket = %options.socket.display(), "xlb agent ready");
 
+    let announcements = options
+        .announce_table
+        .map(AnnounceTable::open)
+        .transpose()
+        .context("--announce-table")?;
     let (events, mut health_events) = tokio::sync::mpsc::channel(256);
     let (notices, mut container_notices) = tokio::sync::mpsc::channel(256);
     let agent = Arc::new(Mutex::new(Agent {
@@ -983,6 +1045,8 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         },
         started: std::time::Instant::now(),
         hooks: Vec::new(),
+        announcements,
+        drained: false,
     }));
     let (links, mut forwarding_enabled) = cleanup.disarm();
     // A data path a previous agent left running may have had forwarding switched on by xlb:
@@ -1009,6 +1073,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     );
     lock(&agent).hooks = attachments.hooks();
     let mut relink_sweep = tokio::time::interval(RELINK_SWEEP);
+    let mut announce_retry = tokio::time::interval(ANNOUNCE_RETRY);
     let mut neighbour_sweep = tokio::time::interval(NEIGHBOUR_SWEEP);
     lock(&agent).sync_health_targets();
     lock(&agent).keep_tunnel_hops_resolved();
@@ -1042,6 +1107,14 @@ pub async fn run(options: AgentOptions) -> Result<()> {
                     // Removed while the event was in flight.
                     Err(e) => info!("health event for a backend that is gone: {}", error_chain(&e)),
                 }
+                if let Err(e) = agent.sync_announcements() {
+                    warn!("{e:#}");
+                }
+            }
+            _ = announce_retry.tick() => {
+                if let Err(e) = lock(&agent).sync_announcements() {
+                    warn!("{e:#}");
+                }
             }
             Some(notice) = container_notices.recv() => {
                 let mut agent = lock(&agent);
@@ -1054,6 +1127,9 @@ pub async fn run(options: AgentOptions) -> Result<()> {
                     agent.sync_health_targets();
                     agent.keep_tunnel_hops_resolved();
                     if let Err(e) = save_state(&agent.state_path, &agent.balancer.desired_state()) {
+                        warn!("{e:#}");
+                    }
+                    if let Err(e) = agent.sync_announcements() {
                         warn!("{e:#}");
                     }
                 }
@@ -1108,6 +1184,20 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         }
         return Ok(());
     }
+    // Routers stop sending here before the data path goes, not after.
+    if let Some(table) = &mut lock(&agent).announcements {
+        match table.withdraw_all() {
+            Ok(changes) if !changes.withdraw.is_empty() => {
+                info!(
+                    table = table.table(),
+                    vips = changes.withdraw.len(),
+                    "withdrawn"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => warn!("withdrawing the announced VIPs: {}", error_chain(&e)),
+        }
+    }
     info!("stopping: detaching from {} interface(s)", links.len());
     for link in links {
         if let Err(e) = link.detach() {
@@ -1124,6 +1214,10 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     }
     Ok(())
 }
+
+/// How often the agent re-checks its announcements, so a failed route change is retried.
+/// Every change of the model re-checks them at once; this is only the fallback.
+const ANNOUNCE_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How often the agent compares its interfaces' indexes with the ones it attached to, in
 /// case a link notification was lost.

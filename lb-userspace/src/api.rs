@@ -114,6 +114,12 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "is_false")]
         dry_run: bool,
     },
+    /// The node's announcements: `drain` true withdraws every VIP from the routers (flows
+    /// already here keep being forwarded), false announces again; none only reports.
+    Node {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        drain: Option<bool>,
+    },
 }
 
 #[expect(
@@ -143,6 +149,7 @@ impl Request {
             Self::Conns { .. } => "conns",
             Self::Explain { .. } => "explain",
             Self::Reload { .. } => "reload",
+            Self::Node { .. } => "node",
         }
     }
 
@@ -233,6 +240,18 @@ pub struct AgentInfo {
     pub encap_flags: crate::encap::Encap,
 }
 
+/// What the node announces to its routers (`xlb node`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// `xlb node drain` is in force: nothing is announced.
+    pub drained: bool,
+    /// The routing table the agent announces through; none: it announces nothing
+    /// (`--announce-table` not given).
+    pub announce_table: Option<u32>,
+    /// The VIP addresses in that table now.
+    pub announced: Vec<std::net::IpAddr>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {
     pub agent: AgentInfo,
@@ -261,6 +280,7 @@ pub enum Reply {
     Explanation(Explanation),
     /// What a reload changed, one line each (`+ vip …`, `- backend …`, `~ backend …`).
     Changes(Vec<String>),
+    Node(NodeStatus),
     Error(String),
 }
 
@@ -279,6 +299,7 @@ impl Reply {
             Self::Conns(_) => "conns",
             Self::Explanation(_) => "explanation",
             Self::Changes(_) => "changes",
+            Self::Node(_) => "node",
             Self::Error(_) => "error",
         }
     }
@@ -543,6 +564,17 @@ impl<'a> Client<'a> {
     pub fn stats(&self) -> Result<Stats, ClientError> {
         self.typed(&Request::Stats, "stats", |reply| match reply {
             Reply::Stats(stats) => Some(stats),
+            _ => None,
+        })
+    }
+
+    /// Drains the node (`Some(true)`), announces again (`Some(false)`), or only reports.
+    ///
+    /// # Errors
+    /// See [`call`]; a reply other than the node's status.
+    pub fn node(&self, drain: Option<bool>) -> Result<NodeStatus, ClientError> {
+        self.typed(&Request::Node { drain }, "node", |reply| match reply {
+            Reply::Node(status) => Some(status),
             _ => None,
         })
     }

@@ -222,6 +222,11 @@ impl Balancer {
     }
 
     #[must_use]
+    pub fn vip_readiness(&self) -> Vec<(VipSpec, bool)> {
+        self.core.vip_readiness()
+    }
+
+    #[must_use]
     pub fn vip_specs(&self) -> Vec<VipSpec> {
         self.core.vip_specs()
     }

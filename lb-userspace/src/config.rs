@@ -83,6 +83,13 @@ pub struct AgentConfig {
     pub socket: Option<PathBuf>,
     pub state: Option<PathBuf>,
     pub bpffs: Option<PathBuf>,
+    /// Announce VIPs to routers through this routing table (`xlb run --announce-table`).
+    pub announce_table: Option<u32>,
+    /// The flow-hash seed and the rings' size: every node behind the same ECMP group needs
+    /// the same (`xlb run --hash-seed`, `--ring-size`), so they belong in the file the nodes
+    /// share.
+    pub hash_seed: Option<u32>,
+    pub ring_size: Option<u32>,
     /// `encap_source` and `gue_port`: the direct-server-return tunnels' settings. Unlike the
     /// others, a reload applies them.
     pub encap: Encap,
@@ -110,6 +117,15 @@ pub fn agent_changes(before: &AgentConfig, after: &AgentConfig) -> Vec<&'static 
     }
     if before.bpffs != after.bpffs {
         changed.push("bpffs");
+    }
+    if before.announce_table != after.announce_table {
+        changed.push("announce_table");
+    }
+    if before.hash_seed != after.hash_seed {
+        changed.push("hash_seed");
+    }
+    if before.ring_size != after.ring_size {
+        changed.push("ring_size");
     }
     changed
 }
@@ -204,6 +220,9 @@ struct RawAgent {
     socket: Option<PathBuf>,
     state: Option<PathBuf>,
     bpffs: Option<PathBuf>,
+    announce_table: Option<u32>,
+    hash_seed: Option<Spanned<i64>>,
+    ring_size: Option<Spanned<i64>>,
     #[serde(default)]
     encap_source: Vec<Spanned<String>>,
     gue_port: Option<Spanned<i64>>,
@@ -473,6 +492,34 @@ fn validate_agent(a: RawAgent) -> Result<AgentConfig, Problem> {
                 })
         })
         .transpose()?;
+    let hash_seed = a
+        .hash_seed
+        .map(|s| {
+            u32::try_from(*s.get_ref()).map_err(|_| {
+                problem(
+                    s.span(),
+                    format!("hash_seed {} is not 0-4294967295", s.get_ref()),
+                )
+            })
+        })
+        .transpose()?;
+    let ring_size = a
+        .ring_size
+        .map(|r| {
+            u32::try_from(*r.get_ref())
+                .ok()
+                .filter(|n| lb_common::maglev::is_prime(*n))
+                .ok_or_else(|| {
+                    problem(
+                        r.span(),
+                        format!(
+                            "ring_size {} is not prime (Maglev needs a prime, e.g. 65537 or 16381)",
+                            r.get_ref()
+                        ),
+                    )
+                })
+        })
+        .transpose()?;
     Ok(AgentConfig {
         ifaces,
         xdp_mode,
@@ -480,6 +527,9 @@ fn validate_agent(a: RawAgent) -> Result<AgentConfig, Problem> {
         socket: a.socket,
         state: a.state,
         bpffs: a.bpffs,
+        announce_table: a.announce_table,
+        hash_seed,
+        ring_size,
         encap,
     })
 }
@@ -1448,15 +1498,45 @@ mod tests {
         let after = AgentConfig {
             ifaces: vec!["eth0".into(), "eth1".into()],
             xdp_mode: Some(ModeChoice::Tc),
+            announce_table: Some(100),
             ..before.clone()
         };
-        assert_eq!(agent_changes(&before, &after), ["ifaces", "xdp_mode"]);
+        assert_eq!(
+            agent_changes(&before, &after),
+            ["ifaces", "xdp_mode", "announce_table"]
+        );
+        let hashing = AgentConfig {
+            hash_seed: Some(7),
+            ring_size: Some(16_381),
+            ..before.clone()
+        };
+        assert_eq!(agent_changes(&before, &hashing), ["hash_seed", "ring_size"]);
         // A reload applies the tunnels' settings: no restart to ask for.
         let tunnels = AgentConfig {
             encap: Encap::new(&["192.0.2.1".parse().unwrap()], Some(7000)).unwrap(),
             ..before.clone()
         };
         assert!(agent_changes(&before, &tunnels).is_empty());
+    }
+
+    #[test]
+    fn hash_seed_and_ring_size_are_read_and_checked_where_written() {
+        let config = parse("[agent]\nhash_seed = 42\nring_size = 16381\n").unwrap();
+        assert_eq!(config.agent.hash_seed, Some(42));
+        assert_eq!(config.agent.ring_size, Some(16_381));
+        assert_eq!(
+            err("[agent]\nring_size = 16384\n"),
+            (
+                2,
+                13,
+                "ring_size 16384 is not prime (Maglev needs a prime, e.g. 65537 or 16381)"
+                    .to_owned()
+            )
+        );
+        assert_eq!(
+            err("[agent]\nhash_seed = -1\n").2,
+            "hash_seed -1 is not 0-4294967295"
+        );
     }
 
     #[test]

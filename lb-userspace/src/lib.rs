@@ -3,6 +3,7 @@
 //! where it keeps things (`paths`).
 
 pub mod agent;
+pub mod announce;
 pub mod api;
 pub mod attach;
 pub mod balancer;

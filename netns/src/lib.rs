@@ -39,6 +39,7 @@ mod error;
 mod ethtool;
 mod link;
 mod ns;
+mod scale_out;
 mod topology;
 
 pub use ipnet;
@@ -47,5 +48,6 @@ pub use crate::{
     error::Error,
     link::{LinkInfo, LinkStats},
     ns::{Netns, cleanup_stale},
+    scale_out::ScaleOutTopology,
     topology::{DsrTopology, Endpoint, Network, NsId, Topology, Veth},
 };

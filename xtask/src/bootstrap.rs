@@ -14,7 +14,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// Packages to build bpf-linker (LLVM 22), to run the tests, the fuzz targets and the demo,
-/// and for the benchmarks' comparisons (nftables DNAT, HAProxy).
+/// for the benchmarks' comparisons (nftables DNAT, HAProxy), and BIRD for the scale-out test.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -35,6 +35,8 @@ const APT_PACKAGES: &[&str] = &[
     "busybox-static",
     // libfuzzer-sys compiles libFuzzer (C++) for the fuzz targets.
     "g++",
+    // The BGP daemon of the scale-out test (router and nodes) and docs/scale-out.md.
+    "bird2",
 ];
 
 fn succeeds(cmd: &mut Command) -> bool {

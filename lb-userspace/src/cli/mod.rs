@@ -6,6 +6,7 @@ mod bench;
 mod config;
 mod conns;
 mod generate;
+mod node;
 mod render;
 mod run;
 mod stats;
@@ -137,6 +138,10 @@ enum Command {
         after_help = "Keys: s sorts by the next column (address, packets/s, bytes/s, new flows/s, live flows), q or Esc quits.\n\nExamples:\n  xlb top\n  xlb top --interval 5"
     )]
     Top(WithSocket<top::TopArgs>),
+    /// This node's announcements to its routers: drain (withdraw every VIP, keep forwarding
+    /// the flows already here), undrain, status (see docs/scale-out.md).
+    #[command(after_help = "Examples:\n  xlb node drain\n  xlb node undrain\n  xlb node status")]
+    Node(Group<node::NodeCommand>),
     /// Write shell completions and man pages (what `./x build` puts into target/).
     #[command(hide = true)]
     Generate(generate::GenerateArgs),
@@ -242,6 +247,7 @@ pub fn main() -> ExitCode {
         Command::Explain(WithSocket { args, socket: s }) => {
             stats::explain(Client::new(&socket(s.socket)), args)
         }
+        Command::Node(Group { command, socket: s }) => node::run(Client::new(&socket(s)), command),
     };
     // Where the host's namespace could not be told apart, the default path is a guess: an
     // error (no agent there, say) comes with what was guessed and why.

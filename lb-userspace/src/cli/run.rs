@@ -28,15 +28,17 @@ pub struct RunArgs {
     /// Desired-state file, restored on start [default: /var/lib/xlb/state.json]
     #[arg(long)]
     state: Option<PathBuf>,
-    /// Slots per Maglev ring (prime).
-    #[arg(long, default_value_t = DEFAULT_RING_SIZE, value_parser = prime_ring_size)]
-    ring_size: u32,
+    /// Slots per Maglev ring (prime); the same on every node behind one ECMP group [default:
+    /// 65537, or the config's [agent] ring_size]
+    #[arg(long, value_parser = prime_ring_size)]
+    ring_size: Option<u32>,
     /// Room for this many VIPs.
     #[arg(long, default_value_t = DEFAULT_MAX_VIPS)]
     max_vips: u32,
-    /// Flow-hash seed; give every node behind the same ECMP group the same seed.
-    #[arg(long, default_value_t = DEFAULT_HASH_SEED)]
-    hash_seed: u32,
+    /// Flow-hash seed; give every node behind the same ECMP group the same seed [default:
+    /// 2020368929, or the config's [agent] hash_seed]
+    #[arg(long)]
+    hash_seed: Option<u32>,
     /// Connection-table entries (one LRU shared by all CPUs); the handshake tables get half
     /// as many each.
     #[arg(long, default_value_t = lb_common::CONNTRACK_ENTRIES)]
@@ -60,6 +62,12 @@ pub struct RunArgs {
     /// engine's events: added when they start, drained and removed when they stop.
     #[arg(long, value_enum, value_name = "ENGINE")]
     containers: Option<lb_userspace::containers::EngineChoice>,
+    /// Announce each VIP this node can serve as a route in routing table N (VIP/32 dev lo
+    /// proto 176), for the node's BGP daemon to learn and advertise (docs/scale-out.md);
+    /// withdrawn when it has no usable backend, on `xlb node drain`, and at a stop without
+    /// --keep-attached.
+    #[arg(long, value_name = "N")]
+    announce_table: Option<u32>,
     /// Outer source address of direct-server-return tunnels (ipip, gue VIPs), one per
     /// address family (repeatable); it must be an address of this host [default: the source
     /// of the route to each backend]
@@ -99,6 +107,7 @@ pub fn run(args: RunArgs, socket: Option<PathBuf>) -> Result<()> {
         no_metrics,
         config,
         containers,
+        announce_table,
         encap_sources,
         gue_port,
     } = args;
@@ -138,9 +147,9 @@ pub fn run(args: RunArgs, socket: Option<PathBuf>) -> Result<()> {
         socket: socket.or(file.socket).unwrap_or_else(paths::default_socket),
         state: state.or(file.state).unwrap_or_else(paths::default_state),
         datapath: DatapathConfig {
-            ring_size,
+            ring_size: ring_size.or(file.ring_size).unwrap_or(DEFAULT_RING_SIZE),
             max_vips,
-            hash_seed,
+            hash_seed: hash_seed.or(file.hash_seed).unwrap_or(DEFAULT_HASH_SEED),
             conntrack_entries,
         },
         keep_attached,
@@ -151,6 +160,7 @@ pub fn run(args: RunArgs, socket: Option<PathBuf>) -> Result<()> {
         }),
         config,
         containers,
+        announce_table: announce_table.or(file.announce_table),
         encap,
     };
     tokio::runtime::Builder::new_multi_thread()
