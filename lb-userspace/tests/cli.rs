@@ -788,7 +788,7 @@ impl WorldReadableCopy {
                 .and_then(|n| n.to_str())
                 .expect("a file name"),
         );
-        fs::copy(file, &path).unwrap_or_else(|e| panic!("copying {}: {e}", file.display()));
+        common::copy_executable(file, &path);
         for p in [&dir.0, &path] {
             fs::set_permissions(p, fs::Permissions::from_mode(0o755))
                 .unwrap_or_else(|e| panic!("chmod 755 {}: {e}", p.display()));

@@ -393,7 +393,7 @@ impl WorldReadableCopy {
         use std::os::unix::fs::PermissionsExt as _;
         let dir = TempDir::new(SUITE, "bin");
         let path = dir.join("xlb");
-        fs::copy(XLB, &path).expect("copying xlb");
+        common::copy_executable(Path::new(XLB), &path);
         for p in [&dir.0, &path] {
             fs::set_permissions(p, fs::Permissions::from_mode(0o755)).expect("chmod 755");
         }

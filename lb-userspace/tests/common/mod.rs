@@ -73,15 +73,48 @@ pub fn backend_v4(i: usize, port: u16) -> SocketAddr {
     )
 }
 
+/// Spawns `cmd`, retrying while the kernel says its program is being written ("text file
+/// busy"). A binary a test has just copied can be held open for writing for a moment by a
+/// child another test thread forked meanwhile (the descriptor is only closed at that child's
+/// exec); the copy itself is complete.
+pub fn spawn(cmd: &mut Command) -> std::io::Result<std::process::Child> {
+    let mut attempts = 0;
+    loop {
+        match cmd.spawn() {
+            Err(e) if e.raw_os_error() == Some(nix::libc::ETXTBSY) && attempts < 100 => {
+                attempts += 1;
+                thread::sleep(Duration::from_millis(20));
+            }
+            result => return result,
+        }
+    }
+}
+
+/// Copies an executable to `to` by a `cp` child, never through a descriptor of this process:
+/// a test thread forking meanwhile would inherit that write descriptor until its child's
+/// exec, and running the copy would fail with "text file busy".
+#[allow(dead_code)]
+pub fn copy_executable(from: &Path, to: &Path) {
+    let status = Command::new("cp")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap_or_else(|e| panic!("running cp: {e}"));
+    assert!(
+        status.success(),
+        "cp {} {}: {status}",
+        from.display(),
+        to.display()
+    );
+}
+
 /// `cmd` with its output captured, killed if it runs longer than `limit`.
 pub fn output_within(cmd: &mut Command, limit: Duration) -> Output {
     let what = format!("{cmd:?}");
-    let mut child = cmd
-        .stdin(Stdio::null())
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawning {what}: {e}"));
+        .stderr(Stdio::piped());
+    let mut child = spawn(cmd).unwrap_or_else(|e| panic!("spawning {what}: {e}"));
     // Drain both pipes on their own threads so a chatty child can never block on a full pipe.
     let drain = |mut pipe: Box<dyn std::io::Read + Send>| {
         thread::spawn(move || {
