@@ -840,8 +840,11 @@ fn tcp_through_a_tunnel_answers_the_client_directly() {
         relay.join().expect("the hand balancer");
         assert_eq!(echoed, 256 * 1024, "{tunnel:?} to {to}");
         let received = lb_rx(&topo).rx_bytes - before.rx_bytes;
+        // The upload crosses the balancer's link, with its retransmissions when the hand
+        // balancer (a userspace relay) falls behind on a busy machine; the echo would add
+        // another 256 KiB at least.
         assert!(
-            (256 * 1024..384 * 1024).contains(&received),
+            (256 * 1024..512 * 1024).contains(&received),
             "{tunnel:?} to {to}: the balancer's link received {received} bytes for 256 KiB each way"
         );
     }
