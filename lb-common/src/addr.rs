@@ -4,8 +4,6 @@ use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::{FlowKey, VipKey};
 
-const V4_MAPPED_PREFIX: [u8; 12] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
-
 #[must_use]
 pub const fn v4_mapped(octets: [u8; 4]) -> [u8; 16] {
     let mut out = [0u8; 16];
@@ -18,9 +16,16 @@ pub const fn v4_mapped(octets: [u8; 4]) -> [u8; 16] {
     out
 }
 
+/// Whether `addr` is in `::ffff:0:0/96`. As two words, not a slice comparison: the eBPF
+/// build calls it per IPv6 packet and must neither call `memcmp` nor copy the address.
+#[inline(always)]
 #[must_use]
-pub fn is_v4_mapped(addr: &[u8; 16]) -> bool {
-    addr[..12] == V4_MAPPED_PREFIX
+pub const fn is_v4_mapped(addr: &[u8; 16]) -> bool {
+    let head = u64::from_ne_bytes([
+        addr[0], addr[1], addr[2], addr[3], addr[4], addr[5], addr[6], addr[7],
+    ]);
+    let tail = u32::from_ne_bytes([addr[8], addr[9], addr[10], addr[11]]);
+    head == 0 && tail == u32::from_ne_bytes([0, 0, 0xff, 0xff])
 }
 
 #[must_use]

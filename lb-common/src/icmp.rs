@@ -13,7 +13,7 @@
 
 use crate::{
     IPPROTO_TCP, IPPROTO_UDP,
-    addr::v4_mapped,
+    addr::{is_v4_mapped, v4_mapped},
     parse::{
         ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPV4_MIN_HLEN, IPV6_HLEN,
         PacketBytes, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET, VLAN_HLEN,
@@ -266,6 +266,11 @@ pub fn parse_icmp_error_into<P: PacketBytes + ?Sized>(pkt: &P, out: &mut IcmpErr
         || quoted_l4_offset + QUOTED_L4_MIN > end
         || out.dst != out.quoted_src
     {
+        return None;
+    }
+    // As the main parser: an IPv4-mapped address on the wire would pass for an IPv4 flow's
+    // (the error's destination is the quote's source, checked above).
+    if ipv6 && (is_v4_mapped(&out.quoted_src) || is_v4_mapped(&out.quoted_dst)) {
         return None;
     }
     let ports: [u8; 4] = pkt.read(quoted_l4_offset)?;
@@ -690,6 +695,35 @@ mod tests {
         );
         assert!(e.quoted_l4_check);
         assert_eq!(e.quoted_l4_check_offset(), 102 + 6);
+    }
+
+    #[test]
+    fn ipv4_mapped_addresses_in_ipv6_headers_are_refused() {
+        let mapped = v4_mapped(CLIENT);
+        // Quoting a mapped address, and carried between mapped addresses.
+        let quote = ipv6(IPPROTO_UDP, v6("2001:db8:f::10"), mapped, &udp(53, 40000));
+        let quoting = frame(
+            ETH_P_IPV6,
+            &ipv6(
+                IPPROTO_ICMPV6,
+                v6("2001:db8:c::fe"),
+                v6("2001:db8:f::10"),
+                &icmp(2, 0, &quote),
+            ),
+        );
+        assert_eq!(parse_icmp_error(quoting.as_slice()), None);
+        let quote = ipv6(IPPROTO_UDP, mapped, v6("2001:db8:c::7"), &udp(53, 40000));
+        let carried = frame(
+            ETH_P_IPV6,
+            &ipv6(
+                IPPROTO_ICMPV6,
+                v6("2001:db8:c::fe"),
+                mapped,
+                &icmp(2, 0, &quote),
+            ),
+        );
+        assert_eq!(parse_icmp_error(carried.as_slice()), None);
+        assert!(parse_icmp_error(v6_packet_too_big().as_slice()).is_some());
     }
 
     #[test]

@@ -8,7 +8,7 @@
 
 use crate::{
     Counter, IPPROTO_TCP, IPPROTO_UDP,
-    addr::v4_mapped,
+    addr::{is_v4_mapped, v4_mapped},
     icmp::{IPPROTO_ICMP, IPPROTO_ICMPV6},
 };
 
@@ -157,6 +157,27 @@ const fn be16(b: [u8; 2]) -> u16 {
 /// [`Skip`] says why the packet is not one xlb balances.
 #[inline(always)]
 pub fn parse<P: PacketBytes + ?Sized>(pkt: &P) -> Result<Parsed, Skip> {
+    let mut out = Parsed::EMPTY;
+    parse_into(pkt, &mut out)?;
+    Ok(out)
+}
+
+/// As [`parse`], into `out` (garbage after an error). The data plane's form: the address
+/// check reads the result where it lies, with no copy of it on the stack.
+#[inline(always)]
+pub fn parse_into<P: PacketBytes + ?Sized>(pkt: &P, out: &mut Parsed) -> Result<(), Skip> {
+    *out = parse_headers(pkt)?;
+    // IPv4-mapped addresses never appear on the wire (RFC 4291 2.5.5.2; the kernel drops a
+    // packet from one). Here one would pass for an IPv4 VIP, backend or flow, all keyed by
+    // the same 16 bytes, and have an IPv4 rewrite applied to an IPv6 header.
+    if out.ipv6 && (is_v4_mapped(&out.src) || is_v4_mapped(&out.dst)) {
+        return Err(Skip::Malformed);
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn parse_headers<P: PacketBytes + ?Sized>(pkt: &P) -> Result<Parsed, Skip> {
     // Fields are read in 2/4/8/16-byte pieces: the XDP implementation turns each into one
     // load, where a whole-header copy would be assembled byte by byte.
     let mut ethertype = be16(pkt.read(ETH_HLEN - 2).ok_or(Skip::Malformed)?);
@@ -485,6 +506,24 @@ mod tests {
                 Skip::NotIp,
             ),
             ("short ethernet", vec![0; 13], Skip::Malformed),
+            (
+                "v6 from an ipv4-mapped address",
+                {
+                    let mut ip = ipv6(IPPROTO_TCP, &tcp(1, 80));
+                    ip[8..24].copy_from_slice(&v4_mapped([10, 0, 0, 1]));
+                    frame(ETH_P_IPV6, &ip)
+                },
+                Skip::Malformed,
+            ),
+            (
+                "v6 to an ipv4-mapped address",
+                {
+                    let mut ip = ipv6(IPPROTO_UDP, &udp(1, 53, 0));
+                    ip[24..40].copy_from_slice(&v4_mapped([192, 0, 2, 10]));
+                    frame(ETH_P_IPV6, &ip)
+                },
+                Skip::Malformed,
+            ),
             (
                 "truncated tcp",
                 {

@@ -15,7 +15,7 @@ use lb_common::{
     LAST_SEEN_GRANULARITY_NS, NextHop, PORT_HAS_SHARED_ENDPOINT, PORT_IS_BACKEND, PORT_IS_VIP,
     ReverseNat, VipInfo, VipKey,
     hash::flow_hash,
-    parse::{PacketBytes, Parsed, Skip, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, parse},
+    parse::{PacketBytes, Parsed, Skip, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 use crate::{
@@ -86,8 +86,7 @@ pub fn process<H: Hook>(ctx: &H) -> u32 {
 /// forwarding functions' frames are pushed (the verifier sums the frames of a call chain).
 #[inline(never)]
 pub fn parse_into<H: Hook>(ctx: &H, out: &mut Parsed) -> Result<(), Skip> {
-    *out = parse(&ctx.packet())?;
-    Ok(())
+    lb_common::parse::parse_into(&ctx.packet(), out)
 }
 
 #[inline(always)]
