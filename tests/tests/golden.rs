@@ -5,7 +5,7 @@
 //! Inputs and expected outputs are built with etherparse, which computes every checksum from
 //! scratch, and every rewritten output's checksums are verified with etherparse again.
 //!
-//! Each test runs on its own thread in a fresh network namespace (see `xlb_tests::netns`):
+//! Each test runs on its own thread in a fresh network namespace (see `xlb_tests::host`):
 //! `BPF_PROG_TEST_RUN` feeds the frame in through that namespace's `lo` (or, with
 //! `Case::arriving_on`, through an interface the test made, via `xdp_md.ingress_ifindex`), and
 //! `bpf_fib_lookup` sees only the routes and neighbours the test made. The program rewrites the
@@ -27,24 +27,12 @@ use lb_common::{
 use lb_userspace::balancer::{BackendState, VipSpec};
 use xlb_tests::{
     harness::{Action, Case, Expect, Lab},
-    netns::{Netlink, in_fresh_netns, set_net_sysctl},
+    host::{BACKEND_MAC, EGRESS_MAC, GoldenHost, Iface},
     packet::{CLIENT_MAC, LB_MAC, Packet, assert_checksums},
 };
 
-/// Upper bound for one test, namespace set-up and program load included (a load takes well
-/// under a second; the rest is a few hundred test runs).
-const LIMIT: Duration = Duration::from_secs(120);
-
 fn sa(s: &str) -> SocketAddr {
     s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
-}
-
-/// `lo` up and forwarding on, as on a load balancer host: `bpf_fib_lookup` answers "forwarding
-/// disabled" otherwise, and then nothing but the absence of a route is being tested.
-fn forwarding_host(nl: &Netlink) {
-    nl.set_up("lo");
-    set_net_sysctl("ipv4/conf/all/forwarding", "1");
-    set_net_sysctl("ipv6/conf/all/forwarding", "1");
 }
 
 // Addresses: VIPs in 192.0.2.0/24 and 2001:db8:f::/64, backends in 198.51.100.0/24 and
@@ -296,9 +284,7 @@ fn untouched_cases(s: &Services) -> Vec<Case> {
 /// no route (they go back the way the client's packet came), so they leave by `XDP_TX`.
 #[test]
 fn golden_table_without_a_route_to_the_backends() {
-    in_fresh_netns("golden-no-route", LIMIT, || {
-        let nl = Netlink::open();
-        forwarding_host(&nl);
+    GoldenHost::new("golden-no-route").forwarding().run(|_| {
         let mut lab = Lab::new();
         let s = Services::install(&mut lab);
         let fwd = |input: &Packet, vip: &VipSpec, client: SocketAddr| {
@@ -596,9 +582,7 @@ fn golden_table_without_a_route_to_the_backends() {
 /// weights changed, a backend draining); new flows follow the ring, as `explain` predicts.
 #[test]
 fn conntrack_keeps_established_flows_when_the_ring_changes() {
-    in_fresh_netns("golden-conntrack", LIMIT, || {
-        let nl = Netlink::open();
-        forwarding_host(&nl);
+    GoldenHost::new("golden-conntrack").forwarding().run(|_| {
         let mut lab = Lab::new();
         let vip = lab.add_vip("192.0.2.30:80/tcp");
         let a = sa("198.51.100.1:80");
@@ -759,9 +743,7 @@ fn conntrack_keeps_established_flows_when_the_ring_changes() {
 /// went through the VIP (a direct connection, a health probe) is left alone.
 #[test]
 fn handshakes_finish_where_their_syn_went() {
-    in_fresh_netns("golden-handshake", LIMIT, || {
-        let nl = Netlink::open();
-        forwarding_host(&nl);
+    GoldenHost::new("golden-handshake").forwarding().run(|_| {
         let mut lab = Lab::new();
         let vip = lab.add_vip("192.0.2.50:80/tcp");
         let (a, b) = (sa("198.51.100.1:80"), sa("198.51.100.2:80"));
@@ -839,9 +821,7 @@ fn handshakes_finish_where_their_syn_went() {
 /// the last backend goes, the VIP drops.
 #[test]
 fn removed_backend_flows_move_to_the_remaining_backends() {
-    in_fresh_netns("golden-removal", LIMIT, || {
-        let nl = Netlink::open();
-        forwarding_host(&nl);
+    GoldenHost::new("golden-removal").forwarding().run(|_| {
         let mut lab = Lab::new();
         let vip = lab.add_vip("[2001:db8:f::30]:443/tcp");
         let a = sa("[2001:db8:b::1]:443");
@@ -917,9 +897,7 @@ fn removed_backend_flows_move_to_the_remaining_backends() {
 /// entry names is draining: still there while the entry holds, elsewhere once it does not.
 #[test]
 fn flow_entries_end_with_syn_fin_rst_and_idle_timeouts() {
-    in_fresh_netns("golden-lifetime", LIMIT, || {
-        let nl = Netlink::open();
-        forwarding_host(&nl);
+    GoldenHost::new("golden-lifetime").forwarding().run(|_| {
         let mut lab = Lab::new();
         let vip = lab.add_vip("192.0.2.40:80/tcp");
         let udp = lab.add_vip_with_timeout("192.0.2.40:53/udp", 30);
@@ -1214,43 +1192,13 @@ fn flow_entries_end_with_syn_fin_rst_and_idle_timeouts() {
     });
 }
 
-const EGRESS_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0xee, 0x01];
-const PEER_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0xee, 0x02];
-const CLIENT_PEER_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0xcc, 0x02];
-const BACKEND_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0xbb, 0x01];
-
-/// A load balancer with two legs, as a real one has: clients arrive on `xlb-in` (whose MAC is
-/// `LB_MAC`, the fixtures' destination), backends sit behind `xlb-out` on its subnets with
-/// permanent neighbour entries. Frames are fed in with test_run's `ingress_ifindex` set to
-/// the leg they arrive on. Returns `(xlb-in, xlb-out)` ifindexes.
-fn two_legged_host(nl: &Netlink) -> (u32, u32) {
-    forwarding_host(nl);
-    nl.add_veth("xlb-in", LB_MAC, "xlb-in-peer", CLIENT_PEER_MAC);
-    nl.add_veth("xlb-out", EGRESS_MAC, "xlb-out-peer", PEER_MAC);
-    for name in ["xlb-in", "xlb-in-peer", "xlb-out", "xlb-out-peer"] {
-        nl.set_up(name);
-    }
-    nl.add_address("xlb-in", "203.0.113.254".parse().expect("ip"), 24);
-    nl.add_address("xlb-in", "2001:db8:c::fe".parse().expect("ip"), 64);
-    nl.add_address("xlb-out", "198.51.100.254".parse().expect("ip"), 24);
-    nl.add_address("xlb-out", "2001:db8:b::fe".parse().expect("ip"), 64);
-    for ip in ["198.51.100.1", "2001:db8:b::1"] {
-        nl.set_permanent_neighbour("xlb-out", ip.parse().expect("ip"), BACKEND_MAC);
-    }
-    let (lb_in, in_mac) = nl.link("xlb-in");
-    let (lb_out, out_mac) = nl.link("xlb-out");
-    assert_eq!((in_mac, out_mac), (LB_MAC, EGRESS_MAC));
-    (lb_in, lb_out)
-}
-
 /// With a resolvable next hop on an interface in the redirect map, the program forwards the
 /// frame itself: `XDP_REDIRECT`, MACs set to (egress → next hop), TTL/hop limit decremented;
 /// replies go back out of the client's leg to the MAC the client's packet came from.
 #[test]
 fn redirect_when_the_next_hop_resolves() {
-    in_fresh_netns("golden-redirect", LIMIT, || {
-        let nl = Netlink::open();
-        let (lb_in, lb_out) = two_legged_host(&nl);
+    GoldenHost::two_legged("golden-redirect").run(|host| {
+        let (lb_in, lb_out) = host.legs();
         let mut lab = Lab::new();
         let v4 = lab.add_vip("192.0.2.10:80/tcp");
         let v4u = lab.add_vip("192.0.2.10:53/udp");
@@ -1275,11 +1223,7 @@ fn redirect_when_the_next_hop_resolves() {
             )
             .arriving_on(lb_in),
         );
-        for leg in [lb_in, lb_out] {
-            lab.balancer
-                .allow_egress(leg)
-                .expect("veth accepted in the devmap");
-        }
+        host.allow_egress_on_legs(&mut lab);
 
         let to_backend = |p: &Packet, to: SocketAddr| {
             p.clone()
@@ -1410,7 +1354,7 @@ fn redirect_when_the_next_hop_resolves() {
             .arriving_on(lb_in),
         );
         lab.assert_all(&cases);
-        nl.set_permanent_neighbour("xlb-in", V4_CLIENT.parse().expect("ip"), CLIENT_MAC);
+        host.add_neighbour(Iface::ClientLeg, V4_CLIENT.parse().expect("ip"), CLIENT_MAC);
         let reply = Packet::tcp(b4, v4_client(30)).macs(BACKEND_MAC, EGRESS_MAC);
         lab.assert(
             &Case::rewritten(
@@ -1442,7 +1386,7 @@ fn redirect_when_the_next_hop_resolves() {
             )
             .arriving_on(lb_in),
         );
-        nl.set_permanent_neighbour("xlb-out", late.ip(), BACKEND_MAC);
+        host.add_neighbour(Iface::BackendLeg, late.ip(), BACKEND_MAC);
         lab.assert(
             &Case::rewritten(
                 "same flow once the neighbour is known: redirected",
@@ -1470,9 +1414,8 @@ fn redirect_when_the_next_hop_resolves() {
 /// turns the failed `bpf_redirect_map` into `XDP_DROP`.
 #[test]
 fn reply_to_a_client_leg_outside_the_redirect_map_is_not_dropped() {
-    in_fresh_netns("golden-reply-leg", LIMIT, || {
-        let nl = Netlink::open();
-        let (lb_in, lb_out) = two_legged_host(&nl);
+    GoldenHost::two_legged("golden-reply-leg").run(|host| {
+        let (lb_in, lb_out) = host.legs();
         let mut lab = Lab::new();
         let vip = lab.add_vip("192.0.2.10:80/tcp");
         let backend = sa("198.51.100.1:8080");
@@ -1514,15 +1457,13 @@ fn reply_to_a_client_leg_outside_the_redirect_map_is_not_dropped() {
 /// routed out of `lo` here, with permanent neighbour entries there.
 #[test]
 fn tx_when_the_next_hop_is_behind_the_ingress_device() {
-    in_fresh_netns("golden-tx", LIMIT, || {
-        let nl = Netlink::open();
-        nl.set_up("lo");
-        nl.add_route("198.51.100.0".parse().expect("ip"), 24, "lo", None);
-        nl.add_route("2001:db8:b::".parse().expect("ip"), 64, "lo", None);
-        for ip in ["198.51.100.1", "2001:db8:b::1"] {
-            nl.set_permanent_neighbour("lo", ip.parse().expect("ip"), BACKEND_MAC);
-        }
-        let (_, lo_mac) = nl.link("lo");
+    let host = GoldenHost::new("golden-tx")
+        .lo_up()
+        .route("198.51.100.0/24", Iface::Lo, None)
+        .route("2001:db8:b::/64", Iface::Lo, None)
+        .neighbours(Iface::Lo, &["198.51.100.1", "2001:db8:b::1"], BACKEND_MAC);
+    host.run(|host| {
+        let lo_mac = host.mac(Iface::Lo);
         let mut lab = Lab::new();
         let v4 = lab.add_vip("192.0.2.10:80/tcp");
         let v6 = lab.add_vip("[2001:db8:f::10]:53/udp");
@@ -1532,8 +1473,7 @@ fn tx_when_the_next_hop_is_behind_the_ingress_device() {
 
         // Forwarding off (a new namespace copies the host's setting, so set it): the FIB
         // lookup says so, and the stack gets the rewritten packet, MACs and TTL untouched.
-        set_net_sysctl("ipv4/conf/all/forwarding", "0");
-        set_net_sysctl("ipv6/conf/all/forwarding", "0");
+        host.set_forwarding(false);
         let mut cases = Vec::new();
         for (name, input, to) in [
             ("ipv4 tcp", Packet::tcp(v4_client(100), v4.addr), b4),
@@ -1550,7 +1490,7 @@ fn tx_when_the_next_hop_is_behind_the_ingress_device() {
         }
         lab.assert_all(&cases);
 
-        forwarding_host(&nl);
+        host.set_forwarding(true);
         let mut cases = Vec::new();
         for (name, input, to) in [
             ("ipv4 tcp", Packet::tcp(v4_client(1), v4.addr), b4),
@@ -1584,7 +1524,7 @@ fn tx_when_the_next_hop_is_behind_the_ingress_device() {
 /// so a passing table means something.
 #[test]
 fn harness_reports_every_kind_of_mismatch() {
-    in_fresh_netns("golden-harness", LIMIT, || {
+    GoldenHost::new("golden-harness").run(|_| {
         let mut lab = Lab::new();
         let vip = lab.add_vip("192.0.2.10:80/tcp");
         let backend = sa("198.51.100.1:8080");

@@ -12,10 +12,7 @@
 //! - from the client side (the client, or a router in front of it), to the VIP, about a
 //!   reply VIP → client: to the backend, quoting backend → client.
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    time::Duration,
-};
+use std::net::{IpAddr, SocketAddr};
 
 use lb_common::Counter::{
     self, ConntrackMiss, IcmpTranslated, NextHopFailure, NotTcpUdp, TtlExpired, ViaStack,
@@ -23,16 +20,9 @@ use lb_common::Counter::{
 use lb_userspace::balancer::VipSpec;
 use xlb_tests::{
     harness::{Action, Case, Expect, Lab},
-    netns::{Netlink, in_fresh_netns, set_net_sysctl},
+    host::{BACKEND_MAC, EGRESS_MAC, GoldenHost},
     packet::{CLIENT_MAC, IcmpError, LB_MAC, Packet},
 };
-
-const LIMIT: Duration = Duration::from_secs(120);
-
-const BACKEND_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0xbb, 0x01];
-const EGRESS_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0xee, 0x01];
-const PEER_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0xee, 0x02];
-const CLIENT_PEER_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0xcc, 0x02];
 
 // Documentation ranges, as in golden.rs: VIPs 192.0.2.0/24 and 2001:db8:f::/64, backends
 // 198.51.100.0/24 and 2001:db8:b::/64, clients 203.0.113.0/24 and 2001:db8:c::/64; the
@@ -54,13 +44,6 @@ fn ip(s: &str) -> IpAddr {
 
 fn client(v6: bool, port: u16) -> SocketAddr {
     SocketAddr::new(ip(if v6 { V6_CLIENT } else { V4_CLIENT }), port)
-}
-
-/// `lo` up and forwarding on, as on a load balancer host (see golden.rs).
-fn forwarding_host(nl: &Netlink) {
-    nl.set_up("lo");
-    set_net_sysctl("ipv4/conf/all/forwarding", "1");
-    set_net_sysctl("ipv6/conf/all/forwarding", "1");
 }
 
 /// An error the program must rewrite into `output`.
@@ -110,9 +93,7 @@ fn open_flow(lab: &Lab, input: &Packet, vip: &VipSpec, client: SocketAddr) -> (S
 /// client's ingress, here `lo`: `XDP_TX`), errors to backends go through the stack.
 #[test]
 fn icmp_errors_are_translated_both_ways() {
-    in_fresh_netns("golden-icmp", LIMIT, || {
-        let nl = Netlink::open();
-        forwarding_host(&nl);
+    GoldenHost::new("golden-icmp").forwarding().run(|_| {
         let mut lab = Lab::new();
         let v4_tcp = lab.add_vip("192.0.2.10:80/tcp");
         let v4_udp = lab.add_vip("192.0.2.10:53/udp");
@@ -380,29 +361,10 @@ fn icmp_errors_are_translated_both_ways() {
 /// golden.rs: errors are forwarded by XDP itself, with the flow's cached next hops.
 #[test]
 fn icmp_errors_are_redirected_like_their_flows() {
-    in_fresh_netns("golden-icmp-redirect", LIMIT, || {
-        let nl = Netlink::open();
-        forwarding_host(&nl);
-        nl.add_veth("xlb-in", LB_MAC, "xlb-in-peer", CLIENT_PEER_MAC);
-        nl.add_veth("xlb-out", EGRESS_MAC, "xlb-out-peer", PEER_MAC);
-        for name in ["xlb-in", "xlb-in-peer", "xlb-out", "xlb-out-peer"] {
-            nl.set_up(name);
-        }
-        nl.add_address("xlb-in", ip("203.0.113.254"), 24);
-        nl.add_address("xlb-in", ip("2001:db8:c::fe"), 64);
-        nl.add_address("xlb-out", ip("198.51.100.254"), 24);
-        nl.add_address("xlb-out", ip("2001:db8:b::fe"), 64);
-        for b in ["198.51.100.1", "2001:db8:b::1"] {
-            nl.set_permanent_neighbour("xlb-out", ip(b), BACKEND_MAC);
-        }
-        let (lb_in, _) = nl.link("xlb-in");
-        let (lb_out, _) = nl.link("xlb-out");
+    GoldenHost::two_legged("golden-icmp-redirect").run(|host| {
+        let (lb_in, lb_out) = host.legs();
         let mut lab = Lab::new();
-        for leg in [lb_in, lb_out] {
-            lab.balancer
-                .allow_egress(leg)
-                .expect("veth accepted in the devmap");
-        }
+        host.allow_egress_on_legs(&mut lab);
         let v4 = lab.add_vip("192.0.2.10:80/tcp");
         let v6 = lab.add_vip("[2001:db8:f::10]:53/udp");
         let (b4, b6) = (sa("198.51.100.1:8080"), sa("[2001:db8:b::1]:5353"));
