@@ -322,59 +322,59 @@ fn packets_too_big_for_the_tunnel_are_answered_with_icmp() {
             .tcp_ack_flag()
             .payload(vec![0x5a; 1480 - 20 - 20]);
 
-        for hook in ["xdp", "tc"] {
-            let run = |frame: &[u8]| -> (u32, Vec<u8>) {
-                if hook == "xdp" {
-                    lab.run_on(frame, Some(lb_in))
+        // (case, packet, what must come of it: the MTU announced back to the client, or
+        // `None`: the tunnelled packet).
+        let table = [
+            ("ipv4, MTU 1500 - 20", &big4, Some(1480)),
+            ("ipv6, MTU 1500 - 48", &big6, Some(1452)),
+            ("ipv4 that fits", &fits4, None),
+        ];
+        for hook in [Hook::Xdp, Hook::Tc] {
+            for (what, packet, announced) in table {
+                let name = format!("{hook:?} {what}");
+                let frame = packet.bytes();
+                let before = lab.counters()[TooBigForTunnel as usize];
+                let (action, out) = hook.run(&lab, &frame, lb_in);
+                let too_big = lab.counters()[TooBigForTunnel as usize] - before;
+                if let Some(mtu) = announced {
+                    // XDP bounces the error out of the ingress device; TC redirects it there.
+                    let sent_back = match hook {
+                        Hook::Xdp => Action::Tx,
+                        Hook::Tc => Action::Redirect,
+                    };
+                    assert_eq!(action, sent_back as u32, "{name}: error sent back");
+                    assert_too_big(&name, &out, &frame, frame[12..14] == [0x86, 0xdd], mtu);
+                    assert_eq!(too_big, 1, "{name}: counted as too big for the tunnel");
                 } else {
-                    lab.run_tc_on(frame, lb_in).expect("TC took the frame")
+                    assert_eq!(
+                        action,
+                        Action::Redirect as u32,
+                        "{name}: a packet that fits"
+                    );
+                    assert_tunnelled(&name, &out, &frame[14..], FORWARD_IPIP);
+                    assert_eq!(too_big, 0, "{name}: not counted as too big");
                 }
-            };
-            let before = lab.counters()[TooBigForTunnel as usize];
-            let frame = big4.bytes();
-            let (action, out) = run(&frame);
-            let expected_action = if hook == "xdp" {
-                Action::Tx
-            } else {
-                Action::Redirect
-            };
-            assert_eq!(
-                action, expected_action as u32,
-                "{hook}: IPv4 error sent back"
-            );
-            assert_too_big(
-                &format!("{hook} ipv4, MTU 1500 - 20"),
-                &out,
-                &frame,
-                false,
-                1480,
-            );
-            assert_eq!(lab.counters()[TooBigForTunnel as usize] - before, 1);
-
-            let frame = big6.bytes();
-            let (action, out) = run(&frame);
-            assert_eq!(
-                action, expected_action as u32,
-                "{hook}: IPv6 error sent back"
-            );
-            assert_too_big(
-                &format!("{hook} ipv6, MTU 1500 - 48"),
-                &out,
-                &frame,
-                true,
-                1452,
-            );
-
-            let frame = fits4.bytes();
-            let (action, out) = run(&frame);
-            assert_eq!(
-                action,
-                Action::Redirect as u32,
-                "{hook}: a packet that fits"
-            );
-            assert_tunnelled(hook, &out, &frame[14..], FORWARD_IPIP);
+            }
         }
     });
+}
+
+/// The hook a test runs a frame through, arriving on an interface of the host.
+#[derive(Clone, Copy, Debug)]
+enum Hook {
+    Xdp,
+    Tc,
+}
+
+impl Hook {
+    fn run(self, lab: &Lab, frame: &[u8], ingress: u32) -> (u32, Vec<u8>) {
+        match self {
+            Self::Xdp => lab.run_on(frame, Some(ingress)),
+            Self::Tc => lab
+                .run_tc_on(frame, ingress)
+                .unwrap_or_else(|| panic!("TC took no {}-byte frame", frame.len())),
+        }
+    }
 }
 
 /// The client's packet inside xlb's tunnel, as a router between the balancer and the
@@ -494,18 +494,14 @@ fn too_big_errors_from_the_tunnel_path_reach_the_client() {
             let (action, _) = lab.run_on(&frame, Some(lb_in));
             assert_eq!(action, Action::Redirect as u32, "{name}: the flow's packet");
             let error = path_error(&frame[14..], ipv6, gue, router_mtu);
-            for hook in ["xdp", "tc"] {
-                let (action, out) = if hook == "xdp" {
-                    lab.run_on(&error, Some(lb_out))
-                } else {
-                    lab.run_tc_on(&error, lb_out).expect("TC took the frame")
-                };
+            for hook in [Hook::Xdp, Hook::Tc] {
+                let (action, out) = hook.run(&lab, &error, lb_out);
                 assert_eq!(
                     action,
                     Action::Redirect as u32,
-                    "{name} {hook}: out of the client leg"
+                    "{name} {hook:?}: out of the client leg"
                 );
-                assert_too_big(&format!("{name} {hook}"), &out, &frame, ipv6, announced);
+                assert_too_big(&format!("{name} {hook:?}"), &out, &frame, ipv6, announced);
             }
             // Another client's flow, never seen: the error is not xlb's to translate.
             let stranger = Packet::tcp(
