@@ -10,7 +10,7 @@ use lb_userspace::{
     datapath::{Datapath, DatapathConfig},
 };
 
-use crate::packet::{Packet, hex, verify_checksums};
+use crate::packet::{Frame, hex, verify_checksums};
 
 /// XDP verdicts, as the kernel's UAPI numbers them (`enum xdp_action`).
 #[repr(u32)]
@@ -79,16 +79,16 @@ impl Case {
     #[must_use]
     pub fn rewritten(
         name: impl Into<String>,
-        input: &Packet,
+        input: &impl Frame,
         action: Action,
-        output: &Packet,
+        output: &impl Frame,
         counters: &[Counter],
     ) -> Self {
         Self {
             name: name.into(),
-            input: input.bytes(),
+            input: input.frame(),
             action,
-            output: Expect::Frame(output.bytes()),
+            output: Expect::Frame(output.frame()),
             counters: counters.to_vec(),
             ingress: None,
         }

@@ -18,11 +18,11 @@ use std::{
 };
 
 use lb_common::Counter::{
-    self, ConntrackMiss, IcmpTranslated, NextHopFailure, NotTcpUdp, TtlExpired, ViaStack,
+    ConntrackMiss, IcmpTranslated, NextHopFailure, NotTcpUdp, TtlExpired, ViaStack,
 };
 use lb_userspace::balancer::VipSpec;
 use xlb_tests::{
-    harness::{Action, Case, Expect, Lab},
+    harness::{Action, Case, Lab},
     host::{BACKEND_MAC, EGRESS_MAC, GoldenHost},
     packet::{CLIENT_MAC, IcmpError, LB_MAC, Packet},
 };
@@ -47,24 +47,6 @@ fn ip(s: &str) -> IpAddr {
 
 fn client(v6: bool, port: u16) -> SocketAddr {
     SocketAddr::new(ip(if v6 { V6_CLIENT } else { V4_CLIENT }), port)
-}
-
-/// An error the program must rewrite into `output`.
-fn icmp_case(
-    name: impl Into<String>,
-    input: &IcmpError,
-    action: Action,
-    output: &IcmpError,
-    counters: &[Counter],
-) -> Case {
-    Case {
-        name: name.into(),
-        input: input.bytes(),
-        action,
-        output: Expect::Frame(output.bytes()),
-        counters: counters.to_vec(),
-        ingress: None,
-    }
 }
 
 /// The flow's first packet, client → VIP, through the program (for TCP after the SYN that
@@ -254,7 +236,7 @@ fn icmp_errors_are_translated_both_ways() {
                 translated = translated.src(row.vip.addr.ip());
             }
             cases.push(if row.expiring {
-                icmp_case(
+                Case::rewritten(
                     row.name,
                     &error,
                     Action::Pass,
@@ -262,7 +244,7 @@ fn icmp_errors_are_translated_both_ways() {
                     &[IcmpTranslated, TtlExpired],
                 )
             } else {
-                icmp_case(
+                Case::rewritten(
                     row.name,
                     &error,
                     Action::Tx,
@@ -332,7 +314,7 @@ fn icmp_errors_are_translated_both_ways() {
                     IcmpError::packet_too_big(source, vip.addr.ip(), 1280, reply.clone())
                 }
             };
-            cases.push(icmp_case(
+            cases.push(Case::rewritten(
                 format!("{name}: to {backend}, quoting {backend} -> client"),
                 &error,
                 Action::Pass,
@@ -443,7 +425,7 @@ fn icmp_errors_are_redirected_like_their_flows() {
             }
             .macs(BACKEND_MAC, EGRESS_MAC);
             cases.push(
-                icmp_case(
+                Case::rewritten(
                     format!("{name}: the backend's error, redirected to the client leg"),
                     &error,
                     Action::Redirect,
@@ -476,7 +458,7 @@ fn icmp_errors_are_redirected_like_their_flows() {
             }
             .macs(CLIENT_MAC, LB_MAC);
             cases.push(
-                icmp_case(
+                Case::rewritten(
                     format!("{name}: a router's error about a reply, redirected to the backend"),
                     &error,
                     Action::Redirect,
