@@ -191,10 +191,12 @@ impl GoldenHost {
             f(&host)
         })
         .unwrap_or_else(|e| {
-            panic!(
-                "golden host {name} (the golden tests run as root): {}",
-                chain(&e)
-            )
+            let hint = if matches!(e, xlb_netns::Error::Sys { .. }) {
+                " (the golden tests run as root)"
+            } else {
+                ""
+            };
+            panic!("golden host {name}{hint}: {}", chain(&e))
         })
     }
 
