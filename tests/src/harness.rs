@@ -59,6 +59,13 @@ pub enum Expect {
     Frame(Vec<u8>),
 }
 
+/// The program's two hooks, for tests that put the same frames through both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    Xdp,
+    Tc,
+}
+
 /// One golden fixture: {description, input packet, expected action, expected output packet},
 /// plus the global counters it must bump (besides its action's counter, which is implied).
 #[derive(Clone, Debug)]
@@ -431,6 +438,19 @@ impl Lab {
         assert!(len <= out.len(), "test_run reported {len} bytes");
         out.truncate(len);
         Some((action as u32, out))
+    }
+
+    /// Runs `frame`, arriving on `ingress`, through `hook` (TC once loaded with
+    /// [`Self::load_tc`]). `None` as from [`Self::run_tc_on`]: no socket buffer for it.
+    ///
+    /// # Panics
+    /// As [`Self::run_on`] and [`Self::run_tc_on`].
+    #[must_use]
+    pub fn run_at(&self, hook: Hook, frame: &[u8], ingress: u32) -> Option<(u32, Vec<u8>)> {
+        match hook {
+            Hook::Xdp => Some(self.run_on(frame, Some(ingress))),
+            Hook::Tc => self.run_tc_on(frame, ingress),
+        }
     }
 
     /// Runs one case and describes every way it went wrong.

@@ -18,7 +18,7 @@ use lb_common::{
 };
 use lb_userspace::balancer::{Forwarding, VipSpec};
 use xlb_tests::{
-    harness::{Action, Lab},
+    harness::{Action, Hook, Lab},
     host::{GoldenHost, Host, Iface, LegMacs},
     packet::{CLIENT_MAC, LB_MAC, Packet},
 };
@@ -334,7 +334,7 @@ fn packets_too_big_for_the_tunnel_are_answered_with_icmp() {
                 let name = format!("{hook:?} {what}");
                 let frame = packet.bytes();
                 let before = lab.counters()[TooBigForTunnel as usize];
-                let (action, out) = hook.run(&lab, &frame, lb_in);
+                let (action, out) = run(&lab, hook, &frame, lb_in);
                 let too_big = lab.counters()[TooBigForTunnel as usize] - before;
                 if let Some(mtu) = announced {
                     // XDP bounces the error out of the ingress device; TC redirects it there.
@@ -359,22 +359,10 @@ fn packets_too_big_for_the_tunnel_are_answered_with_icmp() {
     });
 }
 
-/// The hook a test runs a frame through, arriving on an interface of the host.
-#[derive(Clone, Copy, Debug)]
-enum Hook {
-    Xdp,
-    Tc,
-}
-
-impl Hook {
-    fn run(self, lab: &Lab, frame: &[u8], ingress: u32) -> (u32, Vec<u8>) {
-        match self {
-            Self::Xdp => lab.run_on(frame, Some(ingress)),
-            Self::Tc => lab
-                .run_tc_on(frame, ingress)
-                .unwrap_or_else(|| panic!("TC took no {}-byte frame", frame.len())),
-        }
-    }
+/// Every frame here is one the kernel makes a socket buffer of.
+fn run(lab: &Lab, hook: Hook, frame: &[u8], ingress: u32) -> (u32, Vec<u8>) {
+    lab.run_at(hook, frame, ingress)
+        .unwrap_or_else(|| panic!("{hook:?} took no {}-byte frame", frame.len()))
 }
 
 /// The client's packet inside xlb's tunnel, as a router between the balancer and the
@@ -495,7 +483,7 @@ fn too_big_errors_from_the_tunnel_path_reach_the_client() {
             assert_eq!(action, Action::Redirect as u32, "{name}: the flow's packet");
             let error = path_error(&frame[14..], ipv6, gue, router_mtu);
             for hook in [Hook::Xdp, Hook::Tc] {
-                let (action, out) = hook.run(&lab, &error, lb_out);
+                let (action, out) = run(&lab, hook, &error, lb_out);
                 assert_eq!(
                     action,
                     Action::Redirect as u32,

@@ -28,7 +28,7 @@ use etherparse::{
 use lb_common::Counter;
 use lb_userspace::balancer::VipSpec;
 use xlb_tests::{
-    harness::{Action, Lab},
+    harness::{Action, Hook, Lab},
     host::{BACKEND_MAC, EGRESS_MAC, GoldenHost, Host, Iface},
     packet::{CLIENT_MAC, IcmpError, Packet, hex},
 };
@@ -970,13 +970,6 @@ struct Summary {
     by_mutation: BTreeMap<&'static str, [u64; 3]>,
 }
 
-/// Which of the program's hooks the frames go through.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Hook {
-    Xdp,
-    Tc,
-}
-
 fn run_mutation_test(host: &Host<'_>, seed: u64, frames: usize, hook: Hook) {
     let started = Instant::now();
     let (lb_in, lb_out) = host.legs();
@@ -1020,15 +1013,9 @@ fn run_mutation_test(host: &Host<'_>, seed: u64, frames: usize, hook: Hook) {
         // Now and then on the other leg: the next hop is then behind the ingress (XDP_TX).
         let backend_leg = backend_leg != rng.one_in(16);
         let ingress = if backend_leg { lb_out } else { lb_in };
-        let (raw, output) = match hook {
-            Hook::Xdp => lab.run_on(&frame, Some(ingress)),
-            Hook::Tc => match lab.run_tc_on(&frame, ingress) {
-                Some(run) => run,
-                None => {
-                    refused_as_skb += 1;
-                    continue;
-                }
-            },
+        let Some((raw, output)) = lab.run_at(hook, &frame, ingress) else {
+            refused_as_skb += 1;
+            continue;
         };
         let verdict = match Action::from_raw(raw) {
             Some(Action::Drop) => Ok("dropped".to_owned()),
