@@ -1,4 +1,4 @@
-use std::{io, path::PathBuf};
+use std::{io, path::PathBuf, time::Duration};
 
 /// Every failure names the namespace or path involved, because with several
 /// topologies alive at once "permission denied" alone does not say which one.
@@ -77,6 +77,9 @@ pub enum Error {
 
     #[error("subnet {subnet} is too small for two hosts")]
     SubnetTooSmall { subnet: ipnet::IpNet },
+
+    #[error("namespace thread {ns} did not finish within {limit:?}")]
+    TimedOut { ns: String, limit: Duration },
 
     #[error("{n} {what} requested, at most {max} supported")]
     TooMany {

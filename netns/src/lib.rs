@@ -34,9 +34,15 @@
 //!     .run(|| TcpStream::connect_timeout(&backend, Duration::from_secs(3)))?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+//!
+//! Code that acts on the calling thread's own namespace rather than a named one
+//! (`BPF_PROG_TEST_RUN`, which feeds frames in through the caller's `lo`, and
+//! `bpf_fib_lookup` behind it) runs on a thread of its own in a namespace of
+//! its own, via [`in_fresh_netns`], which hands it the same [`Netns`] API.
 
 mod error;
 mod ethtool;
+mod fresh;
 mod link;
 mod ns;
 mod scale_out;
@@ -46,6 +52,7 @@ pub use ipnet;
 
 pub use crate::{
     error::Error,
+    fresh::in_fresh_netns,
     link::{LinkInfo, LinkStats},
     ns::{Netns, cleanup_stale},
     scale_out::ScaleOutTopology,

@@ -219,6 +219,15 @@ impl Netns {
         self.set_link(ifname, "set mtu", move |b| b.mtu(mtu))
     }
 
+    /// Fixed addresses, for tests whose frames name the interface's MAC byte for byte.
+    ///
+    /// # Errors
+    /// No such link, the kernel refused the address (e.g. the link is up and does not allow
+    /// changing it live), or netlink failed.
+    pub fn set_mac(&self, ifname: &str, mac: [u8; 6]) -> Result<(), Error> {
+        self.set_link(ifname, "set address", move |b| b.address(mac.to_vec()))
+    }
+
     /// Creates a bridge (up), for topologies where several namespaces share
     /// one L2 segment.
     ///
@@ -318,6 +327,34 @@ impl Netns {
                 .execute()
                 .await
                 .map_err(nl(format!("add route {dest} via {via}")))
+        })
+    }
+
+    /// Routes `dest` straight out of `ifname`, with no gateway (`ip route add DEST dev
+    /// IFNAME`): whatever is in `dest` is a neighbour on that link. Host bits in `dest` are
+    /// ignored.
+    ///
+    /// # Errors
+    /// No such link, the route exists, or netlink failed.
+    pub fn add_route_dev(&self, dest: impl Into<IpNet>, ifname: &str) -> Result<(), Error> {
+        let dest = dest.into().trunc();
+        self.netlink("add route", |h| async move {
+            let idx = get_link(&h, ifname).await?.header.index;
+            let msg = match dest {
+                IpNet::V4(d) => RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(d.addr(), d.prefix_len())
+                    .output_interface(idx)
+                    .build(),
+                IpNet::V6(d) => RouteMessageBuilder::<Ipv6Addr>::new()
+                    .destination_prefix(d.addr(), d.prefix_len())
+                    .output_interface(idx)
+                    .build(),
+            };
+            h.route()
+                .add(msg)
+                .execute()
+                .await
+                .map_err(nl(format!("add route {dest} dev {ifname}")))
         })
     }
 

@@ -21,7 +21,7 @@ use nix::{
     mount::{MntFlags, MsFlags, mount, umount2},
     sched::{CloneFlags, setns, unshare},
     sys::signal::kill,
-    unistd::Pid,
+    unistd::{Pid, gettid},
 };
 
 use crate::Error;
@@ -132,6 +132,30 @@ impl Netns {
         })
     }
 
+    /// The namespace the calling thread is in, unnamed and never removed by this value: for
+    /// [`crate::in_fresh_netns`]. Its path is the thread's `/proc/PID/task/TID/ns/net`, valid
+    /// while the thread lives, so [`Netns::command`] works from any thread meanwhile.
+    pub(crate) fn of_current_thread(name: &str) -> Result<Self, Error> {
+        let own = Path::new("/proc/thread-self/ns/net");
+        let fd = File::open(own)
+            .map(OwnedFd::from)
+            .map_err(|source| Error::Io {
+                op: "open namespace",
+                path: own.into(),
+                source,
+            })?;
+        Ok(Self {
+            name: name.to_owned(),
+            path: PathBuf::from(format!(
+                "/proc/{}/task/{}/ns/net",
+                std::process::id(),
+                gettid()
+            )),
+            fd,
+            mounted: false,
+        })
+    }
+
     fn init(&self) -> Result<(), Error> {
         if self.run(|| Path::new("/proc/sys/net/ipv6").exists())? {
             self.sysctl("net/ipv6/conf/all/accept_dad", "0")?;
@@ -158,7 +182,9 @@ impl Netns {
     /// # Errors
     /// The unmount or the removal of the file failed.
     pub fn delete(mut self) -> Result<(), Error> {
-        self.mounted = false;
+        if !std::mem::replace(&mut self.mounted, false) {
+            return Ok(());
+        }
         remove(&self.path)
     }
 
@@ -327,8 +353,18 @@ impl Netns {
     /// # Errors
     /// As for [`Netns::sysctl`].
     pub fn enable_forwarding(&self) -> Result<(), Error> {
-        self.sysctl("net/ipv4/ip_forward", "1")?;
-        self.sysctl("net/ipv6/conf/all/forwarding", "1")
+        self.set_forwarding(true)
+    }
+
+    /// Turns routing on or off for both families, on every interface (`ip_forward` is
+    /// `conf/all/forwarding` under another name) and on those made later.
+    ///
+    /// # Errors
+    /// As for [`Netns::sysctl`].
+    pub fn set_forwarding(&self, on: bool) -> Result<(), Error> {
+        let value = if on { "1" } else { "0" };
+        self.sysctl("net/ipv4/ip_forward", value)?;
+        self.sysctl("net/ipv6/conf/all/forwarding", value)
     }
 }
 

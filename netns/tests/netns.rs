@@ -11,7 +11,7 @@ use std::{
 };
 
 use xlb_netns::{
-    DsrTopology, Netns, Topology, cleanup_stale,
+    DsrTopology, Netns, Topology, cleanup_stale, in_fresh_netns,
     ipnet::{IpNet, Ipv4Net, Ipv6Net},
 };
 
@@ -395,4 +395,114 @@ fn cleanup_stale_removes_dead_pids_only() {
     assert_eq!(removed, vec![format!("xlbnt-s{dead}-0")]);
     assert!(!stale.exists());
     assert!(live.path().exists());
+}
+
+#[test]
+fn fresh_netns_is_private_to_its_thread_and_serves_the_netns_api() {
+    let own_netns = || std::fs::read_link("/proc/thread-self/ns/net").unwrap();
+    let outer = own_netns();
+    let (mac_a, mac_b) = ([0x02, 0, 0, 0, 0xfa, 0x01], [0x02, 0, 0, 0, 0xfa, 0x02]);
+    let (inner, path) = in_fresh_netns("xlbnt-fresh", Duration::from_secs(30), move |ns| {
+        let inner = own_netns();
+        // As the kernel makes it: nothing but a `lo`, down.
+        let dev = std::fs::read_to_string("/proc/thread-self/net/dev").unwrap();
+        assert_eq!(dev.lines().count(), 3, "{dev}");
+        assert!(dev.contains("lo:"), "{dev}");
+
+        // Every operation runs on a helper thread of its own; each must land here.
+        ns.add_veth("fa", ns, "fb").unwrap();
+        ns.set_mac("fa", mac_a).unwrap();
+        ns.set_mac("fb", mac_b).unwrap();
+        assert_eq!(
+            (ns.mac("fa").unwrap(), ns.mac("fb").unwrap()),
+            (mac_a, mac_b)
+        );
+        for ifname in ["lo", "fa", "fb"] {
+            ns.set_link_up(ifname).unwrap();
+        }
+        ns.add_address("fa", net("10.96.0.1/24")).unwrap();
+        ns.add_route_dev(net("10.95.0.0/16"), "fa").unwrap();
+        ns.add_route_dev(net("fd00:95::/48"), "fa").unwrap();
+        assert!(ns.add_route_dev(net("10.94.0.0/16"), "nope").is_err());
+        ns.add_neighbour("fa", "10.95.0.9".parse().unwrap(), mac_b)
+            .unwrap();
+        let routes = std::fs::read_to_string("/proc/thread-self/net/route").unwrap();
+        // 10.95.0.0/16 out of fa, no gateway (little-endian hex, as the kernel prints it).
+        assert!(
+            routes
+                .lines()
+                .any(|l| l.starts_with("fa\t00005F0A\t00000000\t") && l.contains("\t0000FFFF\t")),
+            "{routes}"
+        );
+        let routes6 = std::fs::read_to_string("/proc/thread-self/net/ipv6_route").unwrap();
+        assert!(
+            routes6
+                .lines()
+                .any(|l| l.starts_with("fd000095000000000000000000000000 30 ")
+                    && l.contains(" 00000000000000000000000000000000 ")
+                    && l.ends_with(" fa")),
+            "{routes6}"
+        );
+        let arp = std::fs::read_to_string("/proc/thread-self/net/arp").unwrap();
+        assert!(
+            arp.lines()
+                .any(|l| l.starts_with("10.95.0.9 ") && l.contains("02:00:00:00:fa:02")),
+            "{arp}"
+        );
+
+        ns.set_forwarding(true).unwrap();
+        for key in [
+            "net/ipv4/conf/all/forwarding",
+            "net/ipv4/conf/fa/forwarding",
+            "net/ipv6/conf/all/forwarding",
+        ] {
+            assert_eq!(ns.read_sysctl(key).unwrap(), "1", "{key}");
+        }
+        ns.set_forwarding(false).unwrap();
+        assert_eq!(ns.read_sysctl("net.ipv4.ip_forward").unwrap(), "0");
+        assert_eq!(ns.read_sysctl("net/ipv6/conf/fb/forwarding").unwrap(), "0");
+
+        let out = ns
+            .command("cat")
+            .arg("/proc/self/net/dev")
+            .output()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&out.stdout).contains("fa:"));
+        (inner, ns.path().to_owned())
+    })
+    .unwrap();
+    assert_ne!(inner, outer, "the thread had a namespace of its own");
+    assert_eq!(
+        own_netns(),
+        outer,
+        "the caller's thread stayed where it was"
+    );
+    assert!(!path.exists(), "{} outlived its thread", path.display());
+    let here = std::fs::read_to_string("/proc/thread-self/net/dev").unwrap();
+    assert!(!here.contains("fa:") && !here.contains("fb:"), "{here}");
+}
+
+#[test]
+fn fresh_netns_resumes_panics_and_bounds_its_run_time() {
+    let panic = std::panic::catch_unwind(|| {
+        in_fresh_netns("xlbnt-panic", Duration::from_secs(30), |_| -> () {
+            panic!("raised inside")
+        })
+    })
+    .expect_err("the panic reaches the caller");
+    assert_eq!(panic.downcast_ref::<&str>(), Some(&"raised inside"));
+
+    let started = Instant::now();
+    let late = in_fresh_netns("xlbnt-slow", Duration::from_millis(200), |_| {
+        thread::sleep(Duration::from_secs(3));
+    });
+    assert!(
+        matches!(late, Err(xlb_netns::Error::TimedOut { .. })),
+        "{late:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
 }

@@ -10,7 +10,7 @@ use lb_userspace::{
     datapath::{Datapath, DatapathConfig},
 };
 
-use crate::packet::{Packet, hex, verify_checksums};
+use crate::packet::{Frame, hex, verify_checksums};
 
 /// XDP verdicts, as the kernel's UAPI numbers them (`enum xdp_action`).
 #[repr(u32)]
@@ -59,6 +59,13 @@ pub enum Expect {
     Frame(Vec<u8>),
 }
 
+/// The program's two hooks, for tests that put the same frames through both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    Xdp,
+    Tc,
+}
+
 /// One golden fixture: {description, input packet, expected action, expected output packet},
 /// plus the global counters it must bump (besides its action's counter, which is implied).
 #[derive(Clone, Debug)]
@@ -79,16 +86,16 @@ impl Case {
     #[must_use]
     pub fn rewritten(
         name: impl Into<String>,
-        input: &Packet,
+        input: &impl Frame,
         action: Action,
-        output: &Packet,
+        output: &impl Frame,
         counters: &[Counter],
     ) -> Self {
         Self {
             name: name.into(),
-            input: input.bytes(),
+            input: input.frame(),
             action,
-            output: Expect::Frame(output.bytes()),
+            output: Expect::Frame(output.frame()),
             counters: counters.to_vec(),
             ingress: None,
         }
@@ -431,6 +438,19 @@ impl Lab {
         assert!(len <= out.len(), "test_run reported {len} bytes");
         out.truncate(len);
         Some((action as u32, out))
+    }
+
+    /// Runs `frame`, arriving on `ingress`, through `hook` (TC once loaded with
+    /// [`Self::load_tc`]). `None` as from [`Self::run_tc_on`]: no socket buffer for it.
+    ///
+    /// # Panics
+    /// As [`Self::run_on`] and [`Self::run_tc_on`].
+    #[must_use]
+    pub fn run_at(&self, hook: Hook, frame: &[u8], ingress: u32) -> Option<(u32, Vec<u8>)> {
+        match hook {
+            Hook::Xdp => Some(self.run_on(frame, Some(ingress))),
+            Hook::Tc => self.run_tc_on(frame, ingress),
+        }
     }
 
     /// Runs one case and describes every way it went wrong.

@@ -1,7 +1,7 @@
 //! Helpers for xlb's golden packet tests (`tests/golden.rs`): fixtures built with an
-//! independent packet library, a private network namespace per test, and the harness that
+//! independent packet library, the host each test runs on (a private network namespace over `xlb-netns`), and the harness that
 //! runs the compiled XDP program on each fixture and checks action, bytes and counters.
 
 pub mod harness;
-pub mod netns;
+pub mod host;
 pub mod packet;

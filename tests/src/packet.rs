@@ -45,6 +45,23 @@ enum Transport {
     },
 }
 
+/// A fixture that serialises to one whole Ethernet frame, for the harness's cases.
+pub trait Frame {
+    fn frame(&self) -> Vec<u8>;
+}
+
+impl Frame for Packet {
+    fn frame(&self) -> Vec<u8> {
+        self.bytes()
+    }
+}
+
+impl Frame for IcmpError {
+    fn frame(&self) -> Vec<u8> {
+        self.bytes()
+    }
+}
+
 /// One Ethernet frame carrying TCP or UDP over IPv4 or IPv6, described by its fields.
 #[derive(Clone, Debug)]
 pub struct Packet {

@@ -5,7 +5,7 @@
 //! Inputs and expected outputs are built with etherparse, which computes every checksum from
 //! scratch, and every rewritten output's checksums are verified with etherparse again.
 //!
-//! Each test runs on its own thread in a fresh network namespace (see `xlb_tests::netns`):
+//! Each test runs on its own thread in a fresh network namespace (see `xlb_tests::host`):
 //! `BPF_PROG_TEST_RUN` feeds the frame in through that namespace's `lo` (or, with
 //! `Case::arriving_on`, through an interface the test made, via `xdp_md.ingress_ifindex`), and
 //! `bpf_fib_lookup` sees only the routes and neighbours the test made. The program rewrites the
@@ -27,24 +27,12 @@ use lb_common::{
 use lb_userspace::balancer::{BackendState, VipSpec};
 use xlb_tests::{
     harness::{Action, Case, Expect, Lab},
-    netns::{Netlink, in_fresh_netns, set_net_sysctl},
+    host::{BACKEND_MAC, EGRESS_MAC, GoldenHost, Iface},
     packet::{CLIENT_MAC, LB_MAC, Packet, assert_checksums},
 };
 
-/// Upper bound for one test, namespace set-up and program load included (a load takes well
-/// under a second; the rest is a few hundred test runs).
-const LIMIT: Duration = Duration::from_secs(120);
-
 fn sa(s: &str) -> SocketAddr {
     s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
-}
-
-/// `lo` up and forwarding on, as on a load balancer host: `bpf_fib_lookup` answers "forwarding
-/// disabled" otherwise, and then nothing but the absence of a route is being tested.
-fn forwarding_host(nl: &Netlink) {
-    nl.set_up("lo");
-    set_net_sysctl("ipv4/conf/all/forwarding", "1");
-    set_net_sysctl("ipv6/conf/all/forwarding", "1");
 }
 
 // Addresses: VIPs in 192.0.2.0/24 and 2001:db8:f::/64, backends in 198.51.100.0/24 and
@@ -97,17 +85,41 @@ fn payload_for_zero_sum(packet: &Packet, to: SocketAddr) -> Vec<u8> {
     c.to_be_bytes().to_vec()
 }
 
+/// The well-formed packets the untouched tables start from: one per family and protocol, to
+/// the main VIPs, from port 41000.
+struct Bent {
+    tcp4: Packet,
+    tcp6: Packet,
+    udp4: Packet,
+    udp6: Packet,
+}
+
+impl Bent {
+    fn to(s: &Services) -> Self {
+        let (c4, c6) = (v4_client(41_000), v6_client(41_000));
+        Self {
+            tcp4: Packet::tcp(c4, s.v4_tcp.addr),
+            tcp6: Packet::tcp(c6, s.v6_tcp.addr),
+            udp4: Packet::udp(c4, s.v4_udp.addr),
+            udp6: Packet::udp(c6, s.v6_udp.addr),
+        }
+    }
+}
+
+/// A frame the program must pass to the stack as it is.
+fn pass(name: &str, frame: Vec<u8>, counters: &[Counter]) -> Case {
+    Case::unmodified(name, frame, Action::Pass, counters)
+}
+
 /// Every way a packet that is not load-balanced can look: passed to the stack byte for byte.
-fn untouched_cases(s: &Services) -> Vec<Case> {
-    let c4 = v4_client(41_000);
-    let c6 = v6_client(41_000);
-    let tcp4 = Packet::tcp(c4, s.v4_tcp.addr);
-    let tcp6 = Packet::tcp(c6, s.v6_tcp.addr);
-    let udp4 = Packet::udp(c4, s.v4_udp.addr);
-    let udp6 = Packet::udp(c6, s.v6_udp.addr);
-    let pass = |name: &str, frame: Vec<u8>, counters: &[Counter]| {
-        Case::unmodified(name, frame, Action::Pass, counters)
-    };
+fn not_balanced_cases(s: &Services) -> Vec<Case> {
+    let (c4, c6) = (v4_client(41_000), v6_client(41_000));
+    let Bent {
+        tcp4,
+        tcp6,
+        udp4,
+        udp6,
+    } = Bent::to(s);
 
     let mut cases = vec![
         pass(
@@ -205,40 +217,6 @@ fn untouched_cases(s: &Services) -> Vec<Case> {
         ),
     ];
 
-    // Frames cut short at every header boundary and inside each header.
-    let v4 = tcp4.bytes();
-    for cut in [14, 15, 22, 33, 34, 40, 53, v4.len() - 1] {
-        cases.push(pass(
-            &format!("ipv4 tcp to the vip cut to {cut} of {} bytes", v4.len()),
-            v4[..cut].to_vec(),
-            &[Malformed],
-        ));
-    }
-    let v4u = udp4.bytes();
-    for cut in [34, 41] {
-        cases.push(pass(
-            &format!("ipv4 udp to the vip cut to {cut} bytes"),
-            v4u[..cut].to_vec(),
-            &[Malformed],
-        ));
-    }
-    let v6 = tcp6.bytes();
-    for cut in [14, 21, 30, 53, 54, 60, 73, v6.len() - 1] {
-        cases.push(pass(
-            &format!("ipv6 tcp to the vip cut to {cut} of {} bytes", v6.len()),
-            v6[..cut].to_vec(),
-            &[Malformed],
-        ));
-    }
-    let vlan = tcp4.clone().vlan(42).bytes();
-    for cut in [16, 17, 18, 30] {
-        cases.push(pass(
-            &format!("vlan-tagged ipv4 tcp cut to {cut} bytes"),
-            vlan[..cut].to_vec(),
-            &[Malformed],
-        ));
-    }
-
     // Two tags (QinQ): the parser goes one tag deep only, so this is not IP to it.
     let inner = tcp4.clone().vlan(42).bytes();
     let qinq = [&inner[..12], &[0x88, 0xa8, 0x00, 0x07], &inner[12..]].concat();
@@ -248,47 +226,129 @@ fn untouched_cases(s: &Services) -> Vec<Case> {
         &[NotTcpUdp],
     ));
 
-    // Headers that contradict themselves or the frame.
-    for ihl in [0u8, 4] {
-        let mut f = udp4.bytes();
-        f[14] = 0x40 | ihl;
-        cases.push(pass(
-            &format!("ipv4 udp to the vip with ihl {ihl}"),
-            f,
-            &[Malformed],
-        ));
-    }
-    let mut f = udp4.bytes();
-    f[14] = 0x4f; // IHL 15: 60 bytes of header in a 47-byte packet
-    cases.push(pass(
-        "ipv4 udp to the vip with ihl past the frame",
-        f,
-        &[Malformed],
-    ));
-    let mut f = tcp4.bytes();
-    f[14] = 0x65;
-    cases.push(pass("ipv4 ethertype carrying version 6", f, &[Malformed]));
-    let mut f = tcp4.bytes();
-    let total = u16::from_be_bytes([f[16], f[17]]) + 1;
-    f[16..18].copy_from_slice(&total.to_be_bytes());
-    cases.push(pass(
-        "ipv4 total length one past the frame",
-        f,
-        &[Malformed],
-    ));
-    let mut f = tcp4.bytes();
-    f[34 + 12] = 4 << 4;
-    cases.push(pass("tcp data offset 4", f, &[Malformed]));
-    let mut f = tcp4.bytes();
-    f[34 + 12] = 15 << 4;
-    cases.push(pass("tcp data offset past the segment", f, &[Malformed]));
-    let mut f = udp4.bytes();
-    f[34 + 4..34 + 6].copy_from_slice(&7u16.to_be_bytes());
-    cases.push(pass("udp length 7", f, &[Malformed]));
-    let mut f = udp6.bytes();
-    f[14 + 4..14 + 6].copy_from_slice(&200u16.to_be_bytes());
-    cases.push(pass("ipv6 payload length past the frame", f, &[Malformed]));
     cases
+}
+
+/// Frames too short for their headers, or whose headers contradict themselves or the frame:
+/// passed to the stack byte for byte, counted as malformed.
+fn malformed_cases(s: &Services) -> Vec<Case> {
+    let Bent {
+        tcp4,
+        tcp6,
+        udp4,
+        udp6,
+    } = Bent::to(s);
+    let mut cases = Vec::new();
+
+    // Frames cut short at every header boundary and inside each header.
+    let (v4, v6) = (tcp4.bytes(), tcp6.bytes());
+    let cut_short: [(&str, Vec<u8>, Vec<usize>); 4] = [
+        (
+            "ipv4 tcp to the vip",
+            v4.clone(),
+            vec![14, 15, 22, 33, 34, 40, 53, v4.len() - 1],
+        ),
+        ("ipv4 udp to the vip", udp4.bytes(), vec![34, 41]),
+        (
+            "ipv6 tcp to the vip",
+            v6.clone(),
+            vec![14, 21, 30, 53, 54, 60, 73, v6.len() - 1],
+        ),
+        (
+            "vlan-tagged ipv4 tcp",
+            tcp4.clone().vlan(42).bytes(),
+            vec![16, 17, 18, 30],
+        ),
+    ];
+    for (what, frame, cuts) in cut_short {
+        for cut in cuts {
+            cases.push(pass(
+                &format!("{what} cut to {cut} of {} bytes", frame.len()),
+                frame[..cut].to_vec(),
+                &[Malformed],
+            ));
+        }
+    }
+
+    // Headers that contradict themselves or the frame: (case, frame, the lie told in it).
+    type Lie = fn(&mut [u8]);
+    let lies: [(&str, &Packet, Lie); 9] = [
+        ("ipv4 udp to the vip with ihl 0", &udp4, |f| f[14] = 0x40),
+        ("ipv4 udp to the vip with ihl 4", &udp4, |f| f[14] = 0x44),
+        // IHL 15: 60 bytes of header in a 47-byte packet.
+        ("ipv4 udp to the vip with ihl past the frame", &udp4, |f| {
+            f[14] = 0x4f;
+        }),
+        ("ipv4 ethertype carrying version 6", &tcp4, |f| f[14] = 0x65),
+        ("ipv4 total length one past the frame", &tcp4, |f| {
+            let total = u16::from_be_bytes([f[16], f[17]]) + 1;
+            f[16..18].copy_from_slice(&total.to_be_bytes());
+        }),
+        ("tcp data offset 4", &tcp4, |f| f[34 + 12] = 4 << 4),
+        ("tcp data offset past the segment", &tcp4, |f| {
+            f[34 + 12] = 15 << 4;
+        }),
+        ("udp length 7", &udp4, |f| {
+            f[34 + 4..34 + 6].copy_from_slice(&7u16.to_be_bytes());
+        }),
+        ("ipv6 payload length past the frame", &udp6, |f| {
+            f[14 + 4..14 + 6].copy_from_slice(&200u16.to_be_bytes());
+        }),
+    ];
+    for (name, packet, lie) in lies {
+        let mut frame = packet.bytes();
+        lie(&mut frame);
+        cases.push(pass(name, frame, &[Malformed]));
+    }
+    cases
+}
+
+/// A packet from `client` to `vip`, TCP or UDP as the VIP is.
+fn packet_to(vip: &VipSpec, client: SocketAddr) -> Packet {
+    if vip.proto.number() == 6 {
+        Packet::tcp(client, vip.addr)
+    } else {
+        Packet::udp(client, vip.addr)
+    }
+}
+
+/// A row of a "rewritten, handed to the stack" table: (case, VIP, client, how the packet
+/// differs from `packet_to`'s, how its frame differs from the packet's bytes). The frame
+/// change applies to the expected output alike.
+type StackRow<'a> = (
+    &'a str,
+    &'a VipSpec,
+    SocketAddr,
+    fn(Packet) -> Packet,
+    fn(Vec<u8>) -> Vec<u8>,
+);
+
+fn as_built(packet: Packet) -> Packet {
+    packet
+}
+
+fn whole(frame: Vec<u8>) -> Vec<u8> {
+    frame
+}
+
+/// Each row is a new flow's packet, with no route to any backend: the program rewrites the
+/// destination to the flow's backend (as `explain` predicts it) and passes it to the stack,
+/// MACs and TTL untouched.
+fn to_the_stack(lab: &Lab, rows: &[StackRow<'_>]) -> Vec<Case> {
+    rows.iter()
+        .map(|&(name, vip, client, shape, frame)| {
+            let input = shape(packet_to(vip, client));
+            let output = input.clone().dst(lab.new_flow_backend(client, vip));
+            Case {
+                name: name.to_owned(),
+                input: frame(input.bytes()),
+                action: Action::Pass,
+                output: Expect::Frame(frame(output.bytes())),
+                counters: vec![ConntrackMiss, NextHopFailure, ViaStack],
+                ingress: None,
+            }
+        })
+        .collect()
 }
 
 /// The main table, in a namespace with forwarding on and no route to any backend: every
@@ -296,31 +356,23 @@ fn untouched_cases(s: &Services) -> Vec<Case> {
 /// no route (they go back the way the client's packet came), so they leave by `XDP_TX`.
 #[test]
 fn golden_table_without_a_route_to_the_backends() {
-    in_fresh_netns("golden-no-route", LIMIT, || {
-        let nl = Netlink::open();
-        forwarding_host(&nl);
+    GoldenHost::new("golden-no-route").forwarding().run(|_| {
         let mut lab = Lab::new();
         let s = Services::install(&mut lab);
-        let fwd = |input: &Packet, vip: &VipSpec, client: SocketAddr| {
-            input.clone().dst(lab.new_flow_backend(client, vip))
-        };
         let new_flow = [ConntrackMiss, NextHopFailure, ViaStack];
         let known_flow = [ConntrackHit, NextHopFailure, ViaStack];
         let mut cases = Vec::new();
 
         // Forward NAT, both families and protocols; a flow's second packet hits conntrack.
         let mut replies = Vec::new();
-        for (name, vip, client, tcp) in [
-            ("ipv4 tcp", &s.v4_tcp, v4_client(40_001), true),
-            ("ipv4 udp", &s.v4_udp, v4_client(40_002), false),
-            ("ipv6 tcp", &s.v6_tcp, v6_client(40_003), true),
-            ("ipv6 udp", &s.v6_udp, v6_client(40_004), false),
+        for (name, vip, client) in [
+            ("ipv4 tcp", &s.v4_tcp, v4_client(40_001)),
+            ("ipv4 udp", &s.v4_udp, v4_client(40_002)),
+            ("ipv6 tcp", &s.v6_tcp, v6_client(40_003)),
+            ("ipv6 udp", &s.v6_udp, v6_client(40_004)),
         ] {
-            let input = if tcp {
-                Packet::tcp(client, vip.addr)
-            } else {
-                Packet::udp(client, vip.addr)
-            };
+            let input = packet_to(vip, client);
+            let tcp = input.is_tcp();
             let backend = lab.new_flow_backend(client, vip);
             let out = input.clone().dst(backend);
             cases.push(Case::rewritten(
@@ -373,29 +425,25 @@ fn golden_table_without_a_route_to_the_backends() {
         cases.extend(replies);
 
         // Checksum corner cases.
-        let input = Packet::udp(v4_client(40_010), s.v4_udp.addr).udp_zero_checksum();
-        cases.push(Case::rewritten(
+        let udp_without_checksum: &[StackRow] = &[(
             "ipv4 udp with checksum 0 (none): stays 0",
-            &input,
-            Action::Pass,
-            &fwd(&input, &s.v4_udp, v4_client(40_010)).udp_zero_checksum(),
-            &new_flow,
-        ));
-        for (name, client, vip, tcp) in [
-            ("ipv4 udp", v4_client(40_011), &s.v4_udp, false),
-            ("ipv6 udp", v6_client(40_011), &s.v6_udp, false),
-            ("ipv4 tcp", v4_client(40_012), &s.v4_tcp, true),
-            ("ipv6 tcp", v6_client(40_012), &s.v6_tcp, true),
+            &s.v4_udp,
+            v4_client(40_010),
+            Packet::udp_zero_checksum,
+            whole,
+        )];
+        cases.extend(to_the_stack(&lab, udp_without_checksum));
+        for (name, client, vip) in [
+            ("ipv4 udp", v4_client(40_011), &s.v4_udp),
+            ("ipv6 udp", v6_client(40_011), &s.v6_udp),
+            ("ipv4 tcp", v4_client(40_012), &s.v4_tcp),
+            ("ipv6 tcp", v6_client(40_012), &s.v6_tcp),
         ] {
-            let base = if tcp {
-                Packet::tcp(client, vip.addr)
-            } else {
-                Packet::udp(client, vip.addr)
-            };
+            let base = packet_to(vip, client);
             let backend = lab.new_flow_backend(client, vip);
             let input = base.clone().payload(payload_for_zero_sum(&base, backend));
             let out = input.clone().dst(backend);
-            let want = if tcp { 0x0000 } else { 0xffff };
+            let want = if base.is_tcp() { 0x0000 } else { 0xffff };
             assert_eq!(
                 out.transport_checksum(),
                 want,
@@ -410,117 +458,108 @@ fn golden_table_without_a_route_to_the_backends() {
             ));
         }
 
-        // Lengths and layouts.
-        for (name, input, vip, client) in [
+        // Lengths and layouts; Ethernet padding after a short IP packet is carried along
+        // untouched.
+        let layouts: &[StackRow] = &[
             (
                 "ipv4 tcp, empty payload",
-                Packet::tcp(v4_client(40_020), s.v4_tcp.addr).payload(vec![]),
                 &s.v4_tcp,
                 v4_client(40_020),
+                |p| p.payload(vec![]),
+                whole,
             ),
             (
                 "ipv4 udp, empty payload",
-                Packet::udp(v4_client(40_021), s.v4_udp.addr).payload(vec![]),
                 &s.v4_udp,
                 v4_client(40_021),
+                |p| p.payload(vec![]),
+                whole,
             ),
             (
                 "ipv6 tcp, empty payload",
-                Packet::tcp(v6_client(40_022), s.v6_tcp.addr).payload(vec![]),
                 &s.v6_tcp,
                 v6_client(40_022),
+                |p| p.payload(vec![]),
+                whole,
             ),
             (
                 "ipv6 udp, empty payload",
-                Packet::udp(v6_client(40_023), s.v6_udp.addr).payload(vec![]),
                 &s.v6_udp,
                 v6_client(40_023),
+                |p| p.payload(vec![]),
+                whole,
             ),
             (
                 "ipv4 tcp, 1400-byte payload",
-                Packet::tcp(v4_client(40_024), s.v4_tcp.addr)
-                    .payload((0..1400u32).map(|i| (i * 7) as u8).collect::<Vec<_>>()),
                 &s.v4_tcp,
                 v4_client(40_024),
+                |p| p.payload((0..1400u32).map(|i| (i * 7) as u8).collect::<Vec<_>>()),
+                whole,
             ),
             (
                 "ipv4 tcp with options (ihl 6: router alert)",
-                Packet::tcp(v4_client(40_025), s.v4_tcp.addr)
-                    .ipv4_options(&[0x94, 0x04, 0x00, 0x00]),
                 &s.v4_tcp,
                 v4_client(40_025),
+                |p| p.ipv4_options(&[0x94, 0x04, 0x00, 0x00]),
+                whole,
             ),
             (
                 "ipv4 udp with 40 bytes of options (ihl 15)",
-                Packet::udp(v4_client(40_026), s.v4_udp.addr)
-                    .ipv4_options(&[[0x01; 39].as_slice(), &[0x00]].concat()),
                 &s.v4_udp,
                 v4_client(40_026),
+                |p| p.ipv4_options(&[[0x01; 39].as_slice(), &[0x00]].concat()),
+                whole,
             ),
             (
                 "ipv4 tcp with don't-fragment (not a fragment)",
-                Packet::tcp(v4_client(40_027), s.v4_tcp.addr),
                 &s.v4_tcp,
                 v4_client(40_027),
+                as_built,
+                whole,
             ),
-        ] {
-            let out = fwd(&input, vip, client);
-            cases.push(Case::rewritten(name, &input, Action::Pass, &out, &new_flow));
-        }
-        // Ethernet padding after a short IP packet is carried along untouched.
-        let input = Packet::udp(v4_client(40_028), s.v4_udp.addr).payload(vec![]);
-        let mut padded = input.bytes();
-        padded.resize(60, 0xa5);
-        let mut want = fwd(&input, &s.v4_udp, v4_client(40_028)).bytes();
-        want.resize(60, 0xa5);
-        cases.push(Case {
-            name: "ipv4 udp padded to the 60-byte ethernet minimum".into(),
-            input: padded,
-            action: Action::Pass,
-            output: Expect::Frame(want),
-            counters: new_flow.to_vec(),
-            ingress: None,
-        });
-
-        // VLAN-tagged frames to a VIP are rewritten and left to the stack.
-        for (name, input, vip, client) in [
             (
-                "vlan 42 ipv4 tcp to the vip",
-                Packet::tcp(v4_client(40_030), s.v4_tcp.addr).vlan(42),
+                "ipv4 udp padded to the 60-byte ethernet minimum",
+                &s.v4_udp,
+                v4_client(40_028),
+                |p| p.payload(vec![]),
+                |mut f| {
+                    f.resize(60, 0xa5);
+                    f
+                },
+            ),
+        ];
+        cases.extend(to_the_stack(&lab, layouts));
+
+        // VLAN-tagged frames to a VIP are rewritten and left to the stack; a single 802.1ad
+        // (S-)tag is parsed like an 802.1Q tag.
+        let vlans: &[StackRow] = &[
+            (
+                "vlan 42 ipv4 tcp to the vip: rewritten, passed",
                 &s.v4_tcp,
                 v4_client(40_030),
+                |p| p.vlan(42),
+                whole,
             ),
             (
-                "vlan 4094 ipv6 udp to the vip",
-                Packet::udp(v6_client(40_031), s.v6_udp.addr).vlan(4094),
+                "vlan 4094 ipv6 udp to the vip: rewritten, passed",
                 &s.v6_udp,
                 v6_client(40_031),
+                |p| p.vlan(4094),
+                whole,
             ),
-        ] {
-            cases.push(Case::rewritten(
-                format!("{name}: rewritten, passed"),
-                &input,
-                Action::Pass,
-                &fwd(&input, vip, client),
-                &new_flow,
-            ));
-        }
-
-        // A single 802.1ad (S-)tag is parsed like an 802.1Q tag.
-        let input = Packet::udp(v4_client(40_032), s.v4_udp.addr).vlan(100);
-        let s_tag = |mut f: Vec<u8>| {
-            assert_eq!(f[12..14], [0x81, 0x00]);
-            f[12..14].copy_from_slice(&[0x88, 0xa8]);
-            f
-        };
-        cases.push(Case {
-            name: "802.1ad-tagged ipv4 udp to the vip: rewritten, passed".into(),
-            input: s_tag(input.bytes()),
-            action: Action::Pass,
-            output: Expect::Frame(s_tag(fwd(&input, &s.v4_udp, v4_client(40_032)).bytes())),
-            counters: new_flow.to_vec(),
-            ingress: None,
-        });
+            (
+                "802.1ad-tagged ipv4 udp to the vip: rewritten, passed",
+                &s.v4_udp,
+                v4_client(40_032),
+                |p| p.vlan(100),
+                |mut f| {
+                    assert_eq!(f[12..14], [0x81, 0x00]);
+                    f[12..14].copy_from_slice(&[0x88, 0xa8]);
+                    f
+                },
+            ),
+        ];
+        cases.extend(to_the_stack(&lab, vlans));
 
         // The reply to a VLAN-tagged flow has no remembered next hop: the FIB decides, and
         // with no route the stack gets it.
@@ -536,50 +575,52 @@ fn golden_table_without_a_route_to_the_backends() {
 
         // TTL / hop limit 1 with no next hop: the stack gets the rewritten packet, TTL as it was
         // (the stack decrements it, and answers time-exceeded, when it forwards).
-        for (name, input, vip, client) in [
+        let expiring: &[StackRow] = &[
             (
-                "ipv4 tcp ttl 1",
-                Packet::tcp(v4_client(40_040), s.v4_tcp.addr).ttl(1),
+                "ipv4 tcp ttl 1, no route: rewritten, ttl kept",
                 &s.v4_tcp,
                 v4_client(40_040),
+                |p| p.ttl(1),
+                whole,
             ),
             (
-                "ipv6 udp hop limit 1",
-                Packet::udp(v6_client(40_041), s.v6_udp.addr).ttl(1),
+                "ipv6 udp hop limit 1, no route: rewritten, ttl kept",
                 &s.v6_udp,
                 v6_client(40_041),
+                |p| p.ttl(1),
+                whole,
             ),
             (
-                "ipv4 udp ttl 0",
-                Packet::udp(v4_client(40_042), s.v4_udp.addr).ttl(0),
+                "ipv4 udp ttl 0, no route: rewritten, ttl kept",
                 &s.v4_udp,
                 v4_client(40_042),
+                |p| p.ttl(0),
+                whole,
+            ),
+        ];
+        cases.extend(to_the_stack(&lab, expiring));
+
+        // A VIP without backends drops (after counting the flow lookup as a miss).
+        for (name, input) in [
+            (
+                "ipv4 tcp to a vip without backends",
+                Packet::tcp(v4_client(40_050), s.v4_empty.addr),
+            ),
+            (
+                "ipv6 udp to a vip without backends",
+                Packet::udp(v6_client(40_051), s.v6_empty.addr),
             ),
         ] {
-            cases.push(Case::rewritten(
-                format!("{name}, no route: rewritten, ttl kept"),
-                &input,
-                Action::Pass,
-                &fwd(&input, vip, client),
-                &new_flow,
+            cases.push(Case::unmodified(
+                name,
+                input.bytes(),
+                Action::Drop,
+                &[ConntrackMiss, NoBackend],
             ));
         }
 
-        // A VIP without backends drops (after counting the flow lookup as a miss).
-        cases.push(Case::unmodified(
-            "ipv4 tcp to a vip without backends",
-            Packet::tcp(v4_client(40_050), s.v4_empty.addr).bytes(),
-            Action::Drop,
-            &[ConntrackMiss, NoBackend],
-        ));
-        cases.push(Case::unmodified(
-            "ipv6 udp to a vip without backends",
-            Packet::udp(v6_client(40_051), s.v6_empty.addr).bytes(),
-            Action::Drop,
-            &[ConntrackMiss, NoBackend],
-        ));
-
-        cases.extend(untouched_cases(&s));
+        cases.extend(not_balanced_cases(&s));
+        cases.extend(malformed_cases(&s));
         lab.assert_all(&cases);
 
         // The kernel itself refuses frames shorter than an Ethernet header.
@@ -596,9 +637,7 @@ fn golden_table_without_a_route_to_the_backends() {
 /// weights changed, a backend draining); new flows follow the ring, as `explain` predicts.
 #[test]
 fn conntrack_keeps_established_flows_when_the_ring_changes() {
-    in_fresh_netns("golden-conntrack", LIMIT, || {
-        let nl = Netlink::open();
-        forwarding_host(&nl);
+    GoldenHost::new("golden-conntrack").forwarding().run(|_| {
         let mut lab = Lab::new();
         let vip = lab.add_vip("192.0.2.30:80/tcp");
         let a = sa("198.51.100.1:80");
@@ -759,9 +798,7 @@ fn conntrack_keeps_established_flows_when_the_ring_changes() {
 /// went through the VIP (a direct connection, a health probe) is left alone.
 #[test]
 fn handshakes_finish_where_their_syn_went() {
-    in_fresh_netns("golden-handshake", LIMIT, || {
-        let nl = Netlink::open();
-        forwarding_host(&nl);
+    GoldenHost::new("golden-handshake").forwarding().run(|_| {
         let mut lab = Lab::new();
         let vip = lab.add_vip("192.0.2.50:80/tcp");
         let (a, b) = (sa("198.51.100.1:80"), sa("198.51.100.2:80"));
@@ -839,9 +876,7 @@ fn handshakes_finish_where_their_syn_went() {
 /// the last backend goes, the VIP drops.
 #[test]
 fn removed_backend_flows_move_to_the_remaining_backends() {
-    in_fresh_netns("golden-removal", LIMIT, || {
-        let nl = Netlink::open();
-        forwarding_host(&nl);
+    GoldenHost::new("golden-removal").forwarding().run(|_| {
         let mut lab = Lab::new();
         let vip = lab.add_vip("[2001:db8:f::30]:443/tcp");
         let a = sa("[2001:db8:b::1]:443");
@@ -917,9 +952,7 @@ fn removed_backend_flows_move_to_the_remaining_backends() {
 /// entry names is draining: still there while the entry holds, elsewhere once it does not.
 #[test]
 fn flow_entries_end_with_syn_fin_rst_and_idle_timeouts() {
-    in_fresh_netns("golden-lifetime", LIMIT, || {
-        let nl = Netlink::open();
-        forwarding_host(&nl);
+    GoldenHost::new("golden-lifetime").forwarding().run(|_| {
         let mut lab = Lab::new();
         let vip = lab.add_vip("192.0.2.40:80/tcp");
         let udp = lab.add_vip_with_timeout("192.0.2.40:53/udp", 30);
@@ -1214,43 +1247,13 @@ fn flow_entries_end_with_syn_fin_rst_and_idle_timeouts() {
     });
 }
 
-const EGRESS_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0xee, 0x01];
-const PEER_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0xee, 0x02];
-const CLIENT_PEER_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0xcc, 0x02];
-const BACKEND_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0xbb, 0x01];
-
-/// A load balancer with two legs, as a real one has: clients arrive on `xlb-in` (whose MAC is
-/// `LB_MAC`, the fixtures' destination), backends sit behind `xlb-out` on its subnets with
-/// permanent neighbour entries. Frames are fed in with test_run's `ingress_ifindex` set to
-/// the leg they arrive on. Returns `(xlb-in, xlb-out)` ifindexes.
-fn two_legged_host(nl: &Netlink) -> (u32, u32) {
-    forwarding_host(nl);
-    nl.add_veth("xlb-in", LB_MAC, "xlb-in-peer", CLIENT_PEER_MAC);
-    nl.add_veth("xlb-out", EGRESS_MAC, "xlb-out-peer", PEER_MAC);
-    for name in ["xlb-in", "xlb-in-peer", "xlb-out", "xlb-out-peer"] {
-        nl.set_up(name);
-    }
-    nl.add_address("xlb-in", "203.0.113.254".parse().expect("ip"), 24);
-    nl.add_address("xlb-in", "2001:db8:c::fe".parse().expect("ip"), 64);
-    nl.add_address("xlb-out", "198.51.100.254".parse().expect("ip"), 24);
-    nl.add_address("xlb-out", "2001:db8:b::fe".parse().expect("ip"), 64);
-    for ip in ["198.51.100.1", "2001:db8:b::1"] {
-        nl.set_permanent_neighbour("xlb-out", ip.parse().expect("ip"), BACKEND_MAC);
-    }
-    let (lb_in, in_mac) = nl.link("xlb-in");
-    let (lb_out, out_mac) = nl.link("xlb-out");
-    assert_eq!((in_mac, out_mac), (LB_MAC, EGRESS_MAC));
-    (lb_in, lb_out)
-}
-
 /// With a resolvable next hop on an interface in the redirect map, the program forwards the
 /// frame itself: `XDP_REDIRECT`, MACs set to (egress → next hop), TTL/hop limit decremented;
 /// replies go back out of the client's leg to the MAC the client's packet came from.
 #[test]
 fn redirect_when_the_next_hop_resolves() {
-    in_fresh_netns("golden-redirect", LIMIT, || {
-        let nl = Netlink::open();
-        let (lb_in, lb_out) = two_legged_host(&nl);
+    GoldenHost::two_legged("golden-redirect").run(|host| {
+        let (lb_in, lb_out) = host.legs();
         let mut lab = Lab::new();
         let v4 = lab.add_vip("192.0.2.10:80/tcp");
         let v4u = lab.add_vip("192.0.2.10:53/udp");
@@ -1275,11 +1278,7 @@ fn redirect_when_the_next_hop_resolves() {
             )
             .arriving_on(lb_in),
         );
-        for leg in [lb_in, lb_out] {
-            lab.balancer
-                .allow_egress(leg)
-                .expect("veth accepted in the devmap");
-        }
+        host.allow_egress_on_legs(&mut lab);
 
         let to_backend = |p: &Packet, to: SocketAddr| {
             p.clone()
@@ -1410,7 +1409,7 @@ fn redirect_when_the_next_hop_resolves() {
             .arriving_on(lb_in),
         );
         lab.assert_all(&cases);
-        nl.set_permanent_neighbour("xlb-in", V4_CLIENT.parse().expect("ip"), CLIENT_MAC);
+        host.add_neighbour(Iface::ClientLeg, V4_CLIENT.parse().expect("ip"), CLIENT_MAC);
         let reply = Packet::tcp(b4, v4_client(30)).macs(BACKEND_MAC, EGRESS_MAC);
         lab.assert(
             &Case::rewritten(
@@ -1442,7 +1441,7 @@ fn redirect_when_the_next_hop_resolves() {
             )
             .arriving_on(lb_in),
         );
-        nl.set_permanent_neighbour("xlb-out", late.ip(), BACKEND_MAC);
+        host.add_neighbour(Iface::BackendLeg, late.ip(), BACKEND_MAC);
         lab.assert(
             &Case::rewritten(
                 "same flow once the neighbour is known: redirected",
@@ -1470,9 +1469,8 @@ fn redirect_when_the_next_hop_resolves() {
 /// turns the failed `bpf_redirect_map` into `XDP_DROP`.
 #[test]
 fn reply_to_a_client_leg_outside_the_redirect_map_is_not_dropped() {
-    in_fresh_netns("golden-reply-leg", LIMIT, || {
-        let nl = Netlink::open();
-        let (lb_in, lb_out) = two_legged_host(&nl);
+    GoldenHost::two_legged("golden-reply-leg").run(|host| {
+        let (lb_in, lb_out) = host.legs();
         let mut lab = Lab::new();
         let vip = lab.add_vip("192.0.2.10:80/tcp");
         let backend = sa("198.51.100.1:8080");
@@ -1514,15 +1512,13 @@ fn reply_to_a_client_leg_outside_the_redirect_map_is_not_dropped() {
 /// routed out of `lo` here, with permanent neighbour entries there.
 #[test]
 fn tx_when_the_next_hop_is_behind_the_ingress_device() {
-    in_fresh_netns("golden-tx", LIMIT, || {
-        let nl = Netlink::open();
-        nl.set_up("lo");
-        nl.add_route("198.51.100.0".parse().expect("ip"), 24, "lo", None);
-        nl.add_route("2001:db8:b::".parse().expect("ip"), 64, "lo", None);
-        for ip in ["198.51.100.1", "2001:db8:b::1"] {
-            nl.set_permanent_neighbour("lo", ip.parse().expect("ip"), BACKEND_MAC);
-        }
-        let (_, lo_mac) = nl.link("lo");
+    let host = GoldenHost::new("golden-tx")
+        .lo_up()
+        .route("198.51.100.0/24", Iface::Lo, None)
+        .route("2001:db8:b::/64", Iface::Lo, None)
+        .neighbours(Iface::Lo, &["198.51.100.1", "2001:db8:b::1"], BACKEND_MAC);
+    host.run(|host| {
+        let lo_mac = host.mac(Iface::Lo);
         let mut lab = Lab::new();
         let v4 = lab.add_vip("192.0.2.10:80/tcp");
         let v6 = lab.add_vip("[2001:db8:f::10]:53/udp");
@@ -1532,8 +1528,7 @@ fn tx_when_the_next_hop_is_behind_the_ingress_device() {
 
         // Forwarding off (a new namespace copies the host's setting, so set it): the FIB
         // lookup says so, and the stack gets the rewritten packet, MACs and TTL untouched.
-        set_net_sysctl("ipv4/conf/all/forwarding", "0");
-        set_net_sysctl("ipv6/conf/all/forwarding", "0");
+        host.set_forwarding(false);
         let mut cases = Vec::new();
         for (name, input, to) in [
             ("ipv4 tcp", Packet::tcp(v4_client(100), v4.addr), b4),
@@ -1550,7 +1545,7 @@ fn tx_when_the_next_hop_is_behind_the_ingress_device() {
         }
         lab.assert_all(&cases);
 
-        forwarding_host(&nl);
+        host.set_forwarding(true);
         let mut cases = Vec::new();
         for (name, input, to) in [
             ("ipv4 tcp", Packet::tcp(v4_client(1), v4.addr), b4),
@@ -1584,7 +1579,7 @@ fn tx_when_the_next_hop_is_behind_the_ingress_device() {
 /// so a passing table means something.
 #[test]
 fn harness_reports_every_kind_of_mismatch() {
-    in_fresh_netns("golden-harness", LIMIT, || {
+    GoldenHost::new("golden-harness").run(|_| {
         let mut lab = Lab::new();
         let vip = lab.add_vip("192.0.2.10:80/tcp");
         let backend = sa("198.51.100.1:8080");

@@ -6,10 +6,7 @@
 //!
 //! Needs root (BPF_PROG_TEST_RUN, a fresh network namespace per test).
 
-use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    time::Duration,
-};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use etherparse::{
     Icmpv4Type, Icmpv6Type, IpNumber, Ipv4Header, Ipv6Header, UdpHeader,
@@ -21,15 +18,17 @@ use lb_common::{
 };
 use lb_userspace::balancer::{Forwarding, VipSpec};
 use xlb_tests::{
-    harness::{Action, Lab},
-    netns::{Netlink, in_fresh_netns, set_net_sysctl},
+    harness::{Action, Hook, Lab},
+    host::{GoldenHost, Host, Iface, LegMacs},
     packet::{CLIENT_MAC, LB_MAC, Packet},
 };
 
-const LIMIT: Duration = Duration::from_secs(120);
 const EGRESS_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xe0];
-const PEER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xe1];
-const CLIENT_PEER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xc1];
+const LEGS: LegMacs = LegMacs {
+    client_peer: [0x02, 0, 0, 0, 0, 0xc1],
+    backend_leg: EGRESS_MAC,
+    backend_peer: [0x02, 0, 0, 0, 0, 0xe1],
+};
 const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
 /// The balancer's address on the backends' side: the outer source when none is configured.
 const LB_OUT_V4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 254);
@@ -46,34 +45,25 @@ fn sa(s: &str) -> SocketAddr {
 
 /// A host with a client leg and a backend leg (MTU 1500), forwarding on, backends' networks
 /// routed through a router whose MAC is known.
-fn host(nl: &Netlink) -> (u32, u32) {
-    nl.set_up("lo");
-    set_net_sysctl("ipv4/conf/all/forwarding", "1");
-    set_net_sysctl("ipv6/conf/all/forwarding", "1");
-    nl.add_veth("xlb-in", LB_MAC, "xlb-in-peer", CLIENT_PEER_MAC);
-    nl.add_veth("xlb-out", EGRESS_MAC, "xlb-out-peer", PEER_MAC);
-    for name in ["xlb-in", "xlb-in-peer", "xlb-out", "xlb-out-peer"] {
-        nl.set_up(name);
-    }
-    nl.add_address("xlb-in", "203.0.113.254".parse().expect("ip"), 24);
-    nl.add_address("xlb-in", "2001:db8:c::fe".parse().expect("ip"), 64);
-    nl.add_address("xlb-out", IpAddr::V4(LB_OUT_V4), 24);
-    nl.add_address("xlb-out", IpAddr::V6(LB_OUT_V6), 64);
-    nl.set_permanent_neighbour("xlb-out", IpAddr::V4(ROUTER_V4), ROUTER_MAC);
-    nl.set_permanent_neighbour("xlb-out", IpAddr::V6(ROUTER_V6), ROUTER_MAC);
-    nl.add_route(
-        IpAddr::V4(Ipv4Addr::new(10, 20, 0, 0)),
-        24,
-        "xlb-out",
-        Some(IpAddr::V4(ROUTER_V4)),
-    );
-    nl.add_route(
-        IpAddr::V6(Ipv6Addr::new(0xfd00, 0x20, 0, 0, 0, 0, 0, 0)),
-        64,
-        "xlb-out",
-        Some(IpAddr::V6(ROUTER_V6)),
-    );
-    (nl.link("xlb-in").0, nl.link("xlb-out").0)
+fn host(name: &str) -> GoldenHost {
+    GoldenHost::new(name)
+        .forwarding()
+        .two_legs(LEGS)
+        .neighbours(
+            Iface::BackendLeg,
+            &[&ROUTER_V4.to_string(), &ROUTER_V6.to_string()],
+            ROUTER_MAC,
+        )
+        .route(
+            "10.20.0.0/24",
+            Iface::BackendLeg,
+            Some(&ROUTER_V4.to_string()),
+        )
+        .route(
+            "fd00:20::/64",
+            Iface::BackendLeg,
+            Some(&ROUTER_V6.to_string()),
+        )
 }
 
 /// A VIP whose one backend, `backend` at the VIP's port, is reached by `forwarding`, set up
@@ -162,14 +152,11 @@ fn assert_tunnelled(name: &str, out: &[u8], inner: &[u8], forwarding: u8) -> u16
 /// later one leave through the tunnel, identical apart from nothing.
 #[test]
 fn client_packets_leave_inside_the_tunnel_untouched() {
-    in_fresh_netns("golden-dsr-encap", LIMIT, || {
-        let nl = Netlink::open();
-        let (lb_in, lb_out) = host(&nl);
+    host("golden-dsr-encap").run(|host| {
+        let (lb_in, _) = host.legs();
         let mut lab = Lab::new();
         lab.load_tc();
-        for leg in [lb_in, lb_out] {
-            lab.balancer.allow_egress(leg).expect("veth in the devmap");
-        }
+        host.allow_egress_on_legs(&mut lab);
         let cases = [
             ("ipip v4 tcp", "192.0.2.10:80/tcp", FORWARD_IPIP, true),
             ("ipip v4 udp", "192.0.2.10:53/udp", FORWARD_IPIP, true),
@@ -296,13 +283,11 @@ fn assert_too_big(what: &str, out: &[u8], client_packet: &[u8], ipv6: bool, mtu:
 
 /// Both hooks loaded, both legs in the devmap, and two tunnelled VIPs: IPv4 over IPIP and
 /// IPv6 over GUE.
-fn lab_with_two_tunnels(nl: &Netlink) -> (Lab, u32, u32, VipSpec, VipSpec) {
-    let (lb_in, lb_out) = host(nl);
+fn lab_with_two_tunnels(host: &Host<'_>) -> (Lab, u32, u32, VipSpec, VipSpec) {
+    let (lb_in, lb_out) = host.legs();
     let mut lab = Lab::new();
     lab.load_tc();
-    for leg in [lb_in, lb_out] {
-        lab.balancer.allow_egress(leg).expect("veth in the devmap");
-    }
+    host.allow_egress_on_legs(&mut lab);
     let v4 = tunnelled_vip(
         &mut lab,
         "192.0.2.10:80/tcp",
@@ -323,9 +308,8 @@ fn lab_with_two_tunnels(nl: &Netlink) -> (Lab, u32, u32, VipSpec, VipSpec) {
 /// quoting its own packet's header; nothing goes to the backend.
 #[test]
 fn packets_too_big_for_the_tunnel_are_answered_with_icmp() {
-    in_fresh_netns("golden-dsr-too-big", LIMIT, || {
-        let nl = Netlink::open();
-        let (lab, lb_in, _, v4, v6) = lab_with_two_tunnels(&nl);
+    host("golden-dsr-too-big").run(|host| {
+        let (lab, lb_in, _, v4, v6) = lab_with_two_tunnels(host);
         // 1500 bytes of IP: fits the 1500-byte link, not with 20 (or 48) bytes in front.
         let big4 = Packet::tcp(sa("203.0.113.7:41000"), v4.addr)
             .tcp_ack_flag()
@@ -338,59 +322,47 @@ fn packets_too_big_for_the_tunnel_are_answered_with_icmp() {
             .tcp_ack_flag()
             .payload(vec![0x5a; 1480 - 20 - 20]);
 
-        for hook in ["xdp", "tc"] {
-            let run = |frame: &[u8]| -> (u32, Vec<u8>) {
-                if hook == "xdp" {
-                    lab.run_on(frame, Some(lb_in))
+        // (case, packet, what must come of it: the MTU announced back to the client, or
+        // `None`: the tunnelled packet).
+        let table = [
+            ("ipv4, MTU 1500 - 20", &big4, Some(1480)),
+            ("ipv6, MTU 1500 - 48", &big6, Some(1452)),
+            ("ipv4 that fits", &fits4, None),
+        ];
+        for hook in [Hook::Xdp, Hook::Tc] {
+            for (what, packet, announced) in table {
+                let name = format!("{hook:?} {what}");
+                let frame = packet.bytes();
+                let before = lab.counters()[TooBigForTunnel as usize];
+                let (action, out) = run(&lab, hook, &frame, lb_in);
+                let too_big = lab.counters()[TooBigForTunnel as usize] - before;
+                if let Some(mtu) = announced {
+                    // XDP bounces the error out of the ingress device; TC redirects it there.
+                    let sent_back = match hook {
+                        Hook::Xdp => Action::Tx,
+                        Hook::Tc => Action::Redirect,
+                    };
+                    assert_eq!(action, sent_back as u32, "{name}: error sent back");
+                    assert_too_big(&name, &out, &frame, frame[12..14] == [0x86, 0xdd], mtu);
+                    assert_eq!(too_big, 1, "{name}: counted as too big for the tunnel");
                 } else {
-                    lab.run_tc_on(frame, lb_in).expect("TC took the frame")
+                    assert_eq!(
+                        action,
+                        Action::Redirect as u32,
+                        "{name}: a packet that fits"
+                    );
+                    assert_tunnelled(&name, &out, &frame[14..], FORWARD_IPIP);
+                    assert_eq!(too_big, 0, "{name}: not counted as too big");
                 }
-            };
-            let before = lab.counters()[TooBigForTunnel as usize];
-            let frame = big4.bytes();
-            let (action, out) = run(&frame);
-            let expected_action = if hook == "xdp" {
-                Action::Tx
-            } else {
-                Action::Redirect
-            };
-            assert_eq!(
-                action, expected_action as u32,
-                "{hook}: IPv4 error sent back"
-            );
-            assert_too_big(
-                &format!("{hook} ipv4, MTU 1500 - 20"),
-                &out,
-                &frame,
-                false,
-                1480,
-            );
-            assert_eq!(lab.counters()[TooBigForTunnel as usize] - before, 1);
-
-            let frame = big6.bytes();
-            let (action, out) = run(&frame);
-            assert_eq!(
-                action, expected_action as u32,
-                "{hook}: IPv6 error sent back"
-            );
-            assert_too_big(
-                &format!("{hook} ipv6, MTU 1500 - 48"),
-                &out,
-                &frame,
-                true,
-                1452,
-            );
-
-            let frame = fits4.bytes();
-            let (action, out) = run(&frame);
-            assert_eq!(
-                action,
-                Action::Redirect as u32,
-                "{hook}: a packet that fits"
-            );
-            assert_tunnelled(hook, &out, &frame[14..], FORWARD_IPIP);
+            }
         }
     });
+}
+
+/// Every frame here is one the kernel makes a socket buffer of.
+fn run(lab: &Lab, hook: Hook, frame: &[u8], ingress: u32) -> (u32, Vec<u8>) {
+    lab.run_at(hook, frame, ingress)
+        .unwrap_or_else(|| panic!("{hook:?} took no {}-byte frame", frame.len()))
 }
 
 /// The client's packet inside xlb's tunnel, as a router between the balancer and the
@@ -480,9 +452,8 @@ fn path_error(inner: &[u8], ipv6: bool, gue: bool, mtu: u16) -> Vec<u8> {
 /// flow xlb does not know is left to the stack.
 #[test]
 fn too_big_errors_from_the_tunnel_path_reach_the_client() {
-    in_fresh_netns("golden-dsr-path", LIMIT, || {
-        let nl = Netlink::open();
-        let (lab, lb_in, lb_out, v4, v6) = lab_with_two_tunnels(&nl);
+    host("golden-dsr-path").run(|host| {
+        let (lab, lb_in, lb_out, v4, v6) = lab_with_two_tunnels(host);
         for (name, vip, client, gue, ipv6, router_mtu, announced) in [
             (
                 "ipip v4",
@@ -511,18 +482,14 @@ fn too_big_errors_from_the_tunnel_path_reach_the_client() {
             let (action, _) = lab.run_on(&frame, Some(lb_in));
             assert_eq!(action, Action::Redirect as u32, "{name}: the flow's packet");
             let error = path_error(&frame[14..], ipv6, gue, router_mtu);
-            for hook in ["xdp", "tc"] {
-                let (action, out) = if hook == "xdp" {
-                    lab.run_on(&error, Some(lb_out))
-                } else {
-                    lab.run_tc_on(&error, lb_out).expect("TC took the frame")
-                };
+            for hook in [Hook::Xdp, Hook::Tc] {
+                let (action, out) = run(&lab, hook, &error, lb_out);
                 assert_eq!(
                     action,
                     Action::Redirect as u32,
-                    "{name} {hook}: out of the client leg"
+                    "{name} {hook:?}: out of the client leg"
                 );
-                assert_too_big(&format!("{name} {hook}"), &out, &frame, ipv6, announced);
+                assert_too_big(&format!("{name} {hook:?}"), &out, &frame, ipv6, announced);
             }
             // Another client's flow, never seen: the error is not xlb's to translate.
             let stranger = Packet::tcp(

@@ -13,26 +13,19 @@
 //!   reply VIP → client: to the backend, quoting backend → client.
 
 use std::{
+    collections::HashMap,
     net::{IpAddr, SocketAddr},
-    time::Duration,
 };
 
 use lb_common::Counter::{
-    self, ConntrackMiss, IcmpTranslated, NextHopFailure, NotTcpUdp, TtlExpired, ViaStack,
+    ConntrackMiss, IcmpTranslated, NextHopFailure, NotTcpUdp, TtlExpired, ViaStack,
 };
 use lb_userspace::balancer::VipSpec;
 use xlb_tests::{
-    harness::{Action, Case, Expect, Lab},
-    netns::{Netlink, in_fresh_netns, set_net_sysctl},
+    harness::{Action, Case, Lab},
+    host::{BACKEND_MAC, EGRESS_MAC, GoldenHost},
     packet::{CLIENT_MAC, IcmpError, LB_MAC, Packet},
 };
-
-const LIMIT: Duration = Duration::from_secs(120);
-
-const BACKEND_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0xbb, 0x01];
-const EGRESS_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0xee, 0x01];
-const PEER_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0xee, 0x02];
-const CLIENT_PEER_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0xcc, 0x02];
 
 // Documentation ranges, as in golden.rs: VIPs 192.0.2.0/24 and 2001:db8:f::/64, backends
 // 198.51.100.0/24 and 2001:db8:b::/64, clients 203.0.113.0/24 and 2001:db8:c::/64; the
@@ -54,31 +47,6 @@ fn ip(s: &str) -> IpAddr {
 
 fn client(v6: bool, port: u16) -> SocketAddr {
     SocketAddr::new(ip(if v6 { V6_CLIENT } else { V4_CLIENT }), port)
-}
-
-/// `lo` up and forwarding on, as on a load balancer host (see golden.rs).
-fn forwarding_host(nl: &Netlink) {
-    nl.set_up("lo");
-    set_net_sysctl("ipv4/conf/all/forwarding", "1");
-    set_net_sysctl("ipv6/conf/all/forwarding", "1");
-}
-
-/// An error the program must rewrite into `output`.
-fn icmp_case(
-    name: impl Into<String>,
-    input: &IcmpError,
-    action: Action,
-    output: &IcmpError,
-    counters: &[Counter],
-) -> Case {
-    Case {
-        name: name.into(),
-        input: input.bytes(),
-        action,
-        output: Expect::Frame(output.bytes()),
-        counters: counters.to_vec(),
-        ingress: None,
-    }
 }
 
 /// The flow's first packet, client → VIP, through the program (for TCP after the SYN that
@@ -106,13 +74,71 @@ fn open_flow(lab: &Lab, input: &Packet, vip: &VipSpec, client: SocketAddr) -> (S
     (backend, forwarded.decrement_ttl())
 }
 
+/// A packet from `client` to `vip`, TCP or UDP as the VIP is.
+fn packet_to(vip: &VipSpec, client: SocketAddr) -> Packet {
+    if vip.proto.number() == 6 {
+        Packet::tcp(client, vip.addr)
+    } else {
+        Packet::udp(client, vip.addr)
+    }
+}
+
+/// A row of the backend-side table: an error about the packet client → backend that xlb
+/// forwarded for the flow `client` → `vip`. It comes from a router behind xlb
+/// (fragmentation needed, MTU 1400 / packet too big, MTU 1280) unless `from_the_backend`
+/// (port unreachable), quoting the whole packet unless `quote_len` says how many bytes of
+/// its IP packet.
+struct BackendSide<'a> {
+    name: &'a str,
+    client: SocketAddr,
+    vip: &'a VipSpec,
+    /// How the flow's packet differs from `packet_to`'s.
+    flow: fn(Packet) -> Packet,
+    from_the_backend: bool,
+    quote_len: Option<usize>,
+    /// TTL 1: translated, then left to the stack, which answers time-exceeded.
+    expiring: bool,
+}
+
+impl<'a> BackendSide<'a> {
+    fn new(name: &'a str, client: SocketAddr, vip: &'a VipSpec) -> Self {
+        Self {
+            name,
+            client,
+            vip,
+            flow: |packet| packet,
+            from_the_backend: false,
+            quote_len: None,
+            expiring: false,
+        }
+    }
+
+    const fn sent_by_the_backend(mut self) -> Self {
+        self.from_the_backend = true;
+        self
+    }
+
+    const fn quoting(mut self, len: usize) -> Self {
+        self.quote_len = Some(len);
+        self
+    }
+
+    const fn expiring(mut self) -> Self {
+        self.expiring = true;
+        self
+    }
+
+    const fn flow(mut self, flow: fn(Packet) -> Packet) -> Self {
+        self.flow = flow;
+        self
+    }
+}
+
 /// Without a route to the backends: errors to clients leave like replies (back out of the
 /// client's ingress, here `lo`: `XDP_TX`), errors to backends go through the stack.
 #[test]
 fn icmp_errors_are_translated_both_ways() {
-    in_fresh_netns("golden-icmp", LIMIT, || {
-        let nl = Netlink::open();
-        forwarding_host(&nl);
+    GoldenHost::new("golden-icmp").forwarding().run(|_| {
         let mut lab = Lab::new();
         let v4_tcp = lab.add_vip("192.0.2.10:80/tcp");
         let v4_udp = lab.add_vip("192.0.2.10:53/udp");
@@ -127,117 +153,106 @@ fn icmp_errors_are_translated_both_ways() {
         let to_client = |e: &IcmpError| e.clone().decrement_ttl().macs(LB_MAC, CLIENT_MAC);
         let mut cases = Vec::new();
 
-        // From the backend side, about client → backend.
-        let c = client(false, 40_001);
-        let (_, fwd) = open_flow(&lab, &Packet::tcp(c, v4_tcp.addr), &v4_tcp, c);
-        let error =
-            IcmpError::fragmentation_needed(ip(V4_BACKEND_ROUTER), c.ip(), 1400, fwd.clone())
-                .macs(BACKEND_MAC, LB_MAC);
-        cases.push(icmp_case(
-            "ipv4 fragmentation needed from a router behind xlb: quotes the vip, router's source kept",
-            &error,
-            Action::Tx,
-            &to_client(&error.clone().quoted(fwd.clone().dst(v4_tcp.addr))),
-            &[IcmpTranslated],
-        ));
-
-        let c = client(false, 40_002);
-        let (backend, fwd) = open_flow(&lab, &Packet::udp(c, v4_udp.addr), &v4_udp, c);
-        let error = IcmpError::port_unreachable(backend.ip(), c.ip(), fwd.clone())
-            .macs(BACKEND_MAC, LB_MAC);
-        cases.push(icmp_case(
-            "ipv4 port unreachable from the backend itself: from the vip, quoting the vip",
-            &error,
-            Action::Tx,
-            &to_client(
-                &error
-                    .clone()
-                    .src(v4_udp.addr.ip())
-                    .quoted(fwd.dst(v4_udp.addr)),
+        // From the backend side, about client → backend. Rows about one client share its
+        // flow, opened by the first of them.
+        let from_backend_side = [
+            BackendSide::new(
+                "ipv4 fragmentation needed from a router behind xlb: quotes the vip, router's source kept",
+                client(false, 40_001),
+                &v4_tcp,
             ),
-            &[IcmpTranslated],
-        ));
-
-        let c = client(true, 40_003);
-        let (_, fwd) = open_flow(&lab, &Packet::tcp(c, v6_tcp.addr), &v6_tcp, c);
-        let error = IcmpError::packet_too_big(ip(V6_BACKEND_ROUTER), c.ip(), 1280, fwd.clone())
-            .macs(BACKEND_MAC, LB_MAC);
-        cases.push(icmp_case(
-            "ipv6 packet too big from a router behind xlb: quotes the vip",
-            &error,
-            Action::Tx,
-            &to_client(&error.clone().quoted(fwd.clone().dst(v6_tcp.addr))),
-            &[IcmpTranslated],
-        ));
-        // Cut after the TCP checksum: the payload is gone, the checksum still updated.
-        let cut = error.clone().quote_len(40 + 18);
-        cases.push(icmp_case(
-            "ipv6 packet too big quoting 18 bytes of tcp: checksum in the quote updated",
-            &cut,
-            Action::Tx,
-            &to_client(&cut.clone().quoted(fwd.dst(v6_tcp.addr))),
-            &[IcmpTranslated],
-        ));
-
-        let c = client(true, 40_004);
-        let (backend, fwd) = open_flow(&lab, &Packet::udp(c, v6_udp.addr), &v6_udp, c);
-        let error = IcmpError::port_unreachable(backend.ip(), c.ip(), fwd.clone())
-            .macs(BACKEND_MAC, LB_MAC);
-        cases.push(icmp_case(
-            "ipv6 port unreachable from the backend itself: from the vip (pseudo-header changes)",
-            &error,
-            Action::Tx,
-            &to_client(
-                &error
-                    .clone()
-                    .src(v6_udp.addr.ip())
-                    .quoted(fwd.dst(v6_udp.addr)),
+            BackendSide::new(
+                "ipv4 port unreachable from the backend itself: from the vip, quoting the vip",
+                client(false, 40_002),
+                &v4_udp,
+            )
+            .sent_by_the_backend(),
+            BackendSide::new(
+                "ipv6 packet too big from a router behind xlb: quotes the vip",
+                client(true, 40_003),
+                &v6_tcp,
             ),
-            &[IcmpTranslated],
-        ));
-
-        // The shortest quote: IP header and 8 bytes, no TCP checksum.
-        let c = client(false, 40_005);
-        let (_, fwd) = open_flow(&lab, &Packet::tcp(c, v4_tcp.addr), &v4_tcp, c);
-        let error =
-            IcmpError::fragmentation_needed(ip(V4_BACKEND_ROUTER), c.ip(), 1400, fwd.clone())
-                .quote_len(20 + 8)
-                .macs(BACKEND_MAC, LB_MAC);
-        cases.push(icmp_case(
-            "ipv4 fragmentation needed quoting 8 bytes of tcp",
-            &error,
-            Action::Tx,
-            &to_client(&error.clone().quoted(fwd.clone().dst(v4_tcp.addr))),
-            &[IcmpTranslated],
-        ));
-        // An error whose TTL expires here is translated and left to the stack.
-        let expiring = error.clone().quote_len(20 + 8).ttl(1);
-        cases.push(icmp_case(
-            "ipv4 error with ttl 1: translated, left to the stack",
-            &expiring,
-            Action::Pass,
-            &expiring.clone().quoted(fwd.dst(v4_tcp.addr)),
-            &[IcmpTranslated, TtlExpired],
-        ));
-
-        // UDP without a checksum: it stays without.
-        let c = client(false, 40_006);
-        let input = Packet::udp(c, v4_udp.addr).udp_zero_checksum();
-        let (backend, fwd) = open_flow(&lab, &input, &v4_udp, c);
-        let error = IcmpError::port_unreachable(backend.ip(), c.ip(), fwd.clone())
+            // Cut after the TCP checksum: the payload is gone, the checksum still updated.
+            BackendSide::new(
+                "ipv6 packet too big quoting 18 bytes of tcp: checksum in the quote updated",
+                client(true, 40_003),
+                &v6_tcp,
+            )
+            .quoting(40 + 18),
+            BackendSide::new(
+                "ipv6 port unreachable from the backend itself: from the vip (pseudo-header changes)",
+                client(true, 40_004),
+                &v6_udp,
+            )
+            .sent_by_the_backend(),
+            // The shortest quote: IP header and 8 bytes, no TCP checksum.
+            BackendSide::new(
+                "ipv4 fragmentation needed quoting 8 bytes of tcp",
+                client(false, 40_005),
+                &v4_tcp,
+            )
+            .quoting(20 + 8),
+            // An error whose TTL expires here is translated and left to the stack.
+            BackendSide::new(
+                "ipv4 error with ttl 1: translated, left to the stack",
+                client(false, 40_005),
+                &v4_tcp,
+            )
+            .quoting(20 + 8)
+            .expiring(),
+            // UDP without a checksum: it stays without.
+            BackendSide::new(
+                "ipv4 port unreachable quoting udp with checksum 0: stays 0",
+                client(false, 40_006),
+                &v4_udp,
+            )
+            .sent_by_the_backend()
+            .flow(Packet::udp_zero_checksum),
+        ];
+        let mut flows = HashMap::new();
+        for row in &from_backend_side {
+            let c = row.client;
+            let (backend, fwd) = flows
+                .entry(c)
+                .or_insert_with(|| open_flow(&lab, &(row.flow)(packet_to(row.vip, c)), row.vip, c))
+                .clone();
+            let error = match (row.from_the_backend, c.is_ipv6()) {
+                (true, _) => IcmpError::port_unreachable(backend.ip(), c.ip(), fwd.clone()),
+                (false, false) => {
+                    IcmpError::fragmentation_needed(ip(V4_BACKEND_ROUTER), c.ip(), 1400, fwd.clone())
+                }
+                (false, true) => {
+                    IcmpError::packet_too_big(ip(V6_BACKEND_ROUTER), c.ip(), 1280, fwd.clone())
+                }
+            };
+            let error = match row.quote_len {
+                Some(len) => error.quote_len(len),
+                None => error,
+            }
             .macs(BACKEND_MAC, LB_MAC);
-        cases.push(icmp_case(
-            "ipv4 port unreachable quoting udp with checksum 0: stays 0",
-            &error,
-            Action::Tx,
-            &to_client(
-                &error
-                    .clone()
-                    .src(v4_udp.addr.ip())
-                    .quoted(fwd.dst(v4_udp.addr)),
-            ),
-            &[IcmpTranslated],
-        ));
+            let error = if row.expiring { error.ttl(1) } else { error };
+            let mut translated = error.clone().quoted(fwd.dst(row.vip.addr));
+            if row.from_the_backend {
+                translated = translated.src(row.vip.addr.ip());
+            }
+            cases.push(if row.expiring {
+                Case::rewritten(
+                    row.name,
+                    &error,
+                    Action::Pass,
+                    &translated,
+                    &[IcmpTranslated, TtlExpired],
+                )
+            } else {
+                Case::rewritten(
+                    row.name,
+                    &error,
+                    Action::Tx,
+                    &to_client(&translated),
+                    &[IcmpTranslated],
+                )
+            });
+        }
 
         // From the client side, to the VIP, about a reply VIP → client: to the flow's
         // backend, through the stack here (no route).
@@ -299,7 +314,7 @@ fn icmp_errors_are_translated_both_ways() {
                     IcmpError::packet_too_big(source, vip.addr.ip(), 1280, reply.clone())
                 }
             };
-            cases.push(icmp_case(
+            cases.push(Case::rewritten(
                 format!("{name}: to {backend}, quoting {backend} -> client"),
                 &error,
                 Action::Pass,
@@ -313,65 +328,60 @@ fn icmp_errors_are_translated_both_ways() {
         // Errors this is not for: passed untouched.
         let c = client(false, 40_001);
         let backend = lab.explain(c, &v4_tcp).1.expect("flow 40001 is tracked");
-        let untouched = |name: &str, error: IcmpError| {
-            Case::unmodified(name, error.bytes(), Action::Pass, &[NotTcpUdp])
-        };
         let about = |from: SocketAddr, to: SocketAddr| Packet::tcp(from, to).decrement_ttl();
-        cases.push(untouched(
-            "quoting client -> backend of no flow (another client port)",
-            IcmpError::fragmentation_needed(
-                ip(V4_BACKEND_ROUTER),
-                c.ip(),
-                1400,
-                about(client(false, 9), backend),
-            ),
-        ));
         let other_backend = (1..=2)
             .map(|i| sa(&format!("198.51.100.{i}:8080")))
             .find(|b| *b != backend)
             .expect("two backends");
-        cases.push(untouched(
-            "quoting the flow's client port towards another backend",
-            IcmpError::fragmentation_needed(
-                ip(V4_BACKEND_ROUTER),
-                c.ip(),
-                1400,
-                about(c, other_backend),
+        let frag_needed = |to: IpAddr, quoted: Packet| {
+            IcmpError::fragmentation_needed(ip(V4_BACKEND_ROUTER), to, 1400, quoted)
+        };
+        for (name, error) in [
+            (
+                "quoting client -> backend of no flow (another client port)",
+                frag_needed(c.ip(), about(client(false, 9), backend)),
             ),
-        ));
-        cases.push(untouched(
-            "quoting vip -> client of no flow",
-            IcmpError::packet_too_big(
-                ip(V6_CLIENT_ROUTER),
-                v6_tcp.addr.ip(),
-                1280,
-                about(v6_tcp.addr, client(true, 9)),
+            (
+                "quoting the flow's client port towards another backend",
+                frag_needed(c.ip(), about(c, other_backend)),
             ),
-        ));
-        cases.push(untouched(
-            "quoting a known flow, cut one byte short of the ports",
-            IcmpError::fragmentation_needed(ip(V4_BACKEND_ROUTER), c.ip(), 1400, about(c, backend))
-                .quote_len(20 + 7),
-        ));
-        cases.push(untouched(
-            "quoting a known flow, not addressed to the quoted source",
-            IcmpError::fragmentation_needed(
-                ip(V4_BACKEND_ROUTER),
-                ip("203.0.113.99"),
-                1400,
-                about(c, backend),
+            (
+                "quoting vip -> client of no flow",
+                IcmpError::packet_too_big(
+                    ip(V6_CLIENT_ROUTER),
+                    v6_tcp.addr.ip(),
+                    1280,
+                    about(v6_tcp.addr, client(true, 9)),
+                ),
             ),
-        ));
-        let not_an_error = IcmpError::new(
-            ip(V4_BACKEND_ROUTER),
-            c.ip(),
-            5,
-            1,
-            [198, 51, 100, 1],
-            about(c, backend),
-        )
-        .macs(BACKEND_MAC, LB_MAC);
-        cases.push(untouched("a redirect quoting a known flow", not_an_error));
+            (
+                "quoting a known flow, cut one byte short of the ports",
+                frag_needed(c.ip(), about(c, backend)).quote_len(20 + 7),
+            ),
+            (
+                "quoting a known flow, not addressed to the quoted source",
+                frag_needed(ip("203.0.113.99"), about(c, backend)),
+            ),
+            (
+                "a redirect quoting a known flow",
+                IcmpError::new(
+                    ip(V4_BACKEND_ROUTER),
+                    c.ip(),
+                    5,
+                    1,
+                    [198, 51, 100, 1],
+                    about(c, backend),
+                )
+                .macs(BACKEND_MAC, LB_MAC),
+            ),
+        ] {
+            cases.push(Case::unmodified(
+                name,
+                error.bytes(),
+                Action::Pass,
+                &[NotTcpUdp],
+            ));
+        }
         lab.assert_all(&cases);
     });
 }
@@ -380,29 +390,10 @@ fn icmp_errors_are_translated_both_ways() {
 /// golden.rs: errors are forwarded by XDP itself, with the flow's cached next hops.
 #[test]
 fn icmp_errors_are_redirected_like_their_flows() {
-    in_fresh_netns("golden-icmp-redirect", LIMIT, || {
-        let nl = Netlink::open();
-        forwarding_host(&nl);
-        nl.add_veth("xlb-in", LB_MAC, "xlb-in-peer", CLIENT_PEER_MAC);
-        nl.add_veth("xlb-out", EGRESS_MAC, "xlb-out-peer", PEER_MAC);
-        for name in ["xlb-in", "xlb-in-peer", "xlb-out", "xlb-out-peer"] {
-            nl.set_up(name);
-        }
-        nl.add_address("xlb-in", ip("203.0.113.254"), 24);
-        nl.add_address("xlb-in", ip("2001:db8:c::fe"), 64);
-        nl.add_address("xlb-out", ip("198.51.100.254"), 24);
-        nl.add_address("xlb-out", ip("2001:db8:b::fe"), 64);
-        for b in ["198.51.100.1", "2001:db8:b::1"] {
-            nl.set_permanent_neighbour("xlb-out", ip(b), BACKEND_MAC);
-        }
-        let (lb_in, _) = nl.link("xlb-in");
-        let (lb_out, _) = nl.link("xlb-out");
+    GoldenHost::two_legged("golden-icmp-redirect").run(|host| {
+        let (lb_in, lb_out) = host.legs();
         let mut lab = Lab::new();
-        for leg in [lb_in, lb_out] {
-            lab.balancer
-                .allow_egress(leg)
-                .expect("veth accepted in the devmap");
-        }
+        host.allow_egress_on_legs(&mut lab);
         let v4 = lab.add_vip("192.0.2.10:80/tcp");
         let v6 = lab.add_vip("[2001:db8:f::10]:53/udp");
         let (b4, b6) = (sa("198.51.100.1:8080"), sa("[2001:db8:b::1]:5353"));
@@ -434,7 +425,7 @@ fn icmp_errors_are_redirected_like_their_flows() {
             }
             .macs(BACKEND_MAC, EGRESS_MAC);
             cases.push(
-                icmp_case(
+                Case::rewritten(
                     format!("{name}: the backend's error, redirected to the client leg"),
                     &error,
                     Action::Redirect,
@@ -467,7 +458,7 @@ fn icmp_errors_are_redirected_like_their_flows() {
             }
             .macs(CLIENT_MAC, LB_MAC);
             cases.push(
-                icmp_case(
+                Case::rewritten(
                     format!("{name}: a router's error about a reply, redirected to the backend"),
                     &error,
                     Action::Redirect,

@@ -28,20 +28,15 @@ use etherparse::{
 use lb_common::Counter;
 use lb_userspace::balancer::VipSpec;
 use xlb_tests::{
-    harness::{Action, Lab},
-    netns::{Netlink, in_fresh_netns, set_net_sysctl},
-    packet::{CLIENT_MAC, IcmpError, LB_MAC, Packet, hex},
+    harness::{Action, Hook, Lab},
+    host::{BACKEND_MAC, EGRESS_MAC, GoldenHost, Host, Iface},
+    packet::{CLIENT_MAC, IcmpError, Packet, hex},
 };
 
 const SEED: u64 = 0x786c_625f_6d75_7461;
 /// What CI runs: about 2 s on 2 cores, namespace and load included (docs/reliability.md).
 const CI_FRAMES: usize = 1_000_000;
 const LIMIT: Duration = Duration::from_secs(300);
-
-const EGRESS_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0xee, 0x01];
-const PEER_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0xee, 0x02];
-const CLIENT_PEER_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0xcc, 0x02];
-const BACKEND_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0xbb, 0x01];
 
 const ETH_HLEN: usize = 14;
 const TCP: u8 = 6;
@@ -100,31 +95,19 @@ impl Service {
 /// Two legs as on a real load balancer (clients on `xlb-in`, backends behind `xlb-out`, both in
 /// the redirect map); some backends have a neighbour entry (redirected), the others none
 /// (rewritten and passed to the stack).
-fn two_legged_host(nl: &Netlink) -> (u32, u32) {
-    nl.set_up("lo");
-    set_net_sysctl("ipv4/conf/all/forwarding", "1");
-    set_net_sysctl("ipv6/conf/all/forwarding", "1");
-    nl.add_veth("xlb-in", LB_MAC, "xlb-in-peer", CLIENT_PEER_MAC);
-    nl.add_veth("xlb-out", EGRESS_MAC, "xlb-out-peer", PEER_MAC);
-    for name in ["xlb-in", "xlb-in-peer", "xlb-out", "xlb-out-peer"] {
-        nl.set_up(name);
-    }
-    nl.add_address("xlb-in", "203.0.113.254".parse().expect("ip"), 24);
-    nl.add_address("xlb-in", "2001:db8:c::fe".parse().expect("ip"), 64);
-    nl.add_address("xlb-out", "198.51.100.254".parse().expect("ip"), 24);
-    nl.add_address("xlb-out", "2001:db8:b::fe".parse().expect("ip"), 64);
-    for ip in [
-        "198.51.100.1",
-        "198.51.100.2",
-        "2001:db8:b::1",
-        "2001:db8:b::2",
-    ] {
-        nl.set_permanent_neighbour("xlb-out", ip.parse().expect("ip"), BACKEND_MAC);
-    }
-    for ip in ["203.0.113.7", "2001:db8:c::7"] {
-        nl.set_permanent_neighbour("xlb-in", ip.parse().expect("ip"), CLIENT_MAC);
-    }
-    (nl.link("xlb-in").0, nl.link("xlb-out").0)
+fn two_legged_host(name: &str) -> GoldenHost {
+    GoldenHost::two_legged(name)
+        .limit(LIMIT)
+        .neighbours(
+            Iface::BackendLeg,
+            &["198.51.100.2", "2001:db8:b::2"],
+            BACKEND_MAC,
+        )
+        .neighbours(
+            Iface::ClientLeg,
+            &["203.0.113.7", "2001:db8:c::7"],
+            CLIENT_MAC,
+        )
 }
 
 /// Both families, TCP and UDP, one endpoint shared by two VIPs per family, and a VIP without
@@ -987,25 +970,15 @@ struct Summary {
     by_mutation: BTreeMap<&'static str, [u64; 3]>,
 }
 
-/// Which of the program's hooks the frames go through.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Hook {
-    Xdp,
-    Tc,
-}
-
-fn run_mutation_test(seed: u64, frames: usize, hook: Hook) {
+fn run_mutation_test(host: &Host<'_>, seed: u64, frames: usize, hook: Hook) {
     let started = Instant::now();
-    let nl = Netlink::open();
-    let (lb_in, lb_out) = two_legged_host(&nl);
+    let (lb_in, lb_out) = host.legs();
     let mut lab = Lab::new();
     let services = install(&mut lab);
     if hook == Hook::Tc {
         lab.load_tc();
     }
-    for leg in [lb_in, lb_out] {
-        lab.balancer.allow_egress(leg).expect("veth in the devmap");
-    }
+    host.allow_egress_on_legs(&mut lab);
     let before = lab.counters();
     let mut oracle = Oracle {
         lab: &lab,
@@ -1040,15 +1013,9 @@ fn run_mutation_test(seed: u64, frames: usize, hook: Hook) {
         // Now and then on the other leg: the next hop is then behind the ingress (XDP_TX).
         let backend_leg = backend_leg != rng.one_in(16);
         let ingress = if backend_leg { lb_out } else { lb_in };
-        let (raw, output) = match hook {
-            Hook::Xdp => lab.run_on(&frame, Some(ingress)),
-            Hook::Tc => match lab.run_tc_on(&frame, ingress) {
-                Some(run) => run,
-                None => {
-                    refused_as_skb += 1;
-                    continue;
-                }
-            },
+        let Some((raw, output)) = lab.run_at(hook, &frame, ingress) else {
+            refused_as_skb += 1;
+            continue;
         };
         let verdict = match Action::from_raw(raw) {
             Some(Action::Drop) => Ok("dropped".to_owned()),
@@ -1155,17 +1122,15 @@ fn run_mutation_test(seed: u64, frames: usize, hook: Hook) {
 /// The size CI runs.
 #[test]
 fn mutated_frames_are_passed_dropped_or_rewritten_by_the_rules() {
-    in_fresh_netns("mutation", LIMIT, || {
-        run_mutation_test(SEED, CI_FRAMES, Hook::Xdp)
-    });
+    two_legged_host("mutation").run(|host| run_mutation_test(host, SEED, CI_FRAMES, Hook::Xdp));
 }
 
 /// The same through the TC hook (socket buffers, checksums through the kernel's helpers,
 /// `bpf_redirect`), a fifth of CI's count.
 #[test]
 fn mutated_frames_through_the_tc_hook_follow_the_same_rules() {
-    in_fresh_netns("mutation-tc", LIMIT, || {
-        run_mutation_test(SEED ^ 0x7c, CI_FRAMES / 5, Hook::Tc);
+    two_legged_host("mutation-tc").run(|host| {
+        run_mutation_test(host, SEED ^ 0x7c, CI_FRAMES / 5, Hook::Tc);
     });
 }
 
@@ -1180,8 +1145,8 @@ fn mutated_frames_long() {
             .map_or_else(|| s.parse(), |hex| u64::from_str_radix(hex, 16));
         parsed.unwrap_or_else(|e| panic!("XLB_MUTATION_SEED={s}: {e}"))
     });
-    in_fresh_netns("mutation-long", LIMIT, move || {
-        run_mutation_test(seed, 10 * CI_FRAMES, Hook::Xdp);
+    two_legged_host("mutation-long").run(move |host| {
+        run_mutation_test(host, seed, 10 * CI_FRAMES, Hook::Xdp);
     });
 }
 
@@ -1198,41 +1163,42 @@ fn mutated_frames_long() {
 /// Once failed: the reply came out from 192.0.2.11:80 (found by the mutation test).
 #[test]
 fn shared_endpoint_reply_after_the_backend_left_the_vip_is_not_translated() {
-    in_fresh_netns("mutation-revnat", LIMIT, || {
-        let nl = Netlink::open();
-        nl.set_up("lo");
-        let mut lab = Lab::new();
-        let vip = lab.add_vip("192.0.2.11:80/tcp");
-        let shared = sa("198.51.100.1:8080");
-        for other in ["192.0.2.10:80/tcp", "192.0.2.12:80/tcp"] {
-            let other = lab.add_vip(other);
-            lab.add_backend(&other, shared, 1);
-        }
-        lab.add_backend(&vip, shared, 1);
-        lab.add_backend(&vip, sa("198.51.100.4:8080"), 1);
-        let client = (1000..2000)
-            .map(|port| sa(&format!("203.0.113.7:{port}")))
-            .find(|c| lab.new_flow_backend(*c, &vip) == shared)
-            .expect("a client port the ring gives to the shared backend");
-        let (_, out) = lab.run(&Packet::tcp(client, vip.addr).bytes());
-        let layout = Layout::of(&out).expect("a parsable output");
-        assert_eq!(
-            layout.endpoint(&out, false),
-            shared,
-            "the flow goes to the shared backend"
-        );
+    GoldenHost::new("mutation-revnat")
+        .limit(LIMIT)
+        .lo_up()
+        .run(|_| {
+            let mut lab = Lab::new();
+            let vip = lab.add_vip("192.0.2.11:80/tcp");
+            let shared = sa("198.51.100.1:8080");
+            for other in ["192.0.2.10:80/tcp", "192.0.2.12:80/tcp"] {
+                let other = lab.add_vip(other);
+                lab.add_backend(&other, shared, 1);
+            }
+            lab.add_backend(&vip, shared, 1);
+            lab.add_backend(&vip, sa("198.51.100.4:8080"), 1);
+            let client = (1000..2000)
+                .map(|port| sa(&format!("203.0.113.7:{port}")))
+                .find(|c| lab.new_flow_backend(*c, &vip) == shared)
+                .expect("a client port the ring gives to the shared backend");
+            let (_, out) = lab.run(&Packet::tcp(client, vip.addr).bytes());
+            let layout = Layout::of(&out).expect("a parsable output");
+            assert_eq!(
+                layout.endpoint(&out, false),
+                shared,
+                "the flow goes to the shared backend"
+            );
 
-        lab.remove_backend(&vip, shared);
-        let reply = Packet::tcp(shared, client).bytes();
-        let (raw, out) = lab.run(&reply);
-        assert!(
-            out == reply || Action::from_raw(raw) == Some(Action::Drop),
-            "the shared backend's reply to a flow of a VIP it left was translated ({:?}): \
+            lab.remove_backend(&vip, shared);
+            let reply = Packet::tcp(shared, client).bytes();
+            let (raw, out) = lab.run(&reply);
+            assert!(
+                out == reply || Action::from_raw(raw) == Some(Action::Drop),
+                "the shared backend's reply to a flow of a VIP it left was translated ({:?}): \
              now from {}\n input {}\n output {}",
-            Action::from_raw(raw),
-            layout.endpoint(&out, true),
-            hex(&reply),
-            hex(&out)
-        );
-    });
+                Action::from_raw(raw),
+                layout.endpoint(&out, true),
+                hex(&reply),
+                hex(&out)
+            );
+        });
 }
