@@ -14,7 +14,10 @@
 //! Test runs never transmit: `XDP_TX` and `XDP_REDIRECT` are only verdicts here, with the
 //! frame as the program left it.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
 
 use etherparse::{ArpHardwareId, ArpOperation, ArpPacket, EtherType, PacketBuilder};
 use lb_common::{
@@ -299,6 +302,32 @@ fn malformed_cases(s: &Services) -> Vec<Case> {
         let mut frame = packet.bytes();
         lie(&mut frame);
         cases.push(pass(name, frame, &[Malformed]));
+    }
+
+    // IPv4-mapped addresses never appear in an IPv6 header on the wire (RFC 4291 2.5.5.2).
+    // xlb keys IPv4 as mapped 16-byte addresses, so such a packet would otherwise pass for
+    // an IPv4 client or VIP.
+    let mapped = |a: SocketAddr| match a {
+        SocketAddr::V4(v4) => SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port()),
+        v6 => v6,
+    };
+    let client4 = v4_client(41_000);
+    let mapped_rows: [(&str, Packet); 3] = [
+        (
+            "ipv6 between the mapped addresses of an ipv4 client and vip",
+            Packet::tcp(mapped(client4), mapped(s.v4_tcp.addr)),
+        ),
+        (
+            "ipv6 from a mapped ipv4 client to the ipv6 vip",
+            Packet::tcp(mapped(client4), s.v6_tcp.addr),
+        ),
+        (
+            "ipv6 udp to the mapped address of the ipv4 vip",
+            Packet::udp(v6_client(41_000), mapped(s.v4_udp.addr)),
+        ),
+    ];
+    for (name, packet) in mapped_rows {
+        cases.push(pass(name, packet.bytes(), &[Malformed]));
     }
     cases
 }
