@@ -1506,27 +1506,22 @@ fn help_and_socket_where_they_belong() {
             describe(&args, &out)
         );
     }
-    for verb in [
-        &["bench", "cost"][..],
-        &["bench", "forward"],
-        &["config", "check"],
-    ] {
-        let args = [verb, &["--help"]].concat();
-        let help = run_xlb(&args);
-        assert!(
-            help.status.success() && !String::from_utf8_lossy(&help.stdout).contains("--socket"),
-            "{}",
-            describe(&args, &help)
-        );
-        let args = [verb, &["--socket", "/nowhere"]].concat();
-        let out = run_xlb(&args);
-        assert!(
-            out.status.code() == Some(2)
-                && String::from_utf8_lossy(&out.stderr).contains("unexpected argument '--socket'"),
-            "{}",
-            describe(&args, &out)
-        );
-    }
+    // `config check` takes no socket; nor do `xlb bench`'s verbs (bench/tests/dispatch.rs,
+    // through the xlb-bench they run).
+    let help = run_xlb(&["config", "check", "--help"]);
+    assert!(
+        help.status.success() && !String::from_utf8_lossy(&help.stdout).contains("--socket"),
+        "{}",
+        describe(&["config", "check", "--help"], &help)
+    );
+    let args = ["config", "check", "--socket", "/nowhere"];
+    let out = run_xlb(&args);
+    assert!(
+        out.status.code() == Some(2)
+            && String::from_utf8_lossy(&out.stderr).contains("unexpected argument '--socket'"),
+        "{}",
+        describe(&args, &out)
+    );
     // Before or after the verb of a group, and before the verb as earlier versions took it.
     for args in [
         &["vip", "list", "--socket", "/nowhere/xlb.sock"][..],
@@ -2295,6 +2290,81 @@ fn completions_and_man_pages_are_generated() {
     assert!(
         !out_dir.join("man/xlb-generate.1").exists(),
         "the hidden verb has no page"
+    );
+    assert!(
+        !out_dir.join("man/xlb-bench.1").exists(),
+        "xlb-bench.1 is the page of the program `xlb bench` runs, written by xlb-bench"
+    );
+}
+
+/// A directory holding a copy of `xlb` and, if given, an executable script as `xlb-bench`.
+fn bench_dir(tag: &str, fake_bench: Option<&str>) -> (TempDir, PathBuf) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = TempDir::new(SUITE, tag);
+    let xlb = dir.join("xlb");
+    common::copy_executable(Path::new(XLB), &xlb);
+    if let Some(script) = fake_bench {
+        // Written under another name and copied by `cp`: the program itself is never open
+        // for writing in this process ("text file busy" for a thread forking meanwhile).
+        let source = dir.join("xlb-bench.txt");
+        fs::write(&source, script).expect("writing the script");
+        fs::set_permissions(&source, fs::Permissions::from_mode(0o755)).expect("chmod 755");
+        common::copy_executable(&source, &dir.join("xlb-bench"));
+    }
+    (dir, xlb)
+}
+
+/// `xlb bench ARGS` runs the `xlb-bench` next to it with ARGS as given, `--help` and
+/// arguments with spaces included, and exits with its status; without one next to it, the
+/// one on PATH.
+#[test]
+fn bench_runs_xlb_bench_with_the_same_arguments_and_status() {
+    const ECHO_AND_EXIT_7: &str = "#!/bin/sh\nprintf '%s\\n' \"$@\"\nexit 7\n";
+    let args = ["cost", "--help", "--out", "a dir", "-j"];
+    let (dir, xlb) = bench_dir("bench-beside", Some(ECHO_AND_EXIT_7));
+    let mut cmd = std::process::Command::new(&xlb);
+    cmd.arg("bench").args(args).env("PATH", "/nowhere");
+    let out = output_within(&mut cmd, Duration::from_secs(20));
+    let printed: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        out.status.code() == Some(7) && printed == args,
+        "{}",
+        describe(&["bench", "(next to xlb)"], &out)
+    );
+
+    let (_alone, lone_xlb) = bench_dir("bench-path", None);
+    let mut cmd = std::process::Command::new(&lone_xlb);
+    cmd.args(["bench", "scaling"]).env("PATH", &dir.0);
+    let out = output_within(&mut cmd, Duration::from_secs(20));
+    assert!(
+        out.status.code() == Some(7) && String::from_utf8_lossy(&out.stdout) == "scaling\n",
+        "{}",
+        describe(&["bench", "(on PATH)"], &out)
+    );
+}
+
+/// No `xlb-bench` next to `xlb` or on PATH: one line naming what is missing and how to build
+/// it, and failure.
+#[test]
+fn bench_without_xlb_bench_says_how_to_get_it() {
+    let (_dir, xlb) = bench_dir("bench-missing", None);
+    let mut cmd = std::process::Command::new(&xlb);
+    cmd.args(["bench", "cost", "--help"]).env("PATH", "");
+    let out = output_within(&mut cmd, Duration::from_secs(20));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(1)
+            && out.stdout.is_empty()
+            && stderr.lines().count() == 1
+            && stderr.contains("xlb-bench")
+            && stderr.contains(&xlb.display().to_string())
+            && stderr.contains("./x build")
+            && stderr.contains("cargo build --release -p xlb-bench"),
+        "{}",
+        describe(&["bench", "cost", "--help"], &out)
     );
 }
 

@@ -32,7 +32,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_userspace::bench::frames::{self, TCP_SYN};
+use lb_userspace::frames::{self, TCP_SYN};
 use xlb_netns::{Netns, Topology, ipnet::Ipv4Net};
 
 mod common;

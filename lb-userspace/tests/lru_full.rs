@@ -6,8 +6,8 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use lb_common::{Counter, program_names};
 use lb_userspace::{
     balancer::Balancer,
-    bench::frames::{self, TCP_SYN},
     datapath::{Datapath, DatapathConfig},
+    frames::{self, TCP_SYN},
 };
 use xlb_netns::Netns;
 

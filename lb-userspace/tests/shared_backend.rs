@@ -7,8 +7,8 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use lb_common::program_names;
 use lb_userspace::{
     balancer::{Balancer, VipSpec},
-    bench::frames::{self, TCP_ACK, TCP_SYN},
     datapath::{Datapath, DatapathConfig},
+    frames::{self, TCP_ACK, TCP_SYN},
 };
 use xlb_netns::Netns;
 

@@ -20,7 +20,7 @@ enum Task {
     /// Install what building xlb needs: LLVM 22 (apt), the pinned nightly with rust-src,
     /// bpf-linker built against LLVM 22, and the tools the tests use.
     Bootstrap,
-    /// Build the XDP object and the `xlb` binary (release).
+    /// Build the XDP object, the `xlb` binary and `xlb-bench` next to it (release).
     Build,
     /// Bootstrap, then run every test (unit, golden packet tests, namespace end-to-end, the
     /// fuzz corpus replay), then fuzz each target for a few seconds. Needs root: the tests
@@ -58,32 +58,40 @@ fn cargo() -> Command {
 }
 
 fn build() -> Result<()> {
-    step("building the XDP object, the xlb binary and the demo (release)");
-    // `--bin` filters apply to every selected package: name both binaries.
+    step("building the XDP object, the xlb and xlb-bench binaries and the demo (release)");
+    // `--bin` filters apply to every selected package: name every binary. xlb-bench lands
+    // next to xlb, where `xlb bench` looks for it first.
     run(cargo().args([
         "build",
         "--release",
         "-p",
         "lb-userspace",
         "-p",
+        "xlb-bench",
+        "-p",
         "xlb-demo",
         "--bin",
         "xlb",
         "--bin",
+        "xlb-bench",
+        "--bin",
         "xlb-demo",
     ]))?;
     step(
-        "writing shell completions and man pages into target/release/ (from xlb's clap definitions)",
+        "writing shell completions and man pages into target/release/ (from xlb's and xlb-bench's clap definitions)",
     );
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
         || std::path::PathBuf::from("target"),
         std::path::PathBuf::from,
     );
     let release = target.join("release");
-    run(Command::new(release.join("xlb"))
-        .arg("generate")
-        .arg("--out")
-        .arg(&release))
+    for program in ["xlb", "xlb-bench"] {
+        run(Command::new(release.join(program))
+            .arg("generate")
+            .arg("--out")
+            .arg(&release))?;
+    }
+    Ok(())
 }
 
 /// Seconds each fuzz target runs in the smoke run of `cargo xtask test`.

@@ -37,7 +37,12 @@ pub fn run(GenerateArgs { out }: GenerateArgs) -> Result<()> {
     clap_mangen::Man::new(cmd.clone()).render(&mut page)?;
     write(&man.join("xlb.1"), &page)?;
     println!("{}", man.join("xlb.1").display());
-    for verb in cmd.get_subcommands().filter(|c| !c.is_hide_set()) {
+    // `xlb bench` runs the program `xlb-bench`, whose own page is `xlb-bench.1`
+    // (`xlb-bench generate`).
+    for verb in cmd
+        .get_subcommands()
+        .filter(|c| !c.is_hide_set() && c.get_name() != "bench")
+    {
         // clap takes a name as `&'static str` (without its `string` feature); this runs once.
         let name: &'static str = Box::leak(format!("xlb-{}", verb.get_name()).into_boxed_str());
         let mut page = Vec::new();

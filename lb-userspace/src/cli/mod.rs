@@ -124,11 +124,12 @@ enum Command {
     Conns(WithSocket<conns::ConnsArgs>),
     /// Measure xlb: program cost, forwarding rate next to nftables and the redirect ceiling,
     /// connection rates next to HAProxy, scaling (see docs/benchmarks.md).
+    // The benchmarks are the program `xlb-bench`: every argument, `--help` too, goes to it.
     #[command(
-        subcommand,
-        after_help = "Examples:\n  sudo xlb bench cost\n  sudo xlb bench forward --quick"
+        disable_help_flag = true,
+        after_help = "Runs xlb-bench (next to xlb, or on PATH) with these arguments; `xlb bench --help` shows its own.\n\nExamples:\n  sudo xlb bench cost\n  sudo xlb bench forward --quick"
     )]
-    Bench(bench::BenchCommand),
+    Bench(bench::BenchArgs),
     /// Which backend a new flow from CLIENT gets, and whether the connection table holds it.
     #[command(after_help = "Example:\n  xlb explain 198.51.100.7:40000 192.0.2.10:80/tcp")]
     Explain(WithSocket<stats::ExplainArgs>),
@@ -217,7 +218,7 @@ pub fn main() -> ExitCode {
         Command::Run(WithSocket { args, socket }) => {
             run::run(args, socket.socket.or_else(|| before_verb.clone()))
         }
-        Command::Bench(command) => bench::run(command),
+        Command::Bench(args) => bench::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Config(command) => config::run(command, &mut socket),
         Command::Detach { bpffs, socket: s } => run::detach(bpffs, &socket(s.socket)),

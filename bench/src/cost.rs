@@ -11,13 +11,14 @@ use std::net::SocketAddrV4;
 use anyhow::{Context as _, Result, bail, ensure};
 use indicatif::{ProgressBar, ProgressStyle};
 use lb_common::{Counter, program_names};
-use serde::Serialize;
-
-use super::{
-    env::{BACKEND_PORT, BenchEnv, backend_addr, client, vip},
+use lb_userspace::{
+    balancer::Forwarding,
+    datapath::DatapathConfig,
     frames::{self, TCP_ACK, TCP_SYN},
 };
-use crate::{balancer::Forwarding, datapath::DatapathConfig};
+use serde::Serialize;
+
+use crate::env::{BACKEND_PORT, BenchEnv, backend_addr, client, vip};
 
 const XDP_PASS: u32 = 2;
 const XDP_REDIRECT: u32 = 4;
@@ -200,7 +201,7 @@ fn cases(backends: u32, forwarding: Forwarding) -> Vec<Case> {
     };
     let vip = vip4();
     let established = client(u64::from(u32::MAX));
-    let udp_vip = super::env::udp_vip();
+    let udp_vip = crate::env::udp_vip();
     // A port no VIP uses, and a VIP's port on an address that is no VIP: the first is
     // settled by the port-role array alone, the second also takes a VIP-table lookup.
     let other = SocketAddrV4::new(std::net::Ipv4Addr::new(10, 203, 0, 1), 5353);

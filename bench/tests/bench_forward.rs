@@ -1,8 +1,9 @@
 //! Smoke test of `xlb bench forward` in its quick form: the mode runs end to end and its report
 //! is well-formed, and the direct-server-return row (IPIP) is measured with frames reaching the
-//! sinks. Figures are never asserted (they depend on the machine).
+//! sinks. Figures are never asserted (they depend on the machine). Needs root (namespaces,
+//! BPF): fails without it.
 
-use lb_userspace::bench::forward::{self, ForwardOptions};
+use xlb_bench::forward::{self, ForwardOptions};
 
 fn non_negative(v: Option<f64>, what: &str) {
     if let Some(v) = v {
@@ -12,10 +13,10 @@ fn non_negative(v: Option<f64>, what: &str) {
 
 #[test]
 fn quick_forward_bench_reports_every_row() {
-    if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("skipped: needs root (namespaces, BPF)");
-        return;
-    }
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "needs root (namespaces, BPF): run the tests as root"
+    );
     let report = forward::run(&ForwardOptions::quick(), true).expect("quick forward bench");
     forward::print(&report);
 

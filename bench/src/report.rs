@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::{Context as _, Result};
 use serde::Serialize;
 
-use super::{
+use crate::{
     Machine,
     cost::{CostRow, Scaling},
     plot::scaling_svg,

@@ -1,6 +1,7 @@
-//! `xlb bench cost` and `xlb bench scaling` on tiny configurations: they run, check every
-//! measured packet, and print well-formed JSON. Figures are never asserted: benchmarks report,
-//! tests check behaviour.
+//! `xlb bench cost` and `xlb bench scaling` (the `xlb-bench` program) on tiny configurations:
+//! they run, check every measured packet, and print well-formed JSON. Figures are never
+//! asserted: benchmarks report, tests check behaviour. Needs root (loads XDP programs): fails
+//! without it.
 
 use std::process::Command;
 
@@ -12,13 +13,12 @@ fn bench(args: &[&str]) -> Value {
         std::process::id(),
         args[0]
     ));
-    let output = Command::new(env!("CARGO_BIN_EXE_xlb"))
-        .arg("bench")
+    let output = Command::new(env!("CARGO_BIN_EXE_xlb-bench"))
         .args(args)
         .args(["--json", "--out"])
         .arg(&out_dir)
         .output()
-        .expect("running xlb bench");
+        .expect("running xlb-bench");
     let _ = std::fs::remove_dir_all(&out_dir);
     assert!(
         output.status.success(),

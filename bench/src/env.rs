@@ -6,12 +6,11 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use anyhow::{Context as _, Result};
 use lb_common::program_names;
-use xlb_netns::{Netns, ipnet::Ipv4Net};
-
-use crate::{
+use lb_userspace::{
     balancer::{Balancer, Forwarding, Protocol, VipSpec},
     datapath::{Datapath, DatapathConfig, TestRunOutcome},
 };
+use xlb_netns::{Netns, ipnet::Ipv4Net};
 
 /// The backends' subnet, reached through the bench namespace's `bench0`.
 pub const BACKEND_NET: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 0);

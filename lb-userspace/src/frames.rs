@@ -1,6 +1,8 @@
-//! Benchmark frames: Ethernet + IPv4 + TCP/UDP with valid checksums (checksums from
-//! `lb_common::csum`; the golden tests check the program's output with an independent
-//! library, the benchmarks only need well-formed input).
+//! Frames for test runs of the loaded program (`Datapath::test_run`): Ethernet + IPv4 +
+//! TCP/UDP with valid checksums (checksums from `lb_common::csum`; the golden tests check the
+//! program's output with an independent library, the benchmarks and the map-filling tests only
+//! need well-formed input). Here rather than in `xlb-bench`: the integration tests of this
+//! crate build with them too, and they pull in nothing.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 

@@ -45,17 +45,18 @@ use aya::{
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use lb_common::{BENCH_FRAME_LEN, BenchFrame, NextHop, bench_maps, program_names};
+use lb_userspace::{
+    balancer::{Balancer, Forwarding, Protocol, VipSpec},
+    datapath::{Datapath, DatapathConfig},
+    frames,
+};
 use serde::Serialize;
 use xlb_netns::{
     Netns, Network, NsId, Veth,
     ipnet::{Ipv4Net, Ipv6Net},
 };
 
-use super::{Machine, frames};
-use crate::{
-    balancer::{Balancer, Forwarding, Protocol, VipSpec},
-    datapath::{Datapath, DatapathConfig},
-};
+use crate::Machine;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 10);
 const VIP_PORT: u16 = 80;

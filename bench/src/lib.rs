@@ -1,10 +1,13 @@
-//! `xlb bench`: what xlb costs per packet and how that scales, reported as a table, as JSON
-//! and as SVG plots. Benchmarks report figures; they never pass or fail on them.
+//! `xlb bench` (the `xlb-bench` binary, which `xlb bench` runs): what xlb costs per packet,
+//! how that scales and what it forwards, reported as a table, as JSON and as SVG plots.
+//! Benchmarks report figures; they never pass or fail on them.
+//!
+//! A crate of its own so that the product (`lb-userspace`, the `xlb` binary) links neither
+//! the namespace topologies of `xlb-netns` nor plotters; `tests/crate_graph.rs` keeps it so.
 
 pub mod cost;
 pub mod env;
 pub mod forward;
-pub mod frames;
 pub mod plot;
 pub mod report;
 

@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::{Context as _, Result};
 use plotters::prelude::*;
 
-use super::cost::ScalingPoint;
+use crate::cost::ScalingPoint;
 
 /// One plot: established and new-flow cost against `x` (log scale).
 pub fn scaling_svg(path: &Path, title: &str, x_label: &str, points: &[ScalingPoint]) -> Result<()> {
