@@ -84,14 +84,6 @@ fn median(samples: &mut [f64]) -> f64 {
     samples[samples.len() / 2]
 }
 
-fn pin_to_one_cpu() {
-    let mut set = nix::sched::CpuSet::new();
-    let cpu = std::thread::available_parallelism().map_or(0, |n| n.get() - 1);
-    if set.set(cpu).is_ok() {
-        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
-    }
-}
-
 /// Checks one run's action and output against its input; `Err` says what is wrong.
 type Check = dyn Fn(u32, &[u8], &[u8]) -> Result<(), String> + Sync;
 
@@ -340,7 +332,7 @@ pub fn run_cost(options: CostOptions, quiet: bool) -> Result<Vec<CostRow>> {
         progress(per_case * cases.len() as u64, "program cost")
     };
     let rows = env.ns.run(|| -> Result<Vec<CostRow>> {
-        pin_to_one_cpu();
+        crate::pin_to_one_cpu();
         let mut rows = Vec::new();
         // New flows never repeat a 5-tuple, across warm-up and every run.
         let mut next_new_flow = 0u64;
@@ -474,7 +466,7 @@ fn point(
     new_base: u64,
 ) -> Result<ScalingPoint> {
     env.ns.run(|| -> Result<ScalingPoint> {
-        pin_to_one_cpu();
+        crate::pin_to_one_cpu();
         let vip_of = |n: u64| match vip((n % u64::from(vip_count)) as u32).addr {
             std::net::SocketAddr::V4(v) => v,
             std::net::SocketAddr::V6(_) => unreachable!(),

@@ -491,14 +491,6 @@ fn live_frames(program: &Xdp, ifindex: u32, repeat: u32, batch: u32) -> Result<D
     Ok(result.duration * repeat)
 }
 
-fn pin_to_one_cpu() {
-    let mut set = nix::sched::CpuSet::new();
-    let cpu = std::thread::available_parallelism().map_or(0, |n| n.get() - 1);
-    if set.set(cpu).is_ok() {
-        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
-    }
-}
-
 /// Frames per call that take about `target` at the rate the warm-up showed.
 fn frames_for(per_frame: Duration, target: Duration) -> u32 {
     let ns = per_frame.as_nanos().max(1);
@@ -523,7 +515,7 @@ fn measure(
     let program = generator.program()?;
     let (ifindex, batch) = (generator.ifindex, generator.batch);
     topo.generator_ns().run(|| -> Result<Measured> {
-        pin_to_one_cpu();
+        crate::pin_to_one_cpu();
         let warm = live_frames(program, ifindex, options.warmup_frames.max(1), batch)?;
         let per_frame = warm / options.warmup_frames.max(1);
         // Long calls (each costs ~37 ms of setup), at most ~1 s each, so a run stays bounded.
@@ -1156,7 +1148,7 @@ fn backend_add_latency(
     let result = std::thread::scope(|s| -> Result<()> {
         let gen_thread = s.spawn(|| {
             topo.generator_ns().run(|| -> Result<()> {
-                pin_to_one_cpu();
+                crate::pin_to_one_cpu();
                 let probe = 100_000;
                 let per_frame = live_frames(program, ifindex, probe, batch)? / probe;
                 // Long calls: no frames flow during a call's ~37 ms of setup, so a trial only

@@ -53,3 +53,23 @@ impl Machine {
         }
     }
 }
+
+/// Pins the calling thread to the last CPU it may run on (its affinity mask as given, e.g. by
+/// `taskset`), so that measurements stay on the CPUs the caller chose and every run of a
+/// comparison uses the same one.
+pub fn pin_to_one_cpu() {
+    let this = nix::unistd::Pid::from_raw(0);
+    let Ok(allowed) = nix::sched::sched_getaffinity(this) else {
+        return;
+    };
+    let Some(cpu) = (0..nix::sched::CpuSet::count())
+        .rev()
+        .find(|&cpu| allowed.is_set(cpu).unwrap_or(false))
+    else {
+        return;
+    };
+    let mut one = nix::sched::CpuSet::new();
+    if one.set(cpu).is_ok() {
+        let _ = nix::sched::sched_setaffinity(this, &one);
+    }
+}
