@@ -475,6 +475,11 @@ mod tests {
                 host: None,
             }
         );
+        // A probe without a Host is written as before, so older agents read new state files.
+        assert_eq!(
+            serde_json::to_string(&http).unwrap(),
+            r#"{"kind":"http","path":"/healthz","expect_status":204}"#
+        );
         let named = Probe::Http {
             path: "/".into(),
             expect_status: 200,
