@@ -24,16 +24,23 @@ use thiserror::Error;
 use crate::model::{Protocol, VipSpec};
 
 /// Serialised with a `kind` tag: `{"kind":"tcp"}`,
-/// `{"kind":"http","path":"/healthz","expect_status":200}`,
+/// `{"kind":"http","path":"/healthz","expect_status":200}` (plus `"host":"..."` when set),
 /// `{"kind":"udp","payload_hex":"70696e67","expect_reply":true}`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Probe {
     /// A completed TCP handshake: cheap, but only proves the socket is open.
     Tcp,
-    /// `GET path HTTP/1.0`, healthy when the status line carries `expect_status`: proves the
+    /// `GET path HTTP/1.1`, healthy when the response carries `expect_status`: proves the
     /// application answers, and lets it report itself unhealthy (e.g. 503 while draining).
-    Http { path: String, expect_status: u16 },
+    Http {
+        path: String,
+        expect_status: u16,
+        /// The `Host` header sent, for backends that route by name; `None`: the backend's
+        /// own `address:port`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        host: Option<String>,
+    },
     /// One datagram carrying `payload` (empty by default, which no service should act on).
     /// With `expect_reply`, healthy when any answer arrives within the timeout: proves the
     /// service answers. Without, healthy unless an ICMP port-unreachable comes back (a
@@ -74,7 +81,16 @@ impl fmt::Display for Probe {
             Self::Http {
                 path,
                 expect_status,
+                host: None,
             } => write!(f, "http GET {path} expecting {expect_status}"),
+            Self::Http {
+                path,
+                expect_status,
+                host: Some(host),
+            } => write!(
+                f,
+                "http GET {path} (Host: {host}) expecting {expect_status}"
+            ),
             Self::Udp {
                 payload,
                 expect_reply: true,
@@ -139,9 +155,13 @@ pub enum HealthSpecError {
     #[error("health check fall must be at least 1")]
     ZeroFall,
     #[error(
-        "the HTTP health check path must start with '/' and hold no spaces or line breaks, got '{0}'"
+        "the HTTP health check path must start with '/' and hold only printable ASCII (no spaces; percent-encode the rest), got {0:?}"
     )]
     BadPath(String),
+    #[error(
+        "the HTTP health check host must be a name or address with an optional :port (letters, digits and -._:[], at most {MAX_HOST_LEN} characters), got {0:?}"
+    )]
+    BadHost(String),
     #[error("the expected HTTP status must be between 100 and 599, got {0}")]
     BadStatus(u16),
     #[error(
@@ -170,6 +190,20 @@ fn suggestion(proto: Protocol) -> &'static str {
         Protocol::Tcp => "a tcp or http health check",
         Protocol::Udp => "a udp health check",
     }
+}
+
+/// Longest `Host` an HTTP probe sends: a DNS name (253) and a port fit.
+pub const MAX_HOST_LEN: usize = 260;
+
+/// Whether `host` may be sent as an HTTP probe's `Host` header: a name or an address
+/// (IPv6 in brackets) with an optional port, nothing that could end the header or smuggle
+/// a path or credentials into it.
+#[must_use]
+pub fn is_valid_host(host: &str) -> bool {
+    (1..=MAX_HOST_LEN).contains(&host.len())
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-._:[]".contains(c))
 }
 
 /// Largest UDP probe payload: fits one unfragmented datagram on any link.
@@ -208,13 +242,20 @@ impl HealthSpec {
         if let Probe::Http {
             path,
             expect_status,
+            host,
         } = &self.probe
         {
-            if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            // What an HTTP request line can carry as it is: the probe sends the path verbatim.
+            if !path.starts_with('/') || !path.chars().all(|c| c.is_ascii_graphic()) {
                 return Err(HealthSpecError::BadPath(path.clone()));
             }
             if !(100..=599).contains(expect_status) {
                 return Err(HealthSpecError::BadStatus(*expect_status));
+            }
+            if let Some(host) = host
+                && !is_valid_host(host)
+            {
+                return Err(HealthSpecError::BadHost(host.clone()));
             }
         }
         if let Probe::Udp {
@@ -430,8 +471,29 @@ mod tests {
             http,
             Probe::Http {
                 path: "/healthz".into(),
-                expect_status: 204
+                expect_status: 204,
+                host: None,
             }
+        );
+        // A probe without a Host is written as before, so older agents read new state files.
+        assert_eq!(
+            serde_json::to_string(&http).unwrap(),
+            r#"{"kind":"http","path":"/healthz","expect_status":204}"#
+        );
+        let named = Probe::Http {
+            path: "/".into(),
+            expect_status: 200,
+            host: Some("web.example:8080".into()),
+        };
+        let json = serde_json::to_string(&named).unwrap();
+        assert_eq!(
+            json,
+            r#"{"kind":"http","path":"/","expect_status":200,"host":"web.example:8080"}"#
+        );
+        assert_eq!(serde_json::from_str::<Probe>(&json).unwrap(), named);
+        assert_eq!(
+            named.to_string(),
+            "http GET / (Host: web.example:8080) expecting 200"
         );
 
         let bad = |f: fn(&mut HealthSpec)| {
@@ -452,10 +514,48 @@ mod tests {
         assert!(matches!(
             bad(|s| s.probe = Probe::Http {
                 path: "healthz".into(),
-                expect_status: 200
+                expect_status: 200,
+                host: None,
             }),
             HealthSpecError::BadPath(_)
         ));
+        assert!(matches!(
+            bad(|s| s.probe = Probe::Http {
+                path: "/h\u{e9}".into(),
+                expect_status: 200,
+                host: None,
+            }),
+            HealthSpecError::BadPath(_)
+        ));
+        let with_host = |host: &str| HealthSpec {
+            probe: Probe::Http {
+                path: "/".into(),
+                expect_status: 200,
+                host: Some(host.into()),
+            },
+            ..HealthSpec::default()
+        };
+        for good in [
+            "web.example",
+            "web.example:8080",
+            "10.0.0.2",
+            "[fd00::2]:80",
+        ] {
+            with_host(good).validate().unwrap();
+        }
+        let too_long = "a".repeat(MAX_HOST_LEN + 1);
+        for wrong in [
+            "",
+            "a b",
+            "a\r\nX-Injected: 1",
+            "user@web.example",
+            "web.example/path",
+            too_long.as_str(),
+        ] {
+            let error = with_host(wrong).validate().unwrap_err();
+            assert_eq!(error, HealthSpecError::BadHost(wrong.into()), "{wrong:?}");
+            assert!(!error.to_string().contains('\n'), "one line: {error}");
+        }
     }
 
     fn udp(payload: &[u8], expect_reply: bool) -> Probe {
@@ -521,6 +621,7 @@ mod tests {
             probe: Probe::Http {
                 path: "/".into(),
                 expect_status: 200,
+                host: None,
             },
             ..HealthSpec::default()
         };

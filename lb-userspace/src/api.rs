@@ -1,8 +1,13 @@
 //! The agent's control API: newline-delimited JSON requests and replies over a Unix socket.
 //! The CLI is one client of it; anything that speaks JSON can be another.
+//!
+//! The framing, for both ends: each request and each reply is one JSON value on one line,
+//! ended by `'\n'` ([`encode_line`], [`decode_line`]); a request line holds at most
+//! [`MAX_REQUEST_LINE`] bytes before its newline, a reply line at most [`MAX_REPLY_LINE`].
+//! A client may send several requests on one connection; replies come in order.
 
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
+    io::{BufRead as _, BufReader, Read as _, Write as _},
     net::SocketAddr,
     os::unix::net::UnixStream,
     path::Path,
@@ -10,13 +15,49 @@ use std::{
 };
 
 use lb_common::Counter;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use thiserror::Error;
+use tokio_util::codec::LinesCodec;
 
 use crate::{
     balancer::{BackendState, Conns, Explanation, Forwarding, VipSettings, VipSpec, VipStatus},
     health::HealthSpec,
 };
+
+/// Longest request line: the largest real request (a health check with a payload) is a few
+/// kilobytes; the agent refuses a longer line and closes the connection.
+pub const MAX_REQUEST_LINE: usize = 1024 * 1024;
+/// Longest reply line a client reads: a listing of [`lb_common::MAX_BACKENDS`] backends with
+/// their health and counters is a few megabytes.
+pub const MAX_REPLY_LINE: usize = 64 * 1024 * 1024;
+
+/// `value` as one line of JSON with its `'\n'`: compact JSON escapes every newline inside
+/// strings, so the line ends only there.
+///
+/// # Panics
+/// Never for the API's types: they always serialise.
+#[must_use]
+pub fn encode_line(value: &impl Serialize) -> String {
+    let mut line = serde_json::to_string(value).expect("the API's types always serialise");
+    line.push('\n');
+    line
+}
+
+/// One line (its newline, and a `'\r'` before it, may be left on: JSON ignores them) as a
+/// request or reply.
+///
+/// # Errors
+/// The line is not one JSON value of type `T`.
+pub fn decode_line<T: DeserializeOwned>(line: &str) -> Result<T, serde_json::Error> {
+    serde_json::from_str(line)
+}
+
+/// The agent's reader of request lines: splits at `'\n'`, strips a `'\r'` before it, and
+/// fails on a line longer than [`MAX_REQUEST_LINE`] without buffering more of it.
+#[must_use]
+pub fn request_codec() -> LinesCodec {
+    LinesCodec::new_with_max_length(MAX_REQUEST_LINE)
+}
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -331,6 +372,8 @@ pub enum ClientError {
     },
     #[error("the agent sent a reply this CLI does not understand")]
     BadReply(#[source] serde_json::Error),
+    #[error("the agent sent a reply longer than {MAX_REPLY_LINE} bytes")]
+    ReplyTooLong,
     #[error("{0}")]
     Refused(String),
     #[error(
@@ -370,12 +413,18 @@ pub fn call(socket: &Path, request: &Request) -> Result<Reply, ClientError> {
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .map_err(io)?;
-    let mut line = serde_json::to_string(request).expect("requests always serialise");
-    line.push('\n');
-    stream.write_all(line.as_bytes()).map_err(io)?;
+    stream
+        .write_all(encode_line(request).as_bytes())
+        .map_err(io)?;
     let mut reply = String::new();
-    BufReader::new(&stream).read_line(&mut reply).map_err(io)?;
-    match serde_json::from_str(&reply).map_err(ClientError::BadReply)? {
+    let limit = u64::try_from(MAX_REPLY_LINE + 1).unwrap_or(u64::MAX);
+    BufReader::new((&stream).take(limit))
+        .read_line(&mut reply)
+        .map_err(io)?;
+    if !reply.ends_with('\n') && reply.len() > MAX_REPLY_LINE {
+        return Err(ClientError::ReplyTooLong);
+    }
+    match decode_line(&reply).map_err(ClientError::BadReply)? {
         Reply::Error(message) => Err(ClientError::Refused(message)),
         reply => Ok(reply),
     }

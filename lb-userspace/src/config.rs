@@ -16,6 +16,7 @@
 //! [vip.health]
 //! probe = "http"
 //! path = "/healthz"
+//! host = "www.example"         # Host header (default: the backend's address:port)
 //! [[vip.backend]]
 //! address = "10.0.0.2:8080"
 //! weight = 2
@@ -246,6 +247,7 @@ struct RawHealth {
     probe: Option<Spanned<String>>,
     path: Option<Spanned<String>>,
     expect_status: Option<Spanned<i64>>,
+    host: Option<Spanned<String>>,
     payload: Option<Spanned<String>>,
     payload_hex: Option<Spanned<String>>,
     expect_reply: Option<Spanned<bool>>,
@@ -814,6 +816,7 @@ fn validate_health(h: Spanned<RawHealth>, vip: &VipSpec) -> Result<HealthSpec, P
     let http_field = h
         .path
         .as_ref()
+        .or(h.host.as_ref())
         .map(Spanned::span)
         .or_else(|| h.expect_status.as_ref().map(Spanned::span));
     let udp_field = h
@@ -827,7 +830,7 @@ fn validate_health(h: Spanned<RawHealth>, vip: &VipSpec) -> Result<HealthSpec, P
     {
         return Err(problem(
             span,
-            "path and expect_status only apply to probe = \"http\"",
+            "path, host and expect_status only apply to probe = \"http\"",
         ));
     }
     if kind != "udp"
@@ -884,6 +887,7 @@ fn validate_health(h: Spanned<RawHealth>, vip: &VipSpec) -> Result<HealthSpec, P
                     .as_ref()
                     .map_or_else(|| "/".to_owned(), |p| p.get_ref().clone()),
                 expect_status,
+                host: h.host.as_ref().map(|host| host.get_ref().clone()),
             }
         }
         other => {
@@ -912,6 +916,7 @@ fn validate_health(h: Spanned<RawHealth>, vip: &VipSpec) -> Result<HealthSpec, P
             HealthSpecError::ZeroFall => at(&h.fall),
             HealthSpecError::BadPath(_) => h.path.as_ref().map(Spanned::span),
             HealthSpecError::BadStatus(_) => at(&h.expect_status),
+            HealthSpecError::BadHost(_) => h.host.as_ref().map(Spanned::span),
             HealthSpecError::WrongProtocol { .. } => h.probe.as_ref().map(Spanned::span),
             HealthSpecError::PayloadTooLarge(_) => h
                 .payload
@@ -1089,12 +1094,16 @@ pub fn to_toml(state: &DesiredState, ifaces: &[String], encap: &Encap) -> String
                 Probe::Http {
                     path,
                     expect_status,
+                    host,
                 } => {
                     let _ = writeln!(
                         out,
                         "path = {}\nexpect_status = {expect_status}",
                         toml_string(path)
                     );
+                    if let Some(host) = host {
+                        let _ = writeln!(out, "host = {}", toml_string(host));
+                    }
                 }
                 Probe::Udp {
                     payload,
@@ -1257,6 +1266,7 @@ mod tests {
                     health: Some(health(Probe::Http {
                         path: r#"/health\"z"#.into(),
                         expect_status: 204,
+                        host: Some("web.example:8080".into()),
                     })),
                     idle_timeout_s: Some(900),
                     forwarding: Forwarding::Nat,
@@ -1637,7 +1647,8 @@ mod tests {
                 HealthSpec {
                     probe: Probe::Http {
                         path: "/healthz".into(),
-                        expect_status: 200
+                        expect_status: 200,
+                        host: None,
                     },
                     interval: Duration::from_secs(2),
                     timeout: Duration::from_secs(1),
@@ -1705,7 +1716,8 @@ mod tests {
             HealthSpec {
                 probe: Probe::Http {
                     path: "/".into(),
-                    expect_status: 200
+                    expect_status: 200,
+                    host: None,
                 },
                 fall: 5,
                 ..HealthSpec::default()
@@ -1870,6 +1882,26 @@ mod tests {
         let (line, _, message) = health("probe = \"http\"\nexpect_status = 99\n");
         assert_eq!(line, 5);
         assert!(message.contains("between 100 and 599"), "{message}");
+        let (line, _, message) = health("host = \"web.example\"\n");
+        assert_eq!(line, 4);
+        assert!(
+            message.contains("only apply to probe = \"http\""),
+            "{message}"
+        );
+        let (line, _, message) = health("probe = \"http\"\nhost = \"a b\"\n");
+        assert_eq!(line, 5);
+        assert!(
+            message.contains("host must be a name or address"),
+            "{message}"
+        );
+        let config = parse(
+            "[[vip]]\naddress = \"192.0.2.1:80\"\n[vip.health]\nprobe = \"http\"\nhost = \"web.example\"\n",
+        )
+        .unwrap();
+        assert!(matches!(
+            &config.vips[0].health.as_ref().unwrap().probe,
+            Probe::Http { host: Some(host), .. } if host == "web.example"
+        ));
         let (line, _, message) = health("probe = \"http\"\nexpect = 200\n");
         assert_eq!(line, 5);
         assert!(message.contains("unknown field `expect`"), "{message}");

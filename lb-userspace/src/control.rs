@@ -1,5 +1,6 @@
 //! The agent's control socket: creating it with its final permissions, accepting with a cap
-//! and a back-off, and reading newline-delimited requests with a size limit.
+//! and a back-off, and reading newline-delimited requests with a size limit (the framing is
+//! `crate::api`'s, read with tokio-util's `LinesCodec`).
 //!
 //! Only root can connect, but a buggy client or an exhausted fd table must not take the
 //! agent down: a full fd table makes `accept` fail at once and forever, so the loop backs off
@@ -13,22 +14,23 @@ use std::{
     time::{Duration, Instant},
 };
 
+use bytes::BytesMut;
+use futures_util::StreamExt as _;
 use thiserror::Error;
 use tokio::{
-    io::{AsyncBufRead, AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    io::AsyncWriteExt as _,
     net::{UnixListener, UnixStream},
     sync::Semaphore,
     time::timeout,
 };
+use tokio_util::codec::{Decoder, FramedRead, LinesCodec, LinesCodecError};
 use tracing::{info, warn};
 
-use crate::api::{Reply, Request};
+pub use crate::api::MAX_REQUEST_LINE as MAX_LINE;
+use crate::api::{Reply, Request, decode_line, encode_line, request_codec};
 
 /// Connections served at once; one more gets an error line and is closed.
 pub const MAX_CONNECTIONS: usize = 64;
-/// Longest request line: the largest real request (a health check with a payload) is a few
-/// kilobytes.
-pub const MAX_LINE: usize = 1024 * 1024;
 /// A connection that sends no request for this long is closed, so idle clients cannot hold
 /// every slot.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -204,55 +206,56 @@ fn refuse_busy(stream: &UnixStream) {
     let reply = Reply::Error(format!(
         "the agent is serving {MAX_CONNECTIONS} control connections already: try again later"
     ));
-    let mut line = serde_json::to_string(&reply).expect("replies always serialise");
-    line.push('\n');
     // Best effort: a fresh socket's send buffer takes one short line.
-    let _ = stream.try_write(line.as_bytes());
+    let _ = stream.try_write(encode_line(&reply).as_bytes());
 }
 
-/// One request line, as read by [`read_line`].
-#[derive(Debug, PartialEq, Eq)]
-pub enum Line {
-    /// A line (without its newline) is in the buffer.
-    Complete,
-    /// The peer closed with nothing pending.
-    Eof,
-    /// The line ran past `max` bytes; what was read of it is discarded.
-    TooLong,
+/// The agent's framing of request lines: [`request_codec`], except that a line that is not
+/// UTF-8 is an item (answered with an error, the next line still read) rather than an error,
+/// which would end the stream.
+#[derive(Debug)]
+pub struct RequestLines(LinesCodec);
+
+impl RequestLines {
+    /// Lines of at most `max` bytes; the agent's are [`MAX_LINE`].
+    #[must_use]
+    pub fn new(max: usize) -> Self {
+        Self(LinesCodec::new_with_max_length(max))
+    }
 }
 
-/// Reads up to the next newline into `buf`, never holding more than `max` bytes of it.
-///
-/// # Errors
-/// The reader failing.
-pub async fn read_line(
-    reader: &mut (impl AsyncBufRead + Unpin),
-    max: usize,
-    buf: &mut Vec<u8>,
-) -> std::io::Result<Line> {
-    buf.clear();
-    loop {
-        let available = reader.fill_buf().await?;
-        if available.is_empty() {
-            return Ok(if buf.is_empty() {
-                Line::Eof
-            } else {
-                Line::Complete
-            });
+impl Default for RequestLines {
+    fn default() -> Self {
+        Self(request_codec())
+    }
+}
+
+impl Decoder for RequestLines {
+    /// A line without its newline, or why it cannot be a request.
+    type Item = Result<String, RequestError>;
+    /// A line over the limit, or the connection failing: either ends the connection.
+    type Error = LinesCodecError;
+
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Self::Item>, Self::Error> {
+        not_utf8_as_item(self.0.decode(buf))
+    }
+
+    fn decode_eof(&mut self, buf: &mut BytesMut) -> Result<Option<Self::Item>, Self::Error> {
+        not_utf8_as_item(self.0.decode_eof(buf))
+    }
+}
+
+/// `LinesCodec` has consumed a line it reports as not UTF-8 (its only `InvalidData`), so
+/// the next call starts at the next line.
+fn not_utf8_as_item(
+    decoded: Result<Option<String>, LinesCodecError>,
+) -> Result<Option<Result<String, RequestError>>, LinesCodecError> {
+    match decoded {
+        Ok(line) => Ok(line.map(Ok)),
+        Err(LinesCodecError::Io(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+            Ok(Some(Err(RequestError::NotUtf8)))
         }
-        let (take, done) = match available.iter().position(|b| *b == b'\n') {
-            Some(i) => (i, true),
-            None => (available.len(), false),
-        };
-        if buf.len() + take > max {
-            buf.clear();
-            return Ok(Line::TooLong);
-        }
-        buf.extend_from_slice(&available[..take]);
-        reader.consume(take + usize::from(done));
-        if done {
-            return Ok(Line::Complete);
-        }
+        Err(e) => Err(e),
     }
 }
 
@@ -275,30 +278,32 @@ async fn serve_connection(stream: UnixStream, handler: Handler) {
         },
     );
     let (read, mut write) = stream.into_split();
-    let mut reader = BufReader::new(read);
-    let mut buf = Vec::new();
+    let mut lines = FramedRead::new(read, RequestLines::default());
     loop {
-        let line = match timeout(IDLE_TIMEOUT, read_line(&mut reader, MAX_LINE, &mut buf)).await {
-            Err(_) => return,
-            Ok(Ok(line)) => line,
-            Ok(Err(e)) => {
-                warn!("control connection: {e}");
-                return;
-            }
+        let line = match timeout(IDLE_TIMEOUT, lines.next()).await {
+            Err(_) | Ok(None) => return,
+            Ok(Some(line)) => line,
         };
         let (reply, close) = match line {
-            Line::Eof => return,
-            Line::TooLong => (
+            Ok(Ok(line)) => (answer(decode_line(&line), &handler, peer).await, false),
+            Ok(Err(refused)) => (Reply::Error(refused.to_string()), false),
+            Err(LinesCodecError::MaxLineLengthExceeded) => (
                 Reply::Error(format!(
                     "request line longer than {MAX_LINE} bytes: closing the connection"
                 )),
                 true,
             ),
-            Line::Complete => (answer(&buf, &handler, peer).await, false),
+            Err(LinesCodecError::Io(e)) => {
+                warn!("control connection: {e}");
+                return;
+            }
         };
-        let mut out = serde_json::to_string(&reply).expect("replies always serialise");
-        out.push('\n');
-        match timeout(WRITE_TIMEOUT, write.write_all(out.as_bytes())).await {
+        match timeout(
+            WRITE_TIMEOUT,
+            write.write_all(encode_line(&reply).as_bytes()),
+        )
+        .await
+        {
             Ok(Ok(())) if !close => {}
             _ => return,
         }
@@ -314,26 +319,27 @@ pub enum RequestError {
     Json(#[from] serde_json::Error),
 }
 
-/// Decodes one request line (without its newline).
+/// Decodes one request line (without its newline), as the agent does.
 ///
 /// # Errors
 /// The line is not UTF-8, or not one JSON request.
 pub fn decode_request(line: &[u8]) -> Result<Request, RequestError> {
     let text = std::str::from_utf8(line).map_err(|_| RequestError::NotUtf8)?;
-    Ok(serde_json::from_str::<Request>(text)?)
+    Ok(decode_line::<Request>(text)?)
 }
 
-async fn answer(line: &[u8], handler: &Handler, peer: Peer) -> Reply {
-    match decode_request(line) {
+async fn answer(
+    request: Result<Request, serde_json::Error>,
+    handler: &Handler,
+    peer: Peer,
+) -> Reply {
+    match request.map_err(RequestError::from) {
         Ok(request) => {
             // A change is logged once, here, with who asked (the time is the log's): the
             // one place every change by the API passes through.
-            let change = request.mutates().then(|| {
-                (
-                    request.name(),
-                    serde_json::to_string(&request).expect("requests always serialise"),
-                )
-            });
+            let change = request
+                .mutates()
+                .then(|| (request.name(), encode_line(&request).trim_end().to_owned()));
             let handler = Arc::clone(handler);
             let reply = tokio::task::spawn_blocking(move || handler(request))
                 .await
@@ -360,18 +366,33 @@ async fn answer(line: &[u8], handler: &Handler, peer: Peer) -> Reply {
 mod tests {
     use super::*;
 
-    async fn lines_of(input: &[u8], max: usize) -> Vec<(Line, Vec<u8>)> {
-        let mut reader = BufReader::with_capacity(4, input);
-        let mut buf = Vec::new();
+    /// What the agent reads from `input` arriving in pieces of `chunk` bytes, up to the end
+    /// or the first error.
+    fn lines_of(input: &[u8], max: usize, chunk: usize) -> Vec<Result<String, String>> {
+        let mut codec = RequestLines::new(max);
+        let mut buf = BytesMut::new();
         let mut out = Vec::new();
+        let mut pieces = input.chunks(chunk);
         loop {
-            let line = read_line(&mut reader, max, &mut buf).await.unwrap();
-            if line == Line::Eof {
-                return out;
+            let piece = pieces.next();
+            if let Some(piece) = piece {
+                buf.extend_from_slice(piece);
             }
-            let stop = line == Line::TooLong;
-            out.push((line, buf.clone()));
-            if stop {
+            loop {
+                let decoded = match piece {
+                    Some(_) => codec.decode(&mut buf),
+                    None => codec.decode_eof(&mut buf),
+                };
+                match decoded {
+                    Ok(Some(line)) => out.push(line.map_err(|e| e.to_string())),
+                    Ok(None) => break,
+                    Err(e) => {
+                        out.push(Err(format!("fatal: {e}")));
+                        return out;
+                    }
+                }
+            }
+            if piece.is_none() {
                 return out;
             }
         }
@@ -398,23 +419,44 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn lines_are_split_and_bounded() {
-        assert_eq!(
-            lines_of(b"ab\n\xff\ncd", 8).await,
-            [
-                (Line::Complete, b"ab".to_vec()),
-                (Line::Complete, b"\xff".to_vec()),
-                (Line::Complete, b"cd".to_vec()),
-            ]
-        );
-        assert_eq!(
-            lines_of(b"0123456789\nnext\n", 8).await,
-            [(Line::TooLong, Vec::new())]
-        );
-        assert_eq!(
-            lines_of(b"01234567\n", 8).await,
-            [(Line::Complete, b"01234567".to_vec())]
-        );
+    #[test]
+    fn lines_are_split_and_bounded() {
+        let ok = |line: &str| Ok(line.to_owned());
+        for chunk in [1, 3, 64] {
+            assert_eq!(
+                lines_of(b"ab\n\xff\r\ncd\r\n{}", 8, chunk),
+                [
+                    ok("ab"),
+                    Err("malformed request: not UTF-8".to_owned()),
+                    ok("cd"),
+                    ok("{}"),
+                ],
+                "pieces of {chunk}"
+            );
+            assert_eq!(
+                lines_of(b"0123456789\nnext\n", 8, chunk),
+                [Err("fatal: max line length exceeded".to_owned())],
+                "pieces of {chunk}"
+            );
+            assert_eq!(
+                lines_of(b"01234567\n", 8, chunk),
+                [ok("01234567")],
+                "pieces of {chunk}"
+            );
+        }
+    }
+
+    #[test]
+    fn both_ends_frame_alike() {
+        let line = encode_line(&Request::Stats);
+        assert_eq!(line, "{\"op\":\"stats\"}\n");
+        let lines = lines_of(line.as_bytes(), MAX_LINE, 4);
+        assert_eq!(lines.len(), 1);
+        let request: Request = decode_line(lines[0].as_ref().unwrap()).unwrap();
+        assert_eq!(request, Request::Stats);
+        let reply = Reply::Error("two\nlines".into());
+        let line = encode_line(&reply);
+        assert_eq!(line.matches('\n').count(), 1, "{line}");
+        assert_eq!(decode_line::<Reply>(&line).unwrap(), reply);
     }
 }

@@ -23,8 +23,14 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::{
+    Request,
+    header::{HOST, USER_AGENT},
+};
+use hyper_util::rt::TokioIo;
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpStream, UdpSocket},
     sync::mpsc,
     task::JoinHandle,
@@ -308,7 +314,7 @@ async fn probe(backend: SocketAddr, spec: &HealthSpec) -> Result<String, String>
     }
     let start = Instant::now();
     let attempt = async {
-        let mut stream = TcpStream::connect(backend)
+        let stream = TcpStream::connect(backend)
             .await
             .map_err(|e| connect_error(&e))?;
         match &spec.probe {
@@ -317,8 +323,10 @@ async fn probe(backend: SocketAddr, spec: &HealthSpec) -> Result<String, String>
             Probe::Http {
                 path,
                 expect_status,
+                host,
             } => {
-                let status = http_status(&mut stream, backend, path).await?;
+                let host = host.clone().unwrap_or_else(|| backend.to_string());
+                let status = http_status(stream, &host, path).await?;
                 if status == *expect_status {
                     Ok(format!("ok http {status} {}", elapsed_ms(start)))
                 } else {
@@ -385,61 +393,60 @@ fn connect_error(e: &std::io::Error) -> String {
     }
 }
 
-/// Longest status line read before giving up on a peer that is not speaking HTTP.
-const MAX_STATUS_LINE: usize = 1024;
+/// Longest response head read before giving up on a peer: hyper's smallest buffer, ample
+/// for a status line and the headers of a health endpoint.
+const MAX_RESPONSE_HEAD: usize = 8 * 1024;
 
-async fn http_status(
-    stream: &mut TcpStream,
-    backend: SocketAddr,
-    path: &str,
-) -> Result<u16, String> {
-    let request =
-        format!("GET {path} HTTP/1.0\r\nHost: {backend}\r\nUser-Agent: xlb-health\r\n\r\n");
-    stream
-        .write_all(request.as_bytes())
+/// `GET path` over `stream` with HTTP/1.1 and `Host: host`: the response's status, or why
+/// there is none. The caller bounds the time; only the head is read, then the connection is
+/// closed.
+async fn http_status(stream: TcpStream, host: &str, path: &str) -> Result<u16, String> {
+    let request = Request::get(path)
+        .header(HOST, host)
+        .header(USER_AGENT, "xlb-health")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| format!("bad request: {e}"))?;
+    let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
+        .title_case_headers(true)
+        .max_buf_size(MAX_RESPONSE_HEAD)
+        .handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| format!("send failed: {e}"))?;
-    let mut buf = Vec::with_capacity(128);
-    let mut chunk = [0_u8; 256];
-    while !buf.contains(&b'\n') {
-        if buf.len() >= MAX_STATUS_LINE {
-            return Err("no HTTP status line".to_owned());
+        .map_err(|e| http_error(&e))?;
+    let mut connection = Box::pin(connection);
+    let mut response = std::pin::pin!(sender.send_request(request));
+    // The connection does the I/O and must be polled while the request waits on it. It may
+    // end in the same poll that hands the response over (the backend closed after it), so
+    // once it has ended, the request's own result says what happened.
+    let response = tokio::select! {
+        biased;
+        response = &mut response => response,
+        _ended = &mut connection => {
+            drop(connection);
+            response.await
         }
-        let n = stream
-            .read(&mut chunk)
-            .await
-            .map_err(|e| format!("read failed: {e}"))?;
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    let line = buf.split(|b| *b == b'\n').next().unwrap_or_default();
-    parse_status_line(line).ok_or_else(|| {
-        if buf.is_empty() {
-            "closed without a response".to_owned()
-        } else {
-            "no HTTP status line".to_owned()
-        }
-    })
+    };
+    response
+        .map(|r| r.status().as_u16())
+        .map_err(|e| http_error(&e))
 }
 
-fn parse_status_line(line: &[u8]) -> Option<u16> {
-    let line = std::str::from_utf8(line).ok()?.trim_end();
-    let mut parts = line.split(' ');
-    if !parts.next()?.starts_with("HTTP/") {
-        return None;
+fn http_error(e: &hyper::Error) -> String {
+    if e.is_incomplete_message() {
+        "closed without a response".to_owned()
+    } else if e.is_parse() || e.is_parse_status() || e.is_parse_too_large() {
+        "no HTTP response".to_owned()
+    } else {
+        format!("http request failed: {e}")
     }
-    let code = parts.next()?;
-    if code.len() != 3 {
-        return None;
-    }
-    code.parse().ok()
 }
 
 #[cfg(test)]
 mod tests {
-    use tokio::{net::TcpListener, sync::mpsc::Receiver};
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
+        net::TcpListener,
+        sync::mpsc::Receiver,
+    };
 
     use super::*;
 
@@ -617,12 +624,95 @@ mod tests {
         server.stop().await;
     }
 
-    #[test]
-    fn status_lines_parse() {
-        assert_eq!(parse_status_line(b"HTTP/1.1 200 OK\r"), Some(200));
-        assert_eq!(parse_status_line(b"HTTP/1.0 503"), Some(503));
-        assert_eq!(parse_status_line(b"SSH-2.0-OpenSSH"), None);
-        assert_eq!(parse_status_line(b"HTTP/1.1 2000 OK"), None);
+    /// Accepts one connection, answers it with `reply` and returns the request head.
+    async fn answer_once(listener: TcpListener, reply: &'static [u8]) -> String {
+        let (mut conn, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut chunk = [0_u8; 1024];
+        while !head.ends_with(b"\r\n\r\n") {
+            let n = conn.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed mid-request");
+            head.extend_from_slice(&chunk[..n]);
+        }
+        conn.write_all(reply).await.unwrap();
+        String::from_utf8(head).unwrap()
+    }
+
+    /// Probes a one-shot server answering `reply`: the probe's verdict and the request head
+    /// the server saw.
+    async fn http_exchange(
+        reply: &'static [u8],
+        host: Option<&str>,
+    ) -> (SocketAddr, Result<String, String>, String) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(answer_once(listener, reply));
+        let mut spec = fast(Probe::Http {
+            path: "/healthz?full=1".into(),
+            expect_status: 200,
+            host: host.map(str::to_owned),
+        });
+        spec.timeout = Duration::from_secs(5);
+        let verdict = probe(addr, &spec).await;
+        let head = timeout(Duration::from_secs(5), server)
+            .await
+            .expect("the server saw the request")
+            .unwrap();
+        (addr, verdict, head)
+    }
+
+    #[tokio::test]
+    async fn http_probes_send_http11_with_the_host_header() {
+        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+        let (addr, verdict, head) = http_exchange(ok, None).await;
+        assert!(
+            verdict.as_ref().is_ok_and(|v| v.starts_with("ok http 200")),
+            "{verdict:?}"
+        );
+        let mut lines = head.lines();
+        assert_eq!(lines.next(), Some("GET /healthz?full=1 HTTP/1.1"));
+        let headers: Vec<&str> = lines.filter(|l| !l.is_empty()).collect();
+        assert!(
+            headers.contains(&format!("Host: {addr}").as_str()),
+            "{head}"
+        );
+        assert!(headers.contains(&"User-Agent: xlb-health"), "{head}");
+        assert_eq!(
+            headers
+                .iter()
+                .filter(|h| h.to_ascii_lowercase().starts_with("host:"))
+                .count(),
+            1,
+            "{head}"
+        );
+
+        let (_, verdict, head) = http_exchange(ok, Some("web.example:8080")).await;
+        assert!(verdict.is_ok(), "{verdict:?}");
+        assert!(head.contains("\r\nHost: web.example:8080\r\n"), "{head}");
+        assert!(!head.contains(&format!("Host: {addr}")), "{head}");
+    }
+
+    #[tokio::test]
+    async fn http_probes_judge_what_comes_back() {
+        let cases: [(&'static [u8], Result<&str, &str>); 4] = [
+            (b"HTTP/1.0 200 Fine\r\n\r\n", Ok("ok http 200")),
+            (
+                b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n",
+                Err("http 503 (expected 200)"),
+            ),
+            (b"SSH-2.0-OpenSSH_9.6\r\n", Err("no HTTP response")),
+            (b"", Err("closed without a response")),
+        ];
+        for (reply, expected) in cases {
+            let (_, verdict, _) = http_exchange(reply, None).await;
+            match expected {
+                Ok(prefix) => assert!(
+                    verdict.as_ref().is_ok_and(|v| v.starts_with(prefix)),
+                    "{reply:?}: {verdict:?}"
+                ),
+                Err(detail) => assert_eq!(verdict, Err(detail.to_owned()), "{reply:?}"),
+            }
+        }
     }
 
     #[tokio::test]
@@ -675,6 +765,7 @@ mod tests {
         let spec = fast(Probe::Http {
             path: "/healthz".into(),
             expect_status: 200,
+            host: None,
         });
         checker
             .set_targets(vip(), Some(spec), &[good.addr, bad.addr])
@@ -740,6 +831,7 @@ mod tests {
         let spec = fast(Probe::Http {
             path: "/".into(),
             expect_status: 200,
+            host: None,
         });
         let result = probe(addr, &spec).await;
         assert_eq!(result, Err("timed out after 40 ms".to_owned()));

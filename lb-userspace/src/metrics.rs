@@ -7,11 +7,22 @@
 
 use std::{
     collections::{HashMap, VecDeque},
+    convert::Infallible,
     net::SocketAddr,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::Incoming,
+    header::{ALLOW, CONTENT_TYPE as CONTENT_TYPE_HEADER, HeaderValue},
+    server::conn::http1,
+    service::service_fn,
+};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{counter::Counter, family::Family, gauge::Gauge},
@@ -220,9 +231,10 @@ pub enum MetricsError {
 }
 
 /// Connections served at once. Beyond it, the oldest connection that has not sent its
-/// request yet makes room; a new one is refused only when all are busy being answered.
+/// request yet makes room; a new one is closed at once only when all are busy being answered.
 const MAX_CONNECTIONS: usize = 64;
-/// Largest request head accepted: a scrape is one short line and a few headers.
+/// Largest request head accepted (hyper answers 431 beyond it): a scrape is one short line
+/// and a few headers. Hyper's smallest allowed buffer.
 const MAX_REQUEST: usize = 8 * 1024;
 /// How long a client may take to send its request head.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -234,6 +246,8 @@ const RENDER_REUSE: Duration = Duration::from_millis(100);
 /// First pause after a failed `accept`, doubled on each failure in a row up to the maximum.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// At most one warning per this interval for a repeating accept error or refusal.
+const LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The connections still waiting for their request head, oldest first: the ones that may be
 /// closed to make room.
@@ -269,24 +283,24 @@ impl Waiting {
 /// reusing a render younger than [`RENDER_REUSE`].
 struct Renderer {
     source: Arc<dyn Fn() -> String + Send + Sync>,
-    last: tokio::sync::Mutex<Option<(Instant, Arc<String>)>>,
+    last: tokio::sync::Mutex<Option<(Instant, Bytes)>>,
 }
 
 impl Renderer {
-    async fn render(&self) -> Arc<String> {
+    async fn render(&self) -> Bytes {
         let mut last = self.last.lock().await;
         if let Some((at, body)) = &*last
             && at.elapsed() < RENDER_REUSE
         {
-            return Arc::clone(body);
+            return body.clone();
         }
         let source = Arc::clone(&self.source);
-        let body = Arc::new(
+        let body = Bytes::from(
             tokio::task::spawn_blocking(move || source())
                 .await
                 .unwrap_or_default(),
         );
-        *last = Some((Instant::now(), Arc::clone(&body)));
+        *last = Some((Instant::now(), body.clone()));
         body
     }
 }
@@ -333,6 +347,7 @@ impl MetricsServer {
         let waiting = Arc::new(Mutex::new(Waiting::default()));
         let mut backoff = ACCEPT_BACKOFF;
         let mut last_warning: Option<Instant> = None;
+        let mut last_refusal: Option<Instant> = None;
         tracing::info!(addr = %self.local_addr(), "serving metrics at /metrics");
         loop {
             let (stream, peer) = match self.listener.accept().await {
@@ -343,7 +358,7 @@ impl MetricsServer {
                 Err(e) => {
                     // Out of file descriptors and the like: back off rather than spin, and
                     // say so now and then rather than on every attempt.
-                    if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                    if last_warning.is_none_or(|t| t.elapsed() > LOG_INTERVAL) {
                         tracing::warn!(error = %e, "accepting a metrics connection failed (backing off)");
                         last_warning = Some(Instant::now());
                     }
@@ -366,8 +381,10 @@ impl MetricsServer {
                         None
                     };
                     let Some(permit) = freed else {
-                        let busy = reply(503, "Service Unavailable", "text/plain", "busy\n", true);
-                        let _ = stream.try_write(&busy);
+                        if last_refusal.is_none_or(|t| t.elapsed() > LOG_INTERVAL) {
+                            tracing::warn!(%peer, "closed a metrics connection: {MAX_CONNECTIONS} scrapes are being answered");
+                            last_refusal = Some(Instant::now());
+                        }
                         continue;
                     };
                     permit
@@ -377,7 +394,7 @@ impl MetricsServer {
             let renderer = Arc::clone(&renderer);
             let waiting = Arc::clone(&waiting);
             tokio::spawn(async move {
-                let served = handle(stream, &renderer, &waiting, id, &evict).await;
+                let served = serve_connection(stream, renderer, &waiting, id, &evict).await;
                 lock_waiting(&waiting).remove(id);
                 if let Err(e) = served {
                     tracing::debug!(%peer, error = %e, "metrics connection failed");
@@ -406,117 +423,98 @@ pub async fn serve(
     Ok(())
 }
 
-async fn handle(
-    mut stream: TcpStream,
-    renderer: &Renderer,
-    waiting: &Mutex<Waiting>,
+/// Serves one request on `stream` with hyper, then closes. A scrape is one request per
+/// interval, so keep-alive would only let idle clients hold slots for longer.
+async fn serve_connection(
+    stream: TcpStream,
+    renderer: Arc<Renderer>,
+    waiting: &Arc<Mutex<Waiting>>,
     id: u64,
     evict: &Notify,
-) -> std::io::Result<()> {
-    let head = tokio::select! {
-        () = evict.notified() => return Ok(()),
-        head = timeout(HEADER_TIMEOUT, read_head(&mut stream)) => match head {
-            Err(_) => return Ok(()),
-            Ok(head) => head?,
-        },
-    };
-    lock_waiting(waiting).remove(id);
-    let Some((head, complete)) = head else {
+) -> Result<(), hyper::Error> {
+    // A second descriptor of the same socket outlives hyper's: see `linger`.
+    let lingering = stream.into_std().and_then(|s| {
+        let copy = s.try_clone()?;
+        Ok((TcpStream::from_std(s)?, copy))
+    });
+    let Ok((stream, lingering)) = lingering else {
         return Ok(());
     };
-    if complete {
-        let response = respond(&head, renderer).await;
-        timeout(WRITE_TIMEOUT, stream.write_all(&response)).await??;
-        return stream.shutdown().await;
+    let service = {
+        let waiting = Arc::clone(waiting);
+        service_fn(move |request| {
+            // The head is in: this connection is being answered and may no longer be evicted.
+            lock_waiting(&waiting).remove(id);
+            let renderer = Arc::clone(&renderer);
+            async move { Ok::<_, Infallible>(respond(&request, &renderer).await) }
+        })
+    };
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_REQUEST)
+        .keep_alive(false)
+        .title_case_headers(true)
+        .serve_connection(TokioIo::new(stream), service);
+    let served = tokio::select! {
+        () = evict.notified() => return Ok(()),
+        served = timeout(HEADER_TIMEOUT + WRITE_TIMEOUT, connection) => match served {
+            Err(_) => return Ok(()),
+            Ok(served) => served,
+        },
+    };
+    if let Err(e) = &served
+        && e.is_parse_too_large()
+    {
+        linger(lingering).await;
     }
-    let response = reply(
-        431,
-        "Request Header Fields Too Large",
-        "text/plain",
-        "request too large\n",
-        true,
-    );
-    timeout(WRITE_TIMEOUT, stream.write_all(&response)).await??;
-    stream.shutdown().await?;
-    // Closing with unread input would reset the connection and could destroy the reply
-    // before the client reads it; swallow a bounded amount of the rest first.
+    served
+}
+
+/// Closing a socket with unread input resets the connection, which can destroy the reply
+/// (hyper's 431) before the client reads it: end our side, then swallow a bounded amount of
+/// what the client still sends before the last descriptor closes.
+async fn linger(socket: std::net::TcpStream) {
+    let Ok(mut socket) = TcpStream::from_std(socket) else {
+        return;
+    };
+    let _ = socket.shutdown().await;
     let mut chunk = [0_u8; 1024];
     let mut drained = 0;
     while drained < 8 * MAX_REQUEST {
-        match timeout(Duration::from_secs(1), stream.read(&mut chunk)).await {
+        match timeout(Duration::from_secs(1), socket.read(&mut chunk)).await {
             Ok(Ok(n)) if n > 0 => drained += n,
             _ => break,
         }
     }
-    Ok(())
 }
 
-/// Reads the request head: `None` if the client closed first, else the bytes and whether
-/// the head ended within [`MAX_REQUEST`].
-async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<(Vec<u8>, bool)>> {
-    let mut head = Vec::with_capacity(512);
-    let mut chunk = [0_u8; 1024];
-    loop {
-        if find(&head, b"\r\n\r\n").is_some() || find(&head, b"\n\n").is_some() {
-            return Ok(Some((head, true)));
-        }
-        if head.len() > MAX_REQUEST {
-            return Ok(Some((head, false)));
-        }
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(None);
-        }
-        head.extend_from_slice(&chunk[..n]);
+async fn respond(request: &Request<Incoming>, renderer: &Renderer) -> Response<Full<Bytes>> {
+    if request.uri().path() != "/metrics" {
+        return reply(StatusCode::NOT_FOUND, "metrics are at /metrics\n");
     }
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        let mut response = reply(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
+        response
+            .headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return response;
+    }
+    // Hyper leaves the body out of an answer to HEAD and keeps its length.
+    let mut response = Response::new(Full::new(renderer.render().await));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE_HEADER, HeaderValue::from_static(CONTENT_TYPE));
+    response
 }
 
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
-
-async fn respond(head: &[u8], renderer: &Renderer) -> Vec<u8> {
-    let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    let mut parts = line.trim_end().split(' ');
-    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next())
-    else {
-        return reply(400, "Bad Request", "text/plain", "bad request\n", true);
-    };
-    if !version.starts_with("HTTP/1.") {
-        return reply(400, "Bad Request", "text/plain", "bad request\n", true);
-    }
-    let path = target.split('?').next().unwrap_or(target);
-    if path != "/metrics" {
-        return reply(
-            404,
-            "Not Found",
-            "text/plain",
-            "metrics are at /metrics\n",
-            true,
-        );
-    }
-    match method {
-        "GET" => reply(200, "OK", CONTENT_TYPE, &renderer.render().await, true),
-        "HEAD" => reply(200, "OK", CONTENT_TYPE, &renderer.render().await, false),
-        _ => reply(405, "Method Not Allowed", "text/plain", "use GET\n", true),
-    }
-}
-
-fn reply(code: u16, reason: &str, content_type: &str, body: &str, with_body: bool) -> Vec<u8> {
-    let mut out = format!(
-        "HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n",
-        body.len()
-    );
-    if code == 405 {
-        out.push_str("Allow: GET, HEAD\r\n");
-    }
-    out.push_str("\r\n");
-    let mut out = out.into_bytes();
-    if with_body {
-        out.extend_from_slice(body.as_bytes());
-    }
-    out
+fn reply(status: StatusCode, text: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE_HEADER, HeaderValue::from_static("text/plain"));
+    response
 }
 
 #[cfg(test)]
@@ -728,7 +726,9 @@ mod tests {
             .map(|_| tokio::spawn(get(addr, "GET /metrics?x=1 HTTP/1.0\r\n\r\n")))
             .collect();
         for r in many {
-            assert!(r.await.unwrap().starts_with("HTTP/1.1 200 OK"));
+            // Hyper answers an HTTP/1.0 request in HTTP/1.0.
+            let response = r.await.unwrap();
+            assert!(response.starts_with("HTTP/1.0 200 OK"), "{response}");
         }
         drop(slow);
 
@@ -736,8 +736,13 @@ mod tests {
         assert!(response.starts_with("HTTP/1.1 404 Not Found"), "{response}");
         let response = get(addr, "POST /metrics HTTP/1.1\r\n\r\n").await;
         assert!(response.starts_with("HTTP/1.1 405"), "{response}");
+        assert!(response.contains("\r\nAllow: GET, HEAD\r\n"), "{response}");
         let response = get(addr, "HEAD /metrics HTTP/1.1\r\n\r\n").await;
         assert!(response.starts_with("HTTP/1.1 200 OK") && response.ends_with("\r\n\r\n"));
+        assert!(
+            response.contains(&format!("\r\nContent-Length: {}\r\n", body.len())),
+            "HEAD announces the length GET sends: {response}"
+        );
         let huge = format!("GET /metrics HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(20_000));
         let mut stream = TcpStream::connect(addr).await.unwrap();
         // The server may close before reading everything; only the status matters.

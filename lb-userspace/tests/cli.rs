@@ -972,6 +972,32 @@ fn bad_input_matrix() {
             "only apply to --health udp",
         ),
         (
+            "Host header on a tcp health check",
+            &[
+                "vip",
+                "add",
+                "10.100.0.1:81/tcp",
+                "--health",
+                "tcp",
+                "--health-host",
+                "web.example",
+            ],
+            "--health-host only applies to --health http",
+        ),
+        (
+            "Host header that could end the header line",
+            &[
+                "vip",
+                "add",
+                "10.100.0.1:81/tcp",
+                "--health",
+                "http",
+                "--health-host",
+                "web.example\r\nX-Injected: 1",
+            ],
+            "the HTTP health check host must be a name or address",
+        ),
+        (
             "udp payload not hex",
             &[
                 "vip",
@@ -2151,6 +2177,8 @@ fn config_dump_diff_dry_run_and_changes_by_hand() {
             "http",
             "--health-path",
             "/healthz",
+            "--health-host",
+            "web.example",
             "--health-interval-ms",
             "60000",
         ]);
@@ -2200,6 +2228,11 @@ fn config_dump_diff_dry_run_and_changes_by_hand() {
         assert_eq!(now["idle_timeout_s"], was["idle_timeout_s"], "{vip}");
         assert_eq!(now["health_check"], was["health_check"], "{vip}");
     }
+    assert_eq!(
+        find_vip(&running, tcp)["health_check"]["probe"]["host"],
+        "web.example",
+        "the probe's Host header goes through the API, the dump and the config"
+    );
 
     // Changes by hand: refused without --force, saying how; applied with it.
     let extra = backend_v4(0, 9090).to_string();

@@ -29,6 +29,10 @@ pub struct HealthArgs {
     /// HTTP path to GET.
     #[arg(long, default_value = "/", requires = "health")]
     health_path: String,
+    /// Host header of the HTTP probe (a name, with :PORT if needed) [default: the backend's
+    /// ADDRESS:PORT].
+    #[arg(long, requires = "health", value_name = "HOST")]
+    health_host: Option<String>,
     /// HTTP status a healthy backend answers with.
     #[arg(long, default_value_t = 200, requires = "health")]
     health_status: u16,
@@ -65,6 +69,9 @@ impl HealthArgs {
         let udp_options = self.health_payload.is_some()
             || self.health_payload_hex.is_some()
             || self.health_expect_reply.is_some();
+        if kind != ProbeArg::Http && self.health_host.is_some() {
+            bail!("--health-host only applies to --health http");
+        }
         if kind != ProbeArg::Udp && udp_options {
             bail!(
                 "--health-payload, --health-payload-hex and --health-expect-reply only apply to --health udp"
@@ -75,6 +82,7 @@ impl HealthArgs {
             ProbeArg::Http => Probe::Http {
                 path: self.health_path.clone(),
                 expect_status: self.health_status,
+                host: self.health_host.clone(),
             },
             ProbeArg::Udp => {
                 let payload = match (&self.health_payload, &self.health_payload_hex) {
@@ -136,7 +144,7 @@ impl TimeoutArgs {
 pub enum VipCommand {
     /// Add a VIP: ADDR:PORT[/tcp|/udp] (IPv6 as [2001:db8::1]:443/tcp).
     #[command(
-        after_help = "Examples:\n  xlb vip add 192.0.2.10:80/tcp\n  xlb vip add [2001:db8::10]:53/udp\n  xlb vip add 192.0.2.10:443/tcp --forwarding ipip   # direct server return\n  xlb vip add 192.0.2.10:22/tcp --tcp-timeout 3600\n  xlb vip add 192.0.2.53:53/udp --udp-timeout 10\n  xlb vip add 192.0.2.10:80/tcp --health http --health-path /healthz --health-fall 2\n  xlb vip add 192.0.2.53:53/udp --health udp\n  xlb vip add 192.0.2.53:5000/udp --health udp --health-payload ping"
+        after_help = "Examples:\n  xlb vip add 192.0.2.10:80/tcp\n  xlb vip add [2001:db8::10]:53/udp\n  xlb vip add 192.0.2.10:443/tcp --forwarding ipip   # direct server return\n  xlb vip add 192.0.2.10:22/tcp --tcp-timeout 3600\n  xlb vip add 192.0.2.53:53/udp --udp-timeout 10\n  xlb vip add 192.0.2.10:80/tcp --health http --health-path /healthz --health-fall 2\n  xlb vip add 192.0.2.10:80/tcp --health http --health-host www.example\n  xlb vip add 192.0.2.53:53/udp --health udp\n  xlb vip add 192.0.2.53:5000/udp --health udp --health-payload ping"
     )]
     Add {
         /// The VIP: ADDR:PORT[/tcp|/udp] (IPv6 as [2001:db8::1]:443/tcp).

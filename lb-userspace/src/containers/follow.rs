@@ -375,6 +375,7 @@ pub fn label_spec(labels: &BTreeMap<String, String>) -> Option<Result<LabelSpec,
                     Some(("http", path)) if path.starts_with('/') => Probe::Http {
                         path: path.to_owned(),
                         expect_status: 200,
+                        host: None,
                     },
                     _ => {
                         return Err(format!(
@@ -674,7 +675,8 @@ mod tests {
             spec.health.unwrap().probe,
             Probe::Http {
                 path: "/healthz".into(),
-                expect_status: 200
+                expect_status: 200,
+                host: None,
             }
         );
         for (key, bad) in [
