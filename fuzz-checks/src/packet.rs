@@ -47,8 +47,8 @@ fn sliced(frame: &[u8]) -> Option<SlicedPacket<'_>> {
 }
 
 /// etherparse's reading of `frame`, when it is a frame xlb balances: Ethernet with at most
-/// one 802.1Q/802.1ad tag, IPv4 that is no fragment or IPv6 without extension headers, and
-/// TCP or UDP. A length field of 0 (IPv6 payload, UDP) means "the rest of the frame" to
+/// one 802.1Q/802.1ad tag, IPv4 that is no fragment or IPv6 without extension headers and
+/// without IPv4-mapped addresses (RFC 4291 2.5.5.2: never on the wire), and TCP or UDP. A length field of 0 (IPv6 payload, UDP) means "the rest of the frame" to
 /// etherparse, as in IPv6 jumbograms (RFC 2675), which need a hop-by-hop header xlb does not
 /// balance; xlb calls them malformed. `None` for anything else, including frames etherparse
 /// rejects.
@@ -70,7 +70,11 @@ fn etherparse_view(frame: &[u8]) -> Option<Expected> {
         }
         NetSlice::Ipv6(ip) => {
             let h = ip.header();
-            if !ip.extensions().is_empty() || h.payload_length() == 0 {
+            if !ip.extensions().is_empty()
+                || h.payload_length() == 0
+                || h.source_addr().to_ipv4_mapped().is_some()
+                || h.destination_addr().to_ipv4_mapped().is_some()
+            {
                 return None;
             }
             (
