@@ -13,7 +13,7 @@ use std::{
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::unix::{net::UnixStream, process::CommandExt as _},
     path::{Path, PathBuf},
-    process::{ExitStatus, Output, Stdio},
+    process::{Output, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -27,8 +27,7 @@ use xlb_netns::{Netns, Topology};
 
 mod common;
 use common::{
-    AgentProcess, TempDir, XLB, backend_v4, describe, json, ok, output_within, v4, xlb,
-    xlb_attached,
+    Agent, AgentBuilder, TempDir, XLB, backend_v4, describe, output_within, v4, xlb, xlb_attached,
 };
 
 /// A small prime ring keeps map setup quick; the tests check it is what the agent reports.
@@ -46,81 +45,27 @@ fn topology(backends: usize) -> Topology {
     Topology::new(backends).expect("topology")
 }
 
-/// A running `xlb run`, stopped with SIGTERM when dropped.
-struct Agent<'a> {
-    ns: &'a Netns,
-    process: AgentProcess,
-    socket: PathBuf,
-    bpffs: PathBuf,
+/// The LB interfaces of `topo`: the client's link and every backend's.
+fn lb_ifaces(topo: &Topology) -> Vec<String> {
+    std::iter::once(&topo.client_link)
+        .chain(&topo.backend_links)
+        .map(|l| l.a.ifname.clone())
+        .collect()
 }
 
-impl<'a> Agent<'a> {
-    /// Starts an agent attached to every LB interface of `topo` and waits until it answers.
-    fn start(topo: &'a Topology, dir: &TempDir, state: &Path) -> Self {
-        let mut ifaces = vec![topo.client_link.a.ifname.clone()];
-        ifaces.extend(topo.backend_links.iter().map(|l| l.a.ifname.clone()));
-        Self::start_in(topo.lb(), &ifaces, dir, state)
-    }
-
-    fn start_in(ns: &'a Netns, ifaces: &[String], dir: &TempDir, state: &Path) -> Self {
-        Self::start_with(ns, ifaces, dir, state, &[])
-    }
-
-    /// [`Self::start_in`] with `extra` arguments to `xlb run`.
-    fn start_with(
-        ns: &'a Netns,
-        ifaces: &[String],
-        dir: &TempDir,
-        state: &Path,
-        extra: &[&str],
-    ) -> Self {
-        let socket = dir.join("xlb.sock");
-        let bpffs = Path::new("/sys/fs/bpf").join(common::unique(SUITE, "pins"));
-        let log = dir.join(&format!("agent-{}.log", common::seq()));
-        let mut cmd = common::agent_command(ns.command(XLB), ifaces, &socket, state, &bpffs, &log);
-        cmd.args(["--ring-size", &RING.to_string()])
-            .args(extra)
-            .env_remove("XLB_SOCKET");
-        let process = AgentProcess::start(
-            cmd,
-            log,
-            Duration::from_secs(10),
-            Duration::from_millis(100),
-            common::vip_list_probe(|args| xlb(ns, &socket, args)),
-        );
-        Self {
-            ns,
-            process,
-            socket,
-            bpffs,
-        }
-    }
-
-    fn log(&self) -> String {
-        self.process.log()
-    }
-
-    /// SIGTERM, then waits (bounded) for the exit.
-    fn stop(&mut self) -> ExitStatus {
-        self.process.stop()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        ok(self.ns, &self.socket, args)
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        json(self.ns, &self.socket, args)
-    }
+/// An agent in `ns` on `ifaces` with its socket and log in `dir`, restoring `state`, on the
+/// small test ring.
+fn agent_in<'a>(ns: &'a Netns, ifaces: &[String], dir: &TempDir, state: &Path) -> AgentBuilder<'a> {
+    Agent::in_ns(ns, SUITE)
+        .ifaces(ifaces)
+        .dir(&dir.0)
+        .state(state)
+        .args(["--ring-size", &RING.to_string()])
 }
 
-impl Drop for Agent<'_> {
-    fn drop(&mut self) {
-        self.process
-            .report_if_panicking(|| xlb(self.ns, &self.socket, &["stats", "--json"]));
-        self.process.terminate();
-        let _ = fs::remove_dir_all(&self.bpffs);
-    }
+/// Starts an agent attached to every LB interface of `topo` and waits until it answers.
+fn start_agent<'a>(topo: &'a Topology, dir: &TempDir, state: &Path) -> Agent<'a> {
+    agent_in(topo.lb(), &lb_ifaces(topo), dir, state).start()
 }
 
 /// `bind(addr)` in backend `i`'s namespace.
@@ -299,7 +244,7 @@ fn config_of(list: &Value) -> Vec<(String, u64, Vec<BackendRow>)> {
 fn verbs_end_to_end() {
     let topo = topology(2);
     let dir = TempDir::new(SUITE, "verbs");
-    let agent = Agent::start(&topo, &dir, &dir.join("state.json"));
+    let agent = start_agent(&topo, &dir, &dir.join("state.json"));
 
     let empty = agent.ok(&["vip", "list"]);
     assert!(empty.contains("no VIPs"), "empty list says so: {empty}");
@@ -482,7 +427,7 @@ fn stats_match_traffic() {
     const TCP_CONNS: u16 = 12; // M
     let topo = topology(2);
     let dir = TempDir::new(SUITE, "stats");
-    let agent = Agent::start(&topo, &dir, &dir.join("state.json"));
+    let agent = start_agent(&topo, &dir, &dir.join("state.json"));
     let mut servers = Servers::new();
     for i in 0..2 {
         servers.udp(&topo, i, backend_v4(i, 5300));
@@ -592,7 +537,7 @@ fn explain_matches_reality() {
     const CLIENTS: u16 = 100;
     let topo = topology(3);
     let dir = TempDir::new(SUITE, "explain");
-    let agent = Agent::start(&topo, &dir, &dir.join("state.json"));
+    let agent = start_agent(&topo, &dir, &dir.join("state.json"));
     let mut servers = Servers::new();
     let mut name_of = BTreeMap::new();
     for i in 0..3 {
@@ -648,10 +593,7 @@ fn state_survives_restart() {
     let topo = topology(2);
     let dir = TempDir::new(SUITE, "restart");
     let state = dir.join("state").join("state.json");
-    let lb_ifaces: Vec<String> = std::iter::once(&topo.client_link)
-        .chain(&topo.backend_links)
-        .map(|l| l.a.ifname.clone())
-        .collect();
+    let lb_ifaces = lb_ifaces(&topo);
     let mut servers = Servers::new();
     for i in 0..2 {
         servers.tcp(&topo, i, backend_v4(i, 8080));
@@ -682,7 +624,7 @@ fn state_survives_restart() {
     };
 
     let before = {
-        let mut agent = Agent::start(&topo, &dir, &state);
+        let mut agent = start_agent(&topo, &dir, &state);
         agent.ok(&["vip", "add", tcp]);
         agent.ok(&["vip", "add", udp6]);
         agent.ok(&["vip", "add", "10.100.0.1:9000/udp"]);
@@ -742,7 +684,7 @@ fn state_survives_restart() {
         );
     }
 
-    let agent = Agent::start(&topo, &dir, &state);
+    let agent = start_agent(&topo, &dir, &state);
     let after = agent.json(&["vip", "list", "--json"]);
     assert_eq!(
         config_of(&after),
@@ -814,7 +756,7 @@ impl WorldReadableCopy {
 fn bad_input_matrix() {
     let topo = topology(2);
     let dir = TempDir::new(SUITE, "bad");
-    let agent = Agent::start(&topo, &dir, &dir.join("state.json"));
+    let agent = start_agent(&topo, &dir, &dir.join("state.json"));
     let vip = "10.100.0.1:80/tcp";
     let vip6 = "[fd00:100::1]:80/tcp";
     let b0 = backend_v4(0, 8080).to_string();
@@ -1312,13 +1254,9 @@ fn backends_behind_unattached_interfaces_warn() {
         topo.backend_links[0].a.ifname.clone(),
     ];
     let config_arg = config.display().to_string();
-    let agent = Agent::start_with(
-        topo.lb(),
-        &ifaces,
-        &dir,
-        &dir.join("state.json"),
-        &["--config", &config_arg],
-    );
+    let agent = agent_in(topo.lb(), &ifaces, &dir, &dir.join("state.json"))
+        .args(&["--config", &config_arg])
+        .start();
 
     let expected_warning = |backend: &str| {
         format!(
@@ -1578,7 +1516,10 @@ fn stats_watch_writes_plain_reports_and_outlives_the_agent() {
     ns.add_veth("watch0", &peer, "watch1").expect("a veth");
     ns.set_link_up("watch0").expect("link up");
     peer.set_link_up("watch1").expect("link up");
-    let mut agent = common::NsAgent::start(&ns, SUITE, &["watch0"], &["--no-metrics"]);
+    let mut agent = common::Agent::in_ns(&ns, SUITE)
+        .iface("watch0")
+        .arg("--no-metrics")
+        .start();
     let mut watch = ns.command(XLB);
     watch
         .args(["stats", "--watch", "--socket"])
@@ -1637,7 +1578,7 @@ fn weight_zero_drains() {
     const FLOWS: u16 = 32;
     let topo = topology(2);
     let dir = TempDir::new(SUITE, "weight0");
-    let agent = Agent::start(&topo, &dir, &dir.join("state.json"));
+    let agent = start_agent(&topo, &dir, &dir.join("state.json"));
     let mut servers = Servers::new();
     for i in 0..2 {
         servers.udp(&topo, i, backend_v4(i, 5300));
@@ -1750,7 +1691,7 @@ fn vip_set_changes_settings_in_place() {
     let topo = topology(2);
     let dir = TempDir::new(SUITE, "vipset");
     let state = dir.join("state.json");
-    let agent = Agent::start(&topo, &dir, &state);
+    let agent = start_agent(&topo, &dir, &state);
     let mut servers = Servers::new();
     servers.udp(&topo, 0, backend_v4(0, 5300));
     servers.udp(&topo, 1, backend_v4(1, 5300));
@@ -1903,7 +1844,7 @@ fn vip_set_changes_settings_in_place() {
 fn status_shows_agent_interfaces_health_and_trouble() {
     let topo = topology(2);
     let dir = TempDir::new(SUITE, "status");
-    let agent = Agent::start(&topo, &dir, &dir.join("state.json"));
+    let agent = start_agent(&topo, &dir, &dir.join("state.json"));
     let mut servers = Servers::new();
     servers.tcp(&topo, 0, backend_v4(0, 8080));
 
@@ -2001,7 +1942,7 @@ fn conns_lists_tracked_flows() {
     const FLOWS: u16 = 12;
     let topo = topology(2);
     let dir = TempDir::new(SUITE, "conns");
-    let agent = Agent::start(&topo, &dir, &dir.join("state.json"));
+    let agent = start_agent(&topo, &dir, &dir.join("state.json"));
     let mut servers = Servers::new();
     for i in 0..2 {
         servers.udp(&topo, i, backend_v4(i, 5300));
@@ -2127,8 +2068,7 @@ fn conns_lists_tracked_flows() {
 fn config_dump_diff_dry_run_and_changes_by_hand() {
     let topo = topology(2);
     let dir = TempDir::new(SUITE, "dump");
-    let mut ifaces = vec![topo.client_link.a.ifname.clone()];
-    ifaces.extend(topo.backend_links.iter().map(|l| l.a.ifname.clone()));
+    let ifaces = lb_ifaces(&topo);
     let tcp = "10.100.0.1:80/tcp";
     let udp = "[fd00:100::1]:53/udp";
     let (b0, b1) = (
@@ -2144,7 +2084,7 @@ fn config_dump_diff_dry_run_and_changes_by_hand() {
     let forwarding =
         || forwarding_keys.map(|key| topo.lb().read_sysctl(key).expect("reading a sysctl"));
     let running = {
-        let mut agent = Agent::start(&topo, &dir, &dir.join("state.json"));
+        let mut agent = start_agent(&topo, &dir, &dir.join("state.json"));
         assert_eq!(forwarding(), ["1", "1"]);
         agent.ok(&[
             "vip",
@@ -2191,13 +2131,9 @@ fn config_dump_diff_dry_run_and_changes_by_hand() {
 
     // An agent started from the dump runs the same VIPs, backends, timeouts and checks.
     let dump_arg = dump.display().to_string();
-    let agent = Agent::start_with(
-        topo.lb(),
-        &ifaces,
-        &dir,
-        &dir.join("state2.json"),
-        &["--config", &dump_arg],
-    );
+    let agent = agent_in(topo.lb(), &ifaces, &dir, &dir.join("state2.json"))
+        .args(&["--config", &dump_arg])
+        .start();
     let listed = agent.json(&["vip", "list", "--json"]);
     assert_eq!(config_of(&listed), config_of(&running));
     for vip in [tcp, udp] {
@@ -2349,13 +2285,12 @@ fn dsr_forwarding_and_tunnel_settings_through_the_cli() {
     let topo = topology(2);
     let dir = TempDir::new(SUITE, "dsr");
     let state = dir.join("state.json");
-    let lb_ifaces: Vec<String> = std::iter::once(&topo.client_link)
-        .chain(&topo.backend_links)
-        .map(|l| l.a.ifname.clone())
-        .collect();
+    let lb_ifaces = lb_ifaces(&topo);
     let own = topo.client_link.a.ip4().to_string();
     let tunnels = ["--encap-source", own.as_str(), "--gue-port", "7000"];
-    let mut agent = Agent::start_with(topo.lb(), &lb_ifaces, &dir, &state, &tunnels);
+    let mut agent = agent_in(topo.lb(), &lb_ifaces, &dir, &state)
+        .args(&tunnels)
+        .start();
 
     let dsr = "10.100.0.1:443/tcp";
     let nat = "10.100.0.1:80/tcp";
@@ -2451,7 +2386,7 @@ fn dsr_forwarding_and_tunnel_settings_through_the_cli() {
     // Restarted from the state file alone, with the defaults for the tunnels.
     assert!(agent.stop().success(), "{}", agent.log());
     drop(agent);
-    let agent = Agent::start_in(topo.lb(), &lb_ifaces, &dir, &state);
+    let agent = agent_in(topo.lb(), &lb_ifaces, &dir, &state).start();
     let listed = agent.json(&["vip", "list", "--json"]);
     let vip = find_vip(&listed, dsr);
     assert_eq!(vip["forwarding"], "ipip", "{vip:#}");
@@ -2506,10 +2441,7 @@ fn dsr_forwarding_and_tunnel_settings_through_the_cli() {
 fn a_reload_replaces_a_vip_whose_forwarding_changes_and_applies_tunnels() {
     let topo = topology(1);
     let dir = TempDir::new(SUITE, "dsrreload");
-    let ifaces: Vec<String> = std::iter::once(&topo.client_link)
-        .chain(&topo.backend_links)
-        .map(|l| l.a.ifname.clone())
-        .collect();
+    let ifaces = lb_ifaces(&topo);
     let vip = "10.100.0.1:80/tcp";
     let b0 = backend_v4(0, 80);
     let config = dir.join("xlb.toml");
@@ -2519,13 +2451,9 @@ fn a_reload_replaces_a_vip_whose_forwarding_changes_and_applies_tunnels() {
         format!("[[vip]]\naddress = \"{vip}\"\n[[vip.backend]]\naddress = \"{b0}\"\n"),
     )
     .expect("writing the config");
-    let agent = Agent::start_with(
-        topo.lb(),
-        &ifaces,
-        &dir,
-        &dir.join("state.json"),
-        &["--config", &config_arg],
-    );
+    let agent = agent_in(topo.lb(), &ifaces, &dir, &dir.join("state.json"))
+        .args(&["--config", &config_arg])
+        .start();
     let before = agent.json(&["vip", "list", "--json"]);
     let before = find_vip(&before, vip).clone();
     assert_eq!(before["forwarding"], "nat", "{before:#}");

@@ -21,7 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{NsAgent, RaiseOnDrop, XLB, describe, output_within};
+use common::{Agent, RaiseOnDrop, XLB, describe, output_within};
 use futures_util::TryStreamExt as _;
 use socket2::{Domain, Protocol, Socket, Type};
 use xlb_netns::{DsrTopology, LinkStats, Netns};
@@ -1195,7 +1195,7 @@ fn udp_echo(topo: &DsrTopology, client: IpAddr, to: SocketAddr, seed: u8) {
 #[test]
 fn the_balancer_tunnels_and_the_backends_answer_the_client_directly() {
     let lab = Lab::new(2);
-    let agent = NsAgent::start(lab.topo.lb(), "dsr", &["router"], &[]);
+    let agent = Agent::in_ns(lab.topo.lb(), "dsr").iface("router").start();
     for v6 in [false, true] {
         for (port, proto, forwarding) in [
             (TCP_IPIP, "tcp", "ipip"),
@@ -1277,7 +1277,7 @@ fn path_mtu_discovery_converges_through_the_balancers_too_big() {
         .lb()
         .set_gro(&lab.topo.lb_link.b.ifname, false)
         .expect("GRO off");
-    let agent = NsAgent::start(lab.topo.lb(), "dsr", &["router"], &[]);
+    let agent = Agent::in_ns(lab.topo.lb(), "dsr").iface("router").start();
     for v6 in [false, true] {
         for (port, proto, forwarding) in [
             (TCP_IPIP, "tcp", "ipip"),
@@ -1309,7 +1309,7 @@ fn path_mtu_discovery_converges_through_the_balancers_too_big() {
 #[test]
 fn a_drained_backend_keeps_its_connections_and_gets_no_new_ones() {
     let lab = Lab::new(2);
-    let agent = NsAgent::start(lab.topo.lb(), "dsr", &["router"], &[]);
+    let agent = Agent::in_ns(lab.topo.lb(), "dsr").iface("router").start();
     let vip = vip(false, TCP_IPIP, "tcp");
     agent.cli(&["vip", "add", &vip, "--forwarding", "ipip"]);
     let backends: Vec<String> = (0..2)

@@ -13,11 +13,8 @@
 
 use std::{
     collections::BTreeMap,
-    fs,
     io::{BufRead as _, BufReader, ErrorKind, Write as _},
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
-    path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -30,7 +27,7 @@ use lb_userspace::api::Stats;
 use xlb_netns::{Netns, Topology};
 
 mod common;
-use common::{AgentProcess, XLB, counter};
+use common::{Agent, counter};
 
 /// Distinct from other suites' prefixes, so their stale-namespace cleanup and
 /// ours never touch each other's namespaces.
@@ -69,95 +66,19 @@ fn topology(backends: usize) -> Topology {
 // The agent
 // ---------------------------------------------------------------------------
 
-/// `xlb run` inside the LB namespace; SIGTERM (then SIGKILL) on drop, and its
-/// log printed if the test is failing.
-struct Agent<'t> {
-    lb: &'t Netns,
-    process: AgentProcess,
-    dir: PathBuf,
-    socket: PathBuf,
-    bpffs: PathBuf,
+/// `xlb run` inside the LB namespace, attached to the client-facing interface and every
+/// backend-facing one.
+fn start_agent(topo: &Topology) -> Agent<'_> {
+    Agent::in_ns(topo.lb(), SUITE)
+        .iface(&topo.client_link.a.ifname)
+        .ifaces(topo.backend_links.iter().map(|l| &l.a.ifname))
+        .start()
 }
 
-impl<'t> Agent<'t> {
-    /// Attaches to the LB's client-facing interface and every backend-facing one.
-    fn start(topo: &'t Topology) -> Self {
-        let lb = topo.lb();
-        let dir = std::env::temp_dir().join(common::unique(SUITE, "agent"));
-        fs::create_dir_all(&dir).expect("creating the agent's temp dir");
-        let socket = dir.join("xlb.sock");
-        let log = dir.join("agent.log");
-        let bpffs = Path::new("/sys/fs/bpf").join(common::unique(SUITE, "pins"));
-        let ifaces = std::iter::once(&topo.client_link.a.ifname)
-            .chain(topo.backend_links.iter().map(|l| &l.a.ifname));
-        let cmd = common::agent_command(
-            lb.command(XLB),
-            ifaces,
-            &socket,
-            &dir.join("state.json"),
-            &bpffs,
-            &log,
-        );
-        let try_cli = |args: &[&str]| {
-            Self::command_in(lb, &socket, args)
-                .output()
-                .expect("running the xlb CLI")
-        };
-        let process = AgentProcess::start(
-            cmd,
-            log,
-            Duration::from_secs(10),
-            Duration::from_millis(100),
-            common::vip_list_probe(try_cli),
-        );
-        Self {
-            lb,
-            process,
-            dir,
-            socket,
-            bpffs,
-        }
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        Self::command_in(self.lb, &self.socket, args)
-    }
-
-    fn command_in(lb: &Netns, socket: &Path, args: &[&str]) -> Command {
-        let mut cmd = lb.command(XLB);
-        cmd.env("XLB_SOCKET", socket)
-            .args(args)
-            .stdin(Stdio::null());
-        cmd
-    }
-
-    fn try_cli(&self, args: &[&str]) -> Output {
-        self.command(args).output().expect("running the xlb CLI")
-    }
-
-    /// Runs an `xlb` command against this agent; panics if it fails.
-    fn cli(&self, args: &[&str]) -> String {
-        common::success(args, self.try_cli(args))
-    }
-
-    fn add_vip(&self, vip: &str, backends: &[SocketAddr]) {
-        self.cli(&["vip", "add", vip]);
-        for b in backends {
-            self.cli(&["backend", "add", vip, &b.to_string()]);
-        }
-    }
-
-    fn stats(&self) -> Stats {
-        common::parse_json(&["stats", "--json"], &self.cli(&["stats", "--json"]))
-    }
-}
-
-impl Drop for Agent<'_> {
-    fn drop(&mut self) {
-        self.process.terminate_and_report();
-        // The agent removes its pins on a clean exit; this is for the other kind.
-        let _ = fs::remove_dir_all(&self.bpffs);
-        let _ = fs::remove_dir_all(&self.dir);
+fn add_vip(agent: &Agent<'_>, vip: &str, backends: &[SocketAddr]) {
+    agent.cli(&["vip", "add", vip]);
+    for b in backends {
+        agent.cli(&["backend", "add", vip, &b.to_string()]);
     }
 }
 
@@ -486,11 +407,11 @@ fn tcp_v4_spread_and_backend_removal() {
     let started = Instant::now();
     let topo = topology(3);
     let _servers = Servers::start(&topo);
-    let agent = Agent::start(&topo);
+    let agent = start_agent(&topo);
     let vip_addr = SocketAddr::new(Topology::VIP_V4.into(), 80);
     let vip = format!("{vip_addr}/tcp");
     let backends = backend_addrs(&topo, false, TCP_PORT);
-    agent.add_vip(&vip, &backends);
+    add_vip(&agent, &vip, &backends);
     let client = client_ip(&topo, false);
 
     // 300 one-shot connections, each answered, spread over all three.
@@ -629,7 +550,7 @@ fn tcp_and_udp_over_v4_and_v6() {
     let started = Instant::now();
     let topo = topology(3);
     let _servers = Servers::start(&topo);
-    let agent = Agent::start(&topo);
+    let agent = start_agent(&topo);
     let vip4: IpAddr = Topology::VIP_V4.into();
     let vip6: IpAddr = Topology::VIP_V6.into();
 
@@ -641,7 +562,11 @@ fn tcp_and_udp_over_v4_and_v6() {
     ];
     for (vip_addr, proto, port) in cases {
         let vip = format!("{vip_addr}/{proto}");
-        agent.add_vip(&vip, &backend_addrs(&topo, vip_addr.is_ipv6(), port));
+        add_vip(
+            &agent,
+            &vip,
+            &backend_addrs(&topo, vip_addr.is_ipv6(), port),
+        );
     }
 
     for (vip_addr, proto, _) in cases {

@@ -36,7 +36,7 @@ use lb_userspace::bench::frames::{self, TCP_SYN};
 use xlb_netns::{Netns, Topology, ipnet::Ipv4Net};
 
 mod common;
-use common::{NsAgent, RaiseOnDrop, TcpServer, backend_v4, counter};
+use common::{Agent, RaiseOnDrop, TcpServer, backend_v4, counter};
 
 const NS_PREFIX: &str = "xflood-";
 const SUITE: &str = "flood";
@@ -355,7 +355,7 @@ fn flood(ifname: &str, src_mac: [u8; 6], dst_mac: [u8; 6]) -> std::io::Result<u6
     Ok(sent)
 }
 
-fn vip_packets(agent: &NsAgent) -> (u64, u64) {
+fn vip_packets(agent: &Agent) -> (u64, u64) {
     let stats = agent.stats();
     let vip = stats
         .vips
@@ -422,12 +422,10 @@ fn a_syn_flood_does_not_break_established_flows() {
         .chain((0..BACKENDS).map(|i| format!("b{i}")))
         .collect();
     let entries = CONNTRACK_ENTRIES.to_string();
-    let agent = NsAgent::start(
-        lab.topology.lb(),
-        SUITE,
-        &ifaces,
-        &["--conntrack-entries", &entries, "--no-metrics"],
-    );
+    let agent = Agent::in_ns(lab.topology.lb(), SUITE)
+        .ifaces(&ifaces)
+        .args(["--conntrack-entries", &entries, "--no-metrics"])
+        .start();
     let spec = format!("{VIP}/tcp");
     agent.cli(&["vip", "add", &spec]);
     for i in 0..BACKENDS {

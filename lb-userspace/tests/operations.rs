@@ -15,7 +15,7 @@ use std::{
     io::{ErrorKind, Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     path::{Path, PathBuf},
-    process::{Command, ExitStatus, Output, Stdio},
+    process::{Command, Output, Stdio},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering},
@@ -29,7 +29,8 @@ use xlb_netns::{Netns, Topology};
 
 mod common;
 use common::{
-    AgentProcess, TempDir, XLB, backend_v4, describe, ok, output_within, v4, xlb, xlb_attached,
+    Agent, AgentProcess, TempDir, XLB, backend_v4, describe, ok, output_within, v4, xlb,
+    xlb_attached,
 };
 
 /// A small prime ring keeps map setup quick.
@@ -118,77 +119,31 @@ impl Drop for Pins<'_> {
     }
 }
 
-/// A running `xlb run`, stopped with SIGTERM when dropped.
-struct Agent<'a> {
-    ns: &'a Netns,
-    process: AgentProcess,
-    socket: PathBuf,
+/// Starts an agent attached to every LB interface of `topo`, pinning under `pins`, with
+/// `extra` arguments (the small test ring unless they set `--ring-size`), and waits until it
+/// answers.
+fn start_agent<'a>(
+    topo: &'a Topology,
+    dir: &TempDir,
+    pins: &Pins<'_>,
+    state: &Path,
+    extra: &[&str],
+) -> Agent<'a> {
+    let mut agent = Agent::in_ns(topo.lb(), SUITE)
+        .ifaces(lb_ifaces(topo))
+        .dir(&dir.0)
+        .socket(&pins.socket)
+        .bpffs(&pins.dir)
+        .state(state);
+    if !extra.contains(&"--ring-size") {
+        agent = agent.args(["--ring-size", &RING.to_string()]);
+    }
+    agent.args(extra).start()
 }
 
-impl<'a> Agent<'a> {
-    /// Starts an agent attached to every LB interface of `topo`, pinning under `pins`, with
-    /// `extra` arguments (the small test ring unless they set `--ring-size`), and waits until
-    /// it answers.
-    fn start(
-        topo: &'a Topology,
-        dir: &TempDir,
-        pins: &Pins<'_>,
-        state: &Path,
-        extra: &[&str],
-    ) -> Self {
-        let ns = topo.lb();
-        let log = dir.join(&format!("agent-{}.log", common::seq()));
-        let mut cmd = common::agent_command(
-            ns.command(XLB),
-            &lb_ifaces(topo),
-            &pins.socket,
-            state,
-            &pins.dir,
-            &log,
-        );
-        if !extra.contains(&"--ring-size") {
-            cmd.args(["--ring-size", &RING.to_string()]);
-        }
-        cmd.args(extra).env_remove("XLB_SOCKET");
-        let socket = pins.socket.clone();
-        let process = AgentProcess::start(
-            cmd,
-            log,
-            Duration::from_secs(15),
-            Duration::from_millis(20),
-            common::vip_list_probe(|args| xlb(ns, &socket, args)),
-        );
-        Self {
-            ns,
-            process,
-            socket,
-        }
-    }
-
-    fn log(&self) -> String {
-        self.process.log()
-    }
-
-    fn signal(&mut self, signal: libc::c_int) {
-        self.process.signal(signal);
-    }
-
-    /// SIGTERM, then waits (bounded) for the exit.
-    fn stop(&mut self) -> ExitStatus {
-        self.process.stop()
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        xlb(self.ns, &self.socket, args)
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        ok(self.ns, &self.socket, args)
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        common::json(self.ns, &self.socket, args)
-    }
+/// What these tests ask an agent about the VIP's backends.
+trait BackendQueries {
+    fn json(&self, args: &[&str]) -> Value;
 
     /// `backend list VIP --json`, keyed by backend address.
     fn backends(&self) -> BTreeMap<String, Value> {
@@ -245,11 +200,9 @@ impl<'a> Agent<'a> {
     }
 }
 
-impl Drop for Agent<'_> {
-    fn drop(&mut self) {
-        self.process
-            .report_if_panicking(|| xlb(self.ns, &self.socket, &["stats", "--json"]));
-        self.process.terminate();
+impl BackendQueries for Agent<'_> {
+    fn json(&self, args: &[&str]) -> Value {
+        Agent::json(self, args)
     }
 }
 
@@ -622,7 +575,7 @@ fn health_checks_take_failing_backends_out_and_back() {
     let dir = TempDir::new(SUITE, "health");
     let mut servers = line_servers(&topo, 3);
     let pins = Pins::new(topo.lb(), &dir);
-    let agent = Agent::start(&topo, &dir, &pins, &dir.join("state.json"), &[]);
+    let agent = start_agent(&topo, &dir, &pins, &dir.join("state.json"), &[]);
     add_vip(
         &agent,
         3,
@@ -738,7 +691,7 @@ fn http_health_check_takes_a_503_backend_out() {
         .map(|i| Server::start(&topo, i, Mode::Http(Arc::clone(&statuses[i]))))
         .collect();
     let pins = Pins::new(topo.lb(), &dir);
-    let agent = Agent::start(&topo, &dir, &pins, &dir.join("state.json"), &[]);
+    let agent = start_agent(&topo, &dir, &pins, &dir.join("state.json"), &[]);
     add_vip(
         &agent,
         3,
@@ -902,7 +855,7 @@ fn udp_health_checks_follow_a_udp_server_down_and_up() {
         .map(|i| UdpServer::start(&topo, i, 5454, false))
         .collect();
     let pins = Pins::new(topo.lb(), &dir);
-    let agent = Agent::start(&topo, &dir, &pins, &dir.join("state.json"), &[]);
+    let agent = start_agent(&topo, &dir, &pins, &dir.join("state.json"), &[]);
     let out = agent.ok(&[
         "vip",
         "add",
@@ -1032,7 +985,7 @@ fn draining_keeps_established_connections() {
     let dir = TempDir::new(SUITE, "drain");
     let _servers = line_servers(&topo, 3);
     let pins = Pins::new(topo.lb(), &dir);
-    let agent = Agent::start(&topo, &dir, &pins, &dir.join("state.json"), &[]);
+    let agent = start_agent(&topo, &dir, &pins, &dir.join("state.json"), &[]);
     add_vip(&agent, 3, &[]);
     let (b0, b1, b2) = (
         backend_addr(0).to_string(),
@@ -1139,7 +1092,7 @@ fn flows_end_when_connections_close_or_idle_out() {
         .map(|i| UdpServer::start(&topo, i, 5353, true))
         .collect();
     let pins = Pins::new(topo.lb(), &dir);
-    let agent = Agent::start(&topo, &dir, &pins, &dir.join("state.json"), &[]);
+    let agent = start_agent(&topo, &dir, &pins, &dir.join("state.json"), &[]);
     add_vip(&agent, 2, &[]);
     agent.ok(&["vip", "add", UDP_VIP, "--udp-timeout", "2"]);
     for s in &udp_servers {
@@ -1515,7 +1468,7 @@ fn restart_without_dropping() {
     for key in FORWARDING_KEYS {
         topo.lb().sysctl(key, "0").expect("forwarding off");
     }
-    let mut agent = Agent::start(&topo, &dir, &pins, &state, &["--keep-attached"]);
+    let mut agent = start_agent(&topo, &dir, &pins, &state, &["--keep-attached"]);
     assert_eq!(forwarding(), ["1", "1"], "the agent switches forwarding on");
     add_vip(&agent, 2, &[]);
     let mut traffic = Traffic::start(&topo, &TrafficPlan::GENTLE);
@@ -1544,7 +1497,7 @@ fn restart_without_dropping() {
         // The data path runs on its own for a while.
         thread::sleep(Duration::from_millis(300));
         let t = Instant::now();
-        agent = Agent::start(&topo, &dir, &pins, &state, &["--keep-attached"]);
+        agent = start_agent(&topo, &dir, &pins, &state, &["--keep-attached"]);
         eprintln!(
             "restart {round}: agent answering {:?} after start",
             t.elapsed()
@@ -1642,7 +1595,7 @@ fn a_restart_with_other_table_sizes_keeps_established_connections() {
         "--max-vips",
         "16",
     ];
-    let mut agent = Agent::start(&topo, &dir, &pins, &state, &before);
+    let mut agent = start_agent(&topo, &dir, &pins, &state, &before);
     add_vip(&agent, 2, &[]);
     let mut traffic = Traffic::start(&topo, &TrafficPlan::GENTLE);
     thread::sleep(Duration::from_millis(300));
@@ -1652,7 +1605,7 @@ fn a_restart_with_other_table_sizes_keeps_established_connections() {
 
     let status = agent.stop();
     assert!(status.success(), "clean stop: {status}\n{}", agent.log());
-    agent = Agent::start(&topo, &dir, &pins, &state, &after);
+    agent = start_agent(&topo, &dir, &pins, &state, &after);
     let log = agent.log();
     for map in ["XLB_CONNTRACK", "XLB_VIPS"] {
         assert!(
@@ -1719,7 +1672,7 @@ fn keep_attached_restarts_lose_no_new_flow() {
     let _servers = line_servers(&topo, 2);
     let _udp_servers = UdpEchoServers::start(&topo, 2);
     let pins = Pins::new(topo.lb(), &dir);
-    let mut agent = Agent::start(&topo, &dir, &pins, &state, AGENT_ARGS);
+    let mut agent = start_agent(&topo, &dir, &pins, &state, AGENT_ARGS);
     add_vip(&agent, 2, &[]);
     agent.ok(&["vip", "add", UDP_VIP]);
     for i in 0..2 {
@@ -1749,7 +1702,7 @@ fn keep_attached_restarts_lose_no_new_flow() {
             agent.log()
         );
         thread::sleep(Duration::from_millis(200));
-        agent = Agent::start(&topo, &dir, &pins, &state, AGENT_ARGS);
+        agent = start_agent(&topo, &dir, &pins, &state, AGENT_ARGS);
         assert!(
             agent.log().contains("adopted"),
             "round {round}: the new agent adopts the running data path:\n{}",
@@ -1794,7 +1747,7 @@ fn adoption_removes_vips_the_state_no_longer_has() {
     let state = dir.join("state.json");
     let _servers = line_servers(&topo, 1);
     let pins = Pins::new(topo.lb(), &dir);
-    let mut agent = Agent::start(&topo, &dir, &pins, &state, &["--keep-attached"]);
+    let mut agent = start_agent(&topo, &dir, &pins, &state, &["--keep-attached"]);
     add_vip(&agent, 1, &[]);
     assert_eq!(connect_many(&topo, 2), ["b0", "b0"]);
     let status = agent.stop();
@@ -1806,7 +1759,7 @@ fn adoption_removes_vips_the_state_no_longer_has() {
     );
 
     fs::remove_file(&state).expect("removing the state file");
-    agent = Agent::start(&topo, &dir, &pins, &state, &["--keep-attached"]);
+    agent = start_agent(&topo, &dir, &pins, &state, &["--keep-attached"]);
     let vips = agent.json(&["vip", "list", "--json"]);
     assert_eq!(vips, serde_json::json!([]), "no VIP is configured");
     let to = vip_addr();
@@ -1950,7 +1903,7 @@ fn metrics_scrape() {
     let dir = TempDir::new(SUITE, "metrics");
     let _servers = line_servers(&topo, 2);
     let pins = Pins::new(topo.lb(), &dir);
-    let agent = Agent::start(&topo, &dir, &pins, &dir.join("state.json"), &[]);
+    let agent = start_agent(&topo, &dir, &pins, &dir.join("state.json"), &[]);
     add_vip(&agent, 2, &[]);
     let reached = connect_many(&topo, 20);
     assert!(reached.iter().any(|b| b == "b0") && reached.iter().any(|b| b == "b1"));
@@ -2099,7 +2052,7 @@ fn config_and_reload() {
 
     let pins = Pins::new(topo.lb(), &dir);
     let file_arg = file.to_str().expect("utf-8 path").to_owned();
-    let mut agent = Agent::start(
+    let mut agent = start_agent(
         &topo,
         &dir,
         &pins,
@@ -2229,7 +2182,7 @@ fn reload_applies_whole_or_not_at_all() {
     fs::write(&file, config_text(&[(0, 1), (1, 1)]) + &empty_vips(2..5)).expect("config");
     let pins = Pins::new(topo.lb(), &dir);
     let file_arg = file.to_str().expect("utf-8 path").to_owned();
-    let mut agent = Agent::start(
+    let mut agent = start_agent(
         &topo,
         &dir,
         &pins,
@@ -2428,7 +2381,7 @@ fn persisting_state_survives_a_full_disk() {
     let disk = Tmpfs::mount("fulldisk-fs", "16k");
     let state = disk.0.join("state.json");
     let pins = Pins::new(topo.lb(), &dir);
-    let agent = Agent::start(&topo, &dir, &pins, &state, &["--no-metrics"]);
+    let agent = start_agent(&topo, &dir, &pins, &state, &["--no-metrics"]);
     add_vip(&agent, 1, &[]);
     let saved = fs::read(&state).expect("state file written");
     let parsed: Value = serde_json::from_slice(&saved).expect("state is JSON");

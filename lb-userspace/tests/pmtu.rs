@@ -29,7 +29,7 @@ use xlb_netns::{
 };
 
 mod common;
-use common::{NsAgent, TcpServer, counter};
+use common::{Agent, TcpServer, counter};
 
 const SUITE: &str = "pmtu";
 const BACKEND_PORT: u16 = 8080;
@@ -257,7 +257,9 @@ fn run(narrow: Narrow) {
     );
     let path = Path::build(narrow);
     let _server = TcpServer::start(path.ns(path.backend), BACKEND_PORT, SERVER_LIFETIME, serve);
-    let agent = NsAgent::start(path.ns(path.lb), SUITE, &path.lb_ifaces, &[]);
+    let agent = Agent::in_ns(path.ns(path.lb), SUITE)
+        .ifaces(&path.lb_ifaces)
+        .start();
     let vips = [
         (
             SocketAddr::new(VIP_V4.into(), VIP_PORT),

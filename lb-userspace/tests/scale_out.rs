@@ -30,7 +30,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{NsAgent, TempDir, output_within};
+use common::{Agent, TempDir, output_within};
 use lb_userspace::api::{NodeStatus, Stats};
 use xlb_netns::{Netns, ScaleOutTopology, Topology};
 
@@ -95,12 +95,10 @@ fn announce_table_follows_what_the_node_can_serve() {
     require_root();
     let topo = Topology::with_prefix("xannc-", 2).expect("topology");
     let lb = topo.lb();
-    let mut agent = NsAgent::start(
-        lb,
-        "announce",
-        &["client", "b0", "b1"],
-        &["--announce-table", TABLE, "--no-metrics"],
-    );
+    let mut agent = Agent::in_ns(lb, "announce")
+        .ifaces(["client", "b0", "b1"])
+        .args(["--announce-table", TABLE, "--no-metrics"])
+        .start();
     let settles = |want: BTreeSet<(String, String)>, what: &str| {
         // The agent syncs as it answers a request: no wait is needed, but a retry is allowed.
         assert!(
@@ -519,7 +517,7 @@ fn keep_talking(streams: &mut [Stream], duration: Duration) -> Vec<String> {
     })
 }
 
-fn new_flows(agent: &NsAgent<'_>) -> u64 {
+fn new_flows(agent: &Agent<'_>) -> u64 {
     let stats: Stats = agent.stats();
     stats.vips.iter().map(|v| v.new_flows).sum()
 }
@@ -642,14 +640,12 @@ fn flows_spread_over_bgp_ecmp_and_survive_drain_and_node_loss() {
         .collect();
 
     // Every node: the same VIP, backends, ring size and hash seed (the defaults).
-    let agents: Vec<NsAgent<'_>> = (0..NODES)
+    let agents: Vec<Agent<'_>> = (0..NODES)
         .map(|i| {
-            let agent = NsAgent::start(
-                topo.node(i),
-                "scale",
-                &["router"],
-                &["--announce-table", TABLE, "--no-metrics"],
-            );
+            let agent = Agent::in_ns(topo.node(i), "scale")
+                .iface("router")
+                .args(["--announce-table", TABLE, "--no-metrics"])
+                .start();
             agent.cli(&["vip", "add", VIP, "--forwarding", "ipip"]);
             for b in &backend_addrs {
                 agent.cli(&["backend", "add", VIP, b]);
@@ -703,7 +699,7 @@ fn flows_spread_over_bgp_ecmp_and_survive_drain_and_node_loss() {
                 explained["new_flow_backend"],
                 want.as_str(),
                 "node in {} would send {client} elsewhere: {explained}",
-                agent.ns.name()
+                agent.place()
             );
         }
     }
@@ -792,7 +788,7 @@ fn flows_spread_over_bgp_ecmp_and_survive_drain_and_node_loss() {
 }
 
 /// The client addresses of the flows a node's connection table holds for the VIP.
-fn tracked_clients(agent: &NsAgent<'_>) -> BTreeSet<SocketAddr> {
+fn tracked_clients(agent: &Agent<'_>) -> BTreeSet<SocketAddr> {
     let conns: serde_json::Value = common::parse_json(
         &["conns"],
         &agent.cli(&["conns", VIP, "--json", "--limit", "1000"]),

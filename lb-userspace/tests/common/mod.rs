@@ -147,7 +147,12 @@ pub fn output_within(cmd: &mut Command, limit: Duration) -> Output {
 /// Runs `xlb ARGS --socket SOCKET` in `ns`, within 40 s.
 #[allow(dead_code)]
 pub fn xlb(ns: &Netns, socket: &Path, args: &[&str]) -> Output {
-    let mut cmd = ns.command(XLB);
+    xlb_in(Some(ns), socket, args)
+}
+
+/// [`xlb`] in `ns`, or in the host's namespace for `None`.
+pub fn xlb_in(ns: Option<&Netns>, socket: &Path, args: &[&str]) -> Output {
+    let mut cmd = xlb_command(ns);
     cmd.args(args)
         .arg("--socket")
         .arg(socket)
@@ -448,71 +453,271 @@ impl Drop for TcpServer {
     }
 }
 
-/// `xlb run` in `ns` on `ifaces` with a temp dir, socket and pins of its own (named after
-/// `suite`); SIGTERM on drop, its log printed if the test is failing, its files removed.
+/// Where the `xlb` binary runs: in a namespace the test created, or in the host's (the
+/// podman tests, whose containers sit on the host's bridge).
 #[allow(dead_code)]
-pub struct NsAgent<'n> {
-    pub ns: &'n Netns,
-    pub process: AgentProcess,
-    pub socket: PathBuf,
-    dir: PathBuf,
-    bpffs: PathBuf,
+pub fn xlb_command(ns: Option<&Netns>) -> Command {
+    ns.map_or_else(|| Command::new(XLB), |ns| ns.command(XLB))
+}
+
+/// How long a starting agent gets to answer on its control socket.
+const START_LIMIT: Duration = Duration::from_secs(15);
+
+/// The one way the tests start `xlb run`: [`Agent::in_ns`] or [`Agent::on_host`], then the
+/// options that differ from the defaults, then [`AgentBuilder::start`].
+///
+/// Defaults: a temp dir of its own (named after the suite) for the socket, state file and log;
+/// a bpffs directory of its own; info logging. Whatever the builder creates is removed when
+/// the [`Agent`] is dropped; paths the test passes in stay the test's.
+#[must_use = "an agent starts only with `start()`"]
+pub struct AgentBuilder<'n> {
+    ns: Option<&'n Netns>,
+    suite: String,
+    ifaces: Vec<std::ffi::OsString>,
+    dir: Option<PathBuf>,
+    socket: Option<PathBuf>,
+    state: Option<PathBuf>,
+    bpffs: Option<PathBuf>,
+    args: Vec<std::ffi::OsString>,
+    envs: Vec<(String, String)>,
+    start_limit: Duration,
+    dies_with_test: bool,
 }
 
 #[allow(dead_code)]
-impl<'n> NsAgent<'n> {
-    pub fn start<S: AsRef<OsStr>>(
-        ns: &'n Netns,
-        suite: &str,
-        ifaces: &[S],
-        extra: &[&str],
-    ) -> Self {
-        let dir = std::env::temp_dir().join(unique(suite, "agent"));
-        fs::create_dir_all(&dir).expect("creating the agent's temp dir");
-        let socket = dir.join("xlb.sock");
-        let log = dir.join("agent.log");
-        let bpffs = Path::new("/sys/fs/bpf").join(unique(suite, "pins"));
+impl<'n> AgentBuilder<'n> {
+    /// Attaches to `iface` (repeatable).
+    pub fn iface(mut self, iface: impl AsRef<OsStr>) -> Self {
+        self.ifaces.push(iface.as_ref().to_owned());
+        self
+    }
+
+    pub fn ifaces<S: AsRef<OsStr>>(mut self, ifaces: impl IntoIterator<Item = S>) -> Self {
+        self.ifaces
+            .extend(ifaces.into_iter().map(|i| i.as_ref().to_owned()));
+        self
+    }
+
+    /// The test's own directory for the socket, state file and logs (several agents in turn
+    /// may share it, e.g. to restart on the same state); not removed on drop.
+    pub fn dir(mut self, dir: &Path) -> Self {
+        self.dir = Some(dir.to_owned());
+        self
+    }
+
+    pub fn socket(mut self, socket: &Path) -> Self {
+        self.socket = Some(socket.to_owned());
+        self
+    }
+
+    pub fn state(mut self, state: &Path) -> Self {
+        self.state = Some(state.to_owned());
+        self
+    }
+
+    /// Pins maps under the test's `bpffs` directory, which the test then cleans up.
+    pub fn bpffs(mut self, bpffs: &Path) -> Self {
+        self.bpffs = Some(bpffs.to_owned());
+        self
+    }
+
+    /// `--config FILE`.
+    pub fn config(self, file: &Path) -> Self {
+        self.arg("--config").arg(file)
+    }
+
+    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
+        self.args.push(arg.as_ref().to_owned());
+        self
+    }
+
+    pub fn args<S: AsRef<OsStr>>(mut self, args: impl IntoIterator<Item = S>) -> Self {
+        self.args
+            .extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        self
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.envs.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// How long it may take until the control socket answers (15 s unless set).
+    pub fn start_limit(mut self, limit: Duration) -> Self {
+        self.start_limit = limit;
+        self
+    }
+
+    /// SIGTERM to the agent if the test process dies, e.g. an agent attached to host
+    /// interfaces, which no namespace teardown would detach.
+    pub fn dies_with_test(mut self) -> Self {
+        self.dies_with_test = true;
+        self
+    }
+
+    /// Spawns the agent and waits (bounded) until `vip list` through its socket succeeds;
+    /// panics with its log if it exits first or does not answer in time.
+    pub fn start(self) -> Agent<'n> {
+        let mut owned = Vec::new();
+        let dir = self.dir.unwrap_or_else(|| {
+            let dir = std::env::temp_dir().join(unique(&self.suite, "agent"));
+            fs::create_dir_all(&dir).expect("creating the agent's temp dir");
+            owned.push(dir.clone());
+            dir
+        });
+        let bpffs = self.bpffs.unwrap_or_else(|| {
+            let pins = Path::new("/sys/fs/bpf").join(unique(&self.suite, "pins"));
+            owned.push(pins.clone());
+            pins
+        });
+        let socket = self.socket.unwrap_or_else(|| dir.join("xlb.sock"));
+        let state = self.state.unwrap_or_else(|| dir.join("state.json"));
+        let log = dir.join(format!("agent-{}.log", seq()));
         let mut cmd = agent_command(
-            ns.command(XLB),
-            ifaces,
+            xlb_command(self.ns),
+            &self.ifaces,
             &socket,
-            &dir.join("state.json"),
+            &state,
             &bpffs,
             &log,
         );
-        cmd.args(extra);
+        cmd.args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
+            .env_remove("XLB_SOCKET");
+        if self.dies_with_test {
+            use std::os::unix::process::CommandExt as _;
+            // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let ns = self.ns;
         let probe_socket = socket.clone();
         let process = AgentProcess::start(
             cmd,
             log,
-            Duration::from_secs(10),
-            Duration::from_millis(100),
-            vip_list_probe(move |args| xlb(ns, &probe_socket, args)),
+            self.start_limit,
+            Duration::from_millis(25),
+            vip_list_probe(move |args| xlb_in(ns, &probe_socket, args)),
         );
-        Self {
+        Agent {
             ns,
             process,
             socket,
-            dir,
+            state,
             bpffs,
+            owned,
         }
+    }
+}
+
+/// A running `xlb run` (see [`AgentBuilder`]). On drop: if the test is failing, `stats`
+/// and its log are printed; SIGTERM (SIGKILL if ignored); what the builder created is removed.
+#[allow(dead_code)]
+pub struct Agent<'n> {
+    ns: Option<&'n Netns>,
+    pub process: AgentProcess,
+    pub socket: PathBuf,
+    pub state: PathBuf,
+    pub bpffs: PathBuf,
+    /// Directories the builder created, removed on drop.
+    owned: Vec<PathBuf>,
+}
+
+#[allow(dead_code)]
+impl<'n> Agent<'n> {
+    /// An agent in `ns`; its temp dir and pins are named after `suite`.
+    pub fn in_ns(ns: &'n Netns, suite: &str) -> AgentBuilder<'n> {
+        Self::builder(Some(ns), suite)
+    }
+
+    /// An agent in the host's namespace.
+    pub fn on_host(suite: &str) -> AgentBuilder<'n> {
+        Self::builder(None, suite)
+    }
+
+    fn builder(ns: Option<&'n Netns>, suite: &str) -> AgentBuilder<'n> {
+        AgentBuilder {
+            ns,
+            suite: suite.to_owned(),
+            ifaces: Vec::new(),
+            dir: None,
+            socket: None,
+            state: None,
+            bpffs: None,
+            args: Vec::new(),
+            envs: Vec::new(),
+            start_limit: START_LIMIT,
+            dies_with_test: false,
+        }
+    }
+
+    /// `xlb ARGS --socket SOCKET` where the agent runs, within 40 s; any outcome.
+    pub fn run(&self, args: &[&str]) -> Output {
+        xlb_in(self.ns, &self.socket, args)
     }
 
     /// Runs an `xlb` command against this agent; panics if it fails.
     pub fn cli(&self, args: &[&str]) -> String {
-        ok(self.ns, &self.socket, args)
+        success(args, self.run(args))
+    }
+
+    /// [`Self::cli`] under the name the CLI tests use.
+    pub fn ok(&self, args: &[&str]) -> String {
+        self.cli(args)
+    }
+
+    /// What a successful `xlb ARGS` printed, as JSON.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        parse_json(args, &self.cli(args))
     }
 
     pub fn stats(&self) -> Stats {
         parse_json(&["stats", "--json"], &self.cli(&["stats", "--json"]))
     }
+
+    /// Where it runs: its namespace's name, or `host`.
+    pub fn place(&self) -> &str {
+        self.ns.map_or("host", Netns::name)
+    }
+
+    pub fn log(&self) -> String {
+        self.process.log()
+    }
+
+    /// SIGTERM, then waits (bounded) for the exit; panics if it does not come.
+    pub fn stop(&mut self) -> ExitStatus {
+        self.process.stop()
+    }
+
+    pub fn signal(&mut self, signal: libc::c_int) {
+        self.process.signal(signal);
+    }
 }
 
-impl Drop for NsAgent<'_> {
+impl Drop for Agent<'_> {
     fn drop(&mut self) {
-        self.process.terminate_and_report();
-        let _ = fs::remove_dir_all(&self.bpffs);
-        let _ = fs::remove_dir_all(&self.dir);
+        let failing = thread::panicking();
+        if failing && self.process.is_running() {
+            let stats = self.run(&["stats", "--json"]);
+            eprintln!(
+                "--- xlb stats --json ---\n{}",
+                String::from_utf8_lossy(&stats.stdout)
+            );
+        }
+        self.process.terminate();
+        if failing {
+            eprintln!("---- xlb agent log ----\n{}", self.process.log());
+        }
+        for dir in &self.owned {
+            let _ = fs::remove_dir_all(dir);
+        }
     }
 }
 
