@@ -10,15 +10,11 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
     io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
     os::unix::{net::UnixStream, process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Output, Stdio},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    thread::{self, JoinHandle},
+    thread,
     time::Duration,
 };
 
@@ -27,7 +23,8 @@ use xlb_netns::{Netns, Topology};
 
 mod common;
 use common::{
-    Agent, AgentBuilder, TempDir, XLB, backend_v4, describe, output_within, v4, xlb, xlb_attached,
+    Agent, AgentBuilder, Backend, Reply, TempDir, XLB, backend_v4, describe, output_within, v4,
+    xlb, xlb_attached,
 };
 
 /// A small prime ring keeps map setup quick; the tests check it is what the agent reports.
@@ -68,84 +65,28 @@ fn start_agent<'a>(topo: &'a Topology, dir: &TempDir, state: &Path) -> Agent<'a>
     agent_in(topo.lb(), &lb_ifaces(topo), dir, state).start()
 }
 
-/// `bind(addr)` in backend `i`'s namespace.
-fn bind_in<S: Send>(
-    topo: &Topology,
-    i: usize,
-    addr: SocketAddr,
-    bind: impl FnOnce(SocketAddr) -> std::io::Result<S> + Send,
-) -> S {
-    topo.backend(i)
-        .run(move || bind(addr))
-        .expect("entering backend namespace")
-        .unwrap_or_else(|e| panic!("binding {addr}: {e}"))
-}
-
-/// Servers on every backend that answer with the backend's name (`b0`, `b1`, ...); stopped
+/// Servers on backends that answer with the backend's name (`b0`, `b1`, ...); stopped
 /// and joined on drop.
-struct Servers {
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
-}
+#[derive(Default)]
+struct Servers(Vec<Backend>);
 
 impl Servers {
     fn new() -> Self {
-        Self {
-            stop: Arc::new(AtomicBool::new(false)),
-            threads: Vec::new(),
-        }
+        Self::default()
     }
 
     /// A TCP server on `addr` in backend `i`'s namespace: writes the name and closes.
     fn tcp(&mut self, topo: &Topology, i: usize, addr: SocketAddr) {
-        let listener = bind_in(topo, i, addr, TcpListener::bind);
-        listener
-            .set_nonblocking(true)
-            .expect("nonblocking listener");
-        let stop = Arc::clone(&self.stop);
         let name = format!("b{i}");
-        self.threads.push(thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((mut conn, _)) => {
-                        let _ = conn.set_nonblocking(false);
-                        let _ = conn.set_write_timeout(Some(Duration::from_secs(3)));
-                        let _ = conn.write_all(name.as_bytes());
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        thread::sleep(Duration::from_millis(2));
-                    }
-                    Err(_) => thread::sleep(Duration::from_millis(10)),
-                }
-            }
-        }));
+        self.0
+            .push(Backend::tcp(topo.backend(i), &name, addr, Reply::Name));
     }
 
     /// A UDP server on `addr` in backend `i`'s namespace: answers every datagram with the name.
     fn udp(&mut self, topo: &Topology, i: usize, addr: SocketAddr) {
-        let socket = bind_in(topo, i, addr, UdpSocket::bind);
-        socket
-            .set_read_timeout(Some(Duration::from_millis(50)))
-            .expect("read timeout");
-        let stop = Arc::clone(&self.stop);
         let name = format!("b{i}");
-        self.threads.push(thread::spawn(move || {
-            let mut buf = [0u8; 2048];
-            while !stop.load(Ordering::Relaxed) {
-                if let Ok((_, from)) = socket.recv_from(&mut buf) {
-                    let _ = socket.send_to(name.as_bytes(), from);
-                }
-            }
-        }));
-    }
-}
-
-impl Drop for Servers {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
+        self.0
+            .push(Backend::udp(topo.backend(i), &name, addr, Reply::Name));
     }
 }
 

@@ -14,12 +14,7 @@
 use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader, ErrorKind, Write as _},
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    thread::{self, JoinHandle},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
     time::{Duration, Instant},
 };
 
@@ -27,7 +22,7 @@ use lb_userspace::api::Stats;
 use xlb_netns::{Netns, Topology};
 
 mod common;
-use common::{Agent, counter};
+use common::{Agent, Backend, Reply, counter};
 
 /// Distinct from other suites' prefixes, so their stale-namespace cleanup and
 /// ours never touch each other's namespaces.
@@ -36,8 +31,6 @@ const NS_PREFIX: &str = "xe2e-";
 const TCP_PORT: u16 = 8080;
 const UDP_PORT: u16 = 5353;
 
-/// Upper bound on how long any server thread lives, whatever the test does.
-const SERVER_LIFETIME: Duration = Duration::from_secs(120);
 const IO_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Names of temp dirs and pins start `xlb-e2e-`.
@@ -108,146 +101,29 @@ impl Answer {
     }
 }
 
-fn answer_line(name: &str, peer: SocketAddr) -> String {
-    format!("{name} {}\n", peer.ip().to_canonical())
-}
-
-/// A TCP and a UDP server (dual-stack, `[::]`) in every backend namespace,
-/// each answering every line/datagram with the backend's name and the peer
-/// address it saw. Stopped and joined on drop; they also stop on their own
-/// after [`SERVER_LIFETIME`].
-struct Servers {
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
-}
-
-impl Servers {
-    fn start(topo: &Topology) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let deadline = Instant::now() + SERVER_LIFETIME;
-        let mut threads = Vec::new();
-        for i in 0..topo.backend_links.len() {
-            let ns = topo.backend(i);
-            let name = format!("b{i}");
-            let (tcp, udp) = ns
-                .run(|| {
-                    let any = SocketAddr::new(IpAddr::from([0u16; 8]), 0);
-                    (
-                        TcpListener::bind(SocketAddr::new(any.ip(), TCP_PORT)),
-                        UdpSocket::bind(SocketAddr::new(any.ip(), UDP_PORT)),
-                    )
-                })
-                .expect("entering the backend namespace");
-            let tcp = tcp.expect("binding the backend's TCP server");
-            let udp = udp.expect("binding the backend's UDP server");
-            let (n, s) = (name.clone(), Arc::clone(&stop));
-            threads.push(
-                ns.spawn(move || tcp_server(&tcp, &n, &s, deadline))
-                    .expect("starting the TCP server"),
-            );
-            let s = Arc::clone(&stop);
-            threads.push(
-                ns.spawn(move || udp_server(&udp, &name, &s, deadline))
-                    .expect("starting the UDP server"),
-            );
-        }
-        Self { stop, threads }
-    }
-}
-
-impl Drop for Servers {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
-}
-
-fn running(stop: &AtomicBool, deadline: Instant) -> bool {
-    !stop.load(Ordering::Relaxed) && Instant::now() < deadline
-}
-
-fn tcp_server(listener: &TcpListener, name: &str, stop: &Arc<AtomicBool>, deadline: Instant) {
-    listener
-        .set_nonblocking(true)
-        .expect("non-blocking listener");
-    let mut conns: Vec<JoinHandle<()>> = Vec::new();
-    while running(stop, deadline) {
-        match listener.accept() {
-            Ok((stream, peer)) => {
-                let (name, stop) = (name.to_owned(), Arc::clone(stop));
-                conns.push(thread::spawn(move || {
-                    serve_tcp(stream, peer, &name, &stop, deadline);
-                }));
-            }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(1)),
-            Err(e) => {
-                eprintln!("{name}: accept: {e}");
-                thread::sleep(Duration::from_millis(10));
-            }
-        }
-        let (done, live): (Vec<_>, Vec<_>) = conns.into_iter().partition(JoinHandle::is_finished);
-        for h in done {
-            let _ = h.join();
-        }
-        conns = live;
-    }
-    for h in conns {
-        let _ = h.join();
-    }
-}
-
-fn serve_tcp(
-    stream: TcpStream,
-    peer: SocketAddr,
-    name: &str,
-    stop: &AtomicBool,
-    deadline: Instant,
-) {
-    let setup = stream
-        .set_nonblocking(false)
-        .and_then(|()| stream.set_read_timeout(Some(Duration::from_millis(100))))
-        .and_then(|()| stream.try_clone());
-    let Ok(mut writer) = setup else { return };
-    let mut reader = BufReader::new(stream);
-    let mut line = String::new();
-    while running(stop, deadline) {
-        match reader.read_line(&mut line) {
-            Ok(0) => return,
-            Ok(_) if line.ends_with('\n') => {
-                line.clear();
-                if writer
-                    .write_all(answer_line(name, peer).as_bytes())
-                    .is_err()
-                {
-                    return;
-                }
-            }
-            // A partial line: keep what we have and read on.
-            Ok(_) => {}
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Err(_) => return,
-        }
-    }
-}
-
-fn udp_server(socket: &UdpSocket, name: &str, stop: &AtomicBool, deadline: Instant) {
-    socket
-        .set_read_timeout(Some(Duration::from_millis(100)))
-        .expect("UDP read timeout");
-    let mut buf = [0u8; 1500];
-    while running(stop, deadline) {
-        match socket.recv_from(&mut buf) {
-            Ok((_, peer)) => {
-                if let Err(e) = socket.send_to(answer_line(name, peer).as_bytes(), peer) {
-                    eprintln!("{name}: UDP reply to {peer}: {e}");
-                }
-            }
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Err(e) => eprintln!("{name}: UDP recv: {e}"),
-        }
-    }
+/// A TCP and a UDP server (dual-stack, `[::]`) in every backend namespace, each answering
+/// every line/datagram with the backend's name and the client address it saw.
+fn start_servers(topo: &Topology) -> Vec<Backend> {
+    let any = IpAddr::from([0u16; 8]);
+    (0..topo.backend_links.len())
+        .flat_map(|i| {
+            let (ns, name) = (topo.backend(i), format!("b{i}"));
+            [
+                Backend::tcp(
+                    ns,
+                    &name,
+                    SocketAddr::new(any, TCP_PORT),
+                    Reply::NameAndClient,
+                ),
+                Backend::udp(
+                    ns,
+                    &name,
+                    SocketAddr::new(any, UDP_PORT),
+                    Reply::NameAndClient,
+                ),
+            ]
+        })
+        .collect()
 }
 
 // ---------------------------------------------------------------------------
@@ -406,7 +282,7 @@ fn tcp_v4_spread_and_backend_removal() {
     const AFTER_REMOVAL: usize = 50;
     let started = Instant::now();
     let topo = topology(3);
-    let _servers = Servers::start(&topo);
+    let _servers = start_servers(&topo);
     let agent = start_agent(&topo);
     let vip_addr = SocketAddr::new(Topology::VIP_V4.into(), 80);
     let vip = format!("{vip_addr}/tcp");
@@ -549,7 +425,7 @@ fn tcp_and_udp_over_v4_and_v6() {
     const EXCHANGES: usize = 12;
     let started = Instant::now();
     let topo = topology(3);
-    let _servers = Servers::start(&topo);
+    let _servers = start_servers(&topo);
     let agent = start_agent(&topo);
     let vip4: IpAddr = Topology::VIP_V4.into();
     let vip6: IpAddr = Topology::VIP_V6.into();

@@ -12,8 +12,8 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
-    io::{ErrorKind, Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
     sync::{
@@ -29,8 +29,8 @@ use xlb_netns::{Netns, Topology};
 
 mod common;
 use common::{
-    Agent, AgentProcess, TempDir, XLB, backend_v4, describe, ok, output_within, v4, xlb,
-    xlb_attached,
+    Agent, AgentProcess, Backend, Reply, TempDir, XLB, backend_v4, describe, ok, output_within, v4,
+    xlb, xlb_attached,
 };
 
 /// A small prime ring keeps map setup quick.
@@ -225,153 +225,25 @@ fn u64_of(v: &Value, what: &str) -> u64 {
 // ---------------------------------------------------------------------------------------------
 // Backend servers
 
-#[derive(Clone)]
-enum Mode {
-    /// The line protocol of the module docs.
-    Lines,
-    /// HTTP/1.0: `GET /healthz` answers with the status in the cell; anything else 200 with
-    /// the backend's name as the body.
-    Http(Arc<AtomicU16>),
+/// Backend `i`'s TCP server on its address, answering as `reply` says, named `bI`.
+fn server(topo: &Topology, i: usize, reply: Reply) -> Backend {
+    Backend::tcp(topo.backend(i), &format!("b{i}"), backend_addr(i), reply)
 }
 
-/// One backend's server, stoppable and restartable on the same port. Stopping closes the
-/// listener and every connection it accepted.
-struct Server {
-    name: String,
-    addr: SocketAddr,
-    mode: Mode,
-    stop: Arc<AtomicBool>,
-    threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
-    accept: Option<JoinHandle<()>>,
+/// Line servers (greeting, then each line echoed after the name) on backends `0..n`.
+fn line_servers(topo: &Topology, n: usize) -> Vec<Backend> {
+    (0..n).map(|i| server(topo, i, Reply::NamedEcho)).collect()
 }
 
-impl Server {
-    fn start(topo: &Topology, i: usize, mode: Mode) -> Self {
-        let mut server = Self {
-            name: format!("b{i}"),
-            addr: backend_addr(i),
-            mode,
-            stop: Arc::new(AtomicBool::new(false)),
-            threads: Arc::default(),
-            accept: None,
-        };
-        server.listen(topo.backend(i));
-        server
-    }
-
-    fn listen(&mut self, ns: &Netns) {
-        let addr = self.addr;
-        // std sets SO_REUSEADDR, so the port can be bound again right after a stop.
-        let listener = ns
-            .run(move || TcpListener::bind(addr))
-            .expect("entering backend namespace")
-            .unwrap_or_else(|e| panic!("binding {addr}: {e}"));
-        listener
-            .set_nonblocking(true)
-            .expect("nonblocking listener");
-        self.stop = Arc::new(AtomicBool::new(false));
-        let stop = Arc::clone(&self.stop);
-        let threads = Arc::clone(&self.threads);
-        let name = self.name.clone();
-        let mode = self.mode.clone();
-        self.accept = Some(thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((conn, _)) => {
-                        let (stop, name, mode) = (Arc::clone(&stop), name.clone(), mode.clone());
-                        let t = thread::spawn(move || serve(conn, &name, &mode, &stop));
-                        threads.lock().expect("threads").push(t);
-                    }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                        thread::sleep(Duration::from_millis(2));
-                    }
-                    Err(_) => thread::sleep(Duration::from_millis(10)),
-                }
-            }
-        }));
-    }
-
-    /// Closes the listener (new connections are refused) and every open connection.
-    fn stop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.accept.take() {
-            let _ = t.join();
-        }
-        let threads: Vec<_> = self.threads.lock().expect("threads").drain(..).collect();
-        for t in threads {
-            let _ = t.join();
-        }
-    }
-
-    fn restart(&mut self, topo: &Topology, i: usize) {
-        assert!(self.accept.is_none(), "restart a stopped server");
-        self.listen(topo.backend(i));
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// Line servers on backends `0..n`.
-fn line_servers(topo: &Topology, n: usize) -> Vec<Server> {
-    (0..n)
-        .map(|i| Server::start(topo, i, Mode::Lines))
-        .collect()
-}
-
-fn serve(mut conn: TcpStream, name: &str, mode: &Mode, stop: &AtomicBool) {
-    let _ = conn.set_nonblocking(false);
-    let _ = conn.set_read_timeout(Some(Duration::from_millis(100)));
-    let _ = conn.set_write_timeout(Some(Duration::from_secs(3)));
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    if matches!(mode, Mode::Lines) && conn.write_all(format!("{name}\n").as_bytes()).is_err() {
-        return;
-    }
-    while !stop.load(Ordering::Relaxed) {
-        match conn.read(&mut chunk) {
-            Ok(0) => return,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
-            Err(_) => return,
-        }
-        match mode {
-            Mode::Lines => {
-                while let Some(end) = buf.iter().position(|b| *b == b'\n') {
-                    let line: Vec<u8> = buf.drain(..=end).collect();
-                    let mut reply = format!("{name} ").into_bytes();
-                    reply.extend_from_slice(&line);
-                    if conn.write_all(&reply).is_err() {
-                        return;
-                    }
-                }
-            }
-            Mode::Http(status) => {
-                if !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                    continue;
-                }
-                let head = String::from_utf8_lossy(&buf);
-                let path = head.split(' ').nth(1).unwrap_or("/");
-                let code = if path == "/healthz" {
-                    status.load(Ordering::Relaxed)
-                } else {
-                    200
-                };
-                let body = format!("{name}\n");
-                let _ = conn.write_all(
-                    format!(
-                        "HTTP/1.0 {code} X\r\nContent-Length: {}\r\n\r\n{body}",
-                        body.len()
-                    )
-                    .as_bytes(),
-                );
-                return;
-            }
-        }
-    }
+/// Backend `i`'s UDP server on `port`, answering with its name, or never (`answer` false).
+fn udp_server(topo: &Topology, i: usize, port: u16, answer: bool) -> Backend {
+    let reply = if answer { Reply::Name } else { Reply::Silent };
+    Backend::udp(
+        topo.backend(i),
+        &format!("b{i}"),
+        backend_v4(i, port),
+        reply,
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -655,7 +527,7 @@ fn health_checks_take_failing_backends_out_and_back() {
     );
     kept.must_echo();
 
-    servers[0].restart(&topo, 0);
+    servers[0].restart(topo.backend(0));
     let limit = Duration::from_millis(INTERVAL_MS * RISE) + Duration::from_secs(1);
     let (list, took) = agent.wait_backends("b0 back", limit, |l| {
         l[&b0]["healthy"] == true && u64_of(&l[&b0], "slots") > 0
@@ -687,8 +559,8 @@ fn http_health_check_takes_a_503_backend_out() {
     let dir = TempDir::new(SUITE, "http-health");
     let statuses: Vec<Arc<AtomicU16>> = (0..3).map(|_| Arc::new(AtomicU16::new(200))).collect();
     statuses[1].store(503, Ordering::Relaxed);
-    let _servers: Vec<Server> = (0..3)
-        .map(|i| Server::start(&topo, i, Mode::Http(Arc::clone(&statuses[i]))))
+    let _servers: Vec<Backend> = (0..3)
+        .map(|i| server(&topo, i, Reply::Http(Arc::clone(&statuses[i]))))
         .collect();
     let pins = Pins::new(topo.lb(), &dir);
     let agent = start_agent(&topo, &dir, &pins, &dir.join("state.json"), &[]);
@@ -747,73 +619,6 @@ fn http_health_check_takes_a_503_backend_out() {
     });
 }
 
-/// A UDP server in backend `i`'s namespace that answers every datagram with its name (`b1`),
-/// or never answers (`answer` false). Stopping closes the socket, so datagrams to the port
-/// draw ICMP port-unreachable from then on; it can be started again on the same address.
-struct UdpServer {
-    name: String,
-    addr: SocketAddr,
-    answer: bool,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl UdpServer {
-    fn start(topo: &Topology, i: usize, port: u16, answer: bool) -> Self {
-        let mut server = Self {
-            name: format!("b{i}"),
-            addr: backend_v4(i, port),
-            answer,
-            stop: Arc::new(AtomicBool::new(false)),
-            thread: None,
-        };
-        server.bind(topo.backend(i));
-        server
-    }
-
-    fn bind(&mut self, ns: &Netns) {
-        let addr = self.addr;
-        let socket = ns
-            .run(move || UdpSocket::bind(addr))
-            .expect("entering backend namespace")
-            .unwrap_or_else(|e| panic!("binding {addr}: {e}"));
-        socket
-            .set_read_timeout(Some(Duration::from_millis(20)))
-            .expect("read timeout");
-        self.stop = Arc::new(AtomicBool::new(false));
-        let (stop, name, answer) = (Arc::clone(&self.stop), self.name.clone(), self.answer);
-        self.thread = Some(thread::spawn(move || {
-            let mut buf = [0_u8; 2048];
-            while !stop.load(Ordering::Relaxed) {
-                if let Ok((_, from)) = socket.recv_from(&mut buf)
-                    && answer
-                {
-                    let _ = socket.send_to(name.as_bytes(), from);
-                }
-            }
-        }));
-    }
-
-    /// Closes the socket (the thread owns it) and waits until it is gone.
-    fn stop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-
-    fn restart(&mut self, topo: &Topology, i: usize) {
-        assert!(self.thread.is_none(), "restart a stopped server");
-        self.bind(topo.backend(i));
-    }
-}
-
-impl Drop for UdpServer {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
 /// `n` datagrams to `vip`, each from a fresh client port (a new flow): who answered each.
 fn udp_ask_many(topo: &Topology, vip: SocketAddr, n: usize) -> Vec<String> {
     topo.client()
@@ -848,12 +653,8 @@ fn udp_health_checks_follow_a_udp_server_down_and_up() {
     let topo = topology(3);
     let dir = TempDir::new(SUITE, "udp-health");
     // ANSWERING on backends 0 and 1, SILENT on backends 1 and 2.
-    let mut answering: Vec<UdpServer> = (0..2)
-        .map(|i| UdpServer::start(&topo, i, 5353, true))
-        .collect();
-    let mut silent: Vec<UdpServer> = (1..3)
-        .map(|i| UdpServer::start(&topo, i, 5454, false))
-        .collect();
+    let mut answering: Vec<Backend> = (0..2).map(|i| udp_server(&topo, i, 5353, true)).collect();
+    let mut silent: Vec<Backend> = (1..3).map(|i| udp_server(&topo, i, 5454, false)).collect();
     let pins = Pins::new(topo.lb(), &dir);
     let agent = start_agent(&topo, &dir, &pins, &dir.join("state.json"), &[]);
     let out = agent.ok(&[
@@ -958,8 +759,8 @@ fn udp_health_checks_follow_a_udp_server_down_and_up() {
     );
 
     // Up again.
-    answering[0].restart(&topo, 0);
-    silent[1].restart(&topo, 2);
+    answering[0].restart(topo.backend(0));
+    silent[1].restart(topo.backend(2));
     let limit = Duration::from_millis(200 * 2) + Duration::from_secs(1);
     agent.wait_backends_of(ANSWERING, "b0 back", limit, |l| {
         l[&b0]["healthy"] == true && u64_of(&l[&b0], "slots") > 0
@@ -1088,9 +889,7 @@ fn flows_end_when_connections_close_or_idle_out() {
     let topo = topology(2);
     let dir = TempDir::new(SUITE, "lifetime");
     let mut servers = line_servers(&topo, 2);
-    let udp_servers: Vec<UdpServer> = (0..2)
-        .map(|i| UdpServer::start(&topo, i, 5353, true))
-        .collect();
+    let udp_servers: Vec<Backend> = (0..2).map(|i| udp_server(&topo, i, 5353, true)).collect();
     let pins = Pins::new(topo.lb(), &dir);
     let agent = start_agent(&topo, &dir, &pins, &dir.join("state.json"), &[]);
     add_vip(&agent, 2, &[]);
@@ -1148,7 +947,7 @@ fn flows_end_when_connections_close_or_idle_out() {
     servers[0].stop();
     assert_eq!(on_b0.read_line(), Err("EOF".to_owned()), "b0 closed first");
     drop(on_b0);
-    servers[0].restart(&topo, 0);
+    servers[0].restart(topo.backend(0));
     let (_, took) = agent.wait_backends(
         "the closed connection is not live",
         Duration::from_secs(3),
@@ -1403,53 +1202,6 @@ fn udp_exchange(to: SocketAddr, n: u64, limit: Duration) -> Result<(), String> {
     }
 }
 
-/// UDP echo servers on backends `0..n`, port 8080: each datagram `D` is answered with
-/// `NAME D`. Stopped (and their sockets closed) on drop.
-struct UdpEchoServers {
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
-}
-
-impl UdpEchoServers {
-    fn start(topo: &Topology, n: usize) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let threads = (0..n)
-            .map(|i| {
-                let addr = backend_addr(i);
-                let socket = topo
-                    .backend(i)
-                    .run(move || UdpSocket::bind(addr))
-                    .expect("entering backend namespace")
-                    .unwrap_or_else(|e| panic!("binding udp {addr}: {e}"));
-                socket
-                    .set_read_timeout(Some(Duration::from_millis(50)))
-                    .expect("udp timeout");
-                let stop = Arc::clone(&stop);
-                thread::spawn(move || {
-                    let mut buf = [0u8; 1500];
-                    while !stop.load(Ordering::Relaxed) {
-                        if let Ok((len, from)) = socket.recv_from(&mut buf) {
-                            let mut reply = format!("b{i} ").into_bytes();
-                            reply.extend_from_slice(&buf[..len]);
-                            let _ = socket.send_to(&reply, from);
-                        }
-                    }
-                })
-            })
-            .collect();
-        Self { stop, threads }
-    }
-}
-
-impl Drop for UdpEchoServers {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
-}
-
 /// The forwarding sysctls the agent switches on.
 const FORWARDING_KEYS: [&str; 2] = ["net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"];
 
@@ -1670,7 +1422,16 @@ fn keep_attached_restarts_lose_no_new_flow() {
     let dir = TempDir::new(SUITE, "adopt");
     let state = dir.join("state.json");
     let _servers = line_servers(&topo, 2);
-    let _udp_servers = UdpEchoServers::start(&topo, 2);
+    let _udp_servers = (0..2)
+        .map(|i| {
+            Backend::udp(
+                topo.backend(i),
+                &format!("b{i}"),
+                backend_addr(i),
+                Reply::NamedEcho,
+            )
+        })
+        .collect::<Vec<_>>();
     let pins = Pins::new(topo.lb(), &dir);
     let mut agent = start_agent(&topo, &dir, &pins, &state, AGENT_ARGS);
     add_vip(&agent, 2, &[]);
@@ -2377,7 +2138,7 @@ impl Drop for Tmpfs {
 fn persisting_state_survives_a_full_disk() {
     let topo = topology(1);
     let dir = TempDir::new(SUITE, "fulldisk");
-    let _server = Server::start(&topo, 0, Mode::Lines);
+    let _server = server(&topo, 0, Reply::NamedEcho);
     let disk = Tmpfs::mount("fulldisk-fs", "16k");
     let state = disk.0.join("state.json");
     let pins = Pins::new(topo.lb(), &dir);

@@ -390,8 +390,26 @@ pub fn vip_list_probe(run: impl Fn(&[&str]) -> Output) -> impl FnMut() -> Result
     }
 }
 
-/// A TCP server on `[::]:port` in `ns` (dual-stack): each connection goes to `serve` on a
-/// thread of its own. Stopped and joined on drop; it also stops by itself after `lifetime`.
+/// Whether a server should keep going: neither stopped nor past its lifetime. Handed to
+/// every connection handler so that no server thread outlives its test.
+pub struct Liveness {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    deadline: Instant,
+}
+
+#[allow(dead_code)]
+impl Liveness {
+    pub fn running(&self) -> bool {
+        !self.stop.load(Ordering::Relaxed) && Instant::now() < self.deadline
+    }
+}
+
+/// How long a backend server lives at most, whatever its test does.
+const BACKEND_LIFETIME: Duration = Duration::from_secs(300);
+
+/// A TCP server in a namespace: each connection goes to a handler on a thread of its own.
+/// It stops by itself after its lifetime; [`TcpServer::stop`] (or drop) closes the listener
+/// and joins every connection thread.
 #[allow(dead_code)]
 pub struct TcpServer {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -400,39 +418,72 @@ pub struct TcpServer {
 
 #[allow(dead_code)]
 impl TcpServer {
+    /// On `[::]:port` (dual-stack), `serve` per connection.
     pub fn start(
         ns: &Netns,
         port: u16,
         lifetime: Duration,
         serve: fn(std::net::TcpStream) -> std::io::Result<()>,
     ) -> Self {
+        let any = SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), port);
+        Self::listen(ns, any, lifetime, move |conn, _| {
+            if let Err(e) = serve(conn) {
+                eprintln!("server connection: {e}");
+            }
+        })
+    }
+
+    /// On `addr` in `ns`; `serve` gets each connection (blocking) and the server's
+    /// [`Liveness`], which it polls to stop in time.
+    pub fn listen(
+        ns: &Netns,
+        addr: SocketAddr,
+        lifetime: Duration,
+        serve: impl Fn(std::net::TcpStream, &Liveness) + Send + Sync + 'static,
+    ) -> Self {
         use std::sync::{Arc, atomic::AtomicBool};
+        // std sets SO_REUSEADDR, so the port can be bound again right after a stop.
         let listener = ns
-            .run(|| std::net::TcpListener::bind((std::net::Ipv6Addr::UNSPECIFIED, port)))
+            .run(move || std::net::TcpListener::bind(addr))
             .expect("entering the server's namespace")
-            .expect("binding the server");
+            .unwrap_or_else(|e| panic!("binding {addr}: {e}"));
         listener
             .set_nonblocking(true)
             .expect("non-blocking listener");
         let stop = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
-        let deadline = Instant::now() + lifetime;
+        let liveness = Arc::new(Liveness {
+            stop: Arc::clone(&stop),
+            deadline: Instant::now() + lifetime,
+        });
+        let serve = Arc::new(serve);
         let thread = thread::spawn(move || {
-            let mut conns = Vec::new();
-            while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
+            let mut conns: Vec<thread::JoinHandle<()>> = Vec::new();
+            while liveness.running() {
                 match listener.accept() {
-                    Ok((conn, _)) => conns.push(thread::spawn(move || {
-                        let _ = conn.set_nonblocking(false);
-                        if let Err(e) = serve(conn) {
-                            eprintln!("server connection: {e}");
-                        }
-                    })),
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        thread::sleep(Duration::from_millis(5));
+                    Ok((conn, _)) => {
+                        let (serve, liveness) = (Arc::clone(&serve), Arc::clone(&liveness));
+                        conns.push(thread::spawn(move || {
+                            let _ = conn.set_nonblocking(false);
+                            serve(conn, &liveness);
+                        }));
                     }
-                    Err(e) => panic!("server accept: {e}"),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        thread::sleep(Duration::from_millis(2));
+                    }
+                    Err(e) => {
+                        eprintln!("server accept on {addr}: {e}");
+                        thread::sleep(Duration::from_millis(10));
+                    }
                 }
+                // Join finished connections as we go: a long test makes many.
+                let (done, live): (Vec<_>, Vec<_>) =
+                    conns.into_iter().partition(thread::JoinHandle::is_finished);
+                for c in done {
+                    let _ = c.join();
+                }
+                conns = live;
             }
+            drop(listener);
             for c in conns {
                 let _ = c.join();
             }
@@ -442,13 +493,252 @@ impl TcpServer {
             thread: Some(thread),
         }
     }
+
+    /// Closes the listener (new connections are refused) and ends every connection.
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl Drop for TcpServer {
     fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A UDP socket in a namespace whose datagrams go to `answer`; what it returns is sent back
+/// to the sender. Stops by itself after its lifetime; stopping (or drop) closes the socket,
+/// so datagrams to the port draw ICMP port-unreachable from then on.
+#[allow(dead_code)]
+pub struct UdpServer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+#[allow(dead_code)]
+impl UdpServer {
+    pub fn listen(
+        ns: &Netns,
+        addr: SocketAddr,
+        lifetime: Duration,
+        answer: impl Fn(&[u8], SocketAddr) -> Option<Vec<u8>> + Send + 'static,
+    ) -> Self {
+        use std::sync::{Arc, atomic::AtomicBool};
+        let socket = ns
+            .run(move || std::net::UdpSocket::bind(addr))
+            .expect("entering the server's namespace")
+            .unwrap_or_else(|e| panic!("binding udp {addr}: {e}"));
+        socket
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .expect("read timeout");
+        let stop = Arc::new(AtomicBool::new(false));
+        let liveness = Liveness {
+            stop: Arc::clone(&stop),
+            deadline: Instant::now() + lifetime,
+        };
+        let thread = thread::spawn(move || {
+            let mut buf = [0_u8; 2048];
+            while liveness.running() {
+                if let Ok((len, from)) = socket.recv_from(&mut buf)
+                    && let Some(reply) = answer(&buf[..len], from)
+                    && let Err(e) = socket.send_to(&reply, from)
+                {
+                    eprintln!("udp reply from {addr} to {from}: {e}");
+                }
+            }
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn stop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+    }
+}
+
+impl Drop for UdpServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// How a backend's server answers. Every answer carries the backend's name, so a test can
+/// tell where the balancer sent a connection or datagram.
+#[allow(dead_code)]
+#[derive(Clone)]
+pub enum Reply {
+    /// TCP: writes `NAME` and closes. UDP: answers every datagram with `NAME`.
+    Name,
+    /// TCP: greets with `NAME\n`, then answers every line `L` with `NAME L`. UDP: answers
+    /// every datagram `D` with `NAME D`.
+    NamedEcho,
+    /// Answers every line (TCP) or datagram (UDP) with `NAME CLIENT\n`, the client address
+    /// the backend saw.
+    NameAndClient,
+    /// HTTP/1.0 for health checks (TCP): `GET /healthz` gets the status in the cell, any
+    /// other path 200 with `NAME\n` as the body.
+    Http(std::sync::Arc<std::sync::atomic::AtomicU16>),
+    /// UDP: takes datagrams and never answers.
+    Silent,
+}
+
+/// `NAME CLIENT\n`, with an IPv4 client seen on a dual-stack socket written as IPv4.
+#[allow(dead_code)]
+pub fn name_and_client(name: &str, client: SocketAddr) -> String {
+    format!("{name} {}\n", client.ip().to_canonical())
+}
+
+/// A backend's TCP or UDP server on one address, answering as its [`Reply`] says; it can be
+/// stopped and started again on the same address. Stopped and joined on drop.
+#[allow(dead_code)]
+pub struct Backend {
+    pub name: String,
+    pub addr: SocketAddr,
+    reply: Reply,
+    udp: bool,
+    tcp_server: Option<TcpServer>,
+    udp_server: Option<UdpServer>,
+}
+
+#[allow(dead_code)]
+impl Backend {
+    /// A TCP server named `name` on `addr` in `ns`.
+    pub fn tcp(ns: &Netns, name: &str, addr: SocketAddr, reply: Reply) -> Self {
+        let mut backend = Self::new(name, addr, reply, false);
+        backend.restart(ns);
+        backend
+    }
+
+    /// A UDP server named `name` on `addr` in `ns`.
+    pub fn udp(ns: &Netns, name: &str, addr: SocketAddr, reply: Reply) -> Self {
+        let mut backend = Self::new(name, addr, reply, true);
+        backend.restart(ns);
+        backend
+    }
+
+    fn new(name: &str, addr: SocketAddr, reply: Reply, udp: bool) -> Self {
+        Self {
+            name: name.to_owned(),
+            addr,
+            reply,
+            udp,
+            tcp_server: None,
+            udp_server: None,
+        }
+    }
+
+    /// Closes the socket (TCP: refusing new connections, ending open ones) and waits until
+    /// it is gone.
+    pub fn stop(&mut self) {
+        self.tcp_server = None;
+        self.udp_server = None;
+    }
+
+    /// Starts a stopped server again on the same address, in `ns`.
+    pub fn restart(&mut self, ns: &Netns) {
+        assert!(
+            self.tcp_server.is_none() && self.udp_server.is_none(),
+            "restart a stopped server"
+        );
+        let (name, reply) = (self.name.clone(), self.reply.clone());
+        if self.udp {
+            self.udp_server = Some(UdpServer::listen(
+                ns,
+                self.addr,
+                BACKEND_LIFETIME,
+                move |datagram, from| answer_udp(&name, &reply, datagram, from),
+            ));
+        } else {
+            self.tcp_server = Some(TcpServer::listen(
+                ns,
+                self.addr,
+                BACKEND_LIFETIME,
+                move |conn, liveness| serve_tcp(conn, &name, &reply, liveness),
+            ));
+        }
+    }
+}
+
+fn answer_udp(name: &str, reply: &Reply, datagram: &[u8], from: SocketAddr) -> Option<Vec<u8>> {
+    match reply {
+        Reply::Name => Some(name.as_bytes().to_vec()),
+        Reply::NamedEcho => {
+            let mut answer = format!("{name} ").into_bytes();
+            answer.extend_from_slice(datagram);
+            Some(answer)
+        }
+        Reply::NameAndClient => Some(name_and_client(name, from).into_bytes()),
+        Reply::Http(_) | Reply::Silent => None,
+    }
+}
+
+fn serve_tcp(mut conn: std::net::TcpStream, name: &str, reply: &Reply, liveness: &Liveness) {
+    use std::io::{ErrorKind, Write as _};
+    let _ = conn.set_read_timeout(Some(Duration::from_millis(100)));
+    let _ = conn.set_write_timeout(Some(Duration::from_secs(3)));
+    let peer = match conn.peer_addr() {
+        Ok(peer) => peer,
+        Err(_) => return,
+    };
+    match reply {
+        Reply::Name => {
+            let _ = conn.write_all(name.as_bytes());
+            return;
+        }
+        Reply::NamedEcho if conn.write_all(format!("{name}\n").as_bytes()).is_err() => return,
+        _ => {}
+    }
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while liveness.running() {
+        match conn.read(&mut chunk) {
+            Ok(0) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
+            Err(_) => return,
+        }
+        if let Reply::Http(status) = reply {
+            if !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                continue;
+            }
+            let head = String::from_utf8_lossy(&buf);
+            let path = head.split(' ').nth(1).unwrap_or("/");
+            let code = if path == "/healthz" {
+                status.load(Ordering::Relaxed)
+            } else {
+                200
+            };
+            let body = format!("{name}\n");
+            let _ = conn.write_all(
+                format!(
+                    "HTTP/1.0 {code} X\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            );
+            return;
+        }
+        while let Some(end) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=end).collect();
+            let answer = match reply {
+                Reply::NameAndClient => name_and_client(name, peer).into_bytes(),
+                _ => {
+                    let mut answer = format!("{name} ").into_bytes();
+                    answer.extend_from_slice(&line);
+                    answer
+                }
+            };
+            if conn.write_all(&answer).is_err() {
+                return;
+            }
         }
     }
 }
