@@ -29,7 +29,7 @@ use xlb_netns::{
 };
 
 mod common;
-use common::{Agent, TcpServer, counter};
+use common::{Agent, TcpServer, counter, require_root};
 
 const NS_PREFIX: &str = "xbulk-";
 const SUITE: &str = "bulk";
@@ -83,6 +83,7 @@ impl Lab {
     const LB_IFACES: [&'static str; 4] = ["client", "b0", "b1", "br0"];
 
     fn build() -> Self {
+        require_root();
         xlb_netns::cleanup_stale(NS_PREFIX).expect("removing stale namespaces");
         let ns = |role: &str| {
             Netns::create(&format!("{NS_PREFIX}{role}-")).expect("creating a namespace")

@@ -12,7 +12,7 @@ use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
     os::unix::{net::UnixStream, process::CommandExt as _},
-    path::{Path, PathBuf},
+    path::Path,
     process::{Output, Stdio},
     thread,
     time::Duration,
@@ -23,8 +23,8 @@ use xlb_netns::{Netns, Topology};
 
 mod common;
 use common::{
-    Agent, AgentBuilder, Backend, Reply, TempDir, XLB, backend_v4, describe, output_within, v4,
-    xlb, xlb_attached,
+    Agent, AgentBuilder, Backend, Reply, TempDir, WorldReadableCopy, XLB, backend_v4, describe,
+    output_within, require_root, v4, xlb, xlb_attached,
 };
 
 /// A small prime ring keeps map setup quick; the tests check it is what the agent reports.
@@ -39,6 +39,7 @@ const SUITE: &str = "cli";
 /// losing the mark, so the receiver would drop every rewritten segment. Real NICs fill the
 /// checksum in before the wire.
 fn topology(backends: usize) -> Topology {
+    require_root();
     Topology::new(backends).expect("topology")
 }
 
@@ -653,46 +654,6 @@ fn state_survives_restart() {
     );
 }
 
-/// A copy of a file in a fresh directory under the system temp dir, both world-readable (and
-/// the file executable): for running the build's binary as an unprivileged user, who may not
-/// be able to enter the checkout. Removed on drop.
-struct WorldReadableCopy {
-    /// Holds the copy; removing it is all it is kept for.
-    _dir: TempDir,
-    path: PathBuf,
-}
-
-impl WorldReadableCopy {
-    fn of(file: &Path) -> Self {
-        use std::os::unix::fs::PermissionsExt as _;
-        let dir = TempDir::new(SUITE, "bin");
-        let path = dir.join(
-            file.file_name()
-                .and_then(|n| n.to_str())
-                .expect("a file name"),
-        );
-        common::copy_executable(file, &path);
-        for p in [&dir.0, &path] {
-            fs::set_permissions(p, fs::Permissions::from_mode(0o755))
-                .unwrap_or_else(|e| panic!("chmod 755 {}: {e}", p.display()));
-        }
-        // Every ancestor of the temp dir must be enterable too, or the copy is as far out of
-        // reach as the original.
-        for ancestor in dir.0.ancestors().skip(1) {
-            let mode = fs::metadata(ancestor)
-                .unwrap_or_else(|e| panic!("stat {}: {e}", ancestor.display()))
-                .permissions()
-                .mode();
-            assert!(
-                mode & 0o001 != 0,
-                "{} (mode {mode:o}) is not enterable by other users: point TMPDIR elsewhere",
-                ancestor.display()
-            );
-        }
-        Self { _dir: dir, path }
-    }
-}
-
 #[test]
 fn bad_input_matrix() {
     let topo = topology(2);
@@ -1092,7 +1053,7 @@ fn bad_input_matrix() {
     let mut args = run_args("noroot");
     args[2] = topo.client_link.a.ifname.clone();
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let unprivileged = WorldReadableCopy::of(Path::new(XLB));
+    let unprivileged = WorldReadableCopy::of_xlb(SUITE);
     let mut cmd = lb.command(&unprivileged.path);
     cmd.args(&argv)
         .arg("--socket")
@@ -1427,7 +1388,7 @@ fn help_and_socket_where_they_belong() {
 /// may not read /proc/1/ns/net), the CLI uses the documented socket and says why.
 #[test]
 fn an_unreadable_host_namespace_falls_back_to_the_documented_socket() {
-    let unprivileged = WorldReadableCopy::of(Path::new(XLB));
+    let unprivileged = WorldReadableCopy::of_xlb(SUITE);
     let mut cmd = std::process::Command::new(&unprivileged.path);
     cmd.arg("stats").current_dir("/").env_remove("XLB_SOCKET");
     run_as_nobody(&mut cmd);
@@ -1448,10 +1409,7 @@ fn an_unreadable_host_namespace_falls_back_to_the_documented_socket() {
 /// watching, saying why, while the agent is away (issue 13).
 #[test]
 fn stats_watch_writes_plain_reports_and_outlives_the_agent() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "needs root (namespaces, XDP): run the tests as root"
-    );
+    require_root();
     let ns = Netns::create("xlbwatch").expect("a namespace");
     let peer = Netns::create("xlbwatchp").expect("a namespace");
     ns.add_veth("watch0", &peer, "watch1").expect("a veth");

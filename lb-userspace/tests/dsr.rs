@@ -21,7 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Agent, RaiseOnDrop, XLB, describe, output_within};
+use common::{Agent, RaiseOnDrop, XLB, describe, output_within, require_root};
 use futures_util::TryStreamExt as _;
 use socket2::{Domain, Protocol, Socket, Type};
 use xlb_netns::{DsrTopology, LinkStats, Netns};
@@ -35,6 +35,7 @@ const IO_TIMEOUT: Duration = Duration::from_secs(3);
 const PAYLOAD_LEN: usize = 1200;
 
 fn topology() -> DsrTopology {
+    require_root();
     DsrTopology::with_prefix("xlbdsr-", 1).expect("building the DSR topology")
 }
 
@@ -940,6 +941,7 @@ impl Lab {
     /// As `new`, the links behind the balancer at `inside_mtu` (1500: as narrow as the
     /// client's, so its full-sized packets no longer fit once tunnelled).
     fn with_inside_mtu(backends: usize, inside_mtu: u32) -> Self {
+        require_root();
         let topo = DsrTopology::with_prefix("xlbdsr-", backends).expect("DSR topology");
         let mut links = vec![&topo.lb_link];
         links.extend(&topo.backend_links);

@@ -22,7 +22,7 @@ use lb_userspace::api::Stats;
 use xlb_netns::{Netns, Topology};
 
 mod common;
-use common::{Agent, Backend, Reply, counter};
+use common::{Agent, Backend, Reply, counter, require_root};
 
 /// Distinct from other suites' prefixes, so their stale-namespace cleanup and
 /// ours never touch each other's namespaces.
@@ -43,6 +43,7 @@ const SUITE: &str = "e2e";
 /// drops the partial-checksum state, so the receiver would drop the segment
 /// (`TcpInCsumErrors`). Frames from a real NIC carry complete checksums.
 fn topology(backends: usize) -> Topology {
+    require_root();
     let topo = Topology::with_prefix(NS_PREFIX, backends).expect("building the namespace topology");
     for end in std::iter::once(&topo.client_link.b).chain(topo.backend_links.iter().map(|l| &l.b)) {
         let ns = topo.net.ns(end.ns);

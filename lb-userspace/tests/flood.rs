@@ -36,7 +36,7 @@ use lb_userspace::bench::frames::{self, TCP_SYN};
 use xlb_netns::{Netns, Topology, ipnet::Ipv4Net};
 
 mod common;
-use common::{Agent, RaiseOnDrop, TcpServer, backend_v4, counter};
+use common::{Agent, RaiseOnDrop, TcpServer, backend_v4, counter, require_root};
 
 const NS_PREFIX: &str = "xflood-";
 const SUITE: &str = "flood";
@@ -410,10 +410,7 @@ fn join<T>(handle: JoinHandle<T>) -> T {
 
 #[test]
 fn a_syn_flood_does_not_break_established_flows() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "needs root (loads eBPF programs, creates namespaces): run the tests as root"
-    );
+    require_root();
     let lab = Lab::build();
     let _servers: Vec<TcpServer> = (0..BACKENDS)
         .map(|i| TcpServer::start(lab.topology.backend(i), PORT, LIFETIME, serve))

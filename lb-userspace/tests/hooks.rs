@@ -17,7 +17,7 @@ use std::{
 use xlb_netns::{Netns, Topology};
 
 mod common;
-use common::{AgentProcess, TcpServer, XLB, tcx_ingress_attached, xdp_attached};
+use common::{AgentProcess, TcpServer, XLB, require_root, tcx_ingress_attached, xdp_attached};
 
 const NS_PREFIX: &str = "xhook-";
 const SUITE: &str = "hooks";
@@ -110,6 +110,7 @@ fn request_through_vip(client: &Netns, vip: SocketAddr) -> Result<String, String
 #[test]
 fn restarts_move_interfaces_to_the_hook_asked_for_and_off_unlisted_ones() {
     xlb_netns::cleanup_stale(NS_PREFIX).expect("removing stale namespaces");
+    require_root();
     let topo = Topology::with_prefix(NS_PREFIX, 1).expect("building the topology");
     let (lb, client) = (topo.lb(), topo.client());
     let _server = TcpServer::start(topo.backend(0), PORT, Duration::from_secs(120), say_ok);
@@ -178,6 +179,7 @@ fn restarts_move_interfaces_to_the_hook_asked_for_and_off_unlisted_ones() {
 #[test]
 fn a_reload_that_changes_the_agent_table_says_a_restart_applies_it() {
     xlb_netns::cleanup_stale(NS_PREFIX).expect("removing stale namespaces");
+    require_root();
     let topo = Topology::with_prefix(NS_PREFIX, 1).expect("building the topology");
     let lb = topo.lb();
     let client_if = topo.client_link.a.ifname.clone();

@@ -17,7 +17,9 @@ use std::{
 use xlb_netns::{Netns, Topology};
 
 mod common;
-use common::{Agent, AgentBuilder, TempDir, XLB, describe, output_within};
+use common::{
+    Agent, AgentBuilder, TempDir, WorldReadableCopy, XLB, describe, output_within, require_root,
+};
 
 const SUITE: &str = "hostile";
 
@@ -25,6 +27,7 @@ const SUITE: &str = "hostile";
 const RING: &str = "1009";
 
 fn topology(backends: usize) -> Topology {
+    require_root();
     Topology::with_prefix("xlbh-", backends).expect("topology")
 }
 
@@ -358,26 +361,6 @@ fn second_agent_on_the_same_pins_is_refused() {
     assert!(common::xlb_attached(topo.lb(), &ifaces[0]));
 }
 
-/// A copy of the `xlb` binary that the unprivileged user can run: the checkout may sit in a
-/// directory only root can enter.
-struct WorldReadableCopy {
-    _dir: TempDir,
-    path: PathBuf,
-}
-
-impl WorldReadableCopy {
-    fn of_xlb() -> Self {
-        use std::os::unix::fs::PermissionsExt as _;
-        let dir = TempDir::new(SUITE, "bin");
-        let path = dir.join("xlb");
-        common::copy_executable(Path::new(XLB), &path);
-        for p in [&dir.0, &path] {
-            fs::set_permissions(p, fs::Permissions::from_mode(0o755)).expect("chmod 755");
-        }
-        Self { _dir: dir, path }
-    }
-}
-
 /// The control socket used to be bound with the umask's permissions and chmod'ed to 0600
 /// afterwards: under umask 000 anyone could connect in between. It must be 0600 from the
 /// moment it appears, and an unprivileged user must not get through.
@@ -427,7 +410,7 @@ fn control_socket_is_never_world_connectable() {
         }
         std::hint::spin_loop();
     };
-    let unprivileged = WorldReadableCopy::of_xlb();
+    let unprivileged = WorldReadableCopy::of_xlb(SUITE);
     let mut as_nobody = topo.lb().command("runuser");
     as_nobody
         .args(["-u", "nobody", "--"])

@@ -29,8 +29,8 @@ use xlb_netns::{Netns, Topology};
 
 mod common;
 use common::{
-    Agent, AgentProcess, Backend, Reply, TempDir, XLB, backend_v4, describe, ok, output_within, v4,
-    xlb, xlb_attached,
+    Agent, AgentProcess, Backend, Reply, TempDir, XLB, backend_v4, describe, ok, output_within,
+    require_root, v4, xlb, xlb_attached,
 };
 
 /// A small prime ring keeps map setup quick.
@@ -45,6 +45,7 @@ const SUITE: &str = "ops";
 /// (XDP rewrites would otherwise leave `CHECKSUM_PARTIAL` frames the receiver drops) and GRO
 /// on.
 fn topology(backends: usize) -> Topology {
+    require_root();
     Topology::new(backends).expect("topology")
 }
 

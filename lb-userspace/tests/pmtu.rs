@@ -29,7 +29,7 @@ use xlb_netns::{
 };
 
 mod common;
-use common::{Agent, TcpServer, counter};
+use common::{Agent, TcpServer, counter, require_root};
 
 const SUITE: &str = "pmtu";
 const BACKEND_PORT: u16 = 8080;
@@ -251,10 +251,7 @@ fn transfer(client: &Netns, vip: SocketAddr, upload: bool) -> Result<Duration, S
 }
 
 fn run(narrow: Narrow) {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "needs root (namespaces, the data plane): run the tests as root"
-    );
+    require_root();
     let path = Path::build(narrow);
     let _server = TcpServer::start(path.ns(path.backend), BACKEND_PORT, SERVER_LIFETIME, serve);
     let agent = Agent::in_ns(path.ns(path.lb), SUITE)

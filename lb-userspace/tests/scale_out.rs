@@ -30,18 +30,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Agent, TempDir, output_within};
+use common::{Agent, TempDir, output_within, require_root};
 use lb_userspace::api::{NodeStatus, Stats};
 use xlb_netns::{Netns, ScaleOutTopology, Topology};
 
 const TABLE: &str = "100";
-
-fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "this test needs root (network namespaces, XDP/TC programs)"
-    );
-}
 
 /// Polls `check` every 50 ms until it holds; how long that took, or `None` after `limit`.
 fn wait_until(limit: Duration, mut check: impl FnMut() -> bool) -> Option<Duration> {

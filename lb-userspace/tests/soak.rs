@@ -50,7 +50,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use xlb_netns::{Netns, Topology};
 
 mod common;
-use common::{AgentProcess, RaiseOnDrop, TempDir, XLB, backend_v4, xlb};
+use common::{AgentProcess, RaiseOnDrop, TempDir, XLB, backend_v4, require_root, xlb};
 
 const NS_PREFIX: &str = "xsoak-";
 const SUITE: &str = "soak";
@@ -767,10 +767,7 @@ fn churn(model: &mut Model, n: u64, ops: &mut Ops, windows: &Mutex<Vec<Window>>)
 
 #[test]
 fn soak_traffic_churn_flaps_reloads_restarts() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "needs root (loads eBPF programs, creates namespaces): run the tests as root"
-    );
+    require_root();
     let soak = soak_duration();
     let restart_every = restart_every(soak);
     xlb_netns::cleanup_stale(NS_PREFIX).expect("removing stale namespaces");

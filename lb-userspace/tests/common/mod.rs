@@ -36,6 +36,17 @@ pub fn unique(suite: &str, tag: &str) -> String {
     format!("xlb-{suite}-{tag}-{}-{}", std::process::id(), seq())
 }
 
+/// Fails the calling test unless it runs as root. Root-only tests call it first, so that
+/// elsewhere they fail with this message instead of an obscure one (and never pass).
+#[allow(dead_code)]
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test needs root (it creates network namespaces and loads eBPF programs): run \
+         the suite as root with the README's test command, `./x test`"
+    );
+}
+
 /// A per-test directory under the system temp dir, removed on drop.
 #[allow(dead_code)]
 pub struct TempDir(pub PathBuf);
@@ -56,6 +67,45 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A copy of the `xlb` binary in a fresh directory under the system temp dir, both
+/// world-readable and the copy executable: for running it as an unprivileged user, who may
+/// not be able to enter the checkout. Removed on drop.
+#[allow(dead_code)]
+pub struct WorldReadableCopy {
+    /// Holds the copy; removing it is all it is kept for.
+    _dir: TempDir,
+    pub path: PathBuf,
+}
+
+#[allow(dead_code)]
+impl WorldReadableCopy {
+    /// Copies the build's `xlb`, in a temp dir named after `suite`.
+    pub fn of_xlb(suite: &str) -> Self {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = TempDir::new(suite, "bin");
+        let path = dir.join("xlb");
+        copy_executable(Path::new(XLB), &path);
+        for p in [&dir.0, &path] {
+            fs::set_permissions(p, fs::Permissions::from_mode(0o755))
+                .unwrap_or_else(|e| panic!("chmod 755 {}: {e}", p.display()));
+        }
+        // Every ancestor of the temp dir must be enterable too, or the copy is as far out of
+        // reach as the original.
+        for ancestor in dir.0.ancestors().skip(1) {
+            let mode = fs::metadata(ancestor)
+                .unwrap_or_else(|e| panic!("stat {}: {e}", ancestor.display()))
+                .permissions()
+                .mode();
+            assert!(
+                mode & 0o001 != 0,
+                "{} (mode {mode:o}) is not enterable by other users: point TMPDIR elsewhere",
+                ancestor.display()
+            );
+        }
+        Self { _dir: dir, path }
     }
 }
 
@@ -848,6 +898,7 @@ impl<'n> AgentBuilder<'n> {
     /// Spawns the agent and waits (bounded) until `vip list` through its socket succeeds;
     /// panics with its log if it exits first or does not answer in time.
     pub fn start(self) -> Agent<'n> {
+        require_root();
         let mut owned = Vec::new();
         let dir = self.dir.unwrap_or_else(|| {
             let dir = std::env::temp_dir().join(unique(&self.suite, "agent"));
