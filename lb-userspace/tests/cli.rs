@@ -654,19 +654,27 @@ fn state_survives_restart() {
     );
 }
 
-#[test]
-fn bad_input_matrix() {
-    let topo = topology(2);
-    let dir = TempDir::new(SUITE, "bad");
-    let agent = start_agent(&topo, &dir, &dir.join("state.json"));
-    let vip = "10.100.0.1:80/tcp";
-    let vip6 = "[fd00:100::1]:80/tcp";
+/// `None` if `out` is a failure with exactly one stderr line, `xlb: ...NEEDLE...`; else
+/// what went wrong, for the list of failures.
+fn one_line_refusal(what: &str, args: &[&str], out: &Output, needle: &str) -> Option<String> {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    let fine = !out.status.success()
+        && lines.len() == 1
+        && lines[0].starts_with("xlb: ")
+        && lines[0].contains(needle);
+    (!fine).then(|| {
+        format!(
+            "{what}: expected a failure with one stderr line \"xlb: ...{needle}...\"; {}",
+            describe(args, out)
+        )
+    })
+}
+
+/// Bad addresses, options and config files, each refused with one line naming the problem.
+fn refused_commands(topo: &Topology, agent: &Agent<'_>, dir: &TempDir) -> Vec<String> {
+    let (vip, vip6) = ("10.100.0.1:80/tcp", "[fd00:100::1]:80/tcp");
     let b0 = backend_v4(0, 8080).to_string();
-    agent.ok(&["vip", "add", vip]);
-    agent.ok(&["vip", "add", vip6]);
-    agent.ok(&["vip", "add", "10.100.0.2:53/udp"]);
-    agent.ok(&["backend", "add", vip, &b0, "--weight", "2"]);
-    let snapshot = agent.json(&["vip", "list", "--json"]);
     // The LB's own addresses in its namespace (backends in other namespaces are fine).
     let lb_backend_side = topo.backend_links[1].a.ip4().to_string();
     let lb_client_side6 = topo.client_link.a.ip6().to_string();
@@ -689,21 +697,6 @@ fn bad_input_matrix() {
     let udp_tcp_probe_path = udp_tcp_probe.display().to_string();
     let loopback_backend_path = loopback_backend.display().to_string();
 
-    let mut failures = Vec::new();
-    let mut check = |what: &str, args: &[&str], out: &Output, needle: &str| {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let lines: Vec<&str> = stderr.lines().collect();
-        let fine = !out.status.success()
-            && lines.len() == 1
-            && lines[0].starts_with("xlb: ")
-            && lines[0].contains(needle);
-        if !fine {
-            failures.push(format!(
-                "{what}: expected a failure with one stderr line \"xlb: ...{needle}...\"; {}",
-                describe(args, out)
-            ));
-        }
-    };
     let lb = topo.lb();
     let s = agent.socket.as_path();
     let cases: &[(&str, &[&str], &str)] = &[
@@ -1008,6 +1001,7 @@ fn bad_input_matrix() {
             &format!("{loopback_backend_path}:4:11: backend 127.0.0.1:8080 is a loopback address"),
         ),
     ];
+    let mut failures = Vec::new();
     for (what, args, needle) in cases {
         // `config check` talks to no agent, so it takes no --socket.
         let out = if args[..2] == ["config", "check"] {
@@ -1018,9 +1012,19 @@ fn bad_input_matrix() {
         } else {
             xlb(lb, s, args)
         };
-        check(what, args, &out, needle);
+        failures.extend(one_line_refusal(what, args, &out, needle));
     }
 
+    failures
+}
+
+/// No agent behind the socket; `xlb run` on a missing interface, and without root.
+fn refused_starts(topo: &Topology, dir: &TempDir) -> Vec<String> {
+    let lb = topo.lb();
+    let mut failures = Vec::new();
+    let mut check = |what: &str, args: &[&str], out: &Output, needle: &str| {
+        failures.extend(one_line_refusal(what, args, out, needle));
+    };
     // No agent behind the socket.
     let nowhere = dir.join("nobody-here.sock");
     let args = ["vip", "list"];
@@ -1065,60 +1069,82 @@ fn bad_input_matrix() {
     let out = output_within(&mut cmd, Duration::from_secs(20));
     check("not root", &argv, &out, "root");
 
-    // A malformed line on the control socket gets an error reply; the connection and the
-    // agent keep working.
-    {
-        let mut conn =
-            UnixStream::connect(&agent.socket).expect("connecting to the control socket");
-        conn.set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        let mut reader = BufReader::new(conn.try_clone().expect("clone"));
-        let mut ask = |line: &str| -> Value {
-            conn.write_all(line.as_bytes()).expect("write");
-            let mut reply = String::new();
-            reader.read_line(&mut reply).expect("reply");
-            serde_json::from_str(&reply)
-                .unwrap_or_else(|e| panic!("reply to {line:?} is not JSON ({e}): {reply:?}"))
-        };
-        for bad in ["{this is not json\n", "{\"op\":\"explode\"}\n", "[]\n"] {
-            let reply = ask(bad);
-            if reply["kind"] != "error" || !reply["data"].is_string() {
-                failures.push(format!(
-                    "malformed request {bad:?}: expected {{\"kind\":\"error\",...}}, got {reply}"
-                ));
-            }
+    failures
+}
+
+/// A malformed line on the control socket gets an error reply; the connection and the
+/// agent keep working (the VIPs are still `snapshot`).
+fn malformed_control_requests(agent: &Agent<'_>, snapshot: &Value) -> Vec<String> {
+    let mut failures = Vec::new();
+    let mut conn = UnixStream::connect(&agent.socket).expect("connecting to the control socket");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+    let mut ask = |line: &str| -> Value {
+        conn.write_all(line.as_bytes()).expect("write");
+        let mut reply = String::new();
+        reader.read_line(&mut reply).expect("reply");
+        serde_json::from_str(&reply)
+            .unwrap_or_else(|e| panic!("reply to {line:?} is not JSON ({e}): {reply:?}"))
+    };
+    for bad in ["{this is not json\n", "{\"op\":\"explode\"}\n", "[]\n"] {
+        let reply = ask(bad);
+        if reply["kind"] != "error" || !reply["data"].is_string() {
+            failures.push(format!(
+                "malformed request {bad:?}: expected {{\"kind\":\"error\",...}}, got {reply}"
+            ));
         }
-        // The API refuses what the CLI refuses, also without the CLI's own checks.
-        for (request, needle) in [
-            (
-                r#"{"op":"vip_add","vip":"10.100.0.1:53/udp","health":{"probe":{"kind":"tcp"},"interval_ms":2000,"timeout_ms":1000,"rise":2,"fall":3}}"#,
-                "a tcp health check cannot probe UDP VIP",
-            ),
-            (
-                r#"{"op":"vip_add","vip":"[::ffff:10.100.0.1]:80/tcp"}"#,
-                "IPv4-mapped",
-            ),
-            (
-                r#"{"op":"backend_add","vip":"10.100.0.1:80/tcp","backend":"10.100.0.1:80","weight":1}"#,
-                "is the address of VIP",
-            ),
-        ] {
-            let reply = ask(&format!("{request}\n"));
-            let refused = reply["kind"] == "error"
-                && reply["data"].as_str().is_some_and(|d| d.contains(needle));
-            if !refused {
-                failures.push(format!(
-                    "API request {request}: expected an error containing {needle:?}, got {reply}"
-                ));
-            }
-        }
-        let reply = ask("{\"op\":\"vip_list\"}\n");
-        assert_eq!(
-            reply["kind"], "vips",
-            "same connection still served: {reply}"
-        );
-        assert_eq!(reply["data"], snapshot, "{reply}");
     }
+    // The API refuses what the CLI refuses, also without the CLI's own checks.
+    for (request, needle) in [
+        (
+            r#"{"op":"vip_add","vip":"10.100.0.1:53/udp","health":{"probe":{"kind":"tcp"},"interval_ms":2000,"timeout_ms":1000,"rise":2,"fall":3}}"#,
+            "a tcp health check cannot probe UDP VIP",
+        ),
+        (
+            r#"{"op":"vip_add","vip":"[::ffff:10.100.0.1]:80/tcp"}"#,
+            "IPv4-mapped",
+        ),
+        (
+            r#"{"op":"backend_add","vip":"10.100.0.1:80/tcp","backend":"10.100.0.1:80","weight":1}"#,
+            "is the address of VIP",
+        ),
+    ] {
+        let reply = ask(&format!("{request}\n"));
+        let refused =
+            reply["kind"] == "error" && reply["data"].as_str().is_some_and(|d| d.contains(needle));
+        if !refused {
+            failures.push(format!(
+                "API request {request}: expected an error containing {needle:?}, got {reply}"
+            ));
+        }
+    }
+    let reply = ask("{\"op\":\"vip_list\"}\n");
+    assert_eq!(
+        reply["kind"], "vips",
+        "same connection still served: {reply}"
+    );
+    assert_eq!(reply["data"], *snapshot, "{reply}");
+    failures
+}
+
+#[test]
+fn bad_input_matrix() {
+    let topo = topology(2);
+    let dir = TempDir::new(SUITE, "bad");
+    let agent = start_agent(&topo, &dir, &dir.join("state.json"));
+    let vip = "10.100.0.1:80/tcp";
+    let vip6 = "[fd00:100::1]:80/tcp";
+    let b0 = backend_v4(0, 8080).to_string();
+    agent.ok(&["vip", "add", vip]);
+    agent.ok(&["vip", "add", vip6]);
+    agent.ok(&["vip", "add", "10.100.0.2:53/udp"]);
+    agent.ok(&["backend", "add", vip, &b0, "--weight", "2"]);
+    let snapshot = agent.json(&["vip", "list", "--json"]);
+
+    let mut failures = refused_commands(&topo, &agent, &dir);
+    failures.extend(refused_starts(&topo, &dir));
+    failures.extend(malformed_control_requests(&agent, &snapshot));
 
     let after = agent.json(&["vip", "list", "--json"]);
     assert_eq!(after, snapshot, "refused requests change nothing");
