@@ -1183,7 +1183,7 @@ fn backends_behind_unattached_interfaces_warn() {
     ];
     let config_arg = config.display().to_string();
     let agent = agent_in(topo.lb(), &ifaces, &dir, &dir.join("state.json"))
-        .args(&["--config", &config_arg])
+        .args(["--config", &config_arg])
         .start();
 
     let expected_warning = |backend: &str| {
@@ -2057,7 +2057,7 @@ fn config_dump_diff_dry_run_and_changes_by_hand() {
     // An agent started from the dump runs the same VIPs, backends, timeouts and checks.
     let dump_arg = dump.display().to_string();
     let agent = agent_in(topo.lb(), &ifaces, &dir, &dir.join("state2.json"))
-        .args(&["--config", &dump_arg])
+        .args(["--config", &dump_arg])
         .start();
     let listed = agent.json(&["vip", "list", "--json"]);
     assert_eq!(config_of(&listed), config_of(&running));
@@ -2214,7 +2214,7 @@ fn dsr_forwarding_and_tunnel_settings_through_the_cli() {
     let own = topo.client_link.a.ip4().to_string();
     let tunnels = ["--encap-source", own.as_str(), "--gue-port", "7000"];
     let mut agent = agent_in(topo.lb(), &lb_ifaces, &dir, &state)
-        .args(&tunnels)
+        .args(tunnels)
         .start();
 
     let dsr = "10.100.0.1:443/tcp";
@@ -2377,7 +2377,7 @@ fn a_reload_replaces_a_vip_whose_forwarding_changes_and_applies_tunnels() {
     )
     .expect("writing the config");
     let agent = agent_in(topo.lb(), &ifaces, &dir, &dir.join("state.json"))
-        .args(&["--config", &config_arg])
+        .args(["--config", &config_arg])
         .start();
     let before = agent.json(&["vip", "list", "--json"]);
     let before = find_vip(&before, vip).clone();
