@@ -18,19 +18,15 @@ mod common;
 use std::{
     collections::BTreeSet,
     fs,
-    io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
+    io::{BufRead as _, BufReader, Write as _},
+    net::{IpAddr, Ipv6Addr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
     thread,
     time::{Duration, Instant},
 };
 
-use common::{Agent, TempDir, output_within, require_root};
+use common::{Agent, Backend, Reply, TempDir, output_within, require_root};
 use lb_userspace::api::{NodeStatus, Stats};
 use xlb_netns::{Netns, ScaleOutTopology, Topology};
 
@@ -179,8 +175,6 @@ const VIP: &str = "10.100.0.1:80/tcp";
 const VIP_PORT: u16 = 80;
 const ROUTER_AS: u32 = 65000;
 const NODE_AS: u32 = 65001;
-/// Every stream and server stops by itself after this, whatever the test does.
-const LIFETIME: Duration = Duration::from_secs(240);
 
 /// `bird -f` in a namespace with its own config, control socket and log; SIGKILL'd and
 /// reaped on drop.
@@ -357,82 +351,6 @@ fn wait_for_hops(topo: &ScaleOutTopology, nodes: &[usize], limit: Duration) -> D
             vip_next_hops(topo.router())
         )
     })
-}
-
-/// A TCP server on port 80 in a backend namespace: it names itself in a first line, then
-/// echoes. Stops on drop or after `LIFETIME`.
-struct EchoServer {
-    stop: Arc<AtomicBool>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl EchoServer {
-    fn start(ns: &Netns, name: String) -> Self {
-        let listener = ns
-            .run(|| TcpListener::bind((Ipv6Addr::UNSPECIFIED, VIP_PORT)))
-            .expect("entering the backend")
-            .expect("binding the echo server");
-        listener.set_nonblocking(true).expect("non-blocking");
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
-        let deadline = Instant::now() + LIFETIME;
-        let thread = thread::spawn(move || {
-            let mut conns = Vec::new();
-            while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
-                match listener.accept() {
-                    Ok((mut conn, _)) => {
-                        let name = name.clone();
-                        let flag = Arc::clone(&flag);
-                        conns.push(thread::spawn(move || {
-                            let _ = conn.set_nonblocking(false);
-                            let _ = conn.set_read_timeout(Some(Duration::from_millis(200)));
-                            if conn.write_all(format!("{name}\n").as_bytes()).is_err() {
-                                return;
-                            }
-                            let mut buf = [0u8; 256];
-                            while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
-                                match conn.read(&mut buf) {
-                                    Ok(0) => return,
-                                    Ok(n) => {
-                                        if conn.write_all(&buf[..n]).is_err() {
-                                            return;
-                                        }
-                                    }
-                                    Err(e)
-                                        if matches!(
-                                            e.kind(),
-                                            std::io::ErrorKind::WouldBlock
-                                                | std::io::ErrorKind::TimedOut
-                                        ) => {}
-                                    Err(_) => return,
-                                }
-                            }
-                        }));
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        thread::sleep(Duration::from_millis(5));
-                    }
-                    Err(e) => panic!("accept: {e}"),
-                }
-            }
-            for c in conns {
-                let _ = c.join();
-            }
-        });
-        Self {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for EchoServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 fn vip_addr() -> SocketAddr {
@@ -623,8 +541,10 @@ fn flows_spread_over_bgp_ecmp_and_survive_drain_and_node_loss() {
     let _prepared: Vec<Prepared<'_>> = (0..BACKENDS)
         .map(|j| Prepared::new(topo.backend(j)))
         .collect();
-    let _servers: Vec<EchoServer> = (0..BACKENDS)
-        .map(|j| EchoServer::start(topo.backend(j), format!("b{j}")))
+    // Each backend names itself in a first line, then echoes.
+    let any = SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), VIP_PORT);
+    let _servers: Vec<Backend> = (0..BACKENDS)
+        .map(|j| Backend::tcp(topo.backend(j), &format!("b{j}"), any, Reply::GreetThenEcho))
         .collect();
     let backend_addrs: Vec<String> = topo
         .backend_links

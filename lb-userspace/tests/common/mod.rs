@@ -630,6 +630,8 @@ pub enum Reply {
     /// TCP: greets with `NAME\n`, then answers every line `L` with `NAME L`. UDP: answers
     /// every datagram `D` with `NAME D`.
     NamedEcho,
+    /// TCP: greets with `NAME\n`, then echoes every byte back as it comes.
+    GreetThenEcho,
     /// Answers every line (TCP) or datagram (UDP) with `NAME CLIENT\n`, the client address
     /// the backend saw.
     NameAndClient,
@@ -726,7 +728,7 @@ fn answer_udp(name: &str, reply: &Reply, datagram: &[u8], from: SocketAddr) -> O
             Some(answer)
         }
         Reply::NameAndClient => Some(name_and_client(name, from).into_bytes()),
-        Reply::Http(_) | Reply::Silent => None,
+        Reply::GreetThenEcho | Reply::Http(_) | Reply::Silent => None,
     }
 }
 
@@ -743,7 +745,11 @@ fn serve_tcp(mut conn: std::net::TcpStream, name: &str, reply: &Reply, liveness:
             let _ = conn.write_all(name.as_bytes());
             return;
         }
-        Reply::NamedEcho if conn.write_all(format!("{name}\n").as_bytes()).is_err() => return,
+        Reply::NamedEcho | Reply::GreetThenEcho
+            if conn.write_all(format!("{name}\n").as_bytes()).is_err() =>
+        {
+            return;
+        }
         _ => {}
     }
     let mut buf = Vec::new();
@@ -751,6 +757,12 @@ fn serve_tcp(mut conn: std::net::TcpStream, name: &str, reply: &Reply, liveness:
     while liveness.running() {
         match conn.read(&mut chunk) {
             Ok(0) => return,
+            Ok(n) if matches!(reply, Reply::GreetThenEcho) => {
+                if conn.write_all(&chunk[..n]).is_err() {
+                    return;
+                }
+                continue;
+            }
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
             Err(_) => return,
