@@ -10,14 +10,14 @@ use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
-    process::{Output, Stdio},
+    process::Output,
     time::Duration,
 };
 
 use xlb_netns::{Netns, Topology};
 
 mod common;
-use common::{AgentProcess, TcpServer, XLB, require_root, tcx_ingress_attached, xdp_attached};
+use common::{Agent, TcpServer, XLB, require_root, tcx_ingress_attached, xdp_attached};
 
 const NS_PREFIX: &str = "xhook-";
 const SUITE: &str = "hooks";
@@ -44,33 +44,19 @@ impl Run {
         self.dir.join("xlb.sock")
     }
 
+    /// `xlb ARGS` against this run's agent, within the common time limit.
     fn cli(&self, lb: &Netns, args: &[&str]) -> Output {
-        lb.command(XLB)
-            .env("XLB_SOCKET", self.socket())
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("running the xlb CLI")
+        common::xlb(lb, &self.socket(), args)
     }
 
-    fn start(&self, lb: &Netns, ifaces: &[&str], extra: &[&str]) -> AgentProcess {
-        let log = self.dir.join("agent.log");
-        let mut cmd = common::agent_command(
-            lb.command(XLB),
-            ifaces,
-            &self.socket(),
-            &self.dir.join("state.json"),
-            &self.bpffs,
-            &log,
-        );
-        cmd.args(extra).arg("--no-metrics");
-        AgentProcess::start(
-            cmd,
-            log,
-            Duration::from_secs(10),
-            Duration::from_millis(100),
-            common::vip_list_probe(|args| self.cli(lb, args)),
-        )
+    fn start<'n>(&self, lb: &'n Netns, ifaces: &[&str], extra: &[&str]) -> Agent<'n> {
+        Agent::in_ns(lb, SUITE)
+            .dir(&self.dir)
+            .bpffs(&self.bpffs)
+            .ifaces(ifaces)
+            .args(extra)
+            .arg("--no-metrics")
+            .start()
     }
 }
 
