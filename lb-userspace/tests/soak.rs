@@ -50,7 +50,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use xlb_netns::{Netns, Topology};
 
 mod common;
-use common::{AgentProcess, RaiseOnDrop, TempDir, XLB, backend_v4, require_root, xlb};
+use common::{Agent, RaiseOnDrop, TempDir, XLB, backend_v4, require_root, xlb};
 
 const NS_PREFIX: &str = "xsoak-";
 const SUITE: &str = "soak";
@@ -541,28 +541,16 @@ impl Lab {
         self.dir.join("xlb.sock")
     }
 
-    fn start_agent(&self, pins: &Path, generation: usize) -> AgentProcess {
-        let log = self.dir.join(&format!("agent-{generation}.log"));
-        let mut cmd = common::agent_command(
-            self.ns().command(XLB),
-            &self.ifaces,
-            &self.socket(),
-            &self.dir.join("state.json"),
-            pins,
-            &log,
-        );
-        cmd.args(["--keep-attached", "--no-metrics", "--ring-size", RING])
-            .arg("--config")
-            .arg(&self.config)
-            .env_remove("XLB_SOCKET");
-        let (ns, socket) = (self.ns(), self.socket());
-        AgentProcess::start(
-            cmd,
-            log,
-            Duration::from_secs(20),
-            Duration::from_millis(50),
-            common::vip_list_probe(move |args| xlb(ns, &socket, args)),
-        )
+    /// A kept-attached agent on the lab's config, pinning under `pins`.
+    fn start_agent(&self, pins: &Path) -> Agent<'_> {
+        Agent::in_ns(self.ns(), SUITE)
+            .ifaces(&self.ifaces)
+            .dir(&self.dir.0)
+            .bpffs(pins)
+            .args(["--keep-attached", "--no-metrics", "--ring-size", RING])
+            .config(&self.config)
+            .start_limit(Duration::from_secs(20))
+            .start()
     }
 
     fn cli(&self, args: &[&str]) -> String {
@@ -802,7 +790,7 @@ fn soak_traffic_churn_flaps_reloads_restarts() {
         socket: lab.socket(),
     };
     let mut generation = 0;
-    let mut agent = lab.start_agent(&pins.dir, generation);
+    let mut agent = lab.start_agent(&pins.dir);
     let mut agent_started = Instant::now();
     lab.assert_holds(&model, "at start");
 
@@ -853,7 +841,7 @@ fn soak_traffic_churn_flaps_reloads_restarts() {
         let now = Instant::now();
         if now >= next_sample {
             next_sample += SAMPLE_EVERY;
-            let (rss_kib, fds) = sample(agent.pid());
+            let (rss_kib, fds) = sample(agent.process.pid());
             samples.push(Sample {
                 generation,
                 at: now - started,
@@ -924,7 +912,7 @@ fn soak_traffic_churn_flaps_reloads_restarts() {
         }
         if now >= next_restart {
             next_restart += restart_every;
-            let (rss_kib, fds) = sample(agent.pid());
+            let (rss_kib, fds) = sample(agent.process.pid());
             samples.push(Sample {
                 generation,
                 at: now - started,
@@ -942,7 +930,7 @@ fn soak_traffic_churn_flaps_reloads_restarts() {
             thread::sleep(Duration::from_millis(300));
             generation += 1;
             let t = Instant::now();
-            agent = lab.start_agent(&pins.dir, generation);
+            agent = lab.start_agent(&pins.dir);
             agent_started = Instant::now();
             assert!(
                 agent.log().contains("adopted"),
@@ -1000,7 +988,7 @@ fn soak_traffic_churn_flaps_reloads_restarts() {
     }
 
     FLAPPER_DOWN.store(false, Ordering::Relaxed);
-    let (rss_kib, fds) = sample(agent.pid());
+    let (rss_kib, fds) = sample(agent.process.pid());
     samples.push(Sample {
         generation,
         at: started.elapsed(),
