@@ -384,29 +384,6 @@ impl AgentProcess {
         })
     }
 
-    /// For a failing test's report, while the agent still runs: its log and `stats`'s output
-    /// (e.g. `xlb stats --json`).
-    #[allow(dead_code)]
-    pub fn report_if_panicking(&self, stats: impl FnOnce() -> Output) {
-        if thread::panicking() && self.is_running() {
-            let stats = stats();
-            eprintln!(
-                "--- agent log ---\n{}\n--- xlb stats --json ---\n{}",
-                self.log(),
-                String::from_utf8_lossy(&stats.stdout)
-            );
-        }
-    }
-
-    /// [`Self::terminate`], then the log if the test is failing.
-    #[allow(dead_code)]
-    pub fn terminate_and_report(&mut self) {
-        self.terminate();
-        if thread::panicking() {
-            eprintln!("---- xlb agent log ----\n{}", self.log());
-        }
-    }
-
     /// SIGTERM, then SIGKILL if that did not end it in time; a no-op once stopped.
     pub fn terminate(&mut self) {
         if let Some(mut child) = self.child.take()
