@@ -377,40 +377,24 @@ fn conns_to(topo: &Topology, wanted: &[&str]) -> BTreeMap<String, Conn> {
 /// One HTTP GET through the VIP from the client namespace; the body (the backend's name).
 fn http_get_via_vip(topo: &Topology) -> String {
     let to = vip_addr();
-    topo.client()
-        .run(move || {
-            let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3))
-                .unwrap_or_else(|e| panic!("connecting to {to}: {e}"));
-            s.set_read_timeout(Some(Duration::from_secs(3)))
-                .expect("timeout");
-            s.write_all(b"GET / HTTP/1.0\r\n\r\n").expect("request");
-            let mut text = String::new();
-            s.read_to_string(&mut text).expect("response");
-            let (head, body) = text.split_once("\r\n\r\n").expect("HTTP response");
-            assert!(head.starts_with("HTTP/1.0 200"), "{text:?}");
-            body.trim().to_owned()
-        })
+    let response = topo
+        .client()
+        .run(move || common::http_get(to, "/", Duration::from_secs(3)))
         .expect("client namespace")
+        .unwrap_or_else(|e| panic!("GET / from {to}: {e}"));
+    assert!(
+        response.status_line.starts_with("HTTP/1.0 200"),
+        "{response:?}"
+    );
+    response.body.trim().to_owned()
 }
 
 /// A GET of `path` on `addr` from inside `ns`: (status line, body).
 fn http_get(ns: &Netns, addr: SocketAddr, path: &str) -> std::io::Result<(String, String)> {
     let path = path.to_owned();
-    ns.run(move || {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
-        let mut text = String::new();
-        s.read_to_string(&mut text)?;
-        let (head, body) = text
-            .split_once("\r\n\r\n")
-            .ok_or_else(|| std::io::Error::other(format!("not HTTP: {text:?}")))?;
-        Ok((
-            head.lines().next().unwrap_or_default().to_owned(),
-            body.to_owned(),
-        ))
-    })
-    .expect("entering namespace")
+    ns.run(move || common::http_get(addr, &path, Duration::from_secs(5)))
+        .expect("entering namespace")
+        .map(|r| (r.status_line, r.body))
 }
 
 /// Scrapes the agent's metrics from inside the LB namespace and parses them with

@@ -487,20 +487,12 @@ fn cli_at(socket: &Path, args: &[&str]) -> Output {
 /// `GET /` over HTTP/1.0; returns the trimmed body, or an error for a failed
 /// connection, a non-200 status or a missing body.
 fn http_get(addr: SocketAddr) -> std::io::Result<String> {
-    let mut stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    stream.set_write_timeout(Some(IO_TIMEOUT))?;
-    stream.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
-    let mut response = String::new();
-    stream.take(64 * 1024).read_to_string(&mut response)?;
+    let response = common::http_get(addr, "/", IO_TIMEOUT)?;
     let bad = |why: &str| std::io::Error::other(format!("{why}: {response:?}"));
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| bad("no end of headers"))?;
-    if !head.starts_with("HTTP/1.") || head.split_whitespace().nth(1) != Some("200") {
+    if response.status != 200 {
         return Err(bad("not a 200 response"));
     }
-    let body = body.trim();
+    let body = response.body.trim();
     if body.is_empty() {
         return Err(bad("empty body"));
     }

@@ -1051,6 +1051,43 @@ impl Drop for Agent<'_> {
     }
 }
 
+/// What an HTTP server answered: its status and body.
+#[allow(dead_code)]
+#[derive(Debug)]
+pub struct HttpResponse {
+    /// The first line, e.g. `HTTP/1.0 200 OK`.
+    pub status_line: String,
+    pub status: u16,
+    pub body: String,
+}
+
+/// One `GET PATH HTTP/1.0` to `addr` from the calling thread's namespace, with a `Host`
+/// header; the connect and every read or write within `limit`, at most 1 MiB read. An error
+/// for a failed connection or an answer that is not HTTP; any status is a response.
+#[allow(dead_code)]
+pub fn http_get(addr: SocketAddr, path: &str, limit: Duration) -> std::io::Result<HttpResponse> {
+    use std::io::Write as _;
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, limit)?;
+    stream.set_read_timeout(Some(limit))?;
+    stream.set_write_timeout(Some(limit))?;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
+    let mut response = String::new();
+    stream.take(1 << 20).read_to_string(&mut response)?;
+    let not_http = || std::io::Error::other(format!("not an HTTP response: {response:?}"));
+    let (head, body) = response.split_once("\r\n\r\n").ok_or_else(not_http)?;
+    let status_line = head.lines().next().unwrap_or_default();
+    let status = status_line
+        .strip_prefix("HTTP/1.")
+        .and_then(|rest| rest.split_whitespace().nth(1))
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(not_http)?;
+    Ok(HttpResponse {
+        status_line: status_line.to_owned(),
+        status,
+        body: body.to_owned(),
+    })
+}
+
 /// Whether xlb's data path is attached to `ifname` in `ns`: an XDP program (native or
 /// generic) or a program at its tcx ingress hook, where `--xdp-mode auto` puts veths.
 #[allow(dead_code)]
