@@ -15,7 +15,7 @@ use std::{
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
     path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
+    process::{Command, Output},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering},
@@ -29,8 +29,8 @@ use xlb_netns::{Netns, Topology};
 
 mod common;
 use common::{
-    Agent, AgentProcess, Backend, Reply, TempDir, XLB, backend_v4, describe, ok, output_within,
-    require_root, v4, xlb, xlb_attached,
+    Agent, AgentProcess, Backend, KeptPins, Reply, TempDir, XLB, backend_v4, describe, ok,
+    output_within, require_root, v4, xlb, xlb_attached,
 };
 
 /// A small prime ring keeps map setup quick.
@@ -76,57 +76,13 @@ fn addr_of(name: &str) -> String {
 // ---------------------------------------------------------------------------------------------
 // Running `xlb`
 
-/// Removes a bpffs directory on drop, after `xlb detach` took down whatever a
-/// `--keep-attached` agent left attached. Declare it before the agent: locals drop in reverse
-/// order, and `detach` refuses while an agent answers on the socket.
-struct Pins<'a> {
-    ns: &'a Netns,
-    dir: PathBuf,
-    socket: PathBuf,
-}
-
-impl<'a> Pins<'a> {
-    fn new(ns: &'a Netns, dir: &TempDir) -> Self {
-        Self {
-            ns,
-            dir: Path::new("/sys/fs/bpf").join(common::unique(SUITE, "pins")),
-            socket: dir.join("xlb.sock"),
-        }
-    }
-}
-
-impl Drop for Pins<'_> {
-    fn drop(&mut self) {
-        if self.dir.exists() {
-            let mut cmd = self.ns.command(XLB);
-            cmd.arg("detach")
-                .arg("--bpffs")
-                .arg(&self.dir)
-                .arg("--socket")
-                .arg(&self.socket)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
-            if let Ok(mut child) = cmd.spawn() {
-                let deadline = Instant::now() + Duration::from_secs(20);
-                while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                    thread::sleep(Duration::from_millis(20));
-                }
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// Starts an agent attached to every LB interface of `topo`, pinning under `pins`, with
 /// `extra` arguments (the small test ring unless they set `--ring-size`), and waits until it
 /// answers.
 fn start_agent<'a>(
     topo: &'a Topology,
     dir: &TempDir,
-    pins: &Pins<'_>,
+    pins: &KeptPins<'_>,
     state: &Path,
     extra: &[&str],
 ) -> Agent<'a> {
@@ -431,7 +387,7 @@ fn health_checks_take_failing_backends_out_and_back() {
     let topo = topology(3);
     let dir = TempDir::new(SUITE, "health");
     let mut servers = line_servers(&topo, 3);
-    let pins = Pins::new(topo.lb(), &dir);
+    let pins = KeptPins::new(topo.lb(), SUITE, dir.join("xlb.sock"));
     let agent = start_agent(&topo, &dir, &pins, &dir.join("state.json"), &[]);
     add_vip(
         &agent,
@@ -547,7 +503,7 @@ fn http_health_check_takes_a_503_backend_out() {
     let _servers: Vec<Backend> = (0..3)
         .map(|i| server(&topo, i, Reply::Http(Arc::clone(&statuses[i]))))
         .collect();
-    let pins = Pins::new(topo.lb(), &dir);
+    let pins = KeptPins::new(topo.lb(), SUITE, dir.join("xlb.sock"));
     let agent = start_agent(&topo, &dir, &pins, &dir.join("state.json"), &[]);
     add_vip(
         &agent,
@@ -640,7 +596,7 @@ fn udp_health_checks_follow_a_udp_server_down_and_up() {
     // ANSWERING on backends 0 and 1, SILENT on backends 1 and 2.
     let mut answering: Vec<Backend> = (0..2).map(|i| udp_server(&topo, i, 5353, true)).collect();
     let mut silent: Vec<Backend> = (1..3).map(|i| udp_server(&topo, i, 5454, false)).collect();
-    let pins = Pins::new(topo.lb(), &dir);
+    let pins = KeptPins::new(topo.lb(), SUITE, dir.join("xlb.sock"));
     let agent = start_agent(&topo, &dir, &pins, &dir.join("state.json"), &[]);
     let out = agent.ok(&[
         "vip",
@@ -770,7 +726,7 @@ fn draining_keeps_established_connections() {
     let topo = topology(3);
     let dir = TempDir::new(SUITE, "drain");
     let _servers = line_servers(&topo, 3);
-    let pins = Pins::new(topo.lb(), &dir);
+    let pins = KeptPins::new(topo.lb(), SUITE, dir.join("xlb.sock"));
     let agent = start_agent(&topo, &dir, &pins, &dir.join("state.json"), &[]);
     add_vip(&agent, 3, &[]);
     let (b0, b1, b2) = (
@@ -875,7 +831,7 @@ fn flows_end_when_connections_close_or_idle_out() {
     let dir = TempDir::new(SUITE, "lifetime");
     let mut servers = line_servers(&topo, 2);
     let udp_servers: Vec<Backend> = (0..2).map(|i| udp_server(&topo, i, 5353, true)).collect();
-    let pins = Pins::new(topo.lb(), &dir);
+    let pins = KeptPins::new(topo.lb(), SUITE, dir.join("xlb.sock"));
     let agent = start_agent(&topo, &dir, &pins, &dir.join("state.json"), &[]);
     add_vip(&agent, 2, &[]);
     agent.ok(&["vip", "add", UDP_VIP, "--udp-timeout", "2"]);
@@ -1197,7 +1153,7 @@ fn restart_without_dropping() {
     let dir = TempDir::new(SUITE, "restart");
     let state = dir.join("state.json");
     let _servers = line_servers(&topo, 2);
-    let pins = Pins::new(topo.lb(), &dir);
+    let pins = KeptPins::new(topo.lb(), SUITE, dir.join("xlb.sock"));
     // Forwarding off, as on a fresh host: the agent switches it on, and it stays on while a
     // kept data path runs, across restarts, until `xlb detach` switches it back off.
     let forwarding =
@@ -1317,7 +1273,7 @@ fn a_restart_with_other_table_sizes_keeps_established_connections() {
     let dir = TempDir::new(SUITE, "resize");
     let state = dir.join("state.json");
     let _servers = line_servers(&topo, 2);
-    let pins = Pins::new(topo.lb(), &dir);
+    let pins = KeptPins::new(topo.lb(), SUITE, dir.join("xlb.sock"));
     let before = [
         "--keep-attached",
         "--conntrack-entries",
@@ -1417,7 +1373,7 @@ fn keep_attached_restarts_lose_no_new_flow() {
             )
         })
         .collect::<Vec<_>>();
-    let pins = Pins::new(topo.lb(), &dir);
+    let pins = KeptPins::new(topo.lb(), SUITE, dir.join("xlb.sock"));
     let mut agent = start_agent(&topo, &dir, &pins, &state, AGENT_ARGS);
     add_vip(&agent, 2, &[]);
     agent.ok(&["vip", "add", UDP_VIP]);
@@ -1492,7 +1448,7 @@ fn adoption_removes_vips_the_state_no_longer_has() {
     let dir = TempDir::new(SUITE, "ghost");
     let state = dir.join("state.json");
     let _servers = line_servers(&topo, 1);
-    let pins = Pins::new(topo.lb(), &dir);
+    let pins = KeptPins::new(topo.lb(), SUITE, dir.join("xlb.sock"));
     let mut agent = start_agent(&topo, &dir, &pins, &state, &["--keep-attached"]);
     add_vip(&agent, 1, &[]);
     assert_eq!(connect_many(&topo, 2), ["b0", "b0"]);
@@ -1547,7 +1503,7 @@ impl Drop for HostBpffs {
 fn agent_under_ip_netns_exec(
     topo: &Topology,
     dir: &TempDir,
-    pins: &Pins<'_>,
+    pins: &KeptPins<'_>,
     extra: &[&str],
 ) -> (Command, PathBuf) {
     let log = dir.join(&format!("agent-{}.log", common::seq()));
@@ -1577,7 +1533,7 @@ fn keep_attached_under_ip_netns_exec() {
     let dir = TempDir::new(SUITE, "netns-exec");
     let _servers = line_servers(&topo, 1);
 
-    let private = Pins::new(topo.lb(), &dir);
+    let private = KeptPins::new(topo.lb(), SUITE, dir.join("xlb.sock"));
     let (cmd, _) = agent_under_ip_netns_exec(&topo, &dir, &private, &[]);
     let mut cmd = cmd;
     let out = output_within(&mut cmd, Duration::from_secs(20));
@@ -1604,11 +1560,7 @@ fn keep_attached_under_ip_netns_exec() {
 
     // A bpffs mounted where the host sees it outlives the agent's mount namespace.
     let host_bpffs = HostBpffs::mount(dir.join("bpf"));
-    let pins = Pins {
-        ns: topo.lb(),
-        dir: host_bpffs.0.join("pins"),
-        socket: dir.join("xlb.sock"),
-    };
+    let pins = KeptPins::at(topo.lb(), host_bpffs.0.join("pins"), dir.join("xlb.sock"));
     let (cmd, log) = agent_under_ip_netns_exec(&topo, &dir, &pins, &[]);
     let mut process = AgentProcess::start(
         cmd,
@@ -1648,7 +1600,7 @@ fn metrics_scrape() {
     let topo = topology(2);
     let dir = TempDir::new(SUITE, "metrics");
     let _servers = line_servers(&topo, 2);
-    let pins = Pins::new(topo.lb(), &dir);
+    let pins = KeptPins::new(topo.lb(), SUITE, dir.join("xlb.sock"));
     let agent = start_agent(&topo, &dir, &pins, &dir.join("state.json"), &[]);
     add_vip(&agent, 2, &[]);
     let reached = connect_many(&topo, 20);
@@ -1796,7 +1748,7 @@ fn config_and_reload() {
     fs::write(&broken_file, &bad).expect("writing config");
     assert_located(&config_check(&broken_file), &broken_file, line, col);
 
-    let pins = Pins::new(topo.lb(), &dir);
+    let pins = KeptPins::new(topo.lb(), SUITE, dir.join("xlb.sock"));
     let file_arg = file.to_str().expect("utf-8 path").to_owned();
     let mut agent = start_agent(
         &topo,
@@ -1926,7 +1878,7 @@ fn reload_applies_whole_or_not_at_all() {
     let state = dir.join("state.json");
     // The test VIP and three more: all four slots of `--max-vips 4`.
     fs::write(&file, config_text(&[(0, 1), (1, 1)]) + &empty_vips(2..5)).expect("config");
-    let pins = Pins::new(topo.lb(), &dir);
+    let pins = KeptPins::new(topo.lb(), SUITE, dir.join("xlb.sock"));
     let file_arg = file.to_str().expect("utf-8 path").to_owned();
     let mut agent = start_agent(
         &topo,
@@ -2126,7 +2078,7 @@ fn persisting_state_survives_a_full_disk() {
     let _server = server(&topo, 0, Reply::NamedEcho);
     let disk = Tmpfs::mount("fulldisk-fs", "16k");
     let state = disk.0.join("state.json");
-    let pins = Pins::new(topo.lb(), &dir);
+    let pins = KeptPins::new(topo.lb(), SUITE, dir.join("xlb.sock"));
     let agent = start_agent(&topo, &dir, &pins, &state, &["--no-metrics"]);
     add_vip(&agent, 1, &[]);
     let saved = fs::read(&state).expect("state file written");

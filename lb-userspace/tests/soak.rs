@@ -36,7 +36,6 @@ use std::{
     io::{BufRead as _, BufReader, ErrorKind, Read as _, Write as _},
     net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
     path::{Path, PathBuf},
-    process::Stdio,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
@@ -50,7 +49,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use xlb_netns::{Netns, Topology};
 
 mod common;
-use common::{Agent, RaiseOnDrop, TempDir, XLB, backend_v4, require_root, xlb};
+use common::{Agent, KeptPins, RaiseOnDrop, TempDir, backend_v4, require_root, xlb};
 
 const NS_PREFIX: &str = "xsoak-";
 const SUITE: &str = "soak";
@@ -499,32 +498,6 @@ fn excused(failure: &Failure, windows: &[Window]) -> Option<&'static str> {
 // ---------------------------------------------------------------------------------------------
 // The agent
 
-/// Takes down what the last `--keep-attached` agent left (`xlb detach`) and removes the pin
-/// directory. Declared before the agent, so it drops after it.
-struct Pins<'a> {
-    ns: &'a Netns,
-    dir: PathBuf,
-    socket: PathBuf,
-}
-
-impl Drop for Pins<'_> {
-    fn drop(&mut self) {
-        if self.dir.exists() {
-            let mut cmd = self.ns.command(XLB);
-            cmd.arg("detach")
-                .arg("--bpffs")
-                .arg(&self.dir)
-                .arg("--socket")
-                .arg(&self.socket)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
-            let _ = common::output_within(&mut cmd, Duration::from_secs(20));
-        }
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
-
 struct Lab {
     topology: Topology,
     dir: TempDir,
@@ -784,11 +757,7 @@ fn soak_traffic_churn_flaps_reloads_restarts() {
         .collect();
     let mut model = Model::initial();
     fs::write(&lab.config, model.config()).expect("writing the config");
-    let pins = Pins {
-        ns: lab.ns(),
-        dir: Path::new("/sys/fs/bpf").join(common::unique(SUITE, "pins")),
-        socket: lab.socket(),
-    };
+    let pins = KeptPins::new(lab.ns(), SUITE, lab.socket());
     let mut generation = 0;
     let mut agent = lab.start_agent(&pins.dir);
     let mut agent_started = Instant::now();

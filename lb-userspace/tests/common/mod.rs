@@ -947,6 +947,61 @@ impl<'n> AgentBuilder<'n> {
     }
 }
 
+/// The bpffs directory of agents run with `--keep-attached`. On drop, `xlb detach`
+/// (bounded) takes down what the last of them left attached, and the directory is removed.
+/// Declare it before the agents: locals drop in reverse order, and `detach` refuses while an
+/// agent answers on the socket.
+#[allow(dead_code)]
+pub struct KeptPins<'n> {
+    ns: &'n Netns,
+    pub dir: PathBuf,
+    /// The agents' control socket, which `detach` checks.
+    pub socket: PathBuf,
+}
+
+#[allow(dead_code)]
+impl<'n> KeptPins<'n> {
+    /// A fresh directory under /sys/fs/bpf named after `suite`.
+    pub fn new(ns: &'n Netns, suite: &str, socket: PathBuf) -> Self {
+        Self::at(
+            ns,
+            Path::new("/sys/fs/bpf").join(unique(suite, "pins")),
+            socket,
+        )
+    }
+
+    /// `dir`, e.g. on a bpffs the test mounted itself.
+    pub fn at(ns: &'n Netns, dir: PathBuf, socket: PathBuf) -> Self {
+        Self { ns, dir, socket }
+    }
+}
+
+impl Drop for KeptPins<'_> {
+    fn drop(&mut self) {
+        if self.dir.exists() {
+            let mut cmd = self.ns.command(XLB);
+            cmd.arg("detach")
+                .arg("--bpffs")
+                .arg(&self.dir)
+                .arg("--socket")
+                .arg(&self.socket)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            // No panic here: this may run while a failing test unwinds.
+            if let Ok(mut child) = spawn(&mut cmd) {
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                    thread::sleep(Duration::from_millis(20));
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// A running `xlb run` (see [`AgentBuilder`]). On drop: if the test is failing, `stats`
 /// and its log are printed; SIGTERM (SIGKILL if ignored); what the builder created is removed.
 #[allow(dead_code)]
