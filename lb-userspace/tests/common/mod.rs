@@ -431,6 +431,43 @@ impl Liveness {
     }
 }
 
+/// A server's thread and its stop flag: [`ServerThread::stop`] (or drop) raises the flag and
+/// joins the thread, which polls its [`Liveness`].
+struct ServerThread {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl ServerThread {
+    /// Runs `body` on a thread of its own until it returns; it should return once its
+    /// [`Liveness`] says so, at the latest after `lifetime`.
+    fn spawn(lifetime: Duration, body: impl FnOnce(Liveness) + Send + 'static) -> Self {
+        use std::sync::{Arc, atomic::AtomicBool};
+        let stop = Arc::new(AtomicBool::new(false));
+        let liveness = Liveness {
+            stop: Arc::clone(&stop),
+            deadline: Instant::now() + lifetime,
+        };
+        Self {
+            stop,
+            thread: Some(thread::spawn(move || body(liveness))),
+        }
+    }
+
+    fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for ServerThread {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// How long a backend server lives at most, whatever its test does.
 const BACKEND_LIFETIME: Duration = Duration::from_secs(300);
 
@@ -438,10 +475,7 @@ const BACKEND_LIFETIME: Duration = Duration::from_secs(300);
 /// It stops by itself after its lifetime; [`TcpServer::stop`] (or drop) closes the listener
 /// and joins every connection thread.
 #[allow(dead_code)]
-pub struct TcpServer {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<thread::JoinHandle<()>>,
-}
+pub struct TcpServer(ServerThread);
 
 #[allow(dead_code)]
 impl TcpServer {
@@ -468,7 +502,7 @@ impl TcpServer {
         lifetime: Duration,
         serve: impl Fn(std::net::TcpStream, &Liveness) + Send + Sync + 'static,
     ) -> Self {
-        use std::sync::{Arc, atomic::AtomicBool};
+        use std::sync::Arc;
         // std sets SO_REUSEADDR, so the port can be bound again right after a stop.
         let listener = ns
             .run(move || std::net::TcpListener::bind(addr))
@@ -477,13 +511,9 @@ impl TcpServer {
         listener
             .set_nonblocking(true)
             .expect("non-blocking listener");
-        let stop = Arc::new(AtomicBool::new(false));
-        let liveness = Arc::new(Liveness {
-            stop: Arc::clone(&stop),
-            deadline: Instant::now() + lifetime,
-        });
         let serve = Arc::new(serve);
-        let thread = thread::spawn(move || {
+        Self(ServerThread::spawn(lifetime, move |liveness| {
+            let liveness = Arc::new(liveness);
             let mut conns: Vec<thread::JoinHandle<()>> = Vec::new();
             while liveness.running() {
                 match listener.accept() {
@@ -514,25 +544,12 @@ impl TcpServer {
             for c in conns {
                 let _ = c.join();
             }
-        });
-        Self {
-            stop,
-            thread: Some(thread),
-        }
+        }))
     }
 
     /// Closes the listener (new connections are refused) and ends every connection.
     pub fn stop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for TcpServer {
-    fn drop(&mut self) {
-        self.stop();
+        self.0.stop();
     }
 }
 
@@ -540,10 +557,7 @@ impl Drop for TcpServer {
 /// to the sender. Stops by itself after its lifetime; stopping (or drop) closes the socket,
 /// so datagrams to the port draw ICMP port-unreachable from then on.
 #[allow(dead_code)]
-pub struct UdpServer {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<thread::JoinHandle<()>>,
-}
+pub struct UdpServer(ServerThread);
 
 #[allow(dead_code)]
 impl UdpServer {
@@ -553,7 +567,6 @@ impl UdpServer {
         lifetime: Duration,
         answer: impl Fn(&[u8], SocketAddr) -> Option<Vec<u8>> + Send + 'static,
     ) -> Self {
-        use std::sync::{Arc, atomic::AtomicBool};
         let socket = ns
             .run(move || std::net::UdpSocket::bind(addr))
             .expect("entering the server's namespace")
@@ -561,12 +574,7 @@ impl UdpServer {
         socket
             .set_read_timeout(Some(Duration::from_millis(20)))
             .expect("read timeout");
-        let stop = Arc::new(AtomicBool::new(false));
-        let liveness = Liveness {
-            stop: Arc::clone(&stop),
-            deadline: Instant::now() + lifetime,
-        };
-        let thread = thread::spawn(move || {
+        Self(ServerThread::spawn(lifetime, move |liveness| {
             let mut buf = [0_u8; 2048];
             while liveness.running() {
                 if let Ok((len, from)) = socket.recv_from(&mut buf)
@@ -576,24 +584,12 @@ impl UdpServer {
                     eprintln!("udp reply from {addr} to {from}: {e}");
                 }
             }
-        });
-        Self {
-            stop,
-            thread: Some(thread),
-        }
+        }))
     }
 
+    /// Closes the socket and waits until it is gone.
     pub fn stop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for UdpServer {
-    fn drop(&mut self) {
-        self.stop();
+        self.0.stop();
     }
 }
 
