@@ -29,7 +29,7 @@ use xlb_netns::{
 };
 
 mod common;
-use common::{NsAgent, TcpServer, counter};
+use common::{Agent, TcpServer, counter, require_root};
 
 const NS_PREFIX: &str = "xbulk-";
 const SUITE: &str = "bulk";
@@ -83,6 +83,7 @@ impl Lab {
     const LB_IFACES: [&'static str; 4] = ["client", "b0", "b1", "br0"];
 
     fn build() -> Self {
+        require_root();
         xlb_netns::cleanup_stale(NS_PREFIX).expect("removing stale namespaces");
         let ns = |role: &str| {
             Netns::create(&format!("{NS_PREFIX}{role}-")).expect("creating a namespace")
@@ -254,7 +255,7 @@ fn bulk_tcp_through_veths_and_a_bridge_with_default_offloads() {
         .iter()
         .map(|ns| TcpServer::start(ns, PORT, SERVER_LIFETIME, serve))
         .collect();
-    let agent = NsAgent::start(&lab.lb, SUITE, &Lab::LB_IFACES, &[]);
+    let agent = Agent::in_ns(&lab.lb, SUITE).ifaces(Lab::LB_IFACES).start();
 
     let log = agent.process.log();
     for iface in Lab::LB_IFACES {

@@ -10,15 +10,11 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
     io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
     os::unix::{net::UnixStream, process::CommandExt as _},
-    path::{Path, PathBuf},
-    process::{ExitStatus, Output, Stdio},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    thread::{self, JoinHandle},
+    path::Path,
+    process::{Output, Stdio},
+    thread,
     time::Duration,
 };
 
@@ -27,8 +23,8 @@ use xlb_netns::{Netns, Topology};
 
 mod common;
 use common::{
-    AgentProcess, TempDir, XLB, backend_v4, describe, json, ok, output_within, v4, xlb,
-    xlb_attached,
+    Agent, AgentBuilder, Backend, Reply, TempDir, WorldReadableCopy, XLB, backend_v4, describe,
+    output_within, require_root, v4, xlb, xlb_attached,
 };
 
 /// A small prime ring keeps map setup quick; the tests check it is what the agent reports.
@@ -43,164 +39,55 @@ const SUITE: &str = "cli";
 /// losing the mark, so the receiver would drop every rewritten segment. Real NICs fill the
 /// checksum in before the wire.
 fn topology(backends: usize) -> Topology {
+    require_root();
     Topology::new(backends).expect("topology")
 }
 
-/// A running `xlb run`, stopped with SIGTERM when dropped.
-struct Agent<'a> {
-    ns: &'a Netns,
-    process: AgentProcess,
-    socket: PathBuf,
-    bpffs: PathBuf,
+/// The LB interfaces of `topo`: the client's link and every backend's.
+fn lb_ifaces(topo: &Topology) -> Vec<String> {
+    std::iter::once(&topo.client_link)
+        .chain(&topo.backend_links)
+        .map(|l| l.a.ifname.clone())
+        .collect()
 }
 
-impl<'a> Agent<'a> {
-    /// Starts an agent attached to every LB interface of `topo` and waits until it answers.
-    fn start(topo: &'a Topology, dir: &TempDir, state: &Path) -> Self {
-        let mut ifaces = vec![topo.client_link.a.ifname.clone()];
-        ifaces.extend(topo.backend_links.iter().map(|l| l.a.ifname.clone()));
-        Self::start_in(topo.lb(), &ifaces, dir, state)
-    }
-
-    fn start_in(ns: &'a Netns, ifaces: &[String], dir: &TempDir, state: &Path) -> Self {
-        Self::start_with(ns, ifaces, dir, state, &[])
-    }
-
-    /// [`Self::start_in`] with `extra` arguments to `xlb run`.
-    fn start_with(
-        ns: &'a Netns,
-        ifaces: &[String],
-        dir: &TempDir,
-        state: &Path,
-        extra: &[&str],
-    ) -> Self {
-        let socket = dir.join("xlb.sock");
-        let bpffs = Path::new("/sys/fs/bpf").join(common::unique(SUITE, "pins"));
-        let log = dir.join(&format!("agent-{}.log", common::seq()));
-        let mut cmd = common::agent_command(ns.command(XLB), ifaces, &socket, state, &bpffs, &log);
-        cmd.args(["--ring-size", &RING.to_string()])
-            .args(extra)
-            .env_remove("XLB_SOCKET");
-        let process = AgentProcess::start(
-            cmd,
-            log,
-            Duration::from_secs(10),
-            Duration::from_millis(100),
-            common::vip_list_probe(|args| xlb(ns, &socket, args)),
-        );
-        Self {
-            ns,
-            process,
-            socket,
-            bpffs,
-        }
-    }
-
-    fn log(&self) -> String {
-        self.process.log()
-    }
-
-    /// SIGTERM, then waits (bounded) for the exit.
-    fn stop(&mut self) -> ExitStatus {
-        self.process.stop()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        ok(self.ns, &self.socket, args)
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        json(self.ns, &self.socket, args)
-    }
+/// An agent in `ns` on `ifaces` with its socket and log in `dir`, restoring `state`, on the
+/// small test ring.
+fn agent_in<'a>(ns: &'a Netns, ifaces: &[String], dir: &TempDir, state: &Path) -> AgentBuilder<'a> {
+    Agent::in_ns(ns, SUITE)
+        .ifaces(ifaces)
+        .dir(&dir.0)
+        .state(state)
+        .args(["--ring-size", &RING.to_string()])
 }
 
-impl Drop for Agent<'_> {
-    fn drop(&mut self) {
-        self.process
-            .report_if_panicking(|| xlb(self.ns, &self.socket, &["stats", "--json"]));
-        self.process.terminate();
-        let _ = fs::remove_dir_all(&self.bpffs);
-    }
+/// Starts an agent attached to every LB interface of `topo` and waits until it answers.
+fn start_agent<'a>(topo: &'a Topology, dir: &TempDir, state: &Path) -> Agent<'a> {
+    agent_in(topo.lb(), &lb_ifaces(topo), dir, state).start()
 }
 
-/// `bind(addr)` in backend `i`'s namespace.
-fn bind_in<S: Send>(
-    topo: &Topology,
-    i: usize,
-    addr: SocketAddr,
-    bind: impl FnOnce(SocketAddr) -> std::io::Result<S> + Send,
-) -> S {
-    topo.backend(i)
-        .run(move || bind(addr))
-        .expect("entering backend namespace")
-        .unwrap_or_else(|e| panic!("binding {addr}: {e}"))
-}
-
-/// Servers on every backend that answer with the backend's name (`b0`, `b1`, ...); stopped
+/// Servers on backends that answer with the backend's name (`b0`, `b1`, ...); stopped
 /// and joined on drop.
-struct Servers {
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
-}
+#[derive(Default)]
+struct Servers(Vec<Backend>);
 
 impl Servers {
     fn new() -> Self {
-        Self {
-            stop: Arc::new(AtomicBool::new(false)),
-            threads: Vec::new(),
-        }
+        Self::default()
     }
 
     /// A TCP server on `addr` in backend `i`'s namespace: writes the name and closes.
     fn tcp(&mut self, topo: &Topology, i: usize, addr: SocketAddr) {
-        let listener = bind_in(topo, i, addr, TcpListener::bind);
-        listener
-            .set_nonblocking(true)
-            .expect("nonblocking listener");
-        let stop = Arc::clone(&self.stop);
         let name = format!("b{i}");
-        self.threads.push(thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((mut conn, _)) => {
-                        let _ = conn.set_nonblocking(false);
-                        let _ = conn.set_write_timeout(Some(Duration::from_secs(3)));
-                        let _ = conn.write_all(name.as_bytes());
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        thread::sleep(Duration::from_millis(2));
-                    }
-                    Err(_) => thread::sleep(Duration::from_millis(10)),
-                }
-            }
-        }));
+        self.0
+            .push(Backend::tcp(topo.backend(i), &name, addr, Reply::Name));
     }
 
     /// A UDP server on `addr` in backend `i`'s namespace: answers every datagram with the name.
     fn udp(&mut self, topo: &Topology, i: usize, addr: SocketAddr) {
-        let socket = bind_in(topo, i, addr, UdpSocket::bind);
-        socket
-            .set_read_timeout(Some(Duration::from_millis(50)))
-            .expect("read timeout");
-        let stop = Arc::clone(&self.stop);
         let name = format!("b{i}");
-        self.threads.push(thread::spawn(move || {
-            let mut buf = [0u8; 2048];
-            while !stop.load(Ordering::Relaxed) {
-                if let Ok((_, from)) = socket.recv_from(&mut buf) {
-                    let _ = socket.send_to(name.as_bytes(), from);
-                }
-            }
-        }));
-    }
-}
-
-impl Drop for Servers {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
+        self.0
+            .push(Backend::udp(topo.backend(i), &name, addr, Reply::Name));
     }
 }
 
@@ -299,7 +186,7 @@ fn config_of(list: &Value) -> Vec<(String, u64, Vec<BackendRow>)> {
 fn verbs_end_to_end() {
     let topo = topology(2);
     let dir = TempDir::new(SUITE, "verbs");
-    let agent = Agent::start(&topo, &dir, &dir.join("state.json"));
+    let agent = start_agent(&topo, &dir, &dir.join("state.json"));
 
     let empty = agent.ok(&["vip", "list"]);
     assert!(empty.contains("no VIPs"), "empty list says so: {empty}");
@@ -482,7 +369,7 @@ fn stats_match_traffic() {
     const TCP_CONNS: u16 = 12; // M
     let topo = topology(2);
     let dir = TempDir::new(SUITE, "stats");
-    let agent = Agent::start(&topo, &dir, &dir.join("state.json"));
+    let agent = start_agent(&topo, &dir, &dir.join("state.json"));
     let mut servers = Servers::new();
     for i in 0..2 {
         servers.udp(&topo, i, backend_v4(i, 5300));
@@ -592,7 +479,7 @@ fn explain_matches_reality() {
     const CLIENTS: u16 = 100;
     let topo = topology(3);
     let dir = TempDir::new(SUITE, "explain");
-    let agent = Agent::start(&topo, &dir, &dir.join("state.json"));
+    let agent = start_agent(&topo, &dir, &dir.join("state.json"));
     let mut servers = Servers::new();
     let mut name_of = BTreeMap::new();
     for i in 0..3 {
@@ -648,10 +535,7 @@ fn state_survives_restart() {
     let topo = topology(2);
     let dir = TempDir::new(SUITE, "restart");
     let state = dir.join("state").join("state.json");
-    let lb_ifaces: Vec<String> = std::iter::once(&topo.client_link)
-        .chain(&topo.backend_links)
-        .map(|l| l.a.ifname.clone())
-        .collect();
+    let lb_ifaces = lb_ifaces(&topo);
     let mut servers = Servers::new();
     for i in 0..2 {
         servers.tcp(&topo, i, backend_v4(i, 8080));
@@ -682,7 +566,7 @@ fn state_survives_restart() {
     };
 
     let before = {
-        let mut agent = Agent::start(&topo, &dir, &state);
+        let mut agent = start_agent(&topo, &dir, &state);
         agent.ok(&["vip", "add", tcp]);
         agent.ok(&["vip", "add", udp6]);
         agent.ok(&["vip", "add", "10.100.0.1:9000/udp"]);
@@ -742,7 +626,7 @@ fn state_survives_restart() {
         );
     }
 
-    let agent = Agent::start(&topo, &dir, &state);
+    let agent = start_agent(&topo, &dir, &state);
     let after = agent.json(&["vip", "list", "--json"]);
     assert_eq!(
         config_of(&after),
@@ -770,59 +654,27 @@ fn state_survives_restart() {
     );
 }
 
-/// A copy of a file in a fresh directory under the system temp dir, both world-readable (and
-/// the file executable): for running the build's binary as an unprivileged user, who may not
-/// be able to enter the checkout. Removed on drop.
-struct WorldReadableCopy {
-    /// Holds the copy; removing it is all it is kept for.
-    _dir: TempDir,
-    path: PathBuf,
+/// `None` if `out` is a failure with exactly one stderr line, `xlb: ...NEEDLE...`; else
+/// what went wrong, for the list of failures.
+fn one_line_refusal(what: &str, args: &[&str], out: &Output, needle: &str) -> Option<String> {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    let fine = !out.status.success()
+        && lines.len() == 1
+        && lines[0].starts_with("xlb: ")
+        && lines[0].contains(needle);
+    (!fine).then(|| {
+        format!(
+            "{what}: expected a failure with one stderr line \"xlb: ...{needle}...\"; {}",
+            describe(args, out)
+        )
+    })
 }
 
-impl WorldReadableCopy {
-    fn of(file: &Path) -> Self {
-        use std::os::unix::fs::PermissionsExt as _;
-        let dir = TempDir::new(SUITE, "bin");
-        let path = dir.join(
-            file.file_name()
-                .and_then(|n| n.to_str())
-                .expect("a file name"),
-        );
-        common::copy_executable(file, &path);
-        for p in [&dir.0, &path] {
-            fs::set_permissions(p, fs::Permissions::from_mode(0o755))
-                .unwrap_or_else(|e| panic!("chmod 755 {}: {e}", p.display()));
-        }
-        // Every ancestor of the temp dir must be enterable too, or the copy is as far out of
-        // reach as the original.
-        for ancestor in dir.0.ancestors().skip(1) {
-            let mode = fs::metadata(ancestor)
-                .unwrap_or_else(|e| panic!("stat {}: {e}", ancestor.display()))
-                .permissions()
-                .mode();
-            assert!(
-                mode & 0o001 != 0,
-                "{} (mode {mode:o}) is not enterable by other users: point TMPDIR elsewhere",
-                ancestor.display()
-            );
-        }
-        Self { _dir: dir, path }
-    }
-}
-
-#[test]
-fn bad_input_matrix() {
-    let topo = topology(2);
-    let dir = TempDir::new(SUITE, "bad");
-    let agent = Agent::start(&topo, &dir, &dir.join("state.json"));
-    let vip = "10.100.0.1:80/tcp";
-    let vip6 = "[fd00:100::1]:80/tcp";
+/// Bad addresses, options and config files, each refused with one line naming the problem.
+fn refused_commands(topo: &Topology, agent: &Agent<'_>, dir: &TempDir) -> Vec<String> {
+    let (vip, vip6) = ("10.100.0.1:80/tcp", "[fd00:100::1]:80/tcp");
     let b0 = backend_v4(0, 8080).to_string();
-    agent.ok(&["vip", "add", vip]);
-    agent.ok(&["vip", "add", vip6]);
-    agent.ok(&["vip", "add", "10.100.0.2:53/udp"]);
-    agent.ok(&["backend", "add", vip, &b0, "--weight", "2"]);
-    let snapshot = agent.json(&["vip", "list", "--json"]);
     // The LB's own addresses in its namespace (backends in other namespaces are fine).
     let lb_backend_side = topo.backend_links[1].a.ip4().to_string();
     let lb_client_side6 = topo.client_link.a.ip6().to_string();
@@ -845,21 +697,6 @@ fn bad_input_matrix() {
     let udp_tcp_probe_path = udp_tcp_probe.display().to_string();
     let loopback_backend_path = loopback_backend.display().to_string();
 
-    let mut failures = Vec::new();
-    let mut check = |what: &str, args: &[&str], out: &Output, needle: &str| {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let lines: Vec<&str> = stderr.lines().collect();
-        let fine = !out.status.success()
-            && lines.len() == 1
-            && lines[0].starts_with("xlb: ")
-            && lines[0].contains(needle);
-        if !fine {
-            failures.push(format!(
-                "{what}: expected a failure with one stderr line \"xlb: ...{needle}...\"; {}",
-                describe(args, out)
-            ));
-        }
-    };
     let lb = topo.lb();
     let s = agent.socket.as_path();
     let cases: &[(&str, &[&str], &str)] = &[
@@ -1190,6 +1027,7 @@ fn bad_input_matrix() {
             &format!("{loopback_backend_path}:4:11: backend 127.0.0.1:8080 is a loopback address"),
         ),
     ];
+    let mut failures = Vec::new();
     for (what, args, needle) in cases {
         // `config check` talks to no agent, so it takes no --socket.
         let out = if args[..2] == ["config", "check"] {
@@ -1200,9 +1038,19 @@ fn bad_input_matrix() {
         } else {
             xlb(lb, s, args)
         };
-        check(what, args, &out, needle);
+        failures.extend(one_line_refusal(what, args, &out, needle));
     }
 
+    failures
+}
+
+/// No agent behind the socket; `xlb run` on a missing interface, and without root.
+fn refused_starts(topo: &Topology, dir: &TempDir) -> Vec<String> {
+    let lb = topo.lb();
+    let mut failures = Vec::new();
+    let mut check = |what: &str, args: &[&str], out: &Output, needle: &str| {
+        failures.extend(one_line_refusal(what, args, out, needle));
+    };
     // No agent behind the socket.
     let nowhere = dir.join("nobody-here.sock");
     let args = ["vip", "list"];
@@ -1235,7 +1083,7 @@ fn bad_input_matrix() {
     let mut args = run_args("noroot");
     args[2] = topo.client_link.a.ifname.clone();
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let unprivileged = WorldReadableCopy::of(Path::new(XLB));
+    let unprivileged = WorldReadableCopy::of_xlb(SUITE);
     let mut cmd = lb.command(&unprivileged.path);
     cmd.args(&argv)
         .arg("--socket")
@@ -1247,60 +1095,82 @@ fn bad_input_matrix() {
     let out = output_within(&mut cmd, Duration::from_secs(20));
     check("not root", &argv, &out, "root");
 
-    // A malformed line on the control socket gets an error reply; the connection and the
-    // agent keep working.
-    {
-        let mut conn =
-            UnixStream::connect(&agent.socket).expect("connecting to the control socket");
-        conn.set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        let mut reader = BufReader::new(conn.try_clone().expect("clone"));
-        let mut ask = |line: &str| -> Value {
-            conn.write_all(line.as_bytes()).expect("write");
-            let mut reply = String::new();
-            reader.read_line(&mut reply).expect("reply");
-            serde_json::from_str(&reply)
-                .unwrap_or_else(|e| panic!("reply to {line:?} is not JSON ({e}): {reply:?}"))
-        };
-        for bad in ["{this is not json\n", "{\"op\":\"explode\"}\n", "[]\n"] {
-            let reply = ask(bad);
-            if reply["kind"] != "error" || !reply["data"].is_string() {
-                failures.push(format!(
-                    "malformed request {bad:?}: expected {{\"kind\":\"error\",...}}, got {reply}"
-                ));
-            }
+    failures
+}
+
+/// A malformed line on the control socket gets an error reply; the connection and the
+/// agent keep working (the VIPs are still `snapshot`).
+fn malformed_control_requests(agent: &Agent<'_>, snapshot: &Value) -> Vec<String> {
+    let mut failures = Vec::new();
+    let mut conn = UnixStream::connect(&agent.socket).expect("connecting to the control socket");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+    let mut ask = |line: &str| -> Value {
+        conn.write_all(line.as_bytes()).expect("write");
+        let mut reply = String::new();
+        reader.read_line(&mut reply).expect("reply");
+        serde_json::from_str(&reply)
+            .unwrap_or_else(|e| panic!("reply to {line:?} is not JSON ({e}): {reply:?}"))
+    };
+    for bad in ["{this is not json\n", "{\"op\":\"explode\"}\n", "[]\n"] {
+        let reply = ask(bad);
+        if reply["kind"] != "error" || !reply["data"].is_string() {
+            failures.push(format!(
+                "malformed request {bad:?}: expected {{\"kind\":\"error\",...}}, got {reply}"
+            ));
         }
-        // The API refuses what the CLI refuses, also without the CLI's own checks.
-        for (request, needle) in [
-            (
-                r#"{"op":"vip_add","vip":"10.100.0.1:53/udp","health":{"probe":{"kind":"tcp"},"interval_ms":2000,"timeout_ms":1000,"rise":2,"fall":3}}"#,
-                "a tcp health check cannot probe UDP VIP",
-            ),
-            (
-                r#"{"op":"vip_add","vip":"[::ffff:10.100.0.1]:80/tcp"}"#,
-                "IPv4-mapped",
-            ),
-            (
-                r#"{"op":"backend_add","vip":"10.100.0.1:80/tcp","backend":"10.100.0.1:80","weight":1}"#,
-                "is the address of VIP",
-            ),
-        ] {
-            let reply = ask(&format!("{request}\n"));
-            let refused = reply["kind"] == "error"
-                && reply["data"].as_str().is_some_and(|d| d.contains(needle));
-            if !refused {
-                failures.push(format!(
-                    "API request {request}: expected an error containing {needle:?}, got {reply}"
-                ));
-            }
-        }
-        let reply = ask("{\"op\":\"vip_list\"}\n");
-        assert_eq!(
-            reply["kind"], "vips",
-            "same connection still served: {reply}"
-        );
-        assert_eq!(reply["data"], snapshot, "{reply}");
     }
+    // The API refuses what the CLI refuses, also without the CLI's own checks.
+    for (request, needle) in [
+        (
+            r#"{"op":"vip_add","vip":"10.100.0.1:53/udp","health":{"probe":{"kind":"tcp"},"interval_ms":2000,"timeout_ms":1000,"rise":2,"fall":3}}"#,
+            "a tcp health check cannot probe UDP VIP",
+        ),
+        (
+            r#"{"op":"vip_add","vip":"[::ffff:10.100.0.1]:80/tcp"}"#,
+            "IPv4-mapped",
+        ),
+        (
+            r#"{"op":"backend_add","vip":"10.100.0.1:80/tcp","backend":"10.100.0.1:80","weight":1}"#,
+            "is the address of VIP",
+        ),
+    ] {
+        let reply = ask(&format!("{request}\n"));
+        let refused =
+            reply["kind"] == "error" && reply["data"].as_str().is_some_and(|d| d.contains(needle));
+        if !refused {
+            failures.push(format!(
+                "API request {request}: expected an error containing {needle:?}, got {reply}"
+            ));
+        }
+    }
+    let reply = ask("{\"op\":\"vip_list\"}\n");
+    assert_eq!(
+        reply["kind"], "vips",
+        "same connection still served: {reply}"
+    );
+    assert_eq!(reply["data"], *snapshot, "{reply}");
+    failures
+}
+
+#[test]
+fn bad_input_matrix() {
+    let topo = topology(2);
+    let dir = TempDir::new(SUITE, "bad");
+    let agent = start_agent(&topo, &dir, &dir.join("state.json"));
+    let vip = "10.100.0.1:80/tcp";
+    let vip6 = "[fd00:100::1]:80/tcp";
+    let b0 = backend_v4(0, 8080).to_string();
+    agent.ok(&["vip", "add", vip]);
+    agent.ok(&["vip", "add", vip6]);
+    agent.ok(&["vip", "add", "10.100.0.2:53/udp"]);
+    agent.ok(&["backend", "add", vip, &b0, "--weight", "2"]);
+    let snapshot = agent.json(&["vip", "list", "--json"]);
+
+    let mut failures = refused_commands(&topo, &agent, &dir);
+    failures.extend(refused_starts(&topo, &dir));
+    failures.extend(malformed_control_requests(&agent, &snapshot));
 
     let after = agent.json(&["vip", "list", "--json"]);
     assert_eq!(after, snapshot, "refused requests change nothing");
@@ -1338,13 +1208,9 @@ fn backends_behind_unattached_interfaces_warn() {
         topo.backend_links[0].a.ifname.clone(),
     ];
     let config_arg = config.display().to_string();
-    let agent = Agent::start_with(
-        topo.lb(),
-        &ifaces,
-        &dir,
-        &dir.join("state.json"),
-        &["--config", &config_arg],
-    );
+    let agent = agent_in(topo.lb(), &ifaces, &dir, &dir.join("state.json"))
+        .args(["--config", &config_arg])
+        .start();
 
     let expected_warning = |backend: &str| {
         format!(
@@ -1569,7 +1435,7 @@ fn help_and_socket_where_they_belong() {
 /// may not read /proc/1/ns/net), the CLI uses the documented socket and says why.
 #[test]
 fn an_unreadable_host_namespace_falls_back_to_the_documented_socket() {
-    let unprivileged = WorldReadableCopy::of(Path::new(XLB));
+    let unprivileged = WorldReadableCopy::of_xlb(SUITE);
     let mut cmd = std::process::Command::new(&unprivileged.path);
     cmd.arg("stats").current_dir("/").env_remove("XLB_SOCKET");
     run_as_nobody(&mut cmd);
@@ -1590,16 +1456,16 @@ fn an_unreadable_host_namespace_falls_back_to_the_documented_socket() {
 /// watching, saying why, while the agent is away (issue 13).
 #[test]
 fn stats_watch_writes_plain_reports_and_outlives_the_agent() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "needs root (namespaces, XDP): run the tests as root"
-    );
+    require_root();
     let ns = Netns::create("xlbwatch").expect("a namespace");
     let peer = Netns::create("xlbwatchp").expect("a namespace");
     ns.add_veth("watch0", &peer, "watch1").expect("a veth");
     ns.set_link_up("watch0").expect("link up");
     peer.set_link_up("watch1").expect("link up");
-    let mut agent = common::NsAgent::start(&ns, SUITE, &["watch0"], &["--no-metrics"]);
+    let mut agent = common::Agent::in_ns(&ns, SUITE)
+        .iface("watch0")
+        .arg("--no-metrics")
+        .start();
     let mut watch = ns.command(XLB);
     watch
         .args(["stats", "--watch", "--socket"])
@@ -1658,7 +1524,7 @@ fn weight_zero_drains() {
     const FLOWS: u16 = 32;
     let topo = topology(2);
     let dir = TempDir::new(SUITE, "weight0");
-    let agent = Agent::start(&topo, &dir, &dir.join("state.json"));
+    let agent = start_agent(&topo, &dir, &dir.join("state.json"));
     let mut servers = Servers::new();
     for i in 0..2 {
         servers.udp(&topo, i, backend_v4(i, 5300));
@@ -1771,7 +1637,7 @@ fn vip_set_changes_settings_in_place() {
     let topo = topology(2);
     let dir = TempDir::new(SUITE, "vipset");
     let state = dir.join("state.json");
-    let agent = Agent::start(&topo, &dir, &state);
+    let agent = start_agent(&topo, &dir, &state);
     let mut servers = Servers::new();
     servers.udp(&topo, 0, backend_v4(0, 5300));
     servers.udp(&topo, 1, backend_v4(1, 5300));
@@ -1924,7 +1790,7 @@ fn vip_set_changes_settings_in_place() {
 fn status_shows_agent_interfaces_health_and_trouble() {
     let topo = topology(2);
     let dir = TempDir::new(SUITE, "status");
-    let agent = Agent::start(&topo, &dir, &dir.join("state.json"));
+    let agent = start_agent(&topo, &dir, &dir.join("state.json"));
     let mut servers = Servers::new();
     servers.tcp(&topo, 0, backend_v4(0, 8080));
 
@@ -2022,7 +1888,7 @@ fn conns_lists_tracked_flows() {
     const FLOWS: u16 = 12;
     let topo = topology(2);
     let dir = TempDir::new(SUITE, "conns");
-    let agent = Agent::start(&topo, &dir, &dir.join("state.json"));
+    let agent = start_agent(&topo, &dir, &dir.join("state.json"));
     let mut servers = Servers::new();
     for i in 0..2 {
         servers.udp(&topo, i, backend_v4(i, 5300));
@@ -2148,8 +2014,7 @@ fn conns_lists_tracked_flows() {
 fn config_dump_diff_dry_run_and_changes_by_hand() {
     let topo = topology(2);
     let dir = TempDir::new(SUITE, "dump");
-    let mut ifaces = vec![topo.client_link.a.ifname.clone()];
-    ifaces.extend(topo.backend_links.iter().map(|l| l.a.ifname.clone()));
+    let ifaces = lb_ifaces(&topo);
     let tcp = "10.100.0.1:80/tcp";
     let udp = "[fd00:100::1]:53/udp";
     let (b0, b1) = (
@@ -2165,7 +2030,7 @@ fn config_dump_diff_dry_run_and_changes_by_hand() {
     let forwarding =
         || forwarding_keys.map(|key| topo.lb().read_sysctl(key).expect("reading a sysctl"));
     let running = {
-        let mut agent = Agent::start(&topo, &dir, &dir.join("state.json"));
+        let mut agent = start_agent(&topo, &dir, &dir.join("state.json"));
         assert_eq!(forwarding(), ["1", "1"]);
         agent.ok(&[
             "vip",
@@ -2214,13 +2079,9 @@ fn config_dump_diff_dry_run_and_changes_by_hand() {
 
     // An agent started from the dump runs the same VIPs, backends, timeouts and checks.
     let dump_arg = dump.display().to_string();
-    let agent = Agent::start_with(
-        topo.lb(),
-        &ifaces,
-        &dir,
-        &dir.join("state2.json"),
-        &["--config", &dump_arg],
-    );
+    let agent = agent_in(topo.lb(), &ifaces, &dir, &dir.join("state2.json"))
+        .args(["--config", &dump_arg])
+        .start();
     let listed = agent.json(&["vip", "list", "--json"]);
     assert_eq!(config_of(&listed), config_of(&running));
     for vip in [tcp, udp] {
@@ -2452,13 +2313,12 @@ fn dsr_forwarding_and_tunnel_settings_through_the_cli() {
     let topo = topology(2);
     let dir = TempDir::new(SUITE, "dsr");
     let state = dir.join("state.json");
-    let lb_ifaces: Vec<String> = std::iter::once(&topo.client_link)
-        .chain(&topo.backend_links)
-        .map(|l| l.a.ifname.clone())
-        .collect();
+    let lb_ifaces = lb_ifaces(&topo);
     let own = topo.client_link.a.ip4().to_string();
     let tunnels = ["--encap-source", own.as_str(), "--gue-port", "7000"];
-    let mut agent = Agent::start_with(topo.lb(), &lb_ifaces, &dir, &state, &tunnels);
+    let mut agent = agent_in(topo.lb(), &lb_ifaces, &dir, &state)
+        .args(tunnels)
+        .start();
 
     let dsr = "10.100.0.1:443/tcp";
     let nat = "10.100.0.1:80/tcp";
@@ -2554,7 +2414,7 @@ fn dsr_forwarding_and_tunnel_settings_through_the_cli() {
     // Restarted from the state file alone, with the defaults for the tunnels.
     assert!(agent.stop().success(), "{}", agent.log());
     drop(agent);
-    let agent = Agent::start_in(topo.lb(), &lb_ifaces, &dir, &state);
+    let agent = agent_in(topo.lb(), &lb_ifaces, &dir, &state).start();
     let listed = agent.json(&["vip", "list", "--json"]);
     let vip = find_vip(&listed, dsr);
     assert_eq!(vip["forwarding"], "ipip", "{vip:#}");
@@ -2609,10 +2469,7 @@ fn dsr_forwarding_and_tunnel_settings_through_the_cli() {
 fn a_reload_replaces_a_vip_whose_forwarding_changes_and_applies_tunnels() {
     let topo = topology(1);
     let dir = TempDir::new(SUITE, "dsrreload");
-    let ifaces: Vec<String> = std::iter::once(&topo.client_link)
-        .chain(&topo.backend_links)
-        .map(|l| l.a.ifname.clone())
-        .collect();
+    let ifaces = lb_ifaces(&topo);
     let vip = "10.100.0.1:80/tcp";
     let b0 = backend_v4(0, 80);
     let config = dir.join("xlb.toml");
@@ -2622,13 +2479,9 @@ fn a_reload_replaces_a_vip_whose_forwarding_changes_and_applies_tunnels() {
         format!("[[vip]]\naddress = \"{vip}\"\n[[vip.backend]]\naddress = \"{b0}\"\n"),
     )
     .expect("writing the config");
-    let agent = Agent::start_with(
-        topo.lb(),
-        &ifaces,
-        &dir,
-        &dir.join("state.json"),
-        &["--config", &config_arg],
-    );
+    let agent = agent_in(topo.lb(), &ifaces, &dir, &dir.join("state.json"))
+        .args(["--config", &config_arg])
+        .start();
     let before = agent.json(&["vip", "list", "--json"]);
     let before = find_vip(&before, vip).clone();
     assert_eq!(before["forwarding"], "nat", "{before:#}");

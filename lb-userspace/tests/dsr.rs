@@ -21,7 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{NsAgent, RaiseOnDrop, XLB, describe, output_within};
+use common::{Agent, RaiseOnDrop, XLB, describe, output_within, require_root};
 use futures_util::TryStreamExt as _;
 use socket2::{Domain, Protocol, Socket, Type};
 use xlb_netns::{DsrTopology, LinkStats, Netns};
@@ -35,6 +35,7 @@ const IO_TIMEOUT: Duration = Duration::from_secs(3);
 const PAYLOAD_LEN: usize = 1200;
 
 fn topology() -> DsrTopology {
+    require_root();
     DsrTopology::with_prefix("xlbdsr-", 1).expect("building the DSR topology")
 }
 
@@ -940,6 +941,7 @@ impl Lab {
     /// As `new`, the links behind the balancer at `inside_mtu` (1500: as narrow as the
     /// client's, so its full-sized packets no longer fit once tunnelled).
     fn with_inside_mtu(backends: usize, inside_mtu: u32) -> Self {
+        require_root();
         let topo = DsrTopology::with_prefix("xlbdsr-", backends).expect("DSR topology");
         let mut links = vec![&topo.lb_link];
         links.extend(&topo.backend_links);
@@ -1195,7 +1197,7 @@ fn udp_echo(topo: &DsrTopology, client: IpAddr, to: SocketAddr, seed: u8) {
 #[test]
 fn the_balancer_tunnels_and_the_backends_answer_the_client_directly() {
     let lab = Lab::new(2);
-    let agent = NsAgent::start(lab.topo.lb(), "dsr", &["router"], &[]);
+    let agent = Agent::in_ns(lab.topo.lb(), "dsr").iface("router").start();
     for v6 in [false, true] {
         for (port, proto, forwarding) in [
             (TCP_IPIP, "tcp", "ipip"),
@@ -1277,7 +1279,7 @@ fn path_mtu_discovery_converges_through_the_balancers_too_big() {
         .lb()
         .set_gro(&lab.topo.lb_link.b.ifname, false)
         .expect("GRO off");
-    let agent = NsAgent::start(lab.topo.lb(), "dsr", &["router"], &[]);
+    let agent = Agent::in_ns(lab.topo.lb(), "dsr").iface("router").start();
     for v6 in [false, true] {
         for (port, proto, forwarding) in [
             (TCP_IPIP, "tcp", "ipip"),
@@ -1309,7 +1311,7 @@ fn path_mtu_discovery_converges_through_the_balancers_too_big() {
 #[test]
 fn a_drained_backend_keeps_its_connections_and_gets_no_new_ones() {
     let lab = Lab::new(2);
-    let agent = NsAgent::start(lab.topo.lb(), "dsr", &["router"], &[]);
+    let agent = Agent::in_ns(lab.topo.lb(), "dsr").iface("router").start();
     let vip = vip(false, TCP_IPIP, "tcp");
     agent.cli(&["vip", "add", &vip, "--forwarding", "ipip"]);
     let backends: Vec<String> = (0..2)

@@ -13,16 +13,8 @@
 
 use std::{
     collections::BTreeMap,
-    fs,
     io::{BufRead as _, BufReader, ErrorKind, Write as _},
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
-    path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    thread::{self, JoinHandle},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
     time::{Duration, Instant},
 };
 
@@ -30,7 +22,7 @@ use lb_userspace::api::Stats;
 use xlb_netns::{Netns, Topology};
 
 mod common;
-use common::{AgentProcess, XLB, counter};
+use common::{Agent, Backend, Reply, counter, require_root};
 
 /// Distinct from other suites' prefixes, so their stale-namespace cleanup and
 /// ours never touch each other's namespaces.
@@ -39,8 +31,6 @@ const NS_PREFIX: &str = "xe2e-";
 const TCP_PORT: u16 = 8080;
 const UDP_PORT: u16 = 5353;
 
-/// Upper bound on how long any server thread lives, whatever the test does.
-const SERVER_LIFETIME: Duration = Duration::from_secs(120);
 const IO_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Names of temp dirs and pins start `xlb-e2e-`.
@@ -53,6 +43,7 @@ const SUITE: &str = "e2e";
 /// drops the partial-checksum state, so the receiver would drop the segment
 /// (`TcpInCsumErrors`). Frames from a real NIC carry complete checksums.
 fn topology(backends: usize) -> Topology {
+    require_root();
     let topo = Topology::with_prefix(NS_PREFIX, backends).expect("building the namespace topology");
     for end in std::iter::once(&topo.client_link.b).chain(topo.backend_links.iter().map(|l| &l.b)) {
         let ns = topo.net.ns(end.ns);
@@ -69,95 +60,19 @@ fn topology(backends: usize) -> Topology {
 // The agent
 // ---------------------------------------------------------------------------
 
-/// `xlb run` inside the LB namespace; SIGTERM (then SIGKILL) on drop, and its
-/// log printed if the test is failing.
-struct Agent<'t> {
-    lb: &'t Netns,
-    process: AgentProcess,
-    dir: PathBuf,
-    socket: PathBuf,
-    bpffs: PathBuf,
+/// `xlb run` inside the LB namespace, attached to the client-facing interface and every
+/// backend-facing one.
+fn start_agent(topo: &Topology) -> Agent<'_> {
+    Agent::in_ns(topo.lb(), SUITE)
+        .iface(&topo.client_link.a.ifname)
+        .ifaces(topo.backend_links.iter().map(|l| &l.a.ifname))
+        .start()
 }
 
-impl<'t> Agent<'t> {
-    /// Attaches to the LB's client-facing interface and every backend-facing one.
-    fn start(topo: &'t Topology) -> Self {
-        let lb = topo.lb();
-        let dir = std::env::temp_dir().join(common::unique(SUITE, "agent"));
-        fs::create_dir_all(&dir).expect("creating the agent's temp dir");
-        let socket = dir.join("xlb.sock");
-        let log = dir.join("agent.log");
-        let bpffs = Path::new("/sys/fs/bpf").join(common::unique(SUITE, "pins"));
-        let ifaces = std::iter::once(&topo.client_link.a.ifname)
-            .chain(topo.backend_links.iter().map(|l| &l.a.ifname));
-        let cmd = common::agent_command(
-            lb.command(XLB),
-            ifaces,
-            &socket,
-            &dir.join("state.json"),
-            &bpffs,
-            &log,
-        );
-        let try_cli = |args: &[&str]| {
-            Self::command_in(lb, &socket, args)
-                .output()
-                .expect("running the xlb CLI")
-        };
-        let process = AgentProcess::start(
-            cmd,
-            log,
-            Duration::from_secs(10),
-            Duration::from_millis(100),
-            common::vip_list_probe(try_cli),
-        );
-        Self {
-            lb,
-            process,
-            dir,
-            socket,
-            bpffs,
-        }
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        Self::command_in(self.lb, &self.socket, args)
-    }
-
-    fn command_in(lb: &Netns, socket: &Path, args: &[&str]) -> Command {
-        let mut cmd = lb.command(XLB);
-        cmd.env("XLB_SOCKET", socket)
-            .args(args)
-            .stdin(Stdio::null());
-        cmd
-    }
-
-    fn try_cli(&self, args: &[&str]) -> Output {
-        self.command(args).output().expect("running the xlb CLI")
-    }
-
-    /// Runs an `xlb` command against this agent; panics if it fails.
-    fn cli(&self, args: &[&str]) -> String {
-        common::success(args, self.try_cli(args))
-    }
-
-    fn add_vip(&self, vip: &str, backends: &[SocketAddr]) {
-        self.cli(&["vip", "add", vip]);
-        for b in backends {
-            self.cli(&["backend", "add", vip, &b.to_string()]);
-        }
-    }
-
-    fn stats(&self) -> Stats {
-        common::parse_json(&["stats", "--json"], &self.cli(&["stats", "--json"]))
-    }
-}
-
-impl Drop for Agent<'_> {
-    fn drop(&mut self) {
-        self.process.terminate_and_report();
-        // The agent removes its pins on a clean exit; this is for the other kind.
-        let _ = fs::remove_dir_all(&self.bpffs);
-        let _ = fs::remove_dir_all(&self.dir);
+fn add_vip(agent: &Agent<'_>, vip: &str, backends: &[SocketAddr]) {
+    agent.cli(&["vip", "add", vip]);
+    for b in backends {
+        agent.cli(&["backend", "add", vip, &b.to_string()]);
     }
 }
 
@@ -187,146 +102,29 @@ impl Answer {
     }
 }
 
-fn answer_line(name: &str, peer: SocketAddr) -> String {
-    format!("{name} {}\n", peer.ip().to_canonical())
-}
-
-/// A TCP and a UDP server (dual-stack, `[::]`) in every backend namespace,
-/// each answering every line/datagram with the backend's name and the peer
-/// address it saw. Stopped and joined on drop; they also stop on their own
-/// after [`SERVER_LIFETIME`].
-struct Servers {
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
-}
-
-impl Servers {
-    fn start(topo: &Topology) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let deadline = Instant::now() + SERVER_LIFETIME;
-        let mut threads = Vec::new();
-        for i in 0..topo.backend_links.len() {
-            let ns = topo.backend(i);
-            let name = format!("b{i}");
-            let (tcp, udp) = ns
-                .run(|| {
-                    let any = SocketAddr::new(IpAddr::from([0u16; 8]), 0);
-                    (
-                        TcpListener::bind(SocketAddr::new(any.ip(), TCP_PORT)),
-                        UdpSocket::bind(SocketAddr::new(any.ip(), UDP_PORT)),
-                    )
-                })
-                .expect("entering the backend namespace");
-            let tcp = tcp.expect("binding the backend's TCP server");
-            let udp = udp.expect("binding the backend's UDP server");
-            let (n, s) = (name.clone(), Arc::clone(&stop));
-            threads.push(
-                ns.spawn(move || tcp_server(&tcp, &n, &s, deadline))
-                    .expect("starting the TCP server"),
-            );
-            let s = Arc::clone(&stop);
-            threads.push(
-                ns.spawn(move || udp_server(&udp, &name, &s, deadline))
-                    .expect("starting the UDP server"),
-            );
-        }
-        Self { stop, threads }
-    }
-}
-
-impl Drop for Servers {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
-}
-
-fn running(stop: &AtomicBool, deadline: Instant) -> bool {
-    !stop.load(Ordering::Relaxed) && Instant::now() < deadline
-}
-
-fn tcp_server(listener: &TcpListener, name: &str, stop: &Arc<AtomicBool>, deadline: Instant) {
-    listener
-        .set_nonblocking(true)
-        .expect("non-blocking listener");
-    let mut conns: Vec<JoinHandle<()>> = Vec::new();
-    while running(stop, deadline) {
-        match listener.accept() {
-            Ok((stream, peer)) => {
-                let (name, stop) = (name.to_owned(), Arc::clone(stop));
-                conns.push(thread::spawn(move || {
-                    serve_tcp(stream, peer, &name, &stop, deadline);
-                }));
-            }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(1)),
-            Err(e) => {
-                eprintln!("{name}: accept: {e}");
-                thread::sleep(Duration::from_millis(10));
-            }
-        }
-        let (done, live): (Vec<_>, Vec<_>) = conns.into_iter().partition(JoinHandle::is_finished);
-        for h in done {
-            let _ = h.join();
-        }
-        conns = live;
-    }
-    for h in conns {
-        let _ = h.join();
-    }
-}
-
-fn serve_tcp(
-    stream: TcpStream,
-    peer: SocketAddr,
-    name: &str,
-    stop: &AtomicBool,
-    deadline: Instant,
-) {
-    let setup = stream
-        .set_nonblocking(false)
-        .and_then(|()| stream.set_read_timeout(Some(Duration::from_millis(100))))
-        .and_then(|()| stream.try_clone());
-    let Ok(mut writer) = setup else { return };
-    let mut reader = BufReader::new(stream);
-    let mut line = String::new();
-    while running(stop, deadline) {
-        match reader.read_line(&mut line) {
-            Ok(0) => return,
-            Ok(_) if line.ends_with('\n') => {
-                line.clear();
-                if writer
-                    .write_all(answer_line(name, peer).as_bytes())
-                    .is_err()
-                {
-                    return;
-                }
-            }
-            // A partial line: keep what we have and read on.
-            Ok(_) => {}
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Err(_) => return,
-        }
-    }
-}
-
-fn udp_server(socket: &UdpSocket, name: &str, stop: &AtomicBool, deadline: Instant) {
-    socket
-        .set_read_timeout(Some(Duration::from_millis(100)))
-        .expect("UDP read timeout");
-    let mut buf = [0u8; 1500];
-    while running(stop, deadline) {
-        match socket.recv_from(&mut buf) {
-            Ok((_, peer)) => {
-                if let Err(e) = socket.send_to(answer_line(name, peer).as_bytes(), peer) {
-                    eprintln!("{name}: UDP reply to {peer}: {e}");
-                }
-            }
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Err(e) => eprintln!("{name}: UDP recv: {e}"),
-        }
-    }
+/// A TCP and a UDP server (dual-stack, `[::]`) in every backend namespace, each answering
+/// every line/datagram with the backend's name and the client address it saw.
+fn start_servers(topo: &Topology) -> Vec<Backend> {
+    let any = IpAddr::from([0u16; 8]);
+    (0..topo.backend_links.len())
+        .flat_map(|i| {
+            let (ns, name) = (topo.backend(i), format!("b{i}"));
+            [
+                Backend::tcp(
+                    ns,
+                    &name,
+                    SocketAddr::new(any, TCP_PORT),
+                    Reply::NameAndClient,
+                ),
+                Backend::udp(
+                    ns,
+                    &name,
+                    SocketAddr::new(any, UDP_PORT),
+                    Reply::NameAndClient,
+                ),
+            ]
+        })
+        .collect()
 }
 
 // ---------------------------------------------------------------------------
@@ -485,12 +283,12 @@ fn tcp_v4_spread_and_backend_removal() {
     const AFTER_REMOVAL: usize = 50;
     let started = Instant::now();
     let topo = topology(3);
-    let _servers = Servers::start(&topo);
-    let agent = Agent::start(&topo);
+    let _servers = start_servers(&topo);
+    let agent = start_agent(&topo);
     let vip_addr = SocketAddr::new(Topology::VIP_V4.into(), 80);
     let vip = format!("{vip_addr}/tcp");
     let backends = backend_addrs(&topo, false, TCP_PORT);
-    agent.add_vip(&vip, &backends);
+    add_vip(&agent, &vip, &backends);
     let client = client_ip(&topo, false);
 
     // 300 one-shot connections, each answered, spread over all three.
@@ -628,8 +426,8 @@ fn tcp_and_udp_over_v4_and_v6() {
     const EXCHANGES: usize = 12;
     let started = Instant::now();
     let topo = topology(3);
-    let _servers = Servers::start(&topo);
-    let agent = Agent::start(&topo);
+    let _servers = start_servers(&topo);
+    let agent = start_agent(&topo);
     let vip4: IpAddr = Topology::VIP_V4.into();
     let vip6: IpAddr = Topology::VIP_V6.into();
 
@@ -641,7 +439,11 @@ fn tcp_and_udp_over_v4_and_v6() {
     ];
     for (vip_addr, proto, port) in cases {
         let vip = format!("{vip_addr}/{proto}");
-        agent.add_vip(&vip, &backend_addrs(&topo, vip_addr.is_ipv6(), port));
+        add_vip(
+            &agent,
+            &vip,
+            &backend_addrs(&topo, vip_addr.is_ipv6(), port),
+        );
     }
 
     for (vip_addr, proto, _) in cases {

@@ -36,7 +36,7 @@ use lb_userspace::frames::{self, TCP_SYN};
 use xlb_netns::{Netns, Topology, ipnet::Ipv4Net};
 
 mod common;
-use common::{NsAgent, RaiseOnDrop, TcpServer, backend_v4, counter};
+use common::{Agent, RaiseOnDrop, TcpServer, backend_v4, counter, require_root};
 
 const NS_PREFIX: &str = "xflood-";
 const SUITE: &str = "flood";
@@ -355,7 +355,7 @@ fn flood(ifname: &str, src_mac: [u8; 6], dst_mac: [u8; 6]) -> std::io::Result<u6
     Ok(sent)
 }
 
-fn vip_packets(agent: &NsAgent) -> (u64, u64) {
+fn vip_packets(agent: &Agent) -> (u64, u64) {
     let stats = agent.stats();
     let vip = stats
         .vips
@@ -410,10 +410,7 @@ fn join<T>(handle: JoinHandle<T>) -> T {
 
 #[test]
 fn a_syn_flood_does_not_break_established_flows() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "needs root (loads eBPF programs, creates namespaces): run the tests as root"
-    );
+    require_root();
     let lab = Lab::build();
     let _servers: Vec<TcpServer> = (0..BACKENDS)
         .map(|i| TcpServer::start(lab.topology.backend(i), PORT, LIFETIME, serve))
@@ -422,12 +419,10 @@ fn a_syn_flood_does_not_break_established_flows() {
         .chain((0..BACKENDS).map(|i| format!("b{i}")))
         .collect();
     let entries = CONNTRACK_ENTRIES.to_string();
-    let agent = NsAgent::start(
-        lab.topology.lb(),
-        SUITE,
-        &ifaces,
-        &["--conntrack-entries", &entries, "--no-metrics"],
-    );
+    let agent = Agent::in_ns(lab.topology.lb(), SUITE)
+        .ifaces(&ifaces)
+        .args(["--conntrack-entries", &entries, "--no-metrics"])
+        .start();
     let spec = format!("{VIP}/tcp");
     agent.cli(&["vip", "add", &spec]);
     for i in 0..BACKENDS {

@@ -10,14 +10,14 @@ use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
-    process::{Output, Stdio},
+    process::Output,
     time::Duration,
 };
 
 use xlb_netns::{Netns, Topology};
 
 mod common;
-use common::{AgentProcess, TcpServer, XLB, tcx_ingress_attached, xdp_attached};
+use common::{Agent, TcpServer, XLB, require_root, tcx_ingress_attached, xdp_attached};
 
 const NS_PREFIX: &str = "xhook-";
 const SUITE: &str = "hooks";
@@ -44,33 +44,19 @@ impl Run {
         self.dir.join("xlb.sock")
     }
 
+    /// `xlb ARGS` against this run's agent, within the common time limit.
     fn cli(&self, lb: &Netns, args: &[&str]) -> Output {
-        lb.command(XLB)
-            .env("XLB_SOCKET", self.socket())
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("running the xlb CLI")
+        common::xlb(lb, &self.socket(), args)
     }
 
-    fn start(&self, lb: &Netns, ifaces: &[&str], extra: &[&str]) -> AgentProcess {
-        let log = self.dir.join("agent.log");
-        let mut cmd = common::agent_command(
-            lb.command(XLB),
-            ifaces,
-            &self.socket(),
-            &self.dir.join("state.json"),
-            &self.bpffs,
-            &log,
-        );
-        cmd.args(extra).arg("--no-metrics");
-        AgentProcess::start(
-            cmd,
-            log,
-            Duration::from_secs(10),
-            Duration::from_millis(100),
-            common::vip_list_probe(|args| self.cli(lb, args)),
-        )
+    fn start<'n>(&self, lb: &'n Netns, ifaces: &[&str], extra: &[&str]) -> Agent<'n> {
+        Agent::in_ns(lb, SUITE)
+            .dir(&self.dir)
+            .bpffs(&self.bpffs)
+            .ifaces(ifaces)
+            .args(extra)
+            .arg("--no-metrics")
+            .start()
     }
 }
 
@@ -110,6 +96,7 @@ fn request_through_vip(client: &Netns, vip: SocketAddr) -> Result<String, String
 #[test]
 fn restarts_move_interfaces_to_the_hook_asked_for_and_off_unlisted_ones() {
     xlb_netns::cleanup_stale(NS_PREFIX).expect("removing stale namespaces");
+    require_root();
     let topo = Topology::with_prefix(NS_PREFIX, 1).expect("building the topology");
     let (lb, client) = (topo.lb(), topo.client());
     let _server = TcpServer::start(topo.backend(0), PORT, Duration::from_secs(120), say_ok);
@@ -178,6 +165,7 @@ fn restarts_move_interfaces_to_the_hook_asked_for_and_off_unlisted_ones() {
 #[test]
 fn a_reload_that_changes_the_agent_table_says_a_restart_applies_it() {
     xlb_netns::cleanup_stale(NS_PREFIX).expect("removing stale namespaces");
+    require_root();
     let topo = Topology::with_prefix(NS_PREFIX, 1).expect("building the topology");
     let lb = topo.lb();
     let client_if = topo.client_link.a.ifname.clone();

@@ -17,7 +17,9 @@ use std::{
 use xlb_netns::{Netns, Topology};
 
 mod common;
-use common::{AgentProcess, TempDir, XLB, describe, output_within};
+use common::{
+    Agent, AgentBuilder, TempDir, WorldReadableCopy, XLB, describe, output_within, require_root,
+};
 
 const SUITE: &str = "hostile";
 
@@ -25,6 +27,7 @@ const SUITE: &str = "hostile";
 const RING: &str = "1009";
 
 fn topology(backends: usize) -> Topology {
+    require_root();
     Topology::with_prefix("xlbh-", backends).expect("topology")
 }
 
@@ -49,51 +52,28 @@ fn lb_ifaces(topo: &Topology) -> Vec<String> {
     ifaces
 }
 
-/// A running agent, stopped (SIGTERM) when dropped.
-struct Agent<'a> {
+/// An agent in `ns` on `ifaces` with its socket and log in `dir`, pinning under `bpffs`, on
+/// the small test ring.
+fn agent_in<'a>(ns: &'a Netns, ifaces: &[String], dir: &TempDir, bpffs: &Path) -> AgentBuilder<'a> {
+    Agent::in_ns(ns, SUITE)
+        .ifaces(ifaces)
+        .dir(&dir.0)
+        .bpffs(bpffs)
+        .args(["--ring-size", RING])
+}
+
+/// [`agent_in`] without metrics and with `extra` arguments, started.
+fn start_agent<'a>(
     ns: &'a Netns,
-    process: AgentProcess,
-    socket: PathBuf,
-}
-
-impl<'a> Agent<'a> {
-    fn start(
-        ns: &'a Netns,
-        ifaces: &[String],
-        dir: &TempDir,
-        bpffs: &Path,
-        extra: &[&str],
-    ) -> Self {
-        let socket = dir.join("xlb.sock");
-        let state = dir.join("state.json");
-        let log = dir.join(&format!("agent-{}.log", common::seq()));
-        let mut cmd = common::agent_command(ns.command(XLB), ifaces, &socket, &state, bpffs, &log);
-        cmd.args(["--ring-size", RING, "--no-metrics"])
-            .args(extra)
-            .env_remove("XLB_SOCKET");
-        let process = AgentProcess::start(
-            cmd,
-            log,
-            Duration::from_secs(15),
-            Duration::from_millis(50),
-            common::vip_list_probe(|args| common::xlb(ns, &socket, args)),
-        );
-        Self {
-            ns,
-            process,
-            socket,
-        }
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        common::ok(self.ns, &self.socket, args)
-    }
-}
-
-impl Drop for Agent<'_> {
-    fn drop(&mut self) {
-        self.process.terminate_and_report();
-    }
+    ifaces: &[String],
+    dir: &TempDir,
+    bpffs: &Path,
+    extra: &[&str],
+) -> Agent<'a> {
+    agent_in(ns, ifaces, dir, bpffs)
+        .arg("--no-metrics")
+        .args(extra)
+        .start()
 }
 
 /// `xlb ARGS` (root, in `ns` if given), which must fail within 20 s with one line on stderr
@@ -164,7 +144,7 @@ fn detach_removes_only_xlb_pins() {
     let topo = topology(0);
     let ifaces = lb_ifaces(&topo);
     let pins = BpffsDir(bpffs_dir("kept"));
-    let mut agent = Agent::start(topo.lb(), &ifaces, &dir, &pins.0, &["--keep-attached"]);
+    let mut agent = start_agent(topo.lb(), &ifaces, &dir, &pins.0, &["--keep-attached"]);
     agent.ok(&["vip", "add", "10.100.0.1:80/tcp"]);
     agent.process.stop();
     assert!(!xlb_pins(&pins.0).is_empty(), "kept-attached pins");
@@ -221,7 +201,7 @@ fn run_refuses_a_socket_path_that_is_not_a_socket() {
             .file_type()
             .is_socket()
     );
-    let agent = Agent::start(topo.lb(), &ifaces, &dir, &pins.0, &[]);
+    let agent = start_agent(topo.lb(), &ifaces, &dir, &pins.0, &[]);
     drop(agent);
 }
 
@@ -334,7 +314,7 @@ fn second_agent_on_the_same_pins_is_refused() {
     let topo = topology(1);
     let ifaces = lb_ifaces(&topo);
     let pins = BpffsDir(bpffs_dir("second"));
-    let first = Agent::start(topo.lb(), &ifaces, &dir, &pins.0, &[]);
+    let first = start_agent(topo.lb(), &ifaces, &dir, &pins.0, &[]);
     first.ok(&["vip", "add", "10.100.0.1:80/tcp"]);
     let other = TempDir::new(SUITE, "second-other");
     let out = refused(
@@ -379,26 +359,6 @@ fn second_agent_on_the_same_pins_is_refused() {
     let list = first.ok(&["vip", "list"]);
     assert!(list.contains("10.100.0.1:80/tcp"), "{list}");
     assert!(common::xlb_attached(topo.lb(), &ifaces[0]));
-}
-
-/// A copy of the `xlb` binary that the unprivileged user can run: the checkout may sit in a
-/// directory only root can enter.
-struct WorldReadableCopy {
-    _dir: TempDir,
-    path: PathBuf,
-}
-
-impl WorldReadableCopy {
-    fn of_xlb() -> Self {
-        use std::os::unix::fs::PermissionsExt as _;
-        let dir = TempDir::new(SUITE, "bin");
-        let path = dir.join("xlb");
-        common::copy_executable(Path::new(XLB), &path);
-        for p in [&dir.0, &path] {
-            fs::set_permissions(p, fs::Permissions::from_mode(0o755)).expect("chmod 755");
-        }
-        Self { _dir: dir, path }
-    }
 }
 
 /// The control socket used to be bound with the umask's permissions and chmod'ed to 0600
@@ -450,7 +410,7 @@ fn control_socket_is_never_world_connectable() {
         }
         std::hint::spin_loop();
     };
-    let unprivileged = WorldReadableCopy::of_xlb();
+    let unprivileged = WorldReadableCopy::of_xlb(SUITE);
     let mut as_nobody = topo.lb().command("runuser");
     as_nobody
         .args(["-u", "nobody", "--"])
@@ -602,7 +562,7 @@ fn control_lines_are_bounded_and_invalid_utf8_is_answered() {
     let topo = topology(0);
     let ifaces = lb_ifaces(&topo);
     let pins = BpffsDir(bpffs_dir("lines"));
-    let agent = Agent::start(topo.lb(), &ifaces, &dir, &pins.0, &[]);
+    let agent = start_agent(topo.lb(), &ifaces, &dir, &pins.0, &[]);
 
     // Invalid UTF-8 pipelined with a good request: both answered, in order.
     let (mut conn, mut reader) = connect(&agent.socket);
@@ -646,7 +606,7 @@ fn control_connections_are_capped() {
     let topo = topology(0);
     let ifaces = lb_ifaces(&topo);
     let pins = BpffsDir(bpffs_dir("cap"));
-    let agent = Agent::start(topo.lb(), &ifaces, &dir, &pins.0, &[]);
+    let agent = start_agent(topo.lb(), &ifaces, &dir, &pins.0, &[]);
     let held: Vec<_> = (0..64).map(|_| connect(&agent.socket)).collect();
     std::thread::sleep(Duration::from_millis(200));
     let (_conn, mut reader) = connect(&agent.socket);
@@ -672,7 +632,7 @@ fn accept_errors_back_off() {
     let topo = topology(0);
     let ifaces = lb_ifaces(&topo);
     let pins = BpffsDir(bpffs_dir("fds"));
-    let agent = Agent::start(topo.lb(), &ifaces, &dir, &pins.0, &[]);
+    let agent = start_agent(topo.lb(), &ifaces, &dir, &pins.0, &[]);
     let pid = agent.process.pid();
 
     let soft_limit = |value: &str| {
@@ -766,32 +726,9 @@ fn metrics_floods_do_not_block_scrapes_or_the_control_socket() {
     let port = 19_464;
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
     let metrics_arg = addr.to_string();
-    let agent = {
-        let socket = dir.join("xlb.sock");
-        let log = dir.join("agent.log");
-        let mut cmd = common::agent_command(
-            topo.lb().command(XLB),
-            &ifaces,
-            &socket,
-            &dir.join("state.json"),
-            &pins.0,
-            &log,
-        );
-        cmd.args(["--ring-size", RING, "--metrics", &metrics_arg]);
-        let ns = topo.lb();
-        let process = AgentProcess::start(
-            cmd,
-            log,
-            Duration::from_secs(15),
-            Duration::from_millis(50),
-            common::vip_list_probe(|args| common::xlb(ns, &socket, args)),
-        );
-        Agent {
-            ns,
-            process,
-            socket,
-        }
-    };
+    let agent = agent_in(topo.lb(), &ifaces, &dir, &pins.0)
+        .args(["--metrics", &metrics_arg])
+        .start();
     agent.ok(&["vip", "add", "10.100.0.1:80/tcp"]);
     agent.ok(&["backend", "add", "10.100.0.1:80/tcp", "10.11.0.2:8080"]);
     assert_eq!(
@@ -1017,7 +954,7 @@ fn stalled_backends_fail_their_health_checks_on_time() {
     let ok_reply = "HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n";
     let _b0 = Server::start(topo.backend(0), 8080, ok_reply, Default::default());
     let _b1 = Server::start(topo.backend(1), 8080, ok_reply, Arc::clone(&stalled));
-    let agent = Agent::start(topo.lb(), &ifaces, &dir, &pins.0, &[]);
+    let agent = start_agent(topo.lb(), &ifaces, &dir, &pins.0, &[]);
     let (interval_ms, timeout_ms, fall) = (200_u64, 100_u64, 2_u64);
     agent.ok(&[
         "vip",
@@ -1136,7 +1073,7 @@ fn refused_starts_leave_nothing_behind() {
 
     // A data path a previous agent kept: a refused start leaves it as it was.
     {
-        let mut kept = Agent::start(topo.lb(), &ifaces, &dir, &pins.0, &["--keep-attached"]);
+        let mut kept = start_agent(topo.lb(), &ifaces, &dir, &pins.0, &["--keep-attached"]);
         kept.ok(&["vip", "add", "10.100.0.1:80/tcp"]);
         kept.process.stop();
     }
@@ -1154,7 +1091,7 @@ fn refused_starts_leave_nothing_behind() {
         "a refused start keeps the data path it adopted"
     );
     assert!(common::xlb_attached(topo.lb(), &ifaces[0]));
-    let agent = Agent::start(topo.lb(), &ifaces, &dir, &pins.0, &[]);
+    let agent = start_agent(topo.lb(), &ifaces, &dir, &pins.0, &[]);
     assert!(agent.ok(&["vip", "list"]).contains("10.100.0.1:80/tcp"));
 }
 
@@ -1168,7 +1105,7 @@ fn recreated_interfaces_are_reattached() {
     let ifaces = lb_ifaces(&topo);
     let pins = BpffsDir(bpffs_dir("relink"));
     let _server = Server::start(topo.backend(0), 8080, "b0\n", Default::default());
-    let agent = Agent::start(topo.lb(), &ifaces, &dir, &pins.0, &[]);
+    let agent = start_agent(topo.lb(), &ifaces, &dir, &pins.0, &[]);
     agent.ok(&["vip", "add", "10.100.0.1:80/tcp"]);
     agent.ok(&["backend", "add", "10.100.0.1:80/tcp", "10.11.0.2:8080"]);
     let vip: std::net::SocketAddr = "10.100.0.1:80".parse().unwrap();
@@ -1244,38 +1181,15 @@ fn an_engine_that_is_down_keeps_container_backends_and_is_retried() {
     .unwrap();
     fs::set_permissions(&fake, fs::Permissions::from_mode(0o755)).unwrap();
     let pins = BpffsDir(bpffs_dir("engine-down"));
-    let socket = dir.join("xlb.sock");
-    let log = dir.join("agent.log");
-    let mut cmd = common::agent_command(
-        topo.lb().command(XLB),
-        &ifaces,
-        &socket,
-        &dir.join("state.json"),
-        &pins.0,
-        &log,
+    let path = format!(
+        "{}:{}",
+        dir.0.display(),
+        std::env::var("PATH").unwrap_or_default()
     );
-    cmd.args(["--ring-size", RING, "--no-metrics"])
-        .env_remove("XLB_SOCKET")
-        .env(
-            "PATH",
-            format!(
-                "{}:{}",
-                dir.0.display(),
-                std::env::var("PATH").unwrap_or_default()
-            ),
-        );
-    let process = AgentProcess::start(
-        cmd,
-        log,
-        Duration::from_secs(15),
-        Duration::from_millis(50),
-        common::vip_list_probe(|args| common::xlb(topo.lb(), &socket, args)),
-    );
-    let agent = Agent {
-        ns: topo.lb(),
-        process,
-        socket: socket.clone(),
-    };
+    let agent = agent_in(topo.lb(), &ifaces, &dir, &pins.0)
+        .arg("--no-metrics")
+        .env("PATH", &path)
+        .start();
     agent.ok(&["vip", "add", "10.100.0.1:80/tcp"]);
     let said = agent.ok(&[
         "backend",

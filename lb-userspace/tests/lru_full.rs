@@ -9,6 +9,8 @@ use lb_userspace::{
     datapath::{Datapath, DatapathConfig},
     frames::{self, TCP_SYN},
 };
+mod common;
+use common::require_root;
 use xlb_netns::Netns;
 
 const XDP_PASS: u32 = 2;
@@ -25,10 +27,7 @@ fn counter(balancer: &Balancer, which: Counter) -> u64 {
 
 #[test]
 fn new_flows_keep_coming_in_when_the_table_is_full() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "needs root (loads XDP programs): run the tests as root"
-    );
+    require_root();
     // A namespace of its own: no route to the backends, so translated packets are handed to
     // the stack (XDP_PASS) and the output shows the backend chosen.
     let ns = Netns::create("xlblru").expect("creating a namespace");

@@ -11,6 +11,8 @@ use std::{
 };
 
 use lb_userspace::neighbours::{NextHop, keep_resolved};
+mod common;
+use common::require_root;
 use xlb_netns::{Netns, ipnet::Ipv4Net};
 
 const NS_PREFIX: &str = "xneigh-";
@@ -27,10 +29,7 @@ fn neighbour(ns: &Netns, addr: IpAddr) -> String {
 
 #[test]
 fn next_hops_of_tunnelled_backends_are_resolved_without_traffic() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "this test needs root (network namespaces)"
-    );
+    require_root();
     let lb = Netns::create(NS_PREFIX).expect("balancer namespace");
     let peer = Netns::create(NS_PREFIX).expect("backend namespace");
     lb.add_veth("a", &peer, "b").expect("veth");

@@ -12,10 +12,10 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
-    io::{ErrorKind, Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
     path::{Path, PathBuf},
-    process::{Command, ExitStatus, Output, Stdio},
+    process::{Command, Output},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering},
@@ -29,7 +29,8 @@ use xlb_netns::{Netns, Topology};
 
 mod common;
 use common::{
-    AgentProcess, TempDir, XLB, backend_v4, describe, ok, output_within, v4, xlb, xlb_attached,
+    Agent, AgentProcess, Backend, KeptPins, Reply, TempDir, XLB, backend_v4, describe, ok,
+    output_within, require_root, v4, xlb, xlb_attached,
 };
 
 /// A small prime ring keeps map setup quick.
@@ -44,6 +45,7 @@ const SUITE: &str = "ops";
 /// (XDP rewrites would otherwise leave `CHECKSUM_PARTIAL` frames the receiver drops) and GRO
 /// on.
 fn topology(backends: usize) -> Topology {
+    require_root();
     Topology::new(backends).expect("topology")
 }
 
@@ -74,121 +76,31 @@ fn addr_of(name: &str) -> String {
 // ---------------------------------------------------------------------------------------------
 // Running `xlb`
 
-/// Removes a bpffs directory on drop, after `xlb detach` took down whatever a
-/// `--keep-attached` agent left attached. Declare it before the agent: locals drop in reverse
-/// order, and `detach` refuses while an agent answers on the socket.
-struct Pins<'a> {
-    ns: &'a Netns,
-    dir: PathBuf,
-    socket: PathBuf,
+/// Starts an agent attached to every LB interface of `topo`, pinning under `pins`, with
+/// `extra` arguments (the small test ring unless they set `--ring-size`), and waits until it
+/// answers.
+fn start_agent<'a>(
+    topo: &'a Topology,
+    dir: &TempDir,
+    pins: &KeptPins<'_>,
+    state: &Path,
+    extra: &[&str],
+) -> Agent<'a> {
+    let mut agent = Agent::in_ns(topo.lb(), SUITE)
+        .ifaces(lb_ifaces(topo))
+        .dir(&dir.0)
+        .socket(&pins.socket)
+        .bpffs(&pins.dir)
+        .state(state);
+    if !extra.contains(&"--ring-size") {
+        agent = agent.args(["--ring-size", &RING.to_string()]);
+    }
+    agent.args(extra).start()
 }
 
-impl<'a> Pins<'a> {
-    fn new(ns: &'a Netns, dir: &TempDir) -> Self {
-        Self {
-            ns,
-            dir: Path::new("/sys/fs/bpf").join(common::unique(SUITE, "pins")),
-            socket: dir.join("xlb.sock"),
-        }
-    }
-}
-
-impl Drop for Pins<'_> {
-    fn drop(&mut self) {
-        if self.dir.exists() {
-            let mut cmd = self.ns.command(XLB);
-            cmd.arg("detach")
-                .arg("--bpffs")
-                .arg(&self.dir)
-                .arg("--socket")
-                .arg(&self.socket)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
-            if let Ok(mut child) = cmd.spawn() {
-                let deadline = Instant::now() + Duration::from_secs(20);
-                while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                    thread::sleep(Duration::from_millis(20));
-                }
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// A running `xlb run`, stopped with SIGTERM when dropped.
-struct Agent<'a> {
-    ns: &'a Netns,
-    process: AgentProcess,
-    socket: PathBuf,
-}
-
-impl<'a> Agent<'a> {
-    /// Starts an agent attached to every LB interface of `topo`, pinning under `pins`, with
-    /// `extra` arguments (the small test ring unless they set `--ring-size`), and waits until
-    /// it answers.
-    fn start(
-        topo: &'a Topology,
-        dir: &TempDir,
-        pins: &Pins<'_>,
-        state: &Path,
-        extra: &[&str],
-    ) -> Self {
-        let ns = topo.lb();
-        let log = dir.join(&format!("agent-{}.log", common::seq()));
-        let mut cmd = common::agent_command(
-            ns.command(XLB),
-            &lb_ifaces(topo),
-            &pins.socket,
-            state,
-            &pins.dir,
-            &log,
-        );
-        if !extra.contains(&"--ring-size") {
-            cmd.args(["--ring-size", &RING.to_string()]);
-        }
-        cmd.args(extra).env_remove("XLB_SOCKET");
-        let socket = pins.socket.clone();
-        let process = AgentProcess::start(
-            cmd,
-            log,
-            Duration::from_secs(15),
-            Duration::from_millis(20),
-            common::vip_list_probe(|args| xlb(ns, &socket, args)),
-        );
-        Self {
-            ns,
-            process,
-            socket,
-        }
-    }
-
-    fn log(&self) -> String {
-        self.process.log()
-    }
-
-    fn signal(&mut self, signal: libc::c_int) {
-        self.process.signal(signal);
-    }
-
-    /// SIGTERM, then waits (bounded) for the exit.
-    fn stop(&mut self) -> ExitStatus {
-        self.process.stop()
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        xlb(self.ns, &self.socket, args)
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        ok(self.ns, &self.socket, args)
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        common::json(self.ns, &self.socket, args)
-    }
+/// What these tests ask an agent about the VIP's backends.
+trait BackendQueries {
+    fn json(&self, args: &[&str]) -> Value;
 
     /// `backend list VIP --json`, keyed by backend address.
     fn backends(&self) -> BTreeMap<String, Value> {
@@ -245,11 +157,9 @@ impl<'a> Agent<'a> {
     }
 }
 
-impl Drop for Agent<'_> {
-    fn drop(&mut self) {
-        self.process
-            .report_if_panicking(|| xlb(self.ns, &self.socket, &["stats", "--json"]));
-        self.process.terminate();
+impl BackendQueries for Agent<'_> {
+    fn json(&self, args: &[&str]) -> Value {
+        Agent::json(self, args)
     }
 }
 
@@ -272,153 +182,25 @@ fn u64_of(v: &Value, what: &str) -> u64 {
 // ---------------------------------------------------------------------------------------------
 // Backend servers
 
-#[derive(Clone)]
-enum Mode {
-    /// The line protocol of the module docs.
-    Lines,
-    /// HTTP/1.0: `GET /healthz` answers with the status in the cell; anything else 200 with
-    /// the backend's name as the body.
-    Http(Arc<AtomicU16>),
+/// Backend `i`'s TCP server on its address, answering as `reply` says, named `bI`.
+fn server(topo: &Topology, i: usize, reply: Reply) -> Backend {
+    Backend::tcp(topo.backend(i), &format!("b{i}"), backend_addr(i), reply)
 }
 
-/// One backend's server, stoppable and restartable on the same port. Stopping closes the
-/// listener and every connection it accepted.
-struct Server {
-    name: String,
-    addr: SocketAddr,
-    mode: Mode,
-    stop: Arc<AtomicBool>,
-    threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
-    accept: Option<JoinHandle<()>>,
+/// Line servers (greeting, then each line echoed after the name) on backends `0..n`.
+fn line_servers(topo: &Topology, n: usize) -> Vec<Backend> {
+    (0..n).map(|i| server(topo, i, Reply::NamedEcho)).collect()
 }
 
-impl Server {
-    fn start(topo: &Topology, i: usize, mode: Mode) -> Self {
-        let mut server = Self {
-            name: format!("b{i}"),
-            addr: backend_addr(i),
-            mode,
-            stop: Arc::new(AtomicBool::new(false)),
-            threads: Arc::default(),
-            accept: None,
-        };
-        server.listen(topo.backend(i));
-        server
-    }
-
-    fn listen(&mut self, ns: &Netns) {
-        let addr = self.addr;
-        // std sets SO_REUSEADDR, so the port can be bound again right after a stop.
-        let listener = ns
-            .run(move || TcpListener::bind(addr))
-            .expect("entering backend namespace")
-            .unwrap_or_else(|e| panic!("binding {addr}: {e}"));
-        listener
-            .set_nonblocking(true)
-            .expect("nonblocking listener");
-        self.stop = Arc::new(AtomicBool::new(false));
-        let stop = Arc::clone(&self.stop);
-        let threads = Arc::clone(&self.threads);
-        let name = self.name.clone();
-        let mode = self.mode.clone();
-        self.accept = Some(thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((conn, _)) => {
-                        let (stop, name, mode) = (Arc::clone(&stop), name.clone(), mode.clone());
-                        let t = thread::spawn(move || serve(conn, &name, &mode, &stop));
-                        threads.lock().expect("threads").push(t);
-                    }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                        thread::sleep(Duration::from_millis(2));
-                    }
-                    Err(_) => thread::sleep(Duration::from_millis(10)),
-                }
-            }
-        }));
-    }
-
-    /// Closes the listener (new connections are refused) and every open connection.
-    fn stop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.accept.take() {
-            let _ = t.join();
-        }
-        let threads: Vec<_> = self.threads.lock().expect("threads").drain(..).collect();
-        for t in threads {
-            let _ = t.join();
-        }
-    }
-
-    fn restart(&mut self, topo: &Topology, i: usize) {
-        assert!(self.accept.is_none(), "restart a stopped server");
-        self.listen(topo.backend(i));
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// Line servers on backends `0..n`.
-fn line_servers(topo: &Topology, n: usize) -> Vec<Server> {
-    (0..n)
-        .map(|i| Server::start(topo, i, Mode::Lines))
-        .collect()
-}
-
-fn serve(mut conn: TcpStream, name: &str, mode: &Mode, stop: &AtomicBool) {
-    let _ = conn.set_nonblocking(false);
-    let _ = conn.set_read_timeout(Some(Duration::from_millis(100)));
-    let _ = conn.set_write_timeout(Some(Duration::from_secs(3)));
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    if matches!(mode, Mode::Lines) && conn.write_all(format!("{name}\n").as_bytes()).is_err() {
-        return;
-    }
-    while !stop.load(Ordering::Relaxed) {
-        match conn.read(&mut chunk) {
-            Ok(0) => return,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
-            Err(_) => return,
-        }
-        match mode {
-            Mode::Lines => {
-                while let Some(end) = buf.iter().position(|b| *b == b'\n') {
-                    let line: Vec<u8> = buf.drain(..=end).collect();
-                    let mut reply = format!("{name} ").into_bytes();
-                    reply.extend_from_slice(&line);
-                    if conn.write_all(&reply).is_err() {
-                        return;
-                    }
-                }
-            }
-            Mode::Http(status) => {
-                if !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                    continue;
-                }
-                let head = String::from_utf8_lossy(&buf);
-                let path = head.split(' ').nth(1).unwrap_or("/");
-                let code = if path == "/healthz" {
-                    status.load(Ordering::Relaxed)
-                } else {
-                    200
-                };
-                let body = format!("{name}\n");
-                let _ = conn.write_all(
-                    format!(
-                        "HTTP/1.0 {code} X\r\nContent-Length: {}\r\n\r\n{body}",
-                        body.len()
-                    )
-                    .as_bytes(),
-                );
-                return;
-            }
-        }
-    }
+/// Backend `i`'s UDP server on `port`, answering with its name, or never (`answer` false).
+fn udp_server(topo: &Topology, i: usize, port: u16, answer: bool) -> Backend {
+    let reply = if answer { Reply::Name } else { Reply::Silent };
+    Backend::udp(
+        topo.backend(i),
+        &format!("b{i}"),
+        backend_v4(i, port),
+        reply,
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -551,40 +333,24 @@ fn conns_to(topo: &Topology, wanted: &[&str]) -> BTreeMap<String, Conn> {
 /// One HTTP GET through the VIP from the client namespace; the body (the backend's name).
 fn http_get_via_vip(topo: &Topology) -> String {
     let to = vip_addr();
-    topo.client()
-        .run(move || {
-            let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3))
-                .unwrap_or_else(|e| panic!("connecting to {to}: {e}"));
-            s.set_read_timeout(Some(Duration::from_secs(3)))
-                .expect("timeout");
-            s.write_all(b"GET / HTTP/1.0\r\n\r\n").expect("request");
-            let mut text = String::new();
-            s.read_to_string(&mut text).expect("response");
-            let (head, body) = text.split_once("\r\n\r\n").expect("HTTP response");
-            assert!(head.starts_with("HTTP/1.0 200"), "{text:?}");
-            body.trim().to_owned()
-        })
+    let response = topo
+        .client()
+        .run(move || common::http_get(to, "/", Duration::from_secs(3)))
         .expect("client namespace")
+        .unwrap_or_else(|e| panic!("GET / from {to}: {e}"));
+    assert!(
+        response.status_line.starts_with("HTTP/1.0 200"),
+        "{response:?}"
+    );
+    response.body.trim().to_owned()
 }
 
 /// A GET of `path` on `addr` from inside `ns`: (status line, body).
 fn http_get(ns: &Netns, addr: SocketAddr, path: &str) -> std::io::Result<(String, String)> {
     let path = path.to_owned();
-    ns.run(move || {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
-        let mut text = String::new();
-        s.read_to_string(&mut text)?;
-        let (head, body) = text
-            .split_once("\r\n\r\n")
-            .ok_or_else(|| std::io::Error::other(format!("not HTTP: {text:?}")))?;
-        Ok((
-            head.lines().next().unwrap_or_default().to_owned(),
-            body.to_owned(),
-        ))
-    })
-    .expect("entering namespace")
+    ns.run(move || common::http_get(addr, &path, Duration::from_secs(5)))
+        .expect("entering namespace")
+        .map(|r| (r.status_line, r.body))
 }
 
 /// Scrapes the agent's metrics from inside the LB namespace and parses them with
@@ -621,8 +387,8 @@ fn health_checks_take_failing_backends_out_and_back() {
     let topo = topology(3);
     let dir = TempDir::new(SUITE, "health");
     let mut servers = line_servers(&topo, 3);
-    let pins = Pins::new(topo.lb(), &dir);
-    let agent = Agent::start(&topo, &dir, &pins, &dir.join("state.json"), &[]);
+    let pins = KeptPins::new(topo.lb(), SUITE, dir.join("xlb.sock"));
+    let agent = start_agent(&topo, &dir, &pins, &dir.join("state.json"), &[]);
     add_vip(
         &agent,
         3,
@@ -702,7 +468,7 @@ fn health_checks_take_failing_backends_out_and_back() {
     );
     kept.must_echo();
 
-    servers[0].restart(&topo, 0);
+    servers[0].restart(topo.backend(0));
     let limit = Duration::from_millis(INTERVAL_MS * RISE) + Duration::from_secs(1);
     let (list, took) = agent.wait_backends("b0 back", limit, |l| {
         l[&b0]["healthy"] == true && u64_of(&l[&b0], "slots") > 0
@@ -734,11 +500,11 @@ fn http_health_check_takes_a_503_backend_out() {
     let dir = TempDir::new(SUITE, "http-health");
     let statuses: Vec<Arc<AtomicU16>> = (0..3).map(|_| Arc::new(AtomicU16::new(200))).collect();
     statuses[1].store(503, Ordering::Relaxed);
-    let _servers: Vec<Server> = (0..3)
-        .map(|i| Server::start(&topo, i, Mode::Http(Arc::clone(&statuses[i]))))
+    let _servers: Vec<Backend> = (0..3)
+        .map(|i| server(&topo, i, Reply::Http(Arc::clone(&statuses[i]))))
         .collect();
-    let pins = Pins::new(topo.lb(), &dir);
-    let agent = Agent::start(&topo, &dir, &pins, &dir.join("state.json"), &[]);
+    let pins = KeptPins::new(topo.lb(), SUITE, dir.join("xlb.sock"));
+    let agent = start_agent(&topo, &dir, &pins, &dir.join("state.json"), &[]);
     add_vip(
         &agent,
         3,
@@ -794,73 +560,6 @@ fn http_health_check_takes_a_503_backend_out() {
     });
 }
 
-/// A UDP server in backend `i`'s namespace that answers every datagram with its name (`b1`),
-/// or never answers (`answer` false). Stopping closes the socket, so datagrams to the port
-/// draw ICMP port-unreachable from then on; it can be started again on the same address.
-struct UdpServer {
-    name: String,
-    addr: SocketAddr,
-    answer: bool,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl UdpServer {
-    fn start(topo: &Topology, i: usize, port: u16, answer: bool) -> Self {
-        let mut server = Self {
-            name: format!("b{i}"),
-            addr: backend_v4(i, port),
-            answer,
-            stop: Arc::new(AtomicBool::new(false)),
-            thread: None,
-        };
-        server.bind(topo.backend(i));
-        server
-    }
-
-    fn bind(&mut self, ns: &Netns) {
-        let addr = self.addr;
-        let socket = ns
-            .run(move || UdpSocket::bind(addr))
-            .expect("entering backend namespace")
-            .unwrap_or_else(|e| panic!("binding {addr}: {e}"));
-        socket
-            .set_read_timeout(Some(Duration::from_millis(20)))
-            .expect("read timeout");
-        self.stop = Arc::new(AtomicBool::new(false));
-        let (stop, name, answer) = (Arc::clone(&self.stop), self.name.clone(), self.answer);
-        self.thread = Some(thread::spawn(move || {
-            let mut buf = [0_u8; 2048];
-            while !stop.load(Ordering::Relaxed) {
-                if let Ok((_, from)) = socket.recv_from(&mut buf)
-                    && answer
-                {
-                    let _ = socket.send_to(name.as_bytes(), from);
-                }
-            }
-        }));
-    }
-
-    /// Closes the socket (the thread owns it) and waits until it is gone.
-    fn stop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-
-    fn restart(&mut self, topo: &Topology, i: usize) {
-        assert!(self.thread.is_none(), "restart a stopped server");
-        self.bind(topo.backend(i));
-    }
-}
-
-impl Drop for UdpServer {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
 /// `n` datagrams to `vip`, each from a fresh client port (a new flow): who answered each.
 fn udp_ask_many(topo: &Topology, vip: SocketAddr, n: usize) -> Vec<String> {
     topo.client()
@@ -895,14 +594,10 @@ fn udp_health_checks_follow_a_udp_server_down_and_up() {
     let topo = topology(3);
     let dir = TempDir::new(SUITE, "udp-health");
     // ANSWERING on backends 0 and 1, SILENT on backends 1 and 2.
-    let mut answering: Vec<UdpServer> = (0..2)
-        .map(|i| UdpServer::start(&topo, i, 5353, true))
-        .collect();
-    let mut silent: Vec<UdpServer> = (1..3)
-        .map(|i| UdpServer::start(&topo, i, 5454, false))
-        .collect();
-    let pins = Pins::new(topo.lb(), &dir);
-    let agent = Agent::start(&topo, &dir, &pins, &dir.join("state.json"), &[]);
+    let mut answering: Vec<Backend> = (0..2).map(|i| udp_server(&topo, i, 5353, true)).collect();
+    let mut silent: Vec<Backend> = (1..3).map(|i| udp_server(&topo, i, 5454, false)).collect();
+    let pins = KeptPins::new(topo.lb(), SUITE, dir.join("xlb.sock"));
+    let agent = start_agent(&topo, &dir, &pins, &dir.join("state.json"), &[]);
     let out = agent.ok(&[
         "vip",
         "add",
@@ -1005,8 +700,8 @@ fn udp_health_checks_follow_a_udp_server_down_and_up() {
     );
 
     // Up again.
-    answering[0].restart(&topo, 0);
-    silent[1].restart(&topo, 2);
+    answering[0].restart(topo.backend(0));
+    silent[1].restart(topo.backend(2));
     let limit = Duration::from_millis(200 * 2) + Duration::from_secs(1);
     agent.wait_backends_of(ANSWERING, "b0 back", limit, |l| {
         l[&b0]["healthy"] == true && u64_of(&l[&b0], "slots") > 0
@@ -1031,8 +726,8 @@ fn draining_keeps_established_connections() {
     let topo = topology(3);
     let dir = TempDir::new(SUITE, "drain");
     let _servers = line_servers(&topo, 3);
-    let pins = Pins::new(topo.lb(), &dir);
-    let agent = Agent::start(&topo, &dir, &pins, &dir.join("state.json"), &[]);
+    let pins = KeptPins::new(topo.lb(), SUITE, dir.join("xlb.sock"));
+    let agent = start_agent(&topo, &dir, &pins, &dir.join("state.json"), &[]);
     add_vip(&agent, 3, &[]);
     let (b0, b1, b2) = (
         backend_addr(0).to_string(),
@@ -1135,11 +830,9 @@ fn flows_end_when_connections_close_or_idle_out() {
     let topo = topology(2);
     let dir = TempDir::new(SUITE, "lifetime");
     let mut servers = line_servers(&topo, 2);
-    let udp_servers: Vec<UdpServer> = (0..2)
-        .map(|i| UdpServer::start(&topo, i, 5353, true))
-        .collect();
-    let pins = Pins::new(topo.lb(), &dir);
-    let agent = Agent::start(&topo, &dir, &pins, &dir.join("state.json"), &[]);
+    let udp_servers: Vec<Backend> = (0..2).map(|i| udp_server(&topo, i, 5353, true)).collect();
+    let pins = KeptPins::new(topo.lb(), SUITE, dir.join("xlb.sock"));
+    let agent = start_agent(&topo, &dir, &pins, &dir.join("state.json"), &[]);
     add_vip(&agent, 2, &[]);
     agent.ok(&["vip", "add", UDP_VIP, "--udp-timeout", "2"]);
     for s in &udp_servers {
@@ -1195,7 +888,7 @@ fn flows_end_when_connections_close_or_idle_out() {
     servers[0].stop();
     assert_eq!(on_b0.read_line(), Err("EOF".to_owned()), "b0 closed first");
     drop(on_b0);
-    servers[0].restart(&topo, 0);
+    servers[0].restart(topo.backend(0));
     let (_, took) = agent.wait_backends(
         "the closed connection is not live",
         Duration::from_secs(3),
@@ -1450,53 +1143,6 @@ fn udp_exchange(to: SocketAddr, n: u64, limit: Duration) -> Result<(), String> {
     }
 }
 
-/// UDP echo servers on backends `0..n`, port 8080: each datagram `D` is answered with
-/// `NAME D`. Stopped (and their sockets closed) on drop.
-struct UdpEchoServers {
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
-}
-
-impl UdpEchoServers {
-    fn start(topo: &Topology, n: usize) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let threads = (0..n)
-            .map(|i| {
-                let addr = backend_addr(i);
-                let socket = topo
-                    .backend(i)
-                    .run(move || UdpSocket::bind(addr))
-                    .expect("entering backend namespace")
-                    .unwrap_or_else(|e| panic!("binding udp {addr}: {e}"));
-                socket
-                    .set_read_timeout(Some(Duration::from_millis(50)))
-                    .expect("udp timeout");
-                let stop = Arc::clone(&stop);
-                thread::spawn(move || {
-                    let mut buf = [0u8; 1500];
-                    while !stop.load(Ordering::Relaxed) {
-                        if let Ok((len, from)) = socket.recv_from(&mut buf) {
-                            let mut reply = format!("b{i} ").into_bytes();
-                            reply.extend_from_slice(&buf[..len]);
-                            let _ = socket.send_to(&reply, from);
-                        }
-                    }
-                })
-            })
-            .collect();
-        Self { stop, threads }
-    }
-}
-
-impl Drop for UdpEchoServers {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
-}
-
 /// The forwarding sysctls the agent switches on.
 const FORWARDING_KEYS: [&str; 2] = ["net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"];
 
@@ -1507,7 +1153,7 @@ fn restart_without_dropping() {
     let dir = TempDir::new(SUITE, "restart");
     let state = dir.join("state.json");
     let _servers = line_servers(&topo, 2);
-    let pins = Pins::new(topo.lb(), &dir);
+    let pins = KeptPins::new(topo.lb(), SUITE, dir.join("xlb.sock"));
     // Forwarding off, as on a fresh host: the agent switches it on, and it stays on while a
     // kept data path runs, across restarts, until `xlb detach` switches it back off.
     let forwarding =
@@ -1515,7 +1161,7 @@ fn restart_without_dropping() {
     for key in FORWARDING_KEYS {
         topo.lb().sysctl(key, "0").expect("forwarding off");
     }
-    let mut agent = Agent::start(&topo, &dir, &pins, &state, &["--keep-attached"]);
+    let mut agent = start_agent(&topo, &dir, &pins, &state, &["--keep-attached"]);
     assert_eq!(forwarding(), ["1", "1"], "the agent switches forwarding on");
     add_vip(&agent, 2, &[]);
     let mut traffic = Traffic::start(&topo, &TrafficPlan::GENTLE);
@@ -1544,7 +1190,7 @@ fn restart_without_dropping() {
         // The data path runs on its own for a while.
         thread::sleep(Duration::from_millis(300));
         let t = Instant::now();
-        agent = Agent::start(&topo, &dir, &pins, &state, &["--keep-attached"]);
+        agent = start_agent(&topo, &dir, &pins, &state, &["--keep-attached"]);
         eprintln!(
             "restart {round}: agent answering {:?} after start",
             t.elapsed()
@@ -1627,7 +1273,7 @@ fn a_restart_with_other_table_sizes_keeps_established_connections() {
     let dir = TempDir::new(SUITE, "resize");
     let state = dir.join("state.json");
     let _servers = line_servers(&topo, 2);
-    let pins = Pins::new(topo.lb(), &dir);
+    let pins = KeptPins::new(topo.lb(), SUITE, dir.join("xlb.sock"));
     let before = [
         "--keep-attached",
         "--conntrack-entries",
@@ -1642,7 +1288,7 @@ fn a_restart_with_other_table_sizes_keeps_established_connections() {
         "--max-vips",
         "16",
     ];
-    let mut agent = Agent::start(&topo, &dir, &pins, &state, &before);
+    let mut agent = start_agent(&topo, &dir, &pins, &state, &before);
     add_vip(&agent, 2, &[]);
     let mut traffic = Traffic::start(&topo, &TrafficPlan::GENTLE);
     thread::sleep(Duration::from_millis(300));
@@ -1652,7 +1298,7 @@ fn a_restart_with_other_table_sizes_keeps_established_connections() {
 
     let status = agent.stop();
     assert!(status.success(), "clean stop: {status}\n{}", agent.log());
-    agent = Agent::start(&topo, &dir, &pins, &state, &after);
+    agent = start_agent(&topo, &dir, &pins, &state, &after);
     let log = agent.log();
     for map in ["XLB_CONNTRACK", "XLB_VIPS"] {
         assert!(
@@ -1717,9 +1363,18 @@ fn keep_attached_restarts_lose_no_new_flow() {
     let dir = TempDir::new(SUITE, "adopt");
     let state = dir.join("state.json");
     let _servers = line_servers(&topo, 2);
-    let _udp_servers = UdpEchoServers::start(&topo, 2);
-    let pins = Pins::new(topo.lb(), &dir);
-    let mut agent = Agent::start(&topo, &dir, &pins, &state, AGENT_ARGS);
+    let _udp_servers = (0..2)
+        .map(|i| {
+            Backend::udp(
+                topo.backend(i),
+                &format!("b{i}"),
+                backend_addr(i),
+                Reply::NamedEcho,
+            )
+        })
+        .collect::<Vec<_>>();
+    let pins = KeptPins::new(topo.lb(), SUITE, dir.join("xlb.sock"));
+    let mut agent = start_agent(&topo, &dir, &pins, &state, AGENT_ARGS);
     add_vip(&agent, 2, &[]);
     agent.ok(&["vip", "add", UDP_VIP]);
     for i in 0..2 {
@@ -1749,7 +1404,7 @@ fn keep_attached_restarts_lose_no_new_flow() {
             agent.log()
         );
         thread::sleep(Duration::from_millis(200));
-        agent = Agent::start(&topo, &dir, &pins, &state, AGENT_ARGS);
+        agent = start_agent(&topo, &dir, &pins, &state, AGENT_ARGS);
         assert!(
             agent.log().contains("adopted"),
             "round {round}: the new agent adopts the running data path:\n{}",
@@ -1793,8 +1448,8 @@ fn adoption_removes_vips_the_state_no_longer_has() {
     let dir = TempDir::new(SUITE, "ghost");
     let state = dir.join("state.json");
     let _servers = line_servers(&topo, 1);
-    let pins = Pins::new(topo.lb(), &dir);
-    let mut agent = Agent::start(&topo, &dir, &pins, &state, &["--keep-attached"]);
+    let pins = KeptPins::new(topo.lb(), SUITE, dir.join("xlb.sock"));
+    let mut agent = start_agent(&topo, &dir, &pins, &state, &["--keep-attached"]);
     add_vip(&agent, 1, &[]);
     assert_eq!(connect_many(&topo, 2), ["b0", "b0"]);
     let status = agent.stop();
@@ -1806,7 +1461,7 @@ fn adoption_removes_vips_the_state_no_longer_has() {
     );
 
     fs::remove_file(&state).expect("removing the state file");
-    agent = Agent::start(&topo, &dir, &pins, &state, &["--keep-attached"]);
+    agent = start_agent(&topo, &dir, &pins, &state, &["--keep-attached"]);
     let vips = agent.json(&["vip", "list", "--json"]);
     assert_eq!(vips, serde_json::json!([]), "no VIP is configured");
     let to = vip_addr();
@@ -1848,7 +1503,7 @@ impl Drop for HostBpffs {
 fn agent_under_ip_netns_exec(
     topo: &Topology,
     dir: &TempDir,
-    pins: &Pins<'_>,
+    pins: &KeptPins<'_>,
     extra: &[&str],
 ) -> (Command, PathBuf) {
     let log = dir.join(&format!("agent-{}.log", common::seq()));
@@ -1878,7 +1533,7 @@ fn keep_attached_under_ip_netns_exec() {
     let dir = TempDir::new(SUITE, "netns-exec");
     let _servers = line_servers(&topo, 1);
 
-    let private = Pins::new(topo.lb(), &dir);
+    let private = KeptPins::new(topo.lb(), SUITE, dir.join("xlb.sock"));
     let (cmd, _) = agent_under_ip_netns_exec(&topo, &dir, &private, &[]);
     let mut cmd = cmd;
     let out = output_within(&mut cmd, Duration::from_secs(20));
@@ -1905,11 +1560,7 @@ fn keep_attached_under_ip_netns_exec() {
 
     // A bpffs mounted where the host sees it outlives the agent's mount namespace.
     let host_bpffs = HostBpffs::mount(dir.join("bpf"));
-    let pins = Pins {
-        ns: topo.lb(),
-        dir: host_bpffs.0.join("pins"),
-        socket: dir.join("xlb.sock"),
-    };
+    let pins = KeptPins::at(topo.lb(), host_bpffs.0.join("pins"), dir.join("xlb.sock"));
     let (cmd, log) = agent_under_ip_netns_exec(&topo, &dir, &pins, &[]);
     let mut process = AgentProcess::start(
         cmd,
@@ -1949,8 +1600,8 @@ fn metrics_scrape() {
     let topo = topology(2);
     let dir = TempDir::new(SUITE, "metrics");
     let _servers = line_servers(&topo, 2);
-    let pins = Pins::new(topo.lb(), &dir);
-    let agent = Agent::start(&topo, &dir, &pins, &dir.join("state.json"), &[]);
+    let pins = KeptPins::new(topo.lb(), SUITE, dir.join("xlb.sock"));
+    let agent = start_agent(&topo, &dir, &pins, &dir.join("state.json"), &[]);
     add_vip(&agent, 2, &[]);
     let reached = connect_many(&topo, 20);
     assert!(reached.iter().any(|b| b == "b0") && reached.iter().any(|b| b == "b1"));
@@ -2097,9 +1748,9 @@ fn config_and_reload() {
     fs::write(&broken_file, &bad).expect("writing config");
     assert_located(&config_check(&broken_file), &broken_file, line, col);
 
-    let pins = Pins::new(topo.lb(), &dir);
+    let pins = KeptPins::new(topo.lb(), SUITE, dir.join("xlb.sock"));
     let file_arg = file.to_str().expect("utf-8 path").to_owned();
-    let mut agent = Agent::start(
+    let mut agent = start_agent(
         &topo,
         &dir,
         &pins,
@@ -2227,9 +1878,9 @@ fn reload_applies_whole_or_not_at_all() {
     let state = dir.join("state.json");
     // The test VIP and three more: all four slots of `--max-vips 4`.
     fs::write(&file, config_text(&[(0, 1), (1, 1)]) + &empty_vips(2..5)).expect("config");
-    let pins = Pins::new(topo.lb(), &dir);
+    let pins = KeptPins::new(topo.lb(), SUITE, dir.join("xlb.sock"));
     let file_arg = file.to_str().expect("utf-8 path").to_owned();
-    let mut agent = Agent::start(
+    let mut agent = start_agent(
         &topo,
         &dir,
         &pins,
@@ -2424,11 +2075,11 @@ impl Drop for Tmpfs {
 fn persisting_state_survives_a_full_disk() {
     let topo = topology(1);
     let dir = TempDir::new(SUITE, "fulldisk");
-    let _server = Server::start(&topo, 0, Mode::Lines);
+    let _server = server(&topo, 0, Reply::NamedEcho);
     let disk = Tmpfs::mount("fulldisk-fs", "16k");
     let state = disk.0.join("state.json");
-    let pins = Pins::new(topo.lb(), &dir);
-    let agent = Agent::start(&topo, &dir, &pins, &state, &["--no-metrics"]);
+    let pins = KeptPins::new(topo.lb(), SUITE, dir.join("xlb.sock"));
+    let agent = start_agent(&topo, &dir, &pins, &state, &["--no-metrics"]);
     add_vip(&agent, 1, &[]);
     let saved = fs::read(&state).expect("state file written");
     let parsed: Value = serde_json::from_slice(&saved).expect("state is JSON");

@@ -29,7 +29,7 @@ use xlb_netns::{
 };
 
 mod common;
-use common::{NsAgent, TcpServer, counter};
+use common::{Agent, TcpServer, counter, require_root};
 
 const SUITE: &str = "pmtu";
 const BACKEND_PORT: u16 = 8080;
@@ -251,13 +251,12 @@ fn transfer(client: &Netns, vip: SocketAddr, upload: bool) -> Result<Duration, S
 }
 
 fn run(narrow: Narrow) {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "needs root (namespaces, the data plane): run the tests as root"
-    );
+    require_root();
     let path = Path::build(narrow);
     let _server = TcpServer::start(path.ns(path.backend), BACKEND_PORT, SERVER_LIFETIME, serve);
-    let agent = NsAgent::start(path.ns(path.lb), SUITE, &path.lb_ifaces, &[]);
+    let agent = Agent::in_ns(path.ns(path.lb), SUITE)
+        .ifaces(&path.lb_ifaces)
+        .start();
     let vips = [
         (
             SocketAddr::new(VIP_V4.into(), VIP_PORT),

@@ -33,18 +33,17 @@ use std::{
     fs,
     io::{Read as _, Write as _},
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
-    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    os::fd::AsRawFd as _,
     path::{Path, PathBuf},
     process::{Command, Output},
     thread,
     time::{Duration, Instant},
 };
 
-use lb_userspace::api::Stats;
 use xlb_netns::Netns;
 
 mod common;
-use common::{AgentProcess, XLB, counter, output_within};
+use common::{Agent, XLB, counter, output_within};
 
 /// Names of everything this suite creates start with this (containers
 /// `xlbpm-PID-N`, namespaces `xlbpm-client-PID-N`, the host veth `xlbpmPID`),
@@ -457,86 +456,28 @@ impl Drop for HostForwarding {
 // The agent, in the host namespace
 // ---------------------------------------------------------------------------
 
-struct Agent {
-    process: AgentProcess,
-    dir: PathBuf,
-    socket: PathBuf,
-    bpffs: PathBuf,
+/// Names of the agent's temp dir and pins start `xlb-podman-`.
+const SUITE: &str = "podman";
+
+/// `xlb run` in the host's namespace on `ifaces` (hooks chosen per interface), with `extra`
+/// options (`--containers podman`). It attaches to host interfaces, so it must not outlive
+/// the test.
+fn start_agent(ifaces: &[&str], extra: &[&str]) -> Agent<'static> {
+    Agent::on_host(SUITE)
+        .ifaces(ifaces)
+        .args(["--xdp-mode", "auto"])
+        .args(extra)
+        .env("NO_COLOR", "1")
+        .dies_with_test()
+        .start()
 }
 
-impl Agent {
-    fn start(ifaces: &[&str]) -> Self {
-        Self::start_with(ifaces, &[])
-    }
-
-    /// With `extra` options for `xlb run` (`--containers podman`).
-    fn start_with(ifaces: &[&str], extra: &[&str]) -> Self {
-        let pid = std::process::id();
-        let dir = std::env::temp_dir().join(format!("{PREFIX}agent-{pid}"));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("creating the agent's temp dir");
-        let socket = dir.join("xlb.sock");
-        let log = dir.join("agent.log");
-        let bpffs = Path::new("/sys/fs/bpf").join(format!("{PREFIX}{pid}"));
-        let mut cmd = common::agent_command(
-            Command::new(XLB),
-            ifaces,
-            &socket,
-            &dir.join("state.json"),
-            &bpffs,
-            &log,
-        );
-        cmd.args(["--xdp-mode", "auto"])
-            .args(extra)
-            .env("NO_COLOR", "1");
-        // SAFETY: prctl is async-signal-safe and touches no memory of ours.
-        unsafe {
-            cmd.pre_exec(|| {
-                // The agent attaches to host interfaces: it must not outlive the test.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == 0 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            });
-        }
-        let process = AgentProcess::start(
-            cmd,
-            log,
-            Duration::from_secs(10),
-            Duration::from_millis(100),
-            common::vip_list_probe(|args| Self::cli_at(&socket, args)),
-        );
-        Self {
-            process,
-            dir,
-            socket,
-            bpffs,
-        }
-    }
-
-    fn cli_at(socket: &Path, args: &[&str]) -> Output {
-        output_within(
-            Command::new(XLB).env("XLB_SOCKET", socket).args(args),
-            COMMAND_TIMEOUT,
-        )
-    }
-
-    fn cli(&self, args: &[&str]) -> String {
-        common::success(args, Self::cli_at(&self.socket, args))
-    }
-
-    fn stats(&self) -> Stats {
-        common::parse_json(&["stats", "--json"], &self.cli(&["stats", "--json"]))
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.process.terminate_and_report();
-        let _ = fs::remove_dir_all(&self.bpffs);
-        let _ = fs::remove_dir_all(&self.dir);
-    }
+/// `xlb ARGS` against the agent at `socket`, with the time podman lookups may take.
+fn cli_at(socket: &Path, args: &[&str]) -> Output {
+    output_within(
+        Command::new(XLB).env("XLB_SOCKET", socket).args(args),
+        COMMAND_TIMEOUT,
+    )
 }
 
 // ---------------------------------------------------------------------------
@@ -546,20 +487,12 @@ impl Drop for Agent {
 /// `GET /` over HTTP/1.0; returns the trimmed body, or an error for a failed
 /// connection, a non-200 status or a missing body.
 fn http_get(addr: SocketAddr) -> std::io::Result<String> {
-    let mut stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    stream.set_write_timeout(Some(IO_TIMEOUT))?;
-    stream.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
-    let mut response = String::new();
-    stream.take(64 * 1024).read_to_string(&mut response)?;
+    let response = common::http_get(addr, "/", IO_TIMEOUT)?;
     let bad = |why: &str| std::io::Error::other(format!("{why}: {response:?}"));
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| bad("no end of headers"))?;
-    if !head.starts_with("HTTP/1.") || head.split_whitespace().nth(1) != Some("200") {
+    if response.status != 200 {
         return Err(bad("not a 200 response"));
     }
-    let body = body.trim();
+    let body = response.body.trim();
     if body.is_empty() {
         return Err(bad("empty body"));
     }
@@ -674,7 +607,7 @@ fn http_to_podman_containers_through_the_vip() {
     let client = Netns::create(&format!("{PREFIX}client-")).expect("creating the client namespace");
     let link = ClientLink::create(&client);
     let _forwarding = HostForwarding::save();
-    let agent = Agent::start(&[&link.host_if, "podman0"]);
+    let agent = start_agent(&[&link.host_if, "podman0"], &[]);
 
     let vip = format!("{VIP}/tcp");
     agent.cli(&["vip", "add", &vip]);
@@ -800,7 +733,7 @@ fn http_to_podman_containers_through_the_vip() {
 /// Everything a following test needs, torn down in field order: the agent, the client's
 /// link and namespace, the host's forwarding settings, podman's temp files, then podman0.
 struct Lab {
-    agent: std::cell::OnceCell<Agent>,
+    agent: std::cell::OnceCell<Agent<'static>>,
     _link: ClientLink,
     client: Netns,
     _forwarding: HostForwarding,
@@ -837,18 +770,18 @@ impl Lab {
     }
 
     fn start_agent(&self, options: &[&str]) {
-        let agent = Agent::start_with(&[&self._link.host_if, "podman0"], options);
+        let agent = start_agent(&[&self._link.host_if, "podman0"], options);
         assert!(self.agent.set(agent).is_ok(), "one agent per lab");
     }
 
-    fn agent(&self) -> &Agent {
+    fn agent(&self) -> &Agent<'static> {
         self.agent.get().expect("the agent is started")
     }
 
     /// The VIP's backends as `backend list --json` gives them; None while the VIP is missing.
     fn backends(&self) -> Option<Vec<lb_userspace::balancer::BackendStatus>> {
         let args = ["backend", "list", &format!("{VIP}/tcp"), "--json"];
-        let out = Agent::cli_at(&self.agent().socket, &args);
+        let out = cli_at(&self.agent().socket, &args);
         out.status.success().then(|| {
             common::parse_json::<lb_userspace::balancer::VipStatus>(
                 &args,
@@ -940,7 +873,7 @@ fn followed_containers_leave_the_ring_while_stopped_and_come_back_where_they_are
     agent.cli(&["vip", "add", &vip]);
 
     // No port given, none exposed: refused, saying why, on one line.
-    let refused = Agent::cli_at(
+    let refused = cli_at(
         &agent.socket,
         &["backend", "add", &vip, "--container", &names[0]],
     );
@@ -1052,10 +985,9 @@ fn followed_containers_leave_the_ring_while_stopped_and_come_back_where_they_are
     eprintln!("move from {old} to {elsewhere} followed after {noticed:?}");
     assert!(lab.requests(30).contains_key(&names[1]));
     // The state file knows the container by name at its new address.
-    let state: serde_json::Value = serde_json::from_str(
-        &fs::read_to_string(agent.dir.join("state.json")).expect("reading the state file"),
-    )
-    .expect("the state file is JSON");
+    let state: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(&agent.state).expect("reading the state file"))
+            .expect("the state file is JSON");
     let recorded = state["vips"][0]["backends"]
         .as_array()
         .expect("backends")
@@ -1144,8 +1076,7 @@ fn labelled_containers_scale_from_one_to_three_and_back_under_new_connections() 
             );
             eprintln!("scaled to 3 in the ring {took:?} after the last `podman run`");
             // Recorded as the labels' doing, so a restarted agent still removes them.
-            let state = fs::read_to_string(lab.agent().dir.join("state.json"))
-                .expect("reading the state file");
+            let state = fs::read_to_string(&lab.agent().state).expect("reading the state file");
             assert_eq!(state.matches("\"discovered\": true").count(), 3, "{state}");
             thread::sleep(Duration::from_secs(2));
             // Each replica killed hard, then waited for until xlb has removed it: new

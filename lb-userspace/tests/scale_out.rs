@@ -18,30 +18,19 @@ mod common;
 use std::{
     collections::BTreeSet,
     fs,
-    io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
+    io::{BufRead as _, BufReader, Write as _},
+    net::{IpAddr, Ipv6Addr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
     thread,
     time::{Duration, Instant},
 };
 
-use common::{NsAgent, TempDir, output_within};
+use common::{Agent, Backend, Reply, TempDir, output_within, require_root};
 use lb_userspace::api::{NodeStatus, Stats};
 use xlb_netns::{Netns, ScaleOutTopology, Topology};
 
 const TABLE: &str = "100";
-
-fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "this test needs root (network namespaces, XDP/TC programs)"
-    );
-}
 
 /// Polls `check` every 50 ms until it holds; how long that took, or `None` after `limit`.
 fn wait_until(limit: Duration, mut check: impl FnMut() -> bool) -> Option<Duration> {
@@ -95,12 +84,10 @@ fn announce_table_follows_what_the_node_can_serve() {
     require_root();
     let topo = Topology::with_prefix("xannc-", 2).expect("topology");
     let lb = topo.lb();
-    let mut agent = NsAgent::start(
-        lb,
-        "announce",
-        &["client", "b0", "b1"],
-        &["--announce-table", TABLE, "--no-metrics"],
-    );
+    let mut agent = Agent::in_ns(lb, "announce")
+        .ifaces(["client", "b0", "b1"])
+        .args(["--announce-table", TABLE, "--no-metrics"])
+        .start();
     let settles = |want: BTreeSet<(String, String)>, what: &str| {
         // The agent syncs as it answers a request: no wait is needed, but a retry is allowed.
         assert!(
@@ -188,8 +175,6 @@ const VIP: &str = "10.100.0.1:80/tcp";
 const VIP_PORT: u16 = 80;
 const ROUTER_AS: u32 = 65000;
 const NODE_AS: u32 = 65001;
-/// Every stream and server stops by itself after this, whatever the test does.
-const LIFETIME: Duration = Duration::from_secs(240);
 
 /// `bird -f` in a namespace with its own config, control socket and log; SIGKILL'd and
 /// reaped on drop.
@@ -368,82 +353,6 @@ fn wait_for_hops(topo: &ScaleOutTopology, nodes: &[usize], limit: Duration) -> D
     })
 }
 
-/// A TCP server on port 80 in a backend namespace: it names itself in a first line, then
-/// echoes. Stops on drop or after `LIFETIME`.
-struct EchoServer {
-    stop: Arc<AtomicBool>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl EchoServer {
-    fn start(ns: &Netns, name: String) -> Self {
-        let listener = ns
-            .run(|| TcpListener::bind((Ipv6Addr::UNSPECIFIED, VIP_PORT)))
-            .expect("entering the backend")
-            .expect("binding the echo server");
-        listener.set_nonblocking(true).expect("non-blocking");
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
-        let deadline = Instant::now() + LIFETIME;
-        let thread = thread::spawn(move || {
-            let mut conns = Vec::new();
-            while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
-                match listener.accept() {
-                    Ok((mut conn, _)) => {
-                        let name = name.clone();
-                        let flag = Arc::clone(&flag);
-                        conns.push(thread::spawn(move || {
-                            let _ = conn.set_nonblocking(false);
-                            let _ = conn.set_read_timeout(Some(Duration::from_millis(200)));
-                            if conn.write_all(format!("{name}\n").as_bytes()).is_err() {
-                                return;
-                            }
-                            let mut buf = [0u8; 256];
-                            while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
-                                match conn.read(&mut buf) {
-                                    Ok(0) => return,
-                                    Ok(n) => {
-                                        if conn.write_all(&buf[..n]).is_err() {
-                                            return;
-                                        }
-                                    }
-                                    Err(e)
-                                        if matches!(
-                                            e.kind(),
-                                            std::io::ErrorKind::WouldBlock
-                                                | std::io::ErrorKind::TimedOut
-                                        ) => {}
-                                    Err(_) => return,
-                                }
-                            }
-                        }));
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        thread::sleep(Duration::from_millis(5));
-                    }
-                    Err(e) => panic!("accept: {e}"),
-                }
-            }
-            for c in conns {
-                let _ = c.join();
-            }
-        });
-        Self {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for EchoServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 fn vip_addr() -> SocketAddr {
     SocketAddr::new(IpAddr::V4(ScaleOutTopology::VIP_V4), VIP_PORT)
 }
@@ -519,7 +428,7 @@ fn keep_talking(streams: &mut [Stream], duration: Duration) -> Vec<String> {
     })
 }
 
-fn new_flows(agent: &NsAgent<'_>) -> u64 {
+fn new_flows(agent: &Agent<'_>) -> u64 {
     let stats: Stats = agent.stats();
     stats.vips.iter().map(|v| v.new_flows).sum()
 }
@@ -632,8 +541,10 @@ fn flows_spread_over_bgp_ecmp_and_survive_drain_and_node_loss() {
     let _prepared: Vec<Prepared<'_>> = (0..BACKENDS)
         .map(|j| Prepared::new(topo.backend(j)))
         .collect();
-    let _servers: Vec<EchoServer> = (0..BACKENDS)
-        .map(|j| EchoServer::start(topo.backend(j), format!("b{j}")))
+    // Each backend names itself in a first line, then echoes.
+    let any = SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), VIP_PORT);
+    let _servers: Vec<Backend> = (0..BACKENDS)
+        .map(|j| Backend::tcp(topo.backend(j), &format!("b{j}"), any, Reply::GreetThenEcho))
         .collect();
     let backend_addrs: Vec<String> = topo
         .backend_links
@@ -642,14 +553,12 @@ fn flows_spread_over_bgp_ecmp_and_survive_drain_and_node_loss() {
         .collect();
 
     // Every node: the same VIP, backends, ring size and hash seed (the defaults).
-    let agents: Vec<NsAgent<'_>> = (0..NODES)
+    let agents: Vec<Agent<'_>> = (0..NODES)
         .map(|i| {
-            let agent = NsAgent::start(
-                topo.node(i),
-                "scale",
-                &["router"],
-                &["--announce-table", TABLE, "--no-metrics"],
-            );
+            let agent = Agent::in_ns(topo.node(i), "scale")
+                .iface("router")
+                .args(["--announce-table", TABLE, "--no-metrics"])
+                .start();
             agent.cli(&["vip", "add", VIP, "--forwarding", "ipip"]);
             for b in &backend_addrs {
                 agent.cli(&["backend", "add", VIP, b]);
@@ -703,7 +612,7 @@ fn flows_spread_over_bgp_ecmp_and_survive_drain_and_node_loss() {
                 explained["new_flow_backend"],
                 want.as_str(),
                 "node in {} would send {client} elsewhere: {explained}",
-                agent.ns.name()
+                agent.place()
             );
         }
     }
@@ -792,7 +701,7 @@ fn flows_spread_over_bgp_ecmp_and_survive_drain_and_node_loss() {
 }
 
 /// The client addresses of the flows a node's connection table holds for the VIP.
-fn tracked_clients(agent: &NsAgent<'_>) -> BTreeSet<SocketAddr> {
+fn tracked_clients(agent: &Agent<'_>) -> BTreeSet<SocketAddr> {
     let conns: serde_json::Value = common::parse_json(
         &["conns"],
         &agent.cli(&["conns", VIP, "--json", "--limit", "1000"]),

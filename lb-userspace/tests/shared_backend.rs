@@ -10,6 +10,8 @@ use lb_userspace::{
     datapath::{Datapath, DatapathConfig},
     frames::{self, TCP_ACK, TCP_SYN},
 };
+mod common;
+use common::require_root;
 use xlb_netns::Netns;
 
 const XDP_PASS: u32 = 2;
@@ -43,10 +45,7 @@ fn spec(addr: SocketAddrV4) -> VipSpec {
 
 #[test]
 fn replies_return_from_the_vip_the_flow_went_to() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "needs root (loads XDP programs): run the tests as root"
-    );
+    require_root();
     let ns = Netns::create("xlbshared").expect("creating a namespace");
     ns.run(|| {
         let mut balancer = Balancer::new(

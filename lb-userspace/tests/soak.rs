@@ -36,7 +36,6 @@ use std::{
     io::{BufRead as _, BufReader, ErrorKind, Read as _, Write as _},
     net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
     path::{Path, PathBuf},
-    process::Stdio,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
@@ -50,7 +49,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use xlb_netns::{Netns, Topology};
 
 mod common;
-use common::{AgentProcess, RaiseOnDrop, TempDir, XLB, backend_v4, xlb};
+use common::{Agent, KeptPins, RaiseOnDrop, TempDir, backend_v4, require_root, xlb};
 
 const NS_PREFIX: &str = "xsoak-";
 const SUITE: &str = "soak";
@@ -499,32 +498,6 @@ fn excused(failure: &Failure, windows: &[Window]) -> Option<&'static str> {
 // ---------------------------------------------------------------------------------------------
 // The agent
 
-/// Takes down what the last `--keep-attached` agent left (`xlb detach`) and removes the pin
-/// directory. Declared before the agent, so it drops after it.
-struct Pins<'a> {
-    ns: &'a Netns,
-    dir: PathBuf,
-    socket: PathBuf,
-}
-
-impl Drop for Pins<'_> {
-    fn drop(&mut self) {
-        if self.dir.exists() {
-            let mut cmd = self.ns.command(XLB);
-            cmd.arg("detach")
-                .arg("--bpffs")
-                .arg(&self.dir)
-                .arg("--socket")
-                .arg(&self.socket)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
-            let _ = common::output_within(&mut cmd, Duration::from_secs(20));
-        }
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
-
 struct Lab {
     topology: Topology,
     dir: TempDir,
@@ -541,28 +514,16 @@ impl Lab {
         self.dir.join("xlb.sock")
     }
 
-    fn start_agent(&self, pins: &Path, generation: usize) -> AgentProcess {
-        let log = self.dir.join(&format!("agent-{generation}.log"));
-        let mut cmd = common::agent_command(
-            self.ns().command(XLB),
-            &self.ifaces,
-            &self.socket(),
-            &self.dir.join("state.json"),
-            pins,
-            &log,
-        );
-        cmd.args(["--keep-attached", "--no-metrics", "--ring-size", RING])
-            .arg("--config")
-            .arg(&self.config)
-            .env_remove("XLB_SOCKET");
-        let (ns, socket) = (self.ns(), self.socket());
-        AgentProcess::start(
-            cmd,
-            log,
-            Duration::from_secs(20),
-            Duration::from_millis(50),
-            common::vip_list_probe(move |args| xlb(ns, &socket, args)),
-        )
+    /// A kept-attached agent on the lab's config, pinning under `pins`.
+    fn start_agent(&self, pins: &Path) -> Agent<'_> {
+        Agent::in_ns(self.ns(), SUITE)
+            .ifaces(&self.ifaces)
+            .dir(&self.dir.0)
+            .bpffs(pins)
+            .args(["--keep-attached", "--no-metrics", "--ring-size", RING])
+            .config(&self.config)
+            .start_limit(Duration::from_secs(20))
+            .start()
     }
 
     fn cli(&self, args: &[&str]) -> String {
@@ -767,10 +728,7 @@ fn churn(model: &mut Model, n: u64, ops: &mut Ops, windows: &Mutex<Vec<Window>>)
 
 #[test]
 fn soak_traffic_churn_flaps_reloads_restarts() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "needs root (loads eBPF programs, creates namespaces): run the tests as root"
-    );
+    require_root();
     let soak = soak_duration();
     let restart_every = restart_every(soak);
     xlb_netns::cleanup_stale(NS_PREFIX).expect("removing stale namespaces");
@@ -799,13 +757,9 @@ fn soak_traffic_churn_flaps_reloads_restarts() {
         .collect();
     let mut model = Model::initial();
     fs::write(&lab.config, model.config()).expect("writing the config");
-    let pins = Pins {
-        ns: lab.ns(),
-        dir: Path::new("/sys/fs/bpf").join(common::unique(SUITE, "pins")),
-        socket: lab.socket(),
-    };
+    let pins = KeptPins::new(lab.ns(), SUITE, lab.socket());
     let mut generation = 0;
-    let mut agent = lab.start_agent(&pins.dir, generation);
+    let mut agent = lab.start_agent(&pins.dir);
     let mut agent_started = Instant::now();
     lab.assert_holds(&model, "at start");
 
@@ -856,7 +810,7 @@ fn soak_traffic_churn_flaps_reloads_restarts() {
         let now = Instant::now();
         if now >= next_sample {
             next_sample += SAMPLE_EVERY;
-            let (rss_kib, fds) = sample(agent.pid());
+            let (rss_kib, fds) = sample(agent.process.pid());
             samples.push(Sample {
                 generation,
                 at: now - started,
@@ -927,7 +881,7 @@ fn soak_traffic_churn_flaps_reloads_restarts() {
         }
         if now >= next_restart {
             next_restart += restart_every;
-            let (rss_kib, fds) = sample(agent.pid());
+            let (rss_kib, fds) = sample(agent.process.pid());
             samples.push(Sample {
                 generation,
                 at: now - started,
@@ -945,7 +899,7 @@ fn soak_traffic_churn_flaps_reloads_restarts() {
             thread::sleep(Duration::from_millis(300));
             generation += 1;
             let t = Instant::now();
-            agent = lab.start_agent(&pins.dir, generation);
+            agent = lab.start_agent(&pins.dir);
             agent_started = Instant::now();
             assert!(
                 agent.log().contains("adopted"),
@@ -1003,7 +957,7 @@ fn soak_traffic_churn_flaps_reloads_restarts() {
     }
 
     FLAPPER_DOWN.store(false, Ordering::Relaxed);
-    let (rss_kib, fds) = sample(agent.pid());
+    let (rss_kib, fds) = sample(agent.process.pid());
     samples.push(Sample {
         generation,
         at: started.elapsed(),

@@ -36,6 +36,17 @@ pub fn unique(suite: &str, tag: &str) -> String {
     format!("xlb-{suite}-{tag}-{}-{}", std::process::id(), seq())
 }
 
+/// Fails the calling test unless it runs as root. Root-only tests call it first, so that
+/// elsewhere they fail with this message instead of an obscure one (and never pass).
+#[allow(dead_code)]
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test needs root (it creates network namespaces and loads eBPF programs): run \
+         the suite as root with the README's test command, `./x test`"
+    );
+}
+
 /// A per-test directory under the system temp dir, removed on drop.
 #[allow(dead_code)]
 pub struct TempDir(pub PathBuf);
@@ -56,6 +67,45 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A copy of the `xlb` binary in a fresh directory under the system temp dir, both
+/// world-readable and the copy executable: for running it as an unprivileged user, who may
+/// not be able to enter the checkout. Removed on drop.
+#[allow(dead_code)]
+pub struct WorldReadableCopy {
+    /// Holds the copy; removing it is all it is kept for.
+    _dir: TempDir,
+    pub path: PathBuf,
+}
+
+#[allow(dead_code)]
+impl WorldReadableCopy {
+    /// Copies the build's `xlb`, in a temp dir named after `suite`.
+    pub fn of_xlb(suite: &str) -> Self {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = TempDir::new(suite, "bin");
+        let path = dir.join("xlb");
+        copy_executable(Path::new(XLB), &path);
+        for p in [&dir.0, &path] {
+            fs::set_permissions(p, fs::Permissions::from_mode(0o755))
+                .unwrap_or_else(|e| panic!("chmod 755 {}: {e}", p.display()));
+        }
+        // Every ancestor of the temp dir must be enterable too, or the copy is as far out of
+        // reach as the original.
+        for ancestor in dir.0.ancestors().skip(1) {
+            let mode = fs::metadata(ancestor)
+                .unwrap_or_else(|e| panic!("stat {}: {e}", ancestor.display()))
+                .permissions()
+                .mode();
+            assert!(
+                mode & 0o001 != 0,
+                "{} (mode {mode:o}) is not enterable by other users: point TMPDIR elsewhere",
+                ancestor.display()
+            );
+        }
+        Self { _dir: dir, path }
     }
 }
 
@@ -147,7 +197,12 @@ pub fn output_within(cmd: &mut Command, limit: Duration) -> Output {
 /// Runs `xlb ARGS --socket SOCKET` in `ns`, within 40 s.
 #[allow(dead_code)]
 pub fn xlb(ns: &Netns, socket: &Path, args: &[&str]) -> Output {
-    let mut cmd = ns.command(XLB);
+    xlb_in(Some(ns), socket, args)
+}
+
+/// [`xlb`] in `ns`, or in the host's namespace for `None`.
+pub fn xlb_in(ns: Option<&Netns>, socket: &Path, args: &[&str]) -> Output {
+    let mut cmd = xlb_command(ns);
     cmd.args(args)
         .arg("--socket")
         .arg(socket)
@@ -329,29 +384,6 @@ impl AgentProcess {
         })
     }
 
-    /// For a failing test's report, while the agent still runs: its log and `stats`'s output
-    /// (e.g. `xlb stats --json`).
-    #[allow(dead_code)]
-    pub fn report_if_panicking(&self, stats: impl FnOnce() -> Output) {
-        if thread::panicking() && self.is_running() {
-            let stats = stats();
-            eprintln!(
-                "--- agent log ---\n{}\n--- xlb stats --json ---\n{}",
-                self.log(),
-                String::from_utf8_lossy(&stats.stdout)
-            );
-        }
-    }
-
-    /// [`Self::terminate`], then the log if the test is failing.
-    #[allow(dead_code)]
-    pub fn terminate_and_report(&mut self) {
-        self.terminate();
-        if thread::panicking() {
-            eprintln!("---- xlb agent log ----\n{}", self.log());
-        }
-    }
-
     /// SIGTERM, then SIGKILL if that did not end it in time; a no-op once stopped.
     pub fn terminate(&mut self) {
         if let Some(mut child) = self.child.take()
@@ -385,62 +417,44 @@ pub fn vip_list_probe(run: impl Fn(&[&str]) -> Output) -> impl FnMut() -> Result
     }
 }
 
-/// A TCP server on `[::]:port` in `ns` (dual-stack): each connection goes to `serve` on a
-/// thread of its own. Stopped and joined on drop; it also stops by itself after `lifetime`.
+/// Whether a server should keep going: neither stopped nor past its lifetime. Handed to
+/// every connection handler so that no server thread outlives its test.
+pub struct Liveness {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    deadline: Instant,
+}
+
 #[allow(dead_code)]
-pub struct TcpServer {
+impl Liveness {
+    pub fn running(&self) -> bool {
+        !self.stop.load(Ordering::Relaxed) && Instant::now() < self.deadline
+    }
+}
+
+/// A server's thread and its stop flag: [`ServerThread::stop`] (or drop) raises the flag and
+/// joins the thread, which polls its [`Liveness`].
+struct ServerThread {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     thread: Option<thread::JoinHandle<()>>,
 }
 
-#[allow(dead_code)]
-impl TcpServer {
-    pub fn start(
-        ns: &Netns,
-        port: u16,
-        lifetime: Duration,
-        serve: fn(std::net::TcpStream) -> std::io::Result<()>,
-    ) -> Self {
+impl ServerThread {
+    /// Runs `body` on a thread of its own until it returns; it should return once its
+    /// [`Liveness`] says so, at the latest after `lifetime`.
+    fn spawn(lifetime: Duration, body: impl FnOnce(Liveness) + Send + 'static) -> Self {
         use std::sync::{Arc, atomic::AtomicBool};
-        let listener = ns
-            .run(|| std::net::TcpListener::bind((std::net::Ipv6Addr::UNSPECIFIED, port)))
-            .expect("entering the server's namespace")
-            .expect("binding the server");
-        listener
-            .set_nonblocking(true)
-            .expect("non-blocking listener");
         let stop = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
-        let deadline = Instant::now() + lifetime;
-        let thread = thread::spawn(move || {
-            let mut conns = Vec::new();
-            while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
-                match listener.accept() {
-                    Ok((conn, _)) => conns.push(thread::spawn(move || {
-                        let _ = conn.set_nonblocking(false);
-                        if let Err(e) = serve(conn) {
-                            eprintln!("server connection: {e}");
-                        }
-                    })),
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        thread::sleep(Duration::from_millis(5));
-                    }
-                    Err(e) => panic!("server accept: {e}"),
-                }
-            }
-            for c in conns {
-                let _ = c.join();
-            }
-        });
+        let liveness = Liveness {
+            stop: Arc::clone(&stop),
+            deadline: Instant::now() + lifetime,
+        };
         Self {
             stop,
-            thread: Some(thread),
+            thread: Some(thread::spawn(move || body(liveness))),
         }
     }
-}
 
-impl Drop for TcpServer {
-    fn drop(&mut self) {
+    fn stop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -448,72 +462,681 @@ impl Drop for TcpServer {
     }
 }
 
-/// `xlb run` in `ns` on `ifaces` with a temp dir, socket and pins of its own (named after
-/// `suite`); SIGTERM on drop, its log printed if the test is failing, its files removed.
+impl Drop for ServerThread {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// How long a backend server lives at most, whatever its test does.
+const BACKEND_LIFETIME: Duration = Duration::from_secs(300);
+
+/// A TCP server in a namespace: each connection goes to a handler on a thread of its own.
+/// It stops by itself after its lifetime; [`TcpServer::stop`] (or drop) closes the listener
+/// and joins every connection thread.
 #[allow(dead_code)]
-pub struct NsAgent<'n> {
-    pub ns: &'n Netns,
-    pub process: AgentProcess,
-    pub socket: PathBuf,
-    dir: PathBuf,
-    bpffs: PathBuf,
+pub struct TcpServer(ServerThread);
+
+#[allow(dead_code)]
+impl TcpServer {
+    /// On `[::]:port` (dual-stack), `serve` per connection.
+    pub fn start(
+        ns: &Netns,
+        port: u16,
+        lifetime: Duration,
+        serve: fn(std::net::TcpStream) -> std::io::Result<()>,
+    ) -> Self {
+        let any = SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), port);
+        Self::listen(ns, any, lifetime, move |conn, _| {
+            if let Err(e) = serve(conn) {
+                eprintln!("server connection: {e}");
+            }
+        })
+    }
+
+    /// On `addr` in `ns`; `serve` gets each connection (blocking) and the server's
+    /// [`Liveness`], which it polls to stop in time.
+    pub fn listen(
+        ns: &Netns,
+        addr: SocketAddr,
+        lifetime: Duration,
+        serve: impl Fn(std::net::TcpStream, &Liveness) + Send + Sync + 'static,
+    ) -> Self {
+        use std::sync::Arc;
+        // std sets SO_REUSEADDR, so the port can be bound again right after a stop.
+        let listener = ns
+            .run(move || std::net::TcpListener::bind(addr))
+            .expect("entering the server's namespace")
+            .unwrap_or_else(|e| panic!("binding {addr}: {e}"));
+        listener
+            .set_nonblocking(true)
+            .expect("non-blocking listener");
+        let serve = Arc::new(serve);
+        Self(ServerThread::spawn(lifetime, move |liveness| {
+            let liveness = Arc::new(liveness);
+            let mut conns: Vec<thread::JoinHandle<()>> = Vec::new();
+            while liveness.running() {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        let (serve, liveness) = (Arc::clone(&serve), Arc::clone(&liveness));
+                        conns.push(thread::spawn(move || {
+                            let _ = conn.set_nonblocking(false);
+                            serve(conn, &liveness);
+                        }));
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        thread::sleep(Duration::from_millis(2));
+                    }
+                    Err(e) => {
+                        eprintln!("server accept on {addr}: {e}");
+                        thread::sleep(Duration::from_millis(10));
+                    }
+                }
+                // Join finished connections as we go: a long test makes many.
+                let (done, live): (Vec<_>, Vec<_>) =
+                    conns.into_iter().partition(thread::JoinHandle::is_finished);
+                for c in done {
+                    let _ = c.join();
+                }
+                conns = live;
+            }
+            drop(listener);
+            for c in conns {
+                let _ = c.join();
+            }
+        }))
+    }
+
+    /// Closes the listener (new connections are refused) and ends every connection.
+    pub fn stop(&mut self) {
+        self.0.stop();
+    }
+}
+
+/// A UDP socket in a namespace whose datagrams go to `answer`; what it returns is sent back
+/// to the sender. Stops by itself after its lifetime; stopping (or drop) closes the socket,
+/// so datagrams to the port draw ICMP port-unreachable from then on.
+#[allow(dead_code)]
+pub struct UdpServer(ServerThread);
+
+#[allow(dead_code)]
+impl UdpServer {
+    pub fn listen(
+        ns: &Netns,
+        addr: SocketAddr,
+        lifetime: Duration,
+        answer: impl Fn(&[u8], SocketAddr) -> Option<Vec<u8>> + Send + 'static,
+    ) -> Self {
+        let socket = ns
+            .run(move || std::net::UdpSocket::bind(addr))
+            .expect("entering the server's namespace")
+            .unwrap_or_else(|e| panic!("binding udp {addr}: {e}"));
+        socket
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .expect("read timeout");
+        Self(ServerThread::spawn(lifetime, move |liveness| {
+            let mut buf = [0_u8; 2048];
+            while liveness.running() {
+                if let Ok((len, from)) = socket.recv_from(&mut buf)
+                    && let Some(reply) = answer(&buf[..len], from)
+                    && let Err(e) = socket.send_to(&reply, from)
+                {
+                    eprintln!("udp reply from {addr} to {from}: {e}");
+                }
+            }
+        }))
+    }
+
+    /// Closes the socket and waits until it is gone.
+    pub fn stop(&mut self) {
+        self.0.stop();
+    }
+}
+
+/// How a backend's server answers. Every answer carries the backend's name, so a test can
+/// tell where the balancer sent a connection or datagram.
+#[allow(dead_code)]
+#[derive(Clone)]
+pub enum Reply {
+    /// TCP: writes `NAME` and closes. UDP: answers every datagram with `NAME`.
+    Name,
+    /// TCP: greets with `NAME\n`, then answers every line `L` with `NAME L`. UDP: answers
+    /// every datagram `D` with `NAME D`.
+    NamedEcho,
+    /// TCP: greets with `NAME\n`, then echoes every byte back as it comes.
+    GreetThenEcho,
+    /// Answers every line (TCP) or datagram (UDP) with `NAME CLIENT\n`, the client address
+    /// the backend saw.
+    NameAndClient,
+    /// HTTP/1.0 for health checks (TCP): `GET /healthz` gets the status in the cell, any
+    /// other path 200 with `NAME\n` as the body.
+    Http(std::sync::Arc<std::sync::atomic::AtomicU16>),
+    /// UDP: takes datagrams and never answers.
+    Silent,
+}
+
+/// `NAME CLIENT\n`, with an IPv4 client seen on a dual-stack socket written as IPv4.
+#[allow(dead_code)]
+pub fn name_and_client(name: &str, client: SocketAddr) -> String {
+    format!("{name} {}\n", client.ip().to_canonical())
+}
+
+/// A backend's TCP or UDP server on one address, answering as its [`Reply`] says; it can be
+/// stopped and started again on the same address. Stopped and joined on drop.
+#[allow(dead_code)]
+pub struct Backend {
+    pub name: String,
+    pub addr: SocketAddr,
+    reply: Reply,
+    udp: bool,
+    tcp_server: Option<TcpServer>,
+    udp_server: Option<UdpServer>,
 }
 
 #[allow(dead_code)]
-impl<'n> NsAgent<'n> {
-    pub fn start<S: AsRef<OsStr>>(
-        ns: &'n Netns,
-        suite: &str,
-        ifaces: &[S],
-        extra: &[&str],
-    ) -> Self {
-        let dir = std::env::temp_dir().join(unique(suite, "agent"));
-        fs::create_dir_all(&dir).expect("creating the agent's temp dir");
-        let socket = dir.join("xlb.sock");
-        let log = dir.join("agent.log");
-        let bpffs = Path::new("/sys/fs/bpf").join(unique(suite, "pins"));
+impl Backend {
+    /// A TCP server named `name` on `addr` in `ns`.
+    pub fn tcp(ns: &Netns, name: &str, addr: SocketAddr, reply: Reply) -> Self {
+        let mut backend = Self::new(name, addr, reply, false);
+        backend.restart(ns);
+        backend
+    }
+
+    /// A UDP server named `name` on `addr` in `ns`.
+    pub fn udp(ns: &Netns, name: &str, addr: SocketAddr, reply: Reply) -> Self {
+        let mut backend = Self::new(name, addr, reply, true);
+        backend.restart(ns);
+        backend
+    }
+
+    fn new(name: &str, addr: SocketAddr, reply: Reply, udp: bool) -> Self {
+        Self {
+            name: name.to_owned(),
+            addr,
+            reply,
+            udp,
+            tcp_server: None,
+            udp_server: None,
+        }
+    }
+
+    /// Closes the socket (TCP: refusing new connections, ending open ones) and waits until
+    /// it is gone.
+    pub fn stop(&mut self) {
+        self.tcp_server = None;
+        self.udp_server = None;
+    }
+
+    /// Starts a stopped server again on the same address, in `ns`.
+    pub fn restart(&mut self, ns: &Netns) {
+        assert!(
+            self.tcp_server.is_none() && self.udp_server.is_none(),
+            "restart a stopped server"
+        );
+        let (name, reply) = (self.name.clone(), self.reply.clone());
+        if self.udp {
+            self.udp_server = Some(UdpServer::listen(
+                ns,
+                self.addr,
+                BACKEND_LIFETIME,
+                move |datagram, from| answer_udp(&name, &reply, datagram, from),
+            ));
+        } else {
+            self.tcp_server = Some(TcpServer::listen(
+                ns,
+                self.addr,
+                BACKEND_LIFETIME,
+                move |conn, liveness| serve_tcp(conn, &name, &reply, liveness),
+            ));
+        }
+    }
+}
+
+fn answer_udp(name: &str, reply: &Reply, datagram: &[u8], from: SocketAddr) -> Option<Vec<u8>> {
+    match reply {
+        Reply::Name => Some(name.as_bytes().to_vec()),
+        Reply::NamedEcho => {
+            let mut answer = format!("{name} ").into_bytes();
+            answer.extend_from_slice(datagram);
+            Some(answer)
+        }
+        Reply::NameAndClient => Some(name_and_client(name, from).into_bytes()),
+        Reply::GreetThenEcho | Reply::Http(_) | Reply::Silent => None,
+    }
+}
+
+fn serve_tcp(mut conn: std::net::TcpStream, name: &str, reply: &Reply, liveness: &Liveness) {
+    use std::io::{ErrorKind, Write as _};
+    let _ = conn.set_read_timeout(Some(Duration::from_millis(100)));
+    let _ = conn.set_write_timeout(Some(Duration::from_secs(3)));
+    let peer = match conn.peer_addr() {
+        Ok(peer) => peer,
+        Err(_) => return,
+    };
+    match reply {
+        Reply::Name => {
+            let _ = conn.write_all(name.as_bytes());
+            return;
+        }
+        Reply::NamedEcho | Reply::GreetThenEcho
+            if conn.write_all(format!("{name}\n").as_bytes()).is_err() =>
+        {
+            return;
+        }
+        _ => {}
+    }
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while liveness.running() {
+        match conn.read(&mut chunk) {
+            Ok(0) => return,
+            Ok(n) if matches!(reply, Reply::GreetThenEcho) => {
+                if conn.write_all(&chunk[..n]).is_err() {
+                    return;
+                }
+                continue;
+            }
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
+            Err(_) => return,
+        }
+        if let Reply::Http(status) = reply {
+            if !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                continue;
+            }
+            let head = String::from_utf8_lossy(&buf);
+            let path = head.split(' ').nth(1).unwrap_or("/");
+            let code = if path == "/healthz" {
+                status.load(Ordering::Relaxed)
+            } else {
+                200
+            };
+            let body = format!("{name}\n");
+            let _ = conn.write_all(
+                format!(
+                    "HTTP/1.0 {code} X\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            );
+            return;
+        }
+        while let Some(end) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=end).collect();
+            let answer = match reply {
+                Reply::NameAndClient => name_and_client(name, peer).into_bytes(),
+                _ => {
+                    let mut answer = format!("{name} ").into_bytes();
+                    answer.extend_from_slice(&line);
+                    answer
+                }
+            };
+            if conn.write_all(&answer).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Where the `xlb` binary runs: in a namespace the test created, or in the host's (the
+/// podman tests, whose containers sit on the host's bridge).
+#[allow(dead_code)]
+pub fn xlb_command(ns: Option<&Netns>) -> Command {
+    ns.map_or_else(|| Command::new(XLB), |ns| ns.command(XLB))
+}
+
+/// How long a starting agent gets to answer on its control socket.
+const START_LIMIT: Duration = Duration::from_secs(15);
+
+/// The one way the tests start `xlb run`: [`Agent::in_ns`] or [`Agent::on_host`], then the
+/// options that differ from the defaults, then [`AgentBuilder::start`].
+///
+/// Defaults: a temp dir of its own (named after the suite) for the socket, state file and log;
+/// a bpffs directory of its own; info logging. Whatever the builder creates is removed when
+/// the [`Agent`] is dropped; paths the test passes in stay the test's.
+#[must_use = "an agent starts only with `start()`"]
+pub struct AgentBuilder<'n> {
+    ns: Option<&'n Netns>,
+    suite: String,
+    ifaces: Vec<std::ffi::OsString>,
+    dir: Option<PathBuf>,
+    socket: Option<PathBuf>,
+    state: Option<PathBuf>,
+    bpffs: Option<PathBuf>,
+    args: Vec<std::ffi::OsString>,
+    envs: Vec<(String, String)>,
+    start_limit: Duration,
+    dies_with_test: bool,
+}
+
+#[allow(dead_code)]
+impl<'n> AgentBuilder<'n> {
+    /// Attaches to `iface` (repeatable).
+    pub fn iface(mut self, iface: impl AsRef<OsStr>) -> Self {
+        self.ifaces.push(iface.as_ref().to_owned());
+        self
+    }
+
+    pub fn ifaces<S: AsRef<OsStr>>(mut self, ifaces: impl IntoIterator<Item = S>) -> Self {
+        self.ifaces
+            .extend(ifaces.into_iter().map(|i| i.as_ref().to_owned()));
+        self
+    }
+
+    /// The test's own directory for the socket, state file and logs (several agents in turn
+    /// may share it, e.g. to restart on the same state); not removed on drop.
+    pub fn dir(mut self, dir: &Path) -> Self {
+        self.dir = Some(dir.to_owned());
+        self
+    }
+
+    pub fn socket(mut self, socket: &Path) -> Self {
+        self.socket = Some(socket.to_owned());
+        self
+    }
+
+    pub fn state(mut self, state: &Path) -> Self {
+        self.state = Some(state.to_owned());
+        self
+    }
+
+    /// Pins maps under the test's `bpffs` directory, which the test then cleans up.
+    pub fn bpffs(mut self, bpffs: &Path) -> Self {
+        self.bpffs = Some(bpffs.to_owned());
+        self
+    }
+
+    /// `--config FILE`.
+    pub fn config(self, file: &Path) -> Self {
+        self.arg("--config").arg(file)
+    }
+
+    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
+        self.args.push(arg.as_ref().to_owned());
+        self
+    }
+
+    pub fn args<S: AsRef<OsStr>>(mut self, args: impl IntoIterator<Item = S>) -> Self {
+        self.args
+            .extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        self
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.envs.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// How long it may take until the control socket answers (15 s unless set).
+    pub fn start_limit(mut self, limit: Duration) -> Self {
+        self.start_limit = limit;
+        self
+    }
+
+    /// SIGTERM to the agent if the test process dies, e.g. an agent attached to host
+    /// interfaces, which no namespace teardown would detach.
+    pub fn dies_with_test(mut self) -> Self {
+        self.dies_with_test = true;
+        self
+    }
+
+    /// Spawns the agent and waits (bounded) until `vip list` through its socket succeeds;
+    /// panics with its log if it exits first or does not answer in time.
+    pub fn start(self) -> Agent<'n> {
+        require_root();
+        let mut owned = Vec::new();
+        let dir = self.dir.unwrap_or_else(|| {
+            let dir = std::env::temp_dir().join(unique(&self.suite, "agent"));
+            fs::create_dir_all(&dir).expect("creating the agent's temp dir");
+            owned.push(dir.clone());
+            dir
+        });
+        let bpffs = self.bpffs.unwrap_or_else(|| {
+            let pins = Path::new("/sys/fs/bpf").join(unique(&self.suite, "pins"));
+            owned.push(pins.clone());
+            pins
+        });
+        let socket = self.socket.unwrap_or_else(|| dir.join("xlb.sock"));
+        let state = self.state.unwrap_or_else(|| dir.join("state.json"));
+        let log = dir.join(format!("agent-{}.log", seq()));
         let mut cmd = agent_command(
-            ns.command(XLB),
-            ifaces,
+            xlb_command(self.ns),
+            &self.ifaces,
             &socket,
-            &dir.join("state.json"),
+            &state,
             &bpffs,
             &log,
         );
-        cmd.args(extra);
+        cmd.args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
+            .env_remove("XLB_SOCKET");
+        if self.dies_with_test {
+            use std::os::unix::process::CommandExt as _;
+            // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let ns = self.ns;
         let probe_socket = socket.clone();
         let process = AgentProcess::start(
             cmd,
             log,
-            Duration::from_secs(10),
-            Duration::from_millis(100),
-            vip_list_probe(move |args| xlb(ns, &probe_socket, args)),
+            self.start_limit,
+            Duration::from_millis(25),
+            vip_list_probe(move |args| xlb_in(ns, &probe_socket, args)),
         );
-        Self {
+        Agent {
             ns,
             process,
             socket,
-            dir,
+            state,
             bpffs,
+            owned,
         }
+    }
+}
+
+/// The bpffs directory of agents run with `--keep-attached`. On drop, `xlb detach`
+/// (bounded) takes down what the last of them left attached, and the directory is removed.
+/// Declare it before the agents: locals drop in reverse order, and `detach` refuses while an
+/// agent answers on the socket.
+#[allow(dead_code)]
+pub struct KeptPins<'n> {
+    ns: &'n Netns,
+    pub dir: PathBuf,
+    /// The agents' control socket, which `detach` checks.
+    pub socket: PathBuf,
+}
+
+#[allow(dead_code)]
+impl<'n> KeptPins<'n> {
+    /// A fresh directory under /sys/fs/bpf named after `suite`.
+    pub fn new(ns: &'n Netns, suite: &str, socket: PathBuf) -> Self {
+        Self::at(
+            ns,
+            Path::new("/sys/fs/bpf").join(unique(suite, "pins")),
+            socket,
+        )
+    }
+
+    /// `dir`, e.g. on a bpffs the test mounted itself.
+    pub fn at(ns: &'n Netns, dir: PathBuf, socket: PathBuf) -> Self {
+        Self { ns, dir, socket }
+    }
+}
+
+impl Drop for KeptPins<'_> {
+    fn drop(&mut self) {
+        if self.dir.exists() {
+            let mut cmd = self.ns.command(XLB);
+            cmd.arg("detach")
+                .arg("--bpffs")
+                .arg(&self.dir)
+                .arg("--socket")
+                .arg(&self.socket)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            // No panic here: this may run while a failing test unwinds.
+            if let Ok(mut child) = spawn(&mut cmd) {
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                    thread::sleep(Duration::from_millis(20));
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A running `xlb run` (see [`AgentBuilder`]). On drop: if the test is failing, `stats`
+/// and its log are printed; SIGTERM (SIGKILL if ignored); what the builder created is removed.
+#[allow(dead_code)]
+pub struct Agent<'n> {
+    ns: Option<&'n Netns>,
+    pub process: AgentProcess,
+    pub socket: PathBuf,
+    pub state: PathBuf,
+    pub bpffs: PathBuf,
+    /// Directories the builder created, removed on drop.
+    owned: Vec<PathBuf>,
+}
+
+#[allow(dead_code)]
+impl<'n> Agent<'n> {
+    /// An agent in `ns`; its temp dir and pins are named after `suite`.
+    pub fn in_ns(ns: &'n Netns, suite: &str) -> AgentBuilder<'n> {
+        Self::builder(Some(ns), suite)
+    }
+
+    /// An agent in the host's namespace.
+    pub fn on_host(suite: &str) -> AgentBuilder<'n> {
+        Self::builder(None, suite)
+    }
+
+    fn builder(ns: Option<&'n Netns>, suite: &str) -> AgentBuilder<'n> {
+        AgentBuilder {
+            ns,
+            suite: suite.to_owned(),
+            ifaces: Vec::new(),
+            dir: None,
+            socket: None,
+            state: None,
+            bpffs: None,
+            args: Vec::new(),
+            envs: Vec::new(),
+            start_limit: START_LIMIT,
+            dies_with_test: false,
+        }
+    }
+
+    /// `xlb ARGS --socket SOCKET` where the agent runs, within 40 s; any outcome.
+    pub fn run(&self, args: &[&str]) -> Output {
+        xlb_in(self.ns, &self.socket, args)
     }
 
     /// Runs an `xlb` command against this agent; panics if it fails.
     pub fn cli(&self, args: &[&str]) -> String {
-        ok(self.ns, &self.socket, args)
+        success(args, self.run(args))
+    }
+
+    /// [`Self::cli`] under the name the CLI tests use.
+    pub fn ok(&self, args: &[&str]) -> String {
+        self.cli(args)
+    }
+
+    /// What a successful `xlb ARGS` printed, as JSON.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        parse_json(args, &self.cli(args))
     }
 
     pub fn stats(&self) -> Stats {
         parse_json(&["stats", "--json"], &self.cli(&["stats", "--json"]))
     }
+
+    /// Where it runs: its namespace's name, or `host`.
+    pub fn place(&self) -> &str {
+        self.ns.map_or("host", Netns::name)
+    }
+
+    pub fn log(&self) -> String {
+        self.process.log()
+    }
+
+    /// SIGTERM, then waits (bounded) for the exit; panics if it does not come.
+    pub fn stop(&mut self) -> ExitStatus {
+        self.process.stop()
+    }
+
+    pub fn signal(&mut self, signal: libc::c_int) {
+        self.process.signal(signal);
+    }
 }
 
-impl Drop for NsAgent<'_> {
+impl Drop for Agent<'_> {
     fn drop(&mut self) {
-        self.process.terminate_and_report();
-        let _ = fs::remove_dir_all(&self.bpffs);
-        let _ = fs::remove_dir_all(&self.dir);
+        let failing = thread::panicking();
+        if failing && self.process.is_running() {
+            let stats = self.run(&["stats", "--json"]);
+            eprintln!(
+                "--- xlb stats --json ---\n{}",
+                String::from_utf8_lossy(&stats.stdout)
+            );
+        }
+        self.process.terminate();
+        if failing {
+            eprintln!("---- xlb agent log ----\n{}", self.process.log());
+        }
+        for dir in &self.owned {
+            let _ = fs::remove_dir_all(dir);
+        }
     }
+}
+
+/// What an HTTP server answered: its status and body.
+#[allow(dead_code)]
+#[derive(Debug)]
+pub struct HttpResponse {
+    /// The first line, e.g. `HTTP/1.0 200 OK`.
+    pub status_line: String,
+    pub status: u16,
+    pub body: String,
+}
+
+/// One `GET PATH HTTP/1.0` to `addr` from the calling thread's namespace, with a `Host`
+/// header; the connect and every read or write within `limit`, at most 1 MiB read. An error
+/// for a failed connection or an answer that is not HTTP; any status is a response.
+#[allow(dead_code)]
+pub fn http_get(addr: SocketAddr, path: &str, limit: Duration) -> std::io::Result<HttpResponse> {
+    use std::io::Write as _;
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, limit)?;
+    stream.set_read_timeout(Some(limit))?;
+    stream.set_write_timeout(Some(limit))?;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
+    let mut response = String::new();
+    stream.take(1 << 20).read_to_string(&mut response)?;
+    let not_http = || std::io::Error::other(format!("not an HTTP response: {response:?}"));
+    let (head, body) = response.split_once("\r\n\r\n").ok_or_else(not_http)?;
+    let status_line = head.lines().next().unwrap_or_default();
+    let status = status_line
+        .strip_prefix("HTTP/1.")
+        .and_then(|rest| rest.split_whitespace().nth(1))
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(not_http)?;
+    Ok(HttpResponse {
+        status_line: status_line.to_owned(),
+        status,
+        body: body.to_owned(),
+    })
 }
 
 /// Whether xlb's data path is attached to `ifname` in `ns`: an XDP program (native or
