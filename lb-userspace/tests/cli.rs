@@ -12,7 +12,7 @@ use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
     os::unix::{net::UnixStream, process::CommandExt as _},
-    path::Path,
+    path::{Path, PathBuf},
     process::{Output, Stdio},
     thread,
     time::Duration,
