@@ -255,21 +255,6 @@ fn generate(out: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-/// clap's error as one line, as `xlb` shows its own: the first paragraph, which names the
-/// missing arguments or lists the accepted values on lines of their own.
-fn one_line(clap_error: &str) -> String {
-    let words: Vec<&str> = clap_error
-        .lines()
-        .take_while(|line| !line.trim().is_empty())
-        .map(|line| line.trim().trim_start_matches("error: "))
-        .collect();
-    if words.is_empty() {
-        "invalid arguments".to_owned()
-    } else {
-        words.join(" ")
-    }
-}
-
 fn main() -> ExitCode {
     let args: Vec<OsString> = std::env::args_os().collect();
     // `xlb bench` passes "xlb bench" as the program name, so usage lines and errors read as
@@ -281,25 +266,9 @@ fn main() -> ExitCode {
             || "xlb-bench".to_owned(),
             |a| a.to_string_lossy().into_owned(),
         );
-    let cli = match Cli::try_parse_from(&args) {
+    let cli: Cli = match lb_userspace::cli_args::parse_args(&name, args) {
         Ok(cli) => cli,
-        Err(e) => {
-            use clap::error::ErrorKind;
-            match e.kind() {
-                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
-                    let _ = e.print();
-                    return ExitCode::SUCCESS;
-                }
-                // `xlb bench` alone: the help is the useful answer, but it is not success.
-                ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
-                    let _ = e.print();
-                    return ExitCode::from(2);
-                }
-                _ => {}
-            }
-            eprintln!("{name}: {} (see --help)", one_line(&e.to_string()));
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let result = match cli.command {
         Command::Bench(command) => run(command),

@@ -8,6 +8,7 @@ pub mod api;
 pub mod attach;
 pub mod balancer;
 pub mod batch;
+pub mod cli_args;
 pub mod config;
 pub mod containers;
 pub mod control;

@@ -148,21 +148,6 @@ enum Command {
     Generate(generate::GenerateArgs),
 }
 
-/// clap's error as one line, like every other xlb error: its first paragraph, which names
-/// the missing arguments or lists the accepted values on lines of their own.
-fn one_line(clap_error: &str) -> String {
-    let words: Vec<&str> = clap_error
-        .lines()
-        .take_while(|line| !line.trim().is_empty())
-        .map(|line| line.trim().trim_start_matches("error: "))
-        .collect();
-    if words.is_empty() {
-        "invalid arguments".to_owned()
-    } else {
-        words.join(" ")
-    }
-}
-
 /// `xlb help VERB --help` means `xlb help VERB`: clap's help verb takes no flags of its own.
 fn arguments() -> Vec<std::ffi::OsString> {
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
@@ -173,25 +158,9 @@ fn arguments() -> Vec<std::ffi::OsString> {
 }
 
 pub fn main() -> ExitCode {
-    let cli = match Cli::try_parse_from(arguments()) {
+    let cli: Cli = match lb_userspace::cli_args::parse_args("xlb", arguments()) {
         Ok(cli) => cli,
-        Err(e) => {
-            use clap::error::ErrorKind;
-            match e.kind() {
-                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
-                    let _ = e.print();
-                    return ExitCode::SUCCESS;
-                }
-                // `xlb vip` alone: the verb's help is the useful answer, but it is not success.
-                ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
-                    let _ = e.print();
-                    return ExitCode::from(2);
-                }
-                _ => {}
-            }
-            eprintln!("xlb: {} (see --help)", one_line(&e.to_string()));
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     if !matches!(cli.command, Command::Run(_)) {
         // A client writing into a pipe its reader closed (`xlb stats | head`) ends quietly,
