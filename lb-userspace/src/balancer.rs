@@ -290,17 +290,13 @@ impl Balancer {
         let now = monotonic_coarse_ns();
         let timeouts = self.core.backend_idle_timeouts();
         let mut counts = BTreeMap::new();
-        for item in self.datapath().conntrack()?.iter() {
-            let Ok((_, state)) = item else {
-                // An entry evicted while we walk: the walk goes on from the next one.
-                continue;
-            };
+        self.datapath().for_each_flow(|_, state| {
             if let Some(timeout) = timeouts.get(&state.backend_id)
                 && state.is_live(now, *timeout)
             {
                 *counts.entry(state.backend_id).or_default() += 1;
             }
-        }
+        })?;
         Ok(counts)
     }
 
@@ -338,15 +334,13 @@ impl Balancer {
             total: 0,
             flows: Vec::new(),
         };
-        for item in self.datapath().conntrack()?.iter() {
-            // An entry evicted while we walk: the walk goes on from the next one.
-            let Ok((key, state)) = item else { continue };
+        self.datapath().for_each_flow(|key, state| {
             if (key.dst, key.dport_be, key.proto) != (wanted.dst, wanted.dport_be, wanted.proto) {
-                continue;
+                return;
             }
             let to = by_id.get(&state.backend_id).copied();
             if backend.is_some() && to != backend {
-                continue;
+                return;
             }
             conns.total += 1;
             if conns.flows.len() < limit {
@@ -361,7 +355,7 @@ impl Balancer {
                     live: to.is_some() && state.is_current(now, status.idle_timeout_s),
                 });
             }
-        }
+        })?;
         conns.flows.sort_by_key(|f| f.client);
         Ok(conns)
     }
@@ -373,14 +367,7 @@ impl Balancer {
     /// Unknown VIP, family mismatch, or a failing map read.
     pub fn explain(&self, client: SocketAddr, vip: &VipSpec) -> Result<Explanation> {
         let datapath = self.datapath();
-        let tracked = |key: &FlowKey| match datapath.conntrack()?.get(key, 0) {
-            Ok(state) => Ok(Some(state)),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(source) => Err(DatapathError::Map {
-                name: lb_common::map_names::CONNTRACK,
-                source,
-            }),
-        };
+        let tracked = |key: &FlowKey| datapath.flow(key);
         self.core.explain(
             client,
             vip,

@@ -734,21 +734,49 @@ impl Datapath {
         Array::try_from(self.map_data(name)?).map_err(map_err(name))
     }
 
-    pub fn conntrack(&self) -> Result<HashMap<&MapData, FlowKey, FlowState>> {
+    fn conntrack(&self) -> Result<HashMap<&MapData, FlowKey, FlowState>> {
         let name = map_names::CONNTRACK;
         HashMap::try_from(self.map_ref(name)?).map_err(map_err(name))
+    }
+
+    /// Calls `f` with every connection-table entry. An entry evicted during the walk is
+    /// skipped.
+    ///
+    /// # Errors
+    /// The table missing from the object.
+    pub fn for_each_flow(&self, mut f: impl FnMut(FlowKey, FlowState)) -> Result<()> {
+        for (key, state) in self.conntrack()?.iter().flatten() {
+            f(key, state);
+        }
+        Ok(())
+    }
+
+    /// The connection-table entry of `key`, if there is one.
+    ///
+    /// # Errors
+    /// Map access failing.
+    pub fn flow(&self, key: &FlowKey) -> Result<Option<FlowState>> {
+        match self.conntrack()?.get(key, 0) {
+            Ok(state) => Ok(Some(state)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(map_err(map_names::CONNTRACK)(source)),
+        }
+    }
+
+    /// Writes the connection-table entry of `key`: for tests that age or plant entries.
+    ///
+    /// # Errors
+    /// Map access failing.
+    pub fn set_flow(&mut self, key: &FlowKey, state: &FlowState) -> Result<()> {
+        let name = map_names::CONNTRACK;
+        let mut table: HashMap<&mut MapData, FlowKey, FlowState> = self.map_mut(name)?;
+        table.insert(key, state, 0).map_err(map_err(name))
     }
 
     /// The handshakes under way (`XLB_HANDSHAKES`), read-only.
     pub fn handshakes(&self) -> Result<HashMap<&MapData, FlowKey, FlowState>> {
         let name = map_names::HANDSHAKES;
         HashMap::try_from(self.map_ref(name)?).map_err(map_err(name))
-    }
-
-    /// The connection table, writable: for tests that age or plant entries.
-    pub fn conntrack_mut(&mut self) -> Result<HashMap<&mut MapData, FlowKey, FlowState>> {
-        let name = map_names::CONNTRACK;
-        HashMap::try_from(self.map_data(name)?).map_err(map_err(name))
     }
 
     pub fn reverse_nat(&self) -> Result<HashMap<&MapData, FlowKey, ReverseNat>> {

@@ -201,16 +201,10 @@ impl Lab {
     #[must_use]
     pub fn flow_state(&self, client: SocketAddr, vip: &VipSpec) -> Option<FlowState> {
         let key = FlowKey::new(client, vip.addr, vip.proto.number());
-        let table = self
-            .balancer
+        self.balancer
             .datapath()
-            .conntrack()
-            .unwrap_or_else(|e| panic!("the connection table: {}", chain(&e)));
-        match table.get(&key, 0) {
-            Ok(state) => Some(state),
-            Err(aya::maps::MapError::KeyNotFound) => None,
-            Err(e) => panic!("reading the entry of {client} -> {vip}: {}", chain(&e)),
-        }
+            .flow(&key)
+            .unwrap_or_else(|e| panic!("reading the entry of {client} -> {vip}: {}", chain(&e)))
     }
 
     /// The handshake record of `client → vip` (a SYN's, until the connection's next packet
@@ -249,15 +243,7 @@ impl Lab {
         let key = FlowKey::new(client, vip.addr, vip.proto.number());
         self.balancer
             .datapath_mut()
-            .conntrack_mut()
-            .and_then(|mut table| {
-                table.insert(&key, &state, 0).map_err(|source| {
-                    lb_userspace::datapath::DatapathError::Map {
-                        name: lb_common::map_names::CONNTRACK,
-                        source,
-                    }
-                })
-            })
+            .set_flow(&key, &state)
             .unwrap_or_else(|e| panic!("ageing {client} -> {vip}: {}", chain(&e)));
     }
 
