@@ -21,7 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Agent, RaiseOnDrop, XLB, describe, output_within, require_root};
+use common::{Agent, RaiseOnDrop, XLB, describe, netlink_in, output_within, require_root};
 use futures_util::TryStreamExt as _;
 use socket2::{Domain, Protocol, Socket, Type};
 use xlb_netns::{DsrTopology, LinkStats, Netns};
@@ -143,88 +143,68 @@ fn counter(check_output: &str, name: &str) -> u64 {
 fn tc_state(ns: &Netns, ifname: &str) -> (bool, Vec<String>) {
     use rtnetlink::packet_route::tc::{TcAttribute, TcFilterBpfOption, TcOption};
     let ifindex = ns.ifindex(ifname).expect("interface index");
-    ns.run(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
-            let (connection, handle, _) = rtnetlink::new_connection().expect("netlink");
-            let task = tokio::spawn(connection);
-            let qdiscs: Vec<_> = handle
-                .qdisc()
+    netlink_in(ns, |handle| async move {
+        let qdiscs: Vec<_> = handle
+            .qdisc()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .expect("listing qdiscs");
+        let clsact = qdiscs.iter().any(|q| {
+            q.header.index == ifindex as i32
+                && q.attributes
+                    .iter()
+                    .any(|a| matches!(a, TcAttribute::Kind(k) if k == "clsact"))
+        });
+        let mut names = Vec::new();
+        if clsact {
+            let filters: Vec<_> = handle
+                .traffic_filter(ifindex as i32)
                 .get()
+                .ingress()
                 .execute()
                 .try_collect()
                 .await
-                .expect("listing qdiscs");
-            let clsact = qdiscs.iter().any(|q| {
-                q.header.index == ifindex as i32
-                    && q.attributes
-                        .iter()
-                        .any(|a| matches!(a, TcAttribute::Kind(k) if k == "clsact"))
-            });
-            let mut names = Vec::new();
-            if clsact {
-                let filters: Vec<_> = handle
-                    .traffic_filter(ifindex as i32)
-                    .get()
-                    .ingress()
-                    .execute()
-                    .try_collect()
-                    .await
-                    .expect("listing filters");
-                for f in filters {
-                    for a in &f.attributes {
-                        if let TcAttribute::Options(options) = a {
-                            for o in options {
-                                if let TcOption::Bpf(TcFilterBpfOption::ProgName(n)) = o {
-                                    names.push(n.clone());
-                                }
+                .expect("listing filters");
+            for f in filters {
+                for a in &f.attributes {
+                    if let TcAttribute::Options(options) = a {
+                        for o in options {
+                            if let TcOption::Bpf(TcFilterBpfOption::ProgName(n)) = o {
+                                names.push(n.clone());
                             }
                         }
                     }
                 }
             }
-            task.abort();
-            (clsact, names)
-        })
+        }
+        (clsact, names)
     })
-    .expect("entering the namespace")
 }
 
 /// The addresses on `lo` in `ns`.
 fn loopback_addresses(ns: &Netns) -> Vec<IpAddr> {
     use rtnetlink::packet_route::address::AddressAttribute;
     let lo = ns.ifindex("lo").expect("lo");
-    ns.run(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
-            let (connection, handle, _) = rtnetlink::new_connection().expect("netlink");
-            let task = tokio::spawn(connection);
-            let all: Vec<_> = handle
-                .address()
-                .get()
-                .execute()
-                .try_collect()
-                .await
-                .expect("listing addresses");
-            task.abort();
-            all.iter()
-                .filter(|m| m.header.index == lo)
-                .filter_map(|m| {
-                    m.attributes.iter().find_map(|a| match a {
-                        AddressAttribute::Address(ip) => Some(*ip),
-                        _ => None,
-                    })
+    netlink_in(ns, |handle| async move {
+        let all: Vec<_> = handle
+            .address()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .expect("listing addresses");
+        all.iter()
+            .filter(|m| m.header.index == lo)
+            .filter_map(|m| {
+                m.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Address(ip) => Some(*ip),
+                    _ => None,
                 })
-                .collect()
-        })
+            })
+            .collect()
     })
-    .expect("entering the namespace")
 }
 
 const SYSCTLS: [&str; 6] = [

@@ -1159,12 +1159,15 @@ pub fn tcx_ingress_attached(ns: &Netns, ifname: &str) -> bool {
     .expect("entering namespace")
 }
 
-/// Whether any XDP program is attached to `ifname` in `ns`, asked over netlink (IFLA_XDP).
+/// Runs one netlink query inside `ns`: a netlink socket speaks for the namespace it was
+/// opened in, so it is opened on a thread that has entered `ns`, with a runtime of its own.
 #[allow(dead_code)]
-pub fn xdp_attached(ns: &Netns, ifname: &str) -> bool {
-    use futures_util::TryStreamExt as _;
-    use rtnetlink::packet_route::link::{LinkAttribute, LinkXdp, XdpAttached};
-    let ifname = ifname.to_owned();
+pub fn netlink_in<F, Fut, T>(ns: &Netns, query: F) -> T
+where
+    F: FnOnce(rtnetlink::Handle) -> Fut + Send,
+    Fut: std::future::Future<Output = T>,
+    T: Send,
+{
     ns.run(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -1173,26 +1176,38 @@ pub fn xdp_attached(ns: &Netns, ifname: &str) -> bool {
         rt.block_on(async move {
             let (connection, handle, _) = rtnetlink::new_connection().expect("netlink");
             let task = tokio::spawn(connection);
-            let msg = handle
-                .link()
-                .get()
-                .match_name(ifname.clone())
-                .execute()
-                .try_next()
-                .await
-                .unwrap_or_else(|e| panic!("getting link {ifname}: {e}"))
-                .unwrap_or_else(|| panic!("no link {ifname}"));
+            let out = query(handle).await;
             task.abort();
-            msg.attributes.iter().any(|a| {
-                matches!(a, LinkAttribute::Xdp(xdp) if xdp.iter().any(|x| match x {
-                    LinkXdp::Attached(how) => !matches!(how, XdpAttached::None),
-                    LinkXdp::ProgId(id) | LinkXdp::DrvProgId(id) | LinkXdp::SkbProgId(id) => *id != 0,
-                    _ => false,
-                }))
-            })
+            out
         })
     })
-    .expect("entering namespace")
+    .expect("entering the namespace")
+}
+
+/// Whether any XDP program is attached to `ifname` in `ns`, asked over netlink (IFLA_XDP).
+#[allow(dead_code)]
+pub fn xdp_attached(ns: &Netns, ifname: &str) -> bool {
+    use futures_util::TryStreamExt as _;
+    use rtnetlink::packet_route::link::{LinkAttribute, LinkXdp, XdpAttached};
+    let ifname = ifname.to_owned();
+    netlink_in(ns, |handle| async move {
+        let msg = handle
+            .link()
+            .get()
+            .match_name(ifname.clone())
+            .execute()
+            .try_next()
+            .await
+            .unwrap_or_else(|e| panic!("getting link {ifname}: {e}"))
+            .unwrap_or_else(|| panic!("no link {ifname}"));
+        msg.attributes.iter().any(|a| {
+            matches!(a, LinkAttribute::Xdp(xdp) if xdp.iter().any(|x| match x {
+                LinkXdp::Attached(how) => !matches!(how, XdpAttached::None),
+                LinkXdp::ProgId(id) | LinkXdp::DrvProgId(id) | LinkXdp::SkbProgId(id) => *id != 0,
+                _ => false,
+            }))
+        })
+    })
 }
 
 /// A global counter from `xlb stats --json`.
