@@ -3,7 +3,7 @@
 use etherparse::{LinkExtSlice, NetSlice, SlicedPacket, TcpHeader, TransportSlice};
 use lb_common::{
     IPPROTO_TCP, IPPROTO_UDP,
-    addr::v4_mapped,
+    addr::{is_v4_mapped, v4_mapped},
     csum::CsumDelta,
     icmp::{ICMP_HLEN, QUOTED_L4_MIN, parse_icmp_error},
     parse::{
@@ -343,6 +343,11 @@ pub fn rewrite_is_checked(data: &[u8]) -> bool {
         return false;
     };
     let Ok(p) = parse(input) else { return false };
+    // The data path rewrites an IPv6 packet only to an IPv6 backend, never to an IPv4-mapped
+    // address (which the parser refuses in an IPv6 header).
+    if p.ipv6 && is_v4_mapped(&r.addr) {
+        return false;
+    }
     // Only what the parser target has already checked etherparse agrees on.
     if etherparse_view(input).is_none() {
         return false;
