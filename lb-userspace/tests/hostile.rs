@@ -547,6 +547,36 @@ fn connect(
     (conn, reader)
 }
 
+/// A control connection the agent is serving, proven by one answered request: it holds
+/// one of the agent's connection slots. A slot can stay taken a moment after its client
+/// closed (the start-up probe's, on a loaded machine), so a connection refused as one too
+/// many is opened again, a bounded number of times.
+fn served_connection(
+    socket: &Path,
+) -> (
+    std::os::unix::net::UnixStream,
+    std::io::BufReader<std::os::unix::net::UnixStream>,
+) {
+    use std::io::Write as _;
+    for _ in 0..50 {
+        let (mut conn, mut reader) = connect(socket);
+        conn.write_all(b"{\"op\":\"vip_list\"}\n")
+            .expect("sending a request");
+        let reply = read_reply(&mut reader);
+        if reply["kind"] != "error" {
+            return (conn, reader);
+        }
+        assert!(
+            reply["data"]
+                .as_str()
+                .is_some_and(|d| d.contains("control connections")),
+            "{reply}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("the agent kept refusing a control connection below its cap");
+}
+
 fn read_reply(reader: &mut impl std::io::BufRead) -> serde_json::Value {
     let mut line = String::new();
     reader.read_line(&mut line).expect("reading a reply");
@@ -607,8 +637,7 @@ fn control_connections_are_capped() {
     let ifaces = lb_ifaces(&topo);
     let pins = BpffsDir(bpffs_dir("cap"));
     let agent = start_agent(topo.lb(), &ifaces, &dir, &pins.0, &[]);
-    let held: Vec<_> = (0..64).map(|_| connect(&agent.socket)).collect();
-    std::thread::sleep(Duration::from_millis(200));
+    let held: Vec<_> = (0..64).map(|_| served_connection(&agent.socket)).collect();
     let (_conn, mut reader) = connect(&agent.socket);
     let mut line = String::new();
     let read = std::io::BufRead::read_line(&mut reader, &mut line);
