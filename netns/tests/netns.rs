@@ -477,6 +477,12 @@ fn fresh_netns_is_private_to_its_thread_and_serves_the_netns_api() {
         outer,
         "the caller's thread stayed where it was"
     );
+    // The thread has been joined, but the kernel may release its /proc entry (and with it
+    // the last reference to the namespace) a moment after the join returns.
+    let gone_by = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while path.exists() && std::time::Instant::now() < gone_by {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     assert!(!path.exists(), "{} outlived its thread", path.display());
     let here = std::fs::read_to_string("/proc/thread-self/net/dev").unwrap();
     assert!(!here.contains("fa:") && !here.contains("fb:"), "{here}");
