@@ -111,6 +111,26 @@ def map_info(fd):
     return dict(type=t, id=mid, key_size=ks, value_size=vs, max_entries=me, flags=fl, name=name)
 
 
+def set_table_count(fd, info, key_size=16, state_size=32):
+    """Occupied ways in xlb's XLB_FLOWS4 (mmapable array of sets: 16-byte keys, then their
+    32-byte states; an all-zero key is an empty way), read through a shared read-only mapping."""
+    import mmap
+    vs, n_sets = info["value_size"], info["max_entries"]
+    ways = vs // (key_size + state_size)
+    length = (vs * n_sets + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+    with mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+        data = memoryview(m)
+        empty = bytes(key_size)
+        n = 0
+        for base in range(0, vs * n_sets, vs):
+            for w in range(ways):
+                o = base + w * key_size
+                if data[o:o + key_size] != empty:
+                    n += 1
+        data.release()
+    return n
+
+
 def map_count(fd, ksz):
     """Entries in a hash map, by walking it with GET_NEXT_KEY (does not touch LRU state)."""
     kb, nb = ctypes.create_string_buffer(ksz), ctypes.create_string_buffer(ksz)
@@ -412,6 +432,10 @@ class XlbInstance:
         self.gstats = obj_get(f"{self.bpffs}/XLB_GSTATS")
         self.conntrack = obj_get(f"{self.bpffs}/XLB_CONNTRACK")
         self.ct_info = map_info(self.conntrack)
+        # IPv4 flows live in XLB_FLOWS4 (a set-associative array) since 2026-12-06.
+        flows4 = f"{self.bpffs}/XLB_FLOWS4"
+        self.flows4 = obj_get(flows4) if os.path.exists(flows4) else None
+        self.flows4_info = map_info(self.flows4) if self.flows4 is not None else None
         self.handshakes = obj_get(f"{self.bpffs}/XLB_HANDSHAKES")
         self.hs_info = map_info(self.handshakes)
         self.revnat_info = map_info(obj_get(f"{self.bpffs}/XLB_REVNAT"))
@@ -425,7 +449,10 @@ class XlbInstance:
         return raw
 
     def ct_count(self):
-        return map_count(self.conntrack, self.ct_info["key_size"])
+        n = map_count(self.conntrack, self.ct_info["key_size"])
+        if self.flows4 is not None:
+            n += set_table_count(self.flows4, self.flows4_info)
+        return n
 
     def hs_count(self):
         return map_count(self.handshakes, self.hs_info["key_size"])

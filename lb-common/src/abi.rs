@@ -9,7 +9,10 @@ pub mod map_names {
     pub const VIPS: &str = "XLB_VIPS";
     pub const MAGLEV: &str = "XLB_MAGLEV";
     pub const BACKENDS: &str = "XLB_BACKENDS";
+    /// IPv6 flows (a kernel LRU hash map); IPv4 flows are in `FLOWS4`.
     pub const CONNTRACK: &str = "XLB_CONNTRACK";
+    /// IPv4 flows: a set-associative array (`crate::flow_table`).
+    pub const FLOWS4: &str = "XLB_FLOWS4";
     pub const REVERSE_NAT: &str = "XLB_REVNAT";
     pub const EGRESS_PORTS: &str = "XLB_EGRESS";
     pub const GLOBAL_STATS: &str = "XLB_GSTATS";
@@ -22,11 +25,12 @@ pub mod map_names {
     pub const HANDSHAKE_REPLIES: &str = "XLB_HSREVNAT";
     pub const ENCAP: &str = "XLB_ENCAP";
     /// All maps the agent pins, in a stable order.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 16] = [
         VIPS,
         MAGLEV,
         BACKENDS,
         CONNTRACK,
+        FLOWS4,
         REVERSE_NAT,
         EGRESS_PORTS,
         GLOBAL_STATS,
@@ -113,7 +117,8 @@ pub const DEFAULT_RING_SIZE: u32 = 65_537;
 pub const DEFAULT_MAX_VIPS: u32 = 64;
 /// Backend slots across all VIPs (ids are per VIP/backend pair).
 pub const MAX_BACKENDS: u32 = 16_384;
-/// Connection-table entries (LRU), shared by all VIPs.
+/// Connection-table entries, shared by all VIPs: the ways of `XLB_FLOWS4` (IPv4) and the
+/// entries of `XLB_CONNTRACK` (IPv6) each.
 pub const CONNTRACK_ENTRIES: u32 = 1 << 20;
 /// Connection-table entries per `XLB_HANDSHAKES` entry. A record is needed for one round trip
 /// (SYN to the handshake's ACK), but under a flood it must outlast that many spoofed SYNs:
@@ -396,7 +401,8 @@ pub const CLOSE_FIN_FROM_BACKEND: u8 = 2;
 /// `FlowState::closing`: either side sent a RST.
 pub const CLOSE_RESET: u8 = 4;
 
-/// Value of `XLB_CONNTRACK`.
+/// A flow's connection-table entry: the value of `XLB_CONNTRACK` (IPv6), and each way's
+/// state in `XLB_FLOWS4` (IPv4).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowState {
@@ -652,6 +658,7 @@ mod pod {
     unsafe impl aya::Pod for super::BenchFrame {}
     unsafe impl aya::Pod for super::EndpointVip {}
     unsafe impl aya::Pod for super::EncapSettings {}
+    unsafe impl aya::Pod for crate::flow_table::FlowSet {}
 }
 
 #[cfg(test)]

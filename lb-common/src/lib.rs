@@ -9,6 +9,7 @@ pub mod abi;
 pub mod addr;
 pub mod csum;
 pub mod encap;
+pub mod flow_table;
 pub mod hash;
 pub mod icmp;
 #[cfg(any(feature = "std", test))]

@@ -22,9 +22,9 @@ use crate::{
     hook::Hook,
     icmp,
     maps::{
-        BACKENDS, CONNTRACK, ENDPOINTS, HANDSHAKE_REPLIES, HANDSHAKES, HopCache, MAGLEV, PORTS,
-        REVERSE_NAT, VIPS, XLB_HASH_SEED, backend_hop_slot, flow_entry, handshake_entry,
-        handshake_reverse_entry, reverse_entry,
+        BACKENDS, ENDPOINTS, HANDSHAKE_REPLIES, HANDSHAKES, HopCache, MAGLEV, PORTS, REVERSE_NAT,
+        VIPS, XLB_HASH_SEED, backend_hop_slot, flow_entry, handshake_entry,
+        handshake_reverse_entry, insert_flow, reverse_entry,
     },
     nat::Endpoint,
     stats::{count, count_forwarded},
@@ -279,7 +279,7 @@ fn to_backend<H: Hook>(
             match entry {
                 Some(old) => *old = state,
                 None => {
-                    if let Err(errno) = CONNTRACK.insert(&key, &state, 0) {
+                    if let Err(errno) = insert_flow(&key, &state) {
                         // Rare by construction (LRU maps evict instead of failing).
                         count(Counter::ConntrackInsertFailed);
                         warn!(ctx, "connection-table insert failed: errno {}", errno);

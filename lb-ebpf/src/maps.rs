@@ -10,6 +10,8 @@ use lb_common::{
     DEFAULT_RING_SIZE, EncapSettings, EndpointVip, FlowKey, FlowState, HANDSHAKE_ENTRIES_MIN,
     MAX_BACKENDS, MAX_EGRESS_PORTS, NextHop, PORT_ENTRIES, ReverseNat, TrafficCounters, VipInfo,
     VipKey,
+    addr::is_v4_mapped,
+    flow_table::{FlowKey4, FlowSet, flow_sets},
 };
 
 /// Flow-hash seed; the agent sets it at load time (`EbpfLoader::override_global`).
@@ -35,6 +37,18 @@ pub static ENCAP: Array<EncapSettings> = Array::with_max_entries(1, 0);
 /// Each backend's next hop, as each CPU last resolved it (see `lb_common::CachedHop`).
 #[map(name = "XLB_BEHOPS")]
 pub static BACKEND_HOPS: PerCpuArray<CachedHop> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// Sets in `XLB_FLOWS4`; the agent sets it with the table's size at load time.
+#[unsafe(no_mangle)]
+pub static XLB_FLOW_SETS: Global<u32> = Global::new(flow_sets(CONNTRACK_ENTRIES));
+
+/// IPv4 flows, set-associative (`lb_common::flow_table`). Mappable, so the kernel places its
+/// values from a page boundary: every set starts on a cache line.
+#[map(name = "XLB_FLOWS4")]
+pub static FLOWS4: Array<FlowSet> =
+    Array::with_max_entries(flow_sets(CONNTRACK_ENTRIES), BPF_F_MMAPABLE);
+
+const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 /// The four flow tables use the kernel's common LRU, not per-CPU LRU lists
 /// (`BPF_F_NO_COMMON_LRU`): with per-CPU lists every insert rotates that CPU's lists under
@@ -94,14 +108,53 @@ pub static BACKEND_STATS: PerCpuArray<TrafficCounters> =
 // argument why a reference into the map is sound, so no raw pointer travels between
 // functions.
 
-/// The connection-table entry of `key`.
+/// The connection-table entry of `key`: in `XLB_FLOWS4` for IPv4, `XLB_CONNTRACK` for IPv6.
 #[inline(always)]
 pub fn flow_entry(key: &FlowKey) -> Option<&'static mut FlowState> {
+    if is_v4_mapped(&key.dst) {
+        let key = FlowKey4::of(key);
+        return flow_set(&key)?.find(&key);
+    }
     let entry = CONNTRACK.get_ptr_mut(key)?;
     // SAFETY: an LRU value stays allocated until the program run ends (RCU). Its fields are
     // plain words: another CPU updating the same flow at once makes the last store win,
     // which last-seen times and closing bits tolerate.
     Some(unsafe { &mut *entry })
+}
+
+/// Records a flow `flow_entry` did not find. `Err` carries the kernel's errno (IPv6 only:
+/// an IPv4 flow always finds a way).
+#[inline(always)]
+pub fn insert_flow(key: &FlowKey, state: &FlowState) -> Result<(), i32> {
+    if !is_v4_mapped(&key.dst) {
+        return CONNTRACK.insert(key, state, 0);
+    }
+    let key = FlowKey4::of(key);
+    let Some(set) = flow_set(&key) else {
+        return Ok(());
+    };
+    let way = set.victim();
+    let (Some(slot_key), Some(slot_state)) = (set.keys.get_mut(way), set.states.get_mut(way))
+    else {
+        return Ok(());
+    };
+    // Key cleared first and written last: see `lb_common::flow_table` on concurrency.
+    // SAFETY: both are references into the set, valid for the stores.
+    unsafe {
+        core::ptr::write_volatile(slot_key, FlowKey4::EMPTY);
+        core::ptr::write_volatile(slot_state, *state);
+        core::ptr::write_volatile(slot_key, key);
+    }
+    Ok(())
+}
+
+/// The set `key` belongs in.
+#[inline(always)]
+fn flow_set(key: &FlowKey4) -> Option<&'static mut FlowSet> {
+    let set = FLOWS4.get_ptr_mut(key.set_index(XLB_HASH_SEED.load(), XLB_FLOW_SETS.load()))?;
+    // SAFETY: an array value lives as long as the map. Its words are written in place by
+    // every CPU; `lb_common::flow_table` says what a race between them can do.
+    Some(unsafe { &mut *set })
 }
 
 /// The handshake record of `key` (see `HANDSHAKES`).

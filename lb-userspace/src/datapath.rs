@@ -17,7 +17,11 @@ use aya::{
 use lb_common::{
     Backend, CONNTRACK_ENTRIES, CachedHop, Counter, DEFAULT_HASH_SEED, DEFAULT_MAX_VIPS,
     DEFAULT_RING_SIZE, EncapSettings, EndpointVip, FlowKey, FlowState, HASH_SEED_SYMBOL,
-    ReverseNat, TrafficCounters, VipInfo, VipKey, maglev::is_prime, map_names, program_names,
+    ReverseNat, TrafficCounters, VipInfo, VipKey,
+    addr::is_v4_mapped,
+    flow_table::{FLOW_SETS_SYMBOL, FlowKey4, FlowSet, flow_sets},
+    maglev::is_prime,
+    map_names, program_names,
 };
 use thiserror::Error;
 use xlb_core::{
@@ -249,9 +253,17 @@ impl Datapath {
         let ring_slots = u64::from(config.max_vips) * 2 * u64::from(config.ring_size);
         let ring_slots_u32 =
             u32::try_from(ring_slots).map_err(|_| DatapathError::TooLarge(ring_slots))?;
+        let flow_sets = flow_sets(config.conntrack_entries);
+        // A pinned IPv4 table from a build before it existed: its flows are in
+        // `XLB_CONNTRACK`, to be moved over once this build's table exists.
+        let ipv4_flows_to_move = pins.is_some_and(|dir| {
+            !dir.join(map_names::FLOWS4).exists() && dir.join(map_names::CONNTRACK).exists()
+        });
         let mut loader = EbpfLoader::new();
         loader
             .override_global(HASH_SEED_SYMBOL, &config.hash_seed, true)
+            .override_global(FLOW_SETS_SYMBOL, &flow_sets, true)
+            .map_max_entries(map_names::FLOWS4, flow_sets)
             .map_max_entries(map_names::VIPS, config.max_vips)
             .map_max_entries(map_names::VIP_STATS, config.max_vips)
             .map_max_entries(map_names::MAGLEV, ring_slots_u32)
@@ -291,7 +303,32 @@ impl Datapath {
         if let Some(dir) = pins {
             datapath.carry_over_retired(dir)?;
         }
+        if ipv4_flows_to_move {
+            let moved = datapath.move_ipv4_flows_out_of_conntrack()?;
+            tracing::info!(flows = moved, "IPv4 flows moved to {}", map_names::FLOWS4);
+        }
         Ok(datapath)
+    }
+
+    /// Moves the IPv4 entries of `XLB_CONNTRACK`, where builds before `XLB_FLOWS4` kept
+    /// them, into `XLB_FLOWS4`.
+    fn move_ipv4_flows_out_of_conntrack(&mut self) -> Result<usize> {
+        let mut ipv4 = Vec::new();
+        for (key, state) in self.conntrack()?.iter().flatten() {
+            if is_v4_mapped(&key.dst) {
+                ipv4.push((key, state));
+            }
+        }
+        for (key, state) in &ipv4 {
+            self.set_flow(key, state)?;
+        }
+        let name = map_names::CONNTRACK;
+        let mut conntrack: HashMap<&mut MapData, FlowKey, FlowState> = self.map_mut(name)?;
+        for (key, _) in &ipv4 {
+            // Evicted meanwhile: gone either way.
+            let _ = conntrack.remove(key);
+        }
+        Ok(ipv4.len())
     }
 
     /// Moves the entries of flow tables retired by [`retire_pin`] into this build's tables,
@@ -307,9 +344,9 @@ impl Datapath {
                 continue;
             }
             let carried = match name {
-                map_names::CONNTRACK | map_names::HANDSHAKES => {
-                    Some(self.carry_over::<FlowKey, FlowState>(name, &path)?)
-                }
+                map_names::CONNTRACK => Some(self.carry_over_flows(&path)?),
+                map_names::FLOWS4 => Some(self.carry_over_ipv4_flows(&path)?),
+                map_names::HANDSHAKES => Some(self.carry_over::<FlowKey, FlowState>(name, &path)?),
                 map_names::REVERSE_NAT | map_names::HANDSHAKE_REPLIES => {
                     Some(self.carry_over::<FlowKey, ReverseNat>(name, &path)?)
                 }
@@ -365,6 +402,58 @@ impl Datapath {
             let Ok((key, value)) = entry else { continue };
             new.insert(&key, &value, 0).map_err(carry_err)?;
             carried += 1;
+        }
+        Ok(Some(carried))
+    }
+
+    /// Copies a retired `XLB_CONNTRACK`'s flows into this build's tables, each to its
+    /// family's; `None` when their layout differs.
+    fn carry_over_flows(&mut self, path: &Path) -> Result<Option<usize>> {
+        let carry_err = |source| DatapathError::CarryOver {
+            path: path.display().to_string(),
+            source,
+        };
+        let old = MapData::from_pin(path).map_err(carry_err)?;
+        let info = old.info().map_err(carry_err)?;
+        if info.key_size() as usize != size_of::<FlowKey>()
+            || info.value_size() as usize != size_of::<FlowState>()
+        {
+            return Ok(None);
+        }
+        let old: HashMap<MapData, FlowKey, FlowState> =
+            HashMap::try_from(aya::maps::Map::LruHashMap(old)).map_err(carry_err)?;
+        let mut carried = 0;
+        for entry in old.iter() {
+            // An entry that goes between reading its key and its value is gone: skip it.
+            let Ok((key, state)) = entry else { continue };
+            self.set_flow(&key, &state)?;
+            carried += 1;
+        }
+        Ok(Some(carried))
+    }
+
+    /// Copies a retired `XLB_FLOWS4`'s flows (another size: other sets) into this build's.
+    fn carry_over_ipv4_flows(&mut self, path: &Path) -> Result<Option<usize>> {
+        let carry_err = |source| DatapathError::CarryOver {
+            path: path.display().to_string(),
+            source,
+        };
+        let old = MapData::from_pin(path).map_err(carry_err)?;
+        let info = old.info().map_err(carry_err)?;
+        if info.key_size() as usize != size_of::<u32>()
+            || info.value_size() as usize != size_of::<FlowSet>()
+        {
+            return Ok(None);
+        }
+        let old: Array<MapData, FlowSet> =
+            Array::try_from(aya::maps::Map::Array(old)).map_err(carry_err)?;
+        let mut carried = 0;
+        for set in old.iter() {
+            let set = set.map_err(carry_err)?;
+            for (key, state) in set.flows() {
+                self.set_flow(&key, &state)?;
+                carried += 1;
+            }
         }
         Ok(Some(carried))
     }
@@ -739,14 +828,35 @@ impl Datapath {
         HashMap::try_from(self.map_ref(name)?).map_err(map_err(name))
     }
 
-    /// Calls `f` with every connection-table entry. An entry evicted during the walk is
-    /// skipped.
+    fn ipv4_flows(&self) -> Result<Array<&MapData, FlowSet>> {
+        self.map(map_names::FLOWS4)
+    }
+
+    /// The `XLB_FLOWS4` set an IPv4 flow's key belongs in, as the data path finds it.
+    fn ipv4_set_index(&self, key: &FlowKey4) -> u32 {
+        key.set_index(
+            self.config.hash_seed,
+            flow_sets(self.config.conntrack_entries),
+        )
+    }
+
+    /// Calls `f` with every connection-table entry, IPv4 and IPv6. An entry evicted during
+    /// the walk is skipped.
     ///
     /// # Errors
-    /// The table missing from the object.
+    /// A table missing from the object, or failing to read.
     pub fn for_each_flow(&self, mut f: impl FnMut(FlowKey, FlowState)) -> Result<()> {
+        for set in self.ipv4_flows()?.iter() {
+            let set = set.map_err(map_err(map_names::FLOWS4))?;
+            for (key, state) in set.flows() {
+                f(key, state);
+            }
+        }
         for (key, state) in self.conntrack()?.iter().flatten() {
-            f(key, state);
+            // IPv4 entries of an older build not yet moved are not the data path's.
+            if !is_v4_mapped(&key.dst) {
+                f(key, state);
+            }
         }
         Ok(())
     }
@@ -756,6 +866,14 @@ impl Datapath {
     /// # Errors
     /// Map access failing.
     pub fn flow(&self, key: &FlowKey) -> Result<Option<FlowState>> {
+        if is_v4_mapped(&key.dst) {
+            let key = FlowKey4::of(key);
+            let mut set = self
+                .ipv4_flows()?
+                .get(&self.ipv4_set_index(&key), 0)
+                .map_err(map_err(map_names::FLOWS4))?;
+            return Ok(set.find(&key).copied());
+        }
         match self.conntrack()?.get(key, 0) {
             Ok(state) => Ok(Some(state)),
             Err(MapError::KeyNotFound) => Ok(None),
@@ -763,11 +881,23 @@ impl Datapath {
         }
     }
 
-    /// Writes the connection-table entry of `key`: for tests that age or plant entries.
+    /// Writes the connection-table entry of `key`, as the data path would record the flow:
+    /// for carrying flows over, and for tests that age or plant entries. An IPv4 set is
+    /// written whole, so a flow the data path records in the same set meanwhile may be
+    /// lost (and balanced again by its ring).
     ///
     /// # Errors
     /// Map access failing.
     pub fn set_flow(&mut self, key: &FlowKey, state: &FlowState) -> Result<()> {
+        if is_v4_mapped(&key.dst) {
+            let name = map_names::FLOWS4;
+            let key = FlowKey4::of(key);
+            let index = self.ipv4_set_index(&key);
+            let mut sets: Array<&mut MapData, FlowSet> = self.map_mut(name)?;
+            let mut set = sets.get(&index, 0).map_err(map_err(name))?;
+            set.put(&key, state);
+            return sets.set(index, &set, 0).map_err(map_err(name));
+        }
         let name = map_names::CONNTRACK;
         let mut table: HashMap<&mut MapData, FlowKey, FlowState> = self.map_mut(name)?;
         table.insert(key, state, 0).map_err(map_err(name))

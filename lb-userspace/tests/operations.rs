@@ -1300,7 +1300,7 @@ fn a_restart_with_other_table_sizes_keeps_established_connections() {
     assert!(status.success(), "clean stop: {status}\n{}", agent.log());
     agent = start_agent(&topo, &dir, &pins, &state, &after);
     let log = agent.log();
-    for map in ["XLB_CONNTRACK", "XLB_VIPS"] {
+    for map in ["XLB_CONNTRACK", "XLB_FLOWS4", "XLB_VIPS"] {
         assert!(
             log.lines()
                 .any(|l| l.contains("replaced by this build's") && l.contains(map)),
@@ -1309,9 +1309,9 @@ fn a_restart_with_other_table_sizes_keeps_established_connections() {
     }
     assert!(
         log.lines().any(|l| l.contains("carried over")
-            && l.contains("XLB_CONNTRACK")
+            && l.contains("XLB_FLOWS4")
             && !l.contains("entries=0")),
-        "the connection table's entries are carried over:\n{log}"
+        "the IPv4 connection table's entries are carried over:\n{log}"
     );
     assert!(log.contains("adopted"), "{log}");
     assert!(
