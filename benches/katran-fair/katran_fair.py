@@ -115,9 +115,9 @@ def set_table_count(fd, info, key_size=16, state_size=32):
     """Occupied ways in xlb's XLB_FLOWS4 (mmapable array of sets: 16-byte keys, then their
     32-byte states; an all-zero key is an empty way), read through a shared read-only mapping."""
     import mmap
-    vs, n_sets = info["value_size"], info["max_entries"]
+    vs, n_sets = info["value_size"], info["max_entries"] - 1  # the last element is the table's seed
     ways = vs // (key_size + state_size)
-    length = (vs * n_sets + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+    length = (vs * (n_sets + 1) + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
     with mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ) as m:
         data = memoryview(m)
         empty = bytes(key_size)

@@ -34,12 +34,50 @@ pub const FLOW_SET_WAYS: usize = 8;
 
 /// Name of the global read-only variable holding the number of sets in `XLB_FLOWS4`.
 pub const FLOW_SETS_SYMBOL: &str = "XLB_FLOW_SETS";
+/// Name of the global read-only variable holding the table's seed (see `SeedRecord`).
+pub const FLOW_SEED_SYMBOL: &str = "XLB_FLOW_SEED";
 
 /// Sets in an `XLB_FLOWS4` of `entries` ways (the agent's `--conntrack-entries`).
 #[must_use]
 pub const fn flow_sets(entries: u32) -> u32 {
     let sets = entries.div_ceil(FLOW_SET_WAYS as u32);
     if sets == 0 { 1 } else { sets }
+}
+
+/// `XLB_FLOWS4`'s size: its sets, then one more element that records the table's seed.
+#[must_use]
+pub const fn flow_table_entries(entries: u32) -> u32 {
+    flow_sets(entries) + 1
+}
+
+/// The seed a table's sets were placed with, kept in the element after its sets (which no
+/// flow's `set_index` reaches). The seed is the table's own, chosen at random when the
+/// table is made: unlike the cluster's flow-hash seed it never changes under the flows, so
+/// an operator changing `--hash-seed` loses none, and a sender cannot aim flows at one set.
+pub struct SeedRecord;
+
+impl SeedRecord {
+    /// Marks the element as a seed record ("xlb seed" in ASCII).
+    const MARK: u64 = u64::from_le_bytes(*b"xlb seed");
+
+    #[must_use]
+    pub fn new(seed: u32) -> FlowSet {
+        let mut record = FlowSet::default();
+        record.keys[0] = FlowKey4 {
+            addrs: u64::from(seed),
+            ports_proto: Self::MARK,
+        };
+        record
+    }
+
+    /// The seed `element` records, if it is a seed record.
+    #[must_use]
+    pub fn read(element: &FlowSet) -> Option<u32> {
+        let key = &element.keys[0];
+        (key.ports_proto == Self::MARK)
+            .then(|| u32::try_from(key.addrs).ok())
+            .flatten()
+    }
 }
 
 /// An IPv4 flow's 5-tuple in two words: source and destination address (network order, as
@@ -94,9 +132,8 @@ impl FlowKey4 {
         self.addrs == 0 && self.ports_proto == 0
     }
 
-    /// The set this flow lives in, of `sets`: seeded, so that a sender cannot aim flows at
-    /// one set without knowing the node's seed. Two rounds of the MurmurHash3 finaliser, as
-    /// `hash::flow_hash`.
+    /// The set this flow lives in, of `sets`, in a table of seed `seed` (`SeedRecord`). Two
+    /// rounds of the MurmurHash3 finaliser, as `hash::flow_hash`.
     #[inline(always)]
     #[must_use]
     pub const fn set_index(&self, seed: u32, sets: u32) -> u32 {
@@ -293,11 +330,23 @@ mod tests {
     }
 
     #[test]
+    fn a_seed_record_reads_back_and_nothing_else_passes_for_one() {
+        for seed in [0, 1, 0xdead_beef, u32::MAX] {
+            assert_eq!(SeedRecord::read(&SeedRecord::new(seed)), Some(seed));
+        }
+        assert_eq!(SeedRecord::read(&FlowSet::default()), None);
+        let mut set = FlowSet::default();
+        set.put(&FlowKey4::of(&key(80)), &state(1, 1));
+        assert_eq!(SeedRecord::read(&set), None, "a set holding a flow");
+    }
+
+    #[test]
     fn sets_cover_the_requested_ways() {
         assert_eq!(flow_sets(0), 1);
         assert_eq!(flow_sets(1), 1);
         assert_eq!(flow_sets(8), 1);
         assert_eq!(flow_sets(9), 2);
         assert_eq!(flow_sets(1 << 20), 1 << 17);
+        assert_eq!(flow_table_entries(1 << 20), (1 << 17) + 1);
     }
 }

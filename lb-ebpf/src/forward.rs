@@ -23,7 +23,7 @@ use crate::{
     icmp,
     maps::{
         BACKENDS, ENDPOINTS, HANDSHAKE_REPLIES, HANDSHAKES, HopCache, MAGLEV, PORTS, REVERSE_NAT,
-        VIPS, XLB_HASH_SEED, backend_hop_slot, flow_entry, handshake_entry,
+        VIPS, XLB_HASH_SEED, backend_hop_slot, flow_entry, flow_entry_of, handshake_entry,
         handshake_reverse_entry, insert_flow, reverse_entry,
     },
     nat::Endpoint,
@@ -187,7 +187,7 @@ fn to_backend<H: Hook>(
     let flow = if tcp && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
         Flow::Opening
     } else {
-        match flow_entry(&key) {
+        match flow_entry_of(&key, p.ipv6) {
             None => Flow::Unknown(None),
             Some(state) => {
                 // Established flows follow their backend while it is active or draining.
@@ -279,7 +279,7 @@ fn to_backend<H: Hook>(
             match entry {
                 Some(old) => *old = state,
                 None => {
-                    if let Err(errno) = insert_flow(&key, &state) {
+                    if let Err(errno) = insert_flow(&key, p.ipv6, &state) {
                         // Rare by construction (LRU maps evict instead of failing).
                         count(Counter::ConntrackInsertFailed);
                         warn!(ctx, "connection-table insert failed: errno {}", errno);

@@ -11,7 +11,7 @@ use lb_common::{
     MAX_BACKENDS, MAX_EGRESS_PORTS, NextHop, PORT_ENTRIES, ReverseNat, TrafficCounters, VipInfo,
     VipKey,
     addr::is_v4_mapped,
-    flow_table::{FlowKey4, FlowSet, flow_sets},
+    flow_table::{FlowKey4, FlowSet, flow_sets, flow_table_entries},
 };
 
 /// Flow-hash seed; the agent sets it at load time (`EbpfLoader::override_global`).
@@ -42,11 +42,15 @@ pub static BACKEND_HOPS: PerCpuArray<CachedHop> = PerCpuArray::with_max_entries(
 #[unsafe(no_mangle)]
 pub static XLB_FLOW_SETS: Global<u32> = Global::new(flow_sets(CONNTRACK_ENTRIES));
 
+/// `XLB_FLOWS4`'s own seed (`lb_common::flow_table::SeedRecord`), set by the agent at load.
+#[unsafe(no_mangle)]
+pub static XLB_FLOW_SEED: Global<u32> = Global::new(0);
+
 /// IPv4 flows, set-associative (`lb_common::flow_table`). Mappable, so the kernel places its
 /// values from a page boundary: every set starts on a cache line.
 #[map(name = "XLB_FLOWS4")]
 pub static FLOWS4: Array<FlowSet> =
-    Array::with_max_entries(flow_sets(CONNTRACK_ENTRIES), BPF_F_MMAPABLE);
+    Array::with_max_entries(flow_table_entries(CONNTRACK_ENTRIES), BPF_F_MMAPABLE);
 
 const BPF_F_MMAPABLE: u32 = 1 << 10;
 
@@ -111,7 +115,13 @@ pub static BACKEND_STATS: PerCpuArray<TrafficCounters> =
 /// The connection-table entry of `key`: in `XLB_FLOWS4` for IPv4, `XLB_CONNTRACK` for IPv6.
 #[inline(always)]
 pub fn flow_entry(key: &FlowKey) -> Option<&'static mut FlowState> {
-    if is_v4_mapped(&key.dst) {
+    flow_entry_of(key, !is_v4_mapped(&key.dst))
+}
+
+/// As `flow_entry`, for a caller that knows the flow's family (the parser said).
+#[inline(always)]
+pub fn flow_entry_of(key: &FlowKey, ipv6: bool) -> Option<&'static mut FlowState> {
+    if !ipv6 {
         let key = FlowKey4::of(key);
         return flow_set(&key)?.find(&key);
     }
@@ -125,8 +135,8 @@ pub fn flow_entry(key: &FlowKey) -> Option<&'static mut FlowState> {
 /// Records a flow `flow_entry` did not find. `Err` carries the kernel's errno (IPv6 only:
 /// an IPv4 flow always finds a way).
 #[inline(always)]
-pub fn insert_flow(key: &FlowKey, state: &FlowState) -> Result<(), i32> {
-    if !is_v4_mapped(&key.dst) {
+pub fn insert_flow(key: &FlowKey, ipv6: bool, state: &FlowState) -> Result<(), i32> {
+    if ipv6 {
         return CONNTRACK.insert(key, state, 0);
     }
     let key = FlowKey4::of(key);
@@ -151,7 +161,7 @@ pub fn insert_flow(key: &FlowKey, state: &FlowState) -> Result<(), i32> {
 /// The set `key` belongs in.
 #[inline(always)]
 fn flow_set(key: &FlowKey4) -> Option<&'static mut FlowSet> {
-    let set = FLOWS4.get_ptr_mut(key.set_index(XLB_HASH_SEED.load(), XLB_FLOW_SETS.load()))?;
+    let set = FLOWS4.get_ptr_mut(key.set_index(XLB_FLOW_SEED.load(), XLB_FLOW_SETS.load()))?;
     // SAFETY: an array value lives as long as the map. Its words are written in place by
     // every CPU; `lb_common::flow_table` says what a race between them can do.
     Some(unsafe { &mut *set })

@@ -19,7 +19,10 @@ use lb_common::{
     DEFAULT_RING_SIZE, EncapSettings, EndpointVip, FlowKey, FlowState, HASH_SEED_SYMBOL,
     ReverseNat, TrafficCounters, VipInfo, VipKey,
     addr::is_v4_mapped,
-    flow_table::{FLOW_SETS_SYMBOL, FlowKey4, FlowSet, flow_sets},
+    flow_table::{
+        FLOW_SEED_SYMBOL, FLOW_SETS_SYMBOL, FlowKey4, FlowSet, SeedRecord, flow_sets,
+        flow_table_entries,
+    },
     maglev::is_prime,
     map_names, program_names,
 };
@@ -115,6 +118,8 @@ pub enum DatapathError {
         #[source]
         source: std::io::Error,
     },
+    #[error("choosing the connection table's seed")]
+    Random(#[source] getrandom::Error),
     #[error("carrying the entries of the retired map {path} over")]
     CarryOver {
         path: String,
@@ -156,6 +161,18 @@ fn retire_pin(dir: &Path, name: &str, property: &str, expected: u64, actual: u64
         "a pinned map from another xlb build: replaced by this build's"
     );
     Ok(())
+}
+
+/// The seed of the `XLB_FLOWS4` pinned in `dir`, if this build will reuse it (it has
+/// `entries` elements) and it records one.
+fn pinned_flow_seed(dir: &Path, entries: u32) -> Option<u32> {
+    let pinned = MapData::from_pin(dir.join(map_names::FLOWS4)).ok()?;
+    let info = pinned.info().ok()?;
+    if info.max_entries() != entries || info.value_size() as usize != size_of::<FlowSet>() {
+        return None;
+    }
+    let table: Array<MapData, FlowSet> = Array::try_from(aya::maps::Map::Array(pinned)).ok()?;
+    SeedRecord::read(&table.get(&(entries - 1), 0).ok()?)
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
@@ -222,6 +239,8 @@ pub struct TestRunOutcome {
 pub struct Datapath {
     ebpf: Ebpf,
     config: DatapathConfig,
+    /// `XLB_FLOWS4`'s own seed, as the loaded program has it.
+    flow_seed: u32,
 }
 
 impl Datapath {
@@ -259,11 +278,18 @@ impl Datapath {
         let ipv4_flows_to_move = pins.is_some_and(|dir| {
             !dir.join(map_names::FLOWS4).exists() && dir.join(map_names::CONNTRACK).exists()
         });
+        let flow_table_entries = flow_table_entries(config.conntrack_entries);
+        // A pinned table this build reuses keeps its seed; a new one gets a fresh one.
+        let flow_seed = match pins.and_then(|dir| pinned_flow_seed(dir, flow_table_entries)) {
+            Some(seed) => seed,
+            None => getrandom::u32().map_err(DatapathError::Random)?,
+        };
         let mut loader = EbpfLoader::new();
         loader
             .override_global(HASH_SEED_SYMBOL, &config.hash_seed, true)
             .override_global(FLOW_SETS_SYMBOL, &flow_sets, true)
-            .map_max_entries(map_names::FLOWS4, flow_sets)
+            .override_global(FLOW_SEED_SYMBOL, &flow_seed, true)
+            .map_max_entries(map_names::FLOWS4, flow_table_entries)
             .map_max_entries(map_names::VIPS, config.max_vips)
             .map_max_entries(map_names::VIP_STATS, config.max_vips)
             .map_max_entries(map_names::MAGLEV, ring_slots_u32)
@@ -297,7 +323,12 @@ impl Datapath {
                 Err(e) => return Err(DatapathError::Load(e)),
             }
         };
-        let mut datapath = Self { ebpf, config };
+        let mut datapath = Self {
+            ebpf,
+            config,
+            flow_seed,
+        };
+        datapath.record_flow_seed()?;
         datapath.load_program(program_names::XLB)?;
         datapath.load_classifier()?;
         if let Some(dir) = pins {
@@ -308,6 +339,15 @@ impl Datapath {
             tracing::info!(flows = moved, "IPv4 flows moved to {}", map_names::FLOWS4);
         }
         Ok(datapath)
+    }
+
+    /// Writes the table's seed after its sets, where the next agent finds it.
+    fn record_flow_seed(&mut self) -> Result<()> {
+        let name = map_names::FLOWS4;
+        let index = flow_sets(self.config.conntrack_entries);
+        let record = SeedRecord::new(self.flow_seed);
+        let mut table: Array<&mut MapData, FlowSet> = self.map_mut(name)?;
+        table.set(index, &record, 0).map_err(map_err(name))
     }
 
     /// Moves the IPv4 entries of `XLB_CONNTRACK`, where builds before `XLB_FLOWS4` kept
@@ -450,6 +490,9 @@ impl Datapath {
         let mut carried = 0;
         for set in old.iter() {
             let set = set.map_err(carry_err)?;
+            if SeedRecord::read(&set).is_some() {
+                continue;
+            }
             for (key, state) in set.flows() {
                 self.set_flow(&key, &state)?;
                 carried += 1;
@@ -834,10 +877,7 @@ impl Datapath {
 
     /// The `XLB_FLOWS4` set an IPv4 flow's key belongs in, as the data path finds it.
     fn ipv4_set_index(&self, key: &FlowKey4) -> u32 {
-        key.set_index(
-            self.config.hash_seed,
-            flow_sets(self.config.conntrack_entries),
-        )
+        key.set_index(self.flow_seed, flow_sets(self.config.conntrack_entries))
     }
 
     /// Calls `f` with every connection-table entry, IPv4 and IPv6. An entry evicted during
@@ -846,7 +886,8 @@ impl Datapath {
     /// # Errors
     /// A table missing from the object, or failing to read.
     pub fn for_each_flow(&self, mut f: impl FnMut(FlowKey, FlowState)) -> Result<()> {
-        for set in self.ipv4_flows()?.iter() {
+        let sets = flow_sets(self.config.conntrack_entries);
+        for set in self.ipv4_flows()?.iter().take(sets as usize) {
             let set = set.map_err(map_err(map_names::FLOWS4))?;
             for (key, state) in set.flows() {
                 f(key, state);
