@@ -34,7 +34,7 @@ pub const FLOW_SET_WAYS: usize = 8;
 
 /// Name of the global read-only variable holding the number of sets in `XLB_FLOWS4`.
 pub const FLOW_SETS_SYMBOL: &str = "XLB_FLOW_SETS";
-/// Name of the global read-only variable holding the table's seed (see `SeedRecord`).
+/// Name of the global read-only variable holding the table's seed (see `SEED_MARK`).
 pub const FLOW_SEED_SYMBOL: &str = "XLB_FLOW_SEED";
 
 /// Sets in an `XLB_FLOWS4` of `entries` ways (the agent's `--conntrack-entries`).
@@ -50,35 +50,13 @@ pub const fn flow_table_entries(entries: u32) -> u32 {
     flow_sets(entries) + 1
 }
 
-/// The seed a table's sets were placed with, kept in the element after its sets (which no
-/// flow's `set_index` reaches). The seed is the table's own, chosen at random when the
-/// table is made: unlike the cluster's flow-hash seed it never changes under the flows, so
-/// an operator changing `--hash-seed` loses none, and a sender cannot aim flows at one set.
-pub struct SeedRecord;
-
-impl SeedRecord {
-    /// Marks the element as a seed record ("xlb seed" in ASCII).
-    const MARK: u64 = u64::from_le_bytes(*b"xlb seed");
-
-    #[must_use]
-    pub fn new(seed: u32) -> FlowSet {
-        let mut record = FlowSet::default();
-        record.keys[0] = FlowKey4 {
-            addrs: u64::from(seed),
-            ports_proto: Self::MARK,
-        };
-        record
-    }
-
-    /// The seed `element` records, if it is a seed record.
-    #[must_use]
-    pub fn read(element: &FlowSet) -> Option<u32> {
-        let key = &element.keys[0];
-        (key.ports_proto == Self::MARK)
-            .then(|| u32::try_from(key.addrs).ok())
-            .flatten()
-    }
-}
+/// Marks the element after a table's sets as the record of the table's seed ("xlb seed").
+///
+/// The seed a table's sets were placed with is kept in that element, which no flow's
+/// `set_index` reaches. The seed is the table's own, chosen at random when the table is
+/// made: unlike the cluster's flow-hash seed it never changes under the flows, so an
+/// operator changing `--hash-seed` loses none, and a sender cannot aim flows at one set.
+const SEED_MARK: u64 = u64::from_le_bytes(*b"xlb seed");
 
 /// An IPv4 flow's 5-tuple in two words: source and destination address (network order, as
 /// in the packet), then both ports (network order) and the protocol. All zero is an empty
@@ -132,7 +110,7 @@ impl FlowKey4 {
         self.addrs == 0 && self.ports_proto == 0
     }
 
-    /// The set this flow lives in, of `sets`, in a table of seed `seed` (`SeedRecord`). Two
+    /// The set this flow lives in, of `sets`, in a table of seed `seed` (`SEED_MARK`). Two
     /// rounds of the MurmurHash3 finaliser, as `hash::flow_hash`.
     #[inline(always)]
     #[must_use]
@@ -207,6 +185,26 @@ impl FlowSet {
             .unwrap_or_else(|| self.victim());
         self.keys[way] = *key;
         self.states[way] = *state;
+    }
+
+    /// The element that records a table's `seed` (see `SEED_MARK`).
+    #[must_use]
+    pub fn seed_record(seed: u32) -> Self {
+        let mut record = Self::default();
+        record.keys[0] = FlowKey4 {
+            addrs: u64::from(seed),
+            ports_proto: SEED_MARK,
+        };
+        record
+    }
+
+    /// The seed this element records, if it is a seed record.
+    #[must_use]
+    pub fn recorded_seed(&self) -> Option<u32> {
+        let key = &self.keys[0];
+        (key.ports_proto == SEED_MARK)
+            .then(|| u32::try_from(key.addrs).ok())
+            .flatten()
     }
 
     /// The flows the set holds, as `FlowKey`s.
@@ -332,12 +330,12 @@ mod tests {
     #[test]
     fn a_seed_record_reads_back_and_nothing_else_passes_for_one() {
         for seed in [0, 1, 0xdead_beef, u32::MAX] {
-            assert_eq!(SeedRecord::read(&SeedRecord::new(seed)), Some(seed));
+            assert_eq!(FlowSet::seed_record(seed).recorded_seed(), Some(seed));
         }
-        assert_eq!(SeedRecord::read(&FlowSet::default()), None);
+        assert_eq!(FlowSet::default().recorded_seed(), None);
         let mut set = FlowSet::default();
         set.put(&FlowKey4::of(&key(80)), &state(1, 1));
-        assert_eq!(SeedRecord::read(&set), None, "a set holding a flow");
+        assert_eq!(set.recorded_seed(), None, "a set holding a flow");
     }
 
     #[test]

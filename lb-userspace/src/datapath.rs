@@ -20,8 +20,7 @@ use lb_common::{
     ReverseNat, TrafficCounters, VipInfo, VipKey,
     addr::is_v4_mapped,
     flow_table::{
-        FLOW_SEED_SYMBOL, FLOW_SETS_SYMBOL, FlowKey4, FlowSet, SeedRecord, flow_sets,
-        flow_table_entries,
+        FLOW_SEED_SYMBOL, FLOW_SETS_SYMBOL, FlowKey4, FlowSet, flow_sets, flow_table_entries,
     },
     maglev::is_prime,
     map_names, program_names,
@@ -172,7 +171,7 @@ fn pinned_flow_seed(dir: &Path, entries: u32) -> Option<u32> {
         return None;
     }
     let table: Array<MapData, FlowSet> = Array::try_from(aya::maps::Map::Array(pinned)).ok()?;
-    SeedRecord::read(&table.get(&(entries - 1), 0).ok()?)
+    table.get(&(entries - 1), 0).ok()?.recorded_seed()
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DatapathError {
@@ -345,7 +344,7 @@ impl Datapath {
     fn record_flow_seed(&mut self) -> Result<()> {
         let name = map_names::FLOWS4;
         let index = flow_sets(self.config.conntrack_entries);
-        let record = SeedRecord::new(self.flow_seed);
+        let record = FlowSet::seed_record(self.flow_seed);
         let mut table: Array<&mut MapData, FlowSet> = self.map_mut(name)?;
         table.set(index, &record, 0).map_err(map_err(name))
     }
@@ -490,7 +489,7 @@ impl Datapath {
         let mut carried = 0;
         for set in old.iter() {
             let set = set.map_err(carry_err)?;
-            if SeedRecord::read(&set).is_some() {
+            if set.recorded_seed().is_some() {
                 continue;
             }
             for (key, state) in set.flows() {
