@@ -39,8 +39,9 @@ pub struct RunArgs {
     /// 2020368929, or the config's [agent] hash_seed]
     #[arg(long)]
     hash_seed: Option<u32>,
-    /// Connection-table entries (one LRU shared by all CPUs); the handshake tables get half
-    /// as many each.
+    /// Connection-table entries, shared by all CPUs: IPv4 flows get this many ways in sets
+    /// of eight (give it twice the flows to hold: a full set evicts), IPv6 flows an LRU of
+    /// this many; the handshake tables get half as many each.
     #[arg(long, default_value_t = lb_common::CONNTRACK_ENTRIES)]
     conntrack_entries: u32,
     /// On SIGINT/SIGTERM leave the data path running (program attached, maps pinned);
