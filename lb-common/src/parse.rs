@@ -8,7 +8,6 @@
 
 use crate::{
     Counter, IPPROTO_TCP, IPPROTO_UDP,
-    addr::{is_v4_mapped, v4_mapped},
     icmp::{IPPROTO_ICMP, IPPROTO_ICMPV6},
 };
 
@@ -162,22 +161,80 @@ pub fn parse<P: PacketBytes + ?Sized>(pkt: &P) -> Result<Parsed, Skip> {
     Ok(out)
 }
 
-/// As [`parse`], into `out` (garbage after an error). The data plane's form: the address
-/// check reads the result where it lies, with no copy of it on the stack.
+/// As [`parse`], into `out` (garbage after an error). The data plane's form.
 #[inline(always)]
 pub fn parse_into<P: PacketBytes + ?Sized>(pkt: &P, out: &mut Parsed) -> Result<(), Skip> {
-    *out = parse_headers(pkt)?;
+    let h = parse_headers(pkt)?;
     // IPv4-mapped addresses never appear on the wire (RFC 4291 2.5.5.2; the kernel drops a
     // packet from one). Here one would pass for an IPv4 VIP, backend or flow, all keyed by
     // the same 16 bytes, and have an IPv4 rewrite applied to an IPv6 header.
-    if out.ipv6 && (is_v4_mapped(&out.src) || is_v4_mapped(&out.dst)) {
+    if h.ipv6 && (is_v4_mapped_words(h.src) || is_v4_mapped_words(h.dst)) {
         return Err(Skip::Malformed);
     }
+    // Each address goes in as two 8-byte stores. Built byte by byte (what a copy of
+    // `[u8; 16]` values compiles to), the forward path's 8-byte loads of it would each wait
+    // for eight byte stores to drain, a failed store-to-load forward: 7 ns a packet, profiled.
+    // SAFETY: `Parsed` is 8-aligned with its addresses at offsets 0 and 16 (asserted below),
+    // so each is an 8-aligned, 16-byte place for a `[u64; 2]`.
+    unsafe {
+        (&raw mut out.src).cast::<[u64; 2]>().write(h.src);
+        (&raw mut out.dst).cast::<[u64; 2]>().write(h.dst);
+    }
+    out.l3_offset = h.l3_offset;
+    out.l4_offset = h.l4_offset;
+    out.ipv6 = h.ipv6;
+    out.proto = h.proto;
+    out.sport_be = h.sport_be;
+    out.dport_be = h.dport_be;
+    out.ttl = h.ttl;
+    out.tcp_flags = h.tcp_flags;
     Ok(())
 }
 
+const _: () =
+    assert!(core::mem::offset_of!(Parsed, src) == 0 && core::mem::offset_of!(Parsed, dst) == 16);
+
+/// What `parse_headers` found: a `Parsed` with its addresses as native words (see
+/// `parse_into`).
+struct Headers {
+    src: [u64; 2],
+    dst: [u64; 2],
+    l3_offset: usize,
+    l4_offset: usize,
+    ipv6: bool,
+    proto: u8,
+    sport_be: u16,
+    dport_be: u16,
+    ttl: u8,
+    tcp_flags: u8,
+}
+
+/// An address as two native words (the in-memory layout of its 16 bytes).
 #[inline(always)]
-fn parse_headers<P: PacketBytes + ?Sized>(pkt: &P) -> Result<Parsed, Skip> {
+const fn words(a: [u8; 16]) -> [u64; 2] {
+    [
+        u64::from_ne_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]),
+        u64::from_ne_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]),
+    ]
+}
+
+/// An IPv4 address, mapped (`addr::v4_mapped`), as two native words.
+#[inline(always)]
+const fn v4_mapped_words(a: [u8; 4]) -> [u64; 2] {
+    [
+        0,
+        u64::from_ne_bytes([0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]),
+    ]
+}
+
+/// `addr::is_v4_mapped` of an address given as `words`.
+#[inline(always)]
+const fn is_v4_mapped_words(w: [u64; 2]) -> bool {
+    w[0] == 0 && w[1] as u32 == u32::from_ne_bytes([0, 0, 0xff, 0xff])
+}
+
+#[inline(always)]
+fn parse_headers<P: PacketBytes + ?Sized>(pkt: &P) -> Result<Headers, Skip> {
     // Fields are read in 2/4/8/16-byte pieces: the XDP implementation turns each into one
     // load, where a whole-header copy would be assembled byte by byte.
     let mut ethertype = be16(pkt.read(ETH_HLEN - 2).ok_or(Skip::Malformed)?);
@@ -194,7 +251,7 @@ fn parse_headers<P: PacketBytes + ?Sized>(pkt: &P) -> Result<Parsed, Skip> {
 }
 
 #[inline(always)]
-fn parse_ipv4<P: PacketBytes + ?Sized>(pkt: &P, l3_offset: usize) -> Result<Parsed, Skip> {
+fn parse_ipv4<P: PacketBytes + ?Sized>(pkt: &P, l3_offset: usize) -> Result<Headers, Skip> {
     // The farthest piece first: once it is in bounds, so are the others.
     let dst: [u8; 4] = pkt
         .read(l3_offset + IPV4_DST_OFFSET)
@@ -229,9 +286,9 @@ fn parse_ipv4<P: PacketBytes + ?Sized>(pkt: &P, l3_offset: usize) -> Result<Pars
     let l4_offset = l3_offset + header_len;
     let (sport_be, dport_be, tcp_flags) =
         parse_ports(pkt, proto, l4_offset, total_len - header_len)?;
-    Ok(Parsed {
-        src: v4_mapped(src),
-        dst: v4_mapped(dst),
+    Ok(Headers {
+        src: v4_mapped_words(src),
+        dst: v4_mapped_words(dst),
         l3_offset,
         l4_offset,
         ipv6: false,
@@ -244,7 +301,7 @@ fn parse_ipv4<P: PacketBytes + ?Sized>(pkt: &P, l3_offset: usize) -> Result<Pars
 }
 
 #[inline(always)]
-fn parse_ipv6<P: PacketBytes + ?Sized>(pkt: &P, l3_offset: usize) -> Result<Parsed, Skip> {
+fn parse_ipv6<P: PacketBytes + ?Sized>(pkt: &P, l3_offset: usize) -> Result<Headers, Skip> {
     // Read in pieces: a 40-byte copy would cost the eBPF build that much stack.
     let fixed: [u8; 8] = pkt.read(l3_offset).ok_or(Skip::Malformed)?;
     let src: [u8; 16] = pkt
@@ -272,9 +329,9 @@ fn parse_ipv6<P: PacketBytes + ?Sized>(pkt: &P, l3_offset: usize) -> Result<Pars
     }
     let l4_offset = l3_offset + IPV6_HLEN;
     let (sport_be, dport_be, tcp_flags) = parse_ports(pkt, proto, l4_offset, payload_len)?;
-    Ok(Parsed {
-        src,
-        dst,
+    Ok(Headers {
+        src: words(src),
+        dst: words(dst),
         l3_offset,
         l4_offset,
         ipv6: true,
@@ -334,6 +391,21 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::addr::{is_v4_mapped, v4_mapped};
+
+    #[test]
+    fn address_words_are_the_addresses_bytes() {
+        let v4 = v4_mapped([192, 0, 2, 10]);
+        assert_eq!(v4_mapped_words([192, 0, 2, 10]), words(v4));
+        assert!(is_v4_mapped_words(words(v4)) && is_v4_mapped(&v4));
+        let v6: [u8; 16] = [
+            0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 1, 2, 3, 4,
+        ];
+        assert!(!is_v4_mapped_words(words(v6)) && !is_v4_mapped(&v6));
+        let mut almost = v4;
+        almost[9] = 1;
+        assert!(!is_v4_mapped_words(words(almost)) && !is_v4_mapped(&almost));
+    }
 
     fn eth(ethertype: u16) -> Vec<u8> {
         let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];

@@ -9,7 +9,7 @@ use aya_ebpf::{
     bindings::__sk_buff,
     programs::{TcContext, XdpContext},
 };
-use lb_common::parse::PacketBytes;
+use lb_common::{NextHop, parse::PacketBytes};
 
 /// The directly accessible bytes of a packet, `[start, end)`, and its whole length (a
 /// socket buffer's may run past `end`, in pages the parser never needs to read).
@@ -95,6 +95,21 @@ impl Packet {
                 16 => core::ptr::write(at as *mut [u64; 2], core::mem::transmute_copy(&bytes)),
                 _ => core::ptr::write_unaligned(at as *mut [u8; N], bytes),
             }
+        }
+        Some(())
+    }
+
+    /// Points the frame's Ethernet header at `hop`: its destination and source MACs.
+    #[inline(always)]
+    pub fn write_macs(&self, hop: &NextHop) -> Option<()> {
+        let at = self.checked::<12>(0)?;
+        let [w0, w1, w2] = hop.mac_words();
+        // SAFETY: `checked` proved [at, at + 12) lies inside the frame; 4-byte stores as in
+        // `write`.
+        unsafe {
+            core::ptr::write(at as *mut u32, w0);
+            core::ptr::write((at + 4) as *mut u32, w1);
+            core::ptr::write((at + 8) as *mut u32, w2);
         }
         Some(())
     }

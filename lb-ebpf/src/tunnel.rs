@@ -132,7 +132,7 @@ fn encapsulate<H: Hook>(ctx: &H, p: &Parsed, t: &Translation, c: &CachedHop) -> 
         let udp = encap::gue_udp_header(gue_source_port(entropy), c.gue_port_be, inner_len);
         pkt.write(ETH_HLEN + ip_len, udp)?;
     }
-    pkt.write(0, c.hop.macs())
+    pkt.write_macs(&c.hop)
 }
 
 /// Writes an outer IPv4 header after the Ethernet header in four stores (2 + 8 + 8 + 2
@@ -416,7 +416,7 @@ fn requote<H: Hook>(ctx: &H, e: &TunnelTooBig, hop: &NextHop) -> Option<()> {
         pkt.write(ETH_HLEN, ip)?;
         pkt.write(ETH_HLEN + IPV4_MIN_HLEN, icmp)?;
     }
-    pkt.write(0, hop.macs())
+    pkt.write_macs(&hop)
 }
 
 /// The longest error `translate_path_error` reads: Ethernet, IPv6 + ICMPv6, the tunnel's
