@@ -65,7 +65,7 @@ pub fn xlb_bench_redirect(ctx: XdpContext) -> u32 {
     let Some(nh) = REDIRECT_TO.get(0) else {
         return xdp_action::XDP_ABORTED;
     };
-    if Packet::of_xdp(&ctx).write_macs(&nh).is_none() {
+    if Packet::of_xdp(&ctx).write_macs(nh).is_none() {
         return xdp_action::XDP_PASS;
     }
     PORTS

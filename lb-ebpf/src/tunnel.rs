@@ -416,7 +416,7 @@ fn requote<H: Hook>(ctx: &H, e: &TunnelTooBig, hop: &NextHop) -> Option<()> {
         pkt.write(ETH_HLEN, ip)?;
         pkt.write(ETH_HLEN + IPV4_MIN_HLEN, icmp)?;
     }
-    pkt.write_macs(&hop)
+    pkt.write_macs(hop)
 }
 
 /// The longest error `translate_path_error` reads: Ethernet, IPv6 + ICMPv6, the tunnel's
