@@ -228,7 +228,10 @@ fn agent_and_data_path_agree(balancer: &mut Balancer, vip: &str) -> Vec<FlowKey>
         .flow(&recorded_key)
         .expect("reading")
         .unwrap_or_else(|| panic!("{recorded}: the data path recorded no entry"));
-    assert_eq!(state.backend_id, ids[&went_to], "{recorded}: entry {state:?}");
+    assert_eq!(
+        state.backend_id, ids[&went_to],
+        "{recorded}: entry {state:?}"
+    );
     assert!(
         (before..=after).contains(&state.last_seen_ns),
         "{recorded}: last seen {} outside {before}..={after}",
@@ -334,8 +337,10 @@ fn ipv4_flows_left_in_the_hash_map_by_an_older_build_move_to_the_set_table() {
         };
         {
             let mut old = pinned_conntrack(&pins.join(map_names::CONNTRACK));
-            old.insert(&key4, &state4, 0).expect("writing the IPv4 flow");
-            old.insert(&key6, &state6, 0).expect("writing the IPv6 flow");
+            old.insert(&key4, &state4, 0)
+                .expect("writing the IPv4 flow");
+            old.insert(&key6, &state6, 0)
+                .expect("writing the IPv6 flow");
         }
 
         let datapath = Datapath::load_pinned(config(1024), &pins.0).expect("loading again");
@@ -344,7 +349,11 @@ fn ipv4_flows_left_in_the_hash_map_by_an_older_build_move_to_the_set_table() {
         assert_eq!(datapath.flow(&key6).expect("reading"), Some(state6));
         let conntrack = pinned_conntrack(&pins.join(map_names::CONNTRACK));
         assert_eq!(in_map(&conntrack, &key4), None, "the IPv4 flow left behind");
-        assert_eq!(in_map(&conntrack, &key6), Some(state6), "the IPv6 flow moved");
+        assert_eq!(
+            in_map(&conntrack, &key6),
+            Some(state6),
+            "the IPv6 flow moved"
+        );
         let seen = listed(&datapath);
         assert_eq!(seen.len(), 2, "{seen:?}");
         assert_eq!(seen.get(&key4).map(|s| s.0), Some(1));
@@ -396,10 +405,7 @@ fn a_resized_set_table_keeps_every_ipv4_flow() {
         let set = FlowKey4::of(key).set_index(DEFAULT_HASH_SEED, flow_sets(small));
         *per_set.entry(set).or_insert(0) += 1;
     }
-    assert!(
-        per_set.values().all(|&n| n <= FLOW_SET_WAYS),
-        "{per_set:?}"
-    );
+    assert!(per_set.values().all(|&n| n <= FLOW_SET_WAYS), "{per_set:?}");
 
     ns.run(|| {
         let mut datapath =
@@ -417,7 +423,11 @@ fn a_resized_set_table_keeps_every_ipv4_flow() {
             .max_entries();
         assert_eq!(sets, flow_sets(4096), "XLB_FLOWS4 resized");
         for (key, state) in &flows {
-            assert_eq!(datapath.flow(key).expect("reading"), Some(*state), "{key:?}");
+            assert_eq!(
+                datapath.flow(key).expect("reading"),
+                Some(*state),
+                "{key:?}"
+            );
         }
         let seen = listed(&datapath);
         assert_eq!(seen.len(), flows.len(), "{seen:?}");
@@ -477,9 +487,7 @@ fn a_full_set_gives_up_the_flow_seen_longest_ago() {
         let went_to = forward(balancer.datapath(), &tcp_frame(ninth, vip, false));
         let dp = balancer.datapath();
         assert_eq!(
-            dp.flow(&ninth_key)
-                .expect("reading")
-                .map(|s| s.backend_id),
+            dp.flow(&ninth_key).expect("reading").map(|s| s.backend_id),
             Some(ids[&went_to]),
             "the new flow recorded"
         );
