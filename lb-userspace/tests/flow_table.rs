@@ -345,8 +345,16 @@ fn ipv4_flows_left_in_the_hash_map_by_an_older_build_move_to_the_set_table() {
 
         let datapath = Datapath::load_pinned(config(1024), &pins.0).expect("loading again");
         assert!(pins.join(map_names::FLOWS4).exists(), "XLB_FLOWS4 pinned");
-        assert_eq!(datapath.flow(&key4).expect("reading"), Some(state4));
-        assert_eq!(datapath.flow(&key6).expect("reading"), Some(state6));
+        assert_eq!(
+            datapath.flow(&key4).expect("reading"),
+            Some(state4),
+            "the IPv4 flow, moved to XLB_FLOWS4"
+        );
+        assert_eq!(
+            datapath.flow(&key6).expect("reading"),
+            Some(state6),
+            "the IPv6 flow, left in XLB_CONNTRACK"
+        );
         let conntrack = pinned_conntrack(&pins.join(map_names::CONNTRACK));
         assert_eq!(in_map(&conntrack, &key4), None, "the IPv4 flow left behind");
         assert_eq!(
@@ -356,8 +364,16 @@ fn ipv4_flows_left_in_the_hash_map_by_an_older_build_move_to_the_set_table() {
         );
         let seen = listed(&datapath);
         assert_eq!(seen.len(), 2, "{seen:?}");
-        assert_eq!(seen.get(&key4).map(|s| s.0), Some(1));
-        assert_eq!(seen.get(&key6).map(|s| s.0), Some(1));
+        assert_eq!(
+            seen.get(&key4).map(|s| s.0),
+            Some(1),
+            "listings of the IPv4 flow"
+        );
+        assert_eq!(
+            seen.get(&key6).map(|s| s.0),
+            Some(1),
+            "listings of the IPv6 flow"
+        );
 
         // The VIP and its backends were pinned too: the moved entry steers the flow, over
         // the ring and the handshake its SYN recorded.
@@ -500,8 +516,16 @@ fn a_full_set_gives_up_the_flow_seen_longest_ago() {
             }
         }
         // Older than any IPv4 flow, but in the other table: untouched.
-        assert_eq!(dp.flow(&key6).expect("reading"), Some(state6));
-        assert_eq!(listed(dp).len(), 9);
+        assert_eq!(
+            dp.flow(&key6).expect("reading"),
+            Some(state6),
+            "the IPv6 flow"
+        );
+        assert_eq!(
+            listed(dp).len(),
+            9,
+            "7 IPv4 flows planted, the new one, the IPv6 one"
+        );
     })
     .expect("running in the namespace");
 }
