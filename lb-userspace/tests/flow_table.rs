@@ -529,3 +529,62 @@ fn a_full_set_gives_up_the_flow_seen_longest_ago() {
     })
     .expect("running in the namespace");
 }
+
+/// `--hash-seed` takes effect on restart, and a restart keeps established connections on
+/// their backends (README): the connection tables are pinned. `XLB_FLOWS4`'s set index is
+/// seeded, so a table kept as it is under another seed must still find its flows.
+#[test]
+fn a_restart_with_another_hash_seed_keeps_every_flow() {
+    require_root();
+    let pins = PinDir::new("reseed");
+    let ns = Netns::create("xlbflowreseed").expect("creating a namespace");
+    let before = config(1024);
+    let after = DatapathConfig {
+        hash_seed: before.hash_seed ^ 0x5eed_5eed,
+        ..before
+    };
+    ns.run(|| {
+        // Where the restarted data path's ring sends the flow, found on a throwaway one.
+        let probe = Datapath::load(after).expect("loading the XDP program");
+        let mut balancer = Balancer::new(probe);
+        let (spec, probe_ids) = add_service(&mut balancer, VIP4);
+        let vip = spec.addr;
+        let flow4 = client(vip, 34_000);
+        let ring_choice = forward(balancer.datapath(), &tcp_frame(flow4, vip, true));
+        drop(balancer);
+
+        let datapath = Datapath::load_pinned(before, &pins.0).expect("loading the XDP program");
+        let mut balancer = Balancer::new(datapath);
+        let (_, ids) = add_service(&mut balancer, VIP4);
+        assert_eq!(ids, probe_ids, "the same backends get the same ids");
+        let chosen = another_backend(&ids, ring_choice);
+        let key4 = tcp_key(flow4, vip);
+        let state4 = planted(ids[&chosen], now_coarse_ns());
+        let vip6: SocketAddr = VIP6.parse().unwrap();
+        let key6 = tcp_key(client(vip6, 34_001), vip6);
+        let state6 = planted(9, now_coarse_ns());
+        let dp = balancer.datapath_mut();
+        dp.set_flow(&key4, &state4).expect("planting the IPv4 flow");
+        dp.set_flow(&key6, &state6).expect("planting the IPv6 flow");
+        // The agent stops; the pins stay. The operator changes `--hash-seed` and restarts.
+        drop(balancer);
+
+        let datapath = Datapath::load_pinned(after, &pins.0).expect("loading again");
+        assert_eq!(
+            datapath.flow(&key6).expect("reading"),
+            Some(state6),
+            "the IPv6 flow"
+        );
+        assert_eq!(
+            forward(&datapath, &tcp_frame(flow4, vip, false)),
+            chosen,
+            "the established flow keeps its backend; the new seed's ring picks {ring_choice}"
+        );
+        assert_eq!(
+            datapath.flow(&key4).expect("reading").map(|s| s.backend_id),
+            Some(state4.backend_id),
+            "the IPv4 flow, planted in the set of the old seed"
+        );
+    })
+    .expect("running in the namespace");
+}
