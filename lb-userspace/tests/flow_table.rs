@@ -196,6 +196,15 @@ fn listed(datapath: &Datapath) -> StdHashMap<FlowKey, (usize, FlowState)> {
     seen
 }
 
+/// Pins set aside for another layout or size (`*_RETIRED`) still in `pins`.
+fn retired_pins(pins: &PinDir) -> Vec<String> {
+    fs::read_dir(&pins.0)
+        .expect("listing the pins")
+        .map(|e| e.expect("a pin").file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with("_RETIRED"))
+        .collect()
+}
+
 /// The pinned `XLB_CONNTRACK` at `path`, opened as another process would.
 fn pinned_conntrack(path: &Path) -> HashMap<MapData, FlowKey, FlowState> {
     let data = MapData::from_pin(path).expect("opening the pinned XLB_CONNTRACK");
@@ -221,15 +230,18 @@ fn agent_and_data_path_agree(balancer: &mut Balancer, vip: &str) -> Vec<FlowKey>
     let dp = balancer.datapath();
     assert_eq!(dp.flow(&recorded_key).expect("reading"), None);
     let before = now_coarse_ns();
-    let went_to = forward(dp, &tcp_frame(recorded, vip, false));
+    let recorded_to = forward(dp, &tcp_frame(recorded, vip, false));
     let after = now_coarse_ns();
-    assert!(ids.contains_key(&went_to), "{recorded} went to {went_to}");
+    assert!(
+        ids.contains_key(&recorded_to),
+        "{recorded} went to {recorded_to}"
+    );
     let state = dp
         .flow(&recorded_key)
         .expect("reading")
         .unwrap_or_else(|| panic!("{recorded}: the data path recorded no entry"));
     assert_eq!(
-        state.backend_id, ids[&went_to],
+        state.backend_id, ids[&recorded_to],
         "{recorded}: entry {state:?}"
     );
     assert!(
@@ -237,7 +249,7 @@ fn agent_and_data_path_agree(balancer: &mut Balancer, vip: &str) -> Vec<FlowKey>
         "{recorded}: last seen {} outside {before}..={after}",
         state.last_seen_ns
     );
-    assert_eq!(forward(dp, &tcp_frame(recorded, vip, false)), went_to);
+    assert_eq!(forward(dp, &tcp_frame(recorded, vip, false)), recorded_to);
 
     // A flow the data path has not seen: its SYN shows the ring's choice and leaves the
     // connection table alone; the entry planted then, naming another backend, wins over
@@ -246,40 +258,62 @@ fn agent_and_data_path_agree(balancer: &mut Balancer, vip: &str) -> Vec<FlowKey>
     let fresh_key = tcp_key(fresh, vip);
     let ring_choice = forward(dp, &tcp_frame(fresh, vip, true));
     assert_eq!(dp.flow(&fresh_key).expect("reading"), None, "a SYN's entry");
-    let chosen = another_backend(&ids, ring_choice);
-    let fresh_state = planted(ids[&chosen], now_coarse_ns());
+    let fresh_to = another_backend(&ids, ring_choice);
     balancer
         .datapath_mut()
-        .set_flow(&fresh_key, &fresh_state)
+        .set_flow(&fresh_key, &planted(ids[&fresh_to], now_coarse_ns()))
         .expect("planting a flow");
     let dp = balancer.datapath();
     for _ in 0..2 {
         assert_eq!(
             forward(dp, &tcp_frame(fresh, vip, false)),
-            chosen,
-            "{fresh}: the ring picks {ring_choice}, the planted entry {chosen}"
+            fresh_to,
+            "{fresh}: the ring picks {ring_choice}, the planted entry {fresh_to}"
         );
     }
     assert_eq!(
         dp.flow(&fresh_key).expect("reading").map(|s| s.backend_id),
-        Some(ids[&chosen])
+        Some(ids[&fresh_to])
     );
 
     // A flow the data path recorded, its entry rewritten: the new backend holds.
     let moved = client(vip, 30_002);
     let moved_key = tcp_key(moved, vip);
     let first = forward(dp, &tcp_frame(moved, vip, false));
-    let chosen = another_backend(&ids, first);
+    let moved_to = another_backend(&ids, first);
     balancer
         .datapath_mut()
-        .set_flow(&moved_key, &planted(ids[&chosen], now_coarse_ns()))
+        .set_flow(&moved_key, &planted(ids[&moved_to], now_coarse_ns()))
         .expect("rewriting a flow");
     let dp = balancer.datapath();
-    assert_eq!(forward(dp, &tcp_frame(moved, vip, false)), chosen);
+    assert_eq!(forward(dp, &tcp_frame(moved, vip, false)), moved_to);
     assert_eq!(
         dp.flow(&moved_key).expect("reading").map(|s| s.backend_id),
-        Some(ids[&chosen])
+        Some(ids[&moved_to])
     );
+
+    // The agent's own views read the same entries: `xlb explain` and `xlb conns`.
+    let explained = balancer.explain(fresh, &spec).expect("explain");
+    assert_eq!(
+        explained.new_flow_backend,
+        Some(ring_choice),
+        "the ring, as explained"
+    );
+    assert_eq!(
+        explained.tracked_backend,
+        Some(fresh_to),
+        "the planted entry, as explained"
+    );
+    let conns = balancer.conns(&spec, None, 10).expect("conns");
+    assert_eq!(conns.total, 3, "{conns:?}");
+    let tracked: BTreeMap<SocketAddr, Option<SocketAddr>> =
+        conns.flows.iter().map(|f| (f.client, f.backend)).collect();
+    let expected = BTreeMap::from([
+        (recorded, Some(recorded_to)),
+        (fresh, Some(fresh_to)),
+        (moved, Some(moved_to)),
+    ]);
+    assert_eq!(tracked, expected, "xlb conns");
     vec![recorded_key, fresh_key, moved_key]
 }
 
@@ -310,12 +344,25 @@ fn agent_and_data_path_read_each_others_flows_in_both_tables() {
 
 #[test]
 fn ipv4_flows_left_in_the_hash_map_by_an_older_build_move_to_the_set_table() {
+    upgrade_from_a_build_without_the_set_table("upgrade", 1024, 1024);
+}
+
+/// The upgrade and another `--conntrack-entries` at once: the old hash map is retired and
+/// carried over, each flow into its family's table.
+#[test]
+fn an_upgrade_that_also_resizes_moves_ipv4_flows_to_the_set_table() {
+    upgrade_from_a_build_without_the_set_table("upgrade-resize", 1024, 4096);
+}
+
+/// Case 2: a build without `XLB_FLOWS4` ran with `old_entries`, this one starts with
+/// `new_entries` on its pins.
+fn upgrade_from_a_build_without_the_set_table(tag: &str, old_entries: u32, new_entries: u32) {
     require_root();
-    let pins = PinDir::new("upgrade");
+    let pins = PinDir::new(tag);
     let ns = Netns::create("xlbflowupgrade").expect("creating a namespace");
     ns.run(|| {
         let datapath =
-            Datapath::load_pinned(config(1024), &pins.0).expect("loading the XDP program");
+            Datapath::load_pinned(config(old_entries), &pins.0).expect("loading the XDP program");
         let mut balancer = Balancer::new(datapath);
         let (spec, ids) = add_service(&mut balancer, VIP4);
         let vip = spec.addr;
@@ -343,8 +390,13 @@ fn ipv4_flows_left_in_the_hash_map_by_an_older_build_move_to_the_set_table() {
                 .expect("writing the IPv6 flow");
         }
 
-        let datapath = Datapath::load_pinned(config(1024), &pins.0).expect("loading again");
+        let datapath = Datapath::load_pinned(config(new_entries), &pins.0).expect("loading again");
         assert!(pins.join(map_names::FLOWS4).exists(), "XLB_FLOWS4 pinned");
+        assert_eq!(
+            retired_pins(&pins),
+            Vec::<String>::new(),
+            "retired pins left"
+        );
         assert_eq!(
             datapath.flow(&key4).expect("reading"),
             Some(state4),
@@ -452,12 +504,11 @@ fn a_resized_set_table_keeps_every_ipv4_flow() {
         }
     })
     .expect("running in the namespace");
-    let retired: Vec<_> = fs::read_dir(&pins.0)
-        .expect("listing the pins")
-        .map(|e| e.expect("a pin").file_name())
-        .filter(|name| name.to_string_lossy().ends_with("_RETIRED"))
-        .collect();
-    assert!(retired.is_empty(), "retired pins left: {retired:?}");
+    assert_eq!(
+        retired_pins(&pins),
+        Vec::<String>::new(),
+        "retired pins left"
+    );
 }
 
 #[test]
