@@ -2,8 +2,8 @@
 //! `XLB_FLOWS4`, IPv6 flows in the LRU hash map `XLB_CONNTRACK`, both behind
 //! `Datapath::{flow, set_flow, for_each_flow}`. What the agent plants the data path follows,
 //! what the data path records the agent reads, an upgrade from a build without
-//! `XLB_FLOWS4` and a resize keep every flow, and a full set gives up the flow seen
-//! longest ago.
+//! `XLB_FLOWS4`, a resize and a restart with another hash seed keep every flow, and a full
+//! set gives up the flow seen longest ago.
 //!
 //! Each test loads its own data path in a namespace of its own, with no route to the
 //! backends: a translated packet is handed to the stack (`XDP_PASS`), and the output frame
