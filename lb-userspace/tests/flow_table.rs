@@ -17,12 +17,12 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{HashMap, Map, MapData, MapError};
+use aya::maps::{Array, HashMap, Map, MapData, MapError};
 use etherparse::{NetHeaders, PacketBuilder, PacketHeaders, PayloadSlice, TransportHeader};
 use lb_common::{
-    DEFAULT_HASH_SEED, FlowKey, FlowState, IPPROTO_TCP, NextHop,
+    FlowKey, FlowState, IPPROTO_TCP, NextHop,
     addr::is_v4_mapped,
-    flow_table::{FLOW_SET_WAYS, FlowKey4, flow_sets},
+    flow_table::{FLOW_SET_WAYS, FlowKey4, FlowSet, flow_sets, flow_table_entries},
     map_names,
 };
 use lb_userspace::{
@@ -443,7 +443,8 @@ fn a_resized_set_table_keeps_every_ipv4_flow() {
     require_root();
     let pins = PinDir::new("resize");
     let ns = Netns::create("xlbflowresize").expect("creating a namespace");
-    let small = 64;
+    // 32 sets: 20 flows overfill one with odds of about one in ten million.
+    let small = 256;
     let vip: SocketAddr = VIP4.parse().unwrap();
     let vip6: SocketAddr = VIP6.parse().unwrap();
     let now = now_coarse_ns();
@@ -467,17 +468,26 @@ fn a_resized_set_table_keeps_every_ipv4_flow() {
             (key, planted(u32::from(i) + 50, now))
         }))
         .collect();
-    // Each flow must fit its small table's set, or the test would check eviction instead.
-    let mut per_set = BTreeMap::new();
-    for (key, _) in flows.iter().filter(|(k, _)| is_v4_mapped(&k.dst)) {
-        let set = FlowKey4::of(key).set_index(DEFAULT_HASH_SEED, flow_sets(small));
-        *per_set.entry(set).or_insert(0) += 1;
-    }
-    assert!(per_set.values().all(|&n| n <= FLOW_SET_WAYS), "{per_set:?}");
-
     ns.run(|| {
         let mut datapath =
             Datapath::load_pinned(config(small), &pins.0).expect("loading the XDP program");
+        // Each flow must fit its small table's set, or the test would check eviction
+        // instead: the sets come from the table's own seed, recorded after its sets.
+        let pinned: Array<MapData, FlowSet> = Array::try_from(Map::Array(
+            MapData::from_pin(pins.join(map_names::FLOWS4)).expect("the pinned XLB_FLOWS4"),
+        ))
+        .expect("an array of sets");
+        let seed = pinned
+            .get(&flow_sets(small), 0)
+            .expect("the seed record")
+            .recorded_seed()
+            .expect("a seed record after the sets");
+        let mut per_set = BTreeMap::new();
+        for (key, _) in flows.iter().filter(|(k, _)| is_v4_mapped(&k.dst)) {
+            let set = FlowKey4::of(key).set_index(seed, flow_sets(small));
+            *per_set.entry(set).or_insert(0) += 1;
+        }
+        assert!(per_set.values().all(|&n| n <= FLOW_SET_WAYS), "{per_set:?}");
         for (key, state) in &flows {
             datapath.set_flow(key, state).expect("planting a flow");
         }
@@ -489,7 +499,7 @@ fn a_resized_set_table_keeps_every_ipv4_flow() {
             .and_then(|m| m.info())
             .expect("the pinned XLB_FLOWS4's info")
             .max_entries();
-        assert_eq!(sets, flow_sets(4096), "XLB_FLOWS4 resized");
+        assert_eq!(sets, flow_table_entries(4096), "XLB_FLOWS4 resized");
         for (key, state) in &flows {
             assert_eq!(
                 datapath.flow(key).expect("reading"),
