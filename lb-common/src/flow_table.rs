@@ -26,7 +26,11 @@
 //! closing bits into the new flow's, which shortens that entry's life at worst. Two CPUs
 //! inserting into the same way at once leave one of them, or a key matching neither flow.
 
-use crate::{FlowKey, FlowState, addr::v4_mapped, hash::ring_offset};
+use crate::{
+    FlowKey, FlowState,
+    addr::v4_mapped,
+    hash::{fmix64, ring_offset},
+};
 
 /// Ways per set: eight 16-byte keys fill an aligned pair of cache lines, which the CPU's
 /// adjacent-line prefetch brings in together.
@@ -110,24 +114,34 @@ impl FlowKey4 {
         self.addrs == 0 && self.ports_proto == 0
     }
 
-    /// The set this flow lives in, of `sets`, in a table of seed `seed` (`SEED_MARK`). Two
-    /// rounds of the MurmurHash3 finaliser, as `hash::flow_hash`.
+    /// The set this flow lives in, of `sets`, in a table of seed `seed` (see `SEED_MARK`).
+    ///
+    /// Multiply-shift over the two words with multipliers drawn from the seed (Dietzfelbinger
+    /// et al.): two independent multiplies and an add, then the top bits scaled to `sets`.
+    /// The set's address waits on this hash, and a chain of finaliser rounds (as in
+    /// `hash::flow_hash`) made that wait about 25 cycles; this one is under 10. The
+    /// multipliers depend on the seed only, so the data path computes them off the
+    /// packet's critical path. A sender who does not know the seed cannot aim flows at a set.
     #[inline(always)]
     #[must_use]
     pub const fn set_index(&self, seed: u32, sets: u32) -> u32 {
-        let h = fmix64(self.addrs ^ ((seed as u64) << 32 | seed as u64));
-        let h = fmix64(h ^ self.ports_proto);
+        let (k1, k2) = set_multipliers(seed);
+        let h = self
+            .addrs
+            .wrapping_mul(k1)
+            .wrapping_add(self.ports_proto.wrapping_mul(k2));
         ring_offset((h >> 32) as u32, sets)
     }
 }
 
+/// The odd multipliers of a table with seed `seed`.
 #[inline(always)]
-const fn fmix64(mut h: u64) -> u64 {
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    h ^ (h >> 33)
+const fn set_multipliers(seed: u32) -> (u64, u64) {
+    let s = seed as u64;
+    (
+        fmix64(s ^ 0x9e37_79b9_7f4a_7c15) | 1,
+        fmix64(s ^ 0xc2b2_ae3d_27d4_eb4f) | 1,
+    )
 }
 
 /// Value of `XLB_FLOWS4`: one set. The keys share the first two cache lines, the states

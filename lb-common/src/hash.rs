@@ -7,7 +7,7 @@ use crate::FlowKey;
 /// about 1/2. 64-bit arithmetic throughout: eBPF has no 32-bit rotate, and a 32-bit hash
 /// there costs a mask after every step.
 #[inline(always)]
-const fn fmix64(mut h: u64) -> u64 {
+pub(crate) const fn fmix64(mut h: u64) -> u64 {
     h ^= h >> 33;
     h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
     h ^= h >> 33;
