@@ -582,15 +582,34 @@ impl Translation {
     };
 }
 
+/// Where a packet leaves: the egress interface and the Ethernet header's MACs, as the
+/// words `Packet::write_mac_words` stores. Taken from the cache as words at once: a copy of a
+/// `NextHop` would carry its twelve MAC bytes one by one to where the frame is written.
+#[derive(Clone, Copy)]
+pub struct Egress {
+    pub ifindex: u32,
+    pub macs: [u32; 3],
+}
+
+impl Egress {
+    #[inline(always)]
+    fn of(hop: &NextHop) -> Self {
+        Self {
+            ifindex: hop.ifindex,
+            macs: hop.mac_words(),
+        }
+    }
+}
+
 /// The layer-2 next hop towards `dst`, from the cache (the backend's, for a client's packet;
 /// the flow's, for a reply) or `bpf_fib_lookup` (which then fills the cache). `None`: let the
 /// stack forward it.
 #[inline(always)]
-pub fn next_hop<H: Hook>(ctx: &H, p: &Parsed, t: &Translation, cache: HopCache) -> Option<NextHop> {
+pub fn next_hop<H: Hook>(ctx: &H, p: &Parsed, t: &Translation, cache: HopCache) -> Option<Egress> {
     if let Some(c) = &cache
         && c.ifindex != 0
     {
-        return Some(**c);
+        return Some(Egress::of(c));
     }
     // The rewritten packet's addresses: that is what is routed.
     let (src, sport_be, dst, dport_be) = match t.endpoint {
@@ -641,7 +660,7 @@ pub fn next_hop<H: Hook>(ctx: &H, p: &Parsed, t: &Translation, cache: HopCache) 
     if let Some(c) = cache {
         *c = nh;
     }
-    Some(nh)
+    Some(Egress::of(&nh))
 }
 
 #[inline(always)]

@@ -102,8 +102,13 @@ impl Packet {
     /// Points the frame's Ethernet header at `hop`: its destination and source MACs.
     #[inline(always)]
     pub fn write_macs(&self, hop: &NextHop) -> Option<()> {
+        self.write_mac_words(hop.mac_words())
+    }
+
+    /// As `write_macs`, with the MACs as `NextHop::mac_words` gives them.
+    #[inline(always)]
+    pub fn write_mac_words(&self, [w0, w1, w2]: [u32; 3]) -> Option<()> {
         let at = self.checked::<12>(0)?;
-        let [w0, w1, w2] = hop.mac_words();
         // SAFETY: `checked` proved [at, at + 12) lies inside the frame; 4-byte stores as in
         // `write`.
         unsafe {

@@ -177,7 +177,7 @@ impl Hook for TcContext {
             rewrite_skb(self, p, t.endpoint, &t.addr, t.port_be, true)
         };
         // The checksum helpers move the data: the MACs are written through a fresh view.
-        if translated.is_none() || Packet::of_skb(self).write_macs(&nh).is_none() {
+        if translated.is_none() || Packet::of_skb(self).write_mac_words(nh.macs).is_none() {
             return dropped_malformed();
         }
         self.send_out(nh.ifindex).unwrap_or(SHOT)

@@ -131,7 +131,7 @@ impl Hook for XdpContext {
         } else {
             rewrite(pkt, p, t.endpoint, &t.addr, t.port_be, true)
         };
-        if translated.is_none() || pkt.write_macs(&nh).is_none() {
+        if translated.is_none() || pkt.write_mac_words(nh.macs).is_none() {
             return dropped_malformed();
         }
         action
