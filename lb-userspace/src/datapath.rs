@@ -162,6 +162,24 @@ fn retire_pin(dir: &Path, name: &str, property: &str, expected: u64, actual: u64
     Ok(())
 }
 
+fn carry_over_error(path: &Path, source: MapError) -> DatapathError {
+    DatapathError::CarryOver {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// The retired map pinned at `path`, if its entries are `K` → `V` (sizes alike); `None` when
+/// they mean something else.
+fn open_retired<K, V>(path: &Path) -> Result<Option<MapData>> {
+    let carry_err = |source| carry_over_error(path, source);
+    let old = MapData::from_pin(path).map_err(carry_err)?;
+    let info = old.info().map_err(carry_err)?;
+    let alike =
+        info.key_size() as usize == size_of::<K>() && info.value_size() as usize == size_of::<V>();
+    Ok(alike.then_some(old))
+}
+
 /// The seed of the `XLB_FLOWS4` pinned in `dir`, if this build will reuse it (it has
 /// `entries` elements) and it records one.
 fn pinned_flow_seed(dir: &Path, entries: u32) -> Option<u32> {
@@ -421,17 +439,10 @@ impl Datapath {
         name: &'static str,
         path: &Path,
     ) -> Result<Option<usize>> {
-        let carry_err = |source| DatapathError::CarryOver {
-            path: path.display().to_string(),
-            source,
-        };
-        let old = MapData::from_pin(path).map_err(carry_err)?;
-        let info = old.info().map_err(carry_err)?;
-        if info.key_size() as usize != size_of::<K>()
-            || info.value_size() as usize != size_of::<V>()
-        {
+        let carry_err = |source| carry_over_error(path, source);
+        let Some(old) = open_retired::<K, V>(path)? else {
             return Ok(None);
-        }
+        };
         let old: HashMap<MapData, K, V> =
             HashMap::try_from(aya::maps::Map::LruHashMap(old)).map_err(carry_err)?;
         let mut new: HashMap<&mut MapData, K, V> = self.map_mut(name)?;
@@ -448,17 +459,10 @@ impl Datapath {
     /// Copies a retired `XLB_CONNTRACK`'s flows into this build's tables, each to its
     /// family's; `None` when their layout differs.
     fn carry_over_flows(&mut self, path: &Path) -> Result<Option<usize>> {
-        let carry_err = |source| DatapathError::CarryOver {
-            path: path.display().to_string(),
-            source,
-        };
-        let old = MapData::from_pin(path).map_err(carry_err)?;
-        let info = old.info().map_err(carry_err)?;
-        if info.key_size() as usize != size_of::<FlowKey>()
-            || info.value_size() as usize != size_of::<FlowState>()
-        {
+        let carry_err = |source| carry_over_error(path, source);
+        let Some(old) = open_retired::<FlowKey, FlowState>(path)? else {
             return Ok(None);
-        }
+        };
         let old: HashMap<MapData, FlowKey, FlowState> =
             HashMap::try_from(aya::maps::Map::LruHashMap(old)).map_err(carry_err)?;
         let mut carried = 0;
@@ -473,17 +477,10 @@ impl Datapath {
 
     /// Copies a retired `XLB_FLOWS4`'s flows (another size: other sets) into this build's.
     fn carry_over_ipv4_flows(&mut self, path: &Path) -> Result<Option<usize>> {
-        let carry_err = |source| DatapathError::CarryOver {
-            path: path.display().to_string(),
-            source,
-        };
-        let old = MapData::from_pin(path).map_err(carry_err)?;
-        let info = old.info().map_err(carry_err)?;
-        if info.key_size() as usize != size_of::<u32>()
-            || info.value_size() as usize != size_of::<FlowSet>()
-        {
+        let carry_err = |source| carry_over_error(path, source);
+        let Some(old) = open_retired::<u32, FlowSet>(path)? else {
             return Ok(None);
-        }
+        };
         let old: Array<MapData, FlowSet> =
             Array::try_from(aya::maps::Map::Array(old)).map_err(carry_err)?;
         let mut carried = 0;
