@@ -234,15 +234,7 @@ mod tests {
     use core::mem::{offset_of, size_of};
 
     use super::*;
-    use crate::IPPROTO_TCP;
-
-    fn key(sport: u16) -> FlowKey {
-        FlowKey::new(
-            std::net::SocketAddr::from(([10, 0, 0, 1], sport)),
-            "192.0.2.10:80".parse().unwrap(),
-            IPPROTO_TCP,
-        )
-    }
+    use crate::hash::tests::key;
 
     fn state(backend_id: u32, last_seen_ns: u64) -> FlowState {
         FlowState {

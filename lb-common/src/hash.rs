@@ -67,10 +67,11 @@ pub const fn ring_offset(hash: u32, ring_size: u32) -> u32 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn key(sport: u16) -> FlowKey {
+    /// A TCP flow from 10.0.0.1:`sport` to 192.0.2.10:80 (also the flow table's tests').
+    pub(crate) fn key(sport: u16) -> FlowKey {
         FlowKey::new(
             std::net::SocketAddr::from(([10, 0, 0, 1], sport)),
             "192.0.2.10:80".parse().unwrap(),
