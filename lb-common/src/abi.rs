@@ -383,17 +383,8 @@ pub struct NextHop {
 }
 
 impl NextHop {
-    /// The first 12 bytes of an Ethernet header towards this next hop: destination, source.
-    #[inline(always)]
-    #[must_use]
-    pub fn macs(&self) -> [u8; 12] {
-        let mut macs = [0u8; 12];
-        macs[..6].copy_from_slice(&self.dst_mac);
-        macs[6..].copy_from_slice(&self.src_mac);
-        macs
-    }
-
-    /// `macs` as three native words, for three 4-byte stores into a frame: a 12-byte array
+    /// The first 12 bytes of an Ethernet header towards this next hop (destination, then
+    /// source) as three native words, for three 4-byte stores into a frame: a 12-byte array
     /// compiles to twelve byte loads and stores in eBPF.
     #[inline(always)]
     #[must_use]
@@ -692,7 +683,11 @@ mod tests {
         for (i, word) in w.iter().enumerate() {
             bytes[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
         }
-        assert_eq!(bytes, hop.macs());
+        assert_eq!(
+            bytes,
+            [0x02, 0, 0, 0, 0, 0x0b, 0x02, 0, 0, 0, 0, 0x0a],
+            "destination, then source"
+        );
     }
 
     #[test]

@@ -21,11 +21,35 @@ pub const fn v4_mapped(octets: [u8; 4]) -> [u8; 16] {
 #[inline(always)]
 #[must_use]
 pub const fn is_v4_mapped(addr: &[u8; 16]) -> bool {
-    let head = u64::from_ne_bytes([
-        addr[0], addr[1], addr[2], addr[3], addr[4], addr[5], addr[6], addr[7],
-    ]);
-    let tail = u32::from_ne_bytes([addr[8], addr[9], addr[10], addr[11]]);
-    head == 0 && tail == u32::from_ne_bytes([0, 0, 0xff, 0xff])
+    is_v4_mapped_words(words(*addr))
+}
+
+/// An address as two native words (the in-memory layout of its 16 bytes): what the parser
+/// stores, with two 8-byte stores (see `parse::parse_into`).
+#[inline(always)]
+#[must_use]
+pub const fn words(a: [u8; 16]) -> [u64; 2] {
+    [
+        u64::from_ne_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]),
+        u64::from_ne_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]),
+    ]
+}
+
+/// `v4_mapped` as two native words.
+#[inline(always)]
+#[must_use]
+pub const fn v4_mapped_words(a: [u8; 4]) -> [u64; 2] {
+    [
+        0,
+        u64::from_ne_bytes([0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]),
+    ]
+}
+
+/// `is_v4_mapped` of an address given as `words`.
+#[inline(always)]
+#[must_use]
+pub const fn is_v4_mapped_words(w: [u64; 2]) -> bool {
+    w[0] == 0 && w[1] as u32 == u32::from_ne_bytes([0, 0, 0xff, 0xff])
 }
 
 #[must_use]
@@ -80,6 +104,20 @@ impl FlowKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn address_words_are_the_addresses_bytes() {
+        let v4 = v4_mapped([192, 0, 2, 10]);
+        assert_eq!(v4_mapped_words([192, 0, 2, 10]), words(v4));
+        assert!(is_v4_mapped_words(words(v4)) && is_v4_mapped(&v4));
+        let v6: [u8; 16] = [
+            0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 1, 2, 3, 4,
+        ];
+        assert!(!is_v4_mapped_words(words(v6)) && !is_v4_mapped(&v6));
+        let mut almost = v4;
+        almost[9] = 1;
+        assert!(!is_v4_mapped_words(words(almost)) && !is_v4_mapped(&almost));
+    }
 
     #[test]
     fn round_trips_both_families() {

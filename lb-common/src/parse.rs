@@ -8,6 +8,7 @@
 
 use crate::{
     Counter, IPPROTO_TCP, IPPROTO_UDP,
+    addr::{is_v4_mapped_words, v4_mapped_words, words},
     icmp::{IPPROTO_ICMP, IPPROTO_ICMPV6},
 };
 
@@ -209,30 +210,6 @@ struct Headers {
     tcp_flags: u8,
 }
 
-/// An address as two native words (the in-memory layout of its 16 bytes).
-#[inline(always)]
-const fn words(a: [u8; 16]) -> [u64; 2] {
-    [
-        u64::from_ne_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]),
-        u64::from_ne_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]),
-    ]
-}
-
-/// An IPv4 address, mapped (`addr::v4_mapped`), as two native words.
-#[inline(always)]
-const fn v4_mapped_words(a: [u8; 4]) -> [u64; 2] {
-    [
-        0,
-        u64::from_ne_bytes([0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]),
-    ]
-}
-
-/// `addr::is_v4_mapped` of an address given as `words`.
-#[inline(always)]
-const fn is_v4_mapped_words(w: [u64; 2]) -> bool {
-    w[0] == 0 && w[1] as u32 == u32::from_ne_bytes([0, 0, 0xff, 0xff])
-}
-
 #[inline(always)]
 fn parse_headers<P: PacketBytes + ?Sized>(pkt: &P) -> Result<Headers, Skip> {
     // Fields are read in 2/4/8/16-byte pieces: the XDP implementation turns each into one
@@ -391,21 +368,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::addr::{is_v4_mapped, v4_mapped};
-
-    #[test]
-    fn address_words_are_the_addresses_bytes() {
-        let v4 = v4_mapped([192, 0, 2, 10]);
-        assert_eq!(v4_mapped_words([192, 0, 2, 10]), words(v4));
-        assert!(is_v4_mapped_words(words(v4)) && is_v4_mapped(&v4));
-        let v6: [u8; 16] = [
-            0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 1, 2, 3, 4,
-        ];
-        assert!(!is_v4_mapped_words(words(v6)) && !is_v4_mapped(&v6));
-        let mut almost = v4;
-        almost[9] = 1;
-        assert!(!is_v4_mapped_words(words(almost)) && !is_v4_mapped(&almost));
-    }
+    use crate::addr::v4_mapped;
 
     fn eth(ethertype: u16) -> Vec<u8> {
         let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];

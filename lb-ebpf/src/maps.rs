@@ -42,7 +42,8 @@ pub static BACKEND_HOPS: PerCpuArray<CachedHop> = PerCpuArray::with_max_entries(
 #[unsafe(no_mangle)]
 pub static XLB_FLOW_SETS: Global<u32> = Global::new(flow_sets(CONNTRACK_ENTRIES));
 
-/// `XLB_FLOWS4`'s own seed (recorded after its sets: `lb_common::flow_table::FlowSet::seed_record`), set by the agent at load.
+/// `XLB_FLOWS4`'s own seed, set by the agent at load (the table records it after its sets:
+/// `lb_common::flow_table::FlowSet::seed_record`).
 #[unsafe(no_mangle)]
 pub static XLB_FLOW_SEED: Global<u32> = Global::new(0);
 
