@@ -384,19 +384,32 @@ pub struct NextHop {
 
 impl NextHop {
     /// The first 12 bytes of an Ethernet header towards this next hop (destination, then
-    /// source) as three native words, for three 4-byte stores into a frame: a 12-byte array
-    /// compiles to twelve byte loads and stores in eBPF.
+    /// source) as three native words, for three 4-byte stores into a frame. Read as the
+    /// struct's three 4-byte words after `ifindex` and shuffled in registers: reading the
+    /// MAC arrays compiles to twelve byte loads in eBPF.
     #[inline(always)]
     #[must_use]
-    pub const fn mac_words(&self) -> [u32; 3] {
-        let (d, s) = (&self.dst_mac, &self.src_mac);
+    pub fn mac_words(&self) -> [u32; 3] {
+        // SAFETY: `NextHop` is 16 bytes without padding, 4-aligned (its `u32` comes first),
+        // so it reads as four initialised `u32`s; any bits are a valid `[u32; 4]`.
+        let [_, m1, m2, m3] =
+            unsafe { core::ptr::read(core::ptr::from_ref(self).cast::<[u32; 4]>()) };
+        // Memory order: ifindex, src_mac (bytes 4..10), dst_mac (bytes 10..16).
+        let (s, sd, d) = (m1.to_ne_bytes(), m2.to_ne_bytes(), m3.to_ne_bytes());
         [
-            u32::from_ne_bytes([d[0], d[1], d[2], d[3]]),
-            u32::from_ne_bytes([d[4], d[5], s[0], s[1]]),
-            u32::from_ne_bytes([s[2], s[3], s[4], s[5]]),
+            u32::from_ne_bytes([sd[2], sd[3], d[0], d[1]]),
+            u32::from_ne_bytes([d[2], d[3], s[0], s[1]]),
+            u32::from_ne_bytes([s[2], s[3], sd[0], sd[1]]),
         ]
     }
 }
+
+const _: () = assert!(
+    core::mem::size_of::<NextHop>() == 16
+        && core::mem::align_of::<NextHop>() == 4
+        && core::mem::offset_of!(NextHop, src_mac) == 4
+        && core::mem::offset_of!(NextHop, dst_mac) == 10
+);
 
 /// `FlowState::closing`: the client sent a FIN.
 pub const CLOSE_FIN_FROM_CLIENT: u8 = 1;
@@ -663,6 +676,7 @@ mod pod {
     unsafe impl aya::Pod for super::EndpointVip {}
     unsafe impl aya::Pod for super::EncapSettings {}
     unsafe impl aya::Pod for crate::flow_table::FlowSet {}
+    unsafe impl aya::Pod for crate::flow_table::SetMultipliers {}
 }
 
 #[cfg(test)]
@@ -675,8 +689,8 @@ mod tests {
     fn mac_words_are_the_macs_bytes() {
         let hop = NextHop {
             ifindex: 7,
-            src_mac: [0x02, 0, 0, 0, 0, 0x0a],
-            dst_mac: [0x02, 0, 0, 0, 0, 0x0b],
+            src_mac: [0x12, 0x13, 0x14, 0x15, 0x16, 0x17],
+            dst_mac: [0x02, 0x03, 0x04, 0x05, 0x06, 0x07],
         };
         let w = hop.mac_words();
         let mut bytes = [0u8; 12];
@@ -685,7 +699,9 @@ mod tests {
         }
         assert_eq!(
             bytes,
-            [0x02, 0, 0, 0, 0, 0x0b, 0x02, 0, 0, 0, 0, 0x0a],
+            [
+                0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17
+            ],
             "destination, then source"
         );
     }

@@ -35,6 +35,21 @@ pub const fn words(a: [u8; 16]) -> [u64; 2] {
     ]
 }
 
+/// A 16-byte address field as four native 32-bit words, read with four 4-byte loads. In
+/// eBPF, reading the bytes of a `[u8; 16]` assembles each word from four byte loads: the
+/// array's alignment is 1 and the BPF ISA has no unaligned loads.
+///
+/// # Safety
+/// `addr` must be 4-aligned: a field at a 4-aligned offset of a struct aligned to 4 or more
+/// (each caller asserts its struct's layout).
+#[inline(always)]
+#[must_use]
+pub unsafe fn load_u32_words(addr: &[u8; 16]) -> [u32; 4] {
+    // SAFETY: the caller vouches for the alignment; both types are 16 bytes, and any bits
+    // are a valid `[u32; 4]`.
+    unsafe { core::ptr::read(core::ptr::from_ref(addr).cast::<[u32; 4]>()) }
+}
+
 /// `v4_mapped` as two native words.
 #[inline(always)]
 #[must_use]

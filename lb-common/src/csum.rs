@@ -1,7 +1,10 @@
 //! Internet checksum arithmetic (RFC 1071) and incremental updates (RFC 1624, eqn. 3).
 //!
-//! Words are 16-bit big-endian, as they sit in the packet; a checksum is handled as the `u16`
-//! read big-endian from its field. All loops run over compile-time lengths, so the eBPF build
+//! Words are 16-bit, and a delta and the checksum it applies to must agree on their byte
+//! order: big-endian, as the words read from the packet (`replace`), or native, as the CPU
+//! loads them (`replace_u32`, and `replace_u16` of native loads). One's complement sums
+//! commute with byte swapping (RFC 1071 §2(B)), so a checksum loaded, updated and stored in
+//! native order comes out right, with no byte swap on the data path. All loops run over compile-time lengths, so the eBPF build
 //! unrolls them into straight-line code without a verifier-visible loop.
 
 /// Folds a 32-bit one's complement accumulator to 16 bits (end-around carry).
@@ -33,6 +36,15 @@ impl CsumDelta {
         Self(self.0 + (!old) as u32 + new as u32)
     }
 
+    /// The replacement of a 32-bit word (two 16-bit ones, in either order: see the module).
+    #[inline(always)]
+    #[must_use]
+    pub const fn replace_u32(self, old: u32, new: u32) -> Self {
+        let old = !old;
+        Self(self.0 + (old >> 16) + (old & 0xffff) + (new >> 16) + (new & 0xffff))
+    }
+
+    /// The replacement of `N` bytes, as big-endian 16-bit words.
     #[inline(always)]
     #[must_use]
     pub fn replace<const N: usize>(self, old: &[u8; N], new: &[u8; N]) -> Self {
@@ -157,6 +169,33 @@ mod tests {
             h[10] = 0;
             h[11] = 0;
             prop_assert_eq!(incremental, checksum(0, &h));
+        }
+
+        /// The data path's form: every word loaded, updated and stored in native order.
+        #[test]
+        fn native_order_update_matches_recomputation(
+            raw in any::<[u8; 20]>(), new_dst in any::<[u8; 4]>(), ttl in 2u8..=255
+        ) {
+            let mut h = ipv4_header(raw);
+            h[8] = ttl;
+            h[10] = 0;
+            h[11] = 0;
+            let c = checksum(0, &h);
+            h[10..12].copy_from_slice(&c.to_be_bytes());
+
+            let native_check = u16::from_ne_bytes([h[10], h[11]]);
+            let old_dst = u32::from_ne_bytes(h[16..20].try_into().unwrap());
+            let ttl_word = |ttl: u8| u16::from_ne_bytes([ttl, h[9]]);
+            let delta = CsumDelta::new()
+                .replace_u32(old_dst, u32::from_ne_bytes(new_dst))
+                .replace_u16(ttl_word(ttl), ttl_word(ttl - 1));
+            let incremental = delta.apply(native_check).to_ne_bytes();
+
+            h[16..20].copy_from_slice(&new_dst);
+            h[8] -= 1;
+            h[10] = 0;
+            h[11] = 0;
+            prop_assert_eq!(incremental, checksum(0, &h).to_be_bytes());
         }
 
         #[test]

@@ -30,6 +30,7 @@ use crate::{
     FlowKey, FlowState,
     addr::v4_mapped,
     hash::{fmix64, ring_offset},
+    parse::Parsed,
 };
 
 /// Ways per set: eight 16-byte keys fill an aligned pair of cache lines, which the CPU's
@@ -38,8 +39,8 @@ pub const FLOW_SET_WAYS: usize = 8;
 
 /// Name of the global read-only variable holding the number of sets in `XLB_FLOWS4`.
 pub const FLOW_SETS_SYMBOL: &str = "XLB_FLOW_SETS";
-/// Name of the global read-only variable holding the table's seed (see `SEED_MARK`).
-pub const FLOW_SEED_SYMBOL: &str = "XLB_FLOW_SEED";
+/// Name of the global read-only variable holding the `SetMultipliers` of the table's seed.
+pub const FLOW_MULTIPLIERS_SYMBOL: &str = "XLB_FLOW_MULTIPLIERS";
 
 /// Sets in an `XLB_FLOWS4` of `entries` ways (the agent's `--conntrack-entries`).
 #[must_use]
@@ -93,6 +94,27 @@ impl FlowKey4 {
         }
     }
 
+    /// The key of a parsed IPv4 packet's flow (the caller checks the family). Built from
+    /// the parsed fields as they were stored (addresses as words, ports and protocol as
+    /// themselves): a wide load of narrower stores just made would wait for them to drain.
+    #[inline(always)]
+    #[must_use]
+    pub fn of_packet(p: &Parsed) -> Self {
+        let (src, dst) = (
+            p.src_words()[3].to_ne_bytes(),
+            p.dst_words()[3].to_ne_bytes(),
+        );
+        let (sport, dport) = (p.sport_be.to_ne_bytes(), p.dport_be.to_ne_bytes());
+        Self {
+            addrs: u64::from_ne_bytes([
+                src[0], src[1], src[2], src[3], dst[0], dst[1], dst[2], dst[3],
+            ]),
+            ports_proto: u64::from_ne_bytes([
+                sport[0], sport[1], dport[0], dport[1], p.proto, 0, 0, 0,
+            ]),
+        }
+    }
+
     /// The flow's `FlowKey` (IPv4-mapped addresses), as the rest of xlb names flows.
     #[must_use]
     pub const fn flow_key(&self) -> FlowKey {
@@ -114,34 +136,43 @@ impl FlowKey4 {
         self.addrs == 0 && self.ports_proto == 0
     }
 
-    /// The set this flow lives in, of `sets`, in a table of seed `seed` (see `SEED_MARK`).
+    /// The set this flow lives in, of `sets`, in a table whose seed gave `multipliers`.
     ///
     /// Multiply-shift over the two words with multipliers drawn from the seed (Dietzfelbinger
     /// et al.): two independent multiplies and an add, then the top bits scaled to `sets`.
     /// The set's address waits on this hash, and a chain of finaliser rounds (as in
-    /// `hash::flow_hash`) made that wait about 25 cycles; this one is under 10. The
-    /// multipliers depend on the seed only, so the data path computes them off the
-    /// packet's critical path. A sender who does not know the seed cannot aim flows at a set.
+    /// `hash::flow_hash`) made that wait about 25 cycles; this one is under 10. A sender who
+    /// does not know the seed cannot aim flows at a set.
     #[inline(always)]
     #[must_use]
-    pub const fn set_index(&self, seed: u32, sets: u32) -> u32 {
-        let (k1, k2) = set_multipliers(seed);
+    pub const fn set_index(&self, multipliers: &SetMultipliers, sets: u32) -> u32 {
         let h = self
             .addrs
-            .wrapping_mul(k1)
-            .wrapping_add(self.ports_proto.wrapping_mul(k2));
+            .wrapping_mul(multipliers.addrs)
+            .wrapping_add(self.ports_proto.wrapping_mul(multipliers.ports_proto));
         ring_offset((h >> 32) as u32, sets)
     }
 }
 
-/// The odd multipliers of a table with seed `seed`.
-#[inline(always)]
-const fn set_multipliers(seed: u32) -> (u64, u64) {
-    let s = seed as u64;
-    (
-        fmix64(s ^ 0x9e37_79b9_7f4a_7c15) | 1,
-        fmix64(s ^ 0xc2b2_ae3d_27d4_eb4f) | 1,
-    )
+/// The odd multipliers of `FlowKey4::set_index` in a table of a given seed (see
+/// `SEED_MARK`). Derived once, when the agent opens the table, and handed to the data path
+/// as a global: no packet spends the finaliser rounds that turn a seed into them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SetMultipliers {
+    pub addrs: u64,
+    pub ports_proto: u64,
+}
+
+impl SetMultipliers {
+    #[must_use]
+    pub const fn of_seed(seed: u32) -> Self {
+        let s = seed as u64;
+        Self {
+            addrs: fmix64(s ^ 0x9e37_79b9_7f4a_7c15) | 1,
+            ports_proto: fmix64(s ^ 0xc2b2_ae3d_27d4_eb4f) | 1,
+        }
+    }
 }
 
 /// Value of `XLB_FLOWS4`: one set. The keys share the first two cache lines, the states
@@ -245,6 +276,21 @@ mod tests {
     }
 
     #[test]
+    fn a_packets_key_is_its_flows_key() {
+        let k = key(40_000);
+        let p = Parsed {
+            src: k.src,
+            dst: k.dst,
+            sport_be: k.sport_be,
+            dport_be: k.dport_be,
+            proto: k.proto,
+            ..Parsed::EMPTY
+        };
+        assert_eq!(FlowKey4::of_packet(&p), FlowKey4::of(&k));
+        assert_eq!(FlowKey4::of_packet(&p).flow_key(), k);
+    }
+
+    #[test]
     fn a_set_is_two_key_lines_and_four_state_lines() {
         assert_eq!(size_of::<FlowKey4>(), 16);
         assert_eq!(size_of::<FlowSet>(), 384);
@@ -287,7 +333,7 @@ mod tests {
         let sets = 1000;
         let mut hits = vec![0u32; sets as usize];
         for sport in 1..=50_000u16 {
-            let i = FlowKey4::of(&key(sport)).set_index(7, sets);
+            let i = FlowKey4::of(&key(sport)).set_index(&SetMultipliers::of_seed(7), sets);
             hits[i as usize] += 1;
         }
         // 50 flows per set on average: a uniform spread keeps every set within a few
@@ -295,7 +341,10 @@ mod tests {
         assert!(hits.iter().all(|&n| (15..=90).contains(&n)), "{hits:?}");
         let k = FlowKey4::of(&key(1234));
         let moved = (0..64)
-            .filter(|&seed| k.set_index(seed, 1 << 20) != k.set_index(seed + 1, 1 << 20))
+            .filter(|&seed| {
+                k.set_index(&SetMultipliers::of_seed(seed), 1 << 20)
+                    != k.set_index(&SetMultipliers::of_seed(seed + 1), 1 << 20)
+            })
             .count();
         assert!(moved > 60, "the seed decides the set: {moved}");
     }

@@ -8,7 +8,7 @@
 
 use crate::{
     Counter, IPPROTO_TCP, IPPROTO_UDP,
-    addr::{is_v4_mapped_words, v4_mapped_words, words},
+    addr::{is_v4_mapped_words, load_u32_words, v4_mapped_words, words},
     icmp::{IPPROTO_ICMP, IPPROTO_ICMPV6},
 };
 
@@ -102,6 +102,23 @@ impl Parsed {
         ttl: 0,
         tcp_flags: 0,
     };
+
+    /// The source address as four native words (`addr::load_u32_words`); an IPv4 source is
+    /// the last.
+    #[inline(always)]
+    #[must_use]
+    pub fn src_words(&self) -> [u32; 4] {
+        // SAFETY: `Parsed` is 8-aligned with `src` at offset 0 (asserted below).
+        unsafe { load_u32_words(&self.src) }
+    }
+
+    /// As `src_words`, for the destination (offset 16).
+    #[inline(always)]
+    #[must_use]
+    pub fn dst_words(&self) -> [u32; 4] {
+        // SAFETY: as in `src_words`.
+        unsafe { load_u32_words(&self.dst) }
+    }
 
     /// Offset of the L4 checksum field.
     #[must_use]

@@ -14,6 +14,7 @@ use lb_common::{
     CLOSE_RESET, CachedHop, Counter, FORWARD_NAT, FlowKey, FlowState, IPPROTO_TCP,
     LAST_SEEN_GRANULARITY_NS, NextHop, PORT_HAS_SHARED_ENDPOINT, PORT_IS_BACKEND, PORT_IS_VIP,
     ReverseNat, VipInfo, VipKey,
+    addr::load_u32_words,
     hash::flow_hash,
     parse::{PacketBytes, Parsed, Skip, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
@@ -23,8 +24,8 @@ use crate::{
     icmp,
     maps::{
         BACKENDS, ENDPOINTS, HANDSHAKE_REPLIES, HANDSHAKES, HopCache, MAGLEV, PORTS, REVERSE_NAT,
-        VIPS, XLB_HASH_SEED, backend_hop_slot, flow_entry, flow_entry_of, handshake_entry,
-        handshake_reverse_entry, insert_flow, reverse_entry,
+        TableKey, VIPS, XLB_HASH_SEED, backend_hop_slot, flow_entry, handshake_entry,
+        handshake_reverse_entry, insert_flow, reverse_entry, table_entry,
     },
     nat::Endpoint,
     stats::{count, count_forwarded},
@@ -181,13 +182,14 @@ fn to_backend<H: Hook>(
     t: &mut Translation,
 ) -> Option<&'static mut CachedHop> {
     let key = flow_key(p);
+    let table_key = TableKey::of_packet(p, &key);
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let tcp = p.proto == IPPROTO_TCP;
     let flow = if tcp && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
         Flow::Opening
     } else {
-        match flow_entry_of(&key, p.ipv6) {
+        match table_entry(table_key) {
             None => Flow::Unknown(None),
             Some(state) => {
                 // Established flows follow their backend while it is active or draining.
@@ -279,7 +281,7 @@ fn to_backend<H: Hook>(
             match entry {
                 Some(old) => *old = state,
                 None => {
-                    if let Err(errno) = insert_flow(&key, p.ipv6, &state) {
+                    if let Err(errno) = insert_flow(table_key, &state) {
                         // Rare by construction (LRU maps evict instead of failing).
                         count(Counter::ConntrackInsertFailed);
                         warn!(ctx, "connection-table insert failed: errno {}", errno);
@@ -555,7 +557,9 @@ pub struct Translation {
     pub forwarding: u8,
 }
 
-const _: () = assert!(core::mem::size_of::<Translation>() == 24);
+const _: () = assert!(
+    core::mem::size_of::<Translation>() == 24 && core::mem::offset_of!(Translation, addr) == 0
+);
 const _: () = assert!(lb_common::MAX_BACKENDS <= 1 << 16);
 
 /// Why the forward path does not take a packet to a VIP's port.
@@ -571,6 +575,13 @@ pub enum Miss {
 }
 
 impl Translation {
+    /// `addr` as native words, for the rewrite (`lb_common::addr::load_u32_words`).
+    #[inline(always)]
+    pub fn addr_words(&self) -> [u32; 4] {
+        // SAFETY: `Translation` is 8-aligned with `addr` at offset 0 (asserted below).
+        unsafe { load_u32_words(&self.addr) }
+    }
+
     pub const NONE: Self = Self {
         addr: [0; 16],
         port_be: 0,

@@ -11,7 +11,8 @@ use lb_common::{
     MAX_BACKENDS, MAX_EGRESS_PORTS, NextHop, PORT_ENTRIES, ReverseNat, TrafficCounters, VipInfo,
     VipKey,
     addr::is_v4_mapped,
-    flow_table::{FlowKey4, FlowSet, flow_sets, flow_table_entries},
+    flow_table::{FlowKey4, FlowSet, SetMultipliers, flow_sets, flow_table_entries},
+    parse::Parsed,
 };
 
 /// Flow-hash seed; the agent sets it at load time (`EbpfLoader::override_global`).
@@ -42,10 +43,10 @@ pub static BACKEND_HOPS: PerCpuArray<CachedHop> = PerCpuArray::with_max_entries(
 #[unsafe(no_mangle)]
 pub static XLB_FLOW_SETS: Global<u32> = Global::new(flow_sets(CONNTRACK_ENTRIES));
 
-/// `XLB_FLOWS4`'s own seed, set by the agent at load (the table records it after its sets:
-/// `lb_common::flow_table::FlowSet::seed_record`).
+/// The set-index multipliers of `XLB_FLOWS4`'s own seed, set by the agent at load (the
+/// table records the seed after its sets: `lb_common::flow_table::FlowSet::seed_record`).
 #[unsafe(no_mangle)]
-pub static XLB_FLOW_SEED: Global<u32> = Global::new(0);
+pub static XLB_FLOW_MULTIPLIERS: Global<SetMultipliers> = Global::new(SetMultipliers::of_seed(0));
 
 /// IPv4 flows, set-associative (`lb_common::flow_table`). Mappable, so the kernel places its
 /// values from a page boundary: every set starts on a cache line.
@@ -113,34 +114,65 @@ pub static BACKEND_STATS: PerCpuArray<TrafficCounters> =
 // argument why a reference into the map is sound, so no raw pointer travels between
 // functions.
 
+/// A flow as its connection table keys it: IPv4 flows by their two-word key in
+/// `XLB_FLOWS4`, IPv6 flows by their `FlowKey` in `XLB_CONNTRACK`.
+#[derive(Clone, Copy)]
+pub enum TableKey<'a> {
+    V4(FlowKey4),
+    V6(&'a FlowKey),
+}
+
+impl<'a> TableKey<'a> {
+    /// The key of a parsed packet's flow `key` (`forward::flow_key(p)`), the IPv4 one built
+    /// from the parsed fields themselves (`FlowKey4::of_packet`).
+    #[inline(always)]
+    pub fn of_packet(p: &Parsed, key: &'a FlowKey) -> Self {
+        if p.ipv6 {
+            Self::V6(key)
+        } else {
+            Self::V4(FlowKey4::of_packet(p))
+        }
+    }
+
+    #[inline(always)]
+    pub fn of(key: &'a FlowKey) -> Self {
+        if is_v4_mapped(&key.dst) {
+            Self::V4(FlowKey4::of(key))
+        } else {
+            Self::V6(key)
+        }
+    }
+}
+
 /// The connection-table entry of `key`: in `XLB_FLOWS4` for IPv4, `XLB_CONNTRACK` for IPv6.
 #[inline(always)]
 pub fn flow_entry(key: &FlowKey) -> Option<&'static mut FlowState> {
-    flow_entry_of(key, !is_v4_mapped(&key.dst))
+    table_entry(TableKey::of(key))
 }
 
-/// As `flow_entry`, for a caller that knows the flow's family (the parser said).
+/// As `flow_entry`, for a key the caller has built already.
 #[inline(always)]
-pub fn flow_entry_of(key: &FlowKey, ipv6: bool) -> Option<&'static mut FlowState> {
-    if !ipv6 {
-        let key = FlowKey4::of(key);
-        return flow_set(&key)?.find(&key);
+pub fn table_entry(key: TableKey) -> Option<&'static mut FlowState> {
+    match key {
+        TableKey::V4(key) => flow_set(&key)?.find(&key),
+        TableKey::V6(key) => {
+            let entry = CONNTRACK.get_ptr_mut(key)?;
+            // SAFETY: an LRU value stays allocated until the program run ends (RCU). Its
+            // fields are plain words: another CPU updating the same flow at once makes the
+            // last store win, which last-seen times and closing bits tolerate.
+            Some(unsafe { &mut *entry })
+        }
     }
-    let entry = CONNTRACK.get_ptr_mut(key)?;
-    // SAFETY: an LRU value stays allocated until the program run ends (RCU). Its fields are
-    // plain words: another CPU updating the same flow at once makes the last store win,
-    // which last-seen times and closing bits tolerate.
-    Some(unsafe { &mut *entry })
 }
 
-/// Records a flow `flow_entry` did not find. `Err` carries the kernel's errno (IPv6 only:
+/// Records a flow `table_entry` did not find. `Err` carries the kernel's errno (IPv6 only:
 /// an IPv4 flow always finds a way).
 #[inline(always)]
-pub fn insert_flow(key: &FlowKey, ipv6: bool, state: &FlowState) -> Result<(), i32> {
-    if ipv6 {
-        return CONNTRACK.insert(key, state, 0);
-    }
-    let key = FlowKey4::of(key);
+pub fn insert_flow(key: TableKey, state: &FlowState) -> Result<(), i32> {
+    let key = match key {
+        TableKey::V6(key) => return CONNTRACK.insert(key, state, 0),
+        TableKey::V4(key) => key,
+    };
     let Some(set) = flow_set(&key) else {
         return Ok(());
     };
@@ -162,7 +194,8 @@ pub fn insert_flow(key: &FlowKey, ipv6: bool, state: &FlowState) -> Result<(), i
 /// The set `key` belongs in.
 #[inline(always)]
 fn flow_set(key: &FlowKey4) -> Option<&'static mut FlowSet> {
-    let set = FLOWS4.get_ptr_mut(key.set_index(XLB_FLOW_SEED.load(), XLB_FLOW_SETS.load()))?;
+    let index = key.set_index(&XLB_FLOW_MULTIPLIERS.load(), XLB_FLOW_SETS.load());
+    let set = FLOWS4.get_ptr_mut(index)?;
     // SAFETY: an array value lives as long as the map. Its words are written in place by
     // every CPU; `lb_common::flow_table` says what a race between them can do.
     Some(unsafe { &mut *set })

@@ -36,13 +36,8 @@ pub enum Endpoint {
     Source,
 }
 
-#[inline(always)]
-fn last4(a: &[u8; 16]) -> [u8; 4] {
-    [a[12], a[13], a[14], a[15]]
-}
-
-/// The change of lowering the TTL (IPv4, high byte of the word it shares with the protocol)
-/// or the hop limit (IPv6, low byte of the word it shares with the next header) by one.
+/// The change of lowering the TTL (IPv4, the byte before the protocol in their shared word)
+/// or the hop limit (IPv6, the byte after the next header) by one, in native word order.
 #[inline(always)]
 fn ttl_decrement(p: &Parsed) -> CsumDelta {
     let (old, new) = if p.ipv6 {
@@ -50,10 +45,13 @@ fn ttl_decrement(p: &Parsed) -> CsumDelta {
     } else {
         ([p.ttl, p.proto], [p.ttl - 1, p.proto])
     };
-    CsumDelta::new().replace_u16(u16::from_be_bytes(old), u16::from_be_bytes(new))
+    CsumDelta::new().replace_u16(u16::from_ne_bytes(old), u16::from_ne_bytes(new))
 }
 
-/// The translation of one endpoint, and what it does to each checksum.
+/// The translation of one endpoint, and what it does to each checksum. Every delta is in
+/// native word order (`lb_common::csum`): addresses, ports and checksums are loaded and
+/// stored as they are, with no byte swap, and the kernel's checksum helpers take native
+/// sums (`__wsum`) too.
 struct Plan {
     addr_offset: usize,
     port_offset: usize,
@@ -69,19 +67,19 @@ struct Plan {
     hop_word: CsumDelta,
 }
 
+/// `addr` is the new address as native words (`Translation::addr_words`).
 #[inline(always)]
-fn plan(
-    p: &Parsed,
-    endpoint: Endpoint,
-    addr: &[u8; 16],
-    port_be: u16,
-    decrement_ttl: bool,
-) -> Plan {
+fn plan(p: &Parsed, endpoint: Endpoint, addr: [u32; 4], port_be: u16, decrement_ttl: bool) -> Plan {
     let (old_addr, old_port_be, port_offset) = match endpoint {
-        Endpoint::Destination => (&p.dst, p.dport_be, p.l4_offset + 2),
-        Endpoint::Source => (&p.src, p.sport_be, p.l4_offset),
+        Endpoint::Destination => (p.dst_words(), p.dport_be, p.l4_offset + 2),
+        Endpoint::Source => (p.src_words(), p.sport_be, p.l4_offset),
     };
-    let port = CsumDelta::new().replace_u16(u16::from_be(old_port_be), u16::from_be(port_be));
+    let port = CsumDelta::new().replace_u16(old_port_be, port_be);
+    let ttl = if decrement_ttl {
+        ttl_decrement(p)
+    } else {
+        CsumDelta::new()
+    };
     if p.ipv6 {
         Plan {
             addr_offset: p.l3_offset
@@ -90,23 +88,17 @@ fn plan(
                     Endpoint::Source => IPV6_SRC_OFFSET,
                 },
             port_offset,
-            pseudo: CsumDelta::new().replace(old_addr, addr),
+            pseudo: CsumDelta::new()
+                .replace_u32(old_addr[0], addr[0])
+                .replace_u32(old_addr[1], addr[1])
+                .replace_u32(old_addr[2], addr[2])
+                .replace_u32(old_addr[3], addr[3]),
             port,
             ip: CsumDelta::new(),
-            hop_word: if decrement_ttl {
-                ttl_decrement(p)
-            } else {
-                CsumDelta::new()
-            },
+            hop_word: ttl,
         }
     } else {
-        let (old4, new4) = (last4(old_addr), last4(addr));
-        let pseudo = CsumDelta::new().replace(&old4, &new4);
-        let ttl = if decrement_ttl {
-            ttl_decrement(p)
-        } else {
-            CsumDelta::new()
-        };
+        let pseudo = CsumDelta::new().replace_u32(old_addr[3], addr[3]);
         Plan {
             addr_offset: p.l3_offset
                 + match endpoint {
@@ -128,26 +120,30 @@ fn write_fields(
     pkt: &Packet,
     p: &Parsed,
     plan: &Plan,
-    addr: &[u8; 16],
+    addr: [u32; 4],
     port_be: u16,
     decrement_ttl: bool,
 ) -> Option<()> {
     if p.ipv6 {
-        pkt.write(plan.addr_offset, *addr)?;
+        pkt.write_u32_native(plan.addr_offset, addr[0])?;
+        pkt.write_u32_native(plan.addr_offset + 4, addr[1])?;
+        pkt.write_u32_native(plan.addr_offset + 8, addr[2])?;
+        pkt.write_u32_native(plan.addr_offset + 12, addr[3])?;
         if decrement_ttl {
             pkt.write(p.l3_offset + IPV6_HOP_LIMIT_OFFSET, [p.ttl - 1])?;
         }
     } else {
-        pkt.write(plan.addr_offset, last4(addr))?;
+        pkt.write_u32_native(plan.addr_offset, addr[3])?;
         if decrement_ttl {
             pkt.write(p.l3_offset + IPV4_TTL_OFFSET, [p.ttl - 1])?;
         }
     }
-    pkt.write(plan.port_offset, port_be.to_ne_bytes())
+    pkt.write_u16_native(plan.port_offset, port_be)
 }
 
-/// Rewrites one endpoint of an XDP frame to `addr`:`port_be`, and when `decrement_ttl` lowers
-/// the TTL/hop limit by one (the caller forwards the frame itself and checked TTL > 1).
+/// Rewrites one endpoint of an XDP frame to `addr`:`port_be` (`addr` as native words), and
+/// when `decrement_ttl` lowers the TTL/hop limit by one (the caller forwards the frame itself
+/// and checked TTL > 1).
 ///
 /// All old values are read before the first write; `None` means the frame was shorter than
 /// the parser saw, which cannot happen, and the caller drops it rather than send it half-done.
@@ -156,22 +152,22 @@ pub fn rewrite(
     pkt: &Packet,
     p: &Parsed,
     endpoint: Endpoint,
-    addr: &[u8; 16],
+    addr: [u32; 4],
     port_be: u16,
     decrement_ttl: bool,
 ) -> Option<()> {
     let plan = plan(p, endpoint, addr, port_be, decrement_ttl);
     let l4_check_offset = p.l4_check_offset();
-    let old_l4_check = pkt.read_u16(l4_check_offset)?;
+    let old_l4_check = pkt.read_u16_native(l4_check_offset)?;
     let ip_check_offset = p.l3_offset + IPV4_CHECK_OFFSET;
     let old_ip_check = if p.ipv6 {
         0
     } else {
-        pkt.read_u16(ip_check_offset)?
+        pkt.read_u16_native(ip_check_offset)?
     };
     write_fields(pkt, p, &plan, addr, port_be, decrement_ttl)?;
     if !p.ipv6 {
-        pkt.write_u16(ip_check_offset, plan.ip.apply(old_ip_check))?;
+        pkt.write_u16_native(ip_check_offset, plan.ip.apply(old_ip_check))?;
     }
     let l4 = plan.pseudo.merge(plan.port);
     let new_l4_check = if p.proto == IPPROTO_UDP {
@@ -179,15 +175,22 @@ pub fn rewrite(
     } else {
         l4.apply(old_l4_check)
     };
-    pkt.write_u16(l4_check_offset, new_l4_check)
+    pkt.write_u16_native(l4_check_offset, new_l4_check)
 }
 
-/// A delta as the kernel's checksum helpers take it: a sum of 16-bit words as the CPU loads
-/// them from the packet (`__wsum`), where `CsumDelta` sums them big-endian. One's complement
-/// sums commute with byte swapping, so the folded sum only changes byte order.
+/// A big-endian delta (`CsumDelta::replace` of packet bytes, as `icmp.rs` builds them) as
+/// the kernel's checksum helpers take it: a sum of 16-bit words as the CPU loads them from
+/// the packet (`__wsum`). One's complement sums commute with byte swapping, so the folded
+/// sum only changes byte order.
 #[inline(always)]
 fn wsum(delta: CsumDelta) -> u64 {
     u64::from(u16::from_ne_bytes(delta.folded().to_be_bytes()))
+}
+
+/// A native-order delta (a `Plan`'s) as the kernel's checksum helpers take it.
+#[inline(always)]
+fn native_wsum(delta: CsumDelta) -> u64 {
+    u64::from(delta.folded())
 }
 
 /// As [`rewrite`], for a socket buffer at the TC hook: the same fields, with the checksums
@@ -198,7 +201,7 @@ pub fn rewrite_skb(
     ctx: &TcContext,
     p: &Parsed,
     endpoint: Endpoint,
-    addr: &[u8; 16],
+    addr: [u32; 4],
     port_be: u16,
     decrement_ttl: bool,
 ) -> Option<()> {
@@ -222,27 +225,40 @@ pub fn rewrite_skb(
                 skb,
                 l4_check_offset,
                 0,
-                wsum(plan.pseudo),
+                native_wsum(plan.pseudo),
                 pseudo_flags | BPF_F_IPV6,
             ) < 0
-                && bpf_l4_csum_replace(skb, l4_check_offset, 0, wsum(plan.pseudo), pseudo_flags) < 0
+                && bpf_l4_csum_replace(
+                    skb,
+                    l4_check_offset,
+                    0,
+                    native_wsum(plan.pseudo),
+                    pseudo_flags,
+                ) < 0
             {
                 return None;
             }
             if decrement_ttl {
                 // Fails unless the buffer is CHECKSUM_COMPLETE, and then nothing is owed.
-                let _ = bpf_csum_update(skb, wsum(plan.hop_word) as u32);
+                let _ = bpf_csum_update(skb, native_wsum(plan.hop_word) as u32);
             }
         } else {
-            if bpf_l4_csum_replace(skb, l4_check_offset, 0, wsum(plan.pseudo), pseudo_flags) < 0 {
+            if bpf_l4_csum_replace(
+                skb,
+                l4_check_offset,
+                0,
+                native_wsum(plan.pseudo),
+                pseudo_flags,
+            ) < 0
+            {
                 return None;
             }
             let ip_check_offset = (p.l3_offset + IPV4_CHECK_OFFSET) as u32;
-            if bpf_l3_csum_replace(skb, ip_check_offset, 0, wsum(plan.ip), 0) < 0 {
+            if bpf_l3_csum_replace(skb, ip_check_offset, 0, native_wsum(plan.ip), 0) < 0 {
                 return None;
             }
         }
-        if bpf_l4_csum_replace(skb, l4_check_offset, 0, wsum(plan.port), udp) < 0 {
+        if bpf_l4_csum_replace(skb, l4_check_offset, 0, native_wsum(plan.port), udp) < 0 {
             return None;
         }
     }
@@ -257,16 +273,16 @@ pub fn decrement_ttl(pkt: &Packet, p: &Parsed) -> Option<()> {
         return pkt.write(p.l3_offset + IPV6_HOP_LIMIT_OFFSET, [p.ttl - 1]);
     }
     let check_offset = p.l3_offset + IPV4_CHECK_OFFSET;
-    let old_check = pkt.read_u16(check_offset)?;
+    let old_check = pkt.read_u16_native(check_offset)?;
     pkt.write(p.l3_offset + IPV4_TTL_OFFSET, [p.ttl - 1])?;
-    pkt.write_u16(check_offset, ttl_decrement(p).apply(old_check))
+    pkt.write_u16_native(check_offset, ttl_decrement(p).apply(old_check))
 }
 
 /// As [`decrement_ttl`], for a socket buffer at the TC hook.
 #[inline(always)]
 pub fn decrement_ttl_skb(ctx: &TcContext, p: &Parsed) -> Option<()> {
     let skb = ctx.as_ptr().cast::<__sk_buff>();
-    let delta = wsum(ttl_decrement(p));
+    let delta = native_wsum(ttl_decrement(p));
     if p.ipv6 {
         Packet::of_skb(ctx).write(p.l3_offset + IPV6_HOP_LIMIT_OFFSET, [p.ttl - 1])?;
         // SAFETY: skb is this run's context. Fails unless the buffer is CHECKSUM_COMPLETE,
@@ -275,7 +291,7 @@ pub fn decrement_ttl_skb(ctx: &TcContext, p: &Parsed) -> Option<()> {
         return Some(());
     }
     Packet::of_skb(ctx).write(p.l3_offset + IPV4_TTL_OFFSET, [p.ttl - 1])?;
-    update_ipv4_checksum_skb(ctx, p.l3_offset + IPV4_CHECK_OFFSET, ttl_decrement(p))
+    add_to_ipv4_checksum_skb(ctx, p.l3_offset + IPV4_CHECK_OFFSET, delta)
 }
 
 /// Adds `delta` to the checksum at `offset` of an XDP frame, whose checksums are complete.
@@ -285,15 +301,22 @@ pub fn update_checksum(pkt: &Packet, offset: usize, delta: CsumDelta) -> Option<
     pkt.write_u16(offset, delta.apply(old))
 }
 
-/// Adds `delta` (bytes of the header already changed) to the IPv4 header checksum at
-/// `offset` of a socket buffer. The helper keeps a receive checksum over the whole packet
-/// right: the header's bytes and its checksum change by opposite amounts.
+/// Adds `delta` (bytes of the header already changed, as big-endian words) to the IPv4
+/// header checksum at `offset` of a socket buffer.
 #[inline(always)]
 pub fn update_ipv4_checksum_skb(ctx: &TcContext, offset: usize, delta: CsumDelta) -> Option<()> {
+    add_to_ipv4_checksum_skb(ctx, offset, wsum(delta))
+}
+
+/// Adds `wsum` (a native-order sum) to the IPv4 header checksum at `offset` of a socket
+/// buffer. The helper keeps a receive checksum over the whole packet right: the header's
+/// bytes and its checksum change by opposite amounts.
+#[inline(always)]
+fn add_to_ipv4_checksum_skb(ctx: &TcContext, offset: usize, wsum: u64) -> Option<()> {
     let skb = ctx.as_ptr().cast::<__sk_buff>();
     // SAFETY: skb is this run's context; the helper bounds-checks the offset and with size 0
     // takes `to` as a checksum delta.
-    (unsafe { bpf_l3_csum_replace(skb, offset as u32, 0, wsum(delta), 0) } >= 0).then_some(())
+    (unsafe { bpf_l3_csum_replace(skb, offset as u32, 0, wsum, 0) } >= 0).then_some(())
 }
 
 /// Adds `delta` to the ICMP/ICMPv6 checksum at `offset` of a socket buffer: a change to the

@@ -119,6 +119,23 @@ impl Packet {
         Some(())
     }
 
+    /// A 16-bit field as the CPU loads it (native order: for checksums, whose arithmetic
+    /// needs no byte order, and fields kept as stored, like `Parsed::sport_be`).
+    #[inline(always)]
+    pub fn read_u16_native(&self, offset: usize) -> Option<u16> {
+        self.read::<2>(offset).map(u16::from_ne_bytes)
+    }
+
+    #[inline(always)]
+    pub fn write_u16_native(&self, offset: usize, value: u16) -> Option<()> {
+        self.write(offset, value.to_ne_bytes())
+    }
+
+    #[inline(always)]
+    pub fn write_u32_native(&self, offset: usize, value: u32) -> Option<()> {
+        self.write(offset, value.to_ne_bytes())
+    }
+
     #[inline(always)]
     pub fn read_u16(&self, offset: usize) -> Option<u16> {
         self.read::<2>(offset).map(u16::from_be_bytes)

@@ -174,7 +174,7 @@ impl Hook for TcContext {
         let translated = if t.already_translated {
             decrement_ttl_skb(self, p)
         } else {
-            rewrite_skb(self, p, t.endpoint, &t.addr, t.port_be, true)
+            rewrite_skb(self, p, t.endpoint, t.addr_words(), t.port_be, true)
         };
         // The checksum helpers move the data: the MACs are written through a fresh view.
         if translated.is_none() || Packet::of_skb(self).write_mac_words(nh.macs).is_none() {
@@ -191,7 +191,7 @@ fn via_stack(ctx: &TcContext, p: &Parsed, t: &Translation) -> u32 {
     if t.already_translated {
         return OK;
     }
-    match rewrite_skb(ctx, p, t.endpoint, &t.addr, t.port_be, false) {
+    match rewrite_skb(ctx, p, t.endpoint, t.addr_words(), t.port_be, false) {
         Some(()) => OK,
         None => dropped_malformed(),
     }

@@ -129,7 +129,7 @@ impl Hook for XdpContext {
         let translated = if t.already_translated {
             decrement_ttl(pkt, p)
         } else {
-            rewrite(pkt, p, t.endpoint, &t.addr, t.port_be, true)
+            rewrite(pkt, p, t.endpoint, t.addr_words(), t.port_be, true)
         };
         if translated.is_none() || pkt.write_mac_words(nh.macs).is_none() {
             return dropped_malformed();
@@ -145,7 +145,7 @@ fn via_stack(pkt: &Packet, p: &Parsed, t: &Translation) -> u32 {
     if t.already_translated {
         return xdp_action::XDP_PASS;
     }
-    match rewrite(pkt, p, t.endpoint, &t.addr, t.port_be, false) {
+    match rewrite(pkt, p, t.endpoint, t.addr_words(), t.port_be, false) {
         Some(()) => xdp_action::XDP_PASS,
         None => dropped_malformed(),
     }

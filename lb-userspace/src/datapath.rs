@@ -20,7 +20,8 @@ use lb_common::{
     ReverseNat, TrafficCounters, VipInfo, VipKey,
     addr::is_v4_mapped,
     flow_table::{
-        FLOW_SEED_SYMBOL, FLOW_SETS_SYMBOL, FlowKey4, FlowSet, flow_sets, flow_table_entries,
+        FLOW_MULTIPLIERS_SYMBOL, FLOW_SETS_SYMBOL, FlowKey4, FlowSet, SetMultipliers, flow_sets,
+        flow_table_entries,
     },
     maglev::is_prime,
     map_names, program_names,
@@ -301,11 +302,12 @@ impl Datapath {
             Some(seed) => seed,
             None => getrandom::u32().map_err(DatapathError::Random)?,
         };
+        let flow_multipliers = SetMultipliers::of_seed(flow_seed);
         let mut loader = EbpfLoader::new();
         loader
             .override_global(HASH_SEED_SYMBOL, &config.hash_seed, true)
             .override_global(FLOW_SETS_SYMBOL, &flow_sets, true)
-            .override_global(FLOW_SEED_SYMBOL, &flow_seed, true)
+            .override_global(FLOW_MULTIPLIERS_SYMBOL, &flow_multipliers, true)
             .map_max_entries(map_names::FLOWS4, flow_table_entries)
             .map_max_entries(map_names::VIPS, config.max_vips)
             .map_max_entries(map_names::VIP_STATS, config.max_vips)
@@ -873,7 +875,10 @@ impl Datapath {
 
     /// The `XLB_FLOWS4` set an IPv4 flow's key belongs in, as the data path finds it.
     fn ipv4_set_index(&self, key: &FlowKey4) -> u32 {
-        key.set_index(self.flow_seed, flow_sets(self.config.conntrack_entries))
+        key.set_index(
+            &SetMultipliers::of_seed(self.flow_seed),
+            flow_sets(self.config.conntrack_entries),
+        )
     }
 
     /// Calls `f` with every connection-table entry, IPv4 and IPv6. An entry evicted during

@@ -22,7 +22,7 @@ use etherparse::{NetHeaders, PacketBuilder, PacketHeaders, PayloadSlice, Transpo
 use lb_common::{
     FlowKey, FlowState, IPPROTO_TCP, NextHop,
     addr::is_v4_mapped,
-    flow_table::{FLOW_SET_WAYS, FlowKey4, FlowSet, flow_sets, flow_table_entries},
+    flow_table::{FLOW_SET_WAYS, FlowKey4, FlowSet, SetMultipliers, flow_sets, flow_table_entries},
     map_names,
 };
 use lb_userspace::{
@@ -484,7 +484,7 @@ fn a_resized_set_table_keeps_every_ipv4_flow() {
             .expect("a seed record after the sets");
         let mut per_set = BTreeMap::new();
         for (key, _) in flows.iter().filter(|(k, _)| is_v4_mapped(&k.dst)) {
-            let set = FlowKey4::of(key).set_index(seed, flow_sets(small));
+            let set = FlowKey4::of(key).set_index(&SetMultipliers::of_seed(seed), flow_sets(small));
             *per_set.entry(set).or_insert(0) += 1;
         }
         assert!(per_set.values().all(|&n| n <= FLOW_SET_WAYS), "{per_set:?}");
