@@ -36,16 +36,12 @@ pub enum Endpoint {
     Source,
 }
 
-/// The change of lowering the TTL (IPv4, the byte before the protocol in their shared word)
-/// or the hop limit (IPv6, the byte after the next header) by one, in native word order.
+/// The change of lowering the TTL (IPv4: the first byte of the word it shares with the
+/// protocol) or the hop limit (IPv6: the second byte of the word it shares with the next
+/// header) by one, in native word order; the caller checked it is above 1.
 #[inline(always)]
 fn ttl_decrement(p: &Parsed) -> CsumDelta {
-    let (old, new) = if p.ipv6 {
-        ([p.proto, p.ttl], [p.proto, p.ttl - 1])
-    } else {
-        ([p.ttl, p.proto], [p.ttl - 1, p.proto])
-    };
-    CsumDelta::new().replace_u16(u16::from_ne_bytes(old), u16::from_ne_bytes(new))
+    CsumDelta::new().byte_decrement(if p.ipv6 { 1 } else { 0 })
 }
 
 /// The translation of one endpoint, and what it does to each checksum. Every delta is in
