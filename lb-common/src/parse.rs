@@ -8,7 +8,7 @@
 
 use crate::{
     Counter, IPPROTO_TCP, IPPROTO_UDP,
-    addr::{is_v4_mapped_words, load_u32_words, v4_mapped_words, words},
+    addr::{is_v4_mapped_words, load_u32_words, v4_mapped_words},
     icmp::{IPPROTO_ICMP, IPPROTO_ICMPV6},
 };
 
@@ -298,12 +298,17 @@ fn parse_ipv4<P: PacketBytes + ?Sized>(pkt: &P, l3_offset: usize) -> Result<Head
 fn parse_ipv6<P: PacketBytes + ?Sized>(pkt: &P, l3_offset: usize) -> Result<Headers, Skip> {
     // Read in pieces: a 40-byte copy would cost the eBPF build that much stack.
     let fixed: [u8; 8] = pkt.read(l3_offset).ok_or(Skip::Malformed)?;
-    let src: [u8; 16] = pkt
-        .read(l3_offset + IPV6_SRC_OFFSET)
-        .ok_or(Skip::Malformed)?;
-    let dst: [u8; 16] = pkt
-        .read(l3_offset + IPV6_DST_OFFSET)
-        .ok_or(Skip::Malformed)?;
+    // The addresses as four 8-byte words: read as 16-byte arrays, the eBPF build split
+    // them into 32 byte loads and spilled them, 256 bytes of the parser's stack frame.
+    let word = |offset: usize| -> Result<u64, Skip> {
+        pkt.read(l3_offset + offset)
+            .map(u64::from_ne_bytes)
+            .ok_or(Skip::Malformed)
+    };
+    // The farthest piece first, as in `parse_ipv4`.
+    let dst_tail = word(IPV6_DST_OFFSET + 8)?;
+    let dst = [word(IPV6_DST_OFFSET)?, dst_tail];
+    let src = [word(IPV6_SRC_OFFSET)?, word(IPV6_SRC_OFFSET + 8)?];
     if fixed[0] >> 4 != 6 {
         return Err(Skip::Malformed);
     }
@@ -324,8 +329,8 @@ fn parse_ipv6<P: PacketBytes + ?Sized>(pkt: &P, l3_offset: usize) -> Result<Head
     let l4_offset = l3_offset + IPV6_HLEN;
     let (sport_be, dport_be, tcp_flags) = parse_ports(pkt, proto, l4_offset, payload_len)?;
     Ok(Headers {
-        src: words(src),
-        dst: words(dst),
+        src,
+        dst,
         l3_offset,
         l4_offset,
         ipv6: true,

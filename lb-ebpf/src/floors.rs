@@ -4,7 +4,7 @@
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::parse::Parsed;
 
-use crate::forward::parse_into;
+use crate::hook::Hook as _;
 
 #[xdp]
 pub fn xlb_floor_pass(_ctx: XdpContext) -> u32 {
@@ -13,9 +13,9 @@ pub fn xlb_floor_pass(_ctx: XdpContext) -> u32 {
 
 #[xdp]
 pub fn xlb_floor_parse(ctx: XdpContext) -> u32 {
-    // The same (non-inlined) parser call as xlb's, so the floor differs only by the rest.
+    // The same parser as xlb's XDP entry point, so the floor differs only by the rest.
     let mut p = Parsed::EMPTY;
-    match parse_into(&ctx, &mut p) {
+    match ctx.parse(&mut p) {
         // Use the result, so the parse cannot be optimised away.
         Ok(()) if p.dport_be == 0 => xdp_action::XDP_DROP,
         _ => xdp_action::XDP_PASS,

@@ -39,7 +39,7 @@ pub const AF_INET6: u8 = 10;
 #[inline(always)]
 pub fn process<H: Hook>(ctx: &H) -> u32 {
     let mut p = Parsed::EMPTY;
-    if let Err(skip) = parse_into(ctx, &mut p) {
+    if let Err(skip) = ctx.parse(&mut p) {
         if skip == Skip::Icmp
             && let Some(verdict) = icmp::translate(ctx, &mut p)
         {
@@ -81,13 +81,6 @@ pub fn process<H: Hook>(ctx: &H) -> u32 {
     }
     count(Counter::NotForUs);
     H::PASS
-}
-
-/// Not inlined: the parser's temporaries live in this frame and are gone before the
-/// forwarding functions' frames are pushed (the verifier sums the frames of a call chain).
-#[inline(never)]
-pub fn parse_into<H: Hook>(ctx: &H, out: &mut Parsed) -> Result<(), Skip> {
-    lb_common::parse::parse_into(&ctx.packet(), out)
 }
 
 #[inline(always)]

@@ -3,7 +3,10 @@
 //! the packet on differ, and live in `xdp.rs` and `tc.rs`.
 
 use aya_ebpf::EbpfContext;
-use lb_common::{csum::CsumDelta, parse::Parsed};
+use lb_common::{
+    csum::CsumDelta,
+    parse::{Parsed, Skip},
+};
 
 use crate::{forward::Translation, maps::HopCache, packet::Packet};
 
@@ -25,6 +28,12 @@ pub trait Hook: EbpfContext {
 
     /// The directly readable headers.
     fn packet(&self) -> Packet;
+
+    /// Parses the packet into `out` (`lb_common::parse::parse_into`). Each hook decides
+    /// whether the parser is inlined into the entry point: its 64 bytes of stack count
+    /// under the forwarding functions' frames (the verifier allows a call chain 512 bytes),
+    /// and a call costs every packet a call, a return and the spills around them.
+    fn parse(&self, out: &mut Parsed) -> Result<(), Skip>;
 
     fn ingress_ifindex(&self) -> u32;
 

@@ -15,7 +15,11 @@ use aya_ebpf::{
     },
     programs::TcContext,
 };
-use lb_common::{Counter, csum::CsumDelta, parse::Parsed};
+use lb_common::{
+    Counter,
+    csum::CsumDelta,
+    parse::{Parsed, Skip, parse_into},
+};
 
 use crate::{
     forward::{Translation, next_hop},
@@ -64,6 +68,13 @@ impl Hook for TcContext {
     #[inline(always)]
     fn packet(&self) -> Packet {
         Packet::of_skb(self)
+    }
+
+    // Not inlined: the TC call chain's frames are larger, and with the parser's stack under
+    // them they pass the verifier's 512 bytes (see `Hook::parse`).
+    #[inline(never)]
+    fn parse(&self, out: &mut Parsed) -> Result<(), Skip> {
+        parse_into(&self.packet(), out)
     }
 
     #[inline(always)]

@@ -9,7 +9,7 @@ use aya_ebpf::{
 use lb_common::{
     Counter,
     csum::CsumDelta,
-    parse::{ETH_HLEN, PacketBytes as _, Parsed},
+    parse::{ETH_HLEN, PacketBytes as _, Parsed, Skip, parse_into},
 };
 
 use crate::{
@@ -28,6 +28,12 @@ impl Hook for XdpContext {
     #[inline(always)]
     fn packet(&self) -> Packet {
         Packet::of_xdp(self)
+    }
+
+    // Inlined: the XDP call chain has room for the parser's stack (see `Hook::parse`).
+    #[inline(always)]
+    fn parse(&self, out: &mut Parsed) -> Result<(), Skip> {
+        parse_into(&self.packet(), out)
     }
 
     #[inline(always)]
