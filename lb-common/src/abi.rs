@@ -4,6 +4,8 @@
 //! byte-wise key hashing sees no garbage), integers in the byte order noted in the field name
 //! (`_be` = network order, as read from the packet), and `u32`/`u8` flags instead of `bool`.
 
+use crate::parse::Parsed;
+
 /// Map names as they appear in the object file and on bpffs (at most 15 bytes each).
 pub mod map_names {
     pub const VIPS: &str = "XLB_VIPS";
@@ -156,6 +158,18 @@ pub struct VipKey {
 }
 
 impl VipKey {
+    /// The VIP a parsed packet is addressed to: its destination, port and protocol.
+    #[inline(always)]
+    #[must_use]
+    pub fn of_packet(p: &Parsed) -> Self {
+        Self {
+            addr: p.dst,
+            port_be: p.dport_be,
+            proto: p.proto,
+            _pad: [0; 5],
+        }
+    }
+
     /// Equality in three 8-byte compares (the key is 8-aligned and its padding zero), where
     /// a derived `==` may compare the address byte by byte in eBPF.
     #[inline(always)]
@@ -164,22 +178,35 @@ impl VipKey {
         self.words() == other.words()
     }
 
+    /// Whether `p` is addressed to this VIP: `same_as(&VipKey::of_packet(p))`, without
+    /// building the key. The packet's side comes from the parsed fields as they were stored
+    /// (a key built with byte and half-word stores and read back as words would make each
+    /// wide load wait for the stores under it to drain).
+    #[inline(always)]
+    #[must_use]
+    pub fn is_destination_of(&self, p: &Parsed) -> bool {
+        let [a0, a1] = p.dst_u64_words();
+        let port = p.dport_be.to_ne_bytes();
+        let tail = u64::from_ne_bytes([port[0], port[1], p.proto, 0, 0, 0, 0, 0]);
+        self.words() == [a0, a1, tail]
+    }
+
+    /// The key as three native words, read with three 8-byte loads.
     #[inline(always)]
     fn words(&self) -> [u64; 3] {
-        let a = &self.addr;
-        [
-            u64::from_ne_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]),
-            u64::from_ne_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]),
-            u64::from(self.port_be)
-                | u64::from(self.proto) << 16
-                | u64::from(self._pad[0]) << 24
-                | u64::from(self._pad[1]) << 32
-                | u64::from(self._pad[2]) << 40
-                | u64::from(self._pad[3]) << 48
-                | u64::from(self._pad[4]) << 56,
-        ]
+        // SAFETY: `VipKey` is 24 bytes, 8-aligned, without implicit padding (asserted
+        // below): it reads as three initialised `u64`s.
+        unsafe { core::ptr::read(core::ptr::from_ref(self).cast::<[u64; 3]>()) }
     }
 }
+
+const _: () = assert!(
+    core::mem::size_of::<VipKey>() == 24
+        && core::mem::align_of::<VipKey>() == 8
+        && core::mem::offset_of!(VipKey, port_be) == 16
+        && core::mem::offset_of!(VipKey, proto) == 18
+        && core::mem::offset_of!(VipKey, _pad) == 19
+);
 
 /// Value of `XLB_VIPS`.
 #[repr(C)]
@@ -333,6 +360,13 @@ impl Backend {
     #[must_use]
     pub fn holds_flow_to(&self, vip: &VipKey, required: u8) -> bool {
         self.flags & required != 0 && self.vip.same_as(vip)
+    }
+
+    /// `holds_flow_to` the VIP `p` is addressed to (`VipKey::is_destination_of`).
+    #[inline(always)]
+    #[must_use]
+    pub fn holds_flow_of(&self, p: &Parsed, required: u8) -> bool {
+        self.flags & required != 0 && self.vip.is_destination_of(p)
     }
 }
 
@@ -776,6 +810,18 @@ mod tests {
         ] {
             let held = b.holds_flow_to(&other, BACKEND_ACTIVE | BACKEND_DRAINING);
             assert_eq!(held, other == vip, "{other:?}");
+            let packet = Parsed {
+                dst: other.addr,
+                dport_be: other.port_be,
+                proto: other.proto,
+                ..Parsed::EMPTY
+            };
+            assert_eq!(VipKey::of_packet(&packet), other);
+            assert_eq!(
+                b.holds_flow_of(&packet, BACKEND_ACTIVE | BACKEND_DRAINING),
+                held,
+                "{other:?}, as a packet"
+            );
         }
         assert!(
             !Backend::default()

@@ -50,6 +50,17 @@ pub unsafe fn load_u32_words(addr: &[u8; 16]) -> [u32; 4] {
     unsafe { core::ptr::read(core::ptr::from_ref(addr).cast::<[u32; 4]>()) }
 }
 
+/// As `load_u32_words`, as two 8-byte words.
+///
+/// # Safety
+/// `addr` must be 8-aligned: a field at an 8-aligned offset of a struct aligned to 8.
+#[inline(always)]
+#[must_use]
+pub unsafe fn load_u64_words(addr: &[u8; 16]) -> [u64; 2] {
+    // SAFETY: as in `load_u32_words`.
+    unsafe { core::ptr::read(core::ptr::from_ref(addr).cast::<[u64; 2]>()) }
+}
+
 /// `v4_mapped` as two native words.
 #[inline(always)]
 #[must_use]

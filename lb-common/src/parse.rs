@@ -8,7 +8,7 @@
 
 use crate::{
     Counter, IPPROTO_TCP, IPPROTO_UDP,
-    addr::{is_v4_mapped_words, load_u32_words, v4_mapped_words},
+    addr::{is_v4_mapped_words, load_u32_words, load_u64_words, v4_mapped_words},
     icmp::{IPPROTO_ICMP, IPPROTO_ICMPV6},
 };
 
@@ -118,6 +118,14 @@ impl Parsed {
     pub fn dst_words(&self) -> [u32; 4] {
         // SAFETY: as in `src_words`.
         unsafe { load_u32_words(&self.dst) }
+    }
+
+    /// The destination as two native 8-byte words.
+    #[inline(always)]
+    #[must_use]
+    pub fn dst_u64_words(&self) -> [u64; 2] {
+        // SAFETY: as in `src_words`; offset 16 is 8-aligned too.
+        unsafe { load_u64_words(&self.dst) }
     }
 
     /// Offset of the L4 checksum field.

@@ -48,12 +48,6 @@ pub fn process<H: Hook>(ctx: &H) -> u32 {
         count(skip.counter());
         return H::PASS;
     }
-    let vip_key = VipKey {
-        addr: p.dst,
-        port_be: p.dport_be,
-        proto: p.proto,
-        _pad: [0; 5],
-    };
     let mut t = Translation::NONE;
     let role = |port_be: u16| {
         PORTS
@@ -63,7 +57,7 @@ pub fn process<H: Hook>(ctx: &H) -> u32 {
     // Choosing the translation and applying it are separate calls made from here, so their
     // stack frames are never stacked on each other (the verifier sums a call chain's frames).
     if role(p.dport_be) & PORT_IS_VIP != 0 {
-        let slot = to_backend(ctx, &p, &vip_key, &mut t);
+        let slot = to_backend(ctx, &p, &mut t);
         if t.miss == Miss::NoBackend {
             return H::DROP;
         }
@@ -168,12 +162,7 @@ enum Flow {
 /// The cache reference travels as the return value, not inside `t`: the verifier forgets a
 /// pointer's type when it is copied through memory in pieces.
 #[inline(never)]
-fn to_backend<H: Hook>(
-    ctx: &H,
-    p: &Parsed,
-    vip_key: &VipKey,
-    t: &mut Translation,
-) -> Option<&'static mut CachedHop> {
+fn to_backend<H: Hook>(ctx: &H, p: &Parsed, t: &mut Translation) -> Option<&'static mut CachedHop> {
     let key = flow_key(p);
     let table_key = TableKey::of_packet(p, &key);
     // SAFETY: a helper without arguments.
@@ -189,7 +178,7 @@ fn to_backend<H: Hook>(
                 let id = state.backend_id;
                 match BACKENDS
                     .get(id)
-                    .filter(|b| b.holds_flow_to(vip_key, BACKEND_ACTIVE | BACKEND_DRAINING))
+                    .filter(|b| b.holds_flow_of(p, BACKEND_ACTIVE | BACKEND_DRAINING))
                 {
                     // A connection closing, or on a draining backend, is where a client
                     // reusing its port finds an old entry: a handshake not yet consumed is a
@@ -223,7 +212,7 @@ fn to_backend<H: Hook>(
         }
         Flow::Opening => {
             // SAFETY: the agent replaces VIP entries whole and never writes into them in place.
-            let Some(vip) = (unsafe { VIPS.get(vip_key) }) else {
+            let Some(vip) = (unsafe { VIPS.get(&VipKey::of_packet(p)) }) else {
                 return not_a_vip(t);
             };
             count(Counter::ConntrackMiss);
@@ -242,7 +231,7 @@ fn to_backend<H: Hook>(
         }
         Flow::Unknown(entry) => {
             // SAFETY: as above.
-            let Some(vip) = (unsafe { VIPS.get(vip_key) }) else {
+            let Some(vip) = (unsafe { VIPS.get(&VipKey::of_packet(p)) }) else {
                 return not_a_vip(t);
             };
             count(Counter::ConntrackMiss);
