@@ -156,6 +156,23 @@ mod tests {
         h
     }
 
+    /// `ipv4_header` with TTL `ttl`, its checksum valid.
+    fn ipv4_header_with_ttl(raw: [u8; 20], ttl: u8) -> [u8; 20] {
+        let mut bytes = raw;
+        bytes[8] = ttl;
+        ipv4_header(bytes)
+    }
+
+    /// The checksum `h` should carry once forwarded to `new_dst` (TTL lowered by one),
+    /// recomputed in full.
+    fn forwarded_checksum(mut h: [u8; 20], new_dst: [u8; 4]) -> u16 {
+        h[16..20].copy_from_slice(&new_dst);
+        h[8] -= 1;
+        h[10] = 0;
+        h[11] = 0;
+        checksum(0, &h)
+    }
+
     fn l4_checksum(src: &[u8], dst: &[u8], proto: u8, seg: &[u8]) -> u16 {
         checksum(pseudo_header_sum(src, dst, proto, seg.len() as u32), seg)
     }
@@ -165,25 +182,14 @@ mod tests {
         fn ipv4_header_update_matches_recomputation(
             raw in any::<[u8; 20]>(), new_dst in any::<[u8; 4]>(), ttl in 2u8..=255
         ) {
-            let mut h = ipv4_header(raw);
-            h[8] = ttl;
-            h[10] = 0;
-            h[11] = 0;
-            let c = checksum(0, &h);
-            h[10..12].copy_from_slice(&c.to_be_bytes());
-
+            let h = ipv4_header_with_ttl(raw, ttl);
+            let c = u16::from_be_bytes([h[10], h[11]]);
             let old_dst: [u8; 4] = h[16..20].try_into().unwrap();
             let old_ttl_word = u16::from_be_bytes([h[8], h[9]]);
             let delta = CsumDelta::new()
                 .replace(&old_dst, &new_dst)
                 .replace_u16(old_ttl_word, old_ttl_word - 0x100);
-            let incremental = delta.apply(c);
-
-            h[16..20].copy_from_slice(&new_dst);
-            h[8] -= 1;
-            h[10] = 0;
-            h[11] = 0;
-            prop_assert_eq!(incremental, checksum(0, &h));
+            prop_assert_eq!(delta.apply(c), forwarded_checksum(h, new_dst));
         }
 
         /// The data path's form: every word loaded, updated and stored in native order.
@@ -191,25 +197,16 @@ mod tests {
         fn native_order_update_matches_recomputation(
             raw in any::<[u8; 20]>(), new_dst in any::<[u8; 4]>(), ttl in 2u8..=255
         ) {
-            let mut h = ipv4_header(raw);
-            h[8] = ttl;
-            h[10] = 0;
-            h[11] = 0;
-            let c = checksum(0, &h);
-            h[10..12].copy_from_slice(&c.to_be_bytes());
-
+            let h = ipv4_header_with_ttl(raw, ttl);
             let native_check = u16::from_ne_bytes([h[10], h[11]]);
             let old_dst = u32::from_ne_bytes(h[16..20].try_into().unwrap());
             let delta = CsumDelta::new()
                 .replace_u32(old_dst, u32::from_ne_bytes(new_dst))
                 .byte_decrement(0);
-            let incremental = delta.apply(native_check).to_ne_bytes();
-
-            h[16..20].copy_from_slice(&new_dst);
-            h[8] -= 1;
-            h[10] = 0;
-            h[11] = 0;
-            prop_assert_eq!(incremental, checksum(0, &h).to_be_bytes());
+            prop_assert_eq!(
+                delta.apply(native_check).to_ne_bytes(),
+                forwarded_checksum(h, new_dst).to_be_bytes()
+            );
         }
 
         /// The IPv6 hop limit's position: the second byte of its word.

@@ -136,14 +136,15 @@ impl Packet {
         self.write(offset, value.to_ne_bytes())
     }
 
+    /// A 16-bit field in host order (the packet holds it big-endian).
     #[inline(always)]
     pub fn read_u16(&self, offset: usize) -> Option<u16> {
-        self.read::<2>(offset).map(u16::from_be_bytes)
+        self.read_u16_native(offset).map(u16::from_be)
     }
 
     #[inline(always)]
     pub fn write_u16(&self, offset: usize, value: u16) -> Option<()> {
-        self.write(offset, value.to_be_bytes())
+        self.write_u16_native(offset, value.to_be())
     }
 }
 
