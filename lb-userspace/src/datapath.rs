@@ -5,7 +5,10 @@ use std::{os::fd::AsFd, path::Path, time::Duration};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues, xdp::DevMapHash},
+    maps::{
+        Array, HashMap, IterableMap as _, MapData, MapError, PerCpuArray, PerCpuValues,
+        xdp::DevMapHash,
+    },
     programs::{
         LinkOrder, ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp,
         XdpMode,
@@ -31,6 +34,8 @@ use xlb_core::{
     maps::Maps,
     plan::{MapContents, ServiceKey},
 };
+
+use crate::mapped::MappedArray;
 
 /// The compiled XDP object, built by build.rs from `lb-ebpf`.
 pub static XLB_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
@@ -115,6 +120,12 @@ pub enum DatapathError {
     #[error("setting aside the pinned map {path}, whose layout this build does not share")]
     Retire {
         path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("mapping map {name} into memory to read it")]
+    Mmap {
+        name: &'static str,
         #[source]
         source: std::io::Error,
     },
@@ -887,9 +898,17 @@ impl Datapath {
     /// # Errors
     /// A table missing from the object, or failing to read.
     pub fn for_each_flow(&self, mut f: impl FnMut(FlowKey, FlowState)) -> Result<()> {
-        let sets = flow_sets(self.config.conntrack_entries);
-        for set in self.ipv4_flows()?.iter().take(sets as usize) {
-            let set = set.map_err(map_err(map_names::FLOWS4))?;
+        let table = self.ipv4_flows()?;
+        let sets = flow_sets(self.config.conntrack_entries) as usize;
+        // Mapped, not read set by set: 131 072 lookups at the default size took 45 ms.
+        let mapped =
+            MappedArray::<FlowSet>::new(table.map().fd().as_fd(), sets).map_err(|source| {
+                DatapathError::Mmap {
+                    name: map_names::FLOWS4,
+                    source,
+                }
+            })?;
+        for set in mapped.iter() {
             for (key, state) in set.flows() {
                 f(key, state);
             }

@@ -17,6 +17,7 @@ pub mod decap;
 pub mod encap;
 pub mod frames;
 pub mod health;
+pub mod mapped;
 pub mod metrics;
 pub mod neighbours;
 pub mod ownership;
