@@ -1945,7 +1945,7 @@ mod tests {
         let key = VipKey::new(vip(1).addr, vip(1).proto.number());
         for id in ids {
             let entry = b.maps().backends[&id];
-            assert!(entry.vip.same_as(&key), "{entry:?}");
+            assert_eq!(entry.vip, key, "{entry:?}");
             assert_eq!(entry.idle_timeout_s, Protocol::Tcp.default_idle_timeout_s());
         }
         assert!(b.set_vip_idle_timeout(&vip(1), Some(42)).unwrap());

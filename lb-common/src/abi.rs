@@ -170,18 +170,12 @@ impl VipKey {
         }
     }
 
-    /// Equality in three 8-byte compares (the key is 8-aligned and its padding zero), where
-    /// a derived `==` may compare the address byte by byte in eBPF.
-    #[inline(always)]
-    #[must_use]
-    pub fn same_as(&self, other: &Self) -> bool {
-        self.words() == other.words()
-    }
-
-    /// Whether `p` is addressed to this VIP: `same_as(&VipKey::of_packet(p))`, without
-    /// building the key. The packet's side comes from the parsed fields as they were stored
-    /// (a key built with byte and half-word stores and read back as words would make each
-    /// wide load wait for the stores under it to drain).
+    /// Whether `p` is addressed to this VIP (`*self == VipKey::of_packet(p)`), in three
+    /// 8-byte compares (the key is 8-aligned and its padding zero), where a derived `==`
+    /// may compare the address byte by byte in eBPF, and without building the key: the
+    /// packet's side comes from the parsed fields as they were stored (a key built with
+    /// byte and half-word stores and read back as words would make each wide load wait for
+    /// the stores under it to drain).
     #[inline(always)]
     #[must_use]
     pub fn is_destination_of(&self, p: &Parsed) -> bool {
@@ -352,17 +346,10 @@ impl Backend {
         self.flags & required != 0 && self.vip_id == vip_id && self.family == family
     }
 
-    /// Whether a connection-table entry naming this backend still holds for a packet to
-    /// `vip`: the backend serves that very VIP (an id reused by another VIP, or a VIP
-    /// removed and its address reused, do not), with one of `required` flags set. The
+    /// Whether a connection-table entry naming this backend still holds for the packet `p`:
+    /// the backend serves the very VIP `p` is addressed to (an id reused by another VIP, or
+    /// a VIP removed and its address reused, do not), with one of `required` flags set. The
     /// family comes with the VIP's address.
-    #[inline(always)]
-    #[must_use]
-    pub fn holds_flow_to(&self, vip: &VipKey, required: u8) -> bool {
-        self.flags & required != 0 && self.vip.same_as(vip)
-    }
-
-    /// `holds_flow_to` the VIP `p` is addressed to (`VipKey::is_destination_of`).
     #[inline(always)]
     #[must_use]
     pub fn holds_flow_of(&self, p: &Parsed, required: u8) -> bool {
@@ -784,6 +771,16 @@ mod tests {
         assert!(!Backend::default().serves(0, false, BACKEND_ACTIVE | BACKEND_DRAINING));
     }
 
+    /// A packet to `vip` as the parser leaves it.
+    fn packet_to(vip: &VipKey) -> Parsed {
+        Parsed {
+            dst: vip.addr,
+            dport_be: vip.port_be,
+            proto: vip.proto,
+            ..Parsed::EMPTY
+        }
+    }
+
     #[test]
     fn an_entry_holds_a_flow_only_to_the_vip_its_backend_serves() {
         let vip = VipKey::new("192.0.2.10:80".parse().unwrap(), crate::IPPROTO_TCP);
@@ -793,9 +790,9 @@ mod tests {
             vip,
             ..Backend::default()
         };
-        assert!(b.holds_flow_to(&vip, BACKEND_ACTIVE | BACKEND_DRAINING));
+        assert!(b.holds_flow_of(&packet_to(&vip), BACKEND_ACTIVE | BACKEND_DRAINING));
         assert!(
-            !b.holds_flow_to(&vip, BACKEND_ACTIVE),
+            !b.holds_flow_of(&packet_to(&vip), BACKEND_ACTIVE),
             "draining: established only"
         );
         for other in [
@@ -808,24 +805,16 @@ mod tests {
             ),
             VipKey::new("[2001:db8::10]:80".parse().unwrap(), crate::IPPROTO_TCP),
         ] {
-            let held = b.holds_flow_to(&other, BACKEND_ACTIVE | BACKEND_DRAINING);
-            assert_eq!(held, other == vip, "{other:?}");
-            let packet = Parsed {
-                dst: other.addr,
-                dport_be: other.port_be,
-                proto: other.proto,
-                ..Parsed::EMPTY
-            };
+            let packet = packet_to(&other);
             assert_eq!(VipKey::of_packet(&packet), other);
-            assert_eq!(
-                b.holds_flow_of(&packet, BACKEND_ACTIVE | BACKEND_DRAINING),
-                held,
-                "{other:?}, as a packet"
-            );
+            let held = b.holds_flow_of(&packet, BACKEND_ACTIVE | BACKEND_DRAINING);
+            assert_eq!(held, other == vip, "{other:?}");
         }
         assert!(
-            !Backend::default()
-                .holds_flow_to(&VipKey::default(), BACKEND_ACTIVE | BACKEND_DRAINING),
+            !Backend::default().holds_flow_of(
+                &packet_to(&VipKey::default()),
+                BACKEND_ACTIVE | BACKEND_DRAINING
+            ),
             "an unused slot holds nothing"
         );
     }
