@@ -1006,6 +1006,20 @@ pub async fn run(options: AgentOptions) -> Result<()> {
             "detached the data path a previous agent left on an interface this one is not given"
         );
     }
+    // This build's program now runs wherever xlb does: the previous one writes its retired
+    // tables no more, so what it wrote since they were carried over can follow.
+    match balancer.datapath_mut().finish_carry_over() {
+        Ok(0) => {}
+        Ok(entries) => info!(
+            entries,
+            "carried over the entries the previous program wrote during the switch"
+        ),
+        Err(e) => warn!(
+            "entries the previous program wrote during the switch are lost (their flows are \
+             balanced afresh): {}",
+            error_chain(&e)
+        ),
+    }
 
     if let Some(dir) = options.socket.parent() {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

@@ -270,6 +270,16 @@ pub struct Datapath {
     config: DatapathConfig,
     /// `XLB_FLOWS4`'s own seed, as the loaded program has it.
     flow_seed: u32,
+    /// Retired flow tables whose entries were carried over at load, kept open: the old
+    /// program writes them until the agent attaches this build's (`finish_carry_over`).
+    retired: Vec<RetiredTable>,
+}
+
+/// A retired table kept open after the first carry-over (its pin is gone).
+struct RetiredTable {
+    name: &'static str,
+    path: std::path::PathBuf,
+    map: MapData,
 }
 
 impl Datapath {
@@ -357,6 +367,7 @@ impl Datapath {
             ebpf,
             config,
             flow_seed,
+            retired: Vec::new(),
         };
         datapath.record_flow_seed()?;
         datapath.load_program(program_names::XLB)?;
@@ -404,8 +415,8 @@ impl Datapath {
     /// Moves the entries of flow tables retired by [`retire_pin`] into this build's tables,
     /// where key and value layouts agree (a changed size or LRU flavour), then removes the
     /// retired pins. Runs before the agent attaches this build's program: the old program
-    /// keeps using the old tables until then, so only flows that start in between miss
-    /// their entry, and those meet the same ring. A retired pin left by an agent that
+    /// keeps using the old tables until then, so the flow tables stay open for a second
+    /// pass once it is replaced (`finish_carry_over`). A retired pin left by an agent that
     /// stopped half way is picked up by the next start.
     fn carry_over_retired(&mut self, dir: &Path) -> Result<()> {
         for name in map_names::ALL {
@@ -424,6 +435,15 @@ impl Datapath {
                 // again from the desired state; counters and next-hop caches start over.
                 _ => None,
             };
+            if matches!(carried, Some(Some(_))) {
+                let map =
+                    MapData::from_pin(&path).map_err(|source| carry_over_error(&path, source))?;
+                self.retired.push(RetiredTable {
+                    name,
+                    path: path.clone(),
+                    map,
+                });
+            }
             match carried {
                 Some(Some(n)) => tracing::info!(map = name, entries = n, "carried over"),
                 Some(None) => tracing::warn!(
@@ -443,6 +463,84 @@ impl Datapath {
             })?;
         }
         Ok(())
+    }
+
+    /// Copies what the old program wrote into the retired tables after `load` carried their
+    /// entries over, once this build's program has replaced it everywhere (the caller has
+    /// attached it), then lets the retired tables go. Only entries this build's tables lack
+    /// are copied: an entry the new program wrote since is newer. Without this second pass,
+    /// a connection that starts in between has no entry in the new table, and a server
+    /// that speaks first (a greeting, a database handshake) has its replies leave
+    /// untranslated until the client sends again. Returns the entries copied.
+    ///
+    /// # Errors
+    /// A table failing to read or write.
+    pub fn finish_carry_over(&mut self) -> Result<usize> {
+        let mut copied = 0;
+        for retired in std::mem::take(&mut self.retired) {
+            let RetiredTable { name, path, map } = retired;
+            let carry_err = |source| carry_over_error(&path, source);
+            copied += match name {
+                map_names::FLOWS4 => {
+                    let old: Array<MapData, FlowSet> =
+                        Array::try_from(aya::maps::Map::Array(map)).map_err(carry_err)?;
+                    let mut missing = Vec::new();
+                    for set in old.iter() {
+                        let set = set.map_err(carry_err)?;
+                        if set.recorded_seed().is_some() {
+                            continue;
+                        }
+                        missing.extend(set.flows());
+                    }
+                    self.copy_missing_flows(missing)?
+                }
+                map_names::CONNTRACK => {
+                    let old: HashMap<MapData, FlowKey, FlowState> =
+                        HashMap::try_from(aya::maps::Map::LruHashMap(map)).map_err(carry_err)?;
+                    let flows: Vec<_> = old.iter().flatten().collect();
+                    self.copy_missing_flows(flows)?
+                }
+                map_names::HANDSHAKES => {
+                    self.copy_missing::<FlowKey, FlowState>(name, &path, map)?
+                }
+                _ => self.copy_missing::<FlowKey, ReverseNat>(name, &path, map)?,
+            };
+        }
+        Ok(copied)
+    }
+
+    /// Writes each of `flows` this build's tables do not hold.
+    fn copy_missing_flows(&mut self, flows: Vec<(FlowKey, FlowState)>) -> Result<usize> {
+        let mut copied = 0;
+        for (key, state) in flows {
+            if self.flow(&key)?.is_none() {
+                self.set_flow(&key, &state)?;
+                copied += 1;
+            }
+        }
+        Ok(copied)
+    }
+
+    /// Copies the entries of the retired hash map `old` that `name` lacks.
+    fn copy_missing<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+        path: &Path,
+        old: MapData,
+    ) -> Result<usize> {
+        let carry_err = |source| carry_over_error(path, source);
+        let old: HashMap<MapData, K, V> =
+            HashMap::try_from(aya::maps::Map::LruHashMap(old)).map_err(carry_err)?;
+        let mut new: HashMap<&mut MapData, K, V> = self.map_mut(name)?;
+        let mut copied = 0;
+        for entry in old.iter() {
+            let Ok((key, value)) = entry else { continue };
+            if new.get(&key, 0).is_err() {
+                new.insert(&key, &value, 0).map_err(carry_err)?;
+                copied += 1;
+            }
+        }
+        Ok(copied)
     }
 
     /// Copies every entry of the retired hash map at `path` into `name`; `None` when their

@@ -521,6 +521,67 @@ fn a_resized_set_table_keeps_every_ipv4_flow() {
     );
 }
 
+/// What the previous program writes into a retired table after the new build carried it
+/// over (until the agent attaches the new program) follows in a second pass; entries the new
+/// tables already hold are newer and stay.
+#[test]
+fn entries_written_during_the_switch_follow_in_a_second_pass() {
+    require_root();
+    let pins = PinDir::new("switch");
+    let ns = Netns::create("xlbflowswitch").expect("creating a namespace");
+    let vip: SocketAddr = VIP4.parse().unwrap();
+    let vip6: SocketAddr = VIP6.parse().unwrap();
+    let now = now_coarse_ns();
+    let early = tcp_key(client(vip, 33_000), vip);
+    let during = [
+        tcp_key(client(vip, 33_001), vip),
+        tcp_key(client(vip6, 33_002), vip6),
+    ];
+    ns.run(|| {
+        let mut old = Datapath::load_pinned(config(256), &pins.0).expect("loading the XDP program");
+        old.set_flow(&early, &planted(1, now))
+            .expect("planting a flow");
+
+        // A resize retires the old tables: the old program (here, `old`'s maps) keeps
+        // writing them until the new one is attached.
+        let mut new = Datapath::load_pinned(config(4096), &pins.0).expect("loading resized");
+        assert_eq!(new.flow(&early).expect("reading"), Some(planted(1, now)));
+        for (i, key) in during.iter().enumerate() {
+            old.set_flow(key, &planted(10 + i as u32, now))
+                .expect("the old program's write");
+            assert_eq!(
+                new.flow(key).expect("reading"),
+                None,
+                "not carried over yet"
+            );
+        }
+        // The new program updated the early flow meanwhile: its entry is the newer one.
+        new.set_flow(&early, &planted(2, now + 1))
+            .expect("the new program's write");
+        old.set_flow(&early, &planted(3, now + 2))
+            .expect("a stale write");
+
+        assert_eq!(
+            new.finish_carry_over().expect("the second pass"),
+            during.len()
+        );
+        for (i, key) in during.iter().enumerate() {
+            assert_eq!(
+                new.flow(key).expect("reading"),
+                Some(planted(10 + i as u32, now)),
+                "{key:?}"
+            );
+        }
+        assert_eq!(
+            new.flow(&early).expect("reading"),
+            Some(planted(2, now + 1)),
+            "an entry the new tables hold is kept"
+        );
+        assert_eq!(new.finish_carry_over().expect("nothing left"), 0);
+    })
+    .expect("running in the namespace");
+}
+
 #[test]
 fn a_full_set_gives_up_the_flow_seen_longest_ago() {
     require_root();
