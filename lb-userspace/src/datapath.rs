@@ -192,6 +192,27 @@ fn open_retired<K, V>(path: &Path) -> Result<Option<MapData>> {
     Ok(alike.then_some(old))
 }
 
+/// The flows of a retired flow table (`name`: `XLB_FLOWS4` or `XLB_CONNTRACK`) opened at
+/// `path`. An entry that goes while it is read is skipped.
+fn retired_flows(name: &str, path: &Path, old: MapData) -> Result<Vec<(FlowKey, FlowState)>> {
+    let carry_err = |source| carry_over_error(path, source);
+    if name == map_names::CONNTRACK {
+        let old: HashMap<MapData, FlowKey, FlowState> =
+            HashMap::try_from(aya::maps::Map::LruHashMap(old)).map_err(carry_err)?;
+        return Ok(old.iter().flatten().collect());
+    }
+    let old: Array<MapData, FlowSet> =
+        Array::try_from(aya::maps::Map::Array(old)).map_err(carry_err)?;
+    let mut flows = Vec::new();
+    for set in old.iter() {
+        let set = set.map_err(carry_err)?;
+        if set.recorded_seed().is_none() {
+            flows.extend(set.flows());
+        }
+    }
+    Ok(flows)
+}
+
 /// The seed of the `XLB_FLOWS4` pinned in `dir`, if this build will reuse it (it has
 /// `entries` elements) and it records one.
 fn pinned_flow_seed(dir: &Path, entries: u32) -> Option<u32> {
@@ -479,54 +500,46 @@ impl Datapath {
         let mut copied = 0;
         for retired in std::mem::take(&mut self.retired) {
             let RetiredTable { name, path, map } = retired;
-            let carry_err = |source| carry_over_error(&path, source);
             copied += match name {
-                map_names::FLOWS4 => {
-                    let old: Array<MapData, FlowSet> =
-                        Array::try_from(aya::maps::Map::Array(map)).map_err(carry_err)?;
-                    let mut missing = Vec::new();
-                    for set in old.iter() {
-                        let set = set.map_err(carry_err)?;
-                        if set.recorded_seed().is_some() {
-                            continue;
-                        }
-                        missing.extend(set.flows());
-                    }
-                    self.copy_missing_flows(missing)?
-                }
-                map_names::CONNTRACK => {
-                    let old: HashMap<MapData, FlowKey, FlowState> =
-                        HashMap::try_from(aya::maps::Map::LruHashMap(map)).map_err(carry_err)?;
-                    let flows: Vec<_> = old.iter().flatten().collect();
-                    self.copy_missing_flows(flows)?
+                map_names::FLOWS4 | map_names::CONNTRACK => {
+                    let flows = retired_flows(name, &path, map)?;
+                    self.copy_flows(flows, true)?
                 }
                 map_names::HANDSHAKES => {
-                    self.copy_missing::<FlowKey, FlowState>(name, &path, map)?
+                    self.copy_entries::<FlowKey, FlowState>(name, &path, map, true)?
                 }
-                _ => self.copy_missing::<FlowKey, ReverseNat>(name, &path, map)?,
+                _ => self.copy_entries::<FlowKey, ReverseNat>(name, &path, map, true)?,
             };
         }
         Ok(copied)
     }
 
-    /// Writes each of `flows` this build's tables do not hold.
-    fn copy_missing_flows(&mut self, flows: Vec<(FlowKey, FlowState)>) -> Result<usize> {
+    /// Writes `flows` into this build's tables: all of them, or with `only_missing` those
+    /// the tables do not hold (the second pass: what they hold is newer).
+    fn copy_flows(
+        &mut self,
+        flows: Vec<(FlowKey, FlowState)>,
+        only_missing: bool,
+    ) -> Result<usize> {
         let mut copied = 0;
         for (key, state) in flows {
-            if self.flow(&key)?.is_none() {
-                self.set_flow(&key, &state)?;
-                copied += 1;
+            if only_missing && self.flow(&key)?.is_some() {
+                continue;
             }
+            self.set_flow(&key, &state)?;
+            copied += 1;
         }
         Ok(copied)
     }
 
-    /// Copies the entries of the retired hash map `old` that `name` lacks.
-    fn copy_missing<K: aya::Pod, V: aya::Pod>(
+    /// Copies the entries of the retired hash map `old` into `name`: all of them, or with
+    /// `only_missing` those `name` lacks (the second pass: what it holds is newer).
+    fn copy_entries<K: aya::Pod, V: aya::Pod>(
         &mut self,
         name: &'static str,
         path: &Path,
         old: MapData,
+        only_missing: bool,
     ) -> Result<usize> {
         let carry_err = |source| carry_over_error(path, source);
         let old: HashMap<MapData, K, V> =
@@ -534,11 +547,13 @@ impl Datapath {
         let mut new: HashMap<&mut MapData, K, V> = self.map_mut(name)?;
         let mut copied = 0;
         for entry in old.iter() {
+            // An entry that goes between reading its key and its value is gone: skip it.
             let Ok((key, value)) = entry else { continue };
-            if new.get(&key, 0).is_err() {
-                new.insert(&key, &value, 0).map_err(carry_err)?;
-                copied += 1;
+            if only_missing && new.get(&key, 0).is_ok() {
+                continue;
             }
+            new.insert(&key, &value, 0).map_err(carry_err)?;
+            copied += 1;
         }
         Ok(copied)
     }
@@ -550,62 +565,29 @@ impl Datapath {
         name: &'static str,
         path: &Path,
     ) -> Result<Option<usize>> {
-        let carry_err = |source| carry_over_error(path, source);
         let Some(old) = open_retired::<K, V>(path)? else {
             return Ok(None);
         };
-        let old: HashMap<MapData, K, V> =
-            HashMap::try_from(aya::maps::Map::LruHashMap(old)).map_err(carry_err)?;
-        let mut new: HashMap<&mut MapData, K, V> = self.map_mut(name)?;
-        let mut carried = 0;
-        for entry in old.iter() {
-            // An entry that goes between reading its key and its value is gone: skip it.
-            let Ok((key, value)) = entry else { continue };
-            new.insert(&key, &value, 0).map_err(carry_err)?;
-            carried += 1;
-        }
-        Ok(Some(carried))
+        self.copy_entries::<K, V>(name, path, old, false).map(Some)
     }
 
     /// Copies a retired `XLB_CONNTRACK`'s flows into this build's tables, each to its
     /// family's; `None` when their layout differs.
     fn carry_over_flows(&mut self, path: &Path) -> Result<Option<usize>> {
-        let carry_err = |source| carry_over_error(path, source);
         let Some(old) = open_retired::<FlowKey, FlowState>(path)? else {
             return Ok(None);
         };
-        let old: HashMap<MapData, FlowKey, FlowState> =
-            HashMap::try_from(aya::maps::Map::LruHashMap(old)).map_err(carry_err)?;
-        let mut carried = 0;
-        for entry in old.iter() {
-            // An entry that goes between reading its key and its value is gone: skip it.
-            let Ok((key, state)) = entry else { continue };
-            self.set_flow(&key, &state)?;
-            carried += 1;
-        }
-        Ok(Some(carried))
+        let flows = retired_flows(map_names::CONNTRACK, path, old)?;
+        self.copy_flows(flows, false).map(Some)
     }
 
     /// Copies a retired `XLB_FLOWS4`'s flows (another size: other sets) into this build's.
     fn carry_over_ipv4_flows(&mut self, path: &Path) -> Result<Option<usize>> {
-        let carry_err = |source| carry_over_error(path, source);
         let Some(old) = open_retired::<u32, FlowSet>(path)? else {
             return Ok(None);
         };
-        let old: Array<MapData, FlowSet> =
-            Array::try_from(aya::maps::Map::Array(old)).map_err(carry_err)?;
-        let mut carried = 0;
-        for set in old.iter() {
-            let set = set.map_err(carry_err)?;
-            if set.recorded_seed().is_some() {
-                continue;
-            }
-            for (key, state) in set.flows() {
-                self.set_flow(&key, &state)?;
-                carried += 1;
-            }
-        }
-        Ok(Some(carried))
+        let flows = retired_flows(map_names::FLOWS4, path, old)?;
+        self.copy_flows(flows, false).map(Some)
     }
 
     /// Starts forwarding the program's aya-log records (rare events only; nothing is logged
