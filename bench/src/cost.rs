@@ -18,7 +18,10 @@ use lb_userspace::{
 };
 use serde::Serialize;
 
-use crate::env::{BACKEND_PORT, BenchEnv, backend_addr, client, vip};
+use crate::{
+    env::{BACKEND_PORT, BenchEnv, backend_addr, client, vip},
+    median,
+};
 
 const XDP_PASS: u32 = 2;
 const XDP_REDIRECT: u32 = 4;
@@ -77,11 +80,6 @@ pub struct CostOptions {
     pub ring_size: u32,
     /// How the VIPs reach their backends: NAT, or a tunnel (direct server return).
     pub forwarding: Forwarding,
-}
-
-fn median(samples: &mut [f64]) -> f64 {
-    samples.sort_by(f64::total_cmp);
-    samples[samples.len() / 2]
 }
 
 /// Checks one run's action and output against its input; `Err` says what is wrong.

@@ -44,7 +44,10 @@ use aya::{
     programs::{TestRun as _, TestRunAttrs, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
 };
 use indicatif::{ProgressBar, ProgressStyle};
-use lb_common::{BENCH_FRAME_LEN, BenchFrame, NextHop, bench_maps, program_names};
+use lb_common::{
+    BENCH_FRAME_LEN, BENCH_SPORT_OFFSET, BENCH_SPREAD_SLOTS, BenchFrame, NextHop, bench_maps,
+    program_names,
+};
 use lb_userspace::{
     balancer::{Balancer, Forwarding, Protocol, VipSpec},
     datapath::{Datapath, DatapathConfig},
@@ -62,8 +65,6 @@ const VIP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 10);
 const VIP_PORT: u16 = 80;
 const BACKEND_PORT: u16 = 8080;
 const SPORT_BASE: u16 = 10_000;
-/// Offset of the UDP source port in the generated frame (Ethernet 14 + IPv4 20).
-const SPORT_OFFSET: u32 = 34;
 /// Source addresses used while new flows are needed (the "backend add" probe).
 const CHURN_BASE: Ipv4Addr = Ipv4Addr::new(10, 128, 0, 0);
 const XDP_TX: u32 = 3;
@@ -83,8 +84,13 @@ pub struct ForwardOptions {
     pub flows: u32,
     /// Backends (sink namespaces) behind the VIP.
     pub backends: u32,
-    /// Measured time per packet-rate configuration (generator busy time).
+    /// Measured time per packet-rate configuration (generator busy time), split evenly over
+    /// `rounds`.
     pub packet_duration: Duration,
+    /// Rounds of the packet-rate test: each round measures every configuration once, in a
+    /// rotated order, so a machine whose speed drifts (a VM's neighbours) weighs on every row
+    /// alike, and ratios are taken within a round.
+    pub rounds: u32,
     /// Frames per live-frames batch (at most 256).
     pub batch: u32,
     /// Generator calls made before each measurement (conntrack, neighbours, caches).
@@ -102,13 +108,14 @@ pub struct ForwardOptions {
 }
 
 impl ForwardOptions {
-    /// The full run: 256 flows, 4 backends, about 2 s per configuration.
+    /// The full run: 256 flows, 4 backends, about 3 s per configuration in 6 rounds.
     #[must_use]
     pub const fn full() -> Self {
         Self {
             flows: 256,
             backends: 4,
-            packet_duration: Duration::from_secs(2),
+            packet_duration: Duration::from_secs(3),
+            rounds: 6,
             batch: 64,
             warmup_frames: 200_000,
             conn_duration: Duration::from_secs(2),
@@ -127,6 +134,7 @@ impl ForwardOptions {
             flows: 8,
             backends: 2,
             packet_duration: Duration::from_millis(300),
+            rounds: 1,
             batch: 64,
             warmup_frames: 20_000,
             conn_duration: Duration::from_millis(300),
@@ -154,7 +162,10 @@ pub struct PacketRow {
     pub delivered_mpps: Option<f64>,
     /// Lost / generated.
     pub loss_ratio: Option<f64>,
-    /// xlb's delivered Mpps divided by this row's.
+    /// Delivered Mpps in each round.
+    pub round_mpps: Vec<f64>,
+    /// xlb's delivered Mpps divided by this row's, the median over the rounds of the ratio
+    /// within each round.
     pub xlb_ratio: Option<f64>,
 }
 
@@ -188,6 +199,48 @@ pub struct BackendAddLatency {
     pub method: &'static str,
 }
 
+/// xlb's delivered rate over the redirect ceiling's, both sending to the same backends.
+#[derive(Clone, Debug, Serialize)]
+pub struct CeilingShare {
+    pub backends: u32,
+    pub xlb_row: &'static str,
+    pub ceiling_row: &'static str,
+    /// The median over the rounds of the ratio within each round.
+    pub share: Option<f64>,
+    /// The lowest and highest round's ratio.
+    pub min: Option<f64>,
+    pub max: Option<f64>,
+}
+
+/// Ratios of two rows' rates taken round by round (the rows ran minutes apart at most, and
+/// seconds apart within a round).
+#[derive(Clone, Copy)]
+struct RoundRatios {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+impl RoundRatios {
+    /// `None` when the rows do not have the same rounds, or a round measured nothing.
+    fn of(numerator: &[f64], denominator: &[f64]) -> Option<Self> {
+        if numerator.is_empty() || numerator.len() != denominator.len() {
+            return None;
+        }
+        let mut ratios: Vec<f64> = numerator
+            .iter()
+            .zip(denominator)
+            .map(|(n, d)| (*d > 0.0).then(|| n / d))
+            .collect::<Option<_>>()?;
+        let median = crate::median(&mut ratios);
+        Some(Self {
+            median,
+            min: ratios[0],
+            max: ratios[ratios.len() - 1],
+        })
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Reference {
     pub what: &'static str,
@@ -203,6 +256,9 @@ pub struct ForwardReport {
     pub frame_bytes: usize,
     pub packet_seconds_per_config: f64,
     pub packets: Vec<PacketRow>,
+    /// xlb's rate over the redirect ceiling's with the same fan-out: what xlb's own work
+    /// costs, apart from how many backends share the traffic.
+    pub ceiling_share: Vec<CeilingShare>,
     pub backend_add: BackendAddLatency,
     pub connections: Vec<ConnRow>,
     /// Why IPVS, the kernel's own L4 balancer, has no row.
@@ -416,7 +472,7 @@ impl Shape {
         BenchFrame {
             bytes,
             flows: self.flows,
-            sport_offset: SPORT_OFFSET,
+            sport_offset: BENCH_SPORT_OFFSET as u32,
             sport_base: u32::from(SPORT_BASE),
             _pad: 0,
         }
@@ -499,6 +555,122 @@ fn frames_for(per_frame: Duration, target: Duration) -> u32 {
         .clamp(10_000, 50_000_000)
 }
 
+/// What sits in the LB namespace for one packet-rate row.
+enum Contender<'a> {
+    /// Nothing: the kernel routes.
+    Routing,
+    /// The redirect-only program, next hops filled in, attached for each slice.
+    Ceiling(Datapath),
+    /// nftables DNAT, installed for each slice.
+    Nft,
+    /// xlb, VIPs and backends in place, attached for each slice.
+    Xlb(&'a mut Lb),
+}
+
+impl Contender<'_> {
+    /// Puts the contender in place, measures one slice and takes it away again.
+    fn slice(
+        &mut self,
+        topo: &Topo,
+        generator: &mut Generator,
+        sinks: &Counter,
+        options: &ForwardOptions,
+        duration: Duration,
+    ) -> Result<Measured> {
+        let to = match self {
+            Self::Routing | Self::Ceiling(_) => {
+                SocketAddrV4::new(topo.sinks[0].b.ip4(), BACKEND_PORT)
+            }
+            Self::Nft | Self::Xlb(_) => SocketAddrV4::new(VIP, VIP_PORT),
+        };
+        generator.aim(generator.src, to)?;
+        let measure = |g: &Generator| measure(g, topo, sinks, options, duration);
+        match self {
+            Self::Routing => measure(generator),
+            Self::Ceiling(datapath) => {
+                let link = topo.lb().run(|| {
+                    datapath.attach_program(
+                        program_names::BENCH_REDIRECT,
+                        topo.gen_link.a.ifindex,
+                        XdpMode::Driver,
+                    )
+                })??;
+                let m = measure(generator);
+                datapath.detach_program(program_names::BENCH_REDIRECT, link)?;
+                m
+            }
+            Self::Nft => {
+                let nft = Nft::install(topo.lb(), &topo.backend_addrs())?;
+                let m = measure(generator);
+                drop(nft);
+                m
+            }
+            Self::Xlb(lb) => {
+                lb.attach(topo)?;
+                let m = measure(generator);
+                lb.detach(topo)?;
+                m
+            }
+        }
+    }
+}
+
+/// One packet-rate row through the rounds: its contender and the slices measured so far.
+/// A row that fails a slice is reported as skipped, with the error.
+struct Rotation<'a> {
+    name: &'static str,
+    description: &'static str,
+    contender: Result<Contender<'a>, String>,
+    slices: Vec<Measured>,
+}
+
+impl<'a> Rotation<'a> {
+    fn new(
+        (name, description): (&'static str, &'static str),
+        contender: Result<Contender<'a>>,
+    ) -> Self {
+        Self {
+            name,
+            description,
+            contender: contender.map_err(|e| format!("failed: {e:#}")),
+            slices: Vec::new(),
+        }
+    }
+
+    fn skipped((name, description): (&'static str, &'static str), why: &str) -> Self {
+        Self {
+            name,
+            description,
+            contender: Err(why.to_owned()),
+            slices: Vec::new(),
+        }
+    }
+
+    fn measure(
+        &mut self,
+        topo: &Topo,
+        generator: &mut Generator,
+        sinks: &Counter,
+        options: &ForwardOptions,
+        duration: Duration,
+    ) {
+        let Ok(contender) = &mut self.contender else {
+            return;
+        };
+        match contender.slice(topo, generator, sinks, options, duration) {
+            Ok(m) => self.slices.push(m),
+            Err(e) => self.contender = Err(format!("failed: {e:#}")),
+        }
+    }
+
+    fn finish(self) -> PacketRow {
+        match self.contender {
+            Ok(_) => packet_row(self.name, self.description, Ok(self.slices)),
+            Err(why) => skipped_packet_row(self.name, self.description, why),
+        }
+    }
+}
+
 struct Measured {
     generated: u64,
     delivered: u64,
@@ -506,11 +678,13 @@ struct Measured {
 }
 
 /// Warms up, then generates for `duration` of generator busy time, counting at `sinks`.
+/// Runs the generator for `duration` of busy time against whatever is in place.
 fn measure(
     generator: &Generator,
     topo: &Topo,
     sinks: &Counter,
     options: &ForwardOptions,
+    duration: Duration,
 ) -> Result<Measured> {
     let program = generator.program()?;
     let (ifindex, batch) = (generator.ifindex, generator.batch);
@@ -519,15 +693,12 @@ fn measure(
         let warm = live_frames(program, ifindex, options.warmup_frames.max(1), batch)?;
         let per_frame = warm / options.warmup_frames.max(1);
         // Long calls (each costs ~37 ms of setup), at most ~1 s each, so a run stays bounded.
-        let per_call = frames_for(
-            per_frame,
-            options.packet_duration.min(Duration::from_secs(1)),
-        );
+        let per_call = frames_for(per_frame, duration.min(Duration::from_secs(1)));
         std::thread::sleep(Duration::from_millis(20));
         let (g0, s0) = (generator.count.read()?, sinks.read()?);
         let mut busy = Duration::ZERO;
-        let deadline = Instant::now() + options.packet_duration * 4 + Duration::from_secs(2);
-        while busy < options.packet_duration && Instant::now() < deadline {
+        let deadline = Instant::now() + duration * 4 + Duration::from_secs(2);
+        while busy < duration && Instant::now() < deadline {
             busy += live_frames(program, ifindex, per_call, batch)?;
         }
         // Whatever is still in the veth rings.
@@ -541,26 +712,37 @@ fn measure(
     })?
 }
 
-fn packet_row(name: &'static str, description: &'static str, m: Result<Measured>) -> PacketRow {
-    match m {
-        Ok(m) => {
-            let secs = m.busy.as_secs_f64().max(1e-9);
-            let lost = m.generated.saturating_sub(m.delivered);
+fn packet_row(
+    name: &'static str,
+    description: &'static str,
+    slices: Result<Vec<Measured>>,
+) -> PacketRow {
+    match slices {
+        Ok(slices) => {
+            let generated: u64 = slices.iter().map(|m| m.generated).sum();
+            let delivered: u64 = slices.iter().map(|m| m.delivered).sum();
+            let busy: Duration = slices.iter().map(|m| m.busy).sum();
+            let secs = busy.as_secs_f64().max(1e-9);
+            let lost = generated.saturating_sub(delivered);
             PacketRow {
                 name,
                 description,
                 skipped: None,
-                generated: Some(m.generated),
-                delivered: Some(m.delivered),
+                generated: Some(generated),
+                delivered: Some(delivered),
                 lost: Some(lost),
                 seconds: Some(secs),
-                generated_mpps: Some(m.generated as f64 / secs / 1e6),
-                delivered_mpps: Some(m.delivered as f64 / secs / 1e6),
-                loss_ratio: Some(if m.generated == 0 {
+                generated_mpps: Some(generated as f64 / secs / 1e6),
+                delivered_mpps: Some(delivered as f64 / secs / 1e6),
+                loss_ratio: Some(if generated == 0 {
                     0.0
                 } else {
-                    lost as f64 / m.generated as f64
+                    lost as f64 / generated as f64
                 }),
+                round_mpps: slices
+                    .iter()
+                    .map(|m| m.delivered as f64 / m.busy.as_secs_f64().max(1e-9) / 1e6)
+                    .collect(),
                 xlb_ratio: None,
             }
         }
@@ -584,6 +766,7 @@ const fn skipped_packet_row(
         generated_mpps: None,
         delivered_mpps: None,
         loss_ratio: None,
+        round_mpps: Vec::new(),
         xlb_ratio: None,
     }
 }
@@ -941,9 +1124,9 @@ fn vip_spec(proto: Protocol) -> VipSpec {
 }
 
 impl Lb {
-    /// xlb with both VIPs reaching the backends by `forwarding`; a tunnelled VIP's backends
-    /// serve the VIP's own port.
-    fn new(topo: &Topo, forwarding: Forwarding) -> Result<Self> {
+    /// xlb with both VIPs reaching the first `backends` sinks by `forwarding`; a tunnelled
+    /// VIP's backends serve the VIP's own port.
+    fn new(topo: &Topo, forwarding: Forwarding, backends: usize) -> Result<Self> {
         let datapath = Datapath::load(DatapathConfig {
             ring_size: 65_537,
             max_vips: 4,
@@ -966,7 +1149,7 @@ impl Lb {
             } else {
                 VIP_PORT
             };
-            for b in topo.backend_addrs() {
+            for b in topo.backend_addrs().into_iter().take(backends) {
                 balancer.add_backend(&vip, SocketAddr::new(IpAddr::V4(b), port), 1)?;
             }
         }
@@ -976,10 +1159,10 @@ impl Lb {
         })
     }
 
-    /// xlb with IPIP VIPs, attached once one generated `frame` run through its program comes
+    /// xlb with IPIP VIPs, detached, once one generated `frame` run through its program comes
     /// out tunnelled as [`check_tunnelled`] requires.
     fn tunnelling(topo: &Topo, frame: &[u8]) -> Result<Self> {
-        let mut lb = Self::new(topo, Forwarding::Ipip)?;
+        let lb = Self::new(topo, Forwarding::Ipip, topo.sinks.len())?;
         let mut out = vec![0u8; frame.len() + 256];
         let outcome = topo.lb().run(|| {
             lb.balancer
@@ -994,7 +1177,6 @@ impl Lb {
             .collect();
         check_tunnelled(outcome.action, frame, &out, &links)
             .map_err(|e| anyhow!("xlb's IPIP output is wrong: {e}"))?;
-        lb.attach(topo)?;
         Ok(lb)
     }
 
@@ -1074,15 +1256,29 @@ fn attach_everywhere(topo: &Topo, program: &'static str, at: &[(NsId, u32)]) -> 
     Ok(datapath)
 }
 
-/// The redirect-only ceiling on the LB's generator-facing interface, sending everything to
-/// the first sink.
-fn ceiling(topo: &Topo) -> Result<Datapath> {
+/// Where the redirect-only ceiling sends the generator's flows.
+#[derive(Clone, Copy)]
+enum Fanout {
+    /// Everything to the first sink.
+    One,
+    /// Over every sink, by source port, as a balancer spreads flows over backends: the
+    /// sinks' receive work is then split into as many smaller batches as under xlb.
+    Spread,
+}
+
+/// The redirect-only ceiling, its next hops and redirect map filled; `Contender::slice`
+/// attaches it to the LB's generator-facing interface.
+fn ceiling(topo: &Topo, fanout: Fanout) -> Result<Datapath> {
     let mut datapath = Datapath::load(small_config()).context("loading the redirect ceiling")?;
-    let out = &topo.sinks[0];
-    datapath
-        .map_mut::<Array<&mut MapData, NextHop>>(bench_maps::REDIRECT_TO)?
-        .set(
-            0,
+    let used = match fanout {
+        Fanout::One => &topo.sinks[..1],
+        Fanout::Spread => &topo.sinks[..],
+    };
+    let mut slots = datapath.map_mut::<Array<&mut MapData, NextHop>>(bench_maps::REDIRECT_TO)?;
+    for slot in 0..BENCH_SPREAD_SLOTS {
+        let out = &used[slot as usize % used.len()];
+        slots.set(
+            slot,
             &NextHop {
                 ifindex: out.a.ifindex,
                 src_mac: out.a.mac,
@@ -1090,15 +1286,12 @@ fn ceiling(topo: &Topo) -> Result<Datapath> {
             },
             0,
         )?;
+    }
     topo.lb().run(|| -> Result<()> {
-        datapath
-            .map_mut::<DevMapHash<&mut MapData>>(bench_maps::PORTS)?
-            .insert(out.a.ifindex, out.a.ifindex, None, 0)?;
-        datapath.attach_program(
-            program_names::BENCH_REDIRECT,
-            topo.gen_link.a.ifindex,
-            XdpMode::Driver,
-        )?;
+        let mut ports = datapath.map_mut::<DevMapHash<&mut MapData>>(bench_maps::PORTS)?;
+        for out in used {
+            ports.insert(out.a.ifindex, out.a.ifindex, None, 0)?;
+        }
         Ok(())
     })??;
     Ok(datapath)
@@ -1285,7 +1478,11 @@ const ROUTING: (&str, &str) = (
 );
 const CEILING: (&str, &str) = (
     "xdp_redirect",
-    "XDP program that only rewrites MACs and redirects to backend 0 (the ceiling of this path)",
+    "XDP program that only rewrites MACs and redirects, everything to backend 0",
+);
+const CEILING_SPREAD: (&str, &str) = (
+    "xdp_redirect_spread",
+    "the same XDP program spreading the flows over the backends by source port, as xlb spreads them (the ceiling of this path)",
 );
 const NFT: (&str, &str) = (
     "nftables",
@@ -1294,6 +1491,10 @@ const NFT: (&str, &str) = (
 const XLB: (&str, &str) = (
     "xlb",
     "xlb on every LB interface, VIP over the backends (Maglev, connection table)",
+);
+const XLB_ONE: (&str, &str) = (
+    "xlb_one_backend",
+    "the same xlb with backend 0 alone behind the VIP: the fan-out of the xdp_redirect row",
 );
 const XLB_DSR: (&str, &str) = (
     "xlb_dsr_ipip",
@@ -1314,75 +1515,66 @@ pub fn run(options: &ForwardOptions, quiet: bool) -> Result<ForwardReport> {
         options.packet_duration > Duration::ZERO && options.conn_duration > Duration::ZERO,
         "durations must be positive"
     );
-    let bar = progress(9, quiet);
+    let bar = progress(u64::from(options.rounds.max(1)) + 4, quiet);
     bar.set_message("setting up");
     let topo = Topo::new(options.backends)?;
     let mut generator = Generator::new(&topo, options.flows, options.batch)?;
     let sink_at: Vec<(NsId, u32)> = topo.sinks.iter().map(|l| (l.b.ns, l.b.ifindex)).collect();
     let sinks_dp = attach_everywhere(&topo, program_names::BENCH_SINK, &sink_at)?;
     let sinks = Counter::of(&sinks_dp)?;
-    let backend0 = SocketAddrV4::new(topo.sinks[0].b.ip4(), BACKEND_PORT);
-    let vip = SocketAddrV4::new(VIP, VIP_PORT);
-    let gen_src = generator.src;
-    let mut packets = Vec::new();
-
-    bar.set_message("routing");
-    generator.aim(gen_src, backend0)?;
-    packets.push(packet_row(
-        ROUTING.0,
-        ROUTING.1,
-        measure(&generator, &topo, &sinks, options),
-    ));
-    bar.inc(1);
-
-    bar.set_message("xdp redirect ceiling");
-    let row = ceiling(&topo).and_then(|c| {
-        let m = measure(&generator, &topo, &sinks, options);
-        drop(c);
-        m
-    });
-    packets.push(packet_row(CEILING.0, CEILING.1, row));
-    bar.inc(1);
-
-    bar.set_message("nftables DNAT");
-    generator.aim(gen_src, vip)?;
-    let row = Nft::install(topo.lb(), &topo.backend_addrs()).and_then(|nft| {
-        let m = measure(&generator, &topo, &sinks, options);
-        drop(nft);
-        m
-    });
-    packets.push(packet_row(NFT.0, NFT.1, row));
-    bar.inc(1);
-
-    bar.set_message("xlb");
-    let mut lb = Lb::new(&topo, Forwarding::Nat)?;
+    let mut lb = Lb::new(&topo, Forwarding::Nat, topo.sinks.len())?;
+    let mut packets = {
+        let vip_template = generator
+            .shape
+            .template(generator.src, SocketAddrV4::new(VIP, VIP_PORT));
+        let mut lb_one = Lb::new(&topo, Forwarding::Nat, 1);
+        let mut dsr = options
+            .dsr
+            .then(|| Lb::tunnelling(&topo, &vip_template.bytes));
+        let mut rows = vec![
+            Rotation::new(ROUTING, Ok(Contender::Routing)),
+            Rotation::new(CEILING, ceiling(&topo, Fanout::One).map(Contender::Ceiling)),
+            Rotation::new(
+                CEILING_SPREAD,
+                ceiling(&topo, Fanout::Spread).map(Contender::Ceiling),
+            ),
+            Rotation::new(NFT, Ok(Contender::Nft)),
+            Rotation::new(XLB, Ok(Contender::Xlb(&mut lb))),
+            Rotation::new(
+                XLB_ONE,
+                lb_one
+                    .as_mut()
+                    .map(Contender::Xlb)
+                    .map_err(|e| anyhow!("{e:#}")),
+            ),
+        ];
+        match dsr.as_mut() {
+            Some(tunnelling) => rows.push(Rotation::new(
+                XLB_DSR,
+                tunnelling
+                    .as_mut()
+                    .map(Contender::Xlb)
+                    .map_err(|e| anyhow!("{e:#}")),
+            )),
+            None => rows.push(Rotation::skipped(XLB_DSR, "not run (--no-dsr)")),
+        }
+        // Each ratio's two rows run one after the other, the seconds between them being
+        // what drifts least.
+        let order = [ROUTING, NFT, XLB_DSR, CEILING_SPREAD, XLB, XLB_ONE, CEILING]
+            .map(|(name, _)| rows.iter().position(|r| r.name == name).expect("a row"));
+        let rounds = options.rounds.max(1);
+        let slice = options.packet_duration / rounds;
+        for round in 0..rounds as usize {
+            bar.set_message(format!("packet rates, round {} of {rounds}", round + 1));
+            for i in 0..order.len() {
+                let row = &mut rows[order[(round + i) % order.len()]];
+                row.measure(&topo, &mut generator, &sinks, options, slice);
+            }
+            bar.inc(1);
+        }
+        rows.into_iter().map(Rotation::finish).collect::<Vec<_>>()
+    };
     lb.attach(&topo)?;
-    packets.push(packet_row(
-        XLB.0,
-        XLB.1,
-        measure(&generator, &topo, &sinks, options),
-    ));
-    bar.inc(1);
-
-    bar.set_message("xlb dsr/ipip");
-    if options.dsr {
-        lb.detach(&topo)?;
-        let template = generator.shape.template(gen_src, vip);
-        let row = Lb::tunnelling(&topo, &template.bytes).and_then(|mut dsr| {
-            let m = measure(&generator, &topo, &sinks, options);
-            dsr.detach(&topo)?;
-            m
-        });
-        packets.push(packet_row(XLB_DSR.0, XLB_DSR.1, row));
-        lb.attach(&topo)?;
-    } else {
-        packets.push(skipped_packet_row(
-            XLB_DSR.0,
-            XLB_DSR.1,
-            "not run (--no-dsr)".to_owned(),
-        ));
-    }
-    bar.inc(1);
 
     bar.set_message("backend add");
     let backend_add =
@@ -1447,12 +1639,14 @@ pub fn run(options: &ForwardOptions, quiet: bool) -> Result<ForwardReport> {
     drop(servers);
     bar.finish_and_clear();
 
-    let xlb_mpps = packets
-        .iter()
-        .find(|r| r.name == XLB.0)
-        .and_then(|r| r.delivered_mpps);
+    let xlb_rounds = round_mpps(&packets, XLB.0);
     for r in &mut packets {
-        r.xlb_ratio = ratio(xlb_mpps, r.delivered_mpps);
+        if r.skipped.is_none() {
+            r.xlb_ratio = xlb_rounds
+                .as_ref()
+                .and_then(|x| RoundRatios::of(x, &r.round_mpps))
+                .map(|q| q.median);
+        }
     }
     let xlb_conn = connections.iter().find(|r| r.name == XLB.0).cloned();
     for r in &mut connections {
@@ -1465,6 +1659,23 @@ pub fn run(options: &ForwardOptions, quiet: bool) -> Result<ForwardReport> {
             r.requests_per_s,
         );
     }
+    let share = |backends: u32, xlb_row: &'static str, ceiling_row: &'static str| {
+        let rounds = round_mpps(&packets, xlb_row)
+            .zip(round_mpps(&packets, ceiling_row))
+            .and_then(|(x, c)| RoundRatios::of(&x, &c));
+        CeilingShare {
+            backends,
+            xlb_row,
+            ceiling_row,
+            share: rounds.map(|q| q.median),
+            min: rounds.map(|q| q.min),
+            max: rounds.map(|q| q.max),
+        }
+    };
+    let ceiling_share = vec![
+        share(options.backends, XLB.0, CEILING_SPREAD.0),
+        share(1, XLB_ONE.0, CEILING.0),
+    ];
     drop(lb);
     drop(generator);
     drop(topo);
@@ -1476,11 +1687,20 @@ pub fn run(options: &ForwardOptions, quiet: bool) -> Result<ForwardReport> {
         frame_bytes: BENCH_FRAME_LEN,
         packet_seconds_per_config: options.packet_duration.as_secs_f64(),
         packets,
+        ceiling_share,
         backend_add,
         connections,
         ipvs: ipvs_status(),
         reference: reference(),
     })
+}
+
+/// A measured row's rate in each round.
+fn round_mpps(packets: &[PacketRow], name: &str) -> Option<Vec<f64>> {
+    packets
+        .iter()
+        .find(|r| r.name == name && r.skipped.is_none())
+        .map(|r| r.round_mpps.clone())
 }
 
 fn opt(v: Option<f64>, precision: usize) -> String {
@@ -1515,6 +1735,17 @@ pub fn print(report: &ForwardReport) {
             opt_int(r.lost),
             opt(r.loss_ratio.map(|l| l * 100.0), 1),
             opt(r.xlb_ratio, 2),
+        );
+    }
+    for c in &report.ceiling_share {
+        println!(
+            "share of the redirect ceiling, {} backend(s): {} / {}: {} % (rounds {}-{} %)",
+            c.backends,
+            c.xlb_row,
+            c.ceiling_row,
+            opt(c.share.map(|s| s * 100.0), 0),
+            opt(c.min.map(|s| s * 100.0), 0),
+            opt(c.max.map(|s| s * 100.0), 0),
         );
     }
     println!("IPVS: {}", report.ipvs);

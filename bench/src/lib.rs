@@ -54,6 +54,15 @@ impl Machine {
     }
 }
 
+/// The median of `samples` (the upper one of an even count), sorting them.
+///
+/// # Panics
+/// `samples` is empty.
+pub fn median(samples: &mut [f64]) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
+
 /// Pins the calling thread to the last CPU it may run on (its affinity mask as given, e.g. by
 /// `taskset`), so that measurements stay on the CPUs the caller chose and every run of a
 /// comparison uses the same one.

@@ -23,7 +23,15 @@ fn quick_forward_bench_reports_every_row() {
     let names: Vec<_> = report.packets.iter().map(|r| r.name).collect();
     assert_eq!(
         names,
-        ["routing", "xdp_redirect", "nftables", "xlb", "xlb_dsr_ipip"]
+        [
+            "routing",
+            "xdp_redirect",
+            "xdp_redirect_spread",
+            "nftables",
+            "xlb",
+            "xlb_one_backend",
+            "xlb_dsr_ipip"
+        ]
     );
     for r in &report.packets {
         match &r.skipped {
@@ -37,6 +45,12 @@ fn quick_forward_bench_reports_every_row() {
             }
             None => {
                 let (g, d, l) = (r.generated.unwrap(), r.delivered.unwrap(), r.lost.unwrap());
+                assert_eq!(
+                    r.round_mpps.len(),
+                    ForwardOptions::quick().rounds as usize,
+                    "{}: one rate per round",
+                    r.name
+                );
                 assert_eq!(
                     l,
                     g.saturating_sub(d),
@@ -68,6 +82,16 @@ fn quick_forward_bench_reports_every_row() {
         "the xlb row itself must be measured: {:?}",
         report.packets
     );
+
+    // Both ceiling rows and both xlb rows are measured, so both shares are there.
+    assert_eq!(report.ceiling_share.len(), 2);
+    for c in &report.ceiling_share {
+        let (share, min, max) = (c.share.unwrap(), c.min.unwrap(), c.max.unwrap());
+        assert!(
+            share > 0.0 && min <= share && share <= max,
+            "ceiling share {c:?}"
+        );
+    }
 
     // A skipped DSR row would mean xlb's IPIP output failed its check or nothing got through.
     let dsr = report

@@ -82,7 +82,8 @@ pub mod program_names {
 pub mod bench_maps {
     /// `Array<BenchFrame>`, index 0: the generator's frame template and flow count.
     pub const FRAME: &str = "XLB_BENCH_FRAME";
-    /// `Array<NextHop>`, index 0: where the redirect ceiling sends everything.
+    /// `Array<NextHop>`, `BENCH_SPREAD_SLOTS` entries: where the redirect ceiling sends a
+    /// frame, by its source port (`BENCH_SPORT_OFFSET`).
     pub const REDIRECT_TO: &str = "XLB_BENCH_NH";
     /// `PerCpuArray<u64>`, index 0: packets counted by the sink (and by the generator).
     pub const COUNT: &str = "XLB_BENCH_CNT";
@@ -93,6 +94,16 @@ pub mod bench_maps {
 /// Size of every frame the benchmark generator writes (minimum Ethernet frame, no FCS): a
 /// fixed size keeps the template copy a constant-length, verifier-friendly write.
 pub const BENCH_FRAME_LEN: usize = 64;
+
+/// Offset of the generated frame's UDP source port (Ethernet 14 + IPv4 20), the field the
+/// generator varies to make flows.
+pub const BENCH_SPORT_OFFSET: usize = 34;
+
+/// Slots of the redirect ceiling's next-hop array. A frame goes to slot `(low byte of its
+/// source port) % BENCH_SPREAD_SLOTS`: filled with one next hop, the ceiling sends everything
+/// to one backend; filled with backend `i % n` in slot `i`, it spreads the generator's flows
+/// over `n` backends as a balancer does, at the same cost per packet.
+pub const BENCH_SPREAD_SLOTS: u32 = 8;
 
 /// The benchmark generator's template: every generated frame is `bytes` with the 16-bit
 /// (network order) source port at `sport_offset` replaced by `sport_base + (n mod flows)`.

@@ -7,7 +7,10 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, PerCpuArray},
     programs::XdpContext,
 };
-use lb_common::{BENCH_FRAME_LEN, BenchFrame, NextHop};
+use lb_common::{
+    BENCH_FRAME_LEN, BENCH_SPORT_OFFSET, BENCH_SPREAD_SLOTS, BenchFrame, NextHop,
+    parse::PacketBytes as _,
+};
 
 use crate::packet::Packet;
 
@@ -15,7 +18,7 @@ use crate::packet::Packet;
 static FRAME: Array<BenchFrame> = Array::with_max_entries(1, 0);
 
 #[map(name = "XLB_BENCH_NH")]
-static REDIRECT_TO: Array<NextHop> = Array::with_max_entries(1, 0);
+static REDIRECT_TO: Array<NextHop> = Array::with_max_entries(BENCH_SPREAD_SLOTS, 0);
 
 #[map(name = "XLB_BENCH_PORTS")]
 static PORTS: DevMapHash = DevMapHash::with_max_entries(8, 0);
@@ -59,13 +62,19 @@ pub fn xlb_bench_gen(ctx: XdpContext) -> u32 {
     xdp_action::XDP_TX
 }
 
-/// The ceiling: what forwarding costs with no balancing work at all.
+/// The ceiling: what forwarding costs with no balancing work at all. The next hop is picked
+/// by one byte of the frame (see `BENCH_SPREAD_SLOTS`), so the ceiling can spread the flows
+/// over the backends a balancer would.
 #[xdp]
 pub fn xlb_bench_redirect(ctx: XdpContext) -> u32 {
-    let Some(nh) = REDIRECT_TO.get(0) else {
+    let pkt = Packet::of_xdp(&ctx);
+    let Some([_, sport_low]) = pkt.read::<2>(BENCH_SPORT_OFFSET) else {
+        return xdp_action::XDP_PASS;
+    };
+    let Some(nh) = REDIRECT_TO.get(u32::from(sport_low) % BENCH_SPREAD_SLOTS) else {
         return xdp_action::XDP_ABORTED;
     };
-    if Packet::of_xdp(&ctx).write_macs(nh).is_none() {
+    if pkt.write_macs(nh).is_none() {
         return xdp_action::XDP_PASS;
     }
     PORTS

@@ -814,7 +814,15 @@ impl Datapath {
     /// # Errors
     /// The link being gone already.
     pub fn detach(&mut self, link: XdpLinkId) -> Result<()> {
-        self.xdp_mut(program_names::XLB)?
+        self.detach_program(program_names::XLB, link)
+    }
+
+    /// Detaches one attachment made by `attach_program`.
+    ///
+    /// # Errors
+    /// The program not loaded, or the link being gone already.
+    pub fn detach_program(&mut self, name: &'static str, link: XdpLinkId) -> Result<()> {
+        self.xdp_mut(name)?
             .detach(link)
             .map_err(DatapathError::Detach)
     }
