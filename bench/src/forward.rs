@@ -105,17 +105,20 @@ pub struct ForwardOptions {
     pub haproxy: Option<PathBuf>,
     /// Also measure xlb with the VIP in direct server return (IPIP), one more packet row.
     pub dsr: bool,
+    /// Another build's eBPF object (`lb-ebpf`) to measure in the same rounds, right after
+    /// this build's xlb: a data-path change against its base, side by side.
+    pub against: Option<PathBuf>,
 }
 
 impl ForwardOptions {
-    /// The full run: 256 flows, 4 backends, about 3 s per configuration in 6 rounds.
+    /// The full run: 256 flows, 4 backends, about 3 s per configuration in 10 rounds.
     #[must_use]
     pub const fn full() -> Self {
         Self {
             flows: 256,
             backends: 4,
             packet_duration: Duration::from_secs(3),
-            rounds: 6,
+            rounds: 10,
             batch: 64,
             warmup_frames: 200_000,
             conn_duration: Duration::from_secs(2),
@@ -123,6 +126,7 @@ impl ForwardOptions {
             add_trials: 9,
             haproxy: None,
             dsr: true,
+            against: None,
         }
     }
 
@@ -142,6 +146,7 @@ impl ForwardOptions {
             add_trials: 1,
             haproxy: None,
             dsr: true,
+            against: None,
         }
     }
 }
@@ -199,17 +204,38 @@ pub struct BackendAddLatency {
     pub method: &'static str,
 }
 
-/// xlb's delivered rate over the redirect ceiling's, both sending to the same backends.
+/// One row's delivered rate over another's, taken within each round.
 #[derive(Clone, Debug, Serialize)]
-pub struct CeilingShare {
-    pub backends: u32,
-    pub xlb_row: &'static str,
-    pub ceiling_row: &'static str,
+pub struct PairedRatio {
+    pub what: String,
+    pub numerator: &'static str,
+    pub denominator: &'static str,
     /// The median over the rounds of the ratio within each round.
-    pub share: Option<f64>,
+    pub median: Option<f64>,
     /// The lowest and highest round's ratio.
     pub min: Option<f64>,
     pub max: Option<f64>,
+}
+
+impl PairedRatio {
+    fn of(
+        packets: &[PacketRow],
+        what: String,
+        numerator: &'static str,
+        denominator: &'static str,
+    ) -> Self {
+        let rounds = round_mpps(packets, numerator)
+            .zip(round_mpps(packets, denominator))
+            .and_then(|(n, d)| RoundRatios::of(&n, &d));
+        Self {
+            what,
+            numerator,
+            denominator,
+            median: rounds.map(|q| q.median),
+            min: rounds.map(|q| q.min),
+            max: rounds.map(|q| q.max),
+        }
+    }
 }
 
 /// Ratios of two rows' rates taken round by round (the rows ran minutes apart at most, and
@@ -258,7 +284,9 @@ pub struct ForwardReport {
     pub packets: Vec<PacketRow>,
     /// xlb's rate over the redirect ceiling's with the same fan-out: what xlb's own work
     /// costs, apart from how many backends share the traffic.
-    pub ceiling_share: Vec<CeilingShare>,
+    pub ceiling_share: Vec<PairedRatio>,
+    /// With `--against`: this build's xlb over the other build's.
+    pub against: Option<PairedRatio>,
     pub backend_add: BackendAddLatency,
     pub connections: Vec<ConnRow>,
     /// Why IPVS, the kernel's own L4 balancer, has no row.
@@ -1125,13 +1153,23 @@ fn vip_spec(proto: Protocol) -> VipSpec {
 
 impl Lb {
     /// xlb with both VIPs reaching the first `backends` sinks by `forwarding`; a tunnelled
-    /// VIP's backends serve the VIP's own port.
-    fn new(topo: &Topo, forwarding: Forwarding, backends: usize) -> Result<Self> {
-        let datapath = Datapath::load(DatapathConfig {
+    /// VIP's backends serve the VIP's own port. `object`: another build's data path instead
+    /// of this one's.
+    fn new(
+        topo: &Topo,
+        forwarding: Forwarding,
+        backends: usize,
+        object: Option<&[u8]>,
+    ) -> Result<Self> {
+        let config = DatapathConfig {
             ring_size: 65_537,
             max_vips: 4,
             ..DatapathConfig::default()
-        })
+        };
+        let datapath = match object {
+            Some(object) => Datapath::load_object(config, object),
+            None => Datapath::load(config),
+        }
         .context("loading xlb")?;
         let mut balancer = Balancer::new(datapath);
         // Devmap entries resolve the ifindex in the caller's namespace.
@@ -1162,7 +1200,7 @@ impl Lb {
     /// xlb with IPIP VIPs, detached, once one generated `frame` run through its program comes
     /// out tunnelled as [`check_tunnelled`] requires.
     fn tunnelling(topo: &Topo, frame: &[u8]) -> Result<Self> {
-        let lb = Self::new(topo, Forwarding::Ipip, topo.sinks.len())?;
+        let lb = Self::new(topo, Forwarding::Ipip, topo.sinks.len(), None)?;
         let mut out = vec![0u8; frame.len() + 256];
         let outcome = topo.lb().run(|| {
             lb.balancer
@@ -1496,6 +1534,10 @@ const XLB_ONE: (&str, &str) = (
     "xlb_one_backend",
     "the same xlb with backend 0 alone behind the VIP: the fan-out of the xdp_redirect row",
 );
+const XLB_AGAINST: (&str, &str) = (
+    "xlb_against",
+    "xlb as the xlb row, from the eBPF object given with --against (measured right after it in every round)",
+);
 const XLB_DSR: (&str, &str) = (
     "xlb_dsr_ipip",
     "xlb on every LB interface, the VIP in direct server return: each frame left intact inside an outer IPv4 header (IPIP) from the LB to its backend; the sinks count the encapsulated frames",
@@ -1515,6 +1557,11 @@ pub fn run(options: &ForwardOptions, quiet: bool) -> Result<ForwardReport> {
         options.packet_duration > Duration::ZERO && options.conn_duration > Duration::ZERO,
         "durations must be positive"
     );
+    let against_object = options
+        .against
+        .as_ref()
+        .map(|path| std::fs::read(path).with_context(|| format!("reading {}", path.display())))
+        .transpose()?;
     let bar = progress(u64::from(options.rounds.max(1)) + 4, quiet);
     bar.set_message("setting up");
     let topo = Topo::new(options.backends)?;
@@ -1522,12 +1569,18 @@ pub fn run(options: &ForwardOptions, quiet: bool) -> Result<ForwardReport> {
     let sink_at: Vec<(NsId, u32)> = topo.sinks.iter().map(|l| (l.b.ns, l.b.ifindex)).collect();
     let sinks_dp = attach_everywhere(&topo, program_names::BENCH_SINK, &sink_at)?;
     let sinks = Counter::of(&sinks_dp)?;
-    let mut lb = Lb::new(&topo, Forwarding::Nat, topo.sinks.len())?;
+    let mut lb = Lb::new(&topo, Forwarding::Nat, topo.sinks.len(), None)?;
     let mut packets = {
         let vip_template = generator
             .shape
             .template(generator.src, SocketAddrV4::new(VIP, VIP_PORT));
-        let mut lb_one = Lb::new(&topo, Forwarding::Nat, 1);
+        let mut lb_one = Lb::new(&topo, Forwarding::Nat, 1, None);
+        // Asked for by name: an object that does not load ends the run.
+        let mut lb_against = against_object
+            .as_deref()
+            .map(|object| Lb::new(&topo, Forwarding::Nat, topo.sinks.len(), Some(object)))
+            .transpose()
+            .context("the --against object")?;
         let mut dsr = options
             .dsr
             .then(|| Lb::tunnelling(&topo, &vip_template.bytes));
@@ -1548,6 +1601,9 @@ pub fn run(options: &ForwardOptions, quiet: bool) -> Result<ForwardReport> {
                     .map_err(|e| anyhow!("{e:#}")),
             ),
         ];
+        if let Some(against) = lb_against.as_mut() {
+            rows.push(Rotation::new(XLB_AGAINST, Ok(Contender::Xlb(against))));
+        }
         match dsr.as_mut() {
             Some(tunnelling) => rows.push(Rotation::new(
                 XLB_DSR,
@@ -1560,8 +1616,19 @@ pub fn run(options: &ForwardOptions, quiet: bool) -> Result<ForwardReport> {
         }
         // Each ratio's two rows run one after the other, the seconds between them being
         // what drifts least.
-        let order = [ROUTING, NFT, XLB_DSR, CEILING_SPREAD, XLB, XLB_ONE, CEILING]
-            .map(|(name, _)| rows.iter().position(|r| r.name == name).expect("a row"));
+        let order = [
+            ROUTING,
+            NFT,
+            XLB_DSR,
+            CEILING_SPREAD,
+            XLB,
+            XLB_AGAINST,
+            XLB_ONE,
+            CEILING,
+        ]
+        .into_iter()
+        .filter_map(|(name, _)| rows.iter().position(|r| r.name == name))
+        .collect::<Vec<_>>();
         let rounds = options.rounds.max(1);
         let slice = options.packet_duration / rounds;
         for round in 0..rounds as usize {
@@ -1659,23 +1726,31 @@ pub fn run(options: &ForwardOptions, quiet: bool) -> Result<ForwardReport> {
             r.requests_per_s,
         );
     }
-    let share = |backends: u32, xlb_row: &'static str, ceiling_row: &'static str| {
-        let rounds = round_mpps(&packets, xlb_row)
-            .zip(round_mpps(&packets, ceiling_row))
-            .and_then(|(x, c)| RoundRatios::of(&x, &c));
-        CeilingShare {
-            backends,
-            xlb_row,
-            ceiling_row,
-            share: rounds.map(|q| q.median),
-            min: rounds.map(|q| q.min),
-            max: rounds.map(|q| q.max),
-        }
-    };
     let ceiling_share = vec![
-        share(options.backends, XLB.0, CEILING_SPREAD.0),
-        share(1, XLB_ONE.0, CEILING.0),
+        PairedRatio::of(
+            &packets,
+            format!(
+                "share of the redirect ceiling, {} backends",
+                options.backends
+            ),
+            XLB.0,
+            CEILING_SPREAD.0,
+        ),
+        PairedRatio::of(
+            &packets,
+            "share of the redirect ceiling, 1 backend".to_owned(),
+            XLB_ONE.0,
+            CEILING.0,
+        ),
     ];
+    let against = options.against.as_ref().map(|path| {
+        PairedRatio::of(
+            &packets,
+            format!("this build over {}", path.display()),
+            XLB.0,
+            XLB_AGAINST.0,
+        )
+    });
     drop(lb);
     drop(generator);
     drop(topo);
@@ -1688,6 +1763,7 @@ pub fn run(options: &ForwardOptions, quiet: bool) -> Result<ForwardReport> {
         packet_seconds_per_config: options.packet_duration.as_secs_f64(),
         packets,
         ceiling_share,
+        against,
         backend_add,
         connections,
         ipvs: ipvs_status(),
@@ -1737,15 +1813,15 @@ pub fn print(report: &ForwardReport) {
             opt(r.xlb_ratio, 2),
         );
     }
-    for c in &report.ceiling_share {
+    for c in report.ceiling_share.iter().chain(&report.against) {
         println!(
-            "share of the redirect ceiling, {} backend(s): {} / {}: {} % (rounds {}-{} %)",
-            c.backends,
-            c.xlb_row,
-            c.ceiling_row,
-            opt(c.share.map(|s| s * 100.0), 0),
-            opt(c.min.map(|s| s * 100.0), 0),
-            opt(c.max.map(|s| s * 100.0), 0),
+            "{}: {} / {} = {} % (rounds {}-{} %)",
+            c.what,
+            c.numerator,
+            c.denominator,
+            opt(c.median.map(|s| s * 100.0), 1),
+            opt(c.min.map(|s| s * 100.0), 1),
+            opt(c.max.map(|s| s * 100.0), 1),
         );
     }
     println!("IPVS: {}", report.ipvs);

@@ -86,6 +86,10 @@ enum BenchCommand {
         /// Distinct flows the generator cycles through.
         #[arg(long)]
         flows: Option<u32>,
+        /// Rounds of the packet-rate test (each measures every row once; ratios are taken
+        /// within a round); the time per row stays the same, split over more rounds.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
+        rounds: Option<u32>,
         /// HAProxy binary for the connection comparison [default: haproxy on PATH].
         #[arg(long)]
         haproxy: Option<PathBuf>,
@@ -93,6 +97,10 @@ enum BenchCommand {
         /// configuration, a few seconds).
         #[arg(long)]
         no_dsr: bool,
+        /// Also measure another build's data path (its `lb-ebpf` object file) in the same
+        /// rounds, right after this build's: a change and its base, side by side.
+        #[arg(long, value_name = "OBJECT")]
+        against: Option<PathBuf>,
         /// Print JSON (for scripts) instead of a table.
         #[arg(long)]
         json: bool,
@@ -166,8 +174,10 @@ fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Forward {
             quick,
             flows,
+            rounds,
             haproxy,
             no_dsr,
+            against,
             json,
             out,
         } => {
@@ -179,8 +189,12 @@ fn run(command: BenchCommand) -> Result<()> {
             if let Some(flows) = flows {
                 options.flows = flows;
             }
+            if let Some(rounds) = rounds {
+                options.rounds = rounds;
+            }
             options.haproxy = haproxy;
             options.dsr = !no_dsr;
+            options.against = against;
             let report = forward::run(&options, json)?;
             report::write_json(&out, "forward.json", &report)?;
             if json {

@@ -17,7 +17,16 @@ fn quick_forward_bench_reports_every_row() {
         nix::unistd::Uid::effective().is_root(),
         "needs root (namespaces, BPF): run the tests as root"
     );
-    let report = forward::run(&ForwardOptions::quick(), true).expect("quick forward bench");
+    // This build's own object as the `--against` build: the row must load and be measured.
+    let object = std::env::temp_dir().join(format!("xlb-bench-against-{}.o", std::process::id()));
+    std::fs::write(&object, lb_userspace::datapath::XLB_OBJECT).expect("writing the object");
+    let options = ForwardOptions {
+        against: Some(object.clone()),
+        ..ForwardOptions::quick()
+    };
+    let report = forward::run(&options, true);
+    std::fs::remove_file(&object).expect("removing the object");
+    let report = report.expect("quick forward bench");
     forward::print(&report);
 
     let names: Vec<_> = report.packets.iter().map(|r| r.name).collect();
@@ -30,6 +39,7 @@ fn quick_forward_bench_reports_every_row() {
             "nftables",
             "xlb",
             "xlb_one_backend",
+            "xlb_against",
             "xlb_dsr_ipip"
         ]
     );
@@ -86,12 +96,18 @@ fn quick_forward_bench_reports_every_row() {
     // Both ceiling rows and both xlb rows are measured, so both shares are there.
     assert_eq!(report.ceiling_share.len(), 2);
     for c in &report.ceiling_share {
-        let (share, min, max) = (c.share.unwrap(), c.min.unwrap(), c.max.unwrap());
+        let (share, min, max) = (c.median.unwrap(), c.min.unwrap(), c.max.unwrap());
         assert!(
             share > 0.0 && min <= share && share <= max,
             "ceiling share {c:?}"
         );
     }
+
+    let against = report.against.as_ref().expect("the --against ratio");
+    assert!(
+        against.median.is_some_and(|r| r > 0.0),
+        "--against ratio not measured: {against:?}"
+    );
 
     // A skipped DSR row would mean xlb's IPIP output failed its check or nothing got through.
     let dsr = report

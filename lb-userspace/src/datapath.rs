@@ -309,7 +309,16 @@ impl Datapath {
     /// # Errors
     /// Bad sizes, or the kernel refusing the maps or the program.
     pub fn load(config: DatapathConfig) -> Result<Self> {
-        Self::load_with_pins(config, None)
+        Self::load_with_pins(config, None, XLB_OBJECT)
+    }
+
+    /// As `load`, from another build's object file (a benchmark comparing two builds of the
+    /// data path side by side). Its maps and globals must be this build's.
+    ///
+    /// # Errors
+    /// As `load`; also an object this build cannot configure.
+    pub fn load_object(config: DatapathConfig, object: &[u8]) -> Result<Self> {
+        Self::load_with_pins(config, None, object)
     }
 
     /// As `load`, with every map pinned under `dir` by name; where a map is pinned there
@@ -322,10 +331,10 @@ impl Datapath {
     /// # Errors
     /// As `load`; also a pinned map that cannot be set aside or carried over.
     pub fn load_pinned(config: DatapathConfig, dir: &Path) -> Result<Self> {
-        Self::load_with_pins(config, Some(dir))
+        Self::load_with_pins(config, Some(dir), XLB_OBJECT)
     }
 
-    fn load_with_pins(config: DatapathConfig, pins: Option<&Path>) -> Result<Self> {
+    fn load_with_pins(config: DatapathConfig, pins: Option<&Path>, object: &[u8]) -> Result<Self> {
         if !is_prime(config.ring_size) {
             return Err(DatapathError::RingSizeNotPrime(config.ring_size));
         }
@@ -370,7 +379,7 @@ impl Datapath {
             }
         }
         let ebpf = loop {
-            match loader.load(XLB_OBJECT) {
+            match loader.load(object) {
                 Ok(ebpf) => break ebpf,
                 Err(aya::EbpfError::MapError(MapError::IncompatiblePinnedMap {
                     name,
