@@ -281,6 +281,8 @@ pub struct ForwardReport {
     pub backends: u32,
     pub frame_bytes: usize,
     pub packet_seconds_per_config: f64,
+    /// Rounds the packet-rate time was split over.
+    pub rounds: u32,
     pub packets: Vec<PacketRow>,
     /// xlb's rate over the redirect ceiling's with the same fan-out: what xlb's own work
     /// costs, apart from how many backends share the traffic.
@@ -296,7 +298,7 @@ pub struct ForwardReport {
     pub reference: Vec<Reference>,
 }
 
-pub const FORWARD_METHOD: &str = "generator -> LB -> sinks in network namespaces over veth (GRO on); in-kernel generator (BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES, XDP_TX), 64-byte UDP/IPv4 frames, generator thread pinned to one CPU (all softirq work on that CPU); delivered = count of the sinks' XDP programs over the generator's kernel-reported busy time; lost = generated - delivered";
+pub const FORWARD_METHOD: &str = "generator -> LB -> sinks in network namespaces over veth (GRO on); in-kernel generator (BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES, XDP_TX), 64-byte UDP/IPv4 frames, generator thread pinned to one CPU (all softirq work on that CPU); delivered = count of the sinks' XDP programs over the generator's kernel-reported busy time; lost = generated - delivered; each row's time split over rounds that measure every row once in a rotated order, ratios between rows taken within each round (median, min, max over the rounds)";
 
 const BACKEND_ADD_METHOD: &str = "generator running on the xlb path; Balancer::add_backend returns (taken 100-600 ms into a live-frames call), then a fresh, never-repeated source address goes into the generator's template every ~20 us (new flows: known flows stay on their backends) while the new backend's sink counter is polled in a loop; time to its first count";
 
@@ -1761,6 +1763,7 @@ pub fn run(options: &ForwardOptions, quiet: bool) -> Result<ForwardReport> {
         backends: options.backends,
         frame_bytes: BENCH_FRAME_LEN,
         packet_seconds_per_config: options.packet_duration.as_secs_f64(),
+        rounds: options.rounds.max(1),
         packets,
         ceiling_share,
         against,
@@ -1790,20 +1793,24 @@ fn opt_int(v: Option<u64>) -> String {
 /// The report as terminal tables.
 pub fn print(report: &ForwardReport) {
     println!(
-        "Forwarding through the LB namespace ({} flows, {} backends, {}-byte UDP frames, ~{:.1} s per row)",
-        report.flows, report.backends, report.frame_bytes, report.packet_seconds_per_config
+        "Forwarding through the LB namespace ({} flows, {} backends, {}-byte UDP frames, ~{:.1} s per row in {} rounds)",
+        report.flows,
+        report.backends,
+        report.frame_bytes,
+        report.packet_seconds_per_config,
+        report.rounds
     );
     println!(
-        "{:<16} {:>10} {:>10} {:>13} {:>13} {:>8} {:>9}",
+        "{:<20} {:>10} {:>10} {:>13} {:>13} {:>8} {:>9}",
         "LB in the middle", "gen Mpps", "sink Mpps", "generated", "lost", "loss %", "xlb ratio"
     );
     for r in &report.packets {
         if let Some(why) = &r.skipped {
-            println!("{:<16} skipped: {why}", r.name);
+            println!("{:<20} skipped: {why}", r.name);
             continue;
         }
         println!(
-            "{:<16} {:>10} {:>10} {:>13} {:>13} {:>8} {:>9}",
+            "{:<20} {:>10} {:>10} {:>13} {:>13} {:>8} {:>9}",
             r.name,
             opt(r.generated_mpps, 2),
             opt(r.delivered_mpps, 2),
