@@ -16,11 +16,14 @@
 //! of the LB and of the sinks runs in softirq on that same CPU, so every configuration is
 //! measured in one placement (spreading it made XDP slower on this machine kind).
 //!
-//! In the middle, in turn: plain routing, a redirect-only XDP program (the ceiling of this
-//! path), nftables jhash DNAT (what kube-proxy's nftables mode deploys), xlb, and xlb with the
-//! VIP in direct server return over IPIP (the sinks count the encapsulated frames; one frame
-//! through xlb's program is checked first: outer IPv4 header from the LB's address to a
-//! backend, the generated packet intact inside). Then the
+//! In the middle, in rounds (each round measures every configuration once, in a rotated order,
+//! and ratios are taken within a round: this VM's speed changes by half within seconds): plain
+//! routing, a redirect-only XDP program (the ceiling of this path) sending everything to one
+//! backend and spreading the flows over the backends as xlb does, nftables jhash DNAT (what
+//! kube-proxy's nftables mode deploys), xlb, xlb with one backend, another build's xlb
+//! (`--against`), and xlb with the VIP in direct server return over IPIP (the sinks count the
+//! encapsulated frames; one frame through xlb's program is checked first: outer IPv4 header
+//! from the LB's address to a backend, the generated packet intact inside). Then the
 //! connection-level comparison: TCP connections and requests per second from the generator
 //! namespace (now a client) to real TCP servers in the sink namespaces, through xlb, through
 //! nftables DNAT and through HAProxy in TCP mode.
