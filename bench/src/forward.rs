@@ -241,8 +241,8 @@ impl PairedRatio {
     }
 }
 
-/// Ratios of two rows' rates taken round by round (the rows ran minutes apart at most, and
-/// seconds apart within a round).
+/// Ratios of two rows' rates taken round by round: within a round the two rows ran seconds
+/// apart, while the whole run spans a minute or more.
 #[derive(Clone, Copy)]
 struct RoundRatios {
     median: f64,
@@ -698,7 +698,7 @@ impl<'a> Rotation<'a> {
 
     fn finish(self) -> PacketRow {
         match self.contender {
-            Ok(_) => packet_row(self.name, self.description, Ok(self.slices)),
+            Ok(_) => packet_row(self.name, self.description, &self.slices),
             Err(why) => skipped_packet_row(self.name, self.description, why),
         }
     }
@@ -745,41 +745,32 @@ fn measure(
     })?
 }
 
-fn packet_row(
-    name: &'static str,
-    description: &'static str,
-    slices: Result<Vec<Measured>>,
-) -> PacketRow {
-    match slices {
-        Ok(slices) => {
-            let generated: u64 = slices.iter().map(|m| m.generated).sum();
-            let delivered: u64 = slices.iter().map(|m| m.delivered).sum();
-            let busy: Duration = slices.iter().map(|m| m.busy).sum();
-            let secs = busy.as_secs_f64().max(1e-9);
-            let lost = generated.saturating_sub(delivered);
-            PacketRow {
-                name,
-                description,
-                skipped: None,
-                generated: Some(generated),
-                delivered: Some(delivered),
-                lost: Some(lost),
-                seconds: Some(secs),
-                generated_mpps: Some(generated as f64 / secs / 1e6),
-                delivered_mpps: Some(delivered as f64 / secs / 1e6),
-                loss_ratio: Some(if generated == 0 {
-                    0.0
-                } else {
-                    lost as f64 / generated as f64
-                }),
-                round_mpps: slices
-                    .iter()
-                    .map(|m| m.delivered as f64 / m.busy.as_secs_f64().max(1e-9) / 1e6)
-                    .collect(),
-                xlb_ratio: None,
-            }
-        }
-        Err(e) => skipped_packet_row(name, description, format!("failed: {e:#}")),
+fn packet_row(name: &'static str, description: &'static str, slices: &[Measured]) -> PacketRow {
+    let generated: u64 = slices.iter().map(|m| m.generated).sum();
+    let delivered: u64 = slices.iter().map(|m| m.delivered).sum();
+    let busy: Duration = slices.iter().map(|m| m.busy).sum();
+    let secs = busy.as_secs_f64().max(1e-9);
+    let lost = generated.saturating_sub(delivered);
+    PacketRow {
+        name,
+        description,
+        skipped: None,
+        generated: Some(generated),
+        delivered: Some(delivered),
+        lost: Some(lost),
+        seconds: Some(secs),
+        generated_mpps: Some(generated as f64 / secs / 1e6),
+        delivered_mpps: Some(delivered as f64 / secs / 1e6),
+        loss_ratio: Some(if generated == 0 {
+            0.0
+        } else {
+            lost as f64 / generated as f64
+        }),
+        round_mpps: slices
+            .iter()
+            .map(|m| m.delivered as f64 / m.busy.as_secs_f64().max(1e-9) / 1e6)
+            .collect(),
+        xlb_ratio: None,
     }
 }
 
