@@ -355,12 +355,13 @@ pub fn parse_tunnel_too_big_into<P: PacketBytes + ?Sized>(
         ETH_P_IPV6 => true,
         _ => return None,
     };
-    let mut error_src = [0u8; 16];
-    let mut error_dst = [0u8; 16];
+    // `out`'s address fields hold the outer headers' addresses until the client's packet
+    // is reached: no frame of its own for them (the XDP call chain is short of stack).
+    // The error goes router → balancer.
     let error = if ipv6 {
-        ipv6_header(pkt, ETH_HLEN, &mut error_src, &mut error_dst)?
+        ipv6_header(pkt, ETH_HLEN, &mut out.client, &mut out.vip)?
     } else {
-        ipv4_header(pkt, ETH_HLEN, &mut error_src, &mut error_dst)?
+        ipv4_header(pkt, ETH_HLEN, &mut out.client, &mut out.vip)?
     };
     let end = ETH_HLEN + error.total_len;
     let icmp_proto = if ipv6 { IPPROTO_ICMPV6 } else { IPPROTO_ICMP };
@@ -381,13 +382,13 @@ pub fn parse_tunnel_too_big_into<P: PacketBytes + ?Sized>(
     // once it is about a link xlb can send on.
     let mtu = u32::from_be_bytes([icmp[4], icmp[5], icmp[6], icmp[7]]) & 0xffff;
     let tunnel_offset = icmp_offset + ICMP_HLEN;
-    let mut tunnel_src = [0u8; 16];
+    // The tunnel goes balancer → backend: its source is the error's destination.
     let tunnel = if ipv6 {
-        ipv6_header(pkt, tunnel_offset, &mut tunnel_src, &mut out.backend)?
+        ipv6_header(pkt, tunnel_offset, &mut out.client, &mut out.backend)?
     } else {
-        ipv4_header(pkt, tunnel_offset, &mut tunnel_src, &mut out.backend)?
+        ipv4_header(pkt, tunnel_offset, &mut out.client, &mut out.backend)?
     };
-    if tunnel_src != error_dst {
+    if out.client != out.vip {
         return None;
     }
     let ip_ip = if ipv6 { IPPROTO_IPV6 } else { IPPROTO_IPIP };

@@ -15,6 +15,7 @@ use lb_common::{
     LAST_SEEN_GRANULARITY_NS, NextHop, PORT_HAS_SHARED_ENDPOINT, PORT_IS_BACKEND, PORT_IS_VIP,
     ReverseNat, VipInfo, VipKey,
     addr::load_u32_words,
+    flow_table::FlowKey4,
     hash::flow_hash,
     parse::{PacketBytes, Parsed, Skip, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
@@ -57,7 +58,12 @@ pub fn process<H: Hook>(ctx: &H) -> u32 {
     // Choosing the translation and applying it are separate calls made from here, so their
     // stack frames are never stacked on each other (the verifier sums a call chain's frames).
     if role(p.dport_be) & PORT_IS_VIP != 0 {
-        let slot = to_backend(ctx, &p, &mut t);
+        // The common packet, an established IPv4 flow's, is decided here without a call;
+        // `to_backend` decides the rest from the start.
+        let slot = match established(ctx, &p, &mut t) {
+            Some(slot) => Some(slot),
+            None => to_backend(ctx, &p, &mut t),
+        };
         if t.miss == Miss::NoBackend {
             return H::DROP;
         }
@@ -199,17 +205,7 @@ fn to_backend<H: Hook>(ctx: &H, p: &Parsed, t: &mut Translation) -> Option<&'sta
     };
     let closing = close_bits(p, CLOSE_FIN_FROM_CLIENT);
     let (backend_id, backend, new_flow) = match flow {
-        Flow::Known(id, b, state) => {
-            count(Counter::ConntrackHit);
-            // Written at most once a second: no cache-line churn per packet.
-            if now.wrapping_sub(state.last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
-                state.last_seen_ns = now;
-            }
-            if closing != 0 {
-                note_closing(state, closing, || now);
-            }
-            (id, b, false)
-        }
+        Flow::Known(id, b, state) => return follow_known(ctx, id, b, state, closing, now, t),
         Flow::Opening => {
             // SAFETY: the agent replaces VIP entries whole and never writes into them in place.
             let Some(vip) = (unsafe { VIPS.get(&VipKey::of_packet(p)) }) else {
@@ -274,13 +270,80 @@ fn to_backend<H: Hook>(ctx: &H, p: &Parsed, t: &mut Translation) -> Option<&'sta
             (id, b, true)
         }
     };
-    count_forwarded(backend_id, ctx.wire_len(), new_flow);
+    forward_to(ctx, backend_id, backend, new_flow, now, t)
+}
 
+/// An IPv4 packet of an established flow (`Flow::Known`) that changes nothing but its
+/// entry's last-seen time, decided as `to_backend` would: its backend's cache, with `t`
+/// filled. `None`: any other packet (a SYN, FIN or RST, IPv6, no entry, an entry that no
+/// longer holds, one closing or on a draining backend, whose questions need the flow's
+/// full key): `to_backend` decides it.
+///
+/// Inlined into the entry point, so the common packet costs no BPF-to-BPF call; what it
+/// keeps live is kept small, as its spills count in the entry point's frame, under every
+/// call chain's.
+#[inline(always)]
+fn established<H: Hook>(
+    ctx: &H,
+    p: &Parsed,
+    t: &mut Translation,
+) -> Option<&'static mut CachedHop> {
+    if p.ipv6 || p.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
+        return None;
+    }
+    let state = table_entry(TableKey::V4(FlowKey4::of_packet(p)))?;
+    let id = state.backend_id;
+    let b = BACKENDS
+        .get(id)
+        .filter(|b| b.holds_flow_of(p, BACKEND_ACTIVE))?;
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if state.closing != 0 || !state.is_current(now, b.idle_timeout_s) {
+        return None;
+    }
+    follow_known(ctx, id, b, state, 0, now, t)
+}
+
+/// A packet of a flow whose entry holds (`Flow::Known`): counted, its entry kept alive and
+/// `closing` bits added, `t` filled; returns the backend's hop cache.
+#[inline(always)]
+fn follow_known<H: Hook>(
+    ctx: &H,
+    id: u32,
+    b: &Backend,
+    state: &mut FlowState,
+    closing: u8,
+    now: u64,
+    t: &mut Translation,
+) -> Option<&'static mut CachedHop> {
+    count(Counter::ConntrackHit);
+    // Written at most once a second: no cache-line churn per packet.
+    if now.wrapping_sub(state.last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
+        state.last_seen_ns = now;
+    }
+    if closing != 0 {
+        note_closing(state, closing, || now);
+    }
+    forward_to(ctx, id, b, false, now, t)
+}
+
+/// Counts a client's packet to backend `id`, fills `t` with the backend, and returns this
+/// CPU's cache of its hop.
+#[inline(always)]
+fn forward_to<H: Hook>(
+    ctx: &H,
+    id: u32,
+    b: &Backend,
+    new_flow: bool,
+    now: u64,
+    t: &mut Translation,
+) -> Option<&'static mut CachedHop> {
+    count_forwarded(id, ctx.wire_len(), new_flow);
     t.endpoint = Endpoint::Destination;
-    t.addr = backend.addr;
-    t.port_be = backend.port_be;
-    t.forwarding = backend.forwarding;
-    backend_hop(backend_id, now)
+    t.addr = b.addr;
+    t.port_be = b.port_be;
+    t.forwarding = b.forwarding;
+    backend_hop(id, now)
 }
 
 /// A packet to a VIP's port but no VIP's address: not for the forward path
