@@ -61,8 +61,9 @@ pub fn process<H: Hook>(ctx: &H) -> u32 {
         // The common packet, an established IPv4 flow's, is decided here without a call;
         // `to_backend` decides the rest from the start.
         let slot = match established(ctx, &p, &mut t) {
-            Some(slot) => Some(slot),
-            None => to_backend(ctx, &p, &mut t),
+            Established::Decided(slot) => slot,
+            Established::NoEntry => to_backend(ctx, &p, &mut t, false),
+            Established::Undecided => to_backend(ctx, &p, &mut t, true),
         };
         if t.miss == Miss::NoBackend {
             return H::DROP;
@@ -137,6 +138,18 @@ fn note_closing(state: &mut FlowState, bits: u8, now: impl FnOnce() -> u64) {
     }
 }
 
+/// How far `established` got with a client's packet.
+enum Established {
+    /// The packet's flow and backend: `t` is filled, and this is the backend's hop cache.
+    Decided(Option<&'static mut CachedHop>),
+    /// An IPv4 packet that is neither SYN, FIN nor RST, and the connection table has no
+    /// entry for its flow: `to_backend` need not look again (a handshake's ACK, an evicted
+    /// flow).
+    NoEntry,
+    /// Anything else: `to_backend` decides it from the start.
+    Undecided,
+}
+
 /// What the connection table says about a client's packet.
 enum Flow {
     /// An entry that still decides the flow's backend.
@@ -167,8 +180,15 @@ enum Flow {
 ///
 /// The cache reference travels as the return value, not inside `t`: the verifier forgets a
 /// pointer's type when it is copied through memory in pieces.
+///
+/// `look_up` is false when `established` found no entry for the flow already.
 #[inline(never)]
-fn to_backend<H: Hook>(ctx: &H, p: &Parsed, t: &mut Translation) -> Option<&'static mut CachedHop> {
+fn to_backend<H: Hook>(
+    ctx: &H,
+    p: &Parsed,
+    t: &mut Translation,
+    look_up: bool,
+) -> Option<&'static mut CachedHop> {
     let key = flow_key(p);
     let table_key = TableKey::of_packet(p, &key);
     // SAFETY: a helper without arguments.
@@ -176,6 +196,8 @@ fn to_backend<H: Hook>(ctx: &H, p: &Parsed, t: &mut Translation) -> Option<&'sta
     let tcp = p.proto == IPPROTO_TCP;
     let flow = if tcp && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
         Flow::Opening
+    } else if !look_up {
+        Flow::Unknown(None)
     } else {
         match table_entry(table_key) {
             None => Flow::Unknown(None),
@@ -274,34 +296,34 @@ fn to_backend<H: Hook>(ctx: &H, p: &Parsed, t: &mut Translation) -> Option<&'sta
 }
 
 /// An IPv4 packet of an established flow (`Flow::Known`) that changes nothing but its
-/// entry's last-seen time, decided as `to_backend` would: its backend's cache, with `t`
-/// filled. `None`: any other packet (a SYN, FIN or RST, IPv6, no entry, an entry that no
-/// longer holds, one closing or on a draining backend, whose questions need the flow's
-/// full key): `to_backend` decides it.
+/// entry's last-seen time, decided as `to_backend` would. Any other packet (a SYN, FIN or
+/// RST, IPv6, no entry, an entry that no longer holds, one closing or on a draining
+/// backend, whose questions need the flow's full key) is left to `to_backend`.
 ///
 /// Inlined into the entry point, so the common packet costs no BPF-to-BPF call; what it
 /// keeps live is kept small, as its spills count in the entry point's frame, under every
 /// call chain's.
 #[inline(always)]
-fn established<H: Hook>(
-    ctx: &H,
-    p: &Parsed,
-    t: &mut Translation,
-) -> Option<&'static mut CachedHop> {
+fn established<H: Hook>(ctx: &H, p: &Parsed, t: &mut Translation) -> Established {
     if p.ipv6 || p.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
-        return None;
+        return Established::Undecided;
     }
-    let state = table_entry(TableKey::V4(FlowKey4::of_packet(p)))?;
+    let Some(state) = table_entry(TableKey::V4(FlowKey4::of_packet(p))) else {
+        return Established::NoEntry;
+    };
     let id = state.backend_id;
-    let b = BACKENDS
+    let Some(b) = BACKENDS
         .get(id)
-        .filter(|b| b.holds_flow_of(p, BACKEND_ACTIVE))?;
+        .filter(|b| b.holds_flow_of(p, BACKEND_ACTIVE))
+    else {
+        return Established::Undecided;
+    };
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     if state.closing != 0 || !state.is_current(now, b.idle_timeout_s) {
-        return None;
+        return Established::Undecided;
     }
-    follow_known(ctx, id, b, state, 0, now, t)
+    Established::Decided(follow_known(ctx, id, b, state, 0, now, t))
 }
 
 /// A packet of a flow whose entry holds (`Flow::Known`): counted, its entry kept alive and
